@@ -1,0 +1,64 @@
+// Adaptive inverted-index routing (AIR): a spherical k-means codebook picks a
+// shortlist (the inverted lists of the token's top-m codewords), and exact
+// logits are computed only on that shortlist, grouped by list: the tokens
+// that probe a list are scored against its members in one block GEMM.
+#pragma once
+
+#include <cstdint>
+
+#include "router/codebook.h"
+#include "router/inverted_lists.h"
+#include "router/matrix.h"
+#include "router/routes.h"
+
+namespace airmoe {
+
+struct AirConfig {
+  int64_t codewords = 256;
+  int kmeans_iterations = 10;
+  uint64_t seed = 1234;
+  int64_t list_cap = 0;  // 0: no cap
+};
+
+class AirRouter {
+ public:
+  // Trains the codebook on `centers` ([E, d], finite, no zero row).
+  AirRouter(MatrixView centers, const AirConfig& config);
+  // Uses a given codebook (its dimension must match).
+  AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap = 0);
+
+  int64_t experts() const { return centers_.rows(); }
+  int64_t dim() const { return centers_.cols(); }
+  int64_t codewords() const { return codebook_.size(); }
+  MatrixView centers() const { return centers_.view(); }
+  const Codebook& codebook() const { return codebook_; }
+  const InvertedLists& lists() const { return lists_; }
+
+  // Probes the top `probes` codewords (1 <= probes <= C), and more, in score
+  // order, until the shortlist holds at least k experts. `probes` is a
+  // per-call knob: nothing is rebuilt when it changes.
+  Routes route(MatrixView tokens, int k, int probes, GateMode mode = GateMode::kChosen) const;
+  RouterGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+
+  // Training: the optimizer moved W. The codebook stays as it is and the
+  // lists are rebuilt against it; call update_codebook() to adapt it.
+  void set_centers(MatrixView centers);
+  // `updates` adaptive k-means steps (EMA weight `step`) on the current
+  // centers, then the lists are rebuilt.
+  void update_codebook(double step = 1.0, int updates = 1);
+
+  // 2 C d for the probe scores plus 2 d per shortlisted expert.
+  double flops_per_token(double mean_shortlist) const;
+
+ private:
+  void rebuild_lists();
+
+  Matrix centers_;       // [E, d], by expert id
+  Matrix unit_centers_;  // normalized rows, for assignment and k-means
+  Codebook codebook_;
+  int64_t list_cap_ = 0;
+  InvertedLists lists_;
+  Matrix list_centers_;  // centers_ rows in list order: each list is one block
+};
+
+}  // namespace airmoe

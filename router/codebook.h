@@ -1,0 +1,99 @@
+// The spherical k-means codebook over normalized expert centers: training
+// (k-means++ seeding on the sphere, Lloyd iterations, empty-codeword repair)
+// and the adaptive update a training loop runs as the centers move.
+//
+// The update is split in two so that it can be distributed: compute_stats()
+// over any subset of the experts gives a KMeansStats; stats from disjoint
+// subsets add up (operator+=) to the stats of their union, exactly; apply()
+// turns the total into the new codebook. Sums are kept in 2^-40 fixed point
+// in int64, so addition is exact and associative: the result does not depend
+// on how experts were split or in which order partial stats were added.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "router/matrix.h"
+
+namespace airmoe {
+
+// Unit-norm copy of `rows`; throws if a row has zero norm or is not finite
+// ("<what> row R has zero norm").
+Matrix normalize_rows(MatrixView rows, const char* what);
+
+struct KMeansStats {
+  int64_t codewords = 0;
+  int64_t dim = 0;
+  std::vector<int64_t> sums;    // [C, d], fixed point: value * 2^40
+  std::vector<int64_t> counts;  // [C]
+  int64_t objective = 0;        // sum of cos(expert, its codeword), fixed point
+  // Per codeword, the member farthest from it (lowest cosine, then lower
+  // expert id): the point an empty codeword is moved to when this cluster is
+  // split. -1 when the codeword has no member.
+  std::vector<int64_t> farthest_cos;     // fixed point
+  std::vector<int32_t> farthest_expert;  // global expert id
+
+  KMeansStats() = default;
+  KMeansStats(int64_t codewords, int64_t dim);
+  KMeansStats& operator+=(const KMeansStats& other);
+  int64_t experts() const;
+  double mean_objective() const;  // mean cosine over all experts counted
+
+  static constexpr double kScale = 1099511627776.0;  // 2^40
+};
+
+class Codebook {
+ public:
+  Codebook() = default;
+  // Rows are normalized; throws on zero-norm or non-finite rows.
+  explicit Codebook(MatrixView codewords);
+
+  int64_t size() const { return codewords_.rows(); }
+  int64_t dim() const { return codewords_.cols(); }
+  MatrixView codewords() const { return codewords_.view(); }
+
+  // Nearest codeword (highest inner product, then lower index) of each row.
+  std::vector<int32_t> assign(MatrixView unit_rows) const;
+
+  // Like assign, but no list gets more than `cap` members: experts are
+  // placed in order of their best score (highest first, then lower id), and an
+  // expert whose nearest list is full takes its best list with room.
+  std::vector<int32_t> assign_capped(MatrixView unit_rows, int64_t cap) const;
+
+  // Statistics of one assignment pass over unit-norm rows. `expert_ids`
+  // gives each row's global expert id (nullptr: the row index).
+  KMeansStats compute_stats(MatrixView unit_rows, const int32_t* expert_ids = nullptr) const;
+
+  // One step: mu_c <- normalize((1 - step) mu_c + step * normalize(sum_c)).
+  // step = 1 is a Lloyd step. Empty codewords are repaired by splitting the
+  // largest clusters: each takes its cluster's farthest member, whose unit
+  // row `unit_row_of(expert_id, out)` must write. Returns the number repaired.
+  using RowLookup = std::function<void(int32_t, float*)>;
+  int64_t apply(const KMeansStats& stats, double step, const RowLookup& unit_row_of);
+
+ private:
+  Matrix codewords_;
+};
+
+struct KMeansOptions {
+  int64_t codewords = 256;
+  int iterations = 20;
+  uint64_t seed = 1234;
+};
+
+struct KMeansReport {
+  std::vector<double> objective;  // mean cosine after each assignment pass
+  int64_t repaired = 0;           // empty codewords repaired over all iterations
+};
+
+// Trains a codebook on the expert centers (any norms; rows are normalized).
+Codebook train_codebook(MatrixView centers, const KMeansOptions& options,
+                        KMeansReport* report = nullptr);
+
+// `updates` adaptive steps on new centers (one assignment pass each): what a
+// training loop calls after the optimizer moved W. Single-process form of
+// compute_stats + apply.
+void adaptive_update(Codebook& codebook, MatrixView centers, double step, int updates = 1);
+
+}  // namespace airmoe

@@ -1,0 +1,35 @@
+// Exact top-k routing: every token scored against every expert center.
+// The reference the other routers are measured against, and the baseline
+// they must beat.
+#pragma once
+
+#include <cstdint>
+
+#include "router/matrix.h"
+#include "router/routes.h"
+
+namespace airmoe {
+
+class DenseRouter {
+ public:
+  // centers: [E, d], finite; copied.
+  explicit DenseRouter(MatrixView centers);
+
+  int64_t experts() const { return centers_.rows(); }
+  int64_t dim() const { return centers_.cols(); }
+  MatrixView centers() const { return centers_.view(); }
+
+  // tokens: [T, d]. With GateMode::kShortlist the softmax runs over all E.
+  Routes route(MatrixView tokens, int k, GateMode mode = GateMode::kChosen) const;
+  RouterGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+
+  double flops_per_token() const { return 2.0 * static_cast<double>(experts() * dim()); }
+
+ private:
+  Matrix centers_;
+};
+
+// Shared argument checks of route(): tokens [T, d] finite, 1 <= k <= E.
+void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts);
+
+}  // namespace airmoe

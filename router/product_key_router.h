@@ -1,0 +1,44 @@
+// Product-key routing (PEER): E = n^2 experts, expert (i, j) has the logit
+// <K1_i, h[:d1]> + <K2_j, h[d1:]>, d1 = d / 2. The exact top-k over all n^2
+// sums lies within the top-k of each half, so a token costs 2 n (d/2) + k^2
+// instead of E d. The structured baseline AIR is compared against.
+#pragma once
+
+#include <cstdint>
+
+#include "router/matrix.h"
+#include "router/routes.h"
+
+namespace airmoe {
+
+struct ProductKeyGradients {
+  Matrix d_tokens;       // [T, d]
+  SparseRowGrad d_keys1;  // rows of K1 [n, d1]
+  SparseRowGrad d_keys2;  // rows of K2 [n, d - d1]
+};
+
+class ProductKeyRouter {
+ public:
+  // keys1: [n, d1], keys2: [n, d2], both finite, d1, d2 >= 1.
+  ProductKeyRouter(MatrixView keys1, MatrixView keys2);
+
+  int64_t subkeys() const { return keys1_.rows(); }
+  int64_t experts() const { return subkeys() * subkeys(); }
+  int64_t dim() const { return keys1_.cols() + keys2_.cols(); }
+  int64_t half_dim() const { return keys1_.cols(); }
+  MatrixView keys1() const { return keys1_.view(); }
+  MatrixView keys2() const { return keys2_.view(); }
+
+  // Expert id of sub-key pair (i, j) is i * n + j. Gates: softmax over the
+  // chosen k (GateMode::kChosen only).
+  Routes route(MatrixView tokens, int k) const;
+  ProductKeyGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+
+  double flops_per_token(int k) const;
+
+ private:
+  Matrix keys1_;
+  Matrix keys2_;
+};
+
+}  // namespace airmoe

@@ -1,0 +1,126 @@
+#include "router/synthetic.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#include <string>
+
+#include "router/checks.h"
+
+namespace airmoe {
+namespace {
+
+// SplitMix64: one independent stream per row, so the data does not depend
+// on the thread count.
+struct Stream {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
+  double normal() {  // Box-Muller, one value per call
+    const double u = uniform(), v = uniform();
+    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
+  }
+};
+
+Stream stream(uint64_t seed, uint64_t kind, uint64_t row) {
+  Stream s{seed * 0x100000001B3ull ^ (kind << 56) ^ row};
+  s.next();
+  return s;
+}
+
+// out = scale * normalize(base + basis^T z spread / sqrt(r) + noise * n / sqrt(d)),
+// z ~ N(0, I_r), n ~ N(0, I_d): a step along the cluster's manifold plus a
+// little isotropic noise.
+void perturb(const float* base, const Matrix& basis, double spread, double noise, double scale,
+             Stream& s, float* out) {
+  const int64_t d = basis.cols(), r = basis.rows();
+  std::vector<double> v(base, base + d);
+  for (int64_t i = 0; i < r; ++i) {
+    const double z = s.normal() * spread / std::sqrt(static_cast<double>(r));
+    const float* b = basis.row(i);
+    for (int64_t c = 0; c < d; ++c) v[c] += z * b[c];
+  }
+  const double per = noise / std::sqrt(static_cast<double>(d));
+  double n2 = 0.0;
+  for (int64_t c = 0; c < d; ++c) {
+    v[c] += per * s.normal();
+    n2 += v[c] * v[c];
+  }
+  const double inv = scale / std::sqrt(n2);
+  for (int64_t c = 0; c < d; ++c) out[c] = static_cast<float>(v[c] * inv);
+}
+
+}  // namespace
+
+SyntheticConfig synthetic_preset(const std::string& name) {
+  SyntheticConfig c;
+  if (name == "default") return c;
+  if (name == "hard") {
+    c.clusters = 16;
+    c.latent_dim = 32;
+    c.expert_spread = 1.5;
+    c.token_spread = 0.3;
+    return c;
+  }
+  fail("synthetic preset '" + name + "' is unknown (expected 'default' or 'hard')");
+}
+
+Matrix random_matrix(int64_t rows, int64_t cols, double scale, uint64_t seed) {
+  Matrix m(rows, cols);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    Stream s = stream(seed, 1, static_cast<uint64_t>(r));
+    for (int64_t c = 0; c < cols; ++c) m(r, c) = static_cast<float>(scale * s.normal());
+  }
+  return m;
+}
+
+SyntheticData make_synthetic(const SyntheticConfig& cfg) {
+  if (cfg.experts < 1 || cfg.dim < 1 || cfg.tokens < 0 || cfg.clusters < 1)
+    fail("synthetic: need experts >= 1, dim >= 1, tokens >= 0, clusters >= 1");
+  const int64_t d = cfg.dim;
+  // Cluster directions: normalized Gaussian vectors.
+  Matrix dirs(cfg.clusters, d);
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < cfg.clusters; ++g) {
+    Stream s = stream(cfg.seed, 2, static_cast<uint64_t>(g));
+    for (int64_t c = 0; c < d; ++c) dirs(g, c) = static_cast<float>(s.normal());
+    double n2 = 0.0;
+    for (int64_t c = 0; c < d; ++c) n2 += static_cast<double>(dirs(g, c)) * dirs(g, c);
+    for (int64_t c = 0; c < d; ++c) dirs(g, c) = static_cast<float>(dirs(g, c) / std::sqrt(n2));
+  }
+  // Each cluster's manifold: latent_dim Gaussian directions of unit norm
+  // (nearly orthogonal to each other and to the cluster direction at large d).
+  const int64_t r = std::max<int64_t>(cfg.latent_dim, 0);
+  std::vector<Matrix> bases(static_cast<size_t>(cfg.clusters));
+  for (int64_t g = 0; g < cfg.clusters; ++g)
+    bases[g] = random_matrix(r, d, 1.0 / std::sqrt(static_cast<double>(d)),
+                             cfg.seed * 1000003ull + static_cast<uint64_t>(g));
+  SyntheticData out{Matrix(cfg.experts, d), Matrix(cfg.tokens, d)};
+  std::vector<int32_t> cluster_of(static_cast<size_t>(cfg.experts));
+  Matrix unit(cfg.experts, d);
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < cfg.experts; ++e) {
+    Stream s = stream(cfg.seed, 3, static_cast<uint64_t>(e));
+    const int64_t g = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg.clusters));
+    cluster_of[e] = static_cast<int32_t>(g);
+    perturb(dirs.row(g), bases[g], cfg.expert_spread, cfg.noise, 1.0, s, unit.row(e));
+    const double norm = std::exp(cfg.norm_spread * s.normal());
+    for (int64_t c = 0; c < d; ++c) out.centers(e, c) = static_cast<float>(unit(e, c) * norm);
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < cfg.tokens; ++t) {
+    Stream s = stream(cfg.seed, 4, static_cast<uint64_t>(t));
+    const int64_t e = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg.experts));
+    perturb(unit.row(e), bases[cluster_of[e]], cfg.token_spread, cfg.noise, cfg.token_scale, s,
+            out.tokens.row(t));
+  }
+  return out;
+}
+
+}  // namespace airmoe

@@ -1,0 +1,61 @@
+// The one ranking every router uses: a higher logit first, and on equal
+// logits the lower expert id. Dense, AIR, product keys, FAISS comparisons and
+// the references all break ties this way, so their answers can be compared
+// entry by entry.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+namespace airmoe {
+
+inline bool ranks_before(float za, int32_t ia, float zb, int32_t ib) {
+  return za > zb || (za == zb && ia < ib);
+}
+
+// The best k (logit, id) pairs pushed so far, best first, in caller memory.
+// Empty slots hold id -1 and logit -inf.
+class TopK {
+ public:
+  TopK(int k, float* logits, int32_t* ids) : k_(k), logits_(logits), ids_(ids) {
+    for (int i = 0; i < k_; ++i) {
+      logits_[i] = -std::numeric_limits<float>::infinity();
+      ids_[i] = -1;
+    }
+  }
+
+  // Any order of ids.
+  void push(float z, int32_t id) {
+    if (size_ == k_ && !ranks_before(z, id, logits_[k_ - 1], ids_[k_ - 1])) return;
+    insert(z, id);
+  }
+
+  // Ids must arrive in increasing order: then an equal logit never displaces
+  // an earlier entry, and the common case is a single compare.
+  void push_ascending(float z, int32_t id) {
+    if (size_ == k_ && !(z > logits_[k_ - 1])) return;
+    insert(z, id);
+  }
+
+  int size() const { return size_; }
+  float worst() const { return logits_[k_ - 1]; }
+
+ private:
+  void insert(float z, int32_t id) {
+    int pos = size_ < k_ ? size_++ : k_ - 1;
+    while (pos > 0 && ranks_before(z, id, logits_[pos - 1], ids_[pos - 1])) {
+      logits_[pos] = logits_[pos - 1];
+      ids_[pos] = ids_[pos - 1];
+      --pos;
+    }
+    logits_[pos] = z;
+    ids_[pos] = id;
+  }
+
+  int k_;
+  int size_ = 0;
+  float* logits_;
+  int32_t* ids_;
+};
+
+}  // namespace airmoe

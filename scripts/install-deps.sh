@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages airmoe builds and tests with. Idempotent: it
+# asks apt only for what is missing, so a second run costs a dpkg query.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config
+  libopenblas-dev          # the sgemm yardstick in the benchmark, and FAISS
+  libboost-program-options-dev
+  libgtest-dev libgmock-dev
+  libbenchmark-dev
+  nlohmann-json3-dev
+  libfaiss-dev             # the benchmark's FAISS IndexIVFFlat peer
+  python3 python3-numpy    # .npy fixtures in tests
+  python3-matplotlib       # docs charts
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "[airmoe] installing: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_cmd apt-get update
+  $sudo_cmd apt-get install -y --no-install-recommends "${missing[@]}"
+else
+  echo "[airmoe] all packages present"
+fi
