@@ -66,8 +66,8 @@ void AirRouter::set_centers(MatrixView centers) {
   if (centers.rows < 1) fail("centers must have at least one row");
   require_cols(centers, codebook_.dim(), "centers");
   if (codebook_.size() > centers.rows)
-    fail("number of codewords C = " + std::to_string(codebook_.size()) + " exceeds E = " +
-         std::to_string(centers.rows));
+    fail("number of codewords C = " + std::to_string(codebook_.size()) +
+         " exceeds E = " + std::to_string(centers.rows));
   Matrix unit = normalize_rows(centers, "centers");  // validates finite, nonzero
   centers_ = copy_of(centers);
   unit_centers_ = std::move(unit);
@@ -83,12 +83,13 @@ void AirRouter::update_codebook(double step, int updates) {
 }
 
 void AirRouter::rebuild_lists() {
-  lists_ = InvertedLists(codebook_.assign_capped(unit_centers_.view(), list_cap_),
-                         codebook_.size());
+  lists_ =
+      InvertedLists(codebook_.assign_capped(unit_centers_.view(), list_cap_), codebook_.size());
   list_centers_ = Matrix(experts(), dim());
   const auto& ids = lists_.ids();
 #pragma omp parallel for schedule(static)
-  for (int64_t p = 0; p < experts(); ++p) std::copy_n(centers_.row(ids[p]), dim(), list_centers_.row(p));
+  for (int64_t p = 0; p < experts(); ++p)
+    std::copy_n(centers_.row(ids[p]), dim(), list_centers_.row(p));
 }
 
 double AirRouter::flops_per_token(double mean_shortlist) const {
@@ -155,7 +156,8 @@ Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) con
   for (int64_t c = 0; c < C; ++c) {
     if (lists_.list_size(c) == 0) continue;
     for (int64_t b = group_offsets[c]; b < group_offsets[c + 1]; b += kTokensPerTask)
-      tasks.push_back({static_cast<int32_t>(c), b, std::min(b + kTokensPerTask, group_offsets[c + 1])});
+      tasks.push_back(
+          {static_cast<int32_t>(c), b, std::min(b + kTokensPerTask, group_offsets[c + 1])});
   }
 
   // Stage 2: per (token, probe), the list's local top-k (and log-sum-exp).

@@ -7,7 +7,9 @@
 
 namespace airmoe {
 
-void fail(const std::string& message) { throw std::invalid_argument(message); }
+void fail(const std::string& message) {
+  throw std::invalid_argument(message);
+}
 
 void require_finite(MatrixView m, const char* what) {
   // Scan in parallel, report the first bad entry in row-major order so the

@@ -13,7 +13,9 @@
 namespace airmoe {
 namespace {
 
-int64_t to_fixed(double x) { return std::llround(x * KMeansStats::kScale); }
+int64_t to_fixed(double x) {
+  return std::llround(x * KMeansStats::kScale);
+}
 
 constexpr int64_t kAssignChunk = 2048;
 
@@ -81,8 +83,8 @@ KMeansStats::KMeansStats(int64_t c, int64_t d)
 KMeansStats& KMeansStats::operator+=(const KMeansStats& o) {
   if (o.codewords != codewords || o.dim != dim)
     fail("KMeansStats: adding stats of shape [" + std::to_string(o.codewords) + ", " +
-         std::to_string(o.dim) + "] to [" + std::to_string(codewords) + ", " +
-         std::to_string(dim) + "]");
+         std::to_string(o.dim) + "] to [" + std::to_string(codewords) + ", " + std::to_string(dim) +
+         "]");
   for (size_t i = 0; i < sums.size(); ++i) sums[i] += o.sums[i];
   for (int64_t c = 0; c < codewords; ++c) {
     counts[c] += o.counts[c];
@@ -123,8 +125,8 @@ std::vector<int32_t> Codebook::assign_capped(MatrixView unit_rows, int64_t cap) 
   const int64_t n = unit_rows.rows, C = size();
   if (cap <= 0) return assign(unit_rows);
   if (cap * C < n)
-    fail("list cap " + std::to_string(cap) + " x " + std::to_string(C) +
-         " lists cannot hold " + std::to_string(n) + " experts");
+    fail("list cap " + std::to_string(cap) + " x " + std::to_string(C) + " lists cannot hold " +
+         std::to_string(n) + " experts");
   std::vector<int32_t> best;
   std::vector<float> best_score;
   nearest(codewords_.view(), unit_rows, best, best_score);
@@ -237,8 +239,8 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
   const int64_t E = centers.rows, C = options.codewords;
   if (E < 1) fail("train_codebook: no expert centers");
   if (C < 1 || C > E)
-    fail("number of codewords C = " + std::to_string(C) + " is outside [1, E = " +
-         std::to_string(E) + "]");
+    fail("number of codewords C = " + std::to_string(C) +
+         " is outside [1, E = " + std::to_string(E) + "]");
   if (options.iterations < 0) fail("k-means iterations must be >= 0");
   const Matrix unit = normalize_rows(centers, "centers");
   const int64_t d = unit.cols();
@@ -258,8 +260,7 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
     std::sort(sample.begin(), sample.end());
   }
   Matrix pts(sample_size, d);
-  for (int64_t i = 0; i < sample_size; ++i)
-    std::copy_n(unit.row(sample[i]), d, pts.row(i));
+  for (int64_t i = 0; i < sample_size; ++i) std::copy_n(unit.row(sample[i]), d, pts.row(i));
 
   Matrix seeds(C, d);
   std::vector<float> best_cos(static_cast<size_t>(sample_size), -2.0f);
@@ -308,7 +309,8 @@ void adaptive_update(Codebook& codebook, MatrixView centers, double step, int up
   require_cols(centers, codebook.dim(), "centers");
   const Matrix unit = normalize_rows(centers, "centers");
   auto lookup = [&](int32_t e, float* out) { std::copy_n(unit.row(e), unit.cols(), out); };
-  for (int u = 0; u < updates; ++u) codebook.apply(codebook.compute_stats(unit.view()), step, lookup);
+  for (int u = 0; u < updates; ++u)
+    codebook.apply(codebook.compute_stats(unit.view()), step, lookup);
 }
 
 }  // namespace airmoe

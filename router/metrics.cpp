@@ -26,8 +26,7 @@ double recall_at_k(const Routes& got, const Routes& exact) {
   for (int64_t t = 0; t < got.tokens; ++t) {
     const int32_t* a = got.experts_of(t);
     const int32_t* b = exact.experts_of(t);
-    for (int i = 0; i < got.k; ++i)
-      hits += std::count(b, b + exact.k, a[i]) > 0 ? 1 : 0;
+    for (int i = 0; i < got.k; ++i) hits += std::count(b, b + exact.k, a[i]) > 0 ? 1 : 0;
   }
   return static_cast<double>(hits) / static_cast<double>(got.tokens * got.k);
 }
@@ -58,7 +57,8 @@ ShortlistStats shortlist_stats(const Routes& routes) {
   for (int32_t v : sizes) sum += v;
   s.mean = sum / static_cast<double>(sizes.size());
   std::sort(sizes.begin(), sizes.end());
-  const size_t idx = std::min(sizes.size() - 1, static_cast<size_t>(std::ceil(0.99 * sizes.size())) - 1);
+  const size_t idx =
+      std::min(sizes.size() - 1, static_cast<size_t>(std::ceil(0.99 * sizes.size())) - 1);
   s.p99 = sizes[idx];
   s.max = sizes.back();
   return s;

@@ -33,8 +33,8 @@ template <typename T>
 void write_any(const std::string& path, const char* descr, const T* data, int64_t rows,
                int64_t cols) {
   std::ostringstream dict;
-  dict << "{'descr': '" << descr << "', 'fortran_order': False, 'shape': (" << rows << ", "
-       << cols << "), }";
+  dict << "{'descr': '" << descr << "', 'fortran_order': False, 'shape': (" << rows << ", " << cols
+       << "), }";
   std::string header = dict.str();
   // Pad with spaces so the data starts on a 64-byte boundary, newline last.
   const size_t unpadded = 10 + header.size() + 1;

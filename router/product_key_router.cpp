@@ -15,10 +15,12 @@ ProductKeyRouter::ProductKeyRouter(MatrixView keys1, MatrixView keys2) {
   if (keys1.rows < 1 || keys1.rows != keys2.rows)
     fail("product keys: keys1 has " + std::to_string(keys1.rows) + " rows and keys2 has " +
          std::to_string(keys2.rows) + "; both need the same n >= 1");
-  if (keys1.cols < 1 || keys2.cols < 1 || keys2.cols - keys1.cols < 0 || keys2.cols - keys1.cols > 1)
+  if (keys1.cols < 1 || keys2.cols < 1 || keys2.cols - keys1.cols < 0 ||
+      keys2.cols - keys1.cols > 1)
     fail("product keys: half widths " + std::to_string(keys1.cols) + " and " +
          std::to_string(keys2.cols) + " must be d / 2 and d - d / 2 with d >= 2");
-  if (keys1.rows > 46340) fail("product keys: n = " + std::to_string(keys1.rows) + " gives more than 2^31 experts");
+  if (keys1.rows > 46340)
+    fail("product keys: n = " + std::to_string(keys1.rows) + " gives more than 2^31 experts");
   require_finite(keys1, "keys1");
   require_finite(keys2, "keys2");
   keys1_ = Matrix(keys1.rows, keys1.cols);

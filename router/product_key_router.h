@@ -12,7 +12,7 @@
 namespace airmoe {
 
 struct ProductKeyGradients {
-  Matrix d_tokens;       // [T, d]
+  Matrix d_tokens;        // [T, d]
   SparseRowGrad d_keys1;  // rows of K1 [n, d1]
   SparseRowGrad d_keys2;  // rows of K2 [n, d - d1]
 };

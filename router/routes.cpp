@@ -55,7 +55,9 @@ void LogSumExp::merge(const LogSumExp& o) {
   max = m;
 }
 
-double LogSumExp::value() const { return max + std::log(sum); }
+double LogSumExp::value() const {
+  return max + std::log(sum);
+}
 
 void finalize_gates(Routes& r) {
 #pragma omp parallel for schedule(static) if (r.tokens > 256)
@@ -115,8 +117,8 @@ void check_gate_grads(const Routes& routes, MatrixView tokens, MatrixView d_gate
   require_finite(d_gates, "d_gates");
 }
 
-RouterGradients center_router_backward(MatrixView tokens, const Routes& routes,
-                                       MatrixView d_gates, const CenterLookup& center,
+RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, MatrixView d_gates,
+                                       const CenterLookup& center,
                                        const ShortlistVisitor& shortlist) {
   check_gate_grads(routes, tokens, d_gates);
   const int64_t T = routes.tokens, d = tokens.cols;

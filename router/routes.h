@@ -62,8 +62,8 @@ struct SparseRowGrad {
 };
 
 struct RouterGradients {
-  Matrix d_tokens;           // [T, d]
-  SparseRowGrad d_centers;   // rows of the centers matrix W [E, d]
+  Matrix d_tokens;          // [T, d]
+  SparseRowGrad d_centers;  // rows of the centers matrix W [E, d]
 };
 
 // Sum, for each distinct row r, of coef * x[token] over the (row, token,
@@ -85,8 +85,8 @@ SparseRowGrad accumulate_rows(std::vector<RowContribution>& contributions, const
 // every expert of token t's shortlist (used only with kShortlist).
 using CenterLookup = std::function<const float*(int32_t)>;
 using ShortlistVisitor = std::function<void(int64_t, const std::function<void(int32_t)>&)>;
-RouterGradients center_router_backward(MatrixView tokens, const Routes& routes,
-                                       MatrixView d_gates, const CenterLookup& center,
+RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, MatrixView d_gates,
+                                       const CenterLookup& center,
                                        const ShortlistVisitor& shortlist);
 
 // Validates d_gates against routes: shape [T, k] and finite.

@@ -33,8 +33,8 @@ float dot_portable(const float* a, const float* b, int64_t k) {
   return (t0 + t2) + (t1 + t3);
 }
 
-void block_portable(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
-                    int64_t n, int64_t k, float* c, int64_t ldc) {
+void block_portable(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
+                    int64_t k, float* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = dot_portable(a + i * lda, b + j * ldb, k);
 }
@@ -51,8 +51,7 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
 // registers (3 x 4 tiles use 12 accumulators + 3 A rows + 1 B row = 16 ymm).
 template <int MR, int NR>
 __attribute__((target("avx2,fma"))) void tile_avx2(const float* a, int64_t lda, const float* b,
-                                                   int64_t ldb, int64_t k, float* c,
-                                                   int64_t ldc) {
+                                                   int64_t ldb, int64_t k, float* c, int64_t ldc) {
   __m256 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int s = 0; s < NR; ++s) acc[r][s] = _mm256_setzero_ps();
@@ -86,18 +85,25 @@ using TileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, f
 template <int MR>
 TileFn pick_nr(int64_t nr) {
   switch (nr) {
-    case 4: return tile_avx2<MR, 4>;
-    case 3: return tile_avx2<MR, 3>;
-    case 2: return tile_avx2<MR, 2>;
-    default: return tile_avx2<MR, 1>;
+    case 4:
+      return tile_avx2<MR, 4>;
+    case 3:
+      return tile_avx2<MR, 3>;
+    case 2:
+      return tile_avx2<MR, 2>;
+    default:
+      return tile_avx2<MR, 1>;
   }
 }
 
 TileFn pick_tile(int64_t mr, int64_t nr) {
   switch (mr) {
-    case 3: return pick_nr<3>(nr);
-    case 2: return pick_nr<2>(nr);
-    default: return pick_nr<1>(nr);
+    case 3:
+      return pick_nr<3>(nr);
+    case 2:
+      return pick_nr<2>(nr);
+    default:
+      return pick_nr<1>(nr);
   }
 }
 
@@ -158,8 +164,7 @@ void score_nt(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
   const int64_t row_blocks = (m + mb - 1) / mb;
   const int64_t col_blocks = (n + nb - 1) / nb;
   const int64_t tasks = row_blocks * col_blocks;
-  const bool parallel =
-      !omp_in_parallel() && tasks > 1 && static_cast<double>(m) * n * k > 4.0e6;
+  const bool parallel = !omp_in_parallel() && tasks > 1 && static_cast<double>(m) * n * k > 4.0e6;
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t t = 0; t < tasks; ++t) {
     // Column-major over tasks: consecutive tasks share a B block.

@@ -19,13 +19,13 @@ struct SyntheticConfig {
   int64_t experts = 65536;
   int64_t dim = 512;
   int64_t tokens = 4096;
-  int64_t clusters = 64;        // directions the experts gather around
-  int64_t latent_dim = 8;       // dimension of each cluster's manifold
-  double expert_spread = 1.0;   // offset along the manifold, relative to the unit direction
-  double token_spread = 0.2;    // a token's offset (on the manifold) from the expert it is drawn from
-  double noise = 0.1;           // isotropic noise on every center and token
-  double norm_spread = 0.25;    // log-normal sigma of the center norms
-  double token_scale = 8.0;     // token norm: sets how peaked the softmax is
+  int64_t clusters = 64;       // directions the experts gather around
+  int64_t latent_dim = 8;      // dimension of each cluster's manifold
+  double expert_spread = 1.0;  // offset along the manifold, relative to the unit direction
+  double token_spread = 0.2;  // a token's offset (on the manifold) from the expert it is drawn from
+  double noise = 0.1;         // isotropic noise on every center and token
+  double norm_spread = 0.25;  // log-normal sigma of the center norms
+  double token_scale = 8.0;   // token norm: sets how peaked the softmax is
   uint64_t seed = 42;
 };
 

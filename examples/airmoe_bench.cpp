@@ -1,0 +1,61 @@
+// airmoe_bench SUBCOMMAND [options]; `airmoe_bench SUBCOMMAND --help` lists
+// each subcommand's options.
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "bench_common.h"
+
+namespace airmoe::bench {
+
+std::vector<int> parse_int_list(const std::string& text, const char* what) {
+  std::vector<int> out;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    const size_t comma = text.find(',', pos);
+    const std::string item = text.substr(pos, comma == std::string::npos ? comma : comma - pos);
+    try {
+      size_t used = 0;
+      out.push_back(std::stoi(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw std::invalid_argument(std::string(what) + ": '" + item + "' is not an integer");
+    }
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+}  // namespace airmoe::bench
+
+namespace {
+
+void usage() {
+  std::printf(
+      "usage: airmoe_bench SUBCOMMAND [options]\n"
+      "subcommands:\n"
+      "  router   routing speed and quality of AIR, dense top-k, FAISS IVF and product keys\n"
+      "run 'airmoe_bench SUBCOMMAND --help' for its options\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string sub = argv[1];
+  const std::vector<std::string> args(argv + 2, argv + argc);
+  try {
+    if (sub == "router") return airmoe::bench::run_router(args);
+    std::fprintf(stderr, "airmoe_bench: unknown subcommand '%s'\n", sub.c_str());
+    usage();
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "airmoe_bench %s: error: %s\n", sub.c_str(), e.what());
+    return 1;
+  }
+}
