@@ -1,8 +1,8 @@
 #include "router/npy.h"
 
+#include <cstdint>
 #include <cstring>
 #include <fstream>
-#include <regex>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -90,16 +90,26 @@ Matrix read_npy_matrix(const std::string& path) {
   if (order != "False")
     bad(path, "array is in Fortran order; save np.ascontiguousarray(arr) instead");
   const std::string shape = dict_value(header, "shape");
-  std::vector<int64_t> dims;
-  static const std::regex number("[0-9]+");
-  for (auto it = std::sregex_iterator(shape.begin(), shape.end(), number);
-       it != std::sregex_iterator(); ++it)
-    dims.push_back(std::stoll(it->str()));
   if (shape.empty()) bad(path, "header has no shape");
+  std::vector<int64_t> dims;
+  for (size_t i = 0; i < shape.size();) {
+    if (shape[i] < '0' || shape[i] > '9') {
+      ++i;
+      continue;
+    }
+    int64_t v = 0;
+    for (; i < shape.size() && shape[i] >= '0' && shape[i] <= '9'; ++i) {
+      const int digit = shape[i] - '0';
+      if (v > (INT64_MAX - digit) / 10) bad(path, "shape " + shape + " is too large");
+      v = v * 10 + digit;
+    }
+    dims.push_back(v);
+  }
   if (dims.size() != 2)
     bad(path, "array has " + std::to_string(dims.size()) + " dimensions " + shape +
                   ", expected 2 (rows, columns)");
   const int64_t rows = dims[0], cols = dims[1];
+  if (cols > 0 && rows > INT64_MAX / 4 / cols) bad(path, "shape " + shape + " is too large");
   const int64_t expected = rows * cols * 4;
   const int64_t available = file_size - prefix - header_len;
   if (available < expected)

@@ -1,0 +1,131 @@
+// The shared pieces of routes.h: log-sum-exp, gate finalization and the
+// deterministic row accumulation of the backward pass.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "router/routes.h"
+#include "router/synthetic.h"
+#include "test_util.h"
+
+namespace airmoe {
+namespace {
+
+double direct_lse(const std::vector<double>& z) {
+  const double m = *std::max_element(z.begin(), z.end());
+  double s = 0.0;
+  for (double v : z) s += std::exp(v - m);
+  return m + std::log(s);
+}
+
+TEST(Routes, LogSumExpAddAndMerge) {
+  std::mt19937_64 rng(1);
+  std::normal_distribution<double> normal(0.0, 5.0);
+  std::vector<double> z(101);
+  for (double& v : z) v = normal(rng);
+  LogSumExp all;
+  for (double v : z) all.add(v);
+  EXPECT_NEAR(all.value(), direct_lse(z), 1e-12);
+
+  LogSumExp a, b, empty;
+  for (size_t i = 0; i < z.size(); ++i) (i % 3 == 0 ? a : b).add(z[i]);
+  LogSumExp ab = a;
+  ab.merge(b);
+  LogSumExp ba = b;
+  ba.merge(a);
+  EXPECT_NEAR(ab.value(), all.value(), 1e-12);
+  EXPECT_NEAR(ba.value(), all.value(), 1e-12);
+  // Merging empty accumulators changes nothing, on either side.
+  LogSumExp with_empty = a;
+  with_empty.merge(empty);
+  EXPECT_EQ(with_empty.value(), a.value());
+  LogSumExp from_empty;
+  from_empty.merge(a);
+  EXPECT_EQ(from_empty.value(), a.value());
+  // No overflow for large logits, no underflow for very negative ones.
+  LogSumExp big;
+  big.add(1000.0);
+  big.add(1000.0);
+  EXPECT_NEAR(big.value(), 1000.0 + std::log(2.0), 1e-12);
+  LogSumExp small;
+  small.add(-2000.0);
+  small.add(-2001.0);
+  EXPECT_NEAR(small.value(), -2000.0 + std::log1p(std::exp(-1.0)), 1e-12);
+}
+
+TEST(Routes, MakeRoutesShapes) {
+  const Routes r = make_routes(7, 3, GateMode::kShortlist);
+  EXPECT_EQ(r.tokens, 7);
+  EXPECT_EQ(r.k, 3);
+  EXPECT_EQ(r.gate_mode, GateMode::kShortlist);
+  EXPECT_EQ(r.experts.size(), 21u);
+  EXPECT_EQ(r.gates.size(), 21u);
+  EXPECT_EQ(r.logits.size(), 21u);
+  EXPECT_EQ(r.log_normalizer.size(), 7u);
+  EXPECT_EQ(r.shortlist_size.size(), 7u);
+  for (int32_t e : r.experts) EXPECT_EQ(e, -1);
+  EXPECT_EQ(r.experts_of(2), r.experts.data() + 6);
+  EXPECT_EQ(r.gates_of(6), r.gates.data() + 18);
+}
+
+TEST(Routes, FinalizeGates) {
+  Routes chosen = make_routes(2, 3, GateMode::kChosen);
+  chosen.logits = {3.0f, 1.0f, -2.0f, 0.5f, 0.5f, 0.5f};
+  finalize_gates(chosen);
+  const double den = std::exp(3.0) + std::exp(1.0) + std::exp(-2.0);
+  EXPECT_NEAR(chosen.gates[0], std::exp(3.0) / den, 1e-7);
+  EXPECT_NEAR(chosen.gates[1], std::exp(1.0) / den, 1e-7);
+  EXPECT_NEAR(chosen.gates[2], std::exp(-2.0) / den, 1e-7);
+  EXPECT_NEAR(chosen.log_normalizer[0], std::log(den), 1e-12);
+  for (int j = 3; j < 6; ++j) EXPECT_FLOAT_EQ(chosen.gates[j], 1.0f / 3.0f);
+
+  // kShortlist keeps the router's normalizer (a larger set than the k).
+  Routes wide = make_routes(1, 2, GateMode::kShortlist);
+  wide.logits = {2.0f, 1.0f};
+  wide.log_normalizer = {std::log(std::exp(2.0) + std::exp(1.0) + std::exp(0.0))};
+  finalize_gates(wide);
+  const double total = std::exp(2.0) + std::exp(1.0) + 1.0;
+  EXPECT_NEAR(wide.gates[0], std::exp(2.0) / total, 1e-7);
+  EXPECT_NEAR(wide.gates[1], std::exp(1.0) / total, 1e-7);
+  EXPECT_LT(wide.gates[0] + wide.gates[1], 1.0f);
+}
+
+// accumulate_rows sums coef * x[token] per row in double, in token order:
+// the result does not depend on the order the contributions came in.
+TEST(Routes, AccumulateRowsIsOrderIndependent) {
+  const int64_t T = 50, width = 9;
+  const Matrix x = random_matrix(T, width, 1.0, 3);
+  std::mt19937_64 rng(4);
+  std::vector<RowContribution> contributions;
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < 4; ++j)
+      contributions.push_back({static_cast<int32_t>(rng() % 13), static_cast<int32_t>(t),
+                               std::ldexp(static_cast<double>(rng() % 2001) - 1000.0, -7)});
+  std::vector<RowContribution> shuffled = contributions;
+  std::shuffle(shuffled.begin(), shuffled.end(), rng);
+  std::vector<RowContribution> copy = contributions;
+  const SparseRowGrad a = accumulate_rows(copy, x.data(), width, width);
+  const SparseRowGrad b = accumulate_rows(shuffled, x.data(), width, width);
+  EXPECT_EQ(a.rows, b.rows);
+  EXPECT_EQ(test::values(a.values), test::values(b.values));
+  EXPECT_TRUE(std::is_sorted(a.rows.begin(), a.rows.end()));
+  ASSERT_EQ(static_cast<int64_t>(a.rows.size()), a.values.rows());
+  // Against a direct sum.
+  for (size_t i = 0; i < a.rows.size(); ++i)
+    for (int64_t c = 0; c < width; ++c) {
+      double s = 0.0;
+      for (const auto& rc : contributions)
+        if (rc.row == a.rows[i]) s += rc.coef * x(rc.token, c);
+      EXPECT_NEAR(a.values(static_cast<int64_t>(i), c), s, 1e-5 * (1.0 + std::fabs(s)));
+    }
+  std::vector<RowContribution> none;
+  const SparseRowGrad empty = accumulate_rows(none, x.data(), width, width);
+  EXPECT_TRUE(empty.rows.empty());
+  EXPECT_EQ(empty.values.rows(), 0);
+}
+
+}  // namespace
+}  // namespace airmoe

@@ -1,0 +1,166 @@
+// score_nt: every entry depends only on its two rows (shape-invariant, bit
+// for bit), equals score_one, and agrees with a double-precision dot product.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "router/scoring.h"
+#include "router/synthetic.h"
+#include "test_util.h"
+
+namespace airmoe {
+namespace {
+
+using test::dot_double;
+using test::gather_rows;
+
+uint32_t bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+TEST(Scoring, KernelNameIsKnown) {
+  const std::string name = scoring_kernel_name();
+  EXPECT_TRUE(name == "avx2-fma" || name == "portable") << name;
+}
+
+// A large (multi-threaded) product, then random gathered sub-batches of
+// every small shape: each entry must be the same bits as in the big batch and
+// as score_one.
+TEST(Scoring, ShapeInvariantBitForBit) {
+  struct Shape {
+    int64_t m, n, k;
+  };
+  // The first two exceed the kernel's multi-threading threshold (m n k > 4e6).
+  for (const Shape s : {Shape{257, 301, 67}, Shape{64, 1000, 512}, Shape{13, 29, 1},
+                        Shape{7, 11, 9}, Shape{40, 33, 130}}) {
+    SCOPED_TRACE("m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) +
+                 " k=" + std::to_string(s.k));
+    const Matrix a = random_matrix(s.m, s.k, 1.0, 11 + s.k);
+    const Matrix b = random_matrix(s.n, s.k, 1.0, 23 + s.k);
+    std::vector<float> big(static_cast<size_t>(s.m * s.n));
+    score_nt(a.view(), b.view(), big.data());
+
+    // Every entry equals score_one (both argument orders).
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < s.m; ++i)
+      for (int64_t j = 0; j < s.n; ++j) {
+        const float one = score_one(a.row(i), b.row(j), s.k);
+        const float swapped = score_one(b.row(j), a.row(i), s.k);
+        if (bits(one) != bits(big[i * s.n + j]) || bits(swapped) != bits(one)) ++mismatches;
+      }
+    EXPECT_EQ(mismatches, 0);
+
+    // Gathered sub-batches of sizes 1..7 x 1..9 in random row order.
+    std::mt19937_64 rng(s.m * 1000 + s.n);
+    for (int trial = 0; trial < 40; ++trial) {
+      const int64_t mm = 1 + static_cast<int64_t>(rng() % 7);
+      const int64_t nn = 1 + static_cast<int64_t>(rng() % 9);
+      std::vector<int64_t> ri(static_cast<size_t>(mm)), rj(static_cast<size_t>(nn));
+      for (auto& x : ri) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(s.m));
+      for (auto& x : rj) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(s.n));
+      const Matrix sa = gather_rows(a.view(), ri);
+      const Matrix sb = gather_rows(b.view(), rj);
+      std::vector<float> small(static_cast<size_t>(mm * nn));
+      score_nt(sa.view(), sb.view(), small.data());
+      for (int64_t i = 0; i < mm; ++i)
+        for (int64_t j = 0; j < nn; ++j)
+          ASSERT_EQ(bits(small[i * nn + j]), bits(big[ri[i] * s.n + rj[j]]))
+              << "entry (" << ri[i] << ", " << rj[j] << ") in a " << mm << "x" << nn << " batch";
+    }
+  }
+}
+
+// Leading dimensions larger than k and an output stride larger than n: the
+// same bits as the packed product.
+TEST(Scoring, StridedOperandsGiveTheSameBits) {
+  const int64_t m = 19, n = 23, k = 37, lda = 41, ldb = 50, ldc = 31;
+  const Matrix pa = random_matrix(m, lda, 1.0, 5);
+  const Matrix pb = random_matrix(n, ldb, 1.0, 6);
+  Matrix a(m, k), b(n, k);
+  for (int64_t i = 0; i < m; ++i) std::copy_n(pa.row(i), k, a.row(i));
+  for (int64_t j = 0; j < n; ++j) std::copy_n(pb.row(j), k, b.row(j));
+  std::vector<float> packed(static_cast<size_t>(m * n));
+  score_nt(a.view(), b.view(), packed.data());
+  std::vector<float> strided(static_cast<size_t>(m * ldc), -7.0f);
+  score_nt(pa.data(), lda, pb.data(), ldb, m, n, k, strided.data(), ldc);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j)
+      ASSERT_EQ(bits(strided[i * ldc + j]), bits(packed[i * n + j])) << i << "," << j;
+    for (int64_t j = n; j < ldc; ++j) EXPECT_EQ(strided[i * ldc + j], -7.0f) << "padding written";
+  }
+}
+
+// |float - double| <= 1e-5 * sum |a_i b_i|: the honest relative bound when
+// the dot product may cancel; and plain relative 1e-5 on positive data.
+TEST(Scoring, AgreesWithDoublePrecision) {
+  for (const int64_t k : {1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 512, 1000}) {
+    SCOPED_TRACE("k=" + std::to_string(k));
+    const int64_t m = 9, n = 14;
+    const Matrix a = random_matrix(m, k, 1.0, 100 + k);
+    const Matrix b = random_matrix(n, k, 2.5, 200 + k);
+    std::vector<float> c(static_cast<size_t>(m * n));
+    score_nt(a.view(), b.view(), c.data());
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double mag = 0.0;
+        for (int64_t p = 0; p < k; ++p) mag += std::fabs(double(a(i, p)) * double(b(j, p)));
+        const double ref = dot_double(a.row(i), b.row(j), k);
+        EXPECT_LE(std::fabs(c[i * n + j] - ref), 1e-5 * mag) << i << "," << j;
+      }
+
+    Matrix pa(m, k), pb(n, k);
+    for (int64_t i = 0; i < m * k; ++i) pa.data()[i] = std::fabs(a.data()[i]) + 0.01f;
+    for (int64_t i = 0; i < n * k; ++i) pb.data()[i] = std::fabs(b.data()[i]) + 0.01f;
+    score_nt(pa.view(), pb.view(), c.data());
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const double ref = dot_double(pa.row(i), pb.row(j), k);
+        EXPECT_LE(std::fabs(c[i * n + j] - ref), 1e-5 * ref) << i << "," << j;
+      }
+  }
+}
+
+TEST(Scoring, ExactOnSmallIntegers) {
+  // Small integers: every partial sum is exact in float, so the result is.
+  const int64_t k = 21;
+  Matrix a(2, k), b(3, k);
+  for (int64_t p = 0; p < k; ++p) {
+    a(0, p) = static_cast<float>(p % 5 - 2);
+    a(1, p) = static_cast<float>(p);
+    b(0, p) = 1.0f;
+    b(1, p) = static_cast<float>(3 - p % 7);
+    b(2, p) = 0.0f;
+  }
+  std::vector<float> c(6);
+  score_nt(a.view(), b.view(), c.data());
+  for (int64_t i = 0; i < 2; ++i)
+    for (int64_t j = 0; j < 3; ++j)
+      EXPECT_EQ(c[i * 3 + j], static_cast<float>(dot_double(a.row(i), b.row(j), k)));
+  EXPECT_EQ(c[1 * 3 + 0], 210.0f);  // 0 + 1 + ... + 20
+  EXPECT_EQ(c[0 * 3 + 2], 0.0f);
+}
+
+TEST(Scoring, EmptyShapesWriteNothing) {
+  const Matrix a = random_matrix(3, 4, 1.0, 1);
+  std::vector<float> c(4, 42.0f);
+  score_nt(a.data(), 4, a.data(), 4, 0, 3, 4, c.data(), 3);
+  score_nt(a.data(), 4, a.data(), 4, 3, 0, 4, c.data(), 1);
+  for (float v : c) EXPECT_EQ(v, 42.0f);
+}
+
+// k = 0: an empty sum is zero.
+TEST(Scoring, ZeroDepthIsZero) {
+  const Matrix a(2, 0), b(3, 0);
+  std::vector<float> c(6, 5.0f);
+  score_nt(a.data(), 0, b.data(), 0, 2, 3, 0, c.data(), 3);
+  for (float v : c) EXPECT_EQ(v, 0.0f);
+}
+
+}  // namespace
+}  // namespace airmoe
