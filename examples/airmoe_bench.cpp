@@ -37,6 +37,7 @@ void usage() {
       "usage: airmoe_bench SUBCOMMAND [options]\n"
       "subcommands:\n"
       "  router   routing speed and quality of AIR, dense top-k, FAISS IVF and product keys\n"
+      "  traffic  distributed AIR routing under mpiexec: bytes per phase, per placement\n"
       "run 'airmoe_bench SUBCOMMAND --help' for its options\n");
 }
 
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 2, argv + argc);
   try {
     if (sub == "router") return airmoe::bench::run_router(args);
+    if (sub == "traffic") return airmoe::bench::run_traffic(args);
     std::fprintf(stderr, "airmoe_bench: unknown subcommand '%s'\n", sub.c_str());
     usage();
     return 2;

@@ -36,5 +36,6 @@ void progress(const char* fmt, Args... args) {
 std::vector<int> parse_int_list(const std::string& text, const char* what);
 
 int run_router(const std::vector<std::string>& args);
+int run_traffic(const std::vector<std::string>& args);
 
 }  // namespace airmoe::bench

@@ -8,6 +8,7 @@
 
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
+#include "router/list_scan.h"
 #include "router/matrix.h"
 #include "router/routes.h"
 
@@ -58,7 +59,7 @@ class AirRouter {
   Codebook codebook_;
   int64_t list_cap_ = 0;
   InvertedLists lists_;
-  Matrix list_centers_;  // centers_ rows in list order: each list is one block
+  ListBlocks blocks_;  // centers_ rows in list order: each list is one block
 };
 
 }  // namespace airmoe

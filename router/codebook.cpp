@@ -219,20 +219,26 @@ int64_t Codebook::apply(const KMeansStats& stats, double step, const RowLookup& 
     for (int64_t j = 0; j < d; ++j) codewords_(c, j) = static_cast<float>(v[j] * minv);
   }
 
-  // Repair: the i-th empty codeword (by index) splits the i-th largest
-  // cluster (by count, then index) by moving onto its farthest member.
+  const std::vector<Repair> repairs = plan_repairs(stats);
+  for (const Repair& r : repairs) unit_row_of(r.expert, codewords_.row(r.codeword));
+  return static_cast<int64_t>(repairs.size());
+}
+
+std::vector<Codebook::Repair> Codebook::plan_repairs(const KMeansStats& stats) {
+  // The i-th empty codeword (by index) splits the i-th largest cluster (by
+  // count, then index) by moving onto its farthest member.
   std::vector<int32_t> empties, donors;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = 0; c < stats.codewords; ++c) {
     if (stats.counts[c] == 0) empties.push_back(static_cast<int32_t>(c));
     if (stats.counts[c] >= 2) donors.push_back(static_cast<int32_t>(c));
   }
   std::sort(donors.begin(), donors.end(), [&](int32_t a, int32_t b) {
     return stats.counts[a] > stats.counts[b] || (stats.counts[a] == stats.counts[b] && a < b);
   });
-  const size_t repairs = std::min(empties.size(), donors.size());
-  for (size_t i = 0; i < repairs; ++i)
-    unit_row_of(stats.farthest_expert[donors[i]], codewords_.row(empties[i]));
-  return static_cast<int64_t>(repairs);
+  std::vector<Repair> out;
+  for (size_t i = 0; i < std::min(empties.size(), donors.size()); ++i)
+    out.push_back({empties[i], stats.farthest_expert[donors[i]]});
+  return out;
 }
 
 Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeansReport* report) {

@@ -72,6 +72,14 @@ class Codebook {
   using RowLookup = std::function<void(int32_t, float*)>;
   int64_t apply(const KMeansStats& stats, double step, const RowLookup& unit_row_of);
 
+  // The repairs apply() will make: (empty codeword, expert whose unit row it
+  // takes). A distributed caller fetches those rows from their owners first.
+  struct Repair {
+    int32_t codeword;
+    int32_t expert;
+  };
+  static std::vector<Repair> plan_repairs(const KMeansStats& stats);
+
  private:
   Matrix codewords_;
 };

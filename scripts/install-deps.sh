@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libopenblas-dev          # the sgemm yardstick in the benchmark, and FAISS
+  openmpi-bin libopenmpi-dev   # the distributed runtime's default transport
   libboost-program-options-dev
   libgtest-dev libgmock-dev
   libbenchmark-dev

@@ -1,0 +1,109 @@
+// The transport the runtime is written against: a small set of collectives
+// and one variable all-to-all, each metered per phase and per peer.
+// Backends: MPI (mpi_communicator.h) and ranks-as-threads in one process
+// (in_process.h) for fast tests of sharding logic. No routing here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "comm/traffic_meter.h"
+
+namespace airmoe::comm {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  virtual const char* backend() const = 0;
+
+  virtual void barrier() = 0;
+  // root's `bytes` bytes at data are copied to every rank's data.
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  // Every rank contributes `bytes` bytes; recv holds size() * bytes, rank order.
+  virtual void allgather(const void* send, size_t bytes, void* recv) = 0;
+  // Every rank contributes a different number of bytes; returns the
+  // concatenation in rank order and fills `counts` with each rank's bytes.
+  virtual std::vector<char> allgatherv(const void* send, size_t bytes,
+                                       std::vector<int64_t>& counts) = 0;
+  // Element-wise sum; integer addition, so exact and order-free.
+  virtual void allreduce_sum(int64_t* data, size_t count) = 0;
+  // Element-wise max / min of doubles (exact whatever the order).
+  virtual void allreduce_max(double* data, size_t count) = 0;
+  virtual void allreduce_min(double* data, size_t count) = 0;
+  // send[p] goes to rank p (an empty buffer sends nothing to p: no message,
+  // only the counts exchange). Returns recv[p], what rank p sent here.
+  virtual std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) = 0;
+
+  // The phase name under which subsequent calls are metered.
+  void set_phase(std::string phase) { phase_ = std::move(phase); }
+  const std::string& phase() const { return phase_; }
+  TrafficMeter& meter() { return meter_; }
+  const TrafficMeter& meter() const { return meter_; }
+
+ protected:
+  explicit Communicator(int size) : meter_(size) {}
+
+  // What each call records (self-sends are local and never recorded):
+  //   broadcast: root -> each other rank, one message of `bytes`.
+  //   allgather(v): each rank -> each other rank, one message of its bytes.
+  //   allreduce: a ring: 2 (P - 1) messages of bytes / P (rounded up) to
+  //              rank + 1, the bandwidth-optimal algorithm's traffic.
+  //   alltoallv: phase + ":counts", one 8-byte message to each other rank;
+  //              phase, one message per non-empty send[p], p != rank.
+  void record(int peer, int64_t bytes) { meter_.record(phase_, peer, bytes); }
+  void record_to(const std::string& phase, int peer, int64_t bytes) {
+    meter_.record(phase, peer, bytes);
+  }
+  void record_allreduce(size_t bytes);
+
+ private:
+  TrafficMeter meter_;
+  std::string phase_ = "default";
+};
+
+// Sets the phase for a scope and restores the previous one.
+class PhaseScope {
+ public:
+  PhaseScope(Communicator& comm, std::string phase) : comm_(comm), previous_(comm.phase()) {
+    comm_.set_phase(std::move(phase));
+  }
+  ~PhaseScope() { comm_.set_phase(previous_); }
+  PhaseScope(const PhaseScope&) = delete;
+  PhaseScope& operator=(const PhaseScope&) = delete;
+
+ private:
+  Communicator& comm_;
+  std::string previous_;
+};
+
+// Every rank must pass the same configuration: compares a hash of `config`
+// across ranks and, if any differs, throws on every rank a
+// std::runtime_error naming `what` and the ranks that differ from rank 0.
+void require_same_config(Communicator& comm, const std::string& config, const char* what);
+
+// Typed helpers over the byte interface.
+template <typename T>
+void broadcast_vector(Communicator& comm, std::vector<T>& v, int root) {
+  uint64_t n = v.size();
+  comm.broadcast(&n, sizeof(n), root);
+  v.resize(n);
+  if (n) comm.broadcast(v.data(), n * sizeof(T), root);
+}
+
+template <typename T>
+std::vector<T> allgatherv_vector(Communicator& comm, std::span<const T> mine) {
+  std::vector<int64_t> counts;
+  std::vector<char> raw = comm.allgatherv(mine.data(), mine.size_bytes(), counts);
+  std::vector<T> out(raw.size() / sizeof(T));
+  if (!raw.empty()) std::memcpy(out.data(), raw.data(), raw.size());
+  return out;
+}
+
+}  // namespace airmoe::comm

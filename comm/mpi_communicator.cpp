@@ -1,0 +1,295 @@
+#include "comm/mpi_communicator.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace airmoe::comm {
+
+namespace {
+
+constexpr int kAlltoallvTag = 0x4d6f;  // private duplicate: any tag is ours
+
+std::string error_string(int rc) {
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(rc, text, &len) != MPI_SUCCESS || len <= 0)
+    return "MPI error code " + std::to_string(rc);
+  return std::string(text, static_cast<size_t>(len));
+}
+
+bool mpi_initialized() {
+  int flag = 0;
+  MPI_Initialized(&flag);
+  return flag != 0;
+}
+
+bool mpi_finalized() {
+  int flag = 0;
+  MPI_Finalized(&flag);
+  return flag != 0;
+}
+
+// Size of `comm`, checked before the base class (which needs it) is built.
+int checked_size(MPI_Comm comm) {
+  if (!mpi_initialized() || mpi_finalized())
+    throw std::runtime_error(
+        "MpiCommunicator: MPI is not initialized (create an MpiSession first) or already "
+        "finalized");
+  if (comm == MPI_COMM_NULL) throw std::invalid_argument("MpiCommunicator: MPI_COMM_NULL");
+  int size = 0;
+  const int rc = MPI_Comm_size(comm, &size);
+  if (rc != MPI_SUCCESS)
+    throw std::runtime_error("MpiCommunicator: MPI_Comm_size failed: " + error_string(rc));
+  return size;
+}
+
+bool overlaps(const void* a, size_t na, const void* b, size_t nb) {
+  if (na == 0 || nb == 0) return false;
+  const auto pa = reinterpret_cast<uintptr_t>(a);
+  const auto pb = reinterpret_cast<uintptr_t>(b);
+  return pa < pb + nb && pb < pa + na;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------- MpiSession ---
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  if (mpi_finalized()) throw std::runtime_error("MpiSession: MPI has already been finalized");
+  if (mpi_initialized()) {
+    MPI_Query_thread(&provided_);
+    return;
+  }
+  const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided_);
+  if (rc != MPI_SUCCESS)
+    throw std::runtime_error("MpiSession: MPI_Init_thread failed: " + error_string(rc));
+  owns_ = true;
+  if (provided_ < MPI_THREAD_FUNNELED) {
+    MPI_Finalize();
+    owns_ = false;
+    throw std::runtime_error("MpiSession: MPI provides thread level " + std::to_string(provided_) +
+                             ", below MPI_THREAD_FUNNELED");
+  }
+}
+
+MpiSession::~MpiSession() {
+  if (owns_ && !mpi_finalized()) MPI_Finalize();
+}
+
+// ------------------------------------------------------ MpiCommunicator ---
+
+MpiCommunicator::MpiCommunicator(MPI_Comm comm)
+    : Communicator(checked_size(comm)), max_message_(INT_MAX) {
+  int rc = MPI_Comm_dup(comm, &comm_);
+  if (rc != MPI_SUCCESS) {
+    comm_ = MPI_COMM_NULL;
+    throw std::runtime_error("MpiCommunicator: MPI_Comm_dup failed: " + error_string(rc));
+  }
+  rc = MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm_, &rank_);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm_, &size_);
+  if (rc != MPI_SUCCESS) {
+    MPI_Comm_free(&comm_);
+    throw std::runtime_error("MpiCommunicator: setting up the duplicate failed: " +
+                             error_string(rc));
+  }
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  if (comm_ != MPI_COMM_NULL && !mpi_finalized()) MPI_Comm_free(&comm_);
+}
+
+void MpiCommunicator::set_max_message_bytes(int64_t bytes) {
+  if (bytes < 1 || bytes > INT_MAX)
+    throw std::invalid_argument("MpiCommunicator::set_max_message_bytes: " + std::to_string(bytes) +
+                                " not in [1, INT_MAX]");
+  max_message_ = bytes;
+}
+
+void MpiCommunicator::fail(const std::string& what) const {
+  throw std::runtime_error("MPI rank " + std::to_string(rank_) + " of " + std::to_string(size_) +
+                           ": " + what);
+}
+
+void MpiCommunicator::check(int rc, const char* call) const {
+  if (rc == MPI_SUCCESS) return;
+  fail(std::string(call) + " failed: " + error_string(rc));
+}
+
+void MpiCommunicator::barrier() {
+  check(MPI_Barrier(comm_), "MPI_Barrier");
+}
+
+void MpiCommunicator::broadcast(void* data, size_t bytes, int root) {
+  char* p = static_cast<char*>(data);
+  size_t left = bytes;
+  do {  // at least one call, so that a bad root is reported even for 0 bytes
+    const size_t n = std::min(left, static_cast<size_t>(max_message_));
+    check(MPI_Bcast(p, static_cast<int>(n), MPI_BYTE, root, comm_), "MPI_Bcast");
+    p += n;
+    left -= n;
+  } while (left > 0);
+  if (rank_ == root)
+    for (int q = 0; q < size_; ++q)
+      if (q != rank_) record(q, static_cast<int64_t>(bytes));
+}
+
+void MpiCommunicator::allgather(const void* send, size_t bytes, void* recv) {
+  if (bytes > static_cast<size_t>(INT_MAX))
+    fail("allgather: " + std::to_string(bytes) + " bytes per rank exceeds INT_MAX");
+  std::vector<char> copy;  // MPI forbids aliased send / recv buffers
+  if (overlaps(send, bytes, recv, bytes * static_cast<size_t>(size_))) {
+    copy.assign(static_cast<const char*>(send), static_cast<const char*>(send) + bytes);
+    send = copy.data();
+  }
+  const int n = static_cast<int>(bytes);
+  check(MPI_Allgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, comm_), "MPI_Allgather");
+  for (int q = 0; q < size_; ++q)
+    if (q != rank_) record(q, static_cast<int64_t>(bytes));
+}
+
+std::vector<char> MpiCommunicator::allgatherv(const void* send, size_t bytes,
+                                              std::vector<int64_t>& counts) {
+  const auto p = static_cast<size_t>(size_);
+  int64_t mine = static_cast<int64_t>(bytes);
+  std::vector<int64_t> all(p);
+  check(MPI_Allgather(&mine, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, comm_),
+        "MPI_Allgather (allgatherv counts)");
+  // Every rank sees the same counts, so every rank refuses alike.
+  int64_t total = 0;
+  for (int64_t c : all) total += c;
+  if (total > INT_MAX)
+    fail("allgatherv: " + std::to_string(total) +
+         " bytes in all exceeds INT_MAX (MPI_Allgatherv's int displacements)");
+  std::vector<int> recv_counts(p), displs(p);
+  int offset = 0;
+  for (size_t q = 0; q < p; ++q) {
+    recv_counts[q] = static_cast<int>(all[q]);
+    displs[q] = offset;
+    offset += recv_counts[q];
+  }
+  std::vector<char> out(static_cast<size_t>(total));
+  char dummy = 0;
+  check(MPI_Allgatherv(bytes ? send : &dummy, static_cast<int>(bytes), MPI_BYTE,
+                       out.empty() ? &dummy : out.data(), recv_counts.data(), displs.data(),
+                       MPI_BYTE, comm_),
+        "MPI_Allgatherv");
+  counts = std::move(all);
+  for (int q = 0; q < size_; ++q)
+    if (q != rank_) record(q, static_cast<int64_t>(bytes));
+  return out;
+}
+
+template <typename T>
+void MpiCommunicator::allreduce(T* data, size_t count, MPI_Datatype type, MPI_Op op) {
+  const size_t chunk = std::max<size_t>(1, static_cast<size_t>(max_message_) / sizeof(T));
+  size_t done = 0;
+  do {  // at least one call, as every rank must make the same calls
+    const size_t n = std::min(count - done, chunk);
+    check(MPI_Allreduce(MPI_IN_PLACE, data + done, static_cast<int>(n), type, op, comm_),
+          "MPI_Allreduce");
+    done += n;
+  } while (done < count);
+  record_allreduce(count * sizeof(T));
+}
+
+void MpiCommunicator::allreduce_sum(int64_t* data, size_t count) {
+  allreduce(data, count, MPI_INT64_T, MPI_SUM);
+}
+
+void MpiCommunicator::allreduce_max(double* data, size_t count) {
+  allreduce(data, count, MPI_DOUBLE, MPI_MAX);
+}
+
+void MpiCommunicator::allreduce_min(double* data, size_t count) {
+  allreduce(data, count, MPI_DOUBLE, MPI_MIN);
+}
+
+std::vector<std::vector<char>> MpiCommunicator::alltoallv(
+    const std::vector<std::vector<char>>& send) {
+  const auto p = static_cast<size_t>(size_);
+  if (send.size() != p)
+    fail("alltoallv: send has " + std::to_string(send.size()) +
+         " buffers, expected one per rank (" + std::to_string(size_) + ")");
+  std::vector<int64_t> send_counts(p), recv_counts(p);
+  for (size_t q = 0; q < p; ++q) send_counts[q] = static_cast<int64_t>(send[q].size());
+  check(MPI_Alltoall(send_counts.data(), 1, MPI_INT64_T, recv_counts.data(), 1, MPI_INT64_T, comm_),
+        "MPI_Alltoall (alltoallv counts)");
+
+  std::vector<std::vector<char>> recv(p);
+  for (size_t q = 0; q < p; ++q) {
+    if (recv_counts[q] < 0)
+      fail("alltoallv: rank " + std::to_string(q) + " announced " + std::to_string(recv_counts[q]) +
+           " bytes");
+    if (static_cast<int>(q) != rank_) recv[q].resize(static_cast<size_t>(recv_counts[q]));
+  }
+  recv[static_cast<size_t>(rank_)] = send[static_cast<size_t>(rank_)];
+
+  // Messages above max_message_ go in pieces; pieces between one pair of ranks
+  // under one tag arrive in order (MPI's non-overtaking rule).
+  const auto chunk = static_cast<size_t>(max_message_);
+  std::vector<MPI_Request> requests;
+  int rc = MPI_SUCCESS;
+  const char* failed_call = nullptr;
+  for (size_t q = 0; q < p && rc == MPI_SUCCESS; ++q) {
+    if (static_cast<int>(q) == rank_) continue;
+    for (size_t off = 0; off < recv[q].size() && rc == MPI_SUCCESS; off += chunk) {
+      const size_t n = std::min(chunk, recv[q].size() - off);
+      requests.emplace_back();
+      rc = MPI_Irecv(recv[q].data() + off, static_cast<int>(n), MPI_BYTE, static_cast<int>(q),
+                     kAlltoallvTag, comm_, &requests.back());
+      if (rc != MPI_SUCCESS) {
+        requests.pop_back();
+        failed_call = "MPI_Irecv";
+      }
+    }
+  }
+  const size_t receives = requests.size();
+  for (size_t q = 0; q < p && rc == MPI_SUCCESS; ++q) {
+    if (static_cast<int>(q) == rank_) continue;
+    for (size_t off = 0; off < send[q].size() && rc == MPI_SUCCESS; off += chunk) {
+      const size_t n = std::min(chunk, send[q].size() - off);
+      requests.emplace_back();
+      // MPI-3 takes const void*; Open MPI 4 does.
+      rc = MPI_Isend(send[q].data() + off, static_cast<int>(n), MPI_BYTE, static_cast<int>(q),
+                     kAlltoallvTag, comm_, &requests.back());
+      if (rc != MPI_SUCCESS) {
+        requests.pop_back();
+        failed_call = "MPI_Isend";
+      }
+    }
+  }
+  if (rc != MPI_SUCCESS) {
+    // Do not leave receives pending into buffers about to be freed.
+    for (size_t i = 0; i < receives; ++i) MPI_Cancel(&requests[i]);
+    MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
+    check(rc, failed_call);
+  }
+  std::vector<MPI_Status> statuses(requests.size());
+  rc = MPI_Waitall(static_cast<int>(requests.size()), requests.data(), statuses.data());
+  if (rc == MPI_ERR_IN_STATUS) {
+    for (const MPI_Status& s : statuses)
+      if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) {
+        rc = s.MPI_ERROR;
+        break;
+      }
+  }
+  check(rc, "MPI_Waitall (alltoallv)");
+
+  const std::string counts_phase = phase() + ":counts";
+  for (size_t q = 0; q < p; ++q) {
+    if (static_cast<int>(q) == rank_) continue;
+    record_to(counts_phase, static_cast<int>(q), static_cast<int64_t>(sizeof(int64_t)));
+    if (!send[q].empty()) record(static_cast<int>(q), static_cast<int64_t>(send[q].size()));
+  }
+  return recv;
+}
+
+std::unique_ptr<MpiCommunicator> world_communicator() {
+  return std::make_unique<MpiCommunicator>(MPI_COMM_WORLD);
+}
+
+}  // namespace airmoe::comm

@@ -1,0 +1,323 @@
+// airmoe_bench traffic, under mpiexec -n P: the distributed AIR router's
+// traffic per phase, from the communicator's meter, for each placement
+// policy, with recall against exact routing and seconds per phase.
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "bench_common.h"
+#include "comm/mpi_communicator.h"
+#include "router/dense_router.h"
+#include "router/metrics.h"
+#include "router/npy.h"
+#include "router/synthetic.h"
+#include "router/threads.h"
+#include "runtime/coordinator.h"
+#include "runtime/distributed_router.h"
+
+namespace po = boost::program_options;
+using nlohmann::json;
+
+namespace airmoe::bench {
+namespace {
+
+const char* const kPhases[] = {"requests", "replies", "kmeans_sync", "list_sync"};
+
+struct PolicyResult {
+  std::string policy;
+  json row;
+};
+
+double sum_all(comm::Communicator& comm, double v) {
+  // Sum of a double across ranks in rank order (allgather, then add).
+  std::vector<double> all(static_cast<size_t>(comm.size()));
+  comm.allgather(&v, sizeof(v), all.data());
+  double s = 0.0;
+  for (double x : all) s += x;
+  return s;
+}
+
+double max_all(comm::Communicator& comm, double v) {
+  comm.allreduce_max(&v, 1);
+  return v;
+}
+
+// Every token's experts and gates, on rank 0, in global token order.
+void save_global_routes(comm::Communicator& comm, const Routes& r, const std::string& dir,
+                        const std::string& name) {
+  comm::PhaseScope phase(comm, "gather_routes");
+  const auto experts = comm::allgatherv_vector<int32_t>(comm, r.experts);
+  const auto gates = comm::allgatherv_vector<float>(comm, r.gates);
+  if (comm.rank() != 0) return;
+  std::filesystem::create_directories(dir);
+  const int64_t T = static_cast<int64_t>(experts.size()) / r.k;
+  write_npy(dir + "/" + name + "_experts.npy", experts.data(), T, r.k);
+  write_npy(dir + "/" + name + "_gates.npy", gates.data(), T, r.k);
+}
+
+}  // namespace
+
+namespace {
+
+int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args) {
+  const int P = comm.size(), me = comm.rank();
+
+  int64_t experts = 65536, dim = 512, num_tokens = 4096, codewords = 256;
+  int k = 8, probes = 4, threads = 0, kmeans_iters = 10, repeats = 3;
+  uint64_t seed = 42;
+  std::string preset = "default", centers_file, tokens_file, json_file, routes_dir;
+  std::string policies_text = "round-robin,list,locality";
+  po::options_description opts("airmoe_bench traffic options (run under mpiexec -n P)");
+  opts.add_options()("help,h", "show this help")("experts,E",
+                                                 po::value(&experts)->default_value(experts),
+                                                 "number of experts E (generated data)")(
+      "dim,d", po::value(&dim)->default_value(dim), "model dimension d (generated data)")(
+      "num-tokens,T", po::value(&num_tokens)->default_value(num_tokens),
+      "tokens over all ranks (generated data)")("k", po::value(&k)->default_value(k),
+                                                "experts per token")(
+      "codewords,C", po::value(&codewords)->default_value(codewords), "codebook size C")(
+      "probes,m", po::value(&probes)->default_value(probes), "probe count m")(
+      "preset", po::value(&preset)->default_value(preset), "generated data: 'default' or 'hard'")(
+      "seed", po::value(&seed)->default_value(seed), "data seed")(
+      "kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations")(
+      "placements", po::value(&policies_text)->default_value(policies_text),
+      "comma-separated placement policies")(
+      "centers", po::value(&centers_file),
+      "expert centers [E, d], float32 .npy (read by every rank)")(
+      "tokens", po::value(&tokens_file),
+      "tokens [T, d], float32 .npy, split across ranks in order")(
+      "threads", po::value(&threads)->default_value(threads),
+      "OpenMP threads per rank (0: default)")("repeats",
+                                              po::value(&repeats)->default_value(repeats),
+                                              "timed routing runs; the fastest counts")(
+      "json", po::value(&json_file), "rank 0 writes every figure to this JSON file")(
+      "save-routes", po::value(&routes_dir), "rank 0 writes every token's experts/gates here");
+  po::variables_map vm;
+  po::store(po::command_line_parser(args).options(opts).run(), vm);
+  if (vm.count("help")) {
+    if (me == 0) std::cout << opts << "\n";
+    return 0;
+  }
+  po::notify(vm);
+  if (threads > 0) set_num_threads(threads);
+  if (repeats < 1) throw std::invalid_argument("--repeats must be >= 1");
+  if (centers_file.empty() != tokens_file.empty())
+    throw std::invalid_argument("--centers and --tokens go together");
+  std::vector<runtime::PlacementPolicy> policies;
+  {
+    size_t pos = 0;
+    while (pos <= policies_text.size()) {
+      const size_t comma = policies_text.find(',', pos);
+      policies.push_back(runtime::placement_policy_from_string(
+          policies_text.substr(pos, comma == std::string::npos ? comma : comma - pos)));
+      if (comma == std::string::npos) break;
+      pos = comma + 1;
+    }
+  }
+  comm::require_same_config(
+      comm,
+      [&] {
+        std::string s;
+        for (const auto& a : args) s += a + "\x1f";
+        return s;
+      }(),
+      "airmoe_bench traffic command line");
+
+  // The same global data on every rank; each routes its own block of tokens.
+  SyntheticData data;
+  std::string source;
+  if (!centers_file.empty()) {
+    data.centers = read_npy_matrix(centers_file);
+    data.tokens = read_npy_matrix(tokens_file);
+    source = "npy";
+  } else {
+    SyntheticConfig cfg = synthetic_preset(preset);
+    cfg.experts = experts;
+    cfg.dim = dim;
+    cfg.tokens = num_tokens;
+    cfg.seed = seed;
+    if (me == 0)
+      progress("generating %s data: E=%ld d=%ld T=%ld on %d ranks", preset.c_str(), (long)experts,
+               (long)dim, (long)num_tokens, P);
+    data = make_synthetic(cfg);
+    source = "synthetic:" + preset;
+  }
+  experts = data.centers.rows();
+  dim = data.centers.cols();
+  num_tokens = data.tokens.rows();
+  const int64_t t_begin = num_tokens * me / P, t_end = num_tokens * (me + 1) / P;
+  const MatrixView my_tokens(data.tokens.row(t_begin), t_end - t_begin, dim);
+
+  // The codebook: trained on rank 0, broadcast.
+  if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)codewords);
+  Matrix cw(codewords, dim);
+  {
+    comm::PhaseScope phase(comm, "setup");
+    if (me == 0) {
+      const Codebook cb = train_codebook(data.centers.view(), {codewords, kmeans_iters, 1234});
+      std::copy_n(cb.codewords().data, cw.size(), cw.data());
+    }
+    comm.broadcast(cw.data(), cw.size() * sizeof(float), 0);
+  }
+  const Codebook codebook(cw.view());
+  const std::vector<int32_t> assignment =
+      codebook.assign(normalize_rows(data.centers.view(), "centers").view());
+  const InvertedLists lists(assignment, codewords);
+  // Load estimate: rank 0's own tokens' probes (the coordinator's sample).
+  const ProbeSelection sample = select_probes(codebook, lists, my_tokens, k, probes);
+  const std::vector<double> load = runtime::list_load(lists, sample.codewords);
+
+  // Exact reference for recall, on each rank's own tokens.
+  if (me == 0) progress("exact routing for recall");
+  const Routes exact = DenseRouter(data.centers.view()).route(my_tokens, k);
+
+  std::vector<json> rows;
+  for (runtime::PlacementPolicy policy : policies) {
+    const char* name = runtime::to_string(policy);
+    if (me == 0) progress("placement %s: planning, routing, syncing", name);
+    const runtime::Plan plan = runtime::plan_and_broadcast(comm, policy, codebook, lists, load);
+    const auto ids = plan.placement.local_experts(me);
+    Matrix local(static_cast<int64_t>(ids.size()), dim);
+    for (size_t i = 0; i < ids.size(); ++i)
+      std::copy_n(data.centers.row(ids[i]), dim, local.row(static_cast<int64_t>(i)));
+    runtime::DistributedRouter router(comm, codebook, assignment, plan.placement, local.view());
+
+    Routes r;
+    runtime::RouteTimings best;
+    double best_total = 1e300;
+    for (int rep = 0; rep < repeats; ++rep) {
+      comm.barrier();
+      comm.meter().reset();
+      r = router.route(my_tokens, k, probes);
+      const runtime::RouteTimings& t = router.timings();
+      const double total =
+          max_all(comm, t.shortlist + t.requests + t.scoring + t.replies + t.merge);
+      if (total < best_total) {
+        best_total = total;
+        best = t;
+      }
+    }
+    const comm::TrafficMeter route_meter = comm.meter();
+    comm.meter().reset();
+    comm.barrier();
+    const double s0 = now_seconds();
+    router.sync_codebook(1.0, 1);
+    const double sync_seconds = max_all(comm, now_seconds() - s0);
+    const comm::TrafficMeter sync_meter = comm.meter();
+
+    // Figures over all ranks.
+    json bytes, messages;
+    for (const char* phase : kPhases) {
+      const auto& m =
+          std::string(phase).find("sync") != std::string::npos ? sync_meter : route_meter;
+      const comm::TrafficCounts c = m.sent(phase);
+      bytes[phase] = sum_all(comm, static_cast<double>(c.bytes));
+      messages[phase] = sum_all(comm, static_cast<double>(c.messages));
+    }
+    double ranks_reached = 0.0;
+    for (int64_t t = 0; t < r.tokens; ++t) {
+      std::set<int32_t> reach;
+      for (int64_t p = r.probe_offsets[t]; p < r.probe_offsets[t + 1]; ++p)
+        for (int32_t rank : plan.placement.list_ranks(r.probes[p])) reach.insert(rank);
+      ranks_reached += static_cast<double>(reach.size());
+    }
+    const double hits = sum_all(comm, recall_at_k(r, exact) * static_cast<double>(r.tokens));
+    const double mass = sum_all(comm, mass_recall(r, exact) * static_cast<double>(r.tokens));
+    const double reached = sum_all(comm, ranks_reached);
+    const double T = static_cast<double>(num_tokens);
+    const double broadcast_bytes = T * (P - 1) * (4.0 + 4.0 * static_cast<double>(dim));
+    json seconds = {{"shortlist", max_all(comm, best.shortlist)},
+                    {"requests", max_all(comm, best.requests)},
+                    {"scoring", max_all(comm, best.scoring)},
+                    {"replies", max_all(comm, best.replies)},
+                    {"merge", max_all(comm, best.merge)},
+                    {"route_total", best_total},
+                    {"kmeans_sync", sync_seconds}};
+    rows.push_back({{"placement", name},
+                    {"ranks", P},
+                    {"mean_ranks_per_token", T > 0 ? reached / T : 0.0},
+                    {"bytes", bytes},
+                    {"messages", messages},
+                    {"broadcast_bytes", broadcast_bytes},
+                    {"requests_vs_broadcast",
+                     broadcast_bytes > 0 ? bytes["requests"].get<double>() / broadcast_bytes : 0.0},
+                    {"recall_at_k", T > 0 ? hits / T : 1.0},
+                    {"mass_recall", T > 0 ? mass / T : 1.0},
+                    {"imbalance", plan.imbalance},
+                    {"experts_per_rank", plan.placement.experts_per_rank()},
+                    {"seconds", seconds}});
+    if (!routes_dir.empty()) save_global_routes(comm, r, routes_dir, name);
+  }
+
+  // Open MPI passes `--mca pml X` to its processes as OMPI_MCA_pml.
+  const char* pml_env = std::getenv("OMPI_MCA_pml");
+  const std::string pml = pml_env && *pml_env && pml_env[0] != '^' ? pml_env : "default (ob1)";
+  if (me == 0) {
+    std::printf(
+        "\nairmoe traffic benchmark  (%s, E=%ld d=%ld T=%ld k=%d C=%ld m=%d, %d ranks over %s, pml "
+        "%s)\n",
+        source.c_str(), (long)experts, (long)dim, (long)num_tokens, k, (long)codewords, probes, P,
+        comm.backend(), pml.c_str());
+    std::printf("%-12s %10s %12s %12s %12s %9s %8s %9s %10s %10s\n", "placement", "ranks/tok",
+                "requests MB", "replies MB", "bcast MB", "req/bcast", "recall", "imbalance",
+                "route s", "sync KB");
+    for (const json& row : rows)
+      std::printf(
+          "%-12s %10.2f %12.2f %12.2f %12.2f %9.3f %8.4f %9.3f %10.4f %10.1f\n",
+          row["placement"].get<std::string>().c_str(), row["mean_ranks_per_token"].get<double>(),
+          row["bytes"]["requests"].get<double>() / 1e6, row["bytes"]["replies"].get<double>() / 1e6,
+          row["broadcast_bytes"].get<double>() / 1e6, row["requests_vs_broadcast"].get<double>(),
+          row["recall_at_k"].get<double>(), row["imbalance"].get<double>(),
+          row["seconds"]["route_total"].get<double>(),
+          (row["bytes"]["kmeans_sync"].get<double>() + row["bytes"]["list_sync"].get<double>()) /
+              1e3);
+    if (!json_file.empty()) {
+      json j;
+      j["benchmark"] = "traffic";
+      j["config"] = {{"experts", experts},
+                     {"dim", dim},
+                     {"tokens", num_tokens},
+                     {"k", k},
+                     {"codewords", codewords},
+                     {"probes", probes},
+                     {"data", source},
+                     {"seed", seed},
+                     {"ranks", P},
+                     {"backend", comm.backend()},
+                     {"mpi_pml", pml},
+                     {"threads_per_rank", num_threads()}};
+      j["results"] = rows;
+      std::ofstream(json_file) << j.dump(2) << "\n";
+      progress("wrote %s", json_file.c_str());
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_traffic(const std::vector<std::string>& args) {
+  comm::MpiSession session;
+  auto world = comm::world_communicator();
+  try {
+    return traffic_main(*world, args);
+  } catch (const std::exception& e) {
+    // A failure on one rank would leave the others waiting in a collective:
+    // report it and end the whole job.
+    std::fprintf(stderr, "airmoe_bench traffic: rank %d: error: %s\n", world->rank(), e.what());
+    std::fflush(stderr);
+    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
+}
+
+}  // namespace airmoe::bench
