@@ -1,8 +1,20 @@
 #include "comm/communicator.h"
 
+#include <cstdint>
 #include <stdexcept>
 
 namespace airmoe::comm {
+
+void Communicator::record_broadcast(int root, size_t bytes) {
+  if (rank() != root) return;
+  for (int p = 0; p < size(); ++p)
+    if (p != root) meter_.record(phase_, p, static_cast<int64_t>(bytes));
+}
+
+void Communicator::record_allgather(size_t bytes) {
+  for (int p = 0; p < size(); ++p)
+    if (p != rank()) meter_.record(phase_, p, static_cast<int64_t>(bytes));
+}
 
 void Communicator::record_allreduce(size_t bytes) {
   const int p = size();
@@ -11,7 +23,24 @@ void Communicator::record_allreduce(size_t bytes) {
   // sends one chunk of ceil(bytes / P) to the next rank.
   const int64_t chunk = static_cast<int64_t>((bytes + static_cast<size_t>(p) - 1) / p);
   const int next = (rank() + 1) % p;
-  for (int step = 0; step < 2 * (p - 1); ++step) record(next, chunk);
+  for (int step = 0; step < 2 * (p - 1); ++step) meter_.record(phase_, next, chunk);
+}
+
+void Communicator::record_alltoallv(const std::vector<std::vector<char>>& send) {
+  const std::string counts_phase = phase_ + ":counts";
+  for (int p = 0; p < size(); ++p) {
+    if (p == rank()) continue;
+    meter_.record(counts_phase, p, static_cast<int64_t>(sizeof(int64_t)));
+    const size_t n = send[static_cast<size_t>(p)].size();
+    if (n > 0) meter_.record(phase_, p, static_cast<int64_t>(n));
+  }
+}
+
+bool Communicator::overlaps(const void* a, size_t na, const void* b, size_t nb) {
+  if (na == 0 || nb == 0) return false;
+  const auto pa = reinterpret_cast<uintptr_t>(a);
+  const auto pb = reinterpret_cast<uintptr_t>(b);
+  return pa < pb + nb && pb < pa + na;
 }
 
 namespace {

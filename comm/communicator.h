@@ -57,11 +57,14 @@ class Communicator {
   //              rank + 1, the bandwidth-optimal algorithm's traffic.
   //   alltoallv: phase + ":counts", one 8-byte message to each other rank;
   //              phase, one message per non-empty send[p], p != rank.
-  void record(int peer, int64_t bytes) { meter_.record(phase_, peer, bytes); }
-  void record_to(const std::string& phase, int peer, int64_t bytes) {
-    meter_.record(phase, peer, bytes);
-  }
+  // The metering rules above live here, once; backends call these after a
+  // call succeeded.
+  void record_broadcast(int root, size_t bytes);
+  void record_allgather(size_t bytes);  // allgather and allgatherv alike
   void record_allreduce(size_t bytes);
+  void record_alltoallv(const std::vector<std::vector<char>>& send);
+  // True when [a, a + na) and [b, b + nb) share a byte (aliased buffers).
+  static bool overlaps(const void* a, size_t na, const void* b, size_t nb);
 
  private:
   TrafficMeter meter_;

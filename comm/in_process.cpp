@@ -75,18 +75,6 @@ bool InProcessWorld::aborted() const {
 
 // --------------------------------------------------------- communicator ---
 
-namespace {
-
-// True when [a, a + na) and [b, b + nb) share a byte.
-bool overlaps(const void* a, size_t na, const void* b, size_t nb) {
-  if (na == 0 || nb == 0) return false;
-  const auto pa = reinterpret_cast<uintptr_t>(a);
-  const auto pb = reinterpret_cast<uintptr_t>(b);
-  return pa < pb + nb && pb < pa + na;
-}
-
-}  // namespace
-
 InProcessCommunicator::InProcessCommunicator(std::shared_ptr<InProcessWorld> world, int rank)
     : Communicator(world ? world->size() : 1), world_(std::move(world)), rank_(rank) {
   if (!world_) throw std::invalid_argument("InProcessCommunicator: null world");
@@ -148,9 +136,7 @@ void InProcessCommunicator::broadcast(void* data, size_t bytes, int root) {
   }
   world_->sync(rank_);
   if (!err.empty()) fail(err);
-  if (rank_ == root)
-    for (int p = 0; p < size(); ++p)
-      if (p != rank_) record(p, static_cast<int64_t>(bytes));
+  record_broadcast(root, bytes);
 }
 
 void InProcessCommunicator::allgather(const void* send, size_t bytes, void* recv) {
@@ -171,8 +157,7 @@ void InProcessCommunicator::allgather(const void* send, size_t bytes, void* recv
                   bytes);
   world_->sync(rank_);
   if (!err.empty()) fail(err);
-  for (int p = 0; p < size(); ++p)
-    if (p != rank_) record(p, static_cast<int64_t>(bytes));
+  record_allgather(bytes);
 }
 
 std::vector<char> InProcessCommunicator::allgatherv(const void* send, size_t bytes,
@@ -199,8 +184,7 @@ std::vector<char> InProcessCommunicator::allgatherv(const void* send, size_t byt
   }
   world_->sync(rank_);
   if (!err.empty()) fail(err);
-  for (int p = 0; p < size(); ++p)
-    if (p != rank_) record(p, static_cast<int64_t>(bytes));
+  record_allgather(bytes);
   return out;
 }
 
@@ -254,13 +238,7 @@ std::vector<std::vector<char>> InProcessCommunicator::alltoallv(
     for (int p = 0; p < size(); ++p) recv[static_cast<size_t>(p)] = (*world_->slot(p).sends)[rank_];
   world_->sync(rank_);
   if (!err.empty()) fail(err);
-  const std::string counts_phase = phase() + ":counts";
-  for (int p = 0; p < size(); ++p) {
-    if (p == rank_) continue;
-    record_to(counts_phase, p, static_cast<int64_t>(sizeof(int64_t)));
-    const size_t n = send[static_cast<size_t>(p)].size();
-    if (n > 0) record(p, static_cast<int64_t>(n));
-  }
+  record_alltoallv(send);
   return recv;
 }
 

@@ -46,13 +46,6 @@ int checked_size(MPI_Comm comm) {
   return size;
 }
 
-bool overlaps(const void* a, size_t na, const void* b, size_t nb) {
-  if (na == 0 || nb == 0) return false;
-  const auto pa = reinterpret_cast<uintptr_t>(a);
-  const auto pb = reinterpret_cast<uintptr_t>(b);
-  return pa < pb + nb && pb < pa + na;
-}
-
 }  // namespace
 
 // ----------------------------------------------------------- MpiSession ---
@@ -132,9 +125,7 @@ void MpiCommunicator::broadcast(void* data, size_t bytes, int root) {
     p += n;
     left -= n;
   } while (left > 0);
-  if (rank_ == root)
-    for (int q = 0; q < size_; ++q)
-      if (q != rank_) record(q, static_cast<int64_t>(bytes));
+  record_broadcast(root, bytes);
 }
 
 void MpiCommunicator::allgather(const void* send, size_t bytes, void* recv) {
@@ -147,8 +138,7 @@ void MpiCommunicator::allgather(const void* send, size_t bytes, void* recv) {
   }
   const int n = static_cast<int>(bytes);
   check(MPI_Allgather(send, n, MPI_BYTE, recv, n, MPI_BYTE, comm_), "MPI_Allgather");
-  for (int q = 0; q < size_; ++q)
-    if (q != rank_) record(q, static_cast<int64_t>(bytes));
+  record_allgather(bytes);
 }
 
 std::vector<char> MpiCommunicator::allgatherv(const void* send, size_t bytes,
@@ -178,8 +168,7 @@ std::vector<char> MpiCommunicator::allgatherv(const void* send, size_t bytes,
                        MPI_BYTE, comm_),
         "MPI_Allgatherv");
   counts = std::move(all);
-  for (int q = 0; q < size_; ++q)
-    if (q != rank_) record(q, static_cast<int64_t>(bytes));
+  record_allgather(bytes);
   return out;
 }
 
@@ -278,13 +267,7 @@ std::vector<std::vector<char>> MpiCommunicator::alltoallv(
       }
   }
   check(rc, "MPI_Waitall (alltoallv)");
-
-  const std::string counts_phase = phase() + ":counts";
-  for (size_t q = 0; q < p; ++q) {
-    if (static_cast<int>(q) == rank_) continue;
-    record_to(counts_phase, static_cast<int>(q), static_cast<int64_t>(sizeof(int64_t)));
-    if (!send[q].empty()) record(static_cast<int>(q), static_cast<int64_t>(send[q].size()));
-  }
+  record_alltoallv(send);
   return recv;
 }
 

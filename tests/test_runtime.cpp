@@ -183,6 +183,7 @@ TEST(DistributedSync, EmptiedCodewordIsRepairedLikeSingleProcess) {
   const std::vector<int32_t> assignment = dup.assign(unit.view());
   ASSERT_EQ(std::count(assignment.begin(), assignment.end(), 1), 0);
   AirRouter air(g.data.centers.view(), dup);
+  const Routes before = air.route(g.data.tokens.view(), 4, 2);
   air.update_codebook(1.0, 1);
   const MatrixView want = air.codebook().codewords();
   const std::vector<float> want_cw(want.data, want.data + want.rows * want.cols);
@@ -196,6 +197,10 @@ TEST(DistributedSync, EmptiedCodewordIsRepairedLikeSingleProcess) {
                                       std::vector<double>(static_cast<size_t>(dup.size()), 1.0));
       const Matrix local = g.local_centers(plan.placement, comm.rank());
       runtime::DistributedRouter router(comm, dup, assignment, plan.placement, local.view());
+      // A probed list with no members (codeword 1) routes like one process.
+      const Routes r = router.route(g.tokens_of(comm.rank(), P), 4, 2);
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(before, b, e).experts);
       router.sync_codebook(1.0, 1);
       const MatrixView v = router.codebook().codewords();
       got[comm.rank()].assign(v.data, v.data + v.rows * v.cols);
