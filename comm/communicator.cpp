@@ -27,10 +27,10 @@ void Communicator::record_allreduce(size_t bytes) {
 }
 
 void Communicator::record_alltoallv(const std::vector<std::vector<char>>& send) {
-  const std::string counts_phase = phase_ + ":counts";
+  const std::string counts_phase = phase_ + kCountsSuffix;
   for (int p = 0; p < size(); ++p) {
     if (p == rank()) continue;
-    meter_.record(counts_phase, p, static_cast<int64_t>(sizeof(int64_t)));
+    meter_.record(counts_phase, p, kCountBytes);
     const size_t n = send[static_cast<size_t>(p)].size();
     if (n > 0) meter_.record(phase_, p, static_cast<int64_t>(n));
   }
@@ -76,6 +76,19 @@ void require_same_config(Communicator& comm, const std::string& config, const ch
   msg += differ.size() == 1 ? " differs" : " differ";
   msg += " from rank 0";
   throw std::runtime_error(msg);
+}
+
+void raise_together(Communicator& comm, const std::string& local_error, const char* what) {
+  PhaseScope phase(comm, "checks");
+  std::vector<int64_t> counts;
+  const std::vector<char> all = comm.allgatherv(local_error.data(), local_error.size(), counts);
+  int64_t at = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    if (counts[r] > 0)
+      throw std::invalid_argument(std::string(what) + ": rank " + std::to_string(r) + ": " +
+                                  std::string(all.data() + at, static_cast<size_t>(counts[r])));
+    at += counts[r];
+  }
 }
 
 }  // namespace airmoe::comm

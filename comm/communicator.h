@@ -91,6 +91,14 @@ class PhaseScope {
 // std::runtime_error naming `what` and the ranks that differ from rank 0.
 void require_same_config(Communicator& comm, const std::string& config, const char* what);
 
+// Every rank passes its own local error ("" for none); if any rank has one,
+// every rank throws std::invalid_argument("<what>: rank R: <message>") with
+// the lowest failing rank's message. Checks of local input go through this
+// before data moves, so one rank's bad input fails the whole job together
+// instead of leaving the others waiting in the next collective. Metered
+// under the phase "checks".
+void raise_together(Communicator& comm, const std::string& local_error, const char* what);
+
 // Typed helpers over the byte interface.
 template <typename T>
 void broadcast_vector(Communicator& comm, std::vector<T>& v, int root) {

@@ -21,6 +21,11 @@ struct TrafficCounts {
   bool operator==(const TrafficCounts&) const = default;
 };
 
+// An all-to-all-v first tells every other rank how many bytes follow: one
+// message of kCountBytes per peer, metered under phase + kCountsSuffix.
+inline constexpr int64_t kCountBytes = sizeof(int64_t);
+inline constexpr const char* kCountsSuffix = ":counts";
+
 class TrafficMeter {
  public:
   explicit TrafficMeter(int peers = 1);

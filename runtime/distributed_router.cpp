@@ -9,42 +9,10 @@
 #include "router/checks.h"
 #include "router/dense_router.h"
 #include "router/topk.h"
+#include "runtime/wire.h"
 
 namespace airmoe::runtime {
 namespace {
-
-// Fixed-layout records inside the all-to-all byte buffers.
-template <typename T>
-void put(std::vector<char>& buf, const T* data, size_t n) {
-  const size_t at = buf.size();
-  buf.resize(at + n * sizeof(T));
-  std::memcpy(buf.data() + at, data, n * sizeof(T));
-}
-
-template <typename T>
-T take(const std::vector<char>& buf, size_t& at) {
-  T v;
-  std::memcpy(&v, buf.data() + at, sizeof(T));
-  at += sizeof(T);
-  return v;
-}
-
-// Every rank learns whether any rank failed its local checks, and all throw
-// the lowest failing rank's message together instead of leaving the others
-// waiting in the next collective.
-void agree(comm::Communicator& comm, const std::string& local_error, const char* what) {
-  comm::PhaseScope phase(comm, "checks");
-  std::vector<char> mine(local_error.begin(), local_error.end());
-  std::vector<int64_t> counts;
-  const std::vector<char> all = comm.allgatherv(mine.data(), mine.size(), counts);
-  int64_t at = 0;
-  for (int r = 0; r < comm.size(); ++r) {
-    if (counts[r] > 0)
-      throw std::invalid_argument(std::string(what) + ": rank " + std::to_string(r) + ": " +
-                                  std::string(all.data() + at, static_cast<size_t>(counts[r])));
-    at += counts[r];
-  }
-}
 
 double bench_clock() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -81,7 +49,7 @@ DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook
   } catch (const std::exception& e) {
     error = e.what();
   }
-  agree(comm_, error, "distributed router set-up");
+  comm::raise_together(comm_, error, "distributed router set-up");
   // Same codebook, lists and placement everywhere, or nobody routes.
   const auto cw = codebook_.codewords();
   const std::string config =
@@ -116,7 +84,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
   } catch (const std::exception& e) {
     error = e.what();
   }
-  agree(comm_, error, "route");
+  comm::raise_together(comm_, error, "route");
   {
     comm::PhaseScope phase(comm_, "checks");
     comm::require_same_config(comm_, "k=" + std::to_string(k) + " m=" + std::to_string(probes),
@@ -134,34 +102,14 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
   double t1 = bench_clock();
   timings_.shortlist = t1 - t0;
 
-  // 2. Scoring requests, only to the ranks hosting a segment of a probed
-  //    list. Record: token, n, n codewords, d floats.
-  std::vector<std::vector<char>> send(static_cast<size_t>(P));
-  std::vector<int64_t> target_offsets(static_cast<size_t>(T + 1), 0);
-  std::vector<int32_t> targets;
-  {
-    std::vector<std::vector<int32_t>> per_rank(static_cast<size_t>(P));
-    for (int64_t t = 0; t < T; ++t) {
-      for (auto& v : per_rank) v.clear();
-      for (int64_t p = r.probe_offsets[t]; p < r.probe_offsets[t + 1]; ++p)
-        for (int32_t rank : placement_.list_ranks(r.probes[p]))
-          per_rank[rank].push_back(r.probes[p]);
-      for (int rank = 0; rank < P; ++rank) {
-        if (per_rank[rank].empty()) continue;
-        targets.push_back(rank);
-        const int32_t header[2] = {static_cast<int32_t>(t),
-                                   static_cast<int32_t>(per_rank[rank].size())};
-        put(send[rank], header, 2);
-        put(send[rank], per_rank[rank].data(), per_rank[rank].size());
-        put(send[rank], tokens.row(t), static_cast<size_t>(d));
-      }
-      target_offsets[t + 1] = static_cast<int64_t>(targets.size());
-    }
-  }
+  // 2. Scoring requests, only to the ranks hosting a segment of a probed list.
+  wire::Outbox out = wire::scoring_requests(placement_, r.probe_offsets, r.probes, tokens, P);
+  const std::vector<int64_t>& target_offsets = out.target_offsets;
+  const std::vector<int32_t>& targets = out.targets;
   std::vector<std::vector<char>> recv;
   {
     comm::PhaseScope phase(comm_, "requests");
-    recv = comm_.alltoallv(send);
+    recv = comm_.alltoallv(out.send);
   }
   double t2 = bench_clock();
   timings_.requests = t2 - t1;
@@ -175,10 +123,10 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
     const std::vector<char>& buf = recv[src];
     size_t at = 0;
     while (at < buf.size()) {
-      const int32_t token = take<int32_t>(buf, at), n = take<int32_t>(buf, at);
+      const int32_t token = wire::take<int32_t>(buf, at), n = wire::take<int32_t>(buf, at);
       const int32_t request = static_cast<int32_t>(received_.home_rank.size());
       for (int32_t i = 0; i < n; ++i) {
-        pairs.list.push_back(take<int32_t>(buf, at));
+        pairs.list.push_back(wire::take<int32_t>(buf, at));
         pairs.query.push_back(request);
       }
       request_pairs.push_back(static_cast<int64_t>(pairs.list.size()));
@@ -208,8 +156,8 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
   std::vector<std::vector<char>> reply(static_cast<size_t>(P));
   for (int64_t q = 0; q < R; ++q) {
     auto& buf = reply[received_.home_rank[q]];
-    put(buf, best_id.data() + q * k, static_cast<size_t>(k));
-    put(buf, best_z.data() + q * k, static_cast<size_t>(k));
+    wire::put(buf, best_id.data() + q * k, static_cast<size_t>(k));
+    wire::put(buf, best_z.data() + q * k, static_cast<size_t>(k));
   }
   double t3 = bench_clock();
   timings_.scoring = t3 - t2;
@@ -254,7 +202,7 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   } catch (const std::exception& e) {
     error = e.what();
   }
-  agree(comm_, error, "set_local_centers");
+  comm::raise_together(comm_, error, "set_local_centers");
   local_unit_ = std::move(unit);
   local_centers_ = Matrix(local_centers.rows, codebook_.dim());
   std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
@@ -285,7 +233,7 @@ void DistributedRouter::sync_codebook(double step, int updates) {
   if (!(step > 0.0 && step <= 1.0))
     error = "codebook update step = " + std::to_string(step) + " is outside (0, 1]";
   if (updates < 0) error = "updates = " + std::to_string(updates) + " must be >= 0";
-  agree(comm_, error, "sync_codebook");
+  comm::raise_together(comm_, error, "sync_codebook");
   const int64_t C = codebook_.size(), d = codebook_.dim();
   for (int u = 0; u < updates; ++u) {
     const KMeansStats local = codebook_.compute_stats(local_unit_.view(), local_ids_.data());

@@ -1,0 +1,392 @@
+// Expert shard: validation, seeded initialization, and the expert-centric
+// forward and backward passes.
+//
+// Every GEMM goes through score_nt, whose entry (i, j) depends only on row i
+// of A and row j of B. So a pair's pre-activation, output, gate gradient and
+// input gradient do not depend on which other pairs were grouped with it, on
+// the thread count or on how experts are sharded over ranks. Per-token sums
+// (out, dx) are plain float additions in pair order, so calling forward on
+// pairs A then on pairs B gives the same bits as one call on A followed by B.
+// Parameter gradients contract over an expert's pairs in pair order.
+#include "runtime/experts.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "router/checks.h"
+#include "router/scoring.h"
+
+namespace airmoe::runtime {
+namespace {
+
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+double act_value(Activation a, double x) {
+  switch (a) {
+    case Activation::kGelu:
+      return 0.5 * x * (1.0 + std::erf(x * kInvSqrt2));
+    case Activation::kRelu:
+      return x > 0.0 ? x : 0.0;
+    case Activation::kSilu:
+      return x / (1.0 + std::exp(-x));
+  }
+  return 0.0;
+}
+
+double act_grad(Activation a, double x) {
+  switch (a) {
+    case Activation::kGelu:
+      return 0.5 * (1.0 + std::erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * std::exp(-0.5 * x * x);
+    case Activation::kRelu:
+      return x > 0.0 ? 1.0 : 0.0;
+    case Activation::kSilu: {
+      const double s = 1.0 / (1.0 + std::exp(-x));
+      return s * (1.0 + x * (1.0 - s));
+    }
+  }
+  return 0.0;
+}
+
+// SplitMix64 finalizer and stream; one stream per (seed, expert, matrix).
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+struct Stream {
+  uint64_t state;
+  uint64_t next() { return mix64(state += 0x9E3779B97F4A7C15ull); }
+  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
+  double normal() {  // Box-Muller, one value per call
+    const double u = uniform(), v = uniform();
+    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
+  }
+};
+
+Stream expert_stream(uint64_t seed, int32_t id, uint64_t which) {
+  const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(id)) << 2) | which;
+  return Stream{mix64(mix64(seed + 0x632BE59BD9B4E019ull) ^ mix64(key + 0x9E3779B97F4A7C15ull))};
+}
+
+std::string shape_str(int64_t r, int64_t c) {
+  // Appended piecewise: "[" + std::to_string(...) trips GCC 12's -Wrestrict.
+  std::string s = "[";
+  s += std::to_string(r);
+  s += ", ";
+  s += std::to_string(c);
+  s += "]";
+  return s;
+}
+
+void require_shape(int64_t rows, int64_t cols, int64_t want_rows, int64_t want_cols,
+                   const char* what) {
+  if (rows != want_rows || cols != want_cols)
+    fail(std::string(what) + " has shape " + shape_str(rows, cols) + ", expected " +
+         shape_str(want_rows, want_cols));
+}
+
+// Validates the pairs against x and the shard; returns each pair's local
+// expert index.
+std::vector<int32_t> check_pairs(const ExpertShard& shard, MatrixView x, const ExpertPairs& pairs,
+                                 const char* fn) {
+  const std::string where = std::string("ExpertShard::") + fn + ": ";
+  if (pairs.expert.size() != pairs.token.size() || pairs.gate.size() != pairs.token.size())
+    fail(where + "pairs have " + std::to_string(pairs.token.size()) + " tokens, " +
+         std::to_string(pairs.expert.size()) + " experts and " + std::to_string(pairs.gate.size()) +
+         " gates; the sizes must be equal");
+  if (x.cols != shard.config().dim)
+    fail(where + "x has " + std::to_string(x.cols) + " columns, expected " +
+         std::to_string(shard.config().dim));
+  std::vector<int32_t> local(pairs.size());
+  for (size_t p = 0; p < pairs.size(); ++p) {
+    const int32_t t = pairs.token[p];
+    if (t < 0 || t >= x.rows)
+      fail(where + "pair " + std::to_string(p) + " token row " + std::to_string(t) +
+           " is out of range [0, " + std::to_string(x.rows) + ")");
+    const int64_t e = shard.index_of(pairs.expert[p]);
+    if (e < 0)
+      fail(where + "expert " + std::to_string(pairs.expert[p]) +
+           " is not hosted by this shard (pair " + std::to_string(p) + ")");
+    const float g = pairs.gate[p];
+    if (!std::isfinite(g))
+      fail(where + "pair " + std::to_string(p) + " gate is " +
+           (std::isnan(g) ? "nan" : (g > 0 ? "+inf" : "-inf")));
+    local[p] = static_cast<int32_t>(e);
+  }
+  return local;
+}
+
+// Stable counting sort of items 0..n-1 by key in [0, buckets): CSR offsets
+// [buckets + 1] and the items, each bucket in item order.
+struct Csr {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> items;
+};
+
+template <typename Key>
+Csr bucket(int64_t buckets, size_t n, Key key) {
+  Csr c;
+  c.offsets.assign(static_cast<size_t>(buckets) + 1, 0);
+  for (size_t i = 0; i < n; ++i) ++c.offsets[key(i) + 1];
+  for (int64_t b = 0; b < buckets; ++b) c.offsets[b + 1] += c.offsets[b];
+  std::vector<int64_t> fill(c.offsets.begin(), c.offsets.end() - 1);
+  c.items.resize(n);
+  for (size_t i = 0; i < n; ++i) c.items[fill[key(i)]++] = static_cast<int64_t>(i);
+  return c;
+}
+
+// Buckets that hold at least one item.
+std::vector<int64_t> nonempty(const Csr& c) {
+  std::vector<int64_t> out;
+  for (size_t b = 0; b + 1 < c.offsets.size(); ++b)
+    if (c.offsets[b + 1] > c.offsets[b]) out.push_back(static_cast<int64_t>(b));
+  return out;
+}
+
+// Parallel over experts only when there are enough of them to keep every
+// thread busy; otherwise run them one after another and let score_nt
+// parallelize each GEMM. Both give the same bits.
+bool parallel_over_experts(size_t active) {
+  const int threads = omp_get_max_threads();
+  return threads > 1 && !omp_in_parallel() && active >= 4 * static_cast<size_t>(threads);
+}
+
+// dst[i] += src rows in CSR order: row t of dst gets, in order, the rows
+// `by_token.items[offsets[t] .. offsets[t+1])` of src scaled by scale(p).
+template <typename Scale>
+void accumulate_rows(const Csr& by_token, const Matrix& src, Matrix& dst, Scale scale) {
+  const int64_t rows = dst.rows(), d = dst.cols();
+  const bool parallel = !omp_in_parallel() &&
+                        static_cast<double>(by_token.items.size()) * static_cast<double>(d) > 1e5;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t t = 0; t < rows; ++t) {
+    float* o = dst.row(t);
+    for (int64_t i = by_token.offsets[t]; i < by_token.offsets[t + 1]; ++i) {
+      const int64_t p = by_token.items[i];
+      const float g = scale(p);
+      const float* y = src.row(p);
+      for (int64_t c = 0; c < d; ++c) o[c] += g * y[c];
+    }
+  }
+}
+
+// out [cols, rows] = in [rows, cols] transposed.
+void transpose(const float* in, int64_t rows, int64_t cols, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+}
+
+}  // namespace
+
+const char* to_string(Activation a) {
+  switch (a) {
+    case Activation::kGelu:
+      return "gelu";
+    case Activation::kRelu:
+      return "relu";
+    case Activation::kSilu:
+      return "silu";
+  }
+  return "unknown";
+}
+
+Activation activation_from_string(const std::string& name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  fail("activation '" + name + "' is unknown (expected 'gelu', 'relu' or 'silu')");
+}
+
+ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids)
+    : config_(config), ids_(std::move(ids)) {
+  if (config_.dim < 1) fail("ExpertShard: dim = " + std::to_string(config_.dim) + " must be >= 1");
+  if (config_.hidden < 1)
+    fail("ExpertShard: hidden = " + std::to_string(config_.hidden) + " must be >= 1");
+  for (size_t i = 0; i < ids_.size(); ++i) {
+    if (ids_[i] < 0)
+      fail("ExpertShard: expert id " + std::to_string(ids_[i]) + " (ids[" + std::to_string(i) +
+           "]) is negative");
+    if (i > 0 && ids_[i] <= ids_[i - 1])
+      fail("ExpertShard: expert ids must be ascending and distinct, but ids[" + std::to_string(i) +
+           "] = " + std::to_string(ids_[i]) + " follows " + std::to_string(ids_[i - 1]));
+  }
+  const int64_t per = config_.dim * config_.hidden;
+  if (per > INT64_MAX / std::max<int64_t>(1, size()))
+    fail("ExpertShard: " + std::to_string(size()) + " experts of " + std::to_string(per) +
+         " parameters overflow");
+  w1_.assign(static_cast<size_t>(size() * per), 0.0f);
+  w2_.assign(static_cast<size_t>(size() * per), 0.0f);
+}
+
+ExpertShard ExpertShard::random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed) {
+  ExpertShard s(config, std::move(ids));
+  const int64_t d = config.dim, h = config.hidden;
+  const double s1 = 1.0 / std::sqrt(static_cast<double>(d));
+  const double s2 = 1.0 / std::sqrt(static_cast<double>(h));
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < s.size(); ++e) {
+    Stream a = expert_stream(seed, s.ids_[e], 1);
+    float* w1 = s.w1(e);
+    for (int64_t i = 0; i < h * d; ++i) w1[i] = static_cast<float>(s1 * a.normal());
+    Stream b = expert_stream(seed, s.ids_[e], 2);
+    float* w2 = s.w2(e);
+    for (int64_t i = 0; i < d * h; ++i) w2[i] = static_cast<float>(s2 * b.normal());
+  }
+  return s;
+}
+
+int64_t ExpertShard::index_of(int32_t expert) const {
+  const auto it = std::lower_bound(ids_.begin(), ids_.end(), expert);
+  if (it == ids_.end() || *it != expert) return -1;
+  return static_cast<int64_t>(it - ids_.begin());
+}
+
+ExpertGrads ExpertShard::zero_grads() const {
+  ExpertGrads g;
+  g.w1.assign(w1_.size(), 0.0f);
+  g.w2.assign(w2_.size(), 0.0f);
+  return g;
+}
+
+ExpertCache ExpertShard::forward(MatrixView x, const ExpertPairs& pairs, Matrix& out) const {
+  const std::vector<int32_t> local = check_pairs(*this, x, pairs, "forward");
+  require_shape(out.rows(), out.cols(), x.rows, config_.dim, "ExpertShard::forward: out");
+  const int64_t d = config_.dim, h = config_.hidden;
+  const size_t n = pairs.size();
+  ExpertCache cache{Matrix(static_cast<int64_t>(n), h), Matrix(static_cast<int64_t>(n), d)};
+  if (n == 0) return cache;
+
+  const Csr by_expert = bucket(size(), n, [&](size_t p) { return local[p]; });
+  const std::vector<int64_t> active = nonempty(by_expert);
+  const int64_t na = static_cast<int64_t>(active.size());
+  const Activation act = config_.activation;
+#pragma omp parallel if (parallel_over_experts(active.size()))
+  {
+    std::vector<float> xb, pb, yb;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < na; ++i) {
+      const int64_t e = active[i];
+      const int64_t* ps = by_expert.items.data() + by_expert.offsets[e];
+      const int64_t m = by_expert.offsets[e + 1] - by_expert.offsets[e];
+      xb.resize(static_cast<size_t>(m * d));
+      pb.resize(static_cast<size_t>(m * h));
+      yb.resize(static_cast<size_t>(m * d));
+      for (int64_t r = 0; r < m; ++r) std::copy_n(x.row(pairs.token[ps[r]]), d, &xb[r * d]);
+      score_nt(xb.data(), d, w1(e), d, m, h, d, pb.data(), h);  // pre = X W1^T
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy_n(&pb[r * h], h, cache.pre.row(ps[r]));
+        for (int64_t j = 0; j < h; ++j)
+          pb[r * h + j] = static_cast<float>(act_value(act, pb[r * h + j]));
+      }
+      score_nt(pb.data(), h, w2(e), h, m, d, h, yb.data(), d);  // y = act(pre) W2^T
+      for (int64_t r = 0; r < m; ++r) std::copy_n(&yb[r * d], d, cache.output.row(ps[r]));
+    }
+  }
+
+  const Csr by_token = bucket(x.rows, n, [&](size_t p) { return pairs.token[p]; });
+  accumulate_rows(by_token, cache.output, out, [&](int64_t p) { return pairs.gate[p]; });
+  return cache;
+}
+
+void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
+                           MatrixView dy, std::vector<float>& d_gate, Matrix& dx,
+                           ExpertGrads& grads) const {
+  const std::vector<int32_t> local = check_pairs(*this, x, pairs, "backward");
+  const int64_t d = config_.dim, h = config_.hidden;
+  const size_t n = pairs.size();
+  const int64_t ni = static_cast<int64_t>(n);
+  require_shape(dy.rows, dy.cols, x.rows, d, "ExpertShard::backward: dy");
+  require_shape(dx.rows(), dx.cols(), x.rows, d, "ExpertShard::backward: dx");
+  require_shape(cache.pre.rows(), cache.pre.cols(), ni, h,
+                "ExpertShard::backward: cache.pre (not from forward on these pairs?)");
+  require_shape(cache.output.rows(), cache.output.cols(), ni, d,
+                "ExpertShard::backward: cache.output (not from forward on these pairs?)");
+  require_finite(dy, "ExpertShard::backward: dy");
+  if (grads.w1.empty() && grads.w2.empty()) grads = zero_grads();
+  if (grads.w1.size() != w1_.size() || grads.w2.size() != w2_.size())
+    fail("ExpertShard::backward: grads have " + std::to_string(grads.w1.size()) + " and " +
+         std::to_string(grads.w2.size()) + " entries, expected " + std::to_string(w1_.size()) +
+         " and " + std::to_string(w2_.size()) + " (use zero_grads())");
+  d_gate.assign(n, 0.0f);
+  if (n == 0) return;
+
+  const Csr by_expert = bucket(size(), n, [&](size_t p) { return local[p]; });
+  const std::vector<int64_t> active = nonempty(by_expert);
+  const int64_t na = static_cast<int64_t>(active.size());
+  const Activation act = config_.activation;
+  Matrix dx_pair(ni, d);  // each pair's contribution to dx[token]
+#pragma omp parallel if (parallel_over_experts(active.size()))
+  {
+    // u = gate * dy[token] (dL/dy of the pair), a = act(pre),
+    // dpre = (u W2) * act'(pre); "t" marks transposed [cols, pairs] copies.
+    std::vector<float> ub, ut, xt, at, dpre, dpret, w1t, w2t, tmp;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < na; ++i) {
+      const int64_t e = active[i];
+      const int64_t* ps = by_expert.items.data() + by_expert.offsets[e];
+      const int64_t m = by_expert.offsets[e + 1] - by_expert.offsets[e];
+      ub.resize(static_cast<size_t>(m * d));
+      ut.resize(static_cast<size_t>(m * d));
+      xt.resize(static_cast<size_t>(m * d));
+      at.resize(static_cast<size_t>(m * h));
+      dpre.resize(static_cast<size_t>(m * h));
+      dpret.resize(static_cast<size_t>(m * h));
+      w1t.resize(static_cast<size_t>(d * h));
+      w2t.resize(static_cast<size_t>(h * d));
+      tmp.resize(static_cast<size_t>(d * h));
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t p = ps[r];
+        const float* dyt = dy.row(pairs.token[p]);
+        const float* xr = x.row(pairs.token[p]);
+        const float* y = cache.output.row(p);
+        const float g = pairs.gate[p];
+        double dg = 0.0;
+        for (int64_t c = 0; c < d; ++c) {
+          dg += static_cast<double>(dyt[c]) * static_cast<double>(y[c]);
+          const float u = g * dyt[c];
+          ub[r * d + c] = u;
+          ut[c * m + r] = u;
+          xt[c * m + r] = xr[c];
+        }
+        d_gate[p] = static_cast<float>(dg);
+        const float* pre = cache.pre.row(p);
+        for (int64_t j = 0; j < h; ++j) {
+          const float a = static_cast<float>(act_value(act, pre[j]));
+          at[j * m + r] = a;
+        }
+      }
+      transpose(w2(e), d, h, w2t.data());                              // [h, d]
+      score_nt(ub.data(), d, w2t.data(), d, m, h, d, dpre.data(), h);  // da = u W2
+      for (int64_t r = 0; r < m; ++r) {
+        const float* pre = cache.pre.row(ps[r]);
+        for (int64_t j = 0; j < h; ++j) {
+          const float v = dpre[r * h + j] * static_cast<float>(act_grad(act, pre[j]));
+          dpre[r * h + j] = v;
+          dpret[j * m + r] = v;
+        }
+      }
+      // dx contributions: dpre W1, one row per pair.
+      transpose(w1(e), h, d, w1t.data());                              // [d, h]
+      score_nt(dpre.data(), h, w1t.data(), h, m, d, h, ub.data(), d);  // reuses ub
+      for (int64_t r = 0; r < m; ++r) std::copy_n(&ub[r * d], d, dx_pair.row(ps[r]));
+      // dW1 [h, d] = dpre^T X ; dW2 [d, h] = U^T A, contracted over pairs.
+      score_nt(dpret.data(), m, xt.data(), m, h, d, m, tmp.data(), d);
+      float* g1 = grads.w1.data() + e * h * d;
+      for (int64_t q = 0; q < h * d; ++q) g1[q] += tmp[q];
+      score_nt(ut.data(), m, at.data(), m, d, h, m, tmp.data(), h);
+      float* g2 = grads.w2.data() + e * d * h;
+      for (int64_t q = 0; q < d * h; ++q) g2[q] += tmp[q];
+    }
+  }
+
+  const Csr by_token = bucket(x.rows, n, [&](size_t p) { return pairs.token[p]; });
+  accumulate_rows(by_token, dx_pair, dx, [](int64_t) { return 1.0f; });
+}
+
+}  // namespace airmoe::runtime

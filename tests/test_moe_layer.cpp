@@ -1,0 +1,295 @@
+// The distributed MoE layer (three strategies) against a single-process
+// reference, with ranks as threads.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+
+#include "comm/in_process.h"
+#include "moe_fixture.h"
+#include "runtime/simulator.h"
+#include "test_util.h"
+
+namespace airmoe {
+namespace {
+
+using runtime::MoEConfig;
+using runtime::MoELayer;
+using runtime::PlacementPolicy;
+using runtime::Strategy;
+using test::GlobalData;
+
+const GlobalData& data() {
+  static const GlobalData g = GlobalData::make(/*E=*/601, /*d=*/16, /*T=*/97, /*C=*/23, 5);
+  return g;
+}
+
+MoEConfig config() {
+  MoEConfig cfg;
+  cfg.k = 4;
+  cfg.probes = 3;
+  cfg.expert = {16, 3, runtime::Activation::kGelu};
+  return cfg;
+}
+
+Matrix upstream(const GlobalData& g) {
+  return random_matrix(g.data.tokens.rows(), g.data.tokens.cols(), 1.0, 77);
+}
+
+MoELayer make_layer(comm::Communicator& comm, const GlobalData& g, Strategy s,
+                    PlacementPolicy policy, const MoEConfig& cfg) {
+  const runtime::Plan plan =
+      runtime::plan_and_broadcast(comm, policy, g.codebook, g.lists(), g.load);
+  return MoELayer(comm, s, cfg, g.codebook, g.assignment, plan.placement, g.data.centers.view(),
+                  /*expert_seed=*/123);
+}
+
+class LayerEqualsReference
+    : public ::testing::TestWithParam<std::tuple<int, Strategy, PlacementPolicy>> {};
+
+TEST_P(LayerEqualsReference, ForwardAndEveryGradient) {
+  const auto [P, strategy, policy] = GetParam();
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const Matrix dy = upstream(g);
+  const test::ReferenceResult ref = test::reference_layer(g, strategy, cfg, 123, dy.view());
+  const int64_t d = g.data.tokens.cols(), h = cfg.expert.hidden;
+  std::mutex mu;
+  std::map<int32_t, std::vector<float>> center_grads;  // union over ranks
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, strategy, policy, cfg);
+    const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+    runtime::DispatchPlan plan;
+    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    const MatrixView my_dy(dy.row(b), e - b, d);
+    const runtime::MoEGradients grads = layer.backward(plan, my_dy);
+    const size_t n = static_cast<size_t>((e - b) * d);
+    EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), n), 1e-5)
+        << "output, rank " << comm.rank();
+    EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), n), 1e-5)
+        << "d_tokens, rank " << comm.rank();
+    // Expert parameter gradients: each hosted expert's rows of the reference.
+    for (int64_t i = 0; i < layer.experts().size(); ++i) {
+      const int32_t id = layer.experts().ids()[i];
+      const size_t w = static_cast<size_t>(h * d);
+      EXPECT_LE(test::rel_error(grads.experts.w1.data() + i * w, ref.experts.w1.data() + id * w, w),
+                1e-5)
+          << "dW1 of expert " << id;
+      EXPECT_LE(test::rel_error(grads.experts.w2.data() + i * w, ref.experts.w2.data() + id * w, w),
+                1e-5)
+          << "dW2 of expert " << id;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (size_t r = 0; r < grads.d_centers.rows.size(); ++r) {
+      const int32_t id = grads.d_centers.rows[r];
+      EXPECT_EQ(center_grads.count(id), 0u) << "center " << id << " has gradients on two ranks";
+      const float* v = grads.d_centers.values.row(static_cast<int64_t>(r));
+      center_grads[id].assign(v, v + d);
+    }
+  });
+  // Center gradients: exactly the reference's rows, each within tolerance.
+  ASSERT_EQ(center_grads.size(), ref.d_centers.rows.size());
+  for (size_t r = 0; r < ref.d_centers.rows.size(); ++r) {
+    const int32_t id = ref.d_centers.rows[r];
+    ASSERT_EQ(center_grads.count(id), 1u) << "center " << id;
+    EXPECT_LE(
+        test::rel_error(center_grads[id].data(), ref.d_centers.values.row(static_cast<int64_t>(r)),
+                        static_cast<size_t>(d)),
+        1e-5)
+        << "center " << id;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksStrategiesPolicies, LayerEqualsReference,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                                            ::testing::Values(Strategy::kAir,
+                                                              Strategy::kDenseReplicated,
+                                                              Strategy::kDenseBroadcast),
+                                            ::testing::Values(PlacementPolicy::kRoundRobin,
+                                                              PlacementPolicy::kLocality)));
+
+TEST(MoELayer, AirWithAllProbesEqualsDenseReplicated) {
+  const GlobalData& g = data();
+  MoEConfig cfg = config();
+  cfg.probes = static_cast<int>(g.codebook.size());
+  const int P = 3;
+  std::vector<Matrix> air(P), dense(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    runtime::DispatchPlan plan;
+    MoELayer a = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, cfg);
+    air[comm.rank()] = a.forward(g.tokens_of(comm.rank(), P), plan);
+    MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
+    dense[comm.rank()] = b.forward(g.tokens_of(comm.rank(), P), plan);
+  });
+  for (int r = 0; r < P; ++r) EXPECT_EQ(air[r].storage(), dense[r].storage()) << "rank " << r;
+}
+
+TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
+  // Fused dispatch: decisions are (token, n, n x (expert, gate)), no vectors;
+  // dense-replicated ships the d floats as well.
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const int P = 4;
+  std::vector<int64_t> air_bytes(P), dense_bytes(P), dense_msgs(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    runtime::DispatchPlan plan;
+    MoELayer a = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kLocality, cfg);
+    comm.meter().reset();
+    a.forward(g.tokens_of(comm.rank(), P), plan);
+    air_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
+    int64_t pairs_remote = 0, records_remote = 0;
+    for (int64_t t = 0; t < plan.routes.tokens; ++t)
+      for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
+        if (plan.targets[i] != comm.rank()) {
+          ++records_remote;
+          pairs_remote += plan.slot_offsets[i + 1] - plan.slot_offsets[i];
+        }
+    EXPECT_EQ(air_bytes[comm.rank()], 8 * records_remote + 8 * pairs_remote);
+    MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kLocality, cfg);
+    comm.meter().reset();
+    b.forward(g.tokens_of(comm.rank(), P), plan);
+    dense_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
+  });
+  for (int r = 0; r < P; ++r) EXPECT_LT(air_bytes[r], dense_bytes[r]);
+}
+
+TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const int P = 3;
+  std::vector<Matrix> before(P), after(P);
+  std::vector<std::map<int32_t, std::vector<float>>> params_before(P), params_after(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kRoundRobin, cfg);
+    auto snapshot = [&](std::map<int32_t, std::vector<float>>& out) {
+      const int64_t w = cfg.expert.hidden * cfg.expert.dim;
+      for (int64_t i = 0; i < layer.experts().size(); ++i) {
+        std::vector<float> v(layer.experts().w1(i), layer.experts().w1(i) + w);
+        v.insert(v.end(), layer.experts().w2(i), layer.experts().w2(i) + w);
+        v.insert(v.end(), layer.local_centers().row(i),
+                 layer.local_centers().row(i) + cfg.expert.dim);
+        out[layer.experts().ids()[i]] = v;
+      }
+    };
+    runtime::DispatchPlan plan;
+    before[comm.rank()] = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    snapshot(params_before[comm.rank()]);
+    comm.meter().reset();
+    layer.replan(PlacementPolicy::kLocality, g.load);
+    if (P > 1) {
+      EXPECT_GT(comm.meter().sent("migration").bytes, 0);
+    }
+    // The plan from before the re-plan is refused, on every rank.
+    AIRMOE_EXPECT_THROW_MSG(layer.backward(plan, g.tokens_of(comm.rank(), P)),
+                            std::invalid_argument, "another placement");
+    snapshot(params_after[comm.rank()]);
+    runtime::DispatchPlan plan2;
+    after[comm.rank()] = layer.forward(g.tokens_of(comm.rank(), P), plan2);
+  });
+  std::map<int32_t, std::vector<float>> all_before, all_after;
+  for (int r = 0; r < P; ++r) {
+    all_before.insert(params_before[r].begin(), params_before[r].end());
+    all_after.insert(params_after[r].begin(), params_after[r].end());
+  }
+  EXPECT_EQ(all_before.size(), static_cast<size_t>(g.data.centers.rows()));
+  EXPECT_EQ(all_before, all_after) << "every parameter arrives intact";
+  for (int r = 0; r < P; ++r)
+    EXPECT_LE(test::rel_error(after[r].data(), before[r].data(), after[r].size()), 1e-6)
+        << "rank " << r;
+}
+
+TEST(MoELayer, AllTokensOnOneRanksExpertsAndIdleRanks) {
+  // Every expert on rank 1: it serves every pair (no capacity limit, nothing
+  // dropped: buffers are sized from the plan's exact counts).
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const Matrix dy = upstream(g);
+  const test::ReferenceResult ref = test::reference_layer(g, Strategy::kAir, cfg, 123, dy.view());
+  const int P = 3;
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    const runtime::Placement placement(
+        P, std::vector<int32_t>(static_cast<size_t>(g.data.centers.rows()), 1), g.lists());
+    MoELayer layer(comm, Strategy::kAir, cfg, g.codebook, g.assignment, placement,
+                   g.data.centers.view(), 123);
+    runtime::DispatchPlan plan;
+    const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), out.size()), 1e-5);
+    EXPECT_EQ(plan.inputs.rows() > 0, comm.rank() == 1);
+  });
+}
+
+TEST(MoELayer, BadInputFailsEveryRank) {
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const int P = 2;
+  std::vector<std::string> messages(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
+    runtime::DispatchPlan plan;
+    layer.forward(g.tokens_of(comm.rank(), P), plan);
+    Matrix wrong(plan.routes.tokens + (comm.rank() == 1 ? 1 : 0), g.data.tokens.cols());
+    try {
+      layer.backward(plan, wrong.view());
+    } catch (const std::invalid_argument& e) {
+      messages[comm.rank()] = e.what();
+    }
+  });
+  for (const auto& m : messages) EXPECT_NE(m.find("rank 1: d_out is"), std::string::npos) << m;
+  EXPECT_THROW(runtime::strategy_from_string("magic"), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace airmoe
+
+namespace airmoe {
+namespace {
+
+// The simulator's per-rank, per-phase counts equal the meter of real runs.
+TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const Matrix dy = upstream(g);
+  for (int P : {2, 4}) {
+    for (Strategy strategy :
+         {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
+      std::vector<std::map<std::string, comm::TrafficCounts>> real(static_cast<size_t>(P));
+      runtime::Placement placement;
+      comm::run_ranks(P, [&](comm::Communicator& comm) {
+        MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
+        if (comm.rank() == 0) placement = layer.placement();
+        const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+        comm.meter().reset();
+        runtime::DispatchPlan plan;
+        layer.forward(g.tokens_of(comm.rank(), P), plan);
+        layer.backward(plan, MatrixView(dy.row(b), e - b, dy.cols()));
+        for (const auto& phase : comm.meter().phases())
+          real[comm.rank()][phase] = comm.meter().sent(phase);
+      });
+      const AirRouter air(g.data.centers.view(), g.codebook);
+      const Routes routes =
+          strategy == Strategy::kAir
+              ? air.route(g.data.tokens.view(), cfg.k, cfg.probes)
+              : air.route(g.data.tokens.view(), cfg.k, static_cast<int>(g.codebook.size()));
+      const runtime::SimulatedTraffic sim =
+          runtime::simulate_traffic(strategy, placement, routes, g.data.tokens.view(), true);
+      ASSERT_FALSE(sim.sent.empty());
+      for (const auto& [phase, per_rank] : sim.sent)
+        for (int r = 0; r < P; ++r) {
+          const comm::TrafficCounts got =
+              real[r].count(phase) ? real[r][phase] : comm::TrafficCounts{};
+          EXPECT_EQ(per_rank[r], got)
+              << runtime::to_string(strategy) << " P=" << P << " phase " << phase << " rank " << r
+              << ": simulated " << per_rank[r].bytes << " B, metered " << got.bytes << " B";
+        }
+      // And every metered phase of the data path is simulated.
+      for (const auto& [phase, counts] : real[0])
+        if (phase.rfind("checks", 0) != 0 && phase.rfind("placement", 0) != 0) {
+          EXPECT_TRUE(sim.sent.count(phase)) << "phase " << phase << " is not simulated";
+        }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace airmoe
