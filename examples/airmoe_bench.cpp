@@ -38,6 +38,8 @@ void usage() {
       "subcommands:\n"
       "  router   routing speed and quality of AIR, dense top-k, FAISS IVF and product keys\n"
       "  traffic  distributed AIR routing under mpiexec: bytes per phase, per placement\n"
+      "  layer    the MoE layer's three strategies under mpiexec: bytes, seconds, FLOPs\n"
+      "  simulate the three strategies' traffic for P up to thousands, in one process\n"
       "run 'airmoe_bench SUBCOMMAND --help' for its options\n");
 }
 
@@ -53,6 +55,8 @@ int main(int argc, char** argv) {
   try {
     if (sub == "router") return airmoe::bench::run_router(args);
     if (sub == "traffic") return airmoe::bench::run_traffic(args);
+    if (sub == "layer") return airmoe::bench::run_layer(args);
+    if (sub == "simulate") return airmoe::bench::run_simulate(args);
     std::fprintf(stderr, "airmoe_bench: unknown subcommand '%s'\n", sub.c_str());
     usage();
     return 2;

@@ -37,5 +37,7 @@ std::vector<int> parse_int_list(const std::string& text, const char* what);
 
 int run_router(const std::vector<std::string>& args);
 int run_traffic(const std::vector<std::string>& args);
+int run_layer(const std::vector<std::string>& args);
+int run_simulate(const std::vector<std::string>& args);
 
 }  // namespace airmoe::bench

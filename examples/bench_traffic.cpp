@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "bench_data.h"
 #include "comm/mpi_communicator.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
@@ -71,58 +72,21 @@ namespace {
 int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
 
-  int64_t experts = 65536, dim = 512, num_tokens = 4096, codewords = 256;
-  int k = 8, probes = 4, threads = 0, kmeans_iters = 10, repeats = 3;
-  uint64_t seed = 42;
-  std::string preset = "default", centers_file, tokens_file, json_file, routes_dir;
-  std::string policies_text = "round-robin,list,locality";
+  DataOptions o;
+  int probes = 4;
+  std::string routes_dir, policies_text = "round-robin,list,locality";
   po::options_description opts("airmoe_bench traffic options (run under mpiexec -n P)");
-  opts.add_options()("help,h", "show this help")("experts,E",
-                                                 po::value(&experts)->default_value(experts),
-                                                 "number of experts E (generated data)")(
-      "dim,d", po::value(&dim)->default_value(dim), "model dimension d (generated data)")(
-      "num-tokens,T", po::value(&num_tokens)->default_value(num_tokens),
-      "tokens over all ranks (generated data)")("k", po::value(&k)->default_value(k),
-                                                "experts per token")(
-      "codewords,C", po::value(&codewords)->default_value(codewords), "codebook size C")(
-      "probes,m", po::value(&probes)->default_value(probes), "probe count m")(
-      "preset", po::value(&preset)->default_value(preset), "generated data: 'default' or 'hard'")(
-      "seed", po::value(&seed)->default_value(seed), "data seed")(
-      "kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations")(
+  opts.add_options()("help,h", "show this help");
+  o.add_to(opts);
+  opts.add_options()("probes,m", po::value(&probes)->default_value(probes), "probe count m")(
       "placements", po::value(&policies_text)->default_value(policies_text),
-      "comma-separated placement policies")(
-      "centers", po::value(&centers_file),
-      "expert centers [E, d], float32 .npy (read by every rank)")(
-      "tokens", po::value(&tokens_file),
-      "tokens [T, d], float32 .npy, split across ranks in order")(
-      "threads", po::value(&threads)->default_value(threads),
-      "OpenMP threads per rank (0: default)")("repeats",
-                                              po::value(&repeats)->default_value(repeats),
-                                              "timed routing runs; the fastest counts")(
-      "json", po::value(&json_file), "rank 0 writes every figure to this JSON file")(
-      "save-routes", po::value(&routes_dir), "rank 0 writes every token's experts/gates here");
-  po::variables_map vm;
-  po::store(po::command_line_parser(args).options(opts).run(), vm);
-  if (vm.count("help")) {
-    if (me == 0) std::cout << opts << "\n";
-    return 0;
-  }
-  po::notify(vm);
-  if (threads > 0) set_num_threads(threads);
-  if (repeats < 1) throw std::invalid_argument("--repeats must be >= 1");
-  if (centers_file.empty() != tokens_file.empty())
-    throw std::invalid_argument("--centers and --tokens go together");
+      "comma-separated placement policies")("save-routes", po::value(&routes_dir),
+                                            "rank 0 writes every token's experts/gates here");
+  if (!parse(args, opts, me == 0)) return 0;
+  o.validate();
   std::vector<runtime::PlacementPolicy> policies;
-  {
-    size_t pos = 0;
-    while (pos <= policies_text.size()) {
-      const size_t comma = policies_text.find(',', pos);
-      policies.push_back(runtime::placement_policy_from_string(
-          policies_text.substr(pos, comma == std::string::npos ? comma : comma - pos)));
-      if (comma == std::string::npos) break;
-      pos = comma + 1;
-    }
-  }
+  for (const std::string& name : split_list(policies_text))
+    policies.push_back(runtime::placement_policy_from_string(name));
   comm::require_same_config(
       comm,
       [&] {
@@ -133,42 +97,20 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
       "airmoe_bench traffic command line");
 
   // The same global data on every rank; each routes its own block of tokens.
-  SyntheticData data;
-  std::string source;
-  if (!centers_file.empty()) {
-    data.centers = read_npy_matrix(centers_file);
-    data.tokens = read_npy_matrix(tokens_file);
-    source = "npy";
-  } else {
-    SyntheticConfig cfg = synthetic_preset(preset);
-    cfg.experts = experts;
-    cfg.dim = dim;
-    cfg.tokens = num_tokens;
-    cfg.seed = seed;
-    if (me == 0)
-      progress("generating %s data: E=%ld d=%ld T=%ld on %d ranks", preset.c_str(), (long)experts,
-               (long)dim, (long)num_tokens, P);
-    data = make_synthetic(cfg);
-    source = "synthetic:" + preset;
-  }
-  experts = data.centers.rows();
-  dim = data.centers.cols();
-  num_tokens = data.tokens.rows();
+  if (me == 0)
+    progress("preparing %s data on %d ranks", o.centers_file.empty() ? o.preset.c_str() : "npy", P);
+  BenchData bench_data = load_data(o);
+  const SyntheticData& data = bench_data.data;
+  const std::string& source = bench_data.source;
+  const int64_t experts = o.experts, dim = o.dim, num_tokens = o.tokens, codewords = o.codewords;
+  const int k = o.k, repeats = o.repeats;
+  const std::string& json_file = o.json_file;
   const int64_t t_begin = num_tokens * me / P, t_end = num_tokens * (me + 1) / P;
   const MatrixView my_tokens(data.tokens.row(t_begin), t_end - t_begin, dim);
 
   // The codebook: trained on rank 0, broadcast.
   if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)codewords);
-  Matrix cw(codewords, dim);
-  {
-    comm::PhaseScope phase(comm, "setup");
-    if (me == 0) {
-      const Codebook cb = train_codebook(data.centers.view(), {codewords, kmeans_iters, 1234});
-      std::copy_n(cb.codewords().data, cw.size(), cw.data());
-    }
-    comm.broadcast(cw.data(), cw.size() * sizeof(float), 0);
-  }
-  const Codebook codebook(cw.view());
+  const Codebook codebook = shared_codebook(comm, data.centers.view(), o);
   const std::vector<int32_t> assignment =
       codebook.assign(normalize_rows(data.centers.view(), "centers").view());
   const InvertedLists lists(assignment, codewords);
@@ -290,7 +232,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
                      {"codewords", codewords},
                      {"probes", probes},
                      {"data", source},
-                     {"seed", seed},
+                     {"seed", o.seed},
                      {"ranks", P},
                      {"backend", comm.backend()},
                      {"mpi_pml", pml},

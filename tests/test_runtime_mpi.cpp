@@ -124,3 +124,52 @@ TEST(MpiDistributedRouter, BadTokenOnOneRankFailsEveryRank) {
 
 }  // namespace
 }  // namespace airmoe
+
+// The MoE layer over real MPI: every strategy equals the single-process
+// reference, and the traffic simulator predicts this rank's meter exactly.
+#include "moe_fixture.h"
+#include "runtime/simulator.h"
+
+namespace airmoe {
+namespace {
+
+TEST(MpiMoELayer, EqualsReferenceAndTheSimulatorPredictsTheMeter) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  const GlobalData& g = data();
+  runtime::MoEConfig cfg;
+  cfg.k = 4;
+  cfg.probes = 3;
+  cfg.expert = {g.data.tokens.cols(), 3, runtime::Activation::kSilu};
+  const Matrix dy = random_matrix(g.data.tokens.rows(), g.data.tokens.cols(), 1.0, 77);
+  const int P = comm.size();
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  const int64_t d = g.data.tokens.cols();
+  for (runtime::Strategy s : {runtime::Strategy::kAir, runtime::Strategy::kDenseReplicated,
+                              runtime::Strategy::kDenseBroadcast}) {
+    const runtime::Plan plan =
+        runtime::plan_and_broadcast(comm, PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
+    runtime::MoELayer layer(comm, s, cfg, g.codebook, g.assignment, plan.placement,
+                            g.data.centers.view(), 123);
+    comm.meter().reset();
+    runtime::DispatchPlan dp;
+    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), dp);
+    const runtime::MoEGradients grads = layer.backward(dp, MatrixView(dy.row(b), e - b, d));
+    const test::ReferenceResult ref = test::reference_layer(g, s, cfg, 123, dy.view());
+    const size_t n = static_cast<size_t>((e - b) * d);
+    EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), n), 1e-5) << runtime::to_string(s);
+    EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), n), 1e-5)
+        << runtime::to_string(s);
+
+    const AirRouter air(g.data.centers.view(), g.codebook);
+    const int m = s == runtime::Strategy::kAir ? cfg.probes : static_cast<int>(g.codebook.size());
+    const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
+        s, layer.placement(), air.route(g.data.tokens.view(), cfg.k, m), g.data.tokens.view(),
+        true);
+    for (const auto& [phase, per_rank] : sim.sent)
+      EXPECT_EQ(per_rank[comm.rank()], comm.meter().sent(phase))
+          << runtime::to_string(s) << " phase " << phase << " P=" << P;
+  }
+}
+
+}  // namespace
+}  // namespace airmoe

@@ -1,0 +1,210 @@
+// airmoe_bench layer, under mpiexec -n P: forward and backward of the MoE
+// layer for each strategy on the same data, weights and placement, with the
+// bytes and messages of every phase from the communicator's meter.
+#include <algorithm>
+#include <boost/program_options.hpp>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "bench_common.h"
+#include "bench_data.h"
+#include "comm/mpi_communicator.h"
+#include "layer_report.h"
+#include "router/dense_router.h"
+#include "router/list_scan.h"
+#include "router/metrics.h"
+#include "router/threads.h"
+#include "runtime/coordinator.h"
+#include "runtime/moe_layer.h"
+
+namespace po = boost::program_options;
+using nlohmann::json;
+
+namespace airmoe::bench {
+namespace {
+
+double sum_all(comm::Communicator& comm, double v) {
+  std::vector<double> all(static_cast<size_t>(comm.size()));
+  comm.allgather(&v, sizeof(v), all.data());
+  double s = 0.0;
+  for (double x : all) s += x;
+  return s;
+}
+
+double max_all(comm::Communicator& comm, double v) {
+  comm.allreduce_max(&v, 1);
+  return v;
+}
+
+int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
+  const int P = comm.size(), me = comm.rank();
+  DataOptions o;
+  int probes = 4, hidden = 16;
+  std::string activation = "gelu", placement_name = "locality", csv_file;
+  std::string strategies_text = "dense-replicated,air,dense-broadcast";
+  po::options_description opts("airmoe_bench layer options (run under mpiexec -n P)");
+  opts.add_options()("help,h", "show this help");
+  o.add_to(opts);
+  opts.add_options()("probes,m", po::value(&probes)->default_value(probes), "AIR's probe count m")(
+      "hidden", po::value(&hidden)->default_value(hidden), "expert hidden size h")(
+      "activation", po::value(&activation)->default_value(activation), "gelu, relu or silu")(
+      "placement", po::value(&placement_name)->default_value(placement_name),
+      "round-robin, list or locality")("strategies",
+                                       po::value(&strategies_text)->default_value(strategies_text),
+                                       "comma-separated strategies")(
+      "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here");
+  if (!parse(args, opts, me == 0)) return 0;
+  o.validate();
+  const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement_name);
+  std::vector<runtime::Strategy> strategies;
+  for (const std::string& s : split_list(strategies_text))
+    strategies.push_back(runtime::strategy_from_string(s));
+
+  if (me == 0) progress("preparing data on %d ranks", P);
+  const BenchData bench = load_data(o);
+  const MatrixView centers = bench.data.centers.view();
+  const int64_t d = o.dim, T = o.tokens;
+  const int64_t b = T * me / P, e = T * (me + 1) / P;
+  const MatrixView mine(bench.data.tokens.row(b), e - b, d);
+  if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)o.codewords);
+  const Codebook codebook = shared_codebook(comm, centers, o);
+  const std::vector<int32_t> assignment =
+      codebook.assign(normalize_rows(centers, "centers").view());
+  const InvertedLists lists(assignment, o.codewords);
+  const ProbeSelection sample = select_probes(codebook, lists, mine, o.k, probes);
+  const runtime::Plan plan = runtime::plan_and_broadcast(
+      comm, policy, codebook, lists, runtime::list_load(lists, sample.codewords));
+  if (me == 0) progress("exact routing for recall");
+  const Routes exact = DenseRouter(centers).route(mine, o.k);
+  const Matrix d_out = random_matrix(e - b, d, 1.0, o.seed + 1000 + static_cast<uint64_t>(me));
+
+  runtime::MoEConfig cfg;
+  cfg.k = o.k;
+  cfg.probes = probes;
+  cfg.expert = {d, hidden, runtime::activation_from_string(activation)};
+  std::vector<json> rows;
+  for (runtime::Strategy strategy : strategies) {
+    const char* name = runtime::to_string(strategy);
+    if (me == 0) progress("strategy %s: building the layer (experts on their ranks)", name);
+    runtime::MoELayer layer(comm, strategy, cfg, codebook, assignment, plan.placement, centers,
+                            /*expert_seed=*/7);
+    runtime::PhaseSeconds best;
+    double best_total = 1e300;
+    comm::TrafficMeter meter;
+    Routes routes;
+    for (int rep = 0; rep < o.repeats; ++rep) {
+      if (me == 0) progress("strategy %s: forward + backward %d/%d", name, rep + 1, o.repeats);
+      comm.barrier();
+      comm.meter().reset();
+      runtime::DispatchPlan dp;
+      layer.forward(mine, dp);
+      runtime::PhaseSeconds s = layer.seconds();
+      layer.backward(dp, d_out.view());
+      const runtime::PhaseSeconds& sb = layer.seconds();
+      s.backward_dispatch = sb.backward_dispatch;
+      s.backward_experts = sb.backward_experts;
+      s.backward_combine = sb.backward_combine;
+      const double total =
+          max_all(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
+                            s.backward_experts + s.backward_combine);
+      if (total < best_total) {
+        best_total = total;
+        best = s;
+        meter = comm.meter();
+        routes = dp.routes;
+      }
+    }
+    PhaseFigures f;
+    for (const std::string& phase : meter.phases()) {
+      f.bytes[phase] = sum_all(comm, static_cast<double>(meter.sent(phase).bytes));
+      f.messages[phase] = sum_all(comm, static_cast<double>(meter.sent(phase).messages));
+    }
+    const double router_flops =
+        sum_all(comm, layer.router_flops_per_token() * static_cast<double>(e - b)) /
+        static_cast<double>(std::max<int64_t>(T, 1));
+    json row = strategy_row(name, P, f, static_cast<double>(T), router_flops,
+                            layer.expert_flops_per_token());
+    row["probes"] = strategy == runtime::Strategy::kAir              ? probes
+                    : strategy == runtime::Strategy::kDenseBroadcast ? static_cast<int>(o.codewords)
+                                                                     : 0;
+    row["recall_at_k"] = sum_all(comm, recall_at_k(routes, exact) * static_cast<double>(e - b)) /
+                         static_cast<double>(std::max<int64_t>(T, 1));
+    row["mass_recall"] = sum_all(comm, mass_recall(routes, exact) * static_cast<double>(e - b)) /
+                         static_cast<double>(std::max<int64_t>(T, 1));
+    row["seconds"] = {{"route", max_all(comm, best.route)},
+                      {"dispatch", max_all(comm, best.dispatch)},
+                      {"experts", max_all(comm, best.experts)},
+                      {"combine", max_all(comm, best.combine)},
+                      {"backward_dispatch", max_all(comm, best.backward_dispatch)},
+                      {"backward_experts", max_all(comm, best.backward_experts)},
+                      {"backward_combine", max_all(comm, best.backward_combine)},
+                      {"total", best_total}};
+    rows.push_back(row);
+  }
+  finish_rows(rows);
+
+  if (me == 0) {
+    std::printf(
+        "\nairmoe layer benchmark  (%s, E=%ld d=%ld T=%ld k=%d h=%d C=%ld m=%d, %s placement, %d "
+        "ranks)\n",
+        bench.source.c_str(), (long)o.experts, (long)d, (long)T, o.k, hidden, (long)o.codewords,
+        probes, placement_name.c_str(), P);
+    std::printf("%-17s %11s %11s %8s %9s %12s %12s %8s %9s %9s\n", "strategy", "fwd MB", "bwd MB",
+                "vs floor", "recall", "router MF/t", "expert MF/t", "route s", "fwd s", "bwd s");
+    for (const json& r : rows) {
+      const json& s = r["seconds"];
+      std::printf("%-17s %11.2f %11.2f %8.2f %9.4f %12.2f %12.2f %8.3f %9.3f %9.3f\n",
+                  r["strategy"].get<std::string>().c_str(), r["bytes_forward"].get<double>() / 1e6,
+                  r["bytes_backward"].get<double>() / 1e6, r["bytes_vs_floor"].get<double>(),
+                  r["recall_at_k"].get<double>(), r["router_flops_per_token"].get<double>() / 1e6,
+                  r["expert_flops_per_token"].get<double>() / 1e6, s["route"].get<double>(),
+                  s["route"].get<double>() + s["dispatch"].get<double>() +
+                      s["experts"].get<double>() + s["combine"].get<double>(),
+                  s["backward_dispatch"].get<double>() + s["backward_experts"].get<double>() +
+                      s["backward_combine"].get<double>());
+    }
+    if (!o.json_file.empty()) {
+      json j;
+      j["benchmark"] = "layer";
+      j["config"] = {{"experts", o.experts},
+                     {"dim", d},
+                     {"tokens", T},
+                     {"k", o.k},
+                     {"hidden", hidden},
+                     {"activation", activation},
+                     {"codewords", o.codewords},
+                     {"probes", probes},
+                     {"placement", placement_name},
+                     {"data", bench.source},
+                     {"seed", o.seed},
+                     {"ranks", P},
+                     {"imbalance", plan.imbalance},
+                     {"threads_per_rank", num_threads()}};
+      j["results"] = rows;
+      std::ofstream(o.json_file) << j.dump(2) << "\n";
+      progress("wrote %s", o.json_file.c_str());
+    }
+    if (!csv_file.empty()) write_csv(csv_file, rows);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int run_layer(const std::vector<std::string>& args) {
+  comm::MpiSession session;
+  auto world = comm::world_communicator();
+  try {
+    return layer_main(*world, args);
+  } catch (const std::exception& ex) {
+    std::fprintf(stderr, "airmoe_bench layer: rank %d: error: %s\n", world->rank(), ex.what());
+    std::fflush(stderr);
+    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
+}
+
+}  // namespace airmoe::bench

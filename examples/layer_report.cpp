@@ -1,0 +1,96 @@
+#include "layer_report.h"
+
+#include <fstream>
+#include <set>
+
+namespace airmoe::bench {
+
+using nlohmann::json;
+
+json strategy_row(const std::string& strategy, int ranks, const PhaseFigures& f, double tokens,
+                  double router_flops, double expert_flops) {
+  json bytes = json::object(), messages = json::object();
+  double forward = 0.0, backward = 0.0, msgs = 0.0;
+  auto add = [&](const std::vector<std::string>& phases, double& sum) {
+    for (const std::string& p : phases)
+      for (const std::string& name : {p, p + ":counts"}) {
+        const auto b = f.bytes.find(name);
+        const auto m = f.messages.find(name);
+        const double vb = b == f.bytes.end() ? 0.0 : b->second;
+        const double vm = m == f.messages.end() ? 0.0 : m->second;
+        bytes[name] = vb;
+        messages[name] = vm;
+        sum += vb;
+        msgs += vm;
+      }
+  };
+  add(kForwardPhases, forward);
+  add(kBackwardPhases, backward);
+  return {{"strategy", strategy},
+          {"ranks", ranks},
+          {"bytes", bytes},
+          {"messages", messages},
+          {"messages_total", msgs},
+          {"bytes_forward", forward},
+          {"bytes_backward", backward},
+          {"bytes_total", forward + backward},
+          {"bytes_per_token_forward", tokens > 0 ? forward / tokens : 0.0},
+          {"router_flops_per_token", router_flops},
+          {"expert_flops_per_token", expert_flops}};
+}
+
+void finish_rows(std::vector<json>& rows) {
+  for (json& row : rows) {
+    double floor = 0.0;
+    for (const json& other : rows)
+      if (other["strategy"] == "dense-replicated" && other["ranks"] == row["ranks"])
+        floor = other["bytes_forward"].get<double>();
+    row["bytes_vs_floor"] = floor > 0 ? row["bytes_forward"].get<double>() / floor : 0.0;
+  }
+}
+
+void write_csv(const std::string& path, const std::vector<json>& rows) {
+  std::ofstream out(path);
+  const std::vector<std::string> scalars = {"strategy",
+                                            "ranks",
+                                            "probes",
+                                            "bytes_total",
+                                            "bytes_forward",
+                                            "bytes_backward",
+                                            "bytes_vs_floor",
+                                            "messages_total",
+                                            "router_flops_per_token",
+                                            "expert_flops_per_token",
+                                            "recall_at_k",
+                                            "mass_recall"};
+  std::set<std::string> phases, seconds;
+  for (const json& r : rows) {
+    for (auto it = r["bytes"].begin(); it != r["bytes"].end(); ++it) phases.insert(it.key());
+    if (r.contains("seconds"))
+      for (auto it = r["seconds"].begin(); it != r["seconds"].end(); ++it) seconds.insert(it.key());
+  }
+  bool first = true;
+  for (const auto& s : scalars) out << (first ? "" : ",") << s, first = false;
+  for (const auto& p : phases) out << ",bytes:" << p;
+  for (const auto& s : seconds) out << ",seconds:" << s;
+  out << "\n";
+  for (const json& r : rows) {
+    first = true;
+    for (const auto& s : scalars) {
+      out << (first ? "" : ",");
+      first = false;
+      if (!r.contains(s)) continue;
+      if (r[s].is_string())
+        out << r[s].get<std::string>();
+      else
+        out << r[s].dump();
+    }
+    for (const auto& p : phases) out << "," << (r["bytes"].contains(p) ? r["bytes"][p].dump() : "");
+    for (const auto& s : seconds)
+      out << ","
+          << (r.contains("seconds") && r["seconds"].contains(s) ? r["seconds"][s].dump() : "");
+    out << "\n";
+  }
+}
+
+}  // namespace airmoe::bench

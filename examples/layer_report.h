@@ -1,0 +1,32 @@
+// One row per strategy in the layer and simulate reports: the same fields,
+// whether the bytes were metered in a real run or simulated.
+#pragma once
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace airmoe::bench {
+
+inline const std::vector<std::string> kForwardPhases = {"requests", "replies", "dispatch",
+                                                        "combine"};
+inline const std::vector<std::string> kBackwardPhases = {"grad_dispatch", "grad_gates",
+                                                         "grad_logits", "grad_combine"};
+
+struct PhaseFigures {
+  std::map<std::string, double> bytes, messages;  // phase (with ":counts" phases) -> total
+};
+
+// bytes_forward / bytes_backward / bytes_total include each phase's count
+// exchange; bytes_vs_floor is filled by finish_rows().
+nlohmann::json strategy_row(const std::string& strategy, int ranks, const PhaseFigures& f,
+                            double tokens, double router_flops, double expert_flops);
+
+// bytes_vs_floor = bytes_forward / dense-replicated's, per group of rows
+// with the same "ranks".
+void finish_rows(std::vector<nlohmann::json>& rows);
+
+void write_csv(const std::string& path, const std::vector<nlohmann::json>& rows);
+
+}  // namespace airmoe::bench
