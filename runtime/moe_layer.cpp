@@ -86,14 +86,25 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
     error = e.what();
   }
   comm::raise_together(comm_, error, "MoE layer set-up");
+  {
+    // Same strategy, shapes and expert configuration everywhere, or nobody
+    // dispatches (a rank with another h would misread every record).
+    comm::PhaseScope phase(comm_, "checks");
+    comm::require_same_config(
+        comm_,
+        std::string(to_string(strategy_)) + " k=" + std::to_string(config_.k) +
+            " m=" + std::to_string(config_.probes) + " d=" + std::to_string(config_.expert.dim) +
+            " h=" + std::to_string(config_.expert.hidden) + " act=" +
+            to_string(config_.expert.activation) + " seed=" + std::to_string(expert_seed) +
+            " placement=" + std::to_string(placement_.digest()),
+        "MoE layer configuration");
+  }
   build_router();
 }
 
 void MoELayer::build_router() {
   if (strategy_ == Strategy::kDenseReplicated) {
     dense_ = std::make_unique<DenseRouter>(all_centers_.view());
-    comm::PhaseScope phase(comm_, "checks");
-    comm::require_same_config(comm_, std::to_string(placement_.digest()), "MoE layer placement");
   } else {
     router_ = std::make_unique<DistributedRouter>(comm_, codebook_, assignment_, placement_,
                                                   local_centers_.view());

@@ -219,6 +219,22 @@ TEST(MoELayer, AllTokensOnOneRanksExpertsAndIdleRanks) {
   });
 }
 
+TEST(MoELayer, MismatchedExpertShapesBetweenRanksAreRefused) {
+  const GlobalData& g = data();
+  std::vector<std::string> messages(3);
+  EXPECT_ANY_THROW(comm::run_ranks(3, [&](comm::Communicator& comm) {
+    MoEConfig cfg = config();
+    if (comm.rank() == 2) cfg.expert.hidden = 5;
+    try {
+      make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, cfg);
+    } catch (const std::exception& e) {
+      messages[comm.rank()] = e.what();
+      throw;
+    }
+  }));
+  for (const auto& m : messages) EXPECT_NE(m.find("rank 2 differs"), std::string::npos) << m;
+}
+
 TEST(MoELayer, BadInputFailsEveryRank) {
   const GlobalData& g = data();
   const MoEConfig cfg = config();

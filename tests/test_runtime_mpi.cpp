@@ -146,8 +146,8 @@ TEST(MpiMoELayer, EqualsReferenceAndTheSimulatorPredictsTheMeter) {
   const int64_t d = g.data.tokens.cols();
   for (runtime::Strategy s : {runtime::Strategy::kAir, runtime::Strategy::kDenseReplicated,
                               runtime::Strategy::kDenseBroadcast}) {
-    const runtime::Plan plan =
-        runtime::plan_and_broadcast(comm, PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
+    const runtime::Plan plan = runtime::plan_and_broadcast(comm, PlacementPolicy::kLocality,
+                                                           g.codebook, g.lists(), g.load);
     runtime::MoELayer layer(comm, s, cfg, g.codebook, g.assignment, plan.placement,
                             g.data.centers.view(), 123);
     comm.meter().reset();
@@ -162,9 +162,9 @@ TEST(MpiMoELayer, EqualsReferenceAndTheSimulatorPredictsTheMeter) {
 
     const AirRouter air(g.data.centers.view(), g.codebook);
     const int m = s == runtime::Strategy::kAir ? cfg.probes : static_cast<int>(g.codebook.size());
-    const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
-        s, layer.placement(), air.route(g.data.tokens.view(), cfg.k, m), g.data.tokens.view(),
-        true);
+    const runtime::SimulatedTraffic sim =
+        runtime::simulate_traffic(s, layer.placement(), air.route(g.data.tokens.view(), cfg.k, m),
+                                  g.data.tokens.view(), true);
     for (const auto& [phase, per_rank] : sim.sent)
       EXPECT_EQ(per_rank[comm.rank()], comm.meter().sent(phase))
           << runtime::to_string(s) << " phase " << phase << " P=" << P;
