@@ -1,9 +1,11 @@
 #include "bench_data.h"
 
+#include <cstdio>
 #include <iostream>
 #include <stdexcept>
 
 #include "bench_common.h"
+#include "comm/mpi_communicator.h"
 #include "router/npy.h"
 #include "router/threads.h"
 
@@ -102,6 +104,32 @@ bool parse(const std::vector<std::string>& args, po::options_description& opts, 
   }
   po::notify(vm);
   return true;
+}
+
+double sum_over_ranks(comm::Communicator& comm, double v) {
+  std::vector<double> all(static_cast<size_t>(comm.size()));
+  comm.allgather(&v, sizeof(v), all.data());
+  double s = 0.0;
+  for (double x : all) s += x;
+  return s;
+}
+
+double max_over_ranks(comm::Communicator& comm, double v) {
+  comm.allreduce_max(&v, 1);
+  return v;
+}
+
+int run_on_mpi_world(const char* name, const std::vector<std::string>& args, MpiBody body) {
+  comm::MpiSession session;
+  auto world = comm::world_communicator();
+  try {
+    return body(*world, args);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "airmoe_bench %s: rank %d: error: %s\n", name, world->rank(), e.what());
+    std::fflush(stderr);
+    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  }
 }
 
 }  // namespace airmoe::bench

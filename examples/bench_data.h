@@ -45,4 +45,14 @@ Codebook shared_codebook(comm::Communicator& comm, MatrixView centers, const Dat
 bool parse(const std::vector<std::string>& args, boost::program_options::options_description& opts,
            bool print_help);
 
+// Reductions of one figure over ranks: a sum (added in rank order, so every
+// rank gets the same bits) and a max.
+double sum_over_ranks(comm::Communicator& comm, double v);
+double max_over_ranks(comm::Communicator& comm, double v);
+
+// Runs body(world, args) under MPI. A failure on one rank would leave the
+// others waiting in a collective, so it is reported and ends the job.
+using MpiBody = int (*)(comm::Communicator&, const std::vector<std::string>&);
+int run_on_mpi_world(const char* name, const std::vector<std::string>& args, MpiBody body);
+
 }  // namespace airmoe::bench

@@ -26,19 +26,6 @@ using nlohmann::json;
 namespace airmoe::bench {
 namespace {
 
-double sum_all(comm::Communicator& comm, double v) {
-  std::vector<double> all(static_cast<size_t>(comm.size()));
-  comm.allgather(&v, sizeof(v), all.data());
-  double s = 0.0;
-  for (double x : all) s += x;
-  return s;
-}
-
-double max_all(comm::Communicator& comm, double v) {
-  comm.allreduce_max(&v, 1);
-  return v;
-}
-
 int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
   DataOptions o;
@@ -108,8 +95,8 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       s.backward_experts = sb.backward_experts;
       s.backward_combine = sb.backward_combine;
       const double total =
-          max_all(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
-                            s.backward_experts + s.backward_combine);
+          max_over_ranks(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
+                                   s.backward_experts + s.backward_combine);
       if (total < best_total) {
         best_total = total;
         best = s;
@@ -119,28 +106,30 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     }
     PhaseFigures f;
     for (const std::string& phase : meter.phases()) {
-      f.bytes[phase] = sum_all(comm, static_cast<double>(meter.sent(phase).bytes));
-      f.messages[phase] = sum_all(comm, static_cast<double>(meter.sent(phase).messages));
+      f.bytes[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).bytes));
+      f.messages[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).messages));
     }
     const double router_flops =
-        sum_all(comm, layer.router_flops_per_token() * static_cast<double>(e - b)) /
+        sum_over_ranks(comm, layer.router_flops_per_token() * static_cast<double>(e - b)) /
         static_cast<double>(std::max<int64_t>(T, 1));
     json row = strategy_row(name, P, f, static_cast<double>(T), router_flops,
                             layer.expert_flops_per_token());
     row["probes"] = strategy == runtime::Strategy::kAir              ? probes
                     : strategy == runtime::Strategy::kDenseBroadcast ? static_cast<int>(o.codewords)
                                                                      : 0;
-    row["recall_at_k"] = sum_all(comm, recall_at_k(routes, exact) * static_cast<double>(e - b)) /
-                         static_cast<double>(std::max<int64_t>(T, 1));
-    row["mass_recall"] = sum_all(comm, mass_recall(routes, exact) * static_cast<double>(e - b)) /
-                         static_cast<double>(std::max<int64_t>(T, 1));
-    row["seconds"] = {{"route", max_all(comm, best.route)},
-                      {"dispatch", max_all(comm, best.dispatch)},
-                      {"experts", max_all(comm, best.experts)},
-                      {"combine", max_all(comm, best.combine)},
-                      {"backward_dispatch", max_all(comm, best.backward_dispatch)},
-                      {"backward_experts", max_all(comm, best.backward_experts)},
-                      {"backward_combine", max_all(comm, best.backward_combine)},
+    row["recall_at_k"] =
+        sum_over_ranks(comm, recall_at_k(routes, exact) * static_cast<double>(e - b)) /
+        static_cast<double>(std::max<int64_t>(T, 1));
+    row["mass_recall"] =
+        sum_over_ranks(comm, mass_recall(routes, exact) * static_cast<double>(e - b)) /
+        static_cast<double>(std::max<int64_t>(T, 1));
+    row["seconds"] = {{"route", max_over_ranks(comm, best.route)},
+                      {"dispatch", max_over_ranks(comm, best.dispatch)},
+                      {"experts", max_over_ranks(comm, best.experts)},
+                      {"combine", max_over_ranks(comm, best.combine)},
+                      {"backward_dispatch", max_over_ranks(comm, best.backward_dispatch)},
+                      {"backward_experts", max_over_ranks(comm, best.backward_experts)},
+                      {"backward_combine", max_over_ranks(comm, best.backward_combine)},
                       {"total", best_total}};
     rows.push_back(row);
   }
@@ -195,16 +184,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
 }  // namespace
 
 int run_layer(const std::vector<std::string>& args) {
-  comm::MpiSession session;
-  auto world = comm::world_communicator();
-  try {
-    return layer_main(*world, args);
-  } catch (const std::exception& ex) {
-    std::fprintf(stderr, "airmoe_bench layer: rank %d: error: %s\n", world->rank(), ex.what());
-    std::fflush(stderr);
-    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
-    return 1;
-  }
+  return run_on_mpi_world("layer", args, layer_main);
 }
 
 }  // namespace airmoe::bench

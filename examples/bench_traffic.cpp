@@ -33,25 +33,6 @@ namespace {
 
 const char* const kPhases[] = {"requests", "replies", "kmeans_sync", "list_sync"};
 
-struct PolicyResult {
-  std::string policy;
-  json row;
-};
-
-double sum_all(comm::Communicator& comm, double v) {
-  // Sum of a double across ranks in rank order (allgather, then add).
-  std::vector<double> all(static_cast<size_t>(comm.size()));
-  comm.allgather(&v, sizeof(v), all.data());
-  double s = 0.0;
-  for (double x : all) s += x;
-  return s;
-}
-
-double max_all(comm::Communicator& comm, double v) {
-  comm.allreduce_max(&v, 1);
-  return v;
-}
-
 // Every token's experts and gates, on rank 0, in global token order.
 void save_global_routes(comm::Communicator& comm, const Routes& r, const std::string& dir,
                         const std::string& name) {
@@ -64,10 +45,6 @@ void save_global_routes(comm::Communicator& comm, const Routes& r, const std::st
   write_npy(dir + "/" + name + "_experts.npy", experts.data(), T, r.k);
   write_npy(dir + "/" + name + "_gates.npy", gates.data(), T, r.k);
 }
-
-}  // namespace
-
-namespace {
 
 int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
@@ -142,7 +119,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
       r = router.route(my_tokens, k, probes);
       const runtime::RouteTimings& t = router.timings();
       const double total =
-          max_all(comm, t.shortlist + t.requests + t.scoring + t.replies + t.merge);
+          max_over_ranks(comm, t.shortlist + t.requests + t.scoring + t.replies + t.merge);
       if (total < best_total) {
         best_total = total;
         best = t;
@@ -153,7 +130,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
     comm.barrier();
     const double s0 = now_seconds();
     router.sync_codebook(1.0, 1);
-    const double sync_seconds = max_all(comm, now_seconds() - s0);
+    const double sync_seconds = max_over_ranks(comm, now_seconds() - s0);
     const comm::TrafficMeter sync_meter = comm.meter();
 
     // Figures over all ranks.
@@ -162,8 +139,8 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
       const auto& m =
           std::string(phase).find("sync") != std::string::npos ? sync_meter : route_meter;
       const comm::TrafficCounts c = m.sent(phase);
-      bytes[phase] = sum_all(comm, static_cast<double>(c.bytes));
-      messages[phase] = sum_all(comm, static_cast<double>(c.messages));
+      bytes[phase] = sum_over_ranks(comm, static_cast<double>(c.bytes));
+      messages[phase] = sum_over_ranks(comm, static_cast<double>(c.messages));
     }
     double ranks_reached = 0.0;
     for (int64_t t = 0; t < r.tokens; ++t) {
@@ -172,16 +149,16 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
         for (int32_t rank : plan.placement.list_ranks(r.probes[p])) reach.insert(rank);
       ranks_reached += static_cast<double>(reach.size());
     }
-    const double hits = sum_all(comm, recall_at_k(r, exact) * static_cast<double>(r.tokens));
-    const double mass = sum_all(comm, mass_recall(r, exact) * static_cast<double>(r.tokens));
-    const double reached = sum_all(comm, ranks_reached);
+    const double hits = sum_over_ranks(comm, recall_at_k(r, exact) * static_cast<double>(r.tokens));
+    const double mass = sum_over_ranks(comm, mass_recall(r, exact) * static_cast<double>(r.tokens));
+    const double reached = sum_over_ranks(comm, ranks_reached);
     const double T = static_cast<double>(num_tokens);
     const double broadcast_bytes = T * (P - 1) * (4.0 + 4.0 * static_cast<double>(dim));
-    json seconds = {{"shortlist", max_all(comm, best.shortlist)},
-                    {"requests", max_all(comm, best.requests)},
-                    {"scoring", max_all(comm, best.scoring)},
-                    {"replies", max_all(comm, best.replies)},
-                    {"merge", max_all(comm, best.merge)},
+    json seconds = {{"shortlist", max_over_ranks(comm, best.shortlist)},
+                    {"requests", max_over_ranks(comm, best.requests)},
+                    {"scoring", max_over_ranks(comm, best.scoring)},
+                    {"replies", max_over_ranks(comm, best.replies)},
+                    {"merge", max_over_ranks(comm, best.merge)},
                     {"route_total", best_total},
                     {"kmeans_sync", sync_seconds}};
     rows.push_back({{"placement", name},
@@ -248,18 +225,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
 }  // namespace
 
 int run_traffic(const std::vector<std::string>& args) {
-  comm::MpiSession session;
-  auto world = comm::world_communicator();
-  try {
-    return traffic_main(*world, args);
-  } catch (const std::exception& e) {
-    // A failure on one rank would leave the others waiting in a collective:
-    // report it and end the whole job.
-    std::fprintf(stderr, "airmoe_bench traffic: rank %d: error: %s\n", world->rank(), e.what());
-    std::fflush(stderr);
-    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
-    return 1;
-  }
+  return run_on_mpi_world("traffic", args, traffic_main);
 }
 
 }  // namespace airmoe::bench
