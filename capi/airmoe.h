@@ -1,0 +1,150 @@
+/* airmoe C API: plain C99 over the C++ routers and the MPI communicator.
+ *
+ * This is how JAX custom calls, other frameworks and other languages embed
+ * airmoe. Objects are opaque handles created by airmoe_*_create* and released
+ * by airmoe_*_free. Matrices are dense, row-major float32 arrays.
+ *
+ * Error contract:
+ *  - Every function except the *_free ones and airmoe_last_error /
+ *    airmoe_status_name returns an airmoe_status; AIRMOE_OK (0) is success.
+ *  - No C++ exception ever crosses this interface.
+ *  - On failure, airmoe_last_error() returns a message naming the problem (the
+ *    argument, the offending value, or the row and column of a non-finite
+ *    entry). The message is thread-local and belongs to the last *failed* call
+ *    on the calling thread: successful calls leave it unchanged (like errno).
+ *    It stays valid until the next failed call on the same thread.
+ *  - A NULL pointer argument gives AIRMOE_ERR_INVALID_ARGUMENT naming the
+ *    argument. The one exception: an array of zero elements (for example
+ *    tokens when T = 0) may be NULL.
+ *  - On failure, outputs are left in an unspecified state and no handle is
+ *    created (*out is set to NULL).
+ *
+ * Threads: different handles may be used from different threads at once. One
+ * router handle must not be used by two threads at the same time (it keeps
+ * the routes of its last route call, see airmoe_router_route).
+ */
+#ifndef AIRMOE_CAPI_AIRMOE_H_
+#define AIRMOE_CAPI_AIRMOE_H_
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define AIRMOE_API
+#else
+#define AIRMOE_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  AIRMOE_OK = 0,
+  AIRMOE_ERR_INVALID_ARGUMENT = 1, /* bad shape, range, NULL or non-finite input */
+  AIRMOE_ERR_RUNTIME = 2,          /* e.g. an MPI call failed, MPI not initialized */
+  AIRMOE_ERR_OUT_OF_MEMORY = 3,
+  AIRMOE_ERR_UNKNOWN = 4
+} airmoe_status;
+
+typedef struct airmoe_router airmoe_router;
+typedef struct airmoe_comm airmoe_comm;
+
+/* Message of the last failed call on this thread ("" if none has failed). */
+AIRMOE_API const char* airmoe_last_error(void);
+
+/* Static name of a status code, e.g. "AIRMOE_ERR_INVALID_ARGUMENT". */
+AIRMOE_API const char* airmoe_status_name(airmoe_status status);
+
+/* The library's version (the CMake project version). */
+AIRMOE_API airmoe_status airmoe_version(int* major, int* minor, int* patch);
+
+/* ------------------------------------------------------------- routers --- */
+
+/* AIR router: trains a spherical k-means codebook of `codewords` codewords
+ * (1 <= codewords <= experts) on centers [experts, dim] with
+ * `kmeans_iterations` Lloyd iterations, seeded by `seed`. centers must be
+ * finite with no zero row; they are copied. */
+AIRMOE_API airmoe_status airmoe_router_create_air(const float* centers, int64_t experts,
+                                                  int64_t dim, int64_t codewords,
+                                                  int kmeans_iterations, uint64_t seed,
+                                                  airmoe_router** out);
+
+/* Exact dense top-k router over centers [experts, dim] (finite; copied). */
+AIRMOE_API airmoe_status airmoe_router_create_dense(const float* centers, int64_t experts,
+                                                    int64_t dim, airmoe_router** out);
+
+/* Releases a router; NULL is a no-op. */
+AIRMOE_API void airmoe_router_free(airmoe_router* router);
+
+/* Routes tokens [T, dim] to k experts each (1 <= k <= experts).
+ * experts_out [T, k]: expert ids per token, best first (higher logit, then
+ * lower id). gates_out [T, k]: softmax over the k chosen logits.
+ * probes: AIR only, 1 <= probes <= codewords (probes = codewords gives exact
+ * top-k, equal bit for bit to the dense router); ignored by the dense router.
+ * The handle keeps these routes for airmoe_router_backward; a failed call
+ * leaves the handle with no routes. */
+AIRMOE_API airmoe_status airmoe_router_route(const airmoe_router* router, const float* tokens,
+                                             int64_t T, int64_t dim, int k, int probes,
+                                             int32_t* experts_out, float* gates_out);
+
+/* Backward of the gates of the last airmoe_router_route call on this handle,
+ * which must have had the same T and dim (an error otherwise); tokens must be
+ * the tokens routed then. d_gates [T, k] is dL/dgates with that call's k.
+ * Writes d_tokens_out [T, dim] = dL/dtokens and d_centers_out
+ * [experts, dim] = dL/dcenters, dense and overwritten (rows of experts no
+ * token chose are zero). */
+AIRMOE_API airmoe_status airmoe_router_backward(const airmoe_router* router, const float* tokens,
+                                                int64_t T, int64_t dim, const float* d_gates,
+                                                float* d_tokens_out, float* d_centers_out);
+
+/* AIR only (AIRMOE_ERR_INVALID_ARGUMENT for a dense router): the optimizer
+ * moved the centers. Replaces them with centers [experts, dim] (dim must be
+ * the router's; experts may change but must stay >= codewords), then runs
+ * `updates` adaptive spherical k-means steps with EMA weight `step` in
+ * (0, 1] (1: a Lloyd step) and rebuilds the inverted lists. updates = 0 only
+ * replaces the centers. Clears the routes kept for backward. */
+AIRMOE_API airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* centers,
+                                                       int64_t experts, int64_t dim, double step,
+                                                       int updates);
+
+/* Shape of a router; codewords is 0 for a dense router. */
+AIRMOE_API airmoe_status airmoe_router_info(const airmoe_router* router, int64_t* experts,
+                                            int64_t* dim, int64_t* codewords);
+
+/* -------------------------------------------------------- communicator --- */
+
+/* Communicator over an MPI communicator. `mpi_comm` is the ADDRESS of an
+ * MPI_Comm (e.g. &comm, or the address of MPI_COMM_WORLD copied into a
+ * variable), so that this header need not include mpi.h. Collective over that
+ * communicator (it duplicates it); MPI must be initialized
+ * (MPI_THREAD_FUNNELED or higher, calls from the thread that initialized it)
+ * and the handle must be freed before MPI_Finalize. */
+AIRMOE_API airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out);
+
+/* Releases a communicator (collective: frees the duplicate); NULL is a no-op. */
+AIRMOE_API void airmoe_comm_free(airmoe_comm* comm);
+
+AIRMOE_API airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out);
+AIRMOE_API airmoe_status airmoe_comm_size(const airmoe_comm* comm, int* out);
+
+/* Phase name under which later calls are metered (default "default"). */
+AIRMOE_API airmoe_status airmoe_comm_set_phase(airmoe_comm* comm, const char* phase);
+
+/* Collective barrier. */
+AIRMOE_API airmoe_status airmoe_comm_barrier(airmoe_comm* comm);
+
+/* Collective element-wise sum of `count` int64 values, in place (exact). */
+AIRMOE_API airmoe_status airmoe_comm_allreduce_sum_i64(airmoe_comm* comm, int64_t* data,
+                                                       int64_t count);
+
+/* Bytes and messages this rank has sent through the handle, from its traffic
+ * meter: under `phase`, or over all phases when phase is NULL. A phase never
+ * used gives 0 and 0. */
+AIRMOE_API airmoe_status airmoe_comm_bytes_sent(const airmoe_comm* comm, const char* phase,
+                                                int64_t* bytes, int64_t* messages);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* AIRMOE_CAPI_AIRMOE_H_ */

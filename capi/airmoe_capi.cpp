@@ -1,0 +1,330 @@
+// The C API (airmoe.h) over the C++ routers and the MPI communicator. Every
+// entry point runs its body inside guarded(), which turns any C++ exception
+// into a status code and a thread-local message, so that nothing throws
+// across the C boundary.
+#include "capi/airmoe.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "comm/mpi_communicator.h"
+#include "router/air_router.h"
+#include "router/dense_router.h"
+#include "router/matrix.h"
+#include "router/routes.h"
+
+struct airmoe_router {
+  std::unique_ptr<airmoe::AirRouter> air;      // exactly one of air / dense is set
+  std::unique_ptr<airmoe::DenseRouter> dense;  //
+  // Routes of the last successful route() call, for backward(). Mutable: a
+  // route() on a const handle still records them (the documented contract).
+  mutable airmoe::Routes last;
+  mutable bool has_last = false;
+
+  int64_t experts() const { return air ? air->experts() : dense->experts(); }
+  int64_t dim() const { return air ? air->dim() : dense->dim(); }
+};
+
+struct airmoe_comm {
+  std::unique_ptr<airmoe::comm::MpiCommunicator> mpi;
+};
+
+namespace {
+
+thread_local std::string last_error_message;
+
+// Thrown by the argument checks below; mapped to AIRMOE_ERR_INVALID_ARGUMENT.
+[[noreturn]] void invalid(const std::string& what) {
+  throw std::invalid_argument(what);
+}
+
+airmoe_status set_error(airmoe_status status, const char* fn, const char* what) {
+  try {
+    last_error_message = std::string(fn) + ": " + what;
+  } catch (...) {  // no memory for the message: an empty one rather than a stale one
+    last_error_message.clear();
+  }
+  return status;
+}
+
+// Runs body(); any exception becomes a status and the thread's last error,
+// "<function>: <what>".
+template <typename Body>
+airmoe_status guarded(const char* fn, Body&& body) noexcept {
+  try {
+    body();
+    return AIRMOE_OK;
+  } catch (const std::bad_alloc&) {
+    return set_error(AIRMOE_ERR_OUT_OF_MEMORY, fn, "out of memory");
+  } catch (const std::length_error& e) {  // a size beyond what a vector can hold
+    return set_error(AIRMOE_ERR_OUT_OF_MEMORY, fn, e.what());
+  } catch (const std::logic_error& e) {  // invalid_argument, out_of_range, ...
+    return set_error(AIRMOE_ERR_INVALID_ARGUMENT, fn, e.what());
+  } catch (const std::runtime_error& e) {
+    return set_error(AIRMOE_ERR_RUNTIME, fn, e.what());
+  } catch (const std::exception& e) {
+    return set_error(AIRMOE_ERR_UNKNOWN, fn, e.what());
+  } catch (...) {
+    return set_error(AIRMOE_ERR_UNKNOWN, fn, "unknown exception");
+  }
+}
+
+void require_nonnull(const void* p, const char* name) {
+  if (p == nullptr) invalid(std::string("argument '") + name + "' is NULL");
+}
+
+// A [rows, cols] array: rows >= 0, cols >= min_cols, rows * cols fits in
+// int64; the pointer may be NULL only when the array is empty.
+void require_array(const void* p, int64_t rows, int64_t cols, int64_t min_cols, const char* name,
+                   const char* rows_name, const char* cols_name) {
+  if (rows < 0) invalid(std::string(rows_name) + " = " + std::to_string(rows) + " is negative");
+  if (cols < min_cols)
+    invalid(std::string(cols_name) + " = " + std::to_string(cols) +
+            " must be >= " + std::to_string(min_cols));
+  if (cols > 0 && rows > INT64_MAX / cols)
+    invalid(std::string(name) + " [" + std::to_string(rows) + ", " + std::to_string(cols) +
+            "] is too large");
+  if (rows * cols > 0) require_nonnull(p, name);
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* airmoe_last_error(void) {
+  return last_error_message.c_str();
+}
+
+const char* airmoe_status_name(airmoe_status status) {
+  switch (status) {
+    case AIRMOE_OK:
+      return "AIRMOE_OK";
+    case AIRMOE_ERR_INVALID_ARGUMENT:
+      return "AIRMOE_ERR_INVALID_ARGUMENT";
+    case AIRMOE_ERR_RUNTIME:
+      return "AIRMOE_ERR_RUNTIME";
+    case AIRMOE_ERR_OUT_OF_MEMORY:
+      return "AIRMOE_ERR_OUT_OF_MEMORY";
+    case AIRMOE_ERR_UNKNOWN:
+      return "AIRMOE_ERR_UNKNOWN";
+  }
+  return "AIRMOE_ERR_UNKNOWN";
+}
+
+airmoe_status airmoe_version(int* major, int* minor, int* patch) {
+  return guarded("airmoe_version", [&] {
+    require_nonnull(major, "major");
+    require_nonnull(minor, "minor");
+    require_nonnull(patch, "patch");
+    *major = AIRMOE_VERSION_MAJOR;
+    *minor = AIRMOE_VERSION_MINOR;
+    *patch = AIRMOE_VERSION_PATCH;
+  });
+}
+
+// ---------------------------------------------------------------- routers --
+
+airmoe_status airmoe_router_create_air(const float* centers, int64_t experts, int64_t dim,
+                                       int64_t codewords, int kmeans_iterations, uint64_t seed,
+                                       airmoe_router** out) {
+  return guarded("airmoe_router_create_air", [&] {
+    require_nonnull(out, "out");
+    *out = nullptr;
+    require_array(centers, experts, dim, 1, "centers", "experts", "dim");
+    if (experts < 1) invalid("experts = " + std::to_string(experts) + " must be >= 1");
+    if (codewords < 1 || codewords > experts)
+      invalid("codewords = " + std::to_string(codewords) + " is outside [1, " +
+              std::to_string(experts) + "]");
+    if (kmeans_iterations < 0)
+      invalid("kmeans_iterations = " + std::to_string(kmeans_iterations) + " is negative");
+    airmoe::AirConfig config;
+    config.codewords = codewords;
+    config.kmeans_iterations = kmeans_iterations;
+    config.seed = seed;
+    auto r = std::make_unique<airmoe_router>();
+    r->air = std::make_unique<airmoe::AirRouter>(airmoe::MatrixView(centers, experts, dim), config);
+    *out = r.release();
+  });
+}
+
+airmoe_status airmoe_router_create_dense(const float* centers, int64_t experts, int64_t dim,
+                                         airmoe_router** out) {
+  return guarded("airmoe_router_create_dense", [&] {
+    require_nonnull(out, "out");
+    *out = nullptr;
+    require_array(centers, experts, dim, 1, "centers", "experts", "dim");
+    if (experts < 1) invalid("experts = " + std::to_string(experts) + " must be >= 1");
+    auto r = std::make_unique<airmoe_router>();
+    r->dense = std::make_unique<airmoe::DenseRouter>(airmoe::MatrixView(centers, experts, dim));
+    *out = r.release();
+  });
+}
+
+void airmoe_router_free(airmoe_router* router) {
+  delete router;
+}
+
+airmoe_status airmoe_router_route(const airmoe_router* router, const float* tokens, int64_t T,
+                                  int64_t dim, int k, int probes, int32_t* experts_out,
+                                  float* gates_out) {
+  return guarded("airmoe_router_route", [&] {
+    require_nonnull(router, "router");
+    router->has_last = false;
+    router->last = airmoe::Routes();
+    require_array(tokens, T, dim, 1, "tokens", "T", "dim");
+    if (k < 1 || k > router->experts())
+      invalid("k = " + std::to_string(k) + " is outside [1, " + std::to_string(router->experts()) +
+              "]");
+    require_array(experts_out, T, k, 1, "experts_out", "T", "k");
+    require_array(gates_out, T, k, 1, "gates_out", "T", "k");
+    const airmoe::MatrixView view(tokens, T, dim);
+    airmoe::Routes r =
+        router->air ? router->air->route(view, k, probes) : router->dense->route(view, k);
+    const size_t n = static_cast<size_t>(T * k);
+    if (n > 0) {
+      std::copy_n(r.experts.data(), n, experts_out);
+      std::copy_n(r.gates.data(), n, gates_out);
+    }
+    router->last = std::move(r);
+    router->has_last = true;
+  });
+}
+
+airmoe_status airmoe_router_backward(const airmoe_router* router, const float* tokens, int64_t T,
+                                     int64_t dim, const float* d_gates, float* d_tokens_out,
+                                     float* d_centers_out) {
+  return guarded("airmoe_router_backward", [&] {
+    require_nonnull(router, "router");
+    if (!router->has_last) invalid("no routes: call airmoe_router_route on this handle first");
+    const airmoe::Routes& routes = router->last;
+    if (T != routes.tokens)
+      invalid("T = " + std::to_string(T) +
+              " but the last route call had T = " + std::to_string(routes.tokens));
+    if (dim != router->dim())
+      invalid("dim = " + std::to_string(dim) +
+              " but the router has dim = " + std::to_string(router->dim()));
+    require_array(tokens, T, dim, 1, "tokens", "T", "dim");
+    require_array(d_gates, T, routes.k, 1, "d_gates", "T", "k");
+    require_array(d_tokens_out, T, dim, 1, "d_tokens_out", "T", "dim");
+    require_array(d_centers_out, router->experts(), dim, 1, "d_centers_out", "experts", "dim");
+    const airmoe::MatrixView h(tokens, T, dim), dg(d_gates, T, routes.k);
+    airmoe::RouterGradients g =
+        router->air ? router->air->backward(h, routes, dg) : router->dense->backward(h, routes, dg);
+    if (T > 0) std::copy_n(g.d_tokens.data(), static_cast<size_t>(T * dim), d_tokens_out);
+    std::fill_n(d_centers_out, static_cast<size_t>(router->experts() * dim), 0.0f);
+    const airmoe::SparseRowGrad& dc = g.d_centers;
+    for (size_t i = 0; i < dc.rows.size(); ++i)
+      std::copy_n(dc.values.row(static_cast<int64_t>(i)), static_cast<size_t>(dim),
+                  d_centers_out + static_cast<int64_t>(dc.rows[i]) * dim);
+  });
+}
+
+airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* centers,
+                                            int64_t experts, int64_t dim, double step,
+                                            int updates) {
+  return guarded("airmoe_router_update_codebook", [&] {
+    require_nonnull(router, "router");
+    if (!router->air) invalid("a dense router has no codebook (AIR routers only)");
+    require_array(centers, experts, dim, 1, "centers", "experts", "dim");
+    if (!(step > 0.0 && step <= 1.0))
+      invalid("step = " + std::to_string(step) + " is outside (0, 1]");
+    if (updates < 0) invalid("updates = " + std::to_string(updates) + " is negative");
+    router->has_last = false;
+    router->last = airmoe::Routes();
+    router->air->set_centers(airmoe::MatrixView(centers, experts, dim));
+    router->air->update_codebook(step, updates);
+  });
+}
+
+airmoe_status airmoe_router_info(const airmoe_router* router, int64_t* experts, int64_t* dim,
+                                 int64_t* codewords) {
+  return guarded("airmoe_router_info", [&] {
+    require_nonnull(router, "router");
+    require_nonnull(experts, "experts");
+    require_nonnull(dim, "dim");
+    require_nonnull(codewords, "codewords");
+    *experts = router->experts();
+    *dim = router->dim();
+    *codewords = router->air ? router->air->codewords() : 0;
+  });
+}
+
+// ----------------------------------------------------------- communicator --
+
+airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out) {
+  return guarded("airmoe_comm_create_mpi", [&] {
+    require_nonnull(out, "out");
+    *out = nullptr;
+    require_nonnull(mpi_comm, "mpi_comm");
+    const MPI_Comm comm = *static_cast<const MPI_Comm*>(mpi_comm);
+    auto c = std::make_unique<airmoe_comm>();
+    c->mpi = std::make_unique<airmoe::comm::MpiCommunicator>(comm);
+    *out = c.release();
+  });
+}
+
+void airmoe_comm_free(airmoe_comm* comm) {
+  delete comm;
+}
+
+airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out) {
+  return guarded("airmoe_comm_rank", [&] {
+    require_nonnull(comm, "comm");
+    require_nonnull(out, "out");
+    *out = comm->mpi->rank();
+  });
+}
+
+airmoe_status airmoe_comm_size(const airmoe_comm* comm, int* out) {
+  return guarded("airmoe_comm_size", [&] {
+    require_nonnull(comm, "comm");
+    require_nonnull(out, "out");
+    *out = comm->mpi->size();
+  });
+}
+
+airmoe_status airmoe_comm_set_phase(airmoe_comm* comm, const char* phase) {
+  return guarded("airmoe_comm_set_phase", [&] {
+    require_nonnull(comm, "comm");
+    require_nonnull(phase, "phase");
+    comm->mpi->set_phase(phase);
+  });
+}
+
+airmoe_status airmoe_comm_barrier(airmoe_comm* comm) {
+  return guarded("airmoe_comm_barrier", [&] {
+    require_nonnull(comm, "comm");
+    comm->mpi->barrier();
+  });
+}
+
+airmoe_status airmoe_comm_allreduce_sum_i64(airmoe_comm* comm, int64_t* data, int64_t count) {
+  return guarded("airmoe_comm_allreduce_sum_i64", [&] {
+    require_nonnull(comm, "comm");
+    require_array(data, count, 1, 1, "data", "count", "1");
+    comm->mpi->allreduce_sum(data, static_cast<size_t>(count));
+  });
+}
+
+airmoe_status airmoe_comm_bytes_sent(const airmoe_comm* comm, const char* phase, int64_t* bytes,
+                                     int64_t* messages) {
+  return guarded("airmoe_comm_bytes_sent", [&] {
+    require_nonnull(comm, "comm");
+    require_nonnull(bytes, "bytes");
+    require_nonnull(messages, "messages");
+    const airmoe::comm::TrafficMeter& meter = comm->mpi->meter();
+    const airmoe::comm::TrafficCounts c = phase ? meter.sent(phase) : meter.total();
+    *bytes = c.bytes;
+    *messages = c.messages;
+  });
+}
+
+}  // extern "C"

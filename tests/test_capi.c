@@ -1,0 +1,441 @@
+/* Test of the C API (capi/airmoe.h), written in C99 and compiled as C.
+ *
+ * Data: small seeded sets whose entries are multiples of 1/8 in [-1, 1], so
+ * every logit <w_e, h> is computed exactly in float and in double alike and
+ * equal logits (ties) really occur: the reference below is exact, and the
+ * library must break ties to the lower expert id as it does.
+ *
+ * Checked:
+ *  - AIR routing with probes = codewords equals dense routing bit for bit,
+ *    and both equal a brute-force top-k computed here in double (ties to the
+ *    lower id), gates within 1e-5 of a double softmax over the chosen k;
+ *  - AIR with few probes returns k distinct valid experts, best first;
+ *  - backward: d_tokens and d_centers against the closed form in double
+ *    (dz = g * (dg - sum g dg), dL/dh = sum_j dz_j w_j, dL/dw_j += dz_j h)
+ *    within 1e-4; AIR and dense backward agree bit for bit;
+ *  - update_codebook on moved centers, then routing again exact;
+ *  - T = 0; error paths: NULL arguments, k = 0, probes > codewords, NaN in
+ *    tokens, wrong dim, backward without routes or with another T, dense
+ *    update_codebook, bad step; each a non-OK status whose
+ *    airmoe_last_error() names the problem; the message survives a later
+ *    successful call;
+ *  - the MPI communicator from MPI_COMM_WORLD: rank, size, an all-reduce and
+ *    its metered traffic.
+ * Runs on any number of MPI ranks (every rank runs every check). The last
+ * line, printed by rank 0, is "capi: N passed, M failed" summed over ranks;
+ * the exit status is nonzero on every rank if any check failed anywhere. */
+#include <math.h>
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "airmoe.h"
+
+static int g_passed = 0;
+static int g_failed = 0;
+static int g_rank = 0;
+
+static void check(int ok, const char* what, int line) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    fprintf(stderr, "[rank %d] test_capi.c:%d: FAILED: %s\n", g_rank, line, what);
+  }
+}
+#define CHECK(cond) check((cond) != 0, #cond, __LINE__)
+
+/* A failed call: status `want`, and the last error contains `needle`. */
+static void check_error(airmoe_status got, airmoe_status want, const char* needle, int line) {
+  const char* msg = airmoe_last_error();
+  char what[512];
+  snprintf(what, sizeof what, "status %s (want %s), message \"%s\" (want it to contain \"%s\")",
+           airmoe_status_name(got), airmoe_status_name(want), msg ? msg : "(null)", needle);
+  check(got == want && msg != NULL && strstr(msg, needle) != NULL, what, line);
+}
+#define CHECK_ERROR(call, want, needle) check_error((call), (want), (needle), __LINE__)
+
+static void check_ok(airmoe_status got, const char* call, int line) {
+  char what[512];
+  snprintf(what, sizeof what, "%s returned %s: %s", call, airmoe_status_name(got),
+           got == AIRMOE_OK ? "" : airmoe_last_error());
+  check(got == AIRMOE_OK, what, line);
+}
+#define CHECK_OK(call) check_ok((call), #call, __LINE__)
+
+/* ------------------------------------------------------------- data --- */
+
+static uint64_t g_lcg = 0;
+
+static uint32_t lcg_next(void) {
+  g_lcg = g_lcg * 6364136223846793005ULL + 1442695040888963407ULL;
+  return (uint32_t)(g_lcg >> 33);
+}
+
+/* A multiple of 1/8 in [-1, 1]. */
+static float dyadic(void) {
+  return (float)((int)(lcg_next() % 17u) - 8) / 8.0f;
+}
+
+/* rows x cols of dyadic values, no zero row (routers reject zero centers). */
+static float* random_matrix(int64_t rows, int64_t cols) {
+  float* m = (float*)malloc((size_t)(rows * cols) * sizeof(float));
+  if (!m) abort();
+  for (int64_t r = 0; r < rows; ++r) {
+    int nonzero = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      m[r * cols + c] = dyadic();
+      nonzero |= m[r * cols + c] != 0.0f;
+    }
+    if (!nonzero) m[r * cols] = 0.5f;
+  }
+  return m;
+}
+
+/* ------------------------------------------------ double reference --- */
+
+static double dot(const float* a, const float* b, int64_t d) {
+  double s = 0.0;
+  for (int64_t j = 0; j < d; ++j) s += (double)a[j] * (double)b[j];
+  return s;
+}
+
+/* Exact top-k of tokens . centers^T (ties to the lower id) and the softmax
+ * over the chosen k, in double. */
+static void reference_route(const float* tokens, int64_t T, const float* centers, int64_t E,
+                            int64_t d, int k, int32_t* experts, double* gates) {
+  double* z = (double*)malloc((size_t)E * sizeof(double));
+  char* taken = (char*)malloc((size_t)E);
+  if (!z || !taken) abort();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) {
+      z[e] = dot(tokens + t * d, centers + e * d, d);
+      taken[e] = 0;
+    }
+    double zk[64];
+    for (int j = 0; j < k; ++j) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || z[e] > z[best])) best = e; /* strict: lower id wins ties */
+      taken[best] = 1;
+      experts[t * k + j] = (int32_t)best;
+      zk[j] = z[best];
+    }
+    double sum = 0.0;
+    for (int j = 0; j < k; ++j) sum += exp(zk[j] - zk[0]);
+    for (int j = 0; j < k; ++j) gates[t * k + j] = exp(zk[j] - zk[0]) / sum;
+  }
+  free(z);
+  free(taken);
+}
+
+/* Closed-form backward of the chosen-k softmax gates, in double. */
+static void reference_backward(const float* tokens, int64_t T, const float* centers, int64_t E,
+                               int64_t d, int k, const int32_t* experts, const double* gates,
+                               const float* d_gates, double* d_tokens, double* d_centers) {
+  memset(d_tokens, 0, (size_t)(T * d) * sizeof(double));
+  memset(d_centers, 0, (size_t)(E * d) * sizeof(double));
+  for (int64_t t = 0; t < T; ++t) {
+    double weighted = 0.0;
+    for (int j = 0; j < k; ++j) weighted += gates[t * k + j] * d_gates[t * k + j];
+    for (int j = 0; j < k; ++j) {
+      const double dz = gates[t * k + j] * (d_gates[t * k + j] - weighted);
+      const int64_t e = experts[t * k + j];
+      for (int64_t c = 0; c < d; ++c) {
+        d_tokens[t * d + c] += dz * centers[e * d + c];
+        d_centers[e * d + c] += dz * tokens[t * d + c];
+      }
+    }
+  }
+}
+
+static double max_abs_diff(const float* a, const double* b, int64_t n) {
+  double m = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double diff = fabs((double)a[i] - b[i]);
+    if (!(diff <= m)) m = diff; /* a NaN wins */
+  }
+  return m;
+}
+
+/* Routes of `router` equal the exact reference: experts exactly, gates to 1e-5. */
+static void check_exact(const int32_t* experts, const float* gates, const float* tokens, int64_t T,
+                        const float* centers, int64_t E, int64_t d, int k, const char* what,
+                        int line) {
+  int32_t* ref_e = (int32_t*)malloc((size_t)(T * k) * sizeof(int32_t));
+  double* ref_g = (double*)malloc((size_t)(T * k) * sizeof(double));
+  if (!ref_e || !ref_g) abort();
+  reference_route(tokens, T, centers, E, d, k, ref_e, ref_g);
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: experts equal the exact double top-k", what);
+  check(memcmp(experts, ref_e, (size_t)(T * k) * sizeof(int32_t)) == 0, msg, line);
+  snprintf(msg, sizeof msg, "%s: gates within 1e-5 of the double softmax (max diff %.3g)", what,
+           max_abs_diff(gates, ref_g, T * k));
+  check(max_abs_diff(gates, ref_g, T * k) <= 1e-5, msg, line);
+  free(ref_e);
+  free(ref_g);
+}
+
+/* Number of tokens with two equal logits among their best k + 1 (a tie
+ * within the chosen k or at its boundary): shows the data exercises the
+ * tie-breaking rule. */
+static int64_t count_ties(const float* tokens, int64_t T, const float* centers, int64_t E,
+                          int64_t d, int k) {
+  int32_t* top = (int32_t*)malloc((size_t)(T * (k + 1)) * sizeof(int32_t));
+  double* gates = (double*)malloc((size_t)(T * (k + 1)) * sizeof(double));
+  if (!top || !gates) abort();
+  reference_route(tokens, T, centers, E, d, k + 1, top, gates);
+  int64_t ties = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    int tie = 0;
+    for (int j = 1; j <= k; ++j)
+      tie |= dot(tokens + t * d, centers + (int64_t)top[t * (k + 1) + j - 1] * d, d) ==
+             dot(tokens + t * d, centers + (int64_t)top[t * (k + 1) + j] * d, d);
+    ties += tie;
+  }
+  free(top);
+  free(gates);
+  return ties;
+}
+
+/* ------------------------------------------------------------ tests --- */
+
+enum { E = 48, D = 12, T = 40, K = 4, C = 6 };
+
+static void test_version(void) {
+  int major = -1, minor = -1, patch = -1;
+  CHECK_OK(airmoe_version(&major, &minor, &patch));
+  CHECK(major == 0 && minor >= 0 && patch >= 0);
+  CHECK_ERROR(airmoe_version(NULL, &minor, &patch), AIRMOE_ERR_INVALID_ARGUMENT, "major");
+  CHECK(strcmp(airmoe_status_name(AIRMOE_ERR_RUNTIME), "AIRMOE_ERR_RUNTIME") == 0);
+}
+
+static void test_routers(void) {
+  g_lcg = 20240611u;
+  float* centers = random_matrix(E, D);
+  float* tokens = random_matrix(T, D);
+  const int64_t ties = count_ties(tokens, T, centers, E, D, K);
+  printf("capi: %lld of %d tokens have tied logits among their best k + 1\n", (long long)ties, T);
+  CHECK(ties > 0);
+
+  airmoe_router* air = NULL;
+  airmoe_router* dense = NULL;
+  CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, &air));
+  CHECK_OK(airmoe_router_create_dense(centers, E, D, &dense));
+  if (!air || !dense) {
+    CHECK(!"routers created");
+    airmoe_router_free(air);
+    airmoe_router_free(dense);
+    free(centers);
+    free(tokens);
+    return;
+  }
+
+  int64_t e = 0, d = 0, c = -1;
+  CHECK_OK(airmoe_router_info(air, &e, &d, &c));
+  CHECK(e == E && d == D && c == C);
+  CHECK_OK(airmoe_router_info(dense, &e, &d, &c));
+  CHECK(e == E && d == D && c == 0);
+
+  /* Forward: AIR (probes = C) == dense == exact. */
+  int32_t air_e[T * K], dense_e[T * K];
+  float air_g[T * K], dense_g[T * K];
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, C, air_e, air_g));
+  CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, dense_e, dense_g));
+  CHECK(memcmp(air_e, dense_e, sizeof air_e) == 0);
+  CHECK(memcmp(air_g, dense_g, sizeof air_g) == 0);
+  check_exact(dense_e, dense_g, tokens, T, centers, E, D, K, "dense", __LINE__);
+  check_exact(air_e, air_g, tokens, T, centers, E, D, K, "air, probes = C", __LINE__);
+
+  /* Backward: closed form in double; AIR == dense bit for bit. */
+  float d_gates[T * K];
+  for (int i = 0; i < T * K; ++i) d_gates[i] = dyadic();
+  float* air_dh = (float*)malloc(sizeof(float) * T * D);
+  float* dense_dh = (float*)malloc(sizeof(float) * T * D);
+  float* air_dw = (float*)malloc(sizeof(float) * E * D);
+  float* dense_dw = (float*)malloc(sizeof(float) * E * D);
+  double* ref_dh = (double*)malloc(sizeof(double) * T * D);
+  double* ref_dw = (double*)malloc(sizeof(double) * E * D);
+  double ref_g[T * K];
+  int32_t ref_e[T * K];
+  if (!air_dh || !dense_dh || !air_dw || !dense_dw || !ref_dh || !ref_dw) abort();
+  for (int i = 0; i < E * D; ++i) air_dw[i] = dense_dw[i] = 123.0f; /* must be overwritten */
+  CHECK_OK(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, air_dw));
+  CHECK_OK(airmoe_router_backward(dense, tokens, T, D, d_gates, dense_dh, dense_dw));
+  reference_route(tokens, T, centers, E, D, K, ref_e, ref_g);
+  reference_backward(tokens, T, centers, E, D, K, ref_e, ref_g, d_gates, ref_dh, ref_dw);
+  printf("capi: backward max |d_tokens - ref| = %.3g, max |d_centers - ref| = %.3g\n",
+         max_abs_diff(dense_dh, ref_dh, T * D), max_abs_diff(dense_dw, ref_dw, E * D));
+  CHECK(max_abs_diff(dense_dh, ref_dh, T * D) <= 1e-4);
+  CHECK(max_abs_diff(dense_dw, ref_dw, E * D) <= 1e-4);
+  CHECK(memcmp(air_dh, dense_dh, sizeof(float) * T * D) == 0);
+  CHECK(memcmp(air_dw, dense_dw, sizeof(float) * E * D) == 0);
+
+  /* Few probes: k distinct valid experts, best first. */
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, 1, air_e, air_g));
+  int valid = 1;
+  for (int t = 0; t < T; ++t) {
+    double sum = 0.0;
+    for (int j = 0; j < K; ++j) {
+      const int32_t x = air_e[t * K + j];
+      valid &= x >= 0 && x < E;
+      if (!(x >= 0 && x < E)) break;
+      for (int i = 0; i < j; ++i) valid &= air_e[t * K + i] != x;
+      if (j > 0)
+        valid &= dot(tokens + t * D, centers + (int64_t)air_e[t * K + j - 1] * D, D) >=
+                 dot(tokens + t * D, centers + (int64_t)x * D, D);
+      sum += air_g[t * K + j];
+    }
+    valid &= fabs(sum - 1.0) <= 1e-5;
+  }
+  CHECK(valid);
+
+  /* T = 0: empty arrays may be NULL; d_centers is still overwritten. */
+  CHECK_OK(airmoe_router_route(air, NULL, 0, D, K, 2, NULL, NULL));
+  CHECK_OK(airmoe_router_backward(air, NULL, 0, D, NULL, NULL, air_dw));
+  int zero = 1;
+  for (int i = 0; i < E * D; ++i) zero &= air_dw[i] == 0.0f;
+  CHECK(zero);
+
+  /* Error paths: status and a message that names the problem. */
+  airmoe_router* none = (airmoe_router*)&none; /* must be reset to NULL */
+  CHECK_ERROR(airmoe_router_create_air(centers, E, D, C, 10, 7u, NULL), AIRMOE_ERR_INVALID_ARGUMENT,
+              "'out' is NULL");
+  CHECK_ERROR(airmoe_router_create_dense(NULL, E, D, &none), AIRMOE_ERR_INVALID_ARGUMENT,
+              "'centers' is NULL");
+  CHECK(none == NULL);
+  CHECK_ERROR(airmoe_router_create_air(centers, E, D, E + 1, 10, 7u, &none),
+              AIRMOE_ERR_INVALID_ARGUMENT, "codewords");
+  CHECK_ERROR(airmoe_router_create_dense(centers, E, 0, &none), AIRMOE_ERR_INVALID_ARGUMENT, "dim");
+  CHECK_ERROR(airmoe_router_route(NULL, tokens, T, D, K, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "'router' is NULL");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D, 0, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "k = 0");
+  CHECK_ERROR(airmoe_router_route(dense, tokens, T, D, E + 1, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "k = 49");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D, K, C + 1, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "probes");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D, K, 0, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "probes");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D, K, C, NULL, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "experts_out");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D + 1, K, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "columns");
+  tokens[3 * D + 2] = NAN;
+  CHECK_ERROR(airmoe_router_route(dense, tokens, T, D, K, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "row 3 column 2 is nan");
+  CHECK_ERROR(airmoe_router_route(air, tokens, T, D, K, C, air_e, air_g),
+              AIRMOE_ERR_INVALID_ARGUMENT, "nan");
+  tokens[3 * D + 2] = 0.25f;
+  /* The failed route left the handle without routes. */
+  CHECK_ERROR(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, air_dw),
+              AIRMOE_ERR_INVALID_ARGUMENT, "no routes");
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, C, air_e, air_g));
+  /* A success leaves the last error as it was. */
+  CHECK(strstr(airmoe_last_error(), "no routes") != NULL);
+  CHECK_ERROR(airmoe_router_backward(air, tokens, T - 1, D, d_gates, air_dh, air_dw),
+              AIRMOE_ERR_INVALID_ARGUMENT, "T = 39");
+  CHECK_ERROR(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, NULL),
+              AIRMOE_ERR_INVALID_ARGUMENT, "d_centers_out");
+  d_gates[5] = INFINITY;
+  CHECK_ERROR(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, air_dw),
+              AIRMOE_ERR_INVALID_ARGUMENT, "d_gates row 1 column 1 is +inf");
+  CHECK_ERROR(airmoe_router_update_codebook(dense, centers, E, D, 1.0, 1),
+              AIRMOE_ERR_INVALID_ARGUMENT, "dense");
+  CHECK_ERROR(airmoe_router_update_codebook(air, centers, E, D, 0.0, 1),
+              AIRMOE_ERR_INVALID_ARGUMENT, "step");
+  CHECK_ERROR(airmoe_router_update_codebook(air, centers, C - 1, D, 1.0, 1),
+              AIRMOE_ERR_INVALID_ARGUMENT, "exceeds E");
+  CHECK_ERROR(airmoe_router_info(air, NULL, &d, &c), AIRMOE_ERR_INVALID_ARGUMENT, "experts");
+
+  /* update_codebook: move the centers, adapt, route exactly again. */
+  for (int i = 0; i < E * D; ++i) centers[i] = centers[i] * 0.5f + dyadic() * 0.5f;
+  for (int r = 0; r < E; ++r) {
+    int nonzero = 0;
+    for (int j = 0; j < D; ++j) nonzero |= centers[r * D + j] != 0.0f;
+    if (!nonzero) centers[r * D] = 0.5f;
+  }
+  CHECK_OK(airmoe_router_update_codebook(air, centers, E, D, 0.5, 2));
+  CHECK_OK(airmoe_router_info(air, &e, &d, &c));
+  CHECK(e == E && d == D && c == C);
+  CHECK_ERROR(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, air_dw),
+              AIRMOE_ERR_INVALID_ARGUMENT, "no routes");
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, C, air_e, air_g));
+  check_exact(air_e, air_g, tokens, T, centers, E, D, K, "air after update_codebook", __LINE__);
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, 2, air_e, air_g));
+
+  airmoe_router_free(air);
+  airmoe_router_free(dense);
+  airmoe_router_free(NULL);
+  free(air_dh);
+  free(dense_dh);
+  free(air_dw);
+  free(dense_dw);
+  free(ref_dh);
+  free(ref_dw);
+  free(centers);
+  free(tokens);
+}
+
+static void test_comm(void) {
+  airmoe_comm* comm = NULL;
+  MPI_Comm world = MPI_COMM_WORLD;
+  int mpi_rank = -1, mpi_size = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &mpi_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &mpi_size);
+
+  CHECK_ERROR(airmoe_comm_create_mpi(NULL, &comm), AIRMOE_ERR_INVALID_ARGUMENT, "mpi_comm");
+  CHECK_ERROR(airmoe_comm_create_mpi(&world, NULL), AIRMOE_ERR_INVALID_ARGUMENT, "out");
+  CHECK_OK(airmoe_comm_create_mpi(&world, &comm));
+  if (!comm) return;
+  int rank = -1, size = -1;
+  CHECK_OK(airmoe_comm_rank(comm, &rank));
+  CHECK_OK(airmoe_comm_size(comm, &size));
+  CHECK(rank == mpi_rank && size == mpi_size);
+  CHECK_ERROR(airmoe_comm_rank(comm, NULL), AIRMOE_ERR_INVALID_ARGUMENT, "out");
+
+  /* An all-reduce metered as a ring: 2 (P - 1) messages of ceil(bytes / P). */
+  CHECK_OK(airmoe_comm_set_phase(comm, "capi"));
+  int64_t v[4];
+  for (int i = 0; i < 4; ++i) v[i] = (int64_t)(rank + 1) * (i + 1);
+  CHECK_OK(airmoe_comm_allreduce_sum_i64(comm, v, 4));
+  const int64_t tri = (int64_t)size * (size + 1) / 2;
+  CHECK(v[0] == tri && v[1] == 2 * tri && v[2] == 3 * tri && v[3] == 4 * tri);
+  CHECK_OK(airmoe_comm_barrier(comm));
+  int64_t bytes = -1, messages = -1;
+  CHECK_OK(airmoe_comm_bytes_sent(comm, "capi", &bytes, &messages));
+  CHECK(messages == 2 * (size - 1) && bytes == 2 * (size - 1) * ((32 + size - 1) / size));
+  int64_t all_bytes = -1, all_messages = -1;
+  CHECK_OK(airmoe_comm_bytes_sent(comm, NULL, &all_bytes, &all_messages));
+  CHECK(all_bytes >= bytes && all_messages >= messages);
+  CHECK_OK(airmoe_comm_bytes_sent(comm, "never used", &bytes, &messages));
+  CHECK(bytes == 0 && messages == 0);
+  airmoe_comm_free(comm);
+  airmoe_comm_free(NULL);
+}
+
+int main(int argc, char** argv) {
+  int provided = 0;
+  if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+    fprintf(stderr, "capi: MPI_Init_thread failed\n");
+    return 1;
+  }
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+
+  test_version();
+  test_routers();
+  test_comm();
+
+  int local[2] = {g_passed, g_failed}, total[2] = {0, 0};
+  MPI_Allreduce(local, total, 2, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  MPI_Finalize();
+  if (g_rank == 0) {
+    if (size > 1) printf("capi: %d ranks, counts summed over ranks\n", size);
+    printf("capi: %d passed, %d failed\n", total[0], total[1]);
+  }
+  return total[1] == 0 ? 0 : 1;
+}
