@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
-cmake --build build -j"$(nproc)" --target airmoe_bench
+cmake --build build -j"$(nproc)" --target airmoe_bench airmoe_python
+# `import airmoe` for Debian's python3 (into its dist-packages).
+if [ "$(id -u)" -eq 0 ]; then cmake --install build --component python; else sudo cmake --install build --component python; fi
+/usr/bin/python3 -c "import airmoe, torch; r = airmoe.AIRRouter(4096, 64, 8, 64, 8); g, i = r(torch.randn(16, 64)); print('airmoe PyTorch router ok:', tuple(g.shape), tuple(i.shape))"
 mkdir -p out
 ./build/examples/airmoe_bench router --json out/router.json "$@"

@@ -13,6 +13,8 @@ packages=(
   nlohmann-json3-dev
   libfaiss-dev             # the benchmark's FAISS IndexIVFFlat peer
   python3 python3-numpy    # .npy fixtures in tests
+  python3-dev pybind11-dev # the PyTorch binding (python/)
+  python3-torch python3-pytest python3-mpi4py  # the binding's tests
   python3-matplotlib       # docs charts
 )
 

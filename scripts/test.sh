@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs every test twice: a Release
-# build, then an AddressSanitizer + UndefinedBehaviorSanitizer build.
+# build (GoogleTest, MPI tests, the C API test, the PyTorch binding's pytest
+# suite, benchmark smoke tests), then an AddressSanitizer +
+# UndefinedBehaviorSanitizer build (all but Python and the benchmarks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="$(nproc)"
@@ -14,7 +16,7 @@ ctest --test-dir build --output-on-failure --timeout 900
 
 echo "== ASan + UBSan build and tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAIRMOE_SANITIZE=ON \
-  -DAIRMOE_BUILD_EXAMPLES=OFF
+  -DAIRMOE_BUILD_EXAMPLES=OFF -DAIRMOE_BUILD_PYTHON=OFF
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure --timeout 900

@@ -1,0 +1,59 @@
+"""Checks and zero-copy views between torch tensors and the C++ routers.
+
+The C++ side reads float32, row-major memory in place. A CPU, contiguous
+float32 tensor crosses as ``tensor.detach().numpy()``, which is a view of the
+same memory (no copy). Anything else is refused with a ValueError naming the
+fix; the only conversions airmoe makes are the documented float64 ones (see
+:mod:`airmoe.routers`).
+"""
+
+import numpy as np
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_tensor(x, name, dim=None, ndim=2):
+    """Raise ValueError/TypeError unless x is a CPU, contiguous, float32/float64 tensor
+    with `ndim` dimensions (and `dim` columns when given)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(
+            f"{name} is on device {x.device}; airmoe routes on the CPU and does not move "
+            f"tensors between devices: pass {name}.cpu()")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} has dtype {x.dtype}; airmoe accepts float32 (routed in place, no copy) "
+            f"or float64 (explicit float32 selection, float64 gates): convert with "
+            f"{name}.float()")
+    if x.dim() != ndim:
+        shape = "[T, d]" if ndim == 2 else f"{ndim}-D"
+        raise ValueError(f"{name} must be {shape}, got shape {list(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} has {x.shape[-1]} columns, expected {dim}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{name} is not contiguous (strides {x.stride()}); airmoe does not copy "
+            f"silently: pass {name}.contiguous()")
+
+
+def view(x):
+    """float32 numpy view of a checked tensor: zero-copy for float32; float64 is
+    converted (a copy), which callers only do where documented."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    a = x.detach().numpy()
+    assert a.flags["C_CONTIGUOUS"]
+    return a
+
+
+def tensor_key(x):
+    """What changes when a tensor's values may have changed: its storage, its
+    in-place version counter, its dtype and shape."""
+    return (x.data_ptr(), x._version, x.dtype, tuple(x.shape))
+
+
+def from_numpy(a, dtype=None):
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if dtype is None else t.to(dtype)

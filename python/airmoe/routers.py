@@ -1,0 +1,342 @@
+"""torch.nn routers over the airmoe C++ library.
+
+All three routers share one interface::
+
+    gates, indices = router(hidden)    # hidden [T, d] -> gates [T, k], indices [T, k] int64
+
+Row t holds token t's k experts, best first (higher logit, then lower expert
+id), and gates = softmax over the k chosen logits z_e = <w_e, h>. Gates are
+differentiable in ``hidden`` and in the router's parameters; indices are not
+(selection is piecewise constant).
+
+Tensors and copies
+------------------
+Inputs must be CPU tensors, contiguous, float32 or float64, and every router
+parameter must share hidden's dtype. Anything else (float16, integers, CUDA,
+non-contiguous views, wrong shapes) raises ValueError naming the fix: airmoe
+never copies or converts silently.
+
+* float32 (the training path): ``hidden`` is handed to C++ in place (a NumPy
+  view of the tensor's memory, no copy); the forward and the backward are the
+  C++ router's (``RouterGradients``: d_hidden and the sparse rows of
+  d_centers, scattered here into a dense [E, d] gradient).
+* float64 (for ``torch.autograd.gradcheck`` and debugging): an explicit,
+  documented conversion. Selection runs in C++ on a float32 copy of hidden
+  and the parameters (selection is piecewise constant, so its derivative is
+  zero wherever it is defined); the gates are then computed in float64 from
+  the chosen experts by the closed-form softmax below, whose backward is
+  written out by hand (not C++). The float32 tests check that the C++
+  backward equals this closed form to 1e-5, and gradcheck checks the closed
+  form in float64: together they cover the C++ gradients.
+
+  Closed form, per token, chosen rows w_j (j < k)::
+
+      z_j = <h, w_j>,  g = softmax(z),  dz_j = g_j (dg_j - sum_i g_i dg_i)
+      dh  = sum_j dz_j w_j,  dw_j = dz_j h
+
+Only the 'chosen' gate mode (softmax over the k chosen logits) is exposed
+here.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _airmoe
+from ._tensors import check_tensor, from_numpy, tensor_key, view
+
+__all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
+
+
+class _ChosenSoftmax(torch.autograd.Function):
+    """gates = softmax_j <hidden, rows[:, j]>, with the closed-form backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, rows):  # hidden [T, d], rows [T, k, d]
+        z = torch.einsum("td,tkd->tk", hidden, rows)
+        g = torch.softmax(z, dim=-1)
+        ctx.save_for_backward(hidden, rows, g)
+        return g
+
+    @staticmethod
+    def backward(ctx, dg):
+        hidden, rows, g = ctx.saved_tensors
+        dz = g * (dg - (g * dg).sum(-1, keepdim=True))
+        d_hidden = torch.einsum("tk,tkd->td", dz, rows)
+        d_rows = dz.unsqueeze(-1) * hidden.unsqueeze(1)
+        return d_hidden, d_rows
+
+
+def chosen_softmax(hidden, rows):
+    """Closed-form gates of the chosen experts: hidden [T, d], rows [T, k, d]
+    (the chosen experts' center rows, e.g. ``centers[indices]``)."""
+    return _ChosenSoftmax.apply(hidden, rows)
+
+
+class _CppRoute(torch.autograd.Function):
+    """float32 routing through a C++ router: forward and backward in C++.
+
+    `impl` has _cpp_route(tokens) -> (experts, gates, handle) and
+    _cpp_backward(tokens, handle, d_gates) -> (d_tokens, (rows, values) per param).
+    """
+
+    @staticmethod
+    def forward(ctx, impl, hidden, *params):
+        experts, gates, handle = impl._cpp_route(view(hidden))
+        ctx.impl, ctx.handle = impl, handle
+        # Saving the parameters makes autograd refuse a backward after they
+        # were modified in place (the C++ router holds the forward's copy).
+        ctx.save_for_backward(hidden, *params)
+        indices = torch.from_numpy(experts).long()
+        ctx.mark_non_differentiable(indices)
+        return torch.from_numpy(gates), indices
+
+    @staticmethod
+    def backward(ctx, d_gates, _d_indices):
+        hidden, *params = ctx.saved_tensors
+        # d_gates comes from autograd (it may be an expanded view): making it
+        # contiguous here is internal, not the caller's data.
+        d_tokens, *sparse = ctx.impl._cpp_backward(view(hidden), ctx.handle,
+                                              view(d_gates.contiguous()))
+        grads = []
+        for p, (rows, values), needed in zip(params, sparse, ctx.needs_input_grad[2:]):
+            if not needed:
+                grads.append(None)
+                continue
+            g = torch.zeros_like(p)
+            g[torch.from_numpy(rows).long()] = torch.from_numpy(values)
+            grads.append(g)
+        d_hidden = torch.from_numpy(d_tokens) if ctx.needs_input_grad[1] else None
+        return (None, d_hidden, *grads)
+
+
+def _check_hidden(hidden, dim, params):
+    check_tensor(hidden, "hidden", dim=dim)
+    for name, p in params:
+        if p.dtype != hidden.dtype:
+            raise ValueError(
+                f"hidden is {hidden.dtype} but the router's {name} is {p.dtype}: convert one "
+                f"of them (router.float() / router.double(), or hidden.to({p.dtype}))")
+        check_tensor(p, name, dim=None)
+
+
+def _empty_tokens(dim):
+    return np.zeros((0, dim), dtype=np.float32)
+
+
+class _CenterRouter(nn.Module):
+    """Shared parts of routers with one center per expert (AIR, dense)."""
+
+    def _init_centers(self, num_experts, dim, centers, seed):
+        if num_experts < 1 or dim < 1:
+            raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
+        if centers is None:
+            gen = torch.Generator().manual_seed(seed)
+            centers = torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
+        else:
+            check_tensor(centers, "centers", dim=dim)
+            if centers.shape[0] != num_experts:
+                raise ValueError(
+                    f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
+            centers = centers.detach().clone()
+        self.centers = nn.Parameter(centers)
+
+    def _forward(self, hidden, impl):
+        _check_hidden(hidden, self.dim, [("centers", self.centers)])
+        if hidden.dtype == torch.float32:
+            return _CppRoute.apply(impl, hidden, self.centers)
+        # float64: float32 selection in C++, float64 closed-form gates.
+        with torch.no_grad():
+            _, experts = _CppRoute.apply(impl, hidden.detach().float().contiguous(),
+                                         self.centers.detach())
+        return chosen_softmax(hidden, self.centers[experts]), experts
+
+    def extra_repr(self):
+        return f"num_experts={self.num_experts}, dim={self.dim}, k={self.k}"
+
+
+class AIRRouter(_CenterRouter):
+    """Adaptive inverted-index router (AIR).
+
+    Args:
+        num_experts: E. dim: d. k: experts per token (1 <= k <= E).
+        codewords: C, the codebook size (1 <= C <= E).
+        probes: m, codewords probed per token (1 <= m <= C); more are probed
+            when the first m lists hold fewer than k experts. A plain
+            attribute: change it between calls, nothing is rebuilt. With
+            m = C the router equals exact top-k.
+        centers: initial expert centers [E, d] (copied), or None for a seeded
+            N(0, 1/d) initialization.
+        kmeans_iterations, seed: codebook training (spherical k-means, seeded).
+        update_every: N > 0 makes forward() call update_codebook() itself on
+            every N-th call in training mode (before routing). 0: never; the
+            training loop calls update_codebook() after optimizer.step().
+        list_cap: maximum inverted-list length (0: no cap).
+
+    Parameters and buffers: ``centers`` (nn.Parameter [E, d]) and ``codebook``
+    (buffer [C, d], float32, unit rows), both in state_dict. The C++ router
+    keeps its own copy of the centers and is refreshed lazily: whenever the
+    centers or the codebook changed (in place, e.g. by an optimizer step or
+    load_state_dict, or replaced) since the last call.
+    """
+
+    def __init__(self, num_experts, dim, k, codewords, probes, *, centers=None,
+                 kmeans_iterations=10, seed=0, update_every=0, list_cap=0):
+        super().__init__()
+        self._init_centers(num_experts, dim, centers, seed)
+        self.num_experts, self.dim, self.k, self.probes = num_experts, dim, k, probes
+        self.update_every = int(update_every)
+        if self.update_every < 0:
+            raise ValueError(f"update_every must be >= 0, got {update_every}")
+        self._calls = 0
+        self._index = _airmoe.AirIndex(dim, codewords, kmeans_iterations, seed, list_cap)
+        # C++ validates C <= E and the centers, and trains the codebook.
+        self._index.set_centers(view(self.centers))
+        self.register_buffer("codebook", torch.from_numpy(self._index.codewords()))
+        self._synced = (tensor_key(self.centers), tensor_key(self.codebook))
+        # C++ validates k and probes now rather than at the first forward.
+        self._index.route(_empty_tokens(dim), k, probes)
+
+    @property
+    def num_codewords(self):
+        return self.codebook.shape[0]
+
+    def _sync(self):
+        """Bring the C++ router up to date with the centers and the codebook."""
+        if self.centers.device.type == "meta" or self.codebook.device.type == "meta":
+            raise RuntimeError("the AIR router has no expert centers or codebook yet "
+                               "(meta tensors): materialize the module first")
+        check_tensor(self.centers, "centers", dim=self.dim)
+        check_tensor(self.codebook, "codebook", dim=self.dim)
+        ck, bk = tensor_key(self.centers), tensor_key(self.codebook)
+        if bk != self._synced[1]:
+            self._index.reset(view(self.centers), view(self.codebook))
+        elif ck != self._synced[0]:
+            self._index.set_centers(view(self.centers))
+        self._synced = (ck, bk)
+
+    def forward(self, hidden):
+        """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
+        self._calls += 1
+        if self.training and self.update_every and self._calls % self.update_every == 0:
+            self.update_codebook()
+        self._sync()
+        return self._forward(hidden, self)
+
+    def _cpp_route(self, tokens):
+        return self._index.route(tokens, self.k, self.probes)
+
+    def _cpp_backward(self, tokens, handle, d_gates):
+        return self._index.backward(tokens, handle, d_gates)
+
+    @torch.no_grad()
+    def update_codebook(self, step=1.0, updates=1):
+        """Adaptive spherical k-means on the current centers: `updates` steps,
+        mu_c <- normalize((1 - step) mu_c + step * mean of its members), empty
+        codewords repaired; then the inverted lists are rebuilt. Call after
+        optimizer.step(). Gradient-free: the loss does not change."""
+        self._sync()
+        self._index.update_codebook(float(step), int(updates))
+        self.codebook.copy_(torch.from_numpy(self._index.codewords()))
+        self._synced = (self._synced[0], tensor_key(self.codebook))
+
+    def list_sizes(self):
+        """Inverted-list lengths [C] (int64) for the current centers and codebook."""
+        self._sync()
+        return torch.from_numpy(self._index.list_sizes())
+
+    def extra_repr(self):
+        return (super().extra_repr() +
+                f", codewords={self.num_codewords}, probes={self.probes}"
+                f", update_every={self.update_every}")
+
+
+class DenseRouter(_CenterRouter):
+    """Exact top-k routing over all E centers (the reference)."""
+
+    def __init__(self, num_experts, dim, k, *, centers=None, seed=0):
+        super().__init__()
+        self._init_centers(num_experts, dim, centers, seed)
+        self.num_experts, self.dim, self.k = num_experts, dim, k
+        self._index = _airmoe.DenseIndex(view(self.centers))
+        self._synced = tensor_key(self.centers)
+        self._index.route(_empty_tokens(dim), k)
+
+    def _sync(self):
+        check_tensor(self.centers, "centers", dim=self.dim)
+        key = tensor_key(self.centers)
+        if key != self._synced:
+            self._index.set_centers(view(self.centers))
+            self._synced = key
+
+    def forward(self, hidden):
+        """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
+        self._sync()
+        return self._forward(hidden, self)
+
+    def _cpp_route(self, tokens):
+        return self._index.route(tokens, self.k)
+
+    def _cpp_backward(self, tokens, handle, d_gates):
+        return self._index.backward(tokens, handle, d_gates)
+
+
+class ProductKeyRouter(nn.Module):
+    """Product-key routing (PEER): E = n^2 experts from two sub-key sets,
+    ``keys1`` [n, d // 2] and ``keys2`` [n, d - d // 2] (nn.Parameters);
+    expert i * n + j has the logit <keys1[i], h[:d/2]> + <keys2[j], h[d/2:]>."""
+
+    def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0):
+        super().__init__()
+        if subkeys < 1 or dim < 2:
+            raise ValueError(f"need subkeys >= 1 and dim >= 2, got {subkeys}, {dim}")
+        self.subkeys, self.dim, self.k = subkeys, dim, k
+        self.num_experts = subkeys * subkeys
+        d1 = dim // 2
+        gen = torch.Generator().manual_seed(seed)
+        init = []
+        for name, given, width in (("keys1", keys1, d1), ("keys2", keys2, dim - d1)):
+            if given is None:
+                given = torch.randn(subkeys, width, generator=gen) / math.sqrt(dim)
+            else:
+                check_tensor(given, name, dim=width)
+                if given.shape[0] != subkeys:
+                    raise ValueError(f"{name} has {given.shape[0]} rows, expected {subkeys}")
+                given = given.detach().clone()
+            init.append(given)
+        self.keys1, self.keys2 = nn.Parameter(init[0]), nn.Parameter(init[1])
+        self._index = _airmoe.ProductKeyIndex(view(self.keys1), view(self.keys2))
+        self._synced = (tensor_key(self.keys1), tensor_key(self.keys2))
+        self._index.route(_empty_tokens(dim), k)
+
+    def _sync(self):
+        check_tensor(self.keys1, "keys1")
+        check_tensor(self.keys2, "keys2")
+        key = (tensor_key(self.keys1), tensor_key(self.keys2))
+        if key != self._synced:
+            self._index.set_keys(view(self.keys1), view(self.keys2))
+            self._synced = key
+
+    def forward(self, hidden):
+        """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
+        _check_hidden(hidden, self.dim, [("keys1", self.keys1), ("keys2", self.keys2)])
+        self._sync()
+        if hidden.dtype == torch.float32:
+            return _CppRoute.apply(self, hidden, self.keys1, self.keys2)
+        with torch.no_grad():
+            _, experts = _CppRoute.apply(self, hidden.detach().float().contiguous(),
+                                         self.keys1.detach(), self.keys2.detach())
+        rows = torch.cat([self.keys1[experts // self.subkeys],
+                          self.keys2[experts % self.subkeys]], dim=-1)
+        return chosen_softmax(hidden, rows), experts
+
+    def _cpp_route(self, tokens):
+        return self._index.route(tokens, self.k)
+
+    def _cpp_backward(self, tokens, handle, d_gates):
+        return self._index.backward(tokens, handle, d_gates)
+
+    def extra_repr(self):
+        return f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, k={self.k}"

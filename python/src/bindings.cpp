@@ -1,0 +1,401 @@
+// airmoe._airmoe: the pybind11 extension under the PyTorch package.
+//
+// Zero-copy contract: every matrix argument is a NumPy array that must
+// already be float32, 2-D and C-contiguous; its buffer is wrapped in a
+// MatrixView as it is. Nothing is converted or copied on the way in: another
+// dtype, layout or rank is an std::invalid_argument (Python ValueError) that
+// says what was expected. Results are moved into NumPy arrays that own the
+// C++ buffers (no copy on the way out either).
+//
+// Errors: std::invalid_argument -> ValueError (bad arguments, with the C++
+// router's message), std::runtime_error -> RuntimeError (wrong state, such as
+// a codebook update before the router has centers).
+//
+// Threads: route() and backward() release the GIL. Each router object guards
+// its state with a shared mutex: routing calls share it, set_centers() and
+// update_codebook() take it exclusively.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "router/air_router.h"
+#include "router/codebook.h"
+#include "router/dense_router.h"
+#include "router/matrix.h"
+#include "router/product_key_router.h"
+#include "router/routes.h"
+
+namespace py = pybind11;
+
+namespace airmoe {
+namespace {
+
+// A float32, 2-D, C-contiguous array seen as a MatrixView, without a copy.
+MatrixView as_view(const py::array& a, const std::string& what) {
+  if (a.ndim() != 2)
+    throw std::invalid_argument(what + " must be a 2-D array [rows, cols], got " +
+                                std::to_string(a.ndim()) + "-D");
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw std::invalid_argument(what + " must be float32, got " + std::string(py::str(a.dtype())) +
+                                " (airmoe does not convert silently)");
+  if (!(a.flags() & py::array::c_style))
+    throw std::invalid_argument(what +
+                                " must be C-contiguous (row-major); call .contiguous() on the "
+                                "tensor (airmoe does not copy silently)");
+  return MatrixView(static_cast<const float*>(a.data()), a.shape(0), a.shape(1));
+}
+
+// NumPy arrays that take ownership of C++ buffers.
+template <class T>
+py::array_t<T> owned(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* p = new std::vector<T>(std::move(v));
+  py::capsule base(p, [](void* q) { delete static_cast<std::vector<T>*>(q); });
+  return py::array_t<T>(std::move(shape), p->data(), base);
+}
+
+py::array_t<float> owned(Matrix&& m) {
+  const py::ssize_t rows = m.rows(), cols = m.cols();
+  return owned(std::move(m.storage()), {rows, cols});
+}
+
+template <class T>
+py::array_t<T> copied(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> out(std::move(shape));
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+py::array_t<float> copied(MatrixView m) {
+  py::array_t<float> out({static_cast<py::ssize_t>(m.rows), static_cast<py::ssize_t>(m.cols)});
+  std::copy_n(m.data, m.rows * m.cols, out.mutable_data());
+  return out;
+}
+
+// What route() hands back for backward(): the C++ Routes, kept alive here.
+struct RouteHandle {
+  Routes routes;
+  std::uintptr_t tokens_address = 0;  // the buffer route() read (zero-copy check)
+};
+
+// route() result: (experts int32 [T, k], gates float32 [T, k], handle).
+py::tuple route_result(std::shared_ptr<RouteHandle> h) {
+  const Routes& r = h->routes;
+  const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(r.tokens), r.k};
+  auto experts = copied(r.experts, shape);
+  auto gates = copied(r.gates, shape);
+  return py::make_tuple(experts, gates, std::move(h));
+}
+
+py::tuple sparse_result(SparseRowGrad&& g) {
+  const auto n = static_cast<py::ssize_t>(g.rows.size());
+  return py::make_tuple(owned(std::move(g.rows), {n}), owned(std::move(g.values)));
+}
+
+// AirRouter with an unbuilt state: constructed from the configuration alone,
+// built (codebook trained) by the first set_centers().
+class AirIndex {
+ public:
+  AirIndex(int64_t dim, const AirConfig& config) : dim_(dim), config_(config) {
+    if (dim < 1) throw std::invalid_argument("dim must be >= 1, got " + std::to_string(dim));
+  }
+
+  bool built() const {
+    std::shared_lock lock(mutex_);
+    return router_.has_value();
+  }
+
+  // First call: trains the codebook (spherical k-means) on the centers.
+  // Later calls: new centers, same codebook, lists rebuilt.
+  void set_centers(MatrixView centers) {
+    require_dim(centers, "centers");
+    std::unique_lock lock(mutex_);
+    if (router_)
+      router_->set_centers(centers);
+    else
+      router_.emplace(centers, config_);
+  }
+
+  // Rebuilds from given centers and codewords (a loaded checkpoint).
+  void reset(MatrixView centers, MatrixView codewords) {
+    require_dim(centers, "centers");
+    require_dim(codewords, "codewords");
+    Codebook codebook(codewords);
+    std::unique_lock lock(mutex_);
+    router_.emplace(centers, std::move(codebook), config_.list_cap);
+  }
+
+  void update_codebook(double step, int updates) {
+    std::unique_lock lock(mutex_);
+    if (!router_)
+      throw std::runtime_error(
+          "update_codebook: the AIR router has no expert centers yet, so there is no codebook "
+          "to update; call set_centers(centers) first");
+    if (!(step > 0.0 && step <= 1.0))
+      throw std::invalid_argument("update_codebook: step must be in (0, 1], got " +
+                                  std::to_string(step));
+    router_->update_codebook(step, updates);
+  }
+
+  py::tuple route(const py::array& tokens, int k, int probes) const {
+    const MatrixView t = as_view(tokens, "tokens");
+    auto h = std::make_shared<RouteHandle>();
+    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      h->routes = get("route").route(t, k, probes);
+    }
+    return route_result(std::move(h));
+  }
+
+  py::tuple backward(const py::array& tokens, const RouteHandle& h,
+                     const py::array& d_gates) const {
+    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
+    RouterGradients g;
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      g = get("backward").backward(t, h.routes, dg);
+    }
+    return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
+  }
+
+  py::array_t<float> codewords() const {
+    std::shared_lock lock(mutex_);
+    return copied(get("codewords").codebook().codewords());
+  }
+  py::array_t<float> centers() const {
+    std::shared_lock lock(mutex_);
+    return copied(get("centers").centers());
+  }
+  py::array_t<int64_t> list_sizes() const {
+    std::shared_lock lock(mutex_);
+    const AirRouter& r = get("list_sizes");
+    std::vector<int64_t> sizes(static_cast<size_t>(r.codewords()));
+    for (int64_t c = 0; c < r.codewords(); ++c) sizes[c] = r.lists().list_size(c);
+    return owned(std::move(sizes), {static_cast<py::ssize_t>(r.codewords())});
+  }
+
+  int64_t dim() const { return dim_; }
+  int64_t codeword_count() const { return config_.codewords; }
+  int64_t experts() const {
+    std::shared_lock lock(mutex_);
+    return router_ ? router_->experts() : 0;
+  }
+
+ private:
+  void require_dim(MatrixView m, const char* what) const {
+    if (m.cols != dim_)
+      throw std::invalid_argument(std::string(what) + " has " + std::to_string(m.cols) +
+                                  " columns, expected " + std::to_string(dim_));
+  }
+  const AirRouter& get(const char* op) const {
+    if (!router_)
+      throw std::runtime_error(std::string(op) +
+                               ": the AIR router has no expert centers yet; call "
+                               "set_centers(centers) first");
+    return *router_;
+  }
+
+  int64_t dim_;
+  AirConfig config_;
+  std::optional<AirRouter> router_;
+  mutable std::shared_mutex mutex_;
+};
+
+class DenseIndex {
+ public:
+  explicit DenseIndex(const py::array& centers) : router_(as_view(centers, "centers")) {}
+
+  void set_centers(const py::array& centers) {
+    DenseRouter fresh(as_view(centers, "centers"));
+    std::unique_lock lock(mutex_);
+    router_ = std::move(fresh);
+  }
+
+  py::tuple route(const py::array& tokens, int k) const {
+    const MatrixView t = as_view(tokens, "tokens");
+    auto h = std::make_shared<RouteHandle>();
+    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      h->routes = router_.route(t, k);
+    }
+    return route_result(std::move(h));
+  }
+
+  py::tuple backward(const py::array& tokens, const RouteHandle& h,
+                     const py::array& d_gates) const {
+    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
+    RouterGradients g;
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      g = router_.backward(t, h.routes, dg);
+    }
+    return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
+  }
+
+  int64_t experts() const { return router_.experts(); }
+  int64_t dim() const { return router_.dim(); }
+
+ private:
+  DenseRouter router_;
+  mutable std::shared_mutex mutex_;
+};
+
+class ProductKeyIndex {
+ public:
+  ProductKeyIndex(const py::array& keys1, const py::array& keys2)
+      : router_(as_view(keys1, "keys1"), as_view(keys2, "keys2")) {}
+
+  void set_keys(const py::array& keys1, const py::array& keys2) {
+    ProductKeyRouter fresh(as_view(keys1, "keys1"), as_view(keys2, "keys2"));
+    std::unique_lock lock(mutex_);
+    router_ = std::move(fresh);
+  }
+
+  py::tuple route(const py::array& tokens, int k) const {
+    const MatrixView t = as_view(tokens, "tokens");
+    auto h = std::make_shared<RouteHandle>();
+    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      h->routes = router_.route(t, k);
+    }
+    return route_result(std::move(h));
+  }
+
+  // (d_tokens, (rows1, values1), (rows2, values2))
+  py::tuple backward(const py::array& tokens, const RouteHandle& h,
+                     const py::array& d_gates) const {
+    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
+    ProductKeyGradients g;
+    {
+      py::gil_scoped_release release;
+      std::shared_lock lock(mutex_);
+      g = router_.backward(t, h.routes, dg);
+    }
+    return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_keys1)),
+                          sparse_result(std::move(g.d_keys2)));
+  }
+
+  int64_t subkeys() const { return router_.subkeys(); }
+  int64_t experts() const { return router_.experts(); }
+  int64_t dim() const { return router_.dim(); }
+  int64_t half_dim() const { return router_.half_dim(); }
+
+ private:
+  ProductKeyRouter router_;
+  mutable std::shared_mutex mutex_;
+};
+
+}  // namespace
+}  // namespace airmoe
+
+PYBIND11_MODULE(_airmoe, m) {
+  using namespace airmoe;
+  m.doc() =
+      "airmoe C++ routers (AIR, dense, product-key). Matrix arguments must be float32, 2-D, "
+      "C-contiguous NumPy arrays; they are read in place, never copied or converted.";
+
+  py::class_<RouteHandle, std::shared_ptr<RouteHandle>>(
+      m, "RouteHandle", "The C++ routes of one route() call, kept for backward().")
+      .def_property_readonly("tokens", [](const RouteHandle& h) { return h.routes.tokens; })
+      .def_property_readonly("k", [](const RouteHandle& h) { return h.routes.k; })
+      .def_property_readonly("tokens_address",
+                             [](const RouteHandle& h) { return h.tokens_address; })
+      .def_property_readonly(
+          "logits",
+          [](const RouteHandle& h) {
+            return copied(h.routes.logits, {static_cast<py::ssize_t>(h.routes.tokens), h.routes.k});
+          })
+      .def_property_readonly("shortlist_size", [](const RouteHandle& h) {
+        return copied(h.routes.shortlist_size, {static_cast<py::ssize_t>(h.routes.tokens)});
+      });
+
+  py::class_<AirIndex>(m, "AirIndex",
+                       "Adaptive inverted-index router. Unbuilt until the first set_centers(), "
+                       "which trains the codebook.")
+      .def(py::init([](int64_t dim, int64_t codewords, int kmeans_iterations, uint64_t seed,
+                       int64_t list_cap) {
+             return new AirIndex(dim, AirConfig{codewords, kmeans_iterations, seed, list_cap});
+           }),
+           py::arg("dim"), py::arg("codewords"), py::arg("kmeans_iterations") = 10,
+           py::arg("seed") = 1234, py::arg("list_cap") = 0)
+      .def_property_readonly("built", &AirIndex::built)
+      .def_property_readonly("dim", &AirIndex::dim)
+      .def_property_readonly("codeword_count", &AirIndex::codeword_count)
+      .def_property_readonly("experts", &AirIndex::experts)
+      .def(
+          "set_centers",
+          [](AirIndex& self, const py::array& centers) {
+            self.set_centers(as_view(centers, "centers"));
+          },
+          py::arg("centers"))
+      .def(
+          "reset",
+          [](AirIndex& self, const py::array& centers, const py::array& codewords) {
+            self.reset(as_view(centers, "centers"), as_view(codewords, "codewords"));
+          },
+          py::arg("centers"), py::arg("codewords"))
+      .def("update_codebook", &AirIndex::update_codebook, py::arg("step") = 1.0,
+           py::arg("updates") = 1)
+      .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"))
+      .def("backward", &AirIndex::backward, py::arg("tokens"), py::arg("handle"),
+           py::arg("d_gates"))
+      .def("codewords", &AirIndex::codewords)
+      .def("centers", &AirIndex::centers)
+      .def("list_sizes", &AirIndex::list_sizes);
+
+  py::class_<DenseIndex>(m, "DenseIndex", "Exact top-k router over all E centers.")
+      .def(py::init<const py::array&>(), py::arg("centers"))
+      .def_property_readonly("experts", &DenseIndex::experts)
+      .def_property_readonly("dim", &DenseIndex::dim)
+      .def("set_centers", &DenseIndex::set_centers, py::arg("centers"))
+      .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"))
+      .def("backward", &DenseIndex::backward, py::arg("tokens"), py::arg("handle"),
+           py::arg("d_gates"));
+
+  py::class_<ProductKeyIndex>(m, "ProductKeyIndex", "Product-key router, E = n^2.")
+      .def(py::init<const py::array&, const py::array&>(), py::arg("keys1"), py::arg("keys2"))
+      .def_property_readonly("subkeys", &ProductKeyIndex::subkeys)
+      .def_property_readonly("experts", &ProductKeyIndex::experts)
+      .def_property_readonly("dim", &ProductKeyIndex::dim)
+      .def_property_readonly("half_dim", &ProductKeyIndex::half_dim)
+      .def("set_keys", &ProductKeyIndex::set_keys, py::arg("keys1"), py::arg("keys2"))
+      .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"))
+      .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
+           py::arg("d_gates"));
+
+  m.def(
+      "train_codebook",
+      [](const py::array& centers, int64_t codewords, int iterations, uint64_t seed) {
+        const MatrixView c = as_view(centers, "centers");
+        Codebook cb;
+        {
+          py::gil_scoped_release release;
+          cb = train_codebook(c, {codewords, iterations, seed});
+        }
+        return copied(cb.codewords());
+      },
+      py::arg("centers"), py::arg("codewords"), py::arg("iterations") = 20, py::arg("seed") = 1234,
+      "Spherical k-means codebook [C, d] (unit rows) over the normalized centers.");
+
+  m.def(
+      "view_address",
+      [](const py::array& a) { return reinterpret_cast<std::uintptr_t>(as_view(a, "array").data); },
+      py::arg("array"), "Debug: the address the C++ side reads for this array (no copy).");
+}

@@ -1,0 +1,367 @@
+"""pytest suite for the airmoe PyTorch binding.
+
+Run: PYTHONPATH=<build>/python /usr/bin/python3 -m pytest -q python/tests
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import airmoe
+from airmoe import _airmoe
+from airmoe._tensors import view
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def make_router(kind, E=12, d=5, k=3, seed=0, **kw):
+    if kind == "air":
+        return airmoe.AIRRouter(E, d, k, kw.pop("codewords", 4), kw.pop("probes", 4), seed=seed,
+                                **kw)
+    if kind == "dense":
+        return airmoe.DenseRouter(E, d, k, seed=seed, **kw)
+    n = int(round(E ** 0.5))
+    return airmoe.ProductKeyRouter(n, d, k, seed=seed, **kw)
+
+
+def expert_rows(router, indices):
+    """The chosen experts' full key rows [T, k, d], as torch ops."""
+    if isinstance(router, airmoe.ProductKeyRouter):
+        n = router.subkeys
+        return torch.cat([router.keys1[indices // n], router.keys2[indices % n]], dim=-1)
+    return router.centers[indices]
+
+
+def exact_logits(router, hidden):
+    if isinstance(router, airmoe.ProductKeyRouter):
+        d1 = router.keys1.shape[1]
+        z1 = hidden[:, :d1] @ router.keys1.t()
+        z2 = hidden[:, d1:] @ router.keys2.t()
+        return (z1[:, :, None] + z2[:, None, :]).reshape(hidden.shape[0], -1)
+    return hidden @ router.centers.t()
+
+
+# ---------------------------------------------------------------------------
+# Exactness: m = C equals torch.topk + softmax.
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+@pytest.mark.parametrize("E,d,k,T", [(12, 5, 3, 7), (64, 16, 4, 50), (256, 32, 8, 33)])
+def test_equals_torch_topk(kind, E, d, k, T):
+    kw = {"codewords": max(3, E // 8), "probes": max(3, E // 8)} if kind == "air" else {}
+    if kind == "pk":
+        E = 16 if E == 12 else E  # n^2
+    r = make_router(kind, E, d, k, seed=E, **kw)  # air: probes = C, exact
+    h = randn(T, d, seed=E + 1)
+    gates, idx = r(h)
+    z, ref_idx = torch.topk(exact_logits(r, h), k, dim=-1)
+    assert idx.dtype == torch.int64 and gates.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(gates, torch.softmax(z, -1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_gradients_equal_torch_reference(kind):
+    E = 16 if kind == "pk" else 40
+    r = make_router(kind, E, 8, 4, seed=3, **({"codewords": 5, "probes": 5}
+                                                if kind == "air" else {}))
+    h = randn(20, 8, seed=4).requires_grad_()
+    w = randn(20, 4, seed=5)
+    gates, idx = r(h)
+    (gates * w).sum().backward()
+    got = [h.grad.clone()] + [p.grad.clone() for p in r.parameters()]
+    h.grad = None
+    r.zero_grad()
+    z, ref_idx = torch.topk(exact_logits(r, h), 4, dim=-1)
+    assert torch.equal(idx, ref_idx)
+    (torch.softmax(z, -1) * w).sum().backward()
+    want = [h.grad] + [p.grad for p in r.parameters()]
+    for g, ref in zip(got, want):
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_gradcheck_float64(kind):
+    E = 16 if kind == "pk" else 12
+    r = make_router(kind, E, 5, 3, seed=7).double()
+    h = randn(4, 5, seed=8, dtype=torch.float64).requires_grad_()
+    params = list(r.parameters())
+
+    def f(hidden, *ps):
+        return r(hidden)[0]
+
+    assert torch.autograd.gradcheck(f, (h, *params), eps=1e-6, atol=1e-5)
+    gates, idx = r(h)
+    assert gates.dtype == torch.float64
+    z, ref_idx = torch.topk(exact_logits(r, h), 3, dim=-1)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(gates, torch.softmax(z, -1))
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_cpp_backward_equals_closed_form(kind):
+    E = 64 if kind == "pk" else 100
+    r = make_router(kind, E, 12, 6, seed=11, **({"codewords": 10, "probes": 3}
+                                                  if kind == "air" else {}))
+    h = randn(30, 12, seed=12).requires_grad_()
+    dg = randn(30, 6, seed=13)
+    gates, idx = r(h)
+    grads_cpp = torch.autograd.grad(gates, [h, *r.parameters()], dg)
+    closed = airmoe.chosen_softmax(h, expert_rows(r, idx))
+    torch.testing.assert_close(gates, closed, atol=1e-6, rtol=1e-5)
+    grads_closed = torch.autograd.grad(closed, [h, *r.parameters()], dg)
+    for a, b in zip(grads_cpp, grads_closed):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# AIR specifics.
+
+
+def test_air_probes_knob_and_shortlist():
+    r = airmoe.AIRRouter(256, 16, 4, 16, 16, seed=1)
+    h = randn(64, 16, seed=2)
+    _, exact = airmoe.exact_topk(h, r.centers.detach(), 4)
+    assert torch.equal(r(h)[1], exact)
+    r.probes = 2  # per-call knob: nothing rebuilt
+    _, approx = r(h)
+    assert 0.3 < airmoe.recall_at_k(approx, exact) < 1.0
+    assert int(r.list_sizes().sum()) == 256
+
+
+def test_state_dict_roundtrip_and_sync():
+    a = airmoe.AIRRouter(64, 8, 3, 8, 2, seed=1)
+    b = airmoe.AIRRouter(64, 8, 3, 8, 2, seed=99)
+    h = randn(40, 8, seed=3)
+    assert not torch.equal(a(h)[1], b(h)[1])
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {"centers", "codebook"}
+    assert torch.equal(a(h)[1], b(h)[1])
+    # An in-place change of the centers reaches the C++ router.
+    with torch.no_grad():
+        a.centers.mul_(-1.0)
+        b.centers.mul_(-1.0)
+    a.probes = b.probes = 8
+    ga, ia = a(h)
+    _, exact = airmoe.exact_topk(h, a.centers.detach(), 3)
+    assert torch.equal(ia, exact)
+
+
+def test_update_every_in_training_mode():
+    r = airmoe.AIRRouter(64, 8, 3, 8, 2, seed=1, update_every=2)
+    h = randn(16, 8, seed=2)
+    with torch.no_grad():
+        r.centers.add_(0.5 * randn(64, 8, seed=3))
+    before = r.codebook.clone()
+    r.eval()
+    r(h), r(h)
+    assert torch.equal(r.codebook, before)  # eval: no update
+    r.train()
+    r(h)  # call 3
+    assert torch.equal(r.codebook, before)
+    r(h)  # call 4: updates
+    assert not torch.equal(r.codebook, before)
+    torch.testing.assert_close(r.codebook.norm(dim=1), torch.ones(8))
+
+
+def test_training_lowers_loss_and_keeps_recall():
+    """A tiny MoE-like regression through the gates: Adam steps on the router
+    and the expert values, update_codebook() after each step."""
+    torch.manual_seed(0)
+    E, d, d_in, k, C, m = 128, 16, 12, 4, 16, 8
+    recall_level = 0.9  # configured level for (C, m) = (16, 8); measured >= 0.92
+    router = airmoe.AIRRouter(E, d, k, C, m, seed=5)
+    proj = nn.Linear(d_in, d)
+    values = nn.Embedding(E, 1)
+    teacher = airmoe.DenseRouter(E, d, k, seed=6)
+    teacher_values = randn(E, 1, seed=7)
+    x = randn(256, d_in, seed=8)
+    with torch.no_grad():
+        tg, ti = teacher(proj(x).detach())
+        target = (tg.unsqueeze(-1) * teacher_values[ti]).sum(1)
+
+    opt = torch.optim.Adam(list(router.parameters()) + list(proj.parameters()) +
+                           list(values.parameters()), lr=3e-2)
+
+    def loss_fn():
+        g, i = router(proj(x))
+        y = (g.unsqueeze(-1) * values(i)).sum(1)
+        return nn.functional.mse_loss(y, target)
+
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        router.update_codebook()
+        losses.append(loss.item())
+        with torch.no_grad():
+            hid = proj(x)
+            _, got = router(hid)
+            _, exact = airmoe.exact_topk(hid, router.centers, k)
+        assert airmoe.recall_at_k(got, exact) >= recall_level
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------
+# Megatron-Core outputs.
+
+
+def test_to_megatron():
+    r = airmoe.AIRRouter(32, 8, 3, 4, 2, seed=1)
+    h = randn(10, 8, seed=2).requires_grad_()
+    gates, idx = r(h)
+    probs, rmap = airmoe.to_megatron(gates, idx, 32)
+    assert probs.shape == (10, 32) and rmap.shape == (10, 32) and rmap.dtype == torch.bool
+    assert torch.equal(rmap.sum(1), torch.full((10,), 3))
+    torch.testing.assert_close(probs.sum(1), torch.ones(10))
+    assert torch.equal(probs != 0, rmap)
+    assert torch.equal(probs.gather(1, idx), gates)
+    probs.sum().backward()  # differentiable through the gates
+    adapter = airmoe.MegatronRouterAdapter(r)
+    p2, m2 = adapter(h.detach().reshape(5, 2, 8))
+    assert p2.shape == (10, 32) and torch.equal(m2, rmap)
+
+
+# ---------------------------------------------------------------------------
+# Zero copy.
+
+
+def test_zero_copy():
+    h = randn(9, 8, seed=1)
+    a = view(h)
+    assert np.shares_memory(a, h.numpy())
+    assert _airmoe.view_address(a) == h.data_ptr()
+    for r in (airmoe.AIRRouter(32, 8, 3, 4, 2), airmoe.DenseRouter(32, 8, 3),
+              airmoe.ProductKeyRouter(6, 8, 3)):
+        _, _, handle = r._cpp_route(view(h))
+        assert handle.tokens_address == h.data_ptr()
+        assert handle.tokens == 9 and handle.k == 3
+
+
+def test_extension_rejects_instead_of_converting():
+    idx = _airmoe.DenseIndex(np.ones((4, 3), np.float32))
+    t = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="must be float32, got float64"):
+        idx.route(t.astype(np.float64), 2)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        idx.route(np.ones((3, 2), np.float32).T, 2)
+    with pytest.raises(ValueError, match="2-D"):
+        idx.route(np.ones(3, np.float32), 2)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: clear exceptions, C++ messages where C++ decides.
+
+
+@pytest.fixture(params=["air", "dense", "pk"])
+def router(request):
+    return make_router(request.param, E=16, d=6, k=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float16, torch.bfloat16])
+def test_bad_dtype(router, dtype):
+    with pytest.raises(ValueError, match=f"dtype {dtype}.*float32"):
+        router(torch.ones(4, 6, dtype=dtype))
+
+
+def test_mixed_dtype(router):
+    with pytest.raises(ValueError, match="float64 but the router's .* is torch.float32"):
+        router(torch.ones(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_bad_device(router):
+    with pytest.raises(ValueError, match="device cuda"):
+        router(torch.ones(4, 6, device="cuda"))
+
+
+def test_bad_device_meta(router):
+    with pytest.raises(ValueError, match="device meta.*cpu()"):
+        router(torch.ones(4, 6, device="meta"))
+
+
+def test_bad_shape(router):
+    with pytest.raises(ValueError, match=r"must be \[T, d\], got shape \[6\]"):
+        router(torch.ones(6))
+    with pytest.raises(ValueError, match="has 5 columns, expected 6"):
+        router(torch.ones(4, 5))
+
+
+def test_non_contiguous(router):
+    h = torch.ones(6, 4).t()
+    with pytest.raises(ValueError, match=r"not contiguous.*\.contiguous\(\)"):
+        router(h)
+    router(h.contiguous())
+
+
+def test_non_finite_from_cpp(router):
+    h = torch.ones(4, 6)
+    h[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="tokens row 2 column 1 is nan"):
+        router(h)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_k_larger_than_E(kind):
+    with pytest.raises(ValueError, match=r"k = 17 is outside \[1, 16\]"):
+        make_router(kind, E=16, d=6, k=17)
+    r = make_router(kind, E=16, d=6, k=3)
+    r.k = 20
+    with pytest.raises(ValueError, match=r"k = 20 is outside \[1, 16\]"):
+        r(torch.ones(2, 6))
+
+
+def test_probes_and_codewords_out_of_range():
+    with pytest.raises(ValueError, match=r"probes m = 5 is outside \[1, 4\]"):
+        airmoe.AIRRouter(16, 6, 3, 4, 5)
+    with pytest.raises(ValueError, match="number of codewords C = 20"):
+        airmoe.AIRRouter(16, 6, 3, 20, 2)
+    r = airmoe.AIRRouter(16, 6, 3, 4, 2)
+    r.probes = 0
+    with pytest.raises(ValueError, match=r"probes m = 0 is outside \[1, 4\]"):
+        r(torch.ones(2, 6))
+
+
+def test_bad_centers():
+    with pytest.raises(ValueError, match="centers row 3 has zero norm|zero norm"):
+        airmoe.AIRRouter(8, 4, 2, 2, 2, centers=torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="centers has 3 rows, expected num_experts = 8"):
+        airmoe.DenseRouter(8, 4, 2, centers=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="update_codebook: step must be in"):
+        airmoe.AIRRouter(8, 4, 2, 2, 2).update_codebook(step=0.0)
+
+
+def test_update_codebook_before_centers():
+    idx = _airmoe.AirIndex(6, 4)
+    assert not idx.built
+    with pytest.raises(RuntimeError, match="no expert centers yet.*set_centers"):
+        idx.update_codebook()
+    with pytest.raises(RuntimeError, match="no expert centers yet"):
+        idx.route(np.ones((2, 6), np.float32), 2, 2)
+    with pytest.raises(ValueError, match="centers has 5 columns, expected 6"):
+        idx.set_centers(np.ones((8, 5), np.float32))
+    idx.set_centers(np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32))
+    assert idx.built
+    idx.update_codebook()
+
+
+def test_update_codebook_on_meta_router():
+    r = airmoe.AIRRouter(16, 6, 3, 4, 2)
+    r.to("meta")
+    with pytest.raises(RuntimeError, match="no expert centers or codebook yet"):
+        r.update_codebook()
+
+
+def test_backward_after_inplace_change_is_refused():
+    r = airmoe.DenseRouter(16, 6, 3)
+    h = randn(4, 6).requires_grad_()
+    g, _ = r(h)
+    with torch.no_grad():
+        r.centers.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        g.sum().backward()
