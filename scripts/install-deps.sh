@@ -15,6 +15,7 @@ packages=(
   python3 python3-numpy    # .npy fixtures in tests
   python3-dev pybind11-dev # the PyTorch binding (python/)
   python3-torch python3-pytest python3-mpi4py  # the binding's tests
+  fortunes                 # English text for the language-model example
   python3-matplotlib       # docs charts
 )
 
