@@ -124,7 +124,6 @@ Matrix MoELayer::forward(MatrixView tokens, DispatchPlan& plan) {
   plan = DispatchPlan{};
   plan.strategy = strategy_;
   plan.placement_digest = placement_.digest();
-  plan.tokens = tokens;
 
   // 1. Route.
   double t0 = clock_seconds();

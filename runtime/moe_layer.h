@@ -47,7 +47,6 @@ struct DispatchPlan {
   Strategy strategy = Strategy::kAir;
   uint64_t placement_digest = 0;
   Routes routes;  // this rank's tokens
-  MatrixView tokens;
   // Home side: for token t, targets[target_offsets[t] ..] (ascending ranks);
   // each target's slots (indices into the token's k), in slot order.
   std::vector<int64_t> target_offsets;
