@@ -355,6 +355,44 @@ MoEGradients MoELayer::backward(DispatchPlan& plan, MatrixView d_out) {
   return grads;
 }
 
+void MoELayer::set_local_centers(MatrixView centers) {
+  const int64_t d = codebook_.dim();
+  std::string error;
+  char changed = 0;
+  if (centers.rows != local_centers_.rows() || (centers.rows > 0 && centers.cols != d)) {
+    error = "set_local_centers: got [" + std::to_string(centers.rows) + ", " +
+            std::to_string(centers.cols) + "], this rank hosts [" +
+            std::to_string(local_centers_.rows()) + ", " + std::to_string(d) + "]";
+  } else {
+    changed = centers.rows > 0 && std::memcmp(centers.data, local_centers_.data(),
+                                              local_centers_.size() * sizeof(float)) != 0;
+  }
+  comm::raise_together(comm_, error, "MoE layer");
+  std::vector<char> flags(static_cast<size_t>(comm_.size()));
+  {
+    comm::PhaseScope phase(comm_, "checks");
+    comm_.allgather(&changed, 1, flags.data());
+  }
+  if (std::none_of(flags.begin(), flags.end(), [](char f) { return f != 0; })) return;
+  std::copy_n(centers.data, local_centers_.size(), local_centers_.data());
+  if (strategy_ == Strategy::kDenseReplicated) {
+    // Every replica takes every rank's new rows.
+    std::vector<int32_t> ids;
+    std::vector<float> rows;
+    {
+      comm::PhaseScope phase(comm_, "center_sync");
+      ids = comm::allgatherv_vector<int32_t>(comm_, experts_.ids());
+      rows = comm::allgatherv_vector<float>(
+          comm_, std::span<const float>(local_centers_.data(), local_centers_.size()));
+    }
+    for (size_t i = 0; i < ids.size(); ++i)
+      std::copy_n(rows.data() + i * static_cast<size_t>(d), d, all_centers_.row(ids[i]));
+    dense_ = std::make_unique<DenseRouter>(all_centers_.view());
+  } else {
+    router_->set_local_centers(local_centers_.view());
+  }
+}
+
 Plan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {
   if (router_) {  // the codebook and lists may have moved since construction
     codebook_ = router_->codebook();

@@ -90,6 +90,12 @@ class MoELayer {
   // d_out: dL/d(output) [T_r, d] for the plan's tokens.
   MoEGradients backward(DispatchPlan& plan, MatrixView d_out);
 
+  // Collective: the optimizer moved this rank's centers (rows in hosted()
+  // order). Every rank calls it, changed or not; when no rank's centers
+  // changed it costs one small all-gather. Routing then uses the new centers
+  // (dense-replicated: every replica is updated).
+  void set_local_centers(MatrixView local_centers);
+
   // Adaptive codebook step (kAir, kDenseBroadcast): the distributed sync.
   void sync_codebook(double step = 1.0) { router_->sync_codebook(step, 1); }
   // The coordinator plans again and expert parameters (FFN and center) move

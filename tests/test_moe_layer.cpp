@@ -309,3 +309,42 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
 
 }  // namespace
 }  // namespace airmoe
+
+namespace airmoe {
+namespace {
+
+TEST(MoELayer, MovedCentersReachRoutingOnEveryStrategy) {
+  GlobalData moved = data();
+  Matrix shift = random_matrix(moved.data.centers.rows(), moved.data.centers.cols(), 0.2, 31);
+  for (size_t i = 0; i < shift.size(); ++i) moved.data.centers.data()[i] += shift.data()[i];
+  const MoEConfig cfg = config();
+  const Matrix dy = upstream(data());
+  const int P = 3;
+  for (Strategy s : {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
+    const test::ReferenceResult ref = test::reference_layer(moved, s, cfg, 123, dy.view());
+    std::vector<double> err(P, 1.0);
+    std::vector<int64_t> synced(P, -1);
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      MoELayer layer = make_layer(comm, data(), s, PlacementPolicy::kList, cfg);
+      Matrix local(layer.experts().size(), cfg.expert.dim);
+      for (int64_t i = 0; i < local.rows(); ++i)
+        std::copy_n(moved.data.centers.row(layer.hosted()[i]), local.cols(), local.row(i));
+      layer.set_local_centers(local.view());
+      comm.meter().reset();
+      layer.set_local_centers(local.view());  // unchanged now: only the flag exchange
+      synced[comm.rank()] =
+          comm.meter().sent("center_sync").bytes + comm.meter().sent("list_sync").bytes;
+      runtime::DispatchPlan plan;
+      const Matrix out = layer.forward(data().tokens_of(comm.rank(), P), plan);
+      const auto [b, e] = GlobalData::token_range(data().data.tokens.rows(), comm.rank(), P);
+      err[comm.rank()] = test::rel_error(out.data(), ref.out.row(b), out.size());
+    });
+    for (int r = 0; r < P; ++r) {
+      EXPECT_LE(err[r], 1e-5) << runtime::to_string(s) << " rank " << r;
+      EXPECT_EQ(synced[r], 0) << "nothing moves when no center changed";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace airmoe

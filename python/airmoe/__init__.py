@@ -11,9 +11,14 @@ Routers (torch.nn.Module, CPU, float32 in place or float64 for gradcheck):
 Each maps hidden [T, d] to (gates [T, k], indices [T, k] int64).
 :func:`to_megatron` turns that into Megatron-Core's (probs, routing_map).
 See :mod:`airmoe.routers` for the tensor and copy rules.
+
+:class:`MoELayer` is the distributed expert-parallel layer (routing, dispatch,
+experts, combine and backward in C++ over MPI) on an mpi4py communicator; see
+:mod:`airmoe.layer`.
 """
 
 from . import _airmoe
+from .layer import MoELayer
 from .megatron import MegatronRouterAdapter, to_megatron
 from .metrics import exact_topk, recall_at_k
 from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_softmax
@@ -23,6 +28,7 @@ __all__ = [
     "DenseRouter",
     "ProductKeyRouter",
     "MegatronRouterAdapter",
+    "MoELayer",
     "chosen_softmax",
     "exact_topk",
     "recall_at_k",

@@ -11,6 +11,13 @@
 // router's message), std::runtime_error -> RuntimeError (wrong state, such as
 // a codebook update before the router has centers).
 //
+// MoELayerImpl (the distributed runtime::MoELayer) works on an MPI
+// communicator given by the address of its MPI_Comm handle (mpi4py's
+// MPI._addressof(comm)); it duplicates it. Its methods are collectives. Its
+// W1 / W2 are exposed as writable NumPy views of the C++ buffers (w1_view,
+// w2_view, kept alive by the layer object), so that torch parameters over
+// them update the experts in place.
+//
 // Threads: route() and backward() release the GIL. Each router object guards
 // its state with a shared mutex: routing calls share it, set_centers() and
 // update_codebook() take it exclusively.
@@ -18,6 +25,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -28,12 +36,19 @@
 #include <utility>
 #include <vector>
 
+#include <mpi.h>
+
+#include "comm/mpi_communicator.h"
 #include "router/air_router.h"
 #include "router/codebook.h"
 #include "router/dense_router.h"
+#include "router/inverted_lists.h"
+#include "router/list_scan.h"
 #include "router/matrix.h"
 #include "router/product_key_router.h"
 #include "router/routes.h"
+#include "runtime/coordinator.h"
+#include "runtime/moe_layer.h"
 
 namespace py = pybind11;
 
@@ -302,6 +317,134 @@ class ProductKeyIndex {
   mutable std::shared_mutex mutex_;
 };
 
+// ---------------------------------------------------------------------------
+// The distributed MoE layer (runtime::MoELayer) over an MPI communicator that
+// Python hands in (mpi4py: the address of its MPI_Comm handle). Every method
+// is collective: every rank of the communicator calls it, in the same order.
+
+// What forward() hands back for backward(): the C++ DispatchPlan plus the
+// tokens array it reads (the plan keeps a view of it, so it is kept alive).
+struct LayerPlanHandle {
+  runtime::DispatchPlan plan;
+  py::object tokens;
+  bool used = false;
+};
+
+class MoELayerImpl {
+ public:
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
+               int64_t hidden, const std::string& activation, int64_t codewords,
+               int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
+               uint64_t expert_seed, MatrixView centers, std::optional<MatrixView> sample) {
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (!initialized || finalized)
+      throw std::runtime_error(
+          "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
+    if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
+    const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
+    if (mpi_comm == MPI_COMM_NULL)
+      throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
+    // Arguments that need no communication are checked before any collective
+    // (every rank gets the same arguments, so every rank throws alike).
+    const runtime::Strategy s = runtime::strategy_from_string(strategy);
+    const runtime::Activation act = runtime::activation_from_string(activation);
+    const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement);
+    if (centers.rows < 1 || centers.cols < 1)
+      throw std::invalid_argument("MoELayer: centers must be [E, d] with E, d >= 1");
+    if (sample && sample->cols != centers.cols)
+      throw std::invalid_argument("MoELayer: load sample has " + std::to_string(sample->cols) +
+                                  " columns, expected d = " + std::to_string(centers.cols));
+    comm_ = std::make_unique<comm::MpiCommunicator>(mpi_comm);
+    // Every rank trains the same codebook (train_codebook is deterministic);
+    // a digest of the centers and the codebook is compared across ranks.
+    Codebook codebook = train_codebook(centers, {codewords, kmeans_iterations, kmeans_seed});
+    std::vector<int32_t> assignment = codebook.assign(normalize_rows(centers, "centers").view());
+    {
+      uint64_t h = 1469598103934665603ull;
+      auto mix = [&h](const float* p, int64_t n) {
+        const auto* b = reinterpret_cast<const unsigned char*>(p);
+        for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(float)); ++i) {
+          h ^= b[i];
+          h *= 1099511628211ull;
+        }
+      };
+      mix(centers.data, centers.rows * centers.cols);
+      mix(codebook.codewords().data, codebook.size() * codebook.dim());
+      comm::require_same_config(
+          *comm_,
+          "E=" + std::to_string(centers.rows) + " d=" + std::to_string(centers.cols) +
+              " C=" + std::to_string(codebook.size()) + " digest=" + std::to_string(h),
+          "MoELayer centers and codebook");
+    }
+    const InvertedLists lists(assignment, codebook.size());
+    std::vector<int32_t> probed;
+    if (sample && sample->rows > 0)
+      probed = select_probes(codebook, lists, *sample,
+                             static_cast<int>(std::clamp<int64_t>(k, 1, centers.rows)),
+                             static_cast<int>(std::clamp<int64_t>(probes, 1, codebook.size())))
+                   .codewords;
+    const runtime::Plan plan = runtime::plan_and_broadcast(*comm_, policy, codebook, lists,
+                                                           runtime::list_load(lists, probed));
+    runtime::MoEConfig cfg;
+    cfg.k = k;
+    cfg.probes = probes;
+    cfg.expert = {centers.cols, hidden, act};
+    codewords_ = Matrix(codebook.size(), codebook.dim());
+    std::copy_n(codebook.codewords().data, codebook.size() * codebook.dim(), codewords_.data());
+    layer_ = std::make_unique<runtime::MoELayer>(*comm_, s, cfg, std::move(codebook),
+                                                 std::move(assignment), plan.placement, centers,
+                                                 expert_seed);
+  }
+
+  py::tuple forward(const py::array& tokens) {
+    const MatrixView t = as_view(tokens, "tokens");
+    auto h = std::make_shared<LayerPlanHandle>();
+    h->tokens = tokens;
+    Matrix out;
+    {
+      py::gil_scoped_release release;
+      out = layer_->forward(t, h->plan);
+    }
+    return py::make_tuple(owned(std::move(out)), std::move(h));
+  }
+
+  // (d_tokens [T, d], dW1 [hosted, h, d], dW2 [hosted, d, h], (center ids, rows))
+  py::tuple backward(LayerPlanHandle& h, const py::array& d_out) {
+    const MatrixView dy = as_view(d_out, "d_out");
+    if (h.used)
+      throw std::runtime_error("MoELayer.backward: this plan was already used for a backward");
+    runtime::MoEGradients g;
+    {
+      py::gil_scoped_release release;
+      g = layer_->backward(h.plan, dy);
+    }
+    h.used = true;
+    const auto n = static_cast<py::ssize_t>(layer_->experts().size());
+    const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
+    const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
+    return py::make_tuple(owned(std::move(g.d_tokens)), owned(std::move(g.experts.w1), {n, hid, d}),
+                          owned(std::move(g.experts.w2), {n, d, hid}),
+                          sparse_result(std::move(g.d_centers)));
+  }
+
+  runtime::MoELayer& layer() { return *layer_; }
+  const Matrix& codewords() const { return codewords_; }
+  int rank() const { return comm_->rank(); }
+  int size() const { return comm_->size(); }
+
+ private:
+  std::unique_ptr<comm::MpiCommunicator> comm_;  // outlives layer_ (declared first)
+  Matrix codewords_;
+  std::unique_ptr<runtime::MoELayer> layer_;
+};
+
+// A writable NumPy view of a C++ float buffer, kept alive by `owner`.
+py::array_t<float> shared_view(float* data, std::vector<py::ssize_t> shape, py::handle owner) {
+  return py::array_t<float>(std::move(shape), data, owner);
+}
+
 }  // namespace
 }  // namespace airmoe
 
@@ -379,6 +522,86 @@ PYBIND11_MODULE(_airmoe, m) {
       .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"))
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"));
+
+  py::class_<LayerPlanHandle, std::shared_ptr<LayerPlanHandle>>(
+      m, "LayerPlan", "The C++ dispatch plan of one MoELayer forward, kept for its backward.")
+      .def_property_readonly("tokens",
+                             [](const LayerPlanHandle& h) { return h.plan.routes.tokens; })
+      .def_property_readonly("experts", [](const LayerPlanHandle& h) {
+        return copied(h.plan.routes.experts,
+                      {static_cast<py::ssize_t>(h.plan.routes.tokens), h.plan.routes.k});
+      });
+
+  py::class_<MoELayerImpl>(m, "MoELayerImpl",
+                           "runtime::MoELayer over an MPI communicator (collective methods).")
+      .def(py::init([](std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
+                       int64_t hidden, const std::string& activation, int64_t codewords,
+                       int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
+                       uint64_t expert_seed, const py::array& centers, const py::object& sample) {
+             std::optional<MatrixView> s;
+             if (!sample.is_none()) s = as_view(sample.cast<py::array>(), "load sample");
+             return new MoELayerImpl(comm_address, strategy, k, probes, hidden, activation,
+                                     codewords, kmeans_iterations, kmeans_seed, placement,
+                                     expert_seed, as_view(centers, "centers"), s);
+           }),
+           py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
+           py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
+           py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
+           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none())
+      .def_property_readonly("rank", &MoELayerImpl::rank)
+      .def_property_readonly("size", &MoELayerImpl::size)
+      .def_property_readonly(
+          "strategy",
+          [](MoELayerImpl& s) { return std::string(runtime::to_string(s.layer().strategy())); })
+      .def_property_readonly("experts",
+                             [](MoELayerImpl& s) { return s.layer().placement().experts(); })
+      .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
+      .def_property_readonly("hidden",
+                             [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
+      .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
+      .def(
+          "set_local_centers",
+          [](MoELayerImpl& s, const py::array& centers) {
+            const MatrixView v = as_view(centers, "centers_local");
+            py::gil_scoped_release release;
+            s.layer().set_local_centers(v);
+          },
+          py::arg("centers"),
+          "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
+      .def("backward", &MoELayerImpl::backward, py::arg("plan"), py::arg("d_out"))
+      .def("hosted",
+           [](MoELayerImpl& s) {
+             const auto& ids = s.layer().hosted();
+             return copied(ids, {static_cast<py::ssize_t>(ids.size())});
+           })
+      .def("owners",
+           [](MoELayerImpl& s) {
+             const auto& o = s.layer().placement().owners();
+             return copied(o, {static_cast<py::ssize_t>(o.size())});
+           })
+      .def("codewords", [](MoELayerImpl& s) { return copied(s.codewords().view()); })
+      .def("local_centers",
+           [](MoELayerImpl& s) { return copied(s.layer().local_centers().view()); })
+      .def(
+          "w1_view",
+          [](py::object self) {
+            auto& s = self.cast<MoELayerImpl&>();
+            auto& ex = s.layer().experts();
+            return shared_view(
+                ex.w1_data().data(),
+                {static_cast<py::ssize_t>(ex.size()), ex.config().hidden, ex.config().dim}, self);
+          },
+          "Writable NumPy view of this rank's W1 [hosted, h, d] (the C++ memory itself).")
+      .def(
+          "w2_view",
+          [](py::object self) {
+            auto& s = self.cast<MoELayerImpl&>();
+            auto& ex = s.layer().experts();
+            return shared_view(
+                ex.w2_data().data(),
+                {static_cast<py::ssize_t>(ex.size()), ex.config().dim, ex.config().hidden}, self);
+          },
+          "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).");
 
   m.def(
       "train_codebook",

@@ -1,0 +1,227 @@
+"""The distributed expert-parallel MoE layer (C++ ``runtime::MoELayer``) as a
+torch.nn.Module over an mpi4py communicator.
+
+    layer = airmoe.MoELayer(MPI.COMM_WORLD, num_experts=4096, dim=512,
+                            strategy="air", k=8, probes=4, hidden=16)
+    out = layer(hidden)            # hidden [T_r, d] (this rank's tokens) -> [T_r, d]
+    out.sum().backward()           # grads of hidden, layer.w1, layer.w2, layer.centers_local
+
+Each rank passes its own tokens; routing, dispatch, the experts, the combine
+and the backward run in C++ over MPI. forward() and the backward are
+collectives: every rank of the communicator must call them, in the same
+order (a rank whose loss does not use the output must still backward, e.g.
+``(out * 0).sum().backward()``), or the job hangs. One backward per forward
+(the C++ dispatch plan is consumed; ``retain_graph=True`` double backward is
+refused). float32 CPU tensors only.
+
+Strategies (see runtime/moe_layer.h): ``"air"`` (distributed inverted-index
+routing, fused dispatch), ``"dense-replicated"`` (every rank holds all
+centers, exact top-k, token vectors dispatched), ``"dense-broadcast"`` (exact
+routing over sharded centers). Placement policies: ``"round-robin"``,
+``"list"``, ``"locality"``.
+
+Parameters (this rank's shard; ``state_dict()`` holds exactly these):
+
+* ``w1`` [hosted, h, d] and ``w2`` [hosted, d, h]: nn.Parameters whose memory
+  IS the C++ shard's (zero copy): an optimizer step or ``load_state_dict``
+  changes the weights the C++ experts use, in place. Replacing them (e.g.
+  ``.double()``, ``.to()``) breaks the sharing and forward() refuses to run.
+* ``centers_local`` [hosted, d]: this rank's router centers, in ``hosted``
+  order; it receives the router's gradient. Every forward() hands them to the
+  C++ layer (a collective: ranks whose centers moved re-route with the new
+  ones; nothing moves when none changed).
+
+Buffers: ``codebook`` [C, d] (trained identically on every rank from the
+centers), ``hosted`` [hosted] int64 (this rank's global expert ids) and
+``owners`` [E] int64 (the placement: expert -> rank), plus an extra state
+with the configuration. ``load_state_dict`` of a state from another
+configuration (other E, d, h, k, strategy, codebook, placement or hosted ids,
+e.g. from another rank or another number of ranks) raises ValueError naming
+the difference.
+
+Errors: a communicator that is not an ``mpi4py.MPI.Comm`` raises TypeError;
+bad arguments raise ValueError with the C++ message; ranks that disagree on
+the configuration raise RuntimeError on every rank.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _airmoe
+from ._tensors import check_tensor, view
+
+__all__ = ["MoELayer"]
+
+
+def _comm_address(comm):
+    try:
+        from mpi4py import MPI
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise ImportError("airmoe.MoELayer needs mpi4py (Debian: python3-mpi4py)") from e
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(
+            f"comm must be an mpi4py.MPI.Comm (e.g. MPI.COMM_WORLD), got {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError("comm is MPI.COMM_NULL")
+    if comm.Is_inter():
+        raise ValueError("comm must be an intracommunicator")
+    return MPI._addressof(comm)
+
+
+class _LayerFunction(torch.autograd.Function):
+    """out = MoE(hidden); backward in C++ along the forward's dispatch plan."""
+
+    @staticmethod
+    def forward(ctx, impl, hidden, w1, w2, centers_local):
+        out, plan = impl.forward(view(hidden))
+        ctx.impl, ctx.plan = impl, plan
+        # Saving the parameters makes autograd refuse a backward after they
+        # were changed in place (the C++ backward reads the same memory).
+        ctx.save_for_backward(hidden, w1, w2, centers_local)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        _hidden, _w1, _w2, centers_local = ctx.saved_tensors
+        if ctx.plan is None:
+            raise RuntimeError("MoELayer: one backward per forward (the C++ dispatch plan is "
+                               "consumed); retain_graph=True double backward is not supported")
+        d_tokens, dw1, dw2, (rows, values) = ctx.impl.backward(
+            ctx.plan, view(d_out.contiguous()))
+        ctx.plan = None
+        d_centers = None
+        if ctx.needs_input_grad[4]:
+            d_centers = torch.zeros_like(centers_local)
+            if len(rows):
+                hosted = ctx.impl.hosted()
+                local = np.searchsorted(hosted, rows)
+                d_centers[torch.from_numpy(local).long()] = torch.from_numpy(values)
+        return (None, torch.from_numpy(d_tokens) if ctx.needs_input_grad[1] else None,
+                torch.from_numpy(dw1) if ctx.needs_input_grad[2] else None,
+                torch.from_numpy(dw2) if ctx.needs_input_grad[3] else None, d_centers)
+
+
+class MoELayer(nn.Module):
+    """Distributed MoE layer over an mpi4py communicator (see the module doc).
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm`` (the job's communicator; the layer
+            duplicates it, so its messages never mix with the job's).
+        num_experts: E. dim: d.
+        strategy: "air", "dense-replicated" or "dense-broadcast".
+        k: experts per token. probes: AIR's m (lists probed per token).
+        hidden: each expert's FFN width h. activation: "gelu", "relu", "silu".
+        codewords: C, codebook size (<= E). kmeans_iterations: codebook training.
+        placement: "round-robin", "list" or "locality".
+        seed: seeds the default centers, the codebook and the experts' FFN
+            weights (which depend only on (seed, expert id), not on P).
+        centers: [E, d] float32 initial router centers, the same on every rank;
+            None: seeded N(0, 1/d).
+        load_sample: optional [T, d] float32 token sample for the placement's
+            load estimate (rank 0's is used); None: load = list sizes.
+    """
+
+    def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=4, hidden=16,
+                 activation="gelu", codewords=256, placement="locality", seed=0, centers=None,
+                 kmeans_iterations=10, load_sample=None):
+        super().__init__()
+        address = _comm_address(comm)
+        if num_experts < 1 or dim < 1:
+            raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
+        if centers is None:
+            gen = torch.Generator().manual_seed(seed)
+            centers = torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
+        else:
+            check_tensor(centers, "centers", dim=dim)
+            if centers.dtype != torch.float32:
+                raise ValueError(f"centers must be float32, got {centers.dtype}")
+            if centers.shape[0] != num_experts:
+                raise ValueError(
+                    f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
+        sample = None
+        if load_sample is not None:
+            check_tensor(load_sample, "load_sample", dim=dim)
+            sample = view(load_sample)
+        self._impl = _airmoe.MoELayerImpl(
+            address, strategy, int(k), int(probes), int(hidden), activation, int(codewords),
+            int(kmeans_iterations), int(seed), placement, int(seed), view(centers.detach()),
+            sample)
+        self.num_experts, self.dim, self.k, self.probes = int(num_experts), int(dim), int(k), int(probes)
+        self.hidden_size, self.activation = int(hidden), activation
+        self.strategy, self.placement_policy, self.seed = strategy, placement, int(seed)
+        self.rank, self.world_size = self._impl.rank, self._impl.size
+        # Zero-copy: these parameters are the C++ shard's buffers.
+        self.w1 = nn.Parameter(torch.from_numpy(self._impl.w1_view()))
+        self.w2 = nn.Parameter(torch.from_numpy(self._impl.w2_view()))
+        self._w_ptrs = (self.w1.data_ptr(), self.w2.data_ptr())
+        self.centers_local = nn.Parameter(torch.from_numpy(self._impl.local_centers()))
+        self.register_buffer("codebook", torch.from_numpy(self._impl.codewords()))
+        self.register_buffer("hosted", torch.from_numpy(self._impl.hosted()).long())
+        self.register_buffer("owners", torch.from_numpy(self._impl.owners()).long())
+
+    # -- configuration, checked on load ----------------------------------
+    def _config(self):
+        return {"strategy": self.strategy, "num_experts": self.num_experts, "dim": self.dim,
+                "hidden": self.hidden_size, "activation": self.activation, "k": self.k,
+                "probes": self.probes, "placement": self.placement_policy,
+                "world_size": self.world_size, "rank": self.rank}
+
+    def get_extra_state(self):
+        return self._config()
+
+    def set_extra_state(self, state):
+        pass  # checked in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        mine = self._config()
+        theirs = state_dict.get(prefix + "_extra_state")
+        if isinstance(theirs, dict):
+            diff = [f"{key}: state has {theirs.get(key)!r}, layer has {value!r}"
+                    for key, value in mine.items() if theirs.get(key) != value]
+            if diff:
+                raise ValueError("MoELayer.load_state_dict: the state is from another "
+                                 "configuration: " + "; ".join(diff))
+        for name in ("hosted", "owners", "codebook", "w1", "w2", "centers_local"):
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            t, own = state_dict[key], getattr(self, name)
+            if tuple(t.shape) != tuple(own.shape):
+                raise ValueError(
+                    f"MoELayer.load_state_dict: {name} has shape {list(t.shape)} in the state, "
+                    f"{list(own.shape)} in this layer (another configuration, placement or rank)")
+            if name in ("hosted", "owners", "codebook") and not torch.equal(
+                    t.to(own.dtype), own):
+                raise ValueError(
+                    f"MoELayer.load_state_dict: {name} differs from this layer's (the state "
+                    f"is from another placement, codebook or rank); the C++ layer fixes "
+                    f"{name} at construction")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # -- forward ---------------------------------------------------------
+    def forward(self, hidden):
+        """hidden [T_r, d] float32 (this rank's tokens) -> [T_r, d]. Collective."""
+        check_tensor(hidden, "hidden", dim=self.dim)
+        if hidden.dtype != torch.float32:
+            raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
+        if (self.w1.data_ptr(), self.w2.data_ptr()) != self._w_ptrs or \
+                self.w1.dtype != torch.float32 or self.w2.dtype != torch.float32:
+            raise RuntimeError("MoELayer: w1/w2 no longer share the C++ shard's memory (they "
+                               "were replaced, e.g. by .to() or .double()); update them in "
+                               "place instead")
+        # Collective on every forward: ranks whose centers moved (an optimizer
+        # step, load_state_dict) hand them to routing; when none moved this is
+        # one small all-gather.
+        self._impl.set_local_centers(view(self.centers_local.detach()))
+        return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
+
+    def extra_repr(self):
+        return (f"strategy={self.strategy!r}, num_experts={self.num_experts}, dim={self.dim}, "
+                f"k={self.k}, probes={self.probes}, hidden={self.hidden_size}, "
+                f"placement={self.placement_policy!r}, rank={self.rank}/{self.world_size}, "
+                f"hosted={self.hosted.numel()}")

@@ -1,0 +1,192 @@
+"""airmoe.MoELayer under mpiexec: the layer on COMM_WORLD (P ranks, each with
+its block of tokens) equals the single-rank layer (COMM_SELF, every token) in
+outputs and in every gradient, for the three strategies; plus the error
+paths (wrong communicator type, a state_dict from another configuration,
+ranks that disagree).
+
+    mpiexec -n 2 python3 python/tests/layer_mpi_check.py
+
+Run by CTest (python_layer_mpi_1, python_layer_mpi_2). The last line, on rank
+0, is "layer_mpi_check: N passed, M failed" over all ranks; the exit status
+is nonzero on any failure.
+"""
+
+import sys
+import traceback
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import airmoe
+
+E, D, T, C, K, M, H = 61, 8, 37, 7, 4, 3, 3
+TOL = 1e-5
+
+world = MPI.COMM_WORLD
+rank, P = world.Get_rank(), world.Get_size()
+passed, failed = 0, 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+        print(f"[rank {rank}] FAIL {name} {detail}", flush=True)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if a.size == 0:
+        return 0.0
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def data():
+    gen = torch.Generator().manual_seed(11)
+    # Clustered centers, so that lists differ in size and placement matters.
+    anchors = torch.randn(5, D, generator=gen)
+    centers = anchors[torch.arange(E) % 5] + 0.3 * torch.randn(E, D, generator=gen)
+    tokens = torch.randn(T, D, generator=gen)
+    dy = torch.randn(T, D, generator=gen)
+    return centers.contiguous(), tokens, dy
+
+
+def build(comm, strategy, centers, **kw):
+    args = dict(strategy=strategy, k=K, probes=M, hidden=H, codewords=C, placement="locality",
+                seed=123, centers=centers)
+    args.update(kw)
+    return airmoe.MoELayer(comm, E, D, **args)
+
+
+def run(layer, x, dy):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out * dy).sum().backward()
+    return out.detach(), x.grad
+
+
+def guarded(name, fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - reported as a failure
+        check(name, False, "\n" + traceback.format_exc())
+
+
+def compare_strategy(strategy):
+    centers, tokens, dy = data()
+    b, e = T * rank // P, T * (rank + 1) // P
+    dist = build(world, strategy, centers, load_sample=tokens)
+    single = build(MPI.COMM_SELF, strategy, centers)
+    out, dx = run(dist, tokens[b:e], dy[b:e])
+    ref_out, ref_dx = run(single, tokens, dy)
+    hosted = dist.hosted.numpy()
+    tag = f"{strategy} P={P}"
+    check(f"{tag} hosted ids agree with owners", np.array_equal(
+        hosted, np.flatnonzero(dist.owners.numpy() == rank)))
+    all_hosted = np.concatenate(world.allgather(hosted))
+    check(f"{tag} every expert hosted once", np.array_equal(np.sort(all_hosted), np.arange(E)))
+    check(f"{tag} same FFN weights", rel(dist.w1.detach(), single.w1.detach()[hosted]) == 0.0
+          and rel(dist.w2.detach(), single.w2.detach()[hosted]) == 0.0)
+    r = rel(out, ref_out[b:e])
+    check(f"{tag} output", r <= TOL, f"rel {r}")
+    r = rel(dx, ref_dx[b:e])
+    check(f"{tag} d_hidden", r <= TOL, f"rel {r}")
+    r = rel(dist.w1.grad, single.w1.grad[hosted])
+    check(f"{tag} dW1 of hosted experts", r <= TOL, f"rel {r}")
+    r = rel(dist.w2.grad, single.w2.grad[hosted])
+    check(f"{tag} dW2 of hosted experts", r <= TOL, f"rel {r}")
+    r = rel(dist.centers_local.grad, single.centers_local.grad[hosted])
+    check(f"{tag} d_centers of hosted experts", r <= TOL, f"rel {r}")
+    check(f"{tag} some center gradient is nonzero",
+          world.allreduce(float(dist.centers_local.grad.abs().sum())) > 0)
+
+    # state_dict: round trip; zero-copy load reaches the C++ experts.
+    # state_dict() tensors alias the parameters (torch's rule): clone to keep.
+    sd = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in dist.state_dict().items()}
+    dist.load_state_dict(sd)
+    check(f"{tag} state_dict holds this rank's shard",
+          sd["w1"].shape == (len(hosted), H, D) and sd["hosted"].tolist() == hosted.tolist())
+    zero = {k: (torch.zeros_like(v) if k == "w2" else v) for k, v in sd.items()}
+    dist.load_state_dict(zero)
+    with torch.no_grad():
+        z = dist(tokens[b:e])
+    check(f"{tag} loaded w2 = 0 gives output 0 (parameters are the C++ memory)",
+          float(z.abs().max()) == 0.0 if z.numel() else True)
+    dist.load_state_dict(sd)
+    with torch.no_grad():
+        again = dist(tokens[b:e])
+    check(f"{tag} reloaded weights give the same output", rel(again, out) == 0.0)
+
+    # A state_dict from another configuration.
+    other = build(MPI.COMM_SELF, strategy, centers, hidden=H + 1)
+    try:
+        dist.load_state_dict(other.state_dict())
+        check(f"{tag} state from another configuration raises ValueError", False, "no error")
+    except ValueError as err:
+        check(f"{tag} state from another configuration raises ValueError", "hidden" in str(err),
+              str(err))
+    tampered = dict(sd)
+    tampered["owners"] = (sd["owners"] + 1) % max(P, 2)
+    try:
+        dist.load_state_dict(tampered)
+        check(f"{tag} state with another placement raises ValueError", False, "no error")
+    except ValueError as err:
+        check(f"{tag} state with another placement raises ValueError", "owners" in str(err),
+              str(err))
+    if P > 1:
+        # Rank 0's state on rank 1: another shard.
+        from_root = world.bcast(sd, root=0)
+        if rank != 0:
+            try:
+                dist.load_state_dict(from_root)
+                check(f"{tag} another rank's state raises ValueError", False, "no error")
+            except ValueError as err:
+                check(f"{tag} another rank's state raises ValueError", "rank" in str(err),
+                      str(err))
+
+
+def errors():
+    centers, _, _ = data()
+    for bad in (None, 0, "COMM_WORLD", object()):
+        try:
+            airmoe.MoELayer(bad, E, D, codewords=C)
+            check(f"comm {bad!r} raises TypeError", False, "no error")
+        except TypeError as err:
+            check(f"comm {bad!r} raises TypeError", "mpi4py.MPI.Comm" in str(err), str(err))
+    try:
+        build(world, "nope", centers)
+        check("unknown strategy raises ValueError", False, "no error")
+    except ValueError as err:
+        check("unknown strategy raises ValueError", "strategy 'nope' is unknown" in str(err),
+              str(err))
+    if P > 1:
+        # Ranks that disagree on the configuration fail together.
+        try:
+            build(world, "air", centers, hidden=H + rank)
+            check("ranks with different hidden raise RuntimeError", False, "no error")
+        except RuntimeError as err:
+            check("ranks with different hidden raise RuntimeError",
+                  "MoE layer configuration" in str(err), str(err))
+        try:
+            build(world, "air", centers + rank)
+            check("ranks with different centers raise RuntimeError", False, "no error")
+        except RuntimeError as err:
+            check("ranks with different centers raise RuntimeError",
+                  "centers and codebook" in str(err), str(err))
+
+
+torch.manual_seed(0)
+for strategy in ("air", "dense-replicated", "dense-broadcast"):
+    guarded(strategy, lambda: compare_strategy(strategy))
+guarded("errors", errors)
+
+total_passed = world.allreduce(passed)
+total_failed = world.allreduce(failed)
+if rank == 0:
+    print(f"layer_mpi_check: {total_passed} passed, {total_failed} failed", flush=True)
+sys.exit(1 if total_failed else 0)
