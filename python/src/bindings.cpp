@@ -111,6 +111,32 @@ py::tuple route_result(std::shared_ptr<RouteHandle> h) {
   return py::make_tuple(experts, gates, std::move(h));
 }
 
+// Runs route(tokens view) with the GIL released, under a shared lock on the
+// router, and packs the result with a handle that keeps the C++ routes (and
+// the tokens' address, for the zero-copy check) for backward.
+template <typename Route>
+py::tuple routed(const py::array& tokens, std::shared_mutex& mutex, Route&& route) {
+  const MatrixView t = as_view(tokens, "tokens");
+  auto h = std::make_shared<RouteHandle>();
+  h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
+  {
+    py::gil_scoped_release release;
+    std::shared_lock lock(mutex);
+    h->routes = route(t);
+  }
+  return route_result(std::move(h));
+}
+
+// Runs backward(tokens, d_gates) with the GIL released, under a shared lock.
+template <typename Backward>
+auto backed(const py::array& tokens, const py::array& d_gates, std::shared_mutex& mutex,
+            Backward&& backward) {
+  const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
+  py::gil_scoped_release release;
+  std::shared_lock lock(mutex);
+  return backward(t, dg);
+}
+
 py::tuple sparse_result(SparseRowGrad&& g) {
   const auto n = static_cast<py::ssize_t>(g.rows.size());
   return py::make_tuple(owned(std::move(g.rows), {n}), owned(std::move(g.values)));
@@ -162,26 +188,14 @@ class AirIndex {
   }
 
   py::tuple route(const py::array& tokens, int k, int probes) const {
-    const MatrixView t = as_view(tokens, "tokens");
-    auto h = std::make_shared<RouteHandle>();
-    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      h->routes = get("route").route(t, k, probes);
-    }
-    return route_result(std::move(h));
+    return routed(tokens, mutex_, [&](MatrixView t) { return get("route").route(t, k, probes); });
   }
 
   py::tuple backward(const py::array& tokens, const RouteHandle& h,
                      const py::array& d_gates) const {
-    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
-    RouterGradients g;
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      g = get("backward").backward(t, h.routes, dg);
-    }
+    RouterGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
+      return get("backward").backward(t, h.routes, dg);
+    });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
   }
 
@@ -239,26 +253,14 @@ class DenseIndex {
   }
 
   py::tuple route(const py::array& tokens, int k) const {
-    const MatrixView t = as_view(tokens, "tokens");
-    auto h = std::make_shared<RouteHandle>();
-    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      h->routes = router_.route(t, k);
-    }
-    return route_result(std::move(h));
+    return routed(tokens, mutex_, [&](MatrixView t) { return router_.route(t, k); });
   }
 
   py::tuple backward(const py::array& tokens, const RouteHandle& h,
                      const py::array& d_gates) const {
-    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
-    RouterGradients g;
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      g = router_.backward(t, h.routes, dg);
-    }
+    RouterGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
+      return router_.backward(t, h.routes, dg);
+    });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
   }
 
@@ -282,27 +284,15 @@ class ProductKeyIndex {
   }
 
   py::tuple route(const py::array& tokens, int k) const {
-    const MatrixView t = as_view(tokens, "tokens");
-    auto h = std::make_shared<RouteHandle>();
-    h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      h->routes = router_.route(t, k);
-    }
-    return route_result(std::move(h));
+    return routed(tokens, mutex_, [&](MatrixView t) { return router_.route(t, k); });
   }
 
   // (d_tokens, (rows1, values1), (rows2, values2))
   py::tuple backward(const py::array& tokens, const RouteHandle& h,
                      const py::array& d_gates) const {
-    const MatrixView t = as_view(tokens, "tokens"), dg = as_view(d_gates, "d_gates");
-    ProductKeyGradients g;
-    {
-      py::gil_scoped_release release;
-      std::shared_lock lock(mutex_);
-      g = router_.backward(t, h.routes, dg);
-    }
+    ProductKeyGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
+      return router_.backward(t, h.routes, dg);
+    });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_keys1)),
                           sparse_result(std::move(g.d_keys2)));
   }
