@@ -7,6 +7,8 @@ fix; the only conversions airmoe makes are the documented float64 ones (see
 :mod:`airmoe.routers`).
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -36,6 +38,21 @@ def check_tensor(x, name, dim=None, ndim=2):
         raise ValueError(
             f"{name} is not contiguous (strides {x.stride()}); airmoe does not copy "
             f"silently: pass {name}.contiguous()")
+
+
+def initial_centers(num_experts, dim, centers, seed):
+    """The given centers [E, d] (checked, detached) or seeded Gaussian ones
+    scaled by 1/sqrt(d): how every module here starts its router keys."""
+    if num_experts < 1 or dim < 1:
+        raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
+    if centers is None:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
+    check_tensor(centers, "centers", dim=dim)
+    if centers.shape[0] != num_experts:
+        raise ValueError(
+            f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
+    return centers.detach()
 
 
 def view(x):

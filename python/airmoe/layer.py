@@ -44,14 +44,13 @@ bad arguments raise ValueError with the C++ message; ranks that disagree on
 the configuration raise RuntimeError on every rank.
 """
 
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import check_tensor, view
+from ._tensors import check_tensor, initial_centers, view
 
 __all__ = ["MoELayer"]
 
@@ -129,18 +128,9 @@ class MoELayer(nn.Module):
                  kmeans_iterations=10, load_sample=None):
         super().__init__()
         address = _comm_address(comm)
-        if num_experts < 1 or dim < 1:
-            raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
-        if centers is None:
-            gen = torch.Generator().manual_seed(seed)
-            centers = torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
-        else:
-            check_tensor(centers, "centers", dim=dim)
-            if centers.dtype != torch.float32:
-                raise ValueError(f"centers must be float32, got {centers.dtype}")
-            if centers.shape[0] != num_experts:
-                raise ValueError(
-                    f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
+        centers = initial_centers(num_experts, dim, centers, seed)
+        if centers.dtype != torch.float32:
+            raise ValueError(f"centers must be float32, got {centers.dtype}")
         sample = None
         if load_sample is not None:
             check_tensor(load_sample, "load_sample", dim=dim)

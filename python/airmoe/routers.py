@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import check_tensor, from_numpy, tensor_key, view
+from ._tensors import check_tensor, initial_centers, tensor_key, view
 
 __all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
 
@@ -130,17 +130,7 @@ class _CenterRouter(nn.Module):
     """Shared parts of routers with one center per expert (AIR, dense)."""
 
     def _init_centers(self, num_experts, dim, centers, seed):
-        if num_experts < 1 or dim < 1:
-            raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
-        if centers is None:
-            gen = torch.Generator().manual_seed(seed)
-            centers = torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
-        else:
-            check_tensor(centers, "centers", dim=dim)
-            if centers.shape[0] != num_experts:
-                raise ValueError(
-                    f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
-            centers = centers.detach().clone()
+        centers = initial_centers(num_experts, dim, centers, seed).clone()
         self.centers = nn.Parameter(centers)
 
     def _forward(self, hidden, impl):
