@@ -18,7 +18,7 @@
 #include "comm/mpi_communicator.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 
 struct airmoe_router {

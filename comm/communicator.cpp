@@ -1,7 +1,12 @@
 #include "comm/communicator.h"
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <string>
+
+#include "core/errors.h"
+#include "core/hash.h"
 
 namespace airmoe::comm {
 
@@ -36,26 +41,26 @@ void Communicator::record_alltoallv(const std::vector<std::vector<char>>& send) 
   }
 }
 
+void Communicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+  if (send.ranks() != size())
+    throw UsageError("exchange: send has " + std::to_string(send.ranks()) + " segments for " +
+                     std::to_string(size()) + " ranks");
+  std::vector<std::vector<char>> parts(static_cast<size_t>(size()));
+  for (int p = 0; p < size(); ++p) parts[p].assign(send.begin(p), send.begin(p) + send.bytes(p));
+  const std::vector<std::vector<char>> got = alltoallv(parts);
+  std::vector<int64_t> bytes(got.size());
+  for (size_t q = 0; q < got.size(); ++q) bytes[q] = static_cast<int64_t>(got[q].size());
+  recv.reset(bytes);
+  for (int q = 0; q < size(); ++q)
+    if (!got[q].empty()) std::memcpy(recv.begin(q), got[q].data(), got[q].size());
+}
+
 bool Communicator::overlaps(const void* a, size_t na, const void* b, size_t nb) {
   if (na == 0 || nb == 0) return false;
   const auto pa = reinterpret_cast<uintptr_t>(a);
   const auto pb = reinterpret_cast<uintptr_t>(b);
   return pa < pb + nb && pb < pa + na;
 }
-
-namespace {
-
-// 64-bit FNV-1a: fixed, so every rank (and every build) hashes alike.
-uint64_t fnv1a64(const std::string& s) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 0x100000001b3ULL;
-  }
-  return h;
-}
-
-}  // namespace
 
 void require_same_config(Communicator& comm, const std::string& config, const char* what) {
   const int p = comm.size();
@@ -84,9 +89,12 @@ void raise_together(Communicator& comm, const std::string& local_error, const ch
   const std::vector<char> all = comm.allgatherv(local_error.data(), local_error.size(), counts);
   int64_t at = 0;
   for (int r = 0; r < comm.size(); ++r) {
-    if (counts[r] > 0)
-      throw std::invalid_argument(std::string(what) + ": rank " + std::to_string(r) + ": " +
-                                  std::string(all.data() + at, static_cast<size_t>(counts[r])));
+    if (counts[r] > 0) {
+      const std::string message = std::string(what) + ": rank " + std::to_string(r) + ": " +
+                                  std::string(all.data() + at, static_cast<size_t>(counts[r]));
+      if (!local_error.empty()) throw UsageError(message);
+      throw PeerError(message, r);
+    }
     at += counts[r];
   }
 }

@@ -7,10 +7,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "comm/exchange_buffer.h"
 #include "comm/traffic_meter.h"
 
 namespace airmoe::comm {
@@ -40,6 +42,12 @@ class Communicator {
   // send[p] goes to rank p (an empty buffer sends nothing to p: no message,
   // only the counts exchange). Returns recv[p], what rank p sent here.
   virtual std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) = 0;
+  // The variable all-to-all on caller-owned buffers: send has size() segments,
+  // segment p goes to rank p; recv is reset to size() segments, segment q
+  // holding what rank q sent here (its storage is reused across calls). A
+  // rank that sends nothing to p sends p no message. This base version is
+  // built on alltoallv(); backends override it with a sparse exchange.
+  virtual void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv);
 
   // The phase name under which subsequent calls are metered.
   void set_phase(std::string phase) { phase_ = std::move(phase); }
@@ -92,12 +100,28 @@ class PhaseScope {
 void require_same_config(Communicator& comm, const std::string& config, const char* what);
 
 // Every rank passes its own local error ("" for none); if any rank has one,
-// every rank throws std::invalid_argument("<what>: rank R: <message>") with
-// the lowest failing rank's message. Checks of local input go through this
-// before data moves, so one rank's bad input fails the whole job together
-// instead of leaving the others waiting in the next collective. Metered
-// under the phase "checks".
+// every rank throws "<what>: rank R: <message>" with the lowest failing
+// rank's message: a UsageError on each rank that had an error of its own, a
+// PeerError (naming R) on the others; both are std::invalid_argument
+// (core/errors.h). Checks of local input go through this before data moves,
+// so one rank's bad input fails the whole job together instead of leaving the
+// others waiting in the next collective. Metered under the phase "checks".
 void raise_together(Communicator& comm, const std::string& local_error, const char* what);
+
+// Collective: runs `local_check` on this rank and raises what it threw (any
+// std::exception) on every rank together, as raise_together does. The one
+// way the runtime validates local input before data moves.
+template <typename Check>
+void check_together(Communicator& comm, const char* what, Check&& local_check) {
+  std::string error;
+  try {
+    local_check();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  raise_together(comm, error, what);
+}
 
 // Typed helpers over the byte interface.
 template <typename T>

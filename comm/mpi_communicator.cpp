@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/errors.h"
+
 namespace airmoe::comm {
 
 namespace {
@@ -35,14 +37,14 @@ bool mpi_finalized() {
 // Size of `comm`, checked before the base class (which needs it) is built.
 int checked_size(MPI_Comm comm) {
   if (!mpi_initialized() || mpi_finalized())
-    throw std::runtime_error(
+    throw TransportError(
         "MpiCommunicator: MPI is not initialized (create an MpiSession first) or already "
         "finalized");
   if (comm == MPI_COMM_NULL) throw std::invalid_argument("MpiCommunicator: MPI_COMM_NULL");
   int size = 0;
   const int rc = MPI_Comm_size(comm, &size);
   if (rc != MPI_SUCCESS)
-    throw std::runtime_error("MpiCommunicator: MPI_Comm_size failed: " + error_string(rc));
+    throw TransportError("MpiCommunicator: MPI_Comm_size failed: " + error_string(rc));
   return size;
 }
 
@@ -51,20 +53,20 @@ int checked_size(MPI_Comm comm) {
 // ----------------------------------------------------------- MpiSession ---
 
 MpiSession::MpiSession(int* argc, char*** argv) {
-  if (mpi_finalized()) throw std::runtime_error("MpiSession: MPI has already been finalized");
+  if (mpi_finalized()) throw TransportError("MpiSession: MPI has already been finalized");
   if (mpi_initialized()) {
     MPI_Query_thread(&provided_);
     return;
   }
   const int rc = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided_);
   if (rc != MPI_SUCCESS)
-    throw std::runtime_error("MpiSession: MPI_Init_thread failed: " + error_string(rc));
+    throw TransportError("MpiSession: MPI_Init_thread failed: " + error_string(rc));
   owns_ = true;
   if (provided_ < MPI_THREAD_FUNNELED) {
     MPI_Finalize();
     owns_ = false;
-    throw std::runtime_error("MpiSession: MPI provides thread level " + std::to_string(provided_) +
-                             ", below MPI_THREAD_FUNNELED");
+    throw TransportError("MpiSession: MPI provides thread level " + std::to_string(provided_) +
+                         ", below MPI_THREAD_FUNNELED");
   }
 }
 
@@ -79,15 +81,14 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm)
   int rc = MPI_Comm_dup(comm, &comm_);
   if (rc != MPI_SUCCESS) {
     comm_ = MPI_COMM_NULL;
-    throw std::runtime_error("MpiCommunicator: MPI_Comm_dup failed: " + error_string(rc));
+    throw TransportError("MpiCommunicator: MPI_Comm_dup failed: " + error_string(rc));
   }
   rc = MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm_, &rank_);
   if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm_, &size_);
   if (rc != MPI_SUCCESS) {
     MPI_Comm_free(&comm_);
-    throw std::runtime_error("MpiCommunicator: setting up the duplicate failed: " +
-                             error_string(rc));
+    throw TransportError("MpiCommunicator: setting up the duplicate failed: " + error_string(rc));
   }
 }
 
@@ -103,8 +104,8 @@ void MpiCommunicator::set_max_message_bytes(int64_t bytes) {
 }
 
 void MpiCommunicator::fail(const std::string& what) const {
-  throw std::runtime_error("MPI rank " + std::to_string(rank_) + " of " + std::to_string(size_) +
-                           ": " + what);
+  throw TransportError("MPI rank " + std::to_string(rank_) + " of " + std::to_string(size_) + ": " +
+                       what);
 }
 
 void MpiCommunicator::check(int rc, const char* call) const {

@@ -1,15 +1,16 @@
 // Small pieces every airmoe_bench subcommand uses.
 #pragma once
 
-#include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#include "core/clock.h"
+
 namespace airmoe::bench {
 
 inline double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return clock_seconds();
 }
 
 // Best of `repeats` runs of fn(): the least disturbed run on a shared machine.

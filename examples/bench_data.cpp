@@ -6,8 +6,8 @@
 
 #include "bench_common.h"
 #include "comm/mpi_communicator.h"
-#include "router/npy.h"
-#include "router/threads.h"
+#include "core/npy.h"
+#include "core/threads.h"
 
 namespace po = boost::program_options;
 

@@ -9,7 +9,7 @@
 
 #include "comm/communicator.h"
 #include "router/codebook.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 
 namespace airmoe::bench {
 

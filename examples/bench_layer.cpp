@@ -16,7 +16,7 @@
 #include "router/dense_router.h"
 #include "router/list_scan.h"
 #include "router/metrics.h"
-#include "router/threads.h"
+#include "core/threads.h"
 #include "runtime/coordinator.h"
 #include "runtime/moe_layer.h"
 

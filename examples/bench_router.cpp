@@ -20,11 +20,11 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "router/npy.h"
+#include "core/npy.h"
 #include "router/product_key_router.h"
 #include "router/scoring.h"
-#include "router/synthetic.h"
-#include "router/threads.h"
+#include "core/synthetic.h"
+#include "core/threads.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;

@@ -19,9 +19,9 @@
 #include "comm/mpi_communicator.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "router/npy.h"
-#include "router/synthetic.h"
-#include "router/threads.h"
+#include "core/npy.h"
+#include "core/synthetic.h"
+#include "core/threads.h"
 #include "runtime/coordinator.h"
 #include "runtime/distributed_router.h"
 

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "router/checks.h"
+#include "core/checks.h"
 #include "router/dense_router.h"
 #include "router/list_scan.h"
 #include "router/topk.h"

@@ -9,7 +9,7 @@
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 
 namespace airmoe {

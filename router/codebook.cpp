@@ -7,7 +7,7 @@
 #include <random>
 #include <string>
 
-#include "router/checks.h"
+#include "core/checks.h"
 #include "router/scoring.h"
 
 namespace airmoe {

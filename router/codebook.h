@@ -14,7 +14,7 @@
 #include <functional>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe {
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <string>
 
-#include "router/checks.h"
+#include "core/checks.h"
 
 namespace airmoe {
 

@@ -10,7 +10,7 @@
 
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 
 namespace airmoe {

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "router/checks.h"
+#include "core/checks.h"
 
 namespace airmoe {
 namespace {

@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "router/checks.h"
+#include "core/checks.h"
 #include "router/dense_router.h"
 #include "router/scoring.h"
 #include "router/topk.h"

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 
 namespace airmoe {

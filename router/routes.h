@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe {
 

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe {
 

@@ -6,7 +6,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "router/checks.h"
+#include "core/checks.h"
 #include "router/scoring.h"
 
 namespace airmoe::runtime {

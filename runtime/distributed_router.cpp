@@ -5,26 +5,15 @@
 #include <stdexcept>
 #include <string>
 
-#include <chrono>
-#include "router/checks.h"
+#include "core/checks.h"
+#include "core/clock.h"
+#include "core/hash.h"
 #include "router/dense_router.h"
 #include "router/topk.h"
 #include "runtime/wire.h"
 
 namespace airmoe::runtime {
-namespace {
-
-double bench_clock() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-uint64_t fnv(const void* data, size_t bytes, uint64_t h = 1469598103934665603ull) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < bytes; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
-}  // namespace
+namespace {}  // namespace
 
 DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook,
                                      std::vector<int32_t> assignment, Placement placement,
@@ -55,8 +44,8 @@ DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook
   const std::string config =
       "E=" + std::to_string(lists_.experts()) + " C=" + std::to_string(codebook_.size()) +
       " d=" + std::to_string(codebook_.dim()) +
-      " codebook=" + std::to_string(fnv(cw.data, static_cast<size_t>(cw.rows * cw.cols) * 4)) +
-      " lists=" + std::to_string(fnv(assignment.data(), assignment.size() * 4)) +
+      " codebook=" + std::to_string(fnv1a64(cw.data, static_cast<size_t>(cw.rows * cw.cols) * 4)) +
+      " lists=" + std::to_string(fnv1a64(assignment.data(), assignment.size() * 4)) +
       " placement=" + std::to_string(placement_.digest());
   {
     comm::PhaseScope phase(comm_, "checks");
@@ -91,7 +80,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
                               "route arguments k and probes");
   }
   timings_ = {};
-  double t0 = bench_clock();
+  double t0 = clock_seconds();
 
   // 1. Shortlist locally.
   Routes r = make_routes(T, k, GateMode::kChosen);
@@ -99,7 +88,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
   r.probe_offsets = std::move(sel.offsets);
   r.probes = std::move(sel.codewords);
   r.shortlist_size = std::move(sel.shortlist_size);
-  double t1 = bench_clock();
+  double t1 = clock_seconds();
   timings_.shortlist = t1 - t0;
 
   // 2. Scoring requests, only to the ranks hosting a segment of a probed list.
@@ -111,7 +100,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
     comm::PhaseScope phase(comm_, "requests");
     recv = comm_.alltoallv(out.send);
   }
-  double t2 = bench_clock();
+  double t2 = clock_seconds();
   timings_.requests = t2 - t1;
 
   // 3. Scan this rank's segments for every request received.
@@ -159,7 +148,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
     wire::put(buf, best_id.data() + q * k, static_cast<size_t>(k));
     wire::put(buf, best_z.data() + q * k, static_cast<size_t>(k));
   }
-  double t3 = bench_clock();
+  double t3 = clock_seconds();
   timings_.scoring = t3 - t2;
 
   // 4. Replies home, merged into the global top-k.
@@ -168,7 +157,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
     comm::PhaseScope phase(comm_, "replies");
     answers = comm_.alltoallv(reply);
   }
-  double t4 = bench_clock();
+  double t4 = clock_seconds();
   timings_.replies = t4 - t3;
   std::vector<size_t> cursor(static_cast<size_t>(P), 0);
   std::vector<int32_t> ids(static_cast<size_t>(k));
@@ -186,7 +175,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
     }
   }
   finalize_gates(r);
-  timings_.merge = bench_clock() - t4;
+  timings_.merge = clock_seconds() - t4;
   return r;
 }
 

@@ -16,7 +16,7 @@
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe::runtime {
 

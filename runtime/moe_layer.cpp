@@ -1,13 +1,13 @@
 #include "runtime/moe_layer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <unordered_map>
 
-#include "router/checks.h"
+#include "core/checks.h"
+#include "core/clock.h"
 #include "router/metrics.h"
 #include "runtime/wire.h"
 
@@ -17,10 +17,6 @@ namespace {
 using wire::put;
 using wire::take;
 using wire::take_n;
-
-double clock_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 // Per input row of a plan, in serving order, one fixed-size block of floats
 // to its home rank; the home reads them back in its own (token, target) order.

@@ -3,7 +3,8 @@
 #include <algorithm>
 #include <string>
 
-#include "router/checks.h"
+#include "core/checks.h"
+#include "core/hash.h"
 
 namespace airmoe::runtime {
 
@@ -50,9 +51,7 @@ std::vector<int64_t> Placement::experts_per_rank() const {
 }
 
 uint64_t Placement::digest() const {
-  uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(ranks_);
-  for (int32_t r : owner_) h = (h ^ static_cast<uint64_t>(r)) * 1099511628211ull;
-  return h;
+  return fnv1a64(owner_.data(), owner_.size() * sizeof(int32_t), fnv1a64(&ranks_, sizeof(ranks_)));
 }
 
 }  // namespace airmoe::runtime

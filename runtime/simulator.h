@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/moe_layer.h"
 #include "runtime/placement.h"

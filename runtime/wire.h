@@ -8,7 +8,7 @@
 #include <cstring>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
 

@@ -7,14 +7,17 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <set>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/errors.h"
 
 namespace airmoe::test {
 
@@ -331,6 +334,79 @@ inline void check_same_config(Communicator& c) {
   else
     want += " 1 differs from rank 0";
   EXPECT_EQ(msg, want) << "rank " << r;
+}
+
+// check_together: the failing rank throws UsageError, every other rank a
+// PeerError naming it; the lowest failing rank's message wins everywhere.
+inline void check_raise_together_types(Communicator& c) {
+  const int p = c.size(), r = c.rank();
+  EXPECT_NO_THROW(comm::check_together(c, "nothing wrong", [] {}));
+  const int bad = p - 1;
+  std::string msg, kind;
+  int named = -1;
+  try {
+    comm::check_together(c, "layer", [&] {
+      if (r == bad) throw std::invalid_argument("tokens row 3 is nan");
+    });
+  } catch (const PeerError& e) {
+    kind = "peer";
+    msg = e.what();
+    named = e.failed_rank();
+  } catch (const UsageError& e) {
+    kind = "usage";
+    msg = e.what();
+  }
+  EXPECT_EQ(kind, r == bad ? "usage" : "peer") << "rank " << r;
+  EXPECT_EQ(msg, "layer: rank " + std::to_string(bad) + ": tokens row 3 is nan") << "rank " << r;
+  if (r != bad) {
+    EXPECT_EQ(named, bad) << "rank " << r;
+  }
+  // Several failing ranks: each throws UsageError with the lowest one's message.
+  msg.clear();
+  kind.clear();
+  try {
+    comm::check_together(c, "set-up", [&] {
+      if (r % 2 == 1 || p == 1) throw std::runtime_error("rank " + std::to_string(r) + " broke");
+    });
+  } catch (const PeerError& e) {
+    kind = "peer";
+    msg = e.what();
+  } catch (const UsageError& e) {
+    kind = "usage";
+    msg = e.what();
+  }
+  const int lowest = p == 1 ? 0 : 1;
+  EXPECT_EQ(kind, (r % 2 == 1 || p == 1) ? "usage" : "peer") << "rank " << r;
+  EXPECT_EQ(
+      msg, "set-up: rank " + std::to_string(lowest) + ": rank " + std::to_string(lowest) + " broke")
+      << "rank " << r;
+}
+
+// exchange(): segment p of send reaches rank p; recv's segments in rank order;
+// the buffers are reused (a second call with other sizes is right too).
+inline void check_exchange(Communicator& c) {
+  const int p = c.size(), r = c.rank();
+  comm::ExchangeBuffer send, recv;
+  for (int round = 0; round < 2; ++round) {
+    auto size_of = [&](int from, int to) {
+      return static_cast<int64_t>((from + 2 * to + round) % 4 == 0 ? 0 : (from + to + round) * 3);
+    };
+    std::vector<int64_t> bytes(static_cast<size_t>(p));
+    for (int q = 0; q < p; ++q) bytes[q] = size_of(r, q);
+    send.reset(bytes);
+    for (int q = 0; q < p; ++q) {
+      const std::vector<char> v = pattern_bytes(r, static_cast<size_t>(bytes[q]), q + round);
+      std::copy(v.begin(), v.end(), send.begin(q));
+    }
+    c.exchange(send, recv);
+    ASSERT_EQ(recv.ranks(), p);
+    for (int q = 0; q < p; ++q) {
+      const std::vector<char> want =
+          pattern_bytes(q, static_cast<size_t>(size_of(q, r)), r + round);
+      const std::span<const char> got = recv.segment(q);
+      EXPECT_EQ(std::vector<char>(got.begin(), got.end()), want) << "rank " << r << " from " << q;
+    }
+  }
 }
 
 }  // namespace airmoe::test

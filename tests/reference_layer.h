@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/experts.h"
 #include "test_util.h"

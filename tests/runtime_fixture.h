@@ -10,7 +10,7 @@
 #include "router/air_router.h"
 #include "router/codebook.h"
 #include "router/list_scan.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "runtime/coordinator.h"
 #include "runtime/distributed_router.h"
 

@@ -11,7 +11,7 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/scoring.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "router/topk.h"
 #include "test_util.h"
 

@@ -8,11 +8,11 @@
 #include <string>
 
 #include "router/air_router.h"
-#include "router/checks.h"
+#include "core/checks.h"
 #include "router/dense_router.h"
 #include "router/product_key_router.h"
-#include "router/synthetic.h"
-#include "router/threads.h"
+#include "core/synthetic.h"
+#include "core/threads.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -10,7 +10,7 @@
 
 #include "router/codebook.h"
 #include "router/scoring.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -109,6 +109,12 @@ TEST_P(InProcessComm, PhaseScopeAndReset) {
 TEST_P(InProcessComm, RequireSameConfig) {
   run(check_same_config);
 }
+TEST_P(InProcessComm, ExchangeOnCallerBuffers) {
+  run(check_exchange);
+}
+TEST_P(InProcessComm, CheckTogetherTellsUsageFromPeerErrors) {
+  run(check_raise_together_types);
+}
 
 TEST_P(InProcessComm, RanksAreDistinct) {
   const int p = GetParam();

@@ -71,6 +71,12 @@ TEST(MpiComm, PhaseScopeAndReset) {
 TEST(MpiComm, RequireSameConfig) {
   check_same_config(*comm::world_communicator());
 }
+TEST(MpiComm, ExchangeOnCallerBuffers) {
+  check_exchange(*comm::world_communicator());
+}
+TEST(MpiComm, CheckTogetherTellsUsageFromPeerErrors) {
+  check_raise_together_types(*comm::world_communicator());
+}
 
 // Messages above max_message_bytes travel in pieces; results and the meter
 // (logical traffic: one message per peer) are unchanged.

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "router/dense_router.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -12,8 +12,8 @@
 
 #include "reference_layer.h"
 #include "router/routes.h"
-#include "router/synthetic.h"
-#include "router/threads.h"
+#include "core/synthetic.h"
+#include "core/threads.h"
 #include "runtime/experts.h"
 #include "test_util.h"
 

@@ -11,7 +11,7 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 
 namespace airmoe {
 namespace {

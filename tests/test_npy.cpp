@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "router/npy.h"
-#include "router/synthetic.h"
+#include "core/npy.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "router/product_key_router.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "router/routes.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "router/scoring.h"
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

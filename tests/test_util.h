@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/routes.h"
-#include "router/threads.h"
+#include "core/threads.h"
 
 namespace airmoe::test {
 

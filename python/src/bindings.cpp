@@ -44,7 +44,7 @@
 #include "router/dense_router.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "router/matrix.h"
+#include "core/matrix.h"
 #include "router/product_key_router.h"
 #include "router/routes.h"
 #include "runtime/coordinator.h"

@@ -1,14 +1,16 @@
-#include "router/checks.h"
+#include "core/checks.h"
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <stdexcept>
 
+#include "core/errors.h"
+
 namespace airmoe {
 
 void fail(const std::string& message) {
-  throw std::invalid_argument(message);
+  throw UsageError(message);
 }
 
 void require_finite(MatrixView m, const char* what) {

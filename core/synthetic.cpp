@@ -1,11 +1,11 @@
-#include "router/synthetic.h"
+#include "core/synthetic.h"
 
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
 
-#include "router/checks.h"
+#include "core/checks.h"
 
 namespace airmoe {
 namespace {

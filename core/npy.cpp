@@ -1,4 +1,4 @@
-#include "router/npy.h"
+#include "core/npy.h"
 
 #include <cstdint>
 #include <cstring>

@@ -1,4 +1,4 @@
-#include "router/threads.h"
+#include "core/threads.h"
 
 #include <omp.h>
 

@@ -1,15 +1,16 @@
-// Argument checks shared by every router: each failure is an
-// std::invalid_argument whose message names the argument, and for
-// non-finite values the row and column.
+// Argument checks shared by every folder: each failure is a UsageError
+// (core/errors.h, an std::invalid_argument) whose message names the
+// argument, and for non-finite values the row and column.
 #pragma once
 
 #include <cstdint>
 #include <string>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe {
 
+// Throws UsageError(message) (core/errors.h).
 [[noreturn]] void fail(const std::string& message);
 
 // Throws unless every entry of m is finite: "<what> row R column C is nan".

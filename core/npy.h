@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "router/matrix.h"
+#include "core/matrix.h"
 
 namespace airmoe {
 

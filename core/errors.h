@@ -1,0 +1,47 @@
+// The error types every folder throws, so that a caller (and a front-end
+// such as the PyTorch binding) can tell apart what to fix and where:
+//   UsageError     this rank's caller passed bad input (an argument, a shape,
+//                  a value, a file): fix the call. An std::invalid_argument.
+//   PeerError      this rank's input was fine, but another rank's was not and
+//                  every rank stops together; names that rank. Also an
+//                  std::invalid_argument, so that code which catches "bad
+//                  input on some rank" catches both.
+//   InternalError  a broken invariant inside airmoe, or a malformed message
+//                  from a peer (a bug, or memory corruption): not the
+//                  caller's fault. An std::logic_error.
+//   TransportError a failed transport call (MPI, ...). An std::runtime_error.
+// File errors (a missing, truncated or malformed file) are UsageErrors too:
+// the file is the caller's input.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace airmoe {
+
+class UsageError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+class PeerError : public std::invalid_argument {
+ public:
+  PeerError(const std::string& message, int failed_rank)
+      : std::invalid_argument(message), failed_rank_(failed_rank) {}
+  int failed_rank() const { return failed_rank_; }
+
+ private:
+  int failed_rank_;
+};
+
+class InternalError : public std::logic_error {
+ public:
+  using std::logic_error::logic_error;
+};
+
+class TransportError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace airmoe
