@@ -28,6 +28,8 @@
 
 #include <stdint.h>
 
+#include "airmoe_version.h" /* AIRMOE_VERSION_MAJOR, _MINOR, _PATCH, _STRING */
+
 #if defined(_WIN32)
 #define AIRMOE_API
 #else
