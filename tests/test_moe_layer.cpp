@@ -2,6 +2,7 @@
 // reference, with ranks as threads.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -446,6 +447,27 @@ TEST(Wire, TruncatedMessageNamesTheSourceRankAndTheRecord) {
   rest.take<int32_t>("token index");
   AIRMOE_EXPECT_THROW_MSG(rest.expect_done("combine"), InternalError,
                           "message from rank 1 has 8 bytes left over after combine");
+}
+
+TEST(Wire, TruncatedRecordIsRefusedByTheRecordDecoder) {
+  // A dispatch record from rank 2 announcing 1 pair but cut after the
+  // expert id: the decoder names the rank and the field, reads nothing past.
+  comm::ExchangeBuffer recv;
+  const int64_t bytes[3] = {0, 0, 12};
+  recv.reset(bytes);
+  const int32_t record[3] = {5, 1, 42};
+  std::memcpy(recv.begin(2), record, sizeof(record));
+  std::vector<int32_t> experts;
+  AIRMOE_EXPECT_THROW_MSG(
+      runtime::wire::read_records(recv,
+                                  [&](runtime::wire::Reader& in, int32_t, int32_t n) {
+                                    for (int32_t i = 0; i < n; ++i) {
+                                      experts.push_back(in.take<int32_t>("dispatch expert id"));
+                                      in.take<float>("dispatch gate");
+                                    }
+                                  }),
+      InternalError, "message from rank 2 truncated: needs 4 bytes for dispatch gate, 0 left");
+  EXPECT_EQ(experts, std::vector<int32_t>{42});
 }
 
 TEST(Wire, BuildersFillExactlyTheCountedBytes) {
