@@ -6,17 +6,19 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "bench_common.h"
 #include "bench_data.h"
 #include "comm/mpi_communicator.h"
+#include "core/threads.h"
 #include "layer_report.h"
 #include "router/dense_router.h"
 #include "router/list_scan.h"
 #include "router/metrics.h"
-#include "core/threads.h"
 #include "runtime/coordinator.h"
 #include "runtime/moe_layer.h"
 
@@ -25,6 +27,30 @@ using nlohmann::json;
 
 namespace airmoe::bench {
 namespace {
+
+// The union of every rank's metered phases. A rank with no tokens, or no
+// experts, sends nothing in some phases and so has no entry for them; the
+// per-phase sums below are collectives, so every rank must loop over the same
+// names (looping over its own names hung: ranks met in different
+// collectives).
+std::vector<std::string> phases_of_every_rank(comm::Communicator& comm,
+                                              const comm::TrafficMeter& meter) {
+  std::string mine;
+  for (const std::string& phase : meter.phases()) mine += phase + '\n';
+  const std::vector<char> all =
+      comm::allgatherv_vector<char>(comm, std::span<const char>(mine.data(), mine.size()));
+  std::set<std::string> names;
+  std::string name;
+  for (char c : all) {
+    if (c != '\n') {
+      name += c;
+      continue;
+    }
+    names.insert(name);
+    name.clear();
+  }
+  return {names.begin(), names.end()};
+}
 
 int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
@@ -82,18 +108,16 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     double best_total = 1e300;
     comm::TrafficMeter meter;
     Routes routes;
+    double router_flops_per_token = 0.0;
     for (int rep = 0; rep < o.repeats; ++rep) {
       if (me == 0) progress("strategy %s: forward + backward %d/%d", name, rep + 1, o.repeats);
       comm.barrier();
       comm.meter().reset();
       runtime::DispatchPlan dp;
       layer.forward(mine, dp);
-      runtime::PhaseSeconds s = layer.seconds();
       layer.backward(dp, d_out.view());
-      const runtime::PhaseSeconds& sb = layer.seconds();
-      s.backward_dispatch = sb.backward_dispatch;
-      s.backward_experts = sb.backward_experts;
-      s.backward_combine = sb.backward_combine;
+      const runtime::PhaseSeconds& s = dp.stats.seconds;
+      router_flops_per_token = dp.stats.router_flops_per_token;
       const double total =
           max_over_ranks(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
                                    s.backward_experts + s.backward_combine);
@@ -105,12 +129,12 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       }
     }
     PhaseFigures f;
-    for (const std::string& phase : meter.phases()) {
+    for (const std::string& phase : phases_of_every_rank(comm, meter)) {
       f.bytes[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).bytes));
       f.messages[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).messages));
     }
     const double router_flops =
-        sum_over_ranks(comm, layer.router_flops_per_token() * static_cast<double>(e - b)) /
+        sum_over_ranks(comm, router_flops_per_token * static_cast<double>(e - b)) /
         static_cast<double>(std::max<int64_t>(T, 1));
     json row = strategy_row(name, P, f, static_cast<double>(T), router_flops,
                             layer.expert_flops_per_token());

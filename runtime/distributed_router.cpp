@@ -7,38 +7,29 @@
 
 #include "core/checks.h"
 #include "core/clock.h"
+#include "core/errors.h"
 #include "core/hash.h"
 #include "router/dense_router.h"
 #include "router/topk.h"
 #include "runtime/wire.h"
 
 namespace airmoe::runtime {
-namespace {}  // namespace
 
 DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook,
                                      std::vector<int32_t> assignment, Placement placement,
                                      MatrixView local_centers)
     : comm_(comm), codebook_(std::move(codebook)), placement_(std::move(placement)) {
-  std::string error;
-  try {
+  Matrix unit;
+  comm::check_together(comm_, "distributed router set-up", [&] {
     if (placement_.ranks() != comm.size())
       fail("the placement is for " + std::to_string(placement_.ranks()) + " ranks, the job has " +
            std::to_string(comm.size()));
     lists_ = InvertedLists(assignment, codebook_.size());
     placement_.refresh(lists_);
     local_ids_ = placement_.local_experts(comm.rank());
-    if (local_centers.rows != static_cast<int64_t>(local_ids_.size()))
-      fail("local centers have " + std::to_string(local_centers.rows) +
-           " rows, the placement gives this rank " + std::to_string(local_ids_.size()) +
-           " experts");
-    if (local_centers.rows > 0) require_cols(local_centers, codebook_.dim(), "local centers");
-    local_unit_ = normalize_rows(local_centers, "local centers");
-    local_centers_ = Matrix(local_centers.rows, codebook_.dim());
-    std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  comm::raise_together(comm_, error, "distributed router set-up");
+    unit = checked_unit_rows(local_centers);
+  });
+  keep_local_centers(local_centers, std::move(unit));
   // Same codebook, lists and placement everywhere, or nobody routes.
   const auto cw = codebook_.codewords();
   const std::string config =
@@ -54,6 +45,22 @@ DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook
   rebuild_blocks();
 }
 
+// The local check of the rows this rank hosts; returns their unit rows.
+Matrix DistributedRouter::checked_unit_rows(MatrixView local_centers) const {
+  if (local_centers.rows != static_cast<int64_t>(local_ids_.size()))
+    fail("local centers have " + std::to_string(local_centers.rows) +
+         " rows, the placement gives this rank " + std::to_string(local_ids_.size()) + " experts");
+  if (local_centers.rows > 0) require_cols(local_centers, codebook_.dim(), "local centers");
+  return normalize_rows(local_centers, "local centers");
+}
+
+// Kept only once every rank's check passed.
+void DistributedRouter::keep_local_centers(MatrixView local_centers, Matrix unit) {
+  local_unit_ = std::move(unit);
+  local_centers_ = Matrix(local_centers.rows, codebook_.dim());
+  std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
+}
+
 void DistributedRouter::rebuild_blocks() {
   std::vector<int32_t> local_row(static_cast<size_t>(lists_.experts()), -1);
   for (size_t i = 0; i < local_ids_.size(); ++i) local_row[local_ids_[i]] = static_cast<int32_t>(i);
@@ -64,137 +71,161 @@ void DistributedRouter::rebuild_blocks() {
 }
 
 Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
-  const int64_t d = codebook_.dim(), T = tokens.rows;
-  const int P = comm_.size();
-  std::string error;
-  try {
-    check_route_args(tokens, d, k, lists_.experts());
-    require_in_range(probes, 1, codebook_.size(), "probes m");
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  comm::raise_together(comm_, error, "route");
-  {
-    comm::PhaseScope phase(comm_, "checks");
-    comm::require_same_config(comm_, "k=" + std::to_string(k) + " m=" + std::to_string(probes),
-                              "route arguments k and probes");
-  }
-  timings_ = {};
-  double t0 = clock_seconds();
+  RouteResult result = route_batch(tokens, k, probes);
+  received_ = std::move(result.received);
+  timings_ = result.timings;
+  return std::move(result.routes);
+}
 
-  // 1. Shortlist locally.
-  Routes r = make_routes(T, k, GateMode::kChosen);
+RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes) {
+  check_route_args(tokens, k, probes);
+  RouteResult result;
+  {
+    ScopedTimer timer(result.timings.shortlist);
+    result.routes = shortlist(tokens, k, probes);
+  }
+  {
+    ScopedTimer timer(result.timings.requests);
+    send_requests(result.routes, tokens);
+  }
+  LocalTopK best;
+  {
+    ScopedTimer timer(result.timings.scoring);
+    best = score_segments(k, result.received);
+  }
+  {
+    ScopedTimer timer(result.timings.replies);
+    send_replies(best, result.received, k);
+  }
+  {
+    ScopedTimer timer(result.timings.merge);
+    merge(result.routes);
+  }
+  return result;
+}
+
+void DistributedRouter::check_route_args(MatrixView tokens, int k, int probes) {
+  comm::check_together(comm_, "route", [&] {
+    airmoe::check_route_args(tokens, codebook_.dim(), k, lists_.experts());
+    require_in_range(probes, 1, codebook_.size(), "probes m");
+  });
+  comm::PhaseScope phase(comm_, "checks");
+  comm::require_same_config(comm_, "k=" + std::to_string(k) + " m=" + std::to_string(probes),
+                            "route arguments k and probes");
+}
+
+// 1. Shortlist locally against the replicated codebook.
+Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes) const {
+  Routes r = make_routes(tokens.rows, k, GateMode::kChosen);
   ProbeSelection sel = select_probes(codebook_, lists_, tokens, k, probes);
   r.probe_offsets = std::move(sel.offsets);
   r.probes = std::move(sel.codewords);
   r.shortlist_size = std::move(sel.shortlist_size);
-  double t1 = clock_seconds();
-  timings_.shortlist = t1 - t0;
+  return r;
+}
 
-  // 2. Scoring requests, only to the ranks hosting a segment of a probed list.
-  wire::Outbox out = wire::scoring_requests(placement_, r.probe_offsets, r.probes, tokens, P);
-  const std::vector<int64_t>& target_offsets = out.target_offsets;
-  const std::vector<int32_t>& targets = out.targets;
-  std::vector<std::vector<char>> recv;
-  {
-    comm::PhaseScope phase(comm_, "requests");
-    recv = comm_.alltoallv(out.send);
-  }
-  double t2 = clock_seconds();
-  timings_.requests = t2 - t1;
+// 2. Scoring requests, only to the ranks hosting a segment of a probed list.
+void DistributedRouter::send_requests(const Routes& routes, MatrixView tokens) {
+  wire::scoring_requests(placement_, routes.probe_offsets, routes.probes, tokens, comm_.size(),
+                         requests_);
+  comm::PhaseScope phase(comm_, "requests");
+  comm_.exchange(requests_.send, requests_in_);
+}
 
-  // 3. Scan this rank's segments for every request received.
-  received_ = ReceivedTokens{};
+// The requests received, in order of source rank then the source's order:
+// one (request, probed list) scan pair per probed codeword.
+ScanPairs DistributedRouter::read_requests(ReceivedTokens& received,
+                                           std::vector<int64_t>& request_pairs) const {
+  const int64_t d = codebook_.dim(), C = codebook_.size();
   ScanPairs pairs;
-  std::vector<int64_t> request_pairs{0};  // CSR: request -> its pairs
-  std::vector<char> vectors;
-  for (int src = 0; src < P; ++src) {
-    const std::vector<char>& buf = recv[src];
-    size_t at = 0;
-    while (at < buf.size()) {
-      const int32_t token = wire::take<int32_t>(buf, at), n = wire::take<int32_t>(buf, at);
-      const int32_t request = static_cast<int32_t>(received_.home_rank.size());
-      for (int32_t i = 0; i < n; ++i) {
-        pairs.list.push_back(wire::take<int32_t>(buf, at));
-        pairs.query.push_back(request);
-      }
-      request_pairs.push_back(static_cast<int64_t>(pairs.list.size()));
-      received_.home_rank.push_back(src);
-      received_.home_token.push_back(token);
-      vectors.insert(vectors.end(), buf.data() + at, buf.data() + at + d * 4);
-      at += static_cast<size_t>(d) * 4;
+  std::vector<float> vectors;
+  request_pairs.assign(1, 0);
+  wire::read_records(requests_in_, [&](wire::Reader& in, int32_t token, int32_t n) {
+    const auto request = static_cast<int32_t>(received.home_rank.size());
+    for (int32_t i = 0; i < n; ++i) {
+      const auto list = in.take<int32_t>("probed codeword");
+      if (list < 0 || list >= C)
+        throw InternalError("request from rank " + std::to_string(in.source()) +
+                            " probes codeword " + std::to_string(list) + " of " +
+                            std::to_string(C));
+      pairs.list.push_back(list);
+      pairs.query.push_back(request);
     }
-  }
-  const int64_t R = static_cast<int64_t>(received_.home_rank.size());
-  received_.vectors = Matrix(R, d);
-  if (R) std::memcpy(received_.vectors.data(), vectors.data(), vectors.size());
+    request_pairs.push_back(static_cast<int64_t>(pairs.list.size()));
+    received.home_rank.push_back(in.source());
+    received.home_token.push_back(token);
+    vectors.resize(vectors.size() + static_cast<size_t>(d));
+    in.take_n(vectors.data() + vectors.size() - d, static_cast<size_t>(d), "token vector");
+  });
+  received.vectors = Matrix(static_cast<int64_t>(received.home_rank.size()), d);
+  std::copy(vectors.begin(), vectors.end(), received.vectors.data());
+  return pairs;
+}
+
+// 3. Scan this rank's segments for every request received; local top-k.
+DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTokens& received) {
+  std::vector<int64_t> request_pairs;
+  const ScanPairs pairs = read_requests(received, request_pairs);
   std::vector<float> cand_z;
   std::vector<int32_t> cand_id;
-  scan_lists(blocks_, received_.vectors.view(), pairs, k, cand_z, cand_id, nullptr);
-
-  // Local top-k per request, replies in request order per source rank.
-  std::vector<float> best_z(static_cast<size_t>(R * k));
-  std::vector<int32_t> best_id(static_cast<size_t>(R * k));
+  scan_lists(blocks_, received.vectors.view(), pairs, k, cand_z, cand_id, nullptr);
+  const int64_t R = received.vectors.rows();
+  LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
+                 std::vector<int32_t>(static_cast<size_t>(R * k))};
 #pragma omp parallel for schedule(static)
   for (int64_t q = 0; q < R; ++q) {
-    TopK top(k, best_z.data() + q * k, best_id.data() + q * k);
+    TopK top(k, best.z.data() + q * k, best.id.data() + q * k);
     for (int64_t p = request_pairs[q]; p < request_pairs[q + 1]; ++p)
       for (int j = 0; j < k && cand_id[p * k + j] >= 0; ++j)
         top.push(cand_z[p * k + j], cand_id[p * k + j]);
   }
-  std::vector<std::vector<char>> reply(static_cast<size_t>(P));
-  for (int64_t q = 0; q < R; ++q) {
-    auto& buf = reply[received_.home_rank[q]];
-    wire::put(buf, best_id.data() + q * k, static_cast<size_t>(k));
-    wire::put(buf, best_z.data() + q * k, static_cast<size_t>(k));
-  }
-  double t3 = clock_seconds();
-  timings_.scoring = t3 - t2;
+  return best;
+}
 
-  // 4. Replies home, merged into the global top-k.
-  std::vector<std::vector<char>> answers;
-  {
-    comm::PhaseScope phase(comm_, "replies");
-    answers = comm_.alltoallv(reply);
+// 4. Replies home, in request order per source rank: k ids, then k logits.
+void DistributedRouter::send_replies(const LocalTopK& best, const ReceivedTokens& received, int k) {
+  const auto R = static_cast<int64_t>(received.home_rank.size());
+  std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()), 0);
+  for (int32_t home : received.home_rank) bytes[home] += wire::reply_bytes(k);
+  replies_.reset(bytes);
+  wire::Writer out(replies_);
+  for (int64_t q = 0; q < R; ++q) {
+    out.put(received.home_rank[q], best.id.data() + q * k, static_cast<size_t>(k));
+    out.put(received.home_rank[q], best.z.data() + q * k, static_cast<size_t>(k));
   }
-  double t4 = clock_seconds();
-  timings_.replies = t4 - t3;
-  std::vector<size_t> cursor(static_cast<size_t>(P), 0);
+  out.finish();
+  comm::PhaseScope phase(comm_, "replies");
+  comm_.exchange(replies_, replies_in_);
+}
+
+// 5. The home rank merges the replies into the global top-k and the gates.
+void DistributedRouter::merge(Routes& r) {
+  const int k = r.k;
+  std::vector<wire::Reader> in = wire::readers(replies_in_);
   std::vector<int32_t> ids(static_cast<size_t>(k));
   std::vector<float> zs(static_cast<size_t>(k));
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < r.tokens; ++t) {
     TopK top(k, r.logits.data() + t * k, r.experts.data() + t * k);
-    for (int64_t i = target_offsets[t]; i < target_offsets[t + 1]; ++i) {
-      const auto& buf = answers[targets[i]];
-      size_t& at = cursor[targets[i]];
-      std::memcpy(ids.data(), buf.data() + at, static_cast<size_t>(k) * 4);
-      std::memcpy(zs.data(), buf.data() + at + static_cast<size_t>(k) * 4,
-                  static_cast<size_t>(k) * 4);
-      at += static_cast<size_t>(k) * 8;
+    for (int64_t i = requests_.target_offsets[t]; i < requests_.target_offsets[t + 1]; ++i) {
+      wire::Reader& reply = in[requests_.targets[i]];
+      reply.take_n(ids.data(), static_cast<size_t>(k), "reply expert ids");
+      reply.take_n(zs.data(), static_cast<size_t>(k), "reply logits");
       for (int j = 0; j < k && ids[j] >= 0; ++j) top.push(zs[j], ids[j]);
     }
   }
+  wire::expect_all_done(in, "merging the replies");
   finalize_gates(r);
-  timings_.merge = clock_seconds() - t4;
-  return r;
 }
 
 void DistributedRouter::set_local_centers(MatrixView local_centers) {
-  std::string error;
   Matrix unit;
-  try {
+  comm::check_together(comm_, "set_local_centers", [&] {
     if (local_centers.rows != static_cast<int64_t>(local_ids_.size()))
       fail("set_local_centers: " + std::to_string(local_centers.rows) + " rows, this rank hosts " +
            std::to_string(local_ids_.size()) + " experts");
-    if (local_centers.rows > 0) require_cols(local_centers, codebook_.dim(), "local centers");
-    unit = normalize_rows(local_centers, "local centers");
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  comm::raise_together(comm_, error, "set_local_centers");
-  local_unit_ = std::move(unit);
-  local_centers_ = Matrix(local_centers.rows, codebook_.dim());
-  std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
+    unit = checked_unit_rows(local_centers);
+  });
+  keep_local_centers(local_centers, std::move(unit));
   gather_assignment();
 }
 
@@ -218,61 +249,77 @@ void DistributedRouter::gather_assignment() {
 }
 
 void DistributedRouter::sync_codebook(double step, int updates) {
-  std::string error;
-  if (!(step > 0.0 && step <= 1.0))
-    error = "codebook update step = " + std::to_string(step) + " is outside (0, 1]";
-  if (updates < 0) error = "updates = " + std::to_string(updates) + " must be >= 0";
-  comm::raise_together(comm_, error, "sync_codebook");
-  const int64_t C = codebook_.size(), d = codebook_.dim();
+  comm::check_together(comm_, "sync_codebook", [&] {
+    if (!(step > 0.0 && step <= 1.0))
+      fail("codebook update step = " + std::to_string(step) + " is outside (0, 1]");
+    if (updates < 0) fail("updates = " + std::to_string(updates) + " must be >= 0");
+  });
   for (int u = 0; u < updates; ++u) {
     const KMeansStats local = codebook_.compute_stats(local_unit_.view(), local_ids_.data());
-    KMeansStats total(C, d);
     comm::PhaseScope phase(comm_, "kmeans_sync");
-    // Sums, counts and objective in one integer all-reduce: exact.
-    std::vector<int64_t> buf(local.sums);
-    buf.insert(buf.end(), local.counts.begin(), local.counts.end());
-    buf.push_back(local.objective);
-    comm_.allreduce_sum(buf.data(), buf.size());
-    std::copy_n(buf.begin(), C * d, total.sums.begin());
-    std::copy_n(buf.begin() + C * d, C, total.counts.begin());
-    total.objective = buf.back();
-    // Farthest members: gathered, merged by (cosine, expert id).
-    std::vector<int64_t> far(static_cast<size_t>(2 * C));
-    for (int64_t c = 0; c < C; ++c) {
-      far[2 * c] = local.farthest_cos[c];
-      far[2 * c + 1] = local.farthest_expert[c];
-    }
-    std::vector<int64_t> all_far(far.size() * static_cast<size_t>(comm_.size()));
-    comm_.allgather(far.data(), far.size() * sizeof(int64_t), all_far.data());
-    for (int r = 0; r < comm_.size(); ++r)
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t cos = all_far[r * 2 * C + 2 * c];
-        const auto id = static_cast<int32_t>(all_far[r * 2 * C + 2 * c + 1]);
-        if (id < 0) continue;
-        if (total.farthest_expert[c] < 0 || cos < total.farthest_cos[c] ||
-            (cos == total.farthest_cos[c] && id < total.farthest_expert[c])) {
-          total.farthest_cos[c] = cos;
-          total.farthest_expert[c] = id;
-        }
-      }
-    // Rows for empty-codeword repair come from their owners.
-    std::vector<std::pair<int32_t, std::vector<float>>> rows;
-    for (const Codebook::Repair& rep : Codebook::plan_repairs(total)) {
-      std::vector<float> row(static_cast<size_t>(d));
-      const int owner = placement_.owner(rep.expert);
-      if (owner == comm_.rank()) {
-        const auto at = std::lower_bound(local_ids_.begin(), local_ids_.end(), rep.expert);
-        std::copy_n(local_unit_.row(at - local_ids_.begin()), d, row.data());
-      }
-      comm_.broadcast(row.data(), row.size() * sizeof(float), owner);
-      rows.emplace_back(rep.expert, std::move(row));
-    }
+    KMeansStats total = reduce_sums(local);
+    reduce_farthest(local, total);
+    const std::vector<RepairRow> rows = repair_rows(total);
     codebook_.apply(total, step, [&](int32_t e, float* out) {
       for (const auto& [id, row] : rows)
         if (id == e) std::copy(row.begin(), row.end(), out);
     });
   }
   gather_assignment();
+}
+
+// Sums, counts and objective in one integer all-reduce: exact, whatever P.
+KMeansStats DistributedRouter::reduce_sums(const KMeansStats& local) {
+  const int64_t C = codebook_.size(), d = codebook_.dim();
+  KMeansStats total(C, d);
+  std::vector<int64_t> buf(local.sums);
+  buf.insert(buf.end(), local.counts.begin(), local.counts.end());
+  buf.push_back(local.objective);
+  comm_.allreduce_sum(buf.data(), buf.size());
+  std::copy_n(buf.begin(), C * d, total.sums.begin());
+  std::copy_n(buf.begin() + C * d, C, total.counts.begin());
+  total.objective = buf.back();
+  return total;
+}
+
+// Each codeword's farthest member: gathered, merged by (cosine, expert id).
+void DistributedRouter::reduce_farthest(const KMeansStats& local, KMeansStats& total) {
+  const int64_t C = codebook_.size();
+  std::vector<int64_t> far(static_cast<size_t>(2 * C));
+  for (int64_t c = 0; c < C; ++c) {
+    far[2 * c] = local.farthest_cos[c];
+    far[2 * c + 1] = local.farthest_expert[c];
+  }
+  std::vector<int64_t> all_far(far.size() * static_cast<size_t>(comm_.size()));
+  comm_.allgather(far.data(), far.size() * sizeof(int64_t), all_far.data());
+  for (int r = 0; r < comm_.size(); ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t cos = all_far[r * 2 * C + 2 * c];
+      const auto id = static_cast<int32_t>(all_far[r * 2 * C + 2 * c + 1]);
+      if (id < 0) continue;
+      if (total.farthest_expert[c] < 0 || cos < total.farthest_cos[c] ||
+          (cos == total.farthest_cos[c] && id < total.farthest_expert[c])) {
+        total.farthest_cos[c] = cos;
+        total.farthest_expert[c] = id;
+      }
+    }
+}
+
+// Rows for empty-codeword repair, broadcast from their owners.
+std::vector<DistributedRouter::RepairRow> DistributedRouter::repair_rows(const KMeansStats& total) {
+  const int64_t d = codebook_.dim();
+  std::vector<RepairRow> rows;
+  for (const Codebook::Repair& rep : Codebook::plan_repairs(total)) {
+    std::vector<float> row(static_cast<size_t>(d));
+    const int owner = placement_.owner(rep.expert);
+    if (owner == comm_.rank()) {
+      const auto at = std::lower_bound(local_ids_.begin(), local_ids_.end(), rep.expert);
+      std::copy_n(local_unit_.row(at - local_ids_.begin()), d, row.data());
+    }
+    comm_.broadcast(row.data(), row.size() * sizeof(float), owner);
+    rows.emplace_back(rep.expert, std::move(row));
+  }
+  return rows;
 }
 
 }  // namespace airmoe::runtime

@@ -10,20 +10,23 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/exchange_buffer.h"
+#include "core/matrix.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
+#include "runtime/wire.h"
 
 namespace airmoe::runtime {
 
-// The token vectors a rank received for scoring in the last route() call,
-// kept for the dispatch that follows: expert FFNs run where the tokens
+// The token vectors a rank received for scoring in one route call, kept by
+// the caller for the dispatch that follows: expert FFNs run where the tokens
 // already are.
 struct ReceivedTokens {
   std::vector<int32_t> home_rank;   // [R]
@@ -33,6 +36,14 @@ struct ReceivedTokens {
 
 struct RouteTimings {
   double shortlist = 0.0, requests = 0.0, scoring = 0.0, replies = 0.0, merge = 0.0;
+};
+
+// Everything one route call produced, handed back (the router keeps no
+// "last call" state for its callers to read later).
+struct RouteResult {
+  Routes routes;
+  ReceivedTokens received;
+  RouteTimings timings;
 };
 
 class DistributedRouter {
@@ -45,7 +56,12 @@ class DistributedRouter {
                     Placement placement, MatrixView local_centers);
 
   // Collective. tokens: this rank's [T_r, d] (T_r may be 0).
-  // Gates: GateMode::kChosen.
+  // Gates: GateMode::kChosen. Phases: shortlist, send_requests,
+  // score_segments, send_replies, merge.
+  RouteResult route_batch(MatrixView tokens, int k, int probes);
+  // The routes alone. Also keeps the call's received tokens and timings for
+  // received() / timings(), the older interface that benchmarks and tests
+  // read; new code takes them from route_batch's result.
   Routes route(MatrixView tokens, int k, int probes);
 
   // Collective spherical k-means step: each rank's stats over its own
@@ -59,13 +75,34 @@ class DistributedRouter {
   const InvertedLists& lists() const { return lists_; }
   const Placement& placement() const { return placement_; }
   const std::vector<int32_t>& local_experts() const { return local_ids_; }
+  const Matrix& local_centers() const { return local_centers_; }
   const ReceivedTokens& received() const { return received_; }
   const RouteTimings& timings() const { return timings_; }
   comm::Communicator& communicator() { return comm_; }
 
  private:
+  // Per received request, this rank's local top-k (id -1 past the end).
+  struct LocalTopK {
+    std::vector<float> z;
+    std::vector<int32_t> id;
+  };
+
+  void check_route_args(MatrixView tokens, int k, int probes);
+  Routes shortlist(MatrixView tokens, int k, int probes) const;
+  void send_requests(const Routes& routes, MatrixView tokens);
+  LocalTopK score_segments(int k, ReceivedTokens& received);
+  ScanPairs read_requests(ReceivedTokens& received, std::vector<int64_t>& request_pairs) const;
+  void send_replies(const LocalTopK& best, const ReceivedTokens& received, int k);
+  void merge(Routes& routes);
+  // Codebook sync phases.
+  using RepairRow = std::pair<int32_t, std::vector<float>>;
+  KMeansStats reduce_sums(const KMeansStats& local);
+  void reduce_farthest(const KMeansStats& local, KMeansStats& total);
+  std::vector<RepairRow> repair_rows(const KMeansStats& total);
   void rebuild_blocks();
   void gather_assignment();
+  Matrix checked_unit_rows(MatrixView local_centers) const;
+  void keep_local_centers(MatrixView local_centers, Matrix unit);
 
   comm::Communicator& comm_;
   Codebook codebook_;
@@ -75,6 +112,10 @@ class DistributedRouter {
   Matrix local_centers_;  // rows of local_ids_
   Matrix local_unit_;     // normalized rows, for k-means
   ListBlocks blocks_;     // this rank's segment of every list
+  // Exchange buffers, reused across calls (their contents are per call).
+  wire::Outbox requests_;
+  comm::ExchangeBuffer requests_in_, replies_, replies_in_;
+  // Only for route()'s received() / timings().
   ReceivedTokens received_;
   RouteTimings timings_;
 };

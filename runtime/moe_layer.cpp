@@ -1,452 +1,416 @@
 #include "runtime/moe_layer.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <stdexcept>
+#include <span>
 #include <unordered_map>
 
 #include "core/checks.h"
 #include "core/clock.h"
-#include "router/metrics.h"
-#include "runtime/wire.h"
+#include "core/errors.h"
 
 namespace airmoe::runtime {
 namespace {
 
-using wire::put;
-using wire::take;
-using wire::take_n;
+// Key of a received token: (home rank, token index on its home).
+int64_t home_key(int32_t home, int32_t token) {
+  return (static_cast<int64_t>(home) << 32) | static_cast<uint32_t>(token);
+}
 
-// Per input row of a plan, in serving order, one fixed-size block of floats
-// to its home rank; the home reads them back in its own (token, target) order.
-std::vector<std::vector<char>> rows_home(
-    const DispatchPlan& plan, int P,
-    const std::function<void(int64_t, std::vector<char>&)>& write) {
-  std::vector<std::vector<char>> out(static_cast<size_t>(P));
-  for (int64_t i = 0; i < plan.inputs.rows(); ++i) write(i, out[plan.input_home[i]]);
-  return out;
+std::span<const float> row_span(MatrixView m, int64_t i) {
+  return {m.row(i), static_cast<size_t>(m.cols)};
 }
 
 }  // namespace
 
-const char* to_string(Strategy s) {
-  switch (s) {
-    case Strategy::kAir:
-      return "air";
-    case Strategy::kDenseReplicated:
-      return "dense-replicated";
-    case Strategy::kDenseBroadcast:
-      return "dense-broadcast";
-  }
-  return "?";
-}
-
-Strategy strategy_from_string(const std::string& name) {
-  if (name == "air") return Strategy::kAir;
-  if (name == "dense-replicated") return Strategy::kDenseReplicated;
-  if (name == "dense-broadcast") return Strategy::kDenseBroadcast;
-  fail("strategy '" + name + "' is unknown (expected air, dense-replicated or dense-broadcast)");
-}
-
 MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config, Codebook codebook,
                    std::vector<int32_t> assignment, Placement placement, MatrixView centers,
                    uint64_t expert_seed)
-    : comm_(comm),
-      strategy_(strategy),
-      config_(config),
-      codebook_(std::move(codebook)),
-      assignment_(std::move(assignment)),
-      placement_(std::move(placement)) {
-  std::string error;
-  try {
-    if (centers.rows != placement_.experts())
+    : comm_(comm), config_(config) {
+  comm::check_together(comm_, "MoE layer set-up", [&] {
+    if (centers.rows != placement.experts())
       fail("centers have " + std::to_string(centers.rows) + " rows for " +
-           std::to_string(placement_.experts()) + " experts");
-    require_cols(centers, codebook_.dim(), "centers");
-    if (config_.expert.dim != codebook_.dim())
+           std::to_string(placement.experts()) + " experts");
+    require_cols(centers, codebook.dim(), "centers");
+    if (config_.expert.dim != codebook.dim())
       fail("expert dim " + std::to_string(config_.expert.dim) +
-           " differs from d = " + std::to_string(codebook_.dim()));
-    require_in_range(config_.k, 1, placement_.experts(), "k");
-    require_in_range(config_.probes, 1, codebook_.size(), "probes m");
-    const std::vector<int32_t> ids = placement_.local_experts(comm.rank());
-    experts_ = ExpertShard::random(config_.expert, ids, expert_seed);
-    local_centers_ = Matrix(static_cast<int64_t>(ids.size()), centers.cols);
-    for (size_t i = 0; i < ids.size(); ++i)
-      std::copy_n(centers.row(ids[i]), centers.cols, local_centers_.row(static_cast<int64_t>(i)));
-    if (strategy_ == Strategy::kDenseReplicated) {
-      all_centers_ = Matrix(centers.rows, centers.cols);
-      std::copy_n(centers.data, centers.rows * centers.cols, all_centers_.data());
-    }
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  comm::raise_together(comm_, error, "MoE layer set-up");
+           " differs from d = " + std::to_string(codebook.dim()));
+    require_in_range(config_.k, 1, placement.experts(), "k");
+    require_in_range(config_.probes, 1, codebook.size(), "probes m");
+    experts_ =
+        ExpertShard::random(config_.expert, placement.local_experts(comm.rank()), expert_seed);
+  });
   {
     // Same strategy, shapes and expert configuration everywhere, or nobody
     // dispatches (a rank with another h would misread every record).
     comm::PhaseScope phase(comm_, "checks");
     comm::require_same_config(
         comm_,
-        std::string(to_string(strategy_)) + " k=" + std::to_string(config_.k) +
+        std::string(to_string(strategy)) + " k=" + std::to_string(config_.k) +
             " m=" + std::to_string(config_.probes) + " d=" + std::to_string(config_.expert.dim) +
             " h=" + std::to_string(config_.expert.hidden) + " act=" +
             to_string(config_.expert.activation) + " seed=" + std::to_string(expert_seed) +
-            " placement=" + std::to_string(placement_.digest()),
+            " placement=" + std::to_string(placement.digest()),
         "MoE layer configuration");
   }
-  build_router();
+  routing_ = make_layer_routing(comm_, strategy, config_.probes, std::move(codebook),
+                                std::move(assignment), std::move(placement), centers);
 }
 
-void MoELayer::build_router() {
-  if (strategy_ == Strategy::kDenseReplicated) {
-    dense_ = std::make_unique<DenseRouter>(all_centers_.view());
-  } else {
-    router_ = std::make_unique<DistributedRouter>(comm_, codebook_, assignment_, placement_,
-                                                  local_centers_.view());
-  }
-}
-
-const float* MoELayer::center_row(int32_t expert) const {
-  const int64_t i = experts_.index_of(expert);
-  return i >= 0 ? local_centers_.row(i) : all_centers_.row(expert);
-}
+// ---------------------------------------------------------------- forward --
 
 Matrix MoELayer::forward(MatrixView tokens, DispatchPlan& plan) {
-  const int P = comm_.size();
-  const int k = config_.k;
-  const int64_t d = codebook_.dim(), T = tokens.rows;
-  seconds_ = {};
   plan = DispatchPlan{};
-  plan.strategy = strategy_;
-  plan.placement_digest = placement_.digest();
-
-  // 1. Route.
-  double t0 = clock_seconds();
-  if (strategy_ == Strategy::kDenseReplicated) {
-    std::string error;
-    try {
-      check_route_args(tokens, d, k, placement_.experts());
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    comm::raise_together(comm_, error, "MoE forward");
-    plan.routes = dense_->route(tokens, k);
-    router_flops_ = dense_->flops_per_token();
-  } else {
-    const int m = strategy_ == Strategy::kAir ? config_.probes : static_cast<int>(codebook_.size());
-    plan.routes = router_->route(tokens, k, m);
-    router_flops_ = 2.0 * static_cast<double>(codebook_.size() * d) +
-                    2.0 * shortlist_stats(plan.routes).mean * static_cast<double>(d);
-  }
-  const Routes& routes = plan.routes;
-  double t1 = clock_seconds();
-  seconds_.route = t1 - t0;
-
-  // 2. Dispatch: per (token, target rank) the slots that rank serves.
-  const bool ship_vectors = strategy_ == Strategy::kDenseReplicated;
-  wire::Outbox out_box = wire::expert_dispatch(placement_, routes, tokens, ship_vectors, P);
-  plan.target_offsets = std::move(out_box.target_offsets);
-  plan.targets = std::move(out_box.targets);
-  plan.slot_offsets = std::move(out_box.slot_offsets);
-  plan.slots = std::move(out_box.slots);
-  std::vector<std::vector<char>> recv;
+  plan.strategy = strategy();
+  plan.placement_digest = placement().digest();
+  PhaseSeconds& seconds = plan.stats.seconds;
+  RoutedBatch batch;
   {
-    comm::PhaseScope phase(comm_, "dispatch");
-    recv = comm_.alltoallv(out_box.send);
+    ScopedTimer timer(seconds.route);
+    batch = routing_->route(tokens, config_.k);
   }
-  double t2 = clock_seconds();
-  seconds_.dispatch = t2 - t1;
+  plan.routes = std::move(batch.routes);
+  plan.stats.router_flops_per_token = batch.router_flops_per_token;
+  {
+    ScopedTimer timer(seconds.dispatch);
+    dispatch(tokens, plan.routes, plan);
+  }
+  Matrix partial;
+  {
+    ScopedTimer timer(seconds.experts);
+    partial = serve(plan, batch.received);
+  }
+  ScopedTimer timer(seconds.combine);
+  return combine(plan, partial.view());
+}
 
-  // 3. Serve: one input row per (home, token); the vector came with the
-  //    dispatch (dense-replicated) or with the scoring request (fused).
+// Per (token, target rank) the slots that rank serves (and, when the
+// strategy says so, the token vector).
+void MoELayer::dispatch(MatrixView tokens, const Routes& routes, DispatchPlan& plan) {
+  wire::expert_dispatch(placement(), routes, tokens, routing_->dispatch_ships_vectors(),
+                        comm_.size(), dispatch_out_);
+  plan.target_offsets = std::move(dispatch_out_.target_offsets);
+  plan.targets = std::move(dispatch_out_.targets);
+  plan.slot_offsets = std::move(dispatch_out_.slot_offsets);
+  plan.slots = std::move(dispatch_out_.slots);
+  comm::PhaseScope phase(comm_, "dispatch");
+  comm_.exchange(dispatch_out_.send, recv_);
+}
+
+// One input row per (home, token) served and the experts on them. Whatever
+// fails here (a malformed record, an expert's check) fails every rank
+// together, before the combine moves data.
+Matrix MoELayer::serve(DispatchPlan& plan, const ReceivedTokens& received) {
+  Matrix partial;
+  comm::check_together(comm_, "MoE forward: serving experts", [&] {
+    read_dispatch(plan, received);
+    partial = Matrix(plan.inputs.rows(), plan.inputs.cols());
+    plan.cache = experts_.forward(plan.inputs.view(), plan.pairs, partial);
+  });
+  return partial;
+}
+
+// The dispatch records: (token, n, n x (expert, gate)) and the vector, which
+// came with the record (dense-replicated) or with the scoring request (fused).
+void MoELayer::read_dispatch(DispatchPlan& plan, const ReceivedTokens& received) {
+  const int64_t d = config_.expert.dim;
+  const bool shipped = routing_->dispatch_ships_vectors();
   std::unordered_map<int64_t, int64_t> received_row;
-  if (!ship_vectors) {
-    const ReceivedTokens& got = router_->received();
-    for (size_t i = 0; i < got.home_rank.size(); ++i)
-      received_row[(static_cast<int64_t>(got.home_rank[i]) << 32) | got.home_token[i]] =
-          static_cast<int64_t>(i);
-  }
+  for (size_t i = 0; i < received.home_rank.size(); ++i)
+    received_row[home_key(received.home_rank[i], received.home_token[i])] = static_cast<int64_t>(i);
   std::vector<float> inputs;
   plan.input_pairs.assign(1, 0);
-  for (int src = 0; src < P; ++src) {
-    const std::vector<char>& buf = recv[src];
-    size_t at = 0;
-    while (at < buf.size()) {
-      const int32_t token = take<int32_t>(buf, at), n = take<int32_t>(buf, at);
-      const auto row = static_cast<int32_t>(plan.input_home.size());
-      for (int32_t i = 0; i < n; ++i) {
-        plan.pairs.token.push_back(row);
-        plan.pairs.expert.push_back(take<int32_t>(buf, at));
-        plan.pairs.gate.push_back(take<float>(buf, at));
-      }
-      plan.input_home.push_back(src);
-      plan.input_pairs.push_back(static_cast<int64_t>(plan.pairs.size()));
-      const size_t base = inputs.size();
-      inputs.resize(base + static_cast<size_t>(d));
-      if (ship_vectors) {
-        take_n(buf, at, inputs.data() + base, static_cast<size_t>(d));
-      } else {
-        const auto it = received_row.find((static_cast<int64_t>(src) << 32) | token);
-        if (it == received_row.end())
-          throw std::logic_error("MoE forward: rank " + std::to_string(comm_.rank()) +
-                                 " must serve a token it was never sent");
-        std::copy_n(router_->received().vectors.row(it->second), d, inputs.data() + base);
-      }
+  wire::read_records(recv_, [&](wire::Reader& in, int32_t token, int32_t n) {
+    const auto row = static_cast<int32_t>(plan.input_home.size());
+    for (int32_t i = 0; i < n; ++i) {
+      plan.pairs.token.push_back(row);
+      plan.pairs.expert.push_back(in.take<int32_t>("dispatch expert id"));
+      plan.pairs.gate.push_back(in.take<float>("dispatch gate"));
     }
-  }
+    plan.input_home.push_back(in.source());
+    plan.input_pairs.push_back(static_cast<int64_t>(plan.pairs.size()));
+    inputs.resize(inputs.size() + static_cast<size_t>(d));
+    float* x = inputs.data() + inputs.size() - d;
+    if (shipped) {
+      in.take_n(x, static_cast<size_t>(d), "dispatched token vector");
+      return;
+    }
+    const auto it = received_row.find(home_key(in.source(), token));
+    if (it == received_row.end())
+      throw InternalError("MoE forward: rank " + std::to_string(comm_.rank()) +
+                          " must serve token " + std::to_string(token) + " of rank " +
+                          std::to_string(in.source()) + ", which it was never sent");
+    std::copy_n(received.vectors.row(it->second), d, x);
+  });
   plan.inputs = Matrix(static_cast<int64_t>(plan.input_home.size()), d);
   std::copy(inputs.begin(), inputs.end(), plan.inputs.data());
-  Matrix partial(plan.inputs.rows(), d);
-  plan.cache = experts_.forward(plan.inputs.view(), plan.pairs, partial);
-  double t3 = clock_seconds();
-  seconds_.experts = t3 - t2;
+}
 
-  // 4. Combine: one partial vector per (token, rank) back home, summed there
-  //    in ascending rank order.
-  std::vector<std::vector<char>> back;
+Matrix MoELayer::combine(const DispatchPlan& plan, MatrixView partial) {
+  return send_home_and_sum(plan, partial, "combine");
+}
+
+// One partial vector per (token, rank) back home, summed there in ascending
+// rank order.
+Matrix MoELayer::send_home_and_sum(const DispatchPlan& plan, MatrixView rows, const char* phase) {
+  const int64_t d = config_.expert.dim, T = plan.routes.tokens;
+  wire::records(
+      plan.input_home, comm_.size(), [&](size_t i) { return row_span(rows, i); }, send_);
   {
-    comm::PhaseScope phase(comm_, "combine");
-    back = comm_.alltoallv(rows_home(plan, P, [&](int64_t i, std::vector<char>& buf) {
-      put(buf, partial.row(i), static_cast<size_t>(d));
-    }));
+    comm::PhaseScope scope(comm_, phase);
+    comm_.exchange(send_, recv_);
   }
   Matrix out(T, d);
-  std::vector<size_t> cursor(static_cast<size_t>(P), 0);
+  std::vector<wire::Reader> in = wire::readers(recv_);
   std::vector<float> part(static_cast<size_t>(d));
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i) {
-      take_n(back[plan.targets[i]], cursor[plan.targets[i]], part.data(), static_cast<size_t>(d));
+      in[plan.targets[i]].take_n(part.data(), part.size(), "partial output row");
       for (int64_t c = 0; c < d; ++c) out(t, c) += part[c];
     }
-  seconds_.combine = clock_seconds() - t3;
+  wire::expect_all_done(in, phase);
   return out;
 }
 
+// --------------------------------------------------------------- backward --
+
 MoEGradients MoELayer::backward(DispatchPlan& plan, MatrixView d_out) {
-  const int P = comm_.size();
-  const int k = config_.k;
-  const int64_t d = codebook_.dim(), T = plan.routes.tokens;
-  std::string error;
-  if (plan.placement_digest != placement_.digest() || plan.strategy != strategy_)
-    error =
-        "the plan was made under another placement or strategy (a re-plan happened between "
-        "forward and backward); run forward again";
-  else if (d_out.rows != T || d_out.cols != d)
-    error = "d_out is [" + std::to_string(d_out.rows) + ", " + std::to_string(d_out.cols) +
-            "], expected [" + std::to_string(T) + ", " + std::to_string(d) + "]";
-  else {
-    try {
-      require_finite(d_out, "d_out");
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  comm::raise_together(comm_, error, "MoE backward");
-  double t0 = clock_seconds();
-
-  // Round 1: dL/dy out to every rank that served the token; the experts'
-  // backward there; dL/dgate of each pair back home.
-  std::vector<std::vector<char>> send(static_cast<size_t>(P));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-      put(send[plan.targets[i]], d_out.row(t), static_cast<size_t>(d));
-  std::vector<std::vector<char>> recv;
-  {
-    comm::PhaseScope phase(comm_, "grad_dispatch");
-    recv = comm_.alltoallv(send);
-  }
-  const int64_t R = plan.inputs.rows();
-  Matrix dy(R, d);
-  {
-    std::vector<size_t> cursor(static_cast<size_t>(P), 0);
-    for (int64_t i = 0; i < R; ++i)
-      take_n(recv[plan.input_home[i]], cursor[plan.input_home[i]], dy.row(i),
-             static_cast<size_t>(d));
-  }
-  double t1 = clock_seconds();
+  check_backward_args(plan, d_out);
+  PhaseSeconds& seconds = plan.stats.seconds;
+  seconds.backward_dispatch = seconds.backward_experts = seconds.backward_combine = 0.0;
   MoEGradients grads;
-  grads.experts = experts_.zero_grads();
-  plan.pair_dx = Matrix(R, d);
-  experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy.view(), plan.pair_d_gate,
-                    plan.pair_dx, grads.experts);
-  double t2 = clock_seconds();
-  std::vector<std::vector<char>> d_gates;
+  Matrix dy;
   {
-    comm::PhaseScope phase(comm_, "grad_gates");
-    d_gates = comm_.alltoallv(rows_home(plan, P, [&](int64_t i, std::vector<char>& buf) {
-      put(buf, plan.pair_d_gate.data() + plan.input_pairs[i],
-          static_cast<size_t>(plan.input_pairs[i + 1] - plan.input_pairs[i]));
-    }));
+    ScopedTimer timer(seconds.backward_dispatch);
+    dy = grad_dispatch(plan, d_out);
   }
-
-  // At home: dL/dz of each chosen logit (softmax over the chosen k).
-  Matrix dz(T, k);
   {
-    std::vector<size_t> cursor(static_cast<size_t>(P), 0);
-    std::vector<double> dg(static_cast<size_t>(k));
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-        for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s) {
-          float v;
-          take_n(d_gates[plan.targets[i]], cursor[plan.targets[i]], &v, 1);
-          dg[plan.slots[s]] = v;
-        }
-      const float* g = plan.routes.gates_of(t);
-      double weighted = 0.0;
-      for (int j = 0; j < k; ++j) weighted += g[j] * dg[j];
-      for (int j = 0; j < k; ++j) dz(t, j) = static_cast<float>(g[j] * (dg[j] - weighted));
-    }
+    ScopedTimer timer(seconds.backward_experts);
+    expert_backward(plan, dy.view(), grads);
+    const Matrix dz = grad_gates(plan);
+    grad_logits(plan, dz.view(), grads);
   }
-
-  // Round 2: dL/dz to the experts' ranks, where the centers live: center
-  // gradients stay there, and each rank returns its whole share of dL/dx.
-  std::vector<std::vector<char>> send_dz(static_cast<size_t>(P));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-      for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s)
-        put(send_dz[plan.targets[i]], &dz(t, plan.slots[s]), 1);
-  std::vector<std::vector<char>> recv_dz;
-  {
-    comm::PhaseScope phase(comm_, "grad_logits");
-    recv_dz = comm_.alltoallv(send_dz);
-  }
-  std::vector<float> pair_dz(plan.pairs.size());
-  {
-    std::vector<size_t> cursor(static_cast<size_t>(P), 0);
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t p = plan.input_pairs[i]; p < plan.input_pairs[i + 1]; ++p)
-        take_n(recv_dz[plan.input_home[i]], cursor[plan.input_home[i]], &pair_dz[p], 1);
-  }
-  std::vector<RowContribution> contributions;
-  for (int64_t i = 0; i < R; ++i) {
-    float* dx = plan.pair_dx.row(i);
-    for (int64_t p = plan.input_pairs[i]; p < plan.input_pairs[i + 1]; ++p) {
-      const float* w = center_row(plan.pairs.expert[p]);
-      for (int64_t c = 0; c < d; ++c) dx[c] += pair_dz[p] * w[c];
-      contributions.push_back({plan.pairs.expert[p], static_cast<int32_t>(i), pair_dz[p]});
-    }
-  }
-  grads.d_centers = accumulate_rows(contributions, plan.inputs.data(), d, d);
-  double t3 = clock_seconds();
-  std::vector<std::vector<char>> back;
-  {
-    comm::PhaseScope phase(comm_, "grad_combine");
-    back = comm_.alltoallv(rows_home(plan, P, [&](int64_t i, std::vector<char>& buf) {
-      put(buf, plan.pair_dx.row(i), static_cast<size_t>(d));
-    }));
-  }
-  grads.d_tokens = Matrix(T, d);
-  std::vector<size_t> cursor(static_cast<size_t>(P), 0);
-  std::vector<float> part(static_cast<size_t>(d));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i) {
-      take_n(back[plan.targets[i]], cursor[plan.targets[i]], part.data(), static_cast<size_t>(d));
-      for (int64_t c = 0; c < d; ++c) grads.d_tokens(t, c) += part[c];
-    }
-  double t4 = clock_seconds();
-  seconds_.backward_dispatch = (t1 - t0);
-  seconds_.backward_experts = (t2 - t1) + (t3 - t2);
-  seconds_.backward_combine = t4 - t3;
+  ScopedTimer timer(seconds.backward_combine);
+  grads.d_tokens = grad_combine(plan);
   return grads;
 }
 
-void MoELayer::set_local_centers(MatrixView centers) {
-  const int64_t d = codebook_.dim();
-  std::string error;
-  char changed = 0;
-  if (centers.rows != local_centers_.rows() || (centers.rows > 0 && centers.cols != d)) {
-    error = "set_local_centers: got [" + std::to_string(centers.rows) + ", " +
-            std::to_string(centers.cols) + "], this rank hosts [" +
-            std::to_string(local_centers_.rows()) + ", " + std::to_string(d) + "]";
-  } else {
-    changed = centers.rows > 0 && std::memcmp(centers.data, local_centers_.data(),
-                                              local_centers_.size() * sizeof(float)) != 0;
+void MoELayer::check_backward_args(const DispatchPlan& plan, MatrixView d_out) {
+  const int64_t d = config_.expert.dim, T = plan.routes.tokens;
+  comm::check_together(comm_, "MoE backward", [&] {
+    if (plan.placement_digest != placement().digest() || plan.strategy != strategy())
+      fail(
+          "the plan was made under another placement or strategy (a re-plan happened between "
+          "forward and backward); run forward again");
+    if (d_out.rows != T || d_out.cols != d)
+      fail("d_out is [" + std::to_string(d_out.rows) + ", " + std::to_string(d_out.cols) +
+           "], expected [" + std::to_string(T) + ", " + std::to_string(d) + "]");
+    require_finite(d_out, "d_out");
+  });
+}
+
+// dL/dy out to every rank that served the token, one row per input row.
+Matrix MoELayer::grad_dispatch(const DispatchPlan& plan, MatrixView d_out) {
+  std::vector<int32_t> record_token(plan.targets.size());
+  for (int64_t t = 0; t < plan.routes.tokens; ++t)
+    std::fill(record_token.begin() + plan.target_offsets[t],
+              record_token.begin() + plan.target_offsets[t + 1], static_cast<int32_t>(t));
+  wire::records(
+      plan.targets, comm_.size(), [&](size_t i) { return row_span(d_out, record_token[i]); },
+      send_);
+  {
+    comm::PhaseScope phase(comm_, "grad_dispatch");
+    comm_.exchange(send_, recv_);
   }
-  comm::raise_together(comm_, error, "MoE layer");
+  Matrix dy(plan.inputs.rows(), config_.expert.dim);
+  std::vector<wire::Reader> in = wire::readers(recv_);
+  for (int64_t i = 0; i < dy.rows(); ++i)
+    in[plan.input_home[i]].take_n(dy.row(i), static_cast<size_t>(dy.cols()), "output gradient");
+  wire::expect_all_done(in, "grad_dispatch");
+  return dy;
+}
+
+// The experts' backward where they live; fails every rank together.
+void MoELayer::expert_backward(DispatchPlan& plan, MatrixView dy, MoEGradients& grads) {
+  comm::check_together(comm_, "MoE backward: serving experts", [&] {
+    grads.experts = experts_.zero_grads();
+    plan.pair_dx = Matrix(plan.inputs.rows(), config_.expert.dim);
+    experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy, plan.pair_d_gate,
+                      plan.pair_dx, grads.experts);
+  });
+}
+
+// dL/dgate of each pair back home; there, dL/dz of each chosen logit
+// (softmax over the chosen k).
+Matrix MoELayer::grad_gates(const DispatchPlan& plan) {
+  const int k = config_.k;
+  wire::records(
+      plan.input_home, comm_.size(),
+      [&](size_t i) {
+        return std::span<const float>(
+            plan.pair_d_gate.data() + plan.input_pairs[i],
+            static_cast<size_t>(plan.input_pairs[i + 1] - plan.input_pairs[i]));
+      },
+      send_);
+  {
+    comm::PhaseScope phase(comm_, "grad_gates");
+    comm_.exchange(send_, recv_);
+  }
+  Matrix dz(plan.routes.tokens, k);
+  std::vector<wire::Reader> in = wire::readers(recv_);
+  std::vector<double> dg(static_cast<size_t>(k));
+  for (int64_t t = 0; t < plan.routes.tokens; ++t) {
+    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
+      for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s)
+        dg[plan.slots[s]] = in[plan.targets[i]].take<float>("gate gradient");
+    const float* g = plan.routes.gates_of(t);
+    double weighted = 0.0;
+    for (int j = 0; j < k; ++j) weighted += g[j] * dg[j];
+    for (int j = 0; j < k; ++j) dz(t, j) = static_cast<float>(g[j] * (dg[j] - weighted));
+  }
+  wire::expect_all_done(in, "grad_gates");
+  return dz;
+}
+
+// dL/dz to the experts' ranks, where the centers live: center gradients stay
+// there, and each input row's dL/dx gains its logits' part.
+void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grads) {
+  send_logit_grads(plan, dz);
+  const int64_t d = config_.expert.dim;
+  std::vector<wire::Reader> in = wire::readers(recv_);
+  std::vector<RowContribution> contributions;
+  const Matrix& centers = local_centers();
+  for (int64_t i = 0; i < plan.inputs.rows(); ++i) {
+    float* dx = plan.pair_dx.row(i);
+    for (int64_t p = plan.input_pairs[i]; p < plan.input_pairs[i + 1]; ++p) {
+      const float pair_dz = in[plan.input_home[i]].take<float>("logit gradient");
+      const float* w = centers.row(experts_.index_of(plan.pairs.expert[p]));
+      for (int64_t c = 0; c < d; ++c) dx[c] += pair_dz * w[c];
+      contributions.push_back({plan.pairs.expert[p], static_cast<int32_t>(i), pair_dz});
+    }
+  }
+  wire::expect_all_done(in, "grad_logits");
+  grads.d_centers = accumulate_rows(contributions, plan.inputs.data(), d, d);
+}
+
+// One float per pair, (token, target, slot) order, to the pair's rank.
+void MoELayer::send_logit_grads(const DispatchPlan& plan, MatrixView dz) {
+  std::vector<float> record_dz(plan.slots.size());
+  for (int64_t t = 0; t < plan.routes.tokens; ++t)
+    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
+      for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s)
+        record_dz[s] = dz(t, plan.slots[s]);
+  wire::records(
+      plan.targets, comm_.size(),
+      [&](size_t i) {
+        return std::span<const float>(
+            record_dz.data() + plan.slot_offsets[i],
+            static_cast<size_t>(plan.slot_offsets[i + 1] - plan.slot_offsets[i]));
+      },
+      send_);
+  comm::PhaseScope phase(comm_, "grad_logits");
+  comm_.exchange(send_, recv_);
+}
+
+// Each serving rank's whole share of dL/dx, home.
+Matrix MoELayer::grad_combine(const DispatchPlan& plan) {
+  return send_home_and_sum(plan, plan.pair_dx.view(), "grad_combine");
+}
+
+// ------------------------------------------------------ centers, codebook --
+
+void MoELayer::set_local_centers(MatrixView centers) {
+  const int64_t d = config_.expert.dim;
+  const Matrix& mine = local_centers();
+  char changed = 0;
+  comm::check_together(comm_, "MoE layer", [&] {
+    if (centers.rows != mine.rows() || (centers.rows > 0 && centers.cols != d))
+      fail("set_local_centers: got [" + std::to_string(centers.rows) + ", " +
+           std::to_string(centers.cols) + "], this rank hosts [" + std::to_string(mine.rows()) +
+           ", " + std::to_string(d) + "]");
+    changed = centers.rows > 0 &&
+              std::memcmp(centers.data, mine.data(), mine.size() * sizeof(float)) != 0;
+  });
   std::vector<char> flags(static_cast<size_t>(comm_.size()));
   {
     comm::PhaseScope phase(comm_, "checks");
     comm_.allgather(&changed, 1, flags.data());
   }
   if (std::none_of(flags.begin(), flags.end(), [](char f) { return f != 0; })) return;
-  std::copy_n(centers.data, local_centers_.size(), local_centers_.data());
-  if (strategy_ == Strategy::kDenseReplicated) {
-    // Every replica takes every rank's new rows.
-    std::vector<int32_t> ids;
-    std::vector<float> rows;
-    {
-      comm::PhaseScope phase(comm_, "center_sync");
-      ids = comm::allgatherv_vector<int32_t>(comm_, experts_.ids());
-      rows = comm::allgatherv_vector<float>(
-          comm_, std::span<const float>(local_centers_.data(), local_centers_.size()));
-    }
-    for (size_t i = 0; i < ids.size(); ++i)
-      std::copy_n(rows.data() + i * static_cast<size_t>(d), d, all_centers_.row(ids[i]));
-    dense_ = std::make_unique<DenseRouter>(all_centers_.view());
-  } else {
-    router_->set_local_centers(local_centers_.view());
-  }
+  routing_->set_local_centers(MatrixView(centers.data, mine.rows(), d));
 }
 
-Plan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {
-  if (router_) {  // the codebook and lists may have moved since construction
-    codebook_ = router_->codebook();
-    assignment_ = router_->lists().assignment();
-  }
-  const InvertedLists lists(assignment_, codebook_.size());
-  Plan plan = plan_and_broadcast(comm_, policy, codebook_, lists, list_load);
-  const int P = comm_.size(), me = comm_.rank();
-  const int64_t d = codebook_.dim(), h = config_.expert.hidden;
-  const size_t w = static_cast<size_t>(h * d);
+// -------------------------------------------------------------- re-plan --
 
-  // Migration: each moving expert's FFN and center go to its new rank.
-  std::vector<std::vector<char>> send(static_cast<size_t>(P));
-  for (int64_t i = 0; i < experts_.size(); ++i) {
-    const int32_t e = experts_.ids()[i];
-    const int to = plan.placement.owner(e);
-    if (to == me) continue;
-    put(send[to], &e, 1);
-    put(send[to], experts_.w1(i), w);
-    put(send[to], experts_.w2(i), w);
-    put(send[to], local_centers_.row(i), static_cast<size_t>(d));
-  }
+Plan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {
+  // The routing's current codebook and lists (a sync may have moved them).
+  Plan plan = plan_and_broadcast(comm_, policy, codebook(), lists(), list_load);
+  migrate(plan);
+  return plan;
+}
+
+// Each moving expert's FFN and center go to its new rank (alltoallv).
+void MoELayer::migrate(const Plan& plan) {
   std::vector<std::vector<char>> recv;
   {
     comm::PhaseScope phase(comm_, "migration");
-    recv = comm_.alltoallv(send);
+    recv = comm_.alltoallv(migration_messages(plan.placement));
   }
-  const std::vector<int32_t> ids = plan.placement.local_experts(me);
-  ExpertShard next(config_.expert, ids);
-  Matrix centers(static_cast<int64_t>(ids.size()), d);
-  auto place = [&](int32_t e, const float* w1, const float* w2, const float* c) {
-    const int64_t j = next.index_of(e);
-    std::copy_n(w1, w, next.w1(j));
-    std::copy_n(w2, w, next.w2(j));
-    std::copy_n(c, d, centers.row(j));
-  };
+  ExpertShard next(config_.expert, plan.placement.local_experts(comm_.rank()));
+  Matrix next_centers(next.size(), config_.expert.dim);
+  const Matrix& centers = local_centers();
   for (int64_t i = 0; i < experts_.size(); ++i)
-    if (plan.placement.owner(experts_.ids()[i]) == me)
-      place(experts_.ids()[i], experts_.w1(i), experts_.w2(i), local_centers_.row(i));
-  std::vector<float> w1(w), w2(w), c(static_cast<size_t>(d));
-  for (int src = 0; src < P; ++src) {
-    size_t at = 0;
-    while (at < recv[src].size()) {
-      const int32_t e = take<int32_t>(recv[src], at);
-      take_n(recv[src], at, w1.data(), w);
-      take_n(recv[src], at, w2.data(), w);
-      take_n(recv[src], at, c.data(), static_cast<size_t>(d));
-      place(e, w1.data(), w2.data(), c.data());
+    if (plan.placement.owner(experts_.ids()[i]) == comm_.rank())
+      place_expert(experts_.ids()[i], experts_.w1(i), experts_.w2(i), centers.row(i), next,
+                   next_centers);
+  receive_migrants(recv, next, next_centers);
+  experts_ = std::move(next);
+  routing_->move_experts(plan.placement, next_centers.view());
+}
+
+// Per new rank: (id, W1, W2, center) of each expert leaving this rank.
+std::vector<std::vector<char>> MoELayer::migration_messages(const Placement& next) const {
+  const size_t w = static_cast<size_t>(config_.expert.hidden * config_.expert.dim);
+  const Matrix& centers = local_centers();
+  std::vector<std::vector<char>> send(static_cast<size_t>(comm_.size()));
+  for (int64_t i = 0; i < experts_.size(); ++i) {
+    const int32_t e = experts_.ids()[i];
+    const int to = next.owner(e);
+    if (to == comm_.rank()) continue;
+    wire::put(send[to], &e, 1);
+    wire::put(send[to], experts_.w1(i), w);
+    wire::put(send[to], experts_.w2(i), w);
+    wire::put(send[to], centers.row(i), static_cast<size_t>(centers.cols()));
+  }
+  return send;
+}
+
+void MoELayer::receive_migrants(const std::vector<std::vector<char>>& recv, ExpertShard& next,
+                                Matrix& next_centers) const {
+  const size_t w = static_cast<size_t>(config_.expert.hidden * config_.expert.dim);
+  std::vector<float> w1(w), w2(w), c(static_cast<size_t>(config_.expert.dim));
+  for (int src = 0; src < comm_.size(); ++src) {
+    wire::Reader in(recv[src], src);
+    while (!in.done()) {
+      const auto e = in.take<int32_t>("migrating expert id");
+      in.take_n(w1.data(), w, "migrating W1");
+      in.take_n(w2.data(), w, "migrating W2");
+      in.take_n(c.data(), c.size(), "migrating center");
+      place_expert(e, w1.data(), w2.data(), c.data(), next, next_centers);
     }
   }
-  experts_ = std::move(next);
-  local_centers_ = std::move(centers);
-  placement_ = plan.placement;
-  if (router_) {
-    router_.reset();
-    build_router();
-  }
-  return plan;
+}
+
+void MoELayer::place_expert(int32_t e, const float* w1, const float* w2, const float* center,
+                            ExpertShard& next, Matrix& next_centers) const {
+  const int64_t j = next.index_of(e);
+  if (j < 0)
+    throw InternalError("migration: expert " + std::to_string(e) + " arrived at rank " +
+                        std::to_string(comm_.rank()) + ", which does not host it");
+  const int64_t w = config_.expert.hidden * config_.expert.dim;
+  std::copy_n(w1, w, next.w1(j));
+  std::copy_n(w2, w, next.w2(j));
+  std::copy_n(center, config_.expert.dim, next_centers.row(j));
 }
 
 }  // namespace airmoe::runtime

@@ -19,24 +19,34 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/exchange_buffer.h"
 #include "router/codebook.h"
-#include "router/dense_router.h"
 #include "router/routes.h"
 #include "runtime/coordinator.h"
-#include "runtime/distributed_router.h"
 #include "runtime/experts.h"
+#include "runtime/layer_routing.h"
 #include "runtime/placement.h"
+#include "runtime/wire.h"
 
 namespace airmoe::runtime {
-
-enum class Strategy { kAir, kDenseReplicated, kDenseBroadcast };
-const char* to_string(Strategy s);
-Strategy strategy_from_string(const std::string& name);
 
 struct MoEConfig {
   int k = 8;
   int probes = 4;  // AIR's m; dense-broadcast probes every list
   ExpertConfig expert;
+};
+
+struct PhaseSeconds {
+  double route = 0, dispatch = 0, experts = 0, combine = 0;
+  double backward_dispatch = 0, backward_experts = 0, backward_combine = 0;
+};
+
+// Per-call figures of one step, kept in its plan (forward fills the forward
+// part, backward the backward part).
+struct StepStats {
+  PhaseSeconds seconds;
+  // Router multiply-adds x 2 per token (mean over this rank's tokens).
+  double router_flops_per_token = 0.0;
 };
 
 // What a forward call decided and computed, reused by its backward (as
@@ -62,17 +72,13 @@ struct DispatchPlan {
   ExpertCache cache;
   std::vector<float> pair_d_gate;  // filled by backward
   Matrix pair_dx;                  // per input row, FFN part (backward)
+  StepStats stats;                 // this step's timings and router FLOPs
 };
 
 struct MoEGradients {
   Matrix d_tokens;          // [T_r, d]
   ExpertGrads experts;      // this rank's experts, the shard's layout
   SparseRowGrad d_centers;  // rows = global expert ids hosted here
-};
-
-struct PhaseSeconds {
-  double route = 0, dispatch = 0, experts = 0, combine = 0;
-  double backward_dispatch = 0, backward_experts = 0, backward_combine = 0;
 };
 
 class MoELayer {
@@ -85,9 +91,11 @@ class MoELayer {
            std::vector<int32_t> assignment, Placement placement, MatrixView centers,
            uint64_t expert_seed);
 
-  // tokens: this rank's [T_r, d]. Returns [T_r, d].
+  // tokens: this rank's [T_r, d] (T_r may be 0). Returns [T_r, d].
+  // Phases: route, dispatch, serve, combine.
   Matrix forward(MatrixView tokens, DispatchPlan& plan);
-  // d_out: dL/d(output) [T_r, d] for the plan's tokens.
+  // d_out: dL/d(output) [T_r, d] for the plan's tokens. Phases:
+  // grad_dispatch, expert_backward, grad_gates, grad_logits, grad_combine.
   MoEGradients backward(DispatchPlan& plan, MatrixView d_out);
 
   // Collective: the optimizer moved this rank's centers (rows in hosted()
@@ -96,46 +104,62 @@ class MoELayer {
   // (dense-replicated: every replica is updated).
   void set_local_centers(MatrixView local_centers);
 
-  // Adaptive codebook step (kAir, kDenseBroadcast): the distributed sync.
-  void sync_codebook(double step = 1.0) { router_->sync_codebook(step, 1); }
+  // Collective adaptive codebook step (air, dense-broadcast): the
+  // distributed sync. dense-replicated refuses it on every rank (UsageError).
+  void sync_codebook(double step = 1.0) { routing_->sync_codebook(step); }
   // The coordinator plans again and expert parameters (FFN and center) move
   // to their new ranks ("migration" phase). A plan made before is refused.
   Plan replan(PlacementPolicy policy, const std::vector<double>& list_load);
 
-  Strategy strategy() const { return strategy_; }
+  Strategy strategy() const { return routing_->strategy(); }
   const MoEConfig& config() const { return config_; }
-  const Placement& placement() const { return placement_; }
+  // The routing's own codebook, lists and placement (never a copy).
+  const Codebook& codebook() const { return routing_->codebook(); }
+  const InvertedLists& lists() const { return routing_->lists(); }
+  const Placement& placement() const { return routing_->placement(); }
   const ExpertShard& experts() const { return experts_; }
   ExpertShard& experts() { return experts_; }
   const std::vector<int32_t>& hosted() const { return experts_.ids(); }
-  const PhaseSeconds& seconds() const { return seconds_; }
   comm::Communicator& communicator() { return comm_; }
-  // Router multiply-adds x 2 per token of the last forward (mean over this
-  // rank's tokens) and expert FLOPs per token.
-  double router_flops_per_token() const { return router_flops_; }
+  // Expert FLOPs per token (router FLOPs: the plan's stats).
   double expert_flops_per_token() const {
     return static_cast<double>(config_.k) * experts_.flops_per_pair();
   }
   // This rank's hosted centers, rows in hosted() order.
-  const Matrix& local_centers() const { return local_centers_; }
+  const Matrix& local_centers() const { return routing_->local_centers(); }
 
  private:
-  void build_router();
-  const float* center_row(int32_t expert) const;
+  // Forward phases.
+  void dispatch(MatrixView tokens, const Routes& routes, DispatchPlan& plan);
+  Matrix serve(DispatchPlan& plan, const ReceivedTokens& received);
+  void read_dispatch(DispatchPlan& plan, const ReceivedTokens& received);
+  Matrix combine(const DispatchPlan& plan, MatrixView partial);
+  // Backward phases.
+  void check_backward_args(const DispatchPlan& plan, MatrixView d_out);
+  Matrix grad_dispatch(const DispatchPlan& plan, MatrixView d_out);
+  void expert_backward(DispatchPlan& plan, MatrixView dy, MoEGradients& grads);
+  Matrix grad_gates(const DispatchPlan& plan);
+  void grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grads);
+  void send_logit_grads(const DispatchPlan& plan, MatrixView dz);
+  Matrix grad_combine(const DispatchPlan& plan);
+  // Serving side -> home: row i of `rows` (one per input row) to its home;
+  // returns the home's sum per token, in (token, target) order.
+  Matrix send_home_and_sum(const DispatchPlan& plan, MatrixView rows, const char* phase);
+  // Re-plan phases.
+  void migrate(const Plan& plan);
+  std::vector<std::vector<char>> migration_messages(const Placement& next) const;
+  void receive_migrants(const std::vector<std::vector<char>>& recv, ExpertShard& next,
+                        Matrix& next_centers) const;
+  void place_expert(int32_t e, const float* w1, const float* w2, const float* center,
+                    ExpertShard& next, Matrix& next_centers) const;
 
   comm::Communicator& comm_;
-  Strategy strategy_;
   MoEConfig config_;
-  Codebook codebook_;
-  std::vector<int32_t> assignment_;
-  Placement placement_;
-  Matrix all_centers_;    // kDenseReplicated only
-  Matrix local_centers_;  // hosted experts
   ExpertShard experts_;
-  std::unique_ptr<DistributedRouter> router_;
-  std::unique_ptr<DenseRouter> dense_;
-  PhaseSeconds seconds_;
-  double router_flops_ = 0.0;
+  std::unique_ptr<LayerRouting> routing_;
+  // Exchange buffers reused across steps (contents are per phase).
+  wire::Outbox dispatch_out_;
+  comm::ExchangeBuffer send_, recv_;
 };
 
 }  // namespace airmoe::runtime

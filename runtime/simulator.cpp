@@ -89,7 +89,7 @@ SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
       for (int32_t q : out.targets) ++records[q];
       reached += static_cast<double>(out.targets.size());
       for (int q = 0; q < P; ++q) {
-        send(requests, home, q, static_cast<int64_t>(out.send[q].size()));
+        send(requests, home, q, out.send.bytes(q));
         send(replies, q, home, records[q] * wire::reply_bytes(routes.k));
       }
     }
@@ -102,7 +102,7 @@ SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
       pairs[out.targets[i]] += out.slot_offsets[i + 1] - out.slot_offsets[i];
     }
     for (int q = 0; q < P; ++q) {
-      send(dispatch, home, q, static_cast<int64_t>(out.send[q].size()));
+      send(dispatch, home, q, out.send.bytes(q));
       send(combine, q, home, records[q] * wire::vector_bytes(d));
       if (!backward) continue;
       send(grad_dispatch, home, q, records[q] * wire::vector_bytes(d));

@@ -4,12 +4,86 @@
 
 namespace airmoe::runtime::wire {
 
-Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                        const std::vector<int32_t>& probes, MatrixView tokens, int ranks) {
-  const int64_t T = tokens.rows, d = tokens.cols;
-  Outbox box;
-  box.send.resize(static_cast<size_t>(ranks));
+Writer::Writer(comm::ExchangeBuffer& buf)
+    : buf_(buf), written_(static_cast<size_t>(buf.ranks()), 0) {}
+
+void Writer::reserve(int rank, size_t bytes) const {
+  if (written_[rank] + static_cast<int64_t>(bytes) > buf_.bytes(rank))
+    throw InternalError("wire: the record for rank " + std::to_string(rank) + " overruns its " +
+                        std::to_string(buf_.bytes(rank)) + " counted bytes");
+}
+
+void Writer::finish() const {
+  for (int p = 0; p < buf_.ranks(); ++p)
+    if (written_[p] != buf_.bytes(p))
+      throw InternalError("wire: " + std::to_string(written_[p]) + " bytes written for rank " +
+                          std::to_string(p) + ", " + std::to_string(buf_.bytes(p)) + " counted");
+}
+
+void Reader::require(size_t bytes, const char* what) const {
+  const size_t left = bytes_.size() - at_;
+  if (bytes > left)
+    throw InternalError("message from rank " + std::to_string(source_) + " truncated: needs " +
+                        std::to_string(bytes) + " bytes for " + what + ", " + std::to_string(left) +
+                        " left");
+}
+
+void Reader::expect_done(const char* phase) const {
+  if (!done())
+    throw InternalError("message from rank " + std::to_string(source_) + " has " +
+                        std::to_string(bytes_.size() - at_) + " bytes left over after " + phase);
+}
+
+std::vector<Reader> readers(const comm::ExchangeBuffer& recv) {
+  std::vector<Reader> out;
+  out.reserve(static_cast<size_t>(recv.ranks()));
+  for (int q = 0; q < recv.ranks(); ++q) out.emplace_back(recv.segment(q), q);
+  return out;
+}
+
+void expect_all_done(const std::vector<Reader>& readers, const char* phase) {
+  for (const Reader& r : readers) r.expect_done(phase);
+}
+
+namespace {
+
+void start(Outbox& box, int64_t T) {
   box.target_offsets.assign(static_cast<size_t>(T + 1), 0);
+  box.targets.clear();
+  box.slot_offsets.assign(1, 0);
+  box.slots.clear();
+}
+
+// Pass 2 of a builder: lays out box.send from the counted bytes, then writes
+// each (token, target) record: its header (token, number of entries) and
+// what `body` adds.
+template <typename Body>
+void write_records(Outbox& box, const std::vector<int64_t>& bytes, Body&& body) {
+  box.send.reset(bytes);
+  Writer out(box.send);
+  const auto T = static_cast<int64_t>(box.target_offsets.size()) - 1;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = box.target_offsets[t]; i < box.target_offsets[t + 1]; ++i) {
+      const int rank = box.targets[i];
+      const int32_t header[2] = {
+          static_cast<int32_t>(t),
+          static_cast<int32_t>(box.slot_offsets[i + 1] - box.slot_offsets[i])};
+      out.put(rank, header, 2);
+      body(out, rank, t, i);
+    }
+  out.finish();
+}
+
+}  // namespace
+
+void scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
+                      const std::vector<int32_t>& probes, MatrixView tokens, int ranks,
+                      Outbox& box) {
+  const int64_t T = tokens.rows, d = tokens.cols;
+  start(box, T);
+  // Pass 1: per (token, target) record, the probed codewords that rank hosts
+  // (its entries), and the bytes per rank.
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks), 0);
   std::vector<std::vector<int32_t>> per_rank(static_cast<size_t>(ranks));
   std::vector<int32_t> touched;
   for (int64_t t = 0; t < T; ++t) {
@@ -22,51 +96,65 @@ Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& 
     std::sort(touched.begin(), touched.end());
     for (int32_t rank : touched) {
       box.targets.push_back(rank);
-      const int32_t header[2] = {static_cast<int32_t>(t),
-                                 static_cast<int32_t>(per_rank[rank].size())};
-      put(box.send[rank], header, 2);
-      put(box.send[rank], per_rank[rank].data(), per_rank[rank].size());
-      put(box.send[rank], tokens.row(t), static_cast<size_t>(d));
+      box.slots.insert(box.slots.end(), per_rank[rank].begin(), per_rank[rank].end());
+      box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
+      bytes[rank] += 8 + 4 * static_cast<int64_t>(per_rank[rank].size()) + 4 * d;
       per_rank[rank].clear();
     }
     box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
   }
+  write_records(box, bytes, [&](Writer& out, int rank, int64_t t, int64_t i) {
+    const int64_t n = box.slot_offsets[i + 1] - box.slot_offsets[i];
+    out.put(rank, box.slots.data() + box.slot_offsets[i], static_cast<size_t>(n));
+    out.put(rank, tokens.row(t), static_cast<size_t>(d));
+  });
+}
+
+void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
+                     bool ship_vectors, int ranks, Outbox& box) {
+  const int64_t T = routes.tokens, d = tokens.cols;
+  const int k = routes.k;
+  start(box, T);
+  // Pass 1: per (token, target) record, the token's slots that rank serves
+  // (by rank, then slot: prefix sums over a sorted list, no atomics).
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks), 0);
+  std::vector<std::pair<int32_t, int32_t>> owner_slot(static_cast<size_t>(k));
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t* e = routes.experts_of(t);
+    for (int j = 0; j < k; ++j) owner_slot[j] = {placement.owner(e[j]), j};
+    std::sort(owner_slot.begin(), owner_slot.end());
+    for (int j = 0; j < k;) {
+      const int32_t rank = owner_slot[j].first;
+      int n = 0;
+      for (; j + n < k && owner_slot[j + n].first == rank; ++n)
+        box.slots.push_back(owner_slot[j + n].second);
+      box.targets.push_back(rank);
+      box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
+      bytes[rank] += 8 + 8 * static_cast<int64_t>(n) + (ship_vectors ? 4 * d : 0);
+      j += n;
+    }
+    box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
+  }
+  write_records(box, bytes, [&](Writer& out, int rank, int64_t t, int64_t i) {
+    for (int64_t s = box.slot_offsets[i]; s < box.slot_offsets[i + 1]; ++s) {
+      out.put(rank, routes.experts_of(t) + box.slots[s], 1);
+      out.put(rank, routes.gates_of(t) + box.slots[s], 1);
+    }
+    if (ship_vectors) out.put(rank, tokens.row(t), static_cast<size_t>(d));
+  });
+}
+
+Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
+                        const std::vector<int32_t>& probes, MatrixView tokens, int ranks) {
+  Outbox box;
+  scoring_requests(placement, probe_offsets, probes, tokens, ranks, box);
   return box;
 }
 
 Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
                        bool ship_vectors, int ranks) {
-  const int64_t T = routes.tokens, d = tokens.cols;
-  const int k = routes.k;
   Outbox box;
-  box.send.resize(static_cast<size_t>(ranks));
-  box.target_offsets.assign(static_cast<size_t>(T + 1), 0);
-  std::vector<std::pair<int32_t, int32_t>> owner_slot(static_cast<size_t>(k));
-  for (int64_t t = 0; t < T; ++t) {
-    const int32_t* e = routes.experts_of(t);
-    const float* g = routes.gates_of(t);
-    for (int j = 0; j < k; ++j) owner_slot[j] = {placement.owner(e[j]), j};
-    // By rank, then slot: prefix sums over a sorted list, no atomics.
-    std::sort(owner_slot.begin(), owner_slot.end());
-    for (int j = 0; j < k;) {
-      const int32_t rank = owner_slot[j].first;
-      int n = 0;
-      while (j + n < k && owner_slot[j + n].first == rank) ++n;
-      box.targets.push_back(rank);
-      const int32_t header[2] = {static_cast<int32_t>(t), n};
-      put(box.send[rank], header, 2);
-      for (int s = j; s < j + n; ++s) {
-        const int32_t slot = owner_slot[s].second;
-        box.slots.push_back(slot);
-        put(box.send[rank], e + slot, 1);
-        put(box.send[rank], g + slot, 1);
-      }
-      if (ship_vectors) put(box.send[rank], tokens.row(t), static_cast<size_t>(d));
-      box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
-      j += n;
-    }
-    box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
-  }
+  expert_dispatch(placement, routes, tokens, ship_vectors, ranks, box);
   return box;
 }
 

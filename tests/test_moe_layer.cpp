@@ -2,6 +2,7 @@
 // reference, with ranks as threads.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <map>
 #include <mutex>
 
@@ -344,6 +345,144 @@ TEST(MoELayer, MovedCentersReachRoutingOnEveryStrategy) {
       EXPECT_EQ(synced[r], 0) << "nothing moves when no center changed";
     }
   }
+}
+
+}  // namespace
+}  // namespace airmoe
+
+// ---- Collective checks shared with the MPI tests (layer_checks.h), run here
+// with ranks as threads; and the wire decoder.
+#include "layer_checks.h"
+#include "runtime/wire.h"
+
+namespace airmoe {
+namespace {
+
+class LayerWithEmptyRanks : public ::testing::TestWithParam<std::tuple<int, runtime::Strategy>> {};
+
+TEST_P(LayerWithEmptyRanks, ForwardAndBackwardEqualTheReference) {
+  const auto [P, strategy] = GetParam();
+  comm::run_ranks(P, [&, strategy = strategy](comm::Communicator& comm) {
+    test::check_layer_with_empty_ranks(comm, data(), strategy);
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksAndStrategies, LayerWithEmptyRanks,
+                         ::testing::Combine(::testing::Values(3, 4),
+                                            ::testing::Values(Strategy::kAir,
+                                                              Strategy::kDenseReplicated,
+                                                              Strategy::kDenseBroadcast)));
+
+TEST(MoELayer, TwoTokensOnFourRanksAndFewerExpertsThanRanks) {
+  // The shape that hung airmoe_bench layer (-T 2 on 4 ranks), and E = 3 < P.
+  const GlobalData few = GlobalData::make(/*E=*/3, /*d=*/8, /*T=*/2, /*C=*/2, /*seed=*/3);
+  MoEConfig cfg;
+  cfg.k = 2;
+  cfg.probes = 1;
+  cfg.expert = {8, 2, runtime::Activation::kRelu};
+  for (Strategy s : {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
+    const Matrix dy = random_matrix(2, 8, 1.0, 5);
+    const test::ReferenceResult ref = test::reference_layer(few, s, cfg, 123, dy.view());
+    comm::run_ranks(4, [&](comm::Communicator& comm) {
+      MoELayer layer = make_layer(comm, few, s, PlacementPolicy::kRoundRobin, cfg);
+      const auto [b, e] = GlobalData::token_range(2, comm.rank(), 4);
+      runtime::DispatchPlan plan;
+      const Matrix out = layer.forward(few.tokens_of(comm.rank(), 4), plan);
+      const runtime::MoEGradients grads = layer.backward(plan, MatrixView(dy.row(b), e - b, 8));
+      if (e > b) {
+        EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), out.size()), 1e-5);
+        EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), out.size()), 1e-5);
+      }
+    });
+  }
+}
+
+TEST(MoELayer, DenseReplicatedRefusesCodebookSyncOnEveryRank) {
+  comm::run_ranks(3, [&](comm::Communicator& comm) {
+    test::check_dense_replicated_refuses_codebook_sync(comm, data());
+  });
+}
+
+TEST(MoELayer, CodebookSyncThenReplanRoutesWithTheNewCodebook) {
+  for (int P : {1, 3})
+    comm::run_ranks(
+        P, [&](comm::Communicator& comm) { test::check_codebook_sync_then_replan(comm, data()); });
+}
+
+TEST(MoELayer, StepStatsComeBackInThePlan) {
+  comm::run_ranks(2,
+                  [&](comm::Communicator& comm) { test::check_step_stats_in_plan(comm, data()); });
+}
+
+TEST(MoELayer, NonFiniteGateOnAServingRankFailsEveryRank) {
+  // Logits that overflow give NaN gates; the serving rank's expert check
+  // refuses them, and every rank fails together instead of waiting (issue 13).
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const int P = 3;
+  std::vector<std::string> messages(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
+    Matrix x(2, g.data.tokens.cols(), 3e38f);
+    runtime::DispatchPlan plan;
+    try {
+      layer.forward(x.view(), plan);
+    } catch (const std::invalid_argument& e) {
+      messages[comm.rank()] = e.what();
+    }
+  });
+  for (int r = 0; r < P; ++r)
+    EXPECT_NE(messages[r].find("serving experts"), std::string::npos)
+        << "rank " << r << ": " << messages[r];
+}
+
+TEST(Wire, TruncatedMessageNamesTheSourceRankAndTheRecord) {
+  const std::vector<char> bytes(12);
+  runtime::wire::Reader in(bytes, 2);
+  EXPECT_EQ(in.take<int32_t>("token index"), 0);
+  float v[16];
+  AIRMOE_EXPECT_THROW_MSG(in.take_n(v, 16, "token vector"), InternalError,
+                          "message from rank 2 truncated: needs 64 bytes for token vector, 8 left");
+  runtime::wire::Reader rest(bytes, 1);
+  rest.take<int32_t>("token index");
+  AIRMOE_EXPECT_THROW_MSG(rest.expect_done("combine"), InternalError,
+                          "message from rank 1 has 8 bytes left over after combine");
+}
+
+TEST(Wire, TruncatedRecordIsRefusedByTheRecordDecoder) {
+  // A dispatch record from rank 2 announcing 1 pair but cut after the
+  // expert id: the decoder names the rank and the field, reads nothing past.
+  comm::ExchangeBuffer recv;
+  const int64_t bytes[3] = {0, 0, 12};
+  recv.reset(bytes);
+  const int32_t record[3] = {5, 1, 42};
+  std::memcpy(recv.begin(2), record, sizeof(record));
+  std::vector<int32_t> experts;
+  AIRMOE_EXPECT_THROW_MSG(
+      runtime::wire::read_records(recv,
+                                  [&](runtime::wire::Reader& in, int32_t, int32_t n) {
+                                    for (int32_t i = 0; i < n; ++i) {
+                                      experts.push_back(in.take<int32_t>("dispatch expert id"));
+                                      in.take<float>("dispatch gate");
+                                    }
+                                  }),
+      InternalError, "message from rank 2 truncated: needs 4 bytes for dispatch gate, 0 left");
+  EXPECT_EQ(experts, std::vector<int32_t>{42});
+}
+
+TEST(Wire, BuildersFillExactlyTheCountedBytes) {
+  // Every record the dispatch builder writes lands in the segment of its
+  // target rank, and the segments are exactly full (Writer::finish).
+  const GlobalData& g = data();
+  const AirRouter air(g.data.centers.view(), g.codebook);
+  const Routes routes = air.route(g.data.tokens.view(), 4, 3);
+  const runtime::Placement placement(
+      3, std::vector<int32_t>(static_cast<size_t>(g.data.centers.rows()), 1), g.lists());
+  const runtime::wire::Outbox box =
+      runtime::wire::expert_dispatch(placement, routes, g.data.tokens.view(), true, 3);
+  EXPECT_EQ(box.send.bytes(0), 0);
+  EXPECT_EQ(box.send.bytes(2), 0);
+  EXPECT_EQ(box.send.bytes(1), g.data.tokens.rows() * (8 + 8 * 4 + 4 * g.data.tokens.cols()));
 }
 
 }  // namespace

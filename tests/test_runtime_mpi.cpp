@@ -173,3 +173,34 @@ TEST(MpiMoELayer, EqualsReferenceAndTheSimulatorPredictsTheMeter) {
 
 }  // namespace
 }  // namespace airmoe
+
+// The layer's collective checks shared with the in-process tests.
+#include "layer_checks.h"
+
+namespace airmoe {
+namespace {
+
+TEST(MpiMoELayer, EmptyRanksForEveryStrategy) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  for (runtime::Strategy s : {runtime::Strategy::kAir, runtime::Strategy::kDenseReplicated,
+                              runtime::Strategy::kDenseBroadcast})
+    test::check_layer_with_empty_ranks(comm, data(), s);
+}
+
+TEST(MpiMoELayer, DenseReplicatedRefusesCodebookSync) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  test::check_dense_replicated_refuses_codebook_sync(comm, data());
+}
+
+TEST(MpiMoELayer, CodebookSyncThenReplanRoutesWithTheNewCodebook) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  test::check_codebook_sync_then_replan(comm, data());
+}
+
+TEST(MpiMoELayer, StepStatsComeBackInThePlan) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  test::check_step_stats_in_plan(comm, data());
+}
+
+}  // namespace
+}  // namespace airmoe

@@ -1,0 +1,76 @@
+// How the MoE layer routes: one interface, one implementation per strategy,
+// chosen at construction (make_layer_routing). Each implementation owns what
+// its strategy needs -- the codebook, the inverted lists, the placement and
+// the router centers -- so the layer keeps no copy that a codebook sync or a
+// center update could leave stale. The layer reads them through here.
+//   air              DistributedRouting, probing m lists (layer_routing_distributed.h)
+//   dense-broadcast  DistributedRouting, probing every list
+//   dense-replicated DenseReplicatedRouting (layer_routing_dense_replicated.h)
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "comm/communicator.h"
+#include "core/matrix.h"
+#include "router/codebook.h"
+#include "router/inverted_lists.h"
+#include "router/routes.h"
+#include "runtime/distributed_router.h"
+#include "runtime/placement.h"
+
+namespace airmoe::runtime {
+
+enum class Strategy { kAir, kDenseReplicated, kDenseBroadcast };
+const char* to_string(Strategy s);
+Strategy strategy_from_string(const std::string& name);
+
+// What one routing call hands the dispatch (nothing is kept for later).
+struct RoutedBatch {
+  Routes routes;  // this rank's tokens
+  // Fused dispatch: the token vectors this rank received while routing,
+  // keyed by (home rank, token). Empty when the dispatch ships the vectors.
+  ReceivedTokens received;
+  double router_flops_per_token = 0.0;  // mean over this rank's tokens
+};
+
+class LayerRouting {
+ public:
+  virtual ~LayerRouting() = default;
+  virtual Strategy strategy() const = 0;
+
+  // Collective: routes this rank's tokens to k experts each.
+  virtual RoutedBatch route(MatrixView tokens, int k) = 0;
+  // True when the serving ranks do not hold the token vectors after routing,
+  // so the dispatch must carry them.
+  virtual bool dispatch_ships_vectors() const = 0;
+
+  // Collective, called on every rank when some rank's centers moved: this
+  // rank's hosted rows (checked by the caller) become the routing centers.
+  virtual void set_local_centers(MatrixView local_centers) = 0;
+  // Collective: the adaptive codebook step, or a UsageError on every rank
+  // where the strategy has no codebook to sync.
+  virtual void sync_codebook(double step) = 0;
+  // Collective, after a re-plan's migration: the new placement and this
+  // rank's hosted rows under it.
+  virtual void move_experts(Placement placement, MatrixView local_centers) = 0;
+
+  virtual const Codebook& codebook() const = 0;
+  virtual const InvertedLists& lists() const = 0;
+  virtual const Placement& placement() const = 0;
+  // This rank's hosted centers, rows in placement().local_experts(rank) order.
+  virtual const Matrix& local_centers() const = 0;
+};
+
+// centers: every expert's center [E, d] as this rank knows it (checked by
+// the caller). Collective.
+std::unique_ptr<LayerRouting> make_layer_routing(comm::Communicator& comm, Strategy strategy,
+                                                 int probes, Codebook codebook,
+                                                 std::vector<int32_t> assignment,
+                                                 Placement placement, MatrixView centers);
+
+// The rows of `centers` a rank hosts, in local_experts order.
+Matrix hosted_rows(MatrixView centers, const std::vector<int32_t>& ids);
+
+}  // namespace airmoe::runtime

@@ -1,0 +1,43 @@
+#include "runtime/layer_routing_distributed.h"
+
+#include "router/metrics.h"
+
+namespace airmoe::runtime {
+
+DistributedRouting::DistributedRouting(comm::Communicator& comm, Strategy strategy, int probes,
+                                       Codebook codebook, std::vector<int32_t> assignment,
+                                       Placement placement, MatrixView local_centers)
+    : comm_(comm),
+      strategy_(strategy),
+      probes_(probes),
+      router_(std::make_unique<DistributedRouter>(comm, std::move(codebook), std::move(assignment),
+                                                  std::move(placement), local_centers)) {}
+
+RoutedBatch DistributedRouting::route(MatrixView tokens, int k) {
+  RouteResult result = router_->route_batch(tokens, k, probes_);
+  RoutedBatch batch;
+  // Stage 1 against all C codewords, stage 2 against the shortlist.
+  const auto d = static_cast<double>(codebook().dim());
+  batch.router_flops_per_token = 2.0 * static_cast<double>(codebook().size()) * d +
+                                 2.0 * shortlist_stats(result.routes).mean * d;
+  batch.routes = std::move(result.routes);
+  batch.received = std::move(result.received);
+  return batch;
+}
+
+void DistributedRouting::set_local_centers(MatrixView local_centers) {
+  router_->set_local_centers(local_centers);
+}
+
+void DistributedRouting::sync_codebook(double step) {
+  router_->sync_codebook(step, 1);
+}
+
+void DistributedRouting::move_experts(Placement placement, MatrixView local_centers) {
+  // The codebook and lists are the router's current ones (synced or not).
+  router_ =
+      std::make_unique<DistributedRouter>(comm_, router_->codebook(), router_->lists().assignment(),
+                                          std::move(placement), local_centers);
+}
+
+}  // namespace airmoe::runtime

@@ -1,0 +1,40 @@
+// air and dense-broadcast: the distributed router, which owns the codebook,
+// lists, placement and this rank's centers. air probes m lists per token;
+// dense-broadcast probes all C (every token reaches every rank hosting a
+// segment: exact routing with sharded centers). The scoring ranks keep the
+// token vectors they received, so the dispatch sends decisions only.
+#pragma once
+
+#include <memory>
+
+#include "runtime/layer_routing.h"
+
+namespace airmoe::runtime {
+
+class DistributedRouting final : public LayerRouting {
+ public:
+  // probes: m for air, or the codebook size for dense-broadcast.
+  DistributedRouting(comm::Communicator& comm, Strategy strategy, int probes, Codebook codebook,
+                     std::vector<int32_t> assignment, Placement placement,
+                     MatrixView local_centers);
+
+  Strategy strategy() const override { return strategy_; }
+  RoutedBatch route(MatrixView tokens, int k) override;
+  bool dispatch_ships_vectors() const override { return false; }
+  void set_local_centers(MatrixView local_centers) override;
+  void sync_codebook(double step) override;
+  void move_experts(Placement placement, MatrixView local_centers) override;
+
+  const Codebook& codebook() const override { return router_->codebook(); }
+  const InvertedLists& lists() const override { return router_->lists(); }
+  const Placement& placement() const override { return router_->placement(); }
+  const Matrix& local_centers() const override { return router_->local_centers(); }
+
+ private:
+  comm::Communicator& comm_;
+  Strategy strategy_;
+  int probes_;
+  std::unique_ptr<DistributedRouter> router_;
+};
+
+}  // namespace airmoe::runtime
