@@ -31,9 +31,10 @@ Parameters (this rank's shard; ``state_dict()`` holds exactly these):
   C++ layer (a collective: ranks whose centers moved re-route with the new
   ones; nothing moves when none changed).
 
-Buffers: ``codebook`` [C, d] (trained identically on every rank from the
-centers), ``hosted`` [hosted] int64 (this rank's global expert ids) and
-``owners`` [E] int64 (the placement: expert -> rank), plus an extra state
+Buffers: ``codebook`` [C, d] (trained on rank 0 from the centers and
+broadcast; every rank checks a digest of its centers and of the codebook),
+``hosted`` [hosted] int64 (this rank's global expert ids) and ``owners`` [E]
+int64 (the placement: expert -> rank), plus an extra state
 with the configuration. ``load_state_dict`` of a state from another
 configuration (other E, d, h, k, strategy, codebook, placement or hosted ids,
 e.g. from another rank or another number of ranks) raises ValueError naming
