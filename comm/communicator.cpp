@@ -80,7 +80,7 @@ void require_same_config(Communicator& comm, const std::string& config, const ch
   }
   msg += differ.size() == 1 ? " differs" : " differ";
   msg += " from rank 0";
-  throw std::runtime_error(msg);
+  throw ConfigMismatchError(msg);
 }
 
 void raise_together(Communicator& comm, const std::string& local_error, const char* what) {
@@ -92,7 +92,7 @@ void raise_together(Communicator& comm, const std::string& local_error, const ch
     if (counts[r] > 0) {
       const std::string message = std::string(what) + ": rank " + std::to_string(r) + ": " +
                                   std::string(all.data() + at, static_cast<size_t>(counts[r]));
-      if (!local_error.empty()) throw UsageError(message);
+      if (!local_error.empty()) throw JointUsageError(message);
       throw PeerError(message, r);
     }
     at += counts[r];

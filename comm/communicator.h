@@ -96,14 +96,15 @@ class PhaseScope {
 
 // Every rank must pass the same configuration: compares a hash of `config`
 // across ranks and, if any differs, throws on every rank a
-// std::runtime_error naming `what` and the ranks that differ from rank 0.
+// ConfigMismatchError (an std::runtime_error, core/errors.h) naming `what`
+// and the ranks that differ from rank 0.
 void require_same_config(Communicator& comm, const std::string& config, const char* what);
 
 // Every rank passes its own local error ("" for none); if any rank has one,
 // every rank throws "<what>: rank R: <message>" with the lowest failing
-// rank's message: a UsageError on each rank that had an error of its own, a
-// PeerError (naming R) on the others; both are std::invalid_argument
-// (core/errors.h). Checks of local input go through this before data moves,
+// rank's message: a JointUsageError (a UsageError) on each rank that had an
+// error of its own, a PeerError (naming R) on the others; both are
+// std::invalid_argument (core/errors.h). Checks of local input go through this before data moves,
 // so one rank's bad input fails the whole job together instead of leaving the
 // others waiting in the next collective. Metered under the phase "checks".
 void raise_together(Communicator& comm, const std::string& local_error, const char* what);

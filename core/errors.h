@@ -12,6 +12,15 @@
 //   TransportError a failed transport call (MPI, ...). An std::runtime_error.
 // File errors (a missing, truncated or malformed file) are UsageErrors too:
 // the file is the caller's input.
+//
+// Raised together: a collective check (comm::raise_together,
+// comm::require_same_config) raises on every rank at once, so the ranks are
+// still in step and a front-end may hand the error to its caller. It throws
+// JointUsageError on the rank whose input was bad, PeerError on the others,
+// and ConfigMismatchError on every rank when their configurations differ.
+// raised_together() tells these apart from an error one rank raised alone in
+// the middle of a collective, after which the others would wait forever
+// (a front-end must end the job then).
 #pragma once
 
 #include <stdexcept>
@@ -34,6 +43,19 @@ class PeerError : public std::invalid_argument {
   int failed_rank_;
 };
 
+// The UsageError that raise_together throws on the failing rank.
+class JointUsageError : public UsageError {
+ public:
+  using UsageError::UsageError;
+};
+
+// Ranks passed different configurations (require_same_config): thrown on
+// every rank. An std::runtime_error.
+class ConfigMismatchError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 class InternalError : public std::logic_error {
  public:
   using std::logic_error::logic_error;
@@ -43,5 +65,11 @@ class TransportError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
+
+// True for the errors that every rank raised together (see above).
+inline bool raised_together(const std::exception& e) {
+  return dynamic_cast<const JointUsageError*>(&e) || dynamic_cast<const PeerError*>(&e) ||
+         dynamic_cast<const ConfigMismatchError*>(&e);
+}
 
 }  // namespace airmoe

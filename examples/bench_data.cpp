@@ -1,11 +1,16 @@
 #include "bench_data.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <stdexcept>
+#include <utility>
 
 #include "bench_common.h"
 #include "comm/mpi_communicator.h"
+#include "core/errors.h"
+#include "core/hash.h"
 #include "core/npy.h"
 #include "core/threads.h"
 
@@ -76,26 +81,20 @@ std::vector<std::string> split_list(const std::string& text) {
   return out;
 }
 
-Codebook shared_codebook(comm::Communicator& comm, MatrixView centers, const DataOptions& o) {
-  Matrix cw(o.codewords, centers.cols);
-  comm::PhaseScope phase(comm, "setup");
-  std::string error;
-  if (comm.rank() == 0) {
-    try {
-      const Codebook cb = train_codebook(centers, {o.codewords, o.kmeans_iters, 1234});
-      std::copy_n(cb.codewords().data, cw.size(), cw.data());
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-  }
-  std::vector<char> msg(error.begin(), error.end());
-  comm::broadcast_vector(comm, msg, 0);
-  if (!msg.empty()) throw std::invalid_argument(std::string(msg.begin(), msg.end()));
-  comm.broadcast(cw.data(), cw.size() * sizeof(float), 0);
-  return Codebook(cw.view());
+runtime::LayerSpec routing_spec(const DataOptions& o, int probes) {
+  runtime::LayerSpec spec;
+  spec.experts = o.experts;
+  spec.dim = o.dim;
+  spec.k = o.k;
+  spec.probes = probes;
+  spec.codewords = o.codewords;
+  spec.kmeans_iterations = o.kmeans_iters;
+  spec.kmeans_seed = 1234;
+  return spec;
 }
 
-bool parse(const std::vector<std::string>& args, po::options_description& opts, bool print_help) {
+bool parse(const std::vector<std::string>& args, po::options_description& opts, bool print_help,
+           po::variables_map* parsed) {
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(opts).run(), vm);
   if (vm.count("help")) {
@@ -103,6 +102,110 @@ bool parse(const std::vector<std::string>& args, po::options_description& opts, 
     return false;
   }
   po::notify(vm);
+  if (parsed) *parsed = std::move(vm);
+  return true;
+}
+
+namespace {
+
+std::string option_text(const po::variable_value& v) {
+  const boost::any& a = v.value();
+  if (const auto* s = boost::any_cast<std::string>(&a)) return *s;
+  if (const auto* i = boost::any_cast<int>(&a)) return std::to_string(*i);
+  if (const auto* i = boost::any_cast<int64_t>(&a)) return std::to_string(*i);
+  if (const auto* u = boost::any_cast<uint64_t>(&a)) return std::to_string(*u);
+  if (const auto* x = boost::any_cast<double>(&a)) return std::to_string(*x);
+  throw InternalError("airmoe_bench: an option of a type the agreement cannot print");
+}
+
+// A digest of a file's bytes: ranks given files of one name but different
+// contents (another machine's copy) must not pass the agreement.
+std::string file_digest(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return "unreadable";
+  uint64_t h = kFnvOffset;
+  std::vector<char> buf(1 << 20);
+  while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0)
+    h = fnv1a64(buf.data(), static_cast<size_t>(in.gcount()), h);
+  return std::to_string(h);
+}
+
+// One "name value" line per option (variables_map is sorted by name).
+std::vector<std::pair<std::string, std::string>> command_lines(const char* subcommand,
+                                                               const po::variables_map& vm) {
+  std::vector<std::pair<std::string, std::string>> lines{{"subcommand", subcommand}};
+  for (const auto& [name, value] : vm) {
+    lines.emplace_back("--" + name, option_text(value));
+    if ((name == "centers" || name == "tokens") && !value.empty())
+      lines.emplace_back("--" + name + " contents", file_digest(option_text(value)));
+  }
+  return lines;
+}
+
+std::string joined(const std::vector<std::pair<std::string, std::string>>& lines) {
+  std::string s;
+  for (const auto& [name, value] : lines) s += name + '\x1f' + value + '\n';
+  return s;
+}
+
+std::vector<std::pair<std::string, std::string>> split_lines(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> lines;
+  size_t at = 0;
+  while (at < text.size()) {
+    const size_t end = text.find('\n', at), sep = text.find('\x1f', at);
+    lines.emplace_back(text.substr(at, sep - at), text.substr(sep + 1, end - sep - 1));
+    at = end + 1;
+  }
+  return lines;
+}
+
+// "--repeats 3 vs 1" for each line where `theirs` differs from rank 0's;
+// only the subcommand when that differs (their options are another set).
+std::string differences(const std::vector<std::pair<std::string, std::string>>& root,
+                        const std::vector<std::pair<std::string, std::string>>& theirs) {
+  auto value_in = [](const auto& lines, const std::string& name) -> std::string {
+    for (const auto& [n, v] : lines)
+      if (n == name) return v;
+    return "(unset)";
+  };
+  if (root.front() != theirs.front())
+    return "subcommand " + theirs.front().second + " vs " + root.front().second;
+  std::string out;
+  std::vector<std::string> names;
+  for (const auto& line : root) names.push_back(line.first);
+  for (const auto& line : theirs) names.push_back(line.first);
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  for (const std::string& name : names) {
+    const std::string a = value_in(theirs, name), b = value_in(root, name);
+    if (a != b) out += (out.empty() ? "" : ", ") + name + " " + a + " vs " + b;
+  }
+  return out;
+}
+
+}  // namespace
+
+bool parse_on_every_rank(comm::Communicator& comm, const char* subcommand,
+                         const std::vector<std::string>& args, po::options_description& opts) {
+  po::variables_map vm;
+  if (!parse(args, opts, comm.rank() == 0, &vm)) return false;
+  const std::string mine = joined(command_lines(subcommand, vm));
+  std::vector<int64_t> counts;
+  const std::vector<char> all = comm.allgatherv(mine.data(), mine.size(), counts);
+  std::vector<std::string> texts;
+  for (int64_t r = 0, at = 0; r < comm.size(); at += counts[r], ++r)
+    texts.emplace_back(all.data() + at, static_cast<size_t>(counts[r]));
+  std::string mismatch;
+  const auto root = split_lines(texts[0]);
+  for (int r = 1; r < comm.size(); ++r)
+    if (texts[r] != texts[0])
+      mismatch += (mismatch.empty() ? ": rank " : "; rank ") + std::to_string(r) + ": " +
+                  differences(root, split_lines(texts[r]));
+  if (!mismatch.empty())
+    throw ConfigMismatchError(
+        std::string("configuration mismatch (airmoe_bench ") + subcommand +
+        ": every rank needs the same subcommand and options; a rank's value vs rank 0's)" +
+        mismatch);
   return true;
 }
 
@@ -127,7 +230,7 @@ int run_on_mpi_world(const char* name, const std::vector<std::string>& args, Mpi
   } catch (const std::exception& e) {
     std::fprintf(stderr, "airmoe_bench %s: rank %d: error: %s\n", name, world->rank(), e.what());
     std::fflush(stderr);
-    if (world->size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (world->size() > 1 && !raised_together(e)) MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
 }

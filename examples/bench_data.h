@@ -1,5 +1,6 @@
-// The data options every airmoe_bench subcommand shares, and the set-up the
-// distributed ones share (the codebook trained on rank 0 and broadcast).
+// The data options every airmoe_bench subcommand shares, and what the
+// distributed ones share: the option agreement across ranks, the routing spec
+// for runtime/builder.h, reductions over ranks, the MPI wrapper.
 #pragma once
 
 #include <boost/program_options.hpp>
@@ -8,8 +9,8 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "router/codebook.h"
 #include "core/synthetic.h"
+#include "runtime/builder.h"
 
 namespace airmoe::bench {
 
@@ -37,21 +38,36 @@ BenchData load_data(DataOptions& options);
 
 std::vector<std::string> split_list(const std::string& text);
 
-// Collective: rank 0 trains the codebook, every rank receives it.
-Codebook shared_codebook(comm::Communicator& comm, MatrixView centers, const DataOptions& o);
+// The routing part of the layer spec these options describe (shape, k, C,
+// k-means iterations; the k-means seed every subcommand uses), with m = probes.
+runtime::LayerSpec routing_spec(const DataOptions& o, int probes);
 
-// Parses args into vm; returns false if --help was asked (and printed on
-// rank `printer`).
+// Parses args into vm; returns false if --help was asked (and printed when
+// print_help).
 bool parse(const std::vector<std::string>& args, boost::program_options::options_description& opts,
-           bool print_help);
+           bool print_help, boost::program_options::variables_map* vm = nullptr);
+
+// Collective, and the first collective of every MPI subcommand: parses args
+// (as parse, help printed on rank 0), then every rank must run the same
+// subcommand with the same value of every option, defaults included, and the
+// same --centers / --tokens file contents. Otherwise every rank throws a
+// ConfigMismatchError naming the ranks and options that differ from rank 0's
+// (so ranks launched with different options, or an MPMD launch of different
+// subcommands, fail together instead of deadlocking or reporting
+// inconsistent figures). Returns false if --help was asked.
+bool parse_on_every_rank(comm::Communicator& comm, const char* subcommand,
+                         const std::vector<std::string>& args,
+                         boost::program_options::options_description& opts);
 
 // Reductions of one figure over ranks: a sum (added in rank order, so every
 // rank gets the same bits) and a max.
 double sum_over_ranks(comm::Communicator& comm, double v);
 double max_over_ranks(comm::Communicator& comm, double v);
 
-// Runs body(world, args) under MPI. A failure on one rank would leave the
-// others waiting in a collective, so it is reported and ends the job.
+// Runs body(world, args) under MPI. An error every rank raised together
+// (core/errors.h: raised_together) is reported by each rank, which exits 1;
+// any other failure would leave the other ranks waiting in a collective, so
+// it is reported and ends the job (MPI_Abort).
 using MpiBody = int (*)(comm::Communicator&, const std::vector<std::string>&);
 int run_on_mpi_world(const char* name, const std::vector<std::string>& args, MpiBody body);
 

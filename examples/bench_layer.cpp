@@ -5,6 +5,7 @@
 #include <boost/program_options.hpp>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <span>
@@ -17,9 +18,8 @@
 #include "core/threads.h"
 #include "layer_report.h"
 #include "router/dense_router.h"
-#include "router/list_scan.h"
 #include "router/metrics.h"
-#include "runtime/coordinator.h"
+#include "runtime/builder.h"
 #include "runtime/moe_layer.h"
 
 namespace po = boost::program_options;
@@ -69,7 +69,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                                        po::value(&strategies_text)->default_value(strategies_text),
                                        "comma-separated strategies")(
       "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here");
-  if (!parse(args, opts, me == 0)) return 0;
+  if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   o.validate();
   const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement_name);
   std::vector<runtime::Strategy> strategies;
@@ -83,27 +83,27 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int64_t b = T * me / P, e = T * (me + 1) / P;
   const MatrixView mine(bench.data.tokens.row(b), e - b, d);
   if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)o.codewords);
-  const Codebook codebook = shared_codebook(comm, centers, o);
-  const std::vector<int32_t> assignment =
-      codebook.assign(normalize_rows(centers, "centers").view());
-  const InvertedLists lists(assignment, o.codewords);
-  const ProbeSelection sample = select_probes(codebook, lists, mine, o.k, probes);
-  const runtime::Plan plan = runtime::plan_and_broadcast(
-      comm, policy, codebook, lists, runtime::list_load(lists, sample.codewords));
+  runtime::LayerSpec spec = routing_spec(o, probes);
+  spec.placement = policy;
+  spec.hidden = hidden;
+  spec.activation = runtime::activation_from_string(activation);
+  spec.expert_seed = 7;
+  // One index and one placement for every strategy: the same data, weights
+  // and placement (rank 0's tokens are the load sample).
+  const runtime::SharedIndex index = runtime::agree_on_index(comm, spec, centers, mine);
+  const runtime::Plan plan = runtime::place_experts(comm, spec, index);
   if (me == 0) progress("exact routing for recall");
   const Routes exact = DenseRouter(centers).route(mine, o.k);
   const Matrix d_out = random_matrix(e - b, d, 1.0, o.seed + 1000 + static_cast<uint64_t>(me));
 
-  runtime::MoEConfig cfg;
-  cfg.k = o.k;
-  cfg.probes = probes;
-  cfg.expert = {d, hidden, runtime::activation_from_string(activation)};
   std::vector<json> rows;
   for (runtime::Strategy strategy : strategies) {
     const char* name = runtime::to_string(strategy);
     if (me == 0) progress("strategy %s: building the layer (experts on their ranks)", name);
-    runtime::MoELayer layer(comm, strategy, cfg, codebook, assignment, plan.placement, centers,
-                            /*expert_seed=*/7);
+    spec.strategy = strategy;
+    const std::unique_ptr<runtime::MoELayer> built =
+        runtime::make_layer(comm, spec, index, plan.placement, centers);
+    runtime::MoELayer& layer = *built;
     runtime::PhaseSeconds best;
     double best_total = 1e300;
     comm::TrafficMeter meter;

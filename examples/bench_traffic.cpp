@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string>
@@ -17,13 +18,12 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "comm/mpi_communicator.h"
-#include "router/dense_router.h"
-#include "router/metrics.h"
 #include "core/npy.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
-#include "runtime/coordinator.h"
-#include "runtime/distributed_router.h"
+#include "router/dense_router.h"
+#include "router/metrics.h"
+#include "runtime/builder.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -59,19 +59,11 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
       "placements", po::value(&policies_text)->default_value(policies_text),
       "comma-separated placement policies")("save-routes", po::value(&routes_dir),
                                             "rank 0 writes every token's experts/gates here");
-  if (!parse(args, opts, me == 0)) return 0;
+  if (!parse_on_every_rank(comm, "traffic", args, opts)) return 0;
   o.validate();
   std::vector<runtime::PlacementPolicy> policies;
   for (const std::string& name : split_list(policies_text))
     policies.push_back(runtime::placement_policy_from_string(name));
-  comm::require_same_config(
-      comm,
-      [&] {
-        std::string s;
-        for (const auto& a : args) s += a + "\x1f";
-        return s;
-      }(),
-      "airmoe_bench traffic command line");
 
   // The same global data on every rank; each routes its own block of tokens.
   if (me == 0)
@@ -85,15 +77,12 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
   const int64_t t_begin = num_tokens * me / P, t_end = num_tokens * (me + 1) / P;
   const MatrixView my_tokens(data.tokens.row(t_begin), t_end - t_begin, dim);
 
-  // The codebook: trained on rank 0, broadcast.
+  // The codebook (trained on rank 0, broadcast), the lists, and the load
+  // estimate from rank 0's own tokens' probes (the coordinator's sample).
   if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)codewords);
-  const Codebook codebook = shared_codebook(comm, data.centers.view(), o);
-  const std::vector<int32_t> assignment =
-      codebook.assign(normalize_rows(data.centers.view(), "centers").view());
-  const InvertedLists lists(assignment, codewords);
-  // Load estimate: rank 0's own tokens' probes (the coordinator's sample).
-  const ProbeSelection sample = select_probes(codebook, lists, my_tokens, k, probes);
-  const std::vector<double> load = runtime::list_load(lists, sample.codewords);
+  runtime::LayerSpec spec = routing_spec(o, probes);
+  const runtime::SharedIndex index =
+      runtime::agree_on_index(comm, spec, data.centers.view(), my_tokens);
 
   // Exact reference for recall, on each rank's own tokens.
   if (me == 0) progress("exact routing for recall");
@@ -103,12 +92,11 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
   for (runtime::PlacementPolicy policy : policies) {
     const char* name = runtime::to_string(policy);
     if (me == 0) progress("placement %s: planning, routing, syncing", name);
-    const runtime::Plan plan = runtime::plan_and_broadcast(comm, policy, codebook, lists, load);
-    const auto ids = plan.placement.local_experts(me);
-    Matrix local(static_cast<int64_t>(ids.size()), dim);
-    for (size_t i = 0; i < ids.size(); ++i)
-      std::copy_n(data.centers.row(ids[i]), dim, local.row(static_cast<int64_t>(i)));
-    runtime::DistributedRouter router(comm, codebook, assignment, plan.placement, local.view());
+    spec.placement = policy;
+    const runtime::Plan plan = runtime::place_experts(comm, spec, index);
+    const std::unique_ptr<runtime::DistributedRouter> built =
+        runtime::make_router(comm, index, plan.placement, data.centers.view());
+    runtime::DistributedRouter& router = *built;
 
     Routes r;
     runtime::RouteTimings best;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/checks.h"
+#include "core/errors.h"
 #include "router/scoring.h"
 
 namespace airmoe::runtime {
@@ -189,9 +190,11 @@ Plan plan_and_broadcast(comm::Communicator& comm, PlacementPolicy policy, const 
   // A planning error on rank 0 is every rank's error: no rank is left waiting.
   std::vector<char> message(error.begin(), error.end());
   comm::broadcast_vector(comm, message, 0);
-  if (!message.empty())
-    throw std::invalid_argument("coordinator (rank 0): " +
-                                std::string(message.begin(), message.end()));
+  if (!message.empty()) {
+    const std::string text = "coordinator (rank 0): " + std::string(message.begin(), message.end());
+    if (comm.rank() == 0) throw JointUsageError(text);
+    throw PeerError(text, 0);
+  }
   std::vector<int32_t> owner = plan.placement.owners();
   comm::broadcast_vector(comm, owner, 0);
   comm::broadcast_vector(comm, plan.rank_load, 0);

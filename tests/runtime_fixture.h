@@ -3,16 +3,18 @@
 // reference, and the per-rank slices.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/in_process.h"
+#include "core/synthetic.h"
 #include "router/air_router.h"
 #include "router/codebook.h"
 #include "router/list_scan.h"
-#include "core/synthetic.h"
-#include "runtime/coordinator.h"
-#include "runtime/distributed_router.h"
+#include "runtime/builder.h"
 
 namespace airmoe::test {
 
@@ -34,11 +36,23 @@ struct GlobalData {
     cfg.seed = seed;
     GlobalData g;
     g.data = make_synthetic(cfg);
-    g.codebook = train_codebook(g.data.centers.view(), {C, 8, seed});
-    g.assignment = g.codebook.assign(normalize_rows(g.data.centers.view(), "centers").view());
-    const InvertedLists lists(g.assignment, C);
-    const ProbeSelection sel = select_probes(g.codebook, lists, g.data.tokens.view(), 4, 3);
-    g.load = runtime::list_load(lists, sel.codewords);
+    // The runtime's own set-up (runtime/builder.h) on one rank: the codebook,
+    // lists and load every rank of a test then shares.
+    runtime::LayerSpec spec;
+    spec.experts = E;
+    spec.dim = d;
+    spec.codewords = C;
+    spec.kmeans_iterations = 8;
+    spec.kmeans_seed = seed;
+    spec.k = 4;
+    spec.probes = static_cast<int>(std::min<int64_t>(3, C));  // the sample probes m = 3
+    comm::run_ranks(1, [&](comm::Communicator& comm) {
+      runtime::SharedIndex index =
+          runtime::agree_on_index(comm, spec, g.data.centers.view(), g.data.tokens.view());
+      g.codebook = std::move(index.codebook);
+      g.assignment = std::move(index.assignment);
+      g.load = std::move(index.list_load);
+    });
     return g;
   }
 
@@ -61,9 +75,11 @@ struct GlobalData {
   }
   runtime::DistributedRouter make_router(comm::Communicator& comm,
                                          runtime::PlacementPolicy policy) const {
-    const runtime::Plan plan = runtime::plan_and_broadcast(comm, policy, codebook, lists(), load);
-    const Matrix local = local_centers(plan.placement, comm.rank());
-    return runtime::DistributedRouter(comm, codebook, assignment, plan.placement, local.view());
+    const runtime::SharedIndex index{codebook, assignment, load};
+    runtime::LayerSpec spec;
+    spec.placement = policy;
+    const runtime::Plan plan = runtime::place_experts(comm, spec, index);
+    return std::move(*runtime::make_router(comm, index, plan.placement, data.centers.view()));
   }
 };
 

@@ -31,9 +31,10 @@ Parameters (this rank's shard; ``state_dict()`` holds exactly these):
   C++ layer (a collective: ranks whose centers moved re-route with the new
   ones; nothing moves when none changed).
 
-Buffers: ``codebook`` [C, d] (trained identically on every rank from the
-centers), ``hosted`` [hosted] int64 (this rank's global expert ids) and
-``owners`` [E] int64 (the placement: expert -> rank), plus an extra state
+Buffers: ``codebook`` [C, d] (trained on rank 0 from the centers and
+broadcast; every rank checks a digest of its centers and of the codebook),
+``hosted`` [hosted] int64 (this rank's global expert ids) and ``owners`` [E]
+int64 (the placement: expert -> rank), plus an extra state
 with the configuration. ``load_state_dict`` of a state from another
 configuration (other E, d, h, k, strategy, codebook, placement or hosted ids,
 e.g. from another rank or another number of ranks) raises ValueError naming
@@ -41,9 +42,16 @@ the difference.
 
 Errors: a communicator that is not an ``mpi4py.MPI.Comm`` raises TypeError;
 bad arguments raise ValueError with the C++ message; ranks that disagree on
-the configuration raise RuntimeError on every rank.
+the configuration raise RuntimeError on every rank. Errors are raised on
+every rank together: the rank whose argument was bad (a wrong shape, dtype or
+strides, NaN centers) raises its own error, every other rank a ValueError
+naming that rank, so no rank is left waiting in a collective. An error that
+one rank meets alone in the middle of a collective (e.g. a NaN gate reaching
+a serving rank) cannot be raised together: the job is aborted (MPI_Abort)
+with a message naming the rank.
 """
 
+import contextlib
 
 import numpy as np
 import torch
@@ -70,6 +78,42 @@ def _comm_address(comm):
     return MPI._addressof(comm)
 
 
+def _together(impl, what, check):
+    """Collective: runs this rank's check() and raises on every rank if any
+    rank's check failed: this rank's own exception where it failed, a
+    ValueError naming the failing rank elsewhere."""
+    error = None
+    try:
+        check()
+    except (TypeError, ValueError, RuntimeError) as e:
+        error = e
+    with _own_error_first(error):
+        impl.raise_together(_message(error), what)
+
+
+@contextlib.contextmanager
+def _own_error_first(error):
+    """Around a collective that raises this rank's `error` on every rank: where
+    it was this rank's own, re-raise it as it was (its type and message)."""
+    try:
+        yield
+    except ValueError:
+        if error is not None:
+            raise error from None
+        raise
+
+
+def _checked_centers(num_experts, dim, centers, seed):
+    centers = initial_centers(num_experts, dim, centers, seed)
+    if centers.dtype != torch.float32:
+        raise ValueError(f"centers must be float32, got {centers.dtype}")
+    return centers.detach()
+
+
+def _message(error):
+    return "" if error is None else (str(error) or type(error).__name__)
+
+
 class _LayerFunction(torch.autograd.Function):
     """out = MoE(hidden); backward in C++ along the forward's dispatch plan."""
 
@@ -85,9 +129,14 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         _hidden, _w1, _w2, centers_local = ctx.saved_tensors
-        if ctx.plan is None:
-            raise RuntimeError("MoELayer: one backward per forward (the C++ dispatch plan is "
-                               "consumed); retain_graph=True double backward is not supported")
+
+        def check():
+            if ctx.plan is None:
+                raise RuntimeError("MoELayer: one backward per forward (the C++ dispatch plan "
+                                   "is consumed); retain_graph=True double backward is not "
+                                   "supported")
+
+        _together(ctx.impl, "backward", check)
         d_tokens, dw1, dw2, (rows, values) = ctx.impl.backward(
             ctx.plan, view(d_out.contiguous()))
         ctx.plan = None
@@ -128,17 +177,21 @@ class MoELayer(nn.Module):
                  kmeans_iterations=10, load_sample=None):
         super().__init__()
         address = _comm_address(comm)
-        centers = initial_centers(num_experts, dim, centers, seed)
-        if centers.dtype != torch.float32:
-            raise ValueError(f"centers must be float32, got {centers.dtype}")
-        sample = None
-        if load_sample is not None:
-            check_tensor(load_sample, "load_sample", dim=dim)
-            sample = view(load_sample)
-        self._impl = _airmoe.MoELayerImpl(
-            address, strategy, int(k), int(probes), int(hidden), activation, int(codewords),
-            int(kmeans_iterations), int(seed), placement, int(seed), view(centers.detach()),
-            sample)
+        # This rank's argument errors are raised on every rank together, by
+        # the C++ constructor (its first collective), not here.
+        error, sample = None, None
+        try:
+            centers = view(_checked_centers(num_experts, dim, centers, seed))
+            if load_sample is not None:
+                check_tensor(load_sample, "load_sample", dim=dim)
+                sample = view(load_sample)
+        except (TypeError, ValueError) as e:
+            error, centers, sample = e, None, None
+        with _own_error_first(error):
+            self._impl = _airmoe.MoELayerImpl(
+                address, strategy, int(k), int(probes), int(hidden), activation,
+                int(codewords), int(kmeans_iterations), int(seed), placement, int(seed),
+                centers, sample, local_error=_message(error))
         self.num_experts, self.dim, self.k, self.probes = int(num_experts), int(dim), int(k), int(probes)
         self.hidden_size, self.activation = int(hidden), activation
         self.strategy, self.placement_policy, self.seed = strategy, placement, int(seed)
@@ -196,6 +249,14 @@ class MoELayer(nn.Module):
     # -- forward ---------------------------------------------------------
     def forward(self, hidden):
         """hidden [T_r, d] float32 (this rank's tokens) -> [T_r, d]. Collective."""
+        _together(self._impl, "forward", lambda: self._check_forward(hidden))
+        # Collective on every forward: ranks whose centers moved (an optimizer
+        # step, load_state_dict) hand them to routing; when none moved this is
+        # one small all-gather.
+        self._impl.set_local_centers(view(self.centers_local.detach()))
+        return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
+
+    def _check_forward(self, hidden):
         check_tensor(hidden, "hidden", dim=self.dim)
         if hidden.dtype != torch.float32:
             raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
@@ -204,11 +265,6 @@ class MoELayer(nn.Module):
             raise RuntimeError("MoELayer: w1/w2 no longer share the C++ shard's memory (they "
                                "were replaced, e.g. by .to() or .double()); update them in "
                                "place instead")
-        # Collective on every forward: ranks whose centers moved (an optimizer
-        # step, load_state_dict) hand them to routing; when none moved this is
-        # one small all-gather.
-        self._impl.set_local_centers(view(self.centers_local.detach()))
-        return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
 
     def extra_repr(self):
         return (f"strategy={self.strategy!r}, num_experts={self.num_experts}, dim={self.dim}, "

@@ -11,9 +11,13 @@
 // router's message), std::runtime_error -> RuntimeError (wrong state, such as
 // a codebook update before the router has centers).
 //
-// MoELayerImpl (the distributed runtime::MoELayer) works on an MPI
-// communicator given by the address of its MPI_Comm handle (mpi4py's
-// MPI._addressof(comm)); it duplicates it. Its methods are collectives. Its
+// MoELayerImpl (the distributed runtime::MoELayer, built by
+// runtime/builder.h) works on an MPI communicator given by the address of its
+// MPI_Comm handle (mpi4py's MPI._addressof(comm)); it duplicates it. Its
+// methods are collectives: every check that can differ between ranks is
+// agreed on before data moves, and an error that escapes one rank after a
+// collective began aborts the job (MPI_Abort) instead of hanging the others
+// (see collective() below). Its
 // W1 / W2 are exposed as writable NumPy views of the C++ buffers (w1_view,
 // w2_view, kept alive by the layer object), so that torch parameters over
 // them update the experts in place.
@@ -27,6 +31,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -39,15 +45,17 @@
 #include <mpi.h>
 
 #include "comm/mpi_communicator.h"
+#include "core/checks.h"
+#include "core/errors.h"
+#include "core/matrix.h"
 #include "router/air_router.h"
 #include "router/codebook.h"
 #include "router/dense_router.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "core/matrix.h"
 #include "router/product_key_router.h"
 #include "router/routes.h"
-#include "runtime/coordinator.h"
+#include "runtime/builder.h"
 #include "runtime/moe_layer.h"
 
 namespace py = pybind11;
@@ -320,96 +328,126 @@ struct LayerPlanHandle {
   bool used = false;
 };
 
+// Every collective call of MoELayerImpl runs through this. Errors that every
+// rank raised together (core/errors.h: raised_together) reach Python as
+// ValueError or RuntimeError, and the ranks stay in step. Any other error
+// means this rank left a collective that the others are still inside, where
+// they would wait forever: the job is aborted, with a message naming the
+// rank, instead of hanging.
+template <typename Call>
+auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> decltype(call()) {
+  std::string message;
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    if (raised_together(e)) throw;
+    message = e.what();
+  } catch (...) {
+    message = "unknown error";
+  }
+  std::fprintf(stderr,
+               "airmoe.MoELayer.%s: rank %d: %s\nairmoe: rank %d left a collective the other "
+               "ranks are still in; aborting the job so that they do not wait forever\n",
+               what, rank, message.c_str(), rank);
+  std::fflush(stderr);
+  MPI_Abort(comm, 1);
+  std::abort();  // MPI_Abort does not return
+}
+
+// The MoELayer arguments Python passes, before they are checked.
+struct LayerArgs {
+  std::string strategy, activation, placement;
+  int k = 0, probes = 0, kmeans_iterations = 0;
+  int64_t hidden = 0, codewords = 0;
+  uint64_t kmeans_seed = 0, expert_seed = 0;
+
+  runtime::LayerSpec spec(MatrixView centers) const {
+    runtime::LayerSpec s;
+    s.experts = centers.rows;
+    s.dim = centers.cols;
+    s.strategy = runtime::strategy_from_string(strategy);
+    s.k = k;
+    s.probes = probes;
+    s.codewords = codewords;
+    s.kmeans_iterations = kmeans_iterations;
+    s.kmeans_seed = kmeans_seed;
+    s.placement = runtime::placement_policy_from_string(placement);
+    s.hidden = hidden;
+    s.activation = runtime::activation_from_string(activation);
+    s.expert_seed = expert_seed;
+    return s;
+  }
+};
+
+MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    throw std::runtime_error(
+        "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
+  if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
+  const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
+  if (mpi_comm == MPI_COMM_NULL)
+    throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
+  return mpi_comm;
+}
+
 class MoELayerImpl {
  public:
-  MoELayerImpl(std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
-               int64_t hidden, const std::string& activation, int64_t codewords,
-               int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
-               uint64_t expert_seed, MatrixView centers, std::optional<MatrixView> sample) {
-    int initialized = 0, finalized = 0;
-    MPI_Initialized(&initialized);
-    MPI_Finalized(&finalized);
-    if (!initialized || finalized)
-      throw std::runtime_error(
-          "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
-    if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
-    const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
-    if (mpi_comm == MPI_COMM_NULL)
-      throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
-    // Arguments that need no communication are checked before any collective
-    // (every rank gets the same arguments, so every rank throws alike).
-    const runtime::Strategy s = runtime::strategy_from_string(strategy);
-    const runtime::Activation act = runtime::activation_from_string(activation);
-    const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement);
-    if (centers.rows < 1 || centers.cols < 1)
-      throw std::invalid_argument("MoELayer: centers must be [E, d] with E, d >= 1");
-    if (sample && sample->cols != centers.cols)
-      throw std::invalid_argument("MoELayer: load sample has " + std::to_string(sample->cols) +
-                                  " columns, expected d = " + std::to_string(centers.cols));
-    comm_ = std::make_unique<comm::MpiCommunicator>(mpi_comm);
-    // Every rank trains the same codebook (train_codebook is deterministic);
-    // a digest of the centers and the codebook is compared across ranks.
-    Codebook codebook = train_codebook(centers, {codewords, kmeans_iterations, kmeans_seed});
-    std::vector<int32_t> assignment = codebook.assign(normalize_rows(centers, "centers").view());
-    {
-      uint64_t h = 1469598103934665603ull;
-      auto mix = [&h](const float* p, int64_t n) {
-        const auto* b = reinterpret_cast<const unsigned char*>(p);
-        for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(float)); ++i) {
-          h ^= b[i];
-          h *= 1099511628211ull;
-        }
-      };
-      mix(centers.data, centers.rows * centers.cols);
-      mix(codebook.codewords().data, codebook.size() * codebook.dim());
-      comm::require_same_config(
-          *comm_,
-          "E=" + std::to_string(centers.rows) + " d=" + std::to_string(centers.cols) +
-              " C=" + std::to_string(codebook.size()) + " digest=" + std::to_string(h),
-          "MoELayer centers and codebook");
-    }
-    const InvertedLists lists(assignment, codebook.size());
-    std::vector<int32_t> probed;
-    if (sample && sample->rows > 0)
-      probed = select_probes(codebook, lists, *sample,
-                             static_cast<int>(std::clamp<int64_t>(k, 1, centers.rows)),
-                             static_cast<int>(std::clamp<int64_t>(probes, 1, codebook.size())))
-                   .codewords;
-    const runtime::Plan plan = runtime::plan_and_broadcast(*comm_, policy, codebook, lists,
-                                                           runtime::list_load(lists, probed));
-    runtime::MoEConfig cfg;
-    cfg.k = k;
-    cfg.probes = probes;
-    cfg.expert = {centers.cols, hidden, act};
-    codewords_ = Matrix(codebook.size(), codebook.dim());
-    std::copy_n(codebook.codewords().data, codebook.size() * codebook.dim(), codewords_.data());
-    layer_ = std::make_unique<runtime::MoELayer>(*comm_, s, cfg, std::move(codebook),
-                                                 std::move(assignment), plan.placement, centers,
-                                                 expert_seed);
+  // local_error: what the Python side found wrong with this rank's arguments
+  // ("" for nothing); it is raised on every rank together with the checks
+  // here, so a rank with bad input never leaves the others waiting.
+  MoELayerImpl(std::uintptr_t comm_address, const LayerArgs& args, const py::object& centers,
+               const py::object& sample, const std::string& local_error)
+      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+    collective("__init__", [&] {
+      runtime::LayerSpec spec;
+      MatrixView c, t;
+      comm::check_together(*comm_, "MoELayer", [&] {
+        if (!local_error.empty()) fail(local_error);
+        c = as_view(centers.cast<py::array>(), "centers");
+        if (!sample.is_none()) t = as_view(sample.cast<py::array>(), "load sample");
+        spec = args.spec(c);
+      });
+      const runtime::SharedIndex index = runtime::agree_on_index(*comm_, spec, c, t);
+      codewords_ = Matrix(index.codebook.size(), index.codebook.dim());
+      std::copy_n(index.codebook.codewords().data, codewords_.size(), codewords_.data());
+      layer_ = runtime::make_layer(*comm_, spec, index,
+                                   runtime::place_experts(*comm_, spec, index).placement, c);
+    });
+  }
+
+  // Collective: raises `local_error` ("" for none) on every rank together
+  // (ValueError naming the failing rank); the Python side's checks go here.
+  void raise_together(const std::string& local_error, const std::string& what) {
+    collective("raise_together",
+               [&] { comm::raise_together(*comm_, local_error, ("MoELayer." + what).c_str()); });
   }
 
   py::tuple forward(const py::array& tokens) {
-    const MatrixView t = as_view(tokens, "tokens");
     auto h = std::make_shared<LayerPlanHandle>();
     h->tokens = tokens;
-    Matrix out;
-    {
+    Matrix out = collective("forward", [&] {
+      MatrixView t;
+      comm::check_together(*comm_, "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
       py::gil_scoped_release release;
-      out = layer_->forward(t, h->plan);
-    }
+      return layer_->forward(t, h->plan);
+    });
     return py::make_tuple(owned(std::move(out)), std::move(h));
   }
 
   // (d_tokens [T, d], dW1 [hosted, h, d], dW2 [hosted, d, h], (center ids, rows))
   py::tuple backward(LayerPlanHandle& h, const py::array& d_out) {
-    const MatrixView dy = as_view(d_out, "d_out");
-    if (h.used)
-      throw std::runtime_error("MoELayer.backward: this plan was already used for a backward");
-    runtime::MoEGradients g;
-    {
+    runtime::MoEGradients g = collective("backward", [&] {
+      MatrixView dy;
+      comm::check_together(*comm_, "MoELayer.backward", [&] {
+        if (h.used) fail("this plan was already used for a backward");
+        dy = as_view(d_out, "d_out");
+      });
       py::gil_scoped_release release;
-      g = layer_->backward(h.plan, dy);
-    }
+      return layer_->backward(h.plan, dy);
+    });
     h.used = true;
     const auto n = static_cast<py::ssize_t>(layer_->experts().size());
     const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
@@ -419,12 +457,27 @@ class MoELayerImpl {
                           sparse_result(std::move(g.d_centers)));
   }
 
+  void set_local_centers(const py::array& centers) {
+    collective("set_local_centers", [&] {
+      MatrixView v;
+      comm::check_together(*comm_, "MoELayer.set_local_centers",
+                           [&] { v = as_view(centers, "centers_local"); });
+      py::gil_scoped_release release;
+      layer_->set_local_centers(v);
+    });
+  }
+
   runtime::MoELayer& layer() { return *layer_; }
   const Matrix& codewords() const { return codewords_; }
   int rank() const { return comm_->rank(); }
   int size() const { return comm_->size(); }
 
  private:
+  template <typename Call>
+  auto collective(const char* what, Call&& call) -> decltype(call()) {
+    return airmoe::collective(comm_->comm(), comm_->rank(), what, std::forward<Call>(call));
+  }
+
   std::unique_ptr<comm::MpiCommunicator> comm_;  // outlives layer_ (declared first)
   Matrix codewords_;
   std::unique_ptr<runtime::MoELayer> layer_;
@@ -527,17 +580,20 @@ PYBIND11_MODULE(_airmoe, m) {
       .def(py::init([](std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
                        int64_t hidden, const std::string& activation, int64_t codewords,
                        int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
-                       uint64_t expert_seed, const py::array& centers, const py::object& sample) {
-             std::optional<MatrixView> s;
-             if (!sample.is_none()) s = as_view(sample.cast<py::array>(), "load sample");
-             return new MoELayerImpl(comm_address, strategy, k, probes, hidden, activation,
-                                     codewords, kmeans_iterations, kmeans_seed, placement,
-                                     expert_seed, as_view(centers, "centers"), s);
+                       uint64_t expert_seed, const py::object& centers, const py::object& sample,
+                       const std::string& local_error) {
+             const LayerArgs args{strategy,    activation,        placement, k,
+                                  probes,      kmeans_iterations, hidden,    codewords,
+                                  kmeans_seed, expert_seed};
+             return new MoELayerImpl(comm_address, args, centers, sample, local_error);
            }),
            py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
            py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
            py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
-           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none())
+           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
+           py::arg("local_error") = "",
+           "Collective. local_error: this rank's own argument error (\"\": none), raised on "
+           "every rank together.")
       .def_property_readonly("rank", &MoELayerImpl::rank)
       .def_property_readonly("size", &MoELayerImpl::size)
       .def_property_readonly(
@@ -549,15 +605,10 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("hidden",
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
-      .def(
-          "set_local_centers",
-          [](MoELayerImpl& s, const py::array& centers) {
-            const MatrixView v = as_view(centers, "centers_local");
-            py::gil_scoped_release release;
-            s.layer().set_local_centers(v);
-          },
-          py::arg("centers"),
-          "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
+      .def("set_local_centers", &MoELayerImpl::set_local_centers, py::arg("centers"),
+           "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
+      .def("raise_together", &MoELayerImpl::raise_together, py::arg("local_error"), py::arg("what"),
+           "Collective: this rank's error (\"\": none) raised as ValueError on every rank.")
       .def("backward", &MoELayerImpl::backward, py::arg("plan"), py::arg("d_out"))
       .def("hosted",
            [](MoELayerImpl& s) {

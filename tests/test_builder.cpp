@@ -1,0 +1,196 @@
+// runtime/builder.h, with ranks as threads: the one set-up sequence gives the
+// same codebook and routing whatever the number of ranks, and one rank's bad
+// input or configuration fails every rank together.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "comm/in_process.h"
+#include "core/errors.h"
+#include "router/air_router.h"
+#include "runtime/builder.h"
+#include "runtime_fixture.h"
+
+namespace airmoe {
+namespace {
+
+using test::GlobalData;
+using test::RouteRows;
+
+const GlobalData& data() {
+  static const GlobalData g = GlobalData::make();
+  return g;
+}
+
+runtime::LayerSpec spec_for(const GlobalData& g) {
+  runtime::LayerSpec spec;
+  spec.experts = g.data.centers.rows();
+  spec.dim = g.data.centers.cols();
+  spec.codewords = 23;
+  spec.kmeans_iterations = 8;
+  spec.k = 4;
+  spec.probes = 3;
+  spec.hidden = 3;
+  return spec;
+}
+
+// What each rank's call threw: its type and message ("" where none).
+struct Outcome {
+  std::string type, message;
+  int peer_failed_rank = -1;
+};
+
+template <typename Body>
+std::vector<Outcome> outcomes(int P, Body&& body) {
+  std::vector<Outcome> out(static_cast<size_t>(P));
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    Outcome& o = out[static_cast<size_t>(comm.rank())];
+    try {
+      body(comm);
+    } catch (const PeerError& e) {
+      o = {"PeerError", e.what(), e.failed_rank()};
+    } catch (const JointUsageError& e) {
+      o = {"JointUsageError", e.what()};
+    } catch (const ConfigMismatchError& e) {
+      o = {"ConfigMismatchError", e.what()};
+    }
+  });
+  return out;
+}
+
+TEST(Builder, RouterEqualsTheSingleProcessRouterForAnyNumberOfRanks) {
+  const GlobalData& g = data();
+  const runtime::LayerSpec spec = spec_for(g);
+  const int64_t T = g.data.tokens.rows();
+  std::vector<float> codewords_p1;
+  for (int P : {1, 2, 3}) {
+    std::vector<RouteRows> got(static_cast<size_t>(P));
+    std::vector<std::vector<float>> codewords(static_cast<size_t>(P));
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      const auto router =
+          runtime::build_router(comm, spec, g.data.centers.view(), g.tokens_of(comm.rank(), P));
+      const MatrixView cw = router->codebook().codewords();
+      codewords[comm.rank()].assign(cw.data, cw.data + cw.rows * cw.cols);
+      const Routes r = router->route(g.tokens_of(comm.rank(), P), spec.k, spec.probes);
+      got[comm.rank()] = RouteRows::of(r, 0, r.tokens);
+    });
+    if (P == 1) codewords_p1 = codewords[0];
+    const Matrix cw = [&] {
+      Matrix m(spec.codewords, spec.dim);
+      std::copy(codewords[0].begin(), codewords[0].end(), m.data());
+      return m;
+    }();
+    const Routes want = AirRouter(g.data.centers.view(), Codebook(cw.view()))
+                            .route(g.data.tokens.view(), spec.k, spec.probes);
+    for (int rank = 0; rank < P; ++rank) {
+      EXPECT_EQ(codewords[rank], codewords_p1) << "P=" << P << " rank " << rank;
+      const auto [b, e] = GlobalData::token_range(T, rank, P);
+      EXPECT_EQ(got[rank].experts, RouteRows::of(want, b, e).experts) << "P=" << P;
+      EXPECT_EQ(got[rank].gates, RouteRows::of(want, b, e).gates) << "P=" << P;
+    }
+  }
+}
+
+TEST(Builder, LayerOutputsDoNotDependOnTheNumberOfRanks) {
+  const GlobalData& g = data();
+  const runtime::LayerSpec spec = spec_for(g);
+  const int64_t T = g.data.tokens.rows(), d = g.data.tokens.cols();
+  std::vector<float> single;
+  for (int P : {1, 3}) {
+    std::vector<float> all(static_cast<size_t>(T * d));
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      const auto layer =
+          runtime::build_layer(comm, spec, g.data.centers.view(), g.tokens_of(comm.rank(), P));
+      runtime::DispatchPlan plan;
+      const Matrix out = layer->forward(g.tokens_of(comm.rank(), P), plan);
+      const int64_t b = GlobalData::token_range(T, comm.rank(), P).first;
+      std::copy_n(out.data(), out.size(), all.begin() + b * d);
+    });
+    if (P == 1) {
+      single = all;
+      continue;
+    }
+    for (size_t i = 0; i < all.size(); ++i)
+      ASSERT_NEAR(all[i], single[i], 1e-5 * (1.0 + std::abs(single[i]))) << "entry " << i;
+  }
+}
+
+TEST(Builder, OneRanksNanCentersFailEveryRankTogether) {
+  const GlobalData& g = data();
+  const runtime::LayerSpec spec = spec_for(g);
+  Matrix poisoned = g.data.centers;
+  poisoned(5, 2) = std::numeric_limits<float>::quiet_NaN();
+  const auto got = outcomes(3, [&](comm::Communicator& comm) {
+    runtime::build_layer(comm, spec, comm.rank() == 1 ? poisoned.view() : g.data.centers.view());
+  });
+  EXPECT_EQ(got[1].type, "JointUsageError");
+  for (int rank : {0, 2}) {
+    EXPECT_EQ(got[rank].type, "PeerError") << "rank " << rank;
+    EXPECT_EQ(got[rank].peer_failed_rank, 1);
+  }
+  for (const Outcome& o : got)
+    EXPECT_NE(o.message.find("rank 1: centers row 5 column 2 is nan"), std::string::npos)
+        << o.message;
+}
+
+TEST(Builder, RanksWithDifferentSpecsOrCentersFailTogether) {
+  const GlobalData& g = data();
+  const runtime::LayerSpec spec = spec_for(g);
+  const auto other_spec = outcomes(3, [&](comm::Communicator& comm) {
+    runtime::LayerSpec mine = spec;
+    if (comm.rank() == 2) mine.hidden += 1;
+    runtime::build_layer(comm, mine, g.data.centers.view());
+  });
+  Matrix moved = g.data.centers;
+  moved(0, 0) += 1.0f;
+  const auto other_centers = outcomes(2, [&](comm::Communicator& comm) {
+    runtime::build_router(comm, spec, comm.rank() == 1 ? moved.view() : g.data.centers.view());
+  });
+  for (const Outcome& o : other_spec) {
+    EXPECT_EQ(o.type, "ConfigMismatchError");
+    EXPECT_NE(o.message.find("MoE layer configuration): rank 2 differs"), std::string::npos)
+        << o.message;
+  }
+  for (const Outcome& o : other_centers) {
+    EXPECT_EQ(o.type, "ConfigMismatchError");
+    EXPECT_NE(o.message.find("centers and codebook): rank 1 differs"), std::string::npos)
+        << o.message;
+  }
+}
+
+TEST(Builder, SpecChecksNameTheField) {
+  runtime::LayerSpec spec = spec_for(data());
+  EXPECT_NO_THROW(runtime::check_spec(spec));
+  auto message = [](const runtime::LayerSpec& s) {
+    try {
+      runtime::check_spec(s);
+    } catch (const UsageError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  runtime::LayerSpec bad = spec;
+  bad.version = runtime::kLayerSpecVersion + 1;
+  EXPECT_NE(message(bad).find("LayerSpec version 2 is not supported"), std::string::npos);
+  bad = spec;
+  bad.probes = 24;
+  EXPECT_EQ(message(bad), "LayerSpec probes = 24 is outside [1, 23]");
+  bad = spec;
+  bad.codewords = spec.experts + 1;
+  EXPECT_NE(message(bad).find("LayerSpec codewords"), std::string::npos);
+  // The centers must have the spec's shape, checked on every rank together.
+  const auto got = outcomes(1, [&](comm::Communicator& comm) {
+    runtime::LayerSpec wrong = spec;
+    wrong.dim = 8;
+    runtime::build_router(comm, wrong, data().data.centers.view());
+  });
+  EXPECT_NE(got[0].message.find("the spec says [experts = 601, dim = 8]"), std::string::npos)
+      << got[0].message;
+}
+
+}  // namespace
+}  // namespace airmoe
