@@ -51,7 +51,15 @@ DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook
     comm::PhaseScope phase(comm_, "checks");
     comm::require_same_config(comm_, config, "codebook, lists and placement");
   }
+  update_key_norm_bound();
   rebuild_blocks();
+}
+
+void DistributedRouter::update_key_norm_bound() {
+  double bound = std::max(1.0, max_row_norm(local_centers_.view()));
+  comm::PhaseScope phase(comm_, "checks");
+  comm_.allreduce_max(&bound, 1);
+  key_norm_bound_ = bound;
 }
 
 void DistributedRouter::rebuild_blocks() {
@@ -68,7 +76,7 @@ Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
   const int P = comm_.size();
   std::string error;
   try {
-    check_route_args(tokens, d, k, lists_.experts());
+    check_route_args(tokens, d, k, lists_.experts(), key_norm_bound_);
     require_in_range(probes, 1, codebook_.size(), "probes m");
   } catch (const std::exception& e) {
     error = e.what();
@@ -195,6 +203,7 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   local_unit_ = std::move(unit);
   local_centers_ = Matrix(local_centers.rows, codebook_.dim());
   std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
+  update_key_norm_bound();
   gather_assignment();
 }
 

@@ -13,10 +13,10 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/matrix.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
 
@@ -66,6 +66,8 @@ class DistributedRouter {
  private:
   void rebuild_blocks();
   void gather_assignment();
+  // Collective: key_norm_bound_ from every rank's centers.
+  void update_key_norm_bound();
 
   comm::Communicator& comm_;
   Codebook codebook_;
@@ -77,6 +79,9 @@ class DistributedRouter {
   ListBlocks blocks_;     // this rank's segment of every list
   ReceivedTokens received_;
   RouteTimings timings_;
+  // max(1, largest center norm over all ranks): lets the home rank refuse a
+  // token whose logits could overflow before any request leaves it.
+  double key_norm_bound_ = 1.0;
 };
 
 }  // namespace airmoe::runtime

@@ -126,7 +126,7 @@ Matrix MoELayer::forward(MatrixView tokens, DispatchPlan& plan) {
   if (strategy_ == Strategy::kDenseReplicated) {
     std::string error;
     try {
-      check_route_args(tokens, d, k, placement_.experts());
+      check_route_args(tokens, d, k, placement_.experts(), dense_->key_norm_bound());
     } catch (const std::exception& e) {
       error = e.what();
     }
