@@ -5,8 +5,8 @@
  * by airmoe_*_free. Matrices are dense, row-major float32 arrays.
  *
  * Error contract:
- *  - Every function except the *_free ones and airmoe_last_error /
- *    airmoe_status_name returns an airmoe_status; AIRMOE_OK (0) is success.
+ *  - Every function except airmoe_last_error / airmoe_status_name returns an
+ *    airmoe_status; AIRMOE_OK (0) is success.
  *  - No C++ exception ever crosses this interface.
  *  - On failure, airmoe_last_error() returns a message naming the problem (the
  *    argument, the offending value, or the row and column of a non-finite
@@ -18,6 +18,17 @@
  *    tokens when T = 0) may be NULL.
  *  - On failure, outputs are left in an unspecified state and no handle is
  *    created (*out is set to NULL).
+ *  - Handles: every function checks its handle against a process-wide
+ *    registry of live handles before touching it. A handle already freed
+ *    (use after free, double free), one of the other type, or a pointer
+ *    airmoe never returned gives AIRMOE_ERR_INVALID_ARGUMENT, "<function>:
+ *    argument 'router' is not a live airmoe_router handle ...". (A stale
+ *    pointer whose address a newer handle now reuses cannot be told apart.)
+ *  - Array sizes: every input and output array must hold at least the
+ *    elements its shape arguments declare (e.g. experts_out: T * k int32).
+ *    A shorter buffer is the caller's error and cannot be detected: the
+ *    library reads or writes the declared size.
+ *  - Expert ids are int32: experts >= 2^31 is refused.
  *
  * Threads: different handles may be used from different threads at once. One
  * router handle must not be used by two threads at the same time (it keeps
@@ -75,8 +86,9 @@ AIRMOE_API airmoe_status airmoe_router_create_air(const float* centers, int64_t 
 AIRMOE_API airmoe_status airmoe_router_create_dense(const float* centers, int64_t experts,
                                                     int64_t dim, airmoe_router** out);
 
-/* Releases a router; NULL is a no-op. */
-AIRMOE_API void airmoe_router_free(airmoe_router* router);
+/* Releases a router; NULL is a no-op (AIRMOE_OK). A handle that is not live
+ * (freed already) gives AIRMOE_ERR_INVALID_ARGUMENT and is left alone. */
+AIRMOE_API airmoe_status airmoe_router_free(airmoe_router* router);
 
 /* Routes tokens [T, dim] to k experts each (1 <= k <= experts).
  * experts_out [T, k]: expert ids per token, best first (higher logit, then
@@ -123,8 +135,9 @@ AIRMOE_API airmoe_status airmoe_router_info(const airmoe_router* router, int64_t
  * and the handle must be freed before MPI_Finalize. */
 AIRMOE_API airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out);
 
-/* Releases a communicator (collective: frees the duplicate); NULL is a no-op. */
-AIRMOE_API void airmoe_comm_free(airmoe_comm* comm);
+/* Releases a communicator (collective: frees the duplicate); NULL is a no-op
+ * (AIRMOE_OK). A handle that is not live gives AIRMOE_ERR_INVALID_ARGUMENT. */
+AIRMOE_API airmoe_status airmoe_comm_free(airmoe_comm* comm);
 
 AIRMOE_API airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out);
 AIRMOE_API airmoe_status airmoe_comm_size(const airmoe_comm* comm, int* out);

@@ -10,15 +10,18 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
 #include "comm/mpi_communicator.h"
+#include "core/checks.h"
+#include "core/matrix.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
-#include "core/matrix.h"
 #include "router/routes.h"
 
 struct airmoe_router {
@@ -81,6 +84,77 @@ void require_nonnull(const void* p, const char* name) {
   if (p == nullptr) invalid(std::string("argument '") + name + "' is NULL");
 }
 
+// Every live handle, with its type: a freed handle (use after free, double
+// free) or a pointer that never was one is refused by address before it is
+// dereferenced. A magic field could not do this: after free its memory may
+// hold anything. What it cannot see: a new handle created at a freed one's
+// address makes the stale pointer live again.
+class HandleRegistry {
+ public:
+  void add(const void* handle, const char* type) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_[handle] = type;
+  }
+  // Throws unless `handle` is a live handle of `type` (NULL: "is NULL").
+  void require(const void* handle, const char* type, const char* name) const {
+    require_nonnull(handle, name);
+    std::lock_guard<std::mutex> lock(mutex_);
+    find_live(handle, type, name);
+  }
+  // Removes a live handle, under one lock (two threads freeing the same
+  // handle: one succeeds); throws as require() does otherwise.
+  void remove(const void* handle, const char* type, const char* name) {
+    require_nonnull(handle, name);
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_.erase(find_live(handle, type, name));
+  }
+
+ private:
+  using Map = std::unordered_map<const void*, const char*>;
+  Map::const_iterator find_live(const void* handle, const char* type, const char* name) const {
+    const auto it = live_.find(handle);
+    if (it == live_.end() || it->second != type)
+      invalid(std::string("argument '") + name + "' is not a live " + type +
+              " handle (freed already, or never created by airmoe)");
+    return it;
+  }
+
+  mutable std::mutex mutex_;
+  Map live_;
+};
+
+HandleRegistry& handles() {
+  static HandleRegistry* registry = new HandleRegistry();  // never destroyed: usable at exit
+  return *registry;
+}
+
+constexpr const char* kRouterType = "airmoe_router";
+constexpr const char* kCommType = "airmoe_comm";
+
+void require_router(const airmoe_router* router) {
+  handles().require(router, kRouterType, "router");
+}
+void require_comm(const airmoe_comm* comm) {
+  handles().require(comm, kCommType, "comm");
+}
+
+// Frees a live handle; NULL is a no-op, anything else not live an error.
+template <typename Handle>
+airmoe_status free_handle(const char* fn, Handle* handle, const char* type, const char* name) {
+  if (handle == nullptr) return AIRMOE_OK;
+  return guarded(fn, [&] {
+    handles().remove(handle, type, name);
+    delete handle;
+  });
+}
+
+// Hands a new handle to the caller, registered as live.
+template <typename Handle>
+void publish(std::unique_ptr<Handle> handle, const char* type, Handle** out) {
+  handles().add(handle.get(), type);
+  *out = handle.release();
+}
+
 // A [rows, cols] array: rows >= 0, cols >= min_cols, rows * cols fits in
 // int64; the pointer may be NULL only when the array is empty.
 void require_array(const void* p, int64_t rows, int64_t cols, int64_t min_cols, const char* name,
@@ -139,7 +213,7 @@ airmoe_status airmoe_router_create_air(const float* centers, int64_t experts, in
     require_nonnull(out, "out");
     *out = nullptr;
     require_array(centers, experts, dim, 1, "centers", "experts", "dim");
-    if (experts < 1) invalid("experts = " + std::to_string(experts) + " must be >= 1");
+    airmoe::require_expert_count(experts, "experts");
     if (codewords < 1 || codewords > experts)
       invalid("codewords = " + std::to_string(codewords) + " is outside [1, " +
               std::to_string(experts) + "]");
@@ -151,7 +225,7 @@ airmoe_status airmoe_router_create_air(const float* centers, int64_t experts, in
     config.seed = seed;
     auto r = std::make_unique<airmoe_router>();
     r->air = std::make_unique<airmoe::AirRouter>(airmoe::MatrixView(centers, experts, dim), config);
-    *out = r.release();
+    publish(std::move(r), kRouterType, out);
   });
 }
 
@@ -161,22 +235,22 @@ airmoe_status airmoe_router_create_dense(const float* centers, int64_t experts, 
     require_nonnull(out, "out");
     *out = nullptr;
     require_array(centers, experts, dim, 1, "centers", "experts", "dim");
-    if (experts < 1) invalid("experts = " + std::to_string(experts) + " must be >= 1");
+    airmoe::require_expert_count(experts, "experts");
     auto r = std::make_unique<airmoe_router>();
     r->dense = std::make_unique<airmoe::DenseRouter>(airmoe::MatrixView(centers, experts, dim));
-    *out = r.release();
+    publish(std::move(r), kRouterType, out);
   });
 }
 
-void airmoe_router_free(airmoe_router* router) {
-  delete router;
+airmoe_status airmoe_router_free(airmoe_router* router) {
+  return free_handle("airmoe_router_free", router, kRouterType, "router");
 }
 
 airmoe_status airmoe_router_route(const airmoe_router* router, const float* tokens, int64_t T,
                                   int64_t dim, int k, int probes, int32_t* experts_out,
                                   float* gates_out) {
   return guarded("airmoe_router_route", [&] {
-    require_nonnull(router, "router");
+    require_router(router);
     router->has_last = false;
     router->last = airmoe::Routes();
     require_array(tokens, T, dim, 1, "tokens", "T", "dim");
@@ -202,7 +276,7 @@ airmoe_status airmoe_router_backward(const airmoe_router* router, const float* t
                                      int64_t dim, const float* d_gates, float* d_tokens_out,
                                      float* d_centers_out) {
   return guarded("airmoe_router_backward", [&] {
-    require_nonnull(router, "router");
+    require_router(router);
     if (!router->has_last) invalid("no routes: call airmoe_router_route on this handle first");
     const airmoe::Routes& routes = router->last;
     if (T != routes.tokens)
@@ -231,7 +305,7 @@ airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* 
                                             int64_t experts, int64_t dim, double step,
                                             int updates) {
   return guarded("airmoe_router_update_codebook", [&] {
-    require_nonnull(router, "router");
+    require_router(router);
     if (!router->air) invalid("a dense router has no codebook (AIR routers only)");
     require_array(centers, experts, dim, 1, "centers", "experts", "dim");
     if (!(step > 0.0 && step <= 1.0))
@@ -247,7 +321,7 @@ airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* 
 airmoe_status airmoe_router_info(const airmoe_router* router, int64_t* experts, int64_t* dim,
                                  int64_t* codewords) {
   return guarded("airmoe_router_info", [&] {
-    require_nonnull(router, "router");
+    require_router(router);
     require_nonnull(experts, "experts");
     require_nonnull(dim, "dim");
     require_nonnull(codewords, "codewords");
@@ -267,17 +341,17 @@ airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out) {
     const MPI_Comm comm = *static_cast<const MPI_Comm*>(mpi_comm);
     auto c = std::make_unique<airmoe_comm>();
     c->mpi = std::make_unique<airmoe::comm::MpiCommunicator>(comm);
-    *out = c.release();
+    publish(std::move(c), kCommType, out);
   });
 }
 
-void airmoe_comm_free(airmoe_comm* comm) {
-  delete comm;
+airmoe_status airmoe_comm_free(airmoe_comm* comm) {
+  return free_handle("airmoe_comm_free", comm, kCommType, "comm");
 }
 
 airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out) {
   return guarded("airmoe_comm_rank", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     require_nonnull(out, "out");
     *out = comm->mpi->rank();
   });
@@ -285,7 +359,7 @@ airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out) {
 
 airmoe_status airmoe_comm_size(const airmoe_comm* comm, int* out) {
   return guarded("airmoe_comm_size", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     require_nonnull(out, "out");
     *out = comm->mpi->size();
   });
@@ -293,7 +367,7 @@ airmoe_status airmoe_comm_size(const airmoe_comm* comm, int* out) {
 
 airmoe_status airmoe_comm_set_phase(airmoe_comm* comm, const char* phase) {
   return guarded("airmoe_comm_set_phase", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     require_nonnull(phase, "phase");
     comm->mpi->set_phase(phase);
   });
@@ -301,14 +375,14 @@ airmoe_status airmoe_comm_set_phase(airmoe_comm* comm, const char* phase) {
 
 airmoe_status airmoe_comm_barrier(airmoe_comm* comm) {
   return guarded("airmoe_comm_barrier", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     comm->mpi->barrier();
   });
 }
 
 airmoe_status airmoe_comm_allreduce_sum_i64(airmoe_comm* comm, int64_t* data, int64_t count) {
   return guarded("airmoe_comm_allreduce_sum_i64", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     require_array(data, count, 1, 1, "data", "count", "1");
     comm->mpi->allreduce_sum(data, static_cast<size_t>(count));
   });
@@ -317,7 +391,7 @@ airmoe_status airmoe_comm_allreduce_sum_i64(airmoe_comm* comm, int64_t* data, in
 airmoe_status airmoe_comm_bytes_sent(const airmoe_comm* comm, const char* phase, int64_t* bytes,
                                      int64_t* messages) {
   return guarded("airmoe_comm_bytes_sent", [&] {
-    require_nonnull(comm, "comm");
+    require_comm(comm);
     require_nonnull(bytes, "bytes");
     require_nonnull(messages, "messages");
     const airmoe::comm::TrafficMeter& meter = comm->mpi->meter();

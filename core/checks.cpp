@@ -1,8 +1,10 @@
 #include "core/checks.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 #include "core/errors.h"
@@ -46,6 +48,49 @@ void require_in_range(int64_t value, int64_t lo, int64_t hi, const char* what) {
   if (value < lo || value > hi)
     fail(std::string(what) + " = " + std::to_string(value) + " is outside [" + std::to_string(lo) +
          ", " + std::to_string(hi) + "]");
+}
+
+void require_expert_count(int64_t experts, const char* what) {
+  if (experts > INT32_MAX)
+    fail(std::string(what) + " = " + std::to_string(experts) +
+         " is too many: expert ids are 32-bit, at most " + std::to_string(INT32_MAX) + " experts");
+  if (experts < 1) fail(std::string(what) + " = " + std::to_string(experts) + " must be >= 1");
+}
+
+namespace {
+
+double row_norm(const float* x, int64_t n) {
+  double sum = 0.0;
+  for (int64_t c = 0; c < n; ++c) sum += static_cast<double>(x[c]) * x[c];
+  return std::sqrt(sum);
+}
+
+std::string short_number(double v) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.3g", v);
+  return text;
+}
+
+}  // namespace
+
+double max_row_norm(MatrixView m) {
+  double best = 0.0;
+#pragma omp parallel for reduction(max : best) if (m.rows * m.cols > (1 << 20))
+  for (int64_t r = 0; r < m.rows; ++r) best = std::max(best, row_norm(m.row(r), m.cols));
+  return best;
+}
+
+void require_finite_logits(MatrixView m, double key_norm_bound, const char* what) {
+  const double limit = static_cast<double>(FLT_MAX) / 2;
+  int64_t first_bad = INT64_MAX;
+#pragma omp parallel for reduction(min : first_bad) if (m.rows * m.cols > (1 << 20))
+  for (int64_t r = 0; r < m.rows; ++r)
+    if (row_norm(m.row(r), m.cols) * key_norm_bound > limit) first_bad = std::min(first_bad, r);
+  if (first_bad == INT64_MAX) return;
+  fail(std::string(what) + " row " + std::to_string(first_bad) +
+       ": logits overflow float32 (|h| = " + short_number(row_norm(m.row(first_bad), m.cols)) +
+       " times the largest key norm " + short_number(key_norm_bound) + " exceeds " +
+       short_number(limit) + ")");
 }
 
 }  // namespace airmoe

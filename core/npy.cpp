@@ -14,20 +14,130 @@ namespace {
   throw std::runtime_error("npy file '" + path + "': " + what);
 }
 
-std::string dict_value(const std::string& header, const std::string& key) {
-  const auto at = header.find("'" + key + "'");
-  if (at == std::string::npos) return "";
-  auto colon = header.find(':', at);
-  if (colon == std::string::npos) return "";
-  ++colon;
-  while (colon < header.size() && header[colon] == ' ') ++colon;
-  if (colon < header.size() && header[colon] == '(') {
-    const auto close = header.find(')', colon);
-    return close == std::string::npos ? "" : header.substr(colon, close - colon + 1);
-  }
-  const auto end = header.find_first_of(",}", colon);
-  return header.substr(colon, end == std::string::npos ? std::string::npos : end - colon);
+// The header dict as the NPY format specifies it: a Python literal dict
+// with exactly the keys 'descr' (a string), 'fortran_order' (True or False)
+// and 'shape' (a tuple of non-negative decimal ints, a trailing comma allowed).
+std::string quoted(const std::string& text) {
+  std::string out(1, '\'');
+  out += text;
+  out += '\'';
+  return out;
 }
+
+struct NpyHeader {
+  std::string descr;  // without quotes; empty when the key is missing
+  bool has_order = false, fortran_order = false;
+  bool has_shape = false;
+  std::vector<int64_t> shape;
+  std::string shape_text;  // as written, for messages
+};
+
+class HeaderParser {
+ public:
+  HeaderParser(const std::string& path, const std::string& text) : path_(path), s_(text) {}
+
+  NpyHeader parse() {
+    NpyHeader h;
+    expect('{', "the header does not start with '{'");
+    while (true) {
+      skip_spaces();
+      if (peek() == '}') break;
+      const std::string key = quoted_string("a quoted key");
+      expect(':', "no ':' after key '" + key + "'");
+      if (key == "descr") {
+        h.descr = quoted_string("a quoted dtype after 'descr'");
+      } else if (key == "fortran_order") {
+        h.has_order = true;
+        h.fortran_order = boolean();
+      } else if (key == "shape") {
+        h.has_shape = true;
+        shape(h);
+      } else {
+        bad(path_, "unexpected key '" + key + "' in the header");
+      }
+      skip_spaces();
+      if (peek() == ',') {
+        ++at_;
+        continue;
+      }
+      if (peek() != '}') bad(path_, "expected ',' or '}' after the value of '" + key + "'");
+    }
+    ++at_;
+    skip_spaces();
+    if (at_ != s_.size()) bad(path_, "unexpected text after the header dict");
+    return h;
+  }
+
+ private:
+  char peek() const { return at_ < s_.size() ? s_[at_] : '\0'; }
+  void skip_spaces() {
+    while (at_ < s_.size() && (s_[at_] == ' ' || s_[at_] == '\n' || s_[at_] == '\t')) ++at_;
+  }
+  void expect(char c, const std::string& what) {
+    skip_spaces();
+    if (peek() != c) bad(path_, what);
+    ++at_;
+  }
+  // The raw text of a value, up to the next ',', ')' or '}': what a message quotes.
+  std::string token() {
+    skip_spaces();
+    const size_t begin = at_;
+    while (at_ < s_.size() && s_[at_] != ',' && s_[at_] != ')' && s_[at_] != '}') ++at_;
+    size_t end = at_;
+    while (end > begin && s_[end - 1] == ' ') --end;
+    return s_.substr(begin, end - begin);
+  }
+  std::string quoted_string(const char* what) {
+    skip_spaces();
+    const char quote = peek();
+    if (quote != '\'' && quote != '"') bad(path_, std::string("header: expected ") + what);
+    const size_t close = s_.find(quote, at_ + 1);
+    if (close == std::string::npos) bad(path_, "header: unterminated string");
+    std::string out = s_.substr(at_ + 1, close - at_ - 1);
+    at_ = close + 1;
+    return out;
+  }
+  bool boolean() {
+    const std::string value = token();
+    if (value == "True") return true;
+    if (value == "False") return false;
+    bad(path_, "fortran_order must be True or False, got " + (value.empty() ? "nothing" : value));
+  }
+  void shape(NpyHeader& h) {
+    skip_spaces();
+    const size_t open = at_;
+    if (peek() != '(') bad(path_, "shape must be a tuple, got " + token());
+    ++at_;
+    while (true) {
+      skip_spaces();
+      if (peek() == ')') break;
+      h.shape.push_back(dimension(token()));
+      skip_spaces();
+      if (peek() == ',') {
+        ++at_;
+        continue;
+      }
+      if (peek() != ')') bad(path_, "shape has no closing ')'");
+    }
+    ++at_;
+    h.shape_text = s_.substr(open, at_ - open);
+  }
+  int64_t dimension(const std::string& entry) {
+    if (entry.empty() || entry.find_first_not_of("0123456789") != std::string::npos)
+      bad(path_, "shape entry '" + entry + "' is not a non-negative integer");
+    int64_t v = 0;
+    for (const char ch : entry) {
+      const int digit = ch - '0';
+      if (v > (INT64_MAX - digit) / 10) bad(path_, "shape entry '" + entry + "' is too large");
+      v = v * 10 + digit;
+    }
+    return v;
+  }
+
+  const std::string& path_;
+  const std::string& s_;
+  size_t at_ = 0;
+};
 
 template <typename T>
 void write_any(const std::string& path, const char* descr, const T* data, int64_t rows,
@@ -82,34 +192,23 @@ Matrix read_npy_matrix(const std::string& path) {
   std::string header(static_cast<size_t>(header_len), '\0');
   in.read(header.data(), header_len);
 
-  const std::string descr = dict_value(header, "descr");
-  if (descr != "'<f4'")
-    bad(path, "dtype " + (descr.empty() ? std::string("(missing)") : descr) +
+  const NpyHeader h = HeaderParser(path, header).parse();
+  if (h.descr != "<f4")
+    bad(path, "dtype " + (h.descr.empty() ? std::string("(missing)") : quoted(h.descr)) +
                   " is not float32 ('<f4'); convert with arr.astype(np.float32)");
-  const std::string order = dict_value(header, "fortran_order");
-  if (order != "False")
+  if (!h.has_order) bad(path, "header has no fortran_order");
+  if (h.fortran_order)
     bad(path, "array is in Fortran order; save np.ascontiguousarray(arr) instead");
-  const std::string shape = dict_value(header, "shape");
-  if (shape.empty()) bad(path, "header has no shape");
-  std::vector<int64_t> dims;
-  for (size_t i = 0; i < shape.size();) {
-    if (shape[i] < '0' || shape[i] > '9') {
-      ++i;
-      continue;
-    }
-    int64_t v = 0;
-    for (; i < shape.size() && shape[i] >= '0' && shape[i] <= '9'; ++i) {
-      const int digit = shape[i] - '0';
-      if (v > (INT64_MAX - digit) / 10) bad(path, "shape " + shape + " is too large");
-      v = v * 10 + digit;
-    }
-    dims.push_back(v);
-  }
-  if (dims.size() != 2)
-    bad(path, "array has " + std::to_string(dims.size()) + " dimensions " + shape +
+  if (!h.has_shape) bad(path, "header has no shape");
+  const std::string& shape = h.shape_text;
+  if (h.shape.size() != 2)
+    bad(path, "array has " + std::to_string(h.shape.size()) + " dimensions " + shape +
                   ", expected 2 (rows, columns)");
-  const int64_t rows = dims[0], cols = dims[1];
-  if (cols > 0 && rows > INT64_MAX / 4 / cols) bad(path, "shape " + shape + " is too large");
+  const int64_t rows = h.shape[0], cols = h.shape[1];
+  // A matrix without columns routes nothing but would still be looped over
+  // row by row: refuse it here, where the file is named.
+  if (cols == 0) bad(path, "shape " + shape + " has no columns");
+  if (rows > INT64_MAX / 4 / cols) bad(path, "shape " + shape + " is too large");
   const int64_t expected = rows * cols * 4;
   const int64_t available = file_size - prefix - header_len;
   if (available < expected)

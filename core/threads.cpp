@@ -2,14 +2,17 @@
 
 #include <omp.h>
 
-#include <stdexcept>
 #include <string>
+
+#include "core/checks.h"
 
 namespace airmoe {
 
 void set_num_threads(int n) {
-  if (n < 1)
-    throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  if (n < 1) fail("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  if (n > kMaxThreads)
+    fail("set_num_threads: n must be <= " + std::to_string(kMaxThreads) + ", got " +
+         std::to_string(n));
   omp_set_num_threads(n);
 }
 

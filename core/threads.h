@@ -4,7 +4,11 @@
 
 namespace airmoe {
 
-// n >= 1; throws std::invalid_argument otherwise.
+// More threads than this is a mistake (libgomp crashes or stalls creating
+// tens of thousands), not a setting.
+constexpr int kMaxThreads = 1024;
+
+// 1 <= n <= kMaxThreads; throws UsageError otherwise.
 void set_num_threads(int n);
 int num_threads();
 

@@ -1,15 +1,19 @@
 // airmoe_bench SUBCOMMAND [options]; `airmoe_bench SUBCOMMAND --help` lists
 // each subcommand's options.
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
 
 #include "bench_common.h"
+#include "core/checks.h"
+#include "core/threads.h"
 
 namespace airmoe::bench {
 
-std::vector<int> parse_int_list(const std::string& text, const char* what) {
+std::vector<int> parse_int_list(const std::string& text, const char* what, int lo, int hi) {
   std::vector<int> out;
   size_t pos = 0;
   while (pos <= text.size()) {
@@ -20,12 +24,38 @@ std::vector<int> parse_int_list(const std::string& text, const char* what) {
       out.push_back(std::stoi(item, &used));
       if (used != item.size()) throw std::invalid_argument(item);
     } catch (const std::exception&) {
-      throw std::invalid_argument(std::string(what) + ": '" + item + "' is not an integer");
+      fail(std::string(what) + ": '" + item + "' is not an integer");
     }
+    if (out.back() < lo || out.back() > hi)
+      fail(std::string(what) + ": " + item +
+           (hi == INT32_MAX
+                ? " must be >= " + std::to_string(lo)
+                : " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]"));
     if (comma == std::string::npos) break;
     pos = comma + 1;
   }
   return out;
+}
+
+void apply_threads_option(int threads) {
+  if (threads < 0 || threads > kMaxThreads)
+    fail("--threads = " + std::to_string(threads) + " is outside [0, " +
+         std::to_string(kMaxThreads) + "] (0: OpenMP's default, all cores)");
+  if (threads > 0) set_num_threads(threads);
+}
+
+OutputFile::OutputFile(const std::string& path, const char* option) : path_(path), option_(option) {
+  if (path_.empty()) return;
+  out_.open(path_);
+  if (!out_) fail(option_ + " " + path_ + ": cannot open for writing: " + std::strerror(errno));
+}
+
+void OutputFile::finish() {
+  if (path_.empty()) return;
+  out_.flush();
+  out_.close();
+  if (!out_) fail(option_ + " " + path_ + ": write failed: " + std::strerror(errno));
+  progress("wrote %s", path_.c_str());
 }
 
 }  // namespace airmoe::bench

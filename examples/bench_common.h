@@ -1,7 +1,9 @@
 // Small pieces every airmoe_bench subcommand uses.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -34,7 +36,33 @@ void progress(const char* fmt, Args... args) {
   std::fflush(stderr);
 }
 
-std::vector<int> parse_int_list(const std::string& text, const char* what);
+// "1,2,4" -> {1, 2, 4}; each item must be an integer in [lo, hi], else
+// "<what>: 'x' is not an integer" / "<what>: 0 is outside [1, 64]".
+std::vector<int> parse_int_list(const std::string& text, const char* what, int lo = INT32_MIN,
+                                int hi = INT32_MAX);
+
+// --threads: 0 keeps OpenMP's default (all cores unless OMP_NUM_THREADS says
+// otherwise), 1..kMaxThreads sets it; anything else is refused.
+constexpr const char* kThreadsHelp = "OpenMP threads, 1..1024 (0: OpenMP's default, all cores)";
+void apply_threads_option(int threads);
+
+// A result file (--json, --csv) opened before the run starts, so that an
+// unwritable path fails at once ("--json /x/y.json: cannot open for writing:
+// No such file or directory") rather than after a long benchmark. With an
+// empty path there is no file and nothing to write.
+class OutputFile {
+ public:
+  OutputFile() = default;
+  OutputFile(const std::string& path, const char* option);
+  bool wanted() const { return !path_.empty(); }
+  std::ostream& stream() { return out_; }
+  // Flushes and closes; throws if any write failed; reports "wrote <path>".
+  void finish();
+
+ private:
+  std::string path_, option_;
+  std::ofstream out_;
+};
 
 int run_router(const std::vector<std::string>& args);
 int run_traffic(const std::vector<std::string>& args);

@@ -9,6 +9,7 @@
 
 #include "bench_common.h"
 #include "comm/mpi_communicator.h"
+#include "core/checks.h"
 #include "core/errors.h"
 #include "core/hash.h"
 #include "core/npy.h"
@@ -32,7 +33,7 @@ void DataOptions::add_to(po::options_description& opts) {
   add("kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations");
   add("centers", po::value(&centers_file), "expert centers [E, d] from a float32 .npy file");
   add("tokens", po::value(&tokens_file), "tokens [T, d] from a float32 .npy file");
-  add("threads", po::value(&threads)->default_value(threads), "OpenMP threads (0: default)");
+  add("threads", po::value(&threads)->default_value(threads), kThreadsHelp);
   add("repeats", po::value(&repeats)->default_value(repeats), "timed runs; the fastest counts");
   add("json", po::value(&json_file), "write every figure to this JSON file");
 }
@@ -41,7 +42,20 @@ void DataOptions::validate() const {
   if (repeats < 1) throw std::invalid_argument("--repeats must be >= 1");
   if (centers_file.empty() != tokens_file.empty())
     throw std::invalid_argument("--centers and --tokens go together");
-  if (threads > 0) set_num_threads(threads);
+  require_expert_count(experts, "-E/--experts");
+  apply_threads_option(threads);
+}
+
+int probe_limit(const DataOptions& o) {
+  return static_cast<int>(std::clamp<int64_t>(o.codewords, 0, INT32_MAX));
+}
+
+OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option) {
+  OutputFile file;
+  comm::check_together(comm, option, [&] {
+    if (comm.rank() == 0) file = OutputFile(path, option);
+  });
+  return file;
 }
 
 BenchData load_data(DataOptions& o) {
@@ -50,6 +64,7 @@ BenchData load_data(DataOptions& o) {
     b.data.centers = read_npy_matrix(o.centers_file);
     b.data.tokens = read_npy_matrix(o.tokens_file);
     b.source = "npy";
+    require_expert_count(b.data.centers.rows(), "rows of --centers");
     if (b.data.tokens.cols() != b.data.centers.cols())
       throw std::invalid_argument("tokens have " + std::to_string(b.data.tokens.cols()) +
                                   " columns but centers have " +

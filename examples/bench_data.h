@@ -8,8 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "comm/communicator.h"
 #include "core/synthetic.h"
+#include "router/codebook.h"
 #include "runtime/builder.h"
 
 namespace airmoe::bench {
@@ -26,6 +28,13 @@ struct DataOptions {
   // Checks the values and applies --threads.
   void validate() const;
 };
+
+// The largest valid probe count m: C, as an int.
+int probe_limit(const DataOptions& options);
+
+// Rank 0 opens `path` (--json, --csv) before the run; an unwritable path
+// stops every rank together. Other ranks get an empty OutputFile.
+OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option);
 
 struct BenchData {
   SyntheticData data;

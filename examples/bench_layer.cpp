@@ -15,6 +15,7 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "comm/mpi_communicator.h"
+#include "core/checks.h"
 #include "core/threads.h"
 #include "layer_report.h"
 #include "router/dense_router.h"
@@ -71,6 +72,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   o.validate();
+  require_in_range(probes, 1, probe_limit(o), "-m/--probes");
+  require_in_range(hidden, 1, INT32_MAX, "--hidden");
+  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json");
+  OutputFile csv_out = open_on_rank0(comm, csv_file, "--csv");
   const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement_name);
   std::vector<runtime::Strategy> strategies;
   for (const std::string& s : split_list(strategies_text))
@@ -179,7 +184,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                   s["backward_dispatch"].get<double>() + s["backward_experts"].get<double>() +
                       s["backward_combine"].get<double>());
     }
-    if (!o.json_file.empty()) {
+    if (json_out.wanted()) {
       json j;
       j["benchmark"] = "layer";
       j["config"] = {{"experts", o.experts},
@@ -197,10 +202,13 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"imbalance", plan.imbalance},
                      {"threads_per_rank", num_threads()}};
       j["results"] = rows;
-      std::ofstream(o.json_file) << j.dump(2) << "\n";
-      progress("wrote %s", o.json_file.c_str());
+      json_out.stream() << j.dump(2) << "\n";
+      json_out.finish();
     }
-    if (!csv_file.empty()) write_csv(csv_file, rows);
+    if (csv_out.wanted()) {
+      write_csv(csv_out.stream(), rows);
+      csv_out.finish();
+    }
   }
   return 0;
 }

@@ -16,15 +16,16 @@
 #include <vector>
 
 #include "bench_common.h"
+#include "core/checks.h"
+#include "core/npy.h"
+#include "core/synthetic.h"
+#include "core/threads.h"
 #include "faiss_ivf.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "core/npy.h"
 #include "router/product_key_router.h"
 #include "router/scoring.h"
-#include "core/synthetic.h"
-#include "core/threads.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -104,15 +105,15 @@ int run_router(const std::vector<std::string>& args) {
                                           "experts per token")(
       "codewords,C", po::value(&codewords)->default_value(codewords), "codebook size C")(
       "probes,m", po::value(&probes_text)->default_value(probes_text),
-      "comma-separated probe counts m")("preset", po::value(&preset)->default_value(preset),
-                                        "generated data: 'default' or 'hard'")(
+      "comma-separated probe counts m >= 1 (those above C are skipped)")(
+      "preset", po::value(&preset)->default_value(preset), "generated data: 'default' or 'hard'")(
       "seed", po::value(&seed)->default_value(seed), "data seed")(
       "kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations")(
       "gates", po::value(&gates)->default_value(gates),
       "gate softmax over 'chosen' or 'shortlist'")(
       "centers", po::value(&centers_file), "expert centers [E, d] from a float32 .npy file")(
       "tokens", po::value(&tokens_file), "tokens [T, d] from a float32 .npy file")(
-      "threads", po::value(&threads)->default_value(threads), "threads (0: all cores)")(
+      "threads", po::value(&threads)->default_value(threads), kThreadsHelp)(
       "repeats", po::value(&repeats)->default_value(repeats),
       "timed runs per row; the best counts")("json", po::value(&json_file),
                                              "write every figure to this JSON file")(
@@ -129,9 +130,14 @@ int run_router(const std::vector<std::string>& args) {
   if (repeats < 1) throw std::invalid_argument("--repeats must be >= 1");
   if (centers_file.empty() != tokens_file.empty())
     throw std::invalid_argument("--centers and --tokens go together");
-  const std::vector<int> probe_list = parse_int_list(probes_text, "--probes");
+  const std::vector<int> probe_list = parse_int_list(probes_text, "-m/--probes", 1);
   const GateMode gate_mode = gate_mode_from_string(gates);
-  if (threads > 0) set_num_threads(threads);
+  require_expert_count(experts, "-E/--experts");
+  // Speed-ups and recall are ratios over the tokens routed: none, no figures.
+  if (centers_file.empty() && num_tokens < 1)
+    fail("-T/--num-tokens = " + std::to_string(num_tokens) + ": the benchmark needs >= 1 token");
+  apply_threads_option(threads);
+  OutputFile json_out(json_file, "--json");
 
   // Data.
   SyntheticData data;
@@ -159,6 +165,7 @@ int run_router(const std::vector<std::string>& args) {
   if (tokens.cols != dim)
     throw std::invalid_argument("tokens have " + std::to_string(tokens.cols) +
                                 " columns but centers have " + std::to_string(dim));
+  if (num_tokens < 1) fail("--tokens " + tokens_file + " has no rows: the benchmark needs >= 1");
 
   progress("training the codebook: C=%ld, %d Lloyd iterations", (long)codewords, kmeans_iters);
   const double t_train = now_seconds();
@@ -284,7 +291,7 @@ int run_router(const std::vector<std::string>& args) {
     std::printf("\nno probe count reached recall@%d >= 0.95; try larger --probes\n", k);
   }
 
-  if (!json_file.empty()) {
+  if (json_out.wanted()) {
     json j;
     j["benchmark"] = "router";
     j["config"] = {{"experts", experts},
@@ -311,8 +318,8 @@ int run_router(const std::vector<std::string>& args) {
       j["air_speedup_vs_dense"] = best_air->tokens_per_s / dense_tps;
       if (best_faiss) j["air_speedup_vs_faiss"] = best_air->tokens_per_s / best_faiss->tokens_per_s;
     }
-    std::ofstream(json_file) << j.dump(2) << "\n";
-    progress("wrote %s", json_file.c_str());
+    json_out.stream() << j.dump(2) << "\n";
+    json_out.finish();
   }
   return 0;
 }

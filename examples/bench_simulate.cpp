@@ -11,6 +11,7 @@
 
 #include "bench_common.h"
 #include "bench_data.h"
+#include "core/checks.h"
 #include "layer_report.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
@@ -23,6 +24,9 @@ using nlohmann::json;
 
 namespace airmoe::bench {
 namespace {
+
+// A simulated job's per-rank tables grow with P; past this it is a typo.
+constexpr int kMaxSimulatedRanks = 65536;
 
 PhaseFigures figures(const runtime::SimulatedTraffic& sim) {
   PhaseFigures f;
@@ -45,18 +49,19 @@ int run_simulate(const std::vector<std::string>& args) {
   opts.add_options()("help,h", "show this help");
   o.add_to(opts);
   opts.add_options()("ranks,P", po::value(&ranks_text)->default_value(ranks_text),
-                     "comma-separated rank counts")(
+                     "comma-separated rank counts, each in [1, 65536]")(
       "probes,m", po::value(&probes_text)->default_value(probes_text), "AIR probe counts")(
-      "hidden", po::value(&hidden)->default_value(hidden), "expert hidden size h")(
+      "hidden", po::value(&hidden)->default_value(hidden), "expert hidden size h (>= 1)")(
       "placement", po::value(&placement_name)->default_value(placement_name),
       "round-robin, list or locality")("csv", po::value(&csv_file),
                                        "one CSV row per (P, strategy)");
   if (!parse(args, opts, true)) return 0;
   o.validate();
-  std::vector<int> ranks, probes;
-  for (const std::string& s : split_list(ranks_text)) ranks.push_back(std::stoi(s));
-  for (const std::string& s : split_list(probes_text)) probes.push_back(std::stoi(s));
+  require_in_range(hidden, 1, INT32_MAX, "--hidden");
+  const std::vector<int> ranks = parse_int_list(ranks_text, "-P/--ranks", 1, kMaxSimulatedRanks);
+  const std::vector<int> probes = parse_int_list(probes_text, "-m/--probes", 1, probe_limit(o));
   const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement_name);
+  OutputFile json_out(o.json_file, "--json"), csv_out(csv_file, "--csv");
   const double t_start = now_seconds();
 
   progress("preparing data");
@@ -124,7 +129,7 @@ int run_simulate(const std::vector<std::string>& args) {
                 r["requests_vs_dense_broadcast"].get<double>(), r["recall_at_k"].get<double>(),
                 r["mean_ranks_per_token"].get<double>());
   std::printf("simulated %zu rank counts in %.1f s\n", ranks.size(), now_seconds() - t_start);
-  if (!o.json_file.empty()) {
+  if (json_out.wanted()) {
     json j;
     j["benchmark"] = "simulate";
     j["config"] = {
@@ -132,10 +137,13 @@ int run_simulate(const std::vector<std::string>& args) {
         {"hidden", hidden}, {"codewords", C}, {"placement", placement_name}, {"data", bench.source},
         {"seed", o.seed}};
     j["results"] = rows;
-    std::ofstream(o.json_file) << j.dump(2) << "\n";
-    progress("wrote %s", o.json_file.c_str());
+    json_out.stream() << j.dump(2) << "\n";
+    json_out.finish();
   }
-  if (!csv_file.empty()) write_csv(csv_file, rows);
+  if (csv_out.wanted()) {
+    write_csv(csv_out.stream(), rows);
+    csv_out.finish();
+  }
   return 0;
 }
 

@@ -18,6 +18,7 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "comm/mpi_communicator.h"
+#include "core/checks.h"
 #include "core/npy.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
@@ -61,6 +62,8 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
                                             "rank 0 writes every token's experts/gates here");
   if (!parse_on_every_rank(comm, "traffic", args, opts)) return 0;
   o.validate();
+  require_in_range(probes, 1, probe_limit(o), "-m/--probes");
+  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json");
   std::vector<runtime::PlacementPolicy> policies;
   for (const std::string& name : split_list(policies_text))
     policies.push_back(runtime::placement_policy_from_string(name));
@@ -73,7 +76,6 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
   const std::string& source = bench_data.source;
   const int64_t experts = o.experts, dim = o.dim, num_tokens = o.tokens, codewords = o.codewords;
   const int k = o.k, repeats = o.repeats;
-  const std::string& json_file = o.json_file;
   const int64_t t_begin = num_tokens * me / P, t_end = num_tokens * (me + 1) / P;
   const MatrixView my_tokens(data.tokens.row(t_begin), t_end - t_begin, dim);
 
@@ -187,7 +189,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
           row["seconds"]["route_total"].get<double>(),
           (row["bytes"]["kmeans_sync"].get<double>() + row["bytes"]["list_sync"].get<double>()) /
               1e3);
-    if (!json_file.empty()) {
+    if (json_out.wanted()) {
       json j;
       j["benchmark"] = "traffic";
       j["config"] = {{"experts", experts},
@@ -203,8 +205,8 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
                      {"mpi_pml", pml},
                      {"threads_per_rank", num_threads()}};
       j["results"] = rows;
-      std::ofstream(json_file) << j.dump(2) << "\n";
-      progress("wrote %s", json_file.c_str());
+      json_out.stream() << j.dump(2) << "\n";
+      json_out.finish();
     }
   }
   return 0;

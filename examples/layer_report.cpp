@@ -49,8 +49,7 @@ void finish_rows(std::vector<json>& rows) {
   }
 }
 
-void write_csv(const std::string& path, const std::vector<json>& rows) {
-  std::ofstream out(path);
+void write_csv(std::ostream& out, const std::vector<json>& rows) {
   const std::vector<std::string> scalars = {"strategy",
                                             "ranks",
                                             "probes",

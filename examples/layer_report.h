@@ -4,6 +4,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@ nlohmann::json strategy_row(const std::string& strategy, int ranks, const PhaseF
 // with the same "ranks".
 void finish_rows(std::vector<nlohmann::json>& rows);
 
-void write_csv(const std::string& path, const std::vector<nlohmann::json>& rows);
+// One CSV row per strategy row, to a stream the caller opened (OutputFile).
+void write_csv(std::ostream& out, const std::vector<nlohmann::json>& rows);
 
 }  // namespace airmoe::bench

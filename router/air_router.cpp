@@ -25,6 +25,7 @@ AirRouter::AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap)
 
 void AirRouter::set_centers(MatrixView centers) {
   if (centers.rows < 1) fail("centers must have at least one row");
+  require_expert_count(centers.rows, "centers rows E");
   require_cols(centers, codebook_.dim(), "centers");
   if (codebook_.size() > centers.rows)
     fail("number of codewords C = " + std::to_string(codebook_.size()) +
@@ -33,6 +34,7 @@ void AirRouter::set_centers(MatrixView centers) {
   centers_ = Matrix(centers.rows, centers.cols);
   std::copy_n(centers.data, centers.rows * centers.cols, centers_.data());
   unit_centers_ = std::move(unit);
+  key_norm_bound_ = std::max(1.0, max_row_norm(centers_.view()));
   rebuild_lists();
 }
 
@@ -57,7 +59,7 @@ double AirRouter::flops_per_token(double mean_shortlist) const {
 }
 
 Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) const {
-  check_route_args(tokens, dim(), k, experts());
+  check_route_args(tokens, dim(), k, experts(), key_norm_bound_);
   require_in_range(probes, 1, codewords(), "probes m");
   const int64_t T = tokens.rows;
   Routes r = make_routes(T, k, mode);

@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
+#include "core/matrix.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
-#include "core/matrix.h"
 #include "router/routes.h"
 
 namespace airmoe {
@@ -60,6 +60,9 @@ class AirRouter {
   int64_t list_cap_ = 0;
   InvertedLists lists_;
   ListBlocks blocks_;  // centers_ rows in list order: each list is one block
+  // max(1, largest center norm): bounds both the probe scores (unit
+  // codewords) and the logits, for check_route_args.
+  double key_norm_bound_ = 1.0;
 };
 
 }  // namespace airmoe

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/checks.h"
+#include "core/parallel_errors.h"
 #include "router/scoring.h"
 
 namespace airmoe {
@@ -168,11 +169,14 @@ KMeansStats Codebook::compute_stats(MatrixView unit_rows, const int32_t* expert_
   nearest(codewords_.view(), unit_rows, best, score);
   KMeansStats total(C, d);
   // Integer sums: per-thread partials can be added in any order.
+  ParallelErrors errors;  // the partials' allocation may throw
 #pragma omp parallel
   {
-    KMeansStats part(C, d);
+    KMeansStats part;
+    const bool ready = errors.run([&] { part = KMeansStats(C, d); });
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < unit_rows.rows; ++r) {
+      if (!ready) continue;
       const int32_t c = best[r];
       const int32_t id = expert_ids ? expert_ids[r] : static_cast<int32_t>(r);
       const float* x = unit_rows.row(r);
@@ -187,9 +191,12 @@ KMeansStats Codebook::compute_stats(MatrixView unit_rows, const int32_t* expert_
         part.farthest_expert[c] = id;
       }
     }
+    if (ready) {
 #pragma omp critical
-    total += part;
+      total += part;
+    }
   }
+  errors.rethrow();
   return total;
 }
 
@@ -244,6 +251,7 @@ std::vector<Codebook::Repair> Codebook::plan_repairs(const KMeansStats& stats) {
 Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeansReport* report) {
   const int64_t E = centers.rows, C = options.codewords;
   if (E < 1) fail("train_codebook: no expert centers");
+  require_expert_count(E, "train_codebook: centers rows E");
   if (C < 1 || C > E)
     fail("number of codewords C = " + std::to_string(C) +
          " is outside [1, E = " + std::to_string(E) + "]");

@@ -10,23 +10,27 @@
 
 namespace airmoe {
 
-void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts) {
+void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
+                      double key_norm_bound) {
   require_cols(tokens, dim, "tokens");
   require_in_range(k, 1, experts, "k");
   require_finite(tokens, "tokens");
+  require_finite_logits(tokens, key_norm_bound, "tokens");
 }
 
 DenseRouter::DenseRouter(MatrixView centers) {
   if (centers.rows < 1 || centers.cols < 1)
     fail("centers must be [E >= 1, d >= 1], got [" + std::to_string(centers.rows) + ", " +
          std::to_string(centers.cols) + "]");
+  require_expert_count(centers.rows, "centers rows E");
   require_finite(centers, "centers");
   centers_ = Matrix(centers.rows, centers.cols);
   std::copy_n(centers.data, centers.rows * centers.cols, centers_.data());
+  key_norm_bound_ = max_row_norm(centers_.view());
 }
 
 Routes DenseRouter::route(MatrixView tokens, int k, GateMode mode) const {
-  check_route_args(tokens, dim(), k, experts());
+  check_route_args(tokens, dim(), k, experts(), key_norm_bound_);
   const int64_t T = tokens.rows, E = experts();
   Routes r = make_routes(T, k, mode);
   std::fill(r.shortlist_size.begin(), r.shortlist_size.end(), static_cast<int32_t>(E));

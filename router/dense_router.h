@@ -24,12 +24,18 @@ class DenseRouter {
   RouterGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
 
   double flops_per_token() const { return 2.0 * static_cast<double>(experts() * dim()); }
+  // Largest center norm: what check_route_args needs to refuse overflowing logits.
+  double key_norm_bound() const { return key_norm_bound_; }
 
  private:
   Matrix centers_;
+  double key_norm_bound_ = 0.0;
 };
 
-// Shared argument checks of route(): tokens [T, d] finite, 1 <= k <= E.
-void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts);
+// Shared argument checks of route(): tokens [T, d] finite, 1 <= k <= E, and
+// no token whose logits could overflow float32 against keys of norm at most
+// key_norm_bound (require_finite_logits): finite inputs give finite gates.
+void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
+                      double key_norm_bound);
 
 }  // namespace airmoe

@@ -8,16 +8,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/matrix.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
-#include "core/matrix.h"
 #include "router/routes.h"
 
 namespace airmoe {
 
 // Stage 1: the codewords each token probes, CSR over tokens: the best
 // `probes` by score (then lower index), extended in score order until their
-// lists hold at least k experts.
+// lists hold at least k experts. Requires tokens [T, codebook.dim()],
+// 1 <= k <= experts and probes >= 1 (probes > C probes every list); throws
+// UsageError otherwise.
 struct ProbeSelection {
   std::vector<int64_t> offsets;         // [T + 1]
   std::vector<int32_t> codewords;       // probes, token after token

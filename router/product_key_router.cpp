@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "core/parallel_errors.h"
 #include "router/dense_router.h"
 #include "router/scoring.h"
 #include "router/topk.h"
@@ -27,6 +28,7 @@ ProductKeyRouter::ProductKeyRouter(MatrixView keys1, MatrixView keys2) {
   keys2_ = Matrix(keys2.rows, keys2.cols);
   std::copy_n(keys1.data, keys1.rows * keys1.cols, keys1_.data());
   std::copy_n(keys2.data, keys2.rows * keys2.cols, keys2_.data());
+  key_norm_bound_ = max_row_norm(keys1_.view()) + max_row_norm(keys2_.view());
 }
 
 double ProductKeyRouter::flops_per_token(int k) const {
@@ -34,7 +36,7 @@ double ProductKeyRouter::flops_per_token(int k) const {
 }
 
 Routes ProductKeyRouter::route(MatrixView tokens, int k) const {
-  check_route_args(tokens, dim(), k, experts());
+  check_route_args(tokens, dim(), k, experts(), key_norm_bound_);
   const int64_t T = tokens.rows, n = subkeys(), d1 = half_dim(), d2 = keys2_.cols();
   const int kh = static_cast<int>(std::min<int64_t>(k, n));
   Routes r = make_routes(T, k, GateMode::kChosen);
@@ -46,12 +48,20 @@ Routes ProductKeyRouter::route(MatrixView tokens, int k) const {
     const int64_t m = std::min(block, T - t0);
     score_nt(tokens.row(t0), tokens.cols, keys1_.data(), d1, m, n, d1, s1.data(), n);
     score_nt(tokens.row(t0) + d1, tokens.cols, keys2_.data(), d2, m, n, d2, s2.data(), n);
+    ParallelErrors errors;  // buffer allocations may throw
 #pragma omp parallel
     {
-      std::vector<float> z1(static_cast<size_t>(kh)), z2(static_cast<size_t>(kh));
-      std::vector<int32_t> i1(static_cast<size_t>(kh)), i2(static_cast<size_t>(kh));
+      std::vector<float> z1, z2;
+      std::vector<int32_t> i1, i2;
+      const bool ready = errors.run([&] {
+        z1.resize(static_cast<size_t>(kh));
+        z2.resize(static_cast<size_t>(kh));
+        i1.resize(static_cast<size_t>(kh));
+        i2.resize(static_cast<size_t>(kh));
+      });
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < m; ++i) {
+        if (!ready) continue;
         const int64_t t = t0 + i;
         TopK top1(kh, z1.data(), i1.data()), top2(kh, z2.data(), i2.data());
         for (int64_t j = 0; j < n; ++j) {
@@ -64,6 +74,7 @@ Routes ProductKeyRouter::route(MatrixView tokens, int k) const {
             top.push(z1[a] + z2[b], static_cast<int32_t>(i1[a] * n + i2[b]));
       }
     }
+    errors.rethrow();
   }
   finalize_gates(r);
   return r;
@@ -80,24 +91,27 @@ ProductKeyGradients ProductKeyRouter::backward(MatrixView tokens, const Routes& 
   ProductKeyGradients g;
   g.d_tokens = Matrix(T, dim());
   std::vector<std::vector<RowContribution>> c1(static_cast<size_t>(T)), c2(static_cast<size_t>(T));
+  ParallelErrors errors;  // allocations may throw
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    const float* gt = routes.gates_of(t);
-    const float* dg = d_gates.row(t);
-    double weighted = 0.0;
-    for (int j = 0; j < k; ++j) weighted += static_cast<double>(gt[j]) * dg[j];
-    std::vector<double> dh(static_cast<size_t>(dim()), 0.0);
-    for (int j = 0; j < k; ++j) {
-      const double dz = static_cast<double>(gt[j]) * (dg[j] - weighted);
-      const int32_t e = routes.experts_of(t)[j];
-      const int32_t a = static_cast<int32_t>(e / n), b = static_cast<int32_t>(e % n);
-      for (int64_t c = 0; c < d1; ++c) dh[c] += dz * keys1_(a, c);
-      for (int64_t c = 0; c < d2; ++c) dh[d1 + c] += dz * keys2_(b, c);
-      c1[t].push_back({a, static_cast<int32_t>(t), dz});
-      c2[t].push_back({b, static_cast<int32_t>(t), dz});
-    }
-    for (int64_t c = 0; c < dim(); ++c) g.d_tokens(t, c) = static_cast<float>(dh[c]);
-  }
+  for (int64_t t = 0; t < T; ++t)
+    errors.run([&] {
+      const float* gt = routes.gates_of(t);
+      const float* dg = d_gates.row(t);
+      double weighted = 0.0;
+      for (int j = 0; j < k; ++j) weighted += static_cast<double>(gt[j]) * dg[j];
+      std::vector<double> dh(static_cast<size_t>(dim()), 0.0);
+      for (int j = 0; j < k; ++j) {
+        const double dz = static_cast<double>(gt[j]) * (dg[j] - weighted);
+        const int32_t e = routes.experts_of(t)[j];
+        const int32_t a = static_cast<int32_t>(e / n), b = static_cast<int32_t>(e % n);
+        for (int64_t c = 0; c < d1; ++c) dh[c] += dz * keys1_(a, c);
+        for (int64_t c = 0; c < d2; ++c) dh[d1 + c] += dz * keys2_(b, c);
+        c1[t].push_back({a, static_cast<int32_t>(t), dz});
+        c2[t].push_back({b, static_cast<int32_t>(t), dz});
+      }
+      for (int64_t c = 0; c < dim(); ++c) g.d_tokens(t, c) = static_cast<float>(dh[c]);
+    });
+  errors.rethrow();
   // The same sub-key can serve several chosen pairs of a token: merge those
   // before accumulating, so each (row, token) appears once.
   auto flatten = [](std::vector<std::vector<RowContribution>>& per_token) {

@@ -39,6 +39,8 @@ class ProductKeyRouter {
  private:
   Matrix keys1_;
   Matrix keys2_;
+  // max |K1_i| + max |K2_j|: bounds |<K1_i, h1> + <K2_j, h2>| / |h|.
+  double key_norm_bound_ = 0.0;
 };
 
 }  // namespace airmoe

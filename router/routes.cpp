@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/checks.h"
+#include "core/parallel_errors.h"
 #include "router/scoring.h"
 
 namespace airmoe {
@@ -90,11 +91,14 @@ SparseRowGrad accumulate_rows(std::vector<RowContribution>& contributions, const
   }
   starts.push_back(contributions.size());
   out.values = Matrix(static_cast<int64_t>(out.rows.size()), width);
+  ParallelErrors errors;  // the buffer allocation may throw
 #pragma omp parallel
   {
-    std::vector<double> acc(static_cast<size_t>(width));
+    std::vector<double> acc;
+    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < static_cast<int64_t>(out.rows.size()); ++r) {
+      if (!ready) continue;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (size_t i = starts[r]; i < starts[r + 1]; ++i) {
         const float* xi = x + static_cast<int64_t>(contributions[i].token) * ldx;
@@ -103,6 +107,7 @@ SparseRowGrad accumulate_rows(std::vector<RowContribution>& contributions, const
       for (int64_t c = 0; c < width; ++c) out.values(r, c) = static_cast<float>(acc[c]);
     }
   }
+  errors.rethrow();
   return out;
 }
 
@@ -127,40 +132,50 @@ RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, 
   grads.d_tokens = Matrix(T, d);
   std::vector<std::vector<RowContribution>> per_token(static_cast<size_t>(T));
 
+  // One token: its dL/dh row and its (center row, token, coef) contributions.
+  auto backward_token = [&](int64_t t, std::vector<double>& dh) {
+    const int32_t* chosen = routes.experts_of(t);
+    const float* g = routes.gates_of(t);
+    const float* dg = d_gates.row(t);
+    const float* h = tokens.row(t);
+    double weighted = 0.0;  // sum_j g_j dL/dg_j
+    for (int j = 0; j < k; ++j) weighted += static_cast<double>(g[j]) * dg[j];
+    std::fill(dh.begin(), dh.end(), 0.0);
+    auto& out = per_token[t];
+
+    auto visit = [&](int32_t e, double z) {
+      double own = 0.0;
+      for (int j = 0; j < k; ++j)
+        if (chosen[j] == e) own = dg[j];
+      const double p = std::exp(z - routes.log_normalizer[t]);
+      const double dz = p * (own - weighted);
+      if (dz == 0.0) return;
+      const float* w = center(e);
+      for (int64_t c = 0; c < d; ++c) dh[c] += dz * w[c];
+      out.push_back({e, static_cast<int32_t>(t), dz});
+    };
+
+    if (routes.gate_mode == GateMode::kChosen) {
+      for (int j = 0; j < k; ++j) visit(chosen[j], routes.logits[t * k + j]);
+    } else {
+      shortlist(t, [&](int32_t e) { visit(e, score_one(center(e), h, d)); });
+    }
+    for (int64_t c = 0; c < d; ++c) grads.d_tokens(t, c) = static_cast<float>(dh[c]);
+  };
+
+  // Allocations and the caller's center/shortlist callbacks may throw.
+  ParallelErrors errors;
 #pragma omp parallel
   {
-    std::vector<double> dh(static_cast<size_t>(d));
+    std::vector<double> dh;
+    const bool ready = errors.run([&] { dh.resize(static_cast<size_t>(d)); });
 #pragma omp for schedule(dynamic, 8)
     for (int64_t t = 0; t < T; ++t) {
-      const int32_t* chosen = routes.experts_of(t);
-      const float* g = routes.gates_of(t);
-      const float* dg = d_gates.row(t);
-      const float* h = tokens.row(t);
-      double weighted = 0.0;  // sum_j g_j dL/dg_j
-      for (int j = 0; j < k; ++j) weighted += static_cast<double>(g[j]) * dg[j];
-      std::fill(dh.begin(), dh.end(), 0.0);
-      auto& out = per_token[t];
-
-      auto visit = [&](int32_t e, double z) {
-        double own = 0.0;
-        for (int j = 0; j < k; ++j)
-          if (chosen[j] == e) own = dg[j];
-        const double p = std::exp(z - routes.log_normalizer[t]);
-        const double dz = p * (own - weighted);
-        if (dz == 0.0) return;
-        const float* w = center(e);
-        for (int64_t c = 0; c < d; ++c) dh[c] += dz * w[c];
-        out.push_back({e, static_cast<int32_t>(t), dz});
-      };
-
-      if (routes.gate_mode == GateMode::kChosen) {
-        for (int j = 0; j < k; ++j) visit(chosen[j], routes.logits[t * k + j]);
-      } else {
-        shortlist(t, [&](int32_t e) { visit(e, score_one(center(e), h, d)); });
-      }
-      for (int64_t c = 0; c < d; ++c) grads.d_tokens(t, c) = static_cast<float>(dh[c]);
+      if (!ready) continue;
+      errors.run([&] { backward_token(t, dh); });
     }
   }
+  errors.rethrow();
 
   std::vector<RowContribution> all;
   for (auto& v : per_token) all.insert(all.end(), v.begin(), v.end());

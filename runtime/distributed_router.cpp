@@ -30,6 +30,7 @@ DistributedRouter::DistributedRouter(comm::Communicator& comm, Codebook codebook
     unit = checked_unit_rows(local_centers);
   });
   keep_local_centers(local_centers, std::move(unit));
+  update_key_norm_bound();
   // Same codebook, lists and placement everywhere, or nobody routes.
   const auto cw = codebook_.codewords();
   const std::string config =
@@ -59,6 +60,16 @@ void DistributedRouter::keep_local_centers(MatrixView local_centers, Matrix unit
   local_unit_ = std::move(unit);
   local_centers_ = Matrix(local_centers.rows, codebook_.dim());
   std::copy_n(local_centers.data, local_centers.rows * local_centers.cols, local_centers_.data());
+}
+
+// Collective: max(1, largest center norm over all ranks), so that the home
+// rank can refuse a token whose logits could overflow before any request
+// leaves it (require_finite_logits).
+void DistributedRouter::update_key_norm_bound() {
+  double bound = std::max(1.0, max_row_norm(local_centers_.view()));
+  comm::PhaseScope phase(comm_, "checks");
+  comm_.allreduce_max(&bound, 1);
+  key_norm_bound_ = bound;
 }
 
 void DistributedRouter::rebuild_blocks() {
@@ -106,7 +117,7 @@ RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes)
 
 void DistributedRouter::check_route_args(MatrixView tokens, int k, int probes) {
   comm::check_together(comm_, "route", [&] {
-    airmoe::check_route_args(tokens, codebook_.dim(), k, lists_.experts());
+    airmoe::check_route_args(tokens, codebook_.dim(), k, lists_.experts(), key_norm_bound_);
     require_in_range(probes, 1, codebook_.size(), "probes m");
   });
   comm::PhaseScope phase(comm_, "checks");
@@ -226,6 +237,7 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
     unit = checked_unit_rows(local_centers);
   });
   keep_local_centers(local_centers, std::move(unit));
+  update_key_norm_bound();
   gather_assignment();
 }
 

@@ -103,6 +103,7 @@ class DistributedRouter {
   void gather_assignment();
   Matrix checked_unit_rows(MatrixView local_centers) const;
   void keep_local_centers(MatrixView local_centers, Matrix unit);
+  void update_key_norm_bound();  // collective
 
   comm::Communicator& comm_;
   Codebook codebook_;
@@ -118,6 +119,8 @@ class DistributedRouter {
   // Only for route()'s received() / timings().
   ReceivedTokens received_;
   RouteTimings timings_;
+  // max(1, largest center norm over all ranks), for require_finite_logits.
+  double key_norm_bound_ = 1.0;
 };
 
 }  // namespace airmoe::runtime

@@ -17,8 +17,9 @@ DenseReplicatedRouting::DenseReplicatedRouting(comm::Communicator& comm, Codeboo
       router_(centers) {}
 
 RoutedBatch DenseReplicatedRouting::route(MatrixView tokens, int k) {
-  comm::check_together(comm_, "MoE forward",
-                       [&] { check_route_args(tokens, router_.dim(), k, router_.experts()); });
+  comm::check_together(comm_, "MoE forward", [&] {
+    check_route_args(tokens, router_.dim(), k, router_.experts(), router_.key_norm_bound());
+  });
   RoutedBatch batch;
   batch.routes = router_.route(tokens, k);
   batch.router_flops_per_token = router_.flops_per_token();

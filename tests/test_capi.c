@@ -20,7 +20,11 @@
  *    airmoe_last_error() names the problem; the message survives a later
  *    successful call;
  *  - the MPI communicator from MPI_COMM_WORLD: rank, size, an all-reduce and
- *    its metered traffic.
+ *    its metered traffic;
+ *  - handles: use after free, double free, a handle of the other type and a
+ *    pointer that never was a handle are refused with the function's name;
+ *    expert counts beyond int32 ids and tokens whose logits overflow float32
+ *    are refused.
  * Runs on any number of MPI ranks (every rank runs every check). The last
  * line, printed by rank 0, is "capi: N passed, M failed" summed over ranks;
  * the exit status is nonzero on every rank if any check failed anywhere. */
@@ -416,6 +420,54 @@ static void test_comm(void) {
   airmoe_comm_free(NULL);
 }
 
+static void test_handles(void) {
+  enum { E = 6, D = 4 };
+  float centers[E * D];
+  for (int i = 0; i < E * D; ++i) centers[i] = (float)((i * 7) % 5 - 2) * 0.25f + 0.125f;
+  airmoe_router* dense = NULL;
+  CHECK_OK(airmoe_router_create_dense(centers, E, D, &dense));
+  float tokens[2 * D] = {0.5f, -0.25f, 0.125f, 1.0f, 3e38f, 0.0f, 0.0f, 0.0f};
+  int32_t ids[2 * 2];
+  float gates[2 * 2];
+  /* A finite token whose logits overflow float32 is refused, naming its row. */
+  CHECK_ERROR(airmoe_router_route(dense, tokens, 2, D, 2, 0, ids, gates),
+              AIRMOE_ERR_INVALID_ARGUMENT, "tokens row 1: logits overflow float32");
+  CHECK_OK(airmoe_router_route(dense, tokens, 1, D, 2, 0, ids, gates));
+  CHECK_OK(airmoe_router_free(dense));
+  /* dense is now a dangling pointer: every use is refused, never followed. */
+  CHECK_ERROR(airmoe_router_route(dense, tokens, 1, D, 2, 0, ids, gates),
+              AIRMOE_ERR_INVALID_ARGUMENT,
+              "airmoe_router_route: argument 'router' is not a live airmoe_router handle");
+  int64_t e = 0, d = 0, c = 0;
+  CHECK_ERROR(airmoe_router_info(dense, &e, &d, &c), AIRMOE_ERR_INVALID_ARGUMENT,
+              "airmoe_router_info: argument 'router' is not a live");
+  CHECK_ERROR(airmoe_router_free(dense), AIRMOE_ERR_INVALID_ARGUMENT,
+              "airmoe_router_free: argument 'router' is not a live airmoe_router handle");
+  /* A pointer airmoe never returned, and a handle of the other type. */
+  int not_a_handle = 0;
+  CHECK_ERROR(airmoe_router_info((const airmoe_router*)&not_a_handle, &e, &d, &c),
+              AIRMOE_ERR_INVALID_ARGUMENT, "not a live airmoe_router handle");
+  airmoe_comm* comm = NULL;
+  MPI_Comm world = MPI_COMM_WORLD;
+  CHECK_OK(airmoe_comm_create_mpi(&world, &comm));
+  CHECK_ERROR(airmoe_router_info((const airmoe_router*)comm, &e, &d, &c),
+              AIRMOE_ERR_INVALID_ARGUMENT, "not a live airmoe_router handle");
+  CHECK_OK(airmoe_comm_free(comm));
+  int rank = -1;
+  CHECK_ERROR(airmoe_comm_rank(comm, &rank), AIRMOE_ERR_INVALID_ARGUMENT,
+              "airmoe_comm_rank: argument 'comm' is not a live airmoe_comm handle");
+  CHECK_ERROR(airmoe_comm_free(comm), AIRMOE_ERR_INVALID_ARGUMENT, "airmoe_comm_free");
+  CHECK_OK(airmoe_router_free(NULL));
+  CHECK_OK(airmoe_comm_free(NULL));
+  /* Expert ids are int32: 2^31 experts is refused before any row is read. */
+  airmoe_router* huge = (airmoe_router*)&huge;
+  CHECK_ERROR(airmoe_router_create_dense(centers, (int64_t)1 << 31, 1, &huge),
+              AIRMOE_ERR_INVALID_ARGUMENT, "expert ids are 32-bit");
+  CHECK(huge == NULL);
+  CHECK_ERROR(airmoe_router_create_air(centers, (int64_t)1 << 31, 1, 4, 1, 7u, &huge),
+              AIRMOE_ERR_INVALID_ARGUMENT, "expert ids are 32-bit");
+}
+
 int main(int argc, char** argv) {
   int provided = 0;
   if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
@@ -427,6 +479,7 @@ int main(int argc, char** argv) {
   test_version();
   test_routers();
   test_comm();
+  test_handles();
 
   int local[2] = {g_passed, g_failed}, total[2] = {0, 0};
   MPI_Allreduce(local, total, 2, MPI_INT, MPI_SUM, MPI_COMM_WORLD);

@@ -243,5 +243,57 @@ TEST(Npy, RejectsImpossibleShapes) {
   EXPECT_EQ(ok.cols(), 2);
 }
 
+// Issue 13: a shape with no columns (it used to load, and a router then
+// looped over 10^18 rows), and headers the old reader parsed leniently or
+// misreported. Each message says what is actually wrong.
+TEST(Npy, RefusesZeroColumnsAndMalformedHeaders) {
+  test::TempDir dir("npy_strict");
+  struct Bad {
+    const char* file;
+    const char* dict;
+    const char* needle;
+  };
+  for (const Bad b :
+       {Bad{"no_columns.npy",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000000000, 0), }",
+            "has no columns"},
+        Bad{"zero_zero.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 0), }",
+            "has no columns"},
+        Bad{"negative.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (-64, 16), }",
+            "shape entry '-64' is not a non-negative integer"},
+        Bad{"tilde.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4,~ 1), }",
+            "shape entry '~ 1' is not a non-negative integer"},
+        Bad{"float_dim.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (64.0, 16), }",
+            "shape entry '64.0' is not a non-negative integer"},
+        Bad{"hex_dim.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (0x40, 16), }",
+            "shape entry '0x40' is not a non-negative integer"},
+        Bad{"order_0.npy", "{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 2), }",
+            "fortran_order must be True or False, got 0"},
+        Bad{"no_order.npy", "{'descr': '<f4', 'shape': (2, 2), }", "header has no fortran_order"},
+        Bad{"extra_key.npy",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), 'extra': 1, }",
+            "unexpected key 'extra'"},
+        Bad{"not_tuple.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': [2, 2], }",
+            "shape must be a tuple, got [2"},
+        Bad{"unclosed.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2 }",
+            "shape has no closing ')'"},
+        Bad{"not_dict.npy", "'descr': '<f4', 'fortran_order': False, 'shape': (2, 2)",
+            "does not start with '{'"},
+        Bad{"one_tuple.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }",
+            "has 1 dimensions (4,)"}}) {
+    SCOPED_TRACE(b.file);
+    write_raw_npy(dir.file(b.file), b.dict, 16);
+    AIRMOE_EXPECT_THROW_MSG(read_npy_matrix(dir.file(b.file)), std::runtime_error, b.needle);
+    AIRMOE_EXPECT_THROW_MSG(read_npy_matrix(dir.file(b.file)), std::runtime_error, b.file);
+  }
+  // What the format allows still reads: double quotes, no trailing comma,
+  // keys in any order, extra spaces.
+  write_raw_npy(dir.file("ok.npy"),
+                "{ \"shape\" : ( 2 ,2 ) , 'fortran_order': False,'descr':'<f4'}", 16);
+  const Matrix ok = read_npy_matrix(dir.file("ok.npy"));
+  EXPECT_EQ(ok.rows(), 2);
+  EXPECT_EQ(ok.cols(), 2);
+}
+
 }  // namespace
 }  // namespace airmoe

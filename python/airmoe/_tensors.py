@@ -15,9 +15,9 @@ import torch
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def check_tensor(x, name, dim=None, ndim=2):
+def check_tensor(x, name, dim=None, ndim=2, rows=None):
     """Raise ValueError/TypeError unless x is a CPU, contiguous, float32/float64 tensor
-    with `ndim` dimensions (and `dim` columns when given)."""
+    with `ndim` dimensions (and `dim` columns, `rows` rows when given)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cpu":
@@ -34,10 +34,24 @@ def check_tensor(x, name, dim=None, ndim=2):
         raise ValueError(f"{name} must be {shape}, got shape {list(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{name} has {x.shape[-1]} columns, expected {dim}")
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(
+            f"{name} has {x.shape[0]} rows, expected {rows} (was the parameter replaced "
+            f"with one of another shape?)")
     if not x.is_contiguous():
         raise ValueError(
             f"{name} is not contiguous (strides {x.stride()}); airmoe does not copy "
             f"silently: pass {name}.contiguous()")
+
+
+MAX_EXPERTS = 2**31 - 1
+
+
+def check_expert_count(experts, name):
+    """Expert ids are int32 in the C++ library: refuse more experts up front."""
+    if experts > MAX_EXPERTS:
+        raise ValueError(f"{name} = {experts} is too many: expert ids are 32-bit, "
+                         f"at most {MAX_EXPERTS} experts")
 
 
 def initial_centers(num_experts, dim, centers, seed):
@@ -45,6 +59,7 @@ def initial_centers(num_experts, dim, centers, seed):
     scaled by 1/sqrt(d): how every module here starts its router keys."""
     if num_experts < 1 or dim < 1:
         raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
+    check_expert_count(num_experts, "num_experts")
     if centers is None:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import check_tensor, initial_centers, tensor_key, view
+from ._tensors import check_expert_count, check_tensor, initial_centers, tensor_key, view
 
 __all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
 
@@ -198,7 +198,7 @@ class AIRRouter(_CenterRouter):
         if self.centers.device.type == "meta" or self.codebook.device.type == "meta":
             raise RuntimeError("the AIR router has no expert centers or codebook yet "
                                "(meta tensors): materialize the module first")
-        check_tensor(self.centers, "centers", dim=self.dim)
+        check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
         check_tensor(self.codebook, "codebook", dim=self.dim)
         ck, bk = tensor_key(self.centers), tensor_key(self.codebook)
         if bk != self._synced[1]:
@@ -255,7 +255,7 @@ class DenseRouter(_CenterRouter):
         self._index.route(_empty_tokens(dim), k)
 
     def _sync(self):
-        check_tensor(self.centers, "centers", dim=self.dim)
+        check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
         key = tensor_key(self.centers)
         if key != self._synced:
             self._index.set_centers(view(self.centers))
@@ -282,6 +282,7 @@ class ProductKeyRouter(nn.Module):
         super().__init__()
         if subkeys < 1 or dim < 2:
             raise ValueError(f"need subkeys >= 1 and dim >= 2, got {subkeys}, {dim}")
+        check_expert_count(subkeys * subkeys, "num_experts = subkeys^2")
         self.subkeys, self.dim, self.k = subkeys, dim, k
         self.num_experts = subkeys * subkeys
         d1 = dim // 2
@@ -302,8 +303,9 @@ class ProductKeyRouter(nn.Module):
         self._index.route(_empty_tokens(dim), k)
 
     def _sync(self):
-        check_tensor(self.keys1, "keys1")
-        check_tensor(self.keys2, "keys2")
+        d1 = self.dim // 2
+        check_tensor(self.keys1, "keys1", dim=d1, rows=self.subkeys)
+        check_tensor(self.keys2, "keys2", dim=self.dim - d1, rows=self.subkeys)
         key = (tensor_key(self.keys1), tensor_key(self.keys2))
         if key != self._synced:
             self._index.set_keys(view(self.keys1), view(self.keys2))

@@ -365,3 +365,35 @@ def test_backward_after_inplace_change_is_refused():
         r.centers.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_replaced_parameter_of_another_shape_is_refused(kind):
+    r = make_router(kind, E=16, d=6, k=3)
+    h = randn(5, 6)
+    if kind == "pk":
+        r.keys2 = nn.Parameter(randn(9, 3))  # 9 sub-keys, the router has 4
+        match = r"keys2 has 9 rows, expected 4"
+    else:
+        r.centers = nn.Parameter(randn(32, 6))  # 32 experts, the router has 16
+        match = r"centers has 32 rows, expected 16"
+    with pytest.raises(ValueError, match=match):
+        r(h)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_overflowing_logits_are_refused(kind):
+    r = make_router(kind, E=16, d=6, k=3)
+    h = randn(4, 6)
+    h[0, 0] = 3e38
+    with pytest.raises(ValueError, match="tokens row 0: logits overflow float32"):
+        r(h)
+    gates, _ = r(randn(4, 6))
+    assert torch.isfinite(gates).all()
+
+
+def test_expert_ids_are_32_bit():
+    with pytest.raises(ValueError, match="expert ids are 32-bit"):
+        airmoe.DenseRouter(2**31, 4, 2)
+    with pytest.raises(ValueError, match="expert ids are 32-bit"):
+        airmoe.ProductKeyRouter(46341, 4, 2)
