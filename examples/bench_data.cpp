@@ -39,6 +39,15 @@ void DataOptions::validate() const {
   if (threads > 0) set_num_threads(threads);
 }
 
+SyntheticConfig DataOptions::synthetic_config() const {
+  SyntheticConfig cfg = synthetic_preset(preset);
+  cfg.experts = experts;
+  cfg.dim = dim;
+  cfg.tokens = tokens;
+  cfg.seed = seed;
+  return cfg;
+}
+
 BenchData load_data(DataOptions& o) {
   BenchData b;
   if (!o.centers_file.empty()) {
@@ -50,12 +59,7 @@ BenchData load_data(DataOptions& o) {
                                   " columns but centers have " +
                                   std::to_string(b.data.centers.cols()));
   } else {
-    SyntheticConfig cfg = synthetic_preset(o.preset);
-    cfg.experts = o.experts;
-    cfg.dim = o.dim;
-    cfg.tokens = o.tokens;
-    cfg.seed = o.seed;
-    b.data = make_synthetic(cfg);
+    b.data = make_synthetic(o.synthetic_config());
     b.source = "synthetic:" + o.preset;
   }
   o.experts = b.data.centers.rows();

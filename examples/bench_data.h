@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "router/codebook.h"
 #include "core/synthetic.h"
+#include "router/codebook.h"
 
 namespace airmoe::bench {
 
@@ -24,6 +24,8 @@ struct DataOptions {
   void add_to(boost::program_options::options_description& opts);
   // Checks the values and applies --threads.
   void validate() const;
+  // The generator's configuration: --preset with -E -d -T --seed.
+  SyntheticConfig synthetic_config() const;
 };
 
 struct BenchData {
