@@ -49,7 +49,7 @@ struct Blocks {
   std::vector<Routes> routes;
   std::vector<runtime::RankBlock> blocks;
 };
-Blocks every_rank(const GlobalData& g, const Routes& routes, int P) {
+Blocks every_rank(const Routes& routes, int P) {
   Blocks out;
   const int64_t T = routes.tokens;
   out.routes.reserve(static_cast<size_t>(P));
@@ -78,7 +78,7 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
         const runtime::Placement placement = placement_for(g, P);
         const SimulatedTraffic full =
             runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), true, kind);
-        const Blocks all = every_rank(g, routes, P);
+        const Blocks all = every_rank(routes, P);
         const SimulatedTraffic sample =
             runtime::simulate_sample(s, placement, all.blocks, g.data.tokens.cols(), true, kind);
         const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
@@ -90,8 +90,9 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
         for (const auto& [phase, per_rank] : full.sent) {
           ASSERT_TRUE(sample.sent.count(phase)) << what << " phase " << phase;
           EXPECT_EQ(sample.total(phase), full.total(phase)) << what << " phase " << phase;
-          if (leaves_home(phase))
+          if (leaves_home(phase)) {
             EXPECT_EQ(sample.sent.at(phase), per_rank) << what << " " << phase;
+          }
         }
       }
 }
