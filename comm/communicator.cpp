@@ -31,20 +31,39 @@ void Communicator::record_allreduce(size_t bytes) {
   for (int step = 0; step < 2 * (p - 1); ++step) meter_.record(phase_, next, chunk);
 }
 
+void Communicator::record_control(ExchangeKind kind) {
+  const std::string control_phase = phase_ + control_suffix(kind);
+  for_each_control_message(kind, rank(), size(), [&](int peer, int64_t bytes) {
+    meter_.record(control_phase, peer, bytes);
+  });
+}
+
 void Communicator::record_alltoallv(const std::vector<std::vector<char>>& send) {
-  const std::string counts_phase = phase_ + kCountsSuffix;
+  record_control(ExchangeKind::kDense);
   for (int p = 0; p < size(); ++p) {
-    if (p == rank()) continue;
-    meter_.record(counts_phase, p, kCountBytes);
-    const size_t n = send[static_cast<size_t>(p)].size();
-    if (n > 0) meter_.record(phase_, p, static_cast<int64_t>(n));
+    const auto n = static_cast<int64_t>(send[static_cast<size_t>(p)].size());
+    if (is_payload_message(rank(), p, n)) meter_.record(phase_, p, n);
   }
 }
 
-void Communicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+void Communicator::record_exchange(const ExchangeBuffer& send) {
+  record_control(ExchangeKind::kSparse);
+  for (int p = 0; p < size(); ++p)
+    if (is_payload_message(rank(), p, send.bytes(p))) meter_.record(phase_, p, send.bytes(p));
+}
+
+void Communicator::check_exchange_buffers(const ExchangeBuffer& send,
+                                          const ExchangeBuffer& recv) const {
+  const std::string where = "exchange: rank " + std::to_string(rank()) + ": ";
   if (send.ranks() != size())
-    throw UsageError("exchange: send has " + std::to_string(send.ranks()) + " segments for " +
+    throw UsageError(where + "send has " + std::to_string(send.ranks()) + " segments for " +
                      std::to_string(size()) + " ranks");
+  // recv is reset before send is read out.
+  if (&send == &recv) throw UsageError(where + "send and recv are the same buffer");
+}
+
+void Communicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+  check_exchange_buffers(send, recv);
   std::vector<std::vector<char>> parts(static_cast<size_t>(size()));
   for (int p = 0; p < size(); ++p) parts[p].assign(send.begin(p), send.begin(p) + send.bytes(p));
   const std::vector<std::vector<char>> got = alltoallv(parts);

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "comm/exchange_buffer.h"
+#include "comm/exchange_rule.h"
 #include "comm/traffic_meter.h"
 
 namespace airmoe::comm {
@@ -46,7 +47,8 @@ class Communicator {
   // segment p goes to rank p; recv is reset to size() segments, segment q
   // holding what rank q sent here (its storage is reused across calls). A
   // rank that sends nothing to p sends p no message. This base version is
-  // built on alltoallv(); backends override it with a sparse exchange.
+  // built on alltoallv() (and metered as one); the MPI and in-process
+  // backends override it with a sparse exchange, metered as below.
   virtual void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv);
 
   // The phase name under which subsequent calls are metered.
@@ -65,16 +67,27 @@ class Communicator {
   //              rank + 1, the bandwidth-optimal algorithm's traffic.
   //   alltoallv: phase + ":counts", one 8-byte message to each other rank;
   //              phase, one message per non-empty send[p], p != rank.
+  //   exchange:  phase, one message per non-empty segment p != rank; and
+  //              phase + ":barrier", the nonblocking barrier's messages.
+  //   (Both all-to-alls follow comm/exchange_rule.h, which the simulator
+  //   counts too.)
   // The metering rules above live here, once; backends call these after a
   // call succeeded.
   void record_broadcast(int root, size_t bytes);
   void record_allgather(size_t bytes);  // allgather and allgatherv alike
   void record_allreduce(size_t bytes);
   void record_alltoallv(const std::vector<std::vector<char>>& send);
+  void record_exchange(const ExchangeBuffer& send);
+  // Throws UsageError (naming this rank) unless send has one segment per rank
+  // and recv is another buffer: what every exchange() checks first.
+  void check_exchange_buffers(const ExchangeBuffer& send, const ExchangeBuffer& recv) const;
   // True when [a, a + na) and [b, b + nb) share a byte (aliased buffers).
   static bool overlaps(const void* a, size_t na, const void* b, size_t nb);
 
  private:
+  // Records the control messages of one all-to-all of `kind`.
+  void record_control(ExchangeKind kind);
+
   TrafficMeter meter_;
   std::string phase_ = "default";
 };

@@ -242,6 +242,26 @@ std::vector<std::vector<char>> InProcessCommunicator::alltoallv(
   return recv;
 }
 
+void InProcessCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+  check_exchange_buffers(send, recv);
+  InProcessSlot mine{"exchange"};
+  mine.exchange = &send;
+  enter(mine);
+  const std::string err = mismatch("exchange", false, false);
+  if (err.empty()) {
+    std::vector<int64_t> bytes(p_size());
+    for (int q = 0; q < size(); ++q) bytes[q] = world_->slot(q).exchange->bytes(rank_);
+    recv.reset(bytes);
+    for (int q = 0; q < size(); ++q)
+      if (bytes[q] > 0)
+        std::memcpy(recv.begin(q), world_->slot(q).exchange->begin(rank_),
+                    static_cast<size_t>(bytes[q]));
+  }
+  world_->sync(rank_);  // every rank has read `send`: now it may change
+  if (!err.empty()) fail(err);
+  record_exchange(send);
+}
+
 // --------------------------------------------------------------- runner ---
 
 void run_ranks(int size, const std::function<void(Communicator&)>& body) {

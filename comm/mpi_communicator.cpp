@@ -13,6 +13,7 @@ namespace airmoe::comm {
 namespace {
 
 constexpr int kAlltoallvTag = 0x4d6f;  // private duplicate: any tag is ours
+constexpr int kExchangeTag = 0x4d70;   // and kExchangeTag + 1: see exchange_calls_
 
 std::string error_string(int rc) {
   char text[MPI_MAX_ERROR_STRING];
@@ -270,6 +271,90 @@ std::vector<std::vector<char>> MpiCommunicator::alltoallv(
   check(rc, "MPI_Waitall (alltoallv)");
   record_alltoallv(send);
   return recv;
+}
+
+void MpiCommunicator::post_exchange_sends(const ExchangeBuffer& send, int tag,
+                                          std::vector<MPI_Request>& sends) {
+  for (int q = 0; q < size_; ++q) {
+    if (!is_payload_message(rank_, q, send.bytes(q))) continue;
+    // Pieces between one pair of ranks under one tag arrive in order (MPI's
+    // non-overtaking rule), so the receiver appends them as they come.
+    for (int64_t off = 0; off < send.bytes(q); off += max_message_) {
+      const int64_t n = std::min(max_message_, send.bytes(q) - off);
+      sends.emplace_back();
+      const int rc = MPI_Issend(send.begin(q) + off, static_cast<int>(n), MPI_BYTE, q, tag, comm_,
+                                &sends.back());
+      if (rc != MPI_SUCCESS) {
+        sends.pop_back();
+        MPI_Waitall(static_cast<int>(sends.size()), sends.data(), MPI_STATUSES_IGNORE);
+        check(rc, "MPI_Issend (exchange)");
+      }
+    }
+  }
+}
+
+bool MpiCommunicator::receive_exchange_message(int tag) {
+  int waiting = 0;
+  MPI_Status status;
+  check(MPI_Iprobe(MPI_ANY_SOURCE, tag, comm_, &waiting, &status), "MPI_Iprobe (exchange)");
+  if (!waiting) return false;
+  int n = 0;
+  check(MPI_Get_count(&status, MPI_BYTE, &n), "MPI_Get_count (exchange)");
+  const size_t at = arrivals_.size();
+  arrivals_.resize(at + static_cast<size_t>(n));
+  check(MPI_Recv(arrivals_.data() + at, n, MPI_BYTE, status.MPI_SOURCE, tag, comm_,
+                 MPI_STATUS_IGNORE),
+        "MPI_Recv (exchange)");
+  arrival_sizes_.emplace_back(status.MPI_SOURCE, n);
+  return true;
+}
+
+void MpiCommunicator::place_arrivals(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+  std::vector<int64_t> bytes(static_cast<size_t>(size_), 0);
+  for (const auto& [source, n] : arrival_sizes_) bytes[source] += n;
+  bytes[rank_] = send.bytes(rank_);
+  recv.reset(bytes);
+  // Pieces from one source arrived in order; sources in any order. Writing
+  // each at its source's running offset gives rank order whatever the timing.
+  std::vector<int64_t> filled(static_cast<size_t>(size_), 0);
+  size_t at = 0;
+  for (const auto& [source, n] : arrival_sizes_) {
+    std::memcpy(recv.begin(source) + filled[source], arrivals_.data() + at, static_cast<size_t>(n));
+    filled[source] += n;
+    at += static_cast<size_t>(n);
+  }
+  if (send.bytes(rank_) > 0)
+    std::memcpy(recv.begin(rank_), send.begin(rank_), static_cast<size_t>(send.bytes(rank_)));
+}
+
+void MpiCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+  check_exchange_buffers(send, recv);
+  const int tag = kExchangeTag + static_cast<int>(exchange_calls_++ & 1);
+  arrivals_.clear();
+  arrival_sizes_.clear();
+  std::vector<MPI_Request> sends;
+  post_exchange_sends(send, tag, sends);
+  // Nonblocking consensus: an Issend completes once its receive matched, so
+  // when every rank's sends completed (the barrier) nothing is left in flight.
+  MPI_Request barrier = MPI_REQUEST_NULL;
+  bool barrier_entered = false;
+  for (;;) {
+    if (receive_exchange_message(tag)) continue;
+    int done = 0;
+    if (!barrier_entered) {
+      check(MPI_Testall(static_cast<int>(sends.size()), sends.data(), &done, MPI_STATUSES_IGNORE),
+            "MPI_Testall (exchange sends)");
+      if (done) {
+        check(MPI_Ibarrier(comm_, &barrier), "MPI_Ibarrier (exchange)");
+        barrier_entered = true;
+      }
+    } else {
+      check(MPI_Test(&barrier, &done, MPI_STATUS_IGNORE), "MPI_Test (exchange barrier)");
+      if (done) break;
+    }
+  }
+  place_arrivals(send, recv);
+  record_exchange(send);
 }
 
 std::unique_ptr<MpiCommunicator> world_communicator() {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -65,6 +66,12 @@ class MpiCommunicator final : public Communicator {
   void allreduce_max(double* data, size_t count) override;
   void allreduce_min(double* data, size_t count) override;
   std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override;
+  // Sparse data exchange by nonblocking consensus (Hoefler, Siebert,
+  // Lumsdaine, PPoPP 2010): MPI_Issend of each non-empty segment (in pieces
+  // of max_message_bytes()), receives of whatever arrives (MPI_Iprobe on any
+  // source), and, once this rank's sends are matched, MPI_Ibarrier; done when
+  // the barrier completes. No message to ranks this rank does not talk to.
+  void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) override;
 
   // The private duplicate all calls go through.
   MPI_Comm comm() const { return comm_; }
@@ -82,11 +89,25 @@ class MpiCommunicator final : public Communicator {
   [[noreturn]] void fail(const std::string& what) const;
   template <typename T>
   void allreduce(T* data, size_t count, MPI_Datatype type, MPI_Op op);
+  // exchange()'s phases: post the synchronous sends; receive one probed
+  // message into arrivals_ (false if none is waiting); lay the arrivals out
+  // in recv in rank order.
+  void post_exchange_sends(const ExchangeBuffer& send, int tag, std::vector<MPI_Request>& sends);
+  bool receive_exchange_message(int tag);
+  void place_arrivals(const ExchangeBuffer& send, ExchangeBuffer& recv);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
   int64_t max_message_;
+  // exchange() calls so far: its tag alternates with the call's parity, as a
+  // rank can run at most one exchange ahead of another (it leaves a call only
+  // when every rank entered that call's barrier).
+  uint64_t exchange_calls_ = 0;
+  // Reused across exchange() calls: the bytes received, in arrival order, and
+  // (source, bytes) per message.
+  std::vector<char> arrivals_;
+  std::vector<std::pair<int, int64_t>> arrival_sizes_;
 };
 
 // A communicator over MPI_COMM_WORLD (collective; MPI must be initialized).

@@ -80,7 +80,7 @@ Matrix random_matrix(int64_t rows, int64_t cols, double scale, uint64_t seed) {
   return m;
 }
 
-SyntheticData make_synthetic(const SyntheticConfig& cfg) {
+SyntheticGenerator::SyntheticGenerator(const SyntheticConfig& cfg) : cfg_(cfg) {
   if (cfg.experts < 1 || cfg.dim < 1 || cfg.tokens < 0 || cfg.clusters < 1)
     fail("synthetic: need experts >= 1, dim >= 1, tokens >= 0, clusters >= 1");
   const int64_t d = cfg.dim;
@@ -97,30 +97,42 @@ SyntheticData make_synthetic(const SyntheticConfig& cfg) {
   // Each cluster's manifold: latent_dim Gaussian directions of unit norm
   // (nearly orthogonal to each other and to the cluster direction at large d).
   const int64_t r = std::max<int64_t>(cfg.latent_dim, 0);
-  std::vector<Matrix> bases(static_cast<size_t>(cfg.clusters));
+  bases_.resize(static_cast<size_t>(cfg.clusters));
   for (int64_t g = 0; g < cfg.clusters; ++g)
-    bases[g] = random_matrix(r, d, 1.0 / std::sqrt(static_cast<double>(d)),
-                             cfg.seed * 1000003ull + static_cast<uint64_t>(g));
-  SyntheticData out{Matrix(cfg.experts, d), Matrix(cfg.tokens, d)};
-  std::vector<int32_t> cluster_of(static_cast<size_t>(cfg.experts));
-  Matrix unit(cfg.experts, d);
+    bases_[g] = random_matrix(r, d, 1.0 / std::sqrt(static_cast<double>(d)),
+                              cfg.seed * 1000003ull + static_cast<uint64_t>(g));
+  centers_ = Matrix(cfg.experts, d);
+  cluster_of_.resize(static_cast<size_t>(cfg.experts));
+  unit_ = Matrix(cfg.experts, d);
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < cfg.experts; ++e) {
     Stream s = stream(cfg.seed, 3, static_cast<uint64_t>(e));
     const int64_t g = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg.clusters));
-    cluster_of[e] = static_cast<int32_t>(g);
-    perturb(dirs.row(g), bases[g], cfg.expert_spread, cfg.noise, 1.0, s, unit.row(e));
+    cluster_of_[e] = static_cast<int32_t>(g);
+    perturb(dirs.row(g), bases_[g], cfg.expert_spread, cfg.noise, 1.0, s, unit_.row(e));
     const double norm = std::exp(cfg.norm_spread * s.normal());
-    for (int64_t c = 0; c < d; ++c) out.centers(e, c) = static_cast<float>(unit(e, c) * norm);
+    for (int64_t c = 0; c < d; ++c) centers_(e, c) = static_cast<float>(unit_(e, c) * norm);
   }
+}
+
+Matrix SyntheticGenerator::tokens(int64_t first, int64_t count) const {
+  if (first < 0 || count < 0)
+    fail("synthetic tokens: need first >= 0 and count >= 0, got " + std::to_string(first) + ", " +
+         std::to_string(count));
+  Matrix out(count, cfg_.dim);
 #pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < cfg.tokens; ++t) {
-    Stream s = stream(cfg.seed, 4, static_cast<uint64_t>(t));
-    const int64_t e = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg.experts));
-    perturb(unit.row(e), bases[cluster_of[e]], cfg.token_spread, cfg.noise, cfg.token_scale, s,
-            out.tokens.row(t));
+  for (int64_t i = 0; i < count; ++i) {
+    Stream s = stream(cfg_.seed, 4, static_cast<uint64_t>(first + i));
+    const int64_t e = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg_.experts));
+    perturb(unit_.row(e), bases_[cluster_of_[e]], cfg_.token_spread, cfg_.noise, cfg_.token_scale,
+            s, out.row(i));
   }
   return out;
+}
+
+SyntheticData make_synthetic(const SyntheticConfig& cfg) {
+  SyntheticGenerator gen(cfg);
+  return {gen.centers(), gen.tokens(0, cfg.tokens)};
 }
 
 }  // namespace airmoe

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/matrix.h"
 
@@ -38,6 +39,24 @@ struct SyntheticData {
 };
 
 SyntheticData make_synthetic(const SyntheticConfig& config);
+
+// The expert side of a synthetic data set, kept to draw tokens from: token t
+// (a global index) comes from its own seeded stream, so tokens(first, count)
+// equals rows [first, first + count) of make_synthetic's tokens for any
+// config.tokens, and a rank can draw its own batch without the others'.
+class SyntheticGenerator {
+ public:
+  explicit SyntheticGenerator(const SyntheticConfig& config);
+  const Matrix& centers() const { return centers_; }
+  Matrix tokens(int64_t first, int64_t count) const;
+
+ private:
+  SyntheticConfig cfg_;
+  std::vector<Matrix> bases_;        // each cluster's manifold
+  std::vector<int32_t> cluster_of_;  // per expert
+  Matrix unit_;                      // normalized centers, tokens are drawn near them
+  Matrix centers_;
+};
 
 // Gaussian [rows, cols] matrix scaled by `scale`, seeded; for product keys
 // and tests.

@@ -58,6 +58,15 @@ OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, cons
   return file;
 }
 
+SyntheticConfig DataOptions::synthetic_config() const {
+  SyntheticConfig cfg = synthetic_preset(preset);
+  cfg.experts = experts;
+  cfg.dim = dim;
+  cfg.tokens = tokens;
+  cfg.seed = seed;
+  return cfg;
+}
+
 BenchData load_data(DataOptions& o) {
   BenchData b;
   if (!o.centers_file.empty()) {
@@ -70,12 +79,7 @@ BenchData load_data(DataOptions& o) {
                                   " columns but centers have " +
                                   std::to_string(b.data.centers.cols()));
   } else {
-    SyntheticConfig cfg = synthetic_preset(o.preset);
-    cfg.experts = o.experts;
-    cfg.dim = o.dim;
-    cfg.tokens = o.tokens;
-    cfg.seed = o.seed;
-    b.data = make_synthetic(cfg);
+    b.data = make_synthetic(o.synthetic_config());
     b.source = "synthetic:" + o.preset;
   }
   o.experts = b.data.centers.rows();

@@ -27,6 +27,8 @@ struct DataOptions {
   void add_to(boost::program_options::options_description& opts);
   // Checks the values and applies --threads.
   void validate() const;
+  // The generator's configuration: --preset with -E -d -T --seed.
+  SyntheticConfig synthetic_config() const;
 };
 
 // The largest valid probe count m: C, as an int.

@@ -13,9 +13,11 @@ json strategy_row(const std::string& strategy, int ranks, const PhaseFigures& f,
   double forward = 0.0, backward = 0.0, msgs = 0.0;
   auto add = [&](const std::vector<std::string>& phases, double& sum) {
     for (const std::string& p : phases)
-      for (const std::string& name : {p, p + ":counts"}) {
+      for (const std::string& name : {p, p + ":counts", p + ":barrier"}) {
         const auto b = f.bytes.find(name);
         const auto m = f.messages.find(name);
+        // A sparse exchange's barrier: listed only where it ran.
+        if (name.ends_with(":barrier") && b == f.bytes.end()) continue;
         const double vb = b == f.bytes.end() ? 0.0 : b->second;
         const double vm = m == f.messages.end() ? 0.0 : m->second;
         bytes[name] = vb;

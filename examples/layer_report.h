@@ -19,8 +19,9 @@ struct PhaseFigures {
   std::map<std::string, double> bytes, messages;  // phase (with ":counts" phases) -> total
 };
 
-// bytes_forward / bytes_backward / bytes_total include each phase's count
-// exchange; bytes_vs_floor is filled by finish_rows().
+// bytes_forward / bytes_backward / bytes_total include each phase's control
+// messages (":counts" of alltoallv, ":barrier" of a sparse exchange);
+// bytes_vs_floor is filled by finish_rows().
 nlohmann::json strategy_row(const std::string& strategy, int ranks, const PhaseFigures& f,
                             double tokens, double router_flops, double expert_flops);
 

@@ -1,6 +1,7 @@
 #include "runtime/simulator.h"
 
 #include <algorithm>
+#include <array>
 
 #include "comm/traffic_meter.h"
 #include "runtime/wire.h"
@@ -37,81 +38,172 @@ Routes slice_routes(const Routes& r, int64_t begin, int64_t end) {
   return s;
 }
 
+namespace {
+
+// The layer's all-to-alls, in the order a step runs them.
+enum Phase {
+  kRequests,
+  kReplies,
+  kDispatch,
+  kCombine,
+  kGradDispatch,
+  kGradGates,
+  kGradLogits,
+  kGradCombine,
+  kPhaseCount
+};
+constexpr std::array<const char*, kPhaseCount> kPhaseNames = {
+    "requests",      "replies",    "dispatch",    "combine",
+    "grad_dispatch", "grad_gates", "grad_logits", "grad_combine"};
+
+bool runs(Phase phase, Strategy strategy, bool backward) {
+  if (phase == kRequests || phase == kReplies) return strategy != Strategy::kDenseReplicated;
+  return phase < kGradDispatch || backward;
+}
+
+// What the tokens of one home put on the wire, per peer, counted from the
+// record sizes of runtime/wire.h without building the buffers (a dense
+// broadcast at P = 4,096 would build gigabytes).
+struct HomeSegments {
+  std::vector<int64_t> request_bytes, request_records;    // scoring requests to q
+  std::vector<int64_t> dispatch_bytes, dispatch_records;  // expert dispatch to q
+  std::vector<int64_t> dispatch_pairs;                    // (token, expert) pairs served by q
+};
+
+void count_requests(const Placement& placement, const Routes& mine, int64_t d, HomeSegments& h) {
+  const int P = placement.ranks();
+  std::vector<int64_t> codewords_at(static_cast<size_t>(P), 0);
+  std::vector<int32_t> touched;
+  for (int64_t t = 0; t < mine.tokens; ++t) {
+    touched.clear();
+    for (int64_t p = mine.probe_offsets[t]; p < mine.probe_offsets[t + 1]; ++p)
+      for (int32_t rank : placement.list_ranks(mine.probes[p]))
+        if (codewords_at[rank]++ == 0) touched.push_back(rank);
+    for (int32_t rank : touched) {
+      h.request_bytes[rank] += wire::request_record_bytes(codewords_at[rank], d);
+      ++h.request_records[rank];
+      codewords_at[rank] = 0;
+    }
+  }
+}
+
+void count_dispatch(const Placement& placement, const Routes& mine, int64_t d, bool ship_vectors,
+                    HomeSegments& h) {
+  std::vector<int32_t> owners(static_cast<size_t>(mine.k));
+  for (int64_t t = 0; t < mine.tokens; ++t) {
+    const int32_t* e = mine.experts_of(t);
+    for (int j = 0; j < mine.k; ++j) owners[j] = placement.owner(e[j]);
+    std::sort(owners.begin(), owners.end());
+    for (int j = 0; j < mine.k;) {
+      const int32_t rank = owners[j];
+      int n = 0;
+      while (j + n < mine.k && owners[j + n] == rank) ++n;
+      h.dispatch_bytes[rank] += wire::dispatch_record_bytes(n, d, ship_vectors);
+      ++h.dispatch_records[rank];
+      h.dispatch_pairs[rank] += n;
+      j += n;
+    }
+  }
+}
+
+// Calls move(phase, from, to, bytes) once per (phase, peer) for the segments
+// the tokens of `home` (its block, routed as `mine`) put in flight, self
+// segments included. Returns the ranks its tokens' scoring requests reach.
+template <typename Move>
+int64_t home_traffic(Strategy strategy, const Placement& placement, int home, const Routes& mine,
+                     int64_t d, bool backward, Move&& move) {
+  const auto P = static_cast<size_t>(placement.ranks());
+  HomeSegments h{std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0),
+                 std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0)};
+  const bool scored = strategy != Strategy::kDenseReplicated;
+  if (scored) count_requests(placement, mine, d, h);
+  count_dispatch(placement, mine, d, !scored, h);
+  int64_t reached = 0;
+  for (int q = 0; q < static_cast<int>(P); ++q) {
+    reached += h.request_records[q];
+    if (scored) {
+      move(kRequests, home, q, h.request_bytes[q]);
+      move(kReplies, q, home, h.request_records[q] * wire::reply_bytes(mine.k));
+    }
+    const int64_t vectors = h.dispatch_records[q] * wire::vector_bytes(d);
+    move(kDispatch, home, q, h.dispatch_bytes[q]);
+    move(kCombine, q, home, vectors);
+    if (!backward) continue;
+    move(kGradDispatch, home, q, vectors);
+    move(kGradGates, q, home, wire::per_pair_bytes(h.dispatch_pairs[q]));
+    move(kGradLogits, home, q, wire::per_pair_bytes(h.dispatch_pairs[q]));
+    move(kGradCombine, q, home, vectors);
+  }
+  return reached;
+}
+
+// The per-entry tables of the phases `strategy` runs, control phases
+// filled (each entry's rank sends the same control traffic per call).
+struct PhaseTables {
+  std::array<std::vector<comm::TrafficCounts>*, kPhaseCount> payload{};
+};
+
+PhaseTables make_tables(SimulatedTraffic& sim, Strategy strategy, bool backward,
+                        comm::ExchangeKind exchange) {
+  const size_t entries = sim.rank_ids.size();
+  const comm::TrafficCounts control = comm::control_traffic(exchange, sim.ranks);
+  PhaseTables tables;
+  for (int ph = 0; ph < kPhaseCount; ++ph) {
+    if (!runs(static_cast<Phase>(ph), strategy, backward)) continue;
+    const std::string name = kPhaseNames[ph];
+    sim.sent[name + comm::control_suffix(exchange)].assign(entries, control);
+    auto& payload = sim.sent[name];
+    payload.assign(entries, {});
+    tables.payload[ph] = &payload;
+  }
+  return tables;
+}
+
+}  // namespace
+
 SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
-                                  const Routes& routes, MatrixView tokens, bool backward) {
+                                  const Routes& routes, MatrixView tokens, bool backward,
+                                  comm::ExchangeKind exchange) {
   const int P = placement.ranks();
   const int64_t T = routes.tokens, d = tokens.cols;
   SimulatedTraffic sim;
   sim.ranks = P;
-  auto phase = [&](const std::string& name) -> std::vector<comm::TrafficCounts>& {
-    auto& v = sim.sent[name];
-    v.resize(static_cast<size_t>(P));
-    return v;
+  for (int r = 0; r < P; ++r) sim.rank_ids.push_back(r);
+  const PhaseTables tables = make_tables(sim, strategy, backward, exchange);
+  // Every message is counted on the rank that sends it.
+  auto move = [&](Phase ph, int from, int to, int64_t bytes) {
+    if (comm::is_payload_message(from, to, bytes)) (*tables.payload[ph])[from] += {bytes, 1};
   };
-  // One all-to-all-v in `name`: every rank tells every other rank its count.
-  auto alltoallv = [&](const std::string& name) {
-    auto& counts = phase(name + comm::kCountsSuffix);
-    for (int r = 0; r < P; ++r) counts[r] += {comm::kCountBytes * (P - 1), P - 1};
-    return &phase(name);
-  };
-  // A payload message r -> q, if any bytes (self-sends stay local).
-  auto send = [&](std::vector<comm::TrafficCounts>* v, int from, int to, int64_t bytes) {
-    if (from != to && bytes > 0) (*v)[from] += {bytes, 1};
-  };
-
-  const bool scored = strategy != Strategy::kDenseReplicated;
-  std::vector<comm::TrafficCounts>*requests = nullptr, *replies = nullptr;
-  if (scored) {
-    requests = alltoallv("requests");
-    replies = alltoallv("replies");
-  }
-  auto* dispatch = alltoallv("dispatch");
-  auto* combine = alltoallv("combine");
-  std::vector<comm::TrafficCounts>*grad_dispatch = nullptr, *grad_gates = nullptr,
-  *grad_logits = nullptr, *grad_combine = nullptr;
-  if (backward) {
-    grad_dispatch = alltoallv("grad_dispatch");
-    grad_gates = alltoallv("grad_gates");
-    grad_logits = alltoallv("grad_logits");
-    grad_combine = alltoallv("grad_combine");
-  }
-
-  double reached = 0.0;
-  std::vector<int64_t> records(static_cast<size_t>(P)), pairs(static_cast<size_t>(P));
+  int64_t reached = 0;
   for (int home = 0; home < P; ++home) {
     const int64_t b = T * home / P, e = T * (home + 1) / P;
-    const MatrixView block(tokens.row(b), e - b, d);
-    const Routes mine = slice_routes(routes, b, e);
-    if (scored) {
-      const wire::Outbox out =
-          wire::scoring_requests(placement, mine.probe_offsets, mine.probes, block, P);
-      std::fill(records.begin(), records.end(), 0);
-      for (int32_t q : out.targets) ++records[q];
-      reached += static_cast<double>(out.targets.size());
-      for (int q = 0; q < P; ++q) {
-        send(requests, home, q, out.send.bytes(q));
-        send(replies, q, home, records[q] * wire::reply_bytes(routes.k));
-      }
-    }
-    const wire::Outbox out =
-        wire::expert_dispatch(placement, mine, block, strategy == Strategy::kDenseReplicated, P);
-    std::fill(records.begin(), records.end(), 0);
-    std::fill(pairs.begin(), pairs.end(), 0);
-    for (size_t i = 0; i < out.targets.size(); ++i) {
-      ++records[out.targets[i]];
-      pairs[out.targets[i]] += out.slot_offsets[i + 1] - out.slot_offsets[i];
-    }
-    for (int q = 0; q < P; ++q) {
-      send(dispatch, home, q, out.send.bytes(q));
-      send(combine, q, home, records[q] * wire::vector_bytes(d));
-      if (!backward) continue;
-      send(grad_dispatch, home, q, records[q] * wire::vector_bytes(d));
-      send(grad_gates, q, home, wire::per_pair_bytes(pairs[q]));
-      send(grad_logits, home, q, wire::per_pair_bytes(pairs[q]));
-      send(grad_combine, q, home, records[q] * wire::vector_bytes(d));
-    }
+    reached +=
+        home_traffic(strategy, placement, home, slice_routes(routes, b, e), d, backward, move);
   }
-  sim.mean_ranks_per_token = T > 0 ? reached / static_cast<double>(T) : 0.0;
+  sim.mean_ranks_per_token = T > 0 ? static_cast<double>(reached) / static_cast<double>(T) : 0.0;
+  return sim;
+}
+
+SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
+                                 std::span<const RankBlock> blocks, int64_t dim, bool backward,
+                                 comm::ExchangeKind exchange) {
+  SimulatedTraffic sim;
+  sim.ranks = placement.ranks();
+  sim.sampled = true;
+  for (const RankBlock& block : blocks) sim.rank_ids.push_back(block.rank);
+  const PhaseTables tables = make_tables(sim, strategy, backward, exchange);
+  int64_t reached = 0, tokens = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    // Every message is counted on the home whose tokens caused it.
+    auto move = [&](Phase ph, int from, int to, int64_t bytes) {
+      if (comm::is_payload_message(from, to, bytes)) (*tables.payload[ph])[i] += {bytes, 1};
+    };
+    reached +=
+        home_traffic(strategy, placement, blocks[i].rank, *blocks[i].routes, dim, backward, move);
+    tokens += blocks[i].routes->tokens;
+  }
+  sim.mean_ranks_per_token =
+      tokens > 0 ? static_cast<double>(reached) / static_cast<double>(tokens) : 0.0;
   return sim;
 }
 

@@ -1,15 +1,18 @@
 // Per-rank traffic of the MoE layer's strategies for P up to thousands of
 // ranks, in one process: the same placement, the same routes (routing does
 // not depend on P), and the same send-buffer builders (runtime/wire.h) as a
-// real job, with the communicator's metering rules applied to them instead
-// of sending. A test holds it equal to the meter of real runs.
+// real job, with the communicator's metering rules (comm/exchange_rule.h)
+// applied to them instead of sending. A test holds it equal to the meter of
+// real runs.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "comm/exchange_rule.h"
 #include "core/matrix.h"
 #include "router/routes.h"
 #include "runtime/moe_layer.h"
@@ -17,13 +20,24 @@
 
 namespace airmoe::runtime {
 
+// The all-to-all the layer's phases (requests ... grad_combine) go through:
+// the sparse exchange() (runtime/moe_layer.cpp, distributed_router.cpp). The
+// default of the simulations below, so that they count what a real run
+// meters; kDense counts the old alltoallv rule, for comparison.
+inline constexpr comm::ExchangeKind kLayerExchange = comm::ExchangeKind::kSparse;
+
 struct SimulatedTraffic {
-  int ranks = 0;
-  // phase -> what each rank sends in it (bytes, messages), over all peers.
+  int ranks = 0;  // P
+  // The ranks whose traffic `sent` holds, entry by entry: all P ranks in a
+  // full simulation, the sampled ranks in simulate_sample().
+  std::vector<int> rank_ids;
+  bool sampled = false;
+  // phase -> what each entry's rank sends in it (bytes, messages), over all
+  // peers; with the control phases (":counts" or ":barrier").
   std::map<std::string, std::vector<comm::TrafficCounts>> sent;
   double mean_ranks_per_token = 0.0;  // ranks a token's scoring requests reach (air, broadcast)
 
-  comm::TrafficCounts total(const std::string& phase) const;
+  comm::TrafficCounts total(const std::string& phase) const;  // over the entries
   int64_t max_rank_bytes(const std::string& phase) const;
 };
 
@@ -32,7 +46,29 @@ struct SimulatedTraffic {
 // contiguous block, as in the real runs. With `backward`, the backward
 // phases are counted too.
 SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
-                                  const Routes& routes, MatrixView tokens, bool backward);
+                                  const Routes& routes, MatrixView tokens, bool backward,
+                                  comm::ExchangeKind exchange = kLayerExchange);
+
+// One sampled rank's own batch of tokens, routed (with probes for kAir and
+// kDenseBroadcast). Only the routes and the model dimension matter to the
+// traffic, not the token values.
+struct RankBlock {
+  int rank = 0;
+  const Routes* routes = nullptr;
+};
+
+// Weak scaling without P ranks' tokens: the traffic of the sampled ranks
+// only, each from its own block. Each entry counts the traffic its rank's
+// tokens cause: what it sends in the phases that leave home (requests,
+// dispatch, grad_dispatch, grad_logits) and what the others send it in the
+// phases that return home (replies, combine, grad_gates, grad_combine),
+// plus its own control messages. Summed over all P ranks this equals the
+// full simulation's total per phase (every message is caused by exactly one
+// home), so the sample's mean estimates the mean bytes a rank sends; with
+// every rank sampled the totals are equal exactly (a test holds them so).
+SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
+                                 std::span<const RankBlock> blocks, int64_t dim, bool backward,
+                                 comm::ExchangeKind exchange = kLayerExchange);
 
 // Rows [begin, end) of routes (probes rebased), for a rank's block of tokens.
 Routes slice_routes(const Routes& routes, int64_t begin, int64_t end);

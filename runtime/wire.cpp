@@ -98,7 +98,7 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
       box.targets.push_back(rank);
       box.slots.insert(box.slots.end(), per_rank[rank].begin(), per_rank[rank].end());
       box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
-      bytes[rank] += 8 + 4 * static_cast<int64_t>(per_rank[rank].size()) + 4 * d;
+      bytes[rank] += request_record_bytes(static_cast<int64_t>(per_rank[rank].size()), d);
       per_rank[rank].clear();
     }
     box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
@@ -130,7 +130,7 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
         box.slots.push_back(owner_slot[j + n].second);
       box.targets.push_back(rank);
       box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
-      bytes[rank] += 8 + 8 * static_cast<int64_t>(n) + (ship_vectors ? 4 * d : 0);
+      bytes[rank] += dispatch_record_bytes(n, d, ship_vectors);
       j += n;
     }
     box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());

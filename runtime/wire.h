@@ -148,6 +148,16 @@ void records(std::span<const int32_t> dest, int ranks, Record&& record,
   out.finish();
 }
 
+// The size of one record the builders above write (the simulator counts
+// these without building the buffers; a test holds them equal): a request
+// for `codewords` probed codewords, a dispatch of `experts` chosen experts.
+inline int64_t request_record_bytes(int64_t codewords, int64_t d) {
+  return 4 * (2 + codewords + d);
+}
+inline int64_t dispatch_record_bytes(int64_t experts, int64_t d, bool ship_vectors) {
+  return 4 * (2 + 2 * experts) + (ship_vectors ? 4 * d : 0);
+}
+
 // Records flowing back per (token, target) record, and the backward's.
 inline int64_t reply_bytes(int k) {
   return 8 * static_cast<int64_t>(k);

@@ -4,6 +4,11 @@ routing FLOPs per token against the number of ranks P, per strategy (AIR once
 per probe count m).
 
 usage: plot_layer.py SIMULATE.json OUT_BYTES.png OUT_FLOPS.png
+
+For a weak-scaling run (`simulate` with --tokens-per-rank, the JSON's "mode"
+is "weak") the two charts are bytes and messages per rank per step against
+P, mean over the sampled ranks, for the dense (alltoallv) and the sparse
+(exchange) metering rule.
 """
 import json
 import sys
@@ -24,10 +29,45 @@ def series(rows):
     return out
 
 
+def plot_weak(j, out_bytes, out_messages):
+    cfg = j["config"]
+    title = (f"{cfg['data']}: E={cfg['experts']}, d={cfg['dim']}, {cfg['tokens_per_rank']} "
+             f"tokens per rank, k={cfg['k']}, C={cfg['codewords']}; mean over a sample of "
+             f"{cfg['sample_ranks']} ranks")
+    groups = {}
+    for r in j["results"]:
+        name = r["strategy"] if r["strategy"] != "air" else f"air m={r['probes']}"
+        groups.setdefault((name, r["exchange"]), []).append(r)
+    for figure, key, label in ((out_bytes, "bytes_per_rank", "bytes sent per rank per step"),
+                               (out_messages, "messages_per_rank",
+                                "messages sent per rank per step")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        colors = {}
+        for (name, exchange), rows in sorted(groups.items()):
+            rows.sort(key=lambda r: r["ranks"])
+            color = colors.setdefault(name, f"C{len(colors)}")
+            ax.plot([r["ranks"] for r in rows], [r[key]["mean"] for r in rows],
+                    "--" if exchange == "dense" else "-", color=color, marker="o", markersize=3,
+                    label=f"{name}, {exchange}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks P")
+        ax.set_ylabel(label + " (forward + backward)")
+        ax.set_title(title, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(figure, dpi=110)
+    print(f"wrote {out_bytes} and {out_messages}")
+
+
 def main():
     src, out_bytes, out_flops = sys.argv[1:4]
     with open(src) as f:
         j = json.load(f)
+    if j.get("mode") == "weak":
+        plot_weak(j, out_bytes, out_flops)
+        return
     cfg = j["config"]
     title = (f"{cfg['data']}: E={cfg['experts']}, d={cfg['dim']}, T={cfg['tokens']}, "
              f"k={cfg['k']}, C={cfg['codewords']}, {cfg['placement']} placement")

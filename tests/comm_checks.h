@@ -409,4 +409,90 @@ inline void check_exchange(Communicator& c) {
   }
 }
 
+// The sparse exchange's control messages, as a dissemination barrier sends
+// them: one 0-byte message to rank + 1, + 2, + 4, ... below P.
+inline std::vector<TrafficCounts> barrier_messages(int p, int self) {
+  std::vector<TrafficCounts> v(static_cast<size_t>(p));
+  for (int step = 1; step < p; step *= 2) v[static_cast<size_t>((self + step) % p)].messages += 1;
+  return v;
+}
+
+// Fills send with `bytes[q]` pattern bytes for each rank q (salted by q).
+inline void fill_exchange(comm::ExchangeBuffer& send, int r, const std::vector<int64_t>& bytes,
+                          int salt) {
+  send.reset(bytes);
+  for (size_t q = 0; q < bytes.size(); ++q) {
+    const std::vector<char> v = pattern_bytes(r, static_cast<size_t>(bytes[q]), salt + int(q));
+    std::copy(v.begin(), v.end(), send.begin(static_cast<int>(q)));
+  }
+}
+
+// Most ranks send nothing: only rank 0 -> rank P - 1. Every other segment
+// arrives empty, and the meter holds that one message (none to the ranks
+// rank 0 does not talk to, no counts) and the barrier's.
+inline void check_sparse_exchange(Communicator& c) {
+  const int p = c.size(), r = c.rank(), last = p - 1;
+  constexpr int64_t kBytes = 1000;
+  c.meter().reset();
+  comm::PhaseScope phase(c, "sparse");
+  std::vector<int64_t> bytes(static_cast<size_t>(p), 0);
+  if (r == 0) bytes[static_cast<size_t>(last)] = kBytes;
+  comm::ExchangeBuffer send, recv;
+  fill_exchange(send, r, bytes, 7);
+  c.exchange(send, recv);
+  ASSERT_EQ(recv.ranks(), p);
+  for (int q = 0; q < p; ++q) {
+    const bool from_first = r == last && q == 0;
+    const std::span<const char> got = recv.segment(q);
+    EXPECT_EQ(std::vector<char>(got.begin(), got.end()),
+              from_first ? pattern_bytes(0, kBytes, 7 + last) : std::vector<char>{})
+        << "rank " << r << " from " << q;
+  }
+  std::vector<TrafficCounts> payload(static_cast<size_t>(p));
+  if (r == 0 && last != 0) payload[static_cast<size_t>(last)] = {kBytes, 1};
+  MeterTable want{{"sparse:barrier", barrier_messages(p, r)}};
+  if (r == 0 && last != 0) want["sparse"] = payload;
+  expect_meter(c, want);
+}
+
+// Two exchanges back to back under different phases, with different sizes
+// and contents: neither's messages reach the other's receive buffers, and
+// each is metered under its own phase.
+inline void check_exchanges_do_not_mix(Communicator& c) {
+  const int p = c.size(), r = c.rank();
+  const int next = (r + 1) % p, prev = (r + p - 1) % p;
+  c.meter().reset();
+  comm::ExchangeBuffer send_a, recv_a, send_b, recv_b;
+  std::vector<int64_t> a(static_cast<size_t>(p), 0), b(static_cast<size_t>(p), 0);
+  a[static_cast<size_t>(next)] = 10 + r;
+  b[static_cast<size_t>(prev)] = 20 + 2 * r;
+  fill_exchange(send_a, r, a, 100);
+  fill_exchange(send_b, r, b, 200);
+  c.set_phase("first");
+  c.exchange(send_a, recv_a);
+  c.set_phase("second");
+  c.exchange(send_b, recv_b);
+  c.set_phase("default");
+  for (int q = 0; q < p; ++q) {
+    const std::span<const char> ga = recv_a.segment(q), gb = recv_b.segment(q);
+    const std::vector<char> want_a =
+        q == prev ? pattern_bytes(q, static_cast<size_t>(10 + q), 100 + r) : std::vector<char>{};
+    const std::vector<char> want_b =
+        q == next ? pattern_bytes(q, static_cast<size_t>(20 + 2 * q), 200 + r)
+                  : std::vector<char>{};
+    // With one rank, next == prev == r: its own segments, both present.
+    EXPECT_EQ(std::vector<char>(ga.begin(), ga.end()), want_a) << "rank " << r << " from " << q;
+    EXPECT_EQ(std::vector<char>(gb.begin(), gb.end()), want_b) << "rank " << r << " from " << q;
+  }
+  MeterTable want{{"first:barrier", barrier_messages(p, r)},
+                  {"second:barrier", barrier_messages(p, r)}};
+  if (p > 1) {
+    want["first"] = std::vector<TrafficCounts>(static_cast<size_t>(p));
+    want["first"][static_cast<size_t>(next)] = {10 + r, 1};
+    want["second"] = std::vector<TrafficCounts>(static_cast<size_t>(p));
+    want["second"][static_cast<size_t>(prev)] = {20 + 2 * r, 1};
+  }
+  expect_meter(c, want);
+}
+
 }  // namespace airmoe::test

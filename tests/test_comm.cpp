@@ -112,6 +112,23 @@ TEST_P(InProcessComm, RequireSameConfig) {
 TEST_P(InProcessComm, ExchangeOnCallerBuffers) {
   run(check_exchange);
 }
+TEST_P(InProcessComm, SparseExchangeSendsOnlyToPeersWithData) {
+  run(check_sparse_exchange);
+}
+TEST_P(InProcessComm, BackToBackExchangesDoNotMix) {
+  run(check_exchanges_do_not_mix);
+}
+TEST_P(InProcessComm, ExchangeRejectsBadBuffers) {
+  run([](Communicator& c) {
+    comm::ExchangeBuffer send, recv;
+    send.reset(c.size() + 1);
+    AIRMOE_EXPECT_THROW_MSG(c.exchange(send, recv), UsageError,
+                            "exchange: rank " + std::to_string(c.rank()) + ": send has " +
+                                std::to_string(c.size() + 1) + " segments");
+    send.reset(c.size());
+    AIRMOE_EXPECT_THROW_MSG(c.exchange(send, send), UsageError, "same buffer");
+  });
+}
 TEST_P(InProcessComm, CheckTogetherTellsUsageFromPeerErrors) {
   run(check_raise_together_types);
 }
@@ -186,6 +203,32 @@ TEST_P(InProcessCommFailure, FailingRankAbortsTheOthers) {
     EXPECT_EQ(messages[static_cast<size_t>(r)], "in-process rank " + std::to_string(r) +
                                                     ": aborted because rank " +
                                                     std::to_string(culprit) + " failed: boom");
+}
+
+TEST_P(InProcessCommFailure, FailureDuringExchangeAbortsTheOthers) {
+  const int p = GetParam();
+  const int culprit = 0;
+  std::atomic<int> aborted{0};
+  AIRMOE_EXPECT_THROW_MSG(run_ranks(p,
+                                    [&](Communicator& c) {
+                                      comm::ExchangeBuffer send, recv;
+                                      send.reset(c.size());
+                                      if (c.rank() == culprit) {
+                                        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                                        throw std::logic_error("bad segment");
+                                      }
+                                      try {
+                                        c.exchange(send, recv);
+                                      } catch (const RankAborted& e) {
+                                        EXPECT_NE(std::string(e.what()).find(
+                                                      "aborted because rank 0 failed: bad segment"),
+                                                  std::string::npos);
+                                        ++aborted;
+                                        throw;
+                                      }
+                                    }),
+                          std::logic_error, "bad segment");
+  EXPECT_EQ(aborted.load(), p - 1);
 }
 
 TEST_P(InProcessCommFailure, RankEnteringAfterAbortFailsToo) {

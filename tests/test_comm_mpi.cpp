@@ -74,6 +74,22 @@ TEST(MpiComm, RequireSameConfig) {
 TEST(MpiComm, ExchangeOnCallerBuffers) {
   check_exchange(*comm::world_communicator());
 }
+TEST(MpiComm, SparseExchangeSendsOnlyToPeersWithData) {
+  check_sparse_exchange(*comm::world_communicator());
+}
+TEST(MpiComm, BackToBackExchangesDoNotMix) {
+  auto c = comm::world_communicator();
+  for (int repeat = 0; repeat < 20; ++repeat) check_exchanges_do_not_mix(*c);
+}
+// Exchange segments above max_message_bytes travel in pieces, reassembled in
+// order; the meter still counts one message per segment.
+TEST(MpiComm, ExchangeSplitsLargeSegments) {
+  auto c = comm::world_communicator();
+  c->set_max_message_bytes(7);
+  check_exchange(*c);
+  check_sparse_exchange(*c);
+  check_exchanges_do_not_mix(*c);
+}
 TEST(MpiComm, CheckTogetherTellsUsageFromPeerErrors) {
   check_raise_together_types(*comm::world_communicator());
 }
