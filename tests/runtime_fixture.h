@@ -44,7 +44,7 @@ struct GlobalData {
     spec.codewords = C;
     spec.kmeans_iterations = 8;
     spec.kmeans_seed = seed;
-    spec.k = 4;
+    spec.k = static_cast<int>(std::min<int64_t>(4, E));
     spec.probes = static_cast<int>(std::min<int64_t>(3, C));  // the sample probes m = 3
     comm::run_ranks(1, [&](comm::Communicator& comm) {
       runtime::SharedIndex index =

@@ -414,9 +414,11 @@ TEST(MoELayer, StepStatsComeBackInThePlan) {
                   [&](comm::Communicator& comm) { test::check_step_stats_in_plan(comm, data()); });
 }
 
-TEST(MoELayer, NonFiniteGateOnAServingRankFailsEveryRank) {
-  // Logits that overflow give NaN gates; the serving rank's expert check
-  // refuses them, and every rank fails together instead of waiting (issue 13).
+TEST(MoELayer, OverflowingLogitsFailEveryRankTogether) {
+  // Logits that overflow would give NaN gates. The home rank refuses such a
+  // token before any data moves (require_finite_logits), and every rank fails
+  // together instead of waiting (issue 13). The serving rank's own gate check
+  // (ExpertShard::forward, raised together in serve()) stays as a second line.
   const GlobalData& g = data();
   const MoEConfig cfg = config();
   const int P = 3;
@@ -432,7 +434,7 @@ TEST(MoELayer, NonFiniteGateOnAServingRankFailsEveryRank) {
     }
   });
   for (int r = 0; r < P; ++r)
-    EXPECT_NE(messages[r].find("serving experts"), std::string::npos)
+    EXPECT_NE(messages[r].find("rank 0: tokens row 0: logits overflow float32"), std::string::npos)
         << "rank " << r << ": " << messages[r];
 }
 

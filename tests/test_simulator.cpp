@@ -147,8 +147,8 @@ TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
       comm::TrafficCounts requests, dispatch;
       auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
         for (int q = 0; q < P; ++q) {
-          const auto n = static_cast<int64_t>(out.send[q].size());
-          if (comm::is_payload_message(home, q, n)) c += {n, 1};
+          const int64_t n = out.send.bytes(q);
+          if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
         }
       };
       add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
