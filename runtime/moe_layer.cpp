@@ -266,10 +266,10 @@ MoEGradients MoELayer::backward(DispatchPlan& plan, MatrixView d_out) {
   }
   double t1 = clock_seconds();
   MoEGradients grads;
-  grads.experts = experts_.zero_grads();
   plan.pair_dx = Matrix(R, d);
-  experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy.view(), plan.pair_d_gate,
-                    plan.pair_dx, grads.experts);
+  grads.touched_experts = experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy.view(),
+                                            plan.pair_d_gate, plan.pair_dx);
+  if (config_.dense_expert_grads) grads.experts = experts_.to_dense(grads.touched_experts);
   double t2 = clock_seconds();
   std::vector<std::vector<char>> d_gates;
   {
