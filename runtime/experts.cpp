@@ -193,66 +193,80 @@ void transpose(const float* in, int64_t rows, int64_t cols, float* out) {
 
 // The lane structure of score_nt's dot products (router/scoring.cpp): lane l
 // sums the products of depth index r = l, l + 8, ... with fused
-// multiply-adds, lanes past a partial last block of eight add 0 * 0, and the
-// eight lanes meet in a fixed tree. contract_pairs keeps that structure
-// while running over whole rows, so a parameter gradient contracted over an
-// expert's pairs has the bits score_nt gives on the transposed copies,
-// without score_nt's per-entry overhead when there are only a few pairs.
+// multiply-adds, lanes past a partial last block of eight add 0 * 0 (which
+// turns -0 into +0), and the eight lanes meet in a fixed tree. contract_pairs
+// keeps that structure for every output entry but runs eight entries at
+// once, its lanes in registers, so a parameter gradient contracted over an
+// expert's few pairs has the bits score_nt gives on transposed copies
+// without score_nt's one horizontal sum per entry.
 constexpr int kLanes = 8;
 
-#if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx2,fma"))) void fma_row_avx2(float a, const float* b, float* lane,
-                                                      int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(lane + j,
-                     _mm256_fmadd_ps(av, _mm256_loadu_ps(b + j), _mm256_loadu_ps(lane + j)));
-  for (; j < n; ++j) lane[j] = std::fma(a, b[j], lane[j]);
+float lane_tree(const float* l) {
+  const float t0 = l[0] + l[4], t1 = l[1] + l[5], t2 = l[2] + l[6], t3 = l[3] + l[7];
+  return (t0 + t2) + (t1 + t3);
 }
 
+// out[j] += the lane-ordered sum over r < m of a[r * lda] * b[r * nb + j],
+// one entry at a time (the portable path and the columns past a multiple of
+// eight).
+void contract_entries(const float* a, int64_t lda, const float* b, int64_t nb, int64_t m,
+                      int64_t j0, int64_t j1, float* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float lane[kLanes] = {};
+    for (int64_t r = 0; r < m; ++r)
+      lane[r % kLanes] = std::fma(a[r * lda], b[r * nb + j], lane[r % kLanes]);
+    if (m % kLanes != 0)
+      for (int64_t l = m % kLanes; l < kLanes; ++l) lane[l] += 0.0f;
+    out[j] += lane_tree(lane);
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
 bool has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
-#endif
 
-// lane[j] = fma(a, b[j], lane[j]) for j < n; every path rounds once per entry.
-void fma_row(float a, const float* b, float* lane, int64_t n) {
-#if defined(__x86_64__) || defined(__i386__)
-  if (has_avx2_fma()) return fma_row_avx2(a, b, lane, n);
-#endif
-  for (int64_t j = 0; j < n; ++j) lane[j] = std::fma(a, b[j], lane[j]);
+__attribute__((target("avx2,fma"))) void contract_avx2(const float* a, int64_t na, const float* b,
+                                                       int64_t nb, int64_t m, float* out) {
+  const int64_t tail = m % kLanes, nv = nb - nb % kLanes;
+  for (int64_t i = 0; i < na; ++i) {
+    float* o = out + i * nb;
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      __m256 acc[kLanes];
+      for (int l = 0; l < kLanes; ++l) acc[l] = _mm256_setzero_ps();
+      for (int64_t r0 = 0; r0 < m; r0 += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          if (r0 + l < m)
+            acc[l] = _mm256_fmadd_ps(_mm256_set1_ps(a[(r0 + l) * na + i]),
+                                     _mm256_loadu_ps(b + (r0 + l) * nb + j), acc[l]);
+      if (tail != 0)
+        for (int l = 0; l < kLanes; ++l)
+          if (l >= tail) acc[l] = _mm256_add_ps(acc[l], _mm256_setzero_ps());
+      const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]);
+      const __m256 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
+      _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), sum));
+    }
+    contract_entries(a + i, na, b, nb, m, nv, nb, o);
+  }
 }
+#endif
 
 // out[i, j] += sum over r < m of a[r, i] * b[r, j]  (a: [m, na], b: [m, nb],
-// out: [na, nb]), each sum in score_nt's lane order. lanes: scratch.
-void contract_pairs(const float* a, int64_t na, const float* b, int64_t nb, int64_t m,
-                    std::vector<float>& lanes, float* out) {
-  lanes.resize(static_cast<size_t>(kLanes * nb));
-  const int64_t tail = m % kLanes;  // lanes >= tail add 0 * 0 in the last block
-  for (int64_t i = 0; i < na; ++i) {
-    std::fill(lanes.begin(), lanes.end(), 0.0f);
-    for (int64_t r = 0; r < m; ++r)
-      fma_row(a[r * na + i], b + r * nb, &lanes[(r % kLanes) * nb], nb);
-    if (tail != 0)
-      for (int64_t l = tail; l < kLanes; ++l)
-        for (int64_t j = 0; j < nb; ++j) lanes[l * nb + j] += 0.0f;  // -0 becomes +0, as there
-    const float* L = lanes.data();
-    float* o = out + i * nb;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float t0 = L[0 * nb + j] + L[4 * nb + j], t1 = L[1 * nb + j] + L[5 * nb + j];
-      const float t2 = L[2 * nb + j] + L[6 * nb + j], t3 = L[3 * nb + j] + L[7 * nb + j];
-      o[j] += (t0 + t2) + (t1 + t3);
-    }
-  }
+// out: [na, nb]), each sum in score_nt's lane order.
+void contract_pairs(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (has_avx2_fma()) return contract_avx2(a, na, b, nb, m, out);
+#endif
+  for (int64_t i = 0; i < na; ++i) contract_entries(a + i, na, b, nb, m, 0, nb, out + i * nb);
 }
 
 // Scratch of one expert's backward, reused by a thread across experts.
 // u = gate * dy[token] (dL/dy of each pair), xs = x[token], a = act(pre),
 // dpre = (u W2) * act'(pre), all [pairs, cols]; w1t / w2t transposed weights.
 struct BackwardScratch {
-  std::vector<float> u, xs, a, dpre, dxs, w1t, w2t, lanes;
+  std::vector<float> u, xs, a, dpre, dxs, w1t, w2t;
   void resize(int64_t m, int64_t d, int64_t h) {
     u.resize(static_cast<size_t>(m * d));
     xs.resize(static_cast<size_t>(m * d));
@@ -322,8 +336,8 @@ void backward_group(const BackwardInputs& in, const ExpertGroup& g, BackwardScra
   transpose(in.shard.w1(g.local), h, d, s.w1t.data());                    // [d, h]
   score_nt(s.dpre.data(), h, s.w1t.data(), h, m, d, h, s.dxs.data(), d);  // dx = dpre W1
   for (int64_t r = 0; r < m; ++r) std::copy_n(&s.dxs[r * d], d, dx_pair.row(g.ps[r]));
-  contract_pairs(s.dpre.data(), h, s.xs.data(), d, m, s.lanes, g1);  // dW1 = dpre^T X
-  contract_pairs(s.u.data(), d, s.a.data(), h, m, s.lanes, g2);      // dW2 = U^T A
+  contract_pairs(s.dpre.data(), h, s.xs.data(), d, m, g1);  // dW1 = dpre^T X
+  contract_pairs(s.u.data(), d, s.a.data(), h, m, g2);      // dW2 = U^T A
 }
 
 }  // namespace
