@@ -53,12 +53,43 @@ std::vector<std::string> phases_of_every_rank(comm::Communicator& comm,
   return {names.begin(), names.end()};
 }
 
+// This process's peak resident memory so far (VmHWM), in bytes; 0 where
+// /proc/self/status is not there.
+double peak_resident_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;  // in kB
+  return 0.0;
+}
+
+std::vector<double> per_rank(comm::Communicator& comm, double mine) {
+  std::vector<double> all(static_cast<size_t>(comm.size()));
+  comm.allgather(&mine, sizeof mine, all.data());
+  return all;
+}
+
+void print_memory(const std::vector<json>& rows) {
+  std::printf("\n%-17s %5s %13s %13s %13s %10s\n", "strategy", "rank", "FFN MiB", "set-up MiB",
+              "peak MiB", "peak/FFN");
+  for (const json& r : rows) {
+    const auto ffn = r["ffn_weight_bytes"].get<std::vector<double>>();
+    const auto setup = r["setup_peak_rss_bytes"].get<std::vector<double>>();
+    const auto peak = r["peak_rss_bytes"].get<std::vector<double>>();
+    for (size_t i = 0; i < peak.size(); ++i)
+      std::printf("%-17s %5zu %13.1f %13.1f %13.1f %10.2f\n",
+                  r["strategy"].get<std::string>().c_str(), i, ffn[i] / 1048576.0,
+                  setup[i] / 1048576.0, peak[i] / 1048576.0, peak[i] / std::max(ffn[i], 1.0));
+  }
+}
+
 int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
   DataOptions o;
   int probes = 4, hidden = 16;
   std::string activation = "gelu", placement_name = "locality", csv_file;
   std::string strategies_text = "dense-replicated,air,dense-broadcast";
+  bool dense_expert_grads = false;
   po::options_description opts("airmoe_bench layer options (run under mpiexec -n P)");
   opts.add_options()("help,h", "show this help");
   o.add_to(opts);
@@ -69,7 +100,9 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       "round-robin, list or locality")("strategies",
                                        po::value(&strategies_text)->default_value(strategies_text),
                                        "comma-separated strategies")(
-      "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here");
+      "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here")(
+      "dense-expert-grads", po::bool_switch(&dense_expert_grads),
+      "backward also fills the dense expert gradients (all hosted experts)");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   o.validate();
   require_in_range(probes, 1, probe_limit(o), "-m/--probes");
@@ -93,6 +126,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   spec.hidden = hidden;
   spec.activation = runtime::activation_from_string(activation);
   spec.expert_seed = 7;
+  spec.dense_expert_grads = dense_expert_grads;
   // One index and one placement for every strategy: the same data, weights
   // and placement (rank 0's tokens are the load sample).
   const runtime::SharedIndex index = runtime::agree_on_index(comm, spec, centers, mine);
@@ -100,6 +134,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   if (me == 0) progress("exact routing for recall");
   const Routes exact = DenseRouter(centers).route(mine, o.k);
   const Matrix d_out = random_matrix(e - b, d, 1.0, o.seed + 1000 + static_cast<uint64_t>(me));
+  const std::vector<double> setup_peak = per_rank(comm, peak_resident_bytes());
 
   std::vector<json> rows;
   for (runtime::Strategy strategy : strategies) {
@@ -160,6 +195,13 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                       {"backward_experts", max_over_ranks(comm, best.backward_experts)},
                       {"backward_combine", max_over_ranks(comm, best.backward_combine)},
                       {"total", best_total}};
+    // The process's high-water mark: it includes the set-up and the strategies
+    // run before this one.
+    row["setup_peak_rss_bytes"] = setup_peak;
+    row["peak_rss_bytes"] = per_rank(comm, peak_resident_bytes());
+    row["ffn_weight_bytes"] =
+        per_rank(comm, static_cast<double>(sizeof(float) * (layer.experts().w1_data().size() +
+                                                            layer.experts().w2_data().size())));
     rows.push_back(row);
   }
   finish_rows(rows);
@@ -184,6 +226,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                   s["backward_dispatch"].get<double>() + s["backward_experts"].get<double>() +
                       s["backward_combine"].get<double>());
     }
+    print_memory(rows);
     if (json_out.wanted()) {
       json j;
       j["benchmark"] = "layer";
@@ -200,7 +243,8 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"seed", o.seed},
                      {"ranks", P},
                      {"imbalance", plan.imbalance},
-                     {"threads_per_rank", num_threads()}};
+                     {"threads_per_rank", num_threads()},
+                     {"dense_expert_grads", dense_expert_grads}};
       j["results"] = rows;
       json_out.stream() << j.dump(2) << "\n";
       json_out.finish();

@@ -65,7 +65,8 @@ std::string LayerSpec::describe() const {
          " kmeans_iterations=" + std::to_string(kmeans_iterations) +
          " kmeans_seed=" + std::to_string(kmeans_seed) + " placement=" + to_string(placement) +
          " hidden=" + std::to_string(hidden) + " activation=" + to_string(activation) +
-         " expert_seed=" + std::to_string(expert_seed);
+         " expert_seed=" + std::to_string(expert_seed) +
+         " dense_expert_grads=" + std::to_string(dense_expert_grads);
 }
 
 MoEConfig LayerSpec::moe_config() const {
@@ -73,6 +74,7 @@ MoEConfig LayerSpec::moe_config() const {
   config.k = k;
   config.probes = probes;
   config.expert = {dim, hidden, activation};
+  config.dense_expert_grads = dense_expert_grads;
   return config;
 }
 

@@ -67,6 +67,9 @@ struct LayerSpec {
   int64_t hidden = 16;
   Activation activation = Activation::kGelu;
   uint64_t expert_seed = 0;
+  // Backward also fills the dense expert gradients over every hosted expert
+  // (MoEConfig::dense_expert_grads); off, only the touched experts' come back.
+  bool dense_expert_grads = true;
 
   // Every field, one line: what ranks compare, and what logs print.
   std::string describe() const;

@@ -12,6 +12,10 @@
 
 #include <omp.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -176,10 +180,164 @@ void accumulate_rows(const Csr& by_token, const Matrix& src, Matrix& dst, Scale 
   }
 }
 
+// dst[i] += scale * src[i]: one rounded multiply, then one rounded add.
+void add_scaled(const float* src, int64_t n, float scale, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += scale * src[i];
+}
+
 // out [cols, rows] = in [rows, cols] transposed.
 void transpose(const float* in, int64_t rows, int64_t cols, float* out) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
+}
+
+// The lane structure of score_nt's dot products (router/scoring.cpp): lane l
+// sums the products of depth index r = l, l + 8, ... with fused
+// multiply-adds, lanes past a partial last block of eight add 0 * 0 (which
+// turns -0 into +0), and the eight lanes meet in a fixed tree. contract_pairs
+// keeps that structure for every output entry but runs eight entries at
+// once, its lanes in registers, so a parameter gradient contracted over an
+// expert's few pairs has the bits score_nt gives on transposed copies
+// without score_nt's one horizontal sum per entry.
+constexpr int kLanes = 8;
+
+float lane_tree(const float* l) {
+  const float t0 = l[0] + l[4], t1 = l[1] + l[5], t2 = l[2] + l[6], t3 = l[3] + l[7];
+  return (t0 + t2) + (t1 + t3);
+}
+
+// out[j] += the lane-ordered sum over r < m of a[r * lda] * b[r * nb + j],
+// one entry at a time (the portable path and the columns past a multiple of
+// eight).
+void contract_entries(const float* a, int64_t lda, const float* b, int64_t nb, int64_t m,
+                      int64_t j0, int64_t j1, float* out) {
+  for (int64_t j = j0; j < j1; ++j) {
+    float lane[kLanes] = {};
+    for (int64_t r = 0; r < m; ++r)
+      lane[r % kLanes] = std::fma(a[r * lda], b[r * nb + j], lane[r % kLanes]);
+    if (m % kLanes != 0)
+      for (int64_t l = m % kLanes; l < kLanes; ++l) lane[l] += 0.0f;
+    out[j] += lane_tree(lane);
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+bool has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+__attribute__((target("avx2,fma"))) void contract_avx2(const float* a, int64_t na, const float* b,
+                                                       int64_t nb, int64_t m, float* out) {
+  const int64_t tail = m % kLanes, nv = nb - nb % kLanes;
+  for (int64_t i = 0; i < na; ++i) {
+    float* o = out + i * nb;
+    for (int64_t j = 0; j < nv; j += kLanes) {
+      __m256 acc[kLanes];
+      for (int l = 0; l < kLanes; ++l) acc[l] = _mm256_setzero_ps();
+      for (int64_t r0 = 0; r0 < m; r0 += kLanes)
+        for (int l = 0; l < kLanes; ++l)
+          if (r0 + l < m)
+            acc[l] = _mm256_fmadd_ps(_mm256_set1_ps(a[(r0 + l) * na + i]),
+                                     _mm256_loadu_ps(b + (r0 + l) * nb + j), acc[l]);
+      if (tail != 0)
+        for (int l = 0; l < kLanes; ++l)
+          if (l >= tail) acc[l] = _mm256_add_ps(acc[l], _mm256_setzero_ps());
+      const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]);
+      const __m256 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
+      _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), sum));
+    }
+    contract_entries(a + i, na, b, nb, m, nv, nb, o);
+  }
+}
+#endif
+
+// out[i, j] += sum over r < m of a[r, i] * b[r, j]  (a: [m, na], b: [m, nb],
+// out: [na, nb]), each sum in score_nt's lane order.
+void contract_pairs(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (has_avx2_fma()) return contract_avx2(a, na, b, nb, m, out);
+#endif
+  for (int64_t i = 0; i < na; ++i) contract_entries(a + i, na, b, nb, m, 0, nb, out + i * nb);
+}
+
+// Scratch of one expert's backward, reused by a thread across experts.
+// u = gate * dy[token] (dL/dy of each pair), xs = x[token], a = act(pre),
+// dpre = (u W2) * act'(pre), all [pairs, cols]; w1t / w2t transposed weights.
+struct BackwardScratch {
+  std::vector<float> u, xs, a, dpre, dxs, w1t, w2t;
+  void resize(int64_t m, int64_t d, int64_t h) {
+    u.resize(static_cast<size_t>(m * d));
+    xs.resize(static_cast<size_t>(m * d));
+    dxs.resize(static_cast<size_t>(m * d));
+    a.resize(static_cast<size_t>(m * h));
+    dpre.resize(static_cast<size_t>(m * h));
+    w1t.resize(static_cast<size_t>(d * h));
+    w2t.resize(static_cast<size_t>(h * d));
+  }
+};
+
+// One expert's pairs ps[0..m) as seen by its backward.
+struct ExpertGroup {
+  int64_t local;      // index in the shard
+  const int64_t* ps;  // pair indices, ascending
+  int64_t m;
+};
+
+// What every group's backward reads.
+struct BackwardInputs {
+  const ExpertShard& shard;
+  MatrixView x;
+  const ExpertPairs& pairs;
+  const ExpertCache& cache;
+  MatrixView dy;
+};
+
+// Gathers u, xs and a of the group's pairs and sets their d_gate.
+void gather_pairs(const BackwardInputs& in, const ExpertGroup& g, BackwardScratch& s,
+                  std::vector<float>& d_gate) {
+  const int64_t d = in.shard.config().dim, h = in.shard.config().hidden;
+  const Activation act = in.shard.config().activation;
+  for (int64_t r = 0; r < g.m; ++r) {
+    const int64_t p = g.ps[r];
+    const int32_t t = in.pairs.token[p];
+    const float* dyt = in.dy.row(t);
+    const float* y = in.cache.output.row(p);
+    const float gate = in.pairs.gate[p];
+    double dg = 0.0;
+    for (int64_t c = 0; c < d; ++c) {
+      dg += static_cast<double>(dyt[c]) * static_cast<double>(y[c]);
+      s.u[r * d + c] = gate * dyt[c];
+    }
+    d_gate[p] = static_cast<float>(dg);
+    std::copy_n(in.x.row(t), d, &s.xs[r * d]);
+    const float* pre = in.cache.pre.row(p);
+    for (int64_t j = 0; j < h; ++j) s.a[r * h + j] = static_cast<float>(act_value(act, pre[j]));
+  }
+}
+
+// One expert's pairs: their d_gate and rows of dx_pair, and the expert's
+// parameter gradients added to g1 [h, d] and g2 [d, h]. The GEMMs over the
+// pairs' rows are score_nt's; the contractions over the pairs are
+// contract_pairs (a handful of pairs per expert is the common case).
+void backward_group(const BackwardInputs& in, const ExpertGroup& g, BackwardScratch& s,
+                    std::vector<float>& d_gate, Matrix& dx_pair, float* g1, float* g2) {
+  const int64_t d = in.shard.config().dim, h = in.shard.config().hidden, m = g.m;
+  const Activation act = in.shard.config().activation;
+  s.resize(m, d, h);
+  gather_pairs(in, g, s, d_gate);
+  transpose(in.shard.w2(g.local), d, h, s.w2t.data());                  // [h, d]
+  score_nt(s.u.data(), d, s.w2t.data(), d, m, h, d, s.dpre.data(), h);  // da = u W2
+  for (int64_t r = 0; r < m; ++r) {
+    const float* pre = in.cache.pre.row(g.ps[r]);
+    for (int64_t j = 0; j < h; ++j) s.dpre[r * h + j] *= static_cast<float>(act_grad(act, pre[j]));
+  }
+  transpose(in.shard.w1(g.local), h, d, s.w1t.data());                    // [d, h]
+  score_nt(s.dpre.data(), h, s.w1t.data(), h, m, d, h, s.dxs.data(), d);  // dx = dpre W1
+  for (int64_t r = 0; r < m; ++r) std::copy_n(&s.dxs[r * d], d, dx_pair.row(g.ps[r]));
+  contract_pairs(s.dpre.data(), h, s.xs.data(), d, m, g1);  // dW1 = dpre^T X
+  contract_pairs(s.u.data(), d, s.a.data(), h, m, g2);      // dW2 = U^T A
 }
 
 }  // namespace
@@ -294,9 +452,9 @@ ExpertCache ExpertShard::forward(MatrixView x, const ExpertPairs& pairs, Matrix&
   return cache;
 }
 
-void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
-                           MatrixView dy, std::vector<float>& d_gate, Matrix& dx,
-                           ExpertGrads& grads) const {
+ExpertGradients ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
+                                      const ExpertCache& cache, MatrixView dy,
+                                      std::vector<float>& d_gate, Matrix& dx) const {
   const std::vector<int32_t> local = check_pairs(*this, x, pairs, "backward");
   const int64_t d = config_.dim, h = config_.hidden;
   const size_t n = pairs.size();
@@ -308,85 +466,102 @@ void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertC
   require_shape(cache.output.rows(), cache.output.cols(), ni, d,
                 "ExpertShard::backward: cache.output (not from forward on these pairs?)");
   require_finite(dy, "ExpertShard::backward: dy");
-  if (grads.w1.empty() && grads.w2.empty()) grads = zero_grads();
-  if (grads.w1.size() != w1_.size() || grads.w2.size() != w2_.size())
-    fail("ExpertShard::backward: grads have " + std::to_string(grads.w1.size()) + " and " +
-         std::to_string(grads.w2.size()) + " entries, expected " + std::to_string(w1_.size()) +
-         " and " + std::to_string(w2_.size()) + " (use zero_grads())");
   d_gate.assign(n, 0.0f);
-  if (n == 0) return;
+  ExpertGradients grads;
+  if (n == 0) return grads;
 
   const Csr by_expert = bucket(size(), n, [&](size_t p) { return local[p]; });
   const std::vector<int64_t> active = nonempty(by_expert);
   const int64_t na = static_cast<int64_t>(active.size());
-  const Activation act = config_.activation;
+  grads.ids.resize(active.size());
+  for (int64_t i = 0; i < na; ++i) grads.ids[i] = ids_[active[i]];
+  grads.w1.assign(static_cast<size_t>(na * h * d), 0.0f);
+  grads.w2.assign(static_cast<size_t>(na * d * h), 0.0f);
+  const BackwardInputs in{*this, x, pairs, cache, dy};
   Matrix dx_pair(ni, d);  // each pair's contribution to dx[token]
 #pragma omp parallel if (parallel_over_experts(active.size()))
   {
-    // u = gate * dy[token] (dL/dy of the pair), a = act(pre),
-    // dpre = (u W2) * act'(pre); "t" marks transposed [cols, pairs] copies.
-    std::vector<float> ub, ut, xt, at, dpre, dpret, w1t, w2t, tmp;
+    BackwardScratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < na; ++i) {
       const int64_t e = active[i];
-      const int64_t* ps = by_expert.items.data() + by_expert.offsets[e];
-      const int64_t m = by_expert.offsets[e + 1] - by_expert.offsets[e];
-      ub.resize(static_cast<size_t>(m * d));
-      ut.resize(static_cast<size_t>(m * d));
-      xt.resize(static_cast<size_t>(m * d));
-      at.resize(static_cast<size_t>(m * h));
-      dpre.resize(static_cast<size_t>(m * h));
-      dpret.resize(static_cast<size_t>(m * h));
-      w1t.resize(static_cast<size_t>(d * h));
-      w2t.resize(static_cast<size_t>(h * d));
-      tmp.resize(static_cast<size_t>(d * h));
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t p = ps[r];
-        const float* dyt = dy.row(pairs.token[p]);
-        const float* xr = x.row(pairs.token[p]);
-        const float* y = cache.output.row(p);
-        const float g = pairs.gate[p];
-        double dg = 0.0;
-        for (int64_t c = 0; c < d; ++c) {
-          dg += static_cast<double>(dyt[c]) * static_cast<double>(y[c]);
-          const float u = g * dyt[c];
-          ub[r * d + c] = u;
-          ut[c * m + r] = u;
-          xt[c * m + r] = xr[c];
-        }
-        d_gate[p] = static_cast<float>(dg);
-        const float* pre = cache.pre.row(p);
-        for (int64_t j = 0; j < h; ++j) {
-          const float a = static_cast<float>(act_value(act, pre[j]));
-          at[j * m + r] = a;
-        }
-      }
-      transpose(w2(e), d, h, w2t.data());                              // [h, d]
-      score_nt(ub.data(), d, w2t.data(), d, m, h, d, dpre.data(), h);  // da = u W2
-      for (int64_t r = 0; r < m; ++r) {
-        const float* pre = cache.pre.row(ps[r]);
-        for (int64_t j = 0; j < h; ++j) {
-          const float v = dpre[r * h + j] * static_cast<float>(act_grad(act, pre[j]));
-          dpre[r * h + j] = v;
-          dpret[j * m + r] = v;
-        }
-      }
-      // dx contributions: dpre W1, one row per pair.
-      transpose(w1(e), h, d, w1t.data());                              // [d, h]
-      score_nt(dpre.data(), h, w1t.data(), h, m, d, h, ub.data(), d);  // reuses ub
-      for (int64_t r = 0; r < m; ++r) std::copy_n(&ub[r * d], d, dx_pair.row(ps[r]));
-      // dW1 [h, d] = dpre^T X ; dW2 [d, h] = U^T A, contracted over pairs.
-      score_nt(dpret.data(), m, xt.data(), m, h, d, m, tmp.data(), d);
-      float* g1 = grads.w1.data() + e * h * d;
-      for (int64_t q = 0; q < h * d; ++q) g1[q] += tmp[q];
-      score_nt(ut.data(), m, at.data(), m, d, h, m, tmp.data(), h);
-      float* g2 = grads.w2.data() + e * d * h;
-      for (int64_t q = 0; q < d * h; ++q) g2[q] += tmp[q];
+      const ExpertGroup g{e, by_expert.items.data() + by_expert.offsets[e],
+                          by_expert.offsets[e + 1] - by_expert.offsets[e]};
+      backward_group(in, g, scratch, d_gate, dx_pair, grads.w1.data() + i * h * d,
+                     grads.w2.data() + i * d * h);
     }
   }
 
   const Csr by_token = bucket(x.rows, n, [&](size_t p) { return pairs.token[p]; });
   accumulate_rows(by_token, dx_pair, dx, [](int64_t) { return 1.0f; });
+  return grads;
+}
+
+void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
+                           MatrixView dy, std::vector<float>& d_gate, Matrix& dx,
+                           ExpertGrads& grads) const {
+  if (grads.w1.empty() && grads.w2.empty()) grads = zero_grads();
+  check_dense(grads, "backward");
+  const ExpertGradients touched = backward(x, pairs, cache, dy, d_gate, dx);
+  const int64_t w = config_.dim * config_.hidden;
+  for (int64_t i = 0; i < touched.size(); ++i) {
+    const int64_t e = index_of(touched.ids[i]);
+    add_scaled(touched.w1.data() + i * w, w, 1.0f, grads.w1.data() + e * w);
+    add_scaled(touched.w2.data() + i * w, w, 1.0f, grads.w2.data() + e * w);
+  }
+}
+
+ExpertGrads ExpertShard::to_dense(const ExpertGradients& grads) const {
+  const std::vector<int64_t> local = check_sparse(grads, "to_dense");
+  const int64_t w = config_.dim * config_.hidden;
+  ExpertGrads dense = zero_grads();
+  for (size_t i = 0; i < local.size(); ++i) {
+    std::copy_n(grads.w1.data() + i * w, w, dense.w1.data() + local[i] * w);
+    std::copy_n(grads.w2.data() + i * w, w, dense.w2.data() + local[i] * w);
+  }
+  return dense;
+}
+
+void ExpertShard::apply(const ExpertGradients& grads, float scale) {
+  const std::vector<int64_t> local = check_sparse(grads, "apply");
+  const int64_t w = config_.dim * config_.hidden;
+  for (size_t i = 0; i < local.size(); ++i) {
+    add_scaled(grads.w1.data() + i * w, w, scale, w1(local[i]));
+    add_scaled(grads.w2.data() + i * w, w, scale, w2(local[i]));
+  }
+}
+
+void ExpertShard::apply(const ExpertGrads& grads, float scale) {
+  check_dense(grads, "apply");
+  add_scaled(grads.w1.data(), static_cast<int64_t>(w1_.size()), scale, w1_.data());
+  add_scaled(grads.w2.data(), static_cast<int64_t>(w2_.size()), scale, w2_.data());
+}
+
+void ExpertShard::check_dense(const ExpertGrads& grads, const char* fn) const {
+  if (grads.w1.size() != w1_.size() || grads.w2.size() != w2_.size())
+    fail(std::string("ExpertShard::") + fn + ": grads have " + std::to_string(grads.w1.size()) +
+         " and " + std::to_string(grads.w2.size()) + " entries, expected " +
+         std::to_string(w1_.size()) + " and " + std::to_string(w2_.size()) + " (use zero_grads())");
+}
+
+std::vector<int64_t> ExpertShard::check_sparse(const ExpertGradients& grads, const char* fn) const {
+  const std::string where = std::string("ExpertShard::") + fn + ": ";
+  const size_t want = grads.ids.size() * static_cast<size_t>(config_.dim * config_.hidden);
+  if (grads.w1.size() != want || grads.w2.size() != want)
+    fail(where + "grads of " + std::to_string(grads.ids.size()) + " experts have " +
+         std::to_string(grads.w1.size()) + " and " + std::to_string(grads.w2.size()) +
+         " entries, expected " + std::to_string(want) + " each");
+  std::vector<int64_t> local(grads.ids.size());
+  for (size_t i = 0; i < grads.ids.size(); ++i) {
+    if (i > 0 && grads.ids[i] <= grads.ids[i - 1])
+      fail(where + "grads ids must be ascending and distinct, but ids[" + std::to_string(i) +
+           "] = " + std::to_string(grads.ids[i]) + " follows " + std::to_string(grads.ids[i - 1]));
+    local[i] = index_of(grads.ids[i]);
+    if (local[i] < 0)
+      fail(where + "grads ids[" + std::to_string(i) + "] = expert " + std::to_string(grads.ids[i]) +
+           " is not hosted by this shard");
+  }
+  return local;
 }
 
 }  // namespace airmoe::runtime

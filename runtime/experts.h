@@ -37,10 +37,22 @@ struct ExpertCache {
   Matrix output;  // [pairs, d]  FFN(x), before the gate
 };
 
-// Gradients of a shard's parameters, same layout as the parameters.
+// Gradients of a shard's parameters, dense: same layout as the parameters,
+// zeros for the experts a step did not touch.
 struct ExpertGrads {
   std::vector<float> w1;  // [experts, h, d]
   std::vector<float> w2;  // [experts, d, h]
+};
+
+// Gradients of the experts one backward call touched, keyed by global expert
+// id: a step touches at most (pairs) experts of the shard, so this stays
+// small where the dense form would be the size of the shard. Row i of w1 / w2
+// holds the same bits as expert ids[i]'s rows of the dense form.
+struct ExpertGradients {
+  std::vector<int32_t> ids;  // ascending global expert ids
+  std::vector<float> w1;     // [ids, h, d]
+  std::vector<float> w2;     // [ids, d, h]
+  int64_t size() const { return static_cast<int64_t>(ids.size()); }
 };
 
 class ExpertShard {
@@ -72,16 +84,36 @@ class ExpertShard {
   ExpertCache forward(MatrixView x, const ExpertPairs& pairs, Matrix& out) const;
 
   // Given dL/dout (dy, [rows, d]): d_gate[p] = <dy[token_p], FFN(x)_p>; adds
-  // to dx[token] the gate-weighted input gradient (pair order) and to
-  // grads the parameter gradients (accumulated per expert in pair order).
+  // to dx[token] the gate-weighted input gradient (pair order) and returns
+  // the parameter gradients of the touched experts (contracted per expert in
+  // pair order).
+  ExpertGradients backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
+                           MatrixView dy, std::vector<float>& d_gate, Matrix& dx) const;
+  // The same, adding the parameter gradients to dense `grads` (empty: taken
+  // as zero_grads()).
   void backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache, MatrixView dy,
                 std::vector<float>& d_gate, Matrix& dx, ExpertGrads& grads) const;
 
   ExpertGrads zero_grads() const;
+  // The hosted layout of sparse gradients, zeros for the experts not in it.
+  ExpertGrads to_dense(const ExpertGradients& grads) const;
+
+  // Optimizer steps: parameters += scale * gradients, one float multiply and
+  // one add per entry. The sparse form touches only its experts; for a
+  // descent step (scale < 0) it gives the same bits as the dense form, whose
+  // zeros add -0 and so leave the untouched experts' parameters as they are.
+  void apply(const ExpertGradients& grads, float scale);
+  void apply(const ExpertGrads& grads, float scale);
+  void apply_sgd(const ExpertGradients& grads, float lr) { apply(grads, -lr); }
   // FLOPs per (token, expert) pair: 2 GEMVs of d x h, 2 FLOPs per multiply-add.
   double flops_per_pair() const { return 4.0 * static_cast<double>(config_.dim * config_.hidden); }
 
  private:
+  // Throws unless the gradients fit this shard; the sparse check returns each
+  // expert's local index.
+  void check_dense(const ExpertGrads& grads, const char* fn) const;
+  std::vector<int64_t> check_sparse(const ExpertGradients& grads, const char* fn) const;
+
   ExpertConfig config_;
   std::vector<int32_t> ids_;
   std::vector<float> w1_;  // [experts, h, d]

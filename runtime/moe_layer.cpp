@@ -233,10 +233,10 @@ Matrix MoELayer::grad_dispatch(const DispatchPlan& plan, MatrixView d_out) {
 // The experts' backward where they live; fails every rank together.
 void MoELayer::expert_backward(DispatchPlan& plan, MatrixView dy, MoEGradients& grads) {
   comm::check_together(comm_, "MoE backward: serving experts", [&] {
-    grads.experts = experts_.zero_grads();
     plan.pair_dx = Matrix(plan.inputs.rows(), config_.expert.dim);
-    experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy, plan.pair_d_gate,
-                      plan.pair_dx, grads.experts);
+    grads.touched_experts = experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy,
+                                              plan.pair_d_gate, plan.pair_dx);
+    if (config_.dense_expert_grads) grads.experts = experts_.to_dense(grads.touched_experts);
   });
 }
 

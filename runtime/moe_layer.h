@@ -34,6 +34,9 @@ struct MoEConfig {
   int k = 8;
   int probes = 4;  // AIR's m; dense-broadcast probes every list
   ExpertConfig expert;
+  // backward also fills MoEGradients::experts, dense over the hosted experts
+  // (what Python's autograd takes); off, only the touched experts' gradients.
+  bool dense_expert_grads = true;
 };
 
 struct PhaseSeconds {
@@ -76,9 +79,10 @@ struct DispatchPlan {
 };
 
 struct MoEGradients {
-  Matrix d_tokens;          // [T_r, d]
-  ExpertGrads experts;      // this rank's experts, the shard's layout
-  SparseRowGrad d_centers;  // rows = global expert ids hosted here
+  Matrix d_tokens;                  // [T_r, d]
+  ExpertGradients touched_experts;  // FFN gradients of the experts this step touched, by global id
+  ExpertGrads experts;              // dense, the shard's layout (MoEConfig::dense_expert_grads)
+  SparseRowGrad d_centers;          // rows = global expert ids hosted here
 };
 
 class MoELayer {

@@ -4,16 +4,19 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "reference_layer.h"
-#include "router/routes.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
+#include "reference_layer.h"
+#include "router/routes.h"
+#include "router/scoring.h"
 #include "runtime/experts.h"
 #include "test_util.h"
 
@@ -23,6 +26,7 @@ namespace {
 using runtime::Activation;
 using runtime::ExpertCache;
 using runtime::ExpertConfig;
+using runtime::ExpertGradients;
 using runtime::ExpertGrads;
 using runtime::ExpertPairs;
 using runtime::ExpertShard;
@@ -517,6 +521,227 @@ TEST(ExpertBadInput, Backward) {
   ExpertGrads short_grads{std::vector<float>(3), std::vector<float>(3)};
   AIRMOE_EXPECT_THROW_MSG(s.backward(x, good, cache, dy, d_gate, dx, short_grads),
                           std::invalid_argument, "zero_grads()");
+}
+
+// ---- Sparse expert gradients (touched experts only) and optimizer steps ----
+
+std::vector<uint32_t> bits(const float* v, size_t n) {
+  std::vector<uint32_t> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = std::bit_cast<uint32_t>(v[i]);
+  return out;
+}
+std::vector<uint32_t> bits(const std::vector<float>& v) {
+  return bits(v.data(), v.size());
+}
+
+// Today's dense rows of one ReLU expert, written out: the pairs' rows
+// transposed and contracted with score_nt, added to zeros. ReLU keeps
+// act and act' exact in float, so the rows can be compared bit for bit.
+struct DenseRows {
+  std::vector<float> w1, w2;  // [h, d], [d, h]
+};
+DenseRows score_nt_rows(const ExpertShard& s, int32_t id, const Matrix& x, const ExpertPairs& p,
+                        const ExpertCache& cache, const Matrix& dy) {
+  const int64_t d = s.config().dim, h = s.config().hidden, e = s.index_of(id);
+  std::vector<size_t> mine;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p.expert[i] == id) mine.push_back(i);
+  const int64_t m = static_cast<int64_t>(mine.size());
+  std::vector<float> u(m * d), ut(d * m), xt(d * m), at(h * m), w2t(h * d), dpre(m * h),
+      dpret(h * m);
+  for (int64_t r = 0; r < m; ++r) {
+    const size_t q = mine[r];
+    for (int64_t c = 0; c < d; ++c) {
+      u[r * d + c] = ut[c * m + r] = p.gate[q] * dy(p.token[q], c);
+      xt[c * m + r] = x(p.token[q], c);
+    }
+    for (int64_t j = 0; j < h; ++j) at[j * m + r] = std::max(cache.pre(q, j), 0.0f);
+  }
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t j = 0; j < h; ++j) w2t[j * d + c] = s.w2(e)[c * h + j];
+  score_nt(u.data(), d, w2t.data(), d, m, h, d, dpre.data(), h);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < h; ++j)
+      dpret[j * m + r] = dpre[r * h + j] * (cache.pre(mine[r], j) > 0.0f ? 1.0f : 0.0f);
+  DenseRows out{std::vector<float>(h * d), std::vector<float>(d * h)};
+  std::vector<float> tmp(h * d);
+  score_nt(dpret.data(), m, xt.data(), m, h, d, m, tmp.data(), d);
+  for (int64_t q = 0; q < h * d; ++q) out.w1[q] = 0.0f + tmp[q];
+  score_nt(ut.data(), m, at.data(), m, d, h, m, tmp.data(), h);
+  for (int64_t q = 0; q < d * h; ++q) out.w2[q] = 0.0f + tmp[q];
+  return out;
+}
+
+// Pairs over a few of the shard's experts: expert 7 serves 11 tokens (more
+// than one block of eight), expert 20 serves 16 (whole blocks), the others
+// one or two; most hosted experts are untouched.
+ExpertPairs few_experts_pairs(int64_t T) {
+  ExpertPairs p;
+  auto add = [&](int32_t t, int32_t e, float g) {
+    p.token.push_back(t);
+    p.expert.push_back(e);
+    p.gate.push_back(g);
+  };
+  for (int32_t i = 0; i < 16; ++i) add(i % static_cast<int32_t>(T), 20, 0.05f + 0.03f * i);
+  for (int32_t i = 0; i < 11; ++i) add((3 * i + 1) % static_cast<int32_t>(T), 7, 0.9f - 0.04f * i);
+  add(2, 3, 0.4f);
+  add(5, 31, 0.25f);
+  add(5, 3, 0.6f);
+  return p;
+}
+
+TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
+  const int64_t T = 13, d = 21;
+  std::vector<int32_t> ids;
+  for (int32_t i = 0; i < 40; ++i) ids.push_back(i);  // expert i has global id i
+  for (int64_t h : {int64_t{1}, int64_t{8}}) {
+    SCOPED_TRACE("h=" + std::to_string(h));
+    const ExpertShard s = ExpertShard::random({d, h, Activation::kRelu}, ids, 90);
+    const Matrix x = random_matrix(T, d, 1.0, 91);
+    const Matrix dy = random_matrix(T, d, 1.0, 92);
+    const ExpertPairs p = few_experts_pairs(T);
+    Matrix out(T, d);
+    const ExpertCache cache = s.forward(x, p, out);
+    Matrix dx_sparse(T, d), dx_dense(T, d);
+    std::vector<float> gate_sparse, gate_dense;
+    const ExpertGradients g = s.backward(x, p, cache, dy, gate_sparse, dx_sparse);
+    ExpertGrads dense = s.zero_grads();
+    s.backward(x, p, cache, dy, gate_dense, dx_dense, dense);
+
+    EXPECT_EQ(g.ids, (std::vector<int32_t>{3, 7, 20, 31}));  // ascending, touched only
+    ASSERT_EQ(g.w1.size(), 4u * h * d);
+    ASSERT_EQ(g.w2.size(), 4u * d * h);
+    EXPECT_EQ(bits(gate_sparse), bits(gate_dense));
+    EXPECT_EQ(bits(test::values(dx_sparse)), bits(test::values(dx_dense)));
+    const size_t w = static_cast<size_t>(h * d);
+    for (int64_t i = 0; i < g.size(); ++i) {
+      const int32_t id = g.ids[i];
+      const DenseRows want = score_nt_rows(s, id, x, p, cache, dy);
+      EXPECT_EQ(bits(g.w1.data() + i * w, w), bits(want.w1)) << "dW1 of expert " << id;
+      EXPECT_EQ(bits(g.w2.data() + i * w, w), bits(want.w2)) << "dW2 of expert " << id;
+      EXPECT_EQ(bits(g.w1.data() + i * w, w), bits(dense.w1.data() + id * w, w));
+      EXPECT_EQ(bits(g.w2.data() + i * w, w), bits(dense.w2.data() + id * w, w));
+    }
+    // The dense form is zero outside the touched experts, and to_dense gives it.
+    const ExpertGrads back = s.to_dense(g);
+    EXPECT_EQ(bits(back.w1), bits(dense.w1));
+    EXPECT_EQ(bits(back.w2), bits(dense.w2));
+    for (int32_t id : ids) {
+      if (std::binary_search(g.ids.begin(), g.ids.end(), id)) continue;
+      for (size_t q = 0; q < w; ++q) ASSERT_EQ(dense.w1[id * w + q], 0.0f) << "expert " << id;
+    }
+  }
+}
+
+// The contraction over an expert's pairs runs in pair order: moving the
+// pairs of other experts around changes nothing, and reversing the expert's
+// own pairs changes the bits (float addition is not associative) while the
+// values stay within rounding.
+TEST(ExpertGradients, ExpertOfSeveralTokensAccumulatesInPairOrder) {
+  const int64_t T = 13, d = 17, h = 4;
+  std::vector<int32_t> ids;
+  for (int32_t i = 0; i < 40; ++i) ids.push_back(i);
+  const ExpertShard s = ExpertShard::random({d, h, Activation::kRelu}, ids, 95);
+  const Matrix x = random_matrix(T, d, 1.0, 96);
+  const Matrix dy = random_matrix(T, d, 1.0, 97);
+  const ExpertPairs p = few_experts_pairs(T);
+  auto grads_of = [&](const ExpertPairs& q) {
+    Matrix out(T, d), dx(T, d);
+    std::vector<float> d_gate;
+    return s.backward(x, q, s.forward(x, q, out), dy, d_gate, dx);
+  };
+  const ExpertGradients base = grads_of(p);
+  // Other experts' pairs first: expert 7's pairs keep their order.
+  std::vector<size_t> others_first, reversed_seven;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p.expert[i] != 7) others_first.push_back(i);
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p.expert[i] == 7) others_first.push_back(i);
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p.expert[i] != 7) reversed_seven.push_back(i);
+  for (size_t i = p.size(); i-- > 0;)
+    if (p.expert[i] == 7) reversed_seven.push_back(i);
+  const ExpertGradients moved = grads_of(subset(p, others_first));
+  EXPECT_EQ(moved.ids, base.ids);
+  EXPECT_EQ(bits(moved.w1), bits(base.w1));
+  EXPECT_EQ(bits(moved.w2), bits(base.w2));
+  const ExpertGradients rev = grads_of(subset(p, reversed_seven));
+  const size_t w = static_cast<size_t>(h * d), seven = 1;  // ids {3, 7, 20, 31}
+  ASSERT_EQ(rev.ids, base.ids);
+  EXPECT_NE(bits(rev.w1.data() + seven * w, w), bits(base.w1.data() + seven * w, w));
+  std::vector<double> want(base.w1.begin() + seven * w, base.w1.begin() + (seven + 1) * w);
+  expect_close(rev.w1.data() + seven * w, want, 1e-5, "dW1 of expert 7, pairs reversed");
+}
+
+TEST(ExpertGradients, EmptyPairsGiveEmptyGradients) {
+  const int64_t T = 4, d = 5, h = 3;
+  const ExpertShard s = ExpertShard::random({d, h, Activation::kGelu}, {2, 6}, 70);
+  const Matrix x = random_matrix(T, d, 1.0, 71);
+  Matrix out(T, d), dx(T, d);
+  const ExpertCache cache = s.forward(x, ExpertPairs{}, out);
+  std::vector<float> d_gate = {1.0f};
+  const ExpertGradients g =
+      s.backward(x, ExpertPairs{}, cache, random_matrix(T, d, 1.0, 72), d_gate, dx);
+  EXPECT_TRUE(g.ids.empty());
+  EXPECT_TRUE(g.w1.empty());
+  EXPECT_TRUE(g.w2.empty());
+  EXPECT_TRUE(d_gate.empty());
+  EXPECT_EQ(bits(s.to_dense(g).w1), bits(s.zero_grads().w1));
+  ExpertShard moved = s;
+  moved.apply_sgd(g, 0.1f);
+  EXPECT_EQ(bits(moved.w1_data()), bits(s.w1_data()));
+  EXPECT_EQ(bits(moved.w2_data()), bits(s.w2_data()));
+}
+
+// An SGD step on the sparse form equals the step on the dense form, bit for
+// bit, and moves only the touched experts.
+TEST(ExpertGradients, SparseStepEqualsDenseStep) {
+  const int64_t T = 13, d = 19;
+  const std::vector<int32_t> ids = [] {
+    std::vector<int32_t> v;
+    for (int32_t i = 0; i < 40; ++i) v.push_back(i);
+    return v;
+  }();
+  for (Activation act : kActivations) {
+    SCOPED_TRACE(runtime::to_string(act));
+    const ExpertShard s = ExpertShard::random({d, 6, act}, ids, 80);
+    const Matrix x = random_matrix(T, d, 1.0, 81);
+    const Matrix dy = random_matrix(T, d, 1.0, 82);
+    const ExpertPairs p = few_experts_pairs(T);
+    Matrix out(T, d), dx(T, d);
+    std::vector<float> d_gate;
+    const ExpertGradients g = s.backward(x, p, s.forward(x, p, out), dy, d_gate, dx);
+    ExpertShard sparse = s, dense = s;
+    sparse.apply_sgd(g, 0.37f);
+    dense.apply(s.to_dense(g), -0.37f);
+    EXPECT_EQ(bits(sparse.w1_data()), bits(dense.w1_data()));
+    EXPECT_EQ(bits(sparse.w2_data()), bits(dense.w2_data()));
+    const size_t w = static_cast<size_t>(6 * d);
+    for (int32_t id : ids) {
+      const bool touched = std::binary_search(g.ids.begin(), g.ids.end(), id);
+      const bool same = bits(sparse.w1(id), w) == bits(s.w1(id), w);
+      EXPECT_EQ(same, !touched) << "expert " << id;
+    }
+    // apply(grads, scale) is the same step.
+    ExpertShard axpy = s;
+    axpy.apply(g, -0.37f);
+    EXPECT_EQ(bits(axpy.w1_data()), bits(sparse.w1_data()));
+  }
+}
+
+TEST(ExpertGradients, BadGradientsAreRefused) {
+  const int64_t d = 3, h = 2;
+  ExpertShard s = ExpertShard::random({d, h, Activation::kGelu}, {2, 6, 9}, 60);
+  const std::vector<float> rows(2 * d * h, 0.5f);
+  AIRMOE_EXPECT_THROW_MSG(s.apply(ExpertGradients{{2, 5}, rows, rows}, 1.0f), std::invalid_argument,
+                          "ExpertShard::apply: grads ids[1] = expert 5 is not hosted");
+  AIRMOE_EXPECT_THROW_MSG(s.apply_sgd(ExpertGradients{{6, 2}, rows, rows}, 1.0f),
+                          std::invalid_argument, "ids must be ascending and distinct");
+  AIRMOE_EXPECT_THROW_MSG(s.to_dense(ExpertGradients{{2}, rows, rows}), std::invalid_argument,
+                          "ExpertShard::to_dense: grads of 1 experts have 12 and 12 entries, "
+                          "expected 6 each");
+  AIRMOE_EXPECT_THROW_MSG(s.apply(ExpertGrads{rows, rows}, 1.0f), std::invalid_argument,
+                          "ExpertShard::apply: grads have 12 and 12 entries, expected 18");
 }
 
 }  // namespace
