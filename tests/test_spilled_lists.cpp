@@ -13,6 +13,7 @@
 
 #include "core/synthetic.h"
 #include "core/threads.h"
+#include "router/air_defaults.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/spilled_lists.h"
@@ -326,6 +327,23 @@ TEST(AirRouterSpill, SameResultWithOneAndTwoThreads) {
   EXPECT_EQ(r1.experts, r2.experts);
   EXPECT_EQ(r1.gates, r2.gates);
   EXPECT_EQ(r1.shortlist_size, r2.shortlist_size);
+}
+
+// The defaults follow E: the (E, C, m) points measured in docs/routing.md.
+TEST(AirDefaults, FollowTheMeasuredTable) {
+  const auto expect = [](int64_t E, int64_t C, int m) {
+    const AirDefaults d = recommended_air(E);
+    EXPECT_EQ(d.codewords, C) << "E=" << E;
+    EXPECT_EQ(d.probes, m) << "E=" << E;
+  };
+  expect(1024, 32, 1);
+  expect(4096, 64, 1);
+  expect(16384, 128, 2);
+  expect(65536, 256, 4);
+  expect(262144, 512, 8);
+  expect(1, 1, 1);
+  expect(3, 2, 1);  // C never exceeds E, m never exceeds C
+  AIRMOE_EXPECT_THROW_MSG(recommended_air(0), std::invalid_argument, "E must be >= 1");
 }
 
 }  // namespace

@@ -93,7 +93,8 @@ def routers(args):
     return {
         "dense": (lambda: airmoe.DenseRouter(E, d, k, seed=args.seed), 2.0 * E * d),
         "air": (lambda: airmoe.AIRRouter(E, d, k, C, m, seed=args.seed, kmeans_iterations=5,
-                                         list_cap=args.list_cap),
+                                         list_cap=args.list_cap, spills=args.spills,
+                                         spill_lambda=args.soar_lambda),
                 # probe scores + exact scores on m lists of E / C experts on average
                 2.0 * C * d + 2.0 * m * (E / C) * d),
         "product_key": (lambda: airmoe.ProductKeyRouter(n, d, k, seed=args.seed),
@@ -257,6 +258,8 @@ def main():
     p.add_argument("--codebook-warmup", type=int, default=0,
                    help="AIR: a Lloyd step after every one of the first N steps")
     p.add_argument("--list-cap", type=int, default=0, help="AIR inverted-list cap (0: none)")
+    p.add_argument("--spills", type=int, default=0, help="AIR: extra (SOAR) lists per expert")
+    p.add_argument("--soar-lambda", type=float, default=1.0, help="AIR: SOAR spill weight")
     p.add_argument("--save-router-data", default="",
                    help="directory: save each router's trained centers and a batch of its "
                         "inputs as <router>_layer<i>_{centers,tokens}.npy")

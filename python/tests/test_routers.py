@@ -365,3 +365,15 @@ def test_backward_after_inplace_change_is_refused():
         r.centers.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         g.sum().backward()
+
+
+def test_air_defaults_follow_num_experts():
+    r = airmoe.AIRRouter(4096, 8, 4, seed=1)
+    assert (r.num_codewords, r.probes) == airmoe._airmoe.recommended_air(4096) == (64, 1)
+    s = airmoe.AIRRouter(4096, 8, 4, 32, 2, seed=1, spills=1, list_cap=160)
+    h = torch.randn(50, 8)
+    gates, idx = s(h)
+    assert idx.shape == (50, 4)
+    full = airmoe.AIRRouter(4096, 8, 4, 32, 32, seed=1, spills=1, list_cap=160)
+    dense = airmoe.DenseRouter(4096, 8, 4, centers=full.centers.detach().clone())
+    assert torch.equal(full(h)[1], dense(h)[1])
