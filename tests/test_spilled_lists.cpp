@@ -195,32 +195,35 @@ std::string describe(const SpillCase& c) {
          " spills=" + std::to_string(c.spills) + " cap=" + std::to_string(c.cap);
 }
 
-AirConfig config_of(const SpillCase& c) {
-  AirConfig cfg{c.C, 4, c.seed, c.cap};
-  cfg.spills = c.spills;
-  return cfg;
-}
+// A case's random centers and tokens, and AIR over them with its lists.
+struct SpillSetup {
+  explicit SpillSetup(const SpillCase& c, uint64_t token_seed)
+      : w(random_matrix(c.E, c.d, 1.0, c.seed)),
+        h(random_matrix(c.T, c.d, 2.0, token_seed)),
+        air(w.view(), AirConfig{c.C, 4, c.seed, c.cap, c.spills}) {}
+  Matrix w, h;
+  AirRouter air;
+};
 
+// With every list probed, every expert is scored exactly once (shortlist E)
+// and the routes are dense routing's, bit for bit in both gate modes but for
+// the log-normalizer's summation order.
 TEST(AirRouterSpill, AllProbesEqualsDense) {
   for (const SpillCase& c : spill_cases()) {
     SCOPED_TRACE(describe(c));
-    const Matrix centers = random_matrix(c.E, c.d, 1.0, c.seed);
-    const Matrix tokens = random_matrix(c.T, c.d, 2.0, c.seed + 500);
-    const DenseRouter dense(centers.view());
-    const AirRouter air(centers.view(), config_of(c));
-    EXPECT_EQ(air.segments().entries(), c.E * (1 + c.spills));
-    const Routes d1 = dense.route(tokens.view(), c.k, GateMode::kChosen);
-    const Routes a1 = air.route(tokens.view(), c.k, static_cast<int>(c.C), GateMode::kChosen);
-    EXPECT_EQ(a1.experts, d1.experts);
-    EXPECT_EQ(a1.logits, d1.logits);
-    EXPECT_EQ(a1.gates, d1.gates);
-    for (int32_t s : a1.shortlist_size) EXPECT_EQ(s, c.E);  // each expert scored once
-    const Routes d2 = dense.route(tokens.view(), c.k, GateMode::kShortlist);
-    const Routes a2 = air.route(tokens.view(), c.k, static_cast<int>(c.C), GateMode::kShortlist);
-    EXPECT_EQ(a2.experts, d2.experts);
-    for (int64_t t = 0; t < c.T; ++t)
-      EXPECT_NEAR(a2.log_normalizer[t], d2.log_normalizer[t],
-                  1e-12 * (1.0 + std::fabs(d2.log_normalizer[t])));
+    const SpillSetup s(c, c.seed + 500);
+    EXPECT_EQ(s.air.segments().entries(), c.E * (1 + c.spills));
+    for (const GateMode mode : {GateMode::kChosen, GateMode::kShortlist}) {
+      const Routes want = DenseRouter(s.w.view()).route(s.h.view(), c.k, mode);
+      const Routes got = s.air.route(s.h.view(), c.k, static_cast<int>(c.C), mode);
+      EXPECT_EQ(got.shortlist_size, std::vector<int32_t>(c.T, static_cast<int32_t>(c.E)));
+      EXPECT_EQ(got.experts, want.experts);
+      EXPECT_EQ(got.logits, want.logits);
+      if (mode == GateMode::kChosen) EXPECT_EQ(got.gates, want.gates);
+      for (int64_t t = 0; mode == GateMode::kShortlist && t < c.T; ++t)
+        EXPECT_NEAR(got.log_normalizer[t], want.log_normalizer[t],
+                    1e-12 * (1.0 + std::fabs(want.log_normalizer[t])));
+    }
   }
 }
 
@@ -229,9 +232,9 @@ TEST(AirRouterSpill, AllProbesEqualsDense) {
 TEST(AirRouterSpill, ShortlistIsTheDistinctMembersOfTheProbedLists) {
   for (const SpillCase& c : spill_cases()) {
     SCOPED_TRACE(describe(c));
-    const Matrix centers = random_matrix(c.E, c.d, 1.0, c.seed);
-    const Matrix tokens = random_matrix(c.T, c.d, 2.0, c.seed + 600);
-    const AirRouter air(centers.view(), config_of(c));
+    const SpillSetup setup(c, c.seed + 600);
+    const Matrix &centers = setup.w, &tokens = setup.h;
+    const AirRouter& air = setup.air;
     const std::vector<std::vector<int32_t>> of = lists_of(air);
     for (const int m : {1, 2, 3}) {
       if (m > c.C) continue;
