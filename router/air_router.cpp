@@ -24,6 +24,7 @@ AirRouter::AirRouter(MatrixView centers, Codebook codebook, const ListOptions& o
     : codebook_(std::move(codebook)), options_(options) {
   if (options.list_cap < 0)
     fail("list cap must be >= 0 (0: no cap), got " + std::to_string(options.list_cap));
+  if (options.spills < 0) fail("spills must be >= 0, got " + std::to_string(options.spills));
   set_centers(centers);
 }
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -219,7 +220,9 @@ TEST(AirRouterSpill, AllProbesEqualsDense) {
       EXPECT_EQ(got.shortlist_size, std::vector<int32_t>(c.T, static_cast<int32_t>(c.E)));
       EXPECT_EQ(got.experts, want.experts);
       EXPECT_EQ(got.logits, want.logits);
-      if (mode == GateMode::kChosen) EXPECT_EQ(got.gates, want.gates);
+      if (mode == GateMode::kChosen) {
+        EXPECT_EQ(got.gates, want.gates);
+      }
       for (int64_t t = 0; mode == GateMode::kShortlist && t < c.T; ++t)
         EXPECT_NEAR(got.log_normalizer[t], want.log_normalizer[t],
                     1e-12 * (1.0 + std::fabs(want.log_normalizer[t])));
@@ -330,6 +333,21 @@ TEST(AirRouterSpill, SameResultWithOneAndTwoThreads) {
   EXPECT_EQ(r1.experts, r2.experts);
   EXPECT_EQ(r1.gates, r2.gates);
   EXPECT_EQ(r1.shortlist_size, r2.shortlist_size);
+}
+
+TEST(AirRouterSpill, BadSpillOptionsNameTheArgument) {
+  const Matrix centers = random_matrix(100, 6, 1.0, 81);
+  AirConfig cfg{8, 2, 82, 0, -1};
+  AIRMOE_EXPECT_THROW_MSG(AirRouter(centers.view(), cfg), std::invalid_argument,
+                          "spills must be >= 0, got -1");
+  cfg.spills = 8;
+  AIRMOE_EXPECT_THROW_MSG(AirRouter(centers.view(), cfg), std::invalid_argument,
+                          "spills must be in");
+  cfg.spills = 1;
+  cfg.spill_lambda = std::nan("");
+  AIRMOE_EXPECT_THROW_MSG(AirRouter(centers.view(), cfg), std::invalid_argument, "lambda");
+  cfg = AirConfig{8, 2, 82, 13, 1};  // 13 x 7 lists cannot take 100 spills
+  AIRMOE_EXPECT_THROW_MSG(AirRouter(centers.view(), cfg), std::invalid_argument, "spill cap 13");
 }
 
 // The defaults follow E: the (E, C, m) points measured in docs/routing.md.
