@@ -21,6 +21,7 @@
 #include "core/synthetic.h"
 #include "core/threads.h"
 #include "faiss_ivf.h"
+#include "router/air_defaults.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
@@ -85,14 +86,67 @@ std::string route_name(const Row& r) {
   return r.probes > 0 ? r.router + "_m" + std::to_string(r.probes) : r.router;
 }
 
+// An AIR list layout to compare: "air" (plain), "spill", "balanced",
+// "spill+balanced"; all share one trained codebook.
+struct Variant {
+  std::string row_name;
+  ListOptions lists;
+};
+
+std::vector<Variant> parse_variants(const std::string& text, int spills, double lambda,
+                                    int64_t cap) {
+  std::vector<Variant> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t end = std::min(text.find(',', start), text.size());
+    const std::string name = text.substr(start, end - start);
+    if (name == "air")
+      out.push_back({"air", {}});
+    else if (name == "spill")
+      out.push_back({"air_spill", {0, spills, lambda}});
+    else if (name == "balanced")
+      out.push_back({"air_balanced", {cap, 0, lambda}});
+    else if (name == "spill+balanced")
+      out.push_back({"air_spill_balanced", {cap, spills, lambda}});
+    else
+      throw std::invalid_argument("--variants: unknown variant '" + name +
+                                  "' (air, spill, balanced, spill+balanced)");
+    start = end + 1;
+  }
+  return out;
+}
+
+// Per AIR variant, the row with the highest recall whose mean shortlist fits
+// the budget: the comparison at equal stage-2 FLOPs.
+void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
+  std::printf("\nbest recall@%d at a mean shortlist <= %.0f experts:\n", k, budget);
+  std::vector<std::string> seen;
+  for (const Row& r : rows) {
+    if (r.router.rfind("air", 0) != 0 ||
+        std::find(seen.begin(), seen.end(), r.router) != seen.end())
+      continue;
+    seen.push_back(r.router);
+    const Row* best = nullptr;
+    for (const Row& q : rows)
+      if (q.router == r.router && q.shortlist.mean <= budget && (!best || q.recall > best->recall))
+        best = &q;
+    if (best)
+      std::printf("  %-20s m=%-4d recall %.4f  mass %.4f  shortlist %.0f\n", r.router.c_str(),
+                  best->probes, best->recall, best->mass, best->shortlist.mean);
+    else
+      std::printf("  %-20s no row within the budget\n", r.router.c_str());
+  }
+}
+
 }  // namespace
 
 int run_router(const std::vector<std::string>& args) {
-  int64_t experts = 65536, dim = 512, num_tokens = 4096, codewords = 256;
-  int k = 8, threads = 0, repeats = 3, kmeans_iters = 10;
+  int64_t experts = 65536, dim = 512, num_tokens = 4096, codewords = 0;
+  int k = 8, threads = 0, repeats = 3, kmeans_iters = 10, spills = 1;
   uint64_t seed = 42;
+  double soar_lambda = 1.0, balance = 1.25, shortlist_budget = 0.0;
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file;
-  std::string json_file, routes_dir, gates = "chosen";
+  std::string json_file, routes_dir, gates = "chosen", variants_text = "air";
   bool no_faiss = false, no_product_key = false;
 
   po::options_description opts("airmoe_bench router options");
@@ -103,7 +157,8 @@ int run_router(const std::vector<std::string>& args) {
       "num-tokens,T", po::value(&num_tokens)->default_value(num_tokens),
       "tokens to route (generated data)")("k", po::value(&k)->default_value(k),
                                           "experts per token")(
-      "codewords,C", po::value(&codewords)->default_value(codewords), "codebook size C")(
+      "codewords,C", po::value(&codewords)->default_value(codewords),
+      "codebook size C (0: from E, see docs/routing.md)")(
       "probes,m", po::value(&probes_text)->default_value(probes_text),
       "comma-separated probe counts m >= 1 (those above C are skipped)")(
       "preset", po::value(&preset)->default_value(preset), "generated data: 'default' or 'hard'")(
@@ -119,7 +174,16 @@ int run_router(const std::vector<std::string>& args) {
                                              "write every figure to this JSON file")(
       "save-routes", po::value(&routes_dir), "write each router's experts/gates as .npy here")(
       "no-faiss", po::bool_switch(&no_faiss), "skip the FAISS IndexIVFFlat rows")(
-      "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row");
+      "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row")(
+      "variants", po::value(&variants_text)->default_value(variants_text),
+      "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced")(
+      "spills", po::value(&spills)->default_value(spills), "extra lists per expert (spill)")(
+      "soar-lambda", po::value(&soar_lambda)->default_value(soar_lambda),
+      "SOAR weight of the residual alignment penalty (spill)")(
+      "balance", po::value(&balance)->default_value(balance),
+      "list cap as a multiple of E/C (balanced)")(
+      "shortlist-budget", po::value(&shortlist_budget)->default_value(shortlist_budget),
+      "also print each variant's best recall at a mean shortlist <= this (0: E/16)");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(opts).run(), vm);
   if (vm.count("help")) {
@@ -167,10 +231,21 @@ int run_router(const std::vector<std::string>& args) {
                                 " columns but centers have " + std::to_string(dim));
   if (num_tokens < 1) fail("--tokens " + tokens_file + " has no rows: the benchmark needs >= 1");
 
+  if (codewords == 0) codewords = recommended_air(experts).codewords;
+  if (shortlist_budget <= 0.0) shortlist_budget = static_cast<double>(experts) / 16.0;
+  const int64_t list_cap = static_cast<int64_t>(
+      std::ceil(balance * static_cast<double>(experts) / static_cast<double>(codewords)));
+  const std::vector<Variant> variants =
+      parse_variants(variants_text, spills, soar_lambda, list_cap);
   progress("training the codebook: C=%ld, %d Lloyd iterations", (long)codewords, kmeans_iters);
   const double t_train = now_seconds();
   AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0});
   const double train_seconds = now_seconds() - t_train;
+  std::vector<AirRouter> layouts;
+  for (const Variant& v : variants) {
+    progress("building %s lists", v.row_name.c_str());
+    layouts.emplace_back(centers, air.codebook(), v.lists);
+  }
 
   progress("measuring sgemm and the scoring kernel");
   const auto [sgemm_gflops, kernel_gflops] = gemm_rates(tokens, centers, repeats);
@@ -197,17 +272,21 @@ int run_router(const std::vector<std::string>& args) {
       progress("skipping m=%d: outside [1, C=%ld]", m, (long)codewords);
       continue;
     }
-    progress("AIR with m=%d probes", m);
-    Routes r;
     Row row{"air", m};
-    row.seconds = best_seconds(repeats, [&] { r = air.route(tokens, k, m, gate_mode); });
-    row.recall = recall_at_k(r, exact);
-    row.mass = mass_recall(r, exact);
-    row.shortlist = shortlist_stats(r);
-    row.flops = air.flops_per_token(row.shortlist.mean);
-    rows.push_back(row);
-    if (!routes_dir.empty()) save_routes(routes_dir, route_name(row), r);
-    if (faiss) {
+    for (size_t v = 0; v < variants.size(); ++v) {
+      progress("%s with m=%d probes", variants[v].row_name.c_str(), m);
+      Routes r;
+      Row vrow{variants[v].row_name, m};
+      vrow.seconds = best_seconds(repeats, [&] { r = layouts[v].route(tokens, k, m, gate_mode); });
+      vrow.recall = recall_at_k(r, exact);
+      vrow.mass = mass_recall(r, exact);
+      vrow.shortlist = shortlist_stats(r);
+      vrow.flops = layouts[v].flops_per_token(vrow.shortlist.mean);
+      rows.push_back(vrow);
+      if (!routes_dir.empty()) save_routes(routes_dir, route_name(vrow), r);
+      if (vrow.router == "air") row = vrow;
+    }
+    if (faiss && row.seconds > 0.0) {
       progress("FAISS IndexIVFFlat with nprobe=%d", m);
       Routes f;
       Row frow{"faiss_ivf", m};
@@ -291,6 +370,8 @@ int run_router(const std::vector<std::string>& args) {
     std::printf("\nno probe count reached recall@%d >= 0.95; try larger --probes\n", k);
   }
 
+  print_budget_summary(rows, shortlist_budget, k);
+
   if (json_out.wanted()) {
     json j;
     j["benchmark"] = "router";
@@ -304,6 +385,10 @@ int run_router(const std::vector<std::string>& args) {
                    {"threads", num_threads()},
                    {"kmeans_iterations", kmeans_iters},
                    {"gates", gates},
+                   {"variants", variants_text},
+                   {"spills", spills},
+                   {"soar_lambda", soar_lambda},
+                   {"list_cap", list_cap},
                    {"scoring_kernel", scoring_kernel_name()}};
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;

@@ -15,11 +15,16 @@ namespace airmoe {
 AirRouter::AirRouter(MatrixView centers, const AirConfig& config)
     : AirRouter(centers,
                 train_codebook(centers, {config.codewords, config.kmeans_iterations, config.seed}),
-                config.list_cap) {}
+                ListOptions{config.list_cap, config.spills, config.spill_lambda}) {}
 
 AirRouter::AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap)
-    : codebook_(std::move(codebook)), list_cap_(list_cap) {
-  if (list_cap < 0) fail("list cap must be >= 0 (0: no cap), got " + std::to_string(list_cap));
+    : AirRouter(centers, std::move(codebook), ListOptions{list_cap}) {}
+
+AirRouter::AirRouter(MatrixView centers, Codebook codebook, const ListOptions& options)
+    : codebook_(std::move(codebook)), options_(options) {
+  if (options.list_cap < 0)
+    fail("list cap must be >= 0 (0: no cap), got " + std::to_string(options.list_cap));
+  if (options.spills < 0) fail("spills must be >= 0, got " + std::to_string(options.spills));
   set_centers(centers);
 }
 
@@ -47,10 +52,25 @@ void AirRouter::update_codebook(double step, int updates) {
 }
 
 void AirRouter::rebuild_lists() {
-  lists_ =
-      InvertedLists(codebook_.assign_capped(unit_centers_.view(), list_cap_), codebook_.size());
-  blocks_ = ListBlocks::build(
-      lists_, dim(), [](int32_t) { return true; }, [&](int32_t e) { return centers_.row(e); });
+  const std::vector<int32_t> primary =
+      codebook_.assign_capped(unit_centers_.view(), options_.list_cap);
+  lists_ = InvertedLists(primary, codebook_.size());
+  const int per_expert = 1 + options_.spills;
+  std::vector<int32_t> lists_of = primary;
+  if (options_.spills > 0) {
+    const SpillOptions spill{options_.spills, options_.spill_lambda,
+                             options_.spills * options_.list_cap};
+    const std::vector<int32_t> spilled =
+        soar_spills(codebook_, unit_centers_.view(), primary, spill);
+    lists_of.assign(static_cast<size_t>(experts() * per_expert), 0);
+    for (int64_t e = 0; e < experts(); ++e) {
+      lists_of[e * per_expert] = primary[e];
+      std::copy_n(spilled.begin() + e * options_.spills, options_.spills,
+                  lists_of.begin() + e * per_expert + 1);
+    }
+  }
+  segments_ = ListSegments(lists_of, per_expert, codebook_.size());
+  blocks_ = segments_.blocks(dim(), [&](int32_t e) { return centers_.row(e); });
 }
 
 double AirRouter::flops_per_token(double mean_shortlist) const {
@@ -66,17 +86,14 @@ Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) con
   r.probe_offsets.assign(static_cast<size_t>(T + 1), 0);
   if (T == 0) return r;
 
+  // The primary lists are disjoint, so probes whose primary lists hold k
+  // experts give a shortlist of at least k distinct experts.
   ProbeSelection sel = select_probes(codebook_, lists_, tokens, k, probes);
   r.probe_offsets = std::move(sel.offsets);
   r.probes = std::move(sel.codewords);
-  r.shortlist_size = std::move(sel.shortlist_size);
-
-  ScanPairs pairs;
-  pairs.list = r.probes;
-  pairs.query.resize(r.probes.size());
-  for (int64_t t = 0; t < T; ++t)
-    std::fill(pairs.query.begin() + r.probe_offsets[t],
-              pairs.query.begin() + r.probe_offsets[t + 1], static_cast<int32_t>(t));
+  SegmentPairs scan = segment_pairs(segments_, r.probe_offsets, r.probes);
+  r.shortlist_size = std::move(scan.shortlist_size);
+  const ScanPairs& pairs = scan.pairs;
   std::vector<float> cand_z;
   std::vector<int32_t> cand_id;
   std::vector<LogSumExp> cand_lse;
@@ -88,7 +105,7 @@ Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) con
   for (int64_t t = 0; t < T; ++t) {
     TopK top(k, r.logits.data() + t * k, r.experts.data() + t * k);
     LogSumExp lse;
-    for (int64_t p = r.probe_offsets[t]; p < r.probe_offsets[t + 1]; ++p) {
+    for (int64_t p = scan.offsets[t]; p < scan.offsets[t + 1]; ++p) {
       for (int j = 0; j < k && cand_id[p * k + j] >= 0; ++j)
         top.push(cand_z[p * k + j], cand_id[p * k + j]);
       if (shortlist) lse.merge(cand_lse[p]);
@@ -108,8 +125,13 @@ RouterGradients AirRouter::backward(MatrixView tokens, const Routes& routes,
   return center_router_backward(
       tokens, routes, d_gates, [&](int32_t e) { return centers_.row(e); },
       [&](int64_t t, const std::function<void(int32_t)>& visit) {
-        for (int64_t p = routes.probe_offsets[t]; p < routes.probe_offsets[t + 1]; ++p)
-          for (int32_t e : lists_.list(routes.probes[p])) visit(e);
+        const std::span<const int32_t> probed(
+            routes.probes.data() + routes.probe_offsets[t],
+            static_cast<size_t>(routes.probe_offsets[t + 1] - routes.probe_offsets[t]));
+        std::vector<int32_t> sorted;
+        segments_.for_each_scanned(probed, sorted, [&](int64_t s) {
+          for (int32_t e : segments_.members(s)) visit(e);
+        });
       });
 }
 

@@ -11,14 +11,32 @@
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
 #include "router/routes.h"
+#include "router/spilled_lists.h"
 
 namespace airmoe {
+
+// How experts are laid out in the inverted lists. Off by default: both
+// options trade list building time for recall at an equal shortlist, and are
+// single-process options (the distributed runtime uses plain lists).
+struct ListOptions {
+  // Balanced lists: at most list_cap experts have a list as their primary
+  // (0: no cap); an expert whose nearest list is full goes to its next
+  // nearest with room, so every probe costs about the same.
+  int64_t list_cap = 0;
+  // Spilled lists: each expert also sits in `spills` more lists, chosen by
+  // SOAR with weight spill_lambda; with a cap, each list takes at most
+  // spills * list_cap spilled entries.
+  int spills = 0;
+  double spill_lambda = 1.0;
+};
 
 struct AirConfig {
   int64_t codewords = 256;
   int kmeans_iterations = 10;
   uint64_t seed = 1234;
   int64_t list_cap = 0;  // 0: no cap
+  int spills = 0;        // see ListOptions
+  double spill_lambda = 1.0;
 };
 
 class AirRouter {
@@ -27,13 +45,18 @@ class AirRouter {
   AirRouter(MatrixView centers, const AirConfig& config);
   // Uses a given codebook (its dimension must match).
   AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap = 0);
+  AirRouter(MatrixView centers, Codebook codebook, const ListOptions& options);
 
   int64_t experts() const { return centers_.rows(); }
   int64_t dim() const { return centers_.cols(); }
   int64_t codewords() const { return codebook_.size(); }
   MatrixView centers() const { return centers_.view(); }
   const Codebook& codebook() const { return codebook_; }
+  // Each expert's primary list (what the distributed runtime places).
   const InvertedLists& lists() const { return lists_; }
+  // The lists as stage 2 scans them: with spills, more entries than experts.
+  const ListSegments& segments() const { return segments_; }
+  const ListOptions& list_options() const { return options_; }
 
   // Probes the top `probes` codewords (1 <= probes <= C), and more, in score
   // order, until the shortlist holds at least k experts. `probes` is a
@@ -48,7 +71,8 @@ class AirRouter {
   // centers, then the lists are rebuilt.
   void update_codebook(double step = 1.0, int updates = 1);
 
-  // 2 C d for the probe scores plus 2 d per shortlisted expert.
+  // 2 C d for the probe scores plus 2 d per shortlisted expert (with spills,
+  // each distinct expert counts once: it is scored once).
   double flops_per_token(double mean_shortlist) const;
 
  private:
@@ -57,9 +81,10 @@ class AirRouter {
   Matrix centers_;       // [E, d], by expert id
   Matrix unit_centers_;  // normalized rows, for assignment and k-means
   Codebook codebook_;
-  int64_t list_cap_ = 0;
-  InvertedLists lists_;
-  ListBlocks blocks_;  // centers_ rows in list order: each list is one block
+  ListOptions options_;
+  InvertedLists lists_;    // primary lists
+  ListSegments segments_;  // primary and spilled entries, cut for deduplication
+  ListBlocks blocks_;      // centers_ rows segment after segment: one block each
   // max(1, largest center norm): bounds both the probe scores (unit
   // codewords) and the logits, for check_route_args.
   double key_norm_bound_ = 1.0;

@@ -92,7 +92,9 @@ def routers(args):
     E, d, C, m, k = args.experts, args.dim, args.codewords, args.probes, args.k
     return {
         "dense": (lambda: airmoe.DenseRouter(E, d, k, seed=args.seed), 2.0 * E * d),
-        "air": (lambda: airmoe.AIRRouter(E, d, k, C, m, seed=args.seed, kmeans_iterations=5),
+        "air": (lambda: airmoe.AIRRouter(E, d, k, C, m, seed=args.seed, kmeans_iterations=5,
+                                         list_cap=args.list_cap, spills=args.spills,
+                                         spill_lambda=args.soar_lambda),
                 # probe scores + exact scores on m lists of E / C experts on average
                 2.0 * C * d + 2.0 * m * (E / C) * d),
         "product_key": (lambda: airmoe.ProductKeyRouter(n, d, k, seed=args.seed),
@@ -131,6 +133,50 @@ def evaluate(model, val, args):
     return mean(losses), mean(recalls), mean(masses)
 
 
+def update_codebooks(model, step, args):
+    """The AIR codebook's schedule: during the first --codebook-warmup steps
+    every step is a full Lloyd step (step size 1), so the codebook catches up
+    with centers that move fast early on; after that, one EMA step of size
+    --codebook-step every --update-every steps."""
+    warm = step <= args.codebook_warmup
+    if not warm and step % args.update_every != 0:
+        return
+    for b in model.blocks:
+        if isinstance(b.ffn.router, airmoe.AIRRouter):
+            b.ffn.router.update_codebook(step=1.0 if warm else args.codebook_step)
+
+
+def router_centers(router):
+    """The router's keys as [E, d] centers (product keys: the n^2 implied ones)."""
+    if isinstance(router, airmoe.ProductKeyRouter):
+        n = router.subkeys
+        return torch.cat([router.keys1.repeat_interleave(n, 0), router.keys2.repeat(n, 1)], 1)
+    return router.centers
+
+
+@torch.no_grad()
+def save_router_data(model, name, val, args):
+    """Each block's trained router centers and a batch of its router inputs
+    (hidden states of validation text), float32 .npy, for
+    `airmoe_bench router --centers ... --tokens ...`."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(4321)
+    model.eval()
+    inputs = [[] for _ in model.blocks]
+    for _ in range(args.save_batches):
+        model(batches(val, args, gen)[0])
+        for i, b in enumerate(model.blocks):
+            inputs[i].append(b.ffn.last_input)
+    model.train()
+    os.makedirs(args.save_router_data, exist_ok=True)
+    for i, b in enumerate(model.blocks):
+        stem = os.path.join(args.save_router_data, f"{name}_layer{i}")
+        centers = router_centers(b.ffn.router).detach().float().contiguous()
+        np.save(stem + "_centers.npy", centers.numpy())
+        np.save(stem + "_tokens.npy", torch.cat(inputs[i]).float().contiguous().numpy())
+    print(f"[{name}] saved router centers and inputs under {args.save_router_data}", flush=True)
+
+
 def train(name, make_router, flops, data, val, args):
     torch.manual_seed(args.seed)
     model = MoELM(make_router, args)
@@ -145,9 +191,7 @@ def train(name, make_router, flops, data, val, args):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        for b in model.blocks:
-            if isinstance(b.ffn.router, airmoe.AIRRouter) and step % args.update_every == 0:
-                b.ffn.router.update_codebook()
+        update_codebooks(model, step, args)
         t_train += time.perf_counter() - t0
         curve.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
@@ -156,6 +200,8 @@ def train(name, make_router, flops, data, val, args):
             extra = f" recall@{args.k} {rec:.3f} mass {mass:.3f}" if rec is not None else ""
             print(f"[{name}] step {step}/{args.steps} train {loss.item():.3f} val {vl:.3f}{extra}",
                   flush=True)
+    if args.save_router_data:
+        save_router_data(model, name, val, args)
     final = evals[-1]
     return {
         "router": name,
@@ -207,6 +253,18 @@ def main():
     p.add_argument("--codewords", type=int, default=64)
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--update-every", type=int, default=1, help="AIR codebook update period")
+    p.add_argument("--codebook-step", type=float, default=1.0,
+                   help="AIR codebook EMA step size per update (1: a Lloyd step)")
+    p.add_argument("--codebook-warmup", type=int, default=0,
+                   help="AIR: a Lloyd step after every one of the first N steps")
+    p.add_argument("--list-cap", type=int, default=0, help="AIR inverted-list cap (0: none)")
+    p.add_argument("--spills", type=int, default=0, help="AIR: extra (SOAR) lists per expert")
+    p.add_argument("--soar-lambda", type=float, default=1.0, help="AIR: SOAR spill weight")
+    p.add_argument("--save-router-data", default="",
+                   help="directory: save each router's trained centers and a batch of its "
+                        "inputs as <router>_layer<i>_{centers,tokens}.npy")
+    p.add_argument("--save-batches", type=int, default=4,
+                   help="validation batches of router inputs to save")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)

@@ -160,9 +160,11 @@ class MoELayer(nn.Module):
             duplicates it, so its messages never mix with the job's).
         num_experts: E. dim: d.
         strategy: "air", "dense-replicated" or "dense-broadcast".
-        k: experts per token. probes: AIR's m (lists probed per token).
+        k: experts per token. probes: AIR's m (lists probed per token);
+            None: the m recommended for C (``_airmoe.recommended_air``).
         hidden: each expert's FFN width h. activation: "gelu", "relu", "silu".
-        codewords: C, codebook size (<= E). kmeans_iterations: codebook training.
+        codewords: C, codebook size (<= E); None: C ~ sqrt(E), from the
+            measured table in docs/routing.md. kmeans_iterations: codebook training.
         placement: "round-robin", "list" or "locality".
         seed: seeds the default centers, the codebook and the experts' FFN
             weights (which depend only on (seed, expert id), not on P).
@@ -172,10 +174,13 @@ class MoELayer(nn.Module):
             load estimate (rank 0's is used); None: load = list sizes.
     """
 
-    def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=4, hidden=16,
-                 activation="gelu", codewords=256, placement="locality", seed=0, centers=None,
+    def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
+                 activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
                  kmeans_iterations=10, load_sample=None):
         super().__init__()
+        recommended_c, recommended_m = _airmoe.recommended_air(num_experts)
+        codewords = recommended_c if codewords is None else codewords
+        probes = recommended_m if probes is None else probes
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
         # the C++ constructor (its first collective), not here.

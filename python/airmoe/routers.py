@@ -152,8 +152,11 @@ class AIRRouter(_CenterRouter):
 
     Args:
         num_experts: E. dim: d. k: experts per token (1 <= k <= E).
-        codewords: C, the codebook size (1 <= C <= E).
-        probes: m, codewords probed per token (1 <= m <= C); more are probed
+        codewords: C, the codebook size (1 <= C <= E); None: C ~ sqrt(E)
+            (``airmoe._airmoe.recommended_air``, from docs/routing.md).
+        probes: m, codewords probed per token (1 <= m <= C; None: the m
+            recommended with that C, measured on clustered synthetic
+            routers; learned routers need more); more are probed
             when the first m lists hold fewer than k experts. A plain
             attribute: change it between calls, nothing is rebuilt. With
             m = C the router equals exact top-k.
@@ -163,7 +166,11 @@ class AIRRouter(_CenterRouter):
         update_every: N > 0 makes forward() call update_codebook() itself on
             every N-th call in training mode (before routing). 0: never; the
             training loop calls update_codebook() after optimizer.step().
-        list_cap: maximum inverted-list length (0: no cap).
+        list_cap: balanced lists: at most this many experts have a list as
+            their primary (0: no cap); the rest go to their next nearest list.
+        spills, spill_lambda: spilled lists: each expert also sits in
+            `spills` more lists chosen by SOAR (weight spill_lambda); an
+            expert is still scored once per token. Off by default.
 
     Parameters and buffers: ``centers`` (nn.Parameter [E, d]) and ``codebook``
     (buffer [C, d], float32, unit rows), both in state_dict. The C++ router
@@ -172,16 +179,21 @@ class AIRRouter(_CenterRouter):
     load_state_dict, or replaced) since the last call.
     """
 
-    def __init__(self, num_experts, dim, k, codewords, probes, *, centers=None,
-                 kmeans_iterations=10, seed=0, update_every=0, list_cap=0):
+    def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
+                 kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
+                 spill_lambda=1.0):
         super().__init__()
+        recommended_c, recommended_m = _airmoe.recommended_air(num_experts)
+        codewords = recommended_c if codewords is None else codewords
+        probes = recommended_m if probes is None else probes
         self._init_centers(num_experts, dim, centers, seed)
         self.num_experts, self.dim, self.k, self.probes = num_experts, dim, k, probes
         self.update_every = int(update_every)
         if self.update_every < 0:
             raise ValueError(f"update_every must be >= 0, got {update_every}")
         self._calls = 0
-        self._index = _airmoe.AirIndex(dim, codewords, kmeans_iterations, seed, list_cap)
+        self._index = _airmoe.AirIndex(dim, codewords, kmeans_iterations, seed, list_cap, spills,
+                                       spill_lambda)
         # C++ validates C <= E and the centers, and trains the codebook.
         self._index.set_centers(view(self.centers))
         self.register_buffer("codebook", torch.from_numpy(self._index.codewords()))

@@ -48,6 +48,7 @@
 #include "core/checks.h"
 #include "core/errors.h"
 #include "core/matrix.h"
+#include "router/air_defaults.h"
 #include "router/air_router.h"
 #include "router/codebook.h"
 #include "router/dense_router.h"
@@ -180,7 +181,8 @@ class AirIndex {
     require_dim(codewords, "codewords");
     Codebook codebook(codewords);
     std::unique_lock lock(mutex_);
-    router_.emplace(centers, std::move(codebook), config_.list_cap);
+    router_.emplace(centers, std::move(codebook),
+                    ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
   }
 
   void update_codebook(double step, int updates) {
@@ -496,6 +498,14 @@ PYBIND11_MODULE(_airmoe, m) {
   m.doc() =
       "airmoe C++ routers (AIR, dense, product-key). Matrix arguments must be float32, 2-D, "
       "C-contiguous NumPy arrays; they are read in place, never copied or converted.";
+  m.def(
+      "recommended_air",
+      [](int64_t experts) {
+        const AirDefaults d = recommended_air(experts);
+        return py::make_tuple(d.codewords, d.probes);
+      },
+      py::arg("experts"),
+      "(C, m) AIR starts from for E experts: C ~ sqrt(E), m from docs/routing.md's table.");
 
   py::class_<RouteHandle, std::shared_ptr<RouteHandle>>(
       m, "RouteHandle", "The C++ routes of one route() call, kept for backward().")
@@ -516,11 +526,13 @@ PYBIND11_MODULE(_airmoe, m) {
                        "Adaptive inverted-index router. Unbuilt until the first set_centers(), "
                        "which trains the codebook.")
       .def(py::init([](int64_t dim, int64_t codewords, int kmeans_iterations, uint64_t seed,
-                       int64_t list_cap) {
-             return new AirIndex(dim, AirConfig{codewords, kmeans_iterations, seed, list_cap});
+                       int64_t list_cap, int spills, double spill_lambda) {
+             return new AirIndex(dim, AirConfig{codewords, kmeans_iterations, seed, list_cap,
+                                                spills, spill_lambda});
            }),
            py::arg("dim"), py::arg("codewords"), py::arg("kmeans_iterations") = 10,
-           py::arg("seed") = 1234, py::arg("list_cap") = 0)
+           py::arg("seed") = 1234, py::arg("list_cap") = 0, py::arg("spills") = 0,
+           py::arg("spill_lambda") = 1.0)
       .def_property_readonly("built", &AirIndex::built)
       .def_property_readonly("dim", &AirIndex::dim)
       .def_property_readonly("codeword_count", &AirIndex::codeword_count)

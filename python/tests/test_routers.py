@@ -397,3 +397,15 @@ def test_expert_ids_are_32_bit():
         airmoe.DenseRouter(2**31, 4, 2)
     with pytest.raises(ValueError, match="expert ids are 32-bit"):
         airmoe.ProductKeyRouter(46341, 4, 2)
+
+
+def test_air_defaults_follow_num_experts():
+    r = airmoe.AIRRouter(4096, 8, 4, seed=1)
+    assert (r.num_codewords, r.probes) == airmoe._airmoe.recommended_air(4096) == (64, 1)
+    s = airmoe.AIRRouter(4096, 8, 4, 32, 2, seed=1, spills=1, list_cap=160)
+    h = torch.randn(50, 8)
+    gates, idx = s(h)
+    assert idx.shape == (50, 4)
+    full = airmoe.AIRRouter(4096, 8, 4, 32, 32, seed=1, spills=1, list_cap=160)
+    dense = airmoe.DenseRouter(4096, 8, 4, centers=full.centers.detach().clone())
+    assert torch.equal(full(h)[1], dense(h)[1])

@@ -1,0 +1,269 @@
+#include "router/spilled_lists.h"
+
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+
+#include "core/checks.h"
+#include "router/scoring.h"
+
+namespace airmoe {
+namespace {
+
+constexpr int64_t kSpillChunk = 4096;  // rows scored against the codebook at a time
+constexpr int kMaxListsPerExpert = 8;
+
+// SOAR loss of every codeword for one unit row x with codeword scores s
+// (s[c] = <x, mu_c>), given the codewords it already sits in (`taken`):
+//   ||x - mu_c||^2 + lambda sum_t <x - mu_t, x - mu_c>^2 / ||x - mu_t||^2,
+// with ||x - mu_c||^2 = 2 - 2 s[c] and <x - mu_t, x - mu_c> =
+// 1 - s[c] - s[t] + <mu_t, mu_c>. Taken codewords get +inf.
+void soar_losses(const float* s, const std::vector<float>& gram, int64_t C,
+                 std::span<const int32_t> taken, double lambda, std::vector<double>& loss) {
+  loss.resize(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) loss[c] = 2.0 - 2.0 * s[c];
+  for (int32_t t : taken) {
+    const double residual2 = 2.0 - 2.0 * s[t];
+    if (residual2 < 1e-12) continue;  // x is its codeword: no direction to avoid
+    const float* g = gram.data() + static_cast<int64_t>(t) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double dot = 1.0 - s[c] - s[t] + g[c];
+      loss[c] += lambda * dot * dot / residual2;
+    }
+  }
+  for (int32_t t : taken) loss[t] = std::numeric_limits<double>::infinity();
+}
+
+int32_t argmin(const std::vector<double>& loss) {
+  return static_cast<int32_t>(std::min_element(loss.begin(), loss.end()) - loss.begin());
+}
+
+struct SpillRound {
+  const Codebook& codebook;
+  MatrixView rows;
+  const std::vector<float>& gram;
+  double lambda;
+  int per_row;                  // lists per row in `taken`
+  std::vector<int32_t>& taken;  // [n, per_row]: primary, then spills so far
+  int round;                    // this round fills column round + 1
+
+  std::span<const int32_t> taken_of(int64_t i) const {
+    return {taken.data() + i * per_row, static_cast<size_t>(round + 1)};
+  }
+  // Each row's best codeword and its loss.
+  void best(std::vector<int32_t>& arg, std::vector<double>& value) const {
+    const int64_t n = rows.rows, C = codebook.size();
+    arg.resize(static_cast<size_t>(n));
+    value.resize(static_cast<size_t>(n));
+    std::vector<float> scores(static_cast<size_t>(std::min(n, kSpillChunk) * C));
+    for (int64_t r0 = 0; r0 < n; r0 += kSpillChunk) {
+      const int64_t m = std::min(kSpillChunk, n - r0);
+      score_nt(rows.row(r0), rows.cols, codebook.codewords().data, codebook.dim(), m, C,
+               codebook.dim(), scores.data(), C);
+#pragma omp parallel
+      {
+        std::vector<double> loss;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+          soar_losses(scores.data() + i * C, gram, C, taken_of(r0 + i), lambda, loss);
+          arg[r0 + i] = argmin(loss);
+          value[r0 + i] = loss[arg[r0 + i]];
+        }
+      }
+    }
+  }
+  // Row i's codewords by loss (then lower index), best first.
+  std::vector<int32_t> ranked(int64_t i) const {
+    const int64_t C = codebook.size();
+    std::vector<float> s(static_cast<size_t>(C));
+    score_nt(rows.row(i), rows.cols, codebook.codewords().data, codebook.dim(), 1, C,
+             codebook.dim(), s.data(), C);
+    std::vector<double> loss;
+    soar_losses(s.data(), gram, C, taken_of(i), lambda, loss);
+    std::vector<int32_t> order(static_cast<size_t>(C));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return loss[a] < loss[b]; });
+    return order;
+  }
+  // Rows in order of their best loss take their best list; a row whose best
+  // list already holds `cap` spilled entries takes its next best with room.
+  void place(int64_t cap, std::vector<int64_t>& fill) {
+    std::vector<int32_t> arg;
+    std::vector<double> value;
+    best(arg, value);
+    const int64_t n = rows.rows;
+    std::vector<int32_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    if (cap > 0)
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t a, int32_t b) { return value[a] < value[b]; });
+    for (int32_t i : order) {
+      int32_t c = arg[i];
+      if (cap > 0 && fill[c] >= cap) {
+        const std::span<const int32_t> own = taken_of(i);
+        for (int32_t p : ranked(i))
+          if (fill[p] < cap && std::find(own.begin(), own.end(), p) == own.end()) {
+            c = p;
+            break;
+          }
+      }
+      taken[static_cast<int64_t>(i) * per_row + round + 1] = c;
+      ++fill[c];
+    }
+  }
+};
+
+void check_spill_options(const Codebook& codebook, int64_t n, size_t primaries,
+                         const SpillOptions& o) {
+  const int64_t C = codebook.size();
+  if (static_cast<int64_t>(primaries) != n)
+    fail("spill: " + std::to_string(primaries) + " primary lists for " + std::to_string(n) +
+         " rows");
+  if (o.spills < 0 || o.spills >= kMaxListsPerExpert || o.spills >= C)
+    fail("spills must be in [0, min(" + std::to_string(kMaxListsPerExpert - 1) +
+         ", C - 1 = " + std::to_string(C - 1) + ")], got " + std::to_string(o.spills));
+  if (!(o.lambda >= 0.0) || !std::isfinite(o.lambda))
+    fail("spill lambda must be finite and >= 0, got " + std::to_string(o.lambda));
+  if (o.cap < 0) fail("spill cap must be >= 0 (0: no cap), got " + std::to_string(o.cap));
+  // A row's last spill has C - spills lists to choose from, and the others'
+  // spills take at most n * spills - 1 slots.
+  if (o.cap > 0 && o.cap * (C - o.spills) < n * o.spills)
+    fail("spill cap " + std::to_string(o.cap) + " x " + std::to_string(C - o.spills) +
+         " lists cannot hold " + std::to_string(n) + " x " + std::to_string(o.spills) +
+         " spilled entries");
+}
+
+}  // namespace
+
+std::vector<int32_t> soar_spills(const Codebook& codebook, MatrixView unit_rows,
+                                 const std::vector<int32_t>& primary, const SpillOptions& options) {
+  require_cols(unit_rows, codebook.dim(), "rows to spill");
+  const int64_t n = unit_rows.rows, C = codebook.size();
+  check_spill_options(codebook, n, primary.size(), options);
+  for (int64_t i = 0; i < n; ++i)
+    if (primary[i] < 0 || primary[i] >= C)
+      fail("spill: row " + std::to_string(i) + " has primary list " + std::to_string(primary[i]) +
+           ", outside [0, " + std::to_string(C) + ")");
+  const int per_row = 1 + options.spills;
+  std::vector<int32_t> taken(static_cast<size_t>(n * per_row), -1);
+  for (int64_t i = 0; i < n; ++i) taken[i * per_row] = primary[i];
+  std::vector<float> gram(static_cast<size_t>(C * C));
+  score_nt(codebook.codewords(), codebook.codewords(), gram.data());
+  std::vector<int64_t> fill(static_cast<size_t>(C), 0);
+  for (int round = 0; round < options.spills; ++round)
+    SpillRound{codebook, unit_rows, gram, options.lambda, per_row, taken, round}.place(options.cap,
+                                                                                       fill);
+  std::vector<int32_t> out(static_cast<size_t>(n * options.spills));
+  for (int64_t i = 0; i < n; ++i)
+    std::copy_n(taken.begin() + i * per_row + 1, options.spills, out.begin() + i * options.spills);
+  return out;
+}
+
+ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists) {
+  if (lists < 1) fail("list segments: need at least one list, got " + std::to_string(lists));
+  if (per_expert < 1 || per_expert > kMaxListsPerExpert ||
+      lists_of.size() % static_cast<size_t>(per_expert) != 0)
+    fail("list segments: " + std::to_string(lists_of.size()) + " entries do not make rows of " +
+         std::to_string(per_expert) + " lists (1 to " + std::to_string(kMaxListsPerExpert) + ")");
+  const int64_t E = static_cast<int64_t>(lists_of.size()) / per_expert;
+  for (int64_t e = 0; e < E; ++e)
+    for (int r = 0; r < per_expert; ++r) {
+      const int32_t c = lists_of[e * per_expert + r];
+      if (c < 0 || c >= lists)
+        fail("list segments: expert " + std::to_string(e) + " is assigned to list " +
+             std::to_string(c) + ", outside [0, " + std::to_string(lists) + ")");
+      for (int q = 0; q < r; ++q)
+        if (lists_of[e * per_expert + q] == c)
+          fail("list segments: expert " + std::to_string(e) + " is in list " + std::to_string(c) +
+               " twice");
+    }
+
+  // One entry per (expert, rank); its key is the sorted lists that outrank
+  // it. Entries are grouped by (list, rank, key), ids ascending within.
+  const size_t n = lists_of.size();
+  std::vector<int32_t> list(n), rank(n), expert(n), key(n * kMaxListsPerExpert, -1);
+  for (int64_t e = 0; e < E; ++e)
+    for (int r = 0; r < per_expert; ++r) {
+      const size_t i = static_cast<size_t>(e * per_expert + r);
+      list[i] = lists_of[i];
+      rank[i] = r;
+      expert[i] = static_cast<int32_t>(e);
+      int32_t* k = key.data() + i * kMaxListsPerExpert;
+      std::copy_n(lists_of.begin() + e * per_expert, r, k);
+      std::sort(k, k + r);
+    }
+  const auto group_less = [&](size_t a, size_t b) {
+    if (list[a] != list[b]) return list[a] < list[b];
+    if (rank[a] != rank[b]) return rank[a] < rank[b];
+    return std::lexicographical_compare(
+        key.data() + a * kMaxListsPerExpert, key.data() + (a + 1) * kMaxListsPerExpert,
+        key.data() + b * kMaxListsPerExpert, key.data() + (b + 1) * kMaxListsPerExpert);
+  };
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (group_less(a, b) || group_less(b, a)) return group_less(a, b);
+    return expert[a] < expert[b];
+  });
+
+  list_segments_.assign(static_cast<size_t>(lists + 1), 0);
+  ids_.reserve(n);
+  for (size_t j = 0; j < n; ++j) {
+    const size_t i = order[j];
+    if (j == 0 || group_less(order[j - 1], i)) {  // a new segment
+      if (!ids_.empty()) segment_offsets_.push_back(static_cast<int64_t>(ids_.size()));
+      const int32_t* k = key.data() + i * kMaxListsPerExpert;
+      outranking_.insert(outranking_.end(), k, k + rank[i]);
+      outranking_offsets_.push_back(static_cast<int64_t>(outranking_.size()));
+      ++list_segments_[list[i] + 1];
+    }
+    ids_.push_back(expert[i]);
+  }
+  if (!ids_.empty()) segment_offsets_.push_back(static_cast<int64_t>(ids_.size()));
+  for (int64_t c = 0; c < lists; ++c) list_segments_[c + 1] += list_segments_[c];
+}
+
+int64_t ListSegments::max_list_size() const {
+  int64_t m = 0;
+  for (int64_t c = 0; c < lists(); ++c) m = std::max(m, list_size(c));
+  return m;
+}
+
+SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64_t>& probe_offsets,
+                           const std::vector<int32_t>& probes) {
+  const int64_t T = static_cast<int64_t>(probe_offsets.size()) - 1;
+  std::vector<std::vector<int32_t>> scanned(static_cast<size_t>(T));
+  SegmentPairs out;
+  out.shortlist_size.assign(static_cast<size_t>(T), 0);
+#pragma omp parallel
+  {
+    std::vector<int32_t> sorted;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      const std::span<const int32_t> mine(
+          probes.data() + probe_offsets[t],
+          static_cast<size_t>(probe_offsets[t + 1] - probe_offsets[t]));
+      int64_t members = 0;
+      segments.for_each_scanned(mine, sorted, [&](int64_t s) {
+        scanned[t].push_back(static_cast<int32_t>(s));
+        members += segments.segment_size(s);
+      });
+      out.shortlist_size[t] = static_cast<int32_t>(members);
+    }
+  }
+  out.offsets.assign(static_cast<size_t>(T + 1), 0);
+  for (int64_t t = 0; t < T; ++t)
+    out.offsets[t + 1] = out.offsets[t] + static_cast<int64_t>(scanned[t].size());
+  out.pairs.list.resize(static_cast<size_t>(out.offsets[T]));
+  out.pairs.query.resize(static_cast<size_t>(out.offsets[T]));
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy(scanned[t].begin(), scanned[t].end(), out.pairs.list.begin() + out.offsets[t]);
+    std::fill(out.pairs.query.begin() + out.offsets[t],
+              out.pairs.query.begin() + out.offsets[t + 1], static_cast<int32_t>(t));
+  }
+  return out;
+}
+
+}  // namespace airmoe

@@ -1,0 +1,126 @@
+// Spilled inverted lists: each expert sits in its primary list and in
+// `spills` more, chosen as ScaNN's SOAR does (Sun et al., NeurIPS 2023): a
+// spill goes to the codeword whose residual is least aligned with the
+// residuals of the expert's earlier assignments, so that a token the primary
+// list scores badly for (its direction correlates with the primary residual)
+// is likely to find the expert through the spill list.
+//
+// Probing two lists that share an expert must not score it twice. So each
+// list is cut into segments by the lists that outrank it for the segment's
+// members (an expert's primary list outranks its first spill, which outranks
+// its second): a token scans a segment only if it probes none of the lists
+// that outrank it. The segments are the blocks of stage 2's GEMM, so the
+// exclusion costs no FLOPs and every probed expert is scored exactly once.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "core/matrix.h"
+#include "router/codebook.h"
+#include "router/list_scan.h"
+
+namespace airmoe {
+
+struct SpillOptions {
+  int spills = 0;       // extra lists per expert (0: plain lists)
+  double lambda = 1.0;  // SOAR weight of the residual alignment penalty
+  // Most spilled entries a list takes (0: no cap); a spill whose best list is
+  // full goes to its next best list with room.
+  int64_t cap = 0;
+};
+
+// The spill lists of every row ([n, spills] row-major, each different from
+// the row's primary and earlier spills): codeword c minimizes the SOAR loss
+//   ||x - mu_c||^2 + lambda * sum_j <r_j, x - mu_c>^2 / ||r_j||^2
+// over the row's earlier assignments j (r_j = x - mu_j), ties to lower c.
+// `unit_rows` are unit norm; `primary[i]` is row i's primary codeword.
+std::vector<int32_t> soar_spills(const Codebook& codebook, MatrixView unit_rows,
+                                 const std::vector<int32_t>& primary, const SpillOptions& options);
+
+class ListSegments {
+ public:
+  ListSegments() = default;
+  // lists_of: [E, per_expert] row-major, each expert's lists in priority
+  // order (primary first), all different, in [0, lists).
+  ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists);
+
+  int64_t lists() const { return static_cast<int64_t>(list_segments_.size()) - 1; }
+  int64_t segments() const { return static_cast<int64_t>(segment_offsets_.size()) - 1; }
+  int64_t entries() const { return static_cast<int64_t>(ids_.size()); }
+  // Entries of list c: its own experts and those spilled into it.
+  int64_t list_size(int64_t c) const {
+    return segment_offsets_[list_segments_[c + 1]] - segment_offsets_[list_segments_[c]];
+  }
+  int64_t max_list_size() const;
+  int64_t segment_size(int64_t s) const { return segment_offsets_[s + 1] - segment_offsets_[s]; }
+  std::span<const int32_t> members(int64_t s) const {
+    return {ids_.data() + segment_offsets_[s], static_cast<size_t>(segment_size(s))};
+  }
+  // The lists that outrank list c for segment s's members.
+  std::span<const int32_t> outranked_by(int64_t s) const {
+    return {outranking_.data() + outranking_offsets_[s],
+            static_cast<size_t>(outranking_offsets_[s + 1] - outranking_offsets_[s])};
+  }
+
+  // visit(s) for every segment a token probing `probes` scans, in probe
+  // order: each expert of the probed lists lies in exactly one of them.
+  // `sorted` is scratch (a sorted copy of the probes).
+  template <typename Visit>
+  void for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
+                        Visit visit) const;
+
+  // The segments as stage 2's blocks: segment s is block s.
+  template <typename CenterOf>
+  ListBlocks blocks(int64_t dim, CenterOf center_of) const;
+
+ private:
+  std::vector<int64_t> list_segments_{0};       // [C + 1]: list c's segments
+  std::vector<int64_t> segment_offsets_{0};     // [S + 1] into ids_
+  std::vector<int32_t> ids_;                    // members, segment after segment, ids ascending
+  std::vector<int64_t> outranking_offsets_{0};  // [S + 1] into outranking_
+  std::vector<int32_t> outranking_;
+};
+
+// Stage 2's work for a batch: the (token, segment) pairs to scan, token
+// after token, and each token's range of pairs and shortlist size (distinct
+// experts, which is also what its scan costs: 2 d FLOPs each).
+struct SegmentPairs {
+  ScanPairs pairs;                      // pairs.list holds segment ids
+  std::vector<int64_t> offsets;         // [T + 1]
+  std::vector<int32_t> shortlist_size;  // [T]
+};
+SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64_t>& probe_offsets,
+                           const std::vector<int32_t>& probes);
+
+template <typename Visit>
+void ListSegments::for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
+                                    Visit visit) const {
+  sorted.assign(probes.begin(), probes.end());
+  std::sort(sorted.begin(), sorted.end());
+  for (int32_t c : probes)
+    for (int64_t s = list_segments_[c]; s < list_segments_[c + 1]; ++s) {
+      const auto above = outranked_by(s);
+      const bool seen = std::any_of(above.begin(), above.end(), [&](int32_t a) {
+        return std::binary_search(sorted.begin(), sorted.end(), a);
+      });
+      if (!seen) visit(s);
+    }
+}
+
+template <typename CenterOf>
+ListBlocks ListSegments::blocks(int64_t dim, CenterOf center_of) const {
+  ListBlocks b;
+  b.offsets = segment_offsets_;
+  b.ids = ids_;
+  b.centers = Matrix(entries(), dim);
+  for (int64_t i = 0; i < entries(); ++i) {
+    const float* src = center_of(ids_[i]);
+    std::copy(src, src + dim, b.centers.row(i));
+  }
+  return b;
+}
+
+}  // namespace airmoe
