@@ -30,7 +30,11 @@ limit=30
 rm -rf "$work"
 mkdir -p "$work"
 log="$work/$mode.log"
-launch=(timeout 120 mpiexec --allow-run-as-root --oversubscribe -n 3 -x OMP_NUM_THREADS=1)
+# MPIEXEC_FLAGS: more mpiexec options, to see what a setting changes (e.g.
+# "--enable-recovery", docs/multinode.md).
+# shellcheck disable=SC2206  # the flags are words on purpose
+launch=(timeout 120 mpiexec --allow-run-as-root --oversubscribe -n 3 -x OMP_NUM_THREADS=1
+  ${MPIEXEC_FLAGS:-})
 layer_args=(layer --k 4 -C 16 -m 3 --strategies air --placement list)
 
 now() { date +%s.%N; }
@@ -137,6 +141,7 @@ killed_host() {
   wait_for_line "$log" "forward + backward 3/" || {
     echo "FAIL: the job never reached step 3"
     tail "$log"
+    kill "$job"
     exit 1
   }
   t0="$(now)"
@@ -160,13 +165,12 @@ bad_token_midstep() {
       echo "FAIL: $strategy: status $status"
       exit 1
     }
-    [ "$(grep -c ' ok$' "$log")" -eq 12 ] &&
-      grep -q "^rank 2 step 3 UsageError: .*rank 2: .*row [0-9]* column 0 is nan" "$log" &&
-      [ "$(grep -c "^rank [01] step 3 PeerError (failed rank 2): .*rank 2: .*nan" "$log")" -eq 2 ] ||
-      {
-        echo "FAIL: $strategy: expected steps 1, 2, 4, 5 ok on 3 ranks and step 3 raised on all"
-        exit 1
-      }
+    if [ "$(grep -c ' ok$' "$log")" -ne 12 ] ||
+      ! grep -q "^rank 2 step 3 UsageError: .*rank 2: .*row [0-9]* column 0 is nan" "$log" ||
+      [ "$(grep -c "^rank [01] step 3 PeerError (failed rank 2): .*rank 2: .*nan" "$log")" -ne 2 ]; then
+      echo "FAIL: $strategy: expected steps 1, 2, 4, 5 ok on 3 ranks and step 3 raised on all"
+      exit 1
+    fi
   done
   echo "$mode: ok"
 }

@@ -18,12 +18,14 @@ rm -rf "$work"
 mkdir -p "$work"
 log="$work/layer.log" csv="$work/rss.csv"
 
-# Under timeout: 0.5 s a step is far slower than this shape ever runs.
-timeout $((120 + steps / 2)) mpiexec --allow-run-as-root --oversubscribe -n 3 \
+# Under timeout: 1 s a step is 3x the slowest this shape ran on a loaded
+# 2-core machine.
+timeout $((120 + steps)) mpiexec --allow-run-as-root --oversubscribe -n 3 \
   -x OMP_NUM_THREADS=1 "$bench" layer -E 4096 -d 64 -T 768 --k 4 -C 32 -m 3 \
   --strategies "$strategy" --repeats "$steps" >"$log" 2>&1 &
 job=$!
 trap 'kill "$job" 2>/dev/null || true' EXIT
+trap 'exit 143' INT TERM
 
 # The ranks: mpiexec's children (it forks the local ones itself).
 ranks=()
