@@ -13,6 +13,8 @@
 #   hosts_shape ARGS  replaces each host's eth0 egress qdisc: `tc qdisc replace
 #                   dev eth0 root ARGS` in every namespace (e.g. "tbf rate 1gbit
 #                   burst 256kb latency 50ms"); hosts_shape "" removes it.
+#   hosts_wire D R  a second, slow network (user-space delay D ms, rate R
+#                   Mbit/s) for the ranks' data; hosts_wire_stop ends it.
 #   hosts_can_run   prints why not and returns 1 when this machine cannot host
 #                   namespaces (not root, no iproute2, no netns/veth/bridge).
 #
@@ -26,6 +28,8 @@ HOSTS_IPS=()     # their eth0 addresses
 HOSTS_SUBNET=""  # a.b.c.0/24
 HOSTS_BRIDGE_IP=""
 HOSTS_DIR=""
+HOSTS_WIRE_PID=""     # delay_wire.py, while hosts_wire runs one
+HOSTS_DATA_SUBNET=""  # the ranks' data network when not the bridge's
 
 hosts_can_run() {
   if [ "$(id -u)" -ne 0 ]; then
@@ -138,8 +142,49 @@ hosts_shape() {
   done
 }
 
+# A second network between the hosts through scripts/delay_wire.py, a
+# user-space hub that delays each frame DELAY_MS and limits each port to
+# RATE_MBIT (netem's job, for kernels without it): "wire0" in every host, on
+# 10.214.X.0/24 (X as in the hosts' subnet). hosts_mpirun_args then sends the
+# ranks' data over it; mpirun's control channel stays on the bridge.
+#   hosts_wire DELAY_MS RATE_MBIT;  hosts_wire_stop
+hosts_wire() {
+  hosts_wire_stop
+  local out="$HOSTS_DIR/wire.out" x i
+  : >"$out"  # now, not in the background job: no "ready" left from a last wire
+  /usr/bin/python3 "$(dirname "${BASH_SOURCE[0]}")/delay_wire.py" "$1" "$2" wire0 \
+    "${HOSTS_NAMES[@]}" >"$out" 2>&1 &
+  HOSTS_WIRE_PID=$!
+  for ((i = 0; i < 100; i++)); do
+    grep -qs '^ready' "$out" && break
+    sleep 0.1
+  done
+  grep -qs '^ready' "$out" || {
+    echo "delay_wire.py did not start:" >&2
+    cat "$out" >&2
+    return 1
+  }
+  x="${HOSTS_SUBNET#10.213.}"
+  x="${x%%.*}"
+  for i in "${!HOSTS_NAMES[@]}"; do
+    ip -n "${HOSTS_NAMES[$i]}" addr add "10.214.$x.$((i + 2))/24" dev wire0
+    ip -n "${HOSTS_NAMES[$i]}" link set wire0 mtu 9000 up
+  done
+  HOSTS_DATA_SUBNET="10.214.$x.0/24"
+}
+
+hosts_wire_stop() {
+  if [ -n "${HOSTS_WIRE_PID:-}" ]; then
+    kill "$HOSTS_WIRE_PID" 2>/dev/null || true
+    wait "$HOSTS_WIRE_PID" 2>/dev/null || true
+  fi
+  HOSTS_WIRE_PID=""
+  HOSTS_DATA_SUBNET=""
+}
+
 hosts_down() {
   local ns pid i
+  hosts_wire_stop
   for ns in "${HOSTS_NAMES[@]}"; do
     # A process left in a namespace (an orted whose mpirun died) is ours: end
     # it by PID before removing its namespace.
@@ -162,6 +207,9 @@ hosts_down() {
 hosts_mpirun_args() {
   local transport="$1" slots="$2"
   local hostfile="$HOSTS_DIR/hostfile.$slots"
+  # The ranks' data: over the delay wire when there is one, else the bridge.
+  local data_subnet="${HOSTS_DATA_SUBNET:-$HOSTS_SUBNET}" data_device=eth0
+  [ -z "${HOSTS_DATA_SUBNET:-}" ] || data_device=wire0
   sed "s/\$/ slots=$slots/" "$HOSTS_DIR/hostfile" >"$hostfile"
   # oob_tcp_if_include: mpirun (root namespace, on the bridge) and the orteds
   # talk over the hosts' subnet, not over this machine's real interface.
@@ -172,7 +220,7 @@ hosts_mpirun_args() {
   # shellcheck disable=SC2054  # tcp,self: one argument with commas
   case "$transport" in
     tcp)
-      HOSTS_MPIRUN+=(--mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include "$HOSTS_SUBNET")
+      HOSTS_MPIRUN+=(--mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include "$data_subnet")
       ;;
     ucx)
       # UCX over TCP sockets on the hosts' eth0; the vader / uct btls stay off
@@ -181,7 +229,7 @@ hosts_mpirun_args() {
       # pml_ucx_tls and pml_ucx_devices say "any".
       HOSTS_MPIRUN+=(--mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any
         --mca osc ucx --mca btl ^vader,openib,uct
-        -x UCX_TLS=tcp,self -x UCX_NET_DEVICES=eth0 -x UCX_WARN_UNUSED_ENV_VARS=n)
+        -x UCX_TLS=tcp,self -x UCX_NET_DEVICES="$data_device" -x UCX_WARN_UNUSED_ENV_VARS=n)
       ;;
     *)
       echo "hosts_mpirun_args: transport '$transport' is not tcp or ucx" >&2

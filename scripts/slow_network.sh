@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The MoE layer across namespace hosts on a slowed network: `airmoe_bench
 # layer` (the three strategies) on HOSTS x SLOTS ranks over TCP, once per link
-# setting, with each host's eth0 shaped by tc. netem (delay + rate) where the
-# kernel has it; otherwise tbf (rate only; the setting's label says which).
+# setting, with each host's eth0 shaped by tc: netem (delay + rate) where the
+# kernel has it; otherwise tbf for the rate alone, and for delay + rate the
+# ranks' data goes over scripts/delay_wire.py (a user-space hub) instead. The
+# setting's label says which.
 #
-# usage: scripts/slow_network.sh AIRMOE_BENCH OUTDIR [LAYER ARGS...]
+# usage: [SETTINGS="unshaped wire_5ms_1gbit ..."] scripts/slow_network.sh AIRMOE_BENCH OUTDIR [LAYER ARGS...]
 # Writes OUTDIR/multinode_<setting>.json per setting and prints the table of
 # scripts/multinode_table.py. Needs root (exit 77 with the reason otherwise).
 set -euo pipefail
@@ -26,26 +28,45 @@ fi
 mkdir -p "$out"
 hosts_up "$hosts"
 
-# label -> qdisc arguments ("" = the veth as it is).
-declare -A qdisc=([unshaped]="")
+# label -> how: "qdisc ARGS" (tc on each host's eth0; "qdisc" alone: none) or
+# "wire DELAY_MS RATE_MBIT" (scripts/delay_wire.py, a user-space hub).
+declare -A setting=([unshaped]="qdisc")
 order=(unshaped)
 if hosts_shape "netem delay 5ms" 2>/dev/null; then
-  qdisc[netem_5ms_1gbit]="netem delay 5ms rate 1gbit"
-  qdisc[netem_20ms_100mbit]="netem delay 20ms rate 100mbit"
+  setting[netem_5ms_1gbit]="qdisc netem delay 5ms rate 1gbit"
+  setting[netem_20ms_100mbit]="qdisc netem delay 20ms rate 100mbit"
   order+=(netem_5ms_1gbit netem_20ms_100mbit)
 else
-  echo "this kernel has no netem qdisc (sch_netem): shaping the rate only, with tbf"
-  qdisc[tbf_1gbit]="tbf rate 1gbit burst 512kb latency 50ms"
-  qdisc[tbf_100mbit]="tbf rate 100mbit burst 64kb latency 50ms"
-  qdisc[tbf_10mbit]="tbf rate 10mbit burst 16kb latency 200ms"
-  order+=(tbf_1gbit tbf_100mbit tbf_10mbit)
+  echo "this kernel has no netem qdisc (sch_netem): rate with tbf, delay with delay_wire.py"
+  setting[tbf_1gbit]="qdisc tbf rate 1gbit burst 512kb latency 50ms"
+  setting[tbf_100mbit]="qdisc tbf rate 100mbit burst 64kb latency 50ms"
+  setting[tbf_10mbit]="qdisc tbf rate 10mbit burst 16kb latency 200ms"
+  setting[wire_5ms_1gbit]="wire 5 1000"
+  setting[wire_20ms_100mbit]="wire 20 100"
+  order+=(tbf_1gbit tbf_100mbit tbf_10mbit wire_5ms_1gbit wire_20ms_100mbit)
 fi
 
-hosts_mpirun_args tcp "$slots"
+# SETTINGS="label ...": only these (the first is the table's baseline).
+[ -z "${SETTINGS:-}" ] || read -ra order <<<"$SETTINGS"
+
+# apply_setting HOW...: the network as the setting says, and the mpirun line.
+apply_setting() {
+  local how="$1"
+  shift
+  hosts_shape ""
+  hosts_wire_stop
+  case "$how" in
+    qdisc) hosts_shape "$*" ;;
+    wire) hosts_wire "$1" "$2" ;;
+  esac
+  hosts_mpirun_args tcp "$slots"
+}
+
 files=()
 for label in "${order[@]}"; do
-  hosts_shape "${qdisc[$label]}"
-  echo "+ [$label: ${qdisc[$label]:-no qdisc}] airmoe_bench layer ${layer_args[*]}"
+  # shellcheck disable=SC2086  # the setting's words
+  apply_setting ${setting[$label]}
+  echo "+ [$label: ${setting[$label]}] airmoe_bench layer ${layer_args[*]}"
   timeout 600 "${HOSTS_MPIRUN[@]}" "$bench" layer "${layer_args[@]}" \
     --json "$out/multinode_$label.json" >"$out/multinode_$label.log" 2>&1 ||
     {
