@@ -134,6 +134,7 @@ std::string option_text(const po::variable_value& v) {
   if (const auto* i = boost::any_cast<int64_t>(&a)) return std::to_string(*i);
   if (const auto* u = boost::any_cast<uint64_t>(&a)) return std::to_string(*u);
   if (const auto* x = boost::any_cast<double>(&a)) return std::to_string(*x);
+  if (const auto* b = boost::any_cast<bool>(&a)) return *b ? "true" : "false";
   throw InternalError("airmoe_bench: an option of a type the agreement cannot print");
 }
 
