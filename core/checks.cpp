@@ -9,7 +9,7 @@
 
 #include "core/errors.h"
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 void fail(const std::string& message) {
   throw UsageError(message);
@@ -93,4 +93,4 @@ void require_finite_logits(MatrixView m, double key_norm_bound, const char* what
        short_number(limit) + ")");
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -3,7 +3,7 @@
 
 #include <chrono>
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 inline double clock_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -24,4 +24,4 @@ class ScopedTimer {
   double start_;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -1,7 +1,7 @@
 // The error types every folder throws, so that a caller (and a front-end
 // such as the PyTorch binding) can tell apart what to fix and where:
 //   UsageError     this rank's caller passed bad input (an argument, a shape,
-//                  a value, a file): fix the call. An std::invalid_argument.
+//                  a value): fix the call. An std::invalid_argument.
 //   PeerError      this rank's input was fine, but another rank's was not and
 //                  every rank stops together; names that rank. Also an
 //                  std::invalid_argument, so that code which catches "bad
@@ -10,8 +10,8 @@
 //                  from a peer (a bug, or memory corruption): not the
 //                  caller's fault. An std::logic_error.
 //   TransportError a failed transport call (MPI, ...). An std::runtime_error.
-// File errors (a missing, truncated or malformed file) are UsageErrors too:
-// the file is the caller's input.
+// File errors (a missing, truncated or malformed .npy file) are
+// std::runtime_errors naming the file and what is wrong.
 //
 // Raised together: a collective check (comm::raise_together,
 // comm::require_same_config) raises on every rank at once, so the ranks are
@@ -26,7 +26,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 class UsageError : public std::invalid_argument {
  public:
@@ -72,4 +72,4 @@ inline bool raised_together(const std::exception& e) {
          dynamic_cast<const ConfigMismatchError*>(&e);
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::core

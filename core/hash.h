@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string_view>
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 inline constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ULL;
 
@@ -21,4 +21,4 @@ inline uint64_t fnv1a64(std::string_view s, uint64_t h = kFnvOffset) {
   return fnv1a64(s.data(), s.size(), h);
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::core

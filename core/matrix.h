@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 struct MatrixView {
   const float* data = nullptr;
@@ -51,4 +51,4 @@ class Matrix {
   std::vector<float> data_;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -8,7 +8,7 @@
 
 #include "core/matrix.h"
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 // A 2-D, C-order, little-endian float32 array ('<f4').
 Matrix read_npy_matrix(const std::string& path);
@@ -16,4 +16,4 @@ Matrix read_npy_matrix(const std::string& path);
 void write_npy(const std::string& path, const float* data, int64_t rows, int64_t cols);
 void write_npy(const std::string& path, const int32_t* data, int64_t rows, int64_t cols);
 
-}  // namespace airmoe
+}  // namespace airmoe::core

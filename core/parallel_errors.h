@@ -7,7 +7,7 @@
 
 #include <exception>
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 class ParallelErrors {
  public:
@@ -37,4 +37,4 @@ class ParallelErrors {
   std::exception_ptr first_;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -7,7 +7,7 @@
 
 #include "core/checks.h"
 
-namespace airmoe {
+namespace airmoe::inline core {
 namespace {
 
 // SplitMix64: one independent stream per row, so the data does not depend
@@ -135,4 +135,4 @@ SyntheticData make_synthetic(const SyntheticConfig& cfg) {
   return {gen.centers(), gen.tokens(0, cfg.tokens)};
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::core

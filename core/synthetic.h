@@ -14,7 +14,7 @@
 
 #include "core/matrix.h"
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 struct SyntheticConfig {
   int64_t experts = 65536;
@@ -62,4 +62,4 @@ class SyntheticGenerator {
 // and tests.
 Matrix random_matrix(int64_t rows, int64_t cols, double scale, uint64_t seed);
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -6,7 +6,7 @@
 
 #include "core/checks.h"
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 void set_num_threads(int n) {
   if (n < 1) fail("set_num_threads: n must be >= 1, got " + std::to_string(n));
@@ -20,4 +20,4 @@ int num_threads() {
   return omp_get_max_threads();
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -2,7 +2,7 @@
 // grouped list scans, k-means).
 #pragma once
 
-namespace airmoe {
+namespace airmoe::inline core {
 
 // More threads than this is a mistake (libgomp crashes or stalls creating
 // tens of thousands), not a setting.
@@ -12,4 +12,4 @@ constexpr int kMaxThreads = 1024;
 void set_num_threads(int n);
 int num_threads();
 
-}  // namespace airmoe
+}  // namespace airmoe::core

@@ -6,7 +6,7 @@
 
 #include "core/checks.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 AirDefaults recommended_air(int64_t experts) {
   if (experts < 1) fail("recommended_air: E must be >= 1, got " + std::to_string(experts));
@@ -19,4 +19,4 @@ AirDefaults recommended_air(int64_t experts) {
   return {C, static_cast<int>(std::min(m, C))};
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

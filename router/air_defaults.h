@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 struct AirDefaults {
   int64_t codewords;  // C
@@ -18,4 +18,4 @@ struct AirDefaults {
 // E >= 1. C is at most E.
 AirDefaults recommended_air(int64_t experts);
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -10,7 +10,7 @@
 #include "router/list_scan.h"
 #include "router/topk.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 AirRouter::AirRouter(MatrixView centers, const AirConfig& config)
     : AirRouter(centers,
@@ -135,4 +135,4 @@ RouterGradients AirRouter::backward(MatrixView tokens, const Routes& routes,
       });
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -13,7 +13,7 @@
 #include "router/routes.h"
 #include "router/spilled_lists.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 // How experts are laid out in the inverted lists. Off by default: both
 // options trade list building time for recall at an equal shortlist, and are
@@ -90,4 +90,4 @@ class AirRouter {
   double key_norm_bound_ = 1.0;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -11,7 +11,7 @@
 #include "core/parallel_errors.h"
 #include "router/scoring.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 namespace {
 
 int64_t to_fixed(double x) {
@@ -327,4 +327,4 @@ void adaptive_update(Codebook& codebook, MatrixView centers, double step, int up
     codebook.apply(codebook.compute_stats(unit.view()), step, lookup);
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

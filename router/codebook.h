@@ -16,7 +16,7 @@
 
 #include "core/matrix.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 // Unit-norm copy of `rows`; throws if a row has zero norm or is not finite
 // ("<what> row R has zero norm").
@@ -104,4 +104,4 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options,
 // compute_stats + apply.
 void adaptive_update(Codebook& codebook, MatrixView centers, double step, int updates = 1);
 
-}  // namespace airmoe
+}  // namespace airmoe::router

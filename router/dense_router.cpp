@@ -8,7 +8,7 @@
 #include "router/scoring.h"
 #include "router/topk.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
                       double key_norm_bound) {
@@ -69,4 +69,4 @@ RouterGradients DenseRouter::backward(MatrixView tokens, const Routes& routes,
       });
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -8,7 +8,7 @@
 #include "core/matrix.h"
 #include "router/routes.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 class DenseRouter {
  public:
@@ -38,4 +38,4 @@ class DenseRouter {
 void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
                       double key_norm_bound);
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -5,7 +5,7 @@
 
 #include "core/checks.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 InvertedLists::InvertedLists(const std::vector<int32_t>& assignment, int64_t lists)
     : assignment_(assignment) {
@@ -36,4 +36,4 @@ int64_t InvertedLists::max_list_size() const {
   return m;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -6,7 +6,7 @@
 #include <span>
 #include <vector>
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 class InvertedLists {
  public:
@@ -36,4 +36,4 @@ class InvertedLists {
   std::vector<int32_t> assignment_;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -8,7 +8,7 @@
 #include "router/scoring.h"
 #include "router/topk.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 namespace {
 
 constexpr int64_t kQueriesPerTask = 64;
@@ -170,4 +170,4 @@ void scan_lists(const ListBlocks& blocks, MatrixView queries, const ScanPairs& p
   errors.rethrow();
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -13,7 +13,7 @@
 #include "router/inverted_lists.h"
 #include "router/routes.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 // Stage 1: the codewords each token probes, CSR over tokens: the best
 // `probes` by score (then lower index), extended in score order until their
@@ -74,4 +74,4 @@ ListBlocks ListBlocks::build(const InvertedLists& lists, int64_t dim, Keep keep,
   return b;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

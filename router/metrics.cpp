@@ -7,7 +7,7 @@
 
 #include "core/checks.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 namespace {
 
 void require_comparable(const Routes& got, const Routes& exact) {
@@ -64,4 +64,4 @@ ShortlistStats shortlist_stats(const Routes& routes) {
   return s;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

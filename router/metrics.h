@@ -5,7 +5,7 @@
 
 #include "router/routes.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 // Mean over tokens of |chosen ∩ exact top-k| / k.
 double recall_at_k(const Routes& got, const Routes& exact);
@@ -22,4 +22,4 @@ struct ShortlistStats {
 };
 ShortlistStats shortlist_stats(const Routes& routes);
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -10,7 +10,7 @@
 #include "router/scoring.h"
 #include "router/topk.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 ProductKeyRouter::ProductKeyRouter(MatrixView keys1, MatrixView keys2) {
   if (keys1.rows < 1 || keys1.rows != keys2.rows)
@@ -134,4 +134,4 @@ ProductKeyGradients ProductKeyRouter::backward(MatrixView tokens, const Routes& 
   return g;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -9,7 +9,7 @@
 #include "core/matrix.h"
 #include "router/routes.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 struct ProductKeyGradients {
   Matrix d_tokens;        // [T, d]
@@ -43,4 +43,4 @@ class ProductKeyRouter {
   double key_norm_bound_ = 0.0;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::router

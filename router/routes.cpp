@@ -10,7 +10,7 @@
 #include "core/parallel_errors.h"
 #include "router/scoring.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 const char* to_string(GateMode mode) {
   return mode == GateMode::kChosen ? "chosen" : "shortlist";
@@ -183,4 +183,4 @@ RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, 
   return grads;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

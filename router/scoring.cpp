@@ -10,7 +10,7 @@
 #define AIRMOE_X86 1
 #endif
 
-namespace airmoe {
+namespace airmoe::inline router {
 namespace {
 
 constexpr int kLanes = 8;
@@ -175,4 +175,4 @@ void score_nt(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
   }
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -13,7 +13,7 @@
 
 #include "core/matrix.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 // C[i * ldc + j] = <A row i, B row j> for i < m, j < n, over k columns.
 // Runs multi-threaded when called outside an OpenMP parallel region and the
@@ -34,4 +34,4 @@ float score_one(const float* a, const float* b, int64_t k);
 // both give identical bits.
 const char* scoring_kernel_name();
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -8,7 +8,7 @@
 #include "core/checks.h"
 #include "router/scoring.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 namespace {
 
 constexpr int64_t kSpillChunk = 4096;  // rows scored against the codebook at a time
@@ -266,4 +266,4 @@ SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64
   return out;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

@@ -22,7 +22,7 @@
 #include "router/codebook.h"
 #include "router/list_scan.h"
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 struct SpillOptions {
   int spills = 0;       // extra lists per expert (0: plain lists)
@@ -123,4 +123,4 @@ ListBlocks ListSegments::blocks(int64_t dim, CenterOf center_of) const {
   return b;
 }
 
-}  // namespace airmoe
+}  // namespace airmoe::router

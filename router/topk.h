@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <limits>
 
-namespace airmoe {
+namespace airmoe::inline router {
 
 inline bool ranks_before(float za, int32_t ia, float zb, int32_t ib) {
   return za > zb || (za == zb && ia < ib);
@@ -58,4 +58,4 @@ class TopK {
   int32_t* ids_;
 };
 
-}  // namespace airmoe
+}  // namespace airmoe::router
