@@ -11,17 +11,12 @@
 
 #include "core/errors.h"
 #include "fuzz_layer.h"
-#include "scripted_peers.h"
 
+// Inputs that once crashed are unit tests: tests/test_decoder_findings.cpp.
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace airmoe;
-  if (size < 2) return 0;
-  const auto strategy = static_cast<runtime::Strategy>(data[0] % 3);
-  const int ranks = 2 + data[1] % 3;
-  const int me = (data[1] / 3) % ranks;
-  fuzz::ScriptedPeers comm(ranks, me, {data + 2, size - 2});
   try {
-    fuzz::FuzzLayer::get().step(comm, strategy);
+    fuzz::scripted_step(data, size);
   } catch (const UsageError&) {
   } catch (const PeerError&) {
   } catch (const InternalError&) {

@@ -11,6 +11,7 @@
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "runtime/moe_layer.h"
+#include "scripted_peers.h"
 
 namespace airmoe::fuzz {
 
@@ -73,5 +74,17 @@ struct FuzzLayer {
     return result;
   }
 };
+
+// A fuzz input of the decoder target: byte 0 picks the strategy, byte 1 the
+// job size P in 2..4 and this rank; the rest is the script of the peers'
+// messages (ScriptedPeers). Runs one step; throws what the layer throws.
+inline void scripted_step(const uint8_t* data, size_t size) {
+  if (size < 2) return;
+  const auto strategy = static_cast<runtime::Strategy>(data[0] % 3);
+  const int ranks = 2 + data[1] % 3;
+  const int me = (data[1] / 3) % ranks;
+  ScriptedPeers comm(ranks, me, {data + 2, size - 2});
+  FuzzLayer::get().step(comm, strategy);
+}
 
 }  // namespace airmoe::fuzz
