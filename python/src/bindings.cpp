@@ -47,6 +47,7 @@
 #include "core/matrix.h"
 #include "router/product_key_router.h"
 #include "router/routes.h"
+#include "runtime/checkpoint.h"
 #include "runtime/coordinator.h"
 #include "runtime/moe_layer.h"
 
@@ -320,22 +321,37 @@ struct LayerPlanHandle {
   bool used = false;
 };
 
+// The MPI_Comm that mpi4py's handle at `comm_address` holds, checked.
+MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    throw std::runtime_error(
+        "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
+  if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
+  const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
+  if (mpi_comm == MPI_COMM_NULL)
+    throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
+  return mpi_comm;
+}
+
 class MoELayerImpl {
  public:
+  // Collective: the layer of the checkpoint in `dir` (runtime/checkpoint.h).
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir)
+      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+    layer_ = runtime::load_checkpoint(*comm_, dir);
+    const MatrixView cw = layer_->codebook().codewords();
+    codewords_ = Matrix(cw.rows, cw.cols);
+    std::copy_n(cw.data, cw.rows * cw.cols, codewords_.data());
+  }
+
   MoELayerImpl(std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
                int64_t hidden, const std::string& activation, int64_t codewords,
                int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
                uint64_t expert_seed, MatrixView centers, std::optional<MatrixView> sample) {
-    int initialized = 0, finalized = 0;
-    MPI_Initialized(&initialized);
-    MPI_Finalized(&finalized);
-    if (!initialized || finalized)
-      throw std::runtime_error(
-          "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
-    if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
-    const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
-    if (mpi_comm == MPI_COMM_NULL)
-      throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
+    const MPI_Comm mpi_comm = mpi_comm_at(comm_address);
     // Arguments that need no communication are checked before any collective
     // (every rank gets the same arguments, so every rank throws alike).
     const runtime::Strategy s = runtime::strategy_from_string(strategy);
@@ -548,6 +564,25 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
       .def_property_readonly("hidden",
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
+      .def(py::init<std::uintptr_t, const std::string&>(), py::arg("comm_address"),
+           py::arg("checkpoint_dir"), "Collective: the layer of a checkpoint, at this job's P.")
+      .def(
+          "save_checkpoint",
+          [](MoELayerImpl& s, const std::string& dir) {
+            py::gil_scoped_release release;
+            runtime::save_checkpoint(s.layer(), dir);
+          },
+          py::arg("dir"), "Collective: writes the layer's checkpoint into dir.")
+      .def_property_readonly("config",
+                             [](MoELayerImpl& s) {
+                               const runtime::MoEConfig& c = s.layer().config();
+                               py::dict d;
+                               d["k"] = c.k;
+                               d["probes"] = c.probes;
+                               d["activation"] = runtime::to_string(c.expert.activation);
+                               d["codewords"] = s.layer().codebook().size();
+                               return d;
+                             })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
       .def(
           "set_local_centers",
