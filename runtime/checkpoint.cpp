@@ -90,6 +90,17 @@ void fresh_directory(const std::string& dir) {
   if (ec) fail("checkpoint: cannot create '" + dir + "': " + ec.message());
 }
 
+// A save replaces `dir` only when it holds a checkpoint (or nothing): never
+// a directory of other files that a mistyped path names.
+void require_replaceable(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return;
+  if (!fs::is_directory(dir, ec)) fail("checkpoint: '" + dir + "' exists and is not a directory");
+  if (!fs::is_empty(dir, ec) && !fs::exists(manifest_path(dir), ec))
+    fail("checkpoint: '" + dir + "' holds other files and no checkpoint manifest; refusing to " +
+         "replace it");
+}
+
 // The staging directory becomes `dir`; a previous checkpoint there is
 // replaced in one step where the file system can swap two directories
 // atomically (Linux renameat2), else in two renames.
@@ -299,7 +310,9 @@ void save_checkpoint(MoELayer& layer, const std::string& dir_arg, const SaveOpti
   const bool root = comm.rank() == 0;
   try {
     comm::check_together(comm, "save checkpoint", [&] {
-      if (root) fresh_directory(staging);
+      if (!root) return;
+      require_replaceable(dir);
+      fresh_directory(staging);
     });
     ShardEntry mine;
     comm::check_together(comm, "save checkpoint",

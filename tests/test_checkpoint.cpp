@@ -79,6 +79,22 @@ TEST(Checkpoint, ResavingReplacesThePreviousCheckpoint) {
   });
 }
 
+// A mistyped path must not cost the user a directory: a save replaces only
+// a checkpoint (or an empty directory).
+TEST(Checkpoint, ADirectoryOfOtherFilesIsNeverReplaced) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/work";
+  std::filesystem::create_directory(dir);
+  test::put_file_bytes(dir + "/notes.txt", {'h', 'i'});
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, test::checkpoint_data(), Strategy::kAir);
+    test::expect_refused_together([&] { runtime::save_checkpoint(*layer, dir); }, dir,
+                                  "holds other files and no checkpoint manifest");
+  });
+  EXPECT_EQ(test::file_bytes(dir + "/notes.txt"), (std::vector<char>{'h', 'i'}));
+  EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+}
+
 TEST(Checkpoint, AnExplicitPolicyReplansAtTheSameP) {
   const test::GlobalData& g = test::checkpoint_data();
   const ScratchDir scratch;
