@@ -222,9 +222,8 @@ TEST(CheckpointFormat, ShardRecordsMustAscend) {
                           UsageError, "shard file 's' is truncated: 30 bytes");
 }
 
-// Normalizing a unit row again moves the last bits of about 1% of rows (1,103
-// of 100,000 Gaussian rows of d = 4), which could move a route; a loaded
-// codebook keeps the saved bits.
+// Normalizing a unit row again can move its last bits (this row's do), and
+// so a route; a loaded codebook keeps the saved bits.
 TEST(CheckpointFormat, CodebookIsKeptBitForBitWhereRenormalizingMovesIt) {
   const float x[4] = {0x1.395ec2p-5f, -0x1.0b54f2p+1f, 0x1.372cb4p-3f, 0x1.5e2db4p+0f};
   const Codebook once(MatrixView(x, 1, 4));
