@@ -1,6 +1,7 @@
 // libFuzzer target: the decoding of every message a rank receives in one MoE
 // step -- scoring requests, replies, dispatch records, combine rows, and the
-// backward's output, gate and logit gradients and combine rows -- fed
+// backward's output, gate and logit gradients and combine rows, and (on
+// rank 0, the coordinator) a re-plan's migrating experts -- fed
 // arbitrary bytes as the messages of the other ranks (ScriptedPeers).
 // Input: byte 0 picks the strategy, byte 1 the job size P in 2..4 and this
 // rank; the rest is the script of the peers' messages. A refusal with one of

@@ -59,15 +59,19 @@ struct FuzzLayer {
     return {data.tokens.row(b), e - b, data.tokens.cols()};
   }
 
-  // Collective: builds the layer, one forward and one backward; returns the
+  // Collective: builds the layer, one forward, one backward and, with
+  // `replan`, a re-plan by lists (whose migration moves experts); returns the
   // forward's output and the input gradient, concatenated.
-  std::vector<float> step(comm::Communicator& comm, runtime::Strategy strategy) const {
+  std::vector<float> step(comm::Communicator& comm, runtime::Strategy strategy, bool replan) const {
     runtime::MoELayer layer(comm, strategy, config(), codebook, assignment, placement(comm.size()),
                             data.centers.view(), 7);
     runtime::DispatchPlan plan;
     const Matrix out = layer.forward(tokens_of(comm.rank(), comm.size()), plan);
     const Matrix dy(out.rows(), out.cols(), 0.5f);
     const runtime::MoEGradients grads = layer.backward(plan, dy.view());
+    if (replan)
+      layer.replan(runtime::PlacementPolicy::kList,
+                   std::vector<double>(static_cast<size_t>(codebook.size()), 1.0));
     std::vector<float> result(out.data(), out.data() + out.size());
     result.insert(result.end(), grads.d_tokens.data(),
                   grads.d_tokens.data() + grads.d_tokens.size());
@@ -78,13 +82,15 @@ struct FuzzLayer {
 // A fuzz input of the decoder target: byte 0 picks the strategy, byte 1 the
 // job size P in 2..4 and this rank; the rest is the script of the peers'
 // messages (ScriptedPeers). Runs one step; throws what the layer throws.
-inline void scripted_step(const uint8_t* data, size_t size) {
-  if (size < 2) return;
+// Only rank 0 re-plans: it is the coordinator, whose broadcast of the plan
+// ScriptedPeers does not script, and it receives the migrating experts.
+inline std::vector<float> scripted_step(const uint8_t* data, size_t size) {
+  if (size < 2) return {};
   const auto strategy = static_cast<runtime::Strategy>(data[0] % 3);
   const int ranks = 2 + data[1] % 3;
   const int me = (data[1] / 3) % ranks;
   ScriptedPeers comm(ranks, me, {data + 2, size - 2});
-  FuzzLayer::get().step(comm, strategy);
+  return FuzzLayer::get().step(comm, strategy, /*replan=*/me == 0);
 }
 
 }  // namespace airmoe::fuzz

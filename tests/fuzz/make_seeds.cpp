@@ -85,15 +85,14 @@ void decoder_seeds(const fs::path& dir) {
       std::vector<std::vector<float>> results(static_cast<size_t>(P));
       comm::run_ranks(P, [&](comm::Communicator& comm) {
         Recorder recorder(comm);
-        results[comm.rank()] = layer.step(recorder, strategy);
+        results[comm.rank()] = layer.step(recorder, strategy, /*replan=*/true);
         scripts[comm.rank()] = recorder.script();
       });
       for (int me = 0; me < P; ++me) {
         // Byte 1 decodes as P = 2 + b % 3, rank = (b / 3) % P.
         std::vector<uint8_t> seed{static_cast<uint8_t>(s), static_cast<uint8_t>(3 * me + P - 2)};
         seed.insert(seed.end(), scripts[me].begin(), scripts[me].end());
-        ScriptedPeers replay(P, me, {seed.data() + 2, seed.size() - 2});
-        if (layer.step(replay, strategy) != results[me])
+        if (scripted_step(seed.data(), seed.size()) != results[me])
           throw std::runtime_error("a replayed seed differs from the real step");
         write(dir / (std::string(runtime::to_string(strategy)) + "-P" + std::to_string(P) + "-r" +
                      std::to_string(me)),
