@@ -113,6 +113,24 @@ Codebook::Codebook(MatrixView codewords) : codewords_(normalize_rows(codewords, 
   if (codewords.rows < 1) fail("codebook needs at least one codeword");
 }
 
+Codebook Codebook::from_unit_rows(MatrixView unit_codewords) {
+  if (unit_codewords.rows < 1) fail("codebook needs at least one codeword");
+  require_finite(unit_codewords, "codewords");
+  for (int64_t r = 0; r < unit_codewords.rows; ++r) {
+    double norm2 = 0.0;
+    for (int64_t c = 0; c < unit_codewords.cols; ++c)
+      norm2 += static_cast<double>(unit_codewords(r, c)) * unit_codewords(r, c);
+    if (std::abs(std::sqrt(norm2) - 1.0) > 1e-3)
+      fail("codewords row " + std::to_string(r) + " has norm " + std::to_string(std::sqrt(norm2)) +
+           ", not 1");
+  }
+  Codebook out;
+  out.codewords_ = Matrix(unit_codewords.rows, unit_codewords.cols);
+  std::copy_n(unit_codewords.data, unit_codewords.rows * unit_codewords.cols,
+              out.codewords_.data());
+  return out;
+}
+
 std::vector<int32_t> Codebook::assign(MatrixView unit_rows) const {
   require_cols(unit_rows, dim(), "rows to assign");
   std::vector<int32_t> best;

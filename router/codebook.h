@@ -48,6 +48,10 @@ class Codebook {
   Codebook() = default;
   // Rows are normalized; throws on zero-norm or non-finite rows.
   explicit Codebook(MatrixView codewords);
+  // Codewords that are unit rows already (a checkpoint's), kept bit for bit:
+  // normalizing them again may move their last bits and so the routing.
+  // Throws on a non-finite row or one whose norm is not 1 within 1e-3.
+  static Codebook from_unit_rows(MatrixView unit_codewords);
 
   int64_t size() const { return codewords_.rows(); }
   int64_t dim() const { return codewords_.cols(); }

@@ -221,7 +221,14 @@ void DistributedRouter::merge(Routes& r) {
       wire::Reader& reply = in[requests_.targets[i]];
       reply.take_n(ids.data(), static_cast<size_t>(k), "reply expert ids");
       reply.take_n(zs.data(), static_cast<size_t>(k), "reply logits");
-      for (int j = 0; j < k && ids[j] >= 0; ++j) top.push(zs[j], ids[j]);
+      for (int j = 0; j < k && ids[j] >= 0; ++j) {
+        // The dispatch looks the id up in the placement.
+        if (ids[j] >= lists_.experts())
+          throw InternalError("reply from rank " + std::to_string(reply.source()) +
+                              " names expert " + std::to_string(ids[j]) +
+                              " of E = " + std::to_string(lists_.experts()));
+        top.push(zs[j], ids[j]);
+      }
     }
   }
   wire::expect_all_done(in, "merging the replies");

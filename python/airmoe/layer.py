@@ -193,13 +193,20 @@ class MoELayer(nn.Module):
         except (TypeError, ValueError) as e:
             error, centers, sample = e, None, None
         with _own_error_first(error):
-            self._impl = _airmoe.MoELayerImpl(
+            impl = _airmoe.MoELayerImpl(
                 address, strategy, int(k), int(probes), int(hidden), activation,
                 int(codewords), int(kmeans_iterations), int(seed), placement, int(seed),
                 centers, sample, local_error=_message(error))
-        self.num_experts, self.dim, self.k, self.probes = int(num_experts), int(dim), int(k), int(probes)
-        self.hidden_size, self.activation = int(hidden), activation
-        self.strategy, self.placement_policy, self.seed = strategy, placement, int(seed)
+        self._adopt(impl, placement, int(seed))
+
+    def _adopt(self, impl, placement, seed):
+        """Takes the C++ layer: its configuration, parameters and buffers."""
+        self._impl = impl
+        config = impl.config
+        self.num_experts, self.dim, self.k, self.probes = impl.experts, impl.dim, config["k"], \
+            config["probes"]
+        self.hidden_size, self.activation = impl.hidden, config["activation"]
+        self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
         # Zero-copy: these parameters are the C++ shard's buffers.
         self.w1 = nn.Parameter(torch.from_numpy(self._impl.w1_view()))
@@ -209,6 +216,24 @@ class MoELayer(nn.Module):
         self.register_buffer("codebook", torch.from_numpy(self._impl.codewords()))
         self.register_buffer("hosted", torch.from_numpy(self._impl.hosted()).long())
         self.register_buffer("owners", torch.from_numpy(self._impl.owners()).long())
+
+    # -- checkpoints (runtime/checkpoint.h, docs/checkpoints.md) ----------
+    def save_checkpoint(self, path):
+        """Collective: writes the whole layer (every rank's shard) into the
+        directory ``path``, replacing a previous checkpoint there only once
+        the new one is complete."""
+        self._impl.set_local_centers(view(self.centers_local.detach()))
+        self._impl.save_checkpoint(str(path))
+
+    @classmethod
+    def load_checkpoint(cls, comm, path):
+        """Collective: the layer saved in ``path``, on ``comm`` (any number of
+        ranks: the experts are placed anew when it differs from the saved
+        one). A damaged or foreign checkpoint raises ValueError on every rank."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._adopt(_airmoe.MoELayerImpl(_comm_address(comm), str(path)), "checkpoint", None)
+        return layer
 
     # -- configuration, checked on load ----------------------------------
     def _config(self):

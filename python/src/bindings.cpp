@@ -57,6 +57,7 @@
 #include "router/product_key_router.h"
 #include "router/routes.h"
 #include "runtime/builder.h"
+#include "runtime/checkpoint.h"
 #include "runtime/moe_layer.h"
 
 namespace py = pybind11;
@@ -381,6 +382,7 @@ struct LayerArgs {
   }
 };
 
+// The MPI_Comm that mpi4py's handle at `comm_address` holds, checked.
 MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
@@ -397,6 +399,17 @@ MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
 
 class MoELayerImpl {
  public:
+  // Collective: the layer of the checkpoint in `dir` (runtime/checkpoint.h).
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir)
+      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+    collective("load_checkpoint", [&] {
+      layer_ = runtime::load_checkpoint(*comm_, dir);
+      const MatrixView cw = layer_->codebook().codewords();
+      codewords_ = Matrix(cw.rows, cw.cols);
+      std::copy_n(cw.data, cw.rows * cw.cols, codewords_.data());
+    });
+  }
+
   // local_error: what the Python side found wrong with this rank's arguments
   // ("" for nothing); it is raised on every rank together with the checks
   // here, so a rank with bad input never leaves the others waiting.
@@ -457,6 +470,11 @@ class MoELayerImpl {
     return py::make_tuple(owned(std::move(g.d_tokens)), owned(std::move(g.experts.w1), {n, hid, d}),
                           owned(std::move(g.experts.w2), {n, d, hid}),
                           sparse_result(std::move(g.d_centers)));
+  }
+
+  // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h).
+  void save_checkpoint(const std::string& dir) {
+    collective("save_checkpoint", [&] { runtime::save_checkpoint(*layer_, dir); });
   }
 
   void set_local_centers(const py::array& centers) {
@@ -616,6 +634,25 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
       .def_property_readonly("hidden",
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
+      .def(py::init<std::uintptr_t, const std::string&>(), py::arg("comm_address"),
+           py::arg("checkpoint_dir"), "Collective: the layer of a checkpoint, at this job's P.")
+      .def(
+          "save_checkpoint",
+          [](MoELayerImpl& s, const std::string& dir) {
+            py::gil_scoped_release release;
+            s.save_checkpoint(dir);
+          },
+          py::arg("dir"), "Collective: writes the layer's checkpoint into dir.")
+      .def_property_readonly("config",
+                             [](MoELayerImpl& s) {
+                               const runtime::MoEConfig& c = s.layer().config();
+                               py::dict d;
+                               d["k"] = c.k;
+                               d["probes"] = c.probes;
+                               d["activation"] = runtime::to_string(c.expert.activation);
+                               d["codewords"] = s.layer().codebook().size();
+                               return d;
+                             })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
       .def("set_local_centers", &MoELayerImpl::set_local_centers, py::arg("centers"),
            "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")

@@ -1,0 +1,107 @@
+// Checkpoints of an MoE layer: its configuration, codebook, lists and
+// placement, and every expert's FFN parameters and router center, keyed by
+// global expert id, so that a checkpoint written at P ranks loads at any P'.
+// The format (docs/checkpoints.md): a directory holding a manifest and one
+// shard file per writing rank, little-endian, each file with a magic, a format
+// version and a trailing FNV-1a 64 checksum (core/hash.h).
+//
+// save_checkpoint and load_checkpoint are collectives. A file that is
+// missing, truncated, corrupted, from another checkpoint or of another format
+// version is refused on every rank together, naming the file and what is
+// wrong. A save writes into a fresh staging directory and moves it into
+// place only once every file is written and synced, so a failed save leaves
+// the previous checkpoint as it was.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/matrix.h"
+#include "runtime/coordinator.h"
+#include "runtime/moe_layer.h"
+
+namespace airmoe::runtime {
+
+inline constexpr uint32_t kCheckpointVersion = 1;
+
+// The layer a checkpoint holds, as a caller may require it.
+struct CheckpointConfig {
+  Strategy strategy = Strategy::kAir;
+  MoEConfig config;
+  int64_t experts = 0;    // E
+  int64_t codewords = 0;  // C
+};
+
+// The manifest's record of one shard file.
+struct ShardEntry {
+  uint64_t bytes = 0;
+  uint64_t checksum = 0;  // the file's trailing checksum
+  int64_t records = 0;
+};
+
+struct CheckpointManifest {
+  CheckpointConfig layer;
+  int32_t ranks = 0;                // P the checkpoint was written at
+  Matrix codebook;                  // [C, d], unit rows, bit for bit
+  std::vector<int32_t> assignment;  // [E], each expert's list
+  std::vector<int32_t> owners;      // [E], the rank (of P) whose shard holds it
+  std::vector<ShardEntry> shards;   // [P]
+};
+
+// One shard file's records: expert ids ascending; per id, W1 [h, d],
+// W2 [d, h] and the center [d], in id order.
+struct ShardRecords {
+  int32_t rank = 0, ranks = 0;
+  int64_t dim = 0, hidden = 0;
+  std::vector<int32_t> ids;
+  std::vector<float> w1, w2;
+  Matrix centers;
+};
+
+// The file formats in memory, no I/O. decode_* refuse anything but a
+// well-formed file of this format version with a UsageError that names
+// `name` and what is wrong (the fuzzed readers, tests/fuzz/).
+std::vector<char> encode_manifest(const CheckpointManifest& manifest);
+CheckpointManifest decode_manifest(std::span<const char> bytes, const std::string& name);
+std::vector<char> encode_shard(const ShardRecords& shard);
+ShardRecords decode_shard(std::span<const char> bytes, const std::string& name);
+
+std::string manifest_path(const std::string& dir);
+std::string shard_path(const std::string& dir, int rank);
+
+// This rank's reading of a checkpoint's manifest (not a collective).
+CheckpointManifest read_manifest(const std::string& dir);
+
+struct SaveOptions {
+  // Called with each file's path once the file is written and synced; a
+  // throw fails the save there (how the tests inject a failure midway).
+  std::function<void(const std::string& path)> after_file;
+};
+
+// Collective: writes `layer` into `dir`, replacing what was there only once
+// the whole checkpoint is written (`dir`.saving is the staging directory).
+void save_checkpoint(MoELayer& layer, const std::string& dir, const SaveOptions& options = {});
+
+struct LoadOptions {
+  // When set, the checkpoint must hold exactly this layer, or it is refused.
+  std::optional<CheckpointConfig> expect;
+  // When set, the coordinator plans the placement with this policy. When
+  // not, a checkpoint loaded at the P it was written at keeps its placement,
+  // and at another P the coordinator plans by lists (PlacementPolicy::kList)
+  // with a load of one token per list.
+  std::optional<PlacementPolicy> policy;
+};
+
+// Collective: the layer the checkpoint in `dir` holds, on this
+// communicator's ranks; each rank reads the records of the experts it hosts
+// from whichever shard files hold them.
+std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::string& dir,
+                                          const LoadOptions& options = {});
+
+}  // namespace airmoe::runtime

@@ -1,0 +1,285 @@
+// The checkpoint file formats in memory (docs/checkpoints.md): encoders and
+// the decoders that refuse anything but a well-formed file. A decoder checks,
+// in order: the magic and version, the header's fields, the size the header
+// promises, the checksum, then the body's values; allocations follow the
+// size check, so they are bounded by the bytes actually given.
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/checks.h"
+#include "core/hash.h"
+#include "runtime/checkpoint.h"
+#include "runtime/wire.h"
+
+namespace airmoe::runtime {
+
+static_assert(std::endian::native == std::endian::little,
+              "checkpoint files are little-endian and written as this host stores them");
+
+namespace {
+
+constexpr char kManifestMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'M', 'F'};
+constexpr char kShardMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'S', 'H'};
+constexpr size_t kChecksumBytes = 8;
+// magic, version, strategy, k, probes, d, h, activation, P, E, C
+constexpr size_t kManifestHeader = 8 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 4 + 8 + 8;
+// magic, version, rank, P, d, h, records
+constexpr size_t kShardHeader = 8 + 4 + 4 + 4 + 8 + 8 + 8;
+constexpr int64_t kMaxDim = int64_t{1} << 24;    // d and h
+constexpr int64_t kMaxRanks = int64_t{1} << 20;  // P
+
+std::string quoted(const std::string& name) {
+  return "'" + name + "'";
+}
+
+template <typename T>
+void put1(std::vector<char>& out, T value) {
+  wire::put(out, &value, 1);
+}
+
+// Appends the checksum of everything before it.
+void seal(std::vector<char>& out) {
+  put1(out, fnv1a64(out.data(), out.size()));
+}
+
+// The magic says which kind of file this is; the version, which layout.
+void check_magic_and_version(std::span<const char> bytes, const char (&magic)[8], size_t header,
+                             const char* kind, const std::string& name) {
+  if (bytes.size() < sizeof(magic) || std::memcmp(bytes.data(), magic, sizeof(magic)) != 0)
+    fail(kind + (" " + quoted(name)) + " is not an airmoe checkpoint " + kind +
+         " (its first bytes are not the magic '" + std::string(magic, sizeof(magic)) + "')");
+  if (bytes.size() < header + kChecksumBytes)
+    fail(kind + (" " + quoted(name)) + " is truncated: " + std::to_string(bytes.size()) +
+         " bytes, less than its " + std::to_string(header + kChecksumBytes) +
+         "-byte header and checksum");
+  uint32_t version = 0;
+  std::memcpy(&version, bytes.data() + sizeof(magic), sizeof(version));
+  if (version != kCheckpointVersion)
+    fail(kind + (" " + quoted(name)) + " has format version " + std::to_string(version) +
+         "; this build reads version " + std::to_string(kCheckpointVersion));
+}
+
+void check_size_and_checksum(std::span<const char> bytes, int64_t promised, const char* kind,
+                             const std::string& name) {
+  const auto held = static_cast<int64_t>(bytes.size());
+  if (held < promised)
+    fail(kind + (" " + quoted(name)) + " is truncated: its header promises " +
+         std::to_string(promised) + " bytes, the file holds " + std::to_string(held));
+  if (held > promised)
+    fail(kind + (" " + quoted(name)) + " holds " + std::to_string(held) + " bytes, more than the " +
+         std::to_string(promised) + " its header promises");
+  const size_t body = bytes.size() - kChecksumBytes;
+  uint64_t stored = 0;
+  std::memcpy(&stored, bytes.data() + body, sizeof(stored));
+  const uint64_t computed = fnv1a64(bytes.data(), body);
+  if (stored != computed)
+    fail(kind + (" " + quoted(name)) + " is corrupted: its checksum is " + std::to_string(stored) +
+         ", its bytes hash to " + std::to_string(computed));
+}
+
+void require_field(int64_t value, int64_t lo, int64_t hi, const char* field, const char* kind,
+                   const std::string& name) {
+  if (value < lo || value > hi)
+    fail(kind + (" " + quoted(name)) + ": " + field + " = " + std::to_string(value) +
+         " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
+template <typename Enum>
+Enum enum_field(uint32_t value, uint32_t count, const char* field, const std::string& name) {
+  require_field(value, 0, count - 1, field, "manifest", name);
+  return static_cast<Enum>(value);
+}
+
+// ------------------------------------------------------------ manifest --
+
+void put_manifest_header(std::vector<char>& out, const CheckpointManifest& m) {
+  const CheckpointConfig& layer = m.layer;
+  wire::put(out, kManifestMagic, sizeof(kManifestMagic));
+  put1(out, kCheckpointVersion);
+  put1(out, static_cast<uint32_t>(layer.strategy));
+  put1(out, static_cast<int32_t>(layer.config.k));
+  put1(out, static_cast<int32_t>(layer.config.probes));
+  put1(out, layer.config.expert.dim);
+  put1(out, layer.config.expert.hidden);
+  put1(out, static_cast<uint32_t>(layer.config.expert.activation));
+  put1(out, m.ranks);
+  put1(out, layer.experts);
+  put1(out, layer.codewords);
+}
+
+// The header's fields, each in its range; returns the file size they promise.
+int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, const std::string& name) {
+  CheckpointConfig& layer = m.layer;
+  char magic[8];  // checked already
+  in.take_n(magic, sizeof(magic), "magic");
+  in.take<uint32_t>("version");
+  layer.strategy = enum_field<Strategy>(in.take<uint32_t>("strategy"), 3, "strategy", name);
+  const auto k = in.take<int32_t>("k");
+  const auto probes = in.take<int32_t>("probes");
+  layer.config.expert.dim = in.take<int64_t>("d");
+  layer.config.expert.hidden = in.take<int64_t>("h");
+  layer.config.expert.activation =
+      enum_field<Activation>(in.take<uint32_t>("activation"), 3, "activation", name);
+  m.ranks = in.take<int32_t>("ranks");
+  layer.experts = in.take<int64_t>("E");
+  layer.codewords = in.take<int64_t>("C");
+  require_field(layer.config.expert.dim, 1, kMaxDim, "d", "manifest", name);
+  require_field(layer.config.expert.hidden, 1, kMaxDim, "h", "manifest", name);
+  require_field(m.ranks, 1, kMaxRanks, "ranks P", "manifest", name);
+  require_field(layer.experts, 1, std::numeric_limits<int32_t>::max(), "E", "manifest", name);
+  require_field(layer.codewords, 1, layer.experts, "C", "manifest", name);
+  require_field(k, 1, layer.experts, "k", "manifest", name);
+  require_field(probes, 1, layer.codewords, "probes m", "manifest", name);
+  layer.config.k = k;
+  layer.config.probes = probes;
+  // C d <= 2^55 and E, P below 2^31: no overflow.
+  return static_cast<int64_t>(kManifestHeader) + 4 * layer.codewords * layer.config.expert.dim +
+         8 * layer.experts + 24 * static_cast<int64_t>(m.ranks) +
+         static_cast<int64_t>(kChecksumBytes);
+}
+
+// Every list and owner in range, and each shard's record count is the number
+// of experts the owners give it.
+void check_manifest_body(const CheckpointManifest& m, const std::string& name) {
+  const int64_t C = m.layer.codewords;
+  std::vector<int64_t> per_rank(static_cast<size_t>(m.ranks), 0);
+  for (size_t e = 0; e < m.assignment.size(); ++e) {
+    if (m.assignment[e] < 0 || m.assignment[e] >= C)
+      fail("manifest " + quoted(name) + ": expert " + std::to_string(e) + " is in list " +
+           std::to_string(m.assignment[e]) + ", outside [0, " + std::to_string(C) + ")");
+    if (m.owners[e] < 0 || m.owners[e] >= m.ranks)
+      fail("manifest " + quoted(name) + ": expert " + std::to_string(e) + " is owned by rank " +
+           std::to_string(m.owners[e]) + ", outside [0, " + std::to_string(m.ranks) + ")");
+    ++per_rank[m.owners[e]];
+  }
+  for (int q = 0; q < m.ranks; ++q)
+    if (m.shards[q].records != per_rank[q])
+      fail("manifest " + quoted(name) + ": shard " + std::to_string(q) + " is listed with " +
+           std::to_string(m.shards[q].records) + " records, its owners give it " +
+           std::to_string(per_rank[q]));
+  require_finite(m.codebook.view(), ("manifest " + quoted(name) + " codebook").c_str());
+}
+
+// --------------------------------------------------------------- shard --
+
+int64_t record_floats(int64_t d, int64_t h) {
+  return 2 * h * d + d;  // W1, W2, center
+}
+
+// The header's fields, each in its range; returns the file size they promise.
+int64_t take_shard_header(wire::Reader& in, ShardRecords& s, int64_t& records,
+                          const std::string& name) {
+  char magic[8];
+  in.take_n(magic, sizeof(magic), "magic");
+  in.take<uint32_t>("version");
+  s.rank = in.take<int32_t>("rank");
+  s.ranks = in.take<int32_t>("ranks");
+  s.dim = in.take<int64_t>("d");
+  s.hidden = in.take<int64_t>("h");
+  records = in.take<int64_t>("records");
+  require_field(s.ranks, 1, kMaxRanks, "ranks P", "shard file", name);
+  require_field(s.rank, 0, s.ranks - 1, "rank", "shard file", name);
+  require_field(s.dim, 1, kMaxDim, "d", "shard file", name);
+  require_field(s.hidden, 1, kMaxDim, "h", "shard file", name);
+  require_field(records, 0, std::numeric_limits<int32_t>::max(), "records", "shard file", name);
+  const int64_t record_bytes = 4 + 4 * record_floats(s.dim, s.hidden);  // < 2^52
+  int64_t body = 0, total = 0;
+  if (__builtin_mul_overflow(records, record_bytes, &body) ||
+      __builtin_add_overflow(body, static_cast<int64_t>(kShardHeader + kChecksumBytes), &total))
+    fail("shard file " + quoted(name) + ": " + std::to_string(records) + " records of d = " +
+         std::to_string(s.dim) + ", h = " + std::to_string(s.hidden) + " overflow a file size");
+  return total;
+}
+
+void take_shard_records(wire::Reader& in, ShardRecords& s, int64_t records,
+                        const std::string& name) {
+  const auto w = static_cast<size_t>(s.dim * s.hidden);
+  const auto n = static_cast<size_t>(records);
+  s.ids.resize(n);
+  s.w1.resize(n * w);
+  s.w2.resize(n * w);
+  s.centers = Matrix(records, s.dim);
+  for (size_t i = 0; i < n; ++i) {
+    s.ids[i] = in.take<int32_t>("expert id");
+    if (s.ids[i] < 0 || (i > 0 && s.ids[i] <= s.ids[i - 1]))
+      fail("shard file " + quoted(name) + ": record " + std::to_string(i) + " has expert id " +
+           std::to_string(s.ids[i]) + (i > 0 ? " after " + std::to_string(s.ids[i - 1]) : "") +
+           " (ids must be ascending and >= 0)");
+    in.take_n(s.w1.data() + i * w, w, "W1");
+    in.take_n(s.w2.data() + i * w, w, "W2");
+    in.take_n(s.centers.row(static_cast<int64_t>(i)), static_cast<size_t>(s.dim), "center");
+  }
+}
+
+}  // namespace
+
+std::vector<char> encode_manifest(const CheckpointManifest& m) {
+  std::vector<char> out;
+  put_manifest_header(out, m);
+  wire::put(out, m.codebook.data(), m.codebook.size());
+  wire::put(out, m.assignment.data(), m.assignment.size());
+  wire::put(out, m.owners.data(), m.owners.size());
+  for (const ShardEntry& s : m.shards) {
+    put1(out, s.bytes);
+    put1(out, s.checksum);
+    put1(out, s.records);
+  }
+  seal(out);
+  return out;
+}
+
+CheckpointManifest decode_manifest(std::span<const char> bytes, const std::string& name) {
+  check_magic_and_version(bytes, kManifestMagic, kManifestHeader, "manifest", name);
+  CheckpointManifest m;
+  wire::Reader in(bytes, 0);
+  check_size_and_checksum(bytes, take_manifest_header(in, m, name), "manifest", name);
+  const auto E = static_cast<size_t>(m.layer.experts);
+  m.codebook = Matrix(m.layer.codewords, m.layer.config.expert.dim);
+  in.take_n(m.codebook.data(), m.codebook.size(), "codebook");
+  m.assignment.resize(E);
+  in.take_n(m.assignment.data(), E, "assignment");
+  m.owners.resize(E);
+  in.take_n(m.owners.data(), E, "owners");
+  m.shards.resize(static_cast<size_t>(m.ranks));
+  for (ShardEntry& s : m.shards) {
+    s.bytes = in.take<uint64_t>("shard bytes");
+    s.checksum = in.take<uint64_t>("shard checksum");
+    s.records = in.take<int64_t>("shard records");
+  }
+  check_manifest_body(m, name);
+  return m;
+}
+
+std::vector<char> encode_shard(const ShardRecords& s) {
+  std::vector<char> out;
+  wire::put(out, kShardMagic, sizeof(kShardMagic));
+  put1(out, kCheckpointVersion);
+  put1(out, s.rank);
+  put1(out, s.ranks);
+  put1(out, s.dim);
+  put1(out, s.hidden);
+  put1(out, static_cast<int64_t>(s.ids.size()));
+  const auto w = static_cast<size_t>(s.dim * s.hidden);
+  for (size_t i = 0; i < s.ids.size(); ++i) {
+    put1(out, s.ids[i]);
+    wire::put(out, s.w1.data() + i * w, w);
+    wire::put(out, s.w2.data() + i * w, w);
+    wire::put(out, s.centers.row(static_cast<int64_t>(i)), static_cast<size_t>(s.dim));
+  }
+  seal(out);
+  return out;
+}
+
+ShardRecords decode_shard(std::span<const char> bytes, const std::string& name) {
+  check_magic_and_version(bytes, kShardMagic, kShardHeader, "shard file", name);
+  ShardRecords s;
+  int64_t records = 0;
+  wire::Reader in(bytes, 0);
+  check_size_and_checksum(bytes, take_shard_header(in, s, records, name), "shard file", name);
+  take_shard_records(in, s, records, name);
+  return s;
+}
+
+}  // namespace airmoe::runtime

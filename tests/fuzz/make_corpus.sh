@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Regenerates the seed corpora of the decoder and checkpoint fuzz targets
+# (tests/fuzz/corpus/{decoders,checkpoint}) from real messages and a real
+# checkpoint, with the fuzz build (see tests/fuzz/decoders.cmake).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${1:-build-fuzz}
+if [ ! -f "$build/CMakeCache.txt" ]; then
+  CC=clang CXX=clang++ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DAIRMOE_FUZZ=ON -DAIRMOE_SANITIZE=ON -DAIRMOE_WITH_MPI=OFF \
+    -DAIRMOE_BUILD_PYTHON=OFF -DAIRMOE_BUILD_EXAMPLES=OFF
+fi
+cmake --build "$build" -j2 --target airmoe_fuzz_seeds
+rm -rf tests/fuzz/corpus/decoders tests/fuzz/corpus/checkpoint
+"$build/tests/airmoe_fuzz_seeds" tests/fuzz/corpus
+ls tests/fuzz/corpus/decoders tests/fuzz/corpus/checkpoint | wc -l

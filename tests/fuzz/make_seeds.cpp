@@ -1,0 +1,141 @@
+// Seed corpora for the fuzz targets, from real messages and real checkpoints
+// (tests/fuzz/make_corpus.sh runs it):
+//   <out>/decoders/<strategy>-P<P>-r<rank>: byte 0 the strategy, byte 1 the
+//     (P, rank) code, then what that rank received from the others in one
+//     real step, as a ScriptedPeers script. Each seed is replayed through
+//     ScriptedPeers and must give the real step's results bit for bit.
+//   <out>/checkpoint/{manifest,shard}[-resealed]: a real checkpoint's files
+//     behind the target's selector byte.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "comm/in_process.h"
+#include "fuzz_layer.h"
+#include "runtime/checkpoint.h"
+#include "scripted_peers.h"
+
+namespace airmoe::fuzz {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Delegates to a real communicator and appends what arrives from other ranks
+// in each all-to-all to a ScriptedPeers script.
+class Recorder final : public comm::Communicator {
+ public:
+  explicit Recorder(comm::Communicator& inner) : Communicator(inner.size()), inner_(inner) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  const char* backend() const override { return "recorder"; }
+  void barrier() override { inner_.barrier(); }
+  void broadcast(void* data, size_t bytes, int root) override {
+    inner_.broadcast(data, bytes, root);
+  }
+  void allgather(const void* send, size_t bytes, void* recv) override {
+    inner_.allgather(send, bytes, recv);
+  }
+  std::vector<char> allgatherv(const void* send, size_t bytes,
+                               std::vector<int64_t>& counts) override {
+    return inner_.allgatherv(send, bytes, counts);
+  }
+  void allreduce_sum(int64_t* data, size_t count) override { inner_.allreduce_sum(data, count); }
+  void allreduce_max(double* data, size_t count) override { inner_.allreduce_max(data, count); }
+  void allreduce_min(double* data, size_t count) override { inner_.allreduce_min(data, count); }
+  std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override {
+    std::vector<std::vector<char>> recv = inner_.alltoallv(send);
+    for (int q = 0; q < size(); ++q)
+      if (q != rank()) record(recv[q].data(), recv[q].size());
+    return recv;
+  }
+  void exchange(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv) override {
+    inner_.exchange(send, recv);
+    for (int q = 0; q < size(); ++q)
+      if (q != rank()) record(recv.begin(q), static_cast<size_t>(recv.bytes(q)));
+  }
+  const std::vector<uint8_t>& script() const { return script_; }
+
+ private:
+  void record(const char* data, size_t bytes) {
+    if (bytes > 0xffff) throw std::runtime_error("a message too long for a script chunk");
+    script_.push_back(static_cast<uint8_t>(bytes & 0xff));
+    script_.push_back(static_cast<uint8_t>(bytes >> 8));
+    script_.insert(script_.end(), data, data + bytes);
+  }
+  comm::Communicator& inner_;
+  std::vector<uint8_t> script_;
+};
+
+void write(const fs::path& path, const std::vector<uint8_t>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write " + path.string());
+}
+
+void decoder_seeds(const fs::path& dir) {
+  const FuzzLayer& layer = FuzzLayer::get();
+  for (int s = 0; s < 3; ++s)
+    for (int P = 2; P <= 4; ++P) {
+      const auto strategy = static_cast<runtime::Strategy>(s);
+      std::vector<std::vector<uint8_t>> scripts(static_cast<size_t>(P));
+      std::vector<std::vector<float>> results(static_cast<size_t>(P));
+      comm::run_ranks(P, [&](comm::Communicator& comm) {
+        Recorder recorder(comm);
+        results[comm.rank()] = layer.step(recorder, strategy, /*replan=*/true);
+        scripts[comm.rank()] = recorder.script();
+      });
+      for (int me = 0; me < P; ++me) {
+        // Byte 1 decodes as P = 2 + b % 3, rank = (b / 3) % P.
+        std::vector<uint8_t> seed{static_cast<uint8_t>(s), static_cast<uint8_t>(3 * me + P - 2)};
+        seed.insert(seed.end(), scripts[me].begin(), scripts[me].end());
+        if (scripted_step(seed.data(), seed.size()) != results[me])
+          throw std::runtime_error("a replayed seed differs from the real step");
+        write(dir / (std::string(runtime::to_string(strategy)) + "-P" + std::to_string(P) + "-r" +
+                     std::to_string(me)),
+              seed);
+      }
+    }
+}
+
+void checkpoint_seeds(const fs::path& dir) {
+  const FuzzLayer& f = FuzzLayer::get();
+  const fs::path tmp = fs::temp_directory_path() / "airmoe-fuzz-seed-ckpt";
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    runtime::MoELayer layer(comm, runtime::Strategy::kAir, FuzzLayer::config(), f.codebook,
+                            f.assignment, f.placement(2), f.data.centers.view(), 7);
+    runtime::save_checkpoint(layer, tmp.string());
+  });
+  const auto seed = [&](const std::string& path, uint8_t selector) {
+    std::ifstream in(path, std::ios::binary);
+    std::vector<uint8_t> bytes{selector};
+    bytes.insert(bytes.end(), std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return bytes;
+  };
+  write(dir / "manifest", seed(runtime::manifest_path(tmp.string()), 0));
+  write(dir / "manifest-resealed", seed(runtime::manifest_path(tmp.string()), 2));
+  write(dir / "shard", seed(runtime::shard_path(tmp.string(), 1), 1));
+  write(dir / "shard-resealed", seed(runtime::shard_path(tmp.string(), 1), 3));
+  fs::remove_all(tmp);
+}
+
+}  // namespace
+}  // namespace airmoe::fuzz
+
+int main(int argc, char** argv) {
+  namespace fs = std::filesystem;
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s OUT_DIR  (writes OUT_DIR/decoders, OUT_DIR/checkpoint)\n",
+                 argv[0]);
+    return 2;
+  }
+  const fs::path out = argv[1];
+  fs::create_directories(out / "decoders");
+  fs::create_directories(out / "checkpoint");
+  airmoe::fuzz::decoder_seeds(out / "decoders");
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint");
+  return 0;
+}

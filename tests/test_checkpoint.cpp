@@ -1,0 +1,241 @@
+// Layer checkpoints with ranks as threads: round trips between every P and
+// P' in 1..4 for every strategy, each refusal, the failed save; and the file
+// formats alone (tests/fuzz/ feeds the same decoders arbitrary bytes).
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+
+#include "checkpoint_checks.h"
+#include "comm/in_process.h"
+#include "core/hash.h"
+
+namespace airmoe {
+namespace {
+
+using runtime::Strategy;
+
+// A fresh directory, removed at the end.
+class ScratchDir {
+ public:
+  ScratchDir() : path_(test::make_scratch_dir()) {
+    if (path_.empty()) throw std::runtime_error("cannot make a scratch directory");
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+class CheckpointRoundTrip : public ::testing::TestWithParam<Strategy> {};
+
+TEST_P(CheckpointRoundTrip, SavedAtAnyPLoadsAtAnyPBitForBit) {
+  const Strategy strategy = GetParam();
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  for (int P = 1; P <= 4; ++P) {
+    const std::string dir = scratch.path() + "/P" + std::to_string(P);
+    test::LayerSnapshot saved;
+    std::mutex mu;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      auto layer = test::trained_layer(comm, g, strategy);
+      test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
+      std::lock_guard<std::mutex> lock(mu);
+      if (comm.rank() == 0) saved = std::move(s);
+    });
+    for (int P2 = 1; P2 <= 4; ++P2)
+      comm::run_ranks(P2, [&](comm::Communicator& comm) {
+        test::check_loads_equal(comm, g, dir, strategy, &saved, P);
+      });
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryStrategy, CheckpointRoundTrip,
+                         ::testing::Values(Strategy::kAir, Strategy::kDenseReplicated,
+                                           Strategy::kDenseBroadcast),
+                         [](const auto& info) {
+                           std::string name = runtime::to_string(info.param);
+                           std::erase(name, '-');
+                           return name;
+                         });
+
+TEST(Checkpoint, ResavingReplacesThePreviousCheckpoint) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, g, Strategy::kAir);
+    runtime::save_checkpoint(*layer, dir);
+    for (int64_t i = 0; i < layer->experts().size(); ++i) layer->experts().w1(i)[0] = 42.0f;
+    const test::LayerSnapshot second = test::save_and_snapshot(comm, *layer, g, dir);
+    auto loaded = runtime::load_checkpoint(comm, dir);
+    test::expect_same_layer(second, test::snapshot(comm, *loaded, g), true, "re-saved");
+    EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+  });
+}
+
+// A mistyped path must not cost the user a directory: a save replaces only
+// a checkpoint (or an empty directory).
+TEST(Checkpoint, ADirectoryOfOtherFilesIsNeverReplaced) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/work";
+  std::filesystem::create_directory(dir);
+  test::put_file_bytes(dir + "/notes.txt", {'h', 'i'});
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, test::checkpoint_data(), Strategy::kAir);
+    test::expect_refused_together([&] { runtime::save_checkpoint(*layer, dir); }, dir,
+                                  "holds other files and no checkpoint manifest");
+  });
+  EXPECT_EQ(test::file_bytes(dir + "/notes.txt"), (std::vector<char>{'h', 'i'}));
+  EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+}
+
+TEST(Checkpoint, AnExplicitPolicyReplansAtTheSameP) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  test::LayerSnapshot saved;
+  comm::run_ranks(3, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, g, Strategy::kAir);
+    test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
+    if (comm.rank() == 0) saved = std::move(s);
+  });
+  comm::run_ranks(3, [&](comm::Communicator& comm) {
+    runtime::LoadOptions options;
+    options.policy = runtime::PlacementPolicy::kRoundRobin;
+    auto layer = runtime::load_checkpoint(comm, dir, options);
+    for (int32_t e : layer->hosted()) EXPECT_EQ(e % 3, comm.rank());
+    const test::LayerSnapshot loaded = test::snapshot(comm, *layer, g);
+    test::expect_same_layer(saved, loaded, false, "round-robin at P=3");
+  });
+}
+
+TEST(Checkpoint, SpoiledOrMismatchedCheckpointsAreRefusedOnEveryRank) {
+  for (int P : {1, 3}) {
+    const ScratchDir scratch;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      test::check_refusals(comm, test::checkpoint_data(), scratch.path());
+    });
+  }
+}
+
+TEST(Checkpoint, FailedSaveLeavesThePreviousCheckpointIntact) {
+  for (int P : {1, 3}) {
+    const ScratchDir scratch;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      test::check_failed_save_keeps_previous(comm, test::checkpoint_data(), scratch.path());
+    });
+  }
+}
+
+// ------------------------------------------------------ the file formats --
+
+runtime::CheckpointManifest small_manifest() {
+  runtime::CheckpointManifest m;
+  m.layer.strategy = Strategy::kDenseBroadcast;
+  m.layer.config.k = 2;
+  m.layer.config.probes = 1;
+  m.layer.config.expert = {2, 1, runtime::Activation::kRelu};
+  m.layer.experts = 3;
+  m.layer.codewords = 2;
+  m.ranks = 2;
+  m.codebook = Matrix(2, 2);
+  m.codebook(0, 0) = 1.0f;
+  m.codebook(1, 1) = 1.0f;
+  m.assignment = {0, 1, 1};
+  m.owners = {1, 0, 1};
+  m.shards = {{100, 7, 1}, {200, 9, 2}};
+  return m;
+}
+
+// Re-seals a file after an edit, so that the decoder gets past the checksum.
+void reseal(std::vector<char>& bytes) {
+  const uint64_t h = fnv1a64(bytes.data(), bytes.size() - 8);
+  std::memcpy(bytes.data() + bytes.size() - 8, &h, 8);
+}
+
+TEST(CheckpointFormat, ManifestRoundTrips) {
+  const runtime::CheckpointManifest m = small_manifest();
+  const runtime::CheckpointManifest back =
+      runtime::decode_manifest(runtime::encode_manifest(m), "m");
+  EXPECT_EQ(back.layer.strategy, m.layer.strategy);
+  EXPECT_EQ(back.layer.config.k, 2);
+  EXPECT_EQ(back.layer.config.expert.activation, runtime::Activation::kRelu);
+  EXPECT_EQ(back.assignment, m.assignment);
+  EXPECT_EQ(back.owners, m.owners);
+  EXPECT_EQ(back.shards[1].checksum, 9u);
+  EXPECT_EQ(std::vector<float>(back.codebook.data(), back.codebook.data() + 4),
+            std::vector<float>(m.codebook.data(), m.codebook.data() + 4));
+}
+
+TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
+  const std::vector<char> good = runtime::encode_manifest(small_manifest());
+  const auto with = [&](size_t at, int32_t value) {
+    std::vector<char> b = good;
+    std::memcpy(b.data() + at, &value, 4);
+    reseal(b);
+    return b;
+  };
+  // Offsets: strategy 12, k 16, probes 20, activation 40.
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(12, 7), "m.airmoe"), UsageError,
+                          "manifest 'm.airmoe': strategy = 7 is outside [0, 2]");
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(16, 0), "m"), UsageError,
+                          "k = 0 is outside [1, 3]");
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(20, 3), "m"), UsageError,
+                          "probes m = 3 is outside [1, 2]");
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(40, -1), "m"), UsageError,
+                          "activation = 4294967295 is outside [0, 2]");
+  // The owner of expert 2 (after the 4 codebook floats and 3 lists).
+  const size_t owners = 64 + 16 + 12;
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 2), "m"), UsageError,
+                          "expert 2 is owned by rank 2, outside [0, 2)");
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 0), "m"), UsageError,
+                          "shard 0 is listed with 1 records, its owners give it 2");
+}
+
+TEST(CheckpointFormat, ShardRecordsMustAscend) {
+  runtime::ShardRecords s;
+  s.rank = 1;
+  s.ranks = 2;
+  s.dim = 2;
+  s.hidden = 1;
+  s.ids = {4, 9};
+  s.w1.assign(4, 0.5f);
+  s.w2.assign(4, -0.5f);
+  s.centers = Matrix(2, 2, 1.0f);
+  const std::vector<char> good = runtime::encode_shard(s);
+  const runtime::ShardRecords back = runtime::decode_shard(good, "s");
+  EXPECT_EQ(back.ids, s.ids);
+  EXPECT_EQ(back.w2, s.w2);
+  std::vector<char> bad = good;
+  const int32_t three = 3;
+  std::memcpy(bad.data() + 44 + 4 + 4 * 6, &three, 4);  // the second record's id
+  reseal(bad);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(bad, "s"), UsageError,
+                          "record 1 has expert id 3 after 4");
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(std::span<const char>(good).first(30), "s"),
+                          UsageError, "shard file 's' is truncated: 30 bytes");
+}
+
+// Normalizing a unit row again can move its last bits (this row's do), and
+// so a route; a loaded codebook keeps the saved bits.
+TEST(CheckpointFormat, CodebookIsKeptBitForBitWhereRenormalizingMovesIt) {
+  const float x[4] = {0x1.395ec2p-5f, -0x1.0b54f2p+1f, 0x1.372cb4p-3f, 0x1.5e2db4p+0f};
+  const Codebook once(MatrixView(x, 1, 4));
+  const std::vector<float> unit(once.codewords().data, once.codewords().data + 4);
+  const Codebook twice(once.codewords());
+  EXPECT_NE(std::vector<float>(twice.codewords().data, twice.codewords().data + 4), unit);
+  const Codebook kept = Codebook::from_unit_rows(once.codewords());
+  EXPECT_EQ(std::vector<float>(kept.codewords().data, kept.codewords().data + 4), unit);
+  const float two[4] = {2.0f, 0.0f, 0.0f, 0.0f};
+  AIRMOE_EXPECT_THROW_MSG(Codebook::from_unit_rows(MatrixView(two, 1, 4)), UsageError,
+                          "codewords row 0 has norm 2.000000, not 1");
+}
+
+}  // namespace
+}  // namespace airmoe
