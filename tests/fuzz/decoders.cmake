@@ -1,14 +1,14 @@
 # libFuzzer targets for the runtime's message decoders and the checkpoint
 # reader, their seed generator, and a replay of the committed corpora as
-# CTest entries. Included from tests/CMakeLists.txt; does nothing unless
-# AIRMOE_FUZZ is on, which needs clang:
+# CTest entries. Included from tests/fuzz/CMakeLists.txt, which the top level
+# adds when AIRMOE_FUZZ is on (clang only); scripts/fuzz.sh builds and runs
+# them. By hand:
 #   CC=clang CXX=clang++ cmake -S . -B build-fuzz -DAIRMOE_FUZZ=ON \
 #     -DAIRMOE_SANITIZE=ON -DAIRMOE_WITH_MPI=OFF -DAIRMOE_BUILD_PYTHON=OFF \
 #     -DAIRMOE_BUILD_EXAMPLES=OFF
 #   cmake --build build-fuzz --target airmoe_fuzz_decoders airmoe_fuzz_checkpoint
 #   ./build-fuzz/tests/airmoe_fuzz_decoders -max_total_time=60 tests/fuzz/corpus/decoders
 # (tests/fuzz/make_corpus.sh regenerates the seed corpora.)
-option(AIRMOE_FUZZ "Build the libFuzzer targets (clang only)" OFF)
 if(AIRMOE_FUZZ)
   # Coverage feedback from the code under test, not only from the harness.
   foreach(lib airmoe_core airmoe_router airmoe_comm airmoe_runtime)
