@@ -93,4 +93,4 @@ void require_finite_logits(MatrixView m, double key_norm_bound, const char* what
        short_number(limit) + ")");
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

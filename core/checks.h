@@ -37,4 +37,4 @@ double max_row_norm(MatrixView m);
 // logits could reach float32's range: no ordinary input changes.
 void require_finite_logits(MatrixView m, double key_norm_bound, const char* what);
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -24,4 +24,4 @@ class ScopedTimer {
   double start_;
 };
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -72,4 +72,4 @@ inline bool raised_together(const std::exception& e) {
          dynamic_cast<const ConfigMismatchError*>(&e);
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -21,4 +21,4 @@ inline uint64_t fnv1a64(std::string_view s, uint64_t h = kFnvOffset) {
   return fnv1a64(s.data(), s.size(), h);
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

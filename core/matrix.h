@@ -51,4 +51,4 @@ class Matrix {
   std::vector<float> data_;
 };
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -230,4 +230,4 @@ void write_npy(const std::string& path, const int32_t* data, int64_t rows, int64
   write_any(path, "<i4", data, rows, cols);
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

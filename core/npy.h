@@ -16,4 +16,4 @@ Matrix read_npy_matrix(const std::string& path);
 void write_npy(const std::string& path, const float* data, int64_t rows, int64_t cols);
 void write_npy(const std::string& path, const int32_t* data, int64_t rows, int64_t cols);
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -37,4 +37,4 @@ class ParallelErrors {
   std::exception_ptr first_;
 };
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

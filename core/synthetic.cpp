@@ -135,4 +135,4 @@ SyntheticData make_synthetic(const SyntheticConfig& cfg) {
   return {gen.centers(), gen.tokens(0, cfg.tokens)};
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -62,4 +62,4 @@ class SyntheticGenerator {
 // and tests.
 Matrix random_matrix(int64_t rows, int64_t cols, double scale, uint64_t seed);
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -20,4 +20,4 @@ int num_threads() {
   return omp_get_max_threads();
 }
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -12,4 +12,4 @@ constexpr int kMaxThreads = 1024;
 void set_num_threads(int n);
 int num_threads();
 
-}  // namespace airmoe::core
+}  // namespace airmoe::inline core

@@ -19,4 +19,4 @@ AirDefaults recommended_air(int64_t experts) {
   return {C, static_cast<int>(std::min(m, C))};
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -18,4 +18,4 @@ struct AirDefaults {
 // E >= 1. C is at most E.
 AirDefaults recommended_air(int64_t experts);
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

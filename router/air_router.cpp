@@ -135,4 +135,4 @@ RouterGradients AirRouter::backward(MatrixView tokens, const Routes& routes,
       });
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -90,4 +90,4 @@ class AirRouter {
   double key_norm_bound_ = 1.0;
 };
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -345,4 +345,4 @@ void adaptive_update(Codebook& codebook, MatrixView centers, double step, int up
     codebook.apply(codebook.compute_stats(unit.view()), step, lookup);
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

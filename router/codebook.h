@@ -108,4 +108,4 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options,
 // compute_stats + apply.
 void adaptive_update(Codebook& codebook, MatrixView centers, double step, int updates = 1);
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

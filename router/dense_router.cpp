@@ -69,4 +69,4 @@ RouterGradients DenseRouter::backward(MatrixView tokens, const Routes& routes,
       });
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -38,4 +38,4 @@ class DenseRouter {
 void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
                       double key_norm_bound);
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -36,4 +36,4 @@ int64_t InvertedLists::max_list_size() const {
   return m;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -36,4 +36,4 @@ class InvertedLists {
   std::vector<int32_t> assignment_;
 };
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

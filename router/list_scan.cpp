@@ -170,4 +170,4 @@ void scan_lists(const ListBlocks& blocks, MatrixView queries, const ScanPairs& p
   errors.rethrow();
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -74,4 +74,4 @@ ListBlocks ListBlocks::build(const InvertedLists& lists, int64_t dim, Keep keep,
   return b;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

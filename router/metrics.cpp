@@ -64,4 +64,4 @@ ShortlistStats shortlist_stats(const Routes& routes) {
   return s;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

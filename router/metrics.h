@@ -22,4 +22,4 @@ struct ShortlistStats {
 };
 ShortlistStats shortlist_stats(const Routes& routes);
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

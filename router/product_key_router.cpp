@@ -134,4 +134,4 @@ ProductKeyGradients ProductKeyRouter::backward(MatrixView tokens, const Routes& 
   return g;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

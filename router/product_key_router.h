@@ -43,4 +43,4 @@ class ProductKeyRouter {
   double key_norm_bound_ = 0.0;
 };
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

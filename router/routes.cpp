@@ -183,4 +183,4 @@ RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, 
   return grads;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -92,4 +92,4 @@ RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, 
 // Validates d_gates against routes: shape [T, k] and finite.
 void check_gate_grads(const Routes& routes, MatrixView tokens, MatrixView d_gates);
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -175,4 +175,4 @@ void score_nt(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t 
   }
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

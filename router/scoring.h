@@ -34,4 +34,4 @@ float score_one(const float* a, const float* b, int64_t k);
 // both give identical bits.
 const char* scoring_kernel_name();
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -266,4 +266,4 @@ SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64
   return out;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

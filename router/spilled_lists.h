@@ -123,4 +123,4 @@ ListBlocks ListSegments::blocks(int64_t dim, CenterOf center_of) const {
   return b;
 }
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

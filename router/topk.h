@@ -58,4 +58,4 @@ class TopK {
   int32_t* ids_;
 };
 
-}  // namespace airmoe::router
+}  // namespace airmoe::inline router

@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "core/synthetic.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/product_key_router.h"
-#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

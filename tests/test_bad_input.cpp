@@ -7,12 +7,12 @@
 #include <stdexcept>
 #include <string>
 
-#include "router/air_router.h"
 #include "core/checks.h"
-#include "router/dense_router.h"
-#include "router/product_key_router.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
+#include "router/air_router.h"
+#include "router/dense_router.h"
+#include "router/product_key_router.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <vector>
 
+#include "core/synthetic.h"
 #include "router/codebook.h"
 #include "router/scoring.h"
-#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "router/dense_router.h"
 #include "core/synthetic.h"
+#include "router/dense_router.h"
 #include "test_util.h"
 
 namespace airmoe {

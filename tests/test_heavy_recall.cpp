@@ -8,10 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "core/synthetic.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "core/synthetic.h"
 
 namespace airmoe {
 namespace {

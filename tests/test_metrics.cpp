@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <vector>
 
+#include "core/synthetic.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
-#include "core/synthetic.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "router/product_key_router.h"
 #include "core/synthetic.h"
+#include "router/product_key_router.h"
 #include "test_util.h"
 
 namespace airmoe {

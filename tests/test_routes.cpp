@@ -7,8 +7,8 @@
 #include <random>
 #include <vector>
 
-#include "router/routes.h"
 #include "core/synthetic.h"
+#include "router/routes.h"
 #include "test_util.h"
 
 namespace airmoe {

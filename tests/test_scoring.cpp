@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "router/scoring.h"
 #include "core/synthetic.h"
+#include "router/scoring.h"
 #include "test_util.h"
 
 namespace airmoe {

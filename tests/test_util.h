@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "core/matrix.h"
-#include "router/routes.h"
 #include "core/threads.h"
+#include "router/routes.h"
 
 namespace airmoe::test {
 

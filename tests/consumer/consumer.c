@@ -18,8 +18,10 @@ int main(void) {
   airmoe_router *air = NULL, *dense = NULL;
   int major = -1, minor = -1, patch = -1;
   unsigned state = 12345u;
-  for (int i = 0; i < E * D; ++i) centers[i] = (float)((state = state * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f;
-  for (int i = 0; i < T * D; ++i) tokens[i] = (float)((state = state * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f;
+  for (int i = 0; i < E * D; ++i)
+    centers[i] = (float)((state = state * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f;
+  for (int i = 0; i < T * D; ++i)
+    tokens[i] = (float)((state = state * 1103515245u + 12345u) >> 8) / 16777216.0f - 0.5f;
   if (airmoe_version(&major, &minor, &patch) != AIRMOE_OK || major != AIRMOE_VERSION_MAJOR ||
       minor != AIRMOE_VERSION_MINOR || patch != AIRMOE_VERSION_PATCH) {
     fprintf(stderr, "consumer_c: library version %d.%d.%d, header %s\n", major, minor, patch,

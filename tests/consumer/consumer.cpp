@@ -26,9 +26,9 @@ int main() {
     std::fprintf(stderr, "consumer_cxx: AIR with m = C differs from dense routing\n");
     return 1;
   }
-  const runtime::Plan plan = runtime::plan_placement(
-      runtime::PlacementPolicy::kList, 4, air.codebook(), air.lists(),
-      std::vector<double>(static_cast<size_t>(air.codewords()), 1.0));
+  const runtime::Plan plan =
+      runtime::plan_placement(runtime::PlacementPolicy::kList, 4, air.codebook(), air.lists(),
+                              std::vector<double>(static_cast<size_t>(air.codewords()), 1.0));
   std::printf("consumer_cxx: airmoe %s, %lld tokens routed, 4 ranks host %lld experts\n",
               AIRMOE_VERSION_STRING, static_cast<long long>(a.tokens),
               static_cast<long long>(plan.placement.experts()));
