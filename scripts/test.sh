@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds, and runs every test twice: a Release
 # build (GoogleTest, MPI tests, the C API test, the PyTorch binding's pytest
-# suite, benchmark smoke tests), then an AddressSanitizer +
-# UndefinedBehaviorSanitizer build (all but Python and the benchmarks).
+# suite, benchmark and launch tests, the installed-package consumer), then an
+# AddressSanitizer + UndefinedBehaviorSanitizer build (all but Python and the
+# benchmarks), then each libFuzzer target for 20 s (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="$(nproc)"
@@ -21,5 +22,5 @@ cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure --timeout 900
 
-echo "== libFuzzer: the .npy reader and the routers, 20 s"
+echo "== libFuzzer: the .npy reader, the message decoders and the checkpoint reader, 20 s each"
 bash scripts/fuzz.sh 20
