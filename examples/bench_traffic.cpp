@@ -106,8 +106,9 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
     for (int rep = 0; rep < repeats; ++rep) {
       comm.barrier();
       comm.meter().reset();
-      r = router.route(my_tokens, k, probes);
-      const runtime::RouteTimings& t = router.timings();
+      runtime::RouteResult result = router.route_batch(my_tokens, k, probes);
+      r = std::move(result.routes);
+      const runtime::RouteTimings& t = result.timings;
       const double total =
           max_over_ranks(comm, t.shortlist + t.requests + t.scoring + t.replies + t.merge);
       if (total < best_total) {
