@@ -16,6 +16,7 @@ packages=(
   python3-dev pybind11-dev # the PyTorch binding (python/)
   python3-torch python3-pytest python3-mpi4py  # the binding's tests
   fortunes                 # English text for the language-model example
+  dict-gcide               # 40 MB of English for the routing study (examples/lm/study.py)
   iproute2                 # network namespaces as hosts (scripts/multihost.sh)
   python3-matplotlib       # docs charts
   clang libclang-rt-14-dev libomp-14-dev  # scripts/fuzz.sh (libFuzzer, OpenMP for clang)

@@ -23,31 +23,168 @@ import torch.nn.functional as F
 import airmoe
 
 FORTUNES = "/usr/share/games/fortunes"
+GCIDE = "/usr/share/dictd/gcide.dict.dz"
 
 
-def load_text():
+def load_fortunes():
     files = sorted(f for f in glob.glob(os.path.join(FORTUNES, "*"))
                    if not f.endswith((".dat", ".u8")) and os.path.basename(f) not in ("art", "ascii-art"))
     if not files:
         raise SystemExit(f"no text under {FORTUNES}: install Debian's 'fortunes' package")
-    data = b"".join(open(f, "rb").read() for f in files)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    return b"".join(open(f, "rb").read() for f in files)
+
+
+def load_gcide():
+    import gzip
+    if not os.path.exists(GCIDE):
+        raise SystemExit(f"no {GCIDE}: install Debian's 'dict-gcide' package")
+    with gzip.open(GCIDE, "rb") as f:  # dictzip is gzip with a random-access index
+        return f.read()
+
+
+CORPORA = {"fortunes": load_fortunes, "gcide": load_gcide}
+
+
+def load_splits(corpus):
+    """(train, validation) byte tensors. fortunes: the last 10% (the split of
+    the first table in docs/lm.md); gcide: interleaved, see split_text."""
+    data = CORPORA[corpus]()
+    if corpus == "fortunes":
+        cut = int(len(data) * 0.9)
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        return data[:cut], data[cut:]
+    return split_text(data)
+
+
+def split_text(data, chunks=100):
+    """Every tenth of `chunks` equal pieces is validation, so that both splits
+    span the whole corpus (the dictionary is sorted: a tail split would
+    validate on the last letters only)."""
+    size = len(data) // chunks
+    pieces = [data[i * size:(i + 1) * size] for i in range(chunks)]
+    train = b"".join(p for i, p in enumerate(pieces) if i % 10 != 9)
+    val = b"".join(p for i, p in enumerate(pieces) if i % 10 == 9)
+    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()  # noqa: E731
+    return as_tensor(train), as_tensor(val)
+
+
+class LoadBias:
+    """Auxiliary-loss-free load balancing (DeepSeek-V3): a per-expert bias
+    b_e in the selection scores, lowered for experts that took more than
+    their share of a batch's routing slots and raised for the others, by
+    --load-bias-rate per step. Every router here takes it the same way,
+    as one more input feature (a constant) and one more key column: dense
+    and AIR score <q, w_e> + b_e; product keys carry a bias per
+    sub-key (b1_i + b2_j), balanced over rows and over columns. The
+    columns get no gradient; the gates see the bias too."""
+
+    # The bias feature's value: the key column holds b / FEATURE, so that it
+    # stays small beside |w_e| ~ 1 and AIR's codebook, trained on the
+    # normalized keys, is hardly bent by the biases.
+    FEATURE = 16.0
+
+    def __init__(self, router):
+        self.router = router
+        self.product = isinstance(router, airmoe.ProductKeyRouter)
+
+    @staticmethod
+    def extra_dims(name):
+        return 2 if name == "product_key" else 1
+
+    def augment(self, q):
+        feature = torch.full((q.shape[0], 1), self.FEATURE, dtype=q.dtype)
+        if not self.product:
+            return torch.cat([q, feature], 1)
+        half = q.shape[1] // 2
+        return torch.cat([q[:, :half], feature, q[:, half:], feature], 1)
+
+    def _columns(self):
+        r = self.router
+        return [r.keys1, r.keys2] if self.product else [r.centers]
+
+    def zero_grads(self):
+        for param in self._columns():
+            if param.grad is not None:
+                param.grad[:, -1] = 0
+
+    @torch.no_grad()
+    def update(self, experts, num_experts, rate):
+        load = torch.bincount(experts.reshape(-1), minlength=num_experts).double()
+        if self.product:
+            n = self.router.subkeys
+            loads = [load.view(n, n).sum(1), load.view(n, n).sum(0)]
+        else:
+            loads = [load]
+        for param, group_load in zip(self._columns(), loads):
+            step = rate / self.FEATURE * torch.sign(group_load - group_load.mean())
+            param[:, -1] -= step.to(param.dtype)
+
+
+def slot_shares(idx, num_experts, dtype):
+    """f_e: the share of the N*k routing slots that went to expert e."""
+    return torch.bincount(idx.reshape(-1), minlength=num_experts).to(dtype) / idx.numel()
+
+
+def score_balance_loss(router, q, idx, num_experts):
+    """Load balancing through the keys themselves: sum over routing slots of
+    (E * f_e - 1) * <q, w_e> / (N * k), f_e the share of slots expert e took
+    (no gradient). Its gradient moves over-used keys away from their
+    tokens and under-used chosen ones toward theirs, so the balance lives in
+    the key geometry that AIR's codebook clusters (a selection bias does
+    not: AIR's first stage cannot see it)."""
+    n, k = idx.shape
+    share = slot_shares(idx, num_experts, q.dtype)
+    keys = router_centers(router)[idx]  # [N, k, d]
+    scores = (keys * q.unsqueeze(1)).sum(-1)
+    return ((num_experts * share[idx] - 1.0) * scores).sum() / (n * k)
+
+
+def balance_loss(gates, idx, num_experts):
+    """Switch-style load balancing on what every router returns, the k
+    chosen experts and their gates: E * sum_e f_e * P_e, where f_e is the
+    share of the N*k routing slots that went to expert e (no gradient) and
+    P_e its mean gate per token (sums to 1 over e). 1 when the load is
+    uniform, E/k when every token picks the same k experts. Its gradient
+    only moves gate mass between a token's k chosen experts (their gates
+    sum to 1): too weak to stop the collapse docs/lm.md reports."""
+    n = idx.shape[0]
+    flat = idx.reshape(-1)
+    share = slot_shares(idx, num_experts, gates.dtype)
+    mean_gate = torch.zeros(num_experts, dtype=gates.dtype).index_add(0, flat, gates.reshape(-1)) / n
+    return num_experts * (share * mean_gate).sum()
 
 
 class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
 
-    def __init__(self, router, num_experts, dim, hidden):
+    def __init__(self, router, num_experts, dim, hidden, query_norm=False, load_bias=False,
+                 score_balance=False):
         super().__init__()
         self.router = router
+        self.load_bias = LoadBias(router) if load_bias else None
+        self.score_balance = score_balance
+        # PEER's query batch norm: the router sees centered, unit-variance
+        # queries, so no expert wins every token by lining up with the mean
+        # hidden state (measured in docs/lm.md: not enough to stop the collapse)
+        self.query_norm = nn.BatchNorm1d(dim, affine=False) if query_norm else nn.Identity()
         self.w1 = nn.Parameter(torch.randn(num_experts, hidden, dim) / math.sqrt(dim))
         self.w2 = nn.Parameter(torch.randn(num_experts, dim, hidden) / math.sqrt(hidden))
+        self.num_experts = num_experts
         self.last_input = None
+        self.last_experts = None
+        self.balance_loss = None
 
     def forward(self, x):  # x [N, d]
         x = x.contiguous()
-        self.last_input = x.detach()
-        gates, idx = self.router(x)  # [N, k]
+        q = self.query_norm(x).contiguous()
+        if self.load_bias is not None:
+            q = self.load_bias.augment(q)
+        self.last_input = q.detach()  # what the router saw
+        gates, idx = self.router(q)  # [N, k]
+        self.last_experts = idx
+        self.balance_loss = balance_loss(gates, idx, self.num_experts)
+        self.score_balance_loss = (score_balance_loss(self.router, q, idx, self.num_experts)
+                                   if self.training and self.score_balance else None)
         a = F.gelu(torch.einsum("nkhd,nd->nkh", self.w1[idx], x))
         y = torch.einsum("nkdh,nkh->nkd", self.w2[idx], a)
         return (gates.unsqueeze(-1) * y).sum(1)
@@ -73,7 +210,9 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(256, args.dim)
         self.pos = nn.Parameter(torch.randn(args.seq, args.dim) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(args.dim, args.heads, MoEFFN(make_router(), args.experts, args.dim, args.hidden))
+            Block(args.dim, args.heads, MoEFFN(make_router(), args.experts, args.dim, args.hidden,
+                                                args.query_norm, args.load_bias_rate > 0,
+                                                args.score_balance > 0))
             for _ in range(args.layers))
         self.ln = nn.LayerNorm(args.dim)
         self.head = nn.Linear(args.dim, 256)
@@ -89,16 +228,22 @@ class MoELM(nn.Module):
 
 def routers(args):
     n = int(round(math.sqrt(args.experts)))
-    E, d, C, m, k = args.experts, args.dim, args.codewords, args.probes, args.k
+    E, C, m, k = args.experts, args.codewords, args.probes, args.k
+
+    def dim(name):  # the router's input width: the load bias adds features
+        return args.dim + (LoadBias.extra_dims(name) if args.load_bias_rate > 0 else 0)
+
     return {
-        "dense": (lambda: airmoe.DenseRouter(E, d, k, seed=args.seed), 2.0 * E * d),
-        "air": (lambda: airmoe.AIRRouter(E, d, k, C, m, seed=args.seed, kmeans_iterations=5,
-                                         list_cap=args.list_cap, spills=args.spills,
-                                         spill_lambda=args.soar_lambda),
-                # probe scores + exact scores on m lists of E / C experts on average
-                2.0 * C * d + 2.0 * m * (E / C) * d),
-        "product_key": (lambda: airmoe.ProductKeyRouter(n, d, k, seed=args.seed),
-                        2.0 * n * d + k * k),
+        "dense": (lambda: airmoe.DenseRouter(E, dim("dense"), k, seed=args.seed),
+                  2.0 * E * dim("dense")),
+        "air": (lambda: airmoe.AIRRouter(E, dim("air"), k, C, m, seed=args.seed,
+                                         kmeans_iterations=5, list_cap=args.list_cap,
+                                         spills=args.spills, spill_lambda=args.soar_lambda),
+                # probe scores + exact scores on m lists of E / C experts on average;
+                # train() replaces it with the measured shortlist
+                2.0 * C * dim("air") + 2.0 * m * (E / C) * dim("air")),
+        "product_key": (lambda: airmoe.ProductKeyRouter(n, dim("product_key"), k, seed=args.seed),
+                        2.0 * n * dim("product_key") + k * k),
     }
 
 
@@ -113,11 +258,14 @@ def batches(data, args, gen):
 def evaluate(model, val, args):
     gen = torch.Generator().manual_seed(1234)  # the same validation batches for every router
     model.eval()
-    losses, recalls, masses = [], [], []
+    losses, recalls, masses, shortlists = [], [], [], []
+    used = [torch.zeros(args.experts, dtype=torch.bool) for _ in model.blocks]
     for _ in range(args.eval_batches):
         x, y = batches(val, args, gen)
         logits = model(x)
         losses.append(F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1)).item())
+        for u, b in zip(used, model.blocks):
+            u[b.ffn.last_experts.reshape(-1)] = True
         for b in model.blocks:
             r = b.ffn.router
             if isinstance(r, airmoe.AIRRouter):
@@ -128,9 +276,13 @@ def evaluate(model, val, args):
                 recalls.append(airmoe.recall_at_k(idx, exact))
                 p = torch.softmax(all_logits, dim=-1)
                 masses.append((p.gather(1, idx).sum(1) / p.gather(1, exact).sum(1)).mean().item())
+                shortlists.append(r.shortlist_sizes(h).double().mean().item())
     model.train()
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
-    return mean(losses), mean(recalls), mean(masses)
+    # the share of experts that any validation token chose, per block
+    utilization = mean([u.double().mean().item() for u in used])
+    return {"val_loss": mean(losses), "recall_at_k": mean(recalls), "mass_recall": mean(masses),
+            "shortlist": mean(shortlists), "utilization": utilization}
 
 
 def update_codebooks(model, step, args):
@@ -177,6 +329,18 @@ def save_router_data(model, name, val, args):
     print(f"[{name}] saved router centers and inputs under {args.save_router_data}", flush=True)
 
 
+def learning_rate(step, args):
+    """constant: --lr. cosine: linear warm-up over --warmup steps, then a
+    cosine decay to a tenth of --lr at the last step, so that the loss
+    curve flattens by the end of the run."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    if step <= args.warmup:
+        return args.lr * step / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def train(name, make_router, flops, data, val, args):
     torch.manual_seed(args.seed)
     model = MoELM(make_router, args)
@@ -187,22 +351,44 @@ def train(name, make_router, flops, data, val, args):
     for step in range(1, args.steps + 1):
         x, y = batches(data, args, gen)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args)
+        ce = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        loss = ce
+        if args.balance:
+            loss = loss + args.balance * sum(b.ffn.balance_loss for b in model.blocks) / len(
+                model.blocks)
+        if args.score_balance:
+            loss = loss + args.score_balance * sum(
+                b.ffn.score_balance_loss for b in model.blocks) / len(model.blocks)
         opt.zero_grad()
         loss.backward()
+        biased = [b.ffn for b in model.blocks if b.ffn.load_bias is not None]
+        for ffn in biased:
+            ffn.load_bias.zero_grads()
         opt.step()
+        for ffn in biased:
+            ffn.load_bias.update(ffn.last_experts, args.experts, args.load_bias_rate)
         update_codebooks(model, step, args)
         t_train += time.perf_counter() - t0
-        curve.append(loss.item())
+        curve.append(ce.item())
         if step % args.eval_every == 0 or step == args.steps:
-            vl, rec, mass = evaluate(model, val, args)
-            evals.append({"step": step, "val_loss": vl, "recall_at_k": rec, "mass_recall": mass})
-            extra = f" recall@{args.k} {rec:.3f} mass {mass:.3f}" if rec is not None else ""
-            print(f"[{name}] step {step}/{args.steps} train {loss.item():.3f} val {vl:.3f}{extra}",
+            ev = {"step": step, **evaluate(model, val, args)}
+            evals.append(ev)
+            extra = ""
+            if ev["recall_at_k"] is not None:
+                extra = (f" recall@{args.k} {ev['recall_at_k']:.3f} mass {ev['mass_recall']:.3f}"
+                         f" shortlist {ev['shortlist']:.0f}")
+            print(f"[{name}] step {step}/{args.steps} train {ce.item():.3f} "
+                  f"val {ev['val_loss']:.3f} experts used {ev['utilization']:.3f}{extra}",
                   flush=True)
     if args.save_router_data:
         save_router_data(model, name, val, args)
     final = evals[-1]
+    shortlists = [e["shortlist"] for e in evals if e["shortlist"] is not None]
+    if shortlists:  # AIR: the measured shortlist, averaged over the evaluations
+        width = args.dim + (1 if args.load_bias_rate > 0 else 0)
+        flops = 2.0 * args.codewords * width + 2.0 * width * sum(shortlists) / len(shortlists)
     return {
         "router": name,
         "train_curve": curve,
@@ -214,6 +400,8 @@ def train(name, make_router, flops, data, val, args):
         "tokens_per_s": args.steps * args.batch * args.seq / t_train,
         "recall_at_k": final["recall_at_k"],
         "mass_recall": final["mass_recall"],
+        "utilization": final["utilization"],
+        "shortlist": final["shortlist"],
     }
 
 
@@ -239,7 +427,7 @@ def plot(results, args, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
@@ -266,20 +454,36 @@ def main():
     p.add_argument("--save-batches", type=int, default=4,
                    help="validation batches of router inputs to save")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--query-norm", action="store_true",
+                   help="batch-normalize the router's input (no affine), as PEER does")
+    p.add_argument("--load-bias-rate", type=float, default=0.0,
+                   help="auxiliary-loss-free balancing: per-step change of the expert "
+                        "selection biases (0: off)")
+    p.add_argument("--score-balance", type=float, default=0.0,
+                   help="weight of the key-side load-balancing loss (0: none)")
+    p.add_argument("--balance", type=float, default=0.0,
+                   help="weight of the load-balancing loss (0: none)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="cosine schedule: warm-up steps")
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="fortunes",
+                   help="fortunes (Debian 'fortunes', 2.5 MB) or gcide (Debian 'dict-gcide', "
+                        "the GNU Collaborative International Dictionary of English, 40 MB)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--routers", default="dense,air,product_key")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/lm")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = make_parser().parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 
-    data = load_text()
-    cut = int(len(data) * 0.9)
-    train_data, val_data = data[:cut], data[cut:]
-    print(f"fortunes: {len(data):,} bytes ({cut:,} train, {len(data) - cut:,} validation)")
+    train_data, val_data = load_splits(args.corpus)
+    print(f"{args.corpus}: {len(train_data):,} bytes train, {len(val_data):,} validation")
     table = routers(args)
     results = []
     for name in args.routers.split(","):

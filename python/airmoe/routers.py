@@ -244,6 +244,16 @@ class AIRRouter(_CenterRouter):
         self.codebook.copy_(torch.from_numpy(self._index.codewords()))
         self._synced = (self._synced[0], tensor_key(self.codebook))
 
+    @torch.no_grad()
+    def shortlist_sizes(self, hidden):
+        """Experts scored exactly per token, [T] int64: the size of the
+        deduplicated union of the lists each token probes (what routing
+        FLOPs count beyond the C probe scores). Gradient-free."""
+        _check_hidden(hidden, self.dim, [("centers", self.centers)])
+        self._sync()
+        _, _, handle = self._cpp_route(view(hidden.detach().float().contiguous()))
+        return torch.from_numpy(handle.shortlist_size).long()
+
     def list_sizes(self):
         """Inverted-list lengths [C] (int64) for the current centers and codebook."""
         self._sync()

@@ -132,6 +132,28 @@ def test_air_probes_knob_and_shortlist():
     assert int(r.list_sizes().sum()) == 256
 
 
+def test_air_shortlist_sizes_count_the_probed_lists():
+    h = randn(50, 16, seed=4)
+    r = airmoe.AIRRouter(256, 16, 4, 16, 1, seed=1)
+    sizes = r.list_sizes()
+    nearest = torch.argmax(h @ r.codebook.t(), dim=1)
+    # one probe: the nearest codeword's list, extended in score order only
+    # when it holds fewer than k experts
+    expected = torch.where(sizes[nearest] >= 4, sizes[nearest], -1)
+    got = r.shortlist_sizes(h)
+    assert got.dtype == torch.int64 and got.shape == (50,)
+    mask = expected >= 0
+    assert torch.equal(got[mask], expected[mask]) and bool((got >= 4).all())
+    r.probes = 16  # every list: every expert, once
+    assert torch.equal(r.shortlist_sizes(h), torch.full((50,), 256))
+    spilled = airmoe.AIRRouter(256, 16, 4, 16, 16, seed=1, spills=1)
+    assert torch.equal(spilled.shortlist_sizes(h), torch.full((50,), 256))  # scored once
+    spilled.probes = r.probes = 1  # a list also holds the experts spilled into it
+    assert spilled.shortlist_sizes(h).double().mean() > 1.5 * r.shortlist_sizes(h).double().mean()
+    with pytest.raises(ValueError):
+        r.shortlist_sizes(randn(5, 8, seed=1))
+
+
 def test_state_dict_roundtrip_and_sync():
     a = airmoe.AIRRouter(64, 8, 3, 8, 2, seed=1)
     b = airmoe.AIRRouter(64, 8, 3, 8, 2, seed=99)

@@ -1,0 +1,286 @@
+#!/usr/bin/python3
+"""The routing study: the byte-level MoE LM of moe_lm.py trained with every
+router configuration for the same tokens and seeds, on Debian's GCIDE
+dictionary (40 MB of English). Per configuration it reports the validation
+loss (mean and spread over seeds), routing FLOPs per token, training
+tokens/s, and AIR's recall, mass recall and shortlist over training; it
+draws the validation loss against routing FLOPs, the loss curves and AIR's
+recall curves.
+
+Runs go to <out>/runs/<E>_<config>_s<seed>.json, one file each, written
+when the run ends: an interrupted study resumes where it stopped.
+
+usage: PYTHONPATH=build/python /usr/bin/python3 examples/lm/study.py [--jobs 2] [--out DIR]
+"""
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import moe_lm  # noqa: E402
+
+# (name, router, moe_lm options) per E. AIR's C is sqrt(E) (recommended_air);
+# m spans 1/20 to 1/8 of dense routing's FLOPs; "spilled" adds one SOAR
+# spill per expert at half the probes, so its shortlist matches the largest
+# plain m (equal FLOPs, routing.md's best recall option on learned centers).
+GRID = {
+    4096: [
+        ("dense", "dense", {}),
+        ("product_key", "product_key", {}),
+        ("air_C64_m2", "air", {"codewords": 64, "probes": 2}),
+        ("air_C64_m4", "air", {"codewords": 64, "probes": 4}),
+        ("air_C64_m6", "air", {"codewords": 64, "probes": 6}),
+        ("air_C64_m3_spill1", "air", {"codewords": 64, "probes": 3, "spills": 1}),
+    ],
+    16384: [
+        ("dense", "dense", {}),
+        ("product_key", "product_key", {}),
+        ("air_C128_m4", "air", {"codewords": 128, "probes": 4}),
+        ("air_C128_m12", "air", {"codewords": 128, "probes": 12}),
+        ("air_C128_m6_spill1", "air", {"codewords": 128, "probes": 6, "spills": 1}),
+    ],
+}
+
+# The model and schedule every run shares (moe_lm.py option names).
+BASE = {"corpus": "gcide", "k": 8, "dim": 128, "heads": 4, "layers": 2, "hidden": 4, "seq": 64,
+        "batch": 16, "lr": 3e-3, "lr_schedule": "cosine", "warmup": 20, "eval_every": 50,
+        "eval_batches": 4, "threads": 1, "load_bias_rate": 0.0}
+
+
+def run_args(study, experts, router, options, seed):
+    args = moe_lm.make_parser().parse_args([])
+    for key, value in {**BASE, **options}.items():
+        setattr(args, key, value)
+    args.experts, args.routers, args.seed = experts, router, seed
+    args.steps = study.steps
+    args.load_bias_rate = study.load_bias_rate
+    for key in ("dim", "layers", "batch", "seq", "eval_every", "eval_batches"):
+        if getattr(study, key) is not None:
+            setattr(args, key, getattr(study, key))
+    return args
+
+
+def run_one(job):
+    """One training run in a worker process; returns its result path."""
+    path, args, name = job
+    import torch
+    torch.set_num_threads(args.threads)
+    train_data, val_data = moe_lm.load_splits(args.corpus)
+    make_router, flops = moe_lm.routers(args)[args.routers]
+    t0 = time.perf_counter()
+    result = moe_lm.train(name, make_router, flops, train_data, val_data, args)
+    result.update(config=name, experts=args.experts, seed=args.seed,
+                  wall_s=time.perf_counter() - t0, args=vars(args))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+    return path
+
+
+def jobs(study):
+    out = []
+    for experts in study.experts:
+        for name, router, options in GRID[experts]:
+            if study.configs and name not in study.configs:
+                continue
+            for seed in study.seeds:
+                path = os.path.join(study.out, "runs", f"E{experts}_{name}_s{seed}.json")
+                args = run_args(study, experts, router, options, seed)
+                if seed == study.seeds[0]:  # learned centers for airmoe_bench router
+                    args.save_router_data = os.path.join(study.out, "router_data")
+                out.append((path, args, f"E{experts}_{name}_s{seed}"))
+    return out
+
+
+def run_all(study):
+    todo = [j for j in jobs(study) if not os.path.exists(j[0])]
+    total = len(jobs(study))
+    print(f"study: {total} runs, {total - len(todo)} already done, {len(todo)} to run "
+          f"on {study.jobs} worker(s)", flush=True)
+    if not todo:
+        return
+    start = time.time()
+    with multiprocessing.get_context("spawn").Pool(study.jobs) as pool:
+        for done, path in enumerate(pool.imap_unordered(run_one, todo), 1):
+            elapsed = time.time() - start
+            eta = elapsed / done * (len(todo) - done)
+            print(f"study: {done}/{len(todo)} done ({os.path.basename(path)}), "
+                  f"{elapsed / 60:.1f} min elapsed, about {eta / 60:.1f} min left", flush=True)
+
+
+def spread(values):
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(study):
+    """Per (E, configuration): means and spreads over seeds, and mean curves."""
+    rows = []
+    for experts in study.experts:
+        for name, router, options in GRID[experts]:
+            runs = []
+            for path, _, _ in jobs(study):
+                if os.path.basename(path).startswith(f"E{experts}_{name}_s") and \
+                        os.path.exists(path):
+                    with open(path) as f:
+                        runs.append(json.load(f))
+            if not runs:
+                continue
+            steps = [e["step"] for e in runs[0]["evals"]]
+            def curve(key):  # the mean over the runs that have the metric
+                values = [[r["evals"][i][key] for r in runs
+                           if r["evals"][i].get(key) is not None] for i in range(len(steps))]
+                return [statistics.mean(v) if v else None for v in values]
+
+            losses = [r["val_loss"] for r in runs]
+            row = {"experts": experts, "config": name, "router": router, "options": options,
+                   "seeds": [r["seed"] for r in runs], "val_loss_mean": statistics.mean(losses),
+                   "val_loss_std": spread(losses), "val_losses": losses,
+                   "router_flops_per_token": statistics.mean(r["router_flops_per_token"]
+                                                             for r in runs),
+                   "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+                   "steps": steps, "val_loss_curve": curve("val_loss"),
+                   "utilization_curve": curve("utilization")}
+            used = [r["utilization"] for r in runs if r.get("utilization") is not None]
+            if used:  # runs from before the metric existed have none
+                row["utilization"] = statistics.mean(used)
+                row["utilization_runs"] = len(used)
+            if runs[0]["recall_at_k"] is not None:
+                row.update(recall_at_k=statistics.mean(r["recall_at_k"] for r in runs),
+                           mass_recall=statistics.mean(r["mass_recall"] for r in runs),
+                           shortlist=statistics.mean(r["shortlist"] for r in runs),
+                           recall_curve=curve("recall_at_k"), mass_curve=curve("mass_recall"),
+                           shortlist_curve=curve("shortlist"))
+            rows.append(row)
+    for row in rows:
+        dense = [r for r in rows if r["experts"] == row["experts"] and r["router"] == "dense"]
+        if dense:  # a partial study may have no dense run yet
+            row["loss_vs_dense"] = row["val_loss_mean"] / dense[0]["val_loss_mean"] - 1.0
+            row["flops_vs_dense"] = (row["router_flops_per_token"] /
+                                     dense[0]["router_flops_per_token"])
+    return rows
+
+
+def table(rows):
+    lines = ["| E | router | val loss (mean ± sd) | vs dense | routing kFLOP/token | "
+             "÷ dense FLOPs | tokens/s | experts used | recall@8 | mass recall | shortlist |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda key, spec: format(r[key], spec) if key in r else "–"  # noqa: E731
+        vs_dense = f"{100 * r['loss_vs_dense']:+.2f}%" if "loss_vs_dense" in r else "–"
+        share = f"1/{1 / r['flops_vs_dense']:.1f}" if "flops_vs_dense" in r else "–"
+        used = fmt("utilization", ".3f")
+        if "utilization" in r and r["utilization_runs"] < len(r["seeds"]):
+            used += f" ({r['utilization_runs']} of {len(r['seeds'])} seeds)"
+        lines.append(
+            f"| {r['experts']:,} | {r['config']} | {r['val_loss_mean']:.4f} ± "
+            f"{r['val_loss_std']:.4f} | {vs_dense} | "
+            f"{r['router_flops_per_token'] / 1e3:,.0f} | {share} | "
+            f"{r['tokens_per_s']:,.0f} | {used} | "
+            f"{fmt('recall_at_k', '.3f')} | "
+            f"{fmt('mass_recall', '.3f')} | {fmt('shortlist', ',.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, study):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    experts = sorted({r["experts"] for r in rows})
+    colors = {"dense": "black", "product_key": "tab:red"}
+    marker = lambda r: "s" if "spill" in r["config"] else "o"  # noqa: E731
+
+    fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
+    for ax, e in zip(axes[0], experts):
+        for r in (r for r in rows if r["experts"] == e):
+            ax.errorbar(r["router_flops_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"],
+                        fmt=marker(r), capsize=3, color=colors.get(r["router"]),
+                        label=r["config"])
+        ax.set_xscale("log")
+        ax.set_xlabel("routing FLOPs per token per layer (log)")
+        ax.set_ylabel("validation loss (nats/byte), mean ± sd over seeds")
+        ax.set_title(f"E = {e:,}, k = 8", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(study.out, "lm_study_loss_vs_flops.png"), dpi=110)
+
+    fig, axes = plt.subplots(2, len(experts), figsize=(6 * len(experts), 8), squeeze=False)
+    for col, e in enumerate(experts):
+        for r in (r for r in rows if r["experts"] == e):
+            style = dict(ms=3, color=colors.get(r["router"]), label=r["config"])
+            axes[0][col].plot(r["steps"], r["val_loss_curve"], marker(r) + "-", **style)
+            if None not in r["utilization_curve"]:
+                axes[1][col].plot(r["steps"], r["utilization_curve"], marker(r) + "-", **style)
+        axes[0][col].set_ylabel("validation loss (nats/byte), mean over seeds")
+        axes[0][col].set_title(f"E = {e:,}: validation loss over training", fontsize=10)
+        axes[1][col].set_ylabel("share of experts any validation token picks")
+        axes[1][col].set_title(f"E = {e:,}: experts used", fontsize=10)
+        for ax in axes[:, col]:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(study.out, "lm_study_curves.png"), dpi=110)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in (r for r in rows if "recall_curve" in r):
+        label = f"E={r['experts']} {r['config']}"
+        line, = axes[0].plot(r["steps"], r["recall_curve"], marker(r) + "-", ms=3, label=label)
+        axes[1].plot(r["steps"], r["mass_curve"], marker(r) + "-", ms=3, label=label,
+                     color=line.get_color())
+    for ax, what in zip(axes, ("recall@8", "mass recall")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"AIR {what} (validation, mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(study.out, "lm_study_recall.png"), dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--experts", default="4096,16384", help="comma-separated, from the grid")
+    p.add_argument("--configs", default="", help="comma-separated subset of the grid's names")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    for key in ("dim", "layers", "batch", "seq", "eval-every", "eval-batches"):
+        p.add_argument(f"--{key}", type=int, default=None, help="override the shared model")
+    p.add_argument("--load-bias-rate", type=float, default=BASE["load_bias_rate"],
+                   help="load balancing (moe_lm.py --load-bias-rate; 0: none, the "
+                        "routers collapse onto a few experts)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tabulate and chart the runs already done")
+    p.add_argument("--out", default="out/lm_study")
+    study = p.parse_args()
+    study.seeds = [int(s) for s in study.seeds.split(",")]
+    study.experts = [int(e) for e in study.experts.split(",")]
+    study.configs = [c for c in study.configs.split(",") if c]
+    unknown = [e for e in study.experts if e not in GRID]
+    if unknown:
+        p.error(f"--experts: {unknown} not in the grid ({sorted(GRID)})")
+    if study.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {study.jobs}")
+    os.makedirs(os.path.join(study.out, "runs"), exist_ok=True)
+    if not study.report_only:
+        run_all(study)
+    rows = aggregate(study)
+    with open(os.path.join(study.out, "study_results.json"), "w") as f:
+        json.dump({"base": BASE, "load_bias_rate": study.load_bias_rate, "steps": study.steps,
+                   "seeds": study.seeds, "rows": rows}, f, indent=1)
+    text = table(rows)
+    with open(os.path.join(study.out, "study_table.md"), "w") as f:
+        f.write(text)
+    plot(rows, study)
+    print(text)
+    print(f"wrote {study.out}/study_results.json, study_table.md and lm_study_*.png")
+
+
+if __name__ == "__main__":
+    main()
