@@ -161,25 +161,36 @@ def aggregate(study):
         dense = [r for r in rows if r["experts"] == row["experts"] and r["router"] == "dense"]
         if dense:  # a partial study may have no dense run yet
             row["loss_vs_dense"] = row["val_loss_mean"] / dense[0]["val_loss_mean"] - 1.0
+            # the same seed means the same initialization and batches: the
+            # per-seed difference is less noisy than the difference of means
+            by_seed = dict(zip(dense[0]["seeds"], dense[0]["val_losses"]))
+            diffs = [loss - by_seed[seed] for seed, loss in zip(row["seeds"], row["val_losses"])
+                     if seed in by_seed]
+            row["paired_diff_mean"] = statistics.mean(diffs) if diffs else None
+            row["paired_diff_std"] = spread(diffs) if diffs else None
             row["flops_vs_dense"] = (row["router_flops_per_token"] /
                                      dense[0]["router_flops_per_token"])
     return rows
 
 
 def table(rows):
-    lines = ["| E | router | val loss (mean ± sd) | vs dense | routing kFLOP/token | "
-             "÷ dense FLOPs | tokens/s | experts used | recall@8 | mass recall | shortlist |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| E | router | val loss (mean ± sd) | vs dense | − dense, per seed (mean ± sd) | "
+             "routing kFLOP/token | ÷ dense FLOPs | tokens/s | experts used | recall@8 | "
+             "mass recall | shortlist |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda key, spec: format(r[key], spec) if key in r else "–"  # noqa: E731
         vs_dense = f"{100 * r['loss_vs_dense']:+.2f}%" if "loss_vs_dense" in r else "–"
+        paired = "–"
+        if r.get("paired_diff_mean") is not None:
+            paired = f"{r['paired_diff_mean']:+.4f} ± {r['paired_diff_std']:.4f}"
         share = f"1/{1 / r['flops_vs_dense']:.1f}" if "flops_vs_dense" in r else "–"
         used = fmt("utilization", ".3f")
         if "utilization" in r and r["utilization_runs"] < len(r["seeds"]):
             used += f" ({r['utilization_runs']} of {len(r['seeds'])} seeds)"
         lines.append(
             f"| {r['experts']:,} | {r['config']} | {r['val_loss_mean']:.4f} ± "
-            f"{r['val_loss_std']:.4f} | {vs_dense} | "
+            f"{r['val_loss_std']:.4f} | {vs_dense} | {paired} | "
             f"{r['router_flops_per_token'] / 1e3:,.0f} | {share} | "
             f"{r['tokens_per_s']:,.0f} | {used} | "
             f"{fmt('recall_at_k', '.3f')} | "
@@ -193,13 +204,18 @@ def plot(rows, study):
     import matplotlib.pyplot as plt
     experts = sorted({r["experts"] for r in rows})
     colors = {"dense": "black", "product_key": "tab:red"}
+    air_palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan"]
+    for e in experts:  # AIR configurations: the same color for the same place in each grid
+        for i, r in enumerate(r for r in rows if r["experts"] == e and r["router"] == "air"):
+            colors[(e, r["config"])] = air_palette[i % len(air_palette)]
+    color = lambda r: colors.get(r["router"], colors.get((r["experts"], r["config"])))  # noqa: E731
     marker = lambda r: "s" if "spill" in r["config"] else "o"  # noqa: E731
 
     fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
     for ax, e in zip(axes[0], experts):
         for r in (r for r in rows if r["experts"] == e):
             ax.errorbar(r["router_flops_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"],
-                        fmt=marker(r), capsize=3, color=colors.get(r["router"]),
+                        fmt=marker(r), capsize=3, color=color(r),
                         label=r["config"])
         ax.set_xscale("log")
         ax.set_xlabel("routing FLOPs per token per layer (log)")
@@ -213,7 +229,7 @@ def plot(rows, study):
     fig, axes = plt.subplots(2, len(experts), figsize=(6 * len(experts), 8), squeeze=False)
     for col, e in enumerate(experts):
         for r in (r for r in rows if r["experts"] == e):
-            style = dict(ms=3, color=colors.get(r["router"]), label=r["config"])
+            style = dict(ms=3, color=color(r), label=r["config"])
             axes[0][col].plot(r["steps"], r["val_loss_curve"], marker(r) + "-", **style)
             if None not in r["utilization_curve"]:
                 axes[1][col].plot(r["steps"], r["utilization_curve"], marker(r) + "-", **style)
@@ -231,9 +247,9 @@ def plot(rows, study):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in (r for r in rows if "recall_curve" in r):
         label = f"E={r['experts']} {r['config']}"
-        line, = axes[0].plot(r["steps"], r["recall_curve"], marker(r) + "-", ms=3, label=label)
-        axes[1].plot(r["steps"], r["mass_curve"], marker(r) + "-", ms=3, label=label,
-                     color=line.get_color())
+        style = marker(r) + ("-" if r["experts"] == experts[0] else "--")  # E: solid, dashed
+        for ax, key in zip(axes, ("recall_curve", "mass_curve")):
+            ax.plot(r["steps"], r[key], style, ms=3, label=label, color=color(r))
     for ax, what in zip(axes, ("recall@8", "mass recall")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"AIR {what} (validation, mean over seeds)")
