@@ -51,9 +51,12 @@ def load_splits(corpus):
     data = CORPORA[corpus]()
     if corpus == "fortunes":
         cut = int(len(data) * 0.9)
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-        return data[:cut], data[cut:]
+        return byte_tensor(data[:cut]), byte_tensor(data[cut:])
     return split_text(data)
+
+
+def byte_tensor(data):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
 def split_text(data, chunks=100):
@@ -64,8 +67,7 @@ def split_text(data, chunks=100):
     pieces = [data[i * size:(i + 1) * size] for i in range(chunks)]
     train = b"".join(p for i, p in enumerate(pieces) if i % 10 != 9)
     val = b"".join(p for i, p in enumerate(pieces) if i % 10 == 9)
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()  # noqa: E731
-    return as_tensor(train), as_tensor(val)
+    return byte_tensor(train), byte_tensor(val)
 
 
 class LoadBias:
@@ -158,11 +160,11 @@ class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
 
     def __init__(self, router, num_experts, dim, hidden, query_norm=False, load_bias=False,
-                 score_balance=False):
+                 balance=False, score_balance=False):
         super().__init__()
         self.router = router
         self.load_bias = LoadBias(router) if load_bias else None
-        self.score_balance = score_balance
+        self.balance, self.score_balance = balance, score_balance
         # PEER's query batch norm: the router sees centered, unit-variance
         # queries, so no expert wins every token by lining up with the mean
         # hidden state (measured in docs/lm.md: not enough to stop the collapse)
@@ -182,7 +184,8 @@ class MoEFFN(nn.Module):
         self.last_input = q.detach()  # what the router saw
         gates, idx = self.router(q)  # [N, k]
         self.last_experts = idx
-        self.balance_loss = balance_loss(gates, idx, self.num_experts)
+        self.balance_loss = (balance_loss(gates, idx, self.num_experts)
+                             if self.training and self.balance else None)
         self.score_balance_loss = (score_balance_loss(self.router, q, idx, self.num_experts)
                                    if self.training and self.score_balance else None)
         a = F.gelu(torch.einsum("nkhd,nd->nkh", self.w1[idx], x))
@@ -212,7 +215,7 @@ class MoELM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(args.dim, args.heads, MoEFFN(make_router(), args.experts, args.dim, args.hidden,
                                                 args.query_norm, args.load_bias_rate > 0,
-                                                args.score_balance > 0))
+                                                args.balance > 0, args.score_balance > 0))
             for _ in range(args.layers))
         self.ln = nn.LayerNorm(args.dim)
         self.head = nn.Linear(args.dim, 256)

@@ -83,6 +83,10 @@ def run_one(job):
     return path
 
 
+def run_path(study, experts, name, seed):
+    return os.path.join(study.out, "runs", f"E{experts}_{name}_s{seed}.json")
+
+
 def jobs(study):
     out = []
     for experts in study.experts:
@@ -90,7 +94,7 @@ def jobs(study):
             if study.configs and name not in study.configs:
                 continue
             for seed in study.seeds:
-                path = os.path.join(study.out, "runs", f"E{experts}_{name}_s{seed}.json")
+                path = run_path(study, experts, name, seed)
                 args = run_args(study, experts, router, options, seed)
                 if seed == study.seeds[0]:  # learned centers for airmoe_bench router
                     args.save_router_data = os.path.join(study.out, "router_data")
@@ -99,8 +103,9 @@ def jobs(study):
 
 
 def run_all(study):
-    todo = [j for j in jobs(study) if not os.path.exists(j[0])]
-    total = len(jobs(study))
+    every = jobs(study)
+    todo = [j for j in every if not os.path.exists(j[0])]
+    total = len(every)
     print(f"study: {total} runs, {total - len(todo)} already done, {len(todo)} to run "
           f"on {study.jobs} worker(s)", flush=True)
     if not todo:
@@ -124,9 +129,9 @@ def aggregate(study):
     for experts in study.experts:
         for name, router, options in GRID[experts]:
             runs = []
-            for path, _, _ in jobs(study):
-                if os.path.basename(path).startswith(f"E{experts}_{name}_s") and \
-                        os.path.exists(path):
+            for seed in study.seeds:
+                path = run_path(study, experts, name, seed)
+                if os.path.exists(path):
                     with open(path) as f:
                         runs.append(json.load(f))
             if not runs:
