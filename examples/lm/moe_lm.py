@@ -481,7 +481,11 @@ def make_parser():
 
 
 def main():
-    args = make_parser().parse_args()
+    parser = make_parser()
+    args = parser.parse_args()
+    for option in ("balance", "score_balance", "load_bias_rate"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 

@@ -264,6 +264,16 @@ def plot(rows, study):
     fig.savefig(os.path.join(study.out, "lm_study_recall.png"), dpi=110)
 
 
+def int_list(parser, option, text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"{option}: expected comma-separated integers, got {text!r}")
+    if len(set(values)) != len(values):
+        parser.error(f"{option}: repeated values in {text!r}")
+    return values
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=400)
@@ -280,12 +290,18 @@ def main():
                    help="train nothing: tabulate and chart the runs already done")
     p.add_argument("--out", default="out/lm_study")
     study = p.parse_args()
-    study.seeds = [int(s) for s in study.seeds.split(",")]
-    study.experts = [int(e) for e in study.experts.split(",")]
+    study.seeds = int_list(p, "--seeds", study.seeds)
+    study.experts = int_list(p, "--experts", study.experts)
     study.configs = [c for c in study.configs.split(",") if c]
     unknown = [e for e in study.experts if e not in GRID]
     if unknown:
         p.error(f"--experts: {unknown} not in the grid ({sorted(GRID)})")
+    names = {name for e in study.experts for name, _, _ in GRID[e]}
+    unknown = [c for c in study.configs if c not in names]
+    if unknown:
+        p.error(f"--configs: {unknown} not in the grid for --experts ({sorted(names)})")
+    if study.load_bias_rate < 0:
+        p.error(f"--load-bias-rate must be >= 0, got {study.load_bias_rate}")
     if study.jobs < 1:
         p.error(f"--jobs must be >= 1, got {study.jobs}")
     os.makedirs(os.path.join(study.out, "runs"), exist_ok=True)

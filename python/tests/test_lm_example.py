@@ -81,3 +81,26 @@ def test_score_balance_loss_pushes_over_used_keys_away_from_their_tokens():
     torch.testing.assert_close(router.centers.grad[0], expected)
     torch.testing.assert_close(router.centers.grad[1], expected)
     assert torch.count_nonzero(router.centers.grad[2:]) == 0
+
+
+LM_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lm")
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("study.py", ["--configs", "air_C64_m5"], "--configs: ['air_C64_m5'] not in the grid"),
+    ("study.py", ["--experts", "1000"], "--experts: [1000] not in the grid"),
+    ("study.py", ["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+    ("study.py", ["--seeds", "1,1"], "--seeds: repeated values"),
+    ("study.py", ["--jobs", "0"], "--jobs must be >= 1"),
+    ("study.py", ["--load-bias-rate", "-1"], "--load-bias-rate must be >= 0"),
+    ("moe_lm.py", ["--load-bias-rate", "-0.1"], "--load-bias-rate must be >= 0"),
+    ("moe_lm.py", ["--balance", "-1"], "--balance must be >= 0"),
+    ("moe_lm.py", ["--score-balance", "-1"], "--score-balance must be >= 0"),
+])
+def test_scripts_refuse_bad_options_before_training(script, argv, message, tmp_path):
+    import subprocess
+    done = subprocess.run([sys.executable, os.path.join(LM_DIR, script), *argv,
+                           "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out" / "runs").exists()  # nothing written
