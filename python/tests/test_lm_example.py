@@ -99,7 +99,11 @@ LM_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lm")
     ("moe_lm.py", ["--balance", "nan"], "--balance must be finite and >= 0, got nan"),
     # issue 17, items 11 and 12 (every case: test_moe_lm_option_errors)
     ("moe_lm.py", ["--routers", "dense,Air"], "--routers: unknown ['Air']; choose from dense"),
+    ("moe_lm.py", ["--steps", "0"], "--steps must be >= 1, got 0"),
+    ("moe_lm.py", ["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
     ("moe_lm.py", ["--eval-batches", "0"], "--eval-batches must be >= 1, got 0"),
+    ("moe_lm.py", ["--routers", "product_key", "--experts", "60"], "--experts 60 is not a square"),
+    ("moe_lm.py", ["--heads", "3", "--dim", "16"], "--heads 3 does not divide --dim 16"),
     ("moe_lm.py", ["--save-router-data", "{tmp}/data", "--save-batches", "0"],
      "--save-batches must be >= 1, got 0"),
     ("moe_lm.py", ["--out", "{tmp}/file"], "--out: cannot create directory"),
