@@ -275,9 +275,12 @@ class AirIndex {
   // rebuilt on other codewords, lists rebuilt on other centers, nothing when
   // both hold the bits of the last sync. An unbuilt router (a copy being
   // restored) is built from them. True when anything changed.
-  bool sync(MatrixView centers, MatrixView codewords) {
+  bool sync(const py::array& centers_array, const py::array& codewords_array) {
+    const MatrixView centers = as_view(centers_array, "centers");
+    const MatrixView codewords = as_view(codewords_array, "codewords");
     require_dim(centers, "centers");
     require_dim(codewords, "codewords");
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
     const bool new_codebook = !router_ || !same_bits(codewords, given_codewords_.view());
     const bool new_centers = !router_ || !same_bits(centers, router_->centers());
@@ -374,7 +377,9 @@ class DenseIndex {
 
   // Rebuilds the router from `centers` unless they hold the bits it has;
   // true when it did (a new generation).
-  bool sync(MatrixView centers) {
+  bool sync(const py::array& centers_array) {
+    const MatrixView centers = as_view(centers_array, "centers");
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
     if (same_bits(centers, router_.centers())) return false;
     router_ = DenseRouter(centers);
@@ -413,7 +418,9 @@ class ProductKeyIndex {
       : router_(as_view(keys1, "keys1"), as_view(keys2, "keys2")) {}
 
   // As DenseIndex::sync, for both sub-key sets.
-  bool sync(MatrixView keys1, MatrixView keys2) {
+  bool sync(const py::array& keys1_array, const py::array& keys2_array) {
+    const MatrixView keys1 = as_view(keys1_array, "keys1"), keys2 = as_view(keys2_array, "keys2");
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
     if (same_bits(keys1, router_.keys1()) && same_bits(keys2, router_.keys2())) return false;
     router_ = ProductKeyRouter(keys1, keys2);
@@ -697,15 +704,8 @@ PYBIND11_MODULE(_airmoe, m) {
             self.set_centers(as_view(centers, "centers"));
           },
           py::arg("centers"))
-      .def(
-          "sync",
-          [](AirIndex& self, const py::array& centers, const py::array& codewords) {
-            const MatrixView c = as_view(centers, "centers"), cw = as_view(codewords, "codewords");
-            py::gil_scoped_release release;
-            return self.sync(c, cw);
-          },
-          py::arg("centers"), py::arg("codewords"),
-          "Follows the torch centers and codebook (compared bit for bit): True when it changed.")
+      .def("sync", &AirIndex::sync, py::arg("centers"), py::arg("codewords"),
+           "Follows the torch centers and codebook (compared bit for bit): True when it changed.")
       .def("update_codebook", &AirIndex::update_codebook, py::arg("step") = 1.0,
            py::arg("updates") = 1)
       .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"))
@@ -719,15 +719,8 @@ PYBIND11_MODULE(_airmoe, m) {
       .def(py::init<const py::array&>(), py::arg("centers"))
       .def_property_readonly("experts", &DenseIndex::experts)
       .def_property_readonly("dim", &DenseIndex::dim)
-      .def(
-          "sync",
-          [](DenseIndex& self, const py::array& centers) {
-            const MatrixView c = as_view(centers, "centers");
-            py::gil_scoped_release release;
-            return self.sync(c);
-          },
-          py::arg("centers"),
-          "Follows the torch centers (compared bit for bit): True when they changed.")
+      .def("sync", &DenseIndex::sync, py::arg("centers"),
+           "Follows the torch centers (compared bit for bit): True when they changed.")
       .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"))
       .def("backward", &DenseIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"));
@@ -738,15 +731,8 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("experts", &ProductKeyIndex::experts)
       .def_property_readonly("dim", &ProductKeyIndex::dim)
       .def_property_readonly("half_dim", &ProductKeyIndex::half_dim)
-      .def(
-          "sync",
-          [](ProductKeyIndex& self, const py::array& keys1, const py::array& keys2) {
-            const MatrixView k1 = as_view(keys1, "keys1"), k2 = as_view(keys2, "keys2");
-            py::gil_scoped_release release;
-            return self.sync(k1, k2);
-          },
-          py::arg("keys1"), py::arg("keys2"),
-          "Follows the torch keys (compared bit for bit): True when they changed.")
+      .def("sync", &ProductKeyIndex::sync, py::arg("keys1"), py::arg("keys2"),
+           "Follows the torch keys (compared bit for bit): True when they changed.")
       .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"))
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"));
