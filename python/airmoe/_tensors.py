@@ -70,8 +70,15 @@ def check_int(value, name, lo, hi, why=""):
 
 
 def check_expert_count(experts, name):
-    """Expert ids are int32 in the C++ library: refuse more experts up front."""
-    return check_int(experts, name, 1, MAX_EXPERTS, " (expert ids are 32-bit)")
+    """Expert ids are int32 in the C++ library: refuse more experts up front,
+    in the words of its check (core/checks.h: require_expert_count)."""
+    try:
+        return check_int(experts, name, 1, MAX_EXPERTS)
+    except ValueError:
+        if operator.index(experts) < 1:
+            raise
+        raise ValueError(f"{name} = {experts} is too many: expert ids are 32-bit, "
+                         f"at most {MAX_EXPERTS} experts") from None
 
 
 def check_seed(seed):
