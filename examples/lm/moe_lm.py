@@ -480,17 +480,107 @@ def make_parser():
     return p
 
 
+ROUTERS = ("dense", "air", "product_key")
+
+# Integer options and their least value.
+INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers": 1, "experts": 1,
+               "hidden": 1, "k": 1, "codewords": 1, "probes": 1, "update_every": 1,
+               "codebook_warmup": 0, "list_cap": 0, "spills": 0, "save_batches": 1,
+               "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0}
+
+
+def flag(option):
+    return "--" + option.replace("_", "-")
+
+
+def option_errors(args):
+    """Every problem with the options, each message naming its option: what
+    main() (and study.py, for each of its runs) checks before the corpus is
+    read or anything trains. The routers' own checks are tried too, on a
+    router built from the options (router_errors)."""
+    errors = []
+
+    def need(ok, message):
+        if not ok:
+            errors.append(message)
+
+    names = args.routers.split(",")
+    unknown = [n for n in names if n not in ROUTERS]
+    need(not unknown, f"--routers: unknown {unknown}; choose from {', '.join(ROUTERS)}")
+    need(len(set(names)) == len(names), f"--routers: repeated names in {args.routers!r}")
+    for option, least in INT_MINIMUM.items():
+        value = getattr(args, option)
+        need(value >= least, f"{flag(option)} must be >= {least}, got {value}")
+    need(args.seed < 2**64, f"--seed must be < 2^64, got {args.seed}")
+    for option in ("soar_lambda", "balance", "score_balance", "load_bias_rate"):
+        value = getattr(args, option)
+        need(math.isfinite(value) and value >= 0, f"{flag(option)} must be finite and >= 0, "
+                                                  f"got {value}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be finite and > 0, got {args.lr}")
+    need(0 < args.codebook_step <= 1, f"--codebook-step must be in (0, 1], got "
+                                      f"{args.codebook_step}")
+    if errors:  # the checks below assume sane values
+        return errors
+    need(args.dim % args.heads == 0, f"--heads {args.heads} does not divide --dim {args.dim}")
+    need(args.k <= args.experts, f"--k {args.k} exceeds --experts {args.experts}")
+    if "air" in names:
+        need(args.codewords <= args.experts,
+             f"--codewords {args.codewords} exceeds --experts {args.experts}")
+        need(args.probes <= args.codewords,
+             f"--probes {args.probes} exceeds --codewords {args.codewords}")
+    if "product_key" in names:
+        n = math.isqrt(args.experts)
+        need(n * n == args.experts, f"--experts {args.experts} is not a square: product_key "
+                                    f"needs E = n^2 (e.g. {n * n} or {(n + 1) ** 2})")
+    need(not args.query_norm or args.batch * args.seq >= 2,
+         "--query-norm needs --batch x --seq >= 2 tokens (batch statistics)")
+    return errors or router_errors(args, names)
+
+
+def router_errors(args, names):
+    """What the routers themselves refuse in these options (AIR: spills
+    against C, list caps), found by building one of each before training."""
+    table = routers(args)
+    errors = []
+    for name in names:
+        try:
+            table[name][0]()
+        except (ValueError, TypeError, RuntimeError, MemoryError) as e:
+            errors.append(f"--routers {name}: the router refuses these options: {e}")
+    return errors
+
+
+def writable_directory_errors(args):
+    """Creates --out and --save-router-data now, so that a bad path fails
+    before training rather than after it."""
+    errors = []
+    for option in ("out", "save_router_data"):
+        path = getattr(args, option)
+        if not path:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            errors.append(f"{flag(option)}: cannot create directory {path!r}: {e.strerror}")
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            errors.append(f"{flag(option)}: directory {path!r} is not writable")
+    return errors
+
+
 def main():
     parser = make_parser()
     args = parser.parse_args()
-    for option in ("balance", "score_balance", "load_bias_rate"):
-        if getattr(args, option) < 0:
-            parser.error(f"--{option.replace('_', '-')} must be >= 0, got {getattr(args, option)}")
+    errors = option_errors(args) or writable_directory_errors(args)
+    if errors:
+        parser.error("; ".join(errors))
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
 
     train_data, val_data = load_splits(args.corpus)
     print(f"{args.corpus}: {len(train_data):,} bytes train, {len(val_data):,} validation")
+    shortest = min(len(train_data), len(val_data))
+    if args.seq + 1 >= shortest:
+        parser.error(f"--seq {args.seq} leaves no room in the corpus's {shortest:,}-byte split")
     table = routers(args)
     results = []
     for name in args.routers.split(","):

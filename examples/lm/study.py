@@ -8,7 +8,11 @@ draws the validation loss against routing FLOPs, the loss curves and AIR's
 recall curves.
 
 Runs go to <out>/runs/<E>_<config>_s<seed>.json, one file each, written
-when the run ends: an interrupted study resumes where it stopped.
+when the run ends: an interrupted study resumes where it stopped. A stored
+run counts only if it was made with the settings asked for now (its stored
+moe_lm arguments, all but where outputs go); if any was made with others,
+the study refuses before training, naming the differences: use another
+--out, or delete those runs to redo them.
 
 usage: PYTHONPATH=build/python /usr/bin/python3 examples/lm/study.py [--jobs 2] [--out DIR]
 """
@@ -87,11 +91,14 @@ def run_path(study, experts, name, seed):
     return os.path.join(study.out, "runs", f"E{experts}_{name}_s{seed}.json")
 
 
-def jobs(study):
+def grid_jobs(study, configs=()):
+    """(path, moe_lm arguments, name) of each run of the grid for --experts
+    and --seeds, of the `configs` given (all of them: what aggregate() may
+    read)."""
     out = []
     for experts in study.experts:
         for name, router, options in GRID[experts]:
-            if study.configs and name not in study.configs:
+            if configs and name not in configs:
                 continue
             for seed in study.seeds:
                 path = run_path(study, experts, name, seed)
@@ -99,6 +106,43 @@ def jobs(study):
                 if seed == study.seeds[0]:  # learned centers for airmoe_bench router
                     args.save_router_data = os.path.join(study.out, "router_data")
                 out.append((path, args, f"E{experts}_{name}_s{seed}"))
+    return out
+
+
+def jobs(study):
+    """The runs --configs selects."""
+    return grid_jobs(study, study.configs)
+
+
+# Where a run's outputs go: not part of what it computed.
+OUTPUT_ARGS = ("out", "save_router_data")
+
+
+def settings(args):
+    """A run's arguments as stored in its JSON, less where its outputs went."""
+    stored = json.loads(json.dumps(args if isinstance(args, dict) else vars(args)))
+    return {key: value for key, value in stored.items() if key not in OUTPUT_ARGS}
+
+
+def setting_differences(path, args):
+    """How the run stored at `path` differs from the arguments asked for
+    ([] when it matches, or when there is no run there yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        stored = settings(json.load(f).get("args", {}))
+    wanted = settings(args)
+    return [f"{key}: stored {stored.get(key, '(none)')!r}, asked {wanted.get(key, '(none)')!r}"
+            for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+
+
+def stale_runs(study):
+    """One line per stored run made with other settings than asked for."""
+    out = []
+    for path, args, _ in grid_jobs(study):
+        diff = setting_differences(path, args)
+        if diff:
+            out.append(f"{path}: " + "; ".join(diff))
     return out
 
 
@@ -304,6 +348,15 @@ def main():
         p.error(f"--load-bias-rate must be >= 0, got {study.load_bias_rate}")
     if study.jobs < 1:
         p.error(f"--jobs must be >= 1, got {study.jobs}")
+    for _, args, name in jobs(study):  # what moe_lm.py would refuse, per configuration
+        errors = moe_lm.option_errors(args) if args.seed == study.seeds[0] else []
+        if errors:
+            p.error(f"{name}: " + "; ".join(errors))
+    stale = stale_runs(study)
+    if stale:
+        p.error(f"{len(stale)} stored run(s) under {study.out} were made with other settings "
+                f"than asked for; use another --out, or delete them to redo them:\n  " +
+                "\n  ".join(stale))
     os.makedirs(os.path.join(study.out, "runs"), exist_ok=True)
     if not study.report_only:
         run_all(study)

@@ -8,6 +8,7 @@ fix; the only conversions airmoe makes are the documented float64 ones (see
 """
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -44,22 +45,52 @@ def check_tensor(x, name, dim=None, ndim=2, rows=None):
             f"silently: pass {name}.contiguous()")
 
 
-MAX_EXPERTS = 2**31 - 1
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+MAX_EXPERTS = INT32_MAX  # expert ids are int32 in the C++ library
+
+
+def check_int(value, name, lo, hi, why=""):
+    """`value` as a Python int in [lo, hi]. The C++ routers take 32- and 64-bit
+    integers, and pybind11 answers anything else with an argument dump or
+    "Overflow": every integer argument is checked here first. TypeError unless
+    it is an integer (Python, NumPy or one-element torch integer; not bool),
+    ValueError "<name> = V is outside [lo, hi]" otherwise."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") \
+            from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} = {value} is outside [{lo}, {hi}]{why}")
+    return value
 
 
 def check_expert_count(experts, name):
-    """Expert ids are int32 in the C++ library: refuse more experts up front."""
-    if experts > MAX_EXPERTS:
+    """Expert ids are int32 in the C++ library: refuse more experts up front,
+    in the words of its check (core/checks.h: require_expert_count)."""
+    try:
+        return check_int(experts, name, 1, MAX_EXPERTS)
+    except ValueError:
+        if operator.index(experts) < 1:
+            raise
         raise ValueError(f"{name} = {experts} is too many: expert ids are 32-bit, "
-                         f"at most {MAX_EXPERTS} experts")
+                         f"at most {MAX_EXPERTS} experts") from None
+
+
+def check_seed(seed):
+    return check_int(seed, "seed", 0, UINT64_MAX)
 
 
 def initial_centers(num_experts, dim, centers, seed):
     """The given centers [E, d] (checked, detached) or seeded Gaussian ones
     scaled by 1/sqrt(d): how every module here starts its router keys."""
-    if num_experts < 1 or dim < 1:
-        raise ValueError(f"need num_experts >= 1 and dim >= 1, got {num_experts}, {dim}")
-    check_expert_count(num_experts, "num_experts")
+    num_experts = check_expert_count(num_experts, "num_experts")
+    dim = check_int(dim, "dim", 1, INT64_MAX)
+    seed = check_seed(seed)
     if centers is None:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(num_experts, dim, generator=gen) / math.sqrt(dim)
@@ -78,12 +109,6 @@ def view(x):
     a = x.detach().numpy()
     assert a.flags["C_CONTIGUOUS"]
     return a
-
-
-def tensor_key(x):
-    """What changes when a tensor's values may have changed: its storage, its
-    in-place version counter, its dtype and shape."""
-    return (x.data_ptr(), x._version, x.dtype, tuple(x.shape))
 
 
 def from_numpy(a, dtype=None):

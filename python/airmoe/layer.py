@@ -217,6 +217,14 @@ class MoELayer(nn.Module):
         self.register_buffer("hosted", torch.from_numpy(self._impl.hosted()).long())
         self.register_buffer("owners", torch.from_numpy(self._impl.owners()).long())
 
+    def __reduce_ex__(self, protocol):
+        # copy.copy, copy.deepcopy, pickle and torch.save all come here.
+        raise TypeError(
+            "MoELayer cannot be copied or pickled: it is this rank's part of a layer shared by "
+            "every rank of its MPI communicator, and a copy made on one rank would belong to no "
+            "job. Save it with save_checkpoint(path) and rebuild it with "
+            "MoELayer.load_checkpoint(comm, path) (every rank), or copy its state_dict()")
+
     # -- checkpoints (runtime/checkpoint.h, docs/checkpoints.md) ----------
     def save_checkpoint(self, path):
         """Collective: writes the whole layer (every rank's shard) into the

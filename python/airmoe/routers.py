@@ -40,12 +40,12 @@ here.
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import check_expert_count, check_tensor, initial_centers, tensor_key, view
+from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, check_expert_count, check_int,
+                       check_seed, check_tensor, initial_centers, view)
 
 __all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
 
@@ -79,7 +79,7 @@ class _CppRoute(torch.autograd.Function):
     """float32 routing through a C++ router: forward and backward in C++.
 
     `impl` has _cpp_route(tokens) -> (experts, gates, handle) and
-    _cpp_backward(tokens, handle, d_gates) -> (d_tokens, (rows, values) per param).
+    _cpp_backward(tokens, handle, d_gates, params) -> (d_tokens, (rows, values) per param).
     """
 
     @staticmethod
@@ -87,7 +87,8 @@ class _CppRoute(torch.autograd.Function):
         experts, gates, handle = impl._cpp_route(view(hidden))
         ctx.impl, ctx.handle = impl, handle
         # Saving the parameters makes autograd refuse a backward after they
-        # were modified in place (the C++ router holds the forward's copy).
+        # were modified in place; the C++ backward also refuses changes that
+        # autograd does not see (.data, NumPy views), by comparing contents.
         ctx.save_for_backward(hidden, *params)
         indices = torch.from_numpy(experts).long()
         ctx.mark_non_differentiable(indices)
@@ -99,7 +100,8 @@ class _CppRoute(torch.autograd.Function):
         # d_gates comes from autograd (it may be an expanded view): making it
         # contiguous here is internal, not the caller's data.
         d_tokens, *sparse = ctx.impl._cpp_backward(view(hidden), ctx.handle,
-                                              view(d_gates.contiguous()))
+                                                   view(d_gates.contiguous()),
+                                                   [view(p) for p in params])
         grads = []
         for p, (rows, values), needed in zip(params, sparse, ctx.needs_input_grad[2:]):
             if not needed:
@@ -122,24 +124,59 @@ def _check_hidden(hidden, dim, params):
         check_tensor(p, name, dim=None)
 
 
-def _empty_tokens(dim):
-    return np.zeros((0, dim), dtype=np.float32)
+class _Router(nn.Module):
+    """What the three routers share.
+
+    The C++ index (``_index``) routes on its own copy of the parameters.
+    ``_sync()`` hands it the current ones before every use; it compares them
+    bit for bit with its copy and rebuilds on any difference, because
+    autograd's ``_version`` misses writes through ``.data`` and NumPy views.
+
+    Copies (``copy.deepcopy``, pickle, ``torch.save`` of the module) carry the
+    parameters, buffers and configuration but not the index, which is rebuilt
+    from them at first use: a copy routes exactly like the original.
+    """
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_index"] = None
+        return state
+
+    def _sync(self):
+        tensors = [view(t) for t in self._synced_tensors()]
+        if self._index is None:  # a copy: rebuilt from its parameters
+            self._index = self._new_index()
+        self._index.sync(*tensors)
+
+    def _checked_k(self):
+        return check_int(self.k, "k", 1, self.num_experts)
+
+    def _cpp_route(self, tokens):
+        return self._index.route(tokens, self._checked_k())
+
+    def _cpp_backward(self, tokens, handle, d_gates, params):
+        return self._index.backward(tokens, handle, d_gates, *params)
 
 
-class _CenterRouter(nn.Module):
+class _CenterRouter(_Router):
     """Shared parts of routers with one center per expert (AIR, dense)."""
 
-    def _init_centers(self, num_experts, dim, centers, seed):
-        centers = initial_centers(num_experts, dim, centers, seed).clone()
+    def _init_centers(self, num_experts, dim, k, centers, seed):
+        self.num_experts = check_expert_count(num_experts, "num_experts")
+        self.dim = check_int(dim, "dim", 1, INT64_MAX)
+        self.seed = check_seed(seed)
+        self.k = check_int(k, "k", 1, self.num_experts)
+        centers = initial_centers(self.num_experts, self.dim, centers, self.seed).clone()
         self.centers = nn.Parameter(centers)
 
-    def _forward(self, hidden, impl):
+    def _forward(self, hidden):
         _check_hidden(hidden, self.dim, [("centers", self.centers)])
+        self._sync()
         if hidden.dtype == torch.float32:
-            return _CppRoute.apply(impl, hidden, self.centers)
+            return _CppRoute.apply(self, hidden, self.centers)
         # float64: float32 selection in C++, float64 closed-form gates.
         with torch.no_grad():
-            _, experts = _CppRoute.apply(impl, hidden.detach().float().contiguous(),
+            _, experts = _CppRoute.apply(self, hidden.detach().float().contiguous(),
                                          self.centers.detach())
         return chosen_softmax(hidden, self.centers[experts]), experts
 
@@ -162,7 +199,8 @@ class AIRRouter(_CenterRouter):
             m = C the router equals exact top-k.
         centers: initial expert centers [E, d] (copied), or None for a seeded
             N(0, 1/d) initialization.
-        kmeans_iterations, seed: codebook training (spherical k-means, seeded).
+        kmeans_iterations, seed: codebook training (spherical k-means, seeded;
+            0 <= seed < 2^64).
         update_every: N > 0 makes forward() call update_codebook() itself on
             every N-th call in training mode (before routing). 0: never; the
             training loop calls update_codebook() after optimizer.step().
@@ -172,66 +210,65 @@ class AIRRouter(_CenterRouter):
             `spills` more lists chosen by SOAR (weight spill_lambda); an
             expert is still scored once per token. Off by default.
 
+    Integer arguments outside these ranges (or outside the C++ integer
+    types: 32-bit k, m, iterations and spills, 64-bit list_cap) raise
+    ValueError naming the argument; non-integers raise TypeError.
+
     Parameters and buffers: ``centers`` (nn.Parameter [E, d]) and ``codebook``
     (buffer [C, d], float32, unit rows), both in state_dict. The C++ router
-    keeps its own copy of the centers and is refreshed lazily: whenever the
-    centers or the codebook changed (in place, e.g. by an optimizer step or
-    load_state_dict, or replaced) since the last call.
+    keeps its own copy of the centers and codebook and compares them bit for
+    bit with the module's before every use: any change (an optimizer step,
+    load_state_dict, a write through ``.data`` or a NumPy view, a replaced
+    tensor) rebuilds what it affects.
     """
 
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
                  spill_lambda=1.0):
         super().__init__()
-        recommended_c, recommended_m = _airmoe.recommended_air(num_experts)
-        codewords = recommended_c if codewords is None else codewords
-        probes = recommended_m if probes is None else probes
-        self._init_centers(num_experts, dim, centers, seed)
-        self.num_experts, self.dim, self.k, self.probes = num_experts, dim, k, probes
-        self.update_every = int(update_every)
-        if self.update_every < 0:
-            raise ValueError(f"update_every must be >= 0, got {update_every}")
+        self._init_centers(num_experts, dim, k, centers, seed)
+        recommended_c, recommended_m = _airmoe.recommended_air(self.num_experts)
+        codewords = check_int(recommended_c if codewords is None else codewords, "codewords C",
+                              1, self.num_experts)
+        self.probes = check_int(recommended_m if probes is None else probes, "probes m", 1,
+                                codewords)
+        self.kmeans_iterations = check_int(kmeans_iterations, "kmeans_iterations", 0, INT32_MAX)
+        self.update_every = check_int(update_every, "update_every", 0, INT64_MAX)
+        self.list_cap = check_int(list_cap, "list_cap", 0, INT64_MAX)
+        self.spills = check_int(spills, "spills", 0, INT32_MAX)
+        self.spill_lambda = float(spill_lambda)
         self._calls = 0
-        self._index = _airmoe.AirIndex(dim, codewords, kmeans_iterations, seed, list_cap, spills,
-                                       spill_lambda)
-        # C++ validates C <= E and the centers, and trains the codebook.
+        self._index = self._new_index(codewords)
+        # C++ validates the centers and the list options, and trains the codebook.
         self._index.set_centers(view(self.centers))
         self.register_buffer("codebook", torch.from_numpy(self._index.codewords()))
-        self._synced = (tensor_key(self.centers), tensor_key(self.codebook))
-        # C++ validates k and probes now rather than at the first forward.
-        self._index.route(_empty_tokens(dim), k, probes)
+
+    def _new_index(self, codewords=None):
+        return _airmoe.AirIndex(self.dim, codewords or self.num_codewords, self.kmeans_iterations,
+                                self.seed, self.list_cap, self.spills, self.spill_lambda)
 
     @property
     def num_codewords(self):
         return self.codebook.shape[0]
 
-    def _sync(self):
-        """Bring the C++ router up to date with the centers and the codebook."""
+    def _synced_tensors(self):
         if self.centers.device.type == "meta" or self.codebook.device.type == "meta":
             raise RuntimeError("the AIR router has no expert centers or codebook yet "
                                "(meta tensors): materialize the module first")
         check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
         check_tensor(self.codebook, "codebook", dim=self.dim)
-        ck, bk = tensor_key(self.centers), tensor_key(self.codebook)
-        if bk != self._synced[1]:
-            self._index.reset(view(self.centers), view(self.codebook))
-        elif ck != self._synced[0]:
-            self._index.set_centers(view(self.centers))
-        self._synced = (ck, bk)
+        return self.centers, self.codebook
 
     def forward(self, hidden):
         """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
         self._calls += 1
         if self.training and self.update_every and self._calls % self.update_every == 0:
             self.update_codebook()
-        self._sync()
-        return self._forward(hidden, self)
+        return self._forward(hidden)
 
     def _cpp_route(self, tokens):
-        return self._index.route(tokens, self.k, self.probes)
-
-    def _cpp_backward(self, tokens, handle, d_gates):
-        return self._index.backward(tokens, handle, d_gates)
+        return self._index.route(tokens, self._checked_k(),
+                                 check_int(self.probes, "probes m", 1, self.num_codewords))
 
     @torch.no_grad()
     def update_codebook(self, step=1.0, updates=1):
@@ -239,10 +276,10 @@ class AIRRouter(_CenterRouter):
         mu_c <- normalize((1 - step) mu_c + step * mean of its members), empty
         codewords repaired; then the inverted lists are rebuilt. Call after
         optimizer.step(). Gradient-free: the loss does not change."""
+        updates = check_int(updates, "updates", 0, INT32_MAX)
         self._sync()
-        self._index.update_codebook(float(step), int(updates))
+        self._index.update_codebook(float(step), updates)
         self.codebook.copy_(torch.from_numpy(self._index.codewords()))
-        self._synced = (self._synced[0], tensor_key(self.codebook))
 
     @torch.no_grad()
     def shortlist_sizes(self, hidden):
@@ -266,72 +303,64 @@ class AIRRouter(_CenterRouter):
 
 
 class DenseRouter(_CenterRouter):
-    """Exact top-k routing over all E centers (the reference)."""
+    """Exact top-k routing over all E centers (the reference). Arguments and
+    parameter sync as for AIRRouter."""
 
     def __init__(self, num_experts, dim, k, *, centers=None, seed=0):
         super().__init__()
-        self._init_centers(num_experts, dim, centers, seed)
-        self.num_experts, self.dim, self.k = num_experts, dim, k
-        self._index = _airmoe.DenseIndex(view(self.centers))
-        self._synced = tensor_key(self.centers)
-        self._index.route(_empty_tokens(dim), k)
+        self._init_centers(num_experts, dim, k, centers, seed)
+        self._index = self._new_index()
 
-    def _sync(self):
+    def _new_index(self):
+        return _airmoe.DenseIndex(view(self.centers))
+
+    def _synced_tensors(self):
         check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
-        key = tensor_key(self.centers)
-        if key != self._synced:
-            self._index.set_centers(view(self.centers))
-            self._synced = key
+        return (self.centers,)
 
     def forward(self, hidden):
         """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
-        self._sync()
-        return self._forward(hidden, self)
-
-    def _cpp_route(self, tokens):
-        return self._index.route(tokens, self.k)
-
-    def _cpp_backward(self, tokens, handle, d_gates):
-        return self._index.backward(tokens, handle, d_gates)
+        return self._forward(hidden)
 
 
-class ProductKeyRouter(nn.Module):
+class ProductKeyRouter(_Router):
     """Product-key routing (PEER): E = n^2 experts from two sub-key sets,
     ``keys1`` [n, d // 2] and ``keys2`` [n, d - d // 2] (nn.Parameters);
-    expert i * n + j has the logit <keys1[i], h[:d/2]> + <keys2[j], h[d/2:]>."""
+    expert i * n + j has the logit <keys1[i], h[:d/2]> + <keys2[j], h[d/2:]>.
+    1 <= n <= 46340 (expert ids are 32-bit), d >= 2, 1 <= k <= n^2,
+    0 <= seed < 2^64; parameter sync as for AIRRouter."""
 
     def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0):
         super().__init__()
-        if subkeys < 1 or dim < 2:
-            raise ValueError(f"need subkeys >= 1 and dim >= 2, got {subkeys}, {dim}")
-        check_expert_count(subkeys * subkeys, "num_experts = subkeys^2")
-        self.subkeys, self.dim, self.k = subkeys, dim, k
-        self.num_experts = subkeys * subkeys
-        d1 = dim // 2
-        gen = torch.Generator().manual_seed(seed)
+        self.subkeys = check_int(subkeys, "subkeys", 1, math.isqrt(MAX_EXPERTS),
+                                 " (num_experts = subkeys^2: expert ids are 32-bit)")
+        self.dim = check_int(dim, "dim", 2, INT64_MAX)
+        self.num_experts = self.subkeys * self.subkeys
+        self.k = check_int(k, "k", 1, self.num_experts)
+        self.seed = check_seed(seed)
+        d1 = self.dim // 2
+        gen = torch.Generator().manual_seed(self.seed)
         init = []
-        for name, given, width in (("keys1", keys1, d1), ("keys2", keys2, dim - d1)):
+        for name, given, width in (("keys1", keys1, d1), ("keys2", keys2, self.dim - d1)):
             if given is None:
-                given = torch.randn(subkeys, width, generator=gen) / math.sqrt(dim)
+                given = torch.randn(self.subkeys, width, generator=gen) / math.sqrt(self.dim)
             else:
                 check_tensor(given, name, dim=width)
-                if given.shape[0] != subkeys:
-                    raise ValueError(f"{name} has {given.shape[0]} rows, expected {subkeys}")
+                if given.shape[0] != self.subkeys:
+                    raise ValueError(f"{name} has {given.shape[0]} rows, expected {self.subkeys}")
                 given = given.detach().clone()
             init.append(given)
         self.keys1, self.keys2 = nn.Parameter(init[0]), nn.Parameter(init[1])
-        self._index = _airmoe.ProductKeyIndex(view(self.keys1), view(self.keys2))
-        self._synced = (tensor_key(self.keys1), tensor_key(self.keys2))
-        self._index.route(_empty_tokens(dim), k)
+        self._index = self._new_index()
 
-    def _sync(self):
+    def _new_index(self):
+        return _airmoe.ProductKeyIndex(view(self.keys1), view(self.keys2))
+
+    def _synced_tensors(self):
         d1 = self.dim // 2
         check_tensor(self.keys1, "keys1", dim=d1, rows=self.subkeys)
         check_tensor(self.keys2, "keys2", dim=self.dim - d1, rows=self.subkeys)
-        key = (tensor_key(self.keys1), tensor_key(self.keys2))
-        if key != self._synced:
-            self._index.set_keys(view(self.keys1), view(self.keys2))
-            self._synced = key
+        return self.keys1, self.keys2
 
     def forward(self, hidden):
         """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
@@ -345,12 +374,6 @@ class ProductKeyRouter(nn.Module):
         rows = torch.cat([self.keys1[experts // self.subkeys],
                           self.keys2[experts % self.subkeys]], dim=-1)
         return chosen_softmax(hidden, rows), experts
-
-    def _cpp_route(self, tokens):
-        return self._index.route(tokens, self.k)
-
-    def _cpp_backward(self, tokens, handle, d_gates):
-        return self._index.backward(tokens, handle, d_gates)
 
     def extra_repr(self):
         return f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, k={self.k}"

@@ -23,16 +23,24 @@
 // them update the experts in place.
 //
 // Threads: route() and backward() release the GIL. Each router object guards
-// its state with a shared mutex: routing calls share it, set_centers() and
-// update_codebook() take it exclusively.
+// its state with a shared mutex: routing calls share it, set_centers(),
+// sync() and update_codebook() take it exclusively.
+//
+// Parameters: each router keeps a copy of its torch parameters (AIR builds
+// its lists and blocks from it). sync(params) compares them bit for bit with
+// that copy before every use and rebuilds on any difference, so changes that
+// autograd does not see (.data, NumPy views) reach routing too; backward()
+// refuses when the parameters changed after the forward (RuntimeError).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -106,11 +114,81 @@ py::array_t<float> copied(MatrixView m) {
   return out;
 }
 
+// True when a and b have the same shape and the same bits. The routers keep
+// their own copy of the torch parameters, and a change made behind
+// autograd's back (param.data, a NumPy view of the parameter) leaves its
+// `_version` alone: comparing the contents is the exact test. 1 MiB chunks
+// over the OpenMP threads; once one differs the others stop at their next
+// chunk, so after an optimizer step (the first rows differ) this costs
+// little, and only unchanged parameters are read whole.
+bool same_bits(MatrixView a, MatrixView b) {
+  if (a.rows != b.rows || a.cols != b.cols) return false;
+  const auto* pa = reinterpret_cast<const unsigned char*>(a.data);
+  const auto* pb = reinterpret_cast<const unsigned char*>(b.data);
+  const int64_t bytes = a.rows * a.cols * static_cast<int64_t>(sizeof(float));
+  constexpr int64_t kChunk = int64_t{1} << 20;
+  const int64_t chunks = (bytes + kChunk - 1) / kChunk;
+  std::atomic<bool> differ{false};
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (differ.load(std::memory_order_relaxed)) continue;
+    const int64_t at = c * kChunk;
+    const auto n = static_cast<size_t>(std::min(kChunk, bytes - at));
+    if (std::memcmp(pa + at, pb + at, n) != 0) differ.store(true, std::memory_order_relaxed);
+  }
+  return !differ.load();
+}
+
+// Whether the rows row_of(e) of a and b hold the same bits, for the expert
+// ids e in `experts` (each row compared once). What backward() checks: it
+// reads only the rows of the experts the forward chose, so the cost is that
+// of the backward itself, not of the whole parameter.
+template <typename RowOf>
+bool same_rows(MatrixView a, MatrixView b, const std::vector<int32_t>& experts, RowOf row_of) {
+  if (a.rows != b.rows || a.cols != b.cols) return false;
+  std::vector<char> seen(static_cast<size_t>(a.rows), 0);
+  const auto bytes = static_cast<size_t>(a.cols) * sizeof(float);
+  for (const int32_t e : experts) {
+    const int64_t r = row_of(e);
+    if (r < 0 || r >= a.rows) return false;
+    if (seen[r]) continue;
+    seen[r] = 1;
+    if (std::memcmp(a.row(r), b.row(r), bytes) != 0) return false;
+  }
+  return true;
+}
+
+bool same_rows(MatrixView a, MatrixView b, const std::vector<int32_t>& experts) {
+  return same_rows(a, b, experts, [](int32_t e) { return int64_t{e}; });
+}
+
+Matrix copy_of(MatrixView m) {
+  Matrix out(m.rows, m.cols);
+  std::copy_n(m.data, m.rows * m.cols, out.data());
+  return out;
+}
+
 // What route() hands back for backward(): the C++ Routes, kept alive here.
 struct RouteHandle {
   Routes routes;
   std::uintptr_t tokens_address = 0;  // the buffer route() read (zero-copy check)
+  uint64_t generation = 0;            // of the router parameters it routed with
 };
+
+// backward() computes with the router's copy of its parameters. It refuses a
+// handle routed with another generation of that copy (parameters changed
+// and synced by a later forward) or when the caller's parameters no longer
+// equal the copy in the rows it reads (`unchanged` false: changed since,
+// through .data or a NumPy view, which autograd's version check does not
+// see): the handle's routes and gates came from other values.
+void require_forward_parameters(bool unchanged, const char* names) {
+  if (unchanged) return;
+  throw std::runtime_error(
+      std::string("backward: the router's ") + names +
+      " changed between the forward and this backward (in place through .data or a NumPy "
+      "view, which autograd does not track); the forward's routes and gates came from the old "
+      "values: run the forward again after changing them");
+}
 
 // route() result: (experts int32 [T, k], gates float32 [T, k], handle).
 py::tuple route_result(std::shared_ptr<RouteHandle> h) {
@@ -122,10 +200,12 @@ py::tuple route_result(std::shared_ptr<RouteHandle> h) {
 }
 
 // Runs route(tokens view) with the GIL released, under a shared lock on the
-// router, and packs the result with a handle that keeps the C++ routes (and
-// the tokens' address, for the zero-copy check) for backward.
+// router, and packs the result with a handle that keeps the C++ routes, the
+// parameters' generation (for backward) and the tokens' address (for the
+// zero-copy check).
 template <typename Route>
-py::tuple routed(const py::array& tokens, std::shared_mutex& mutex, Route&& route) {
+py::tuple routed(const py::array& tokens, std::shared_mutex& mutex, const uint64_t& generation,
+                 Route&& route) {
   const MatrixView t = as_view(tokens, "tokens");
   auto h = std::make_shared<RouteHandle>();
   h->tokens_address = reinterpret_cast<std::uintptr_t>(t.data);
@@ -133,6 +213,7 @@ py::tuple routed(const py::array& tokens, std::shared_mutex& mutex, Route&& rout
     py::gil_scoped_release release;
     std::shared_lock lock(mutex);
     h->routes = route(t);
+    h->generation = generation;
   }
   return route_result(std::move(h));
 }
@@ -152,8 +233,19 @@ py::tuple sparse_result(SparseRowGrad&& g) {
   return py::make_tuple(owned(std::move(g.rows), {n}), owned(std::move(g.values)));
 }
 
+// The router's codebook from given codewords: bit for bit when they are unit
+// rows already (the router's own, from a state_dict or a copy), so that a
+// restored router routes exactly like the original; normalized otherwise.
+Codebook codebook_from(MatrixView codewords) {
+  try {
+    return Codebook::from_unit_rows(codewords);
+  } catch (const std::invalid_argument&) {
+    return Codebook(codewords);  // normalizes; throws on zero or non-finite rows
+  }
+}
+
 // AirRouter with an unbuilt state: constructed from the configuration alone,
-// built (codebook trained) by the first set_centers().
+// built by the first set_centers() (which trains the codebook) or sync().
 class AirIndex {
  public:
   AirIndex(int64_t dim, const AirConfig& config) : dim_(dim), config_(config) {
@@ -170,20 +262,38 @@ class AirIndex {
   void set_centers(MatrixView centers) {
     require_dim(centers, "centers");
     std::unique_lock lock(mutex_);
-    if (router_)
+    if (router_) {
       router_->set_centers(centers);
-    else
+      ++generation_;
+    } else {
       router_.emplace(centers, config_);
+      given_codewords_ = copy_of(router_->codebook().codewords());
+    }
   }
 
-  // Rebuilds from given centers and codewords (a loaded checkpoint).
-  void reset(MatrixView centers, MatrixView codewords) {
+  // Brings the router up to date with the torch centers and codebook:
+  // rebuilt on other codewords, lists rebuilt on other centers, nothing when
+  // both hold the bits of the last sync. An unbuilt router (a copy being
+  // restored) is built from them. True when anything changed.
+  bool sync(const py::array& centers_array, const py::array& codewords_array) {
+    const MatrixView centers = as_view(centers_array, "centers");
+    const MatrixView codewords = as_view(codewords_array, "codewords");
     require_dim(centers, "centers");
     require_dim(codewords, "codewords");
-    Codebook codebook(codewords);
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    router_.emplace(centers, std::move(codebook),
-                    ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
+    const bool new_codebook = !router_ || !same_bits(codewords, given_codewords_.view());
+    const bool new_centers = !router_ || !same_bits(centers, router_->centers());
+    if (new_codebook) {
+      AirRouter fresh(centers, codebook_from(codewords),
+                      ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
+      router_ = std::move(fresh);
+      given_codewords_ = copy_of(codewords);
+    } else if (new_centers) {
+      router_->set_centers(centers);
+    }
+    if (new_centers) ++generation_;
+    return new_codebook || new_centers;
   }
 
   void update_codebook(double step, int updates) {
@@ -196,16 +306,22 @@ class AirIndex {
       throw std::invalid_argument("update_codebook: step must be in (0, 1], got " +
                                   std::to_string(step));
     router_->update_codebook(step, updates);
+    given_codewords_ = copy_of(router_->codebook().codewords());  // what Python copies back
   }
 
   py::tuple route(const py::array& tokens, int k, int probes) const {
-    return routed(tokens, mutex_, [&](MatrixView t) { return get("route").route(t, k, probes); });
+    return routed(tokens, mutex_, generation_,
+                  [&](MatrixView t) { return get("route").route(t, k, probes); });
   }
 
-  py::tuple backward(const py::array& tokens, const RouteHandle& h,
-                     const py::array& d_gates) const {
+  py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
+                     const py::array& centers) const {
+    const MatrixView c = as_view(centers, "centers");
     RouterGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
-      return get("backward").backward(t, h.routes, dg);
+      const AirRouter& r = get("backward");
+      require_forward_parameters(
+          h.generation == generation_ && same_rows(c, r.centers(), h.routes.experts), "centers");
+      return r.backward(t, h.routes, dg);
     });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
   }
@@ -250,6 +366,8 @@ class AirIndex {
   int64_t dim_;
   AirConfig config_;
   std::optional<AirRouter> router_;
+  Matrix given_codewords_;   // the codewords of the last sync, as given (sync compares them)
+  uint64_t generation_ = 0;  // of the centers copy, see RouteHandle
   mutable std::shared_mutex mutex_;
 };
 
@@ -257,19 +375,29 @@ class DenseIndex {
  public:
   explicit DenseIndex(const py::array& centers) : router_(as_view(centers, "centers")) {}
 
-  void set_centers(const py::array& centers) {
-    DenseRouter fresh(as_view(centers, "centers"));
+  // Rebuilds the router from `centers` unless they hold the bits it has;
+  // true when it did (a new generation).
+  bool sync(const py::array& centers_array) {
+    const MatrixView centers = as_view(centers_array, "centers");
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    router_ = std::move(fresh);
+    if (same_bits(centers, router_.centers())) return false;
+    router_ = DenseRouter(centers);
+    ++generation_;
+    return true;
   }
 
   py::tuple route(const py::array& tokens, int k) const {
-    return routed(tokens, mutex_, [&](MatrixView t) { return router_.route(t, k); });
+    return routed(tokens, mutex_, generation_, [&](MatrixView t) { return router_.route(t, k); });
   }
 
-  py::tuple backward(const py::array& tokens, const RouteHandle& h,
-                     const py::array& d_gates) const {
+  py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
+                     const py::array& centers) const {
+    const MatrixView c = as_view(centers, "centers");
     RouterGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
+      require_forward_parameters(
+          h.generation == generation_ && same_rows(c, router_.centers(), h.routes.experts),
+          "centers");
       return router_.backward(t, h.routes, dg);
     });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_centers)));
@@ -280,6 +408,7 @@ class DenseIndex {
 
  private:
   DenseRouter router_;
+  uint64_t generation_ = 0;  // of the centers copy, see RouteHandle
   mutable std::shared_mutex mutex_;
 };
 
@@ -288,20 +417,33 @@ class ProductKeyIndex {
   ProductKeyIndex(const py::array& keys1, const py::array& keys2)
       : router_(as_view(keys1, "keys1"), as_view(keys2, "keys2")) {}
 
-  void set_keys(const py::array& keys1, const py::array& keys2) {
-    ProductKeyRouter fresh(as_view(keys1, "keys1"), as_view(keys2, "keys2"));
+  // As DenseIndex::sync, for both sub-key sets.
+  bool sync(const py::array& keys1_array, const py::array& keys2_array) {
+    const MatrixView keys1 = as_view(keys1_array, "keys1"), keys2 = as_view(keys2_array, "keys2");
+    py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    router_ = std::move(fresh);
+    if (same_bits(keys1, router_.keys1()) && same_bits(keys2, router_.keys2())) return false;
+    router_ = ProductKeyRouter(keys1, keys2);
+    ++generation_;
+    return true;
   }
 
   py::tuple route(const py::array& tokens, int k) const {
-    return routed(tokens, mutex_, [&](MatrixView t) { return router_.route(t, k); });
+    return routed(tokens, mutex_, generation_, [&](MatrixView t) { return router_.route(t, k); });
   }
 
   // (d_tokens, (rows1, values1), (rows2, values2))
-  py::tuple backward(const py::array& tokens, const RouteHandle& h,
-                     const py::array& d_gates) const {
+  py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
+                     const py::array& keys1, const py::array& keys2) const {
+    const MatrixView k1 = as_view(keys1, "keys1"), k2 = as_view(keys2, "keys2");
     ProductKeyGradients g = backed(tokens, d_gates, mutex_, [&](MatrixView t, MatrixView dg) {
+      const int64_t n = router_.subkeys();  // expert i * n + j: keys1 row i, keys2 row j
+      const std::vector<int32_t>& experts = h.routes.experts;
+      require_forward_parameters(
+          h.generation == generation_ &&
+              same_rows(k1, router_.keys1(), experts, [n](int32_t e) { return e / n; }) &&
+              same_rows(k2, router_.keys2(), experts, [n](int32_t e) { return e % n; }),
+          "keys1/keys2");
       return router_.backward(t, h.routes, dg);
     });
     return py::make_tuple(owned(std::move(g.d_tokens)), sparse_result(std::move(g.d_keys1)),
@@ -315,6 +457,7 @@ class ProductKeyIndex {
 
  private:
   ProductKeyRouter router_;
+  uint64_t generation_ = 0;  // of the keys copy, see RouteHandle
   mutable std::shared_mutex mutex_;
 };
 
@@ -561,17 +704,13 @@ PYBIND11_MODULE(_airmoe, m) {
             self.set_centers(as_view(centers, "centers"));
           },
           py::arg("centers"))
-      .def(
-          "reset",
-          [](AirIndex& self, const py::array& centers, const py::array& codewords) {
-            self.reset(as_view(centers, "centers"), as_view(codewords, "codewords"));
-          },
-          py::arg("centers"), py::arg("codewords"))
+      .def("sync", &AirIndex::sync, py::arg("centers"), py::arg("codewords"),
+           "Follows the torch centers and codebook (compared bit for bit): True when it changed.")
       .def("update_codebook", &AirIndex::update_codebook, py::arg("step") = 1.0,
            py::arg("updates") = 1)
       .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"))
       .def("backward", &AirIndex::backward, py::arg("tokens"), py::arg("handle"),
-           py::arg("d_gates"))
+           py::arg("d_gates"), py::arg("centers"))
       .def("codewords", &AirIndex::codewords)
       .def("centers", &AirIndex::centers)
       .def("list_sizes", &AirIndex::list_sizes);
@@ -580,10 +719,11 @@ PYBIND11_MODULE(_airmoe, m) {
       .def(py::init<const py::array&>(), py::arg("centers"))
       .def_property_readonly("experts", &DenseIndex::experts)
       .def_property_readonly("dim", &DenseIndex::dim)
-      .def("set_centers", &DenseIndex::set_centers, py::arg("centers"))
+      .def("sync", &DenseIndex::sync, py::arg("centers"),
+           "Follows the torch centers (compared bit for bit): True when they changed.")
       .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"))
       .def("backward", &DenseIndex::backward, py::arg("tokens"), py::arg("handle"),
-           py::arg("d_gates"));
+           py::arg("d_gates"), py::arg("centers"));
 
   py::class_<ProductKeyIndex>(m, "ProductKeyIndex", "Product-key router, E = n^2.")
       .def(py::init<const py::array&, const py::array&>(), py::arg("keys1"), py::arg("keys2"))
@@ -591,10 +731,11 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("experts", &ProductKeyIndex::experts)
       .def_property_readonly("dim", &ProductKeyIndex::dim)
       .def_property_readonly("half_dim", &ProductKeyIndex::half_dim)
-      .def("set_keys", &ProductKeyIndex::set_keys, py::arg("keys1"), py::arg("keys2"))
+      .def("sync", &ProductKeyIndex::sync, py::arg("keys1"), py::arg("keys2"),
+           "Follows the torch keys (compared bit for bit): True when they changed.")
       .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"))
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
-           py::arg("d_gates"));
+           py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"));
 
   py::class_<LayerPlanHandle, std::shared_ptr<LayerPlanHandle>>(
       m, "LayerPlan", "The C++ dispatch plan of one MoELayer forward, kept for its backward.")

@@ -86,6 +86,47 @@ def test_score_balance_loss_pushes_over_used_keys_away_from_their_tokens():
 LM_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lm")
 
 
+# moe_lm.py options the issue (17, items 11 and 12) saw crash, some after
+# training: each is refused by name, through the script itself, before the
+# corpus is read (test_scripts_refuse_bad_options_before_training).
+MOE_LM_CRASHES = [
+    (["--routers", "dense,Air"], "--routers: unknown ['Air']; choose from dense, air, product_key"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+    (["--eval-batches", "0"], "--eval-batches must be >= 1, got 0"),
+    (["--save-router-data", "{tmp}/data", "--save-batches", "0"],
+     "--save-batches must be >= 1, got 0"),
+    (["--routers", "product_key", "--experts", "60"],
+     "--experts 60 is not a square: product_key needs E = n^2 (e.g. 49 or 64)"),
+    (["--heads", "3", "--dim", "16"], "--heads 3 does not divide --dim 16"),
+    (["--out", "{tmp}/file"], "--out: cannot create directory"),
+]
+
+# More refusals, checked on the parsed options (test_moe_lm_option_errors).
+MOE_LM_REFUSED = [
+    (["--routers", "dense,,air"], "--routers: unknown ['']"),
+    (["--routers", "air,air"], "--routers: repeated names in 'air,air'"),
+    (["--layers", "0"], "--layers must be >= 1, got 0"),
+    (["--update-every", "0"], "--update-every must be >= 1, got 0"),
+    (["--k", "5000"], "--k 5000 exceeds --experts 4096"),
+    (["--codewords", "5000"], "--codewords 5000 exceeds --experts 4096"),
+    (["--probes", "65"], "--probes 65 exceeds --codewords 64"),
+    (["--routers", "air", "--spills", "64"],
+     "--routers air: the router refuses these options: spills must be in"),
+    (["--routers", "air", "--list-cap", "10"],
+     "--routers air: the router refuses these options: list cap 10 x 64 lists cannot hold"),
+    (["--lr", "0"], "--lr must be finite and > 0, got 0.0"),
+    (["--codebook-step", "1.5"], "--codebook-step must be in (0, 1], got 1.5"),
+    (["--soar-lambda", "inf"], "--soar-lambda must be finite and >= 0, got inf"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", str(2**64)], "--seed must be < 2^64"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--query-norm", "--batch", "1", "--seq", "1"], "--query-norm needs --batch x --seq >= 2"),
+    (["--save-router-data", "{tmp}/file"], "--save-router-data: cannot create directory"),
+    (["--experts", "0", "--k", "0"], "--experts must be >= 1, got 0; --k must be >= 1, got 0"),
+]
+
+
 @pytest.mark.parametrize("script,argv,message", [
     ("study.py", ["--configs", "air_C64_m5"], "--configs: ['air_C64_m5'] not in the grid"),
     ("study.py", ["--experts", "1000"], "--experts: [1000] not in the grid"),
@@ -93,14 +134,74 @@ LM_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "lm")
     ("study.py", ["--seeds", "1,1"], "--seeds: repeated values"),
     ("study.py", ["--jobs", "0"], "--jobs must be >= 1"),
     ("study.py", ["--load-bias-rate", "-1"], "--load-bias-rate must be >= 0"),
-    ("moe_lm.py", ["--load-bias-rate", "-0.1"], "--load-bias-rate must be >= 0"),
-    ("moe_lm.py", ["--balance", "-1"], "--balance must be >= 0"),
-    ("moe_lm.py", ["--score-balance", "-1"], "--score-balance must be >= 0"),
+    ("moe_lm.py", ["--load-bias-rate", "-0.1"], "--load-bias-rate must be finite and >= 0"),
+    ("moe_lm.py", ["--balance", "-1"], "--balance must be finite and >= 0"),
+    ("moe_lm.py", ["--score-balance", "-1"], "--score-balance must be finite and >= 0"),
+    ("moe_lm.py", ["--balance", "nan"], "--balance must be finite and >= 0, got nan"),
+    *[("moe_lm.py", argv, message) for argv, message in MOE_LM_CRASHES],
+    ("study.py", ["--steps", "0"], "E4096_dense_s0: --steps must be >= 1, got 0"),
+    ("study.py", ["--dim", "6"], "--heads 4 does not divide --dim 6"),
 ])
 def test_scripts_refuse_bad_options_before_training(script, argv, message, tmp_path):
     import subprocess
-    done = subprocess.run([sys.executable, os.path.join(LM_DIR, script), *argv,
-                           "--out", str(tmp_path / "out")],
+    (tmp_path / "file").write_text("not a directory")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, os.path.join(LM_DIR, script),
+                           "--out", str(tmp_path / "out"), *argv],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "bytes train" not in done.stdout  # refused before the corpus was read
     assert not (tmp_path / "out" / "runs").exists()  # nothing written
+    assert not (tmp_path / "out" / "lm_results.json").exists()
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv,message", MOE_LM_CRASHES + MOE_LM_REFUSED)
+def test_moe_lm_option_errors(argv, message, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in ["--out", str(tmp_path / "out"), *argv]]
+    args = moe_lm.make_parser().parse_args(argv)
+    errors = moe_lm.option_errors(args) or moe_lm.writable_directory_errors(args)
+    assert message in "; ".join(errors), errors
+
+
+def test_moe_lm_default_and_smoke_options_pass(tmp_path):
+    for argv in ([], ["--routers", "product_key", "--experts", "256", "--codewords", "16",
+                      "--probes", "4", "--dim", "32", "--heads", "2", "--load-bias-rate", "0.1"]):
+        args = moe_lm.make_parser().parse_args(["--out", str(tmp_path / "out"), *argv])
+        assert moe_lm.option_errors(args) == [] and moe_lm.writable_directory_errors(args) == []
+
+
+def test_study_reuses_only_runs_made_with_the_settings_asked_for(tmp_path):
+    """Issue 17, item 6: a run stored under other settings is not reported
+    under the new ones; the study refuses, naming the differences, and keeps
+    the stored run."""
+    import subprocess
+    if not os.path.exists(moe_lm.GCIDE):
+        pytest.skip(f"no {moe_lm.GCIDE} (Debian dict-gcide)")
+    out = tmp_path / "study"
+
+    def study(*argv):
+        return subprocess.run(
+            [sys.executable, os.path.join(LM_DIR, "study.py"), "--experts", "4096", "--seeds",
+             "0", "--configs", "dense", "--eval-every", "1", "--eval-batches", "1", "--layers",
+             "1", "--batch", "2", "--seq", "16", "--out", str(out), *argv],
+            capture_output=True, text=True, timeout=300)
+
+    first = study("--steps", "2", "--dim", "16")
+    assert first.returncode == 0 and "0 already done, 1 to run" in first.stdout, first.stderr
+    run = out / "runs" / "E4096_dense_s0.json"
+    stored = run.read_bytes()
+    for argv in (["--steps", "3", "--dim", "32"], ["--steps", "3", "--dim", "32", "--report-only"]):
+        again = study(*argv)
+        assert again.returncode == 2, again.stdout
+        assert "1 stored run(s) under" in again.stderr and "use another --out" in again.stderr
+        assert "dim: stored 16, asked 32; steps: stored 2, asked 3" in again.stderr
+        assert "already done" not in again.stdout
+        assert run.read_bytes() == stored
+    same = study("--steps", "2", "--dim", "16")
+    assert same.returncode == 0 and "1 already done, 0 to run" in same.stdout, same.stderr
+    import shutil  # a moved study still reports: where outputs go is not compared
+    out = shutil.copytree(out, tmp_path / "moved")
+    moved = study("--steps", "2", "--dim", "16", "--report-only")
+    assert moved.returncode == 0 and "| 4,096 | dense |" in moved.stdout, moved.stderr

@@ -341,7 +341,7 @@ def test_k_larger_than_E(kind):
 def test_probes_and_codewords_out_of_range():
     with pytest.raises(ValueError, match=r"probes m = 5 is outside \[1, 4\]"):
         airmoe.AIRRouter(16, 6, 3, 4, 5)
-    with pytest.raises(ValueError, match="number of codewords C = 20"):
+    with pytest.raises(ValueError, match=r"codewords C = 20 is outside \[1, 16\]"):
         airmoe.AIRRouter(16, 6, 3, 20, 2)
     r = airmoe.AIRRouter(16, 6, 3, 4, 2)
     r.probes = 0
@@ -431,3 +431,203 @@ def test_air_defaults_follow_num_experts():
     full = airmoe.AIRRouter(4096, 8, 4, 32, 32, seed=1, spills=1, list_cap=160)
     dense = airmoe.DenseRouter(4096, 8, 4, centers=full.centers.detach().clone())
     assert torch.equal(full(h)[1], dense(h)[1])
+
+
+# ---------------------------------------------------------------------------
+# Changes autograd does not see (issue 17, item 3): `.data`, NumPy views and
+# replaced storage do not bump `_version`; the C++ copy follows them anyway.
+
+
+def fresh_like(router):
+    """A new router built from `router`'s current parameters (AIR: dense top-k
+    over its centers, exact as AIR with m = C)."""
+    if isinstance(router, airmoe.ProductKeyRouter):
+        return airmoe.ProductKeyRouter(router.subkeys, router.dim, router.k,
+                                       keys1=router.keys1.detach().clone(),
+                                       keys2=router.keys2.detach().clone())
+    return airmoe.DenseRouter(router.num_experts, router.dim, router.k,
+                              centers=router.centers.detach().clone())
+
+
+def shifted(p, seed):
+    return 0.5 * randn(*p.shape, seed=seed)
+
+
+HIDDEN_CHANGES = {
+    "data.add_": lambda p, s: p.data.add_(shifted(p, s)),
+    "data.copy_": lambda p, s: p.data.copy_(p.detach() + shifted(p, s)),
+    "data.clamp_": lambda p, s: p.data.clamp_(-0.05, 0.05),
+    "numpy view": lambda p, s: p.detach().numpy().__iadd__(shifted(p, s).numpy()),
+    "data =": lambda p, s: setattr(p, "data", p.detach() + shifted(p, s)),
+}
+
+
+@pytest.mark.parametrize("change", sorted(HIDDEN_CHANGES))
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_changes_behind_autograd_reach_forward_and_backward(kind, change):
+    E = 256
+    air = {"codewords": 16, "probes": 16} if kind == "air" else {}  # AIR exact: m = C
+    r = make_router(kind, E=E, d=16, k=4, seed=1, **air)
+    h = randn(64, 16, seed=2).requires_grad_()
+    w = randn(64, 4, seed=3)
+    gates, before = r(h)
+    for i, p in enumerate(r.parameters()):
+        HIDDEN_CHANGES[change](p, 10 + i)
+    gates, idx = r(h)
+    ref = fresh_like(r)
+    ref_gates, ref_idx = ref(h)
+    assert not torch.equal(idx, before)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(gates, ref_gates, atol=1e-6, rtol=1e-5)
+    got = torch.autograd.grad((gates * w).sum(), [h, *r.parameters()])
+    want = torch.autograd.grad((ref_gates * w).sum(), [h, *ref.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_issue_reproducer_gradient_step_through_data():
+    r = airmoe.AIRRouter(256, 16, 4, codewords=16, probes=16)
+    h = randn(128, 16, seed=5)
+    gates, idx = r(h)
+    (gates * randn(128, 4, seed=6)).sum().backward()
+    for p in r.parameters():
+        p.data.add_(p.grad, alpha=-50.0)
+    gates, idx = r(h)
+    ref_gates, ref_idx = airmoe.DenseRouter(256, 16, 4, centers=r.centers.detach().clone())(h)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(gates, ref_gates, atol=1e-6, rtol=1e-5)
+
+
+def test_air_codebook_changed_through_data_reaches_routing():
+    r = airmoe.AIRRouter(256, 16, 4, 16, 2, seed=1)
+    other = airmoe.AIRRouter(256, 16, 4, 16, 2, seed=2,
+                             centers=r.centers.detach().clone())
+    other.update_codebook(step=0.5)
+    h = randn(200, 16, seed=3)
+    assert not torch.equal(r(h)[1], other(h)[1])
+    r.codebook.data.copy_(other.codebook)
+    assert torch.equal(r.list_sizes(), other.list_sizes())
+    assert torch.equal(r(h)[1], other(h)[1])
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_backward_after_a_change_behind_autograd_is_refused(kind):
+    r = make_router(kind, E=16, d=6, k=3)
+    h = randn(4, 6).requires_grad_()
+    g, _ = r(h)
+    next(r.parameters()).data.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed between the forward and this backward"):
+        g.sum().backward()
+    # a forward after the change: its own backward runs, the older one's is refused
+    g1, _ = r(h)
+    next(r.parameters()).data.mul_(0.5)
+    g2, _ = r(h)
+    g2.sum().backward()
+    with pytest.raises(RuntimeError, match="changed between the forward and this backward"):
+        g1.sum().backward()
+
+
+def test_unchanged_parameters_are_not_rebuilt():
+    r = airmoe.DenseRouter(64, 8, 3, seed=1)
+    h = randn(10, 8, seed=2)
+    index = r._index
+    assert not index.sync(view(r.centers))
+    g1, _ = r(h)
+    g2, _ = r(h)
+    g1.sum().backward()  # two forwards of the same parameters: both backwards run
+    g2.sum().backward()
+    assert r._index is index
+
+
+# ---------------------------------------------------------------------------
+# Integer arguments out of every C++ integer's range (issue 17, item 20):
+# ValueError naming the argument, never a pybind11 argument dump or
+# "RuntimeError: Overflow".
+
+AIR_ARGS = dict(num_experts=16, dim=6, k=3, codewords=4, probes=2)
+DENSE_ARGS = dict(num_experts=16, dim=6, k=3)
+PK_ARGS = dict(subkeys=4, dim=6, k=3)
+BAD_INTEGERS = [
+    (airmoe.AIRRouter, AIR_ARGS, "num_experts", [0, -1, 2**31, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "dim", [0, -1, 2**63, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "k", [0, -1, 17, 2**31, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "codewords", [0, -1, 17, 2**31, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "probes", [0, -1, 5, 2**31, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "kmeans_iterations", [-1, 2**31, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "seed", [-1, 2**64, -2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "update_every", [-1, -2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "list_cap", [-1, 2**63, 2**64]),
+    (airmoe.AIRRouter, AIR_ARGS, "spills", [-1, 2**31, 2**64]),
+    (airmoe.DenseRouter, DENSE_ARGS, "num_experts", [0, -1, 2**31, 2**64]),
+    (airmoe.DenseRouter, DENSE_ARGS, "dim", [0, -1, 2**63, 2**64]),
+    (airmoe.DenseRouter, DENSE_ARGS, "k", [0, -1, 17, 2**31, 2**64]),
+    (airmoe.DenseRouter, DENSE_ARGS, "seed", [-1, 2**64, -2**64]),
+    (airmoe.ProductKeyRouter, PK_ARGS, "subkeys", [0, -1, 46341, 2**31, 2**64]),
+    (airmoe.ProductKeyRouter, PK_ARGS, "dim", [1, -1, 2**63, 2**64]),
+    (airmoe.ProductKeyRouter, PK_ARGS, "k", [0, -1, 17, 2**31, 2**64]),
+    (airmoe.ProductKeyRouter, PK_ARGS, "seed", [-1, 2**64, -2**64]),
+]
+
+
+@pytest.mark.parametrize("cls,args,name,values", BAD_INTEGERS,
+                         ids=[f"{c.__name__}-{n}" for c, _, n, _ in BAD_INTEGERS])
+def test_integer_arguments_out_of_range(cls, args, name, values):
+    for value in values:
+        with pytest.raises(ValueError,
+                           match=rf"\b{name}\b.* = {value} (is outside \[|is too many)") as e:
+            cls(**{**args, name: value})
+        assert "Invoked with" not in str(e.value) and "Overflow" not in str(e.value)
+
+
+@pytest.mark.parametrize("cls,args", [(airmoe.AIRRouter, AIR_ARGS),
+                                      (airmoe.DenseRouter, DENSE_ARGS),
+                                      (airmoe.ProductKeyRouter, PK_ARGS)])
+def test_integer_arguments_of_other_types(cls, args):
+    for bad in (2.0, "3", None, True):
+        with pytest.raises(TypeError, match=r"^k must be an integer"):
+            cls(**{**args, "k": bad})
+    cls(**{**args, "k": np.int64(2)})  # NumPy and torch integers are integers
+    cls(**{**args, "k": torch.tensor(2)})
+    cls(**{**args, "seed": 2**64 - 1})  # the whole uint64 range
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_attributes_changed_out_of_range(kind):
+    r = make_router(kind, E=16, d=6, k=3)
+    h = torch.ones(2, 6)
+    for value in (0, 2**31, 2**64, -2**64):
+        r.k = value
+        with pytest.raises(ValueError, match=rf"^k = {value} is outside \[1, 16\]"):
+            r(h)
+    r.k = 3
+    if kind == "air":
+        for value in (0, 2**31, 2**64):
+            r.probes = value
+            with pytest.raises(ValueError, match=rf"^probes m = {value} is outside \[1, 4\]"):
+                r(h)
+        r.probes = 2
+        for value in (-1, 2**31, 2**64):
+            with pytest.raises(ValueError, match=rf"^updates = {value} is outside \["):
+                r.update_codebook(updates=value)
+    r(h)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_backward_checks_the_rows_it_reads(kind):
+    """The backward reads the chosen experts' rows: a change to one of them is
+    refused, a change to a row no token chose is not (the gradient is that of
+    the forward as computed)."""
+    r = make_router(kind, E=64, d=8, k=2, seed=3)
+    h = randn(3, 8, seed=4).requires_grad_()
+    first = next(r.parameters())
+    for chosen in (True, False):
+        g, idx = r(h)
+        rows = idx.flatten() // r.subkeys if kind == "pk" else idx.flatten()
+        pick = [i for i in range(first.shape[0]) if (i in rows.tolist()) == chosen][0]
+        first.detach().numpy()[pick, 0] += 0.25
+        if chosen:
+            with pytest.raises(RuntimeError, match="changed between the forward"):
+                g.sum().backward()
+        else:
+            g.sum().backward()
+            assert h.grad is not None
