@@ -176,9 +176,10 @@ struct VariantOptions {
 };
 
 // Per AIR variant, the row with the highest recall whose mean shortlist fits
-// the budget: the comparison at equal stage-2 FLOPs.
-// A shortlist holds at least k experts (AIR extends it to k), so a smaller
-// budget has no row: said instead of a list of "no row within the budget".
+// the budget: the comparison at equal stage-2 FLOPs. A shortlist holds at
+// least k experts (AIR extends it to k), so a budget below k (the default
+// E/16 when E < 16·k) has no row: said once instead of "no row within the
+// budget" for each variant.
 void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
   if (budget < k) {
     std::printf(
