@@ -14,6 +14,11 @@ endif()
 foreach(lib IN LISTS airmoe_libraries)
   string(REPLACE "airmoe_" "" export_name ${lib})
   set_target_properties(${lib} PROPERTIES EXPORT_NAME ${export_name})
+  # The C++ headers use C++20 (std::span, concepts): a consumer's compiler
+  # must be told, whatever its default (g++ 12: C++17). The C API is C99.
+  if(NOT lib STREQUAL "airmoe_c")
+    target_compile_features(${lib} PUBLIC cxx_std_20)
+  endif()
 endforeach()
 
 install(TARGETS ${airmoe_libraries} EXPORT airmoeTargets
@@ -38,15 +43,17 @@ install(FILES ${PROJECT_BINARY_DIR}/airmoeConfig.cmake ${PROJECT_BINARY_DIR}/air
         DESTINATION ${airmoe_cmake_dir})
 
 if(AIRMOE_WITH_MPI)
-  # The prefix is substituted at install time, so the file is right for
-  # `cmake --install --prefix DIR` as for the configured prefix.
-  install(CODE "
-    set(CMAKE_INSTALL_PREFIX \"\${CMAKE_INSTALL_PREFIX}\")
-    set(CMAKE_INSTALL_LIBDIR \"${CMAKE_INSTALL_LIBDIR}\")
-    set(CMAKE_INSTALL_INCLUDEDIR \"${CMAKE_INSTALL_INCLUDEDIR}\")
-    set(PROJECT_VERSION \"${PROJECT_VERSION}\")
-    configure_file(\"${PROJECT_SOURCE_DIR}/cmake/airmoe_c.pc.in\"
-                   \"\${CMAKE_INSTALL_PREFIX}/${CMAKE_INSTALL_LIBDIR}/pkgconfig/airmoe_c.pc\" @ONLY)")
+  # The prefix is found from the file's own place (pkg-config's ${pcfiledir}),
+  # so the file is right for `cmake --install --prefix DIR`, for DESTDIR
+  # staging and for a moved tree, and it is installed like any other file.
+  if(IS_ABSOLUTE "${CMAKE_INSTALL_LIBDIR}")
+    set(AIRMOE_PC_PREFIX "${CMAKE_INSTALL_PREFIX}")
+  else()
+    file(RELATIVE_PATH airmoe_pc_up "/prefix/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/prefix")
+    set(AIRMOE_PC_PREFIX "\${pcfiledir}/${airmoe_pc_up}")
+  endif()
+  configure_file(${PROJECT_SOURCE_DIR}/cmake/airmoe_c.pc.in ${PROJECT_BINARY_DIR}/airmoe_c.pc @ONLY)
+  install(FILES ${PROJECT_BINARY_DIR}/airmoe_c.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)
 endif()
 
 # The installed tree, used by another project (scripts/check_install.sh):

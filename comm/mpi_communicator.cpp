@@ -37,10 +37,14 @@ bool mpi_finalized() {
 
 // Size of `comm`, checked before the base class (which needs it) is built.
 int checked_size(MPI_Comm comm) {
-  if (!mpi_initialized() || mpi_finalized())
+  // Said for every caller: C and other languages (the C API) call
+  // MPI_Init_thread themselves; C++ may let an MpiSession do it.
+  if (!mpi_initialized())
     throw TransportError(
-        "MpiCommunicator: MPI is not initialized (create an MpiSession first) or already "
-        "finalized");
+        "MpiCommunicator: MPI is not initialized: call MPI_Init_thread (MPI_THREAD_FUNNELED or "
+        "higher) or MPI_Init first (in C++, an airmoe::comm::MpiSession does it)");
+  if (mpi_finalized())
+    throw TransportError("MpiCommunicator: MPI is already finalized (MPI_Finalize was called)");
   if (comm == MPI_COMM_NULL) throw std::invalid_argument("MpiCommunicator: MPI_COMM_NULL");
   int size = 0;
   const int rc = MPI_Comm_size(comm, &size);

@@ -1,8 +1,6 @@
 // airmoe_bench SUBCOMMAND [options]; `airmoe_bench SUBCOMMAND --help` lists
 // each subcommand's options.
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
@@ -44,18 +42,11 @@ void apply_threads_option(int threads) {
   if (threads > 0) set_num_threads(threads);
 }
 
-OutputFile::OutputFile(const std::string& path, const char* option) : path_(path), option_(option) {
-  if (path_.empty()) return;
-  out_.open(path_);
-  if (!out_) fail(option_ + " " + path_ + ": cannot open for writing: " + std::strerror(errno));
-}
-
-void OutputFile::finish() {
-  if (path_.empty()) return;
-  out_.flush();
-  out_.close();
-  if (!out_) fail(option_ + " " + path_ + ": write failed: " + std::strerror(errno));
-  progress("wrote %s", path_.c_str());
+void require_tokens(int64_t tokens, const std::string& tokens_file) {
+  if (tokens >= 1) return;
+  if (tokens_file.empty())
+    fail("-T/--num-tokens = " + std::to_string(tokens) + ": the benchmark needs >= 1 token");
+  fail("--tokens " + tokens_file + " has no rows: the benchmark needs >= 1 token");
 }
 
 }  // namespace airmoe::bench

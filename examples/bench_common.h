@@ -3,10 +3,10 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
+#include "bench_output.h"
 #include "core/clock.h"
 
 namespace airmoe::bench {
@@ -46,23 +46,11 @@ std::vector<int> parse_int_list(const std::string& text, const char* what, int l
 constexpr const char* kThreadsHelp = "OpenMP threads, 1..1024 (0: OpenMP's default, all cores)";
 void apply_threads_option(int threads);
 
-// A result file (--json, --csv) opened before the run starts, so that an
-// unwritable path fails at once ("--json /x/y.json: cannot open for writing:
-// No such file or directory") rather than after a long benchmark. With an
-// empty path there is no file and nothing to write.
-class OutputFile {
- public:
-  OutputFile() = default;
-  OutputFile(const std::string& path, const char* option);
-  bool wanted() const { return !path_.empty(); }
-  std::ostream& stream() { return out_; }
-  // Flushes and closes; throws if any write failed; reports "wrote <path>".
-  void finish();
-
- private:
-  std::string path_, option_;
-  std::ofstream out_;
-};
+// Speed-ups, recall and bytes per token are ratios over the tokens routed:
+// a run with none has no figures. Throws "-T/--num-tokens = 0: the
+// benchmark needs >= 1 token" (generated data: `tokens_file` empty) or
+// "--tokens t.npy has no rows: the benchmark needs >= 1 token".
+void require_tokens(int64_t tokens, const std::string& tokens_file);
 
 int run_router(const std::vector<std::string>& args);
 int run_traffic(const std::vector<std::string>& args);

@@ -31,11 +31,12 @@ void DataOptions::add_to(po::options_description& opts) {
   add("preset", po::value(&preset)->default_value(preset), "generated data: 'default' or 'hard'");
   add("seed", po::value(&seed)->default_value(seed), "data seed");
   add("kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations");
-  add("centers", po::value(&centers_file), "expert centers [E, d] from a float32 .npy file");
-  add("tokens", po::value(&tokens_file), "tokens [T, d] from a float32 .npy file");
+  add("centers", path_value(&centers_file, "--centers"),
+      "expert centers [E, d] from a float32 .npy file");
+  add("tokens", path_value(&tokens_file, "--tokens"), "tokens [T, d] from a float32 .npy file");
   add("threads", po::value(&threads)->default_value(threads), kThreadsHelp);
   add("repeats", po::value(&repeats)->default_value(repeats), "timed runs; the fastest counts");
-  add("json", po::value(&json_file), "write every figure to this JSON file");
+  add("json", path_value(&json_file, "--json"), "write every figure to this JSON file");
 }
 
 void DataOptions::validate() const {
@@ -43,17 +44,23 @@ void DataOptions::validate() const {
   if (centers_file.empty() != tokens_file.empty())
     throw std::invalid_argument("--centers and --tokens go together");
   require_expert_count(experts, "-E/--experts");
+  if (centers_file.empty()) require_tokens(tokens, "");
   apply_threads_option(threads);
+}
+
+std::vector<NamedPath> DataOptions::inputs() const {
+  return {{"--centers", centers_file}, {"--tokens", tokens_file}};
 }
 
 int probe_limit(const DataOptions& o) {
   return static_cast<int>(std::clamp<int64_t>(o.codewords, 0, INT32_MAX));
 }
 
-OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option) {
+OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option,
+                         const std::vector<NamedPath>& apart) {
   OutputFile file;
   comm::check_together(comm, option, [&] {
-    if (comm.rank() == 0) file = OutputFile(path, option);
+    if (comm.rank() == 0) file = OutputFile(path, option, apart);
   });
   return file;
 }
@@ -78,6 +85,7 @@ BenchData load_data(DataOptions& o) {
       throw std::invalid_argument("tokens have " + std::to_string(b.data.tokens.cols()) +
                                   " columns but centers have " +
                                   std::to_string(b.data.centers.cols()));
+    require_tokens(b.data.tokens.rows(), o.tokens_file);
   } else {
     b.data = make_synthetic(o.synthetic_config());
     b.source = "synthetic:" + o.preset;

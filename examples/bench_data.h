@@ -25,8 +25,10 @@ struct DataOptions {
   // -E -d -T --k -C --preset --seed --kmeans-iters --centers --tokens
   // --threads --repeats --json
   void add_to(boost::program_options::options_description& opts);
-  // Checks the values and applies --threads.
+  // Checks the values (generated data: -T >= 1) and applies --threads.
   void validate() const;
+  // --centers and --tokens, for require_apart (empty where not given).
+  std::vector<NamedPath> inputs() const;
   // The generator's configuration: --preset with -E -d -T --seed.
   SyntheticConfig synthetic_config() const;
 };
@@ -34,9 +36,11 @@ struct DataOptions {
 // The largest valid probe count m: C, as an int.
 int probe_limit(const DataOptions& options);
 
-// Rank 0 opens `path` (--json, --csv) before the run; an unwritable path
-// stops every rank together. Other ranks get an empty OutputFile.
-OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option);
+// Rank 0 checks `path` (--json, --csv) before the run (OutputFile, against
+// `apart`); a bad path stops every rank together. Other ranks get an empty
+// OutputFile.
+OutputFile open_on_rank0(comm::Communicator& comm, const std::string& path, const char* option,
+                         const std::vector<NamedPath>& apart);
 
 struct BenchData {
   SyntheticData data;
@@ -44,7 +48,8 @@ struct BenchData {
 };
 
 // Generates or loads the data; sets options.experts/dim/tokens to what was
-// loaded. Every rank that calls it gets the same data.
+// loaded (a --tokens file with no rows is refused). Every rank that calls it
+// gets the same data.
 BenchData load_data(DataOptions& options);
 
 std::vector<std::string> split_list(const std::string& text);

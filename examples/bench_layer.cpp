@@ -76,10 +76,12 @@ void print_memory(const std::vector<json>& rows) {
     const auto ffn = r["ffn_weight_bytes"].get<std::vector<double>>();
     const auto setup = r["setup_peak_rss_bytes"].get<std::vector<double>>();
     const auto peak = r["peak_rss_bytes"].get<std::vector<double>>();
+    // A rank that hosts no expert (E < P) has no peak/FFN.
     for (size_t i = 0; i < peak.size(); ++i)
-      std::printf("%-17s %5zu %13.1f %13.1f %13.1f %10.2f\n",
+      std::printf("%-17s %5zu %13.1f %13.1f %13.1f %10s\n",
                   r["strategy"].get<std::string>().c_str(), i, ffn[i] / 1048576.0,
-                  setup[i] / 1048576.0, peak[i] / 1048576.0, peak[i] / std::max(ffn[i], 1.0));
+                  setup[i] / 1048576.0, peak[i] / 1048576.0,
+                  cell(ratio_or_null(peak[i], ffn[i]), "%.2f").c_str());
   }
 }
 
@@ -100,22 +102,32 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       "round-robin, list or locality")("strategies",
                                        po::value(&strategies_text)->default_value(strategies_text),
                                        "comma-separated strategies")(
-      "csv", po::value(&csv_file), "rank 0 writes one CSV row per strategy here")(
+      "csv", path_value(&csv_file, "--csv"), "rank 0 writes one CSV row per strategy here")(
       "dense-expert-grads", po::bool_switch(&dense_expert_grads),
       "backward also fills the dense expert gradients (all hosted experts)");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
-  o.validate();
-  require_in_range(probes, 1, probe_limit(o), "-m/--probes");
-  require_in_range(hidden, 1, INT32_MAX, "--hidden");
-  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json");
-  OutputFile csv_out = open_on_rank0(comm, csv_file, "--csv");
-  const runtime::PlacementPolicy policy = runtime::placement_policy_from_string(placement_name);
+  // Every rank has the same options: each finds the same fault, and they
+  // raise it together.
+  runtime::PlacementPolicy policy{};
+  runtime::Activation act{};
   std::vector<runtime::Strategy> strategies;
-  for (const std::string& s : split_list(strategies_text))
-    strategies.push_back(runtime::strategy_from_string(s));
+  comm::check_together(comm, "command line", [&] {
+    o.validate();
+    require_in_range(probes, 1, probe_limit(o), "-m/--probes");
+    require_in_range(hidden, 1, INT32_MAX, "--hidden");
+    policy = runtime::placement_policy_from_string(placement_name);
+    act = runtime::activation_from_string(activation);
+    for (const std::string& s : split_list(strategies_text))
+      strategies.push_back(runtime::strategy_from_string(s));
+  });
+  std::vector<NamedPath> apart = o.inputs();
+  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json", apart);
+  apart.push_back({"--json", o.json_file});
+  OutputFile csv_out = open_on_rank0(comm, csv_file, "--csv", apart);
 
   if (me == 0) progress("preparing data on %d ranks", P);
-  const BenchData bench = load_data(o);
+  BenchData bench;
+  comm::check_together(comm, "data", [&] { bench = load_data(o); });
   const MatrixView centers = bench.data.centers.view();
   const int64_t d = o.dim, T = o.tokens;
   const int64_t b = T * me / P, e = T * (me + 1) / P;
@@ -124,7 +136,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   runtime::LayerSpec spec = routing_spec(o, probes);
   spec.placement = policy;
   spec.hidden = hidden;
-  spec.activation = runtime::activation_from_string(activation);
+  spec.activation = act;
   spec.expert_seed = 7;
   spec.dense_expert_grads = dense_expert_grads;
   // One index and one placement for every strategy: the same data, weights
@@ -175,7 +187,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     }
     const double router_flops =
         sum_over_ranks(comm, router_flops_per_token * static_cast<double>(e - b)) /
-        static_cast<double>(std::max<int64_t>(T, 1));
+        static_cast<double>(T);
     json row = strategy_row(name, P, f, static_cast<double>(T), router_flops,
                             layer.expert_flops_per_token());
     row["probes"] = strategy == runtime::Strategy::kAir              ? probes
@@ -183,10 +195,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                                                                      : 0;
     row["recall_at_k"] =
         sum_over_ranks(comm, recall_at_k(routes, exact) * static_cast<double>(e - b)) /
-        static_cast<double>(std::max<int64_t>(T, 1));
+        static_cast<double>(T);
     row["mass_recall"] =
         sum_over_ranks(comm, mass_recall(routes, exact) * static_cast<double>(e - b)) /
-        static_cast<double>(std::max<int64_t>(T, 1));
+        static_cast<double>(T);
     row["seconds"] = {{"route", max_over_ranks(comm, best.route)},
                       {"dispatch", max_over_ranks(comm, best.dispatch)},
                       {"experts", max_over_ranks(comm, best.experts)},
@@ -216,10 +228,11 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                 "vs floor", "recall", "router MF/t", "expert MF/t", "route s", "fwd s", "bwd s");
     for (const json& r : rows) {
       const json& s = r["seconds"];
-      std::printf("%-17s %11.2f %11.2f %8.2f %9.4f %12.2f %12.2f %8.3f %9.3f %9.3f\n",
+      std::printf("%-17s %11.2f %11.2f %8s %9.4f %12.2f %12.2f %8.3f %9.3f %9.3f\n",
                   r["strategy"].get<std::string>().c_str(), r["bytes_forward"].get<double>() / 1e6,
-                  r["bytes_backward"].get<double>() / 1e6, r["bytes_vs_floor"].get<double>(),
-                  r["recall_at_k"].get<double>(), r["router_flops_per_token"].get<double>() / 1e6,
+                  r["bytes_backward"].get<double>() / 1e6,
+                  cell(r["bytes_vs_floor"], "%.2f").c_str(), r["recall_at_k"].get<double>(),
+                  r["router_flops_per_token"].get<double>() / 1e6,
                   r["expert_flops_per_token"].get<double>() / 1e6, s["route"].get<double>(),
                   s["route"].get<double>() + s["dispatch"].get<double>() +
                       s["experts"].get<double>() + s["combine"].get<double>(),

@@ -76,38 +76,49 @@ std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int 
   return {flops / blas / 1e9, flops / ours / 1e9};
 }
 
+// One router's routes as .npy files under --save-routes; an error names the
+// option (the folder was checked when the run started).
 void save_routes(const std::string& dir, const std::string& name, const Routes& r) {
-  std::filesystem::create_directories(dir);
-  write_npy(dir + "/" + name + "_experts.npy", r.experts.data(), r.tokens, r.k);
-  write_npy(dir + "/" + name + "_gates.npy", r.gates.data(), r.tokens, r.k);
+  try {
+    std::filesystem::create_directories(dir);
+    write_npy(dir + "/" + name + "_experts.npy", r.experts.data(), r.tokens, r.k);
+    write_npy(dir + "/" + name + "_gates.npy", r.gates.data(), r.tokens, r.k);
+  } catch (const std::exception& e) {
+    fail("--save-routes " + dir + ": " + e.what());
+  }
 }
 
 std::string route_name(const Row& r) {
   return r.probes > 0 ? r.router + "_m" + std::to_string(r.probes) : r.router;
 }
 
+std::string number_text(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", v);
+  return text;
+}
+
 // An AIR list layout to compare: "air" (plain), "spill", "balanced",
 // "spill+balanced"; all share one trained codebook.
 struct Variant {
-  std::string row_name;
-  ListOptions lists;
+  std::string name, row_name;  // "spill", "air_spill"
+  bool balanced = false, spilled = false;
 };
 
-std::vector<Variant> parse_variants(const std::string& text, int spills, double lambda,
-                                    int64_t cap) {
+std::vector<Variant> parse_variants(const std::string& text) {
   std::vector<Variant> out;
   size_t start = 0;
   while (start <= text.size()) {
     const size_t end = std::min(text.find(',', start), text.size());
     const std::string name = text.substr(start, end - start);
     if (name == "air")
-      out.push_back({"air", {}});
+      out.push_back({name, "air", false, false});
     else if (name == "spill")
-      out.push_back({"air_spill", {0, spills, lambda}});
+      out.push_back({name, "air_spill", false, true});
     else if (name == "balanced")
-      out.push_back({"air_balanced", {cap, 0, lambda}});
+      out.push_back({name, "air_balanced", true, false});
     else if (name == "spill+balanced")
-      out.push_back({"air_spill_balanced", {cap, spills, lambda}});
+      out.push_back({name, "air_spill_balanced", true, true});
     else
       throw std::invalid_argument("--variants: unknown variant '" + name +
                                   "' (air, spill, balanced, spill+balanced)");
@@ -116,10 +127,69 @@ std::vector<Variant> parse_variants(const std::string& text, int spills, double 
   return out;
 }
 
+// --balance, --spills, --soar-lambda: what the variants' lists are built
+// with.
+struct VariantOptions {
+  double balance = 1.25;
+  int spills = 1;
+  double soar_lambda = 1.0;
+
+  // Before any data is made. A balance below 1 gives C lists too short for
+  // E experts; 0 or NaN would build plain lists under a balanced name; a
+  // spill variant needs a spill.
+  void validate(const std::vector<Variant>& variants) const {
+    if (!(balance >= 1.0) || !std::isfinite(balance))
+      fail("--balance = " + number_text(balance) +
+           " must be a finite number >= 1 (a list cap of balance x E/C experts)");
+    if (!(soar_lambda >= 0.0) || !std::isfinite(soar_lambda))
+      fail("--soar-lambda = " + number_text(soar_lambda) + " must be a finite number >= 0");
+    for (const Variant& v : variants)
+      if (v.spilled && spills < 1)
+        fail("--spills = " + std::to_string(spills) + ": the " + v.name +
+             " variant needs >= 1 extra list per expert");
+  }
+
+  // The cap of a balanced list, ceil(balance x E/C). Above C the cap
+  // exceeds E, so no list is ever full: refused, as it would measure plain
+  // lists under the balanced name.
+  int64_t list_cap(int64_t experts, int64_t codewords) const {
+    if (balance > static_cast<double>(codewords))
+      fail("--balance = " + number_text(balance) + " is above C = " + std::to_string(codewords) +
+           ": a cap of balance x E/C experts would exceed E, and no list would be capped");
+    return static_cast<int64_t>(
+        std::ceil(balance * static_cast<double>(experts) / static_cast<double>(codewords)));
+  }
+
+  ListOptions lists_of(const Variant& v, int64_t cap) const {
+    return {v.balanced ? cap : 0, v.spilled ? spills : 0, soar_lambda};
+  }
+
+  // "--spills 1, --soar-lambda 1, --balance 1.25": the options `v` uses.
+  std::string text_of(const Variant& v) const {
+    std::string out;
+    if (v.spilled)
+      out = "--spills " + std::to_string(spills) + ", --soar-lambda " + number_text(soar_lambda);
+    if (v.balanced)
+      out += (out.empty() ? "" : ", ") + std::string("--balance ") + number_text(balance);
+    return out;
+  }
+};
+
 // Per AIR variant, the row with the highest recall whose mean shortlist fits
-// the budget: the comparison at equal stage-2 FLOPs.
+// the budget: the comparison at equal stage-2 FLOPs. A shortlist holds at
+// least k experts (AIR extends it to k), so a budget below k (the default
+// E/16 when E < 16·k) has no row: said once instead of "no row within the
+// budget" for each variant.
 void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
-  std::printf("\nbest recall@%d at a mean shortlist <= %.0f experts:\n", k, budget);
+  if (budget < k) {
+    std::printf(
+        "\nno shortlist budget summary: %s experts is below k = %d, the least a shortlist "
+        "holds (set --shortlist-budget)\n",
+        number_text(budget).c_str(), k);
+    return;
+  }
+  std::printf("\nbest recall@%d at a mean shortlist <= %s experts:\n", k,
+              number_text(budget).c_str());
   std::vector<std::string> seen;
   for (const Row& r : rows) {
     if (r.router.rfind("air", 0) != 0 ||
@@ -142,9 +212,10 @@ void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
 
 int run_router(const std::vector<std::string>& args) {
   int64_t experts = 65536, dim = 512, num_tokens = 4096, codewords = 0;
-  int k = 8, threads = 0, repeats = 3, kmeans_iters = 10, spills = 1;
+  int k = 8, threads = 0, repeats = 3, kmeans_iters = 10;
   uint64_t seed = 42;
-  double soar_lambda = 1.0, balance = 1.25, shortlist_budget = 0.0;
+  double shortlist_budget = 0.0;
+  VariantOptions vo;
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file;
   std::string json_file, routes_dir, gates = "chosen", variants_text = "air";
   bool no_faiss = false, no_product_key = false;
@@ -166,24 +237,27 @@ int run_router(const std::vector<std::string>& args) {
       "kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations")(
       "gates", po::value(&gates)->default_value(gates),
       "gate softmax over 'chosen' or 'shortlist'")(
-      "centers", po::value(&centers_file), "expert centers [E, d] from a float32 .npy file")(
-      "tokens", po::value(&tokens_file), "tokens [T, d] from a float32 .npy file")(
+      "centers", path_value(&centers_file, "--centers"),
+      "expert centers [E, d] from a float32 .npy file")(
+      "tokens", path_value(&tokens_file, "--tokens"), "tokens [T, d] from a float32 .npy file")(
       "threads", po::value(&threads)->default_value(threads), kThreadsHelp)(
       "repeats", po::value(&repeats)->default_value(repeats),
-      "timed runs per row; the best counts")("json", po::value(&json_file),
+      "timed runs per row; the best counts")("json", path_value(&json_file, "--json"),
                                              "write every figure to this JSON file")(
-      "save-routes", po::value(&routes_dir), "write each router's experts/gates as .npy here")(
-      "no-faiss", po::bool_switch(&no_faiss), "skip the FAISS IndexIVFFlat rows")(
+      "save-routes", path_value(&routes_dir, "--save-routes"),
+      "write each router's experts/gates as .npy here")("no-faiss", po::bool_switch(&no_faiss),
+                                                        "skip the FAISS IndexIVFFlat rows")(
       "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row")(
       "variants", po::value(&variants_text)->default_value(variants_text),
       "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced")(
-      "spills", po::value(&spills)->default_value(spills), "extra lists per expert (spill)")(
-      "soar-lambda", po::value(&soar_lambda)->default_value(soar_lambda),
-      "SOAR weight of the residual alignment penalty (spill)")(
-      "balance", po::value(&balance)->default_value(balance),
-      "list cap as a multiple of E/C (balanced)")(
+      "spills", po::value(&vo.spills)->default_value(vo.spills),
+      "extra lists per expert, >= 1 (spill)")(
+      "soar-lambda", po::value(&vo.soar_lambda)->default_value(vo.soar_lambda),
+      "SOAR weight of the residual alignment penalty, >= 0 (spill)")(
+      "balance", po::value(&vo.balance)->default_value(vo.balance),
+      "list cap as a multiple of E/C, in [1, C] (balanced)")(
       "shortlist-budget", po::value(&shortlist_budget)->default_value(shortlist_budget),
-      "also print each variant's best recall at a mean shortlist <= this (0: E/16)");
+      "also print each variant's best recall at a mean shortlist <= this, >= 0 (0: E/16)");
   po::variables_map vm;
   po::store(po::command_line_parser(args).options(opts).run(), vm);
   if (vm.count("help")) {
@@ -197,11 +271,16 @@ int run_router(const std::vector<std::string>& args) {
   const std::vector<int> probe_list = parse_int_list(probes_text, "-m/--probes", 1);
   const GateMode gate_mode = gate_mode_from_string(gates);
   require_expert_count(experts, "-E/--experts");
-  // Speed-ups and recall are ratios over the tokens routed: none, no figures.
-  if (centers_file.empty() && num_tokens < 1)
-    fail("-T/--num-tokens = " + std::to_string(num_tokens) + ": the benchmark needs >= 1 token");
+  if (centers_file.empty()) require_tokens(num_tokens, "");
+  const std::vector<Variant> variants = parse_variants(variants_text);
+  vo.validate(variants);
+  if (!(shortlist_budget >= 0.0) || !std::isfinite(shortlist_budget))
+    fail("--shortlist-budget = " + number_text(shortlist_budget) +
+         " must be a finite number >= 0 (0: E/16)");
   apply_threads_option(threads);
-  OutputFile json_out(json_file, "--json");
+  const std::vector<NamedPath> inputs = {{"--centers", centers_file}, {"--tokens", tokens_file}};
+  OutputFile json_out(json_file, "--json", inputs);
+  if (!routes_dir.empty()) require_writable_folder(routes_dir, "--save-routes");
 
   // Data.
   SyntheticData data;
@@ -229,14 +308,14 @@ int run_router(const std::vector<std::string>& args) {
   if (tokens.cols != dim)
     throw std::invalid_argument("tokens have " + std::to_string(tokens.cols) +
                                 " columns but centers have " + std::to_string(dim));
-  if (num_tokens < 1) fail("--tokens " + tokens_file + " has no rows: the benchmark needs >= 1");
+  require_tokens(num_tokens, tokens_file);
 
   if (codewords == 0) codewords = recommended_air(experts).codewords;
-  if (shortlist_budget <= 0.0) shortlist_budget = static_cast<double>(experts) / 16.0;
-  const int64_t list_cap = static_cast<int64_t>(
-      std::ceil(balance * static_cast<double>(experts) / static_cast<double>(codewords)));
-  const std::vector<Variant> variants =
-      parse_variants(variants_text, spills, soar_lambda, list_cap);
+  require_in_range(codewords, 1, experts, "-C/--codewords");
+  if (shortlist_budget == 0.0) shortlist_budget = static_cast<double>(experts) / 16.0;
+  const bool any_balanced =
+      std::any_of(variants.begin(), variants.end(), [](const Variant& v) { return v.balanced; });
+  const int64_t list_cap = any_balanced ? vo.list_cap(experts, codewords) : 0;
   progress("training the codebook: C=%ld, %d Lloyd iterations", (long)codewords, kmeans_iters);
   const double t_train = now_seconds();
   AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0});
@@ -244,7 +323,11 @@ int run_router(const std::vector<std::string>& args) {
   std::vector<AirRouter> layouts;
   for (const Variant& v : variants) {
     progress("building %s lists", v.row_name.c_str());
-    layouts.emplace_back(centers, air.codebook(), v.lists);
+    try {
+      layouts.emplace_back(centers, air.codebook(), vo.lists_of(v, list_cap));
+    } catch (const std::invalid_argument& e) {
+      fail("--variants " + v.name + " (" + vo.text_of(v) + "): " + e.what());
+    }
   }
 
   progress("measuring sgemm and the scoring kernel");
@@ -386,8 +469,8 @@ int run_router(const std::vector<std::string>& args) {
                    {"kmeans_iterations", kmeans_iters},
                    {"gates", gates},
                    {"variants", variants_text},
-                   {"spills", spills},
-                   {"soar_lambda", soar_lambda},
+                   {"spills", vo.spills},
+                   {"soar_lambda", vo.soar_lambda},
                    {"list_cap", list_cap},
                    {"scoring_kernel", scoring_kernel_name()}};
     j["codebook_train_seconds"] = train_seconds;

@@ -144,7 +144,7 @@ json sample_row(const std::string& strategy, int m, comm::ExchangeKind kind,
           {"bytes_per_rank", to_json(b)},
           {"messages_per_rank", to_json(msg)},
           {"data_messages_per_rank", to_json(peers)},
-          {"messages_per_data_message", peers.mean > 0 ? msg.mean / peers.mean : 0.0},
+          {"messages_per_data_message", ratio_or_null(msg.mean, peers.mean)},
           {"mean_bytes_by_phase", by_phase_bytes},
           {"mean_messages_by_phase", by_phase_messages},
           {"mean_ranks_per_token", sim.mean_ranks_per_token},
@@ -152,7 +152,7 @@ json sample_row(const std::string& strategy, int m, comm::ExchangeKind kind,
 }
 
 // bytes_vs_floor: mean bytes per rank over dense-replicated's at the same P
-// and exchange.
+// and exchange (null at P = 1, where nothing is sent).
 void finish_sample_rows(std::vector<json>& rows) {
   for (json& row : rows) {
     double floor = 0.0;
@@ -160,7 +160,7 @@ void finish_sample_rows(std::vector<json>& rows) {
       if (o["strategy"] == "dense-replicated" && o["ranks"] == row["ranks"] &&
           o["exchange"] == row["exchange"])
         floor = o["bytes_per_rank"]["mean"].get<double>();
-    row["bytes_vs_floor"] = floor > 0 ? row["bytes_per_rank"]["mean"].get<double>() / floor : 0.0;
+    row["bytes_vs_floor"] = ratio_or_null(row["bytes_per_rank"]["mean"].get<double>(), floor);
   }
 }
 
@@ -216,13 +216,13 @@ void print_weak(const std::vector<json>& rows) {
               "vs floor", "recall");
   for (const json& r : rows)
     std::printf(
-        "%6d %-17s %4d %-7s %14.0f %10.0f %14.0f %11.1f %11.0f %9.2f %8.3f %8.4f\n",
+        "%6d %-17s %4d %-7s %14.0f %10.0f %14.0f %11.1f %11.0f %9s %8s %8.4f\n",
         r["ranks"].get<int>(), r["strategy"].get<std::string>().c_str(), r["probes"].get<int>(),
         r["exchange"].get<std::string>().c_str(), r["bytes_per_rank"]["mean"].get<double>(),
         r["bytes_per_rank"]["stderr"].get<double>(), r["bytes_per_rank"]["max"].get<double>(),
         r["messages_per_rank"]["mean"].get<double>(), r["messages_per_rank"]["max"].get<double>(),
-        r["messages_per_data_message"].get<double>(), r["bytes_vs_floor"].get<double>(),
-        r["recall_at_k"].get<double>());
+        cell(r["messages_per_data_message"], "%.2f").c_str(),
+        cell(r["bytes_vs_floor"], "%.3f").c_str(), r["recall_at_k"].get<double>());
 }
 
 int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks,
@@ -318,7 +318,7 @@ int run_simulate(const std::vector<std::string>& args) {
       "probes,m", po::value(&probes_text)->default_value(probes_text), "AIR probe counts")(
       "hidden", po::value(&hidden)->default_value(hidden), "expert hidden size h (>= 1)")(
       "placement", po::value(&placement_name)->default_value(placement_name),
-      "round-robin, list or locality")("csv", po::value(&csv_file),
+      "round-robin, list or locality")("csv", path_value(&csv_file, "--csv"),
                                        "one CSV row per (P, strategy); -T tokens in all only")(
       "tokens-per-rank", po::value(&weak.tokens_per_rank)->default_value(weak.tokens_per_rank),
       "weak scaling: each rank's batch (0: -T tokens in all, split over the ranks)")(
@@ -334,7 +334,10 @@ int run_simulate(const std::vector<std::string>& args) {
   const std::vector<int> probes = parse_int_list(probes_text, "-m/--probes", 1, probe_limit(o));
   weak.kinds = exchange_kinds(exchange_name);
   if (weak.tokens_per_rank < 0) fail("--tokens-per-rank must be >= 0");
-  OutputFile json_out(o.json_file, "--json"), csv_out(csv_file, "--csv");
+  std::vector<NamedPath> apart = o.inputs();
+  OutputFile json_out(o.json_file, "--json", apart);
+  apart.push_back({"--json", o.json_file});
+  OutputFile csv_out(csv_file, "--csv", apart);
   if (weak.tokens_per_rank > 0) {
     if (csv_out.wanted()) fail("--csv: needs --tokens-per-rank 0 (-T tokens in all)");
     return run_weak(o, weak, ranks, probes, placement_name, hidden, json_out);
@@ -389,7 +392,7 @@ int run_simulate(const std::vector<std::string>& args) {
     const double bcast_requests = group[1]["bytes"]["requests"].get<double>();
     for (json& row : group) {
       row["requests_vs_dense_broadcast"] =
-          bcast_requests > 0 ? row["bytes"]["requests"].get<double>() / bcast_requests : 0.0;
+          ratio_or_null(row["bytes"]["requests"].get<double>(), bcast_requests);
       rows.push_back(row);
     }
     progress("P=%d simulated in %.2f s", P, now_seconds() - t0);
@@ -402,11 +405,12 @@ int run_simulate(const std::vector<std::string>& args) {
   std::printf("%6s %-17s %4s %12s %10s %14s %9s %11s\n", "P", "strategy", "m", "fwd B/token",
               "vs floor", "req vs bcast", "recall", "ranks/token");
   for (const json& r : rows)
-    std::printf("%6d %-17s %4d %12.0f %10.3f %14.3f %9.4f %11.2f\n", r["ranks"].get<int>(),
+    std::printf("%6d %-17s %4d %12.0f %10s %14s %9.4f %11.2f\n", r["ranks"].get<int>(),
                 r["strategy"].get<std::string>().c_str(), r["probes"].get<int>(),
-                r["bytes_per_token_forward"].get<double>(), r["bytes_vs_floor"].get<double>(),
-                r["requests_vs_dense_broadcast"].get<double>(), r["recall_at_k"].get<double>(),
-                r["mean_ranks_per_token"].get<double>());
+                r["bytes_per_token_forward"].get<double>(),
+                cell(r["bytes_vs_floor"], "%.3f").c_str(),
+                cell(r["requests_vs_dense_broadcast"], "%.3f").c_str(),
+                r["recall_at_k"].get<double>(), r["mean_ranks_per_token"].get<double>());
   std::printf("simulated %zu rank counts in %.1f s\n", ranks.size(), now_seconds() - t_start);
   if (json_out.wanted()) {
     json j;

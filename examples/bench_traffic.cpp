@@ -41,10 +41,14 @@ void save_global_routes(comm::Communicator& comm, const Routes& r, const std::st
   const auto experts = comm::allgatherv_vector<int32_t>(comm, r.experts);
   const auto gates = comm::allgatherv_vector<float>(comm, r.gates);
   if (comm.rank() != 0) return;
-  std::filesystem::create_directories(dir);
-  const int64_t T = static_cast<int64_t>(experts.size()) / r.k;
-  write_npy(dir + "/" + name + "_experts.npy", experts.data(), T, r.k);
-  write_npy(dir + "/" + name + "_gates.npy", gates.data(), T, r.k);
+  try {
+    std::filesystem::create_directories(dir);
+    const int64_t T = static_cast<int64_t>(experts.size()) / r.k;
+    write_npy(dir + "/" + name + "_experts.npy", experts.data(), T, r.k);
+    write_npy(dir + "/" + name + "_gates.npy", gates.data(), T, r.k);
+  } catch (const std::exception& e) {
+    fail("--save-routes " + dir + ": " + e.what());
+  }
 }
 
 int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args) {
@@ -58,20 +62,28 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
   o.add_to(opts);
   opts.add_options()("probes,m", po::value(&probes)->default_value(probes), "probe count m")(
       "placements", po::value(&policies_text)->default_value(policies_text),
-      "comma-separated placement policies")("save-routes", po::value(&routes_dir),
+      "comma-separated placement policies")("save-routes", path_value(&routes_dir, "--save-routes"),
                                             "rank 0 writes every token's experts/gates here");
   if (!parse_on_every_rank(comm, "traffic", args, opts)) return 0;
-  o.validate();
-  require_in_range(probes, 1, probe_limit(o), "-m/--probes");
-  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json");
+  // Every rank has the same options: each finds the same fault, and they
+  // raise it together.
   std::vector<runtime::PlacementPolicy> policies;
-  for (const std::string& name : split_list(policies_text))
-    policies.push_back(runtime::placement_policy_from_string(name));
+  comm::check_together(comm, "command line", [&] {
+    o.validate();
+    require_in_range(probes, 1, probe_limit(o), "-m/--probes");
+    for (const std::string& name : split_list(policies_text))
+      policies.push_back(runtime::placement_policy_from_string(name));
+  });
+  OutputFile json_out = open_on_rank0(comm, o.json_file, "--json", o.inputs());
+  comm::check_together(comm, "--save-routes", [&] {
+    if (me == 0 && !routes_dir.empty()) require_writable_folder(routes_dir, "--save-routes");
+  });
 
   // The same global data on every rank; each routes its own block of tokens.
   if (me == 0)
     progress("preparing %s data on %d ranks", o.centers_file.empty() ? o.preset.c_str() : "npy", P);
-  BenchData bench_data = load_data(o);
+  BenchData bench_data;
+  comm::check_together(comm, "data", [&] { bench_data = load_data(o); });
   const SyntheticData& data = bench_data.data;
   const std::string& source = bench_data.source;
   const int64_t experts = o.experts, dim = o.dim, num_tokens = o.tokens, codewords = o.codewords;
@@ -152,19 +164,19 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
                     {"merge", max_over_ranks(comm, best.merge)},
                     {"route_total", best_total},
                     {"kmeans_sync", sync_seconds}};
-    rows.push_back({{"placement", name},
-                    {"ranks", P},
-                    {"mean_ranks_per_token", T > 0 ? reached / T : 0.0},
-                    {"bytes", bytes},
-                    {"messages", messages},
-                    {"broadcast_bytes", broadcast_bytes},
-                    {"requests_vs_broadcast",
-                     broadcast_bytes > 0 ? bytes["requests"].get<double>() / broadcast_bytes : 0.0},
-                    {"recall_at_k", T > 0 ? hits / T : 1.0},
-                    {"mass_recall", T > 0 ? mass / T : 1.0},
-                    {"imbalance", plan.imbalance},
-                    {"experts_per_rank", plan.placement.experts_per_rank()},
-                    {"seconds", seconds}});
+    rows.push_back(
+        {{"placement", name},
+         {"ranks", P},
+         {"mean_ranks_per_token", reached / T},
+         {"bytes", bytes},
+         {"messages", messages},
+         {"broadcast_bytes", broadcast_bytes},
+         {"requests_vs_broadcast", ratio_or_null(bytes["requests"].get<double>(), broadcast_bytes)},
+         {"recall_at_k", hits / T},
+         {"mass_recall", mass / T},
+         {"imbalance", plan.imbalance},
+         {"experts_per_rank", plan.placement.experts_per_rank()},
+         {"seconds", seconds}});
     if (!routes_dir.empty()) save_global_routes(comm, r, routes_dir, name);
   }
 
@@ -182,12 +194,12 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
                 "route s", "sync KB");
     for (const json& row : rows)
       std::printf(
-          "%-12s %10.2f %12.2f %12.2f %12.2f %9.3f %8.4f %9.3f %10.4f %10.1f\n",
+          "%-12s %10.2f %12.2f %12.2f %12.2f %9s %8.4f %9.3f %10.4f %10.1f\n",
           row["placement"].get<std::string>().c_str(), row["mean_ranks_per_token"].get<double>(),
           row["bytes"]["requests"].get<double>() / 1e6, row["bytes"]["replies"].get<double>() / 1e6,
-          row["broadcast_bytes"].get<double>() / 1e6, row["requests_vs_broadcast"].get<double>(),
-          row["recall_at_k"].get<double>(), row["imbalance"].get<double>(),
-          row["seconds"]["route_total"].get<double>(),
+          row["broadcast_bytes"].get<double>() / 1e6,
+          cell(row["requests_vs_broadcast"], "%.3f").c_str(), row["recall_at_k"].get<double>(),
+          row["imbalance"].get<double>(), row["seconds"]["route_total"].get<double>(),
           (row["bytes"]["kmeans_sync"].get<double>() + row["bytes"]["list_sync"].get<double>()) /
               1e3);
     if (json_out.wanted()) {

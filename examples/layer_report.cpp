@@ -1,7 +1,8 @@
 #include "layer_report.h"
 
-#include <fstream>
 #include <set>
+
+#include "bench_output.h"
 
 namespace airmoe::bench {
 
@@ -47,7 +48,7 @@ void finish_rows(std::vector<json>& rows) {
     for (const json& other : rows)
       if (other["strategy"] == "dense-replicated" && other["ranks"] == row["ranks"])
         floor = other["bytes_forward"].get<double>();
-    row["bytes_vs_floor"] = floor > 0 ? row["bytes_forward"].get<double>() / floor : 0.0;
+    row["bytes_vs_floor"] = ratio_or_null(row["bytes_forward"].get<double>(), floor);
   }
 }
 
@@ -80,7 +81,7 @@ void write_csv(std::ostream& out, const std::vector<json>& rows) {
     for (const auto& s : scalars) {
       out << (first ? "" : ",");
       first = false;
-      if (!r.contains(s)) continue;
+      if (!r.contains(s) || r[s].is_null()) continue;
       if (r[s].is_string())
         out << r[s].get<std::string>();
       else

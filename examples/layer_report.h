@@ -26,10 +26,12 @@ nlohmann::json strategy_row(const std::string& strategy, int ranks, const PhaseF
                             double tokens, double router_flops, double expert_flops);
 
 // bytes_vs_floor = bytes_forward / dense-replicated's, per group of rows
-// with the same "ranks".
+// with the same "ranks"; null where there is no such row or it sent nothing
+// (P = 1).
 void finish_rows(std::vector<nlohmann::json>& rows);
 
-// One CSV row per strategy row, to a stream the caller opened (OutputFile).
+// One CSV row per strategy row, to a stream the caller opened (OutputFile);
+// a null figure is an empty field.
 void write_csv(std::ostream& out, const std::vector<nlohmann::json>& rows);
 
 }  // namespace airmoe::bench

@@ -1,14 +1,30 @@
 #!/usr/bin/python3
 """Runs airmoe_bench with bad command lines and checks each one fails fast
 with a non-zero exit and a message naming the option and the bad value
-(issue 13: crashes, stalls, silent defaults and ignored output paths).
+(issue 13: crashes, stalls, silent defaults and ignored output paths; issue
+17: option values, output paths, edge shapes). Then:
+  - result files (--json, --csv) are never truncated by a run that fails or
+    is interrupted, are replaced whole by one that succeeds, leave no
+    temporary behind, and never overwrite an input;
+  - edge shapes (ranks without experts, no dense-replicated row, P = 1,
+    E < 16) print "-" (JSON null) for a figure that does not exist, never a
+    made-up number;
+  - every default the docs state as "`SUBCOMMAND --option X` (default V)"
+    is the one `SUBCOMMAND --help` shows.
 
 usage: check_bench_cli.py AIRMOE_BENCH MPIEXEC WORKDIR
 """
+import glob
+import json
 import os
+import re
+import signal
 import struct
 import subprocess
 import sys
+import time
+
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
 
 SHAPE = ["-E", "256", "-d", "16", "-T", "64", "-C", "16", "--repeats", "1"]
 SMALL = SHAPE + ["--threads", "1"]
@@ -24,16 +40,32 @@ def npy(path, header_dict, data=b""):
         f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data)
 
 
-def main():
-    bench, mpiexec, work = sys.argv[1], sys.argv[2], sys.argv[3]
-    os.makedirs(work, exist_ok=True)
+def floats(path, rows, cols, seed):
+    """A float32 .npy [rows, cols] of seeded values in [-0.5, 0.5)."""
+    values, state = [], seed
+    for _ in range(rows * cols):
+        state = (state * 1103515245 + 12345) % 2**31
+        values.append(state / 2**31 - 0.5)
+    npy(path, f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}",
+        struct.pack(f"<{rows * cols}f", *values))
+
+
+def run(cmd, timeout=120):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def error_cases(bench, mpi, work):
+    """(command, text the error must contain, text stderr must not contain)."""
     zero_cols = os.path.join(work, "zero_cols.npy")
     npy(zero_cols, "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000000000, 0), }")
     good = os.path.join(work, "good.npy")
     npy(good, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }", b"\0" * 32)
-    mpi = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", "1", bench]
-
-    # (command, text the error must contain, text stderr must not contain)
+    a_file = os.path.join(work, "a_file")
+    with open(a_file, "w") as f:
+        f.write("not a folder\n")
     cases = [
         ([bench, "router", *SMALL, "-m", "0"], "-m/--probes: 0 must be >= 1", None),
         ([bench, "router", *SMALL, "-m", "2,-3"], "-m/--probes: -3 must be >= 1", None),
@@ -72,13 +104,63 @@ def main():
          "--csv " + MISSING + ".csv: cannot open for writing", "preparing"),
         ([*mpi, "layer", *SMALL, "--json", MISSING + ".json"],
          "--json " + MISSING + ".json: cannot open for writing", "preparing"),
+        # Issue 17: option values, checked before any data is made.
+        ([bench, "router", *SMALL, "--variants", "balanced", "--balance", "nan"],
+         "--balance = nan must be a finite number >= 1", "generating"),
+        ([bench, "router", *SMALL, "--variants", "balanced", "--balance", "1e30"],
+         "--balance = 1e+30 is above C = 16", "training the codebook"),
+        ([bench, "router", *SMALL, "--variants", "balanced", "--balance", "-1"],
+         "--balance = -1 must be a finite number >= 1", "generating"),
+        ([bench, "router", *SMALL, "--variants", "balanced", "--balance", "0"],
+         "--balance = 0 must be a finite number >= 1", "generating"),
+        ([bench, "router", *SMALL, "--variants", "spill", "--spills", "0"],
+         "--spills = 0: the spill variant needs >= 1", "generating"),
+        ([bench, "router", *SMALL, "--variants", "spill", "--spills", "9"],
+         "--variants spill (--spills 9, --soar-lambda 1): spills must be in", None),
+        ([bench, "router", *SMALL, "--soar-lambda", "nan"],
+         "--soar-lambda = nan must be a finite number >= 0", "generating"),
+        ([bench, "router", *SMALL, "--shortlist-budget", "-5"],
+         "--shortlist-budget = -5 must be a finite number >= 0", "generating"),
+        ([bench, "router", *SMALL, "--json", ""], "--json: the path is empty", "generating"),
+        ([bench, "router", *SMALL, "--save-routes", ""], "--save-routes: the path is empty",
+         "generating"),
+        ([bench, "router", "--centers", "", "--tokens", ""], "--centers: the path is empty", None),
+        ([bench, "simulate", *SMALL, "--json", ""], "--json: the path is empty", "preparing"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--csv", ""], "--csv: the path is empty",
+         "preparing"),
+        ([*mpi, "traffic", *SMALL, "--json", ""], "--json: the path is empty", "preparing"),
+        ([*mpi, "layer", *SMALL, "--csv", ""], "--csv: the path is empty", "preparing"),
+        ([bench, "router", *SMALL, "--json", work], f"--json {work}: is a directory", "generating"),
+        # --save-routes: a file, or a path under a file, fails at once.
+        ([bench, "router", *SMALL, "--save-routes", a_file],
+         f"--save-routes {a_file}: exists and is not a folder", "generating"),
+        ([bench, "router", *SMALL, "--save-routes", a_file + "/sub"],
+         f"--save-routes {a_file}/sub: '{a_file}' is not a folder", "generating"),
+        ([*mpi, "traffic", *SMALL, "--save-routes", a_file],
+         f"--save-routes {a_file}: exists and is not a folder", "preparing"),
+        # No tokens, no figures: every subcommand refuses -T 0 alike.
+        ([*mpi, "layer", "-E", "64", "-d", "16", "-T", "0", "-C", "4", "--repeats", "1"],
+         "-T/--num-tokens = 0: the benchmark needs >= 1 token", "preparing"),
+        ([*mpi, "traffic", "-E", "64", "-d", "16", "-T", "0", "-C", "4", "--repeats", "1"],
+         "-T/--num-tokens = 0: the benchmark needs >= 1 token", "preparing"),
+        ([bench, "simulate", "-E", "64", "-d", "16", "-T", "0", "-C", "4", "-P", "2"],
+         "-T/--num-tokens = 0: the benchmark needs >= 1 token", "preparing"),
     ]
+    if os.geteuid() != 0:  # root writes in a read-only folder
+        locked = os.path.join(work, "locked")
+        os.makedirs(locked, exist_ok=True)
+        os.chmod(locked, 0o555)
+        cases.append(([bench, "router", *SMALL, "--save-routes", locked + "/routes"],
+                      f"--save-routes {locked}/routes: cannot write in '{locked}'", "generating"))
+    return cases
+
+
+def check_errors(cases):
     failed = 0
     for cmd, needle, absent in cases:
-        shown = " ".join(cmd)
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except subprocess.TimeoutExpired:
+        shown = " ".join(repr(c) if c == "" else c for c in cmd)
+        p = run(cmd)
+        if p is None:
             print(f"FAIL (hung > 120 s): {shown}")
             failed += 1
             continue
@@ -96,6 +178,195 @@ def main():
             print(f"FAIL: {shown}\n  " + "; ".join(problems) + f"\n  stderr: {p.stderr[-600:]}")
         else:
             print(f"ok: {shown}")
+    return failed
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def leftovers(folder):
+    """Temporaries a result file's writer left in `folder`."""
+    return sorted(glob.glob(os.path.join(folder, "*.tmp")))
+
+
+def check_result_files(bench, mpi, work):
+    """Result files: kept by a failed or interrupted run, replaced whole by a
+    finished one, never an input. Returns the number of failures."""
+    folder = os.path.join(work, "results")
+    os.makedirs(folder, exist_ok=True)
+    centers, tokens, narrow = (os.path.join(folder, n) for n in ("c.npy", "t.npy", "t4.npy"))
+    floats(centers, 64, 8, 1)
+    floats(tokens, 32, 8, 2)
+    floats(narrow, 32, 4, 3)  # 4 columns: the run fails once the data is loaded
+    data = ["--centers", centers, "--tokens", tokens, "-C", "4", "--k", "2", "--repeats", "1"]
+    bad_data = ["--centers", centers, "--tokens", narrow, "-C", "4", "--k", "2", "--repeats", "1"]
+    earlier = b"an earlier run's results\n"
+    failed = 0
+
+    def expect(what, ok, detail=""):
+        nonlocal failed
+        print(("ok: " if ok else "FAIL: ") + what + ("" if ok else f"\n  {detail}"))
+        failed += 0 if ok else 1
+
+    # A run that fails after the start-up checks leaves the file as it was.
+    for name, cmd in [
+            ("router --json", [bench, "router", *bad_data, "--json"]),
+            ("simulate --csv", [bench, "simulate", *bad_data, "-m", "1", "-P", "2",
+                                "--tokens-per-rank", "0", "--csv"]),
+            ("layer --json", [*mpi, "layer", *bad_data, "-m", "1", "--json"])]:
+        out = os.path.join(folder, "kept.out")
+        with open(out, "wb") as f:
+            f.write(earlier)
+        p = run(cmd + [out])
+        expect(f"{name}: a failed run keeps the earlier file",
+               p is not None and p.returncode != 0 and "tokens have 4 columns" in p.stderr
+               and read(out) == earlier and not leftovers(folder),
+               f"exit {p and p.returncode}, file {read(out)[:60]!r}, left {leftovers(folder)}")
+
+    # An interrupted run (SIGTERM while it generates its data) keeps it too.
+    out = os.path.join(folder, "interrupted.json")
+    with open(out, "wb") as f:
+        f.write(earlier)
+    proc = subprocess.Popen([bench, "router", "-E", "65536", "-d", "256", "-T", "8192",
+                             "--threads", "1", "--json", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    expect("router --json: an interrupted run keeps the earlier file",
+           "generating" in started and read(out) == earlier and not leftovers(folder),
+           f"first line {started!r}, file {read(out)[:60]!r}, left {leftovers(folder)}")
+
+    # A finished run replaces it whole, keeping its permissions.
+    out = os.path.join(folder, "replaced.json")
+    with open(out, "wb") as f:
+        f.write(earlier)
+    os.chmod(out, 0o640)
+    p = run([bench, "router", *data, "--json", out])
+    try:
+        replaced = json.loads(read(out))["benchmark"] == "router"
+    except ValueError:
+        replaced = False
+    expect("router --json: a finished run replaces the file",
+           p is not None and p.returncode == 0 and replaced
+           and (os.stat(out).st_mode & 0o777) == 0o640 and not leftovers(folder),
+           f"exit {p and p.returncode}, file {read(out)[:60]!r}, mode "
+           f"{oct(os.stat(out).st_mode & 0o777)}, left {leftovers(folder)}")
+
+    # An output naming an input (by another spelling, or through a link) is
+    # refused before anything is read or written.
+    link = os.path.join(folder, "link.npy")
+    if not os.path.islink(link):
+        os.symlink(tokens, link)
+    respelled = os.path.join(folder, "..", "results", "t.npy")
+    before = read(tokens)
+    for cmd, needle in [
+            ([bench, "router", *data, "--json", respelled],
+             f"--json {respelled}: the same file as --tokens {tokens}"),
+            ([bench, "router", "--centers", centers, "--tokens", link, "--json", tokens],
+             f"--json {tokens}: the same file as --tokens {link}"),
+            ([bench, "simulate", *data, "-m", "1", "-P", "2", "--tokens-per-rank", "0", "--csv",
+              centers],
+             f"--csv {centers}: the same file as --centers {centers}"),
+            ([*mpi, "traffic", *data, "-m", "1", "--json", tokens],
+             f"--json {tokens}: the same file as --tokens {tokens}"),
+            ([*mpi, "layer", *data, "-m", "1", "--json", out, "--csv", out],
+             f"--csv {out}: the same file as --json {out}")]:
+        p = run(cmd)
+        expect(" ".join(cmd[cmd.index(bench):])[len(bench) + 1:] + ": refused",
+               p is not None and p.returncode != 0 and needle in p.stderr
+               and "loading" not in p.stderr and "preparing" not in p.stderr
+               and read(tokens) == before,
+               f"exit {p and p.returncode}, stderr {p and p.stderr[-400:]!r}")
+    return failed
+
+
+def table_rows(stdout, first_word):
+    """The table rows of stdout whose first field is `first_word`, split."""
+    return [line.split() for line in stdout.splitlines() if line.split()[:1] == [first_word]]
+
+
+def check_edge_shapes(bench, mpiexec, work):
+    """Figures that do not exist print "-" (JSON null); returns failures."""
+    failed = 0
+
+    def expect(what, ok, detail=""):
+        nonlocal failed
+        print(("ok: " if ok else "FAIL: ") + what + ("" if ok else f"\n  {detail}"))
+        failed += 0 if ok else 1
+
+    mpi4 = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", "4", bench]
+    # E = 3 < P = 4: rank 3 hosts no expert, so it has no peak/FFN.
+    out = os.path.join(work, "edge_layer.json")
+    p = run([*mpi4, "layer", "-E", "3", "-d", "32", "-T", "8", "-C", "2", "--k", "2", "-m", "1",
+             "--repeats", "1", "--strategies", "air", "--json", out], timeout=200)
+    ok = p is not None and p.returncode == 0
+    if ok:
+        row = json.loads(read(out))["results"][0]
+        memory = [r for r in table_rows(p.stdout, "air") if len(r) == 6]
+        empty = [i for i, b in enumerate(row["ffn_weight_bytes"]) if b == 0]
+        # One strategy, no dense-replicated row: no "vs floor" either.
+        vs_floor = [r[3] for r in table_rows(p.stdout, "air") if len(r) == 10]
+        ok = (empty and len(memory) == 4 and all(memory[i][5] == "-" for i in empty)
+              and all(memory[i][5] != "-" for i in range(4) if i not in empty)
+              and row["bytes_vs_floor"] is None and vs_floor == ["-"])
+    expect("layer E < P, --strategies air: '-' for peak/FFN of expertless ranks and vs floor",
+           ok, p and p.stdout[-1200:])
+
+    # P = 1: nothing is sent, so no ratio to dense-replicated's bytes.
+    p = run([bench, "simulate", "-E", "64", "-d", "16", "-T", "32", "-C", "4", "-m", "2",
+             "-P", "1", "--tokens-per-rank", "0"])
+    rows = table_rows(p.stdout, "1") if p else []
+    expect("simulate -P 1: '-' for vs floor and req vs bcast",
+           p is not None and p.returncode == 0 and len(rows) == 3
+           and all(r[4] == "-" and r[5] == "-" for r in rows), p and p.stdout[-800:])
+
+    # E < 16: the default budget E/16 is below k; no "shortlist <= 0 experts".
+    p = run([bench, "router", "-E", "8", "-d", "16", "-T", "64", "-C", "2", "--k", "2",
+             "--repeats", "1", "--threads", "1"])
+    expect("router E = 8: no budget summary below k",
+           p is not None and p.returncode == 0 and "shortlist <= 0" not in p.stdout
+           and "no shortlist budget summary: 0.5 experts is below k = 2" in p.stdout,
+           p and p.stdout[-600:])
+    return failed
+
+
+def check_documented_defaults(bench):
+    """Each "`SUBCOMMAND --option X` (default V)" in docs/*.md against --help;
+    simulate --sample-ranks must be among them. Returns failures."""
+    failed, seen = 0, set()
+    stated = re.compile(r"`(router|traffic|layer|simulate) (--[a-z-]+)[^`]*` \(default ([^)]+)\)")
+    for doc in sorted(glob.glob(os.path.join(DOCS, "*.md"))):
+        with open(doc) as f:
+            text = f.read()
+        for sub, option, value in stated.findall(text):
+            seen.add((sub, option))
+            h = subprocess.run([bench, sub, "--help"], capture_output=True, text=True).stdout
+            shown = re.search(re.escape(option) + r" arg \(=([^)]*)\)", h)
+            if not shown or shown.group(1) != value.replace(",", ""):
+                failed += 1
+                print(f"FAIL: {os.path.basename(doc)} says {sub} {option} defaults to {value}; "
+                      f"--help says {shown.group(1) if shown else 'no default'}")
+            else:
+                print(f"ok: {os.path.basename(doc)}: {sub} {option} (default {value})")
+    if ("simulate", "--sample-ranks") not in seen:
+        failed += 1
+        print("FAIL: no doc states simulate --sample-ranks' default as "
+              "\"`simulate --sample-ranks S` (default N)\"")
+    return failed
+
+
+def main():
+    bench, mpiexec, work = sys.argv[1], sys.argv[2], sys.argv[3]
+    os.makedirs(work, exist_ok=True)
+    mpi = [mpiexec, "--allow-run-as-root", "--oversubscribe", "-n", "1", bench]
+    cases = error_cases(bench, mpi, work)
+    failed = check_errors(cases)
+    failed += check_result_files(bench, mpi, work)
+    failed += check_edge_shapes(bench, mpiexec, work)
+    failed += check_documented_defaults(bench)
 
     # The help states the bounds.
     for sub in ("router", "simulate"):
@@ -104,7 +375,8 @@ def main():
             if needle not in h:
                 failed += 1
                 print(f"FAIL: {sub} --help lacks {needle!r}")
-    print(f"{len(cases)} command lines checked, {failed} failed")
+    print(f"{len(cases)} command lines and the result-file, edge-shape and docs checks, "
+          f"{failed} failed")
     return 1 if failed else 0
 
 

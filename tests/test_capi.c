@@ -20,7 +20,8 @@
  *    airmoe_last_error() names the problem; the message survives a later
  *    successful call;
  *  - the MPI communicator from MPI_COMM_WORLD: rank, size, an all-reduce and
- *    its metered traffic;
+ *    its metered traffic; before MPI_Init_thread, an AIRMOE_ERR_RUNTIME whose
+ *    message says to call MPI_Init_thread;
  *  - handles: use after free, double free, a handle of the other type and a
  *    pointer that never was a handle are refused with the function's name;
  *    expert counts beyond int32 ids and tokens whose logits overflow float32
@@ -468,8 +469,20 @@ static void test_handles(void) {
               AIRMOE_ERR_INVALID_ARGUMENT, "expert ids are 32-bit");
 }
 
+/* Before MPI_Init_thread: a communicator is refused, and the message tells a
+ * C program what to call (not a C++ class of the library's). */
+static void test_comm_before_mpi_init(void) {
+  airmoe_comm* comm = (airmoe_comm*)&comm;
+  MPI_Comm world = MPI_COMM_WORLD;
+  CHECK_ERROR(airmoe_comm_create_mpi(&world, &comm), AIRMOE_ERR_RUNTIME,
+              "MPI is not initialized: call MPI_Init_thread");
+  CHECK(comm == NULL);
+  CHECK(strstr(airmoe_last_error(), "MpiSession first") == NULL);
+}
+
 int main(int argc, char** argv) {
   int provided = 0;
+  test_comm_before_mpi_init();
   if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
     fprintf(stderr, "capi: MPI_Init_thread failed\n");
     return 1;

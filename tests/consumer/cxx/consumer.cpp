@@ -1,17 +1,26 @@
 // Uses the installed C++ libraries: routes synthetic tokens with AIR probing
-// every list and with the dense router, which must agree bit for bit, and
-// places the experts on 4 ranks with the runtime's coordinator.
+// every list and with the dense router, which must agree bit for bit, places
+// the experts on 4 ranks with the runtime's coordinator, and opens the MPI
+// communicator (one process, no mpiexec).
 #include <cstdio>
 #include <cstring>
+#include <memory>
 
+#include "comm/mpi_communicator.h"
 #include "core/synthetic.h"
 #include "core/version.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "runtime/coordinator.h"
 
-int main() {
+int main(int argc, char** argv) {
   using namespace airmoe;
+  comm::MpiSession session(&argc, &argv);
+  const std::unique_ptr<comm::MpiCommunicator> world = comm::world_communicator();
+  if (world->size() != 1) {
+    std::fprintf(stderr, "consumer_cxx: %d MPI ranks, expected 1\n", world->size());
+    return 1;
+  }
   static_assert(AIRMOE_VERSION >= 100, "version macros come from the installed headers");
   SyntheticConfig config;
   config.experts = 512;
