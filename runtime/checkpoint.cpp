@@ -286,13 +286,14 @@ SaveResult save_checkpoint(MoELayer& layer, const std::string& dir_arg,
       require_shards_written(staging, entries);
       write_file_durably(manifest_path(staging), encode_manifest(manifest_of(layer, entries)));
       if (options.after_file) options.after_file(manifest_path(staging));
-      result.leftover =
-          staged->publish(options.exchange ? options.exchange : checkpoint_dir::exchange_directories);
+      result.leftover = staged->publish(options.exchange ? options.exchange
+                                                         : checkpoint_dir::exchange_directories);
     });
     return result;
   } catch (...) {
     // Every rank is past its writes (each phase ends on every rank
-    // together); the previous checkpoint in `dir` was never touched.
+    // together). The previous checkpoint in `dir` is untouched unless an
+    // in-place commit had begun, whose error says where the files are.
     if (staged) staged->discard();
     throw;
   }

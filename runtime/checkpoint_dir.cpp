@@ -78,7 +78,8 @@ bool is_mount_root(const std::string& dir) {
       (sx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0)
     return (sx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
   // Kernels before 5.8: a mount of another file system has another device.
-  struct stat here {}, parent {};
+  struct stat here {
+  }, parent{};
   return ::stat(dir.c_str(), &here) == 0 && ::stat((dir + "/..").c_str(), &parent) == 0 &&
          here.st_dev != parent.st_dev;
 }

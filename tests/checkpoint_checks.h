@@ -231,10 +231,10 @@ inline std::vector<Spoiler> spoilers(const std::string& dir, const std::string& 
 inline void expect_other_checkpoint_refused(comm::Communicator& comm, const std::string& dir,
                                             const std::string& other) {
   const std::string mine = comm.rank() == comm.size() - 1 ? other : dir;
-  expect_refused_together([&] { runtime::load_checkpoint(comm, mine); },
-                          "rank " + std::to_string(comm.size() - 1) +
-                              ": reads another checkpoint than rank 0",
-                          runtime::manifest_path(other));
+  expect_refused_together(
+      [&] { runtime::load_checkpoint(comm, mine); },
+      "rank " + std::to_string(comm.size() - 1) + ": reads another checkpoint than rank 0",
+      runtime::manifest_path(other));
 }
 
 // Collective: an empty directory argument, on every rank or on one (the
@@ -333,8 +333,8 @@ inline void check_failed_save_keeps_previous(comm::Communicator& comm, const Glo
   expect_refused_together(
       [&] {
         runtime::save_checkpoint(*layer, dir, spoil_on_last([](const std::string& p) {
-                                   std::filesystem::resize_file(p, 20);
-                                 }));
+          std::filesystem::resize_file(p, 20);
+        }));
       },
       last_shard, "holds 20 bytes for rank 0");
   // A checkpoint path under a regular file cannot be created.

@@ -153,8 +153,7 @@ TEST(Checkpoint, OtherFilesInACheckpointDirectoryAreKept) {
   EXPECT_EQ(test::file_bytes(dir + "/notes/a.txt"), (std::vector<char>{'n'}));
   // shard-00002 was the previous checkpoint's: gone with it.
   EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "notes", "optimizer.pt",
-                                                      "shard-00000.airmoe",
-                                                      "shard-00001.airmoe"}));
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
   EXPECT_EQ(names_in(scratch.path()), (std::vector<std::string>{"ckpt"}));
 }
 
@@ -196,7 +195,7 @@ TEST(Checkpoint, WithoutAnExchangeTheFilesReplaceThePreviousOnesInPlace) {
     EXPECT_EQ(report.leftover, "");
     expect_loads(2, dir, second, 2, "re-saved in place");
     EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "shard-00000.airmoe",
-                                                        "shard-00001.airmoe"}));
+                                                       "shard-00001.airmoe"}));
     EXPECT_EQ(test::file_bytes(dir + ".previous/keep"), (std::vector<char>{'k'}));
     EXPECT_EQ(names_in(scratch.path()), (std::vector<std::string>{"ckpt", "ckpt.previous"}));
   }
@@ -214,8 +213,7 @@ TEST(Checkpoint, APreviousCheckpointThatCannotBeRemovedIsReportedAndNeverBlocks)
     if (path.ends_with("manifest.airmoe")) test::put_file_bytes(dir + "/late.txt", {'l'});
   };
   const auto [second, report] = save_at(2, dir, 1.0f, late_file);
-  EXPECT_NE(report.leftover.find("the previous checkpoint could not be removed"),
-            std::string::npos)
+  EXPECT_NE(report.leftover.find("the previous checkpoint could not be removed"), std::string::npos)
       << report.leftover;
   expect_loads(2, dir, second, 2, "saved, previous left");
   std::vector<std::string> beside = names_in(scratch.path());
@@ -248,9 +246,8 @@ TEST(Checkpoint, RanksReadingOtherCheckpointsAreRefusedTogether) {
       test::expect_other_checkpoint_refused(comm, other, at2);
     });
   }
-  comm::run_ranks(3, [&](comm::Communicator& comm) {
-    test::expect_other_checkpoint_refused(comm, at3, at2);
-  });
+  comm::run_ranks(
+      3, [&](comm::Communicator& comm) { test::expect_other_checkpoint_refused(comm, at3, at2); });
 }
 
 // A tmpfs mounted at `path` for the scope (needs CAP_SYS_ADMIN: root in
@@ -284,7 +281,6 @@ TEST(CheckpointMount, SavesIntoAMountPointInPlace) {
   std::filesystem::create_directory(dir + ".previous");
   test::put_file_bytes(dir + ".previous/keep", {'k'});
   test::put_file_bytes(dir + ".saving/keep", {'s'});
-  std::filesystem::create_directory(dir + "/lost+found");  // as a fresh ext4 volume has
   const auto [first, report1] = save_at(3, dir, 0.0f);
   EXPECT_EQ(report1.leftover, "");
   expect_loads(2, dir, first, 3, "saved into a mount point");
@@ -292,13 +288,27 @@ TEST(CheckpointMount, SavesIntoAMountPointInPlace) {
   const auto [second, report2] = save_at(2, dir, 1.0f);
   EXPECT_EQ(report2.leftover, "");
   expect_loads(2, dir, second, 2, "re-saved into a mount point");
-  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"lost+found", "manifest.airmoe",
-                                                      "optimizer.pt", "shard-00000.airmoe",
-                                                      "shard-00001.airmoe"}));
+  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "optimizer.pt",
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
   EXPECT_EQ(test::file_bytes(dir + ".previous/keep"), (std::vector<char>{'k'}));
   EXPECT_EQ(test::file_bytes(dir + ".saving/keep"), (std::vector<char>{'s'}));
   EXPECT_EQ(names_in(scratch.path()),
             (std::vector<std::string>{"mnt", "mnt.previous", "mnt.saving"}));
+}
+
+// A fresh ext4 volume holds lost+found: the file system's, not a user's
+// file, so the volume counts as empty.
+TEST(CheckpointMount, AVolumesLostAndFoundIsNoUserFile) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/volume";
+  const TmpfsMount volume(dir);
+  if (!volume.error().empty())
+    GTEST_SKIP() << "cannot mount a tmpfs (needs CAP_SYS_ADMIN): " << volume.error();
+  std::filesystem::create_directory(dir + "/lost+found");
+  const auto [saved, report] = save_at(2, dir, 0.0f);
+  expect_loads(2, dir, saved, 2, "saved beside lost+found");
+  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"lost+found", "manifest.airmoe",
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
 }
 
 TEST(Checkpoint, AnExplicitPolicyReplansAtTheSameP) {
