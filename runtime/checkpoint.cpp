@@ -1,124 +1,36 @@
 // Saving and loading a layer's checkpoint across ranks: the files' bytes come
-// from checkpoint_format.cpp; here are the durable writes, the staging
-// directory, and the collective phases, each checked on every rank together.
+// from checkpoint_format.cpp, the directory on disk from checkpoint_dir.cpp;
+// here are the collective phases, each checked on every rank together.
 #include "runtime/checkpoint.h"
 
-#include <fcntl.h>
-#include <unistd.h>
+#include <sys/stat.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <map>
+#include <optional>
 
 #include "core/checks.h"
 #include "core/errors.h"
+#include "core/hash.h"
+#include "runtime/checkpoint_dir.h"
 
 namespace airmoe::runtime {
 namespace {
 
-namespace fs = std::filesystem;
+using checkpoint_dir::read_file;
+using checkpoint_dir::write_file_durably;
 
 std::string without_trailing_slash(std::string dir) {
   while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
   return dir;
 }
 
-[[noreturn]] void fail_errno(const std::string& doing, const std::string& path) {
-  fail("checkpoint: cannot " + doing + " '" + path + "': " + std::strerror(errno));
-}
-
-// The same, for a failed call on an open file: closes it, keeping the errno.
-[[noreturn]] void fail_errno_closing(int fd, const std::string& doing, const std::string& path) {
-  const int err = errno;
-  ::close(fd);
-  errno = err;
-  fail_errno(doing, path);
-}
-
-std::vector<char> read_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail_errno("open", path);
-  std::vector<char> bytes;
-  char chunk[1 << 16];
-  for (;;) {
-    const ssize_t n = ::read(fd, chunk, sizeof(chunk));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail_errno_closing(fd, "read", path);
-    if (n == 0) break;
-    bytes.insert(bytes.end(), chunk, chunk + n);
-  }
-  ::close(fd);
-  return bytes;
-}
-
-void sync_directory(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) fail_errno("open directory", dir);
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) fail_errno("sync directory", dir);
-}
-
-// A temporary file, synced, then renamed over `path`: a reader sees the old
-// file or the whole new one, never a part.
-void write_file_durably(const std::string& path, const std::vector<char>& bytes) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail_errno("create", tmp);
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail_errno_closing(fd, "write", tmp);
-    done += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0) fail_errno_closing(fd, "sync", tmp);
-  if (::close(fd) != 0) fail_errno("close", tmp);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("rename into place", path);
-  sync_directory(fs::path(path).parent_path().string());
-}
-
-// A stale staging directory is a save that failed or was killed midway.
-void fresh_directory(const std::string& dir) {
-  std::error_code ec;
-  if (fs::exists(dir, ec)) fs::remove_all(dir, ec);
-  if (ec) fail("checkpoint: cannot remove the stale '" + dir + "': " + ec.message());
-  fs::create_directories(dir, ec);
-  if (ec) fail("checkpoint: cannot create '" + dir + "': " + ec.message());
-}
-
-// A save replaces `dir` only when it holds a checkpoint (or nothing): never
-// a directory of other files that a mistyped path names.
-void require_replaceable(const std::string& dir) {
-  std::error_code ec;
-  if (!fs::exists(dir, ec)) return;
-  if (!fs::is_directory(dir, ec)) fail("checkpoint: '" + dir + "' exists and is not a directory");
-  if (!fs::is_empty(dir, ec) && !fs::exists(manifest_path(dir), ec))
-    fail("checkpoint: '" + dir + "' holds other files and no checkpoint manifest; refusing to " +
-         "replace it");
-}
-
-// The staging directory becomes `dir`; a previous checkpoint there is
-// replaced in one step where the file system can swap two directories
-// atomically (Linux renameat2), else in two renames.
-void publish(const std::string& staging, const std::string& dir) {
-  std::error_code ec;
-  if (!fs::exists(dir, ec)) {
-    if (::rename(staging.c_str(), dir.c_str()) != 0) fail_errno("rename into place", dir);
-  } else if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
-    fs::remove_all(staging, ec);  // the previous checkpoint, swapped out
-  } else {
-    const std::string previous = dir + ".previous";
-    fs::remove_all(previous, ec);
-    if (::rename(dir.c_str(), previous.c_str()) != 0) fail_errno("move aside", dir);
-    if (::rename(staging.c_str(), dir.c_str()) != 0) fail_errno("rename into place", dir);
-    fs::remove_all(previous, ec);
-  }
-  const fs::path parent = fs::path(dir).parent_path();
-  sync_directory(parent.empty() ? "." : parent.string());
+// Empty is no directory: refused before anything is read or written
+// (rather than staging './.saving' or reading '/manifest.airmoe').
+void require_directory_argument(const std::string& dir) {
+  if (dir.empty()) fail("checkpoint: the directory argument dir is empty");
 }
 
 // ------------------------------------------------------------------ save --
@@ -170,7 +82,56 @@ std::vector<ShardEntry> gather_entries(comm::Communicator& comm, const ShardEntr
   return all;
 }
 
+// Rank 0's path on every rank.
+std::string broadcast_path(comm::Communicator& comm, const std::string& path) {
+  std::vector<char> bytes(path.begin(), path.end());
+  comm::PhaseScope phase(comm, "checkpoint");
+  comm::broadcast_vector(comm, bytes, 0);
+  return {bytes.begin(), bytes.end()};
+}
+
+// Rank 0 sees every rank's shard file as it was written before the manifest
+// makes them a checkpoint: a rank that wrote into another directory of the
+// same name (ranks that do not share the file system) fails the save here,
+// not the next load.
+void require_shards_written(const std::string& staging, const std::vector<ShardEntry>& entries) {
+  for (size_t q = 0; q < entries.size(); ++q) {
+    const std::string path = shard_path(staging, static_cast<int>(q));
+    struct stat st {};
+    const std::string rank = "rank " + std::to_string(q) + "'s shard file '" + path + "'";
+    const std::string hint = ": do the ranks share the file system that holds the checkpoint?";
+    if (::stat(path.c_str(), &st) != 0)
+      fail("checkpoint: " + rank + " is not there for rank 0 (" + std::strerror(errno) + ")" +
+           hint);
+    if (static_cast<uint64_t>(st.st_size) != entries[q].bytes)
+      fail("checkpoint: " + rank + " holds " + std::to_string(st.st_size) + " bytes for rank 0, " +
+           "rank " + std::to_string(q) + " wrote " + std::to_string(entries[q].bytes) + hint);
+  }
+}
+
 // ------------------------------------------------------------------ load --
+
+// Ranks that read different manifests (another working directory, node-local
+// storage holding another checkpoint) would build different layers and then
+// hang or corrupt memory in the collectives that follow: they refuse
+// together, before any rank acts on what it read.
+void require_same_checkpoint(comm::Communicator& comm, uint64_t digest, const std::string& path) {
+  uint64_t root_digest = digest;
+  {
+    comm::PhaseScope phase(comm, "checkpoint");
+    comm.broadcast(&root_digest, sizeof(root_digest), 0);
+  }
+  std::string error;
+  if (digest != root_digest) {
+    char hashes[64];
+    std::snprintf(hashes, sizeof(hashes), "%016llx, rank 0's to %016llx",
+                  static_cast<unsigned long long>(digest),
+                  static_cast<unsigned long long>(root_digest));
+    error = "reads another checkpoint than rank 0 (its manifest '" + path + "' hashes to " +
+            hashes + "): every rank must name the same checkpoint on a shared file system";
+  }
+  comm::raise_together(comm, error, "load checkpoint");
+}
 
 void require_same(const std::string& field, const std::string& held, const std::string& asked,
                   const std::string& path) {
@@ -303,33 +264,37 @@ CheckpointManifest read_manifest(const std::string& dir) {
   return decode_manifest(read_file(path), path);
 }
 
-void save_checkpoint(MoELayer& layer, const std::string& dir_arg, const SaveOptions& options) {
+SaveResult save_checkpoint(MoELayer& layer, const std::string& dir_arg,
+                           const SaveOptions& options) {
   comm::Communicator& comm = layer.communicator();
-  const std::string dir = without_trailing_slash(dir_arg);
-  const std::string staging = dir + ".saving";
   const bool root = comm.rank() == 0;
+  std::optional<checkpoint_dir::StagedSave> staged;  // rank 0's
   try {
     comm::check_together(comm, "save checkpoint", [&] {
-      if (!root) return;
-      require_replaceable(dir);
-      fresh_directory(staging);
+      require_directory_argument(dir_arg);
+      if (root) staged.emplace(without_trailing_slash(dir_arg));
     });
+    const std::string staging = broadcast_path(comm, root ? staged->path() : "");
     ShardEntry mine;
     comm::check_together(comm, "save checkpoint",
                          [&] { mine = write_shard(layer, staging, options); });
-    const CheckpointManifest manifest = manifest_of(layer, gather_entries(comm, mine));
+    const std::vector<ShardEntry> entries = gather_entries(comm, mine);
+    SaveResult result;
     // The manifest last: a staging directory without one is no checkpoint.
     comm::check_together(comm, "save checkpoint", [&] {
       if (!root) return;
-      write_file_durably(manifest_path(staging), encode_manifest(manifest));
+      require_shards_written(staging, entries);
+      write_file_durably(manifest_path(staging), encode_manifest(manifest_of(layer, entries)));
       if (options.after_file) options.after_file(manifest_path(staging));
-      publish(staging, dir);
+      result.leftover = staged->publish(options.exchange ? options.exchange
+                                                         : checkpoint_dir::exchange_directories);
     });
+    return result;
   } catch (...) {
     // Every rank is past its writes (each phase ends on every rank
-    // together); the previous checkpoint in `dir` was never touched.
-    std::error_code ec;
-    if (root) fs::remove_all(staging, ec);
+    // together). The previous checkpoint in `dir` is untouched unless an
+    // in-place commit had begun, whose error says where the files are.
+    if (staged) staged->discard();
     throw;
   }
 }
@@ -338,8 +303,15 @@ std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::s
                                           const LoadOptions& options) {
   CheckpointManifest m;
   Codebook codebook;
+  uint64_t digest = 0;
   comm::check_together(comm, "load checkpoint", [&] {
-    m = read_manifest(dir);
+    require_directory_argument(dir);
+    const std::vector<char> bytes = read_file(manifest_path(dir));
+    m = decode_manifest(bytes, manifest_path(dir));
+    digest = fnv1a64(bytes.data(), bytes.size());
+  });
+  require_same_checkpoint(comm, digest, manifest_path(dir));
+  comm::check_together(comm, "load checkpoint", [&] {
     if (options.expect) require_config(m.layer, *options.expect, manifest_path(dir));
     codebook = checked_codebook(m, manifest_path(dir));
   });

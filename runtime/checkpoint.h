@@ -8,9 +8,10 @@
 // save_checkpoint and load_checkpoint are collectives. A file that is
 // missing, truncated, corrupted, from another checkpoint or of another format
 // version is refused on every rank together, naming the file and what is
-// wrong. A save writes into a fresh staging directory and moves it into
-// place only once every file is written and synced, so a failed save leaves
-// the previous checkpoint as it was.
+// wrong, and so are ranks that read different checkpoints. A save writes into
+// a fresh staging directory and publishes it only once every file is written
+// and synced, so a failed save leaves the previous checkpoint as it was
+// (runtime/checkpoint_dir.h).
 #pragma once
 
 #include <cstdint>
@@ -82,11 +83,24 @@ struct SaveOptions {
   // Called with each file's path once the file is written and synced; a
   // throw fails the save there (how the tests inject a failure midway).
   std::function<void(const std::string& path)> after_file;
+  // Swaps the staged directory with the previous checkpoint's atomically;
+  // returns 0, or -1 with errno set. Unset: renameat2(RENAME_EXCHANGE). The
+  // tests inject the failure of a file system without it.
+  std::function<int(const std::string& staged, const std::string& dir)> exchange;
 };
 
-// Collective: writes `layer` into `dir`, replacing what was there only once
-// the whole checkpoint is written (`dir`.saving is the staging directory).
-void save_checkpoint(MoELayer& layer, const std::string& dir, const SaveOptions& options = {});
+// What a save that succeeded reports.
+struct SaveResult {
+  // "" or, on rank 0, where the previous checkpoint was left because it
+  // could not be removed, and why (it never blocks a later save).
+  std::string leftover;
+};
+
+// Collective: writes `layer` into the directory `dir` (the one rank 0 names),
+// replacing the checkpoint there only once the whole new one is written.
+// Other files in `dir` are kept; nothing beside it is touched.
+SaveResult save_checkpoint(MoELayer& layer, const std::string& dir,
+                           const SaveOptions& options = {});
 
 struct LoadOptions {
   // When set, the checkpoint must hold exactly this layer, or it is refused.
@@ -100,7 +114,8 @@ struct LoadOptions {
 
 // Collective: the layer the checkpoint in `dir` holds, on this
 // communicator's ranks; each rank reads the records of the experts it hosts
-// from whichever shard files hold them.
+// from whichever shard files hold them. Every rank must read the same
+// manifest (the same bytes), or every rank refuses together.
 std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::string& dir,
                                           const LoadOptions& options = {});
 

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -223,6 +224,35 @@ inline std::vector<Spoiler> spoilers(const std::string& dir, const std::string& 
   };
 }
 
+// Collective: the last rank loads `other`, every other rank `dir` (another
+// checkpoint: other weights, another E, another P; another working directory
+// or node-local storage in a real job). Refused on every rank together before
+// any rank builds a layer, which would otherwise crash or hang.
+inline void expect_other_checkpoint_refused(comm::Communicator& comm, const std::string& dir,
+                                            const std::string& other) {
+  const std::string mine = comm.rank() == comm.size() - 1 ? other : dir;
+  expect_refused_together(
+      [&] { runtime::load_checkpoint(comm, mine); },
+      "rank " + std::to_string(comm.size() - 1) + ": reads another checkpoint than rank 0",
+      runtime::manifest_path(other));
+}
+
+// Collective: an empty directory argument, on every rank or on one (the
+// others naming the checkpoint `dir`), is refused on every rank before
+// anything is read or written.
+inline void check_empty_paths_refused(comm::Communicator& comm, runtime::MoELayer& layer,
+                                      const std::string& dir) {
+  const std::string empty_message = "the directory argument dir is empty";
+  expect_refused_together([&] { runtime::save_checkpoint(layer, ""); }, "rank 0", empty_message);
+  expect_refused_together([&] { runtime::load_checkpoint(comm, ""); }, "rank 0", empty_message);
+  const int last = comm.size() - 1;
+  const std::string mine = comm.rank() == last ? std::string() : dir;
+  expect_refused_together([&] { runtime::save_checkpoint(layer, mine); },
+                          "rank " + std::to_string(last), empty_message);
+  expect_refused_together([&] { runtime::load_checkpoint(comm, mine); },
+                          "rank " + std::to_string(last), empty_message);
+}
+
 // Collective: every spoiled checkpoint is refused on every rank (the last
 // rank's shard is the one spoiled, which with P >= 2 only that rank reads),
 // and so is a good one whose layer is not the one the caller asks for.
@@ -254,6 +284,7 @@ inline void check_refusals(comm::Communicator& comm, const GlobalData& g, const 
   options.expect->strategy = runtime::Strategy::kDenseReplicated;
   expect_refused_together([&] { runtime::load_checkpoint(comm, good, options); },
                           runtime::manifest_path(good), "strategy = air");
+  if (comm.size() > 1) expect_other_checkpoint_refused(comm, good, other);
 }
 
 // Collective: a save that fails midway -- after this rank's shard file on the
@@ -282,13 +313,44 @@ inline void check_failed_save_keeps_previous(comm::Communicator& comm, const Glo
   expect_refused_together(
       [&] { runtime::save_checkpoint(*layer, dir, fail_on(0, "manifest.airmoe")); },
       "injected failure", "manifest.airmoe");
+  // The last rank's shard file is not where rank 0 looks (ranks that do not
+  // share the file system), or not as it was written: refused before the
+  // manifest makes it a checkpoint.
+  const std::string last_shard = runtime::shard_path("", last);
+  const auto spoil_on_last = [&](auto&& spoil) {
+    runtime::SaveOptions options;
+    options.after_file = [&comm, last, last_shard, spoil](const std::string& path) {
+      if (comm.rank() == last && path.ends_with(last_shard)) spoil(path);
+    };
+    return options;
+  };
+  expect_refused_together(
+      [&] {
+        runtime::save_checkpoint(
+            *layer, dir, spoil_on_last([](const std::string& p) { std::filesystem::remove(p); }));
+      },
+      last_shard, "is not there for rank 0");
+  expect_refused_together(
+      [&] {
+        runtime::save_checkpoint(*layer, dir, spoil_on_last([](const std::string& p) {
+          std::filesystem::resize_file(p, 20);
+        }));
+      },
+      last_shard, "holds 20 bytes for rank 0");
   // A checkpoint path under a regular file cannot be created.
   const std::string blocker = base + "/not-a-directory";
   if (comm.rank() == 0) put_file_bytes(blocker, {'x'});
   comm.barrier();
   expect_refused_together([&] { runtime::save_checkpoint(*layer, blocker + "/ckpt"); }, blocker,
                           "cannot create");
-  EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+  check_empty_paths_refused(comm, *layer, dir);
+  comm.barrier();
+  // Nothing but the checkpoint and the blocker: no staging directory left.
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(base))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"ckpt", "not-a-directory"}));
   std::unique_ptr<runtime::MoELayer> loaded = runtime::load_checkpoint(comm, dir);
   expect_same_layer(before, snapshot(comm, *loaded, g), true, "after the failed saves");
 }

@@ -2,10 +2,16 @@
 // P' in 1..4 for every strategy, each refusal, the failed save; and the file
 // formats alone (tests/fuzz/ feeds the same decoders arbitrary bytes).
 #include <gtest/gtest.h>
+#include <sys/mount.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "checkpoint_checks.h"
 #include "comm/in_process.h"
@@ -93,6 +99,216 @@ TEST(Checkpoint, ADirectoryOfOtherFilesIsNeverReplaced) {
   });
   EXPECT_EQ(test::file_bytes(dir + "/notes.txt"), (std::vector<char>{'h', 'i'}));
   EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+}
+
+// The names in `dir`, sorted.
+std::vector<std::string> names_in(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// Saves a trained layer, whose FFN weights are shifted by `shift`, at P ranks
+// into `dir`; returns its snapshot and the save's report.
+std::pair<test::LayerSnapshot, runtime::SaveResult> save_at(
+    int P, const std::string& dir, float shift, const runtime::SaveOptions& options = {},
+    const test::GlobalData& g = test::checkpoint_data()) {
+  test::LayerSnapshot saved;
+  runtime::SaveResult result;
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, g, Strategy::kAir);
+    for (int64_t i = 0; i < layer->experts().size(); ++i) layer->experts().w2(i)[0] += shift;
+    runtime::SaveResult r = runtime::save_checkpoint(*layer, dir, options);
+    test::LayerSnapshot s = test::snapshot(comm, *layer, g);
+    if (comm.rank() == 0) saved = std::move(s), result = std::move(r);
+  });
+  return {std::move(saved), std::move(result)};
+}
+
+// Loads `dir` at P ranks and compares it with `saved`.
+void expect_loads(int P, const std::string& dir, const test::LayerSnapshot& saved, int saved_ranks,
+                  const std::string& where) {
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    auto loaded = runtime::load_checkpoint(comm, dir);
+    test::expect_same_layer(saved, test::snapshot(comm, *loaded, test::checkpoint_data()),
+                            P == saved_ranks, where);
+  });
+}
+
+// Files a user keeps beside the checkpoint's (an optimizer's state, notes)
+// outlive every save; the previous checkpoint's own files do not.
+TEST(Checkpoint, OtherFilesInACheckpointDirectoryAreKept) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  save_at(3, dir, 0.0f);
+  test::put_file_bytes(dir + "/optimizer.pt", {'o', 'p'});
+  std::filesystem::create_directory(dir + "/notes");
+  test::put_file_bytes(dir + "/notes/a.txt", {'n'});
+  const auto [second, report] = save_at(2, dir, 1.0f);
+  EXPECT_EQ(report.leftover, "");
+  expect_loads(2, dir, second, 2, "re-saved beside other files");
+  EXPECT_EQ(test::file_bytes(dir + "/optimizer.pt"), (std::vector<char>{'o', 'p'}));
+  EXPECT_EQ(test::file_bytes(dir + "/notes/a.txt"), (std::vector<char>{'n'}));
+  // shard-00002 was the previous checkpoint's: gone with it.
+  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "notes", "optimizer.pt",
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
+  EXPECT_EQ(names_in(scratch.path()), (std::vector<std::string>{"ckpt"}));
+}
+
+// Directories beside the checkpoint that older saves used (`dir`.previous,
+// a stale `dir`.saving) are the user's: never read, removed or in the way.
+TEST(Checkpoint, NothingBesideTheDirectoryIsTouched) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  for (const char* beside : {".previous", ".saving"}) {
+    std::filesystem::create_directory(dir + beside);
+    test::put_file_bytes(dir + beside + "/keep", {'k'});
+  }
+  save_at(2, dir, 0.0f);
+  const auto [second, report] = save_at(3, dir, 1.0f);
+  EXPECT_EQ(report.leftover, "");
+  expect_loads(3, dir, second, 3, "re-saved");
+  for (const char* beside : {".previous", ".saving"})
+    EXPECT_EQ(test::file_bytes(dir + beside + "/keep"), (std::vector<char>{'k'})) << beside;
+  EXPECT_EQ(names_in(scratch.path()),
+            (std::vector<std::string>{"ckpt", "ckpt.previous", "ckpt.saving"}));
+}
+
+// Where the directories cannot be swapped (EINVAL: a file system without
+// RENAME_EXCHANGE; EBUSY: a mount point), the files replace the previous
+// ones in place, the manifest last.
+TEST(Checkpoint, WithoutAnExchangeTheFilesReplaceThePreviousOnesInPlace) {
+  for (const int err : {EINVAL, EBUSY}) {
+    const ScratchDir scratch;
+    const std::string dir = scratch.path() + "/ckpt";
+    std::filesystem::create_directory(dir + ".previous");
+    test::put_file_bytes(dir + ".previous/keep", {'k'});
+    runtime::SaveOptions no_exchange;
+    no_exchange.exchange = [err](const std::string&, const std::string&) {
+      errno = err;
+      return -1;
+    };
+    save_at(3, dir, 0.0f, no_exchange);
+    const auto [second, report] = save_at(2, dir, 1.0f, no_exchange);
+    EXPECT_EQ(report.leftover, "");
+    expect_loads(2, dir, second, 2, "re-saved in place");
+    EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "shard-00000.airmoe",
+                                                       "shard-00001.airmoe"}));
+    EXPECT_EQ(test::file_bytes(dir + ".previous/keep"), (std::vector<char>{'k'}));
+    EXPECT_EQ(names_in(scratch.path()), (std::vector<std::string>{"ckpt", "ckpt.previous"}));
+  }
+}
+
+// The swapped-out previous checkpoint cannot be removed (here: a file that
+// another process put into the directory during the save): it is reported
+// and left under a name of its own, and the next save is not blocked.
+TEST(Checkpoint, APreviousCheckpointThatCannotBeRemovedIsReportedAndNeverBlocks) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  save_at(2, dir, 0.0f);
+  runtime::SaveOptions late_file;
+  late_file.after_file = [&](const std::string& path) {
+    if (path.ends_with("manifest.airmoe")) test::put_file_bytes(dir + "/late.txt", {'l'});
+  };
+  const auto [second, report] = save_at(2, dir, 1.0f, late_file);
+  EXPECT_NE(report.leftover.find("the previous checkpoint could not be removed"), std::string::npos)
+      << report.leftover;
+  expect_loads(2, dir, second, 2, "saved, previous left");
+  std::vector<std::string> beside = names_in(scratch.path());
+  ASSERT_EQ(beside.size(), 2u);
+  EXPECT_NE(report.leftover.find(scratch.path() + "/" + beside[1]), std::string::npos)
+      << report.leftover;
+  EXPECT_EQ(names_in(scratch.path() + "/" + beside[1]), (std::vector<std::string>{"late.txt"}));
+  const auto [third, report3] = save_at(3, dir, 2.0f);
+  EXPECT_EQ(report3.leftover, "");
+  expect_loads(3, dir, third, 3, "saved after the leftover");
+}
+
+// Every rank must read the same checkpoint: other weights, another E or
+// another P on one rank is refused on every rank, in either order (not a
+// crash, a hang, or a layer mixed from two checkpoints).
+TEST(Checkpoint, RanksReadingOtherCheckpointsAreRefusedTogether) {
+  const ScratchDir scratch;
+  const std::string at2 = scratch.path() + "/P2", weights = scratch.path() + "/weights",
+                    smaller = scratch.path() + "/E301", at1 = scratch.path() + "/P1",
+                    at3 = scratch.path() + "/P3";
+  save_at(2, at2, 0.0f);
+  save_at(2, weights, 1.0f);
+  save_at(2, smaller, 0.0f, {}, test::GlobalData::make(301, 16, 97, 17));
+  save_at(1, at1, 0.0f);
+  save_at(3, at3, 0.0f);
+  for (const std::string& other : {weights, smaller, at1, at3}) {
+    SCOPED_TRACE(other);
+    comm::run_ranks(2, [&](comm::Communicator& comm) {
+      test::expect_other_checkpoint_refused(comm, at2, other);
+      test::expect_other_checkpoint_refused(comm, other, at2);
+    });
+  }
+  comm::run_ranks(
+      3, [&](comm::Communicator& comm) { test::expect_other_checkpoint_refused(comm, at3, at2); });
+}
+
+// A tmpfs mounted at `path` for the scope (needs CAP_SYS_ADMIN: root in
+// the project's CI container).
+class TmpfsMount {
+ public:
+  explicit TmpfsMount(const std::string& path) : path_(path) {
+    std::filesystem::create_directory(path);
+    if (::mount("airmoe-test", path.c_str(), "tmpfs", 0, "size=64m") != 0)
+      error_ = std::strerror(errno);
+  }
+  ~TmpfsMount() {
+    if (error_.empty()) ::umount2(path_.c_str(), MNT_DETACH);
+  }
+  const std::string& error() const { return error_; }
+
+ private:
+  std::string path_, error_;
+};
+
+// A volume mounted at the checkpoint path (a container's) cannot be renamed
+// or swapped: the save writes into it in place, and touches nothing beside
+// it -- not `dir`.previous, not a stale `dir`.saving that cannot be removed
+// (here another mount point).
+TEST(CheckpointMount, SavesIntoAMountPointInPlace) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/mnt";
+  const TmpfsMount volume(dir), stale(dir + ".saving");
+  if (!volume.error().empty() || !stale.error().empty())
+    GTEST_SKIP() << "cannot mount a tmpfs (needs CAP_SYS_ADMIN): " << volume.error();
+  std::filesystem::create_directory(dir + ".previous");
+  test::put_file_bytes(dir + ".previous/keep", {'k'});
+  test::put_file_bytes(dir + ".saving/keep", {'s'});
+  const auto [first, report1] = save_at(3, dir, 0.0f);
+  EXPECT_EQ(report1.leftover, "");
+  expect_loads(2, dir, first, 3, "saved into a mount point");
+  test::put_file_bytes(dir + "/optimizer.pt", {'o'});
+  const auto [second, report2] = save_at(2, dir, 1.0f);
+  EXPECT_EQ(report2.leftover, "");
+  expect_loads(2, dir, second, 2, "re-saved into a mount point");
+  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"manifest.airmoe", "optimizer.pt",
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
+  EXPECT_EQ(test::file_bytes(dir + ".previous/keep"), (std::vector<char>{'k'}));
+  EXPECT_EQ(test::file_bytes(dir + ".saving/keep"), (std::vector<char>{'s'}));
+  EXPECT_EQ(names_in(scratch.path()),
+            (std::vector<std::string>{"mnt", "mnt.previous", "mnt.saving"}));
+}
+
+// A fresh ext4 volume holds lost+found: the file system's, not a user's
+// file, so the volume counts as empty.
+TEST(CheckpointMount, AVolumesLostAndFoundIsNoUserFile) {
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/volume";
+  const TmpfsMount volume(dir);
+  if (!volume.error().empty())
+    GTEST_SKIP() << "cannot mount a tmpfs (needs CAP_SYS_ADMIN): " << volume.error();
+  std::filesystem::create_directory(dir + "/lost+found");
+  const auto [saved, report] = save_at(2, dir, 0.0f);
+  expect_loads(2, dir, saved, 2, "saved beside lost+found");
+  EXPECT_EQ(names_in(dir), (std::vector<std::string>{"lost+found", "manifest.airmoe",
+                                                     "shard-00000.airmoe", "shard-00001.airmoe"}));
 }
 
 TEST(Checkpoint, AnExplicitPolicyReplansAtTheSameP) {

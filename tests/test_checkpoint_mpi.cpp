@@ -56,11 +56,12 @@ std::unique_ptr<comm::MpiCommunicator> first_ranks(int n) {
 }
 
 // Saves on the first P ranks; returns the snapshot on those ranks.
-std::optional<test::LayerSnapshot> save_on(int P, Strategy strategy, const std::string& dir) {
+std::optional<test::LayerSnapshot> save_on(int P, Strategy strategy, const std::string& dir,
+                                           const test::GlobalData& g = test::checkpoint_data()) {
   std::unique_ptr<comm::MpiCommunicator> comm = first_ranks(P);
   if (!comm) return std::nullopt;
-  auto layer = test::trained_layer(*comm, test::checkpoint_data(), strategy);
-  return test::save_and_snapshot(*comm, *layer, test::checkpoint_data(), dir);
+  auto layer = test::trained_layer(*comm, g, strategy);
+  return test::save_and_snapshot(*comm, *layer, g, dir);
 }
 
 void load_on(int P, Strategy strategy, const std::string& dir,
@@ -92,6 +93,25 @@ TEST(MpiCheckpoint, SpoiledOrMismatchedCheckpointsAreRefusedOnEveryRank) {
   comm::MpiCommunicator comm(MPI_COMM_WORLD);
   const SharedScratchDir scratch(comm);
   test::check_refusals(comm, test::checkpoint_data(), scratch.path());
+}
+
+// A rank that reads another checkpoint -- one of another P, another E --
+// (another working directory, node-local storage) fails every rank together.
+TEST(MpiCheckpoint, RanksReadingOtherCheckpointsAreRefusedTogether) {
+  comm::MpiCommunicator world(MPI_COMM_WORLD);
+  const int N = world.size();
+  if (N < 2) GTEST_SKIP() << "needs 2 ranks or more";
+  const SharedScratchDir scratch(world);
+  const std::string here = scratch.path() + "/N", fewer = scratch.path() + "/N-1",
+                    smaller = scratch.path() + "/E301";
+  save_on(N, Strategy::kAir, here);
+  save_on(N - 1, Strategy::kAir, fewer);
+  save_on(N, Strategy::kAir, smaller, test::GlobalData::make(301, 16, 97, 17));
+  for (const std::string& other : {fewer, smaller}) {
+    SCOPED_TRACE(other);
+    test::expect_other_checkpoint_refused(world, here, other);
+    test::expect_other_checkpoint_refused(world, other, here);
+  }
 }
 
 TEST(MpiCheckpoint, FailedSaveLeavesThePreviousCheckpointIntact) {

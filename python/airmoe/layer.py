@@ -36,9 +36,13 @@ broadcast; every rank checks a digest of its centers and of the codebook),
 ``hosted`` [hosted] int64 (this rank's global expert ids) and ``owners`` [E]
 int64 (the placement: expert -> rank), plus an extra state
 with the configuration. ``load_state_dict`` of a state from another
-configuration (other E, d, h, k, strategy, codebook, placement or hosted ids,
+configuration (other E, d, h, k, strategy, codebook, owners or hosted ids,
 e.g. from another rank or another number of ranks) raises ValueError naming
-the difference.
+the difference; the placement policy's name is not compared, so a layer
+loaded from a checkpoint takes the state of the layer that saved it.
+
+Checkpoints: ``save_checkpoint(path)`` and ``MoELayer.load_checkpoint(comm,
+path)`` (runtime/checkpoint.h, docs/checkpoints.md).
 
 Errors: a communicator that is not an ``mpi4py.MPI.Comm`` raises TypeError;
 bad arguments raise ValueError with the C++ message; ranks that disagree on
@@ -52,6 +56,8 @@ with a message naming the rank.
 """
 
 import contextlib
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -112,6 +118,19 @@ def _checked_centers(num_experts, dim, centers, seed):
 
 def _message(error):
     return "" if error is None else (str(error) or type(error).__name__)
+
+
+def _checkpoint_path(path, what):
+    """A str, bytes or os.PathLike checkpoint directory as the str the C++
+    side takes (bytes decoded as the file system encodes names)."""
+    try:
+        decoded = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"MoELayer.{what}: path must be a str, bytes or os.PathLike, got "
+                        f"{type(path).__name__}") from None
+    if not decoded:
+        raise ValueError(f"MoELayer.{what}: path is empty")
+    return decoded
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -228,19 +247,44 @@ class MoELayer(nn.Module):
     # -- checkpoints (runtime/checkpoint.h, docs/checkpoints.md) ----------
     def save_checkpoint(self, path):
         """Collective: writes the whole layer (every rank's shard) into the
-        directory ``path``, replacing a previous checkpoint there only once
-        the new one is complete."""
+        directory ``path`` (str, bytes or os.PathLike; rank 0's names it),
+        replacing a previous checkpoint there only once the new one is
+        complete; other files in the directory are kept. Refused on every
+        rank when a rank's w1/w2 no longer share the C++ shard's memory (as
+        forward() refuses). Warns on rank 0 when the previous checkpoint could
+        not be removed (the warning says where it is)."""
+        decoded = None
+
+        def check():
+            nonlocal decoded
+            decoded = _checkpoint_path(path, "save_checkpoint")
+            self._check_shared_weights()
+
+        _together(self._impl, "save_checkpoint", check)
         self._impl.set_local_centers(view(self.centers_local.detach()))
-        self._impl.save_checkpoint(str(path))
+        leftover = self._impl.save_checkpoint(decoded)
+        if leftover:
+            warnings.warn(f"MoELayer.save_checkpoint: the checkpoint is saved, but {leftover}",
+                          RuntimeWarning, stacklevel=2)
 
     @classmethod
     def load_checkpoint(cls, comm, path):
-        """Collective: the layer saved in ``path``, on ``comm`` (any number of
-        ranks: the experts are placed anew when it differs from the saved
-        one). A damaged or foreign checkpoint raises ValueError on every rank."""
+        """Collective: the layer saved in ``path`` (str, bytes or
+        os.PathLike), on ``comm`` (any number of ranks: the experts are placed
+        anew when it differs from the saved one). A damaged or foreign
+        checkpoint, or ranks that read different checkpoints, raise ValueError
+        on every rank."""
+        address = _comm_address(comm)
+        error, decoded = None, ""
+        try:
+            decoded = _checkpoint_path(path, "load_checkpoint")
+        except (TypeError, ValueError) as e:
+            error = e
+        with _own_error_first(error):
+            impl = _airmoe.MoELayerImpl(address, decoded, local_error=_message(error))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._adopt(_airmoe.MoELayerImpl(_comm_address(comm), str(path)), "checkpoint", None)
+        layer._adopt(impl, "checkpoint", None)
         return layer
 
     # -- configuration, checked on load ----------------------------------
@@ -256,13 +300,19 @@ class MoELayer(nn.Module):
     def set_extra_state(self, state):
         pass  # checked in _load_from_state_dict
 
+    # How the placement was made, not what it is: a layer loaded from a
+    # checkpoint ("checkpoint") takes the state of the layer that saved it;
+    # the placement itself (hosted ids, owners) is compared below.
+    _LABELS = ("placement",)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         mine = self._config()
         theirs = state_dict.get(prefix + "_extra_state")
         if isinstance(theirs, dict):
             diff = [f"{key}: state has {theirs.get(key)!r}, layer has {value!r}"
-                    for key, value in mine.items() if theirs.get(key) != value]
+                    for key, value in mine.items()
+                    if key not in self._LABELS and theirs.get(key) != value]
             if diff:
                 raise ValueError("MoELayer.load_state_dict: the state is from another "
                                  "configuration: " + "; ".join(diff))
@@ -298,11 +348,18 @@ class MoELayer(nn.Module):
         check_tensor(hidden, "hidden", dim=self.dim)
         if hidden.dtype != torch.float32:
             raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
+        self._check_shared_weights()
+
+    def _check_shared_weights(self):
+        """forward() and save_checkpoint() use the C++ shard's weights, which
+        are w1/w2 only while these share its memory."""
         if (self.w1.data_ptr(), self.w2.data_ptr()) != self._w_ptrs or \
                 self.w1.dtype != torch.float32 or self.w2.dtype != torch.float32:
             raise RuntimeError("MoELayer: w1/w2 no longer share the C++ shard's memory (they "
-                               "were replaced, e.g. by .to() or .double()); update them in "
-                               "place instead")
+                               "were replaced, e.g. by .to(), .double() or an assignment to "
+                               ".data such as torch.nn.utils.vector_to_parameters); update "
+                               "them in place instead (with torch.no_grad(): "
+                               "layer.w1.copy_(...))")
 
     def extra_repr(self):
         return (f"strategy={self.strategy!r}, num_experts={self.num_experts}, dim={self.dim}, "

@@ -543,9 +543,12 @@ MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
 class MoELayerImpl {
  public:
   // Collective: the layer of the checkpoint in `dir` (runtime/checkpoint.h).
-  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir)
+  // local_error: what the Python side found wrong with this rank's path ("":
+  // nothing), raised on every rank together.
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir, const std::string& local_error)
       : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
     collective("load_checkpoint", [&] {
+      comm::raise_together(*comm_, local_error, "MoELayer.load_checkpoint");
       layer_ = runtime::load_checkpoint(*comm_, dir);
       const MatrixView cw = layer_->codebook().codewords();
       codewords_ = Matrix(cw.rows, cw.cols);
@@ -615,9 +618,11 @@ class MoELayerImpl {
                           sparse_result(std::move(g.d_centers)));
   }
 
-  // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h).
-  void save_checkpoint(const std::string& dir) {
-    collective("save_checkpoint", [&] { runtime::save_checkpoint(*layer_, dir); });
+  // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
+  // "" or, on rank 0, where the previous checkpoint was left undeleted.
+  std::string save_checkpoint(const std::string& dir) {
+    return collective("save_checkpoint",
+                      [&] { return runtime::save_checkpoint(*layer_, dir).leftover; });
   }
 
   void set_local_centers(const py::array& centers) {
@@ -775,15 +780,19 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
       .def_property_readonly("hidden",
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
-      .def(py::init<std::uintptr_t, const std::string&>(), py::arg("comm_address"),
-           py::arg("checkpoint_dir"), "Collective: the layer of a checkpoint, at this job's P.")
+      .def(py::init<std::uintptr_t, const std::string&, const std::string&>(),
+           py::arg("comm_address"), py::arg("checkpoint_dir"), py::arg("local_error") = "",
+           "Collective: the layer of a checkpoint, at this job's P. local_error: this rank's "
+           "own path error (\"\": none), raised on every rank together.")
       .def(
           "save_checkpoint",
           [](MoELayerImpl& s, const std::string& dir) {
             py::gil_scoped_release release;
-            s.save_checkpoint(dir);
+            return s.save_checkpoint(dir);
           },
-          py::arg("dir"), "Collective: writes the layer's checkpoint into dir.")
+          py::arg("dir"),
+          "Collective: writes the layer's checkpoint into dir; returns \"\" or, on rank 0, "
+          "where the previous checkpoint was left because it could not be removed.")
       .def_property_readonly("config",
                              [](MoELayerImpl& s) {
                                const runtime::MoEConfig& c = s.layer().config();

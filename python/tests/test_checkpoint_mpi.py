@@ -3,9 +3,11 @@ plain pytest (one rank) and under mpiexec (CTest python_checkpoint_mpi_2:
 ``mpiexec -n 2 python3 -m pytest python/tests/test_checkpoint_mpi.py``). A
 layer trained a step is saved on every rank and loaded at this P and at
 P' = 1 (COMM_SELF): the parameters, keyed by expert id, and the outputs are
-the saved layer's bit for bit. A damaged checkpoint raises ValueError."""
+the saved layer's bit for bit. A damaged checkpoint, ranks that read
+different checkpoints, an empty path and stale weights raise on every rank."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -93,3 +95,87 @@ def test_damaged_checkpoint_is_refused_on_every_rank(shared_dir):
     world.Barrier()
     with pytest.raises(ValueError, match="shard-00000.airmoe' is corrupted"):
         airmoe.MoELayer.load_checkpoint(world, shared_dir)
+
+
+def test_ranks_reading_other_checkpoints_are_refused_on_every_rank(shared_dir):
+    """Another E on one rank corrupted memory, another P hung: now every rank
+    raises ValueError before any acts on what it read."""
+    if world.Get_size() < 2:
+        pytest.skip("needs 2 ranks")
+    rank, last = world.Get_rank(), world.Get_size() - 1
+    here, other_e, other_p = (os.path.join(shared_dir, n) for n in ("here", "E64", "P1"))
+    trained("air").save_checkpoint(here)
+    airmoe.MoELayer(world, 2 * E, D, k=3, probes=2, hidden=2, codewords=C,
+                    seed=11).save_checkpoint(other_e)
+    if rank == 0:
+        airmoe.MoELayer(MPI.COMM_SELF, E, D, k=3, probes=2, hidden=2, codewords=C,
+                        seed=11).save_checkpoint(other_p)
+    world.Barrier()
+    for other in (other_e, other_p):
+        with pytest.raises(ValueError, match=f"rank {last}: reads another checkpoint than rank 0"):
+            airmoe.MoELayer.load_checkpoint(world, other if rank == last else here)
+
+
+def test_path_likes_name_the_directory(shared_dir):
+    """bytes and os.PathLike paths are decoded, not written as "b'...'"."""
+    layer = trained("air")
+    as_bytes = os.fsencode(os.path.join(shared_dir, "bytes"))
+    as_path = pathlib.Path(shared_dir) / "pathlib"
+    layer.save_checkpoint(as_bytes)
+    layer.save_checkpoint(as_path)
+    assert os.path.isfile(os.path.join(shared_dir, "bytes", "manifest.airmoe"))
+    assert os.path.isfile(as_path / "manifest.airmoe")
+    assert not os.path.exists(str(as_bytes))
+    for path in (as_bytes, as_path):
+        again = airmoe.MoELayer.load_checkpoint(world, path)
+        assert same(experts_by_id(again, world), experts_by_id(layer, world))
+
+
+def test_empty_or_wrong_paths_are_refused_on_every_rank(shared_dir):
+    layer = trained("air")
+    rank, last = world.Get_rank(), world.Get_size() - 1
+    with pytest.raises(ValueError, match="save_checkpoint: path is empty"):
+        layer.save_checkpoint("")
+    with pytest.raises(ValueError, match="load_checkpoint: path is empty"):
+        airmoe.MoELayer.load_checkpoint(world, b"")
+    # One rank's bad path: its own error there, a ValueError naming it on the others.
+    own = TypeError if rank == last else ValueError
+    with pytest.raises(own, match="path must be a str, bytes or os.PathLike, got int"):
+        layer.save_checkpoint(7 if rank == last else shared_dir)
+    with pytest.raises(own, match="path must be a str, bytes or os.PathLike, got int"):
+        airmoe.MoELayer.load_checkpoint(world, 7 if rank == last else shared_dir)
+    assert os.listdir(shared_dir) == []
+
+
+def test_replaced_weights_are_refused_by_save_as_by_forward(shared_dir):
+    """vector_to_parameters sets param.data: w1/w2 no longer are the C++
+    shard's weights, which a save would write, stale."""
+    layer = trained("air")
+    layer.save_checkpoint(shared_dir)
+    before = experts_by_id(layer, world)
+    rank, last = world.Get_rank(), world.Get_size() - 1
+    if rank == last:
+        vector = torch.nn.utils.parameters_to_vector(layer.parameters())
+        torch.nn.utils.vector_to_parameters(vector + 1.0, layer.parameters())
+    own = RuntimeError if rank == last else ValueError
+    with pytest.raises(own, match="w1/w2 no longer share the C\\+\\+ shard's memory"):
+        layer.save_checkpoint(shared_dir)
+    with pytest.raises(own, match="w1/w2 no longer share the C\\+\\+ shard's memory"):
+        layer(tokens())
+    assert same(experts_by_id(airmoe.MoELayer.load_checkpoint(world, shared_dir), world), before)
+
+
+def test_a_loaded_layer_takes_the_state_dict_of_the_layer_that_saved_it(shared_dir):
+    layer = trained("air")
+    layer.save_checkpoint(shared_dir)
+    loaded = airmoe.MoELayer.load_checkpoint(world, shared_dir)
+    with torch.no_grad():
+        loaded.w1.zero_()
+    loaded.load_state_dict(layer.state_dict())
+    assert same(experts_by_id(loaded, world), experts_by_id(layer, world))
+    assert torch.equal(loaded(tokens()).detach(), layer(tokens()).detach())
+    # What matters is still compared: another placement (owners) is refused.
+    state = layer.state_dict()
+    state["owners"] = state["owners"] + 1
+    with pytest.raises(ValueError, match="owners differs from this layer's"):
+        loaded.load_state_dict(state)
