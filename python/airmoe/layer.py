@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import check_tensor, initial_centers, view
+from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, check_tensor,
+                       initial_centers, view)
 
 __all__ = ["MoELayer"]
 
@@ -114,6 +115,31 @@ def _checked_centers(num_experts, dim, centers, seed):
     if centers.dtype != torch.float32:
         raise ValueError(f"centers must be float32, got {centers.dtype}")
     return centers.detach()
+
+
+def _checked_ints(num_experts, k, probes, hidden, codewords, kmeans_iterations, seed):
+    """The constructor's integers as Python ints in the ranges the C++ layer
+    takes (pybind11 would answer others with an argument dump or
+    "Overflow"); codewords and probes default to the recommended (C, m)."""
+    num_experts = check_expert_count(num_experts, "num_experts")
+    recommended_c, recommended_m = _airmoe.recommended_air(num_experts)
+    return {
+        "num_experts": num_experts,
+        "k": check_int(k, "k", 1, num_experts),
+        "probes": check_int(recommended_m if probes is None else probes, "probes", 1, INT32_MAX),
+        "hidden": check_int(hidden, "hidden", 1, INT32_MAX),
+        "codewords": check_int(recommended_c if codewords is None else codewords, "codewords",
+                               1, num_experts),
+        "kmeans_iterations": check_int(kmeans_iterations, "kmeans_iterations", 0, INT32_MAX),
+        "seed": check_seed(seed),
+    }
+
+
+def _placeholder_ints():
+    """Valid integers for a rank whose own were refused: it still enters the
+    C++ constructor's first collective, which raises its error on every rank."""
+    return {"num_experts": 1, "k": 1, "probes": 1, "hidden": 1, "codewords": 1,
+            "kmeans_iterations": 0, "seed": 0}
 
 
 def _message(error):
@@ -197,15 +223,13 @@ class MoELayer(nn.Module):
                  activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
                  kmeans_iterations=10, load_sample=None):
         super().__init__()
-        recommended_c, recommended_m = _airmoe.recommended_air(num_experts)
-        codewords = recommended_c if codewords is None else codewords
-        probes = recommended_m if probes is None else probes
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
         # the C++ constructor (its first collective), not here.
-        error, sample = None, None
+        error, sample, ints = None, None, _placeholder_ints()
         try:
-            centers = view(_checked_centers(num_experts, dim, centers, seed))
+            ints = _checked_ints(num_experts, k, probes, hidden, codewords, kmeans_iterations, seed)
+            centers = view(_checked_centers(ints["num_experts"], dim, centers, seed))
             if load_sample is not None:
                 check_tensor(load_sample, "load_sample", dim=dim)
                 sample = view(load_sample)
@@ -213,10 +237,10 @@ class MoELayer(nn.Module):
             error, centers, sample = e, None, None
         with _own_error_first(error):
             impl = _airmoe.MoELayerImpl(
-                address, strategy, int(k), int(probes), int(hidden), activation,
-                int(codewords), int(kmeans_iterations), int(seed), placement, int(seed),
-                centers, sample, local_error=_message(error))
-        self._adopt(impl, placement, int(seed))
+                address, strategy, ints["k"], ints["probes"], ints["hidden"], activation,
+                ints["codewords"], ints["kmeans_iterations"], ints["seed"], placement,
+                ints["seed"], centers, sample, local_error=_message(error))
+        self._adopt(impl, placement, ints["seed"])
 
     def _adopt(self, impl, placement, seed):
         """Takes the C++ layer: its configuration, parameters and buffers."""

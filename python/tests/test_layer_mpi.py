@@ -104,6 +104,27 @@ def test_bad_arguments_carry_cpp_message():
         layer(torch.zeros(3, D + 1))
 
 
+@pytest.mark.parametrize("name,value,error", [
+    ("num_experts", 2**64, "num_experts"), ("num_experts", 0, "num_experts"),
+    ("k", 2**31, "k = 2147483648 is outside"), ("probes", 2**31, "probes = "),
+    ("hidden", -1, "hidden = -1"), ("codewords", 2**40, "codewords = "),
+    ("kmeans_iterations", 2**31, "kmeans_iterations = "), ("seed", -1, "seed = -1"),
+    ("seed", 2**64, "seed = "),
+])
+def test_out_of_range_integers_name_the_argument(name, value, error):
+    kwargs = {"codewords": C, name: value}
+    num_experts = kwargs.pop("num_experts", E)
+    with pytest.raises(ValueError, match=error):
+        airmoe.MoELayer(MPI.COMM_SELF, num_experts, D, **kwargs)
+
+
+def test_non_integer_arguments_are_type_errors():
+    with pytest.raises(TypeError, match="k must be an integer"):
+        make(k=2.0)
+    with pytest.raises(TypeError, match="hidden must be an integer"):
+        make(hidden="16")
+
+
 def test_state_dict_round_trip_and_other_configuration():
     layer = make()
     sd = layer.state_dict()
