@@ -47,5 +47,6 @@ esac
 echo "== setup took $((SECONDS - start)) s"
 
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONDONTWRITEBYTECODE=1 \
-  "$py" -m pytest -q -rs -p no:cacheprovider python/tests/test_hf_integration.py
+  "$py" -m pytest -q -rs -p no:cacheprovider python/tests/test_hf_integration.py \
+  python/tests/test_hf_example.py
 echo "== test_hf.sh took $((SECONDS - start)) s"
