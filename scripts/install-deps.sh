@@ -14,6 +14,7 @@ packages=(
   libfaiss-dev             # the benchmark's FAISS IndexIVFFlat peer
   python3 python3-numpy    # .npy fixtures in tests
   python3-dev pybind11-dev # the PyTorch binding (python/)
+  python3-venv             # `pip install .` into a virtualenv (scripts/test_hf.sh)
   python3-torch python3-pytest python3-mpi4py  # the binding's tests
   fortunes                 # English text for the language-model example
   dict-gcide               # 40 MB of English for the routing study (examples/lm/study.py)

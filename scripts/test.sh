@@ -3,7 +3,9 @@
 # build (GoogleTest, MPI tests, the C API test, the PyTorch binding's pytest
 # suite, benchmark and launch tests, the installed-package consumer), then an
 # AddressSanitizer + UndefinedBehaviorSanitizer build (all but Python and the
-# benchmarks), then each libFuzzer target for 20 s (scripts/fuzz.sh).
+# benchmarks), then each libFuzzer target for 20 s (scripts/fuzz.sh). In
+# between, `pip install .` into a virtualenv with transformers 4.49.0 and the
+# Hugging Face integration's tests (scripts/test_hf.sh, about 2.5 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="$(nproc)"
@@ -14,6 +16,9 @@ echo "== Release build and tests"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure --timeout 900
+
+echo "== pip install . and the Hugging Face integration (scripts/test_hf.sh)"
+bash scripts/test_hf.sh
 
 echo "== ASan + UBSan build and tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAIRMOE_SANITIZE=ON \

@@ -15,7 +15,22 @@ See :mod:`airmoe.routers` for the tensor and copy rules.
 :class:`MoELayer` is the distributed expert-parallel layer (routing, dispatch,
 experts, combine and backward in C++ over MPI) on an mpi4py communicator; see
 :mod:`airmoe.layer`.
+
+:func:`use_air` swaps the routers of a Hugging Face transformers MoE model
+for AIR, and :func:`update_codebooks` runs their codebook updates (see
+:mod:`airmoe.integrations.transformers`; transformers is imported only then).
 """
+
+# PyTorch is the user's own (airmoe's install does not pull it in, so that it
+# never replaces Debian's python3-torch or a CUDA build): any torch from 1.13
+# on, with NumPy 1.x or 2.x.
+try:
+    import torch  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        "airmoe needs PyTorch, which `pip install` does not bring in: install torch (1.13 or "
+        "newer) into this environment first, e.g. `pip install torch`, or create the virtualenv "
+        "with --system-site-packages over Debian's python3-torch") from e
 
 from . import _airmoe
 from .layer import MoELayer
@@ -23,6 +38,7 @@ from .megatron import MegatronRouterAdapter, to_megatron
 from .metrics import exact_topk, recall_at_k
 from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_softmax
 
+__version__ = "0.1.0"
 __all__ = [
     "AIRRouter",
     "DenseRouter",
@@ -33,5 +49,17 @@ __all__ = [
     "exact_topk",
     "recall_at_k",
     "to_megatron",
+    "update_codebooks",
+    "use_air",
 ]
-__version__ = "0.1.0"
+
+# The transformers integration, imported on first use: `import airmoe` never
+# imports transformers.
+_INTEGRATION = ("use_air", "update_codebooks", "air_gates")
+
+
+def __getattr__(name):
+    if name in _INTEGRATION:
+        from .integrations import transformers as integration
+        return getattr(integration, name)
+    raise AttributeError(f"module 'airmoe' has no attribute {name!r}")

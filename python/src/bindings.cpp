@@ -309,9 +309,12 @@ class AirIndex {
     given_codewords_ = copy_of(router_->codebook().codewords());  // what Python copies back
   }
 
-  py::tuple route(const py::array& tokens, int k, int probes) const {
+  // gate_mode: "chosen" (softmax over the k chosen) or "shortlist" (over
+  // every expert scored); the backward follows the routes' mode.
+  py::tuple route(const py::array& tokens, int k, int probes, const std::string& gate_mode) const {
+    const GateMode mode = gate_mode_from_string(gate_mode);
     return routed(tokens, mutex_, generation_,
-                  [&](MatrixView t) { return get("route").route(t, k, probes); });
+                  [&](MatrixView t) { return get("route").route(t, k, probes, mode); });
   }
 
   py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
@@ -713,7 +716,8 @@ PYBIND11_MODULE(_airmoe, m) {
            "Follows the torch centers and codebook (compared bit for bit): True when it changed.")
       .def("update_codebook", &AirIndex::update_codebook, py::arg("step") = 1.0,
            py::arg("updates") = 1)
-      .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"))
+      .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"),
+           py::arg("gate_mode") = "chosen")
       .def("backward", &AirIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"))
       .def("codewords", &AirIndex::codewords)
