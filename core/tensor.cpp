@@ -167,7 +167,7 @@ class HostAllocator final : public Allocator {
  private:
   static constexpr size_t kAlign = 64;
   static constexpr size_t kCachedMin = size_t{1} << 20;  // 1 MiB
-  static constexpr size_t kCachedMax = size_t{1} << 30;  // 1 GiB held at most
+  static constexpr size_t kCachedMax = size_t{1} << 28;  // 256 MiB held at most
   static constexpr size_t kCachedBlocks = 16;
   struct Block {
     void* p;

@@ -33,6 +33,14 @@ Tensor to_device(const Compute& compute, Tensor host) {
   return out;
 }
 
+Tensor to_host_tensor(const Compute& compute, Tensor t) {
+  if (t.device().is_host()) return t;
+  Tensor out(host_allocator(), t.dtype(), t.rows(), t.cols());
+  compute.ops->copy(out, t, compute.stream);
+  compute.ops->synchronize(compute.stream);
+  return out;
+}
+
 OnHost::OnHost(const Compute& compute, TensorView v) : view_(v) {
   if (v.device.is_host() || v.empty()) return;
   copy_ = Tensor(host_allocator(), v.dtype, v.rows, v.cols);
