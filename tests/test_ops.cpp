@@ -957,23 +957,6 @@ TEST_P(OpsTest, WrongShapesAndDtypesAreNamed) {
   EXPECT_THROW(ops().normalize_rows(a, dev.out(DType::kF32, 2, 4), {}), UsageError);
 }
 
-// The host allocator keeps a few large freed blocks for reuse (a training
-// step allocates the same large tensors each time), by exact size.
-TEST(HostAllocator, ReusesLargeFreedBlocksOfTheSameSize) {
-  void* first = nullptr;
-  {
-    const Tensor big(host_allocator(), DType::kF32, 1024, 1024);  // 4 MiB
-    first = big.view().data;
-    EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % 64, 0u);
-  }
-  const Tensor again(host_allocator(), DType::kF32, 1024, 1024);
-  EXPECT_EQ(again.view().data, first);
-  const Tensor other(host_allocator(), DType::kF32, 1024, 1025);  // another size: a new block
-  EXPECT_NE(other.view().data, first);
-  const Tensor none(host_allocator(), DType::kF32, 0, 7);
-  EXPECT_EQ(none.view().data, nullptr);
-}
-
 TEST(Registry, NamesAndReasons) {
   EXPECT_EQ(&find_backend("host"), &host_ops());
   EXPECT_EQ(find_backend("host-portable").name(), "host-portable");
