@@ -30,6 +30,7 @@ Tensor to_device(const Compute& compute, Tensor host) {
   if (host.device() == compute.ops->device()) return host;
   Tensor out = compute.ops->empty(host.dtype(), host.rows(), host.cols());
   compute.ops->copy(out, host, compute.stream);
+  compute.ops->synchronize(compute.stream);  // before `host` goes
   return out;
 }
 
