@@ -6,16 +6,22 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "core/matrix.h"
+#include "core/tensor.h"
+#include "ops/boundary.h"
+#include "ops/expert_ffn.h"
+#include "ops/ops.h"
 
 namespace airmoe::runtime {
 
-enum class Activation { kGelu, kRelu, kSilu };
-const char* to_string(Activation a);
-Activation activation_from_string(const std::string& name);
+// The activations live with the FFN math every backend shares.
+using ops::Activation;
+using ops::activation_from_string;
+using ops::to_string;
 
 struct ExpertConfig {
   int64_t dim = 0;     // d
@@ -48,40 +54,101 @@ struct ExpertGrads {
 // id: a step touches at most (pairs) experts of the shard, so this stays
 // small where the dense form would be the size of the shard. Row i of w1 / w2
 // holds the same bits as expert ids[i]'s rows of the dense form.
+// Float32 values on the host, in a tensor: what the ops computed, handed
+// over without a copy. Reads like a std::vector (data, size, iteration,
+// indexing, ==); made from a vector by copying its values.
+class HostFloats {
+ public:
+  HostFloats() = default;
+  HostFloats(const std::vector<float>& values);  // NOLINT: the vector's values
+  explicit HostFloats(Tensor host);              // a host f32 tensor, kept as it is
+  HostFloats(const HostFloats& other);
+  HostFloats& operator=(const HostFloats& other);
+  HostFloats(HostFloats&&) = default;
+  HostFloats& operator=(HostFloats&&) = default;
+
+  float* data() { return values_.as<float>(); }
+  const float* data() const { return values_.as<float>(); }
+  size_t size() const { return static_cast<size_t>(values_.rows() * values_.cols()); }
+  bool empty() const { return size() == 0; }
+  float* begin() { return data(); }
+  float* end() { return data() + size(); }
+  const float* begin() const { return data(); }
+  const float* end() const { return data() + size(); }
+  float& operator[](size_t i) { return data()[i]; }
+  const float& operator[](size_t i) const { return data()[i]; }
+  operator std::span<const float>() const { return {data(), size()}; }  // NOLINT: a view
+  bool operator==(const HostFloats& other) const;
+
+ private:
+  Tensor values_;
+};
+
 struct ExpertGradients {
   std::vector<int32_t> ids;  // ascending global expert ids
-  std::vector<float> w1;     // [ids, h, d]
-  std::vector<float> w2;     // [ids, d, h]
+  HostFloats w1;             // [ids, h, d]
+  HostFloats w2;             // [ids, d, h]
   int64_t size() const { return static_cast<int64_t>(ids.size()); }
+};
+
+// The pairs and the forward's intermediates on the ops' device (the
+// shard's TensorView API): local expert indices, not global ids.
+struct DeviceExpertPairs {
+  Tensor token;  // i32 [P]
+  Tensor local;  // i32 [P]
+  Tensor gate;   // f32 [P]
+  ExpertPairsView view() const { return {token, local, gate}; }
+};
+struct DeviceExpertCache {
+  Tensor pre;     // f32 [P, h]
+  Tensor output;  // f32 [P, d]
+  ExpertCacheView view() const { return {pre, output}; }
 };
 
 class ExpertShard {
  public:
   ExpertShard() = default;
-  // Experts `ids` (ascending, distinct) with zero parameters.
-  ExpertShard(ExpertConfig config, std::vector<int32_t> ids);
+  // Experts `ids` (ascending, distinct) with zero parameters, held on the
+  // ops' device (host by default).
+  ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute compute = host_compute());
   // Seeded initialization that depends only on (seed, expert id): any rank
   // creates the same parameters for the same expert, whatever P is.
-  static ExpertShard random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed);
+  static ExpertShard random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed,
+                            Compute compute = host_compute());
+  ExpertShard(const ExpertShard& other);
+  ExpertShard& operator=(const ExpertShard& other);
+  ExpertShard(ExpertShard&&) = default;
+  ExpertShard& operator=(ExpertShard&&) = default;
 
   const ExpertConfig& config() const { return config_; }
+  const Compute& compute() const { return compute_; }
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   const std::vector<int32_t>& ids() const { return ids_; }
   int64_t index_of(int32_t expert) const;  // local index, or -1 if not hosted
 
-  float* w1(int64_t local) { return w1_.data() + local * config_.hidden * config_.dim; }
-  const float* w1(int64_t local) const { return w1_.data() + local * config_.hidden * config_.dim; }
-  float* w2(int64_t local) { return w2_.data() + local * config_.dim * config_.hidden; }
-  const float* w2(int64_t local) const { return w2_.data() + local * config_.dim * config_.hidden; }
-  std::vector<float>& w1_data() { return w1_; }
-  std::vector<float>& w2_data() { return w2_; }
-  const std::vector<float>& w1_data() const { return w1_; }
-  const std::vector<float>& w2_data() const { return w2_; }
+  // The parameters on the ops' device: W1 [experts * h, d], W2 [experts * d, h].
+  ExpertWeightsView weights() const;
+  // The same on the host, expert by expert or whole (host ops only: a
+  // UsageError otherwise).
+  float* w1(int64_t local) { return host_w1() + local * config_.hidden * config_.dim; }
+  const float* w1(int64_t local) const { return host_w1() + local * config_.hidden * config_.dim; }
+  float* w2(int64_t local) { return host_w2() + local * config_.dim * config_.hidden; }
+  const float* w2(int64_t local) const { return host_w2() + local * config_.dim * config_.hidden; }
+  std::span<float> w1_data() { return {host_w1(), parameters()}; }
+  std::span<float> w2_data() { return {host_w2(), parameters()}; }
+  std::span<const float> w1_data() const { return {host_w1(), parameters()}; }
+  std::span<const float> w2_data() const { return {host_w2(), parameters()}; }
 
   // out: [rows of x, d], zeroed by the caller or holding earlier sums; each
   // token's pairs are added in pair order (deterministic). Throws if a pair
   // names an expert this shard does not host, or a token row out of range.
   ExpertCache forward(MatrixView x, const ExpertPairs& pairs, Matrix& out) const;
+  // The same on the ops' device (pairs from device_pairs()).
+  DeviceExpertCache forward(TensorView x, const DeviceExpertPairs& pairs, TensorView out) const;
+  // Pairs (global ids) checked against x [x_rows, x_cols] and the shard, as
+  // the TensorView API takes them; `fn` names the caller in errors.
+  DeviceExpertPairs device_pairs(const ExpertPairs& pairs, int64_t x_rows, int64_t x_cols,
+                                 const char* fn) const;
 
   // Given dL/dout (dy, [rows, d]): d_gate[p] = <dy[token_p], FFN(x)_p>; adds
   // to dx[token] the gate-weighted input gradient (pair order) and returns
@@ -89,6 +156,10 @@ class ExpertShard {
   // pair order).
   ExpertGradients backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
                            MatrixView dy, std::vector<float>& d_gate, Matrix& dx) const;
+  // The same on the ops' device; the touched experts by local index.
+  TouchedExpertGrads backward(TensorView x, const DeviceExpertPairs& pairs,
+                              const DeviceExpertCache& cache, TensorView dy, TensorView d_gate,
+                              TensorView dx) const;
   // The same, adding the parameter gradients to dense `grads` (empty: taken
   // as zero_grads()).
   void backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache, MatrixView dy,
@@ -99,9 +170,10 @@ class ExpertShard {
   ExpertGrads to_dense(const ExpertGradients& grads) const;
 
   // Optimizer steps: parameters += scale * gradients, one float multiply and
-  // one add per entry. The sparse form touches only its experts; for a
-  // descent step (scale < 0) it gives the same bits as the dense form, whose
-  // zeros add -0 and so leave the untouched experts' parameters as they are.
+  // one add per entry (the ops' add_scaled). The sparse form touches only its
+  // experts; for a descent step (scale < 0) it gives the same bits as the
+  // dense form, whose zeros add -0 and so leave the untouched experts'
+  // parameters as they are.
   void apply(const ExpertGradients& grads, float scale);
   void apply(const ExpertGrads& grads, float scale);
   void apply_sgd(const ExpertGradients& grads, float lr) { apply(grads, -lr); }
@@ -113,11 +185,15 @@ class ExpertShard {
   // expert's local index.
   void check_dense(const ExpertGrads& grads, const char* fn) const;
   std::vector<int64_t> check_sparse(const ExpertGradients& grads, const char* fn) const;
+  size_t parameters() const { return static_cast<size_t>(size() * config_.dim * config_.hidden); }
+  float* host_w1() const;
+  float* host_w2() const;
 
   ExpertConfig config_;
+  Compute compute_ = host_compute();
   std::vector<int32_t> ids_;
-  std::vector<float> w1_;  // [experts, h, d]
-  std::vector<float> w2_;  // [experts, d, h]
+  Tensor w1_;  // [experts * h, d]
+  Tensor w2_;  // [experts * d, h]
 };
 
 }  // namespace airmoe::runtime

@@ -8,11 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "backend_params.h"
 #include "core/synthetic.h"
+#include "ops/lane_dot.h"
+#include "ops/topk.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
-#include "router/scoring.h"
-#include "router/topk.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -45,14 +46,17 @@ const std::vector<Case>& cases() {
 
 // With every codeword probed, the shortlist is every expert, so AIR must
 // return what dense returns, bit for bit (kChosen), and the same experts with
-// gates equal up to the order of the log-sum-exp (kShortlist).
-TEST(AirRouter, AllProbesEqualsDense) {
+// gates equal up to the order of the log-sum-exp (kShortlist): on every
+// backend, both routers on the same ops.
+class AirOnBackend : public test::BackendTest {};
+
+TEST_P(AirOnBackend, AllProbesEqualsDense) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
     const Matrix centers = random_matrix(c.E, c.d, 1.0, c.seed);
     const Matrix tokens = random_matrix(c.T, c.d, 2.0, c.seed + 500);
-    const DenseRouter dense(centers.view());
-    const AirRouter air(centers.view(), AirConfig{c.C, 4, c.seed, c.cap});
+    const DenseRouter dense(centers.view(), compute());
+    const AirRouter air(centers.view(), AirConfig{c.C, 4, c.seed, c.cap}, compute());
     ASSERT_EQ(air.codewords(), c.C);
     ASSERT_EQ(air.experts(), c.E);
 
@@ -75,6 +79,8 @@ TEST(AirRouter, AllProbesEqualsDense) {
                   1e-12 * (1.0 + std::fabs(d2.log_normalizer[t])));
   }
 }
+
+AIRMOE_INSTANTIATE_BACKENDS(AirOnBackend);
 
 // Identical rows give identical logits: the lower id comes first, also when
 // the two experts sit in different probed lists.
@@ -175,7 +181,7 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         // Probes are the best codewords by score (ties to the lower index).
         std::vector<float> s(static_cast<size_t>(C));
         for (int64_t c = 0; c < C; ++c)
-          s[c] = score_one(tokens.row(t), air.codebook().codewords().row(c), d);
+          s[c] = lane_dot(tokens.row(t), air.codebook().codewords().row(c), d);
         for (int32_t c = 0; c < C; ++c) {
           if (probes.count(c)) continue;
           for (int32_t p : probes) EXPECT_TRUE(ranks_before(s[p], p, s[c], c));
@@ -185,7 +191,7 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         EXPECT_EQ(static_cast<int>(chosen.size()), k);
         std::vector<std::pair<float, int32_t>> ranked;
         for (int32_t e : shortlist)
-          ranked.push_back({score_one(tokens.row(t), centers.row(e), d), e});
+          ranked.push_back({lane_dot(tokens.row(t), centers.row(e), d), e});
         std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
           return ranks_before(a.first, a.second, b.first, b.second);
         });
