@@ -1,0 +1,212 @@
+// The routers' backward in the device composition: logit_grads (one thread
+// per contribution) and accumulate_row_grads (stable grouping, then one
+// thread per output entry summing its group in the stated order, in double).
+#pragma once
+
+#include <thrust/copy.h>
+#include <thrust/for_each.h>
+#include <thrust/sort.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "ops/device/arg_checks.h"
+#include "ops/device/exec.h"
+#include "ops/ops.h"
+
+namespace airmoe::inline ops::device {
+
+template <typename Z>
+struct LogitGrad {
+  Vec<const int32_t> token, expert;
+  Vec<const Z> z;
+  Rows<const int32_t> chosen;
+  Rows<const float> gates, d_gates;
+  Vec<const double> log_normalizer;
+  Vec<double> coef;
+  int64_t k;
+  AIRMOE_HD void operator()(int64_t i) const {
+    const int64_t t = token[i];
+    double weighted = 0.0, own = 0.0;
+    for (int64_t j = 0; j < k; ++j) weighted += static_cast<double>(gates(t, j)) * d_gates(t, j);
+    for (int64_t j = 0; j < k; ++j)
+      if (chosen(t, j) == expert[i]) own = d_gates(t, j);
+    const double p = std::exp(static_cast<double>(z[i]) - log_normalizer[t]);
+    coef[i] = p * (own - weighted);
+  }
+};
+
+template <typename X>
+void logit_grads(const X& x, const OpArgs& args, TensorView token, TensorView expert, TensorView z,
+                 TensorView chosen_ids, TensorView gates, TensorView d_gates,
+                 TensorView log_normalizer, TensorView coef) {
+  const int64_t n = vec_size(token), T = chosen_ids.rows, k = chosen_ids.cols;
+  args.vector(token, "token", DType::kI32, n);
+  args.vector(expert, "expert", DType::kI32, n);
+  args.dtype(z, "z", {DType::kF32, DType::kF64});
+  args.vector(z, "z", z.dtype, n);
+  args.matrix(chosen_ids, "chosen_ids", DType::kI32, T, k);
+  args.matrix(gates, "gates", DType::kF32, T, k);
+  args.matrix(d_gates, "d_gates", DType::kF32, T, k);
+  args.vector(log_normalizer, "log_normalizer", DType::kF64, T);
+  args.vector(coef, "coef", DType::kF64, n);
+  if (n == 0) return;
+  auto run = [&](auto tz) {
+    using Z = decltype(tz);
+    thrust::for_each(x.policy(), count_from(0), count_from(n),
+                     LogitGrad<Z>{vec_of<const int32_t>(token), vec_of<const int32_t>(expert),
+                                  vec_of<const Z>(z), rows_of<const int32_t>(chosen_ids),
+                                  rows_of<const float>(gates), rows_of<const float>(d_gates),
+                                  vec_of<const double>(log_normalizer), vec_of<double>(coef), k});
+  };
+  if (z.dtype == DType::kF64)
+    run(double{});
+  else
+    run(float{});
+}
+
+// ---- accumulate_row_grads -----------------------------------------------------
+
+struct Contributions {
+  Vec<const int32_t> token, row;
+  Vec<const double> coef;
+};
+
+struct NonzeroCoef {
+  Vec<const double> coef;
+  AIRMOE_HD bool operator()(int64_t i) const { return coef[i] != 0.0; }
+};
+
+// Token of the q-th live contribution.
+struct LiveToken {
+  Vec<const int32_t> token;
+  const int64_t* live;
+  AIRMOE_HD int32_t operator()(int64_t q) const { return token[live[q]]; }
+};
+
+// d_tokens(t, c) = sum of coef * rows(row, c) over token t's contributions
+// in contribution order (double, rounded once).
+template <typename K>
+struct TokenGradEntry {
+  Contributions in;
+  Rows<const K> keys;
+  const int64_t* live;
+  const int64_t* items;    // live positions, token after token
+  const int64_t* offsets;  // [T + 1]
+  Rows<float> d_tokens;
+  int64_t width;
+  AIRMOE_HD void operator()(int64_t e) const {
+    const int64_t t = e / width, c = e % width;
+    double sum = 0.0;
+    for (int64_t q = offsets[t]; q < offsets[t + 1]; ++q) {
+      const int64_t i = live[items[q]];
+      sum += in.coef[i] * load_float(keys.row(in.row[i]), c);
+    }
+    d_tokens(t, c) = static_cast<float>(sum);
+  }
+};
+
+struct RowTokenKey {
+  Contributions in;
+  const int64_t* live;
+  uint64_t* keys;
+  AIRMOE_HD void operator()(int64_t q) const {
+    const int64_t i = live[q];
+    keys[q] = (static_cast<uint64_t>(static_cast<uint32_t>(in.row[i])) << 32) |
+              static_cast<uint32_t>(in.token[i]);
+  }
+};
+
+struct RunStart {
+  const uint64_t* keys;
+  AIRMOE_HD bool operator()(int64_t q) const {
+    return q == 0 || (keys[q] >> 32) != (keys[q - 1] >> 32);
+  }
+};
+
+// values(r, c) = sum of coef * tokens(token, c) over row r's contributions
+// in token order (double, rounded once); rows[r] = the row's id.
+template <typename T>
+struct KeyGradEntry {
+  Contributions in;
+  Rows<const T> tokens;
+  const int64_t* order;   // contribution indices by (row, token)
+  const int64_t* starts;  // [R + 1]: each row's first position in order
+  Rows<float> values;
+  int32_t* rows;
+  int64_t width;
+  AIRMOE_HD void operator()(int64_t e) const {
+    const int64_t r = e / width, c = e % width;
+    double sum = 0.0;
+    for (int64_t q = starts[r]; q < starts[r + 1]; ++q) {
+      const int64_t i = order[q];
+      sum += in.coef[i] * load_float(tokens.row(in.token[i]), c);
+    }
+    values(r, c) = static_cast<float>(sum);
+    if (c == 0) rows[r] = in.row[order[starts[r]]];
+  }
+};
+
+template <typename X>
+RowGrads key_grads(const X& x, const Contributions& in, TensorView tokens, const int64_t* live,
+                   int64_t n) {
+  Scratch<uint64_t, X> keys(x, n);
+  Scratch<int64_t, X> order(x, n), starts(x, n + 1);
+  thrust::for_each(x.policy(), count_from(0), count_from(n), RowTokenKey{in, live, keys.get()});
+  thrust::copy_n(x.policy(), live, n, order.get());
+  thrust::stable_sort_by_key(x.policy(), keys.get(), keys.get() + n, order.get());
+  const int64_t R = thrust::copy_if(x.policy(), count_from(0), count_from(n), starts.get(),
+                                    RunStart{keys.get()}) -
+                    starts.get();
+  from_host(x, starts.get() + R, std::vector<int64_t>{n});
+  const int64_t width = tokens.cols;
+  RowGrads out;
+  out.count = R;
+  out.rows = Tensor(x.allocator(), DType::kI32, R, 1);
+  out.values = Tensor(x.allocator(), DType::kF32, R, width);
+  if (R * width == 0) return out;
+  with_float_type(tokens, [&](auto tt) {
+    using T = decltype(tt);
+    thrust::for_each(x.policy(), count_from(0), count_from(R * width),
+                     KeyGradEntry<T>{in, rows_of<const T>(tokens), order.get(), starts.get(),
+                                     rows_of<float>(out.values.view()), out.rows.as<int32_t>(),
+                                     width});
+  });
+  return out;
+}
+
+template <typename X>
+RowGrads accumulate_row_grads(const X& x, const OpArgs& args, TensorView tokens, TensorView keys,
+                              RowContributionsView contributions, TensorView d_tokens) {
+  args.float_dtype(tokens, "tokens");
+  args.float_dtype(keys, "keys");
+  const int64_t T = tokens.rows, width = tokens.cols, N = vec_size(contributions.token);
+  if (keys.cols != width)
+    args.fail("keys have " + std::to_string(keys.cols) + " columns and tokens " +
+              std::to_string(width));
+  args.vector(contributions.token, "contributions.token", DType::kI32, N);
+  args.vector(contributions.row, "contributions.row", DType::kI32, N);
+  args.vector(contributions.coef, "contributions.coef", DType::kF64, N);
+  args.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  const Contributions in{vec_of<const int32_t>(contributions.token),
+                         vec_of<const int32_t>(contributions.row),
+                         vec_of<const double>(contributions.coef)};
+  // Zero coefficients contribute nothing: not even a row of zeros.
+  Scratch<int64_t, X> live(x, N);
+  const int64_t n = N == 0 ? 0
+                           : thrust::copy_if(x.policy(), count_from(0), count_from(N), live.get(),
+                                             NonzeroCoef{in.coef}) -
+                                 live.get();
+  const Grouping<X> by_token = group_by(x, n, T, LiveToken{in.token, live.get()});
+  if (T * width > 0)
+    with_float_type(keys, [&](auto tk) {
+      using K = decltype(tk);
+      thrust::for_each(x.policy(), count_from(0), count_from(T * width),
+                       TokenGradEntry<K>{in, rows_of<const K>(keys), live.get(),
+                                         by_token.items.get(), by_token.offsets.get(),
+                                         rows_of<float>(d_tokens), width});
+    });
+  return key_grads(x, in, tokens, live.get(), n);
+}
+
+}  // namespace airmoe::inline ops::device
