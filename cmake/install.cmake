@@ -7,7 +7,7 @@ include(CMakePackageConfigHelpers)
 # C++ headers keep their folder paths ("router/air_router.h") under
 # include/airmoe; the C API's airmoe.h and airmoe_version.h sit in include/.
 set(AIRMOE_INSTALL_CXX_INCLUDEDIR ${CMAKE_INSTALL_INCLUDEDIR}/airmoe)
-set(airmoe_libraries airmoe_core airmoe_router airmoe_comm airmoe_runtime)
+set(airmoe_libraries airmoe_core airmoe_ops airmoe_router airmoe_comm airmoe_runtime)
 if(AIRMOE_WITH_MPI)
   list(APPEND airmoe_libraries airmoe_comm_mpi airmoe_c)
 endif()
@@ -21,7 +21,7 @@ install(TARGETS ${airmoe_libraries} EXPORT airmoeTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   PUBLIC_HEADER DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
   INCLUDES DESTINATION ${AIRMOE_INSTALL_CXX_INCLUDEDIR} ${CMAKE_INSTALL_INCLUDEDIR})
-foreach(folder core router comm runtime)
+foreach(folder core ops router comm runtime)
   install(DIRECTORY ${PROJECT_SOURCE_DIR}/${folder} DESTINATION ${AIRMOE_INSTALL_CXX_INCLUDEDIR}
           FILES_MATCHING PATTERN "*.h")
 endforeach()

@@ -241,9 +241,13 @@ class Ops {
   virtual void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                           Stream stream) const = 0;
   // gates[t, j] = exp(logits[t, j] - log_normalizer[t]) (double, rounded
-  // once); with `chosen`, log_normalizer[t] (f64 [T]) is first set to the
-  // log-sum-exp of the row's k logits.
-  virtual void finalize_gates(TensorView logits, TensorView log_normalizer, bool chosen,
+  // once), log_normalizer[t] (f64 [T]) first set from `lse` (f64 [T, 2],
+  // ops/log_sum_exp.h: max + log(sum)) where it is given (the shortlist's
+  // normalizer, as dense_topk or merge_topk left it), else to the
+  // log-sum-exp of the row's k logits (the chosen experts' softmax).
+  // (Changed from a `bool chosen` flag: a shortlist normalizer exists on the
+  // device only as the (max, sum) pairs of the top-k ops.)
+  virtual void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
                               TensorView gates, Stream stream) const = 0;
 
   // ---- router backward --------------------------------------------------
@@ -255,7 +259,8 @@ class Ops {
                            TensorView chosen_ids, TensorView gates, TensorView d_gates,
                            TensorView log_normalizer, TensorView coef, Stream stream) const = 0;
   // d_tokens (f32 [T, width], overwritten) and the sparse key gradients of
-  // the contributions; zero coefficients contribute nothing.
+  // the contributions; zero coefficients contribute nothing (a row only
+  // they name is not listed).
   virtual RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,
                                         RowContributionsView contributions, TensorView d_tokens,
                                         Stream stream) const = 0;

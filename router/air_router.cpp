@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "ops/topk.h"
 #include "router/dense_router.h"
 #include "router/list_scan.h"
-#include "router/topk.h"
 
 namespace airmoe::inline router {
 

@@ -14,10 +14,6 @@
 namespace airmoe::inline router {
 namespace {
 
-int64_t to_fixed(double x) {
-  return std::llround(x * KMeansStats::kScale);
-}
-
 constexpr int64_t kAssignChunk = 2048;
 
 // Best codeword and its score for each row, scored in chunks of rows so the
@@ -71,42 +67,6 @@ Matrix normalize_rows(MatrixView rows, const char* what) {
     }
   }
   return out;
-}
-
-KMeansStats::KMeansStats(int64_t c, int64_t d)
-    : codewords(c),
-      dim(d),
-      sums(static_cast<size_t>(c * d), 0),
-      counts(static_cast<size_t>(c), 0),
-      farthest_cos(static_cast<size_t>(c), std::numeric_limits<int64_t>::max()),
-      farthest_expert(static_cast<size_t>(c), -1) {}
-
-KMeansStats& KMeansStats::operator+=(const KMeansStats& o) {
-  if (o.codewords != codewords || o.dim != dim)
-    fail("KMeansStats: adding stats of shape [" + std::to_string(o.codewords) + ", " +
-         std::to_string(o.dim) + "] to [" + std::to_string(codewords) + ", " + std::to_string(dim) +
-         "]");
-  for (size_t i = 0; i < sums.size(); ++i) sums[i] += o.sums[i];
-  for (int64_t c = 0; c < codewords; ++c) {
-    counts[c] += o.counts[c];
-    if (o.farthest_expert[c] >= 0 &&
-        (farthest_expert[c] < 0 || o.farthest_cos[c] < farthest_cos[c] ||
-         (o.farthest_cos[c] == farthest_cos[c] && o.farthest_expert[c] < farthest_expert[c]))) {
-      farthest_cos[c] = o.farthest_cos[c];
-      farthest_expert[c] = o.farthest_expert[c];
-    }
-  }
-  objective += o.objective;
-  return *this;
-}
-
-int64_t KMeansStats::experts() const {
-  return std::accumulate(counts.begin(), counts.end(), int64_t{0});
-}
-
-double KMeansStats::mean_objective() const {
-  const int64_t n = experts();
-  return n == 0 ? 0.0 : static_cast<double>(objective) / kScale / static_cast<double>(n);
 }
 
 Codebook::Codebook(MatrixView codewords) : codewords_(normalize_rows(codewords, "codewords")) {
@@ -203,8 +163,7 @@ KMeansStats Codebook::compute_stats(MatrixView unit_rows, const int32_t* expert_
       part.counts[c] += 1;
       const int64_t cf = to_fixed(score[r]);
       part.objective += cf;
-      if (part.farthest_expert[c] < 0 || cf < part.farthest_cos[c] ||
-          (cf == part.farthest_cos[c] && id < part.farthest_expert[c])) {
+      if (farther_member(cf, id, part.farthest_cos[c], part.farthest_expert[c])) {
         part.farthest_cos[c] = cf;
         part.farthest_expert[c] = id;
       }

@@ -15,33 +15,13 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "ops/kmeans_stats.h"
 
 namespace airmoe::inline router {
 
 // Unit-norm copy of `rows`; throws if a row has zero norm or is not finite
 // ("<what> row R has zero norm").
 Matrix normalize_rows(MatrixView rows, const char* what);
-
-struct KMeansStats {
-  int64_t codewords = 0;
-  int64_t dim = 0;
-  std::vector<int64_t> sums;    // [C, d], fixed point: value * 2^40
-  std::vector<int64_t> counts;  // [C]
-  int64_t objective = 0;        // sum of cos(expert, its codeword), fixed point
-  // Per codeword, the member farthest from it (lowest cosine, then lower
-  // expert id): the point an empty codeword is moved to when this cluster is
-  // split. -1 when the codeword has no member.
-  std::vector<int64_t> farthest_cos;     // fixed point
-  std::vector<int32_t> farthest_expert;  // global expert id
-
-  KMeansStats() = default;
-  KMeansStats(int64_t codewords, int64_t dim);
-  KMeansStats& operator+=(const KMeansStats& other);
-  int64_t experts() const;
-  double mean_objective() const;  // mean cosine over all experts counted
-
-  static constexpr double kScale = 1099511627776.0;  // 2^40
-};
 
 class Codebook {
  public:

@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "ops/topk.h"
 #include "router/scoring.h"
-#include "router/topk.h"
 
 namespace airmoe::inline router {
 

@@ -5,8 +5,8 @@
 
 #include "core/checks.h"
 #include "core/parallel_errors.h"
+#include "ops/topk.h"
 #include "router/scoring.h"
-#include "router/topk.h"
 
 namespace airmoe::inline router {
 namespace {

@@ -6,9 +6,9 @@
 
 #include "core/checks.h"
 #include "core/parallel_errors.h"
+#include "ops/topk.h"
 #include "router/dense_router.h"
 #include "router/scoring.h"
-#include "router/topk.h"
 
 namespace airmoe::inline router {
 

@@ -36,30 +36,6 @@ Routes make_routes(int64_t tokens, int k, GateMode mode) {
   return r;
 }
 
-void LogSumExp::add(double z) {
-  if (z > max) {
-    sum = sum * std::exp(max - z) + 1.0;
-    max = z;
-  } else {
-    sum += std::exp(z - max);
-  }
-}
-
-void LogSumExp::merge(const LogSumExp& o) {
-  if (o.sum == 0.0) return;
-  if (sum == 0.0) {
-    *this = o;
-    return;
-  }
-  const double m = std::max(max, o.max);
-  sum = sum * std::exp(max - m) + o.sum * std::exp(o.max - m);
-  max = m;
-}
-
-double LogSumExp::value() const {
-  return max + std::log(sum);
-}
-
 void finalize_gates(Routes& r) {
 #pragma omp parallel for schedule(static) if (r.tokens > 256)
   for (int64_t t = 0; t < r.tokens; ++t) {

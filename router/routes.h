@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "ops/log_sum_exp.h"
 
 namespace airmoe::inline router {
 
@@ -40,15 +41,6 @@ struct Routes {
 };
 
 Routes make_routes(int64_t tokens, int k, GateMode mode);
-
-// Running log-sum-exp in double, mergeable in a fixed order.
-struct LogSumExp {
-  double max = -1.0 / 0.0;
-  double sum = 0.0;  // sum of exp(z - max)
-  void add(double z);
-  void merge(const LogSumExp& other);
-  double value() const;
-};
 
 // gates[t, j] = exp(logits[t, j] - log_normalizer[t]) for every token. With
 // kChosen, the normalizer is first computed from the k chosen logits.

@@ -9,8 +9,8 @@
 #include "core/clock.h"
 #include "core/errors.h"
 #include "core/hash.h"
+#include "ops/topk.h"
 #include "router/dense_router.h"
-#include "router/topk.h"
 #include "runtime/wire.h"
 
 namespace airmoe::runtime {
@@ -315,9 +315,7 @@ void DistributedRouter::reduce_farthest(const KMeansStats& local, KMeansStats& t
     for (int64_t c = 0; c < C; ++c) {
       const int64_t cos = all_far[r * 2 * C + 2 * c];
       const auto id = static_cast<int32_t>(all_far[r * 2 * C + 2 * c + 1]);
-      if (id < 0) continue;
-      if (total.farthest_expert[c] < 0 || cos < total.farthest_cos[c] ||
-          (cos == total.farthest_cos[c] && id < total.farthest_expert[c])) {
+      if (farther_member(cos, id, total.farthest_cos[c], total.farthest_expert[c])) {
         total.farthest_cos[c] = cos;
         total.farthest_expert[c] = id;
       }

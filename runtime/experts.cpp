@@ -27,35 +27,6 @@
 namespace airmoe::runtime {
 namespace {
 
-constexpr double kInvSqrt2 = 0.70710678118654752440;
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-
-double act_value(Activation a, double x) {
-  switch (a) {
-    case Activation::kGelu:
-      return 0.5 * x * (1.0 + std::erf(x * kInvSqrt2));
-    case Activation::kRelu:
-      return x > 0.0 ? x : 0.0;
-    case Activation::kSilu:
-      return x / (1.0 + std::exp(-x));
-  }
-  return 0.0;
-}
-
-double act_grad(Activation a, double x) {
-  switch (a) {
-    case Activation::kGelu:
-      return 0.5 * (1.0 + std::erf(x * kInvSqrt2)) + x * kInvSqrt2Pi * std::exp(-0.5 * x * x);
-    case Activation::kRelu:
-      return x > 0.0 ? 1.0 : 0.0;
-    case Activation::kSilu: {
-      const double s = 1.0 / (1.0 + std::exp(-x));
-      return s * (1.0 + x * (1.0 - s));
-    }
-  }
-  return 0.0;
-}
-
 // SplitMix64 finalizer and stream; one stream per (seed, expert, matrix).
 uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -341,25 +312,6 @@ void backward_group(const BackwardInputs& in, const ExpertGroup& g, BackwardScra
 }
 
 }  // namespace
-
-const char* to_string(Activation a) {
-  switch (a) {
-    case Activation::kGelu:
-      return "gelu";
-    case Activation::kRelu:
-      return "relu";
-    case Activation::kSilu:
-      return "silu";
-  }
-  return "unknown";
-}
-
-Activation activation_from_string(const std::string& name) {
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "silu") return Activation::kSilu;
-  fail("activation '" + name + "' is unknown (expected 'gelu', 'relu' or 'silu')");
-}
 
 ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids)
     : config_(config), ids_(std::move(ids)) {

@@ -10,12 +10,14 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "ops/expert_ffn.h"
 
 namespace airmoe::runtime {
 
-enum class Activation { kGelu, kRelu, kSilu };
-const char* to_string(Activation a);
-Activation activation_from_string(const std::string& name);
+// The activations live with the FFN math every backend shares.
+using ops::Activation;
+using ops::activation_from_string;
+using ops::to_string;
 
 struct ExpertConfig {
   int64_t dim = 0;     // d

@@ -12,7 +12,7 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/scoring.h"
-#include "router/topk.h"
+#include "ops/topk.h"
 #include "test_util.h"
 
 namespace airmoe {

@@ -1,15 +1,17 @@
 // The one ranking every router uses: a higher logit first, and on equal
 // logits the lower expert id. Dense, AIR, product keys, FAISS comparisons and
 // the references all break ties this way, so their answers can be compared
-// entry by entry.
+// entry by entry. Per-element code, the same on every backend (AIRMOE_HD).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
-#include <limits>
 
-namespace airmoe::inline router {
+#include "core/hd.h"
 
-inline bool ranks_before(float za, int32_t ia, float zb, int32_t ib) {
+namespace airmoe::inline ops {
+
+AIRMOE_HD inline bool ranks_before(float za, int32_t ia, float zb, int32_t ib) {
   return za > zb || (za == zb && ia < ib);
 }
 
@@ -17,31 +19,31 @@ inline bool ranks_before(float za, int32_t ia, float zb, int32_t ib) {
 // Empty slots hold id -1 and logit -inf.
 class TopK {
  public:
-  TopK(int k, float* logits, int32_t* ids) : k_(k), logits_(logits), ids_(ids) {
+  AIRMOE_HD TopK(int k, float* logits, int32_t* ids) : k_(k), logits_(logits), ids_(ids) {
     for (int i = 0; i < k_; ++i) {
-      logits_[i] = -std::numeric_limits<float>::infinity();
+      logits_[i] = -INFINITY;
       ids_[i] = -1;
     }
   }
 
   // Any order of ids.
-  void push(float z, int32_t id) {
+  AIRMOE_HD void push(float z, int32_t id) {
     if (size_ == k_ && !ranks_before(z, id, logits_[k_ - 1], ids_[k_ - 1])) return;
     insert(z, id);
   }
 
   // Ids must arrive in increasing order: then an equal logit never displaces
   // an earlier entry, and the common case is a single compare.
-  void push_ascending(float z, int32_t id) {
+  AIRMOE_HD void push_ascending(float z, int32_t id) {
     if (size_ == k_ && !(z > logits_[k_ - 1])) return;
     insert(z, id);
   }
 
-  int size() const { return size_; }
-  float worst() const { return logits_[k_ - 1]; }
+  AIRMOE_HD int size() const { return size_; }
+  AIRMOE_HD float worst() const { return logits_[k_ - 1]; }
 
  private:
-  void insert(float z, int32_t id) {
+  AIRMOE_HD void insert(float z, int32_t id) {
     int pos = size_ < k_ ? size_++ : k_ - 1;
     while (pos > 0 && ranks_before(z, id, logits_[pos - 1], ids_[pos - 1])) {
       logits_[pos] = logits_[pos - 1];
@@ -58,4 +60,4 @@ class TopK {
   int32_t* ids_;
 };
 
-}  // namespace airmoe::inline router
+}  // namespace airmoe::inline ops

@@ -1,0 +1,82 @@
+// The host backends: every op of ops/ops.h on host memory with OpenMP,
+// written once over a SIMD kernel set (ops/host/kernels.h). host-avx2 and
+// host-portable are two instances of this class; they differ only in their
+// kernels and give the same bits.
+#pragma once
+
+#include <string>
+
+#include "ops/host/kernels.h"
+#include "ops/op_args.h"
+#include "ops/ops.h"
+
+namespace airmoe::inline ops::host {
+
+class HostOps final : public Ops {
+ public:
+  explicit HostOps(const HostKernels& kernels) : kernels_(kernels) {}
+
+  std::string name() const override { return kernels_.name; }
+  Device device() const override { return Device::host(); }
+  Allocator& allocator() const override { return host_allocator(); }
+  void synchronize(Stream) const override {}
+  void copy(TensorView dst, TensorView src, Stream stream) const override;
+  void fill(TensorView dst, double value, Stream stream) const override;
+
+  RowCheck check_rows(TensorView m, double key_norm_bound, Stream stream) const override;
+
+  void score(TensorView a, TensorView b, TensorView c, Stream stream) const override;
+  void score_pairs(TensorView a, TensorView b, TensorView a_rows, TensorView b_rows, TensorView c,
+                   Stream stream) const override;
+
+  int64_t normalize_rows(TensorView rows, TensorView out, Stream stream) const override;
+  void nearest(TensorView unit_rows, TensorView codewords, TensorView best, TensorView best_score,
+               Stream stream) const override;
+  KMeansStats kmeans_stats(TensorView unit_rows, TensorView codewords, TensorView ids,
+                           Stream stream) const override;
+
+  void dense_topk(TensorView tokens, TensorView keys, int k, TopKView out,
+                  Stream stream) const override;
+  void product_topk(TensorView tokens, TensorView keys1, TensorView keys2, int k, TopKView out,
+                    Stream stream) const override;
+  ProbeSet select_probes(TensorView tokens, TensorView codewords, TensorView list_sizes, int probes,
+                         int k, Stream stream) const override;
+  PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
+                      Stream stream) const override;
+  void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
+                   TensorView block, int k, TopKView out, Stream stream) const override;
+  void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
+                  Stream stream) const override;
+  void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
+                      TensorView gates, Stream stream) const override;
+
+  void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
+                   TensorView gates, TensorView d_gates, TensorView log_normalizer, TensorView coef,
+                   Stream stream) const override;
+  RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,
+                                RowContributionsView contributions, TensorView d_tokens,
+                                Stream stream) const override;
+
+  void expert_forward(const ExpertWeightsView& weights, TensorView x, ExpertPairsView pairs,
+                      TensorView out, ExpertCacheView cache, Stream stream) const override;
+  TouchedExpertGrads expert_backward(const ExpertWeightsView& weights, TensorView x,
+                                     ExpertPairsView pairs, ExpertCacheView cache, TensorView dy,
+                                     TensorView d_gate, TensorView dx,
+                                     Stream stream) const override;
+  void add_scaled(TensorView dst, TensorView src, float scale, Stream stream) const override;
+
+  // C = A · Bᵀ on float32 rows (c[i * ldc + j] = lane_dot(a row i, b row j)
+  // over k): the scoring loop every op above runs. Multi-threaded over
+  // blocks outside an OpenMP region when the work is large enough; in one
+  // thread inside one (the grouped scans call it from their own loops).
+  void score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
+                 int64_t k, float* c, int64_t ldc) const;
+  const HostKernels& kernels() const { return kernels_; }
+
+ private:
+  OpArgs args(const char* op) const { return OpArgs(kernels_.name, op, Device::host()); }
+
+  const HostKernels& kernels_;
+};
+
+}  // namespace airmoe::inline ops::host

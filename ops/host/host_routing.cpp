@@ -1,0 +1,616 @@
+// The host backends' routing ops: dense and product-key top-k, AIR's two
+// stages (probe selection, the grouped list scan) and the merge, the gates,
+// and the router backward.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/parallel_errors.h"
+#include "ops/host/host_ops.h"
+#include "ops/host/host_views.h"
+#include "ops/log_sum_exp.h"
+#include "ops/topk.h"
+
+namespace airmoe::inline ops::host {
+namespace {
+
+// The [rows, k] outputs of a top-k op, and its optional (max, sum) pairs.
+struct TopKOut {
+  Rows<float> logits;
+  Rows<int32_t> ids;
+  Rows<double> lse;
+  bool with_lse = false;
+
+  TopKOut(const OpArgs& check, const TopKView& v, int64_t rows, int k, const char* what)
+      : logits(checked(check, v.logits, rows, k, DType::kF32, what)),
+        ids(checked(check, v.ids, rows, k, DType::kI32, what)),
+        with_lse(!v.lse.empty()) {
+    if (with_lse) lse = Rows<double>(checked(check, v.lse, rows, 2, DType::kF64, what));
+  }
+  TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r)); }
+  void set_lse(int64_t r, const LogSumExp& l) const {
+    lse.row(r)[0] = l.max;
+    lse.row(r)[1] = l.sum;
+  }
+  LogSumExp get_lse(int64_t r) const { return LogSumExp{lse.row(r)[0], lse.row(r)[1]}; }
+
+ private:
+  static const TensorView& checked(const OpArgs& check, const TensorView& v, int64_t rows,
+                                   int64_t cols, DType dtype, const char* what) {
+    const std::string name = std::string(what) + (dtype == DType::kF32   ? ".logits"
+                                                  : dtype == DType::kI32 ? ".ids"
+                                                                         : ".lse");
+    check.matrix(v, name.c_str(), dtype, rows, cols);
+    return v;
+  }
+};
+
+void check_k(const OpArgs& check, int k) {
+  check.at_least(k, 1, "k");
+}
+
+void check_same_cols(const OpArgs& check, const TensorView& a, const char* an, const TensorView& b,
+                     const char* bn) {
+  if (a.cols != b.cols)
+    check.fail(std::string(an) + " has " + std::to_string(a.cols) + " columns, " + bn + " " +
+               std::to_string(b.cols));
+}
+
+// Stable counting sort of items 0..n-1 by key in [0, buckets): CSR offsets
+// [buckets + 1] and the items, each bucket in item order (no atomics: the
+// same grouping whatever the thread count).
+struct Csr {
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> items;
+};
+
+template <typename Key>
+Csr bucket(int64_t buckets, int64_t n, Key key) {
+  Csr c;
+  c.offsets.assign(static_cast<size_t>(buckets) + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++c.offsets[key(i) + 1];
+  for (int64_t b = 0; b < buckets; ++b) c.offsets[b + 1] += c.offsets[b];
+  std::vector<int64_t> fill(c.offsets.begin(), c.offsets.end() - 1);
+  c.items.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) c.items[fill[key(i)]++] = i;
+  return c;
+}
+
+// A token's probes: the best `probes` codewords by score s (then lower
+// index), extended in score order until their lists hold k experts.
+void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<const int64_t>& sizes,
+                      std::vector<int32_t>& order, std::vector<int32_t>& out) {
+  out.clear();
+  int64_t members = 0;
+  if (static_cast<int64_t>(probes) * 8 < C) {
+    std::vector<float> z(static_cast<size_t>(probes));
+    out.resize(static_cast<size_t>(probes));
+    TopK top(probes, z.data(), out.data());
+    for (int64_t c = 0; c < C; ++c) top.push_ascending(s[c], static_cast<int32_t>(c));
+    for (int32_t c : out) members += sizes[c];
+    if (members >= k) return;
+  }
+  // Many probes, or the shortlist came up short: rank every codeword.
+  order.resize(static_cast<size_t>(C));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [s](int32_t a, int32_t b) { return ranks_before(s[a], a, s[b], b); });
+  out.clear();
+  members = 0;
+  for (int64_t i = 0; i < C && (i < probes || members < k); ++i) {
+    out.push_back(order[i]);
+    members += sizes[order[i]];
+  }
+}
+
+// A CSR of per-row vectors as i64 offsets [rows + 1] and i32 values.
+void flatten(const std::vector<std::vector<int32_t>>& per_row, Tensor& offsets, Tensor& values,
+             int64_t& count, const Ops& ops) {
+  const int64_t rows = static_cast<int64_t>(per_row.size());
+  offsets = ops.empty(DType::kI64, rows + 1, 1);
+  int64_t* off = offsets.as<int64_t>();
+  off[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) off[r + 1] = off[r] + static_cast<int64_t>(per_row[r].size());
+  count = off[rows];
+  values = ops.empty(DType::kI32, count, 1);
+  int32_t* v = values.as<int32_t>();
+  for (int64_t r = 0; r < rows; ++r) std::copy(per_row[r].begin(), per_row[r].end(), v + off[r]);
+}
+
+}  // namespace
+
+// ---- dense and product keys -----------------------------------------------
+
+void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out, Stream) const {
+  const OpArgs check = args("dense_topk");
+  check.float_dtype(tokens, "tokens");
+  check.float_dtype(keys, "keys");
+  check_same_cols(check, tokens, "tokens", keys, "keys");
+  check_k(check, k);
+  const int64_t T = tokens.rows, E = keys.rows, d = keys.cols;
+  const TopKOut o(check, out, T, k, "out");
+  if (T == 0) return;
+  const FloatRows w(keys), h(tokens);
+  // Score a block of tokens against all keys, then select per row: the block
+  // is sized so its logits (about 16 MiB) stay far below T x E.
+  const int64_t block =
+      std::clamp<int64_t>((int64_t{4} << 20) / std::max<int64_t>(E, 1) / 3 * 3, 3, 384);
+  std::vector<float> logits(static_cast<size_t>(std::min(block, T) * E));
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    const int64_t n = std::min(block, T - t0);
+    score_f32(h.row(t0), h.ld(), w.data(), w.ld(), n, E, d, logits.data(), E);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = t0 + i;
+      const float* z = logits.data() + i * E;
+      TopK top = o.top(t, k);
+      for (int64_t e = 0; e < E; ++e) top.push_ascending(z[e], static_cast<int32_t>(e));
+      if (o.with_lse) {
+        LogSumExp lse;
+        for (int64_t e = 0; e < E; ++e) lse.add(z[e]);
+        o.set_lse(t, lse);
+      }
+    }
+  }
+}
+
+void HostOps::product_topk(TensorView tokens, TensorView keys1, TensorView keys2, int k,
+                           TopKView out, Stream) const {
+  const OpArgs check = args("product_topk");
+  check.float_dtype(tokens, "tokens");
+  check.float_dtype(keys1, "keys1");
+  check.float_dtype(keys2, "keys2");
+  check_k(check, k);
+  if (keys1.rows != keys2.rows)
+    check.fail("keys1 has " + std::to_string(keys1.rows) + " rows, keys2 " +
+               std::to_string(keys2.rows));
+  if (tokens.cols != keys1.cols + keys2.cols)
+    check.fail("tokens has " + std::to_string(tokens.cols) + " columns, the keys' halves " +
+               std::to_string(keys1.cols) + " + " + std::to_string(keys2.cols));
+  if (!out.lse.empty()) check.fail("out.lse must be empty: product keys gate over the chosen k");
+  const int64_t T = tokens.rows, n = keys1.rows, d1 = keys1.cols, d2 = keys2.cols;
+  const TopKOut o(check, out, T, k, "out");
+  if (T == 0) return;
+  const int kh = static_cast<int>(std::min<int64_t>(k, n));
+  const FloatRows h(tokens), w1(keys1), w2(keys2);
+  const int64_t block = 1024;
+  std::vector<float> s1(static_cast<size_t>(std::min(block, T) * n));
+  std::vector<float> s2(s1.size());
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    const int64_t m = std::min(block, T - t0);
+    score_f32(h.row(t0), h.ld(), w1.data(), w1.ld(), m, n, d1, s1.data(), n);
+    score_f32(h.row(t0) + d1, h.ld(), w2.data(), w2.ld(), m, n, d2, s2.data(), n);
+    ParallelErrors errors;  // buffer allocations may throw
+#pragma omp parallel
+    {
+      std::vector<float> z1, z2;
+      std::vector<int32_t> i1, i2;
+      const bool ready = errors.run([&] {
+        z1.resize(static_cast<size_t>(kh));
+        z2.resize(static_cast<size_t>(kh));
+        i1.resize(static_cast<size_t>(kh));
+        i2.resize(static_cast<size_t>(kh));
+      });
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < m; ++i) {
+        if (!ready) continue;
+        TopK top1(kh, z1.data(), i1.data()), top2(kh, z2.data(), i2.data());
+        for (int64_t j = 0; j < n; ++j) {
+          top1.push_ascending(s1[i * n + j], static_cast<int32_t>(j));
+          top2.push_ascending(s2[i * n + j], static_cast<int32_t>(j));
+        }
+        TopK top = o.top(t0 + i, k);
+        for (int a = 0; a < kh; ++a)
+          for (int b = 0; b < kh; ++b)
+            top.push(z1[a] + z2[b], static_cast<int32_t>(i1[a] * n + i2[b]));
+      }
+    }
+    errors.rethrow();
+  }
+}
+
+// ---- AIR: probes, pairs, scan, merge ------------------------------------
+
+ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorView list_sizes,
+                                int probes, int k, Stream) const {
+  const OpArgs check = args("select_probes");
+  check.float_dtype(tokens, "tokens");
+  check.float_dtype(codewords, "codewords");
+  check_same_cols(check, tokens, "tokens", codewords, "codewords");
+  check.at_least(codewords.rows, 1, "codewords rows");
+  check.vector(list_sizes, "list_sizes", DType::kI64, codewords.rows);
+  check.at_least(probes, 1, "probes");
+  check_k(check, k);
+  const int64_t T = tokens.rows, C = codewords.rows, d = codewords.cols;
+  const Vec<const int64_t> sizes(list_sizes);
+  const FloatRows h(tokens), cw(codewords);
+  std::vector<std::vector<int32_t>> chosen(static_cast<size_t>(T));
+  const int64_t block = std::max<int64_t>(3, (int64_t{4} << 20) / C);
+  std::vector<float> scores(static_cast<size_t>(std::min(block, T) * C));
+  for (int64_t t0 = 0; t0 < T; t0 += block) {
+    const int64_t n = std::min(block, T - t0);
+    score_f32(h.row(t0), h.ld(), cw.data(), cw.ld(), n, C, d, scores.data(), C);
+    ParallelErrors errors;  // allocations may throw
+#pragma omp parallel
+    {
+      std::vector<int32_t> order;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        errors.run([&] {
+          probes_for_token(scores.data() + i * C, C, probes, k, sizes, order, chosen[t0 + i]);
+        });
+    }
+    errors.rethrow();
+  }
+  ProbeSet out;
+  flatten(chosen, out.offsets, out.codewords, out.count, *this);
+  out.shortlist_size = empty(DType::kI32, T, 1);
+  int32_t* shortlist = out.shortlist_size.as<int32_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t members = 0;
+    for (int32_t c : chosen[t]) members += sizes[c];
+    shortlist[t] = static_cast<int32_t>(members);
+  }
+  return out;
+}
+
+namespace {
+
+// The list blocks as host vectors.
+struct HostLists {
+  Vec<const int64_t> block_offsets, list_blocks, outranking_offsets;
+  Vec<const int32_t> ids, outranking;
+  int64_t blocks = 0, lists = 0;
+
+  HostLists(const OpArgs& check, const ListBlocksView& v) {
+    check.vector(v.block_offsets, "lists.block_offsets", DType::kI64);
+    check.vector(v.list_blocks, "lists.list_blocks", DType::kI64);
+    blocks = vector_size(v.block_offsets) - 1;
+    lists = vector_size(v.list_blocks) - 1;
+    if (blocks < 0 || lists < 0) check.fail("lists.block_offsets and lists.list_blocks need a row");
+    check.vector(v.outranking_offsets, "lists.outranking_offsets", DType::kI64, blocks + 1);
+    if (!v.outranking.empty()) check.vector(v.outranking, "lists.outranking", DType::kI32);
+    block_offsets = Vec<const int64_t>(v.block_offsets);
+    list_blocks = Vec<const int64_t>(v.list_blocks);
+    outranking_offsets = Vec<const int64_t>(v.outranking_offsets);
+    outranking = Vec<const int32_t>(v.outranking);
+    const int64_t rows = block_offsets[blocks];
+    if (rows > 0) {
+      check.vector(v.ids, "lists.ids", DType::kI32, rows);
+      check.float_dtype(v.keys, "lists.keys");
+      check.shape(v.keys, "lists.keys", rows, v.keys.cols);
+    }
+    ids = Vec<const int32_t>(v.ids);
+  }
+  int64_t block_size(int64_t s) const { return block_offsets[s + 1] - block_offsets[s]; }
+};
+
+}  // namespace
+
+PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, Stream) const {
+  const OpArgs check = args("probe_pairs");
+  const HostLists l(check, lists);
+  const int64_t T = probes.offsets.rows() - 1;
+  if (T < 0) check.fail("probes.offsets needs T + 1 rows");
+  const int64_t* offsets = probes.offsets.as<int64_t>();
+  const int32_t* codewords = probes.codewords.as<int32_t>();
+  for (int64_t i = 0; i < probes.count; ++i)
+    if (codewords[i] < 0 || codewords[i] >= l.lists)
+      check.fail("probe " + std::to_string(i) + " names list " + std::to_string(codewords[i]) +
+                 ", outside [0, " + std::to_string(l.lists) + ")");
+  std::vector<std::vector<int32_t>> scanned(static_cast<size_t>(T));
+  PairSet out;
+  out.shortlist_size = empty(DType::kI32, T, 1);
+  int32_t* shortlist = out.shortlist_size.as<int32_t>();
+  ParallelErrors errors;  // allocations may throw
+#pragma omp parallel
+  {
+    std::vector<int32_t> sorted;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      errors.run([&] {
+        // A block is scanned unless the token probes a list that outranks it
+        // (that list scores the block's experts already).
+        sorted.assign(codewords + offsets[t], codewords + offsets[t + 1]);
+        std::sort(sorted.begin(), sorted.end());
+        int64_t members = 0;
+        for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
+          const int32_t c = codewords[i];
+          for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
+            bool seen = false;
+            for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
+              seen = std::binary_search(sorted.begin(), sorted.end(), l.outranking[j]);
+            if (seen) continue;
+            scanned[t].push_back(static_cast<int32_t>(s));
+            members += l.block_size(s);
+          }
+        }
+        shortlist[t] = static_cast<int32_t>(members);
+      });
+  }
+  errors.rethrow();
+  flatten(scanned, out.offsets, out.block, out.count, *this);
+  out.query = empty(DType::kI32, out.count, 1);
+  int32_t* query = out.query.as<int32_t>();
+  const int64_t* pair_offsets = out.offsets.as<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    std::fill(query + pair_offsets[t], query + pair_offsets[t + 1], static_cast<int32_t>(t));
+  return out;
+}
+
+namespace {
+constexpr int64_t kQueriesPerTask = 64;
+}
+
+void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
+                          TensorView block, int k, TopKView out, Stream) const {
+  const OpArgs check = args("scan_blocks");
+  const HostLists l(check, lists);
+  check.float_dtype(queries, "queries");
+  check_k(check, k);
+  check.vector(query, "query", DType::kI32);
+  const int64_t P = vector_size(query);
+  check.vector(block, "block", DType::kI32, P);
+  const TopKOut o(check, out, P, k, "out");
+  const Vec<const int32_t> q_of(query), b_of(block);
+  for (int64_t p = 0; p < P; ++p) {
+    if (b_of[p] < 0 || b_of[p] >= l.blocks)
+      check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b_of[p]) +
+                 ", outside [0, " + std::to_string(l.blocks) + ")");
+    if (q_of[p] < 0 || q_of[p] >= queries.rows)
+      check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q_of[p]) +
+                 ", outside [0, " + std::to_string(queries.rows) + ")");
+  }
+  for (int64_t p = 0; p < P; ++p) {  // pairs on empty blocks keep empty slots
+    o.top(p, k);
+    if (o.with_lse) o.set_lse(p, LogSumExp{});
+  }
+  if (P == 0 || l.block_offsets[l.blocks] == 0) return;
+  check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
+  const int64_t d = queries.cols;
+  const FloatRows keys(lists.keys);
+
+  // Group pairs by block, in pair order; tasks of up to 64 queries each.
+  const Csr group = bucket(l.blocks, P, [&](int64_t p) { return b_of[p]; });
+  struct Task {
+    int32_t block;
+    int64_t begin, end;  // into group.items
+  };
+  std::vector<Task> tasks;
+  for (int64_t s = 0; s < l.blocks; ++s) {
+    if (l.block_size(s) == 0) continue;
+    for (int64_t b = group.offsets[s]; b < group.offsets[s + 1]; b += kQueriesPerTask)
+      tasks.push_back(
+          {static_cast<int32_t>(s), b, std::min(b + kQueriesPerTask, group.offsets[s + 1])});
+  }
+
+  ParallelErrors errors;  // buffer allocations may throw
+#pragma omp parallel
+  {
+    std::vector<float> xbuf, zbuf;
+    const bool ready = errors.run([&] { xbuf.resize(static_cast<size_t>(kQueriesPerTask * d)); });
+#pragma omp for schedule(dynamic, 1)
+    for (size_t ti = 0; ti < tasks.size(); ++ti) {
+      if (!ready) continue;
+      errors.run([&] {
+        const Task& task = tasks[ti];
+        const int64_t n = task.end - task.begin;
+        const int64_t first = l.block_offsets[task.block], L = l.block_size(task.block);
+        for (int64_t i = 0; i < n; ++i)
+          load_row(queries, q_of[group.items[task.begin + i]], xbuf.data() + i * d);
+        zbuf.resize(static_cast<size_t>(n * L));
+        score_f32(xbuf.data(), d, keys.row(first), keys.ld(), n, L, d, zbuf.data(), L);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = group.items[task.begin + i];
+          const float* z = zbuf.data() + i * L;
+          TopK top = o.top(p, k);
+          for (int64_t j = 0; j < L; ++j) top.push_ascending(z[j], l.ids[first + j]);
+          if (o.with_lse) {
+            LogSumExp lse;
+            for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
+            o.set_lse(p, lse);
+          }
+        }
+      });
+    }
+  }
+  errors.rethrow();
+}
+
+void HostOps::merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
+                         Stream) const {
+  const OpArgs check = args("merge_topk");
+  check_k(check, k);
+  check.vector(offsets, "offsets", DType::kI64);
+  const int64_t T = vector_size(offsets) - 1;
+  if (T < 0) check.fail("offsets needs T + 1 entries");
+  const Vec<const int64_t> off(offsets);
+  const int64_t pairs = candidates.ids.rows, width = candidates.ids.cols;
+  const TopKOut c(check, candidates, pairs, static_cast<int>(width), "candidates");
+  if (c.with_lse != !out.lse.empty())
+    check.fail("candidates.lse and out.lse must be given together");
+  const TopKOut o(check, out, T, k, "out");
+  for (int64_t t = 0; t < T; ++t)
+    if (off[t] > off[t + 1] || off[t] < 0 || off[t + 1] > pairs)
+      check.fail("offsets[" + std::to_string(t) + " .. " + std::to_string(t + 1) +
+                 "] is not a range of the " + std::to_string(pairs) + " candidate rows");
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    TopK top = o.top(t, k);
+    LogSumExp lse;
+    for (int64_t p = off[t]; p < off[t + 1]; ++p) {
+      const float* z = c.logits.row(p);
+      const int32_t* id = c.ids.row(p);
+      for (int64_t j = 0; j < width && id[j] >= 0; ++j) top.push(z[j], id[j]);
+      if (o.with_lse) lse.merge(c.get_lse(p));
+    }
+    if (o.with_lse) o.set_lse(t, lse);
+  }
+}
+
+void HostOps::finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
+                             TensorView gates, Stream) const {
+  const OpArgs check = args("finalize_gates");
+  check.dtype(logits, "logits", {DType::kF32});
+  const int64_t T = logits.rows;
+  const int k = static_cast<int>(logits.cols);
+  check.vector(log_normalizer, "log_normalizer", DType::kF64, T);
+  check.matrix(gates, "gates", DType::kF32, T, k);
+  const bool shortlist = !lse.empty();
+  if (shortlist) check.matrix(lse, "lse", DType::kF64, T, 2);
+  const Rows<const float> z_rows(logits);
+  const Rows<float> g_rows(gates);
+  const Rows<const double> lse_rows(lse);
+  const Vec<double> norm(log_normalizer);
+#pragma omp parallel for schedule(static) if (T > 256)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* z = z_rows.row(t);
+    LogSumExp l;
+    if (shortlist) {
+      l = LogSumExp{lse_rows.row(t)[0], lse_rows.row(t)[1]};
+    } else {
+      for (int j = 0; j < k; ++j) l.add(z[j]);
+    }
+    norm[t] = l.value();
+    float* g = g_rows.row(t);
+    for (int j = 0; j < k; ++j)
+      g[j] = static_cast<float>(std::exp(static_cast<double>(z[j]) - norm[t]));
+  }
+}
+
+// ---- router backward ----------------------------------------------------
+
+void HostOps::logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
+                          TensorView gates, TensorView d_gates, TensorView log_normalizer,
+                          TensorView coef, Stream) const {
+  const OpArgs check = args("logit_grads");
+  check.vector(token, "token", DType::kI32);
+  const int64_t N = vector_size(token);
+  check.vector(expert, "expert", DType::kI32, N);
+  check.vector(z, "z", DType::kF32, N);
+  check.vector(coef, "coef", DType::kF64, N);
+  check.dtype(chosen_ids, "chosen_ids", {DType::kI32});
+  const int64_t T = chosen_ids.rows;
+  const int k = static_cast<int>(chosen_ids.cols);
+  check.matrix(gates, "gates", DType::kF32, T, k);
+  check.float_dtype(d_gates, "d_gates");
+  check.shape(d_gates, "d_gates", T, k);
+  check.vector(log_normalizer, "log_normalizer", DType::kF64, T);
+  const Vec<const int32_t> tok(token), exp_id(expert);
+  const Vec<const float> zv(z);
+  const Vec<double> out(coef);
+  const Vec<const double> norm(log_normalizer);
+  const Rows<const int32_t> chosen(chosen_ids);
+  const Rows<const float> g(gates);
+  const FloatRows dg(d_gates);
+  for (int64_t i = 0; i < N; ++i)
+    if (tok[i] < 0 || tok[i] >= T)
+      check.fail("entry " + std::to_string(i) + " names token " + std::to_string(tok[i]) +
+                 ", outside [0, " + std::to_string(T) + ")");
+#pragma omp parallel for schedule(static) if (N > 4096)
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = tok[i];
+    const int32_t e = exp_id[i];
+    double weighted = 0.0;  // sum_j g_j dL/dg_j
+    double own = 0.0;       // dL/dg of e where e is chosen
+    for (int j = 0; j < k; ++j) {
+      weighted += static_cast<double>(g.row(t)[j]) * dg.row(t)[j];
+      if (chosen.row(t)[j] == e) own = dg.row(t)[j];
+    }
+    const double p = std::exp(static_cast<double>(zv[i]) - norm[t]);
+    out[i] = p * (own - weighted);
+  }
+}
+
+RowGrads HostOps::accumulate_row_grads(TensorView tokens, TensorView keys,
+                                       RowContributionsView contributions, TensorView d_tokens,
+                                       Stream) const {
+  const OpArgs check = args("accumulate_row_grads");
+  check.float_dtype(tokens, "tokens");
+  check.float_dtype(keys, "keys");
+  check_same_cols(check, tokens, "tokens", keys, "keys");
+  const int64_t T = tokens.rows, width = tokens.cols, R = keys.rows;
+  check.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  check.vector(contributions.token, "contributions.token", DType::kI32);
+  const int64_t N = vector_size(contributions.token);
+  check.vector(contributions.row, "contributions.row", DType::kI32, N);
+  check.vector(contributions.coef, "contributions.coef", DType::kF64, N);
+  const Vec<const int32_t> tok(contributions.token), row(contributions.row);
+  const Vec<const double> coef(contributions.coef);
+  for (int64_t i = 0; i < N; ++i)
+    if (tok[i] < 0 || tok[i] >= T || row[i] < 0 || row[i] >= R)
+      check.fail("contribution " + std::to_string(i) + " names token " + std::to_string(tok[i]) +
+                 " and row " + std::to_string(row[i]) + " of [" + std::to_string(T) + ", " +
+                 std::to_string(R) + "]");
+  // Zero coefficients contribute nothing, and their rows are not listed.
+  std::vector<int64_t> live;
+  live.reserve(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i)
+    if (coef[i] != 0.0) live.push_back(i);
+  const int64_t n_live = static_cast<int64_t>(live.size());
+  const FloatRows h(tokens), w(keys);
+  const Rows<float> dh_out(d_tokens);
+
+  // d_tokens: each token's contributions in contribution order.
+  const Csr by_token = bucket(T, n_live, [&](int64_t i) { return tok[live[i]]; });
+  ParallelErrors errors;  // the accumulators may fail to allocate
+#pragma omp parallel
+  {
+    std::vector<double> acc;
+    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t t = 0; t < T; ++t) {
+      if (!ready) continue;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = by_token.offsets[t]; i < by_token.offsets[t + 1]; ++i) {
+        const int64_t c = live[by_token.items[i]];
+        const float* wr = w.row(row[c]);
+        for (int64_t x = 0; x < width; ++x) acc[x] += coef[c] * wr[x];
+      }
+      float* o = dh_out.row(t);
+      for (int64_t x = 0; x < width; ++x) o[x] = static_cast<float>(acc[x]);
+    }
+  }
+  errors.rethrow();
+
+  // Key rows: each row's contributions in token order (then contribution
+  // order), in double: deterministic whatever order they were produced in.
+  std::vector<int64_t> order(by_token.items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = live[by_token.items[i]];
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return row[a] < row[b]; });
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < n_live; ++i)
+    if (i == 0 || row[order[i]] != row[order[i - 1]]) starts.push_back(i);
+  const int64_t count = static_cast<int64_t>(starts.size());
+  starts.push_back(n_live);
+  RowGrads out;
+  out.count = count;
+  out.rows = empty(DType::kI32, count, 1);
+  out.values = empty(DType::kF32, count, width);
+  int32_t* rows_out = out.rows.as<int32_t>();
+  float* values = out.values.as<float>();
+#pragma omp parallel
+  {
+    std::vector<double> acc;
+    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < count; ++r) {
+      if (!ready) continue;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = starts[r]; i < starts[r + 1]; ++i) {
+        const int64_t c = order[i];
+        const float* x = h.row(tok[c]);
+        for (int64_t j = 0; j < width; ++j) acc[j] += coef[c] * x[j];
+      }
+      rows_out[r] = row[order[starts[r]]];
+      for (int64_t j = 0; j < width; ++j) values[r * width + j] = static_cast<float>(acc[j]);
+    }
+  }
+  errors.rethrow();
+  return out;
+}
+
+}  // namespace airmoe::inline ops::host

@@ -1,0 +1,28 @@
+// The SIMD kernel sets of the host backends: what differs between
+// host-avx2 and host-portable, and nothing else does (ops/host/host_ops.h
+// is written once over a kernel set). Both keep lane_dot's structure
+// (ops/lane_dot.h) for every entry, so both give the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace airmoe::inline ops::host {
+
+struct HostKernels {
+  const char* name;  // the backend's name: "host-avx2", "host-portable"
+  // c[i * ldc + j] = lane_dot(a row i, b row j) over k, for i < m, j < n.
+  void (*score_block)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
+                      int64_t n, int64_t k, float* c, int64_t ldc);
+  // out[i * nb + j] += lane_dot over r < m of a[r * na + i] * b[r * nb + j]
+  // (a: [m, na], b: [m, nb], out: [na, nb]): a contraction over the rows,
+  // as the experts' parameter gradients need it.
+  void (*contract)(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out);
+};
+
+// lane_dot itself, entry by entry: runs on every CPU.
+const HostKernels& portable_kernels();
+// AVX2 + FMA register tiles; nullptr where the CPU lacks AVX2 or FMA (the
+// one place the CPU is asked).
+const HostKernels* avx2_kernels();
+
+}  // namespace airmoe::inline ops::host

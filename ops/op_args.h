@@ -1,0 +1,50 @@
+// The preconditions an op checks on its own arguments (ops/ops.h: devices,
+// dtypes and shapes; user input is checked by the callers), the same for
+// every backend. A failure is a UsageError naming the backend, the op and
+// the argument: "host-avx2 score: c is [2, 3] f32 on host, expected [2, 4]".
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace airmoe::inline ops {
+
+class OpArgs {
+ public:
+  OpArgs(const std::string& backend, const char* op, Device device)
+      : where_(backend + " " + op + ": "), device_(device) {}
+
+  // On this backend's device (an empty view may lie anywhere).
+  void on_device(const TensorView& v, const char* arg) const;
+  // On the host or on this backend's device.
+  void reachable(const TensorView& v, const char* arg) const;
+  // On the device, one of `dtypes`.
+  void dtype(const TensorView& v, const char* arg, std::initializer_list<DType> dtypes) const;
+  void float_dtype(const TensorView& v, const char* arg) const {
+    dtype(v, arg, {DType::kF32, DType::kBF16});
+  }
+  // On the device, of the dtype, [rows, cols].
+  void matrix(const TensorView& v, const char* arg, DType dtype, int64_t rows, int64_t cols) const;
+  // On the device, of the dtype, [n, 1] or [1, n]; n < 0 accepts any n.
+  void vector(const TensorView& v, const char* arg, DType dtype, int64_t n = -1) const;
+  void shape(const TensorView& v, const char* arg, int64_t rows, int64_t cols) const;
+  void at_least(int64_t value, int64_t lo, const char* arg) const;
+  [[noreturn]] void fail(const std::string& what) const;
+
+ private:
+  std::string where_;
+  Device device_;
+};
+
+// Entry i of a vector view ([n, 1] with any ld, or [1, n]).
+inline int64_t vector_stride(const TensorView& v) {
+  return v.cols == 1 ? v.ld : 1;
+}
+inline int64_t vector_size(const TensorView& v) {
+  return v.cols == 1 ? v.rows : v.cols;
+}
+
+}  // namespace airmoe::inline ops

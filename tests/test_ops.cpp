@@ -1,0 +1,928 @@
+// One test body per op of ops/ops.h, run on every backend (backend_params.h)
+// and compared with host-portable, as ggml's test-backend-ops does: the
+// inputs are built on the host, copied to the backend's device, the op runs
+// there, and its results come back to be compared. Host twins and
+// device-emulated agree bit for bit; cuda bit for bit where only +, *, fma
+// and sqrt are involved, and within kTranscendentalTol where exp, log or erf
+// are (libm differs from CUDA's). bf16 inputs, ties, empty inputs and strided
+// views are covered; host-portable itself is checked against lane_dot.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend_params.h"
+#include "core/errors.h"
+#include "ops/bf16.h"
+#include "ops/lane_dot.h"
+#include "ops/log_sum_exp.h"
+#include "ops/ops.h"
+#include "ops/topk.h"
+
+namespace airmoe {
+namespace {
+
+using test::BackendTest;
+
+// Relative to the largest magnitude of the reference: where cuda's exp, log
+// and erf may differ from libm's by an ulp or two.
+constexpr double kTranscendentalTol = 1e-5;
+
+// ---- host tensors -------------------------------------------------------
+
+Tensor host_tensor(DType dtype, int64_t rows, int64_t cols) {
+  return Tensor(host_allocator(), dtype, rows, cols);
+}
+
+template <typename T>
+Tensor host_of(DType dtype, int64_t rows, int64_t cols, const std::vector<T>& values) {
+  Tensor t = host_tensor(dtype, rows, cols);
+  EXPECT_EQ(values.size(), static_cast<size_t>(rows * cols));
+  if (!values.empty()) std::memcpy(t.view().data, values.data(), values.size() * sizeof(T));
+  return t;
+}
+
+Tensor ints(const std::vector<int32_t>& v) {
+  return host_of(DType::kI32, static_cast<int64_t>(v.size()), 1, v);
+}
+Tensor longs(const std::vector<int64_t>& v) {
+  return host_of(DType::kI64, static_cast<int64_t>(v.size()), 1, v);
+}
+Tensor floats(const std::vector<float>& v) {
+  return host_of(DType::kF32, static_cast<int64_t>(v.size()), 1, v);
+}
+
+// Gaussian entries, seeded.
+Tensor random_f32(int64_t rows, int64_t cols, uint64_t seed, double scale = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, scale);
+  std::vector<float> v(static_cast<size_t>(rows * cols));
+  for (float& x : v) x = static_cast<float>(normal(rng));
+  return host_of(DType::kF32, rows, cols, v);
+}
+
+// The bf16 tensor of a host f32 one (round to nearest even).
+Tensor to_bf16(const Tensor& f32) {
+  Tensor out = host_tensor(DType::kBF16, f32.rows(), f32.cols());
+  const float* src = f32.as<float>();
+  uint16_t* dst = out.as<uint16_t>();
+  for (int64_t i = 0; i < f32.rows() * f32.cols(); ++i) dst[i] = narrow_bf16(src[i]);
+  return out;
+}
+
+// The f32 tensor a bf16 one widens to (exact).
+Tensor widened(const Tensor& bf16) {
+  Tensor out = host_tensor(DType::kF32, bf16.rows(), bf16.cols());
+  for (int64_t i = 0; i < bf16.rows() * bf16.cols(); ++i)
+    out.as<float>()[i] = widen_bf16(bf16.as<uint16_t>()[i]);
+  return out;
+}
+
+// A vector of results (Tensors are move-only: no initializer list).
+template <typename... T>
+std::vector<Tensor> results(T&&... t) {
+  std::vector<Tensor> v;
+  (v.push_back(std::forward<T>(t)), ...);
+  return v;
+}
+
+template <typename T>
+std::vector<T> values_of(const Tensor& t) {
+  std::vector<T> v(static_cast<size_t>(t.rows() * t.cols()));
+  if (!v.empty()) std::memcpy(v.data(), t.view().data, v.size() * sizeof(T));
+  return v;
+}
+
+// ---- one backend's copies -------------------------------------------------
+
+// Host inputs copied to a backend's device, outputs allocated there, and
+// results brought back; keeps every device tensor alive until it goes.
+class OnDevice {
+ public:
+  explicit OnDevice(const Ops& ops) : ops_(ops) {}
+
+  TensorView put(const Tensor& host) {
+    kept_.push_back(ops_.empty(host.dtype(), host.rows(), host.cols()));
+    ops_.copy(kept_.back(), host, {});
+    return kept_.back();
+  }
+  // The same values as a strided view: `pad` unused columns on each side.
+  TensorView put_strided(const Tensor& host, int64_t pad) {
+    kept_.push_back(ops_.empty(host.dtype(), host.rows(), host.cols() + 2 * pad));
+    ops_.fill(kept_.back(), 7.0, {});
+    const TensorView inner = kept_.back().view().block(0, host.rows(), pad, host.cols());
+    ops_.copy(inner, host, {});
+    return inner;
+  }
+  // An output, filled with `value` so that an entry the op leaves shows.
+  TensorView out(DType dtype, int64_t rows, int64_t cols, double value = -12345.0) {
+    kept_.push_back(ops_.empty(dtype, rows, cols));
+    ops_.fill(kept_.back(), value, {});
+    return kept_.back();
+  }
+  Tensor get(TensorView device) const {
+    Tensor host = host_tensor(device.dtype, device.rows, device.cols);
+    ops_.copy(host, device, {});
+    ops_.synchronize({});
+    return host;
+  }
+  const Ops& ops() const { return ops_; }
+
+ private:
+  const Ops& ops_;
+  std::vector<Tensor> kept_;
+};
+
+// ---- comparisons ----------------------------------------------------------
+
+void expect_bits(const Tensor& got, const Tensor& want, const std::string& what) {
+  ASSERT_EQ(got.dtype(), want.dtype()) << what;
+  ASSERT_EQ(got.rows(), want.rows()) << what;
+  ASSERT_EQ(got.cols(), want.cols()) << what;
+  const size_t bytes = static_cast<size_t>(got.rows() * got.cols()) * dtype_size(got.dtype());
+  if (bytes == 0) return;
+  const auto* a = static_cast<const unsigned char*>(got.view().data);
+  const auto* b = static_cast<const unsigned char*>(want.view().data);
+  const size_t es = dtype_size(got.dtype());
+  for (size_t i = 0; i < bytes; i += es)
+    if (std::memcmp(a + i, b + i, es) != 0) {
+      ADD_FAILURE() << what << ": entry " << i / es << " differs in its bits";
+      return;
+    }
+}
+
+double as_double(const Tensor& t, int64_t i) {
+  switch (t.dtype()) {
+    case DType::kF32:
+      return t.as<float>()[i];
+    case DType::kF64:
+      return t.as<double>()[i];
+    case DType::kBF16:
+      return widen_bf16(t.as<uint16_t>()[i]);
+    case DType::kI32:
+      return t.as<int32_t>()[i];
+    case DType::kI64:
+      return static_cast<double>(t.as<int64_t>()[i]);
+  }
+  return 0.0;
+}
+
+void expect_close(const Tensor& got, const Tensor& want, double rel, const std::string& what) {
+  ASSERT_EQ(got.rows(), want.rows()) << what;
+  ASSERT_EQ(got.cols(), want.cols()) << what;
+  const int64_t n = got.rows() * got.cols();
+  double scale = 1e-30, diff = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = as_double(got, i), b = as_double(want, i);
+    if (std::isinf(b) || std::isnan(b)) {
+      EXPECT_EQ(std::memcmp(&a, &b, sizeof a), 0) << what << ": entry " << i;
+      continue;
+    }
+    scale = std::max(scale, std::abs(b));
+    diff = std::max(diff, std::abs(a - b));
+  }
+  EXPECT_LE(diff / scale, rel) << what;
+}
+
+// ---- the fixture ----------------------------------------------------------
+
+class OpsTest : public BackendTest {
+ protected:
+  // Bit for bit; for values derived from exp, log or erf, within
+  // kTranscendentalTol on cuda.
+  void expect_same(const Tensor& got, const Tensor& want, const std::string& what,
+                   bool transcendental = false) const {
+    if (transcendental && !libm_bits())
+      expect_close(got, want, kTranscendentalTol, what);
+    else
+      expect_bits(got, want, what + " on " + ops().name());
+  }
+  // run(ops) returns its results on the host; every backend's equal the
+  // reference's (`transcendental[i]`: result i may differ on cuda).
+  template <typename Run>
+  void compare(Run run, const std::vector<bool>& transcendental = {}) const {
+    const std::vector<Tensor> want = run(ref());
+    const std::vector<Tensor> got = run(ops());
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i)
+      expect_same(got[i], want[i], "result " + std::to_string(i),
+                  i < transcendental.size() && transcendental[i]);
+  }
+};
+
+// ---- memory -----------------------------------------------------------------
+
+TEST_P(OpsTest, CopyConvertsAndFills) {
+  Tensor x = random_f32(5, 11, 1, 3.0);
+  x.as<float>()[3] = std::numeric_limits<float>::quiet_NaN();
+  x.as<float>()[4] = -std::numeric_limits<float>::infinity();
+  x.as<float>()[5] = 1.00390625f;  // bf16 tie: rounds to even (1.0)
+  x.as<float>()[6] = 1.01171875f;  // bf16 tie: rounds to even (1.015625)
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView f32 = dev.put_strided(x, 3);
+    const TensorView bf16 = dev.out(DType::kBF16, 5, 11);
+    o.copy(bf16, f32, {});  // f32 -> bf16 on the device
+    const TensorView back = dev.out(DType::kF32, 5, 11);
+    o.copy(back, bf16, {});  // bf16 -> f32
+    const TensorView filled = dev.out(DType::kI64, 3, 2);
+    o.fill(filled, 42.0, {});
+    const TensorView half = dev.out(DType::kF64, 4, 3);
+    o.fill(half.block(1, 2, 1, 2), -0.5, {});  // a strided block only
+    return results(dev.get(bf16), dev.get(back), dev.get(filled), dev.get(half));
+  });
+  // The reference itself: round to nearest even, NaN stays NaN.
+  const Tensor bf = to_bf16(x);
+  EXPECT_EQ(bf.as<uint16_t>()[5], 0x3f80);
+  EXPECT_EQ(bf.as<uint16_t>()[6], 0x3f82);
+  EXPECT_TRUE(std::isnan(widen_bf16(bf.as<uint16_t>()[3])));
+  // Empty copies are no-ops; mismatched shapes and dtypes are refused.
+  OnDevice dev(ops());
+  const Tensor none = host_tensor(DType::kF32, 0, 4);
+  EXPECT_NO_THROW(ops().copy(dev.out(DType::kF32, 0, 4), none, {}));
+  EXPECT_THROW(ops().copy(dev.out(DType::kF32, 2, 4), random_f32(2, 5, 1), {}), UsageError);
+  EXPECT_THROW(ops().copy(dev.out(DType::kI32, 2, 4), random_f32(2, 4, 1), {}), UsageError);
+}
+
+TEST_P(OpsTest, CheckRowsFindsNonFiniteAndOverflow) {
+  Tensor m = random_f32(7, 9, 2);
+  const auto check = [&](const Ops& o, const Tensor& t, double bound) {
+    OnDevice dev(o);
+    return o.check_rows(dev.put_strided(t, 1), bound, {});
+  };
+  const auto same = [&](const Tensor& t, double bound) {
+    const RowCheck want = check(ref(), t, bound), got = check(ops(), t, bound);
+    EXPECT_EQ(got.nonfinite_row, want.nonfinite_row);
+    EXPECT_EQ(got.nonfinite_col, want.nonfinite_col);
+    EXPECT_EQ(got.overflow_row, want.overflow_row);
+    EXPECT_EQ(got.overflow_norm, want.overflow_norm);
+    EXPECT_EQ(got.max_norm, want.max_norm);
+    return want;
+  };
+  RowCheck r = same(m, 1.0);
+  EXPECT_EQ(r.nonfinite_row, -1);
+  EXPECT_EQ(r.overflow_row, -1);
+  double max_norm = 0.0;
+  for (int64_t i = 0; i < 7; ++i) {
+    double s = 0.0;
+    for (int64_t c = 0; c < 9; ++c)
+      s += static_cast<double>(m.as<float>()[i * 9 + c]) * m.as<float>()[i * 9 + c];
+    max_norm = std::max(max_norm, std::sqrt(s));
+  }
+  EXPECT_EQ(r.max_norm, max_norm);
+  // Overflow: row 4 scaled so |h| * bound exceeds FLT_MAX / 2.
+  for (int64_t c = 0; c < 9; ++c) m.as<float>()[4 * 9 + c] *= 1e37f;
+  r = same(m, 1e3);
+  EXPECT_EQ(r.overflow_row, 4);
+  // Non-finite entries: the first in row-major order; bf16 alike.
+  m.as<float>()[5 * 9 + 2] = std::numeric_limits<float>::infinity();
+  m.as<float>()[2 * 9 + 7] = std::numeric_limits<float>::quiet_NaN();
+  r = same(m, 1.0);
+  EXPECT_EQ(r.nonfinite_row, 2);
+  EXPECT_EQ(r.nonfinite_col, 7);
+  r = same(to_bf16(m), 1.0);
+  EXPECT_EQ(r.nonfinite_row, 2);
+  EXPECT_EQ(same(host_tensor(DType::kF32, 0, 3), 1.0).nonfinite_row, -1);
+}
+
+// ---- scoring ----------------------------------------------------------------
+
+TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
+  struct Shape {
+    int64_t m, n, k;
+  };
+  // k a multiple of 8 and not; tiles with partial edges; k = 0; empty sides.
+  for (const Shape s : {Shape{7, 13, 16}, Shape{10, 9, 37}, Shape{1, 1, 5}, Shape{4, 6, 0},
+                        Shape{0, 5, 8}, Shape{3, 0, 8}, Shape{50, 70, 200}}) {
+    const Tensor a = random_f32(s.m, s.k, 10 + s.k), b = random_f32(s.n, s.k, 20 + s.k);
+    const auto run = [&](const Ops& o, const Tensor& ha, const Tensor& hb, int64_t pad) {
+      OnDevice dev(o);
+      const TensorView c = dev.out(DType::kF32, s.m, s.n + 2 * pad).block(0, s.m, pad, s.n);
+      o.score(pad ? dev.put_strided(ha, pad) : dev.put(ha),
+              pad ? dev.put_strided(hb, pad) : dev.put(hb), c, {});
+      return results(dev.get(c));
+    };
+    compare([&](const Ops& o) { return run(o, a, b, 0); });
+    compare([&](const Ops& o) { return run(o, a, b, 2); });  // strided a, b and c
+    // bf16 inputs score like their f32 widening.
+    const Tensor a16 = to_bf16(a), b16 = to_bf16(b);
+    const Tensor want = std::move(run(ref(), widened(a16), widened(b16), 0)[0]);
+    expect_bits(run(ops(), a16, b16, 1)[0], want, "bf16 score");
+    expect_bits(run(ops(), a16, widened(b16), 0)[0], want, "bf16 x f32 score");
+    // The reference is lane_dot, entry by entry.
+    const Tensor c = std::move(run(ref(), a, b, 0)[0]);
+    for (int64_t i = 0; i < s.m; ++i)
+      for (int64_t j = 0; j < s.n; ++j) {
+        const float z = lane_dot(a.as<float>() + i * s.k, b.as<float>() + j * s.k, s.k);
+        ASSERT_EQ(std::memcmp(&z, c.as<float>() + i * s.n + j, 4), 0) << i << ", " << j;
+      }
+  }
+}
+
+TEST_P(OpsTest, ScorePairsEqualsScore) {
+  const Tensor a = random_f32(9, 21, 3), b = random_f32(12, 21, 4);
+  const Tensor ar = ints({0, 8, 3, 3, 5}), br = ints({11, 0, 3, 7, 5});
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView c = dev.out(DType::kF32, 5, 1);
+    o.score_pairs(dev.put_strided(a, 1), dev.put(to_bf16(b)), dev.put(ar), dev.put(br), c, {});
+    const TensorView full = dev.out(DType::kF32, 9, 12);
+    o.score(dev.put(a), dev.put(to_bf16(b)), full, {});
+    return results(dev.get(c), dev.get(full));
+  });
+  // Each pair's logit is that entry of the full product.
+  OnDevice dev(ops());
+  const TensorView c = dev.out(DType::kF32, 5, 1);
+  const TensorView full = dev.out(DType::kF32, 9, 12);
+  ops().score_pairs(dev.put(a), dev.put(b), dev.put(ar), dev.put(br), c, {});
+  ops().score(dev.put(a), dev.put(b), full, {});
+  const std::vector<float> pairs = values_of<float>(dev.get(c)),
+                           all = values_of<float>(dev.get(full));
+  for (size_t p = 0; p < pairs.size(); ++p)
+    EXPECT_EQ(pairs[p], all[ar.as<int32_t>()[p] * 12 + br.as<int32_t>()[p]]) << "pair " << p;
+}
+
+// ---- rows of the sphere and the codebook --------------------------------
+
+TEST_P(OpsTest, NormalizeRowsAndNearest) {
+  Tensor rows = random_f32(40, 13, 5);
+  Tensor codewords = random_f32(6, 13, 6);
+  // A duplicated codeword: equal scores go to the lower index.
+  std::memcpy(codewords.as<float>() + 4 * 13, codewords.as<float>() + 1 * 13, 13 * 4);
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView unit = dev.out(DType::kF32, 40, 13);
+    EXPECT_EQ(o.normalize_rows(dev.put_strided(rows, 2), unit, {}), -1);
+    const TensorView unit_cw = dev.out(DType::kF32, 6, 13);
+    EXPECT_EQ(o.normalize_rows(dev.put(codewords), unit_cw, {}), -1);
+    const TensorView best = dev.out(DType::kI32, 40, 1), score = dev.out(DType::kF32, 40, 1);
+    o.nearest(unit, unit_cw, best, score, {});
+    const TensorView unit16 = dev.out(DType::kBF16, 40, 13);
+    o.normalize_rows(dev.put(to_bf16(rows)), unit16, {});
+    const TensorView best16 = dev.out(DType::kI32, 40, 1), score16 = dev.out(DType::kF32, 40, 1);
+    o.nearest(unit16, unit_cw, best16, score16, {});
+    return results(dev.get(unit), dev.get(unit_cw), dev.get(best), dev.get(score), dev.get(unit16),
+                   dev.get(best16));
+  });
+  OnDevice dev(ops());
+  // Every row that picked codeword 1 or 4 picked 1.
+  const TensorView unit_cw = dev.out(DType::kF32, 6, 13);
+  ops().normalize_rows(dev.put(codewords), unit_cw, {});
+  const TensorView best = dev.out(DType::kI32, 6, 1);
+  ops().nearest(unit_cw, unit_cw, best, dev.out(DType::kF32, 6, 1), {});
+  EXPECT_EQ(values_of<int32_t>(dev.get(best)), (std::vector<int32_t>{0, 1, 2, 3, 1, 5}));
+  // The first zero row is reported.
+  for (int64_t c = 0; c < 13; ++c)
+    rows.as<float>()[17 * 13 + c] = rows.as<float>()[30 * 13 + c] = 0;
+  EXPECT_EQ(ops().normalize_rows(dev.put(rows), dev.out(DType::kF32, 40, 13), {}), 17);
+}
+
+TEST_P(OpsTest, KMeansStatsAreExactAndSplitFree) {
+  const Tensor rows = random_f32(101, 19, 7), cw = random_f32(8, 19, 8);
+  std::vector<int32_t> id(101);
+  for (int32_t i = 0; i < 101; ++i) id[i] = 1000 - 3 * i;
+  const auto stats = [&](const Ops& o, int64_t r0, int64_t n, bool bf16) {
+    OnDevice dev(o);
+    const TensorView unit = dev.out(DType::kF32, 101, 19), unit_cw = dev.out(DType::kF32, 8, 19);
+    o.normalize_rows(bf16 ? dev.put(to_bf16(rows)) : dev.put(rows), unit, {});
+    o.normalize_rows(dev.put(cw), unit_cw, {});
+    const Tensor ids = ints(std::vector<int32_t>(id.begin() + r0, id.begin() + r0 + n));
+    return o.kmeans_stats(unit.row_range(r0, n), unit_cw, dev.put(ids), {});
+  };
+  const auto expect_equal = [](const KMeansStats& a, const KMeansStats& b) {
+    EXPECT_EQ(a.sums, b.sums);
+    EXPECT_EQ(a.counts, b.counts);
+    EXPECT_EQ(a.objective, b.objective);
+    EXPECT_EQ(a.farthest_cos, b.farthest_cos);
+    EXPECT_EQ(a.farthest_expert, b.farthest_expert);
+  };
+  for (bool bf16 : {false, true}) {
+    const KMeansStats want = stats(ref(), 0, 101, bf16);
+    expect_equal(stats(ops(), 0, 101, bf16), want);
+    KMeansStats parts = stats(ops(), 0, 40, bf16);
+    parts += stats(ops(), 40, 61, bf16);
+    expect_equal(parts, want);  // any split adds up to the same bits
+    EXPECT_EQ(want.experts(), 101);
+  }
+  // Without ids, a row's id is its index.
+  OnDevice dev(ops());
+  const TensorView unit = dev.out(DType::kF32, 101, 19), unit_cw = dev.out(DType::kF32, 8, 19);
+  ops().normalize_rows(dev.put(rows), unit, {});
+  ops().normalize_rows(dev.put(cw), unit_cw, {});
+  const KMeansStats s = ops().kmeans_stats(unit, unit_cw, TensorView(), {});
+  for (int32_t e : s.farthest_expert) EXPECT_LT(e, 101);
+}
+
+// ---- routing ------------------------------------------------------------
+
+// Keys with duplicated rows: equal logits, ranked by the lower id.
+Tensor keys_with_ties(int64_t E, int64_t d, uint64_t seed) {
+  Tensor keys = random_f32(E, d, seed);
+  for (int64_t e = 3; e < E; e += 4)
+    std::memcpy(keys.as<float>() + e * d, keys.as<float>() + (e - 2) * d, d * 4);
+  return keys;
+}
+
+TEST_P(OpsTest, DenseTopKRanksTiesByLowerId) {
+  const int64_t E = 57, d = 11, T = 30;
+  const Tensor keys = keys_with_ties(E, d, 9), tokens = random_f32(T, d, 10);
+  for (int k : {1, 4, 57}) {
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                             dev.out(DType::kF64, T, 2)};
+          o.dense_topk(dev.put_strided(tokens, 1), dev.put(keys), k, out, {});
+          const TopKView bf{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+          o.dense_topk(dev.put(to_bf16(tokens)), dev.put(to_bf16(keys)), k, bf, {});
+          return results(dev.get(out.logits), dev.get(out.ids), dev.get(out.lse),
+                         dev.get(bf.logits), dev.get(bf.ids));
+        },
+        {false, false, true});
+  }
+  // Against a plain sort of the scores; tied keys appear lower id first.
+  OnDevice dev(ops());
+  const int k = 8;
+  const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+  ops().dense_topk(dev.put(tokens), dev.put(keys), k, out, {});
+  const TensorView all = dev.out(DType::kF32, T, E);
+  ops().score(dev.put(tokens), dev.put(keys), all, {});
+  const std::vector<float> z = values_of<float>(dev.get(all));
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(out.ids));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> order(E);
+    for (int32_t e = 0; e < E; ++e) order[e] = e;
+    std::sort(order.begin(), order.end(),
+              [&](int32_t a, int32_t b) { return ranks_before(z[t * E + a], a, z[t * E + b], b); });
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k),
+              std::vector<int32_t>(order.begin(), order.begin() + k))
+        << "token " << t;
+  }
+  // No tokens: nothing to do.
+  EXPECT_NO_THROW(ops().dense_topk(dev.out(DType::kF32, 0, d), dev.put(keys), 3,
+                                   {dev.out(DType::kF32, 0, 3), dev.out(DType::kI32, 0, 3), {}},
+                                   {}));
+}
+
+TEST_P(OpsTest, ProductTopK) {
+  const int64_t n = 9, d1 = 6, d2 = 7, T = 25;
+  const Tensor k1 = keys_with_ties(n, d1, 11), k2 = random_f32(n, d2, 12),
+               tokens = random_f32(T, d1 + d2, 13);
+  for (int k : {1, 5, 12}) {  // k > n: the halves' top-k is all of n
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+      o.product_topk(dev.put_strided(tokens, 2), dev.put(k1), dev.put(to_bf16(k2)), k, out, {});
+      return results(dev.get(out.logits), dev.get(out.ids));
+    });
+  }
+}
+
+// A small inverted index: codewords, list sizes, and lists cut into blocks
+// the way spilled lists are (router/spilled_lists.h): list c's blocks,
+// each block's members, and the lists that outrank it.
+struct Index {
+  Tensor codewords;   // [C, d]
+  Tensor list_sizes;  // i64 [C]
+  Tensor block_offsets, ids, keys, list_blocks, outranking_offsets, outranking;
+
+  ListBlocksView on(OnDevice& dev) const {
+    return {dev.put(block_offsets),
+            dev.put(ids),
+            dev.put(keys),
+            dev.put(list_blocks),
+            dev.put(outranking_offsets),
+            outranking.rows() ? dev.put(outranking) : TensorView()};
+  }
+};
+
+// 5 lists over 30 experts of width d: list c holds experts e with e % 5 ==
+// c (block 2c; list 2 has none, so block 4 is empty) and a spill of the
+// experts below 10 of list (c + 1) % 5 (block 2c + 1, outranked by that
+// list, the spilled experts' primary).
+Index small_index(int64_t d, uint64_t seed) {
+  const int64_t C = 5;
+  const Tensor centers = keys_with_ties(30, d, seed);
+  std::vector<int64_t> block_offsets{0}, list_blocks{0}, outranking_offsets{0};
+  std::vector<int32_t> ids, outranking;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int32_t e = 0; e < 30; ++e)
+      if (e % C == c && c != 2) ids.push_back(e);
+    block_offsets.push_back(static_cast<int64_t>(ids.size()));
+    outranking_offsets.push_back(static_cast<int64_t>(outranking.size()));
+    for (int32_t e = 0; e < 10; ++e)
+      if (e % C == (c + 1) % C) ids.push_back(e);
+    block_offsets.push_back(static_cast<int64_t>(ids.size()));
+    outranking.push_back(static_cast<int32_t>((c + 1) % C));
+    outranking_offsets.push_back(static_cast<int64_t>(outranking.size()));
+    list_blocks.push_back(2 * c + 2);
+  }
+  Index x;
+  x.codewords = random_f32(C, d, seed + 1);
+  std::vector<int64_t> sizes;
+  for (int64_t c = 0; c < C; ++c) sizes.push_back(block_offsets[2 * c + 2] - block_offsets[2 * c]);
+  x.list_sizes = longs(sizes);
+  x.block_offsets = longs(block_offsets);
+  x.ids = ints(ids);
+  x.keys = host_tensor(DType::kF32, static_cast<int64_t>(ids.size()), d);
+  for (size_t i = 0; i < ids.size(); ++i)
+    std::memcpy(x.keys.as<float>() + i * d, centers.as<float>() + ids[i] * d, d * 4);
+  x.list_blocks = longs(list_blocks);
+  x.outranking_offsets = longs(outranking_offsets);
+  x.outranking = ints(outranking);
+  return x;
+}
+
+std::vector<Tensor> probe_set(const OnDevice& dev, const ProbeSet& p) {
+  return results(dev.get(p.offsets), dev.get(p.codewords), dev.get(p.shortlist_size));
+}
+
+TEST_P(OpsTest, SelectProbesExtendsShortLists) {
+  const int64_t d = 12, T = 33;
+  const Index index = small_index(d, 14);
+  const Tensor tokens = random_f32(T, d, 15);
+  // probes = 1 with k = 9 needs two lists or more; probes > C probes all.
+  for (auto [probes, k] : {std::pair{1, 1}, std::pair{1, 9}, std::pair{2, 4}, std::pair{7, 2}}) {
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const ProbeSet p = o.select_probes(dev.put_strided(tokens, 1), dev.put(index.codewords),
+                                         dev.put(index.list_sizes), probes, k, {});
+      std::vector<Tensor> out = probe_set(dev, p);
+      out.push_back(longs({p.count}));
+      const ProbeSet p16 = o.select_probes(dev.put(to_bf16(tokens)), dev.put(index.codewords),
+                                           dev.put(index.list_sizes), probes, k, {});
+      for (Tensor& t : probe_set(dev, p16)) out.push_back(std::move(t));
+      return out;
+    });
+  }
+  OnDevice dev(ops());
+  const ProbeSet none = ops().select_probes(dev.out(DType::kF32, 0, d), dev.put(index.codewords),
+                                            dev.put(index.list_sizes), 2, 3, {});
+  EXPECT_EQ(none.count, 0);
+}
+
+TEST_P(OpsTest, ProbePairsSkipOutrankedBlocks) {
+  const int64_t d = 8;
+  const Index index = small_index(d, 16);
+  // Token 0 probes list 1 then 0: list 0's spill block (experts of list 1)
+  // is skipped; token 1 probes 4 alone; token 2 nothing; token 3 all.
+  const Tensor offsets = longs({0, 2, 3, 3, 8}), codewords = ints({1, 0, 4, 3, 1, 0, 2, 4});
+  const auto run = [&](const Ops& o) {
+    OnDevice dev(o);
+    ProbeSet probes;
+    probes.offsets = o.empty(DType::kI64, 5, 1);
+    probes.codewords = o.empty(DType::kI32, 8, 1);
+    probes.shortlist_size = o.empty(DType::kI32, 4, 1);
+    probes.count = 8;
+    o.copy(probes.offsets, offsets, {});
+    o.copy(probes.codewords, codewords, {});
+    const PairSet p = o.probe_pairs(index.on(dev), probes, {});
+    return results(dev.get(p.query), dev.get(p.block), dev.get(p.offsets),
+                   dev.get(p.shortlist_size), longs({p.count}));
+  };
+  compare(run);
+  const std::vector<Tensor> got = run(ops());
+  EXPECT_EQ(values_of<int32_t>(got[1]), (std::vector<int32_t>{2, 3, 0, 8, 9, 6, 2, 0, 4, 8}));
+  EXPECT_EQ(values_of<int32_t>(got[0]), (std::vector<int32_t>{0, 0, 0, 1, 1, 3, 3, 3, 3, 3}));
+  EXPECT_EQ(values_of<int64_t>(got[2]), (std::vector<int64_t>{0, 3, 5, 5, 10}));
+}
+
+TEST_P(OpsTest, ScanBlocksAndMerge) {
+  const int64_t d = 10, R = 7;
+  const Index index = small_index(d, 17);
+  const Tensor queries = random_f32(R, d, 18);
+  // Pairs in no block order, every block at least once (block 4 is empty).
+  const Tensor query = ints({3, 0, 6, 0, 1, 2, 4, 5, 3, 6, 0, 2});
+  const Tensor block = ints({1, 0, 9, 2, 4, 5, 6, 7, 8, 3, 9, 1});
+  const Tensor offsets = longs({0, 3, 3, 5, 7, 9, 12});  // 6 tokens over the 12 pairs
+  for (int k : {1, 3, 8}) {
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const ListBlocksView lists = index.on(dev);
+          const TopKView cand{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k),
+                              dev.out(DType::kF64, 12, 2)};
+          o.scan_blocks(lists, dev.put_strided(queries, 1), dev.put(query), dev.put(block), k, cand,
+                        {});
+          const TopKView merged{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k),
+                                dev.out(DType::kF64, 6, 2)};
+          o.merge_topk(cand, dev.put(offsets), k, merged, {});
+          const TopKView plain{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k), {}};
+          o.scan_blocks(lists, dev.put(to_bf16(queries)), dev.put(query), dev.put(block), k, plain,
+                        {});
+          return results(dev.get(cand.logits), dev.get(cand.ids), dev.get(cand.lse),
+                         dev.get(merged.logits), dev.get(merged.ids), dev.get(merged.lse),
+                         dev.get(plain.logits), dev.get(plain.ids));
+        },
+        {false, false, true, false, false, true});
+  }
+  // A pair's top-k is the top-k of its query against its block alone; the
+  // lse covers every row of the block.
+  OnDevice dev(ops());
+  const int k = 3;
+  const TopKView cand{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k),
+                      dev.out(DType::kF64, 12, 2)};
+  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand, {});
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(cand.ids));
+  const std::vector<float> z = values_of<float>(dev.get(cand.logits));
+  const std::vector<double> lse = values_of<double>(dev.get(cand.lse));
+  const int64_t* bo = index.block_offsets.as<int64_t>();
+  for (int64_t p = 0; p < 12; ++p) {
+    const int64_t q = query.as<int32_t>()[p], b = block.as<int32_t>()[p];
+    std::vector<float> zs(k);
+    std::vector<int32_t> is(k);
+    TopK top(k, zs.data(), is.data());
+    LogSumExp l;
+    for (int64_t r = bo[b]; r < bo[b + 1]; ++r) {
+      const float s = lane_dot(queries.as<float>() + q * d, index.keys.as<float>() + r * d, d);
+      top.push(s, index.ids.as<int32_t>()[r]);
+      l.add(s);
+    }
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + p * k, ids.begin() + (p + 1) * k), is) << p;
+    EXPECT_EQ(std::vector<float>(z.begin() + p * k, z.begin() + (p + 1) * k), zs) << p;
+    if (libm_bits()) {
+      EXPECT_EQ(lse[2 * p + 1], l.sum) << p;
+    }
+  }
+}
+
+TEST_P(OpsTest, FinalizeGates) {
+  const int64_t T = 300;  // above the host's parallel threshold
+  for (int k : {1, 4}) {
+    Tensor logits = random_f32(T, k, 19, 4.0);
+    // Rows sorted best first, as routes are.
+    for (int64_t t = 0; t < T; ++t)
+      std::sort(logits.as<float>() + t * k, logits.as<float>() + (t + 1) * k, std::greater<>());
+    std::vector<double> lse;
+    for (int64_t t = 0; t < T; ++t) {
+      lse.push_back(logits.as<float>()[t * k]);
+      lse.push_back(1.0 + 0.25 * static_cast<double>(t % 7));
+    }
+    const Tensor lse_t = host_of(DType::kF64, T, 2, lse);
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const TensorView norm = dev.out(DType::kF64, T, 1), gates = dev.out(DType::kF32, T, k);
+          o.finalize_gates(dev.put_strided(logits, 1), TensorView(), norm, gates, {});
+          const TensorView norm2 = dev.out(DType::kF64, T, 1), gates2 = dev.out(DType::kF32, T, k);
+          o.finalize_gates(dev.put(logits), dev.put(lse_t), norm2, gates2, {});
+          return results(dev.get(norm), dev.get(gates), dev.get(norm2), dev.get(gates2));
+        },
+        {true, true, true, true});
+  }
+  // Chosen gates of a row sum to 1.
+  OnDevice dev(ops());
+  const Tensor logits = host_of(DType::kF32, 1, 4, std::vector<float>{2.0f, 1.0f, 0.5f, -1.0f});
+  const TensorView gates = dev.out(DType::kF32, 1, 4);
+  ops().finalize_gates(dev.put(logits), TensorView(), dev.out(DType::kF64, 1, 1), gates, {});
+  const std::vector<float> g = values_of<float>(dev.get(gates));
+  EXPECT_NEAR(g[0] + g[1] + g[2] + g[3], 1.0, 1e-6);
+  EXPECT_GT(g[0], g[1]);
+}
+
+TEST_P(OpsTest, LogitGradsAndRowGrads) {
+  const int64_t T = 20, d = 9, E = 15;
+  const int k = 3;
+  const Tensor tokens = random_f32(T, d, 20), keys = random_f32(E, d, 21);
+  // The normalizing set of token t: its chosen experts (t, t+1, t+2) mod E
+  // and, for even t, two more; one zero coefficient.
+  std::vector<int32_t> chosen, token, expert;
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) chosen.push_back(static_cast<int32_t>((t + j) % E));
+  for (int32_t t = 0; t < T; ++t) {
+    for (int j = 0; j < k; ++j) {
+      token.push_back(t);
+      expert.push_back(chosen[t * k + j]);
+    }
+    if (t % 2 == 0)
+      for (int32_t e : {(t + 5) % 15, (t + 9) % 15}) {
+        token.push_back(t);
+        expert.push_back(e);
+      }
+  }
+  const int64_t N = static_cast<int64_t>(token.size());
+  const Tensor chosen_t = host_of(DType::kI32, T, k, chosen), token_t = ints(token),
+               expert_t = ints(expert);
+  const Tensor gates = random_f32(T, k, 22, 0.3), d_gates = random_f32(T, k, 23),
+               norm = host_of(DType::kF64, T, 1, std::vector<double>(T, 1.5));
+  Tensor z = random_f32(N, 1, 24);
+  compare(
+      [&](const Ops& o) {
+        OnDevice dev(o);
+        const TensorView coef = dev.out(DType::kF64, N, 1);
+        o.logit_grads(dev.put(token_t), dev.put(expert_t), dev.put(z), dev.put(chosen_t),
+                      dev.put(gates), dev.put(to_bf16(d_gates)), dev.put(norm), coef, {});
+        return results(dev.get(coef));
+      },
+      {true});
+  // Row gradients from fixed coefficients (no transcendentals: exact
+  // everywhere), with a zero coefficient and repeated rows.
+  std::vector<double> coefs;
+  for (int64_t i = 0; i < N; ++i)
+    coefs.push_back(i == 4 ? 0.0 : 0.125 * static_cast<double>(i % 9) - 0.5);
+  const Tensor coef_t = host_of(DType::kF64, N, 1, coefs);
+  const auto run = [&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView dh = dev.out(DType::kF32, T, d);
+    const RowGrads g =
+        o.accumulate_row_grads(dev.put_strided(tokens, 1), dev.put(to_bf16(keys)),
+                               {dev.put(token_t), dev.put(expert_t), dev.put(coef_t)}, dh, {});
+    return results(dev.get(dh), dev.get(g.rows), dev.get(g.values), longs({g.count}));
+  };
+  compare(run);
+  // Against a direct double sum; zero coefficients list no row.
+  const std::vector<Tensor> got = run(ops());
+  const Tensor k16 = widened(to_bf16(keys));
+  std::vector<double> dh(T * d, 0.0);
+  std::map<int32_t, std::vector<double>> dk;
+  for (int64_t i = 0; i < N; ++i) {
+    if (coefs[i] == 0.0) continue;
+    for (int64_t c = 0; c < d; ++c) {
+      dh[token[i] * d + c] += coefs[i] * k16.as<float>()[expert[i] * d + c];
+      dk[expert[i]].resize(d);
+      dk[expert[i]][c] += coefs[i] * tokens.as<float>()[token[i] * d + c];
+    }
+  }
+  for (int64_t i = 0; i < T * d; ++i) EXPECT_EQ(got[0].as<float>()[i], static_cast<float>(dh[i]));
+  ASSERT_EQ(got[3].as<int64_t>()[0], static_cast<int64_t>(dk.size()));
+  int64_t r = 0;
+  for (const auto& [row, v] : dk) {
+    EXPECT_EQ(got[1].as<int32_t>()[r], row);
+    for (int64_t c = 0; c < d; ++c)
+      EXPECT_EQ(got[2].as<float>()[r * d + c], static_cast<float>(v[c]));
+    ++r;
+  }
+}
+
+// ---- experts ------------------------------------------------------------------
+
+struct ExpertInputs {
+  int64_t experts, d, h, tokens;
+  Activation act;
+  Tensor w1, w2, x, dy, token, local, gate;
+
+  ExpertInputs(int64_t experts, int64_t d, int64_t h, int64_t tokens, int64_t pairs, Activation act,
+               uint64_t seed)
+      : experts(experts), d(d), h(h), tokens(tokens), act(act) {
+    w1 = random_f32(experts * h, d, seed, 0.5);
+    w2 = random_f32(experts * d, h, seed + 1, 0.5);
+    x = random_f32(tokens, d, seed + 2);
+    dy = random_f32(tokens, d, seed + 3);
+    std::mt19937_64 rng(seed + 4);
+    std::vector<int32_t> t, l;
+    std::vector<float> g;
+    for (int64_t p = 0; p < pairs; ++p) {
+      t.push_back(static_cast<int32_t>(rng() % tokens));
+      l.push_back(static_cast<int32_t>(rng() % experts));
+      g.push_back(static_cast<float>(rng() % 100) / 100.0f);
+    }
+    token = ints(t);
+    local = ints(l);
+    gate = floats(g);
+  }
+  int64_t pairs() const { return token.rows(); }
+};
+
+TEST_P(OpsTest, ExpertForwardAndBackward) {
+  // h = 1 and wider; d a multiple of 8 and not; enough experts to run them
+  // on threads; no pairs; bf16 weights and inputs.
+  struct Case {
+    int64_t experts, d, h, tokens, pairs;
+    Activation act;
+    bool bf16;
+  };
+  for (const Case c : {Case{6, 16, 3, 10, 25, Activation::kGelu, false},
+                       Case{40, 13, 1, 30, 90, Activation::kRelu, false},
+                       Case{9, 24, 11, 12, 40, Activation::kSilu, true},
+                       Case{4, 8, 2, 5, 0, Activation::kGelu, false}}) {
+    const ExpertInputs in(c.experts, c.d, c.h, c.tokens, c.pairs, c.act, 30 + c.d);
+    const bool exact = c.act == Activation::kRelu;
+    const int64_t P = in.pairs();
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const ExpertWeightsView w{c.bf16 ? dev.put(to_bf16(in.w1)) : dev.put_strided(in.w1, 1),
+                                    c.bf16 ? dev.put(to_bf16(in.w2)) : dev.put(in.w2),
+                                    c.experts,
+                                    c.d,
+                                    c.h,
+                                    c.act};
+          const TensorView x = c.bf16 ? dev.put(to_bf16(in.x)) : dev.put(in.x);
+          const ExpertPairsView pairs{dev.put(in.token), dev.put(in.local), dev.put(in.gate)};
+          const TensorView out = dev.out(DType::kF32, c.tokens, c.d, 0.25);  // earlier sums
+          const ExpertCacheView cache{dev.out(DType::kF32, P, c.h), dev.out(DType::kF32, P, c.d)};
+          o.expert_forward(w, x, pairs, out, cache, {});
+          const TensorView d_gate = dev.out(DType::kF32, P, 1);
+          const TensorView dx = dev.out(DType::kF32, c.tokens, c.d, 0.0);
+          const TouchedExpertGrads g =
+              o.expert_backward(w, x, pairs, cache, dev.put(in.dy), d_gate, dx, {});
+          return results(dev.get(cache.pre), dev.get(cache.output), dev.get(out), dev.get(d_gate),
+                         dev.get(dx), dev.get(g.local), dev.get(g.w1), dev.get(g.w2),
+                         longs({g.count}));
+        },
+        {false, !exact, !exact, !exact, !exact, false, !exact, !exact});
+  }
+}
+
+TEST_P(OpsTest, ExpertForwardIsTheFfnOfEachPair) {
+  const ExpertInputs in(5, 11, 4, 6, 14, Activation::kSilu, 50);
+  OnDevice dev(ops());
+  const TensorView out = dev.out(DType::kF32, 6, 11, 0.0);
+  const ExpertCacheView cache{dev.out(DType::kF32, 14, 4), dev.out(DType::kF32, 14, 11)};
+  ops().expert_forward({dev.put(in.w1), dev.put(in.w2), 5, 11, 4, Activation::kSilu}, dev.put(in.x),
+                       {dev.put(in.token), dev.put(in.local), dev.put(in.gate)}, out, cache, {});
+  const Tensor pre = dev.get(cache.pre), y = dev.get(cache.output), o = dev.get(out);
+  std::vector<double> sum(6 * 11, 0.0);
+  for (int64_t p = 0; p < 14; ++p) {
+    const int64_t t = in.token.as<int32_t>()[p], e = in.local.as<int32_t>()[p];
+    std::vector<float> a(4);
+    for (int64_t j = 0; j < 4; ++j) {
+      const float z = lane_dot(in.x.as<float>() + t * 11, in.w1.as<float>() + (e * 4 + j) * 11, 11);
+      EXPECT_EQ(pre.as<float>()[p * 4 + j], z);
+      a[j] = static_cast<float>(act_value(Activation::kSilu, z));
+    }
+    for (int64_t c = 0; c < 11; ++c) {
+      const float v = lane_dot(a.data(), in.w2.as<float>() + (e * 11 + c) * 4, 4);
+      if (libm_bits()) {
+        EXPECT_EQ(y.as<float>()[p * 11 + c], v);
+      }
+      sum[t * 11 + c] += static_cast<double>(in.gate.as<float>()[p]) * v;
+    }
+  }
+  for (int64_t i = 0; i < 6 * 11; ++i) EXPECT_NEAR(o.as<float>()[i], sum[i], 1e-5);
+}
+
+TEST_P(OpsTest, AddScaledIsMultiplyThenAdd) {
+  const Tensor dst = random_f32(6, 10, 60), src = random_f32(6, 10, 61);
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView a = dev.put_strided(dst, 1);
+    o.add_scaled(a, dev.put(src), -0.375f, {});
+    const TensorView zero = dev.put(dst);
+    o.add_scaled(zero, dev.out(DType::kF32, 6, 10, 0.0), -0.5f, {});  // untouched entries stay
+    return results(dev.get(a), dev.get(zero));
+  });
+  OnDevice dev(ops());
+  const TensorView a = dev.put(dst);
+  ops().add_scaled(a, dev.put(src), 0.75f, {});
+  const Tensor got = dev.get(a);
+  for (int64_t i = 0; i < 60; ++i) {
+    const float p = 0.75f * src.as<float>()[i];
+    EXPECT_EQ(got.as<float>()[i], dst.as<float>()[i] + p);
+  }
+}
+
+// ---- bad arguments ----------------------------------------------------------
+
+TEST_P(OpsTest, WrongShapesAndDtypesAreNamed) {
+  OnDevice dev(ops());
+  const TensorView a = dev.put(random_f32(3, 4, 70)), b = dev.put(random_f32(5, 4, 71));
+  try {
+    ops().score(a, b, dev.out(DType::kF32, 3, 4), {});
+    ADD_FAILURE() << "a wrong c shape was accepted";
+  } catch (const UsageError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(ops().name() + " score: c is [3, 4]"), std::string::npos) << msg;
+  }
+  EXPECT_THROW(ops().score(dev.put(ints({1, 2})), b, dev.out(DType::kF32, 2, 5), {}), UsageError);
+  EXPECT_THROW(
+      ops().dense_topk(a, b, 0, {dev.out(DType::kF32, 3, 1), dev.out(DType::kI32, 3, 1), {}}, {}),
+      UsageError);
+  EXPECT_THROW(ops().normalize_rows(a, dev.out(DType::kF32, 2, 4), {}), UsageError);
+}
+
+TEST(Registry, NamesAndReasons) {
+  EXPECT_EQ(&find_backend("host"), &host_ops());
+  EXPECT_EQ(find_backend("host-portable").name(), "host-portable");
+  const std::vector<const Ops*> all = backends();
+  ASSERT_FALSE(all.empty());
+  EXPECT_EQ(all.front(), &host_ops());  // the fastest host twin first
+  for (const Ops* o : all) EXPECT_EQ(&find_backend(o->name()), o);
+#if defined(__x86_64__) || defined(__i386__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    EXPECT_EQ(host_ops().name(), "host-avx2");  // both twins registered on this CPU
+  }
+#endif
+  try {
+    find_backend("tpu");
+    ADD_FAILURE() << "an unknown backend was found";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("'tpu'"), std::string::npos) << e.what();
+  }
+  if (!cuda_unavailable_reason().empty()) {
+    EXPECT_THROW(find_backend("cuda:0"), UsageError);
+  }
+}
+
+AIRMOE_INSTANTIATE_BACKENDS(OpsTest);
+
+}  // namespace
+}  // namespace airmoe
