@@ -9,24 +9,15 @@
 
 #include "core/hd.h"
 #include "core/tensor.h"
+#include "ops/bf16.h"
 #include "ops/lane_dot.h"
+#include "ops/op_args.h"
 
 namespace airmoe::inline ops::device {
 
-// bf16 as stored: the high half of a float32 (lane_dot.h widens it).
+// bf16 as stored: the high half of a float32 (widen_bf16 in lane_dot.h,
+// narrow_bf16 and store_float in bf16.h).
 using bf16 = uint16_t;
-
-// f32 -> bf16, rounding to nearest even; NaN stays a (quiet) NaN.
-AIRMOE_HD inline bf16 narrow_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<bf16>(u >> 16);
-}
-
-AIRMOE_HD inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
-AIRMOE_HD inline void store_float(bf16* p, int64_t i, float v) { p[i] = narrow_bf16(v); }
 
 // Rows of a 2-D tensor: element (r, c) at data[r * ld + c].
 template <typename T>
@@ -54,11 +45,8 @@ Rows<T> rows_of(const TensorView& v) {
 
 template <typename T>
 Vec<T> vec_of(const TensorView& v) {
-  return {static_cast<T*>(v.data), v.cols == 1 ? v.ld : 1};
+  return {static_cast<T*>(v.data), vector_stride(v)};
 }
-
-// Number of entries of a vector view ([n, 1] or [1, n]).
-inline int64_t vec_size(const TensorView& v) { return v.cols == 1 ? v.rows : v.cols; }
 
 // A 32-bit key whose unsigned order is the float order (-0 and +0 equal),
 // and its complement for a descending sort.

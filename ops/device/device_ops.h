@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/expert_ops.h"
 #include "ops/device/list_ops.h"
@@ -112,10 +112,10 @@ class DeviceOps final : public Ops {
       device::merge_topk(x, a, candidates, offsets, k, out);
     });
   }
-  void finalize_gates(TensorView logits, TensorView log_normalizer, bool chosen, TensorView gates,
-                      Stream stream) const override {
+  void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
+                      TensorView gates, Stream stream) const override {
     run("finalize_gates", stream, [&](const auto& x, const OpArgs& a) {
-      device::finalize_gates(x, a, logits, log_normalizer, chosen, gates);
+      device::finalize_gates(x, a, logits, lse, log_normalizer, gates);
     });
   }
   void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,

@@ -19,14 +19,17 @@
 #include <thrust/sequence.h>
 #include <thrust/sort.h>
 #include <thrust/transform.h>
+#include <thrust/transform_reduce.h>
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "core/hd.h"
 #include "ops/device/access.h"
+#include "ops/op_args.h"
 
 namespace airmoe::inline ops::device {
 
@@ -85,6 +88,50 @@ T value_at(const X& x, const T* p) {
 template <typename T, typename X>
 void from_host(const X& x, T* dst, const std::vector<T>& src) {
   if (!src.empty()) x.copy_bytes(dst, 0, src.data(), 0, src.size() * sizeof(T), 1);
+}
+
+constexpr int64_t kNoRow = INT64_MAX;  // "none" in a min-reduction over rows
+
+struct Min64 {
+  AIRMOE_HD int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+struct Max64 {
+  AIRMOE_HD int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+
+template <typename Pred>
+struct IndexIf {
+  Pred pred;
+  AIRMOE_HD int64_t operator()(int64_t i) const { return pred(i) ? i : kNoRow; }
+};
+
+// The first i in [0, n) with pred(i), or -1 (one reduction, on the host).
+template <typename X, typename Pred>
+int64_t first_where(const X& x, int64_t n, Pred pred) {
+  if (n <= 0) return -1;
+  const int64_t i = thrust::transform_reduce(x.policy(), count_from(0), count_from(n),
+                                             IndexIf<Pred>{pred}, kNoRow, Min64{});
+  return i == kNoRow ? -1 : i;
+}
+
+struct OutOfRange {
+  Vec<const int32_t> values;
+  int64_t limit;
+  AIRMOE_HD bool operator()(int64_t i) const { return values[i] < 0 || values[i] >= limit; }
+};
+
+// Refuses (UsageError "<entry> i names <what> v, outside [0, limit)") an
+// index vector with an entry outside [0, limit): a device must never read
+// past a tensor on a caller's bad index.
+template <typename X>
+void check_indices(const X& x, const OpArgs& args, const char* entry, const char* what,
+                   const TensorView& v, int64_t limit) {
+  const Vec<const int32_t> values = vec_of<const int32_t>(v);
+  const int64_t i = first_where(x, vector_size(v), OutOfRange{values, limit});
+  if (i < 0) return;
+  const int32_t bad = value_at(x, &values[i]);
+  args.fail(std::string(entry) + " " + std::to_string(i) + " names " + what + " " +
+            std::to_string(bad) + ", outside [0, " + std::to_string(limit) + ")");
 }
 
 // Reads key i of an int32 vector (a Vec of any stride).

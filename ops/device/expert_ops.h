@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/expert_ffn.h"
 #include "ops/ops.h"
@@ -87,9 +87,10 @@ inline PairRefs pair_refs(const ExpertPairsView& pairs) {
           vec_of<const float>(pairs.gate)};
 }
 
-// The shapes every expert op shares; returns the number of pairs.
-inline int64_t check_expert_args(const OpArgs& args, const ExpertWeightsView& w, TensorView x,
-                                 const ExpertPairsView& pairs, const ExpertCacheView& cache) {
+// The arguments every expert op shares; returns the number of pairs.
+template <typename X>
+int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsView& w,
+                          TensorView x, const ExpertPairsView& pairs, const ExpertCacheView& cache) {
   args.at_least(w.dim, 1, "weights.dim");
   args.at_least(w.hidden, 1, "weights.hidden");
   args.at_least(w.experts, 0, "weights.experts");
@@ -99,12 +100,14 @@ inline int64_t check_expert_args(const OpArgs& args, const ExpertWeightsView& w,
   args.shape(w.w2, "weights.w2", w.experts * w.dim, w.hidden);
   args.float_dtype(x, "x");
   args.shape(x, "x", x.rows, w.dim);
-  const int64_t P = vec_size(pairs.token);
-  args.vector(pairs.token, "pairs.token", DType::kI32, P);
+  args.vector(pairs.token, "pairs.token", DType::kI32);
+  const int64_t P = vector_size(pairs.token);
   args.vector(pairs.local, "pairs.local", DType::kI32, P);
   args.vector(pairs.gate, "pairs.gate", DType::kF32, P);
   args.matrix(cache.pre, "cache.pre", DType::kF32, P, w.hidden);
   args.matrix(cache.output, "cache.output", DType::kF32, P, w.dim);
+  check_indices(ex, args, "pair", "token", pairs.token, x.rows);
+  check_indices(ex, args, "pair", "expert", pairs.local, w.experts);
   return P;
 }
 
@@ -121,7 +124,7 @@ void accumulate_by_token(const X& x, TensorView out, const ExpertPairsView& pair
 template <typename X>
 void expert_forward(const X& x, const OpArgs& args, const ExpertWeightsView& w, TensorView xin,
                     ExpertPairsView pairs, TensorView out, ExpertCacheView cache) {
-  const int64_t P = check_expert_args(args, w, xin, pairs, cache);
+  const int64_t P = check_expert_args(x, args, w, xin, pairs, cache);
   args.matrix(out, "out", DType::kF32, xin.rows, w.dim);
   if (P == 0) return;
   const int64_t d = w.dim, h = w.hidden;
@@ -306,7 +309,7 @@ template <typename X>
 TouchedExpertGrads expert_backward(const X& x, const OpArgs& args, const ExpertWeightsView& w,
                                    TensorView xin, ExpertPairsView pairs, ExpertCacheView cache,
                                    TensorView dy, TensorView d_gate, TensorView dx) {
-  const int64_t P = check_expert_args(args, w, xin, pairs, cache);
+  const int64_t P = check_expert_args(x, args, w, xin, pairs, cache);
   args.float_dtype(dy, "dy");
   args.shape(dy, "dy", xin.rows, w.dim);
   args.vector(d_gate, "d_gate", DType::kF32, P);

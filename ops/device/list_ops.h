@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/device/topk_ops.h"
@@ -246,33 +246,39 @@ struct PairWrite {
   }
 };
 
-// The lists' block structure; returns the number of blocks S.
-inline int64_t check_lists(const OpArgs& args, const ListBlocksView& lists) {
+// The lists' structure: S blocks over C lists, after the checks every
+// backend makes (the row count is read from the device).
+struct ListShape {
+  int64_t blocks, lists;
+};
+
+template <typename X>
+ListShape check_lists(const X& x, const OpArgs& args, const ListBlocksView& lists) {
   args.vector(lists.block_offsets, "lists.block_offsets", DType::kI64);
-  const int64_t S = vec_size(lists.block_offsets) - 1;
-  args.at_least(S, 0, "lists.block_offsets size - 1");
-  args.vector(lists.ids, "lists.ids", DType::kI32);
-  args.float_dtype(lists.keys, "lists.keys");
-  if (lists.keys.rows != vec_size(lists.ids))
-    args.fail("lists.keys has " + std::to_string(lists.keys.rows) + " rows and lists.ids " +
-              std::to_string(vec_size(lists.ids)));
   args.vector(lists.list_blocks, "lists.list_blocks", DType::kI64);
-  args.at_least(vec_size(lists.list_blocks), 1, "lists.list_blocks size");
-  if (!lists.outranking.empty()) {
-    args.vector(lists.outranking_offsets, "lists.outranking_offsets", DType::kI64, S + 1);
-    args.vector(lists.outranking, "lists.outranking", DType::kI32);
+  const ListShape shape{vector_size(lists.block_offsets) - 1, vector_size(lists.list_blocks) - 1};
+  if (shape.blocks < 0 || shape.lists < 0)
+    args.fail("lists.block_offsets and lists.list_blocks need a row");
+  args.vector(lists.outranking_offsets, "lists.outranking_offsets", DType::kI64, shape.blocks + 1);
+  if (!lists.outranking.empty()) args.vector(lists.outranking, "lists.outranking", DType::kI32);
+  const int64_t rows = value_at(x, &vec_of<const int64_t>(lists.block_offsets)[shape.blocks]);
+  if (rows > 0) {
+    args.vector(lists.ids, "lists.ids", DType::kI32, rows);
+    args.float_dtype(lists.keys, "lists.keys");
+    args.shape(lists.keys, "lists.keys", rows, lists.keys.cols);
   }
-  return S;
+  return shape;
 }
 
 template <typename X>
 PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
                     const ProbeSet& probes) {
-  check_lists(args, lists);
-  args.vector(probes.offsets.view(), "probes.offsets", DType::kI64);
+  const ListShape shape = check_lists(x, args, lists);
   const int64_t T = probes.offsets.rows() - 1;
-  args.at_least(T, 0, "probes.offsets rows - 1");
+  if (T < 0) args.fail("probes.offsets needs T + 1 rows");
+  args.vector(probes.offsets.view(), "probes.offsets", DType::kI64);
   args.vector(probes.codewords.view(), "probes.codewords", DType::kI32, probes.count);
+  check_indices(x, args, "probe", "list", probes.codewords.view(), shape.lists);
   const bool spilled = !lists.outranking.empty() && probes.count > 0;
   Scratch<uint64_t, X> sorted(x, spilled ? probes.count : 0);
   const int64_t* probe_offsets = probes.offsets.as<int64_t>();
@@ -309,10 +315,6 @@ PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
 struct BlockSize {
   Vec<const int64_t> block_offsets;
   AIRMOE_HD int64_t operator()(int64_t s) const { return block_offsets[s + 1] - block_offsets[s]; }
-};
-
-struct Max64 {
-  AIRMOE_HD int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
 };
 
 // Pairs q0 .. q0 + nq of the grouped order: where each one's logits start in
@@ -396,17 +398,19 @@ struct SelectPair {
 template <typename X>
 void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, TensorView queries,
                  TensorView query, TensorView block, int k, TopKView out) {
-  const int64_t S = check_lists(args, lists);
+  const int64_t S = check_lists(x, args, lists).blocks;
   args.float_dtype(queries, "queries");
+  args.at_least(k, 1, "k");
+  args.vector(query, "query", DType::kI32);
+  const int64_t P = vector_size(query);
+  args.vector(block, "block", DType::kI32, P);
+  check_topk_view(args, out, "out", P, k, true);
+  if (P == 0) return;
+  check_indices(x, args, "pair", "block", block, S);
+  check_indices(x, args, "pair", "query", query, queries.rows);
   if (lists.keys.rows > 0 && queries.cols != lists.keys.cols)
     args.fail("queries have " + std::to_string(queries.cols) + " columns and lists.keys " +
               std::to_string(lists.keys.cols));
-  const int64_t P = vec_size(query);
-  args.vector(query, "query", DType::kI32, P);
-  args.vector(block, "block", DType::kI32, P);
-  args.at_least(k, 1, "k");
-  check_topk_view(args, out, "out", P, k, true);
-  if (P == 0) return;
   const Vec<const int32_t> blk = vec_of<const int32_t>(block);
   const Vec<const int64_t> bo = vec_of<const int64_t>(lists.block_offsets);
   const Grouping<X> g = group_by(x, P, S, ReadKey{blk});

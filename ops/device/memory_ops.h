@@ -8,7 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/ops.h"
 
@@ -127,31 +127,26 @@ void fill(const X& x, const OpArgs& args, TensorView dst, double value) {
 
 // dst += scale * src: a rounded product, then a rounded sum (no fma; the
 // device build has -fmad=false).
-template <typename D, typename S>
 struct AddScaledEntry {
-  Rows<D> dst;
-  Rows<const S> src;
+  Rows<float> dst;
+  Rows<const float> src;
   int64_t cols;
   float scale;
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t r = e / cols, c = e % cols;
-    const float product = scale * load_float(src.row(r), c);
-    store_float(dst.row(r), c, load_float(dst.row(r), c) + product);
+    const float product = scale * src(r, c);
+    dst(r, c) = dst(r, c) + product;
   }
 };
 
 template <typename X>
 void add_scaled(const X& x, const OpArgs& args, TensorView dst, TensorView src, float scale) {
-  args.float_dtype(dst, "dst");
-  args.float_dtype(src, "src");
+  args.dtype(dst, "dst", {DType::kF32});
+  args.dtype(src, "src", {DType::kF32});
   args.shape(src, "src", dst.rows, dst.cols);
   if (dst.empty()) return;
-  with_float_types(dst, src, [&](auto td, auto ts) {
-    using D = decltype(td);
-    using S = decltype(ts);
-    thrust::for_each(x.policy(), count_from(0), count_from(dst.numel()),
-                     AddScaledEntry<D, S>{rows_of<D>(dst), rows_of<const S>(src), dst.cols, scale});
-  });
+  thrust::for_each(x.policy(), count_from(0), count_from(dst.numel()),
+                   AddScaledEntry{rows_of<float>(dst), rows_of<const float>(src), dst.cols, scale});
 }
 
 // ---- check_rows -------------------------------------------------------------
@@ -168,15 +163,13 @@ struct RowFindings {
   double max_norm;
 };
 
-constexpr int64_t kNoRow = INT64_MAX;
-
 struct CombineFindings {
   AIRMOE_HD RowFindings operator()(const RowFindings& a, const RowFindings& b) const {
     RowFindings out = a.nonfinite_row <= b.nonfinite_row ? a : b;
     const RowFindings& over = a.overflow_row <= b.overflow_row ? a : b;
     out.overflow_row = over.overflow_row;
     out.overflow_norm = over.overflow_norm;
-    out.max_norm = a.max_norm >= b.max_norm ? a.max_norm : b.max_norm;
+    out.max_norm = b.max_norm > a.max_norm ? b.max_norm : a.max_norm;
     return out;
   }
 };
@@ -198,9 +191,8 @@ struct FindingsOfRow {
       }
       sum += static_cast<double>(v) * v;
     }
-    if (f.nonfinite_row != kNoRow) return f;  // a non-finite row has no norm
     const double norm = std::sqrt(sum);
-    f.max_norm = norm;
+    f.max_norm = norm == norm ? norm : 0.0;  // a NaN norm is no maximum (as std::max)
     if (norm * key_norm_bound > static_cast<double>(FLT_MAX) / 2) {
       f.overflow_row = r;
       f.overflow_norm = norm;

@@ -10,27 +10,32 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
 
-template <typename Z>
+// coef[i] for contribution i: p_i ([expert chosen] dL/dg - sum_j g_j dL/dg_j)
+// with p_i = exp(z_i - log_normalizer[token]), in double.
+template <typename D>
 struct LogitGrad {
   Vec<const int32_t> token, expert;
-  Vec<const Z> z;
+  Vec<const float> z;
   Rows<const int32_t> chosen;
-  Rows<const float> gates, d_gates;
+  Rows<const float> gates;
+  Rows<const D> d_gates;
   Vec<const double> log_normalizer;
   Vec<double> coef;
   int64_t k;
   AIRMOE_HD void operator()(int64_t i) const {
     const int64_t t = token[i];
     double weighted = 0.0, own = 0.0;
-    for (int64_t j = 0; j < k; ++j) weighted += static_cast<double>(gates(t, j)) * d_gates(t, j);
-    for (int64_t j = 0; j < k; ++j)
-      if (chosen(t, j) == expert[i]) own = d_gates(t, j);
+    for (int64_t j = 0; j < k; ++j) {
+      const float dg = load_float(d_gates.row(t), j);
+      weighted += static_cast<double>(gates(t, j)) * dg;
+      if (chosen(t, j) == expert[i]) own = dg;
+    }
     const double p = std::exp(static_cast<double>(z[i]) - log_normalizer[t]);
     coef[i] = p * (own - weighted);
   }
@@ -40,29 +45,27 @@ template <typename X>
 void logit_grads(const X& x, const OpArgs& args, TensorView token, TensorView expert, TensorView z,
                  TensorView chosen_ids, TensorView gates, TensorView d_gates,
                  TensorView log_normalizer, TensorView coef) {
-  const int64_t n = vec_size(token), T = chosen_ids.rows, k = chosen_ids.cols;
-  args.vector(token, "token", DType::kI32, n);
+  args.vector(token, "token", DType::kI32);
+  const int64_t n = vector_size(token);
   args.vector(expert, "expert", DType::kI32, n);
-  args.dtype(z, "z", {DType::kF32, DType::kF64});
-  args.vector(z, "z", z.dtype, n);
-  args.matrix(chosen_ids, "chosen_ids", DType::kI32, T, k);
-  args.matrix(gates, "gates", DType::kF32, T, k);
-  args.matrix(d_gates, "d_gates", DType::kF32, T, k);
-  args.vector(log_normalizer, "log_normalizer", DType::kF64, T);
+  args.vector(z, "z", DType::kF32, n);
   args.vector(coef, "coef", DType::kF64, n);
+  args.dtype(chosen_ids, "chosen_ids", {DType::kI32});
+  const int64_t T = chosen_ids.rows, k = chosen_ids.cols;
+  args.matrix(gates, "gates", DType::kF32, T, k);
+  args.float_dtype(d_gates, "d_gates");
+  args.shape(d_gates, "d_gates", T, k);
+  args.vector(log_normalizer, "log_normalizer", DType::kF64, T);
   if (n == 0) return;
-  auto run = [&](auto tz) {
-    using Z = decltype(tz);
+  check_indices(x, args, "entry", "token", token, T);
+  with_float_type(d_gates, [&](auto td) {
+    using D = decltype(td);
     thrust::for_each(x.policy(), count_from(0), count_from(n),
-                     LogitGrad<Z>{vec_of<const int32_t>(token), vec_of<const int32_t>(expert),
-                                  vec_of<const Z>(z), rows_of<const int32_t>(chosen_ids),
-                                  rows_of<const float>(gates), rows_of<const float>(d_gates),
+                     LogitGrad<D>{vec_of<const int32_t>(token), vec_of<const int32_t>(expert),
+                                  vec_of<const float>(z), rows_of<const int32_t>(chosen_ids),
+                                  rows_of<const float>(gates), rows_of<const D>(d_gates),
                                   vec_of<const double>(log_normalizer), vec_of<double>(coef), k});
-  };
-  if (z.dtype == DType::kF64)
-    run(double{});
-  else
-    run(float{});
+  });
 }
 
 // ---- accumulate_row_grads -----------------------------------------------------
@@ -180,14 +183,17 @@ RowGrads accumulate_row_grads(const X& x, const OpArgs& args, TensorView tokens,
                               RowContributionsView contributions, TensorView d_tokens) {
   args.float_dtype(tokens, "tokens");
   args.float_dtype(keys, "keys");
-  const int64_t T = tokens.rows, width = tokens.cols, N = vec_size(contributions.token);
+  const int64_t T = tokens.rows, width = tokens.cols;
   if (keys.cols != width)
     args.fail("keys have " + std::to_string(keys.cols) + " columns and tokens " +
               std::to_string(width));
-  args.vector(contributions.token, "contributions.token", DType::kI32, N);
+  args.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  args.vector(contributions.token, "contributions.token", DType::kI32);
+  const int64_t N = vector_size(contributions.token);
   args.vector(contributions.row, "contributions.row", DType::kI32, N);
   args.vector(contributions.coef, "contributions.coef", DType::kF64, N);
-  args.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  check_indices(x, args, "contribution", "token", contributions.token, T);
+  check_indices(x, args, "contribution", "row", contributions.row, keys.rows);
   const Contributions in{vec_of<const int32_t>(contributions.token),
                          vec_of<const int32_t>(contributions.row),
                          vec_of<const double>(contributions.coef)};

@@ -9,9 +9,10 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/memory_ops.h"
+#include "ops/kmeans_stats.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -71,11 +72,13 @@ void score_pairs(const X& x, const OpArgs& args, TensorView a, TensorView b, Ten
   args.float_dtype(b, "b");
   if (a.cols != b.cols)
     args.fail("a has " + std::to_string(a.cols) + " columns and b " + std::to_string(b.cols));
-  const int64_t n = vec_size(a_rows);
-  args.vector(a_rows, "a_rows", DType::kI32, n);
+  args.vector(a_rows, "a_rows", DType::kI32);
+  const int64_t n = vector_size(a_rows);
   args.vector(b_rows, "b_rows", DType::kI32, n);
   args.vector(c, "c", DType::kF32, n);
   if (n == 0) return;
+  check_indices(x, args, "pair", "a row", a_rows, a.rows);
+  check_indices(x, args, "pair", "b row", b_rows, b.rows);
   with_float_types(a, b, [&](auto ta, auto tb) {
     using A = decltype(ta);
     using B = decltype(tb);
@@ -106,10 +109,6 @@ struct NormalizeRow {
       store_float(out.row(r), c, static_cast<float>(load_float(in.row(r), c) * inv));
     return kNoRow;
   }
-};
-
-struct Min64 {
-  AIRMOE_HD int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 
 template <typename X>
@@ -185,8 +184,6 @@ void nearest(const X& x, const OpArgs& args, TensorView unit_rows, TensorView co
 
 // ---- kmeans_stats ------------------------------------------------------------
 
-AIRMOE_HD inline int64_t to_fixed(double v) { return std::llround(v * KMeansStats::kScale); }
-
 // sums(c, j): the fixed-point sum of column j over codeword c's members.
 template <typename T>
 struct MemberColumnSum {
@@ -223,7 +220,7 @@ struct CodewordSummary {
       const int64_t cf = to_fixed(cosine[r]);
       const int32_t id = ids.data ? ids[r] : static_cast<int32_t>(r);
       total += cf;
-      if (far_id < 0 || cf < far || (cf == far && id < far_id)) {
+      if (farther_member(cf, id, far, far_id)) {
         far = cf;
         far_id = id;
       }

@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/device/arg_checks.h"
+#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/log_sum_exp.h"
@@ -86,20 +86,34 @@ struct MergeRows {
   }
 };
 
+// Whether offsets[t] .. offsets[t + 1] is not a range of the candidate rows.
+struct BadRange {
+  Vec<const int64_t> offsets;
+  int64_t rows;
+  AIRMOE_HD bool operator()(int64_t t) const {
+    return offsets[t] < 0 || offsets[t] > offsets[t + 1] || offsets[t + 1] > rows;
+  }
+};
+
 template <typename X>
 void merge_topk(const X& x, const OpArgs& args, TopKView candidates, TensorView offsets, int k,
                 TopKView out) {
   args.at_least(k, 1, "k");
   args.vector(offsets, "offsets", DType::kI64);
-  const int64_t T = std::max<int64_t>(vec_size(offsets) - 1, 0);
-  const int64_t pairs = candidates.logits.rows;
-  check_topk_view(args, candidates, "candidates", pairs, candidates.logits.cols, true);
+  const int64_t T = vector_size(offsets) - 1;
+  if (T < 0) args.fail("offsets needs T + 1 entries");
+  const int64_t pairs = candidates.ids.rows;
+  check_topk_view(args, candidates, "candidates", pairs, candidates.ids.cols, true);
+  if (candidates.lse.empty() != out.lse.empty())
+    args.fail("candidates.lse and out.lse must be given together");
   check_topk_view(args, out, "out", T, k, true);
-  if (!out.lse.empty() && candidates.lse.empty() && pairs > 0)
-    args.fail("out.lse needs candidates.lse (the blocks' log-sum-exps)");
+  const int64_t bad = first_where(x, T, BadRange{vec_of<const int64_t>(offsets), pairs});
+  if (bad >= 0)
+    args.fail("offsets[" + std::to_string(bad) + " .. " + std::to_string(bad + 1) +
+              "] is not a range of the " + std::to_string(pairs) + " candidate rows");
   if (T == 0) return;
   thrust::for_each(x.policy(), count_from(0), count_from(T),
-                   MergeRows{topk_rows(candidates), candidates.logits.cols,
+                   MergeRows{topk_rows(candidates), candidates.ids.cols,
                              vec_of<const int64_t>(offsets), 0, topk_rows(out), 0, k});
 }
 
@@ -233,35 +247,43 @@ void product_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView 
 
 // ---- finalize_gates ---------------------------------------------------------
 
+// log_normalizer[t] from the row's (max, sum) where lse is given (the
+// shortlist's normalizer), else the log-sum-exp of its k logits; then
+// gates = exp(z - log_normalizer) in double, rounded once.
 struct TokenGates {
   Rows<const float> logits;
+  Rows<const double> lse;  // data == nullptr: the chosen k's softmax
   Vec<double> log_normalizer;
   Rows<float> gates;
   int64_t k;
-  bool chosen;
   AIRMOE_HD void operator()(int64_t t) const {
-    if (chosen) {
-      LogSumExp l;
+    LogSumExp l;
+    if (lse.data) {
+      l.max = lse(t, 0);
+      l.sum = lse(t, 1);
+    } else {
       for (int64_t j = 0; j < k; ++j) l.add(logits(t, j));
-      log_normalizer[t] = l.value();
     }
+    log_normalizer[t] = l.value();
     for (int64_t j = 0; j < k; ++j)
-      gates(t, j) = static_cast<float>(std::exp(static_cast<double>(logits(t, j)) -
-                                                log_normalizer[t]));
+      gates(t, j) =
+          static_cast<float>(std::exp(static_cast<double>(logits(t, j)) - log_normalizer[t]));
   }
 };
 
 template <typename X>
-void finalize_gates(const X& x, const OpArgs& args, TensorView logits, TensorView log_normalizer,
-                    bool chosen, TensorView gates) {
+void finalize_gates(const X& x, const OpArgs& args, TensorView logits, TensorView lse,
+                    TensorView log_normalizer, TensorView gates) {
+  args.dtype(logits, "logits", {DType::kF32});
   const int64_t T = logits.rows, k = logits.cols;
-  args.matrix(logits, "logits", DType::kF32, T, k);
   args.vector(log_normalizer, "log_normalizer", DType::kF64, T);
   args.matrix(gates, "gates", DType::kF32, T, k);
+  if (!lse.empty()) args.matrix(lse, "lse", DType::kF64, T, 2);
   if (T == 0) return;
   thrust::for_each(x.policy(), count_from(0), count_from(T),
-                   TokenGates{rows_of<const float>(logits), vec_of<double>(log_normalizer),
-                              rows_of<float>(gates), k, chosen});
+                   TokenGates{rows_of<const float>(logits),
+                              lse.empty() ? Rows<const double>{} : rows_of<const double>(lse),
+                              vec_of<double>(log_normalizer), rows_of<float>(gates), k});
 }
 
 }  // namespace airmoe::inline ops::device
