@@ -9,8 +9,8 @@
 # exists, then the benchmark's cuda rows where the benchmark has a cuda mode.
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
 # last); each step has a timeout so that the whole check ends within about
-# 8 minutes. On a machine without a GPU it still builds, and the gpu tests
-# report themselves skipped with the reason.
+# 8 minutes. On a machine without a GPU it still builds, the gpu tests
+# report themselves skipped with the reason, and it exits with status 2.
 #
 # What it needs besides the tree: GoogleTest's sources, either in
 # third_party/googletest (copy Debian's: cp -r /usr/src/googletest
@@ -47,7 +47,8 @@ step() {
     return 1
   fi
   local t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  # bash -c: a step may be one of the functions below (exported).
+  timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   local took=$(($(date +%s) - t0))
   if ((rc == 0)); then
@@ -147,18 +148,29 @@ bench() {
 }
 
 CUDACXX="${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-export CUDACXX
+export CUDACXX build jobs
+export -f versions configure gpu_test_executables sanitize bench
 note "tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), build dir $build, $jobs jobs, logs in $out"
 step versions 60 versions
 step configure 90 configure || { note "summary: FAILED (configure)"; exit 1; }
 step build 330 cmake --build "$build" -j"$jobs" || { note "summary: FAILED (build)"; exit 1; }
 step gpu_tests 120 ctest --test-dir "$build" -L gpu --output-on-failure
-grep -hE "tests passed|Skipped|SKIPPED|\[  SKIPPED \]" "$out/gpu_tests.log" | sort | uniq -c |
-  head -20 | tee -a "$summary"
-step sanitizer 150 sanitize
-step bench 90 bench
+grep -hE "tests passed" "$out/gpu_tests.log" | tee -a "$summary"
+skipped=$(grep -c "(Skipped)" "$out/gpu_tests.log")
+if ((skipped > 0)); then
+  exe="$(gpu_test_executables | head -1)"
+  reason="$("$exe" --gtest_filter='*cuda*' 2>&1 | grep -m1 -A1 "Skipped" | tail -1)"
+  note "gpu_tests: $skipped skipped: $reason"
+fi
+step sanitizer 150 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
+step bench 90 bench && grep -h "skipped" "$out/bench.log" | tee -a "$summary"
+took=$(($(date +%s) - start))
 if ((failed)); then
-  note "summary: FAILED ($(($(date +%s) - start)) s)"
+  note "summary: FAILED (${took} s)"
   exit 1
 fi
-note "summary: ok ($(($(date +%s) - start)) s)"
+if ((skipped > 0)); then
+  note "summary: built and tested, but no GPU ran the gpu tests (${took} s)"
+  exit 2
+fi
+note "summary: ok (${took} s)"

@@ -938,8 +938,8 @@ TEST_P(OpsTest, SelectProbesAcrossBlocks) {
   for (auto [probes, k] : {std::pair{3, 40}, std::pair{16, 1}}) {
     compare([&](const Ops& o) {
       OnDevice dev(o);
-      const ProbeSet p = o.select_probes(dev.put(tokens), dev.put(codewords), dev.put(list_sizes),
-                                         probes, k, {});
+      const ProbeSet p =
+          o.select_probes(dev.put(tokens), dev.put(codewords), dev.put(list_sizes), probes, k, {});
       std::vector<Tensor> out = probe_set(dev, p);
       out.push_back(longs({p.count}));
       return out;
@@ -1008,7 +1008,8 @@ TEST_P(OpsTest, KMeansStatsWithEmptyCodewords) {
   const Tensor centers = random_f32(5, d, 88);
   Tensor rows = random_f32(n, d, 89, 0.05);
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < d; ++c) rows.as<float>()[r * d + c] += centers.as<float>()[(r % 5) * d + c];
+    for (int64_t c = 0; c < d; ++c)
+      rows.as<float>()[r * d + c] += centers.as<float>()[(r % 5) * d + c];
   Tensor codewords = random_f32(C, d, 90);
   for (int64_t c = 0; c < 5; ++c)
     std::memcpy(codewords.as<float>() + c * d, centers.as<float>() + c * d, d * 4);
@@ -1035,8 +1036,8 @@ TEST_P(OpsTest, RowGradsWithoutLiveContributions) {
   compare([&](const Ops& o) {
     OnDevice dev(o);
     const TensorView dh = dev.out(DType::kF32, 6, 5);
-    const RowGrads g = o.accumulate_row_grads(dev.put(tokens), dev.put(keys),
-                                              {dev.put(token), dev.put(row), dev.put(zeros)}, dh, {});
+    const RowGrads g = o.accumulate_row_grads(
+        dev.put(tokens), dev.put(keys), {dev.put(token), dev.put(row), dev.put(zeros)}, dh, {});
     EXPECT_EQ(g.count, 0);
     const TensorView dh0 = dev.out(DType::kF32, 6, 5);
     const RowGrads none = o.accumulate_row_grads(
@@ -1077,10 +1078,9 @@ TEST_P(OpsTest, NoTokensNoPairsNoWork) {
   OnDevice dev(ops());
   const Index index = small_index(4, 94);
   const TensorView none_f = dev.out(DType::kF32, 0, 4);
-  EXPECT_NO_THROW(ops().product_topk(dev.out(DType::kF32, 0, 7), dev.put(random_f32(3, 3, 95)),
-                                     dev.put(random_f32(3, 4, 96)), 2,
-                                     {dev.out(DType::kF32, 0, 2), dev.out(DType::kI32, 0, 2), {}},
-                                     {}));
+  EXPECT_NO_THROW(ops().product_topk(
+      dev.out(DType::kF32, 0, 7), dev.put(random_f32(3, 3, 95)), dev.put(random_f32(3, 4, 96)), 2,
+      {dev.out(DType::kF32, 0, 2), dev.out(DType::kI32, 0, 2), {}}, {}));
   ProbeSet probes;
   probes.offsets = ops().empty(DType::kI64, 1, 1);
   ops().fill(probes.offsets, 0.0, {});
@@ -1129,8 +1129,8 @@ TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
   EXPECT_THROW(ops().merge_topk(out, dev.put(longs({0, 3})), 3, out, {}), UsageError);
   const ExpertInputs in(2, 8, 2, 4, 3, Activation::kRelu, 101);
   EXPECT_THROW(ops().expert_forward({dev.put(in.w1), dev.put(in.w2), 2, 8, 2, Activation::kRelu},
-                                    dev.put(in.x), {dev.put(in.token), dev.put(ints({0, 2, 1})),
-                                                    dev.put(in.gate)},
+                                    dev.put(in.x),
+                                    {dev.put(in.token), dev.put(ints({0, 2, 1})), dev.put(in.gate)},
                                     dev.out(DType::kF32, 4, 8),
                                     {dev.out(DType::kF32, 3, 2), dev.out(DType::kF32, 3, 8)}, {}),
                UsageError);  // expert 2 of 2

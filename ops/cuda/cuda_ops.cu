@@ -49,7 +49,9 @@ char* StreamOrderedMemory::allocate(std::ptrdiff_t bytes) {
   return static_cast<char*>(p);
 }
 
-void StreamOrderedMemory::deallocate(char* p, size_t) noexcept { cudaFreeAsync(p, stream); }
+void StreamOrderedMemory::deallocate(char* p, size_t) noexcept {
+  cudaFreeAsync(p, stream);
+}
 
 void CudaExec::copy_bytes(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                           size_t rows) const {
@@ -62,7 +64,9 @@ void CudaExec::synchronize() const {
   check_cuda(cudaStreamSynchronize(stream_), where_ + ": cudaStreamSynchronize");
 }
 
-void CudaExec::finish() const { check_cuda(cudaGetLastError(), where_); }
+void CudaExec::finish() const {
+  check_cuda(cudaGetLastError(), where_);
+}
 
 template class DeviceOps<CudaPlatform>;
 
@@ -103,6 +107,8 @@ std::vector<const Ops*> cuda_backends() {
   return out;
 }
 
-std::string cuda_backends_missing_reason() { return device::discovery().missing; }
+std::string cuda_backends_missing_reason() {
+  return device::discovery().missing;
+}
 
 }  // namespace airmoe::inline ops

@@ -56,7 +56,9 @@ AIRMOE_HD inline uint32_t ascending_key(float f) {
   memcpy(&u, &f, sizeof u);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
-AIRMOE_HD inline uint32_t descending_key(float f) { return ~ascending_key(f); }
+AIRMOE_HD inline uint32_t descending_key(float f) {
+  return ~ascending_key(f);
+}
 
 // Calls fn(T{}) with T the storage type of a float tensor (f32 or bf16).
 template <typename Fn>
@@ -68,9 +70,8 @@ decltype(auto) with_float_type(const TensorView& v, Fn&& fn) {
 // The same over two float tensors: fn(A{}, B{}).
 template <typename Fn>
 decltype(auto) with_float_types(const TensorView& a, const TensorView& b, Fn&& fn) {
-  return with_float_type(a, [&](auto ta) {
-    return with_float_type(b, [&](auto tb) { return fn(ta, tb); });
-  });
+  return with_float_type(
+      a, [&](auto ta) { return with_float_type(b, [&](auto tb) { return fn(ta, tb); }); });
 }
 
 }  // namespace airmoe::inline ops::device

@@ -15,7 +15,6 @@
 #include <type_traits>
 #include <utility>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/expert_ops.h"
 #include "ops/device/list_ops.h"
@@ -23,6 +22,7 @@
 #include "ops/device/router_grad_ops.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/device/topk_ops.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -78,9 +78,8 @@ class DeviceOps final : public Ops {
   }
   void dense_topk(TensorView tokens, TensorView keys, int k, TopKView out,
                   Stream stream) const override {
-    run("dense_topk", stream, [&](const auto& x, const OpArgs& a) {
-      device::dense_topk(x, a, tokens, keys, k, out);
-    });
+    run("dense_topk", stream,
+        [&](const auto& x, const OpArgs& a) { device::dense_topk(x, a, tokens, keys, k, out); });
   }
   void product_topk(TensorView tokens, TensorView keys1, TensorView keys2, int k, TopKView out,
                     Stream stream) const override {
@@ -122,8 +121,7 @@ class DeviceOps final : public Ops {
                    TensorView gates, TensorView d_gates, TensorView log_normalizer, TensorView coef,
                    Stream stream) const override {
     run("logit_grads", stream, [&](const auto& x, const OpArgs& a) {
-      device::logit_grads(x, a, token, expert, z, chosen_ids, gates, d_gates, log_normalizer,
-                          coef);
+      device::logit_grads(x, a, token, expert, z, chosen_ids, gates, d_gates, log_normalizer, coef);
     });
   }
   RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,

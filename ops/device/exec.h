@@ -46,7 +46,8 @@ class Scratch {
  public:
   Scratch(const X& x, int64_t n)
       : x_(&x), n_(n), p_(n > 0 ? static_cast<T*>(x.allocate(bytes(n))) : nullptr) {}
-  Scratch(Scratch&& o) noexcept : x_(o.x_), n_(std::exchange(o.n_, 0)), p_(std::exchange(o.p_, nullptr)) {}
+  Scratch(Scratch&& o) noexcept
+      : x_(o.x_), n_(std::exchange(o.n_, 0)), p_(std::exchange(o.p_, nullptr)) {}
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   Scratch& operator=(Scratch&&) = delete;

@@ -10,9 +10,9 @@
 
 #include <cstdint>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/expert_ffn.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -89,8 +89,8 @@ inline PairRefs pair_refs(const ExpertPairsView& pairs) {
 
 // The arguments every expert op shares; returns the number of pairs.
 template <typename X>
-int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsView& w,
-                          TensorView x, const ExpertPairsView& pairs, const ExpertCacheView& cache) {
+int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsView& w, TensorView x,
+                          const ExpertPairsView& pairs, const ExpertCacheView& cache) {
   args.at_least(w.dim, 1, "weights.dim");
   args.at_least(w.hidden, 1, "weights.hidden");
   args.at_least(w.experts, 0, "weights.experts");
@@ -115,7 +115,8 @@ int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsVi
 template <typename X>
 void accumulate_by_token(const X& x, TensorView out, const ExpertPairsView& pairs, int64_t P,
                          Rows<const float> src, Vec<const float> gate) {
-  const Grouping<X> by_token = group_by(x, P, out.rows, ReadKey{vec_of<const int32_t>(pairs.token)});
+  const Grouping<X> by_token =
+      group_by(x, P, out.rows, ReadKey{vec_of<const int32_t>(pairs.token)});
   thrust::for_each(x.policy(), count_from(0), count_from(out.rows * out.cols),
                    AccumulateRows{by_token.items.get(), by_token.offsets.get(), gate, src,
                                   rows_of<float>(out), out.cols});
@@ -141,9 +142,9 @@ void expert_forward(const X& x, const OpArgs& args, const ExpertWeightsView& w, 
                    Activate{rows_of<const float>(cache.pre), w.activation, nullptr, a.get(), h});
   with_float_type(w.w2, [&](auto tw) {
     using W = decltype(tw);
-    thrust::for_each(x.policy(), count_from(0), count_from(P * d),
-                     ExpertOutput<W>{a.get(), rows_of<const W>(w.w2), refs,
-                                     rows_of<float>(cache.output), d, h});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(P * d),
+        ExpertOutput<W>{a.get(), rows_of<const W>(w.w2), refs, rows_of<float>(cache.output), d, h});
   });
   accumulate_by_token(x, out, pairs, P, rows_of<const float>(cache.output), refs.gate);
 }
@@ -196,8 +197,8 @@ struct InputGrad {
   int64_t dim, hidden;
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t q = e / dim, c = e % dim, p = items[q];
-    dx_pair(p, c) = lane_dot(dpre + q * hidden, 1, w1.row(pairs.local[p] * hidden) + c, w1.ld,
-                             hidden);
+    dx_pair(p, c) =
+        lane_dot(dpre + q * hidden, 1, w1.row(pairs.local[p] * hidden) + c, w1.ld, hidden);
   }
 };
 
@@ -233,8 +234,8 @@ struct ParamGrad {
     const int64_t per = lhs_cols * rhs_cols, i = e / per, r = (e % per) / rhs_cols;
     const int64_t s = e % rhs_cols, first = offsets[touched[i]];
     const int64_t m = offsets[touched[i] + 1] - first;
-    out(i * lhs_cols + r, s) =
-        0.0f + lane_dot(lhs + first * lhs_cols + r, lhs_cols, rhs + first * rhs_cols + s, rhs_cols, m);
+    out(i * lhs_cols + r, s) = 0.0f + lane_dot(lhs + first * lhs_cols + r, lhs_cols,
+                                               rhs + first * rhs_cols + s, rhs_cols, m);
   }
 };
 
@@ -268,10 +269,10 @@ void pair_grads(const X& x, const ExpertWeightsView& w, TensorView xin, const Pa
   with_float_types(w.w1, w.w2, [&](auto t1, auto t2) {
     using W1 = decltype(t1);
     using W2 = decltype(t2);
-    thrust::for_each(x.policy(), count_from(0), count_from(P * h),
-                     PreGrad<W2>{s.u.get(), rows_of<const W2>(w.w2),
-                                 rows_of<const float>(cache.pre), refs, items, w.activation,
-                                 s.dpre.get(), d, h});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(P * h),
+        PreGrad<W2>{s.u.get(), rows_of<const W2>(w.w2), rows_of<const float>(cache.pre), refs,
+                    items, w.activation, s.dpre.get(), d, h});
     thrust::for_each(x.policy(), count_from(0), count_from(P * d),
                      InputGrad<W1>{s.dpre.get(), rows_of<const W1>(w.w1), refs, items,
                                    Rows<float>{s.dx_pair.get(), d}, d, h});
@@ -284,11 +285,11 @@ TouchedExpertGrads touched_grads(const X& x, const ExpertWeightsView& w,
   const int64_t d = w.dim, h = w.hidden;
   const int64_t* offsets = s.by_expert.offsets.get();
   Scratch<int32_t, X> touched(x, w.experts);
-  const int64_t count = w.experts == 0 ? 0
-                                       : thrust::copy_if(x.policy(), count_from(0),
-                                                         count_from(w.experts), touched.get(),
-                                                         HasMembers{offsets}) -
-                                             touched.get();
+  const int64_t count = w.experts == 0
+                            ? 0
+                            : thrust::copy_if(x.policy(), count_from(0), count_from(w.experts),
+                                              touched.get(), HasMembers{offsets}) -
+                                  touched.get();
   TouchedExpertGrads g;
   g.count = count;
   g.local = Tensor(x.allocator(), DType::kI32, count, 1);
@@ -299,9 +300,9 @@ TouchedExpertGrads touched_grads(const X& x, const ExpertWeightsView& w,
   thrust::for_each(x.policy(), count_from(0), count_from(count * h * d),
                    ParamGrad{touched.get(), offsets, s.dpre.get(), h, s.xs.get(), d,
                              rows_of<float>(g.w1.view())});
-  thrust::for_each(x.policy(), count_from(0), count_from(count * d * h),
-                   ParamGrad{touched.get(), offsets, s.u.get(), d, s.a.get(), h,
-                             rows_of<float>(g.w2.view())});
+  thrust::for_each(
+      x.policy(), count_from(0), count_from(count * d * h),
+      ParamGrad{touched.get(), offsets, s.u.get(), d, s.a.get(), h, rows_of<float>(g.w2.view())});
   return g;
 }
 
@@ -317,8 +318,10 @@ TouchedExpertGrads expert_backward(const X& x, const OpArgs& args, const ExpertW
   const int64_t d = w.dim, h = w.hidden;
   const PairRefs refs = pair_refs(pairs);
   ExpertBackwardScratch<X> s{group_by(x, P, w.experts, ReadKey{refs.local}),
-                             Scratch<float, X>(x, P * d), Scratch<float, X>(x, P * d),
-                             Scratch<float, X>(x, P * h), Scratch<float, X>(x, P * h),
+                             Scratch<float, X>(x, P * d),
+                             Scratch<float, X>(x, P * d),
+                             Scratch<float, X>(x, P * h),
+                             Scratch<float, X>(x, P * h),
                              Scratch<float, X>(x, P * d)};
   if (P > 0) {
     pair_grads(x, w, xin, refs, cache, dy, P, s);

@@ -15,10 +15,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/device/topk_ops.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -287,15 +287,14 @@ PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
                      ProbeKeys{probe_offsets, probes.codewords.as<int32_t>(), sorted.get()});
     thrust::sort(x.policy(), sorted.get(), sorted.get() + probes.count);
   }
-  const ScannedBlocks scanned{probe_offsets,
-                              probes.codewords.as<int32_t>(),
-                              vec_of<const int64_t>(lists.list_blocks),
-                              vec_of<const int64_t>(lists.block_offsets),
-                              spilled ? vec_of<const int64_t>(lists.outranking_offsets)
-                                      : Vec<const int64_t>{},
-                              spilled ? vec_of<const int32_t>(lists.outranking)
-                                      : Vec<const int32_t>{},
-                              spilled ? sorted.get() : nullptr};
+  const ScannedBlocks scanned{
+      probe_offsets,
+      probes.codewords.as<int32_t>(),
+      vec_of<const int64_t>(lists.list_blocks),
+      vec_of<const int64_t>(lists.block_offsets),
+      spilled ? vec_of<const int64_t>(lists.outranking_offsets) : Vec<const int64_t>{},
+      spilled ? vec_of<const int32_t>(lists.outranking) : Vec<const int32_t>{},
+      spilled ? sorted.get() : nullptr};
   PairSet out;
   out.offsets = Tensor(x.allocator(), DType::kI64, T + 1, 1);
   out.shortlist_size = Tensor(x.allocator(), DType::kI32, T, 1);

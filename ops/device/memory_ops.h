@@ -8,8 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {

@@ -10,8 +10,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -170,10 +170,10 @@ RowGrads key_grads(const X& x, const Contributions& in, TensorView tokens, const
   if (R * width == 0) return out;
   with_float_type(tokens, [&](auto tt) {
     using T = decltype(tt);
-    thrust::for_each(x.policy(), count_from(0), count_from(R * width),
-                     KeyGradEntry<T>{in, rows_of<const T>(tokens), order.get(), starts.get(),
-                                     rows_of<float>(out.values.view()), out.rows.as<int32_t>(),
-                                     width});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(R * width),
+        KeyGradEntry<T>{in, rows_of<const T>(tokens), order.get(), starts.get(),
+                        rows_of<float>(out.values.view()), out.rows.as<int32_t>(), width});
   });
   return out;
 }
@@ -207,10 +207,10 @@ RowGrads accumulate_row_grads(const X& x, const OpArgs& args, TensorView tokens,
   if (T * width > 0)
     with_float_type(keys, [&](auto tk) {
       using K = decltype(tk);
-      thrust::for_each(x.policy(), count_from(0), count_from(T * width),
-                       TokenGradEntry<K>{in, rows_of<const K>(keys), live.get(),
-                                         by_token.items.get(), by_token.offsets.get(),
-                                         rows_of<float>(d_tokens), width});
+      thrust::for_each(
+          x.policy(), count_from(0), count_from(T * width),
+          TokenGradEntry<K>{in, rows_of<const K>(keys), live.get(), by_token.items.get(),
+                            by_token.offsets.get(), rows_of<float>(d_tokens), width});
     });
   return key_grads(x, in, tokens, live.get(), n);
 }

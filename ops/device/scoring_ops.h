@@ -9,10 +9,10 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/memory_ops.h"
 #include "ops/kmeans_stats.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 
 namespace airmoe::inline ops::device {
@@ -82,10 +82,10 @@ void score_pairs(const X& x, const OpArgs& args, TensorView a, TensorView b, Ten
   with_float_types(a, b, [&](auto ta, auto tb) {
     using A = decltype(ta);
     using B = decltype(tb);
-    thrust::for_each(x.policy(), count_from(0), count_from(n),
-                     PairScore<A, B>{rows_of<const A>(a), rows_of<const B>(b),
-                                     vec_of<const int32_t>(a_rows), vec_of<const int32_t>(b_rows),
-                                     vec_of<float>(c), a.cols});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(n),
+        PairScore<A, B>{rows_of<const A>(a), rows_of<const B>(b), vec_of<const int32_t>(a_rows),
+                        vec_of<const int32_t>(b_rows), vec_of<float>(c), a.cols});
   });
 }
 
@@ -206,12 +206,12 @@ struct MemberColumnSum {
 struct CodewordSummary {
   const int64_t* members;
   const int64_t* offsets;
-  const float* cosine;      // [n], each row's best score
-  Vec<const int32_t> ids;   // data == nullptr: the row index
-  int64_t* counts;          // [C]
-  int64_t* objective;       // [C]
-  int64_t* farthest_cos;    // [C]
-  int32_t* farthest_expert; // [C]
+  const float* cosine;       // [n], each row's best score
+  Vec<const int32_t> ids;    // data == nullptr: the row index
+  int64_t* counts;           // [C]
+  int64_t* objective;        // [C]
+  int64_t* farthest_cos;     // [C]
+  int32_t* farthest_expert;  // [C]
   AIRMOE_HD void operator()(int64_t c) const {
     int64_t total = 0, far = INT64_MAX;
     int32_t far_id = -1;
@@ -233,8 +233,8 @@ struct CodewordSummary {
 };
 
 template <typename X>
-KMeansStats kmeans_stats(const X& x, const OpArgs& args, TensorView unit_rows,
-                         TensorView codewords, TensorView ids) {
+KMeansStats kmeans_stats(const X& x, const OpArgs& args, TensorView unit_rows, TensorView codewords,
+                         TensorView ids) {
   check_codebook_args(args, unit_rows, codewords);
   const int64_t n = unit_rows.rows, C = codewords.rows, d = codewords.cols;
   if (!ids.empty()) args.vector(ids, "ids", DType::kI32, n);
@@ -248,11 +248,10 @@ KMeansStats kmeans_stats(const X& x, const OpArgs& args, TensorView unit_rows,
   with_float_type(unit_rows, [&](auto tr) {
     using T = decltype(tr);
     thrust::for_each(x.policy(), count_from(0), count_from(C * d),
-                     MemberColumnSum<T>{rows_of<const T>(unit_rows), g.items.get(),
-                                        g.offsets.get(), d, sums.get()});
+                     MemberColumnSum<T>{rows_of<const T>(unit_rows), g.items.get(), g.offsets.get(),
+                                        d, sums.get()});
   });
-  const Vec<const int32_t> id_vec =
-      ids.empty() ? Vec<const int32_t>{} : vec_of<const int32_t>(ids);
+  const Vec<const int32_t> id_vec = ids.empty() ? Vec<const int32_t>{} : vec_of<const int32_t>(ids);
   thrust::for_each(x.policy(), count_from(0), count_from(C),
                    CodewordSummary{g.items.get(), g.offsets.get(), cosine.get(), id_vec,
                                    counts.get(), objective.get(), far_cos.get(), far_id.get()});

@@ -10,10 +10,10 @@
 #include <cmath>
 #include <cstdint>
 
-#include "ops/op_args.h"
 #include "ops/device/exec.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/log_sum_exp.h"
+#include "ops/op_args.h"
 #include "ops/ops.h"
 #include "ops/topk.h"
 
@@ -180,8 +180,7 @@ void dense_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView ke
     thrust::for_each(x.policy(), count_from(0), count_from(n),
                      MergeRows{cand, k, {}, chunks, no_lse, t0, k});
     if (out_rows.lse.data)
-      thrust::for_each(x.policy(), count_from(0), count_from(n),
-                       RowLogSumExp{zc, E, out_rows, t0});
+      thrust::for_each(x.policy(), count_from(0), count_from(n), RowLogSumExp{zc, E, out_rows, t0});
   }
 }
 
@@ -240,8 +239,15 @@ void product_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView 
     score_into(x, tokens.block(t0, m, 0, d1), keys1, Rows<float>{s1.get(), n});
     score_into(x, tokens.block(t0, m, d1, d2), keys2, Rows<float>{s2.get(), n});
     thrust::for_each(x.policy(), count_from(0), count_from(m),
-                     ProductTopK{{s1.get(), n}, {s2.get(), n}, n, kh, {half_z.get(), 2 * kh},
-                                 {half_ids.get(), 2 * kh}, topk_rows(out), t0, k});
+                     ProductTopK{{s1.get(), n},
+                                 {s2.get(), n},
+                                 n,
+                                 kh,
+                                 {half_z.get(), 2 * kh},
+                                 {half_ids.get(), 2 * kh},
+                                 topk_rows(out),
+                                 t0,
+                                 k});
   }
 }
 
