@@ -32,10 +32,12 @@ void require_finite(MatrixView m, const char* what) {
     }
   }
   if (first_bad == INT64_MAX) return;
-  const int64_t r = first_bad / m.cols, c = first_bad % m.cols;
-  const float v = m.data[first_bad];
-  fail(std::string(what) + " row " + std::to_string(r) + " column " + std::to_string(c) + " is " +
-       (std::isnan(v) ? "nan" : (v > 0 ? "+inf" : "-inf")));
+  fail_nonfinite(what, first_bad / m.cols, first_bad % m.cols, m.data[first_bad]);
+}
+
+void fail_nonfinite(const char* what, int64_t row, int64_t col, float value) {
+  fail(std::string(what) + " row " + std::to_string(row) + " column " + std::to_string(col) +
+       " is " + (std::isnan(value) ? "nan" : (value > 0 ? "+inf" : "-inf")));
 }
 
 void require_cols(MatrixView m, int64_t cols, const char* what) {
@@ -87,10 +89,14 @@ void require_finite_logits(MatrixView m, double key_norm_bound, const char* what
   for (int64_t r = 0; r < m.rows; ++r)
     if (row_norm(m.row(r), m.cols) * key_norm_bound > limit) first_bad = std::min(first_bad, r);
   if (first_bad == INT64_MAX) return;
-  fail(std::string(what) + " row " + std::to_string(first_bad) +
-       ": logits overflow float32 (|h| = " + short_number(row_norm(m.row(first_bad), m.cols)) +
-       " times the largest key norm " + short_number(key_norm_bound) + " exceeds " +
-       short_number(limit) + ")");
+  fail_logit_overflow(what, first_bad, row_norm(m.row(first_bad), m.cols), key_norm_bound);
+}
+
+void fail_logit_overflow(const char* what, int64_t row, double norm, double key_norm_bound) {
+  const double limit = static_cast<double>(FLT_MAX) / 2;
+  fail(std::string(what) + " row " + std::to_string(row) +
+       ": logits overflow float32 (|h| = " + short_number(norm) + " times the largest key norm " +
+       short_number(key_norm_bound) + " exceeds " + short_number(limit) + ")");
 }
 
 }  // namespace airmoe::inline core

@@ -15,6 +15,8 @@ namespace airmoe::inline core {
 
 // Throws unless every entry of m is finite: "<what> row R column C is nan".
 void require_finite(MatrixView m, const char* what);
+// The message of require_finite for the first bad entry, thrown.
+[[noreturn]] void fail_nonfinite(const char* what, int64_t row, int64_t col, float value);
 
 // Throws unless m has `cols` columns: "<what> has D columns, expected N".
 void require_cols(MatrixView m, int64_t cols, const char* what);
@@ -36,5 +38,8 @@ double max_row_norm(MatrixView m);
 // (shift-invariant) softmax gates are finite too. Only refuses rows whose
 // logits could reach float32's range: no ordinary input changes.
 void require_finite_logits(MatrixView m, double key_norm_bound, const char* what);
+// The message of require_finite_logits for row `row` of norm `norm`, thrown.
+[[noreturn]] void fail_logit_overflow(const char* what, int64_t row, double norm,
+                                      double key_norm_bound);
 
 }  // namespace airmoe::inline core

@@ -21,12 +21,12 @@
 #include "core/synthetic.h"
 #include "core/threads.h"
 #include "faiss_ivf.h"
+#include "ops/registry.h"
 #include "router/air_defaults.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
 #include "router/product_key_router.h"
-#include "router/scoring.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -60,7 +60,7 @@ json to_json(const Row& r, double dense_tokens_per_s) {
 }
 
 // GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm and by the
-// scoring kernel the dense router runs: the kernel's rate against BLAS's.
+// host backend's scoring op (the dense router's): its rate against BLAS's.
 std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int repeats) {
   const int64_t rows = std::min<int64_t>(tokens.rows, 384), E = centers.rows, d = centers.cols;
   if (rows == 0) return {0.0, 0.0};
@@ -71,8 +71,9 @@ std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int 
                 static_cast<int>(E), static_cast<int>(d), 1.0f, tokens.data, static_cast<int>(d),
                 centers.data, static_cast<int>(d), 0.0f, out.data(), static_cast<int>(E));
   });
+  const TensorView c(out.data(), DType::kF32, Device::host(), rows, E);
   const double ours = best_seconds(
-      repeats, [&] { score_nt(tokens.data, d, centers.data, d, rows, E, d, out.data(), E); });
+      repeats, [&] { host_ops().score(TensorView(tokens).row_range(0, rows), centers, c, {}); });
   return {flops / blas / 1e9, flops / ours / 1e9};
 }
 
@@ -349,7 +350,7 @@ int run_router(const std::vector<std::string>& args) {
   std::printf(
       "\nairmoe router benchmark  (%s, E=%ld d=%ld T=%ld k=%d C=%ld, %d threads, kernel %s)\n",
       source.c_str(), (long)experts, (long)dim, (long)num_tokens, k, (long)codewords, num_threads(),
-      scoring_kernel_name());
+      host_ops().name().c_str());
   std::printf(
       "codebook training %.2f s;  OpenBLAS sgemm %.1f GFLOP/s, scoring kernel %.1f GFLOP/s "
       "(%.0f%%)\n\n",
@@ -389,7 +390,7 @@ int run_router(const std::vector<std::string>& args) {
                    {"spills", spills},
                    {"soar_lambda", soar_lambda},
                    {"list_cap", list_cap},
-                   {"scoring_kernel", scoring_kernel_name()}};
+                   {"scoring_kernel", host_ops().name()}};
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;

@@ -1,20 +1,17 @@
 #include "router/air_router.h"
 
 #include <algorithm>
-#include <numeric>
 #include <string>
 #include <vector>
 
 #include "core/checks.h"
-#include "ops/topk.h"
-#include "router/dense_router.h"
-#include "router/list_scan.h"
 
 namespace airmoe::inline router {
 
-AirRouter::AirRouter(MatrixView centers, const AirConfig& config)
+AirRouter::AirRouter(MatrixView centers, const AirConfig& config, Compute compute)
     : AirRouter(centers,
-                train_codebook(centers, {config.codewords, config.kmeans_iterations, config.seed}),
+                train_codebook(centers, {config.codewords, config.kmeans_iterations, config.seed},
+                               nullptr, compute),
                 ListOptions{config.list_cap, config.spills, config.spill_lambda}) {}
 
 AirRouter::AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap)
@@ -35,33 +32,36 @@ void AirRouter::set_centers(MatrixView centers) {
   if (codebook_.size() > centers.rows)
     fail("number of codewords C = " + std::to_string(codebook_.size()) +
          " exceeds E = " + std::to_string(centers.rows));
-  Matrix unit = normalize_rows(centers, "centers");  // validates finite, nonzero
-  centers_ = Matrix(centers.rows, centers.cols);
-  std::copy_n(centers.data, centers.rows * centers.cols, centers_.data());
+  const Compute& c = compute();
+  Tensor unit = normalize_rows(c, centers, "centers");  // validates finite, nonzero
+  centers_ = c.ops->empty(DType::kF32, centers.rows, centers.cols);
+  c.ops->copy(centers_, centers, c.stream);
   unit_centers_ = std::move(unit);
-  key_norm_bound_ = std::max(1.0, max_row_norm(centers_.view()));
+  key_norm_bound_ = std::max(1.0, require_finite_rows(c, centers_, "centers"));
   rebuild_lists();
 }
 
 void AirRouter::update_codebook(double step, int updates) {
   if (updates < 0) fail("update_codebook: updates must be >= 0");
-  auto lookup = [&](int32_t e, float* out) { std::copy_n(unit_centers_.row(e), dim(), out); };
+  const OnHost unit(compute(), unit_centers_);
+  auto lookup = [&](int32_t e, float* out) {
+    std::copy_n(unit.as<float>() + static_cast<int64_t>(e) * dim(), dim(), out);
+  };
   for (int u = 0; u < updates; ++u)
-    codebook_.apply(codebook_.compute_stats(unit_centers_.view()), step, lookup);
+    codebook_.apply(codebook_.compute_stats(unit_centers_), step, lookup);
   rebuild_lists();
 }
 
 void AirRouter::rebuild_lists() {
-  const std::vector<int32_t> primary =
-      codebook_.assign_capped(unit_centers_.view(), options_.list_cap);
+  const std::vector<int32_t> primary = codebook_.assign_capped(unit_centers_, options_.list_cap);
   lists_ = InvertedLists(primary, codebook_.size());
+  list_sizes_ = list_sizes(compute(), lists_);
   const int per_expert = 1 + options_.spills;
   std::vector<int32_t> lists_of = primary;
   if (options_.spills > 0) {
     const SpillOptions spill{options_.spills, options_.spill_lambda,
                              options_.spills * options_.list_cap};
-    const std::vector<int32_t> spilled =
-        soar_spills(codebook_, unit_centers_.view(), primary, spill);
+    const std::vector<int32_t> spilled = soar_spills(codebook_, unit_centers_, primary, spill);
     lists_of.assign(static_cast<size_t>(experts() * per_expert), 0);
     for (int64_t e = 0; e < experts(); ++e) {
       lists_of[e * per_expert] = primary[e];
@@ -70,7 +70,10 @@ void AirRouter::rebuild_lists() {
     }
   }
   segments_ = ListSegments(lists_of, per_expert, codebook_.size());
-  blocks_ = segments_.blocks(dim(), [&](int32_t e) { return centers_.row(e); });
+  const OnHost centers(compute(), centers_);
+  blocks_ = segments_.blocks(compute(), dim(), [&](int32_t e) {
+    return centers.as<float>() + static_cast<int64_t>(e) * dim();
+  });
 }
 
 double AirRouter::flops_per_token(double mean_shortlist) const {
@@ -79,60 +82,73 @@ double AirRouter::flops_per_token(double mean_shortlist) const {
 }
 
 Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) const {
-  check_route_args(tokens, dim(), k, experts(), key_norm_bound_);
+  return route(Staged(compute(), tokens).view(), k, probes, mode).to_host(compute());
+}
+
+DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mode) const {
+  const Compute& c = compute();
+  const Ops& ops = *c.ops;
+  check_route_args(c, tokens, dim(), k, experts(), key_norm_bound_);
   require_in_range(probes, 1, codewords(), "probes m");
   const int64_t T = tokens.rows;
-  Routes r = make_routes(T, k, mode);
-  r.probe_offsets.assign(static_cast<size_t>(T + 1), 0);
-  if (T == 0) return r;
-
+  DeviceRoutes r = make_device_routes(c, T, k, mode);
+  if (T == 0) {
+    r.probe_offsets = device_vector(c, std::vector<int64_t>{0});
+    r.probes = ops.empty(DType::kI32, 0, 1);
+    return r;
+  }
   // The primary lists are disjoint, so probes whose primary lists hold k
   // experts give a shortlist of at least k distinct experts.
-  ProbeSelection sel = select_probes(codebook_, lists_, tokens, k, probes);
+  ProbeSet sel = ops.select_probes(tokens, codebook_.tensor(), list_sizes_, probes, k, c.stream);
+  PairSet pairs = ops.probe_pairs(blocks_.view(), sel, c.stream);
   r.probe_offsets = std::move(sel.offsets);
   r.probes = std::move(sel.codewords);
-  SegmentPairs scan = segment_pairs(segments_, r.probe_offsets, r.probes);
-  r.shortlist_size = std::move(scan.shortlist_size);
-  const ScanPairs& pairs = scan.pairs;
-  std::vector<float> cand_z;
-  std::vector<int32_t> cand_id;
-  std::vector<LogSumExp> cand_lse;
+  r.shortlist_size = std::move(pairs.shortlist_size);
+  // Each (token, block) pair's top-k, then each token's merge in probe order.
   const bool shortlist = mode == GateMode::kShortlist;
-  scan_lists(blocks_, tokens, pairs, k, cand_z, cand_id, shortlist ? &cand_lse : nullptr);
-
-  // Merge each token's candidates in probe order.
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    TopK top(k, r.logits.data() + t * k, r.experts.data() + t * k);
-    LogSumExp lse;
-    for (int64_t p = scan.offsets[t]; p < scan.offsets[t + 1]; ++p) {
-      for (int j = 0; j < k && cand_id[p * k + j] >= 0; ++j)
-        top.push(cand_z[p * k + j], cand_id[p * k + j]);
-      if (shortlist) lse.merge(cand_lse[p]);
-    }
-    if (shortlist) r.log_normalizer[t] = lse.value();
+  Tensor cand_lse, lse;
+  if (shortlist) {
+    cand_lse = ops.empty(DType::kF64, pairs.count, 2);
+    lse = ops.empty(DType::kF64, T, 2);
   }
-  finalize_gates(r);
+  const Tensor cand_z = ops.empty(DType::kF32, pairs.count, k);
+  const Tensor cand_id = ops.empty(DType::kI32, pairs.count, k);
+  const TopKView candidates{cand_z, cand_id, cand_lse};
+  ops.scan_blocks(blocks_.view(), tokens, pairs.query, pairs.block, k, candidates, c.stream);
+  ops.merge_topk(candidates, pairs.offsets, k, {r.logits, r.experts, lse}, c.stream);
+  ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, c.stream);
   return r;
 }
 
 RouterGradients AirRouter::backward(MatrixView tokens, const Routes& routes,
                                     MatrixView d_gates) const {
-  require_cols(tokens, dim(), "tokens");
-  if (routes.gate_mode == GateMode::kShortlist &&
-      routes.probe_offsets.size() != static_cast<size_t>(routes.tokens + 1))
-    fail("backward: shortlist gates need the routes' probes, which these routes lack");
-  return center_router_backward(
-      tokens, routes, d_gates, [&](int32_t e) { return centers_.row(e); },
-      [&](int64_t t, const std::function<void(int32_t)>& visit) {
-        const std::span<const int32_t> probed(
-            routes.probes.data() + routes.probe_offsets[t],
-            static_cast<size_t>(routes.probe_offsets[t + 1] - routes.probe_offsets[t]));
-        std::vector<int32_t> sorted;
-        segments_.for_each_scanned(probed, sorted, [&](int64_t s) {
-          for (int32_t e : segments_.members(s)) visit(e);
-        });
+  return backward(Staged(compute(), tokens).view(), to_device(compute(), routes),
+                  Staged(compute(), d_gates).view())
+      .to_host(compute());
+}
+
+DeviceRouterGradients AirRouter::backward(TensorView tokens, const DeviceRoutes& routes,
+                                          TensorView d_gates) const {
+  require_rows_of(compute(), tokens, dim(), "tokens");
+  ShortlistEntries entries;  // with kShortlist, every expert the token's probes scanned
+  if (routes.gate_mode == GateMode::kShortlist) {
+    if (!routes.has_probes())
+      fail("backward: shortlist gates need the routes' probes, which these routes lack");
+    const std::vector<int64_t> offsets = host_vector<int64_t>(compute(), routes.probe_offsets);
+    const std::vector<int32_t> probes = host_vector<int32_t>(compute(), routes.probes);
+    std::vector<int32_t> sorted;
+    for (int64_t t = 0; t < routes.tokens; ++t) {
+      const std::span<const int32_t> probed(probes.data() + offsets[t],
+                                            static_cast<size_t>(offsets[t + 1] - offsets[t]));
+      segments_.for_each_scanned(probed, sorted, [&](int64_t s) {
+        for (int32_t e : segments_.members(s)) {
+          entries.token.push_back(static_cast<int32_t>(t));
+          entries.expert.push_back(e);
+        }
       });
+    }
+  }
+  return center_router_backward(compute(), tokens, routes, d_gates, centers_, &entries);
 }
 
 }  // namespace airmoe::inline router

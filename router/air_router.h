@@ -42,15 +42,20 @@ struct AirConfig {
 class AirRouter {
  public:
   // Trains the codebook on `centers` ([E, d], finite, no zero row).
-  AirRouter(MatrixView centers, const AirConfig& config);
-  // Uses a given codebook (its dimension must match).
+  AirRouter(MatrixView centers, const AirConfig& config, Compute compute = host_compute());
+  // Uses a given codebook (its dimension must match); the router runs on
+  // the codebook's ops.
   AirRouter(MatrixView centers, Codebook codebook, int64_t list_cap = 0);
   AirRouter(MatrixView centers, Codebook codebook, const ListOptions& options);
 
   int64_t experts() const { return centers_.rows(); }
   int64_t dim() const { return centers_.cols(); }
   int64_t codewords() const { return codebook_.size(); }
-  MatrixView centers() const { return centers_.view(); }
+  const Compute& compute() const { return codebook_.compute(); }
+  // The centers by expert id on the ops' device; as a MatrixView only with
+  // host ops.
+  TensorView keys() const { return centers_; }
+  MatrixView centers() const { return centers_.view().matrix(); }
   const Codebook& codebook() const { return codebook_; }
   // Each expert's primary list (what the distributed runtime places).
   const InvertedLists& lists() const { return lists_; }
@@ -62,7 +67,10 @@ class AirRouter {
   // order, until the shortlist holds at least k experts. `probes` is a
   // per-call knob: nothing is rebuilt when it changes.
   Routes route(MatrixView tokens, int k, int probes, GateMode mode = GateMode::kChosen) const;
+  DeviceRoutes route(TensorView tokens, int k, int probes, GateMode mode = GateMode::kChosen) const;
   RouterGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+  DeviceRouterGradients backward(TensorView tokens, const DeviceRoutes& routes,
+                                 TensorView d_gates) const;
 
   // Training: the optimizer moved W. The codebook stays as it is and the
   // lists are rebuilt against it; call update_codebook() to adapt it.
@@ -78,11 +86,12 @@ class AirRouter {
  private:
   void rebuild_lists();
 
-  Matrix centers_;       // [E, d], by expert id
-  Matrix unit_centers_;  // normalized rows, for assignment and k-means
-  Codebook codebook_;
+  Codebook codebook_;    // and the ops everything here runs on
+  Tensor centers_;       // [E, d], by expert id
+  Tensor unit_centers_;  // normalized rows, for assignment and k-means
   ListOptions options_;
   InvertedLists lists_;    // primary lists
+  Tensor list_sizes_;      // their sizes, for stage 1
   ListSegments segments_;  // primary and spilled entries, cut for deduplication
   ListBlocks blocks_;      // centers_ rows segment after segment: one block each
   // max(1, largest center norm): bounds both the probe scores (unit

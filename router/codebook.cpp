@@ -2,78 +2,51 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
 
 #include "core/checks.h"
-#include "core/parallel_errors.h"
-#include "router/scoring.h"
+#include "router/routes.h"
 
 namespace airmoe::inline router {
 namespace {
 
-constexpr int64_t kAssignChunk = 2048;
+// out = rows / |rows| on the ops (rows and out on their device), or the
+// error naming the first non-finite entry or zero row.
+void normalize_into(const Compute& compute, TensorView rows, TensorView out, const char* what) {
+  require_finite_rows(compute, rows, what);
+  const int64_t zero = compute.ops->normalize_rows(rows, out, compute.stream);
+  if (zero >= 0) fail(std::string(what) + " row " + std::to_string(zero) + " has zero norm");
+}
 
-// Best codeword and its score for each row, scored in chunks of rows so the
-// score buffer stays small whatever E is.
-void nearest(MatrixView codewords, MatrixView rows, std::vector<int32_t>& best,
-             std::vector<float>& best_score) {
-  const int64_t C = codewords.rows;
-  best.assign(static_cast<size_t>(rows.rows), 0);
-  best_score.assign(static_cast<size_t>(rows.rows), 0.0f);
-  std::vector<float> scores(static_cast<size_t>(std::min(rows.rows, kAssignChunk) * C));
-  for (int64_t r0 = 0; r0 < rows.rows; r0 += kAssignChunk) {
-    const int64_t n = std::min(kAssignChunk, rows.rows - r0);
-    score_nt(rows.row(r0), rows.cols, codewords.data, codewords.cols, n, C, rows.cols,
-             scores.data(), C);
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float* s = scores.data() + i * C;
-      int32_t arg = 0;
-      for (int64_t c = 1; c < C; ++c)
-        if (s[c] > s[arg]) arg = static_cast<int32_t>(c);
-      best[r0 + i] = arg;
-      best_score[r0 + i] = s[arg];
-    }
-  }
+void require_width(TensorView rows, int64_t dim, const char* what) {
+  if (rows.cols != dim)
+    fail(std::string(what) + " has " + std::to_string(rows.cols) + " columns, expected " +
+         std::to_string(dim));
 }
 
 }  // namespace
 
 Matrix normalize_rows(MatrixView rows, const char* what) {
-  require_finite(rows, what);
   Matrix out(rows.rows, rows.cols);
-  int64_t zero_row = -1;
-#pragma omp parallel for schedule(static) reduction(max : zero_row)
-  for (int64_t r = 0; r < rows.rows; ++r) {
-    const float* x = rows.row(r);
-    double norm2 = 0.0;
-    for (int64_t c = 0; c < rows.cols; ++c) norm2 += static_cast<double>(x[c]) * x[c];
-    if (norm2 == 0.0) {
-      zero_row = std::max(zero_row, r);
-      continue;
-    }
-    const double inv = 1.0 / std::sqrt(norm2);
-    for (int64_t c = 0; c < rows.cols; ++c) out(r, c) = static_cast<float>(x[c] * inv);
-  }
-  if (zero_row >= 0) {
-    // Report the first zero row, not the last, for a stable message.
-    for (int64_t r = 0; r < rows.rows; ++r) {
-      bool zero = true;
-      for (int64_t c = 0; c < rows.cols && zero; ++c) zero = rows(r, c) == 0.0f;
-      if (zero) fail(std::string(what) + " row " + std::to_string(r) + " has zero norm");
-    }
-  }
+  normalize_into(host_compute(), rows, out.view(), what);
   return out;
 }
 
-Codebook::Codebook(MatrixView codewords) : codewords_(normalize_rows(codewords, "codewords")) {
+Tensor normalize_rows(const Compute& compute, TensorView rows, const char* what) {
+  const Staged in(compute, rows);
+  Tensor out = compute.ops->empty(DType::kF32, rows.rows, rows.cols);
+  normalize_into(compute, in, out, what);
+  return out;
+}
+
+Codebook::Codebook(MatrixView codewords, Compute compute)
+    : compute_(compute), codewords_(normalize_rows(compute, codewords, "codewords")) {
   if (codewords.rows < 1) fail("codebook needs at least one codeword");
 }
 
-Codebook Codebook::from_unit_rows(MatrixView unit_codewords) {
+Codebook Codebook::from_unit_rows(MatrixView unit_codewords, Compute compute) {
   if (unit_codewords.rows < 1) fail("codebook needs at least one codeword");
   require_finite(unit_codewords, "codewords");
   for (int64_t r = 0; r < unit_codewords.rows; ++r) {
@@ -85,30 +58,45 @@ Codebook Codebook::from_unit_rows(MatrixView unit_codewords) {
            ", not 1");
   }
   Codebook out;
-  out.codewords_ = Matrix(unit_codewords.rows, unit_codewords.cols);
-  std::copy_n(unit_codewords.data, unit_codewords.rows * unit_codewords.cols,
-              out.codewords_.data());
+  out.compute_ = compute;
+  out.codewords_ = compute.ops->empty(DType::kF32, unit_codewords.rows, unit_codewords.cols);
+  compute.ops->copy(out.codewords_, unit_codewords, compute.stream);
   return out;
 }
 
-std::vector<int32_t> Codebook::assign(MatrixView unit_rows) const {
-  require_cols(unit_rows, dim(), "rows to assign");
-  std::vector<int32_t> best;
-  std::vector<float> score;
-  nearest(codewords_.view(), unit_rows, best, score);
-  return best;
+Codebook::Codebook(const Codebook& other)
+    : compute_(other.compute_),
+      codewords_(other.compute_.ops->empty(DType::kF32, other.size(), other.dim())) {
+  compute_.ops->copy(codewords_, other.codewords_, compute_.stream);
 }
 
-std::vector<int32_t> Codebook::assign_capped(MatrixView unit_rows, int64_t cap) const {
-  require_cols(unit_rows, dim(), "rows to assign");
+Codebook& Codebook::operator=(const Codebook& other) {
+  if (this != &other) *this = Codebook(other);
+  return *this;
+}
+
+std::vector<int32_t> Codebook::assign(TensorView unit_rows) const {
+  require_width(unit_rows, dim(), "rows to assign");
+  const int64_t n = unit_rows.rows;
+  const Tensor best = compute_.ops->empty(DType::kI32, n, 1);
+  const Tensor score = compute_.ops->empty(DType::kF32, n, 1);
+  compute_.ops->nearest(Staged(compute_, unit_rows), codewords_, best, score, compute_.stream);
+  return host_vector<int32_t>(compute_, best);
+}
+
+std::vector<int32_t> Codebook::assign_capped(TensorView unit_rows, int64_t cap) const {
+  require_width(unit_rows, dim(), "rows to assign");
   const int64_t n = unit_rows.rows, C = size();
   if (cap <= 0) return assign(unit_rows);
   if (cap * C < n)
     fail("list cap " + std::to_string(cap) + " x " + std::to_string(C) + " lists cannot hold " +
          std::to_string(n) + " experts");
-  std::vector<int32_t> best;
-  std::vector<float> best_score;
-  nearest(codewords_.view(), unit_rows, best, best_score);
+  const Staged rows(compute_, unit_rows);
+  const Tensor best_t = compute_.ops->empty(DType::kI32, n, 1);
+  const Tensor score_t = compute_.ops->empty(DType::kF32, n, 1);
+  compute_.ops->nearest(rows, codewords_, best_t, score_t, compute_.stream);
+  const std::vector<int32_t> best = host_vector<int32_t>(compute_, best_t);
+  const std::vector<float> best_score = host_vector<float>(compute_, score_t);
   std::vector<int32_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
@@ -122,7 +110,7 @@ std::vector<int32_t> Codebook::assign_capped(MatrixView unit_rows, int64_t cap) 
     int32_t c = best[e];
     if (fill[c] >= cap) {
       // Rare: rank every codeword for this expert and take the best with room.
-      score_nt(unit_rows.row(e), dim(), codewords_.data(), dim(), 1, C, dim(), scores.data(), C);
+      score_to_host(compute_, rows.view().row_range(e, 1), codewords_, scores.data());
       std::iota(pref.begin(), pref.end(), 0);
       std::sort(pref.begin(), pref.end(), [&](int32_t a, int32_t b) {
         return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
@@ -139,42 +127,13 @@ std::vector<int32_t> Codebook::assign_capped(MatrixView unit_rows, int64_t cap) 
   return out;
 }
 
-KMeansStats Codebook::compute_stats(MatrixView unit_rows, const int32_t* expert_ids) const {
-  require_cols(unit_rows, dim(), "rows for k-means stats");
-  const int64_t C = size(), d = dim();
-  std::vector<int32_t> best;
-  std::vector<float> score;
-  nearest(codewords_.view(), unit_rows, best, score);
-  KMeansStats total(C, d);
-  // Integer sums: per-thread partials can be added in any order.
-  ParallelErrors errors;  // the partials' allocation may throw
-#pragma omp parallel
-  {
-    KMeansStats part;
-    const bool ready = errors.run([&] { part = KMeansStats(C, d); });
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < unit_rows.rows; ++r) {
-      if (!ready) continue;
-      const int32_t c = best[r];
-      const int32_t id = expert_ids ? expert_ids[r] : static_cast<int32_t>(r);
-      const float* x = unit_rows.row(r);
-      int64_t* s = part.sums.data() + c * d;
-      for (int64_t j = 0; j < d; ++j) s[j] += to_fixed(x[j]);
-      part.counts[c] += 1;
-      const int64_t cf = to_fixed(score[r]);
-      part.objective += cf;
-      if (farther_member(cf, id, part.farthest_cos[c], part.farthest_expert[c])) {
-        part.farthest_cos[c] = cf;
-        part.farthest_expert[c] = id;
-      }
-    }
-    if (ready) {
-#pragma omp critical
-      total += part;
-    }
-  }
-  errors.rethrow();
-  return total;
+KMeansStats Codebook::compute_stats(TensorView unit_rows, const int32_t* expert_ids) const {
+  require_width(unit_rows, dim(), "rows for k-means stats");
+  const TensorView ids = expert_ids ? TensorView(const_cast<int32_t*>(expert_ids), DType::kI32,
+                                                 Device::host(), unit_rows.rows, 1)
+                                    : TensorView();
+  return compute_.ops->kmeans_stats(Staged(compute_, unit_rows), codewords_, Staged(compute_, ids),
+                                    compute_.stream);
 }
 
 int64_t Codebook::apply(const KMeansStats& stats, double step, const RowLookup& unit_row_of) {
@@ -185,6 +144,11 @@ int64_t Codebook::apply(const KMeansStats& stats, double step, const RowLookup& 
          std::to_string(d) + "]");
   if (!(step > 0.0 && step <= 1.0))
     fail("codebook update step = " + std::to_string(step) + " is outside (0, 1]");
+  // The update runs on the host, on a copy of the codewords.
+  Matrix cw(C, d);
+  const TensorView host = cw.view();
+  compute_.ops->copy(host, codewords_, compute_.stream);
+  compute_.ops->synchronize(compute_.stream);
   std::vector<double> v(static_cast<size_t>(d));
   for (int64_t c = 0; c < C; ++c) {
     if (stats.counts[c] == 0) continue;
@@ -195,16 +159,17 @@ int64_t Codebook::apply(const KMeansStats& stats, double step, const RowLookup& 
     const double inv = 1.0 / std::sqrt(n2);
     double m2 = 0.0;
     for (int64_t j = 0; j < d; ++j) {
-      v[j] = (1.0 - step) * codewords_(c, j) + step * (static_cast<double>(s[j]) * inv);
+      v[j] = (1.0 - step) * cw(c, j) + step * (static_cast<double>(s[j]) * inv);
       m2 += v[j] * v[j];
     }
     if (m2 == 0.0) continue;
     const double minv = 1.0 / std::sqrt(m2);
-    for (int64_t j = 0; j < d; ++j) codewords_(c, j) = static_cast<float>(v[j] * minv);
+    for (int64_t j = 0; j < d; ++j) cw(c, j) = static_cast<float>(v[j] * minv);
   }
 
   const std::vector<Repair> repairs = plan_repairs(stats);
-  for (const Repair& r : repairs) unit_row_of(r.expert, codewords_.row(r.codeword));
+  for (const Repair& r : repairs) unit_row_of(r.expert, cw.row(r.codeword));
+  compute_.ops->copy(codewords_, host, compute_.stream);
   return static_cast<int64_t>(repairs.size());
 }
 
@@ -225,7 +190,52 @@ std::vector<Codebook::Repair> Codebook::plan_repairs(const KMeansStats& stats) {
   return out;
 }
 
-Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeansReport* report) {
+namespace {
+
+// k-means++ on the sphere (distance 1 - cos) over the rows of `pts` (on the
+// host, and `pts_dev` on the ops' device): C seeds, the first and each next
+// drawn with probability proportional to its distance to the seeds so far.
+Matrix kmeans_pp_seeds(const Compute& compute, const Matrix& pts, TensorView pts_dev, int64_t C,
+                       std::mt19937_64& rng) {
+  const int64_t n = pts.rows(), d = pts.cols();
+  Matrix seeds(C, d);
+  std::vector<float> best_cos(static_cast<size_t>(n), -2.0f);
+  std::vector<float> cos_new(static_cast<size_t>(n));
+  std::vector<char> taken(static_cast<size_t>(n), 0);
+  int64_t pick = std::uniform_int_distribution<int64_t>(0, n - 1)(rng);
+  for (int64_t c = 0; c < C; ++c) {
+    std::copy_n(pts.row(pick), d, seeds.row(c));
+    taken[pick] = 1;
+    if (c + 1 == C) break;
+    score_to_host(compute, pts_dev, TensorView(seeds.view()).row_range(c, 1), cos_new.data());
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      best_cos[i] = std::max(best_cos[i], cos_new[i]);
+      total += std::max(0.0, 1.0 - static_cast<double>(best_cos[i]));
+    }
+    pick = -1;
+    if (total > 0.0) {
+      const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+      double acc = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        acc += std::max(0.0, 1.0 - static_cast<double>(best_cos[i]));
+        if (acc > u && !taken[i]) {
+          pick = i;
+          break;
+        }
+      }
+    }
+    if (pick < 0)  // every point coincides with a seed (or rounding): next untaken
+      for (int64_t i = 0; i < n && pick < 0; ++i)
+        if (!taken[i]) pick = i;
+  }
+  return seeds;
+}
+
+}  // namespace
+
+Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeansReport* report,
+                        Compute compute) {
   const int64_t E = centers.rows, C = options.codewords;
   if (E < 1) fail("train_codebook: no expert centers");
   require_expert_count(E, "train_codebook: centers rows E");
@@ -233,11 +243,13 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
     fail("number of codewords C = " + std::to_string(C) +
          " is outside [1, E = " + std::to_string(E) + "]");
   if (options.iterations < 0) fail("k-means iterations must be >= 0");
-  const Matrix unit = normalize_rows(centers, "centers");
-  const int64_t d = unit.cols();
+  const Tensor unit = normalize_rows(compute, centers, "centers");
+  const OnHost unit_host(compute, unit);
+  const int64_t d = centers.cols;
+  const float* unit_rows = unit_host.as<float>();
 
-  // k-means++ on the sphere (distance 1 - cos) over a seeded sample of at most
-  // 8 C points: seeding is C sequential passes, so its sample stays small.
+  // k-means++ seeding over a seeded sample of at most 8 C points: seeding is
+  // C sequential passes, so its sample stays small.
   std::mt19937_64 rng(options.seed);
   const int64_t sample_size = std::min(E, 8 * C);
   std::vector<int32_t> sample(static_cast<size_t>(E));
@@ -251,44 +263,15 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
     std::sort(sample.begin(), sample.end());
   }
   Matrix pts(sample_size, d);
-  for (int64_t i = 0; i < sample_size; ++i) std::copy_n(unit.row(sample[i]), d, pts.row(i));
+  for (int64_t i = 0; i < sample_size; ++i)
+    std::copy_n(unit_rows + static_cast<int64_t>(sample[i]) * d, d, pts.row(i));
+  const Staged pts_dev(compute, pts.view());
+  const Matrix seeds = kmeans_pp_seeds(compute, pts, pts_dev, C, rng);
 
-  Matrix seeds(C, d);
-  std::vector<float> best_cos(static_cast<size_t>(sample_size), -2.0f);
-  std::vector<float> cos_new(static_cast<size_t>(sample_size));
-  std::vector<char> taken(static_cast<size_t>(sample_size), 0);
-  int64_t pick = std::uniform_int_distribution<int64_t>(0, sample_size - 1)(rng);
-  for (int64_t c = 0; c < C; ++c) {
-    std::copy_n(pts.row(pick), d, seeds.row(c));
-    taken[pick] = 1;
-    if (c + 1 == C) break;
-    score_nt(pts.data(), d, seeds.row(c), d, sample_size, 1, d, cos_new.data(), 1);
-    double total = 0.0;
-    for (int64_t i = 0; i < sample_size; ++i) {
-      best_cos[i] = std::max(best_cos[i], cos_new[i]);
-      total += std::max(0.0, 1.0 - static_cast<double>(best_cos[i]));
-    }
-    pick = -1;
-    if (total > 0.0) {
-      const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
-      double acc = 0.0;
-      for (int64_t i = 0; i < sample_size; ++i) {
-        acc += std::max(0.0, 1.0 - static_cast<double>(best_cos[i]));
-        if (acc > u && !taken[i]) {
-          pick = i;
-          break;
-        }
-      }
-    }
-    if (pick < 0)  // every point coincides with a seed (or rounding): next untaken
-      for (int64_t i = 0; i < sample_size && pick < 0; ++i)
-        if (!taken[i]) pick = i;
-  }
-
-  Codebook cb(seeds.view());
-  auto lookup = [&](int32_t e, float* out) { std::copy_n(unit.row(e), d, out); };
+  Codebook cb(seeds.view(), compute);
+  auto lookup = [&](int32_t e, float* out) { std::copy_n(unit_rows + e * d, d, out); };
   for (int it = 0; it < options.iterations; ++it) {
-    const KMeansStats stats = cb.compute_stats(unit.view());
+    const KMeansStats stats = cb.compute_stats(unit);
     if (report) report->objective.push_back(stats.mean_objective());
     const int64_t repaired = cb.apply(stats, 1.0, lookup);
     if (report) report->repaired += repaired;
@@ -298,10 +281,13 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
 
 void adaptive_update(Codebook& codebook, MatrixView centers, double step, int updates) {
   require_cols(centers, codebook.dim(), "centers");
-  const Matrix unit = normalize_rows(centers, "centers");
-  auto lookup = [&](int32_t e, float* out) { std::copy_n(unit.row(e), unit.cols(), out); };
-  for (int u = 0; u < updates; ++u)
-    codebook.apply(codebook.compute_stats(unit.view()), step, lookup);
+  const Tensor unit = normalize_rows(codebook.compute(), centers, "centers");
+  const OnHost unit_host(codebook.compute(), unit);
+  const int64_t d = centers.cols;
+  auto lookup = [&](int32_t e, float* out) {
+    std::copy_n(unit_host.as<float>() + static_cast<int64_t>(e) * d, d, out);
+  };
+  for (int u = 0; u < updates; ++u) codebook.apply(codebook.compute_stats(unit), step, lookup);
 }
 
 }  // namespace airmoe::inline router

@@ -15,39 +15,54 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "core/tensor.h"
+#include "ops/boundary.h"
 #include "ops/kmeans_stats.h"
 
 namespace airmoe::inline router {
 
 // Unit-norm copy of `rows`; throws if a row has zero norm or is not finite
-// ("<what> row R has zero norm").
+// ("<what> row R has zero norm"). The host form, and the same on the ops'
+// device (a tensor there).
 Matrix normalize_rows(MatrixView rows, const char* what);
+Tensor normalize_rows(const Compute& compute, TensorView rows, const char* what);
 
+// The codewords live on the ops' device the codebook is built with (host by
+// default); the host algorithms over them (the capped assignment, the
+// update) call the ops for their scoring.
 class Codebook {
  public:
   Codebook() = default;
   // Rows are normalized; throws on zero-norm or non-finite rows.
-  explicit Codebook(MatrixView codewords);
+  explicit Codebook(MatrixView codewords, Compute compute = host_compute());
   // Codewords that are unit rows already (a checkpoint's), kept bit for bit:
   // normalizing them again may move their last bits and so the routing.
   // Throws on a non-finite row or one whose norm is not 1 within 1e-3.
-  static Codebook from_unit_rows(MatrixView unit_codewords);
+  static Codebook from_unit_rows(MatrixView unit_codewords, Compute compute = host_compute());
+  Codebook(const Codebook& other);
+  Codebook& operator=(const Codebook& other);
+  Codebook(Codebook&&) = default;
+  Codebook& operator=(Codebook&&) = default;
 
   int64_t size() const { return codewords_.rows(); }
   int64_t dim() const { return codewords_.cols(); }
-  MatrixView codewords() const { return codewords_.view(); }
+  const Compute& compute() const { return compute_; }
+  // The unit codewords [C, d] on the ops' device; as a MatrixView only with
+  // host ops.
+  TensorView tensor() const { return codewords_; }
+  MatrixView codewords() const { return codewords_.view().matrix(); }
 
   // Nearest codeword (highest inner product, then lower index) of each row.
-  std::vector<int32_t> assign(MatrixView unit_rows) const;
+  std::vector<int32_t> assign(TensorView unit_rows) const;
 
   // Like assign, but no list gets more than `cap` members: experts are
   // placed in order of their best score (highest first, then lower id), and an
   // expert whose nearest list is full takes its best list with room.
-  std::vector<int32_t> assign_capped(MatrixView unit_rows, int64_t cap) const;
+  std::vector<int32_t> assign_capped(TensorView unit_rows, int64_t cap) const;
 
   // Statistics of one assignment pass over unit-norm rows. `expert_ids`
-  // gives each row's global expert id (nullptr: the row index).
-  KMeansStats compute_stats(MatrixView unit_rows, const int32_t* expert_ids = nullptr) const;
+  // (host memory) gives each row's global expert id (nullptr: the row index).
+  KMeansStats compute_stats(TensorView unit_rows, const int32_t* expert_ids = nullptr) const;
 
   // One step: mu_c <- normalize((1 - step) mu_c + step * normalize(sum_c)).
   // step = 1 is a Lloyd step. Empty codewords are repaired by splitting the
@@ -65,7 +80,8 @@ class Codebook {
   static std::vector<Repair> plan_repairs(const KMeansStats& stats);
 
  private:
-  Matrix codewords_;
+  Compute compute_ = host_compute();
+  Tensor codewords_;
 };
 
 struct KMeansOptions {
@@ -79,9 +95,10 @@ struct KMeansReport {
   int64_t repaired = 0;           // empty codewords repaired over all iterations
 };
 
-// Trains a codebook on the expert centers (any norms; rows are normalized).
+// Trains a codebook on the expert centers (any norms; rows are normalized),
+// on the given ops.
 Codebook train_codebook(MatrixView centers, const KMeansOptions& options,
-                        KMeansReport* report = nullptr);
+                        KMeansReport* report = nullptr, Compute compute = host_compute());
 
 // `updates` adaptive steps on new centers (one assignment pass each): what a
 // training loop calls after the optimizer moved W. Single-process form of

@@ -1,41 +1,44 @@
 // Exact top-k routing: every token scored against every expert center.
 // The reference the other routers are measured against, and the baseline
-// they must beat.
+// they must beat. Runs on the ops it is built with (host by default); its
+// TensorView API keeps tokens, routes and gradients on their device.
 #pragma once
 
 #include <cstdint>
 
 #include "core/matrix.h"
+#include "ops/boundary.h"
 #include "router/routes.h"
 
 namespace airmoe::inline router {
 
 class DenseRouter {
  public:
-  // centers: [E, d], finite; copied.
-  explicit DenseRouter(MatrixView centers);
+  // centers: [E, d], finite; copied to the ops' device.
+  explicit DenseRouter(MatrixView centers, Compute compute = host_compute());
 
   int64_t experts() const { return centers_.rows(); }
   int64_t dim() const { return centers_.cols(); }
-  MatrixView centers() const { return centers_.view(); }
+  const Compute& compute() const { return compute_; }
+  // The centers on the ops' device; as a MatrixView only with host ops.
+  TensorView keys() const { return centers_; }
+  MatrixView centers() const { return centers_.view().matrix(); }
 
   // tokens: [T, d]. With GateMode::kShortlist the softmax runs over all E.
   Routes route(MatrixView tokens, int k, GateMode mode = GateMode::kChosen) const;
+  DeviceRoutes route(TensorView tokens, int k, GateMode mode = GateMode::kChosen) const;
   RouterGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+  DeviceRouterGradients backward(TensorView tokens, const DeviceRoutes& routes,
+                                 TensorView d_gates) const;
 
   double flops_per_token() const { return 2.0 * static_cast<double>(experts() * dim()); }
   // Largest center norm: what check_route_args needs to refuse overflowing logits.
   double key_norm_bound() const { return key_norm_bound_; }
 
  private:
-  Matrix centers_;
+  Compute compute_;
+  Tensor centers_;
   double key_norm_bound_ = 0.0;
 };
-
-// Shared argument checks of route(): tokens [T, d] finite, 1 <= k <= E, and
-// no token whose logits could overflow float32 against keys of norm at most
-// key_norm_bound (require_finite_logits): finite inputs give finite gates.
-void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
-                      double key_norm_bound);
 
 }  // namespace airmoe::inline router

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "core/matrix.h"
+#include "ops/boundary.h"
 #include "router/routes.h"
 
 namespace airmoe::inline router {
@@ -17,28 +18,42 @@ struct ProductKeyGradients {
   SparseRowGrad d_keys2;  // rows of K2 [n, d - d1]
 };
 
+struct DeviceProductKeyGradients {
+  Tensor d_tokens;   // f32 [T, d]
+  RowGrads d_keys1;  // rows of K1
+  RowGrads d_keys2;  // rows of K2
+  ProductKeyGradients to_host(const Compute& compute) const;
+};
+
 class ProductKeyRouter {
  public:
-  // keys1: [n, d1], keys2: [n, d2], both finite, d1, d2 >= 1.
-  ProductKeyRouter(MatrixView keys1, MatrixView keys2);
+  // keys1: [n, d1], keys2: [n, d2], both finite, d1, d2 >= 1; copied to the
+  // ops' device.
+  ProductKeyRouter(MatrixView keys1, MatrixView keys2, Compute compute = host_compute());
 
   int64_t subkeys() const { return keys1_.rows(); }
   int64_t experts() const { return subkeys() * subkeys(); }
   int64_t dim() const { return keys1_.cols() + keys2_.cols(); }
   int64_t half_dim() const { return keys1_.cols(); }
-  MatrixView keys1() const { return keys1_.view(); }
-  MatrixView keys2() const { return keys2_.view(); }
+  const Compute& compute() const { return compute_; }
+  // The sub-keys; as MatrixViews only with host ops.
+  MatrixView keys1() const { return keys1_.view().matrix(); }
+  MatrixView keys2() const { return keys2_.view().matrix(); }
 
   // Expert id of sub-key pair (i, j) is i * n + j. Gates: softmax over the
   // chosen k (GateMode::kChosen only).
   Routes route(MatrixView tokens, int k) const;
+  DeviceRoutes route(TensorView tokens, int k) const;
   ProductKeyGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
+  DeviceProductKeyGradients backward(TensorView tokens, const DeviceRoutes& routes,
+                                     TensorView d_gates) const;
 
   double flops_per_token(int k) const;
 
  private:
-  Matrix keys1_;
-  Matrix keys2_;
+  Compute compute_;
+  Tensor keys1_;
+  Tensor keys2_;
   // max |K1_i| + max |K2_j|: bounds |<K1_i, h1> + <K2_j, h2>| / |h|.
   double key_norm_bound_ = 0.0;
 };

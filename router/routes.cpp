@@ -1,14 +1,9 @@
 #include "router/routes.h"
 
 #include <algorithm>
-#include <cmath>
-#include <numeric>
-#include <stdexcept>
 #include <string>
 
 #include "core/checks.h"
-#include "core/parallel_errors.h"
-#include "router/scoring.h"
 
 namespace airmoe::inline router {
 
@@ -36,58 +31,173 @@ Routes make_routes(int64_t tokens, int k, GateMode mode) {
   return r;
 }
 
-void finalize_gates(Routes& r) {
-#pragma omp parallel for schedule(static) if (r.tokens > 256)
-  for (int64_t t = 0; t < r.tokens; ++t) {
-    const float* z = r.logits.data() + t * r.k;
-    if (r.gate_mode == GateMode::kChosen) {
-      LogSumExp lse;
-      for (int j = 0; j < r.k; ++j) lse.add(z[j]);
-      r.log_normalizer[t] = lse.value();
-    }
-    float* g = r.gates.data() + t * r.k;
-    for (int j = 0; j < r.k; ++j)
-      g[j] = static_cast<float>(std::exp(static_cast<double>(z[j]) - r.log_normalizer[t]));
-  }
+namespace {
+
+template <typename T>
+TensorView host_view(std::vector<T>& v, DType dtype, int64_t rows, int64_t cols) {
+  return TensorView(v.data(), dtype, Device::host(), rows, cols);
 }
 
-SparseRowGrad accumulate_rows(std::vector<RowContribution>& contributions, const float* x,
-                              int64_t ldx, int64_t width) {
-  std::sort(contributions.begin(), contributions.end(),
-            [](const RowContribution& a, const RowContribution& b) {
-              return a.row != b.row ? a.row < b.row : a.token < b.token;
-            });
+template <typename T>
+TensorView host_view(const std::vector<T>& v, DType dtype, int64_t rows, int64_t cols) {
+  return host_view(const_cast<std::vector<T>&>(v), dtype, rows, cols);
+}
+
+}  // namespace
+
+void finalize_gates(Routes& r, const Compute& compute) {
+  const int64_t T = r.tokens;
+  StagedOut gates(compute, host_view(r.gates, DType::kF32, T, r.k));
+  StagedOut norm(compute, host_view(r.log_normalizer, DType::kF64, T, 1),
+                 /*initialized=*/r.gate_mode == GateMode::kShortlist);
+  const Staged logits(compute, host_view(r.logits, DType::kF32, T, r.k));
+  if (r.gate_mode == GateMode::kChosen) {
+    compute.ops->finalize_gates(logits, TensorView(), norm, gates, compute.stream);
+  } else {
+    // The normalizer is given: as (max, sum) pairs it is (value, 1) exactly
+    // when max + log(1) = value, which adds +0 to it.
+    std::vector<double> lse(static_cast<size_t>(2 * T));
+    for (int64_t t = 0; t < T; ++t) {
+      lse[2 * t] = r.log_normalizer[t];
+      lse[2 * t + 1] = 1.0;
+    }
+    const Staged pairs(compute, host_view(lse, DType::kF64, T, 2));
+    compute.ops->finalize_gates(logits, pairs, norm, gates, compute.stream);
+  }
+  gates.finish();
+  norm.finish();
+}
+
+DeviceRoutes make_device_routes(const Compute& compute, int64_t tokens, int k, GateMode mode) {
+  const Ops& ops = *compute.ops;
+  DeviceRoutes r;
+  r.tokens = tokens;
+  r.k = k;
+  r.gate_mode = mode;
+  r.experts = ops.empty(DType::kI32, tokens, k);
+  r.gates = ops.empty(DType::kF32, tokens, k);
+  r.logits = ops.empty(DType::kF32, tokens, k);
+  r.log_normalizer = ops.empty(DType::kF64, tokens, 1);
+  r.shortlist_size = ops.empty(DType::kI32, tokens, 1);
+  return r;
+}
+
+Routes DeviceRoutes::to_host(const Compute& compute) const {
+  Routes r = make_routes(tokens, k, gate_mode);
+  const Ops& ops = *compute.ops;
+  ops.copy(host_view(r.experts, DType::kI32, tokens, k), experts, compute.stream);
+  ops.copy(host_view(r.gates, DType::kF32, tokens, k), gates, compute.stream);
+  ops.copy(host_view(r.logits, DType::kF32, tokens, k), logits, compute.stream);
+  ops.copy(host_view(r.log_normalizer, DType::kF64, tokens, 1), log_normalizer, compute.stream);
+  ops.copy(host_view(r.shortlist_size, DType::kI32, tokens, 1), shortlist_size, compute.stream);
+  if (has_probes()) {
+    r.probe_offsets = host_vector<int64_t>(compute, probe_offsets);
+    r.probes = host_vector<int32_t>(compute, probes);
+  }
+  ops.synchronize(compute.stream);
+  return r;
+}
+
+DeviceRoutes to_device(const Compute& compute, const Routes& r) {
+  const int64_t T = r.tokens;
+  DeviceRoutes d = make_device_routes(compute, T, r.k, r.gate_mode);
+  const Ops& ops = *compute.ops;
+  ops.copy(d.experts, host_view(r.experts, DType::kI32, T, r.k), compute.stream);
+  ops.copy(d.gates, host_view(r.gates, DType::kF32, T, r.k), compute.stream);
+  ops.copy(d.logits, host_view(r.logits, DType::kF32, T, r.k), compute.stream);
+  ops.copy(d.log_normalizer, host_view(r.log_normalizer, DType::kF64, T, 1), compute.stream);
+  ops.copy(d.shortlist_size, host_view(r.shortlist_size, DType::kI32, T, 1), compute.stream);
+  if (r.probe_offsets.size() == static_cast<size_t>(T + 1)) {
+    d.probe_offsets = device_vector(compute, r.probe_offsets);
+    d.probes = device_vector(compute, r.probes);
+  }
+  return d;
+}
+
+SparseRowGrad to_host(const Compute& compute, const RowGrads& g) {
   SparseRowGrad out;
-  std::vector<size_t> starts;
-  for (size_t i = 0; i < contributions.size(); ++i) {
-    if (i == 0 || contributions[i].row != contributions[i - 1].row) {
-      out.rows.push_back(contributions[i].row);
-      starts.push_back(i);
-    }
-  }
-  starts.push_back(contributions.size());
-  out.values = Matrix(static_cast<int64_t>(out.rows.size()), width);
-  ParallelErrors errors;  // the buffer allocation may throw
-#pragma omp parallel
-  {
-    std::vector<double> acc;
-    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < static_cast<int64_t>(out.rows.size()); ++r) {
-      if (!ready) continue;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (size_t i = starts[r]; i < starts[r + 1]; ++i) {
-        const float* xi = x + static_cast<int64_t>(contributions[i].token) * ldx;
-        for (int64_t c = 0; c < width; ++c) acc[c] += contributions[i].coef * xi[c];
-      }
-      for (int64_t c = 0; c < width; ++c) out.values(r, c) = static_cast<float>(acc[c]);
-    }
-  }
-  errors.rethrow();
+  out.rows = host_vector<int32_t>(compute, g.rows);
+  out.values = Matrix(g.count, g.values.cols());
+  compute.ops->copy(host_view(out.values.storage(), DType::kF32, g.count, g.values.cols()),
+                    g.values, compute.stream);
+  compute.ops->synchronize(compute.stream);
   return out;
 }
 
-void check_gate_grads(const Routes& routes, MatrixView tokens, MatrixView d_gates) {
+RowGrads to_device(const Compute& compute, const SparseRowGrad& grads) {
+  RowGrads out;
+  out.count = static_cast<int64_t>(grads.rows.size());
+  out.rows = device_vector(compute, grads.rows);
+  out.values = compute.ops->empty(DType::kF32, grads.values.rows(), grads.values.cols());
+  compute.ops->copy(out.values, grads.values.view(), compute.stream);
+  compute.ops->synchronize(compute.stream);
+  return out;
+}
+
+SparseRowGrad with_rows_hit(SparseRowGrad grads, std::vector<int32_t> hit) {
+  std::sort(hit.begin(), hit.end());
+  hit.erase(std::unique(hit.begin(), hit.end()), hit.end());
+  if (hit.size() == grads.rows.size()) return grads;  // the op listed every row
+  const int64_t width = grads.values.cols();
+  SparseRowGrad out;
+  out.rows = hit;
+  out.values = Matrix(static_cast<int64_t>(hit.size()), width);  // zeros
+  size_t from = 0;
+  for (size_t i = 0; i < hit.size() && from < grads.rows.size(); ++i)
+    if (grads.rows[from] == hit[i]) {
+      std::copy_n(grads.values.row(static_cast<int64_t>(from)), width,
+                  out.values.row(static_cast<int64_t>(i)));
+      ++from;
+    }
+  return out;
+}
+
+RouterGradients DeviceRouterGradients::to_host(const Compute& compute) const {
+  RouterGradients g;
+  g.d_tokens = Matrix(d_tokens.rows(), d_tokens.cols());
+  compute.ops->copy(host_view(g.d_tokens.storage(), DType::kF32, d_tokens.rows(), d_tokens.cols()),
+                    d_tokens, compute.stream);
+  g.d_centers = router::to_host(compute, d_centers);
+  return g;
+}
+
+// ---- checks -------------------------------------------------------------
+
+void require_rows_of(const Compute& compute, TensorView m, int64_t dim, const char* what) {
+  if (m.device != compute.ops->device())
+    fail(std::string(what) + " are on " + to_string(m.device) + ", the router's ops (" +
+         compute.ops->name() + ") on " + to_string(compute.ops->device()));
+  if (m.dtype != DType::kF32 && m.dtype != DType::kBF16)
+    fail(std::string(what) + " are " + to_string(m.dtype) + ", expected f32 or bf16");
+  if (m.cols != dim)
+    fail(std::string(what) + " has " + std::to_string(m.cols) + " columns, expected " +
+         std::to_string(dim));
+}
+
+double require_finite_rows(const Compute& compute, TensorView m, const char* what,
+                           double key_norm_bound) {
+  const RowCheck c = compute.ops->check_rows(m, key_norm_bound, compute.stream);
+  if (c.nonfinite_row >= 0)
+    fail_nonfinite(what, c.nonfinite_row, c.nonfinite_col, c.nonfinite_value);
+  if (c.overflow_row >= 0)
+    fail_logit_overflow(what, c.overflow_row, c.overflow_norm, key_norm_bound);
+  return c.max_norm;
+}
+
+void check_route_args(const Compute& compute, TensorView tokens, int64_t dim, int k,
+                      int64_t experts, double key_norm_bound) {
+  require_rows_of(compute, tokens, dim, "tokens");
+  require_in_range(k, 1, experts, "k");
+  require_finite_rows(compute, tokens, "tokens", key_norm_bound);
+}
+
+void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
+                      double key_norm_bound) {
+  check_route_args(host_compute(), tokens, dim, k, experts, key_norm_bound);
+}
+
+void check_gate_grads(const Compute& compute, const DeviceRoutes& routes, TensorView tokens,
+                      TensorView d_gates) {
   if (tokens.rows != routes.tokens)
     fail("backward: tokens has " + std::to_string(tokens.rows) + " rows but the routes hold " +
          std::to_string(routes.tokens));
@@ -95,68 +205,47 @@ void check_gate_grads(const Routes& routes, MatrixView tokens, MatrixView d_gate
     fail("backward: d_gates is [" + std::to_string(d_gates.rows) + ", " +
          std::to_string(d_gates.cols) + "], expected [" + std::to_string(routes.tokens) + ", " +
          std::to_string(routes.k) + "]");
-  require_finite(d_gates, "d_gates");
+  if (d_gates.device != compute.ops->device())
+    fail("backward: d_gates are on " + to_string(d_gates.device) + ", the router's ops on " +
+         to_string(compute.ops->device()));
+  require_finite_rows(compute, d_gates, "d_gates");
 }
 
-RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, MatrixView d_gates,
-                                       const CenterLookup& center,
-                                       const ShortlistVisitor& shortlist) {
-  check_gate_grads(routes, tokens, d_gates);
-  const int64_t T = routes.tokens, d = tokens.cols;
-  const int k = routes.k;
-  RouterGradients grads;
-  grads.d_tokens = Matrix(T, d);
-  std::vector<std::vector<RowContribution>> per_token(static_cast<size_t>(T));
+// ---- backward -----------------------------------------------------------
 
-  // One token: its dL/dh row and its (center row, token, coef) contributions.
-  auto backward_token = [&](int64_t t, std::vector<double>& dh) {
-    const int32_t* chosen = routes.experts_of(t);
-    const float* g = routes.gates_of(t);
-    const float* dg = d_gates.row(t);
-    const float* h = tokens.row(t);
-    double weighted = 0.0;  // sum_j g_j dL/dg_j
-    for (int j = 0; j < k; ++j) weighted += static_cast<double>(g[j]) * dg[j];
-    std::fill(dh.begin(), dh.end(), 0.0);
-    auto& out = per_token[t];
-
-    auto visit = [&](int32_t e, double z) {
-      double own = 0.0;
-      for (int j = 0; j < k; ++j)
-        if (chosen[j] == e) own = dg[j];
-      const double p = std::exp(z - routes.log_normalizer[t]);
-      const double dz = p * (own - weighted);
-      if (dz == 0.0) return;
-      const float* w = center(e);
-      for (int64_t c = 0; c < d; ++c) dh[c] += dz * w[c];
-      out.push_back({e, static_cast<int32_t>(t), dz});
-    };
-
-    if (routes.gate_mode == GateMode::kChosen) {
-      for (int j = 0; j < k; ++j) visit(chosen[j], routes.logits[t * k + j]);
-    } else {
-      shortlist(t, [&](int32_t e) { visit(e, score_one(center(e), h, d)); });
-    }
-    for (int64_t c = 0; c < d; ++c) grads.d_tokens(t, c) = static_cast<float>(dh[c]);
-  };
-
-  // Allocations and the caller's center/shortlist callbacks may throw.
-  ParallelErrors errors;
-#pragma omp parallel
-  {
-    std::vector<double> dh;
-    const bool ready = errors.run([&] { dh.resize(static_cast<size_t>(d)); });
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t t = 0; t < T; ++t) {
-      if (!ready) continue;
-      errors.run([&] { backward_token(t, dh); });
-    }
+DeviceRouterGradients center_router_backward(const Compute& compute, TensorView tokens,
+                                             const DeviceRoutes& routes, TensorView d_gates,
+                                             TensorView keys, const ShortlistEntries* shortlist) {
+  check_gate_grads(compute, routes, tokens, d_gates);
+  const Ops& ops = *compute.ops;
+  const int64_t T = routes.tokens, k = routes.k;
+  // The normalizing set: each token's chosen experts with their logits, or
+  // its shortlist, rescored.
+  Tensor token, expert, z;
+  TensorView experts_of, z_of;
+  if (routes.gate_mode == GateMode::kChosen) {
+    std::vector<int32_t> t_of(static_cast<size_t>(T * k));
+    for (int64_t i = 0; i < T * k; ++i) t_of[i] = static_cast<int32_t>(i / k);
+    token = device_vector(compute, t_of);
+    experts_of = TensorView(routes.experts.view().data, DType::kI32, ops.device(), T * k, 1);
+    z_of = TensorView(routes.logits.view().data, DType::kF32, ops.device(), T * k, 1);
+  } else {
+    if (shortlist == nullptr) fail("backward: shortlist gates need the shortlist");
+    token = device_vector(compute, shortlist->token);
+    expert = device_vector(compute, shortlist->expert);
+    z = ops.empty(DType::kF32, token.rows(), 1);
+    ops.score_pairs(tokens, keys, token, expert, z, compute.stream);
+    experts_of = expert;
+    z_of = z;
   }
-  errors.rethrow();
-
-  std::vector<RowContribution> all;
-  for (auto& v : per_token) all.insert(all.end(), v.begin(), v.end());
-  grads.d_centers = accumulate_rows(all, tokens.data, tokens.cols, d);
-  return grads;
+  const Tensor coef = ops.empty(DType::kF64, token.rows(), 1);
+  ops.logit_grads(token, experts_of, z_of, routes.experts, routes.gates, d_gates,
+                  routes.log_normalizer, coef, compute.stream);
+  DeviceRouterGradients g;
+  g.d_tokens = ops.empty(DType::kF32, T, tokens.cols);
+  g.d_centers =
+      ops.accumulate_row_grads(tokens, keys, {token, experts_of, coef}, g.d_tokens, compute.stream);
+  return g;
 }
 
 }  // namespace airmoe::inline router

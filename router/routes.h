@@ -4,12 +4,14 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <string>
 #include <vector>
 
 #include "core/matrix.h"
+#include "core/tensor.h"
+#include "ops/boundary.h"
 #include "ops/log_sum_exp.h"
+#include "ops/ops.h"
 
 namespace airmoe::inline router {
 
@@ -43,8 +45,32 @@ struct Routes {
 Routes make_routes(int64_t tokens, int k, GateMode mode);
 
 // gates[t, j] = exp(logits[t, j] - log_normalizer[t]) for every token. With
-// kChosen, the normalizer is first computed from the k chosen logits.
-void finalize_gates(Routes& routes);
+// kChosen, the normalizer is first computed from the k chosen logits (the
+// ops' finalize_gates on the routes' host memory).
+void finalize_gates(Routes& routes, const Compute& compute = host_compute());
+
+// Routes on the ops' device: what the routers' TensorView API returns, the
+// fields of Routes as tensors (to_host() is the Routes).
+struct DeviceRoutes {
+  int64_t tokens = 0;
+  int k = 0;
+  GateMode gate_mode = GateMode::kChosen;
+  Tensor experts;         // i32 [T, k]
+  Tensor gates;           // f32 [T, k]
+  Tensor logits;          // f32 [T, k]
+  Tensor log_normalizer;  // f64 [T, 1]
+  Tensor shortlist_size;  // i32 [T, 1]
+  // AIR only (else empty): the codewords each token probed, CSR over tokens.
+  Tensor probe_offsets;  // i64 [T + 1, 1]
+  Tensor probes;         // i32 [probes, 1]
+
+  bool has_probes() const { return probe_offsets.rows() == tokens + 1; }
+  TopKView top_k() const { return {logits, experts, {}}; }
+  Routes to_host(const Compute& compute) const;
+};
+// T x k routes of the ops' device, contents undefined.
+DeviceRoutes make_device_routes(const Compute& compute, int64_t tokens, int k, GateMode mode);
+DeviceRoutes to_device(const Compute& compute, const Routes& routes);
 
 // Gradient of the gates with respect to a parameter row set: the rows hit,
 // ascending, and dL/d(row) for each.
@@ -52,36 +78,60 @@ struct SparseRowGrad {
   std::vector<int32_t> rows;
   Matrix values;  // [rows.size(), width]
 };
+SparseRowGrad to_host(const Compute& compute, const RowGrads& grads);
+RowGrads to_device(const Compute& compute, const SparseRowGrad& grads);
+// The rows of `grads` and every row of `hit` they lack, with zero values:
+// where a caller lists the rows its contributions hit, zero coefficients
+// included (the ops' sum lists only rows with a nonzero one).
+SparseRowGrad with_rows_hit(SparseRowGrad grads, std::vector<int32_t> hit);
 
 struct RouterGradients {
   Matrix d_tokens;          // [T, d]
   SparseRowGrad d_centers;  // rows of the centers matrix W [E, d]
 };
 
-// Sum, for each distinct row r, of coef * x[token] over the (row, token,
-// coef) triples, in token order and in double: deterministic whatever order
-// the triples were produced in.
-struct RowContribution {
-  int32_t row;
-  int32_t token;
-  double coef;
+struct DeviceRouterGradients {
+  Tensor d_tokens;     // f32 [T, d]
+  RowGrads d_centers;  // rows of the centers matrix W [E, d]
+  RouterGradients to_host(const Compute& compute) const;
 };
-SparseRowGrad accumulate_rows(std::vector<RowContribution>& contributions, const float* x,
-                              int64_t ldx, int64_t width);
 
-// Backward of the gates for routers whose logit is z_e = <w_e, h>.
+// The tokens a router's TensorView API takes: on the ops' device, f32 or
+// bf16, `dim` columns ("<what> has D columns, expected N").
+void require_rows_of(const Compute& compute, TensorView m, int64_t dim, const char* what);
+// Every entry of m finite ("<what> row R column C is nan") and, against keys
+// of norm at most key_norm_bound, no row whose logits overflow float32
+// (core/checks.h require_finite_logits); returns the largest row norm.
+double require_finite_rows(const Compute& compute, TensorView m, const char* what,
+                           double key_norm_bound = 0.0);
+
+// Shared argument checks of route(): tokens [T, d] finite, 1 <= k <= E, and
+// no token whose logits could overflow float32 against keys of norm at most
+// key_norm_bound (require_finite_logits): finite inputs give finite gates.
+void check_route_args(const Compute& compute, TensorView tokens, int64_t dim, int k,
+                      int64_t experts, double key_norm_bound);
+void check_route_args(MatrixView tokens, int64_t dim, int k, int64_t experts,
+                      double key_norm_bound);
+
+// Validates d_gates against routes and tokens: [T, k], finite.
+void check_gate_grads(const Compute& compute, const DeviceRoutes& routes, TensorView tokens,
+                      TensorView d_gates);
+
+// Backward of the gates for routers whose logit is z_e = <w_e, h>, on the
+// ops:
 //   dL/dz_s = p_s ([s chosen] dL/dg_s - sum_j g_j dL/dg_j) for s in the
 //   normalizing set (the chosen k, or with kShortlist the whole shortlist),
-//   p_s = exp(z_s - log_normalizer).
-// `center(e)` returns expert e's row; `shortlist(t, visit)` calls visit(e) for
-// every expert of token t's shortlist (used only with kShortlist).
-using CenterLookup = std::function<const float*(int32_t)>;
-using ShortlistVisitor = std::function<void(int64_t, const std::function<void(int32_t)>&)>;
-RouterGradients center_router_backward(MatrixView tokens, const Routes& routes, MatrixView d_gates,
-                                       const CenterLookup& center,
-                                       const ShortlistVisitor& shortlist);
-
-// Validates d_gates against routes: shape [T, k] and finite.
-void check_gate_grads(const Routes& routes, MatrixView tokens, MatrixView d_gates);
+//   p_s = exp(z_s - log_normalizer);
+// then dL/dh = sum_s dz_s w_s (double, in normalizing-set order) and dL/dw_s
+// = sum_t dz_{t,s} h_t (double, token order). `keys` holds expert e's row
+// at row e; with kShortlist, `shortlist` lists each token's normalizing set,
+// token after token (its logits are rescored).
+struct ShortlistEntries {
+  std::vector<int32_t> token;
+  std::vector<int32_t> expert;
+};
+DeviceRouterGradients center_router_backward(const Compute& compute, TensorView tokens,
+                                             const DeviceRoutes& routes, TensorView d_gates,
+                                             TensorView keys, const ShortlistEntries* shortlist);
 
 }  // namespace airmoe::inline router

@@ -6,7 +6,6 @@
 #include <string>
 
 #include "core/checks.h"
-#include "router/scoring.h"
 
 namespace airmoe::inline router {
 namespace {
@@ -41,7 +40,7 @@ int32_t argmin(const std::vector<double>& loss) {
 
 struct SpillRound {
   const Codebook& codebook;
-  MatrixView rows;
+  TensorView rows;  // on the codebook's ops' device
   const std::vector<float>& gram;
   double lambda;
   int per_row;                  // lists per row in `taken`
@@ -59,8 +58,7 @@ struct SpillRound {
     std::vector<float> scores(static_cast<size_t>(std::min(n, kSpillChunk) * C));
     for (int64_t r0 = 0; r0 < n; r0 += kSpillChunk) {
       const int64_t m = std::min(kSpillChunk, n - r0);
-      score_nt(rows.row(r0), rows.cols, codebook.codewords().data, codebook.dim(), m, C,
-               codebook.dim(), scores.data(), C);
+      score_to_host(codebook.compute(), rows.row_range(r0, m), codebook.tensor(), scores.data());
 #pragma omp parallel
       {
         std::vector<double> loss;
@@ -77,8 +75,7 @@ struct SpillRound {
   std::vector<int32_t> ranked(int64_t i) const {
     const int64_t C = codebook.size();
     std::vector<float> s(static_cast<size_t>(C));
-    score_nt(rows.row(i), rows.cols, codebook.codewords().data, codebook.dim(), 1, C,
-             codebook.dim(), s.data(), C);
+    score_to_host(codebook.compute(), rows.row_range(i, 1), codebook.tensor(), s.data());
     std::vector<double> loss;
     soar_losses(s.data(), gram, C, taken_of(i), lambda, loss);
     std::vector<int32_t> order(static_cast<size_t>(C));
@@ -137,9 +134,11 @@ void check_spill_options(const Codebook& codebook, int64_t n, size_t primaries,
 
 }  // namespace
 
-std::vector<int32_t> soar_spills(const Codebook& codebook, MatrixView unit_rows,
+std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
                                  const std::vector<int32_t>& primary, const SpillOptions& options) {
-  require_cols(unit_rows, codebook.dim(), "rows to spill");
+  if (unit_rows.cols != codebook.dim())
+    fail("rows to spill has " + std::to_string(unit_rows.cols) + " columns, expected " +
+         std::to_string(codebook.dim()));
   const int64_t n = unit_rows.rows, C = codebook.size();
   check_spill_options(codebook, n, primary.size(), options);
   for (int64_t i = 0; i < n; ++i)
@@ -150,11 +149,12 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, MatrixView unit_rows,
   std::vector<int32_t> taken(static_cast<size_t>(n * per_row), -1);
   for (int64_t i = 0; i < n; ++i) taken[i * per_row] = primary[i];
   std::vector<float> gram(static_cast<size_t>(C * C));
-  score_nt(codebook.codewords(), codebook.codewords(), gram.data());
+  score_to_host(codebook.compute(), codebook.tensor(), codebook.tensor(), gram.data());
+  const Staged rows(codebook.compute(), unit_rows);
   std::vector<int64_t> fill(static_cast<size_t>(C), 0);
   for (int round = 0; round < options.spills; ++round)
-    SpillRound{codebook, unit_rows, gram, options.lambda, per_row, taken, round}.place(options.cap,
-                                                                                       fill);
+    SpillRound{codebook, rows, gram, options.lambda, per_row, taken, round}.place(options.cap,
+                                                                                  fill);
   std::vector<int32_t> out(static_cast<size_t>(n * options.spills));
   for (int64_t i = 0; i < n; ++i)
     std::copy_n(taken.begin() + i * per_row + 1, options.spills, out.begin() + i * options.spills);
@@ -229,41 +229,6 @@ int64_t ListSegments::max_list_size() const {
   int64_t m = 0;
   for (int64_t c = 0; c < lists(); ++c) m = std::max(m, list_size(c));
   return m;
-}
-
-SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64_t>& probe_offsets,
-                           const std::vector<int32_t>& probes) {
-  const int64_t T = static_cast<int64_t>(probe_offsets.size()) - 1;
-  std::vector<std::vector<int32_t>> scanned(static_cast<size_t>(T));
-  SegmentPairs out;
-  out.shortlist_size.assign(static_cast<size_t>(T), 0);
-#pragma omp parallel
-  {
-    std::vector<int32_t> sorted;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-      const std::span<const int32_t> mine(
-          probes.data() + probe_offsets[t],
-          static_cast<size_t>(probe_offsets[t + 1] - probe_offsets[t]));
-      int64_t members = 0;
-      segments.for_each_scanned(mine, sorted, [&](int64_t s) {
-        scanned[t].push_back(static_cast<int32_t>(s));
-        members += segments.segment_size(s);
-      });
-      out.shortlist_size[t] = static_cast<int32_t>(members);
-    }
-  }
-  out.offsets.assign(static_cast<size_t>(T + 1), 0);
-  for (int64_t t = 0; t < T; ++t)
-    out.offsets[t + 1] = out.offsets[t] + static_cast<int64_t>(scanned[t].size());
-  out.pairs.list.resize(static_cast<size_t>(out.offsets[T]));
-  out.pairs.query.resize(static_cast<size_t>(out.offsets[T]));
-  for (int64_t t = 0; t < T; ++t) {
-    std::copy(scanned[t].begin(), scanned[t].end(), out.pairs.list.begin() + out.offsets[t]);
-    std::fill(out.pairs.query.begin() + out.offsets[t],
-              out.pairs.query.begin() + out.offsets[t + 1], static_cast<int32_t>(t));
-  }
-  return out;
 }
 
 }  // namespace airmoe::inline router

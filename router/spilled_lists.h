@@ -37,7 +37,8 @@ struct SpillOptions {
 //   ||x - mu_c||^2 + lambda * sum_j <r_j, x - mu_c>^2 / ||r_j||^2
 // over the row's earlier assignments j (r_j = x - mu_j), ties to lower c.
 // `unit_rows` are unit norm; `primary[i]` is row i's primary codeword.
-std::vector<int32_t> soar_spills(const Codebook& codebook, MatrixView unit_rows,
+// Scored on the codebook's ops.
+std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
                                  const std::vector<int32_t>& primary, const SpillOptions& options);
 
 class ListSegments {
@@ -72,9 +73,10 @@ class ListSegments {
   void for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
                         Visit visit) const;
 
-  // The segments as stage 2's blocks: segment s is block s.
+  // The segments as stage 2's blocks on the ops' device: segment s is
+  // block s; center_of(e) gives expert e's (host) row.
   template <typename CenterOf>
-  ListBlocks blocks(int64_t dim, CenterOf center_of) const;
+  ListBlocks blocks(const Compute& compute, int64_t dim, CenterOf center_of) const;
 
  private:
   std::vector<int64_t> list_segments_{0};       // [C + 1]: list c's segments
@@ -83,17 +85,6 @@ class ListSegments {
   std::vector<int64_t> outranking_offsets_{0};  // [S + 1] into outranking_
   std::vector<int32_t> outranking_;
 };
-
-// Stage 2's work for a batch: the (token, segment) pairs to scan, token
-// after token, and each token's range of pairs and shortlist size (distinct
-// experts, which is also what its scan costs: 2 d FLOPs each).
-struct SegmentPairs {
-  ScanPairs pairs;                      // pairs.list holds segment ids
-  std::vector<int64_t> offsets;         // [T + 1]
-  std::vector<int32_t> shortlist_size;  // [T]
-};
-SegmentPairs segment_pairs(const ListSegments& segments, const std::vector<int64_t>& probe_offsets,
-                           const std::vector<int32_t>& probes);
 
 template <typename Visit>
 void ListSegments::for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
@@ -111,16 +102,9 @@ void ListSegments::for_each_scanned(std::span<const int32_t> probes, std::vector
 }
 
 template <typename CenterOf>
-ListBlocks ListSegments::blocks(int64_t dim, CenterOf center_of) const {
-  ListBlocks b;
-  b.offsets = segment_offsets_;
-  b.ids = ids_;
-  b.centers = Matrix(entries(), dim);
-  for (int64_t i = 0; i < entries(); ++i) {
-    const float* src = center_of(ids_[i]);
-    std::copy(src, src + dim, b.centers.row(i));
-  }
-  return b;
+ListBlocks ListSegments::blocks(const Compute& compute, int64_t dim, CenterOf center_of) const {
+  return ListBlocks::make(compute, segment_offsets_, ids_, dim, center_of, list_segments_,
+                          outranking_offsets_, outranking_);
 }
 
 }  // namespace airmoe::inline router

@@ -130,8 +130,9 @@ ShardRecords shard_of(MoELayer& layer) {
   s.dim = layer.config().expert.dim;
   s.hidden = layer.config().expert.hidden;
   s.ids = layer.hosted();
-  s.w1 = layer.experts().w1_data();
-  s.w2 = layer.experts().w2_data();
+  const auto w1 = layer.experts().w1_data(), w2 = layer.experts().w2_data();
+  s.w1.assign(w1.begin(), w1.end());
+  s.w2.assign(w2.begin(), w2.end());
   s.centers = layer.local_centers();
   return s;
 }
@@ -282,8 +283,12 @@ void install_parameters(MoELayer& layer, ShardRecords mine) {
   if (layer.hosted() != mine.ids)
     throw InternalError("load checkpoint: rank " + std::to_string(mine.rank) +
                         " read other experts than the layer hosts");
-  layer.experts().w1_data() = std::move(mine.w1);
-  layer.experts().w2_data() = std::move(mine.w2);
+  const auto w1 = layer.experts().w1_data(), w2 = layer.experts().w2_data();
+  if (mine.w1.size() != w1.size() || mine.w2.size() != w2.size())
+    throw InternalError("load checkpoint: rank " + std::to_string(mine.rank) +
+                        " read parameters of another shape than the layer's");
+  std::copy(mine.w1.begin(), mine.w1.end(), w1.begin());
+  std::copy(mine.w2.begin(), mine.w2.end(), w2.begin());
 }
 
 }  // namespace

@@ -8,7 +8,6 @@
 
 #include "core/checks.h"
 #include "core/errors.h"
-#include "router/scoring.h"
 
 namespace airmoe::runtime {
 namespace {
@@ -76,7 +75,7 @@ std::vector<int32_t> by_locality(const Codebook& codebook, const InvertedLists& 
                                  const std::vector<double>& w, int P) {
   const int64_t C = codebook.size();
   std::vector<float> gram(static_cast<size_t>(C * C));
-  score_nt(codebook.codewords(), codebook.codewords(), gram.data());
+  score_to_host(codebook.compute(), codebook.tensor(), codebook.tensor(), gram.data());
   std::vector<char> visited(static_cast<size_t>(C), 0);
   std::vector<int32_t> chain;
   int32_t cur = 0;

@@ -9,7 +9,6 @@
 #include "core/clock.h"
 #include "core/errors.h"
 #include "core/hash.h"
-#include "ops/topk.h"
 #include "router/dense_router.h"
 #include "runtime/wire.h"
 
@@ -77,7 +76,8 @@ void DistributedRouter::rebuild_blocks() {
   for (size_t i = 0; i < local_ids_.size(); ++i) local_row[local_ids_[i]] = static_cast<int32_t>(i);
   const int me = comm_.rank();
   blocks_ = ListBlocks::build(
-      lists_, codebook_.dim(), [&](int32_t e) { return placement_.owner(e) == me; },
+      codebook_.compute(), lists_, codebook_.dim(),
+      [&](int32_t e) { return placement_.owner(e) == me; },
       [&](int32_t e) { return local_centers_.row(local_row[e]); });
 }
 
@@ -145,12 +145,11 @@ void DistributedRouter::send_requests(const Routes& routes, MatrixView tokens) {
 
 // The requests received, in order of source rank then the source's order:
 // one (request, probed list) scan pair per probed codeword.
-ScanPairs DistributedRouter::read_requests(ReceivedTokens& received,
-                                           std::vector<int64_t>& request_pairs) const {
+DistributedRouter::ScanRequests DistributedRouter::read_requests(ReceivedTokens& received) const {
   const int64_t d = codebook_.dim(), C = codebook_.size();
-  ScanPairs pairs;
+  ScanRequests pairs;
   std::vector<float> vectors;
-  request_pairs.assign(1, 0);
+  pairs.offsets.assign(1, 0);
   wire::read_records(requests_in_, [&](wire::Reader& in, int32_t token, int32_t n) {
     const auto request = static_cast<int32_t>(received.home_rank.size());
     for (int32_t i = 0; i < n; ++i) {
@@ -162,7 +161,7 @@ ScanPairs DistributedRouter::read_requests(ReceivedTokens& received,
       pairs.list.push_back(list);
       pairs.query.push_back(request);
     }
-    request_pairs.push_back(static_cast<int64_t>(pairs.list.size()));
+    pairs.offsets.push_back(static_cast<int64_t>(pairs.list.size()));
     received.home_rank.push_back(in.source());
     received.home_token.push_back(token);
     vectors.resize(vectors.size() + static_cast<size_t>(d));
@@ -175,21 +174,20 @@ ScanPairs DistributedRouter::read_requests(ReceivedTokens& received,
 
 // 3. Scan this rank's segments for every request received; local top-k.
 DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTokens& received) {
-  std::vector<int64_t> request_pairs;
-  const ScanPairs pairs = read_requests(received, request_pairs);
-  std::vector<float> cand_z;
-  std::vector<int32_t> cand_id;
-  scan_lists(blocks_, received.vectors.view(), pairs, k, cand_z, cand_id, nullptr);
-  const int64_t R = received.vectors.rows();
+  const ScanRequests pairs = read_requests(received);
+  const Compute& c = codebook_.compute();
+  const Ops& ops = *c.ops;
+  const int64_t P = static_cast<int64_t>(pairs.list.size()), R = received.vectors.rows();
+  const Tensor cand_z = ops.empty(DType::kF32, P, k), cand_id = ops.empty(DType::kI32, P, k);
+  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), device_vector(c, pairs.query),
+                  device_vector(c, pairs.list), k, {cand_z, cand_id, {}}, c.stream);
   LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
                  std::vector<int32_t>(static_cast<size_t>(R * k))};
-#pragma omp parallel for schedule(static)
-  for (int64_t q = 0; q < R; ++q) {
-    TopK top(k, best.z.data() + q * k, best.id.data() + q * k);
-    for (int64_t p = request_pairs[q]; p < request_pairs[q + 1]; ++p)
-      for (int j = 0; j < k && cand_id[p * k + j] >= 0; ++j)
-        top.push(cand_z[p * k + j], cand_id[p * k + j]);
-  }
+  StagedOut z(c, TensorView(best.z.data(), DType::kF32, Device::host(), R, k));
+  StagedOut id(c, TensorView(best.id.data(), DType::kI32, Device::host(), R, k));
+  ops.merge_topk({cand_z, cand_id, {}}, device_vector(c, pairs.offsets), k, {z, id, {}}, c.stream);
+  z.finish();
+  id.finish();
   return best;
 }
 
@@ -212,27 +210,32 @@ void DistributedRouter::send_replies(const LocalTopK& best, const ReceivedTokens
 // 5. The home rank merges the replies into the global top-k and the gates.
 void DistributedRouter::merge(Routes& r) {
   const int k = r.k;
+  const int64_t n = static_cast<int64_t>(requests_.targets.size());
   std::vector<wire::Reader> in = wire::readers(replies_in_);
-  std::vector<int32_t> ids(static_cast<size_t>(k));
-  std::vector<float> zs(static_cast<size_t>(k));
-  for (int64_t t = 0; t < r.tokens; ++t) {
-    TopK top(k, r.logits.data() + t * k, r.experts.data() + t * k);
-    for (int64_t i = requests_.target_offsets[t]; i < requests_.target_offsets[t + 1]; ++i) {
-      wire::Reader& reply = in[requests_.targets[i]];
-      reply.take_n(ids.data(), static_cast<size_t>(k), "reply expert ids");
-      reply.take_n(zs.data(), static_cast<size_t>(k), "reply logits");
-      for (int j = 0; j < k && ids[j] >= 0; ++j) {
-        // The dispatch looks the id up in the placement.
-        if (ids[j] >= lists_.experts())
-          throw InternalError("reply from rank " + std::to_string(reply.source()) +
-                              " names expert " + std::to_string(ids[j]) +
-                              " of E = " + std::to_string(lists_.experts()));
-        top.push(zs[j], ids[j]);
-      }
-    }
+  // Each (token, target) reply's k candidates, in (token, target) order.
+  std::vector<int32_t> ids(static_cast<size_t>(n * k));
+  std::vector<float> zs(static_cast<size_t>(n * k));
+  for (int64_t i = 0; i < n; ++i) {
+    wire::Reader& reply = in[requests_.targets[i]];
+    reply.take_n(ids.data() + i * k, static_cast<size_t>(k), "reply expert ids");
+    reply.take_n(zs.data() + i * k, static_cast<size_t>(k), "reply logits");
+    for (int j = 0; j < k; ++j)  // the dispatch looks the id up in the placement
+      if (ids[i * k + j] >= lists_.experts())
+        throw InternalError("reply from rank " + std::to_string(reply.source()) + " names expert " +
+                            std::to_string(ids[i * k + j]) +
+                            " of E = " + std::to_string(lists_.experts()));
   }
   wire::expect_all_done(in, "merging the replies");
-  finalize_gates(r);
+  const Compute& c = codebook_.compute();
+  const Staged cand_z(c, TensorView(zs.data(), DType::kF32, Device::host(), n, k));
+  const Staged cand_id(c, TensorView(ids.data(), DType::kI32, Device::host(), n, k));
+  StagedOut z(c, TensorView(r.logits.data(), DType::kF32, Device::host(), r.tokens, k));
+  StagedOut id(c, TensorView(r.experts.data(), DType::kI32, Device::host(), r.tokens, k));
+  c.ops->merge_topk({cand_z, cand_id, {}}, device_vector(c, requests_.target_offsets), k,
+                    {z, id, {}}, c.stream);
+  z.finish();
+  id.finish();
+  finalize_gates(r, c);
 }
 
 void DistributedRouter::set_local_centers(MatrixView local_centers) {

@@ -86,12 +86,19 @@ class DistributedRouter {
     std::vector<float> z;
     std::vector<int32_t> id;
   };
+  // The (request, probed list) pairs the received requests ask to scan, in
+  // request order, and each request's range of them.
+  struct ScanRequests {
+    std::vector<int32_t> query;  // received request (row of the vectors)
+    std::vector<int32_t> list;
+    std::vector<int64_t> offsets;  // [R + 1]
+  };
 
   void check_route_args(MatrixView tokens, int k, int probes);
   Routes shortlist(MatrixView tokens, int k, int probes) const;
   void send_requests(const Routes& routes, MatrixView tokens);
   LocalTopK score_segments(int k, ReceivedTokens& received);
-  ScanPairs read_requests(ReceivedTokens& received, std::vector<int64_t>& request_pairs) const;
+  ScanRequests read_requests(ReceivedTokens& received) const;
   void send_replies(const LocalTopK& best, const ReceivedTokens& received, int k);
   void merge(Routes& routes);
   // Codebook sync phases.
@@ -112,7 +119,7 @@ class DistributedRouter {
   std::vector<int32_t> local_ids_;
   Matrix local_centers_;  // rows of local_ids_
   Matrix local_unit_;     // normalized rows, for k-means
-  ListBlocks blocks_;     // this rank's segment of every list
+  ListBlocks blocks_;     // this rank's segment of every list, on the codebook's ops
   // Exchange buffers, reused across calls (their contents are per call).
   wire::Outbox requests_;
   comm::ExchangeBuffer requests_in_, replies_, replies_in_;

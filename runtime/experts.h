@@ -6,11 +6,15 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "core/matrix.h"
+#include "core/tensor.h"
+#include "ops/boundary.h"
 #include "ops/expert_ffn.h"
+#include "ops/ops.h"
 
 namespace airmoe::runtime {
 
@@ -57,33 +61,64 @@ struct ExpertGradients {
   int64_t size() const { return static_cast<int64_t>(ids.size()); }
 };
 
+// The pairs and the forward's intermediates on the ops' device (the
+// shard's TensorView API): local expert indices, not global ids.
+struct DeviceExpertPairs {
+  Tensor token;  // i32 [P]
+  Tensor local;  // i32 [P]
+  Tensor gate;   // f32 [P]
+  ExpertPairsView view() const { return {token, local, gate}; }
+};
+struct DeviceExpertCache {
+  Tensor pre;     // f32 [P, h]
+  Tensor output;  // f32 [P, d]
+  ExpertCacheView view() const { return {pre, output}; }
+};
+
 class ExpertShard {
  public:
   ExpertShard() = default;
-  // Experts `ids` (ascending, distinct) with zero parameters.
-  ExpertShard(ExpertConfig config, std::vector<int32_t> ids);
+  // Experts `ids` (ascending, distinct) with zero parameters, held on the
+  // ops' device (host by default).
+  ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute compute = host_compute());
   // Seeded initialization that depends only on (seed, expert id): any rank
   // creates the same parameters for the same expert, whatever P is.
-  static ExpertShard random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed);
+  static ExpertShard random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed,
+                            Compute compute = host_compute());
+  ExpertShard(const ExpertShard& other);
+  ExpertShard& operator=(const ExpertShard& other);
+  ExpertShard(ExpertShard&&) = default;
+  ExpertShard& operator=(ExpertShard&&) = default;
 
   const ExpertConfig& config() const { return config_; }
+  const Compute& compute() const { return compute_; }
   int64_t size() const { return static_cast<int64_t>(ids_.size()); }
   const std::vector<int32_t>& ids() const { return ids_; }
   int64_t index_of(int32_t expert) const;  // local index, or -1 if not hosted
 
-  float* w1(int64_t local) { return w1_.data() + local * config_.hidden * config_.dim; }
-  const float* w1(int64_t local) const { return w1_.data() + local * config_.hidden * config_.dim; }
-  float* w2(int64_t local) { return w2_.data() + local * config_.dim * config_.hidden; }
-  const float* w2(int64_t local) const { return w2_.data() + local * config_.dim * config_.hidden; }
-  std::vector<float>& w1_data() { return w1_; }
-  std::vector<float>& w2_data() { return w2_; }
-  const std::vector<float>& w1_data() const { return w1_; }
-  const std::vector<float>& w2_data() const { return w2_; }
+  // The parameters on the ops' device: W1 [experts * h, d], W2 [experts * d, h].
+  ExpertWeightsView weights() const;
+  // The same on the host, expert by expert or whole (host ops only: a
+  // UsageError otherwise).
+  float* w1(int64_t local) { return host_w1() + local * config_.hidden * config_.dim; }
+  const float* w1(int64_t local) const { return host_w1() + local * config_.hidden * config_.dim; }
+  float* w2(int64_t local) { return host_w2() + local * config_.dim * config_.hidden; }
+  const float* w2(int64_t local) const { return host_w2() + local * config_.dim * config_.hidden; }
+  std::span<float> w1_data() { return {host_w1(), parameters()}; }
+  std::span<float> w2_data() { return {host_w2(), parameters()}; }
+  std::span<const float> w1_data() const { return {host_w1(), parameters()}; }
+  std::span<const float> w2_data() const { return {host_w2(), parameters()}; }
 
   // out: [rows of x, d], zeroed by the caller or holding earlier sums; each
   // token's pairs are added in pair order (deterministic). Throws if a pair
   // names an expert this shard does not host, or a token row out of range.
   ExpertCache forward(MatrixView x, const ExpertPairs& pairs, Matrix& out) const;
+  // The same on the ops' device (pairs from device_pairs()).
+  DeviceExpertCache forward(TensorView x, const DeviceExpertPairs& pairs, TensorView out) const;
+  // Pairs (global ids) checked against x [x_rows, x_cols] and the shard, as
+  // the TensorView API takes them; `fn` names the caller in errors.
+  DeviceExpertPairs device_pairs(const ExpertPairs& pairs, int64_t x_rows, int64_t x_cols,
+                                 const char* fn) const;
 
   // Given dL/dout (dy, [rows, d]): d_gate[p] = <dy[token_p], FFN(x)_p>; adds
   // to dx[token] the gate-weighted input gradient (pair order) and returns
@@ -91,6 +126,10 @@ class ExpertShard {
   // pair order).
   ExpertGradients backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
                            MatrixView dy, std::vector<float>& d_gate, Matrix& dx) const;
+  // The same on the ops' device; the touched experts by local index.
+  TouchedExpertGrads backward(TensorView x, const DeviceExpertPairs& pairs,
+                              const DeviceExpertCache& cache, TensorView dy, TensorView d_gate,
+                              TensorView dx) const;
   // The same, adding the parameter gradients to dense `grads` (empty: taken
   // as zero_grads()).
   void backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache, MatrixView dy,
@@ -101,9 +140,10 @@ class ExpertShard {
   ExpertGrads to_dense(const ExpertGradients& grads) const;
 
   // Optimizer steps: parameters += scale * gradients, one float multiply and
-  // one add per entry. The sparse form touches only its experts; for a
-  // descent step (scale < 0) it gives the same bits as the dense form, whose
-  // zeros add -0 and so leave the untouched experts' parameters as they are.
+  // one add per entry (the ops' add_scaled). The sparse form touches only its
+  // experts; for a descent step (scale < 0) it gives the same bits as the
+  // dense form, whose zeros add -0 and so leave the untouched experts'
+  // parameters as they are.
   void apply(const ExpertGradients& grads, float scale);
   void apply(const ExpertGrads& grads, float scale);
   void apply_sgd(const ExpertGradients& grads, float lr) { apply(grads, -lr); }
@@ -115,11 +155,15 @@ class ExpertShard {
   // expert's local index.
   void check_dense(const ExpertGrads& grads, const char* fn) const;
   std::vector<int64_t> check_sparse(const ExpertGradients& grads, const char* fn) const;
+  size_t parameters() const { return static_cast<size_t>(size() * config_.dim * config_.hidden); }
+  float* host_w1() const;
+  float* host_w2() const;
 
   ExpertConfig config_;
+  Compute compute_ = host_compute();
   std::vector<int32_t> ids_;
-  std::vector<float> w1_;  // [experts, h, d]
-  std::vector<float> w2_;  // [experts, d, h]
+  Tensor w1_;  // [experts * h, d]
+  Tensor w2_;  // [experts * d, h]
 };
 
 }  // namespace airmoe::runtime

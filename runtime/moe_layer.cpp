@@ -278,19 +278,33 @@ void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grad
   send_logit_grads(plan, dz);
   const int64_t d = config_.expert.dim;
   std::vector<wire::Reader> in = wire::readers(recv_);
-  std::vector<RowContribution> contributions;
+  std::vector<int32_t> input, local;  // (input row, hosted center) of each pair
+  std::vector<double> pair_dzs;
   const Matrix& centers = local_centers();
   for (int64_t i = 0; i < plan.inputs.rows(); ++i) {
     float* dx = plan.pair_dx.row(i);
     for (int64_t p = plan.input_pairs[i]; p < plan.input_pairs[i + 1]; ++p) {
       const float pair_dz = in[plan.input_home[i]].take<float>("logit gradient");
-      const float* w = centers.row(experts_.index_of(plan.pairs.expert[p]));
+      const auto e = static_cast<int32_t>(experts_.index_of(plan.pairs.expert[p]));
+      const float* w = centers.row(e);
       for (int64_t c = 0; c < d; ++c) dx[c] += pair_dz * w[c];
-      contributions.push_back({plan.pairs.expert[p], static_cast<int32_t>(i), pair_dz});
+      input.push_back(static_cast<int32_t>(i));
+      local.push_back(e);
+      pair_dzs.push_back(pair_dz);
     }
   }
   wire::expect_all_done(in, "grad_logits");
-  grads.d_centers = accumulate_rows(contributions, plan.inputs.data(), d, d);
+  // Each hosted center's gradient: its pairs' dz * input row, in input-row
+  // order, in double (the ops' sum), listed for every center a pair used.
+  // Hosted rows ascend with their ids.
+  const Compute& c = experts_.compute();
+  const Tensor scratch = c.ops->empty(DType::kF32, plan.inputs.rows(), d);  // its dL/dx: unused
+  const RowGrads rows = c.ops->accumulate_row_grads(
+      Staged(c, plan.inputs.view()), Staged(c, centers.view()),
+      {device_vector(c, input), device_vector(c, local), device_vector(c, pair_dzs)}, scratch,
+      c.stream);
+  grads.d_centers = with_rows_hit(to_host(c, rows), local);  // every center a pair used
+  for (int32_t& r : grads.d_centers.rows) r = experts_.ids()[r];
 }
 
 // One float per pair, (token, target, slot) order, to the pair's rank.

@@ -9,10 +9,10 @@
 #include <vector>
 
 #include "core/synthetic.h"
+#include "ops/lane_dot.h"
+#include "ops/topk.h"
 #include "router/air_router.h"
 #include "router/dense_router.h"
-#include "router/scoring.h"
-#include "ops/topk.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -175,7 +175,7 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         // Probes are the best codewords by score (ties to the lower index).
         std::vector<float> s(static_cast<size_t>(C));
         for (int64_t c = 0; c < C; ++c)
-          s[c] = score_one(tokens.row(t), air.codebook().codewords().row(c), d);
+          s[c] = lane_dot(tokens.row(t), air.codebook().codewords().row(c), d);
         for (int32_t c = 0; c < C; ++c) {
           if (probes.count(c)) continue;
           for (int32_t p : probes) EXPECT_TRUE(ranks_before(s[p], p, s[c], c));
@@ -185,7 +185,7 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         EXPECT_EQ(static_cast<int>(chosen.size()), k);
         std::vector<std::pair<float, int32_t>> ranked;
         for (int32_t e : shortlist)
-          ranked.push_back({score_one(tokens.row(t), centers.row(e), d), e});
+          ranked.push_back({lane_dot(tokens.row(t), centers.row(e), d), e});
         std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) {
           return ranks_before(a.first, a.second, b.first, b.second);
         });

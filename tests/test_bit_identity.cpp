@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,10 @@ class Digest {
   }
   template <typename T>
   void add(const std::vector<T>& v) {
+    add(v.data(), v.size());
+  }
+  template <typename T>
+  void add(std::span<T> v) {
     add(v.data(), v.size());
   }
   void add(MatrixView m) {

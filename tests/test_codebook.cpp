@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "core/synthetic.h"
+#include "ops/lane_dot.h"
 #include "router/codebook.h"
-#include "router/scoring.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -274,9 +274,9 @@ TEST(Codebook, CappedAssignmentRespectsTheCap) {
     for (int64_t e = 0; e < E; ++e) {
       if (got[e] == free[e]) continue;
       ++moved;
-      const float own = score_one(unit.row(e), cb.codewords().row(got[e]), unit.cols());
+      const float own = lane_dot(unit.row(e), cb.codewords().row(got[e]), unit.cols());
       for (int32_t c = 0; c < C; ++c) {
-        const float z = score_one(unit.row(e), cb.codewords().row(c), unit.cols());
+        const float z = lane_dot(unit.row(e), cb.codewords().row(c), unit.cols());
         if (z > own || (z == own && c < got[e])) {
           EXPECT_EQ(sizes[c], cap) << "expert " << e << " skipped list " << c << " with room";
         }

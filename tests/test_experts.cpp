@@ -9,14 +9,15 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "core/synthetic.h"
 #include "core/threads.h"
+#include "ops/boundary.h"
 #include "reference_layer.h"
 #include "router/routes.h"
-#include "router/scoring.h"
 #include "runtime/experts.h"
 #include "test_util.h"
 
@@ -260,7 +261,7 @@ TEST(ExpertReference, GradientsMatchFiniteDifferences) {
 }
 
 // One and two threads give the same bits, both when many experts run in
-// parallel and when one hot expert's GEMMs are parallel inside score_nt.
+// parallel and when one hot expert's GEMMs are parallel inside the scoring op.
 TEST(ExpertDeterminism, SameBitsWithOneAndTwoThreads) {
   test::ThreadGuard guard;
   struct Case {
@@ -427,9 +428,12 @@ TEST(ExpertShard, RandomDependsOnlyOnSeedAndId) {
   EXPECT_NE(std::vector<float>(full.w1(3), full.w1(3) + n),
             std::vector<float>(full.w1(7), full.w1(7) + n));
   const ExpertShard other = ExpertShard::random(cfg, {3, 7}, 78);
-  EXPECT_NE(other.w1_data(), part.w1_data());
-  EXPECT_NE(other.w2_data(), part.w2_data());
-  auto mean_square = [](const std::vector<float>& v) {
+  const auto values = [](std::span<const float> v) {
+    return std::vector<float>(v.begin(), v.end());
+  };
+  EXPECT_NE(values(other.w1_data()), values(part.w1_data()));
+  EXPECT_NE(values(other.w2_data()), values(part.w2_data()));
+  auto mean_square = [](std::span<const float> v) {
     double s = 0.0;
     for (float f : v) s += static_cast<double>(f) * f;
     return s / static_cast<double>(v.size());
@@ -530,18 +534,25 @@ std::vector<uint32_t> bits(const float* v, size_t n) {
   for (size_t i = 0; i < n; ++i) out[i] = std::bit_cast<uint32_t>(v[i]);
   return out;
 }
-std::vector<uint32_t> bits(const std::vector<float>& v) {
+std::vector<uint32_t> bits(std::span<const float> v) {
   return bits(v.data(), v.size());
 }
 
+// c [m, n] = a [m, k] · b [n, k]ᵀ by the host scoring op.
+void gemm_nt(const float* a, const float* b, int64_t m, int64_t n, int64_t k, float* c) {
+  score_to_host(host_compute(),
+                TensorView(const_cast<float*>(a), DType::kF32, Device::host(), m, k),
+                TensorView(const_cast<float*>(b), DType::kF32, Device::host(), n, k), c);
+}
+
 // Today's dense rows of one ReLU expert, written out: the pairs' rows
-// transposed and contracted with score_nt, added to zeros. ReLU keeps
+// transposed and contracted with the scoring op, added to zeros. ReLU keeps
 // act and act' exact in float, so the rows can be compared bit for bit.
 struct DenseRows {
   std::vector<float> w1, w2;  // [h, d], [d, h]
 };
-DenseRows score_nt_rows(const ExpertShard& s, int32_t id, const Matrix& x, const ExpertPairs& p,
-                        const ExpertCache& cache, const Matrix& dy) {
+DenseRows scored_rows(const ExpertShard& s, int32_t id, const Matrix& x, const ExpertPairs& p,
+                      const ExpertCache& cache, const Matrix& dy) {
   const int64_t d = s.config().dim, h = s.config().hidden, e = s.index_of(id);
   std::vector<size_t> mine;
   for (size_t i = 0; i < p.size(); ++i)
@@ -559,15 +570,15 @@ DenseRows score_nt_rows(const ExpertShard& s, int32_t id, const Matrix& x, const
   }
   for (int64_t c = 0; c < d; ++c)
     for (int64_t j = 0; j < h; ++j) w2t[j * d + c] = s.w2(e)[c * h + j];
-  score_nt(u.data(), d, w2t.data(), d, m, h, d, dpre.data(), h);
+  gemm_nt(u.data(), w2t.data(), m, h, d, dpre.data());
   for (int64_t r = 0; r < m; ++r)
     for (int64_t j = 0; j < h; ++j)
       dpret[j * m + r] = dpre[r * h + j] * (cache.pre(mine[r], j) > 0.0f ? 1.0f : 0.0f);
   DenseRows out{std::vector<float>(h * d), std::vector<float>(d * h)};
   std::vector<float> tmp(h * d);
-  score_nt(dpret.data(), m, xt.data(), m, h, d, m, tmp.data(), d);
+  gemm_nt(dpret.data(), xt.data(), h, d, m, tmp.data());
   for (int64_t q = 0; q < h * d; ++q) out.w1[q] = 0.0f + tmp[q];
-  score_nt(ut.data(), m, at.data(), m, d, h, m, tmp.data(), h);
+  gemm_nt(ut.data(), at.data(), d, h, m, tmp.data());
   for (int64_t q = 0; q < d * h; ++q) out.w2[q] = 0.0f + tmp[q];
   return out;
 }
@@ -616,7 +627,7 @@ TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
     const size_t w = static_cast<size_t>(h * d);
     for (int64_t i = 0; i < g.size(); ++i) {
       const int32_t id = g.ids[i];
-      const DenseRows want = score_nt_rows(s, id, x, p, cache, dy);
+      const DenseRows want = scored_rows(s, id, x, p, cache, dy);
       EXPECT_EQ(bits(g.w1.data() + i * w, w), bits(want.w1)) << "dW1 of expert " << id;
       EXPECT_EQ(bits(g.w2.data() + i * w, w), bits(want.w2)) << "dW2 of expert " << id;
       EXPECT_EQ(bits(g.w1.data() + i * w, w), bits(dense.w1.data() + id * w, w));

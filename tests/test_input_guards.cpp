@@ -59,29 +59,29 @@ TEST(InputGuards, SelectProbesRefusesNonPositiveProbesAndK) {
   EXPECT_EQ(all.offsets.back(), tokens.rows * 8);
 }
 
-TEST(InputGuards, ScanListsRefusesBadPairsAndK) {
+// The list scan (Ops::scan_blocks) refuses pairs outside its blocks or
+// queries, k < 1 and mismatched pair vectors, naming the op and the pair.
+TEST(InputGuards, ScanBlocksRefusesBadPairsAndK) {
   const SyntheticData data = small_data();
   const AirRouter air(data.centers.view(), AirConfig{8, 3, 1, 0});
+  const Compute c = host_compute();
   const ListBlocks blocks = ListBlocks::build(
-      air.lists(), air.dim(), [](int32_t) { return true; },
+      c, air.lists(), air.dim(), [](int32_t) { return true; },
       [&](int32_t e) { return air.centers().row(e); });
-  std::vector<float> z;
-  std::vector<int32_t> ids;
-  ScanPairs pairs;
-  pairs.query = {0, 1};
-  pairs.list = {0, 8};
-  AIRMOE_EXPECT_THROW_MSG(scan_lists(blocks, data.tokens.view(), pairs, 2, z, ids, nullptr),
-                          UsageError, "pair 1 names list 8, outside [0, 8)");
-  pairs.list = {0, 1};
-  pairs.query = {0, 16};
-  AIRMOE_EXPECT_THROW_MSG(scan_lists(blocks, data.tokens.view(), pairs, 2, z, ids, nullptr),
-                          UsageError, "pair 1 names query 16, outside [0, 16)");
-  pairs.query = {0, 1};
-  AIRMOE_EXPECT_THROW_MSG(scan_lists(blocks, data.tokens.view(), pairs, 0, z, ids, nullptr),
-                          UsageError, "k = 0 must be >= 1");
-  pairs.query = {0};
-  AIRMOE_EXPECT_THROW_MSG(scan_lists(blocks, data.tokens.view(), pairs, 2, z, ids, nullptr),
-                          UsageError, "pairs hold 1 queries and 2 lists");
+  const auto scan = [&](std::vector<int32_t> query, std::vector<int32_t> block, int k) {
+    const Tensor z = c.ops->empty(DType::kF32, static_cast<int64_t>(query.size()), std::max(k, 1));
+    const Tensor ids =
+        c.ops->empty(DType::kI32, static_cast<int64_t>(query.size()), std::max(k, 1));
+    c.ops->scan_blocks(blocks.view(), data.tokens.view(), device_vector(c, query),
+                       device_vector(c, block), k, {z, ids, {}}, c.stream);
+  };
+  AIRMOE_EXPECT_THROW_MSG(scan({0, 1}, {0, 8}, 2), UsageError,
+                          "scan_blocks: pair 1 names block 8, outside [0, 8)");
+  AIRMOE_EXPECT_THROW_MSG(scan({0, 16}, {0, 1}, 2), UsageError,
+                          "pair 1 names query 16, outside [0, 16)");
+  AIRMOE_EXPECT_THROW_MSG(scan({0, 1}, {0, 1}, 0), UsageError, "k = 0 must be >= 1");
+  AIRMOE_EXPECT_THROW_MSG(scan({0}, {0, 1}, 2), UsageError, "block is [2, 1] i32");
+  EXPECT_NO_THROW(scan({0, 1}, {0, 1}, 2));
 }
 
 TEST(InputGuards, ParallelErrorsRethrowsAfterTheRegion) {
@@ -99,26 +99,6 @@ TEST(InputGuards, ParallelErrorsRethrowsAfterTheRegion) {
   AIRMOE_EXPECT_THROW_MSG(errors.rethrow(), UsageError, "item 7 failed");
   ParallelErrors none;
   EXPECT_NO_THROW(none.rethrow());
-}
-
-// A caller's callback that throws inside the backward's OpenMP region used to
-// end the process (std::terminate); it must reach the caller instead.
-TEST(InputGuards, CallbackExceptionInsideOpenMpRegionReachesTheCaller) {
-  test::ThreadGuard guard;
-  set_num_threads(2);
-  const SyntheticData data = small_data(64, 8, 64);
-  const DenseRouter dense(data.centers.view());
-  const Routes r = dense.route(data.tokens.view(), 3);
-  Matrix d_gates(r.tokens, r.k);
-  for (size_t i = 0; i < d_gates.size(); ++i) d_gates.data()[i] = 0.5f;
-  auto center = [&](int32_t e) -> const float* {
-    if (e % 5 == 0) throw UsageError("center lookup failed for expert " + std::to_string(e));
-    return dense.centers().row(e);
-  };
-  AIRMOE_EXPECT_THROW_MSG(
-      center_router_backward(data.tokens.view(), r, d_gates.view(), center,
-                             [](int64_t, const std::function<void(int32_t)>&) {}),
-      UsageError, "center lookup failed");
 }
 
 TEST(InputGuards, ThreadCountIsBounded) {

@@ -93,39 +93,5 @@ TEST(Routes, FinalizeGates) {
   EXPECT_LT(wide.gates[0] + wide.gates[1], 1.0f);
 }
 
-// accumulate_rows sums coef * x[token] per row in double, in token order:
-// the result does not depend on the order the contributions came in.
-TEST(Routes, AccumulateRowsIsOrderIndependent) {
-  const int64_t T = 50, width = 9;
-  const Matrix x = random_matrix(T, width, 1.0, 3);
-  std::mt19937_64 rng(4);
-  std::vector<RowContribution> contributions;
-  for (int64_t t = 0; t < T; ++t)
-    for (int j = 0; j < 4; ++j)
-      contributions.push_back({static_cast<int32_t>(rng() % 13), static_cast<int32_t>(t),
-                               std::ldexp(static_cast<double>(rng() % 2001) - 1000.0, -7)});
-  std::vector<RowContribution> shuffled = contributions;
-  std::shuffle(shuffled.begin(), shuffled.end(), rng);
-  std::vector<RowContribution> copy = contributions;
-  const SparseRowGrad a = accumulate_rows(copy, x.data(), width, width);
-  const SparseRowGrad b = accumulate_rows(shuffled, x.data(), width, width);
-  EXPECT_EQ(a.rows, b.rows);
-  EXPECT_EQ(test::values(a.values), test::values(b.values));
-  EXPECT_TRUE(std::is_sorted(a.rows.begin(), a.rows.end()));
-  ASSERT_EQ(static_cast<int64_t>(a.rows.size()), a.values.rows());
-  // Against a direct sum.
-  for (size_t i = 0; i < a.rows.size(); ++i)
-    for (int64_t c = 0; c < width; ++c) {
-      double s = 0.0;
-      for (const auto& rc : contributions)
-        if (rc.row == a.rows[i]) s += rc.coef * x(rc.token, c);
-      EXPECT_NEAR(a.values(static_cast<int64_t>(i), c), s, 1e-5 * (1.0 + std::fabs(s)));
-    }
-  std::vector<RowContribution> none;
-  const SparseRowGrad empty = accumulate_rows(none, x.data(), width, width);
-  EXPECT_TRUE(empty.rows.empty());
-  EXPECT_EQ(empty.values.rows(), 0);
-}
-
 }  // namespace
 }  // namespace airmoe

@@ -1,5 +1,6 @@
-// score_nt: every entry depends only on its two rows (shape-invariant, bit
-// for bit), equals score_one, and agrees with a double-precision dot product.
+// The scoring op (Ops::score), on every backend: every entry depends only on
+// its two rows (shape-invariant, bit for bit), is symmetric in them, and
+// agrees with a double-precision dot product.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -8,8 +9,9 @@
 #include <string>
 #include <vector>
 
+#include "backend_params.h"
 #include "core/synthetic.h"
-#include "router/scoring.h"
+#include "ops/boundary.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -24,15 +26,21 @@ uint32_t bits(float x) {
   return u;
 }
 
-TEST(Scoring, KernelNameIsKnown) {
-  const std::string name = scoring_kernel_name();
-  EXPECT_TRUE(name == "avx2-fma" || name == "portable") << name;
-}
+class Scoring : public test::BackendTest {
+ protected:
+  // c = a · bᵀ on the backend, c [m, n] on the host.
+  void score_into(TensorView a, TensorView b, float* c) const { score_to_host(compute(), a, b, c); }
+  std::vector<float> score(MatrixView a, MatrixView b) const {
+    std::vector<float> c(static_cast<size_t>(a.rows * b.rows));
+    score_into(a, b, c.data());
+    return c;
+  }
+};
 
 // A large (multi-threaded) product, then random gathered sub-batches of
 // every small shape: each entry must be the same bits as in the big batch and
-// as score_one.
-TEST(Scoring, ShapeInvariantBitForBit) {
+// as the one-pair product.
+TEST_P(Scoring, ShapeInvariantBitForBit) {
   struct Shape {
     int64_t m, n, k;
   };
@@ -43,16 +51,16 @@ TEST(Scoring, ShapeInvariantBitForBit) {
                  " k=" + std::to_string(s.k));
     const Matrix a = random_matrix(s.m, s.k, 1.0, 11 + s.k);
     const Matrix b = random_matrix(s.n, s.k, 1.0, 23 + s.k);
-    std::vector<float> big(static_cast<size_t>(s.m * s.n));
-    score_nt(a.view(), b.view(), big.data());
+    const std::vector<float> big = score(a.view(), b.view());
 
-    // Every entry equals score_one (both argument orders).
+    // Every entry equals the one-pair product, in both argument orders.
+    const std::vector<float> swapped = score(b.view(), a.view());
     int64_t mismatches = 0;
     for (int64_t i = 0; i < s.m; ++i)
       for (int64_t j = 0; j < s.n; ++j) {
-        const float one = score_one(a.row(i), b.row(j), s.k);
-        const float swapped = score_one(b.row(j), a.row(i), s.k);
-        if (bits(one) != bits(big[i * s.n + j]) || bits(swapped) != bits(one)) ++mismatches;
+        const float one = score(MatrixView(a.row(i), 1, s.k), MatrixView(b.row(j), 1, s.k)).front();
+        if (bits(one) != bits(big[i * s.n + j]) || bits(swapped[j * s.m + i]) != bits(one))
+          ++mismatches;
       }
     EXPECT_EQ(mismatches, 0);
 
@@ -66,8 +74,7 @@ TEST(Scoring, ShapeInvariantBitForBit) {
       for (auto& x : rj) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(s.n));
       const Matrix sa = gather_rows(a.view(), ri);
       const Matrix sb = gather_rows(b.view(), rj);
-      std::vector<float> small(static_cast<size_t>(mm * nn));
-      score_nt(sa.view(), sb.view(), small.data());
+      const std::vector<float> small = score(sa.view(), sb.view());
       for (int64_t i = 0; i < mm; ++i)
         for (int64_t j = 0; j < nn; ++j)
           ASSERT_EQ(bits(small[i * nn + j]), bits(big[ri[i] * s.n + rj[j]]))
@@ -78,17 +85,20 @@ TEST(Scoring, ShapeInvariantBitForBit) {
 
 // Leading dimensions larger than k and an output stride larger than n: the
 // same bits as the packed product.
-TEST(Scoring, StridedOperandsGiveTheSameBits) {
+TEST_P(Scoring, StridedOperandsGiveTheSameBits) {
   const int64_t m = 19, n = 23, k = 37, lda = 41, ldb = 50, ldc = 31;
   const Matrix pa = random_matrix(m, lda, 1.0, 5);
   const Matrix pb = random_matrix(n, ldb, 1.0, 6);
   Matrix a(m, k), b(n, k);
   for (int64_t i = 0; i < m; ++i) std::copy_n(pa.row(i), k, a.row(i));
   for (int64_t j = 0; j < n; ++j) std::copy_n(pb.row(j), k, b.row(j));
-  std::vector<float> packed(static_cast<size_t>(m * n));
-  score_nt(a.view(), b.view(), packed.data());
+  const std::vector<float> packed = score(a.view(), b.view());
   std::vector<float> strided(static_cast<size_t>(m * ldc), -7.0f);
-  score_nt(pa.data(), lda, pb.data(), ldb, m, n, k, strided.data(), ldc);
+  StagedOut c(compute(), TensorView(strided.data(), DType::kF32, Device::host(), m, n, ldc),
+              /*initialized=*/true);
+  ops().score(Staged(compute(), TensorView(pa.view()).block(0, m, 0, k)),
+              Staged(compute(), TensorView(pb.view()).block(0, n, 0, k)), c, {});
+  c.finish();
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j)
       ASSERT_EQ(bits(strided[i * ldc + j]), bits(packed[i * n + j])) << i << "," << j;
@@ -98,14 +108,13 @@ TEST(Scoring, StridedOperandsGiveTheSameBits) {
 
 // |float - double| <= 1e-5 * sum |a_i b_i|: the honest relative bound when
 // the dot product may cancel; and plain relative 1e-5 on positive data.
-TEST(Scoring, AgreesWithDoublePrecision) {
+TEST_P(Scoring, AgreesWithDoublePrecision) {
   for (const int64_t k : {1, 2, 7, 8, 9, 15, 16, 17, 63, 64, 65, 512, 1000}) {
     SCOPED_TRACE("k=" + std::to_string(k));
     const int64_t m = 9, n = 14;
     const Matrix a = random_matrix(m, k, 1.0, 100 + k);
     const Matrix b = random_matrix(n, k, 2.5, 200 + k);
-    std::vector<float> c(static_cast<size_t>(m * n));
-    score_nt(a.view(), b.view(), c.data());
+    std::vector<float> c = score(a.view(), b.view());
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) {
         double mag = 0.0;
@@ -117,7 +126,7 @@ TEST(Scoring, AgreesWithDoublePrecision) {
     Matrix pa(m, k), pb(n, k);
     for (int64_t i = 0; i < m * k; ++i) pa.data()[i] = std::fabs(a.data()[i]) + 0.01f;
     for (int64_t i = 0; i < n * k; ++i) pb.data()[i] = std::fabs(b.data()[i]) + 0.01f;
-    score_nt(pa.view(), pb.view(), c.data());
+    c = score(pa.view(), pb.view());
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) {
         const double ref = dot_double(pa.row(i), pb.row(j), k);
@@ -126,7 +135,7 @@ TEST(Scoring, AgreesWithDoublePrecision) {
   }
 }
 
-TEST(Scoring, ExactOnSmallIntegers) {
+TEST_P(Scoring, ExactOnSmallIntegers) {
   // Small integers: every partial sum is exact in float, so the result is.
   const int64_t k = 21;
   Matrix a(2, k), b(3, k);
@@ -137,8 +146,7 @@ TEST(Scoring, ExactOnSmallIntegers) {
     b(1, p) = static_cast<float>(3 - p % 7);
     b(2, p) = 0.0f;
   }
-  std::vector<float> c(6);
-  score_nt(a.view(), b.view(), c.data());
+  const std::vector<float> c = score(a.view(), b.view());
   for (int64_t i = 0; i < 2; ++i)
     for (int64_t j = 0; j < 3; ++j)
       EXPECT_EQ(c[i * 3 + j], static_cast<float>(dot_double(a.row(i), b.row(j), k)));
@@ -146,21 +154,23 @@ TEST(Scoring, ExactOnSmallIntegers) {
   EXPECT_EQ(c[0 * 3 + 2], 0.0f);
 }
 
-TEST(Scoring, EmptyShapesWriteNothing) {
+TEST_P(Scoring, EmptyShapesWriteNothing) {
   const Matrix a = random_matrix(3, 4, 1.0, 1);
   std::vector<float> c(4, 42.0f);
-  score_nt(a.data(), 4, a.data(), 4, 0, 3, 4, c.data(), 3);
-  score_nt(a.data(), 4, a.data(), 4, 3, 0, 4, c.data(), 1);
+  score_into(TensorView(a.view()).row_range(0, 0), a.view(), c.data());
+  score_into(a.view(), TensorView(a.view()).row_range(0, 0), c.data());
   for (float v : c) EXPECT_EQ(v, 42.0f);
 }
 
 // k = 0: an empty sum is zero.
-TEST(Scoring, ZeroDepthIsZero) {
+TEST_P(Scoring, ZeroDepthIsZero) {
   const Matrix a(2, 0), b(3, 0);
   std::vector<float> c(6, 5.0f);
-  score_nt(a.data(), 0, b.data(), 0, 2, 3, 0, c.data(), 3);
+  score_into(a.view(), b.view(), c.data());
   for (float v : c) EXPECT_EQ(v, 0.0f);
 }
+
+AIRMOE_INSTANTIATE_BACKENDS(Scoring);
 
 }  // namespace
 }  // namespace airmoe
