@@ -7,12 +7,17 @@
 
 namespace airmoe::inline router {
 
-DenseRouter::DenseRouter(MatrixView centers, Compute compute) : compute_(compute) {
+DenseRouter::DenseRouter(MatrixView centers, Compute compute)
+    : DenseRouter(TensorView(centers), compute) {}
+
+DenseRouter::DenseRouter(TensorView centers, Compute compute) : compute_(compute) {
   if (centers.rows < 1 || centers.cols < 1)
     fail("centers must be [E >= 1, d >= 1], got [" + std::to_string(centers.rows) + ", " +
          std::to_string(centers.cols) + "]");
   require_expert_count(centers.rows, "centers rows E");
-  centers_ = compute_.ops->empty(DType::kF32, centers.rows, centers.cols);
+  if (centers.dtype != DType::kF32 && centers.dtype != DType::kBF16)
+    fail(std::string("centers are ") + to_string(centers.dtype) + ", expected f32 or bf16");
+  centers_ = compute_.ops->empty(centers.dtype, centers.rows, centers.cols);
   compute_.ops->copy(centers_, centers, compute_.stream);
   key_norm_bound_ = require_finite_rows(compute_, centers_, "centers");
 }

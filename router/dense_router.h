@@ -14,8 +14,10 @@ namespace airmoe::inline router {
 
 class DenseRouter {
  public:
-  // centers: [E, d], finite; copied to the ops' device.
+  // centers: [E, d], finite; copied to the ops' device. As a tensor: f32 or
+  // bf16 (kept in its dtype), on the host or the ops' device.
   explicit DenseRouter(MatrixView centers, Compute compute = host_compute());
+  DenseRouter(TensorView centers, Compute compute);
 
   int64_t experts() const { return centers_.rows(); }
   int64_t dim() const { return centers_.cols(); }

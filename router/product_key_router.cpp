@@ -9,6 +9,9 @@
 namespace airmoe::inline router {
 
 ProductKeyRouter::ProductKeyRouter(MatrixView keys1, MatrixView keys2, Compute compute)
+    : ProductKeyRouter(TensorView(keys1), TensorView(keys2), compute) {}
+
+ProductKeyRouter::ProductKeyRouter(TensorView keys1, TensorView keys2, Compute compute)
     : compute_(compute) {
   if (keys1.rows < 1 || keys1.rows != keys2.rows)
     fail("product keys: keys1 has " + std::to_string(keys1.rows) + " rows and keys2 has " +
@@ -19,8 +22,11 @@ ProductKeyRouter::ProductKeyRouter(MatrixView keys1, MatrixView keys2, Compute c
          std::to_string(keys2.cols) + " must be d / 2 and d - d / 2 with d >= 2");
   if (keys1.rows > 46340)
     fail("product keys: n = " + std::to_string(keys1.rows) + " gives more than 2^31 experts");
-  keys1_ = compute_.ops->empty(DType::kF32, keys1.rows, keys1.cols);
-  keys2_ = compute_.ops->empty(DType::kF32, keys2.rows, keys2.cols);
+  for (const TensorView& keys : {keys1, keys2})
+    if (keys.dtype != DType::kF32 && keys.dtype != DType::kBF16)
+      fail(std::string("product keys are ") + to_string(keys.dtype) + ", expected f32 or bf16");
+  keys1_ = compute_.ops->empty(keys1.dtype, keys1.rows, keys1.cols);
+  keys2_ = compute_.ops->empty(keys2.dtype, keys2.rows, keys2.cols);
   compute_.ops->copy(keys1_, keys1, compute_.stream);
   compute_.ops->copy(keys2_, keys2, compute_.stream);
   key_norm_bound_ = require_finite_rows(compute_, keys1_, "keys1") +

@@ -28,8 +28,10 @@ struct DeviceProductKeyGradients {
 class ProductKeyRouter {
  public:
   // keys1: [n, d1], keys2: [n, d2], both finite, d1, d2 >= 1; copied to the
-  // ops' device.
+  // ops' device. As tensors: f32 or bf16 (kept in their dtype), on the host
+  // or the ops' device.
   ProductKeyRouter(MatrixView keys1, MatrixView keys2, Compute compute = host_compute());
+  ProductKeyRouter(TensorView keys1, TensorView keys2, Compute compute);
 
   int64_t subkeys() const { return keys1_.rows(); }
   int64_t experts() const { return subkeys() * subkeys(); }

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "backend_params.h"
 #include "core/synthetic.h"
 #include "ops/lane_dot.h"
 #include "ops/topk.h"
@@ -45,14 +46,17 @@ const std::vector<Case>& cases() {
 
 // With every codeword probed, the shortlist is every expert, so AIR must
 // return what dense returns, bit for bit (kChosen), and the same experts with
-// gates equal up to the order of the log-sum-exp (kShortlist).
-TEST(AirRouter, AllProbesEqualsDense) {
+// gates equal up to the order of the log-sum-exp (kShortlist): on every
+// backend, both routers on the same ops.
+class AirOnBackend : public test::BackendTest {};
+
+TEST_P(AirOnBackend, AllProbesEqualsDense) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
     const Matrix centers = random_matrix(c.E, c.d, 1.0, c.seed);
     const Matrix tokens = random_matrix(c.T, c.d, 2.0, c.seed + 500);
-    const DenseRouter dense(centers.view());
-    const AirRouter air(centers.view(), AirConfig{c.C, 4, c.seed, c.cap});
+    const DenseRouter dense(centers.view(), compute());
+    const AirRouter air(centers.view(), AirConfig{c.C, 4, c.seed, c.cap}, compute());
     ASSERT_EQ(air.codewords(), c.C);
     ASSERT_EQ(air.experts(), c.E);
 
@@ -75,6 +79,8 @@ TEST(AirRouter, AllProbesEqualsDense) {
                   1e-12 * (1.0 + std::fabs(d2.log_normalizer[t])));
   }
 }
+
+AIRMOE_INSTANTIATE_BACKENDS(AirOnBackend);
 
 // Identical rows give identical logits: the lower id comes first, also when
 // the two experts sit in different probed lists.
