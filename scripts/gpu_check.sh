@@ -5,8 +5,9 @@
 # network, it builds the CUDA libraries and the tests from this tree
 # (-DAIRMOE_WITH_CUDA=ON, no MPI, no examples), prints the machine's GPU,
 # driver, CUDA, cuBLAS and NCCL versions, runs every `gpu`-labelled test,
-# runs the cuda test cases again under compute-sanitizer (memcheck) where it
-# exists, then the benchmark's cuda rows where the benchmark has a cuda mode.
+# runs the ops tests' cuda cases again under compute-sanitizer (memcheck)
+# where it exists, then the benchmark's cuda rows where the benchmark has a
+# cuda mode.
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
 # last); each step has a timeout so that the whole check ends within about
 # 8 minutes. On a machine without a GPU it still builds, the gpu tests
@@ -116,21 +117,17 @@ exes = {t["command"][0] for t in json.load(sys.stdin).get("tests", []) if t.get(
 print("\n".join(sorted(exes)))'
 }
 
-# The cuda test cases (gtest filter *cuda*) once more under memcheck, one
-# process per executable; AIRMOE_TEST_SMALL asks tests for small sizes.
+# The ops tests' cuda cases (every op; gtest filter *cuda*) once more under
+# memcheck, at the small sizes AIRMOE_TEST_SMALL asks for.
 sanitize() {
   if ! command -v compute-sanitizer >/dev/null; then
     echo "compute-sanitizer not found: skipped"
     return 0
   fi
-  local rc=0 exe
-  while read -r exe; do
-    [[ -z "$exe" ]] && continue
-    echo "== compute-sanitizer memcheck: $exe --gtest_filter=*cuda*"
-    AIRMOE_TEST_SMALL=1 compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no \
-      "$exe" --gtest_filter='*cuda*' || rc=1
-  done < <(gpu_test_executables)
-  return $rc
+  local exe="$build/tests/airmoe_ops_tests"
+  echo "== compute-sanitizer memcheck: $exe --gtest_filter=*cuda*"
+  AIRMOE_TEST_SMALL=1 compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check no \
+    "$exe" --gtest_filter='*cuda*'
 }
 
 bench() {
