@@ -258,9 +258,9 @@ class Ops {
   virtual void logit_grads(TensorView token, TensorView expert, TensorView z,
                            TensorView chosen_ids, TensorView gates, TensorView d_gates,
                            TensorView log_normalizer, TensorView coef, Stream stream) const = 0;
-  // d_tokens (f32 [T, width], overwritten) and the sparse key gradients of
-  // the contributions; zero coefficients contribute nothing (a row only
-  // they name is not listed).
+  // d_tokens (f32 [T, width], overwritten; or an empty view: the key
+  // gradients alone) and the sparse key gradients of the contributions; zero
+  // coefficients contribute nothing (a row only they name is not listed).
   virtual RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,
                                         RowContributionsView contributions, TensorView d_tokens,
                                         Stream stream) const = 0;

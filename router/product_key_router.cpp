@@ -115,8 +115,7 @@ RowGrads accumulate(const Compute& compute, TensorView tokens, TensorView keys,
 // coefficients included (k = 1 gives only those: its gate is 1).
 RowGrads key_grads(const Compute& compute, TensorView tokens, TensorView keys,
                    const HalfContributions& merged) {
-  const Tensor scratch = compute.ops->empty(DType::kF32, tokens.rows, tokens.cols);
-  const RowGrads g = accumulate(compute, tokens, keys, merged, scratch);
+  const RowGrads g = accumulate(compute, tokens, keys, merged, TensorView());
   return to_device(compute, with_rows_hit(to_host(compute, g), merged.row));
 }
 

@@ -240,10 +240,12 @@ ExpertGradients ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
       Staged(compute_, dy), gate_grads, input_grads, compute_.stream);
   gate_grads.finish();
   input_grads.finish();
-  for (int32_t local : host_vector<int32_t>(compute_, touched.local))
-    grads.ids.push_back(ids_[local]);
-  grads.w1 = host_vector<float>(compute_, touched.w1);
-  grads.w2 = host_vector<float>(compute_, touched.w2);
+  // The touched experts' rows, read where they are (no copy on the host).
+  const OnHost local(compute_, touched.local), w1(compute_, touched.w1), w2(compute_, touched.w2);
+  for (int64_t i = 0; i < touched.count; ++i) grads.ids.push_back(ids_[local.as<int32_t>()[i]]);
+  const int64_t w = touched.count * config_.hidden * config_.dim;
+  grads.w1.assign(w1.as<float>(), w1.as<float>() + w);
+  grads.w2.assign(w2.as<float>(), w2.as<float>() + w);
   return grads;
 }
 

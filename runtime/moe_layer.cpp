@@ -298,11 +298,10 @@ void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grad
   // order, in double (the ops' sum), listed for every center a pair used.
   // Hosted rows ascend with their ids.
   const Compute& c = experts_.compute();
-  const Tensor scratch = c.ops->empty(DType::kF32, plan.inputs.rows(), d);  // its dL/dx: unused
   const RowGrads rows = c.ops->accumulate_row_grads(
       Staged(c, plan.inputs.view()), Staged(c, centers.view()),
-      {device_vector(c, input), device_vector(c, local), device_vector(c, pair_dzs)}, scratch,
-      c.stream);
+      {device_vector(c, input), device_vector(c, local), device_vector(c, pair_dzs)}, TensorView(),
+      c.stream);                                             // dL/dx is the float sum above
   grads.d_centers = with_rows_hit(to_host(c, rows), local);  // every center a pair used
   for (int32_t& r : grads.d_centers.rows) r = experts_.ids()[r];
 }

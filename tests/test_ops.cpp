@@ -764,53 +764,61 @@ TEST_P(OpsTest, LogitGradsAndRowGrads) {
 }
 
 // The key gradients sum each row's contributions in token order, in double:
-// they do not depend on the order the contributions come in.
+// they do not depend on the order the contributions come in, nor on whether
+// d_tokens is asked for; few rows or many (a counting sort on the host, or
+// a sort).
 TEST_P(OpsTest, RowGradsDoNotDependOnContributionOrder) {
-  const int64_t T = 50, width = 9, R = 13;
-  const Tensor x = random_f32(T, width, 3), keys = random_f32(R, width, 4);
-  std::mt19937_64 rng(4);
-  std::vector<int32_t> token, row;
-  std::vector<double> coef;
-  for (int32_t t = 0; t < T; ++t)
-    for (int j = 0; j < 4; ++j) {
-      token.push_back(t);
-      row.push_back(static_cast<int32_t>(rng() % R));
-      coef.push_back(std::ldexp(static_cast<double>(rng() % 2001) - 1000.0, -7));
+  for (const int64_t R : {int64_t{13}, int64_t{20000}}) {
+    SCOPED_TRACE("rows " + std::to_string(R));
+    const int64_t T = 50, width = 9;
+    const Tensor x = random_f32(T, width, 3), keys = random_f32(R, width, 4);
+    std::mt19937_64 rng(4);
+    std::vector<int32_t> token, row;
+    std::vector<double> coef;
+    for (int32_t t = 0; t < T; ++t)
+      for (int j = 0; j < 4; ++j) {
+        token.push_back(t);
+        row.push_back(static_cast<int32_t>(rng() % 13));
+        coef.push_back(std::ldexp(static_cast<double>(rng() % 2001) - 1000.0, -7));
+      }
+    std::vector<size_t> perm(token.size());
+    for (size_t i = 0; i < perm.size(); ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> token2, row2;
+    std::vector<double> coef2;
+    for (size_t i : perm) {
+      token2.push_back(token[i]);
+      row2.push_back(row[i]);
+      coef2.push_back(coef[i]);
     }
-  std::vector<size_t> perm(token.size());
-  for (size_t i = 0; i < perm.size(); ++i) perm[i] = i;
-  std::shuffle(perm.begin(), perm.end(), rng);
-  std::vector<int32_t> token2, row2;
-  std::vector<double> coef2;
-  for (size_t i : perm) {
-    token2.push_back(token[i]);
-    row2.push_back(row[i]);
-    coef2.push_back(coef[i]);
+    const auto key_grads = [&](const std::vector<int32_t>& t, const std::vector<int32_t>& r,
+                               const std::vector<double>& c, bool token_grads) {
+      OnDevice dev(ops());
+      const RowGrads g = ops().accumulate_row_grads(
+          dev.put(x), dev.put(keys),
+          {dev.put(ints(t)), dev.put(ints(r)),
+           dev.put(host_of(DType::kF64, static_cast<int64_t>(c.size()), 1, c))},
+          token_grads ? dev.out(DType::kF32, T, width) : TensorView(), {});
+      return results(dev.get(g.rows), dev.get(g.values));
+    };
+    const std::vector<Tensor> a = key_grads(token, row, coef, true);
+    for (const std::vector<Tensor>& b :
+         {key_grads(token2, row2, coef2, true), key_grads(token, row, coef, false)}) {
+      expect_bits(b[0], a[0], "rows");
+      expect_bits(b[1], a[1], "values");
+    }
+    const std::vector<int32_t> rows = values_of<int32_t>(a[0]);
+    EXPECT_TRUE(std::is_sorted(rows.begin(), rows.end()));
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (int64_t c = 0; c < width; ++c) {
+        double s = 0.0;
+        for (size_t n = 0; n < token.size(); ++n)
+          if (row[n] == rows[i]) s += coef[n] * x.as<float>()[token[n] * width + c];
+        EXPECT_NEAR(a[1].as<float>()[i * width + c], s, 1e-5 * (1.0 + std::fabs(s)));
+      }
+    // No contributions: no rows.
+    EXPECT_EQ(key_grads({}, {}, {}, true)[0].rows(), 0);
   }
-  const auto key_grads = [&](const std::vector<int32_t>& t, const std::vector<int32_t>& r,
-                             const std::vector<double>& c) {
-    OnDevice dev(ops());
-    const RowGrads g = ops().accumulate_row_grads(
-        dev.put(x), dev.put(keys),
-        {dev.put(ints(t)), dev.put(ints(r)),
-         dev.put(host_of(DType::kF64, static_cast<int64_t>(c.size()), 1, c))},
-        dev.out(DType::kF32, T, width), {});
-    return results(dev.get(g.rows), dev.get(g.values));
-  };
-  const std::vector<Tensor> a = key_grads(token, row, coef), b = key_grads(token2, row2, coef2);
-  expect_bits(a[0], b[0], "rows");
-  expect_bits(a[1], b[1], "values");
-  const std::vector<int32_t> rows = values_of<int32_t>(a[0]);
-  EXPECT_TRUE(std::is_sorted(rows.begin(), rows.end()));
-  for (size_t i = 0; i < rows.size(); ++i)
-    for (int64_t c = 0; c < width; ++c) {
-      double s = 0.0;
-      for (size_t n = 0; n < token.size(); ++n)
-        if (row[n] == rows[i]) s += coef[n] * x.as<float>()[token[n] * width + c];
-      EXPECT_NEAR(a[1].as<float>()[i * width + c], s, 1e-5 * (1.0 + std::fabs(s)));
-    }
-  // No contributions: no rows.
-  EXPECT_EQ(key_grads({}, {}, {})[0].rows(), 0);
 }
 
 // ---- experts ------------------------------------------------------------------

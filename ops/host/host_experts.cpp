@@ -238,10 +238,8 @@ TouchedExpertGrads HostOps::expert_backward(const ExpertWeightsView& weights, Te
   grads.w1 = empty(DType::kF32, na * h, d);
   grads.w2 = empty(DType::kF32, na * d, h);
   for (int64_t i = 0; i < na; ++i) grads.local.as<int32_t>()[i] = static_cast<int32_t>(active[i]);
-  float* g1_all = grads.w1.as<float>();
+  float* g1_all = grads.w1.as<float>();  // every entry written by the contractions
   float* g2_all = grads.w2.as<float>();
-  std::fill_n(g1_all, na * h * d, 0.0f);
-  std::fill_n(g2_all, na * d * h, 0.0f);
   if (n == 0) return grads;
 
   std::vector<float> dx_pair(static_cast<size_t>(n * d));

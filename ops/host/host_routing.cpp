@@ -524,6 +524,43 @@ void HostOps::logit_grads(TensorView token, TensorView expert, TensorView z, Ten
   }
 }
 
+namespace {
+
+// out[j] = the sum over the contributions items[0 .. n) of coef * src row
+// (double, in item order), rounded once; acc is scratch of width doubles.
+template <typename RowOf>
+void sum_rows(std::vector<double>& acc, const int64_t* items, int64_t n,
+              const Vec<const double>& coef, RowOf row_of, float* out) {
+  std::fill(acc.begin(), acc.end(), 0.0);
+  const auto width = static_cast<int64_t>(acc.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const float* x = row_of(items[i]);
+    for (int64_t j = 0; j < width; ++j) acc[j] += coef[items[i]] * x[j];
+  }
+  for (int64_t j = 0; j < width; ++j) out[j] = static_cast<float>(acc[j]);
+}
+
+// sum_rows for every group of a CSR (offsets [groups + 1] into items), in
+// parallel; out(g) is group g's output row.
+template <typename RowOf, typename Out>
+void sum_groups(const std::vector<int64_t>& offsets, const std::vector<int64_t>& items,
+                const Vec<const double>& coef, int64_t width, RowOf row_of, Out out) {
+  const auto groups = static_cast<int64_t>(offsets.size()) - 1;
+  ParallelErrors errors;  // the accumulators may fail to allocate
+#pragma omp parallel
+  {
+    std::vector<double> acc;
+    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t g = 0; g < groups; ++g)
+      if (ready)
+        sum_rows(acc, items.data() + offsets[g], offsets[g + 1] - offsets[g], coef, row_of, out(g));
+  }
+  errors.rethrow();
+}
+
+}  // namespace
+
 RowGrads HostOps::accumulate_row_grads(TensorView tokens, TensorView keys,
                                        RowContributionsView contributions, TensorView d_tokens,
                                        Stream) const {
@@ -532,7 +569,8 @@ RowGrads HostOps::accumulate_row_grads(TensorView tokens, TensorView keys,
   check.float_dtype(keys, "keys");
   check_same_cols(check, tokens, "tokens", keys, "keys");
   const int64_t T = tokens.rows, width = tokens.cols, R = keys.rows;
-  check.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  const bool token_grads = !d_tokens.empty();  // empty: the key gradients alone
+  if (token_grads) check.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
   check.vector(contributions.token, "contributions.token", DType::kI32);
   const int64_t N = vector_size(contributions.token);
   check.vector(contributions.row, "contributions.row", DType::kI32, N);
@@ -544,72 +582,59 @@ RowGrads HostOps::accumulate_row_grads(TensorView tokens, TensorView keys,
       check.fail("contribution " + std::to_string(i) + " names token " + std::to_string(tok[i]) +
                  " and row " + std::to_string(row[i]) + " of [" + std::to_string(T) + ", " +
                  std::to_string(R) + "]");
-  // Zero coefficients contribute nothing, and their rows are not listed.
+  const FloatRows h(tokens), w(keys);
+
+  // Each token's contributions in contribution order; zero coefficients
+  // contribute nothing, and their rows are not listed.
   std::vector<int64_t> live;
   live.reserve(static_cast<size_t>(N));
   for (int64_t i = 0; i < N; ++i)
     if (coef[i] != 0.0) live.push_back(i);
   const int64_t n_live = static_cast<int64_t>(live.size());
-  const FloatRows h(tokens), w(keys);
-  const Rows<float> dh_out(d_tokens);
-
-  // d_tokens: each token's contributions in contribution order.
-  const Csr by_token = bucket(T, n_live, [&](int64_t i) { return tok[live[i]]; });
-  ParallelErrors errors;  // the accumulators may fail to allocate
-#pragma omp parallel
-  {
-    std::vector<double> acc;
-    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t t = 0; t < T; ++t) {
-      if (!ready) continue;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = by_token.offsets[t]; i < by_token.offsets[t + 1]; ++i) {
-        const int64_t c = live[by_token.items[i]];
-        const float* wr = w.row(row[c]);
-        for (int64_t x = 0; x < width; ++x) acc[x] += coef[c] * wr[x];
-      }
-      float* o = dh_out.row(t);
-      for (int64_t x = 0; x < width; ++x) o[x] = static_cast<float>(acc[x]);
-    }
+  Csr by_token = bucket(T, n_live, [&](int64_t i) { return tok[live[i]]; });
+  for (int64_t& item : by_token.items) item = live[item];
+  if (token_grads) {
+    const Rows<float> dh(d_tokens);
+    sum_groups(
+        by_token.offsets, by_token.items, coef, width, [&](int64_t c) { return w.row(row[c]); },
+        [&](int64_t t) { return dh.row(t); });
   }
-  errors.rethrow();
 
-  // Key rows: each row's contributions in token order (then contribution
-  // order), in double: deterministic whatever order they were produced in.
-  std::vector<int64_t> order(by_token.items.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = live[by_token.items[i]];
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return row[a] < row[b]; });
-  std::vector<int64_t> starts;
-  for (int64_t i = 0; i < n_live; ++i)
-    if (i == 0 || row[order[i]] != row[order[i - 1]]) starts.push_back(i);
-  const int64_t count = static_cast<int64_t>(starts.size());
-  starts.push_back(n_live);
+  // Each key row's contributions in token order (then contribution order),
+  // in double: deterministic whatever order they were produced in. A
+  // counting sort over the rows where they are few enough, else a stable
+  // sort: the same order.
+  Csr by_row;
+  if (R <= 8 * n_live + 1024) {
+    by_row = bucket(R, n_live, [&](int64_t i) { return row[by_token.items[i]]; });
+    for (int64_t& item : by_row.items) item = by_token.items[item];
+  } else {
+    by_row.items = by_token.items;
+    std::stable_sort(by_row.items.begin(), by_row.items.end(),
+                     [&](int64_t a, int64_t b) { return row[a] < row[b]; });
+    by_row.offsets.push_back(0);
+    for (int64_t i = 1; i <= n_live; ++i)
+      if (i == n_live || row[by_row.items[i]] != row[by_row.items[i - 1]])
+        by_row.offsets.push_back(i);
+    if (n_live == 0) by_row.offsets.assign(1, 0);
+  }
+  // The rows hit, and their groups.
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> hit;
+  for (size_t g = 0; g + 1 < by_row.offsets.size(); ++g)
+    if (by_row.offsets[g + 1] > by_row.offsets[g]) {
+      hit.push_back(row[by_row.items[by_row.offsets[g]]]);
+      offsets.push_back(by_row.offsets[g + 1]);
+    }
   RowGrads out;
-  out.count = count;
-  out.rows = empty(DType::kI32, count, 1);
-  out.values = empty(DType::kF32, count, width);
-  int32_t* rows_out = out.rows.as<int32_t>();
+  out.count = static_cast<int64_t>(hit.size());
+  out.rows = empty(DType::kI32, out.count, 1);
+  std::copy(hit.begin(), hit.end(), out.rows.as<int32_t>());
+  out.values = empty(DType::kF32, out.count, width);
   float* values = out.values.as<float>();
-#pragma omp parallel
-  {
-    std::vector<double> acc;
-    const bool ready = errors.run([&] { acc.resize(static_cast<size_t>(width)); });
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t r = 0; r < count; ++r) {
-      if (!ready) continue;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = starts[r]; i < starts[r + 1]; ++i) {
-        const int64_t c = order[i];
-        const float* x = h.row(tok[c]);
-        for (int64_t j = 0; j < width; ++j) acc[j] += coef[c] * x[j];
-      }
-      rows_out[r] = row[order[starts[r]]];
-      for (int64_t j = 0; j < width; ++j) values[r * width + j] = static_cast<float>(acc[j]);
-    }
-  }
-  errors.rethrow();
+  sum_groups(
+      offsets, by_row.items, coef, width, [&](int64_t c) { return h.row(tok[c]); },
+      [&](int64_t r) { return values + r * width; });
   return out;
 }
 

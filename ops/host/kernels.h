@@ -13,9 +13,10 @@ struct HostKernels {
   // c[i * ldc + j] = lane_dot(a row i, b row j) over k, for i < m, j < n.
   void (*score_block)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                       int64_t n, int64_t k, float* c, int64_t ldc);
-  // out[i * nb + j] += lane_dot over r < m of a[r * na + i] * b[r * nb + j]
+  // out[i * nb + j] = 0 + lane_dot over r < m of a[r * na + i] * b[r * nb + j]
   // (a: [m, na], b: [m, nb], out: [na, nb]): a contraction over the rows,
-  // as the experts' parameter gradients need it.
+  // as the experts' parameter gradients need it (the 0 + turns a -0 sum
+  // into +0, as accumulating into zeros does).
   void (*contract)(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out);
 };
 

@@ -117,9 +117,9 @@ __attribute__((target("avx2,fma"))) void contract(const float* a, int64_t na, co
       const __m256 t0 = _mm256_add_ps(acc[0], acc[4]), t1 = _mm256_add_ps(acc[1], acc[5]);
       const __m256 t2 = _mm256_add_ps(acc[2], acc[6]), t3 = _mm256_add_ps(acc[3], acc[7]);
       const __m256 sum = _mm256_add_ps(_mm256_add_ps(t0, t2), _mm256_add_ps(t1, t3));
-      _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), sum));
+      _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_setzero_ps(), sum));
     }
-    for (int64_t j = nv; j < nb; ++j) o[j] += lane_dot(a + i, na, b + j, nb, m);
+    for (int64_t j = nv; j < nb; ++j) o[j] = 0.0f + lane_dot(a + i, na, b + j, nb, m);
   }
 }
 

@@ -13,7 +13,7 @@ void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64
 
 void contract(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out) {
   for (int64_t i = 0; i < na; ++i)
-    for (int64_t j = 0; j < nb; ++j) out[i * nb + j] += lane_dot(a + i, na, b + j, nb, m);
+    for (int64_t j = 0; j < nb; ++j) out[i * nb + j] = 0.0f + lane_dot(a + i, na, b + j, nb, m);
 }
 
 }  // namespace
