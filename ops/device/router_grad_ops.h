@@ -150,6 +150,20 @@ struct KeyGradEntry {
   }
 };
 
+// d_tokens(t) = sum of coef * keys[row] over token t's live contributions.
+template <typename X>
+void token_grads(const X& x, const Contributions& in, TensorView keys, const int64_t* live,
+                 int64_t n, TensorView d_tokens) {
+  const int64_t T = d_tokens.rows, width = d_tokens.cols;
+  const Grouping<X> by_token = group_by(x, n, T, LiveToken{in.token, live});
+  with_float_type(keys, [&](auto tk) {
+    using K = decltype(tk);
+    thrust::for_each(x.policy(), count_from(0), count_from(T * width),
+                     TokenGradEntry<K>{in, rows_of<const K>(keys), live, by_token.items.get(),
+                                       by_token.offsets.get(), rows_of<float>(d_tokens), width});
+  });
+}
+
 template <typename X>
 RowGrads key_grads(const X& x, const Contributions& in, TensorView tokens, const int64_t* live,
                    int64_t n) {
@@ -187,7 +201,8 @@ RowGrads accumulate_row_grads(const X& x, const OpArgs& args, TensorView tokens,
   if (keys.cols != width)
     args.fail("keys have " + std::to_string(keys.cols) + " columns and tokens " +
               std::to_string(width));
-  args.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
+  const bool with_d_tokens = !d_tokens.empty();  // else the key gradients alone
+  if (with_d_tokens) args.matrix(d_tokens, "d_tokens", DType::kF32, T, width);
   args.vector(contributions.token, "contributions.token", DType::kI32);
   const int64_t N = vector_size(contributions.token);
   args.vector(contributions.row, "contributions.row", DType::kI32, N);
@@ -203,15 +218,7 @@ RowGrads accumulate_row_grads(const X& x, const OpArgs& args, TensorView tokens,
                            : thrust::copy_if(x.policy(), count_from(0), count_from(N), live.get(),
                                              NonzeroCoef{in.coef}) -
                                  live.get();
-  const Grouping<X> by_token = group_by(x, n, T, LiveToken{in.token, live.get()});
-  if (T * width > 0)
-    with_float_type(keys, [&](auto tk) {
-      using K = decltype(tk);
-      thrust::for_each(
-          x.policy(), count_from(0), count_from(T * width),
-          TokenGradEntry<K>{in, rows_of<const K>(keys), live.get(), by_token.items.get(),
-                            by_token.offsets.get(), rows_of<float>(d_tokens), width});
-    });
+  if (with_d_tokens) token_grads(x, in, keys, live.get(), n, d_tokens);
   return key_grads(x, in, tokens, live.get(), n);
 }
 
