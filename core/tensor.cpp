@@ -1,11 +1,9 @@
 #include "core/tensor.h"
 
 #include <cstdlib>
-#include <mutex>
 #include <new>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "core/errors.h"
 
@@ -122,62 +120,18 @@ MatrixView TensorView::matrix() const {
 
 namespace {
 
-// Host memory, 64-byte aligned. Large blocks are kept for reuse when freed
-// (a few, by exact size): a training step allocates the same large tensors
-// each time, and a fresh mapping would fault in every page again.
+// Host memory, 64-byte aligned.
 class HostAllocator final : public Allocator {
  public:
-  ~HostAllocator() override {
-    for (const Block& b : cached_) std::free(b.p);
-  }
   Device device() const override { return Device::host(); }
   void* allocate(size_t bytes) override {
     if (bytes == 0) return nullptr;
-    const size_t size = rounded(bytes);
-    if (size >= kCachedMin) {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (size_t i = 0; i < cached_.size(); ++i)
-        if (cached_[i].size == size) {
-          void* p = cached_[i].p;
-          cached_total_ -= size;
-          cached_.erase(cached_.begin() + static_cast<std::ptrdiff_t>(i));
-          return p;
-        }
-    }
-    void* p = std::aligned_alloc(kAlign, size);
+    constexpr size_t kAlign = 64;
+    void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
     if (p == nullptr) throw std::bad_alloc();
     return p;
   }
-  void deallocate(void* p, size_t bytes) noexcept override {
-    const size_t size = rounded(bytes);
-    if (size >= kCachedMin && size <= kCachedMax) {
-      std::lock_guard<std::mutex> lock(mu_);
-      cached_.push_back({p, size});  // newest last
-      cached_total_ += size;
-      while (cached_.size() > kCachedBlocks || cached_total_ > kCachedMax) {
-        std::free(cached_.front().p);  // the oldest goes
-        cached_total_ -= cached_.front().size;
-        cached_.erase(cached_.begin());
-      }
-      return;
-    }
-    std::free(p);
-  }
-
- private:
-  static constexpr size_t kAlign = 64;
-  static constexpr size_t kCachedMin = size_t{1} << 20;  // 1 MiB
-  static constexpr size_t kCachedMax = size_t{1} << 30;  // 1 GiB held at most
-  static constexpr size_t kCachedBlocks = 16;
-  struct Block {
-    void* p;
-    size_t size;
-  };
-  static size_t rounded(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
-
-  std::mutex mu_;
-  std::vector<Block> cached_;
-  size_t cached_total_ = 0;
+  void deallocate(void* p, size_t) noexcept override { std::free(p); }
 };
 
 }  // namespace

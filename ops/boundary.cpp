@@ -30,6 +30,15 @@ Tensor to_device(const Compute& compute, Tensor host) {
   if (host.device() == compute.ops->device()) return host;
   Tensor out = compute.ops->empty(host.dtype(), host.rows(), host.cols());
   compute.ops->copy(out, host, compute.stream);
+  compute.ops->synchronize(compute.stream);  // before `host` goes
+  return out;
+}
+
+Tensor to_host_tensor(const Compute& compute, Tensor t) {
+  if (t.device().is_host()) return t;
+  Tensor out(host_allocator(), t.dtype(), t.rows(), t.cols());
+  compute.ops->copy(out, t, compute.stream);
+  compute.ops->synchronize(compute.stream);
   return out;
 }
 

@@ -54,6 +54,9 @@ class StagedOut {
 // the device is the host).
 Tensor to_device(const Compute& compute, Tensor host);
 
+// A tensor on the host: `t` itself where it lies there, else a host copy.
+Tensor to_host_tensor(const Compute& compute, Tensor t);
+
 // `v` readable on the host: itself where it lies there, else a host copy
 // (synchronized).
 class OnHost {

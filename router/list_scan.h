@@ -72,20 +72,18 @@ ListBlocks ListBlocks::make(const Compute& compute, const std::vector<int64_t>& 
                             const std::vector<int64_t>& list_blocks,
                             const std::vector<int64_t>& outranking_offsets,
                             const std::vector<int32_t>& outranking) {
-  Matrix keys(static_cast<int64_t>(ids.size()), dim);
+  Tensor keys(host_allocator(), DType::kF32, static_cast<int64_t>(ids.size()), dim);
   for (size_t i = 0; i < ids.size(); ++i) {
     const float* src = center_of(ids[i]);
-    std::copy(src, src + dim, keys.row(static_cast<int64_t>(i)));
+    std::copy(src, src + dim, keys.as<float>() + static_cast<int64_t>(i) * dim);
   }
   ListBlocks b;
   b.block_offsets = device_vector(compute, offsets);
   b.ids = device_vector(compute, ids);
-  b.keys = compute.ops->empty(DType::kF32, keys.rows(), dim);
-  compute.ops->copy(b.keys, keys.view(), compute.stream);
+  b.keys = to_device(compute, std::move(keys));  // the gathered rows themselves on the host
   b.list_blocks = device_vector(compute, list_blocks);
   b.outranking_offsets = device_vector(compute, outranking_offsets);
   b.outranking = device_vector(compute, outranking);
-  compute.ops->synchronize(compute.stream);  // before `keys` goes
   return b;
 }
 

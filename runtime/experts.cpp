@@ -13,6 +13,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "core/checks.h"
 
@@ -58,11 +59,13 @@ void require_shape(int64_t rows, int64_t cols, int64_t want_rows, int64_t want_c
          shape_str(want_rows, want_cols));
 }
 
-// A host vector as a [n, 1] tensor view (read or written by the ops).
-template <typename T>
-TensorView host_vector_view(const std::vector<T>& v, DType dtype) {
-  return TensorView(const_cast<T*>(v.data()), dtype, Device::host(), static_cast<int64_t>(v.size()),
-                    1);
+// Host values (a vector, HostFloats) as a [n, 1] tensor view (read or
+// written by the ops).
+template <typename Values>
+TensorView host_vector_view(const Values& v, DType dtype) {
+  return TensorView(
+      const_cast<std::remove_const_t<std::remove_pointer_t<decltype(v.data())>>*>(v.data()), dtype,
+      Device::host(), static_cast<int64_t>(v.size()), 1);
 }
 
 void require_dim(const ExpertShard& shard, int64_t cols, const char* fn) {
@@ -72,6 +75,30 @@ void require_dim(const ExpertShard& shard, int64_t cols, const char* fn) {
 }
 
 }  // namespace
+
+HostFloats::HostFloats(const std::vector<float>& values)
+    : values_(host_allocator(), DType::kF32, static_cast<int64_t>(values.size()), 1) {
+  std::copy(values.begin(), values.end(), data());
+}
+
+HostFloats::HostFloats(Tensor host) : values_(std::move(host)) {
+  if (values_.dtype() != DType::kF32 || !values_.device().is_host())
+    fail("HostFloats: a host f32 tensor is needed");
+}
+
+HostFloats::HostFloats(const HostFloats& other)
+    : values_(host_allocator(), DType::kF32, other.values_.rows(), other.values_.cols()) {
+  std::copy(other.begin(), other.end(), data());
+}
+
+HostFloats& HostFloats::operator=(const HostFloats& other) {
+  if (this != &other) *this = HostFloats(other);
+  return *this;
+}
+
+bool HostFloats::operator==(const HostFloats& other) const {
+  return std::equal(begin(), end(), other.begin(), other.end());
+}
 
 ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute compute)
     : config_(config), compute_(compute), ids_(std::move(ids)) {
@@ -234,18 +261,17 @@ ExpertGradients ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
   if (n == 0) return grads;
   StagedOut gate_grads(compute_, host_vector_view(d_gate, DType::kF32));
   StagedOut input_grads(compute_, dx.view(), /*initialized=*/true);
-  const TouchedExpertGrads touched = compute_.ops->expert_backward(
+  TouchedExpertGrads touched = compute_.ops->expert_backward(
       weights(), Staged(compute_, x), p.view(),
       {Staged(compute_, cache.pre.view()), Staged(compute_, cache.output.view())},
       Staged(compute_, dy), gate_grads, input_grads, compute_.stream);
   gate_grads.finish();
   input_grads.finish();
-  // The touched experts' rows, read where they are (no copy on the host).
-  const OnHost local(compute_, touched.local), w1(compute_, touched.w1), w2(compute_, touched.w2);
+  const OnHost local(compute_, touched.local);
   for (int64_t i = 0; i < touched.count; ++i) grads.ids.push_back(ids_[local.as<int32_t>()[i]]);
-  const int64_t w = touched.count * config_.hidden * config_.dim;
-  grads.w1.assign(w1.as<float>(), w1.as<float>() + w);
-  grads.w2.assign(w2.as<float>(), w2.as<float>() + w);
+  // The touched experts' rows as the ops left them (no copy on the host).
+  grads.w1 = HostFloats(to_host_tensor(compute_, std::move(touched.w1)));
+  grads.w2 = HostFloats(to_host_tensor(compute_, std::move(touched.w2)));
   return grads;
 }
 

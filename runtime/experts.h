@@ -54,10 +54,40 @@ struct ExpertGrads {
 // id: a step touches at most (pairs) experts of the shard, so this stays
 // small where the dense form would be the size of the shard. Row i of w1 / w2
 // holds the same bits as expert ids[i]'s rows of the dense form.
+// Float32 values on the host, in a tensor: what the ops computed, handed
+// over without a copy. Reads like a std::vector (data, size, iteration,
+// indexing, ==); made from a vector by copying its values.
+class HostFloats {
+ public:
+  HostFloats() = default;
+  HostFloats(const std::vector<float>& values);  // NOLINT: the vector's values
+  explicit HostFloats(Tensor host);              // a host f32 tensor, kept as it is
+  HostFloats(const HostFloats& other);
+  HostFloats& operator=(const HostFloats& other);
+  HostFloats(HostFloats&&) = default;
+  HostFloats& operator=(HostFloats&&) = default;
+
+  float* data() { return values_.as<float>(); }
+  const float* data() const { return values_.as<float>(); }
+  size_t size() const { return static_cast<size_t>(values_.rows() * values_.cols()); }
+  bool empty() const { return size() == 0; }
+  float* begin() { return data(); }
+  float* end() { return data() + size(); }
+  const float* begin() const { return data(); }
+  const float* end() const { return data() + size(); }
+  float& operator[](size_t i) { return data()[i]; }
+  const float& operator[](size_t i) const { return data()[i]; }
+  operator std::span<const float>() const { return {data(), size()}; }  // NOLINT: a view
+  bool operator==(const HostFloats& other) const;
+
+ private:
+  Tensor values_;
+};
+
 struct ExpertGradients {
   std::vector<int32_t> ids;  // ascending global expert ids
-  std::vector<float> w1;     // [ids, h, d]
-  std::vector<float> w2;     // [ids, d, h]
+  HostFloats w1;             // [ids, h, d]
+  HostFloats w2;             // [ids, d, h]
   int64_t size() const { return static_cast<int64_t>(ids.size()); }
 };
 

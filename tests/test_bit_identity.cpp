@@ -62,6 +62,7 @@ class Digest {
   void add(std::span<T> v) {
     add(v.data(), v.size());
   }
+  void add(const runtime::HostFloats& v) { add(v.data(), v.size()); }
   void add(MatrixView m) {
     add_value(static_cast<uint64_t>(m.rows));
     add(m.data, static_cast<size_t>(m.rows * m.cols));
