@@ -22,16 +22,22 @@ struct PairRefs {
   Vec<const float> gate;
 };
 
-template <typename X, typename W>
-struct PreActivation {
-  Rows<const X> x;
-  Rows<const W> w1;
-  PairRefs pairs;
-  Rows<float> pre;
-  int64_t hidden, dim;
+// One layer of each pair's FFN: out(p, j) = <in row of p, row j of the
+// pair's expert in w> (w holds `width` rows per expert): the
+// pre-activations (in = x, its row the pair's token) and the outputs (in =
+// the activations, its row the pair itself).
+template <typename I, typename W>
+struct ExpertLayer {
+  Rows<const I> in;
+  Vec<const int32_t> in_row;  // data == nullptr: row p
+  Rows<const W> w;
+  Vec<const int32_t> local;
+  Rows<float> out;
+  int64_t width, depth;
   AIRMOE_HD void operator()(int64_t e) const {
-    const int64_t p = e / hidden, j = e % hidden;
-    pre(p, j) = lane_dot(x.row(pairs.token[p]), w1.row(pairs.local[p] * hidden + j), dim);
+    const int64_t p = e / width, j = e % width;
+    const int64_t r = in_row.data ? in_row[p] : p;
+    out(p, j) = lane_dot(in.row(r), w.row(local[p] * width + j), depth);
   }
 };
 
@@ -45,19 +51,6 @@ struct Activate {
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t q = e / hidden, j = e % hidden, p = items ? items[q] : q;
     a[e] = static_cast<float>(act_value(activation, pre(p, j)));
-  }
-};
-
-template <typename W>
-struct ExpertOutput {
-  const float* a;  // [P, hidden]
-  Rows<const W> w2;
-  PairRefs pairs;
-  Rows<float> output;
-  int64_t dim, hidden;
-  AIRMOE_HD void operator()(int64_t e) const {
-    const int64_t p = e / dim, c = e % dim;
-    output(p, c) = lane_dot(a + p * hidden, w2.row(pairs.local[p] * dim + c), hidden);
   }
 };
 
@@ -134,17 +127,22 @@ void expert_forward(const X& x, const OpArgs& args, const ExpertWeightsView& w, 
     using XT = decltype(tx);
     using W = decltype(tw);
     thrust::for_each(x.policy(), count_from(0), count_from(P * h),
-                     PreActivation<XT, W>{rows_of<const XT>(xin), rows_of<const W>(w.w1), refs,
-                                          rows_of<float>(cache.pre), h, d});
+                     ExpertLayer<XT, W>{rows_of<const XT>(xin), refs.token, rows_of<const W>(w.w1),
+                                        refs.local, rows_of<float>(cache.pre), h, d});
   });
   Scratch<float, X> a(x, P * h);
   thrust::for_each(x.policy(), count_from(0), count_from(P * h),
                    Activate{rows_of<const float>(cache.pre), w.activation, nullptr, a.get(), h});
   with_float_type(w.w2, [&](auto tw) {
     using W = decltype(tw);
-    thrust::for_each(
-        x.policy(), count_from(0), count_from(P * d),
-        ExpertOutput<W>{a.get(), rows_of<const W>(w.w2), refs, rows_of<float>(cache.output), d, h});
+    thrust::for_each(x.policy(), count_from(0), count_from(P * d),
+                     ExpertLayer<float, W>{{a.get(), h},
+                                           {},
+                                           rows_of<const W>(w.w2),
+                                           refs.local,
+                                           rows_of<float>(cache.output),
+                                           d,
+                                           h});
   });
   accumulate_by_token(x, out, pairs, P, rows_of<const float>(cache.output), refs.gate);
 }
