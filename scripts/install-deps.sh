@@ -9,6 +9,7 @@ packages=(
   openmpi-bin libopenmpi-dev   # the distributed runtime's default transport
   libboost-program-options-dev
   libgtest-dev libgmock-dev
+  libthrust-dev libcub-dev # the device-emulated backend where no CUDA toolkit (CCCL) exists
   libbenchmark-dev
   nlohmann-json3-dev
   libfaiss-dev             # the benchmark's FAISS IndexIVFFlat peer

@@ -6,6 +6,9 @@
 # benchmarks), then each libFuzzer target for 20 s (scripts/fuzz.sh). In
 # between, `pip install .` into a virtualenv with transformers 4.49.0 and the
 # Hugging Face integration's tests (scripts/test_hf.sh, about 2.5 minutes).
+# Where the CUDA toolkit is installed it also compiles the CUDA build the way
+# a GPU machine does (no MPI, GoogleTest from its sources) and runs its tests:
+# the CPU tests pass, the gpu tests report themselves skipped without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="$(nproc)"
@@ -26,6 +29,22 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DAIRMOE_SANITIZE=ON 
 cmake --build build-asan -j"$jobs"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir build-asan --output-on-failure --timeout 900
+
+echo "== CUDA build: compile, CPU tests, gpu tests (skipped without a GPU)"
+nvcc="$(command -v nvcc || true)"
+[ -z "$nvcc" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc=/usr/local/cuda/bin/nvcc
+gtest_src=""
+[ -f /usr/src/googletest/CMakeLists.txt ] && gtest_src=/usr/src/googletest  # Debian: googletest
+if [ -n "$nvcc" ]; then
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DAIRMOE_WITH_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER="$nvcc" -DAIRMOE_WITH_MPI=OFF -DAIRMOE_BUILD_EXAMPLES=OFF \
+    -DAIRMOE_GTEST_SOURCE_DIR="$gtest_src"
+  cmake --build build-cuda -j"$jobs"
+  # The heavy recall test runs in the Release build above; same code here.
+  ctest --test-dir build-cuda --output-on-failure --timeout 900 -LE heavy
+else
+  echo "no nvcc (CUDA toolkit): the CUDA build is skipped"
+fi
 
 echo "== libFuzzer: the .npy reader, the message decoders and the checkpoint reader, 20 s each"
 bash scripts/fuzz.sh 20

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -955,6 +956,242 @@ TEST_P(OpsTest, WrongShapesAndDtypesAreNamed) {
       ops().dense_topk(a, b, 0, {dev.out(DType::kF32, 3, 1), dev.out(DType::kI32, 3, 1), {}}, {}),
       UsageError);
   EXPECT_THROW(ops().normalize_rows(a, dev.out(DType::kF32, 2, 4), {}), UsageError);
+}
+
+// ---- sizes that cross the device composition's blocks and chunks -----------
+//
+// The device backends score at most 2^22 logits at a time (ops/device/
+// topk_ops.h kScoreBudget) and select dense top-k in chunks of 1,024 keys;
+// these cases cross those boundaries, with ties, empty blocks, k larger than
+// a block, tokens without pairs and codewords without members. Under
+// AIRMOE_TEST_SMALL (scripts/gpu_check.sh's compute-sanitizer pass) they
+// shrink to a size that still has several chunks but one block.
+
+bool small_sizes() {
+  return std::getenv("AIRMOE_TEST_SMALL") != nullptr;
+}
+
+TEST_P(OpsTest, DenseTopKAcrossBlocksAndChunks) {
+  const int64_t E = small_sizes() ? 2500 : 4500, d = 6, T = small_sizes() ? 40 : 1000;
+  const Tensor keys = keys_with_ties(E, d, 80), tokens = random_f32(T, d, 81);
+  const int k = 10;
+  compare(
+      [&](const Ops& o) {
+        OnDevice dev(o);
+        const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                           dev.out(DType::kF64, T, 2)};
+        o.dense_topk(dev.put(tokens), dev.put(keys), k, out, {});
+        return results(dev.get(out.logits), dev.get(out.ids), dev.get(out.lse));
+      },
+      {false, false, true});
+}
+
+TEST_P(OpsTest, SelectProbesAcrossBlocks) {
+  const int64_t C = small_sizes() ? 300 : 2100, d = 5, T = small_sizes() ? 50 : 2100;
+  const Tensor tokens = random_f32(T, d, 82), codewords = random_f32(C, d, 83);
+  // Lists of 0 to 3 experts: k = 40 needs many more lists than `probes`.
+  std::vector<int64_t> sizes(C);
+  for (int64_t c = 0; c < C; ++c) sizes[c] = (c * 7919) % 4;
+  const Tensor list_sizes = longs(sizes);
+  for (auto [probes, k] : {std::pair{3, 40}, std::pair{16, 1}}) {
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const ProbeSet p =
+          o.select_probes(dev.put(tokens), dev.put(codewords), dev.put(list_sizes), probes, k, {});
+      std::vector<Tensor> out = probe_set(dev, p);
+      out.push_back(longs({p.count}));
+      return out;
+    });
+  }
+  // More probes than lists: every token probes every list, best first.
+  const Tensor few = random_f32(7, d, 84);
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const ProbeSet p = o.select_probes(dev.put(few), dev.put(codewords), dev.put(list_sizes),
+                                       static_cast<int>(C) + 5, 2, {});
+    EXPECT_EQ(p.count, 7 * C);
+    return probe_set(dev, p);
+  });
+}
+
+TEST_P(OpsTest, ScanBlocksAcrossChunksAndMerge) {
+  // 60 blocks of 0 to 4,400 keys (every fifth empty), pairs in random order;
+  // k = 12 exceeds the smallest blocks. The widest block holds 4,400 keys,
+  // so about 950 pairs fit a chunk of 2^22 logits: 3 chunks.
+  const int64_t S = 60, d = 4, R = 300, P = small_sizes() ? 200 : 2500, T = 400;
+  const int64_t widest = small_sizes() ? 300 : 4400;
+  std::mt19937_64 rng(85);
+  std::vector<int64_t> block_offsets{0}, list_blocks{0}, no_outranking(S + 1, 0);
+  std::vector<int32_t> ids;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t size = s % 5 == 0 ? 0 : s == 7 ? widest : static_cast<int64_t>(rng() % 40);
+    for (int64_t j = 0; j < size; ++j) ids.push_back(static_cast<int32_t>(3 * ids.size() + s % 3));
+    block_offsets.push_back(static_cast<int64_t>(ids.size()));
+    list_blocks.push_back(s + 1);  // one block per list
+  }
+  const Tensor keys = keys_with_ties(static_cast<int64_t>(ids.size()), d, 86);
+  const Tensor queries = random_f32(R, d, 87);
+  std::vector<int32_t> query(P), block(P);
+  for (int64_t p = 0; p < P; ++p) {
+    query[p] = static_cast<int32_t>(rng() % R);
+    block[p] = static_cast<int32_t>(p % 3 == 0 ? 7 : rng() % S);
+  }
+  // Tokens own consecutive pairs; every tenth token owns none.
+  std::vector<int64_t> offsets{0};
+  for (int64_t t = 0; t < T; ++t)
+    offsets.push_back(t == T - 1 ? P : std::min<int64_t>(P, offsets.back() + (t % 10 ? 7 : 0)));
+  const Tensor bo = longs(block_offsets), lb = longs(list_blocks), oo = longs(no_outranking),
+               id_t = ints(ids), q_t = ints(query), b_t = ints(block), off_t = longs(offsets);
+  const int k = 12;
+  compare(
+      [&](const Ops& o) {
+        OnDevice dev(o);
+        const ListBlocksView lists{dev.put(bo), dev.put(id_t), dev.put(keys),
+                                   dev.put(lb), dev.put(oo),   TensorView()};
+        const TopKView cand{dev.out(DType::kF32, P, k), dev.out(DType::kI32, P, k),
+                            dev.out(DType::kF64, P, 2)};
+        o.scan_blocks(lists, dev.put(queries), dev.put(q_t), dev.put(b_t), k, cand, {});
+        const TopKView merged{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                              dev.out(DType::kF64, T, 2)};
+        o.merge_topk(cand, dev.put(off_t), k, merged, {});
+        return results(dev.get(cand.logits), dev.get(cand.ids), dev.get(cand.lse),
+                       dev.get(merged.logits), dev.get(merged.ids), dev.get(merged.lse));
+      },
+      {false, false, true, false, false, true});
+}
+
+TEST_P(OpsTest, KMeansStatsWithEmptyCodewords) {
+  // 3,000 rows near 5 of 40 codewords: most codewords have no member.
+  const int64_t n = small_sizes() ? 300 : 3000, d = 7, C = 40;
+  const Tensor centers = random_f32(5, d, 88);
+  Tensor rows = random_f32(n, d, 89, 0.05);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < d; ++c)
+      rows.as<float>()[r * d + c] += centers.as<float>()[(r % 5) * d + c];
+  Tensor codewords = random_f32(C, d, 90);
+  for (int64_t c = 0; c < 5; ++c)
+    std::memcpy(codewords.as<float>() + c * d, centers.as<float>() + c * d, d * 4);
+  const auto stats = [&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView unit = dev.out(DType::kF32, n, d), unit_cw = dev.out(DType::kF32, C, d);
+    o.normalize_rows(dev.put(rows), unit, {});
+    o.normalize_rows(dev.put(codewords), unit_cw, {});
+    return o.kmeans_stats(unit, unit_cw, TensorView(), {});
+  };
+  const KMeansStats want = stats(ref()), got = stats(ops());
+  EXPECT_EQ(got.sums, want.sums);
+  EXPECT_EQ(got.counts, want.counts);
+  EXPECT_EQ(got.objective, want.objective);
+  EXPECT_EQ(got.farthest_cos, want.farthest_cos);
+  EXPECT_EQ(got.farthest_expert, want.farthest_expert);
+  EXPECT_GT(std::count(want.counts.begin(), want.counts.end(), 0), 20);
+}
+
+TEST_P(OpsTest, RowGradsWithoutLiveContributions) {
+  const Tensor tokens = random_f32(6, 5, 91), keys = random_f32(4, 5, 92);
+  const Tensor token = ints({0, 3, 5}), row = ints({1, 1, 2}),
+               zeros = host_of(DType::kF64, 3, 1, std::vector<double>(3, 0.0));
+  compare([&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView dh = dev.out(DType::kF32, 6, 5);
+    const RowGrads g = o.accumulate_row_grads(
+        dev.put(tokens), dev.put(keys), {dev.put(token), dev.put(row), dev.put(zeros)}, dh, {});
+    EXPECT_EQ(g.count, 0);
+    const TensorView dh0 = dev.out(DType::kF32, 6, 5);
+    const RowGrads none = o.accumulate_row_grads(
+        dev.put(tokens), dev.put(keys),
+        {dev.out(DType::kI32, 0, 1), dev.out(DType::kI32, 0, 1), dev.out(DType::kF64, 0, 1)}, dh0,
+        {});
+    EXPECT_EQ(none.count, 0);
+    return results(dev.get(dh), dev.get(dh0));
+  });
+}
+
+TEST_P(OpsTest, ExpertsWithOneCrowdedExpert) {
+  // 600 pairs, four in five on expert 0; bf16 weights; GELU.
+  const int64_t experts = 3, d = 9, h = 5, tokens = 50, P = small_sizes() ? 60 : 600;
+  ExpertInputs in(experts, d, h, tokens, P, Activation::kGelu, 93);
+  for (int64_t p = 0; p < P; ++p)
+    if (p % 5) in.local.as<int32_t>()[p] = 0;
+  compare(
+      [&](const Ops& o) {
+        OnDevice dev(o);
+        const ExpertWeightsView w{dev.put(to_bf16(in.w1)), dev.put(to_bf16(in.w2)), experts, d, h,
+                                  Activation::kGelu};
+        const ExpertPairsView pairs{dev.put(in.token), dev.put(in.local), dev.put(in.gate)};
+        const TensorView out = dev.out(DType::kF32, tokens, d, 0.0);
+        const ExpertCacheView cache{dev.out(DType::kF32, P, h), dev.out(DType::kF32, P, d)};
+        o.expert_forward(w, dev.put(in.x), pairs, out, cache, {});
+        const TensorView d_gate = dev.out(DType::kF32, P, 1);
+        const TensorView dx = dev.out(DType::kF32, tokens, d, 0.0);
+        const TouchedExpertGrads g =
+            o.expert_backward(w, dev.put(in.x), pairs, cache, dev.put(in.dy), d_gate, dx, {});
+        return results(dev.get(cache.pre), dev.get(out), dev.get(d_gate), dev.get(dx),
+                       dev.get(g.local), dev.get(g.w1), dev.get(g.w2));
+      },
+      {false, true, true, true, false, true, true});
+}
+
+TEST_P(OpsTest, NoTokensNoPairsNoWork) {
+  OnDevice dev(ops());
+  const Index index = small_index(4, 94);
+  const TensorView none_f = dev.out(DType::kF32, 0, 4);
+  EXPECT_NO_THROW(ops().product_topk(
+      dev.out(DType::kF32, 0, 7), dev.put(random_f32(3, 3, 95)), dev.put(random_f32(3, 4, 96)), 2,
+      {dev.out(DType::kF32, 0, 2), dev.out(DType::kI32, 0, 2), {}}, {}));
+  ProbeSet probes;
+  probes.offsets = ops().empty(DType::kI64, 1, 1);
+  ops().fill(probes.offsets, 0.0, {});
+  probes.codewords = ops().empty(DType::kI32, 0, 1);
+  probes.shortlist_size = ops().empty(DType::kI32, 0, 1);
+  const PairSet pairs = ops().probe_pairs(index.on(dev), probes, {});
+  EXPECT_EQ(pairs.count, 0);
+  EXPECT_EQ(values_of<int64_t>(dev.get(pairs.offsets)), std::vector<int64_t>{0});
+  const TensorView no_pairs = dev.out(DType::kI32, 0, 1);
+  EXPECT_NO_THROW(ops().scan_blocks(index.on(dev), none_f, no_pairs, no_pairs, 3,
+                                    {dev.out(DType::kF32, 0, 3), dev.out(DType::kI32, 0, 3), {}},
+                                    {}));
+  // Tokens whose offsets hold no pair get empty rows: id -1, logit -inf.
+  const TopKView merged{dev.out(DType::kF32, 2, 3), dev.out(DType::kI32, 2, 3), {}};
+  ops().merge_topk({dev.out(DType::kF32, 0, 3), dev.out(DType::kI32, 0, 3), {}},
+                   dev.put(longs({0, 0, 0})), 3, merged, {});
+  EXPECT_EQ(values_of<int32_t>(dev.get(merged.ids)), std::vector<int32_t>(6, -1));
+  EXPECT_NO_THROW(ops().finalize_gates(none_f, TensorView(), dev.out(DType::kF64, 0, 1),
+                                       dev.out(DType::kF32, 0, 4), {}));
+  EXPECT_NO_THROW(ops().logit_grads(no_pairs, no_pairs, dev.out(DType::kF32, 0, 1),
+                                    dev.out(DType::kI32, 2, 3), dev.out(DType::kF32, 2, 3),
+                                    dev.out(DType::kF32, 2, 3), dev.out(DType::kF64, 2, 1),
+                                    dev.out(DType::kF64, 0, 1), {}));
+}
+
+TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
+  // An index past its tensor is a UsageError naming the entry on every
+  // backend; on a GPU it would otherwise read out of bounds.
+  OnDevice dev(ops());
+  const TensorView a = dev.put(random_f32(3, 4, 97)), b = dev.put(random_f32(5, 4, 98));
+  try {
+    ops().score_pairs(a, b, dev.put(ints({0, 1, 3})), dev.put(ints({0, 4, 1})),
+                      dev.out(DType::kF32, 3, 1), {});
+    ADD_FAILURE() << "a row index past a was accepted";
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find("pair 2"), std::string::npos) << e.what();
+  }
+  const Index index = small_index(4, 99);
+  const TopKView out{dev.out(DType::kF32, 2, 3), dev.out(DType::kI32, 2, 3), {}};
+  EXPECT_THROW(ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)),
+                                 dev.put(ints({0, 1})), dev.put(ints({3, 10})), 3, out, {}),
+               UsageError);  // block 10 of 10
+  EXPECT_THROW(ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)),
+                                 dev.put(ints({0, 2})), dev.put(ints({3, 1})), 3, out, {}),
+               UsageError);  // query 2 of 2
+  EXPECT_THROW(ops().merge_topk(out, dev.put(longs({0, 3})), 3, out, {}), UsageError);
+  const ExpertInputs in(2, 8, 2, 4, 3, Activation::kRelu, 101);
+  EXPECT_THROW(ops().expert_forward({dev.put(in.w1), dev.put(in.w2), 2, 8, 2, Activation::kRelu},
+                                    dev.put(in.x),
+                                    {dev.put(in.token), dev.put(ints({0, 2, 1})), dev.put(in.gate)},
+                                    dev.out(DType::kF32, 4, 8),
+                                    {dev.out(DType::kF32, 3, 2), dev.out(DType::kF32, 3, 8)}, {}),
+               UsageError);  // expert 2 of 2
 }
 
 TEST(Registry, NamesAndReasons) {
