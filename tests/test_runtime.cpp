@@ -28,6 +28,30 @@ const GlobalData& data() {
 
 class DistributedRoutes : public ::testing::TestWithParam<std::tuple<int, PlacementPolicy>> {};
 
+// Each rank's routes of its own tokens, by route(router, tokens), at P ranks.
+template <typename Route>
+std::vector<RouteRows> route_on_ranks(int P, PlacementPolicy policy, Route route) {
+  std::vector<RouteRows> got(static_cast<size_t>(P));
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    runtime::DistributedRouter router = data().make_router(comm, policy);
+    const Routes r = route(router, data().tokens_of(comm.rank(), P));
+    got[comm.rank()] = RouteRows::of(r, 0, r.tokens);
+  });
+  return got;
+}
+
+// Every rank's rows equal the single-process routes of its tokens.
+void expect_rank_rows(const std::vector<RouteRows>& got, const Routes& want,
+                      const std::string& what) {
+  const int P = static_cast<int>(got.size());
+  for (int rank = 0; rank < P; ++rank) {
+    const auto [b, e] = GlobalData::token_range(want.tokens, rank, P);
+    const RouteRows ref = RouteRows::of(want, b, e);
+    EXPECT_EQ(got[rank].experts, ref.experts) << "rank " << rank << " " << what;
+    EXPECT_EQ(got[rank].gates, ref.gates) << "rank " << rank << " " << what;
+  }
+}
+
 TEST_P(DistributedRoutes, EqualTheSingleProcessRouter) {
   const auto [P, policy] = GetParam();
   const GlobalData& g = data();
@@ -38,22 +62,44 @@ TEST_P(DistributedRoutes, EqualTheSingleProcessRouter) {
   for (int m : {1, 3, static_cast<int>(C)}) {
     const Routes want = air.route(g.data.tokens.view(), k, m);
     const Routes exact = dense.route(g.data.tokens.view(), k);
-    std::vector<RouteRows> got(static_cast<size_t>(P));
-    comm::run_ranks(P, [&](comm::Communicator& comm) {
-      runtime::DistributedRouter router = g.make_router(comm, policy);
-      const Routes r = router.route(g.tokens_of(comm.rank(), P), k, m);
-      got[comm.rank()] = RouteRows::of(r, 0, r.tokens);
-    });
+    const std::vector<RouteRows> got =
+        route_on_ranks(P, policy, [&](runtime::DistributedRouter& router, MatrixView tokens) {
+          return router.route(tokens, k, m);
+        });
+    expect_rank_rows(got, want, "m=" + std::to_string(m));
     for (int rank = 0; rank < P; ++rank) {
       const auto [b, e] = GlobalData::token_range(T, rank, P);
-      const RouteRows ref = RouteRows::of(want, b, e);
-      EXPECT_EQ(got[rank].experts, ref.experts) << "rank " << rank << " m=" << m;
-      EXPECT_EQ(got[rank].gates, ref.gates) << "rank " << rank << " m=" << m;
       if (m == C) {
         const RouteRows ex = RouteRows::of(exact, b, e);
         EXPECT_EQ(got[rank].experts, ex.experts) << "m = C must be exact routing";
         EXPECT_EQ(got[rank].gates, ex.gates);
       }
+    }
+  }
+}
+
+// With a selection bias (replicated on every rank) and either gate mode:
+// the single-process AirRouter's routes, whatever P and the placement.
+TEST_P(DistributedRoutes, BiasedEqualTheSingleProcessRouter) {
+  const auto [P, policy] = GetParam();
+  const GlobalData& g = data();
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 2.0, 77);
+  AirRouter air(g.data.centers.view(), g.codebook);
+  const int k = 4;
+  const Routes unbiased = air.route(g.data.tokens.view(), k, 3);
+  air.set_bias(bias.view());
+  for (GateMode mode : {GateMode::kChosen, GateMode::kSigmoid}) {
+    for (int m : {1, 3, static_cast<int>(g.codebook.size())}) {
+      const Routes want = air.route(g.data.tokens.view(), k, m, mode);
+      if (m == 3) {
+        EXPECT_NE(want.experts, unbiased.experts) << "the bias moved no route";
+      }
+      const std::vector<RouteRows> got =
+          route_on_ranks(P, policy, [&](runtime::DistributedRouter& router, MatrixView tokens) {
+            router.set_bias(bias.view());
+            return router.route_batch(tokens, k, m, mode).routes;
+          });
+      expect_rank_rows(got, want, std::string(to_string(mode)) + " m=" + std::to_string(m));
     }
   }
 }
@@ -320,6 +366,47 @@ TEST(DistributedErrors, DifferentKOnOneRankIsRefused) {
     try {
       router.route(g.tokens_of(comm.rank(), 2), comm.rank() == 0 ? 4 : 5, 2);
     } catch (const std::exception&) {
+      ++failed;
+      throw;
+    }
+  }));
+  EXPECT_EQ(failed.load(), 2);
+}
+
+// A bad bias on one rank, or different biases on different ranks: every
+// rank raises together, naming the rank and the entry.
+TEST(DistributedErrors, BadOrMismatchedBiasFailsEveryRank) {
+  const GlobalData& g = data();
+  const int P = 3;
+  const int64_t E = g.data.centers.rows();
+  for (const bool mismatch : {false, true}) {
+    std::atomic<int> failed{0};
+    std::vector<std::string> messages(static_cast<size_t>(P));
+    EXPECT_ANY_THROW(comm::run_ranks(P, [&](comm::Communicator& comm) {
+      runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kList);
+      Matrix bias(E, 1, 0.25f);
+      if (comm.rank() == 1) bias(5, 0) = mismatch ? 0.5f : std::nanf("");
+      try {
+        router.set_bias(bias.view());
+      } catch (const std::exception& e) {
+        messages[comm.rank()] = e.what();
+        ++failed;
+        throw;
+      }
+    }));
+    EXPECT_EQ(failed.load(), P) << "every rank refuses, none hangs";
+    for (const auto& m : messages)
+      EXPECT_NE(m.find(mismatch ? "selection bias" : "bias entry 5 is nan"), std::string::npos)
+          << m;
+  }
+  // The shortlist gate mode is refused by every rank.
+  std::atomic<int> failed{0};
+  EXPECT_ANY_THROW(comm::run_ranks(2, [&](comm::Communicator& comm) {
+    runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kList);
+    try {
+      router.route_batch(g.tokens_of(comm.rank(), 2), 4, 2, GateMode::kShortlist);
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("not 'shortlist'"), std::string::npos) << e.what();
       ++failed;
       throw;
     }

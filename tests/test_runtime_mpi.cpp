@@ -50,6 +50,28 @@ TEST(MpiDistributedRouter, RoutesEqualSingleProcessForEveryPolicy) {
   }
 }
 
+TEST(MpiDistributedRouter, BiasedRoutesEqualSingleProcess) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  const GlobalData& g = data();
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 2.0, 77);
+  AirRouter air(g.data.centers.view(), g.codebook);
+  air.set_bias(bias.view());
+  const int P = comm.size(), k = 4;
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  for (PlacementPolicy policy : test::kAllPolicies) {
+    runtime::DistributedRouter router = g.make_router(comm, policy);
+    router.set_bias(bias.view());
+    for (GateMode mode : {GateMode::kChosen, GateMode::kSigmoid})
+      for (int m : {1, 3, static_cast<int>(g.codebook.size())}) {
+        const Routes r = router.route_batch(g.tokens_of(comm.rank(), P), k, m, mode).routes;
+        const RouteRows got = RouteRows::of(r, 0, r.tokens);
+        const RouteRows want = RouteRows::of(air.route(g.data.tokens.view(), k, m, mode), b, e);
+        EXPECT_EQ(got.experts, want.experts) << runtime::to_string(policy) << " m=" << m;
+        EXPECT_EQ(got.gates, want.gates) << runtime::to_string(policy) << " m=" << m;
+      }
+  }
+}
+
 TEST(MpiDistributedRouter, RequestsReachExactlyTheCandidateRanks) {
   comm::MpiCommunicator comm(MPI_COMM_WORLD);
   const GlobalData& g = data();

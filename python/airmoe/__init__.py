@@ -38,7 +38,7 @@ from .megatron import MegatronRouterAdapter, to_megatron
 from .metrics import exact_topk, recall_at_k
 from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_softmax
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AIRRouter",
     "DenseRouter",
