@@ -38,14 +38,6 @@ void Communicator::record_control(ExchangeKind kind) {
   });
 }
 
-void Communicator::record_alltoallv(const std::vector<std::vector<char>>& send) {
-  record_control(ExchangeKind::kDense);
-  for (int p = 0; p < size(); ++p) {
-    const auto n = static_cast<int64_t>(send[static_cast<size_t>(p)].size());
-    if (is_payload_message(rank(), p, n)) meter_.record(phase_, p, n);
-  }
-}
-
 void Communicator::record_exchange(const ExchangeBuffer& send) {
   record_control(ExchangeKind::kSparse);
   for (int p = 0; p < size(); ++p)
@@ -60,18 +52,6 @@ void Communicator::check_exchange_buffers(const ExchangeBuffer& send,
                      std::to_string(size()) + " ranks");
   // recv is reset before send is read out.
   if (&send == &recv) throw UsageError(where + "send and recv are the same buffer");
-}
-
-void Communicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
-  check_exchange_buffers(send, recv);
-  std::vector<std::vector<char>> parts(static_cast<size_t>(size()));
-  for (int p = 0; p < size(); ++p) parts[p].assign(send.begin(p), send.begin(p) + send.bytes(p));
-  const std::vector<std::vector<char>> got = alltoallv(parts);
-  std::vector<int64_t> bytes(got.size());
-  for (size_t q = 0; q < got.size(); ++q) bytes[q] = static_cast<int64_t>(got[q].size());
-  recv.reset(bytes);
-  for (int q = 0; q < size(); ++q)
-    if (!got[q].empty()) std::memcpy(recv.begin(q), got[q].data(), got[q].size());
 }
 
 bool Communicator::overlaps(const void* a, size_t na, const void* b, size_t nb) {

@@ -1,5 +1,5 @@
 // The transport the runtime is written against: a small set of collectives
-// and one variable all-to-all, each metered per phase and per peer.
+// and one variable all-to-all (exchange), each metered per phase and per peer.
 // Backends: MPI (mpi_communicator.h) and ranks-as-threads in one process
 // (in_process.h) for fast tests of sharding logic. No routing here.
 #pragma once
@@ -40,16 +40,12 @@ class Communicator {
   // Element-wise max / min of doubles (exact whatever the order).
   virtual void allreduce_max(double* data, size_t count) = 0;
   virtual void allreduce_min(double* data, size_t count) = 0;
-  // send[p] goes to rank p (an empty buffer sends nothing to p: no message,
-  // only the counts exchange). Returns recv[p], what rank p sent here.
-  virtual std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) = 0;
   // The variable all-to-all on caller-owned buffers: send has size() segments,
   // segment p goes to rank p; recv is reset to size() segments, segment q
   // holding what rank q sent here (its storage is reused across calls). A
-  // rank that sends nothing to p sends p no message. This base version is
-  // built on alltoallv() (and metered as one); the MPI and in-process
-  // backends override it with a sparse exchange, metered as below.
-  virtual void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv);
+  // rank that sends nothing to p sends p no message (a sparse exchange,
+  // metered as below).
+  virtual void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) = 0;
 
   // The phase name under which subsequent calls are metered.
   void set_phase(std::string phase) { phase_ = std::move(phase); }
@@ -65,18 +61,14 @@ class Communicator {
   //   allgather(v): each rank -> each other rank, one message of its bytes.
   //   allreduce: a ring: 2 (P - 1) messages of bytes / P (rounded up) to
   //              rank + 1, the bandwidth-optimal algorithm's traffic.
-  //   alltoallv: phase + ":counts", one 8-byte message to each other rank;
-  //              phase, one message per non-empty send[p], p != rank.
   //   exchange:  phase, one message per non-empty segment p != rank; and
-  //              phase + ":barrier", the nonblocking barrier's messages.
-  //   (Both all-to-alls follow comm/exchange_rule.h, which the simulator
-  //   counts too.)
+  //              phase + ":barrier", the nonblocking barrier's messages
+  //              (comm/exchange_rule.h, which the simulator counts too).
   // The metering rules above live here, once; backends call these after a
   // call succeeded.
   void record_broadcast(int root, size_t bytes);
   void record_allgather(size_t bytes);  // allgather and allgatherv alike
   void record_allreduce(size_t bytes);
-  void record_alltoallv(const std::vector<std::vector<char>>& send);
   void record_exchange(const ExchangeBuffer& send);
   // Throws UsageError (naming this rank) unless send has one segment per rank
   // and recv is another buffer: what every exchange() checks first.

@@ -1,11 +1,14 @@
 // How one variable all-to-all is metered: the one rule the backends record
-// and the simulator (runtime/simulator.h) counts, so the two cannot drift.
+// (kSparse, Communicator::exchange) and the simulator (runtime/simulator.h)
+// counts, so the two cannot drift; the simulator also counts kDense, the
+// all-to-all the communicators no longer have, for comparison.
 //
 // Payload: one message per non-empty segment to another rank (self-sends
 // stay local), metered under the phase, whatever the kind.
 // Control traffic, on top of the payload, per rank and per call:
-//   kDense  (alltoallv): every rank first tells every other rank how many
-//           bytes follow: P - 1 messages of kCountBytes under phase + ":counts".
+//   kDense  (an MPI_Alltoallv-style all-to-all): every rank first tells every
+//           other rank how many bytes follow: P - 1 messages of kCountBytes
+//           under phase + ":counts".
 //   kSparse (exchange): the nonblocking consensus (Hoefler, Siebert,
 //           Lumsdaine, PPoPP 2010): synchronous sends of the payload only,
 //           then a nonblocking barrier. The barrier is metered as a

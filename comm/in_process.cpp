@@ -224,24 +224,6 @@ void InProcessCommunicator::allreduce_min(double* data, size_t count) {
   allreduce("allreduce_min", data, count, [](double a, double b) { return b < a ? b : a; });
 }
 
-std::vector<std::vector<char>> InProcessCommunicator::alltoallv(
-    const std::vector<std::vector<char>>& send) {
-  if (send.size() != p_size())
-    fail("alltoallv: send has " + std::to_string(send.size()) +
-         " buffers, expected one per rank (" + std::to_string(size()) + ")");
-  InProcessSlot mine{"alltoallv"};
-  mine.sends = &send;
-  enter(mine);
-  const std::string err = mismatch("alltoallv", false, false);
-  std::vector<std::vector<char>> recv(p_size());
-  if (err.empty())
-    for (int p = 0; p < size(); ++p) recv[static_cast<size_t>(p)] = (*world_->slot(p).sends)[rank_];
-  world_->sync(rank_);
-  if (!err.empty()) fail(err);
-  record_alltoallv(send);
-  return recv;
-}
-
 void InProcessCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
   check_exchange_buffers(send, recv);
   InProcessSlot mine{"exchange"};

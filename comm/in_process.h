@@ -41,8 +41,7 @@ struct InProcessSlot {
   const void* data = nullptr;
   size_t bytes = 0;  // bytes for byte collectives, element count for reductions
   int root = -1;
-  const std::vector<std::vector<char>>* sends = nullptr;  // alltoallv
-  const ExchangeBuffer* exchange = nullptr;               // exchange
+  const ExchangeBuffer* exchange = nullptr;  // exchange
 };
 
 // State shared by the `size` ranks of one in-process world.
@@ -99,7 +98,6 @@ class InProcessCommunicator final : public Communicator {
   void allreduce_sum(int64_t* data, size_t count) override;
   void allreduce_max(double* data, size_t count) override;
   void allreduce_min(double* data, size_t count) override;
-  std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override;
   // Sparse: each rank copies the segments addressed to it straight from the
   // senders' buffers; metered as the nonblocking consensus (exchange_rule.h).
   void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) override;

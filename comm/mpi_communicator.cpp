@@ -12,8 +12,9 @@ namespace airmoe::comm {
 
 namespace {
 
-constexpr int kAlltoallvTag = 0x4d6f;  // private duplicate: any tag is ours
-constexpr int kExchangeTag = 0x4d70;   // and kExchangeTag + 1: see exchange_calls_
+// The private duplicate carries only our messages, so any tag is ours;
+// kExchangeTag + 1 too: see exchange_calls_.
+constexpr int kExchangeTag = 0x4d70;
 
 std::string error_string(int rc) {
   char text[MPI_MAX_ERROR_STRING];
@@ -201,80 +202,6 @@ void MpiCommunicator::allreduce_max(double* data, size_t count) {
 
 void MpiCommunicator::allreduce_min(double* data, size_t count) {
   allreduce(data, count, MPI_DOUBLE, MPI_MIN);
-}
-
-std::vector<std::vector<char>> MpiCommunicator::alltoallv(
-    const std::vector<std::vector<char>>& send) {
-  const auto p = static_cast<size_t>(size_);
-  if (send.size() != p)
-    fail("alltoallv: send has " + std::to_string(send.size()) +
-         " buffers, expected one per rank (" + std::to_string(size_) + ")");
-  std::vector<int64_t> send_counts(p), recv_counts(p);
-  for (size_t q = 0; q < p; ++q) send_counts[q] = static_cast<int64_t>(send[q].size());
-  check(MPI_Alltoall(send_counts.data(), 1, MPI_INT64_T, recv_counts.data(), 1, MPI_INT64_T, comm_),
-        "MPI_Alltoall (alltoallv counts)");
-
-  std::vector<std::vector<char>> recv(p);
-  for (size_t q = 0; q < p; ++q) {
-    if (recv_counts[q] < 0)
-      fail("alltoallv: rank " + std::to_string(q) + " announced " + std::to_string(recv_counts[q]) +
-           " bytes");
-    if (static_cast<int>(q) != rank_) recv[q].resize(static_cast<size_t>(recv_counts[q]));
-  }
-  recv[static_cast<size_t>(rank_)] = send[static_cast<size_t>(rank_)];
-
-  // Messages above max_message_ go in pieces; pieces between one pair of ranks
-  // under one tag arrive in order (MPI's non-overtaking rule).
-  const auto chunk = static_cast<size_t>(max_message_);
-  std::vector<MPI_Request> requests;
-  int rc = MPI_SUCCESS;
-  const char* failed_call = nullptr;
-  for (size_t q = 0; q < p && rc == MPI_SUCCESS; ++q) {
-    if (static_cast<int>(q) == rank_) continue;
-    for (size_t off = 0; off < recv[q].size() && rc == MPI_SUCCESS; off += chunk) {
-      const size_t n = std::min(chunk, recv[q].size() - off);
-      requests.emplace_back();
-      rc = MPI_Irecv(recv[q].data() + off, static_cast<int>(n), MPI_BYTE, static_cast<int>(q),
-                     kAlltoallvTag, comm_, &requests.back());
-      if (rc != MPI_SUCCESS) {
-        requests.pop_back();
-        failed_call = "MPI_Irecv";
-      }
-    }
-  }
-  const size_t receives = requests.size();
-  for (size_t q = 0; q < p && rc == MPI_SUCCESS; ++q) {
-    if (static_cast<int>(q) == rank_) continue;
-    for (size_t off = 0; off < send[q].size() && rc == MPI_SUCCESS; off += chunk) {
-      const size_t n = std::min(chunk, send[q].size() - off);
-      requests.emplace_back();
-      // MPI-3 takes const void*; Open MPI 4 does.
-      rc = MPI_Isend(send[q].data() + off, static_cast<int>(n), MPI_BYTE, static_cast<int>(q),
-                     kAlltoallvTag, comm_, &requests.back());
-      if (rc != MPI_SUCCESS) {
-        requests.pop_back();
-        failed_call = "MPI_Isend";
-      }
-    }
-  }
-  if (rc != MPI_SUCCESS) {
-    // Do not leave receives pending into buffers about to be freed.
-    for (size_t i = 0; i < receives; ++i) MPI_Cancel(&requests[i]);
-    MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE);
-    check(rc, failed_call);
-  }
-  std::vector<MPI_Status> statuses(requests.size());
-  rc = MPI_Waitall(static_cast<int>(requests.size()), requests.data(), statuses.data());
-  if (rc == MPI_ERR_IN_STATUS) {
-    for (const MPI_Status& s : statuses)
-      if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) {
-        rc = s.MPI_ERROR;
-        break;
-      }
-  }
-  check(rc, "MPI_Waitall (alltoallv)");
-  record_alltoallv(send);
-  return recv;
 }
 
 void MpiCommunicator::post_exchange_sends(const ExchangeBuffer& send, int tag,

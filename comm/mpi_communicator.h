@@ -65,7 +65,6 @@ class MpiCommunicator final : public Communicator {
   void allreduce_sum(int64_t* data, size_t count) override;
   void allreduce_max(double* data, size_t count) override;
   void allreduce_min(double* data, size_t count) override;
-  std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override;
   // Sparse data exchange by nonblocking consensus (Hoefler, Siebert,
   // Lumsdaine, PPoPP 2010): MPI_Issend of each non-empty segment (in pieces
   // of max_message_bytes()), receives of whatever arrives (MPI_Iprobe on any
@@ -77,7 +76,7 @@ class MpiCommunicator final : public Communicator {
   MPI_Comm comm() const { return comm_; }
 
   // Largest single MPI message (default INT_MAX bytes, MPI's count limit):
-  // broadcasts, reductions and alltoallv messages above it are sent in
+  // broadcasts, reductions and exchange messages above it are sent in
   // pieces. Lowering it exercises that path in tests; it does not change
   // what the meter records. Must be equal on all ranks.
   void set_max_message_bytes(int64_t bytes);

@@ -6,29 +6,15 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "core/splitmix.h"
 
 namespace airmoe::inline core {
 namespace {
 
-// SplitMix64: one independent stream per row, so the data does not depend
-// on the thread count.
-struct Stream {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
-  double normal() {  // Box-Muller, one value per call
-    const double u = uniform(), v = uniform();
-    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
-  }
-};
-
-Stream stream(uint64_t seed, uint64_t kind, uint64_t row) {
-  Stream s{seed * 0x100000001B3ull ^ (kind << 56) ^ row};
+// One independent sequence per (kind, row), so the data does not depend on
+// the thread count.
+SplitMix64 row_sequence(uint64_t seed, uint64_t kind, uint64_t row) {
+  SplitMix64 s{seed * 0x100000001B3ull ^ (kind << 56) ^ row};
   s.next();
   return s;
 }
@@ -37,7 +23,7 @@ Stream stream(uint64_t seed, uint64_t kind, uint64_t row) {
 // z ~ N(0, I_r), n ~ N(0, I_d): a step along the cluster's manifold plus a
 // little isotropic noise.
 void perturb(const float* base, const Matrix& basis, double spread, double noise, double scale,
-             Stream& s, float* out) {
+             SplitMix64& s, float* out) {
   const int64_t d = basis.cols(), r = basis.rows();
   std::vector<double> v(base, base + d);
   for (int64_t i = 0; i < r; ++i) {
@@ -74,7 +60,7 @@ Matrix random_matrix(int64_t rows, int64_t cols, double scale, uint64_t seed) {
   Matrix m(rows, cols);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    Stream s = stream(seed, 1, static_cast<uint64_t>(r));
+    SplitMix64 s = row_sequence(seed, 1, static_cast<uint64_t>(r));
     for (int64_t c = 0; c < cols; ++c) m(r, c) = static_cast<float>(scale * s.normal());
   }
   return m;
@@ -88,7 +74,7 @@ SyntheticGenerator::SyntheticGenerator(const SyntheticConfig& cfg) : cfg_(cfg) {
   Matrix dirs(cfg.clusters, d);
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < cfg.clusters; ++g) {
-    Stream s = stream(cfg.seed, 2, static_cast<uint64_t>(g));
+    SplitMix64 s = row_sequence(cfg.seed, 2, static_cast<uint64_t>(g));
     for (int64_t c = 0; c < d; ++c) dirs(g, c) = static_cast<float>(s.normal());
     double n2 = 0.0;
     for (int64_t c = 0; c < d; ++c) n2 += static_cast<double>(dirs(g, c)) * dirs(g, c);
@@ -106,7 +92,7 @@ SyntheticGenerator::SyntheticGenerator(const SyntheticConfig& cfg) : cfg_(cfg) {
   unit_ = Matrix(cfg.experts, d);
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < cfg.experts; ++e) {
-    Stream s = stream(cfg.seed, 3, static_cast<uint64_t>(e));
+    SplitMix64 s = row_sequence(cfg.seed, 3, static_cast<uint64_t>(e));
     const int64_t g = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg.clusters));
     cluster_of_[e] = static_cast<int32_t>(g);
     perturb(dirs.row(g), bases_[g], cfg.expert_spread, cfg.noise, 1.0, s, unit_.row(e));
@@ -122,7 +108,7 @@ Matrix SyntheticGenerator::tokens(int64_t first, int64_t count) const {
   Matrix out(count, cfg_.dim);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < count; ++i) {
-    Stream s = stream(cfg_.seed, 4, static_cast<uint64_t>(first + i));
+    SplitMix64 s = row_sequence(cfg_.seed, 4, static_cast<uint64_t>(first + i));
     const int64_t e = static_cast<int64_t>(s.next() % static_cast<uint64_t>(cfg_.experts));
     perturb(unit_.row(e), bases_[cluster_of_[e]], cfg_.token_spread, cfg_.noise, cfg_.token_scale,
             s, out.row(i));

@@ -142,7 +142,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   // One index and one placement for every strategy: the same data, weights
   // and placement (rank 0's tokens are the load sample).
   const runtime::SharedIndex index = runtime::agree_on_index(comm, spec, centers, mine);
-  const runtime::Plan plan = runtime::place_experts(comm, spec, index);
+  const runtime::PlacementPlan plan = runtime::place_experts(comm, spec, index);
   if (me == 0) progress("exact routing for recall");
   const Routes exact = DenseRouter(centers).route(mine, o.k);
   const Matrix d_out = random_matrix(e - b, d, 1.0, o.seed + 1000 + static_cast<uint64_t>(me));
@@ -165,11 +165,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       if (me == 0) progress("strategy %s: forward + backward %d/%d", name, rep + 1, o.repeats);
       comm.barrier();
       comm.meter().reset();
-      runtime::DispatchPlan dp;
-      layer.forward(mine, dp);
-      layer.backward(dp, d_out.view());
-      const runtime::PhaseSeconds& s = dp.stats.seconds;
-      router_flops_per_token = dp.stats.router_flops_per_token;
+      runtime::DispatchHandle step = layer.forward(mine).handle;
+      layer.backward(step, d_out.view());
+      const runtime::PhaseSeconds& s = step.stats().seconds;
+      router_flops_per_token = step.stats().router_flops_per_token;
       const double total =
           max_over_ranks(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
                                    s.backward_experts + s.backward_combine);
@@ -177,7 +176,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
         best_total = total;
         best = s;
         meter = comm.meter();
-        routes = dp.routes;
+        routes = step.routes();
       }
     }
     PhaseFigures f;

@@ -242,14 +242,14 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
   const AirRouter air(gen.centers().view(), AirConfig{C, o.kmeans_iters, 1234, 0});
   // The placement's expected load, from rank 0's first -T tokens.
   const Matrix calibration = gen.tokens(0, o.tokens);
-  const std::vector<double> load =
-      runtime::list_load(air.lists(), air.route(calibration.view(), o.k, probes.front()).probes);
+  const std::vector<double> load = runtime::list_load(
+      air.lists(), air.route(calibration.view(), o.k, probes.front()).probed_codewords);
   SampleCache cache(gen, air, w.tokens_per_rank, o.k, probes);
   const double t_sweep = now_seconds();
   std::vector<json> rows;
   for (int P : ranks) {
     const double t0 = now_seconds();
-    const runtime::Plan plan =
+    const runtime::PlacementPlan plan =
         runtime::plan_placement(policy, P, air.codebook(), air.lists(), load);
     std::vector<json> group =
         simulate_weak_at(P, w, cache, plan.placement, d, probes, static_cast<int>(C));
@@ -359,14 +359,15 @@ int run_simulate(const std::vector<std::string>& args) {
   std::vector<Routes> air_routes;
   for (int m : probes) air_routes.push_back(air.route(tokens, o.k, m));
   const std::vector<double> load =
-      runtime::list_load(lists, air.route(tokens, o.k, probes.front()).probes);
+      runtime::list_load(lists, air.route(tokens, o.k, probes.front()).probed_codewords);
   const double expert_flops = static_cast<double>(o.k) * 4.0 * static_cast<double>(d * hidden);
   const double dense_flops = 2.0 * static_cast<double>(E * d);
 
   std::vector<json> rows;
   for (int P : ranks) {
     const double t0 = now_seconds();
-    const runtime::Plan plan = runtime::plan_placement(policy, P, air.codebook(), lists, load);
+    const runtime::PlacementPlan plan =
+        runtime::plan_placement(policy, P, air.codebook(), lists, load);
     std::vector<json> group;
     auto add = [&](const char* name, runtime::Strategy s, const Routes& r, int m,
                    double router_flops) {

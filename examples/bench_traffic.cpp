@@ -107,7 +107,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
     const char* name = runtime::to_string(policy);
     if (me == 0) progress("placement %s: planning, routing, syncing", name);
     spec.placement = policy;
-    const runtime::Plan plan = runtime::place_experts(comm, spec, index);
+    const runtime::PlacementPlan plan = runtime::place_experts(comm, spec, index);
     const std::unique_ptr<runtime::DistributedRouter> built =
         runtime::make_router(comm, index, plan.placement, data.centers.view());
     runtime::DistributedRouter& router = *built;
@@ -149,7 +149,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
     for (int64_t t = 0; t < r.tokens; ++t) {
       std::set<int32_t> reach;
       for (int64_t p = r.probe_offsets[t]; p < r.probe_offsets[t + 1]; ++p)
-        for (int32_t rank : plan.placement.list_ranks(r.probes[p])) reach.insert(rank);
+        for (int32_t rank : plan.placement.list_ranks(r.probed_codewords[p])) reach.insert(rank);
       ranks_reached += static_cast<double>(reach.size());
     }
     const double hits = sum_over_ranks(comm, recall_at_k(r, exact) * static_cast<double>(r.tokens));

@@ -99,7 +99,7 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   DeviceRoutes r = make_device_routes(c, T, k, mode);
   if (T == 0) {
     r.probe_offsets = device_vector(c, std::vector<int64_t>{0});
-    r.probes = ops.empty(DType::kI32, 0, 1);
+    r.probed_codewords = ops.empty(DType::kI32, 0, 1);
     return r;
   }
   // The primary lists are disjoint, so probes whose primary lists hold k
@@ -107,7 +107,7 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   ProbeSet sel = ops.select_probes(tokens, codebook_.tensor(), list_sizes_, probes, k, c.stream);
   PairSet pairs = ops.probe_pairs(blocks_.view(), sel, c.stream);
   r.probe_offsets = std::move(sel.offsets);
-  r.probes = std::move(sel.codewords);
+  r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(pairs.shortlist_size);
   // Each (token, block) pair's top-k, then each token's merge in probe order.
   const bool shortlist = mode == GateMode::kShortlist;
@@ -142,10 +142,10 @@ DeviceRouterGradients AirRouter::backward(TensorView tokens, const DeviceRoutes&
     if (!routes.has_probes())
       fail("backward: shortlist gates need the routes' probes, which these routes lack");
     const std::vector<int64_t> offsets = host_vector<int64_t>(compute(), routes.probe_offsets);
-    const std::vector<int32_t> probes = host_vector<int32_t>(compute(), routes.probes);
+    const std::vector<int32_t> codewords = host_vector<int32_t>(compute(), routes.probed_codewords);
     std::vector<int32_t> sorted;
     for (int64_t t = 0; t < routes.tokens; ++t) {
-      const std::span<const int32_t> probed(probes.data() + offsets[t],
+      const std::span<const int32_t> probed(codewords.data() + offsets[t],
                                             static_cast<size_t>(offsets[t + 1] - offsets[t]));
       segments_.for_each_scanned(probed, sorted, [&](int64_t s) {
         for (int32_t e : segments_.members(s)) {

@@ -135,7 +135,7 @@ Routes DeviceRoutes::to_host(const Compute& compute) const {
   ops.copy(host_view(r.shortlist_size, DType::kI32, tokens, 1), shortlist_size, compute.stream);
   if (has_probes()) {
     r.probe_offsets = host_vector<int64_t>(compute, probe_offsets);
-    r.probes = host_vector<int32_t>(compute, probes);
+    r.probed_codewords = host_vector<int32_t>(compute, probed_codewords);
   }
   ops.synchronize(compute.stream);
   return r;
@@ -152,7 +152,7 @@ DeviceRoutes to_device(const Compute& compute, const Routes& r) {
   ops.copy(d.shortlist_size, host_view(r.shortlist_size, DType::kI32, T, 1), compute.stream);
   if (r.probe_offsets.size() == static_cast<size_t>(T + 1)) {
     d.probe_offsets = device_vector(compute, r.probe_offsets);
-    d.probes = device_vector(compute, r.probes);
+    d.probed_codewords = device_vector(compute, r.probed_codewords);
   }
   return d;
 }

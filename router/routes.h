@@ -50,7 +50,7 @@ struct Routes {
   std::vector<int32_t> shortlist_size;  // [T], experts scored exactly per token
   // AIR only: the codewords each token probed, CSR over tokens.
   std::vector<int64_t> probe_offsets;  // [T + 1]
-  std::vector<int32_t> probes;
+  std::vector<int32_t> probed_codewords;
 
   const int32_t* experts_of(int64_t t) const { return experts.data() + t * k; }
   const float* gates_of(int64_t t) const { return gates.data() + t * k; }
@@ -76,8 +76,8 @@ struct DeviceRoutes {
   Tensor log_normalizer;  // f64 [T, 1]
   Tensor shortlist_size;  // i32 [T, 1]
   // AIR only (else empty): the codewords each token probed, CSR over tokens.
-  Tensor probe_offsets;  // i64 [T + 1, 1]
-  Tensor probes;         // i32 [probes, 1]
+  Tensor probe_offsets;     // i64 [T + 1, 1]
+  Tensor probed_codewords;  // i32 [probe_offsets[T], 1]
 
   bool has_probes() const { return probe_offsets.rows() == tokens + 1; }
   TopKView top_k() const { return {logits, experts, {}}; }

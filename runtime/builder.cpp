@@ -66,7 +66,7 @@ std::string LayerSpec::describe() const {
          " kmeans_seed=" + std::to_string(kmeans_seed) + " placement=" + to_string(placement) +
          " hidden=" + std::to_string(hidden) + " activation=" + to_string(activation) +
          " expert_seed=" + std::to_string(expert_seed) +
-         " dense_expert_grads=" + std::to_string(dense_expert_grads);
+         " dense_expert_grads=" + std::to_string(moe_config().dense_expert_grads);
 }
 
 MoEConfig LayerSpec::moe_config() const {
@@ -74,14 +74,15 @@ MoEConfig LayerSpec::moe_config() const {
   config.k = k;
   config.probes = probes;
   config.expert = {dim, hidden, activation};
-  config.dense_expert_grads = dense_expert_grads;
+  config.dense_expert_grads = version >= 2 ? dense_expert_grads : true;
   return config;
 }
 
 void check_spec(const LayerSpec& spec) {
-  if (spec.version != kLayerSpecVersion)
+  if (spec.version < kOldestLayerSpecVersion || spec.version > kLayerSpecVersion)
     fail("LayerSpec version " + std::to_string(spec.version) +
-         " is not supported (this build: " + std::to_string(kLayerSpecVersion) + ")");
+         " is not supported (this build reads versions " + std::to_string(kOldestLayerSpecVersion) +
+         " to " + std::to_string(kLayerSpecVersion) + ")");
   require_in_range(spec.experts, 1, INT32_MAX, "LayerSpec experts");
   require_in_range(spec.dim, 1, INT32_MAX, "LayerSpec dim");
   require_in_range(spec.codewords, 1, spec.experts, "LayerSpec codewords");
@@ -110,7 +111,8 @@ SharedIndex agree_on_index(comm::Communicator& comm, const LayerSpec& spec, Matr
   return index;
 }
 
-Plan place_experts(comm::Communicator& comm, const LayerSpec& spec, const SharedIndex& index) {
+PlacementPlan place_experts(comm::Communicator& comm, const LayerSpec& spec,
+                            const SharedIndex& index) {
   return plan_and_broadcast(comm, spec.placement, index.codebook, index.lists(), index.list_load);
 }
 

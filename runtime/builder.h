@@ -40,11 +40,17 @@
 
 namespace airmoe::runtime {
 
-// The LayerSpec layout this build understands. A caller sets `version` to the
-// value it was written against (the default does); fields are only ever added
-// at the end, with defaults that keep the old behaviour, and the version goes
-// up when they are.
-inline constexpr int kLayerSpecVersion = 1;
+// LayerSpec is versioned as NCCL's ncclConfig_t is: a caller sets `version`
+// to the value it was written against (the default does); fields are only
+// ever added at the end, and the version goes up when one is. This build
+// reads every version from kOldestLayerSpecVersion to kLayerSpecVersion: a
+// field newer than the spec's version is ignored and takes the behaviour of
+// that version, so code written against an older version keeps its meaning.
+//   1: experts ... expert_seed.
+//   2: dense_expert_grads (off by default: the touched experts' gradients
+//      only; under version 1 the layer always returned the dense layout).
+inline constexpr int kLayerSpecVersion = 2;
+inline constexpr int kOldestLayerSpecVersion = 1;
 
 // Everything that defines a distributed router or MoE layer, the same on
 // every rank (it is compared across ranks). build_router reads the shape and
@@ -67,16 +73,20 @@ struct LayerSpec {
   int64_t hidden = 16;
   Activation activation = Activation::kGelu;
   uint64_t expert_seed = 0;
-  // Backward also fills the dense expert gradients over every hosted expert
-  // (MoEConfig::dense_expert_grads); off, only the touched experts' come back.
-  bool dense_expert_grads = true;
+  // Version 2. Backward also fills the dense expert gradients over every
+  // hosted expert (MoEConfig::dense_expert_grads); off, only the touched
+  // experts' come back. Ignored under version 1, which always fills them.
+  bool dense_expert_grads = false;
 
-  // Every field, one line: what ranks compare, and what logs print.
+  // Every field as this build reads it, one line: what ranks compare, and
+  // what logs print.
   std::string describe() const;
+  // The layer's configuration, each field read as the spec's version says.
   MoEConfig moe_config() const;
 };
 
-// Throws UsageError naming the first field out of range (no communication).
+// Throws UsageError naming the first field out of range, or a version this
+// build does not read (no communication).
 void check_spec(const LayerSpec& spec);
 
 // What every rank holds alike before experts are placed.
@@ -93,7 +103,8 @@ SharedIndex agree_on_index(comm::Communicator& comm, const LayerSpec& spec, Matr
                            MatrixView load_sample);
 
 // Collective: rank 0 plans the spec's placement policy and broadcasts it.
-Plan place_experts(comm::Communicator& comm, const LayerSpec& spec, const SharedIndex& index);
+PlacementPlan place_experts(comm::Communicator& comm, const LayerSpec& spec,
+                            const SharedIndex& index);
 
 // Collective: this rank's router over its hosted rows of `centers` [E, d].
 std::unique_ptr<DistributedRouter> make_router(comm::Communicator& comm, const SharedIndex& index,

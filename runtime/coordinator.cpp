@@ -102,9 +102,9 @@ std::vector<int32_t> by_locality(const Codebook& codebook, const InvertedLists& 
   return owner;
 }
 
-Plan finish(PlacementPolicy policy, int P, std::vector<int32_t> owner, const InvertedLists& lists,
-            const std::vector<double>& w) {
-  Plan plan;
+PlacementPlan finish(PlacementPolicy policy, int P, std::vector<int32_t> owner,
+                     const InvertedLists& lists, const std::vector<double>& w) {
+  PlacementPlan plan;
   plan.policy = policy;
   plan.rank_load.assign(static_cast<size_t>(P), 0.0);
   for (size_t e = 0; e < owner.size(); ++e) plan.rank_load[owner[e]] += w[e];
@@ -150,8 +150,8 @@ std::vector<double> list_load(const InvertedLists& lists, const std::vector<int3
   return load;
 }
 
-Plan plan_placement(PlacementPolicy policy, int ranks, const Codebook& codebook,
-                    const InvertedLists& lists, const std::vector<double>& load) {
+PlacementPlan plan_placement(PlacementPolicy policy, int ranks, const Codebook& codebook,
+                             const InvertedLists& lists, const std::vector<double>& load) {
   if (ranks < 1) fail("plan_placement: ranks = " + std::to_string(ranks) + " must be >= 1");
   if (static_cast<int64_t>(load.size()) != lists.lists())
     fail("plan_placement: " + std::to_string(load.size()) + " list loads for " +
@@ -174,10 +174,11 @@ Plan plan_placement(PlacementPolicy policy, int ranks, const Codebook& codebook,
   fail("plan_placement: unknown policy");
 }
 
-Plan plan_and_broadcast(comm::Communicator& comm, PlacementPolicy policy, const Codebook& codebook,
-                        const InvertedLists& lists, const std::vector<double>& load) {
+PlacementPlan plan_and_broadcast(comm::Communicator& comm, PlacementPolicy policy,
+                                 const Codebook& codebook, const InvertedLists& lists,
+                                 const std::vector<double>& load) {
   comm::PhaseScope phase(comm, "placement");
-  Plan plan;
+  PlacementPlan plan;
   std::string error;
   if (comm.rank() == 0) {
     try {

@@ -22,7 +22,7 @@ enum class PlacementPolicy {
 const char* to_string(PlacementPolicy policy);
 PlacementPolicy placement_policy_from_string(const std::string& name);
 
-struct Plan {
+struct PlacementPlan {
   Placement placement;
   PlacementPolicy policy = PlacementPolicy::kRoundRobin;
   std::vector<double> rank_load;  // [P], estimated scoring work per rank
@@ -36,12 +36,13 @@ std::vector<double> list_load(const InvertedLists& lists, const std::vector<int3
 
 // A pure function of its inputs: the same plan on every rank that calls it.
 // A list whose load exceeds one rank's share is split across ranks.
-Plan plan_placement(PlacementPolicy policy, int ranks, const Codebook& codebook,
-                    const InvertedLists& lists, const std::vector<double>& load);
+PlacementPlan plan_placement(PlacementPolicy policy, int ranks, const Codebook& codebook,
+                             const InvertedLists& lists, const std::vector<double>& load);
 
 // Collective: rank 0 plans from its inputs, every rank receives the owners
 // and derives the same Placement from its own (replicated) lists.
-Plan plan_and_broadcast(comm::Communicator& comm, PlacementPolicy policy, const Codebook& codebook,
-                        const InvertedLists& lists, const std::vector<double>& load);
+PlacementPlan plan_and_broadcast(comm::Communicator& comm, PlacementPolicy policy,
+                                 const Codebook& codebook, const InvertedLists& lists,
+                                 const std::vector<double>& load);
 
 }  // namespace airmoe::runtime

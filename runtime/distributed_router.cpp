@@ -81,13 +81,6 @@ void DistributedRouter::rebuild_blocks() {
       [&](int32_t e) { return local_centers_.row(local_row[e]); });
 }
 
-Routes DistributedRouter::route(MatrixView tokens, int k, int probes) {
-  RouteResult result = route_batch(tokens, k, probes);
-  received_ = std::move(result.received);
-  timings_ = result.timings;
-  return std::move(result.routes);
-}
-
 RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes, GateMode mode) {
   check_route_args(tokens, k, probes, mode);
   RouteResult result;
@@ -136,15 +129,15 @@ Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes, GateMo
   Routes r = make_routes(tokens.rows, k, mode);
   ProbeSelection sel = select_probes(codebook_, lists_, tokens, k, probes);
   r.probe_offsets = std::move(sel.offsets);
-  r.probes = std::move(sel.codewords);
+  r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(sel.shortlist_size);
   return r;
 }
 
 // 2. Scoring requests, only to the ranks hosting a segment of a probed list.
 void DistributedRouter::send_requests(const Routes& routes, MatrixView tokens) {
-  wire::scoring_requests(placement_, routes.probe_offsets, routes.probes, tokens, comm_.size(),
-                         requests_);
+  wire::scoring_requests(placement_, routes.probe_offsets, routes.probed_codewords, tokens,
+                         comm_.size(), requests_);
   comm::PhaseScope phase(comm_, "requests");
   comm_.exchange(requests_.send, requests_in_);
 }

@@ -60,10 +60,6 @@ class DistributedRouter {
   // shortlist softmax would need every serving rank's normalizer).
   // Phases: shortlist, send_requests, score_segments, send_replies, merge.
   RouteResult route_batch(MatrixView tokens, int k, int probes, GateMode mode = GateMode::kChosen);
-  // The routes alone. Also keeps the call's received tokens and timings for
-  // received() / timings(), the older interface that benchmarks and tests
-  // read; new code takes them from route_batch's result.
-  Routes route(MatrixView tokens, int k, int probes);
 
   // Collective spherical k-means step: each rank's stats over its own
   // experts, one all-reduce, the same update everywhere; then the lists and
@@ -86,8 +82,6 @@ class DistributedRouter {
   const Placement& placement() const { return placement_; }
   const std::vector<int32_t>& local_experts() const { return local_ids_; }
   const Matrix& local_centers() const { return local_centers_; }
-  const ReceivedTokens& received() const { return received_; }
-  const RouteTimings& timings() const { return timings_; }
   comm::Communicator& communicator() { return comm_; }
 
  private:
@@ -134,9 +128,6 @@ class DistributedRouter {
   // Exchange buffers, reused across calls (their contents are per call).
   wire::Outbox requests_;
   comm::ExchangeBuffer requests_in_, replies_, replies_in_;
-  // Only for route()'s received() / timings().
-  ReceivedTokens received_;
-  RouteTimings timings_;
   // max(1, largest center norm over all ranks), for require_finite_logits.
   double key_norm_bound_ = 1.0;
 };

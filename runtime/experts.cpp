@@ -16,30 +16,16 @@
 #include <type_traits>
 
 #include "core/checks.h"
+#include "core/splitmix.h"
 
 namespace airmoe::runtime {
 namespace {
 
-// SplitMix64 finalizer and sequence; one sequence per (seed, expert, matrix).
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-struct SplitMix {
-  uint64_t state;
-  uint64_t next() { return mix64(state += 0x9E3779B97F4A7C15ull); }
-  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
-  double normal() {  // Box-Muller, one value per call
-    const double u = uniform(), v = uniform();
-    return std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
-  }
-};
-
-SplitMix expert_sequence(uint64_t seed, int32_t id, uint64_t which) {
+// One SplitMix64 sequence per (seed, expert, matrix).
+SplitMix64 expert_sequence(uint64_t seed, int32_t id, uint64_t which) {
   const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(id)) << 2) | which;
-  return SplitMix{mix64(mix64(seed + 0x632BE59BD9B4E019ull) ^ mix64(key + 0x9E3779B97F4A7C15ull))};
+  return SplitMix64{splitmix64_mix(splitmix64_mix(seed + 0x632BE59BD9B4E019ull) ^
+                                   splitmix64_mix(key + 0x9E3779B97F4A7C15ull))};
 }
 
 std::string shape_str(int64_t r, int64_t c) {
@@ -131,10 +117,10 @@ ExpertShard ExpertShard::random(ExpertConfig config, std::vector<int32_t> ids, u
   const double s2 = 1.0 / std::sqrt(static_cast<double>(h));
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < host.size(); ++e) {
-    SplitMix a = expert_sequence(seed, host.ids_[e], 1);
+    SplitMix64 a = expert_sequence(seed, host.ids_[e], 1);
     float* w1 = host.w1(e);
     for (int64_t i = 0; i < h * d; ++i) w1[i] = static_cast<float>(s1 * a.normal());
-    SplitMix b = expert_sequence(seed, host.ids_[e], 2);
+    SplitMix64 b = expert_sequence(seed, host.ids_[e], 2);
     float* w2 = host.w2(e);
     for (int64_t i = 0; i < d * h; ++i) w2[i] = static_cast<float>(s2 * b.normal());
   }
@@ -182,8 +168,8 @@ ExpertWeightsView ExpertShard::weights() const {
   return {w1_, w2_, size(), config_.dim, config_.hidden, config_.activation};
 }
 
-ExpertGrads ExpertShard::zero_grads() const {
-  ExpertGrads g;
+DenseExpertGrads ExpertShard::zero_grads() const {
+  DenseExpertGrads g;
   g.w1.assign(parameters(), 0.0f);
   g.w2.assign(parameters(), 0.0f);
   return g;
@@ -243,9 +229,9 @@ DeviceExpertCache ExpertShard::forward(TensorView x, const DeviceExpertPairs& pa
   return cache;
 }
 
-ExpertGradients ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
-                                      const ExpertCache& cache, MatrixView dy,
-                                      std::vector<float>& d_gate, Matrix& dx) const {
+SparseExpertGrads ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
+                                        const ExpertCache& cache, MatrixView dy,
+                                        std::vector<float>& d_gate, Matrix& dx) const {
   const DeviceExpertPairs p = device_pairs(pairs, x.rows, x.cols, "backward");
   const int64_t d = config_.dim, h = config_.hidden;
   const auto n = static_cast<int64_t>(pairs.size());
@@ -257,7 +243,7 @@ ExpertGradients ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
                 "ExpertShard::backward: cache.output (not from forward on these pairs?)");
   require_finite(dy, "ExpertShard::backward: dy");
   d_gate.assign(static_cast<size_t>(n), 0.0f);
-  ExpertGradients grads;
+  SparseExpertGrads grads;
   if (n == 0) return grads;
   StagedOut gate_grads(compute_, host_vector_view(d_gate, DType::kF32));
   StagedOut input_grads(compute_, dx.view(), /*initialized=*/true);
@@ -285,10 +271,10 @@ TouchedExpertGrads ExpertShard::backward(TensorView x, const DeviceExpertPairs& 
 
 void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
                            MatrixView dy, std::vector<float>& d_gate, Matrix& dx,
-                           ExpertGrads& grads) const {
+                           DenseExpertGrads& grads) const {
   if (grads.w1.empty() && grads.w2.empty()) grads = zero_grads();
   check_dense(grads, "backward");
-  const ExpertGradients touched = backward(x, pairs, cache, dy, d_gate, dx);
+  const SparseExpertGrads touched = backward(x, pairs, cache, dy, d_gate, dx);
   const int64_t w = config_.dim * config_.hidden;
   const Ops& host = host_ops();  // the dense gradients are host vectors
   for (int64_t i = 0; i < touched.size(); ++i) {
@@ -300,10 +286,10 @@ void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertC
   }
 }
 
-ExpertGrads ExpertShard::to_dense(const ExpertGradients& grads) const {
+DenseExpertGrads ExpertShard::to_dense(const SparseExpertGrads& grads) const {
   const std::vector<int64_t> local = check_sparse(grads, "to_dense");
   const int64_t w = config_.dim * config_.hidden;
-  ExpertGrads dense = zero_grads();
+  DenseExpertGrads dense = zero_grads();
   for (size_t i = 0; i < local.size(); ++i) {
     std::copy_n(grads.w1.data() + i * w, w, dense.w1.data() + local[i] * w);
     std::copy_n(grads.w2.data() + i * w, w, dense.w2.data() + local[i] * w);
@@ -311,7 +297,7 @@ ExpertGrads ExpertShard::to_dense(const ExpertGradients& grads) const {
   return dense;
 }
 
-void ExpertShard::apply(const ExpertGradients& grads, float scale) {
+void ExpertShard::apply(const SparseExpertGrads& grads, float scale) {
   const std::vector<int64_t> local = check_sparse(grads, "apply");
   const int64_t h = config_.hidden, d = config_.dim;
   const Staged g1(compute_, TensorView(const_cast<float*>(grads.w1.data()), DType::kF32,
@@ -327,7 +313,7 @@ void ExpertShard::apply(const ExpertGradients& grads, float scale) {
   }
 }
 
-void ExpertShard::apply(const ExpertGrads& grads, float scale) {
+void ExpertShard::apply(const DenseExpertGrads& grads, float scale) {
   check_dense(grads, "apply");
   const int64_t h = config_.hidden, d = config_.dim;
   compute_.ops->add_scaled(w1_,
@@ -340,7 +326,7 @@ void ExpertShard::apply(const ExpertGrads& grads, float scale) {
                            scale, compute_.stream);
 }
 
-void ExpertShard::check_dense(const ExpertGrads& grads, const char* fn) const {
+void ExpertShard::check_dense(const DenseExpertGrads& grads, const char* fn) const {
   if (grads.w1.size() != parameters() || grads.w2.size() != parameters())
     fail(std::string("ExpertShard::") + fn + ": grads have " + std::to_string(grads.w1.size()) +
          " and " + std::to_string(grads.w2.size()) + " entries, expected " +
@@ -348,7 +334,8 @@ void ExpertShard::check_dense(const ExpertGrads& grads, const char* fn) const {
          " (use zero_grads())");
 }
 
-std::vector<int64_t> ExpertShard::check_sparse(const ExpertGradients& grads, const char* fn) const {
+std::vector<int64_t> ExpertShard::check_sparse(const SparseExpertGrads& grads,
+                                               const char* fn) const {
   const std::string where = std::string("ExpertShard::") + fn + ": ";
   const size_t want = grads.ids.size() * static_cast<size_t>(config_.dim * config_.hidden);
   if (grads.w1.size() != want || grads.w2.size() != want)

@@ -45,15 +45,11 @@ struct ExpertCache {
 
 // Gradients of a shard's parameters, dense: same layout as the parameters,
 // zeros for the experts a step did not touch.
-struct ExpertGrads {
+struct DenseExpertGrads {
   std::vector<float> w1;  // [experts, h, d]
   std::vector<float> w2;  // [experts, d, h]
 };
 
-// Gradients of the experts one backward call touched, keyed by global expert
-// id: a step touches at most (pairs) experts of the shard, so this stays
-// small where the dense form would be the size of the shard. Row i of w1 / w2
-// holds the same bits as expert ids[i]'s rows of the dense form.
 // Float32 values on the host, in a tensor: what the ops computed, handed
 // over without a copy. Reads like a std::vector (data, size, iteration,
 // indexing, ==); made from a vector by copying its values.
@@ -84,7 +80,11 @@ class HostFloats {
   Tensor values_;
 };
 
-struct ExpertGradients {
+// Gradients of the experts one backward call touched, keyed by global expert
+// id: a step touches at most (pairs) experts of the shard, so this stays
+// small where the dense form would be the size of the shard. Row i of w1 / w2
+// holds the same bits as expert ids[i]'s rows of the dense form.
+struct SparseExpertGrads {
   std::vector<int32_t> ids;  // ascending global expert ids
   HostFloats w1;             // [ids, h, d]
   HostFloats w2;             // [ids, d, h]
@@ -154,8 +154,8 @@ class ExpertShard {
   // to dx[token] the gate-weighted input gradient (pair order) and returns
   // the parameter gradients of the touched experts (contracted per expert in
   // pair order).
-  ExpertGradients backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
-                           MatrixView dy, std::vector<float>& d_gate, Matrix& dx) const;
+  SparseExpertGrads backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache,
+                             MatrixView dy, std::vector<float>& d_gate, Matrix& dx) const;
   // The same on the ops' device; the touched experts by local index.
   TouchedExpertGrads backward(TensorView x, const DeviceExpertPairs& pairs,
                               const DeviceExpertCache& cache, TensorView dy, TensorView d_gate,
@@ -163,28 +163,28 @@ class ExpertShard {
   // The same, adding the parameter gradients to dense `grads` (empty: taken
   // as zero_grads()).
   void backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache, MatrixView dy,
-                std::vector<float>& d_gate, Matrix& dx, ExpertGrads& grads) const;
+                std::vector<float>& d_gate, Matrix& dx, DenseExpertGrads& grads) const;
 
-  ExpertGrads zero_grads() const;
+  DenseExpertGrads zero_grads() const;
   // The hosted layout of sparse gradients, zeros for the experts not in it.
-  ExpertGrads to_dense(const ExpertGradients& grads) const;
+  DenseExpertGrads to_dense(const SparseExpertGrads& grads) const;
 
   // Optimizer steps: parameters += scale * gradients, one float multiply and
   // one add per entry (the ops' add_scaled). The sparse form touches only its
   // experts; for a descent step (scale < 0) it gives the same bits as the
   // dense form, whose zeros add -0 and so leave the untouched experts'
   // parameters as they are.
-  void apply(const ExpertGradients& grads, float scale);
-  void apply(const ExpertGrads& grads, float scale);
-  void apply_sgd(const ExpertGradients& grads, float lr) { apply(grads, -lr); }
+  void apply(const SparseExpertGrads& grads, float scale);
+  void apply(const DenseExpertGrads& grads, float scale);
+  void apply_sgd(const SparseExpertGrads& grads, float lr) { apply(grads, -lr); }
   // FLOPs per (token, expert) pair: 2 GEMVs of d x h, 2 FLOPs per multiply-add.
   double flops_per_pair() const { return 4.0 * static_cast<double>(config_.dim * config_.hidden); }
 
  private:
   // Throws unless the gradients fit this shard; the sparse check returns each
   // expert's local index.
-  void check_dense(const ExpertGrads& grads, const char* fn) const;
-  std::vector<int64_t> check_sparse(const ExpertGradients& grads, const char* fn) const;
+  void check_dense(const DenseExpertGrads& grads, const char* fn) const;
+  std::vector<int64_t> check_sparse(const SparseExpertGrads& grads, const char* fn) const;
   size_t parameters() const { return static_cast<size_t>(size() * config_.dim * config_.hidden); }
   float* host_w1() const;
   float* host_w2() const;

@@ -57,42 +57,94 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
                                 std::move(assignment), std::move(placement), centers);
 }
 
+// ---------------------------------------------------------- the handle --
+
+// The step's state: what the forward decided and computed, which its
+// backward reuses. Counts come from prefix sums, no atomics.
+struct DispatchHandle::State {
+  Strategy strategy = Strategy::kAir;
+  uint64_t placement_digest = 0;
+  Routes routes;  // this rank's tokens
+  // Home side: for token t, targets[target_offsets[t] ..] (ascending ranks);
+  // each target's slots (indices into the token's k), in slot order.
+  std::vector<int64_t> target_offsets;
+  std::vector<int32_t> targets;
+  std::vector<int64_t> slot_offsets;  // per (token, target)
+  std::vector<int32_t> slots;
+  // Serving side: one input row per (home rank, token) served, in order of
+  // home rank then the home's token order; its pairs in slot order.
+  Matrix inputs;
+  std::vector<int32_t> input_home;   // home rank of each input row
+  std::vector<int64_t> input_pairs;  // CSR: input row -> its pairs
+  ExpertPairs pairs;                 // token = input row
+  ExpertCache cache;
+  std::vector<float> pair_d_gate;  // filled by backward
+  Matrix pair_dx;                  // per input row, FFN part (backward)
+  StepStats stats;                 // this step's timings and router FLOPs
+};
+
+DispatchHandle::DispatchHandle() = default;
+DispatchHandle::~DispatchHandle() = default;
+DispatchHandle::DispatchHandle(DispatchHandle&&) noexcept = default;
+DispatchHandle& DispatchHandle::operator=(DispatchHandle&&) noexcept = default;
+
+const DispatchHandle::State& DispatchHandle::state() const {
+  if (!state_)
+    throw UsageError(
+        "DispatchHandle: the handle is empty (default-constructed or moved from); use the one "
+        "MoELayer::forward returned");
+  return *state_;
+}
+
+const Routes& DispatchHandle::routes() const {
+  return state().routes;
+}
+
+const StepStats& DispatchHandle::stats() const {
+  return state().stats;
+}
+
 // ---------------------------------------------------------------- forward --
 
-Matrix MoELayer::forward(MatrixView tokens, DispatchPlan& plan) {
-  plan = DispatchPlan{};
-  plan.strategy = strategy();
-  plan.placement_digest = placement().digest();
-  PhaseSeconds& seconds = plan.stats.seconds;
+ForwardResult MoELayer::forward(MatrixView tokens) {
+  ForwardResult result;
+  result.handle.state_ = std::make_unique<Step>();
+  Step& step = *result.handle.state_;
+  step.strategy = strategy();
+  step.placement_digest = placement().digest();
+  PhaseSeconds& seconds = step.stats.seconds;
   RoutedBatch batch;
   {
     ScopedTimer timer(seconds.route);
     batch = routing_->route(tokens, config_.k);
   }
-  plan.routes = std::move(batch.routes);
-  plan.stats.router_flops_per_token = batch.router_flops_per_token;
+  step.routes = std::move(batch.routes);
+  step.stats.router_flops_per_token = batch.router_flops_per_token;
   {
     ScopedTimer timer(seconds.dispatch);
-    dispatch(tokens, plan.routes, plan);
+    dispatch(tokens, step);
   }
   Matrix partial;
   {
     ScopedTimer timer(seconds.experts);
-    partial = serve(plan, batch.received);
+    partial = serve(step, batch.received);
   }
-  ScopedTimer timer(seconds.combine);
-  return combine(plan, partial.view());
+  {
+    ScopedTimer timer(seconds.combine);
+    result.output = combine(step, partial.view());
+  }
+  return result;
 }
 
 // Per (token, target rank) the slots that rank serves (and, when the
 // strategy says so, the token vector).
-void MoELayer::dispatch(MatrixView tokens, const Routes& routes, DispatchPlan& plan) {
-  wire::expert_dispatch(placement(), routes, tokens, routing_->dispatch_ships_vectors(),
+void MoELayer::dispatch(MatrixView tokens, Step& step) {
+  wire::expert_dispatch(placement(), step.routes, tokens, routing_->dispatch_ships_vectors(),
                         comm_.size(), dispatch_out_);
-  plan.target_offsets = std::move(dispatch_out_.target_offsets);
-  plan.targets = std::move(dispatch_out_.targets);
-  plan.slot_offsets = std::move(dispatch_out_.slot_offsets);
-  plan.slots = std::move(dispatch_out_.slots);
+  step.target_offsets = std::move(dispatch_out_.target_offsets);
+  step.targets = std::move(dispatch_out_.targets);
+  step.slot_offsets = std::move(dispatch_out_.slot_offsets);
+  step.slots = std::move(dispatch_out_.slots);
   comm::PhaseScope phase(comm_, "dispatch");
   comm_.exchange(dispatch_out_.send, recv_);
 }
@@ -100,35 +152,35 @@ void MoELayer::dispatch(MatrixView tokens, const Routes& routes, DispatchPlan& p
 // One input row per (home, token) served and the experts on them. Whatever
 // fails here (a malformed record, an expert's check) fails every rank
 // together, before the combine moves data.
-Matrix MoELayer::serve(DispatchPlan& plan, const ReceivedTokens& received) {
+Matrix MoELayer::serve(Step& step, const ReceivedTokens& received) {
   Matrix partial;
   comm::check_together(comm_, "MoE forward: serving experts", [&] {
-    read_dispatch(plan, received);
-    partial = Matrix(plan.inputs.rows(), plan.inputs.cols());
-    plan.cache = experts_.forward(plan.inputs.view(), plan.pairs, partial);
+    read_dispatch(step, received);
+    partial = Matrix(step.inputs.rows(), step.inputs.cols());
+    step.cache = experts_.forward(step.inputs.view(), step.pairs, partial);
   });
   return partial;
 }
 
 // The dispatch records: (token, n, n x (expert, gate)) and the vector, which
 // came with the record (dense-replicated) or with the scoring request (fused).
-void MoELayer::read_dispatch(DispatchPlan& plan, const ReceivedTokens& received) {
+void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
   const int64_t d = config_.expert.dim;
   const bool shipped = routing_->dispatch_ships_vectors();
   std::unordered_map<int64_t, int64_t> received_row;
   for (size_t i = 0; i < received.home_rank.size(); ++i)
     received_row[home_key(received.home_rank[i], received.home_token[i])] = static_cast<int64_t>(i);
   std::vector<float> inputs;
-  plan.input_pairs.assign(1, 0);
+  step.input_pairs.assign(1, 0);
   wire::read_records(recv_, [&](wire::Reader& in, int32_t token, int32_t n) {
-    const auto row = static_cast<int32_t>(plan.input_home.size());
+    const auto row = static_cast<int32_t>(step.input_home.size());
     for (int32_t i = 0; i < n; ++i) {
-      plan.pairs.token.push_back(row);
-      plan.pairs.expert.push_back(in.take<int32_t>("dispatch expert id"));
-      plan.pairs.gate.push_back(in.take<float>("dispatch gate"));
+      step.pairs.token.push_back(row);
+      step.pairs.expert.push_back(in.take<int32_t>("dispatch expert id"));
+      step.pairs.gate.push_back(in.take<float>("dispatch gate"));
     }
-    plan.input_home.push_back(in.source());
-    plan.input_pairs.push_back(static_cast<int64_t>(plan.pairs.size()));
+    step.input_home.push_back(in.source());
+    step.input_pairs.push_back(static_cast<int64_t>(step.pairs.size()));
     inputs.resize(inputs.size() + static_cast<size_t>(d));
     float* x = inputs.data() + inputs.size() - d;
     if (shipped) {
@@ -142,20 +194,20 @@ void MoELayer::read_dispatch(DispatchPlan& plan, const ReceivedTokens& received)
                           std::to_string(in.source()) + ", which it was never sent");
     std::copy_n(received.vectors.row(it->second), d, x);
   });
-  plan.inputs = Matrix(static_cast<int64_t>(plan.input_home.size()), d);
-  std::copy(inputs.begin(), inputs.end(), plan.inputs.data());
+  step.inputs = Matrix(static_cast<int64_t>(step.input_home.size()), d);
+  std::copy(inputs.begin(), inputs.end(), step.inputs.data());
 }
 
-Matrix MoELayer::combine(const DispatchPlan& plan, MatrixView partial) {
-  return send_home_and_sum(plan, partial, "combine");
+Matrix MoELayer::combine(const Step& step, MatrixView partial) {
+  return send_home_and_sum(step, partial, "combine");
 }
 
 // One partial vector per (token, rank) back home, summed there in ascending
 // rank order.
-Matrix MoELayer::send_home_and_sum(const DispatchPlan& plan, MatrixView rows, const char* phase) {
-  const int64_t d = config_.expert.dim, T = plan.routes.tokens;
+Matrix MoELayer::send_home_and_sum(const Step& step, MatrixView rows, const char* phase) {
+  const int64_t d = config_.expert.dim, T = step.routes.tokens;
   wire::records(
-      plan.input_home, comm_.size(), [&](size_t i) { return row_span(rows, i); }, send_);
+      step.input_home, comm_.size(), [&](size_t i) { return row_span(rows, i); }, send_);
   {
     comm::PhaseScope scope(comm_, phase);
     comm_.exchange(send_, recv_);
@@ -164,8 +216,8 @@ Matrix MoELayer::send_home_and_sum(const DispatchPlan& plan, MatrixView rows, co
   std::vector<wire::Reader> in = wire::readers(recv_);
   std::vector<float> part(static_cast<size_t>(d));
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i) {
-      in[plan.targets[i]].take_n(part.data(), part.size(), "partial output row");
+    for (int64_t i = step.target_offsets[t]; i < step.target_offsets[t + 1]; ++i) {
+      in[step.targets[i]].take_n(part.data(), part.size(), "partial output row");
       for (int64_t c = 0; c < d; ++c) out(t, c) += part[c];
     }
   wire::expect_all_done(in, phase);
@@ -174,34 +226,36 @@ Matrix MoELayer::send_home_and_sum(const DispatchPlan& plan, MatrixView rows, co
 
 // --------------------------------------------------------------- backward --
 
-MoEGradients MoELayer::backward(DispatchPlan& plan, MatrixView d_out) {
-  check_backward_args(plan, d_out);
-  PhaseSeconds& seconds = plan.stats.seconds;
+MoEGradients MoELayer::backward(DispatchHandle& handle, MatrixView d_out) {
+  check_backward_args(handle, d_out);
+  Step& step = *handle.state_;
+  PhaseSeconds& seconds = step.stats.seconds;
   seconds.backward_dispatch = seconds.backward_experts = seconds.backward_combine = 0.0;
   MoEGradients grads;
   Matrix dy;
   {
     ScopedTimer timer(seconds.backward_dispatch);
-    dy = grad_dispatch(plan, d_out);
+    dy = grad_dispatch(step, d_out);
   }
   {
     ScopedTimer timer(seconds.backward_experts);
-    expert_backward(plan, dy.view(), grads);
-    const Matrix dz = grad_gates(plan);
-    grad_logits(plan, dz.view(), grads);
+    expert_backward(step, dy.view(), grads);
+    const Matrix dz = grad_gates(step);
+    grad_logits(step, dz.view(), grads);
   }
   ScopedTimer timer(seconds.backward_combine);
-  grads.d_tokens = grad_combine(plan);
+  grads.d_tokens = grad_combine(step);
   return grads;
 }
 
-void MoELayer::check_backward_args(const DispatchPlan& plan, MatrixView d_out) {
-  const int64_t d = config_.expert.dim, T = plan.routes.tokens;
+void MoELayer::check_backward_args(const DispatchHandle& handle, MatrixView d_out) {
   comm::check_together(comm_, "MoE backward", [&] {
-    if (plan.placement_digest != placement().digest() || plan.strategy != strategy())
+    const Step& step = handle.state();
+    if (step.placement_digest != placement().digest() || step.strategy != strategy())
       fail(
-          "the plan was made under another placement or strategy (a re-plan happened between "
-          "forward and backward); run forward again");
+          "the dispatch handle was made under another placement or strategy (a re-plan happened "
+          "between forward and backward); run forward again");
+    const int64_t d = config_.expert.dim, T = step.routes.tokens;
     if (d_out.rows != T || d_out.cols != d)
       fail("d_out is [" + std::to_string(d_out.rows) + ", " + std::to_string(d_out.cols) +
            "], expected [" + std::to_string(T) + ", " + std::to_string(d) + "]");
@@ -210,60 +264,60 @@ void MoELayer::check_backward_args(const DispatchPlan& plan, MatrixView d_out) {
 }
 
 // dL/dy out to every rank that served the token, one row per input row.
-Matrix MoELayer::grad_dispatch(const DispatchPlan& plan, MatrixView d_out) {
-  std::vector<int32_t> record_token(plan.targets.size());
-  for (int64_t t = 0; t < plan.routes.tokens; ++t)
-    std::fill(record_token.begin() + plan.target_offsets[t],
-              record_token.begin() + plan.target_offsets[t + 1], static_cast<int32_t>(t));
+Matrix MoELayer::grad_dispatch(const Step& step, MatrixView d_out) {
+  std::vector<int32_t> record_token(step.targets.size());
+  for (int64_t t = 0; t < step.routes.tokens; ++t)
+    std::fill(record_token.begin() + step.target_offsets[t],
+              record_token.begin() + step.target_offsets[t + 1], static_cast<int32_t>(t));
   wire::records(
-      plan.targets, comm_.size(), [&](size_t i) { return row_span(d_out, record_token[i]); },
+      step.targets, comm_.size(), [&](size_t i) { return row_span(d_out, record_token[i]); },
       send_);
   {
     comm::PhaseScope phase(comm_, "grad_dispatch");
     comm_.exchange(send_, recv_);
   }
-  Matrix dy(plan.inputs.rows(), config_.expert.dim);
+  Matrix dy(step.inputs.rows(), config_.expert.dim);
   std::vector<wire::Reader> in = wire::readers(recv_);
   for (int64_t i = 0; i < dy.rows(); ++i)
-    in[plan.input_home[i]].take_n(dy.row(i), static_cast<size_t>(dy.cols()), "output gradient");
+    in[step.input_home[i]].take_n(dy.row(i), static_cast<size_t>(dy.cols()), "output gradient");
   wire::expect_all_done(in, "grad_dispatch");
   return dy;
 }
 
 // The experts' backward where they live; fails every rank together.
-void MoELayer::expert_backward(DispatchPlan& plan, MatrixView dy, MoEGradients& grads) {
+void MoELayer::expert_backward(Step& step, MatrixView dy, MoEGradients& grads) {
   comm::check_together(comm_, "MoE backward: serving experts", [&] {
-    plan.pair_dx = Matrix(plan.inputs.rows(), config_.expert.dim);
-    grads.touched_experts = experts_.backward(plan.inputs.view(), plan.pairs, plan.cache, dy,
-                                              plan.pair_d_gate, plan.pair_dx);
-    if (config_.dense_expert_grads) grads.experts = experts_.to_dense(grads.touched_experts);
+    step.pair_dx = Matrix(step.inputs.rows(), config_.expert.dim);
+    grads.touched_experts = experts_.backward(step.inputs.view(), step.pairs, step.cache, dy,
+                                              step.pair_d_gate, step.pair_dx);
+    if (config_.dense_expert_grads) grads.dense_experts = experts_.to_dense(grads.touched_experts);
   });
 }
 
 // dL/dgate of each pair back home; there, dL/dz of each chosen logit
 // (softmax over the chosen k).
-Matrix MoELayer::grad_gates(const DispatchPlan& plan) {
+Matrix MoELayer::grad_gates(const Step& step) {
   const int k = config_.k;
   wire::records(
-      plan.input_home, comm_.size(),
+      step.input_home, comm_.size(),
       [&](size_t i) {
         return std::span<const float>(
-            plan.pair_d_gate.data() + plan.input_pairs[i],
-            static_cast<size_t>(plan.input_pairs[i + 1] - plan.input_pairs[i]));
+            step.pair_d_gate.data() + step.input_pairs[i],
+            static_cast<size_t>(step.input_pairs[i + 1] - step.input_pairs[i]));
       },
       send_);
   {
     comm::PhaseScope phase(comm_, "grad_gates");
     comm_.exchange(send_, recv_);
   }
-  Matrix dz(plan.routes.tokens, k);
+  Matrix dz(step.routes.tokens, k);
   std::vector<wire::Reader> in = wire::readers(recv_);
   std::vector<double> dg(static_cast<size_t>(k));
-  for (int64_t t = 0; t < plan.routes.tokens; ++t) {
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-      for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s)
-        dg[plan.slots[s]] = in[plan.targets[i]].take<float>("gate gradient");
-    const float* g = plan.routes.gates_of(t);
+  for (int64_t t = 0; t < step.routes.tokens; ++t) {
+    for (int64_t i = step.target_offsets[t]; i < step.target_offsets[t + 1]; ++i)
+      for (int64_t s = step.slot_offsets[i]; s < step.slot_offsets[i + 1]; ++s)
+        dg[step.slots[s]] = in[step.targets[i]].take<float>("gate gradient");
+    const float* g = step.routes.gates_of(t);
     double weighted = 0.0;
     for (int j = 0; j < k; ++j) weighted += g[j] * dg[j];
     for (int j = 0; j < k; ++j) dz(t, j) = static_cast<float>(g[j] * (dg[j] - weighted));
@@ -274,18 +328,18 @@ Matrix MoELayer::grad_gates(const DispatchPlan& plan) {
 
 // dL/dz to the experts' ranks, where the centers live: center gradients stay
 // there, and each input row's dL/dx gains its logits' part.
-void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grads) {
-  send_logit_grads(plan, dz);
+void MoELayer::grad_logits(Step& step, MatrixView dz, MoEGradients& grads) {
+  send_logit_grads(step, dz);
   const int64_t d = config_.expert.dim;
   std::vector<wire::Reader> in = wire::readers(recv_);
   std::vector<int32_t> input, local;  // (input row, hosted center) of each pair
   std::vector<double> pair_dzs;
   const Matrix& centers = local_centers();
-  for (int64_t i = 0; i < plan.inputs.rows(); ++i) {
-    float* dx = plan.pair_dx.row(i);
-    for (int64_t p = plan.input_pairs[i]; p < plan.input_pairs[i + 1]; ++p) {
-      const float pair_dz = in[plan.input_home[i]].take<float>("logit gradient");
-      const auto e = static_cast<int32_t>(experts_.index_of(plan.pairs.expert[p]));
+  for (int64_t i = 0; i < step.inputs.rows(); ++i) {
+    float* dx = step.pair_dx.row(i);
+    for (int64_t p = step.input_pairs[i]; p < step.input_pairs[i + 1]; ++p) {
+      const float pair_dz = in[step.input_home[i]].take<float>("logit gradient");
+      const auto e = static_cast<int32_t>(experts_.index_of(step.pairs.expert[p]));
       const float* w = centers.row(e);
       for (int64_t c = 0; c < d; ++c) dx[c] += pair_dz * w[c];
       input.push_back(static_cast<int32_t>(i));
@@ -299,7 +353,7 @@ void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grad
   // Hosted rows ascend with their ids.
   const Compute& c = experts_.compute();
   const RowGrads rows = c.ops->accumulate_row_grads(
-      Staged(c, plan.inputs.view()), Staged(c, centers.view()),
+      Staged(c, step.inputs.view()), Staged(c, centers.view()),
       {device_vector(c, input), device_vector(c, local), device_vector(c, pair_dzs)}, TensorView(),
       c.stream);                                             // dL/dx is the float sum above
   grads.d_centers = with_rows_hit(to_host(c, rows), local);  // every center a pair used
@@ -307,18 +361,18 @@ void MoELayer::grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grad
 }
 
 // One float per pair, (token, target, slot) order, to the pair's rank.
-void MoELayer::send_logit_grads(const DispatchPlan& plan, MatrixView dz) {
-  std::vector<float> record_dz(plan.slots.size());
-  for (int64_t t = 0; t < plan.routes.tokens; ++t)
-    for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-      for (int64_t s = plan.slot_offsets[i]; s < plan.slot_offsets[i + 1]; ++s)
-        record_dz[s] = dz(t, plan.slots[s]);
+void MoELayer::send_logit_grads(const Step& step, MatrixView dz) {
+  std::vector<float> record_dz(step.slots.size());
+  for (int64_t t = 0; t < step.routes.tokens; ++t)
+    for (int64_t i = step.target_offsets[t]; i < step.target_offsets[t + 1]; ++i)
+      for (int64_t s = step.slot_offsets[i]; s < step.slot_offsets[i + 1]; ++s)
+        record_dz[s] = dz(t, step.slots[s]);
   wire::records(
-      plan.targets, comm_.size(),
+      step.targets, comm_.size(),
       [&](size_t i) {
         return std::span<const float>(
-            record_dz.data() + plan.slot_offsets[i],
-            static_cast<size_t>(plan.slot_offsets[i + 1] - plan.slot_offsets[i]));
+            record_dz.data() + step.slot_offsets[i],
+            static_cast<size_t>(step.slot_offsets[i + 1] - step.slot_offsets[i]));
       },
       send_);
   comm::PhaseScope phase(comm_, "grad_logits");
@@ -326,8 +380,8 @@ void MoELayer::send_logit_grads(const DispatchPlan& plan, MatrixView dz) {
 }
 
 // Each serving rank's whole share of dL/dx, home.
-Matrix MoELayer::grad_combine(const DispatchPlan& plan) {
-  return send_home_and_sum(plan, plan.pair_dx.view(), "grad_combine");
+Matrix MoELayer::grad_combine(const Step& step) {
+  return send_home_and_sum(step, step.pair_dx.view(), "grad_combine");
 }
 
 // ------------------------------------------------------ centers, codebook --
@@ -355,55 +409,57 @@ void MoELayer::set_local_centers(MatrixView centers) {
 
 // -------------------------------------------------------------- re-plan --
 
-Plan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {
+PlacementPlan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {
   // The routing's current codebook and lists (a sync may have moved them).
-  Plan plan = plan_and_broadcast(comm_, policy, codebook(), lists(), list_load);
-  migrate(plan);
+  PlacementPlan plan = plan_and_broadcast(comm_, policy, codebook(), lists(), list_load);
+  migrate(plan.placement);
   return plan;
 }
 
-// Each moving expert's FFN and center go to its new rank (alltoallv).
-void MoELayer::migrate(const Plan& plan) {
-  std::vector<std::vector<char>> recv;
-  {
-    comm::PhaseScope phase(comm_, "migration");
-    recv = comm_.alltoallv(migration_messages(plan.placement));
-  }
-  ExpertShard next(config_.expert, plan.placement.local_experts(comm_.rank()));
+// Each moving expert's FFN and center go to its new rank, in one exchange.
+void MoELayer::migrate(const Placement& next_placement) {
+  send_migrants(next_placement);
+  ExpertShard next(config_.expert, next_placement.local_experts(comm_.rank()));
   Matrix next_centers(next.size(), config_.expert.dim);
   const Matrix& centers = local_centers();
   for (int64_t i = 0; i < experts_.size(); ++i)
-    if (plan.placement.owner(experts_.ids()[i]) == comm_.rank())
+    if (next_placement.owner(experts_.ids()[i]) == comm_.rank())
       place_expert(experts_.ids()[i], experts_.w1(i), experts_.w2(i), centers.row(i), next,
                    next_centers);
-  receive_migrants(recv, next, next_centers);
+  receive_migrants(next, next_centers);
   experts_ = std::move(next);
-  routing_->move_experts(plan.placement, next_centers.view());
+  routing_->move_experts(next_placement, next_centers.view());
 }
 
-// Per new rank: (id, W1, W2, center) of each expert leaving this rank.
-std::vector<std::vector<char>> MoELayer::migration_messages(const Placement& next) const {
-  const size_t w = static_cast<size_t>(config_.expert.hidden * config_.expert.dim);
+// To each new rank, (id, W1, W2, center) of every expert leaving this rank
+// for it, in hosted order; nothing to a rank that gains none of them.
+void MoELayer::send_migrants(const Placement& next) {
+  const int64_t h = config_.expert.hidden, d = config_.expert.dim;
+  const auto w = static_cast<size_t>(h * d);
   const Matrix& centers = local_centers();
-  std::vector<std::vector<char>> send(static_cast<size_t>(comm_.size()));
+  std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()), 0);
+  for (const int32_t e : experts_.ids())
+    if (next.owner(e) != comm_.rank()) bytes[next.owner(e)] += wire::migrant_record_bytes(h, d);
+  send_.reset(bytes);
+  wire::Writer out(send_);
   for (int64_t i = 0; i < experts_.size(); ++i) {
     const int32_t e = experts_.ids()[i];
     const int to = next.owner(e);
     if (to == comm_.rank()) continue;
-    wire::put(send[to], &e, 1);
-    wire::put(send[to], experts_.w1(i), w);
-    wire::put(send[to], experts_.w2(i), w);
-    wire::put(send[to], centers.row(i), static_cast<size_t>(centers.cols()));
+    out.put(to, &e, 1);
+    out.put(to, experts_.w1(i), w);
+    out.put(to, experts_.w2(i), w);
+    out.put(to, centers.row(i), static_cast<size_t>(d));
   }
-  return send;
+  out.finish();
+  comm::PhaseScope phase(comm_, "migration");
+  comm_.exchange(send_, recv_);
 }
 
-void MoELayer::receive_migrants(const std::vector<std::vector<char>>& recv, ExpertShard& next,
-                                Matrix& next_centers) const {
+void MoELayer::receive_migrants(ExpertShard& next, Matrix& next_centers) const {
   const size_t w = static_cast<size_t>(config_.expert.hidden * config_.expert.dim);
   std::vector<float> w1(w), w2(w), c(static_cast<size_t>(config_.expert.dim));
-  for (int src = 0; src < comm_.size(); ++src) {
-    wire::Reader in(recv[src], src);
+  for (wire::Reader& in : wire::readers(recv_))
     while (!in.done()) {
       const auto e = in.take<int32_t>("migrating expert id");
       in.take_n(w1.data(), w, "migrating W1");
@@ -411,7 +467,6 @@ void MoELayer::receive_migrants(const std::vector<std::vector<char>>& recv, Expe
       in.take_n(c.data(), c.size(), "migrating center");
       place_expert(e, w1.data(), w2.data(), c.data(), next, next_centers);
     }
-  }
 }
 
 void MoELayer::place_expert(int32_t e, const float* w1, const float* w2, const float* center,

@@ -34,9 +34,10 @@ struct MoEConfig {
   int k = 8;
   int probes = 4;  // AIR's m; dense-broadcast probes every list
   ExpertConfig expert;
-  // backward also fills MoEGradients::experts, dense over the hosted experts
-  // (what Python's autograd takes); off, only the touched experts' gradients.
-  bool dense_expert_grads = true;
+  // backward also fills MoEGradients::dense_experts, the hosted experts'
+  // gradients in the shard's layout (what Python's autograd takes); off,
+  // only the touched experts' (MoEGradients::touched_experts).
+  bool dense_expert_grads = false;
 };
 
 struct PhaseSeconds {
@@ -44,45 +45,53 @@ struct PhaseSeconds {
   double backward_dispatch = 0, backward_experts = 0, backward_combine = 0;
 };
 
-// Per-call figures of one step, kept in its plan (forward fills the forward
-// part, backward the backward part).
+// Per-call figures of one step, kept in its dispatch handle (forward fills
+// the forward part, backward the backward part).
 struct StepStats {
   PhaseSeconds seconds;
   // Router multiply-adds x 2 per token (mean over this rank's tokens).
   double router_flops_per_token = 0.0;
 };
 
-// What a forward call decided and computed, reused by its backward (as
-// DeepEP's handle is): the routes, who sent what to whom (counts from prefix
-// sums, no atomics), and on the serving side the inputs and the experts'
-// intermediates.
-struct DispatchPlan {
-  Strategy strategy = Strategy::kAir;
-  uint64_t placement_digest = 0;
-  Routes routes;  // this rank's tokens
-  // Home side: for token t, targets[target_offsets[t] ..] (ascending ranks);
-  // each target's slots (indices into the token's k), in slot order.
-  std::vector<int64_t> target_offsets;
-  std::vector<int32_t> targets;
-  std::vector<int64_t> slot_offsets;  // per (token, target)
-  std::vector<int32_t> slots;
-  // Serving side: one input row per (home rank, token) served, in order of
-  // home rank then the home's token order; its pairs in slot order.
-  Matrix inputs;
-  std::vector<int32_t> input_home;   // home rank of each input row
-  std::vector<int64_t> input_pairs;  // CSR: input row -> its pairs
-  ExpertPairs pairs;                 // token = input row
-  ExpertCache cache;
-  std::vector<float> pair_d_gate;  // filled by backward
-  Matrix pair_dx;                  // per input row, FFN part (backward)
-  StepStats stats;                 // this step's timings and router FLOPs
+// What one forward decided and computed, handed to its backward (as
+// DeepEP's layout handle is): the routes, who sent what to whom, and on the
+// serving side the inputs and the experts' intermediates. Opaque: callers
+// read the routes and the step's stats; the rest is the layer's own. Made by
+// MoELayer::forward only; moves, never copies.
+class DispatchHandle {
+ public:
+  DispatchHandle();
+  ~DispatchHandle();
+  DispatchHandle(DispatchHandle&&) noexcept;
+  DispatchHandle& operator=(DispatchHandle&&) noexcept;
+
+  // False for a default-constructed or moved-from handle.
+  bool valid() const { return state_ != nullptr; }
+  // This rank's tokens' routes, as the dispatch followed them.
+  const Routes& routes() const;
+  // The forward's timings and router FLOPs; the backward's timings once it ran.
+  const StepStats& stats() const;
+
+ private:
+  friend class MoELayer;
+  struct State;  // moe_layer.cpp
+  const State& state() const;
+  std::unique_ptr<State> state_;
+};
+
+// What MoELayer::forward returns: the output rows and the handle for the
+// backward of this step.
+struct ForwardResult {
+  Matrix output;  // [T_r, d]
+  DispatchHandle handle;
 };
 
 struct MoEGradients {
-  Matrix d_tokens;                  // [T_r, d]
-  ExpertGradients touched_experts;  // FFN gradients of the experts this step touched, by global id
-  ExpertGrads experts;              // dense, the shard's layout (MoEConfig::dense_expert_grads)
-  SparseRowGrad d_centers;          // rows = global expert ids hosted here
+  Matrix d_tokens;  // [T_r, d]
+  SparseExpertGrads
+      touched_experts;             // FFN gradients of the experts this step touched, by global id
+  DenseExpertGrads dense_experts;  // the shard's layout, only with MoEConfig::dense_expert_grads
+  SparseRowGrad d_centers;         // rows = global expert ids hosted here
 };
 
 class MoELayer {
@@ -95,12 +104,14 @@ class MoELayer {
            std::vector<int32_t> assignment, Placement placement, MatrixView centers,
            uint64_t expert_seed);
 
-  // tokens: this rank's [T_r, d] (T_r may be 0). Returns [T_r, d].
-  // Phases: route, dispatch, serve, combine.
-  Matrix forward(MatrixView tokens, DispatchPlan& plan);
-  // d_out: dL/d(output) [T_r, d] for the plan's tokens. Phases:
+  // tokens: this rank's [T_r, d] (T_r may be 0). Returns the output
+  // [T_r, d] and the step's dispatch handle. Phases: route, dispatch,
+  // serve, combine.
+  ForwardResult forward(MatrixView tokens);
+  // d_out: dL/d(output) [T_r, d] for the handle's tokens. Phases:
   // grad_dispatch, expert_backward, grad_gates, grad_logits, grad_combine.
-  MoEGradients backward(DispatchPlan& plan, MatrixView d_out);
+  // A handle from before a replan is refused on every rank.
+  MoEGradients backward(DispatchHandle& handle, MatrixView d_out);
 
   // Collective: the optimizer moved this rank's centers (rows in hosted()
   // order). Every rank calls it, changed or not; when no rank's centers
@@ -112,8 +123,9 @@ class MoELayer {
   // distributed sync. dense-replicated refuses it on every rank (UsageError).
   void sync_codebook(double step = 1.0) { routing_->sync_codebook(step); }
   // The coordinator plans again and expert parameters (FFN and center) move
-  // to their new ranks ("migration" phase). A plan made before is refused.
-  Plan replan(PlacementPolicy policy, const std::vector<double>& list_load);
+  // to their new ranks ("migration" phase). A dispatch handle made before is
+  // refused by backward.
+  PlacementPlan replan(PlacementPolicy policy, const std::vector<double>& list_load);
 
   Strategy strategy() const { return routing_->strategy(); }
   const MoEConfig& config() const { return config_; }
@@ -133,27 +145,27 @@ class MoELayer {
   const Matrix& local_centers() const { return routing_->local_centers(); }
 
  private:
+  using Step = DispatchHandle::State;
   // Forward phases.
-  void dispatch(MatrixView tokens, const Routes& routes, DispatchPlan& plan);
-  Matrix serve(DispatchPlan& plan, const ReceivedTokens& received);
-  void read_dispatch(DispatchPlan& plan, const ReceivedTokens& received);
-  Matrix combine(const DispatchPlan& plan, MatrixView partial);
+  void dispatch(MatrixView tokens, Step& step);
+  Matrix serve(Step& step, const ReceivedTokens& received);
+  void read_dispatch(Step& step, const ReceivedTokens& received);
+  Matrix combine(const Step& step, MatrixView partial);
   // Backward phases.
-  void check_backward_args(const DispatchPlan& plan, MatrixView d_out);
-  Matrix grad_dispatch(const DispatchPlan& plan, MatrixView d_out);
-  void expert_backward(DispatchPlan& plan, MatrixView dy, MoEGradients& grads);
-  Matrix grad_gates(const DispatchPlan& plan);
-  void grad_logits(DispatchPlan& plan, MatrixView dz, MoEGradients& grads);
-  void send_logit_grads(const DispatchPlan& plan, MatrixView dz);
-  Matrix grad_combine(const DispatchPlan& plan);
+  void check_backward_args(const DispatchHandle& handle, MatrixView d_out);
+  Matrix grad_dispatch(const Step& step, MatrixView d_out);
+  void expert_backward(Step& step, MatrixView dy, MoEGradients& grads);
+  Matrix grad_gates(const Step& step);
+  void grad_logits(Step& step, MatrixView dz, MoEGradients& grads);
+  void send_logit_grads(const Step& step, MatrixView dz);
+  Matrix grad_combine(const Step& step);
   // Serving side -> home: row i of `rows` (one per input row) to its home;
   // returns the home's sum per token, in (token, target) order.
-  Matrix send_home_and_sum(const DispatchPlan& plan, MatrixView rows, const char* phase);
+  Matrix send_home_and_sum(const Step& step, MatrixView rows, const char* phase);
   // Re-plan phases.
-  void migrate(const Plan& plan);
-  std::vector<std::vector<char>> migration_messages(const Placement& next) const;
-  void receive_migrants(const std::vector<std::vector<char>>& recv, ExpertShard& next,
-                        Matrix& next_centers) const;
+  void migrate(const Placement& next);
+  void send_migrants(const Placement& next);
+  void receive_migrants(ExpertShard& next, Matrix& next_centers) const;
   void place_expert(int32_t e, const float* w1, const float* w2, const float* center,
                     ExpertShard& next, Matrix& next_centers) const;
 

@@ -33,7 +33,8 @@ Routes slice_routes(const Routes& r, int64_t begin, int64_t end) {
     s.probe_offsets.assign(static_cast<size_t>(end - begin + 1), 0);
     const int64_t base = r.probe_offsets[begin];
     for (int64_t t = begin; t <= end; ++t) s.probe_offsets[t - begin] = r.probe_offsets[t] - base;
-    s.probes.assign(r.probes.begin() + base, r.probes.begin() + r.probe_offsets[end]);
+    s.probed_codewords.assign(r.probed_codewords.begin() + base,
+                              r.probed_codewords.begin() + r.probe_offsets[end]);
   }
   return s;
 }
@@ -77,7 +78,7 @@ void count_requests(const Placement& placement, const Routes& mine, int64_t d, H
   for (int64_t t = 0; t < mine.tokens; ++t) {
     touched.clear();
     for (int64_t p = mine.probe_offsets[t]; p < mine.probe_offsets[t + 1]; ++p)
-      for (int32_t rank : placement.list_ranks(mine.probes[p]))
+      for (int32_t rank : placement.list_ranks(mine.probed_codewords[p]))
         if (codewords_at[rank]++ == 0) touched.push_back(rank);
     for (int32_t rank : touched) {
       h.request_bytes[rank] += wire::request_record_bytes(codewords_at[rank], d);

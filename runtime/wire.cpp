@@ -77,7 +77,7 @@ void write_records(Outbox& box, const std::vector<int64_t>& bytes, Body&& body) 
 }  // namespace
 
 void scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                      const std::vector<int32_t>& probes, MatrixView tokens, int ranks,
+                      const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks,
                       Outbox& box) {
   const int64_t T = tokens.rows, d = tokens.cols;
   start(box, T);
@@ -89,9 +89,9 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
   for (int64_t t = 0; t < T; ++t) {
     touched.clear();
     for (int64_t p = probe_offsets[t]; p < probe_offsets[t + 1]; ++p)
-      for (int32_t rank : placement.list_ranks(probes[p])) {
+      for (int32_t rank : placement.list_ranks(probed_codewords[p])) {
         if (per_rank[rank].empty()) touched.push_back(rank);
-        per_rank[rank].push_back(probes[p]);
+        per_rank[rank].push_back(probed_codewords[p]);
       }
     std::sort(touched.begin(), touched.end());
     for (int32_t rank : touched) {
@@ -145,9 +145,10 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
 }
 
 Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                        const std::vector<int32_t>& probes, MatrixView tokens, int ranks) {
+                        const std::vector<int32_t>& probed_codewords, MatrixView tokens,
+                        int ranks) {
   Outbox box;
-  scoring_requests(placement, probe_offsets, probes, tokens, ranks, box);
+  scoring_requests(placement, probe_offsets, probed_codewords, tokens, ranks, box);
   return box;
 }
 

@@ -20,7 +20,7 @@
 
 namespace airmoe::runtime::wire {
 
-// Appends n values to a growing buffer (migration, which stays on alltoallv).
+// Appends n values to a growing buffer (the checkpoint files).
 template <typename T>
 void put(std::vector<char>& buf, const T* data, size_t n) {
   const size_t at = buf.size();
@@ -115,7 +115,7 @@ struct Outbox {
 // (token, n, n probed codewords it hosts, d floats). Fills `box`, reusing
 // its buffer's storage.
 void scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                      const std::vector<int32_t>& probes, MatrixView tokens, int ranks,
+                      const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks,
                       Outbox& box);
 
 // Expert dispatch: to each rank hosting a chosen expert, (token, n,
@@ -126,7 +126,7 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
 
 // The same, returned (for the simulator, which only counts).
 Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                        const std::vector<int32_t>& probes, MatrixView tokens, int ranks);
+                        const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks);
 Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
                        bool ship_vectors, int ranks);
 
@@ -156,6 +156,11 @@ inline int64_t request_record_bytes(int64_t codewords, int64_t d) {
 }
 inline int64_t dispatch_record_bytes(int64_t experts, int64_t d, bool ship_vectors) {
   return 4 * (2 + 2 * experts) + (ship_vectors ? 4 * d : 0);
+}
+
+// A migrating expert: its id, W1 [h, d], W2 [d, h] and its center [d].
+inline int64_t migrant_record_bytes(int64_t h, int64_t d) {
+  return 4 * (1 + 2 * h * d + d);
 }
 
 // Records flowing back per (token, target) record, and the backward's.

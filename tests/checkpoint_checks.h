@@ -53,8 +53,8 @@ inline std::string make_scratch_dir() {
 inline std::unique_ptr<runtime::MoELayer> trained_layer(comm::Communicator& comm,
                                                         const GlobalData& g,
                                                         runtime::Strategy strategy) {
-  const runtime::Plan plan = runtime::plan_and_broadcast(comm, runtime::PlacementPolicy::kLocality,
-                                                         g.codebook, g.lists(), g.load);
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
+      comm, runtime::PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
   auto layer = std::make_unique<runtime::MoELayer>(
       comm, strategy, small_layer_config(g.data.tokens.cols()), g.codebook, g.assignment,
       plan.placement, g.data.centers.view(), 123);
@@ -101,10 +101,10 @@ inline LayerSnapshot snapshot(comm::Communicator& comm, runtime::MoELayer& layer
   const MatrixView cw = layer.codebook().codewords();
   s.codebook.assign(cw.data, cw.data + cw.rows * cw.cols);
   s.assignment = layer.lists().assignment();
-  runtime::DispatchPlan plan;
-  const Matrix out = layer.forward(g.tokens_of(comm.rank(), comm.size()), plan);
-  s.routed_experts = comm::allgatherv_vector<int32_t>(comm, plan.routes.experts);
-  s.gates = comm::allgatherv_vector<float>(comm, plan.routes.gates);
+  const runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), comm.size()));
+  const Matrix& out = fwd.output;
+  s.routed_experts = comm::allgatherv_vector<int32_t>(comm, fwd.handle.routes().experts);
+  s.gates = comm::allgatherv_vector<float>(comm, fwd.handle.routes().gates);
   s.out = comm::allgatherv_vector<float>(comm, std::span<const float>(out.data(), out.size()));
   return s;
 }

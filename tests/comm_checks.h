@@ -215,55 +215,6 @@ inline void check_allreduce(Communicator& c) {
   expect_meter(c, {{"sum", ring(p, r, kN * 8)}, {"minmax", ring(p, r, kD * 8, 2)}});
 }
 
-inline void check_alltoallv(Communicator& c) {
-  const int p = c.size(), r = c.rank();
-  const auto up = static_cast<size_t>(p);
-  c.meter().reset();
-
-  // Ring: rank r sends only to (r + 1) % P.
-  c.set_phase("ring");
-  const int next = (r + 1) % p, prev = (r + p - 1) % p;
-  std::vector<std::vector<char>> send(up);
-  send[static_cast<size_t>(next)] = pattern_bytes(r, 3 * static_cast<size_t>(r + 1), 4);
-  std::vector<std::vector<char>> recv = c.alltoallv(send);
-  EXPECT_EQ(recv.size(), up);
-  for (int q = 0; q < p && recv.size() == up; ++q) {
-    const std::vector<char> want =
-        q == prev ? pattern_bytes(q, 3 * static_cast<size_t>(q + 1), 4) : std::vector<char>{};
-    EXPECT_EQ(recv[static_cast<size_t>(q)], want) << "rank " << r << " from " << q;
-  }
-
-  // Everyone to everyone, some buffers empty.
-  c.set_phase("full");
-  auto len = [p](int from, int to) { return static_cast<size_t>((from * p + to) % 4) * 5; };
-  for (int q = 0; q < p; ++q)
-    send[static_cast<size_t>(q)] = pattern_bytes(r * 10 + q, len(r, q), 5);
-  recv = c.alltoallv(send);
-  for (int q = 0; q < p && recv.size() == up; ++q)
-    EXPECT_EQ(recv[static_cast<size_t>(q)], pattern_bytes(q * 10 + r, len(q, r), 5))
-        << "rank " << r << " from " << q;
-
-  // All empty: only the counts exchange.
-  c.set_phase("empty");
-  recv = c.alltoallv(std::vector<std::vector<char>>(up));
-  EXPECT_EQ(recv, std::vector<std::vector<char>>(up));
-
-  MeterTable want;
-  want["ring"] = std::vector<TrafficCounts>(up);
-  if (next != r) want["ring"][static_cast<size_t>(next)] = {3 * (r + 1), 1};
-  want["full"] = std::vector<TrafficCounts>(up);
-  for (int q = 0; q < p; ++q)
-    if (q != r && len(r, q) > 0)
-      want["full"][static_cast<size_t>(q)] = {static_cast<int64_t>(len(r, q)), 1};
-  for (const char* ph : {"ring:counts", "full:counts", "empty:counts"})
-    want[ph] = to_all_but(p, r, 8);
-  expect_meter(c, want);
-  if (p > 1) {
-    EXPECT_EQ(c.meter().sent("ring"), (TrafficCounts{3 * (r + 1), 1}));
-    EXPECT_EQ(c.meter().sent("ring:counts"), (TrafficCounts{8 * (p - 1), p - 1}));
-  }
-}
-
 inline void check_barrier(Communicator& c) {
   c.meter().reset();
   for (int i = 0; i < 3; ++i) c.barrier();

@@ -57,9 +57,10 @@ inline void check_layer_with_empty_ranks(comm::Communicator& comm, const GlobalD
   runtime::MoELayer layer(comm, strategy, cfg, g.codebook, g.assignment, split.placement(g),
                           g.data.centers.view(), 123);
   const auto [b, e] = split.tokens(T, comm.rank());
-  runtime::DispatchPlan plan;
-  const Matrix out = layer.forward(MatrixView(g.data.tokens.row(b), e - b, d), plan);
-  const runtime::MoEGradients grads = layer.backward(plan, MatrixView(dy.row(b), e - b, d));
+  comm.meter().reset();
+  runtime::ForwardResult fwd = layer.forward(MatrixView(g.data.tokens.row(b), e - b, d));
+  const Matrix& out = fwd.output;
+  const runtime::MoEGradients grads = layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d));
   const std::string where = std::string(runtime::to_string(strategy)) +
                             " P=" + std::to_string(comm.size()) + " rank " +
                             std::to_string(comm.rank());
@@ -72,7 +73,8 @@ inline void check_layer_with_empty_ranks(comm::Communicator& comm, const GlobalD
   }
   if (comm.rank() >= split.expert_ranks()) {
     EXPECT_EQ(layer.experts().size(), 0) << where;
-    EXPECT_EQ(plan.inputs.rows(), 0) << where;
+    // It served nothing, so it sent no output rows home.
+    EXPECT_EQ(comm.meter().sent("combine"), comm::TrafficCounts{}) << where;
   }
 }
 
@@ -81,15 +83,14 @@ inline void check_layer_with_empty_ranks(comm::Communicator& comm, const GlobalD
 inline void check_dense_replicated_refuses_codebook_sync(comm::Communicator& comm,
                                                          const GlobalData& g) {
   const runtime::MoEConfig cfg = small_layer_config(g.data.tokens.cols());
-  const runtime::Plan plan = runtime::plan_and_broadcast(comm, runtime::PlacementPolicy::kList,
-                                                         g.codebook, g.lists(), g.load);
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
+      comm, runtime::PlacementPolicy::kList, g.codebook, g.lists(), g.load);
   runtime::MoELayer layer(comm, runtime::Strategy::kDenseReplicated, cfg, g.codebook, g.assignment,
                           plan.placement, g.data.centers.view(), 123);
   AIRMOE_EXPECT_THROW_MSG(layer.sync_codebook(), UsageError,
                           "dense-replicated routes exactly and has no codebook to sync");
   // And the layer still works afterwards.
-  runtime::DispatchPlan dp;
-  const Matrix out = layer.forward(g.tokens_of(comm.rank(), comm.size()), dp);
+  const Matrix out = layer.forward(g.tokens_of(comm.rank(), comm.size())).output;
   EXPECT_EQ(out.rows(), g.tokens_of(comm.rank(), comm.size()).rows);
 }
 
@@ -106,7 +107,7 @@ inline void check_codebook_sync_then_replan(comm::Communicator& comm, const Glob
   moved.codebook = air.codebook();
   moved.assignment = air.lists().assignment();
 
-  const runtime::Plan plan = runtime::plan_and_broadcast(
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
       comm, runtime::PlacementPolicy::kRoundRobin, g.codebook, g.lists(), g.load);
   runtime::MoELayer layer(comm, runtime::Strategy::kAir, cfg, g.codebook, g.assignment,
                           plan.placement, g.data.centers.view(), 123);
@@ -122,41 +123,41 @@ inline void check_codebook_sync_then_replan(comm::Communicator& comm, const Glob
 
   const Matrix dy = random_matrix(g.data.tokens.rows(), g.data.tokens.cols(), 1.0, 77);
   const ReferenceResult ref = reference_layer(moved, runtime::Strategy::kAir, cfg, 123, dy.view());
-  runtime::DispatchPlan dp;
-  const Matrix out = layer.forward(g.tokens_of(comm.rank(), comm.size()), dp);
+  const runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), comm.size()));
+  const Matrix& out = fwd.output;
   const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), comm.size());
   const RouteRows want_routes = RouteRows::of(ref.routes, b, e);
-  EXPECT_EQ(RouteRows::of(dp.routes, 0, dp.routes.tokens).experts, want_routes.experts);
+  const Routes& routes = fwd.handle.routes();
+  EXPECT_EQ(RouteRows::of(routes, 0, routes.tokens).experts, want_routes.experts);
   if (out.size() > 0) {
     EXPECT_LE(rel_error(out.data(), ref.out.row(b), out.size()), 1e-5);
   }
 }
 
-// One step's timings and router FLOPs come back in its plan.
-inline void check_step_stats_in_plan(comm::Communicator& comm, const GlobalData& g) {
+// One step's timings and router FLOPs come back in its dispatch handle.
+inline void check_step_stats_in_handle(comm::Communicator& comm, const GlobalData& g) {
   const runtime::MoEConfig cfg = small_layer_config(g.data.tokens.cols());
-  const runtime::Plan plan = runtime::plan_and_broadcast(comm, runtime::PlacementPolicy::kList,
-                                                         g.codebook, g.lists(), g.load);
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
+      comm, runtime::PlacementPolicy::kList, g.codebook, g.lists(), g.load);
   for (runtime::Strategy s : {runtime::Strategy::kAir, runtime::Strategy::kDenseReplicated}) {
     runtime::MoELayer layer(comm, s, cfg, g.codebook, g.assignment, plan.placement,
                             g.data.centers.view(), 123);
-    runtime::DispatchPlan dp;
     const MatrixView x = g.tokens_of(comm.rank(), comm.size());
-    layer.forward(x, dp);
+    runtime::DispatchHandle step = layer.forward(x).handle;
+    const runtime::StepStats& stats = step.stats();
     const double d = static_cast<double>(g.data.tokens.cols());
     if (s == runtime::Strategy::kDenseReplicated) {
-      EXPECT_EQ(dp.stats.router_flops_per_token,
-                2.0 * static_cast<double>(g.data.centers.rows()) * d);
+      EXPECT_EQ(stats.router_flops_per_token, 2.0 * static_cast<double>(g.data.centers.rows()) * d);
     } else if (x.rows > 0) {
-      EXPECT_GT(dp.stats.router_flops_per_token, 2.0 * static_cast<double>(g.codebook.size()) * d);
-      EXPECT_LT(dp.stats.router_flops_per_token,
+      EXPECT_GT(stats.router_flops_per_token, 2.0 * static_cast<double>(g.codebook.size()) * d);
+      EXPECT_LT(stats.router_flops_per_token,
                 2.0 * static_cast<double>(g.data.centers.rows() + g.codebook.size()) * d);
     }
-    EXPECT_GE(dp.stats.seconds.route, 0.0);
+    EXPECT_GE(stats.seconds.route, 0.0);
     Matrix dy(x.rows, x.cols, 1.0f);
-    layer.backward(dp, dy.view());
-    EXPECT_GT(dp.stats.seconds.backward_dispatch + dp.stats.seconds.backward_experts +
-                  dp.stats.seconds.backward_combine,
+    layer.backward(step, dy.view());
+    EXPECT_GT(stats.seconds.backward_dispatch + stats.seconds.backward_experts +
+                  stats.seconds.backward_combine,
               0.0);
   }
 }

@@ -16,7 +16,7 @@ namespace airmoe::test {
 struct ReferenceResult {
   Matrix out;
   Matrix d_tokens;
-  runtime::ExpertGrads experts;  // all experts, ids 0..E-1
+  runtime::DenseExpertGrads experts;  // all experts, ids 0..E-1
   SparseRowGrad d_centers;
   Routes routes;
 };

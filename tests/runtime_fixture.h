@@ -78,7 +78,7 @@ struct GlobalData {
     const runtime::SharedIndex index{codebook, assignment, load};
     runtime::LayerSpec spec;
     spec.placement = policy;
-    const runtime::Plan plan = runtime::place_experts(comm, spec, index);
+    const runtime::PlacementPlan plan = runtime::place_experts(comm, spec, index);
     return std::move(*runtime::make_router(comm, index, plan.placement, data.centers.view()));
   }
 };

@@ -132,7 +132,7 @@ TEST(AirRouter, TiesAcrossListsGoToTheLowerExpertId) {
   ASSERT_EQ(air.lists().assignment()[33], 1);
   ASSERT_EQ(air.lists().assignment()[150], 0);
   const Routes both = air.route(token.view(), 3, 2);
-  EXPECT_EQ(both.probes, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(both.probed_codewords, (std::vector<int32_t>{0, 1}));
   EXPECT_EQ(both.experts[0], 33);
   EXPECT_EQ(both.experts[1], 150);
   EXPECT_EQ(both.logits[0], both.logits[1]);
@@ -142,7 +142,7 @@ TEST(AirRouter, TiesAcrossListsGoToTheLowerExpertId) {
   EXPECT_EQ(best.experts[0], 33);
   // One probe: the codeword tie goes to index 0, whose list holds only 150.
   const Routes one = air.route(token.view(), 3, 1);
-  EXPECT_EQ(one.probes, std::vector<int32_t>{0});
+  EXPECT_EQ(one.probed_codewords, std::vector<int32_t>{0});
   EXPECT_EQ(one.experts[0], 150);
 }
 
@@ -164,8 +164,8 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         EXPECT_GE(r.shortlist_size[t], k);
         const int64_t np = r.probe_offsets[t + 1] - r.probe_offsets[t];
         EXPECT_GE(np, m);
-        std::set<int32_t> probes(r.probes.begin() + r.probe_offsets[t],
-                                 r.probes.begin() + r.probe_offsets[t + 1]);
+        std::set<int32_t> probes(r.probed_codewords.begin() + r.probe_offsets[t],
+                                 r.probed_codewords.begin() + r.probe_offsets[t + 1]);
         EXPECT_EQ(static_cast<int64_t>(probes.size()), np) << "a codeword probed twice";
         // The shortlist is the union of the probed lists; its size is recorded.
         std::vector<int32_t> shortlist;
@@ -175,7 +175,7 @@ TEST(AirRouter, ShortlistAlwaysHoldsKExperts) {
         // Extension stops as soon as there are k experts: without the last
         // probe beyond m there would be fewer than k.
         if (np > m) {
-          const int32_t last = r.probes[r.probe_offsets[t + 1] - 1];
+          const int32_t last = r.probed_codewords[r.probe_offsets[t + 1] - 1];
           EXPECT_LT(r.shortlist_size[t] - air.lists().list_size(last), k);
         }
         // Probes are the best codewords by score (ties to the lower index).
@@ -219,7 +219,7 @@ TEST(AirRouter, ProbeCountChangesWithoutRebuilding) {
     const Routes again = air.route(data.tokens.view(), 8, 1, mode);
     EXPECT_EQ(first.experts, again.experts);
     EXPECT_EQ(first.gates, again.gates);
-    EXPECT_EQ(first.probes, again.probes);
+    EXPECT_EQ(first.probed_codewords, again.probed_codewords);
     EXPECT_EQ(first.shortlist_size, again.shortlist_size);
     // m = 4 probes more and scores more experts.
     double s1 = 0, s4 = 0;
@@ -229,7 +229,7 @@ TEST(AirRouter, ProbeCountChangesWithoutRebuilding) {
       s4 += four.shortlist_size[t];
     }
     EXPECT_GT(s4, s1);
-    EXPECT_NE(first.probes.size(), four.probes.size());
+    EXPECT_NE(first.probed_codewords.size(), four.probed_codewords.size());
   }
   EXPECT_EQ(air.lists().offsets(), offsets);
 }
@@ -241,7 +241,7 @@ void expect_same_routes(const Routes& a, const Routes& b) {
   EXPECT_EQ(a.log_normalizer, b.log_normalizer);
   EXPECT_EQ(a.shortlist_size, b.shortlist_size);
   EXPECT_EQ(a.probe_offsets, b.probe_offsets);
-  EXPECT_EQ(a.probes, b.probes);
+  EXPECT_EQ(a.probed_codewords, b.probed_codewords);
 }
 
 TEST(AirRouter, SameResultWithOneAndTwoThreads) {
@@ -307,7 +307,7 @@ TEST(AirRouter, NoTokensGiveEmptyRoutes) {
     EXPECT_EQ(r.tokens, 0);
     EXPECT_TRUE(r.experts.empty());
     EXPECT_TRUE(r.gates.empty());
-    EXPECT_TRUE(r.probes.empty());
+    EXPECT_TRUE(r.probed_codewords.empty());
     EXPECT_EQ(r.probe_offsets, std::vector<int64_t>{0});
     const Matrix dg(0, 5);
     const RouterGradients g = air.backward(none.view(), r, dg.view());

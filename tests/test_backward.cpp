@@ -193,7 +193,7 @@ TEST(Backward, AirMatchesFiniteDifferences) {
         CenterProblem p = make_problem(centers, tokens, r, [&](int64_t t) {
           std::vector<int32_t> s;
           for (int64_t q = r.probe_offsets[t]; q < r.probe_offsets[t + 1]; ++q)
-            for (int32_t e : air.lists().list(r.probes[q])) s.push_back(e);
+            for (int32_t e : air.lists().list(r.probed_codewords[q])) s.push_back(e);
           return s;
         });
         // The shortlist is a strict subset of the experts, so this differs

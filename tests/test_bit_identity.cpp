@@ -80,7 +80,7 @@ class Digest {
     add(r.log_normalizer);
     add(r.shortlist_size);
     add(r.probe_offsets);
-    add(r.probes);
+    add(r.probed_codewords);
   }
   void add(const SparseRowGrad& g) {
     add(g.rows);
@@ -97,7 +97,7 @@ class Digest {
     add(s.farthest_cos);
     add(s.farthest_expert);
   }
-  void add(const runtime::ExpertGradients& g) {
+  void add(const runtime::SparseExpertGrads& g) {
     add(g.ids);
     add(g.w1);
     add(g.w2);
@@ -404,9 +404,9 @@ TEST(BitIdentity, ExpertShard) {
     const runtime::ExpertCache cache = shard.forward(x.view(), pairs, out);
     std::vector<float> d_gate;
     Matrix dx = random_matrix(c.tokens, c.dim, 0.5, 55);
-    const runtime::ExpertGradients touched =
+    const runtime::SparseExpertGrads touched =
         shard.backward(x.view(), pairs, cache, dy.view(), d_gate, dx);
-    runtime::ExpertGrads dense;
+    runtime::DenseExpertGrads dense;
     std::vector<float> d_gate2;
     Matrix dx2(c.tokens, c.dim);
     shard.backward(x.view(), pairs, cache, dy.view(), d_gate2, dx2, dense);
@@ -471,8 +471,9 @@ Digest layer_step(comm::Communicator& comm, const test::GlobalData& g, const Lay
   cfg.k = c.k;
   cfg.probes = c.probes;
   cfg.expert = {c.dim, c.hidden, c.act};
-  const runtime::Plan plan = runtime::plan_and_broadcast(comm, runtime::PlacementPolicy::kLocality,
-                                                         g.codebook, g.lists(), g.load);
+  cfg.dense_expert_grads = true;  // the digest holds the dense layout too
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
+      comm, runtime::PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
   runtime::MoELayer layer(comm, strategy, cfg, g.codebook, g.assignment, plan.placement,
                           g.data.centers.view(), /*expert_seed=*/77);
   const int P = comm.size();
@@ -480,15 +481,16 @@ Digest layer_step(comm::Communicator& comm, const test::GlobalData& g, const Lay
   const Matrix dy = random_matrix(g.data.tokens.rows(), c.dim, 1.0, 61);
   Digest d;
   d.add(plan.placement.owners());
-  runtime::DispatchPlan step;
-  const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), step);
-  const runtime::MoEGradients grads = layer.backward(step, MatrixView(dy.row(b), e - b, c.dim));
-  d.add(step.routes);
+  runtime::ForwardResult step = layer.forward(g.tokens_of(comm.rank(), P));
+  const Matrix& out = step.output;
+  const runtime::MoEGradients grads =
+      layer.backward(step.handle, MatrixView(dy.row(b), e - b, c.dim));
+  d.add(step.handle.routes());
   d.add(out.view());
   d.add(grads.d_tokens.view());
   d.add(grads.touched_experts);
-  d.add(grads.experts.w1);
-  d.add(grads.experts.w2);
+  d.add(grads.dense_experts.w1);
+  d.add(grads.dense_experts.w2);
   d.add(grads.d_centers);
   const Matrix next = moved(layer.local_centers().view(), 62 + comm.rank());
   layer.set_local_centers(next.view());
@@ -497,10 +499,9 @@ Digest layer_step(comm::Communicator& comm, const test::GlobalData& g, const Lay
     d.add(layer.codebook().codewords());
     d.add(layer.lists().assignment());
   }
-  runtime::DispatchPlan again;
-  const Matrix out2 = layer.forward(g.tokens_of(comm.rank(), P), again);
-  d.add(again.routes);
-  d.add(out2.view());
+  const runtime::ForwardResult again = layer.forward(g.tokens_of(comm.rank(), P));
+  d.add(again.handle.routes());
+  d.add(again.output.view());
   return d;
 }
 

@@ -75,7 +75,7 @@ TEST(Builder, RouterEqualsTheSingleProcessRouterForAnyNumberOfRanks) {
           runtime::build_router(comm, spec, g.data.centers.view(), g.tokens_of(comm.rank(), P));
       const MatrixView cw = router->codebook().codewords();
       codewords[comm.rank()].assign(cw.data, cw.data + cw.rows * cw.cols);
-      const Routes r = router->route(g.tokens_of(comm.rank(), P), spec.k, spec.probes);
+      const Routes r = router->route_batch(g.tokens_of(comm.rank(), P), spec.k, spec.probes).routes;
       got[comm.rank()] = RouteRows::of(r, 0, r.tokens);
     });
     if (P == 1) codewords_p1 = codewords[0];
@@ -105,8 +105,7 @@ TEST(Builder, LayerOutputsDoNotDependOnTheNumberOfRanks) {
     comm::run_ranks(P, [&](comm::Communicator& comm) {
       const auto layer =
           runtime::build_layer(comm, spec, g.data.centers.view(), g.tokens_of(comm.rank(), P));
-      runtime::DispatchPlan plan;
-      const Matrix out = layer->forward(g.tokens_of(comm.rank(), P), plan);
+      const Matrix out = layer->forward(g.tokens_of(comm.rank(), P)).output;
       const int64_t b = GlobalData::token_range(T, comm.rank(), P).first;
       std::copy_n(out.data(), out.size(), all.begin() + b * d);
     });
@@ -175,7 +174,11 @@ TEST(Builder, SpecChecksNameTheField) {
   };
   runtime::LayerSpec bad = spec;
   bad.version = runtime::kLayerSpecVersion + 1;
-  EXPECT_NE(message(bad).find("LayerSpec version 2 is not supported"), std::string::npos);
+  EXPECT_EQ(message(bad),
+            "LayerSpec version 3 is not supported (this build reads versions 1 to 2)");
+  bad.version = runtime::kOldestLayerSpecVersion - 1;
+  EXPECT_EQ(message(bad),
+            "LayerSpec version 0 is not supported (this build reads versions 1 to 2)");
   bad = spec;
   bad.probes = 24;
   EXPECT_EQ(message(bad), "LayerSpec probes = 24 is outside [1, 23]");
@@ -190,6 +193,44 @@ TEST(Builder, SpecChecksNameTheField) {
   });
   EXPECT_NE(got[0].message.find("the spec says [experts = 601, dim = 8]"), std::string::npos)
       << got[0].message;
+}
+
+// Version 2 added dense_expert_grads, off by default. A version-1 spec (code
+// written before the field) keeps version 1's behaviour, the dense layout,
+// whatever the field holds; a version-2 spec gets what the field says.
+TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
+  const GlobalData& g = data();
+  EXPECT_EQ(runtime::LayerSpec{}.version, 2);
+  EXPECT_FALSE(runtime::LayerSpec{}.moe_config().dense_expert_grads);
+  struct Case {
+    int version;
+    bool field, dense;
+  };
+  for (const Case c : {Case{2, false, false}, Case{2, true, true}, Case{1, false, true}}) {
+    runtime::LayerSpec spec = spec_for(g);
+    spec.version = c.version;
+    spec.dense_expert_grads = c.field;
+    EXPECT_EQ(spec.moe_config().dense_expert_grads, c.dense) << "version " << c.version;
+    EXPECT_NE(spec.describe().find("dense_expert_grads=" + std::to_string(c.dense)),
+              std::string::npos)
+        << spec.describe();
+    const int P = 2;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      const auto layer = runtime::build_layer(comm, spec, g.data.centers.view());
+      EXPECT_EQ(layer->config().dense_expert_grads, c.dense);
+      const MatrixView x = g.tokens_of(comm.rank(), P);
+      runtime::ForwardResult fwd = layer->forward(x);
+      const Matrix dy(x.rows, x.cols, 0.25f);
+      const runtime::MoEGradients grads = layer->backward(fwd.handle, dy.view());
+      const size_t dense_size =
+          static_cast<size_t>(layer->experts().size() * spec.hidden * spec.dim);
+      EXPECT_EQ(grads.dense_experts.w1.size(), c.dense ? dense_size : 0u)
+          << "version " << c.version << " rank " << comm.rank();
+      if (c.dense) {
+        EXPECT_EQ(grads.dense_experts.w1, layer->experts().to_dense(grads.touched_experts).w1);
+      }
+    });
+  }
 }
 
 }  // namespace

@@ -25,12 +25,12 @@ namespace airmoe {
 namespace {
 
 using runtime::Activation;
+using runtime::DenseExpertGrads;
 using runtime::ExpertCache;
 using runtime::ExpertConfig;
-using runtime::ExpertGradients;
-using runtime::ExpertGrads;
 using runtime::ExpertPairs;
 using runtime::ExpertShard;
+using runtime::SparseExpertGrads;
 using test::RefLayer;
 using test::RefPairs;
 
@@ -85,7 +85,7 @@ struct RunResult {
   ExpertCache cache;
   std::vector<float> d_gate;
   Matrix dx;
-  ExpertGrads grads;
+  DenseExpertGrads grads;
 };
 
 RunResult run(const ExpertShard& s, const Matrix& x, const ExpertPairs& p, const Matrix& dy) {
@@ -127,7 +127,7 @@ TEST(ExpertShard, MatchesDoubleReference) {
       const ExpertCache cache = s.forward(x, p, out);
       Matrix dx = test::copy_matrix(dx0);
       std::vector<float> d_gate;
-      ExpertGrads grads = s.zero_grads();
+      DenseExpertGrads grads = s.zero_grads();
       s.backward(x, p, cache, dy, d_gate, dx, grads);
 
       const RefLayer ref(s);
@@ -341,7 +341,7 @@ TEST(ExpertDeterminism, SplitCallsAddLikeOneCall) {
   std::iota(first.begin(), first.end(), 0);
   std::iota(second.begin(), second.end(), first.size());
   Matrix out(T, d), dx(T, d);
-  ExpertGrads grads = s.zero_grads();
+  DenseExpertGrads grads = s.zero_grads();
   std::vector<float> d_gate;
   for (const auto& half : {first, second}) {
     const ExpertPairs q = subset(p, half);
@@ -361,7 +361,7 @@ TEST(ExpertShard, BackwardAccumulatesGradients) {
   const Matrix dy = random_matrix(T, d, 1.0, 32);
   const ExpertPairs p = random_pairs(T, ids, 20, 33);
   const RunResult once = run(s, x, p, dy);
-  ExpertGrads grads = s.zero_grads();
+  DenseExpertGrads grads = s.zero_grads();
   Matrix dx(T, d);
   std::vector<float> d_gate = {1.0f, 2.0f};  // overwritten
   for (int i = 0; i < 2; ++i) s.backward(x, p, once.cache, dy, d_gate, dx, grads);
@@ -372,7 +372,7 @@ TEST(ExpertShard, BackwardAccumulatesGradients) {
   for (size_t i = 0; i < dx.size(); ++i) twice_dx.push_back(2.0 * once.dx.data()[i]);
   expect_close(dx.data(), twice_dx, 1e-6, "dx");
   // Empty grads are taken as zeros of the right size.
-  ExpertGrads empty;
+  DenseExpertGrads empty;
   Matrix dx2(T, d);
   s.backward(x, p, once.cache, dy, d_gate, dx2, empty);
   EXPECT_EQ(empty.w1, once.grads.w1);
@@ -393,7 +393,7 @@ TEST(ExpertShard, EmptyPairs) {
   EXPECT_EQ(cache.output.cols(), d);
   Matrix dx = test::copy_matrix(out0);
   std::vector<float> d_gate = {3.0f};
-  ExpertGrads grads = s.zero_grads();
+  DenseExpertGrads grads = s.zero_grads();
   s.backward(x, ExpertPairs{}, cache, random_matrix(T, d, 1.0, 43), d_gate, dx, grads);
   EXPECT_TRUE(d_gate.empty());
   EXPECT_EQ(test::values(dx), test::values(out0));
@@ -502,7 +502,7 @@ TEST(ExpertBadInput, Backward) {
   const Matrix dy = random_matrix(T, d, 1.0, 62);
   Matrix dx(T, d);
   std::vector<float> d_gate;
-  ExpertGrads grads = s.zero_grads();
+  DenseExpertGrads grads = s.zero_grads();
   EXPECT_NO_THROW(s.backward(x, good, cache, dy, d_gate, dx, grads));
 
   ExpertPairs p = good;
@@ -522,7 +522,7 @@ TEST(ExpertBadInput, Backward) {
   dy_nan(2, 3) = std::nanf("");
   AIRMOE_EXPECT_THROW_MSG(s.backward(x, good, cache, dy_nan, d_gate, dx, grads),
                           std::invalid_argument, "dy row 2 column 3 is nan");
-  ExpertGrads short_grads{std::vector<float>(3), std::vector<float>(3)};
+  DenseExpertGrads short_grads{std::vector<float>(3), std::vector<float>(3)};
   AIRMOE_EXPECT_THROW_MSG(s.backward(x, good, cache, dy, d_gate, dx, short_grads),
                           std::invalid_argument, "zero_grads()");
 }
@@ -601,7 +601,7 @@ ExpertPairs few_experts_pairs(int64_t T) {
   return p;
 }
 
-TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
+TEST(SparseExpertGrads, TouchedExpertsOnlyWithTheDenseRowsBits) {
   const int64_t T = 13, d = 21;
   std::vector<int32_t> ids;
   for (int32_t i = 0; i < 40; ++i) ids.push_back(i);  // expert i has global id i
@@ -615,8 +615,8 @@ TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
     const ExpertCache cache = s.forward(x, p, out);
     Matrix dx_sparse(T, d), dx_dense(T, d);
     std::vector<float> gate_sparse, gate_dense;
-    const ExpertGradients g = s.backward(x, p, cache, dy, gate_sparse, dx_sparse);
-    ExpertGrads dense = s.zero_grads();
+    const SparseExpertGrads g = s.backward(x, p, cache, dy, gate_sparse, dx_sparse);
+    DenseExpertGrads dense = s.zero_grads();
     s.backward(x, p, cache, dy, gate_dense, dx_dense, dense);
 
     EXPECT_EQ(g.ids, (std::vector<int32_t>{3, 7, 20, 31}));  // ascending, touched only
@@ -634,7 +634,7 @@ TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
       EXPECT_EQ(bits(g.w2.data() + i * w, w), bits(dense.w2.data() + id * w, w));
     }
     // The dense form is zero outside the touched experts, and to_dense gives it.
-    const ExpertGrads back = s.to_dense(g);
+    const DenseExpertGrads back = s.to_dense(g);
     EXPECT_EQ(bits(back.w1), bits(dense.w1));
     EXPECT_EQ(bits(back.w2), bits(dense.w2));
     for (int32_t id : ids) {
@@ -648,7 +648,7 @@ TEST(ExpertGradients, TouchedExpertsOnlyWithTheDenseRowsBits) {
 // pairs of other experts around changes nothing, and reversing the expert's
 // own pairs changes the bits (float addition is not associative) while the
 // values stay within rounding.
-TEST(ExpertGradients, ExpertOfSeveralTokensAccumulatesInPairOrder) {
+TEST(SparseExpertGrads, ExpertOfSeveralTokensAccumulatesInPairOrder) {
   const int64_t T = 13, d = 17, h = 4;
   std::vector<int32_t> ids;
   for (int32_t i = 0; i < 40; ++i) ids.push_back(i);
@@ -661,7 +661,7 @@ TEST(ExpertGradients, ExpertOfSeveralTokensAccumulatesInPairOrder) {
     std::vector<float> d_gate;
     return s.backward(x, q, s.forward(x, q, out), dy, d_gate, dx);
   };
-  const ExpertGradients base = grads_of(p);
+  const SparseExpertGrads base = grads_of(p);
   // Other experts' pairs first: expert 7's pairs keep their order.
   std::vector<size_t> others_first, reversed_seven;
   for (size_t i = 0; i < p.size(); ++i)
@@ -672,11 +672,11 @@ TEST(ExpertGradients, ExpertOfSeveralTokensAccumulatesInPairOrder) {
     if (p.expert[i] != 7) reversed_seven.push_back(i);
   for (size_t i = p.size(); i-- > 0;)
     if (p.expert[i] == 7) reversed_seven.push_back(i);
-  const ExpertGradients moved = grads_of(subset(p, others_first));
+  const SparseExpertGrads moved = grads_of(subset(p, others_first));
   EXPECT_EQ(moved.ids, base.ids);
   EXPECT_EQ(bits(moved.w1), bits(base.w1));
   EXPECT_EQ(bits(moved.w2), bits(base.w2));
-  const ExpertGradients rev = grads_of(subset(p, reversed_seven));
+  const SparseExpertGrads rev = grads_of(subset(p, reversed_seven));
   const size_t w = static_cast<size_t>(h * d), seven = 1;  // ids {3, 7, 20, 31}
   ASSERT_EQ(rev.ids, base.ids);
   EXPECT_NE(bits(rev.w1.data() + seven * w, w), bits(base.w1.data() + seven * w, w));
@@ -684,14 +684,14 @@ TEST(ExpertGradients, ExpertOfSeveralTokensAccumulatesInPairOrder) {
   expect_close(rev.w1.data() + seven * w, want, 1e-5, "dW1 of expert 7, pairs reversed");
 }
 
-TEST(ExpertGradients, EmptyPairsGiveEmptyGradients) {
+TEST(SparseExpertGrads, EmptyPairsGiveEmptyGradients) {
   const int64_t T = 4, d = 5, h = 3;
   const ExpertShard s = ExpertShard::random({d, h, Activation::kGelu}, {2, 6}, 70);
   const Matrix x = random_matrix(T, d, 1.0, 71);
   Matrix out(T, d), dx(T, d);
   const ExpertCache cache = s.forward(x, ExpertPairs{}, out);
   std::vector<float> d_gate = {1.0f};
-  const ExpertGradients g =
+  const SparseExpertGrads g =
       s.backward(x, ExpertPairs{}, cache, random_matrix(T, d, 1.0, 72), d_gate, dx);
   EXPECT_TRUE(g.ids.empty());
   EXPECT_TRUE(g.w1.empty());
@@ -706,7 +706,7 @@ TEST(ExpertGradients, EmptyPairsGiveEmptyGradients) {
 
 // An SGD step on the sparse form equals the step on the dense form, bit for
 // bit, and moves only the touched experts.
-TEST(ExpertGradients, SparseStepEqualsDenseStep) {
+TEST(SparseExpertGrads, SparseStepEqualsDenseStep) {
   const int64_t T = 13, d = 19;
   const std::vector<int32_t> ids = [] {
     std::vector<int32_t> v;
@@ -721,7 +721,7 @@ TEST(ExpertGradients, SparseStepEqualsDenseStep) {
     const ExpertPairs p = few_experts_pairs(T);
     Matrix out(T, d), dx(T, d);
     std::vector<float> d_gate;
-    const ExpertGradients g = s.backward(x, p, s.forward(x, p, out), dy, d_gate, dx);
+    const SparseExpertGrads g = s.backward(x, p, s.forward(x, p, out), dy, d_gate, dx);
     ExpertShard sparse = s, dense = s;
     sparse.apply_sgd(g, 0.37f);
     dense.apply(s.to_dense(g), -0.37f);
@@ -740,18 +740,19 @@ TEST(ExpertGradients, SparseStepEqualsDenseStep) {
   }
 }
 
-TEST(ExpertGradients, BadGradientsAreRefused) {
+TEST(SparseExpertGrads, BadGradientsAreRefused) {
   const int64_t d = 3, h = 2;
   ExpertShard s = ExpertShard::random({d, h, Activation::kGelu}, {2, 6, 9}, 60);
   const std::vector<float> rows(2 * d * h, 0.5f);
-  AIRMOE_EXPECT_THROW_MSG(s.apply(ExpertGradients{{2, 5}, rows, rows}, 1.0f), std::invalid_argument,
+  AIRMOE_EXPECT_THROW_MSG(s.apply(SparseExpertGrads{{2, 5}, rows, rows}, 1.0f),
+                          std::invalid_argument,
                           "ExpertShard::apply: grads ids[1] = expert 5 is not hosted");
-  AIRMOE_EXPECT_THROW_MSG(s.apply_sgd(ExpertGradients{{6, 2}, rows, rows}, 1.0f),
+  AIRMOE_EXPECT_THROW_MSG(s.apply_sgd(SparseExpertGrads{{6, 2}, rows, rows}, 1.0f),
                           std::invalid_argument, "ids must be ascending and distinct");
-  AIRMOE_EXPECT_THROW_MSG(s.to_dense(ExpertGradients{{2}, rows, rows}), std::invalid_argument,
+  AIRMOE_EXPECT_THROW_MSG(s.to_dense(SparseExpertGrads{{2}, rows, rows}), std::invalid_argument,
                           "ExpertShard::to_dense: grads of 1 experts have 12 and 12 entries, "
                           "expected 6 each");
-  AIRMOE_EXPECT_THROW_MSG(s.apply(ExpertGrads{rows, rows}, 1.0f), std::invalid_argument,
+  AIRMOE_EXPECT_THROW_MSG(s.apply(DenseExpertGrads{rows, rows}, 1.0f), std::invalid_argument,
                           "ExpertShard::apply: grads have 12 and 12 entries, expected 18");
 }
 

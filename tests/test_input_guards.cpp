@@ -165,7 +165,7 @@ TEST(InputGuards, DistributedRouterRefusesOverflowTogether) {
     Matrix mine = test::copy_matrix(g.tokens_of(comm.rank(), 3));
     if (comm.rank() == 1) mine(0, 2) = -3e38f;
     try {
-      router.route(mine.view(), 3, 2);
+      router.route_batch(mine.view(), 3, 2);
     } catch (const UsageError& e) {
       caught[comm.rank()] = std::string("usage: ") + e.what();
     } catch (const PeerError& e) {

@@ -5,10 +5,13 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
+#include <type_traits>
 
 #include "comm/in_process.h"
 #include "moe_fixture.h"
 #include "runtime/simulator.h"
+#include "runtime/wire.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -39,7 +42,7 @@ Matrix upstream(const GlobalData& g) {
 
 MoELayer make_layer(comm::Communicator& comm, const GlobalData& g, Strategy s,
                     PlacementPolicy policy, const MoEConfig& cfg) {
-  const runtime::Plan plan =
+  const runtime::PlacementPlan plan =
       runtime::plan_and_broadcast(comm, policy, g.codebook, g.lists(), g.load);
   return MoELayer(comm, s, cfg, g.codebook, g.assignment, plan.placement, g.data.centers.view(),
                   /*expert_seed=*/123);
@@ -51,7 +54,8 @@ class LayerEqualsReference
 TEST_P(LayerEqualsReference, ForwardAndEveryGradient) {
   const auto [P, strategy, policy] = GetParam();
   const GlobalData& g = data();
-  const MoEConfig cfg = config();
+  MoEConfig cfg = config();
+  cfg.dense_expert_grads = true;  // the checks below read the dense layout
   const Matrix dy = upstream(g);
   const test::ReferenceResult ref = test::reference_layer(g, strategy, cfg, 123, dy.view());
   const int64_t d = g.data.tokens.cols(), h = cfg.expert.hidden;
@@ -60,24 +64,28 @@ TEST_P(LayerEqualsReference, ForwardAndEveryGradient) {
   comm::run_ranks(P, [&](comm::Communicator& comm) {
     MoELayer layer = make_layer(comm, g, strategy, policy, cfg);
     const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
-    runtime::DispatchPlan plan;
-    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+    const Matrix& out = fwd.output;
     const MatrixView my_dy(dy.row(b), e - b, d);
-    const runtime::MoEGradients grads = layer.backward(plan, my_dy);
+    const runtime::MoEGradients grads = layer.backward(fwd.handle, my_dy);
     const size_t n = static_cast<size_t>((e - b) * d);
     EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), n), 1e-5)
         << "output, rank " << comm.rank();
     EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), n), 1e-5)
         << "d_tokens, rank " << comm.rank();
-    // Expert parameter gradients: each hosted expert's rows of the reference.
+    // Expert parameter gradients, asked for in the dense layout: each hosted
+    // expert's rows of the reference.
+    ASSERT_EQ(grads.dense_experts.w1.size(), static_cast<size_t>(layer.experts().size() * h * d));
     for (int64_t i = 0; i < layer.experts().size(); ++i) {
       const int32_t id = layer.experts().ids()[i];
       const size_t w = static_cast<size_t>(h * d);
-      EXPECT_LE(test::rel_error(grads.experts.w1.data() + i * w, ref.experts.w1.data() + id * w, w),
-                1e-5)
+      EXPECT_LE(
+          test::rel_error(grads.dense_experts.w1.data() + i * w, ref.experts.w1.data() + id * w, w),
+          1e-5)
           << "dW1 of expert " << id;
-      EXPECT_LE(test::rel_error(grads.experts.w2.data() + i * w, ref.experts.w2.data() + id * w, w),
-                1e-5)
+      EXPECT_LE(
+          test::rel_error(grads.dense_experts.w2.data() + i * w, ref.experts.w2.data() + id * w, w),
+          1e-5)
           << "dW2 of expert " << id;
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -116,11 +124,10 @@ TEST(MoELayer, AirWithAllProbesEqualsDenseReplicated) {
   const int P = 3;
   std::vector<Matrix> air(P), dense(P);
   comm::run_ranks(P, [&](comm::Communicator& comm) {
-    runtime::DispatchPlan plan;
     MoELayer a = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, cfg);
-    air[comm.rank()] = a.forward(g.tokens_of(comm.rank(), P), plan);
+    air[comm.rank()] = a.forward(g.tokens_of(comm.rank(), P)).output;
     MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
-    dense[comm.rank()] = b.forward(g.tokens_of(comm.rank(), P), plan);
+    dense[comm.rank()] = b.forward(g.tokens_of(comm.rank(), P)).output;
   });
   for (int r = 0; r < P; ++r) EXPECT_EQ(air[r].storage(), dense[r].storage()) << "rank " << r;
 }
@@ -133,22 +140,26 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
   const int P = 4;
   std::vector<int64_t> air_bytes(P), dense_bytes(P), dense_msgs(P);
   comm::run_ranks(P, [&](comm::Communicator& comm) {
-    runtime::DispatchPlan plan;
     MoELayer a = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kLocality, cfg);
     comm.meter().reset();
-    a.forward(g.tokens_of(comm.rank(), P), plan);
+    const Routes routes = a.forward(g.tokens_of(comm.rank(), P)).handle.routes();
     air_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
+    // One record per (token, other rank serving it), one pair per expert there.
     int64_t pairs_remote = 0, records_remote = 0;
-    for (int64_t t = 0; t < plan.routes.tokens; ++t)
-      for (int64_t i = plan.target_offsets[t]; i < plan.target_offsets[t + 1]; ++i)
-        if (plan.targets[i] != comm.rank()) {
-          ++records_remote;
-          pairs_remote += plan.slot_offsets[i + 1] - plan.slot_offsets[i];
-        }
+    for (int64_t t = 0; t < routes.tokens; ++t) {
+      std::set<int32_t> remote;
+      for (int j = 0; j < routes.k; ++j) {
+        const int32_t owner = a.placement().owner(routes.experts_of(t)[j]);
+        if (owner == comm.rank()) continue;
+        remote.insert(owner);
+        ++pairs_remote;
+      }
+      records_remote += static_cast<int64_t>(remote.size());
+    }
     EXPECT_EQ(air_bytes[comm.rank()], 8 * records_remote + 8 * pairs_remote);
     MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kLocality, cfg);
     comm.meter().reset();
-    b.forward(g.tokens_of(comm.rank(), P), plan);
+    b.forward(g.tokens_of(comm.rank(), P));
     dense_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
   });
   for (int r = 0; r < P; ++r) EXPECT_LT(air_bytes[r], dense_bytes[r]);
@@ -172,20 +183,35 @@ TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
         out[layer.experts().ids()[i]] = v;
       }
     };
-    runtime::DispatchPlan plan;
-    before[comm.rank()] = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+    before[comm.rank()] = std::move(fwd.output);
     snapshot(params_before[comm.rank()]);
+    const std::vector<int32_t> hosted_before = layer.hosted();
     comm.meter().reset();
-    layer.replan(PlacementPolicy::kLocality, g.load);
+    const runtime::PlacementPlan next = layer.replan(PlacementPolicy::kLocality, g.load);
+    // Migration is one sparse exchange: a message to each rank that gains
+    // experts from this one, exactly their records, no counts to the others.
+    std::vector<comm::TrafficCounts> want(static_cast<size_t>(P));
+    for (const int32_t id : hosted_before) {
+      const int to = next.placement.owner(id);
+      if (to != comm.rank())
+        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.hidden, cfg.expert.dim);
+    }
+    for (int q = 0; q < P; ++q) {
+      if (want[q].bytes > 0) want[q].messages = 1;
+      EXPECT_EQ(comm.meter().sent("migration", q), want[q])
+          << "rank " << comm.rank() << " to " << q;
+    }
+    EXPECT_EQ(comm.meter().sent("migration:counts"), comm::TrafficCounts{});
+    EXPECT_EQ(comm.meter().sent("migration:barrier").messages, comm::barrier_rounds(P));
     if (P > 1) {
       EXPECT_GT(comm.meter().sent("migration").bytes, 0);
     }
-    // The plan from before the re-plan is refused, on every rank.
-    AIRMOE_EXPECT_THROW_MSG(layer.backward(plan, g.tokens_of(comm.rank(), P)),
+    // The handle from before the re-plan is refused, on every rank.
+    AIRMOE_EXPECT_THROW_MSG(layer.backward(fwd.handle, g.tokens_of(comm.rank(), P)),
                             std::invalid_argument, "another placement");
     snapshot(params_after[comm.rank()]);
-    runtime::DispatchPlan plan2;
-    after[comm.rank()] = layer.forward(g.tokens_of(comm.rank(), P), plan2);
+    after[comm.rank()] = layer.forward(g.tokens_of(comm.rank(), P)).output;
   });
   std::map<int32_t, std::vector<float>> all_before, all_after;
   for (int r = 0; r < P; ++r) {
@@ -201,7 +227,7 @@ TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
 
 TEST(MoELayer, AllTokensOnOneRanksExpertsAndIdleRanks) {
   // Every expert on rank 1: it serves every pair (no capacity limit, nothing
-  // dropped: buffers are sized from the plan's exact counts).
+  // dropped: buffers are sized from the dispatch's exact counts).
   const GlobalData& g = data();
   const MoEConfig cfg = config();
   const Matrix dy = upstream(g);
@@ -212,11 +238,12 @@ TEST(MoELayer, AllTokensOnOneRanksExpertsAndIdleRanks) {
         P, std::vector<int32_t>(static_cast<size_t>(g.data.centers.rows()), 1), g.lists());
     MoELayer layer(comm, Strategy::kAir, cfg, g.codebook, g.assignment, placement,
                    g.data.centers.view(), 123);
-    runtime::DispatchPlan plan;
     const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
-    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P), plan);
+    comm.meter().reset();
+    const Matrix out = layer.forward(g.tokens_of(comm.rank(), P)).output;
     EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), out.size()), 1e-5);
-    EXPECT_EQ(plan.inputs.rows() > 0, comm.rank() == 1);
+    // Only rank 1 serves, so only it sends output rows home.
+    EXPECT_EQ(comm.meter().sent("combine").bytes > 0, comm.rank() == 1);
   });
 }
 
@@ -236,6 +263,65 @@ TEST(MoELayer, MismatchedExpertShapesBetweenRanksAreRefused) {
   for (const auto& m : messages) EXPECT_NE(m.find("rank 2 differs"), std::string::npos) << m;
 }
 
+// Backward returns the touched experts' gradients; the dense layout only
+// when the configuration asks for it, and then it is to_dense of the
+// touched ones, bit for bit.
+TEST(MoELayer, DenseExpertGradientsOnlyWhenAskedFor) {
+  const GlobalData& g = data();
+  EXPECT_FALSE(MoEConfig{}.dense_expert_grads);
+  const Matrix dy = upstream(g);
+  const int P = 2;
+  for (bool dense : {false, true}) {
+    MoEConfig cfg = config();
+    cfg.dense_expert_grads = dense;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      MoELayer layer = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, cfg);
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+      runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+      const runtime::MoEGradients grads =
+          layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, dy.cols()));
+      EXPECT_GT(grads.touched_experts.size(), 0) << "rank " << comm.rank();
+      if (!dense) {
+        EXPECT_TRUE(grads.dense_experts.w1.empty());
+        EXPECT_TRUE(grads.dense_experts.w2.empty());
+        return;
+      }
+      const runtime::DenseExpertGrads want = layer.experts().to_dense(grads.touched_experts);
+      EXPECT_EQ(grads.dense_experts.w1, want.w1);
+      EXPECT_EQ(grads.dense_experts.w2, want.w2);
+    });
+  }
+}
+
+// The dispatch handle is the layer's: move-only, and an empty one (moved
+// from, or never returned by forward) is refused, by backward on every rank
+// together.
+static_assert(!std::is_copy_constructible_v<runtime::DispatchHandle>);
+static_assert(std::is_nothrow_move_constructible_v<runtime::DispatchHandle>);
+
+TEST(MoELayer, EmptyDispatchHandleIsRefusedOnEveryRank) {
+  const GlobalData& g = data();
+  const int P = 3;
+  std::vector<std::string> messages(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, config());
+    runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+    runtime::DispatchHandle kept = std::move(fwd.handle);
+    EXPECT_TRUE(kept.valid());
+    EXPECT_FALSE(fwd.handle.valid());  // NOLINT(bugprone-use-after-move): what is tested
+    AIRMOE_EXPECT_THROW_MSG(runtime::DispatchHandle().routes(), UsageError, "the handle is empty");
+    runtime::DispatchHandle& used = comm.rank() == 1 ? fwd.handle : kept;
+    try {
+      layer.backward(used, fwd.output.view());
+    } catch (const std::invalid_argument& e) {
+      messages[comm.rank()] = e.what();
+    }
+  });
+  for (int r = 0; r < P; ++r)
+    EXPECT_NE(messages[r].find("rank 1: DispatchHandle: the handle is empty"), std::string::npos)
+        << "rank " << r << ": " << messages[r];
+}
+
 TEST(MoELayer, BadInputFailsEveryRank) {
   const GlobalData& g = data();
   const MoEConfig cfg = config();
@@ -243,11 +329,10 @@ TEST(MoELayer, BadInputFailsEveryRank) {
   std::vector<std::string> messages(P);
   comm::run_ranks(P, [&](comm::Communicator& comm) {
     MoELayer layer = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
-    runtime::DispatchPlan plan;
-    layer.forward(g.tokens_of(comm.rank(), P), plan);
-    Matrix wrong(plan.routes.tokens + (comm.rank() == 1 ? 1 : 0), g.data.tokens.cols());
+    runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+    Matrix wrong(fwd.handle.routes().tokens + (comm.rank() == 1 ? 1 : 0), g.data.tokens.cols());
     try {
-      layer.backward(plan, wrong.view());
+      layer.backward(fwd.handle, wrong.view());
     } catch (const std::invalid_argument& e) {
       messages[comm.rank()] = e.what();
     }
@@ -277,9 +362,8 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
         if (comm.rank() == 0) placement = layer.placement();
         const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
         comm.meter().reset();
-        runtime::DispatchPlan plan;
-        layer.forward(g.tokens_of(comm.rank(), P), plan);
-        layer.backward(plan, MatrixView(dy.row(b), e - b, dy.cols()));
+        runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+        layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, dy.cols()));
         for (const auto& phase : comm.meter().phases())
           real[comm.rank()][phase] = comm.meter().sent(phase);
       });
@@ -335,8 +419,7 @@ TEST(MoELayer, MovedCentersReachRoutingOnEveryStrategy) {
       layer.set_local_centers(local.view());  // unchanged now: only the flag exchange
       synced[comm.rank()] =
           comm.meter().sent("center_sync").bytes + comm.meter().sent("list_sync").bytes;
-      runtime::DispatchPlan plan;
-      const Matrix out = layer.forward(data().tokens_of(comm.rank(), P), plan);
+      const Matrix out = layer.forward(data().tokens_of(comm.rank(), P)).output;
       const auto [b, e] = GlobalData::token_range(data().data.tokens.rows(), comm.rank(), P);
       err[comm.rank()] = test::rel_error(out.data(), ref.out.row(b), out.size());
     });
@@ -386,9 +469,10 @@ TEST(MoELayer, TwoTokensOnFourRanksAndFewerExpertsThanRanks) {
     comm::run_ranks(4, [&](comm::Communicator& comm) {
       MoELayer layer = make_layer(comm, few, s, PlacementPolicy::kRoundRobin, cfg);
       const auto [b, e] = GlobalData::token_range(2, comm.rank(), 4);
-      runtime::DispatchPlan plan;
-      const Matrix out = layer.forward(few.tokens_of(comm.rank(), 4), plan);
-      const runtime::MoEGradients grads = layer.backward(plan, MatrixView(dy.row(b), e - b, 8));
+      runtime::ForwardResult fwd = layer.forward(few.tokens_of(comm.rank(), 4));
+      const Matrix& out = fwd.output;
+      const runtime::MoEGradients grads =
+          layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, 8));
       if (e > b) {
         EXPECT_LE(test::rel_error(out.data(), ref.out.row(b), out.size()), 1e-5);
         EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), out.size()), 1e-5);
@@ -409,9 +493,9 @@ TEST(MoELayer, CodebookSyncThenReplanRoutesWithTheNewCodebook) {
         P, [&](comm::Communicator& comm) { test::check_codebook_sync_then_replan(comm, data()); });
 }
 
-TEST(MoELayer, StepStatsComeBackInThePlan) {
-  comm::run_ranks(2,
-                  [&](comm::Communicator& comm) { test::check_step_stats_in_plan(comm, data()); });
+TEST(MoELayer, StepStatsComeBackInTheHandle) {
+  comm::run_ranks(
+      2, [&](comm::Communicator& comm) { test::check_step_stats_in_handle(comm, data()); });
 }
 
 TEST(MoELayer, OverflowingLogitsFailEveryRankTogether) {
@@ -426,9 +510,8 @@ TEST(MoELayer, OverflowingLogitsFailEveryRankTogether) {
   comm::run_ranks(P, [&](comm::Communicator& comm) {
     MoELayer layer = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
     Matrix x(2, g.data.tokens.cols(), 3e38f);
-    runtime::DispatchPlan plan;
     try {
-      layer.forward(x.view(), plan);
+      layer.forward(x.view());
     } catch (const std::invalid_argument& e) {
       messages[comm.rank()] = e.what();
     }

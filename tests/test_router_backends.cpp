@@ -48,7 +48,7 @@ class RouterOnBackend : public test::BackendTest {
     expect_same(got.logits, want.logits, what + ": logits", false);
     expect_same(got.shortlist_size, want.shortlist_size, what + ": shortlist sizes", false);
     expect_same(got.probe_offsets, want.probe_offsets, what + ": probe offsets", false);
-    expect_same(got.probes, want.probes, what + ": probes", false);
+    expect_same(got.probed_codewords, want.probed_codewords, what + ": probed codewords", false);
     expect_same(got.gates, want.gates, what + ": gates", true);
     expect_same(got.log_normalizer, want.log_normalizer, what + ": normalizers", true);
   }
@@ -218,8 +218,8 @@ TEST_P(RouterOnBackend, ExpertShardEqualsHost) {
     expect_same(test::values(cd.pre.view()), test::values(ch.pre.view()), what + " pre", false);
     expect_same(test::values(out_d.view()), test::values(out_h.view()), what + " out", !exact);
     std::vector<float> g_h, g_d;
-    const runtime::ExpertGradients gh = host.backward(x.view(), pairs, ch, dy.view(), g_h, dx_h);
-    const runtime::ExpertGradients gd = dev.backward(x.view(), pairs, cd, dy.view(), g_d, dx_d);
+    const runtime::SparseExpertGrads gh = host.backward(x.view(), pairs, ch, dy.view(), g_h, dx_h);
+    const runtime::SparseExpertGrads gd = dev.backward(x.view(), pairs, cd, dy.view(), g_d, dx_d);
     expect_same(g_d, g_h, what + " d_gate", !exact);
     expect_same(test::values(dx_d.view()), test::values(dx_h.view()), what + " dx", !exact);
     EXPECT_EQ(gd.ids, gh.ids);

@@ -216,8 +216,8 @@ TEST_P(BiasOnBackend, ALargeBiasForcesAnExpertInOrOut) {
   const Routes one = air.route(s.tokens.view(), k, 1);
   for (int64_t t = 0; t < T; ++t) {
     const bool probed =
-        std::count(one.probes.begin() + one.probe_offsets[t],
-                   one.probes.begin() + one.probe_offsets[t + 1], list_of_unused) > 0;
+        std::count(one.probed_codewords.begin() + one.probe_offsets[t],
+                   one.probed_codewords.begin() + one.probe_offsets[t + 1], list_of_unused) > 0;
     EXPECT_EQ(one.experts_of(t)[0] == unused, probed) << "token " << t;
   }
 }

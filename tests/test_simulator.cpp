@@ -156,7 +156,8 @@ TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
           dispatch);
       EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch) << runtime::to_string(s);
       if (s == Strategy::kDenseReplicated) continue;
-      add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probes, block, P),
+      add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
+                                          block, P),
           requests);
       EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
       EXPECT_GT(requests.bytes, 0);

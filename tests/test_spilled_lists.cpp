@@ -244,8 +244,8 @@ TEST(AirRouterSpill, ShortlistIsTheDistinctMembersOfTheProbedLists) {
       const Routes r = air.route(tokens.view(), c.k, m, GateMode::kShortlist);
       double total = 0.0;
       for (int64_t t = 0; t < c.T; ++t) {
-        const std::set<int32_t> probed(r.probes.begin() + r.probe_offsets[t],
-                                       r.probes.begin() + r.probe_offsets[t + 1]);
+        const std::set<int32_t> probed(r.probed_codewords.begin() + r.probe_offsets[t],
+                                       r.probed_codewords.begin() + r.probe_offsets[t + 1]);
         std::vector<int32_t> members;
         for (int64_t e = 0; e < c.E; ++e)
           if (std::any_of(of[e].begin(), of[e].end(), [&](int32_t l) { return probed.count(l); }))

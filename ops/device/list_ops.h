@@ -180,7 +180,7 @@ struct ProbeKeys {
 // the lists that outrank it (router/spilled_lists.h).
 struct ScannedBlocks {
   const int64_t* probe_offsets;
-  const int32_t* probes;
+  const int32_t* probed_codewords;
   Vec<const int64_t> list_blocks;
   Vec<const int64_t> block_offsets;
   Vec<const int64_t> outranking_offsets;
@@ -208,7 +208,7 @@ struct ScannedBlocks {
   template <typename Visit>
   AIRMOE_HD void visit(int64_t t, Visit& v) const {
     for (int64_t q = probe_offsets[t]; q < probe_offsets[t + 1]; ++q) {
-      const int32_t c = probes[q];
+      const int32_t c = probed_codewords[q];
       for (int64_t s = list_blocks[c]; s < list_blocks[c + 1]; ++s)
         if (!outranked(t, s)) v(s, block_offsets[s + 1] - block_offsets[s]);
     }

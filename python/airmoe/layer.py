@@ -11,7 +11,7 @@ and the backward run in C++ over MPI. forward() and the backward are
 collectives: every rank of the communicator must call them, in the same
 order (a rank whose loss does not use the output must still backward, e.g.
 ``(out * 0).sum().backward()``), or the job hangs. One backward per forward
-(the C++ dispatch plan is consumed; ``retain_graph=True`` double backward is
+(the C++ dispatch handle is consumed; ``retain_graph=True`` double backward is
 refused). float32 CPU tensors only.
 
 Strategies (see runtime/moe_layer.h): ``"air"`` (distributed inverted-index
@@ -160,7 +160,7 @@ def _checkpoint_path(path, what):
 
 
 class _LayerFunction(torch.autograd.Function):
-    """out = MoE(hidden); backward in C++ along the forward's dispatch plan."""
+    """out = MoE(hidden); backward in C++ along the forward's dispatch handle."""
 
     @staticmethod
     def forward(ctx, impl, hidden, w1, w2, centers_local):
@@ -177,7 +177,7 @@ class _LayerFunction(torch.autograd.Function):
 
         def check():
             if ctx.plan is None:
-                raise RuntimeError("MoELayer: one backward per forward (the C++ dispatch plan "
+                raise RuntimeError("MoELayer: one backward per forward (the C++ dispatch handle "
                                    "is consumed); retain_graph=True double backward is not "
                                    "supported")
 

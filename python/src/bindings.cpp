@@ -469,10 +469,10 @@ class ProductKeyIndex {
 // Python hands in (mpi4py: the address of its MPI_Comm handle). Every method
 // is collective: every rank of the communicator calls it, in the same order.
 
-// What forward() hands back for backward(): the C++ DispatchPlan plus the
-// tokens array it reads (the plan keeps a view of it, so it is kept alive).
+// What forward() hands back for backward(): the C++ dispatch handle plus the
+// tokens array of its forward (kept alive with it).
 struct LayerPlanHandle {
-  runtime::DispatchPlan plan;
+  runtime::DispatchHandle handle;
   py::object tokens;
   bool used = false;
 };
@@ -592,13 +592,14 @@ class MoELayerImpl {
   py::tuple forward(const py::array& tokens) {
     auto h = std::make_shared<LayerPlanHandle>();
     h->tokens = tokens;
-    Matrix out = collective("forward", [&] {
+    runtime::ForwardResult out = collective("forward", [&] {
       MatrixView t;
       comm::check_together(*comm_, "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
       py::gil_scoped_release release;
-      return layer_->forward(t, h->plan);
+      return layer_->forward(t);
     });
-    return py::make_tuple(owned(std::move(out)), std::move(h));
+    h->handle = std::move(out.handle);
+    return py::make_tuple(owned(std::move(out.output)), std::move(h));
   }
 
   // (d_tokens [T, d], dW1 [hosted, h, d], dW2 [hosted, d, h], (center ids, rows))
@@ -610,15 +611,18 @@ class MoELayerImpl {
         dy = as_view(d_out, "d_out");
       });
       py::gil_scoped_release release;
-      return layer_->backward(h.plan, dy);
+      runtime::MoEGradients grads = layer_->backward(h.handle, dy);
+      // Autograd takes the hosted experts' layout, whatever the config asks.
+      grads.dense_experts = layer_->experts().to_dense(grads.touched_experts);
+      return grads;
     });
     h.used = true;
     const auto n = static_cast<py::ssize_t>(layer_->experts().size());
     const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
     const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
-    return py::make_tuple(owned(std::move(g.d_tokens)), owned(std::move(g.experts.w1), {n, hid, d}),
-                          owned(std::move(g.experts.w2), {n, d, hid}),
-                          sparse_result(std::move(g.d_centers)));
+    return py::make_tuple(
+        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, hid, d}),
+        owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
   }
 
   // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
@@ -747,12 +751,12 @@ PYBIND11_MODULE(_airmoe, m) {
            py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"));
 
   py::class_<LayerPlanHandle, std::shared_ptr<LayerPlanHandle>>(
-      m, "LayerPlan", "The C++ dispatch plan of one MoELayer forward, kept for its backward.")
+      m, "LayerPlan", "The C++ dispatch handle of one MoELayer forward, kept for its backward.")
       .def_property_readonly("tokens",
-                             [](const LayerPlanHandle& h) { return h.plan.routes.tokens; })
+                             [](const LayerPlanHandle& h) { return h.handle.routes().tokens; })
       .def_property_readonly("experts", [](const LayerPlanHandle& h) {
-        return copied(h.plan.routes.experts,
-                      {static_cast<py::ssize_t>(h.plan.routes.tokens), h.plan.routes.k});
+        const Routes& r = h.handle.routes();
+        return copied(r.experts, {static_cast<py::ssize_t>(r.tokens), r.k});
       });
 
   py::class_<MoELayerImpl>(m, "MoELayerImpl",

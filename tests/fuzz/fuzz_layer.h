@@ -65,10 +65,10 @@ struct FuzzLayer {
   std::vector<float> step(comm::Communicator& comm, runtime::Strategy strategy, bool replan) const {
     runtime::MoELayer layer(comm, strategy, config(), codebook, assignment, placement(comm.size()),
                             data.centers.view(), 7);
-    runtime::DispatchPlan plan;
-    const Matrix out = layer.forward(tokens_of(comm.rank(), comm.size()), plan);
+    runtime::ForwardResult fwd = layer.forward(tokens_of(comm.rank(), comm.size()));
+    const Matrix& out = fwd.output;
     const Matrix dy(out.rows(), out.cols(), 0.5f);
-    const runtime::MoEGradients grads = layer.backward(plan, dy.view());
+    const runtime::MoEGradients grads = layer.backward(fwd.handle, dy.view());
     if (replan)
       layer.replan(runtime::PlacementPolicy::kList,
                    std::vector<double>(static_cast<size_t>(codebook.size()), 1.0));

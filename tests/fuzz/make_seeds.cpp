@@ -45,12 +45,6 @@ class Recorder final : public comm::Communicator {
   void allreduce_sum(int64_t* data, size_t count) override { inner_.allreduce_sum(data, count); }
   void allreduce_max(double* data, size_t count) override { inner_.allreduce_max(data, count); }
   void allreduce_min(double* data, size_t count) override { inner_.allreduce_min(data, count); }
-  std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override {
-    std::vector<std::vector<char>> recv = inner_.alltoallv(send);
-    for (int q = 0; q < size(); ++q)
-      if (q != rank()) record(recv[q].data(), recv[q].size());
-    return recv;
-  }
   void exchange(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv) override {
     inner_.exchange(send, recv);
     for (int q = 0; q < size(); ++q)

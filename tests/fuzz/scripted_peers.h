@@ -49,10 +49,19 @@ class ScriptedPeers final : public comm::Communicator {
   }
   void allreduce_max(double*, size_t) override {}
   void allreduce_min(double*, size_t) override {}
-  std::vector<std::vector<char>> alltoallv(const std::vector<std::vector<char>>& send) override {
-    std::vector<std::vector<char>> recv(static_cast<size_t>(ranks_));
-    for (int q = 0; q < ranks_; ++q) recv[q] = q == me_ ? send[q] : next_chunk();
-    return recv;
+  // This rank's own segment stays; every other rank's is the next chunk.
+  void exchange(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv) override {
+    check_exchange_buffers(send, recv);
+    std::vector<std::vector<char>> from(static_cast<size_t>(ranks_));
+    std::vector<int64_t> bytes(static_cast<size_t>(ranks_));
+    for (int q = 0; q < ranks_; ++q) {
+      const std::span<const char> own = send.segment(q);
+      from[q] = q == me_ ? std::vector<char>(own.begin(), own.end()) : next_chunk();
+      bytes[q] = static_cast<int64_t>(from[q].size());
+    }
+    recv.reset(bytes);
+    for (int q = 0; q < ranks_; ++q)
+      if (!from[q].empty()) std::memcpy(recv.begin(q), from[q].data(), from[q].size());
   }
 
  private:

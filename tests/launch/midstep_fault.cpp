@@ -25,9 +25,8 @@ constexpr int kBadStep = 3;
 // One step's outcome, as the line the script reads.
 std::string step(runtime::MoELayer& layer, MatrixView tokens, MatrixView d_out) {
   try {
-    runtime::DispatchPlan plan;
-    layer.forward(tokens, plan);
-    layer.backward(plan, d_out);
+    runtime::ForwardResult fwd = layer.forward(tokens);
+    layer.backward(fwd.handle, d_out);
     return "ok";
   } catch (const PeerError& e) {
     return "PeerError (failed rank " + std::to_string(e.failed_rank()) + "): " + e.what();
@@ -39,8 +38,8 @@ std::string step(runtime::MoELayer& layer, MatrixView tokens, MatrixView d_out) 
 int run(comm::Communicator& comm, runtime::Strategy strategy) {
   const int P = comm.size(), me = comm.rank();
   const test::GlobalData g = test::GlobalData::make();
-  const runtime::Plan plan = runtime::plan_and_broadcast(comm, runtime::PlacementPolicy::kLocality,
-                                                         g.codebook, g.lists(), g.load);
+  const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
+      comm, runtime::PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
   runtime::MoEConfig cfg;
   cfg.k = 4;
   cfg.probes = 3;

@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "consumer_cxx: AIR with m = C differs from dense routing\n");
     return 1;
   }
-  const runtime::Plan plan =
+  const runtime::PlacementPlan plan =
       runtime::plan_placement(runtime::PlacementPolicy::kList, 4, air.codebook(), air.lists(),
                               std::vector<double>(static_cast<size_t>(air.codewords()), 1.0));
   std::printf("consumer_cxx: airmoe %s, %lld tokens routed, 4 ranks host %lld experts\n",

@@ -1,0 +1,177 @@
+// Collective checks of the distributed router, written once and run on both
+// transports: with ranks as threads (test_runtime.cpp, comm::run_ranks) and
+// over MPI (test_runtime_mpi.cpp, mpiexec), as comm_checks.h does for the
+// communicators. Each takes this rank's communicator, is called by every
+// rank together, and checks with EXPECTs (never ASSERTs, so that no rank
+// leaves a collective sequence early).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "router/dense_router.h"
+#include "runtime_fixture.h"
+#include "test_util.h"
+
+namespace airmoe::test {
+
+// Every rank's routes equal the single-process AirRouter's rows of its
+// tokens, bit for bit, at m = 1, 3 and C (m = C: the dense router's); the
+// scoring ranks hand back the token vectors they received.
+inline void check_routes_equal_single_process(comm::Communicator& comm, const GlobalData& g,
+                                              runtime::PlacementPolicy policy) {
+  const AirRouter air(g.data.centers.view(), g.codebook);
+  const int P = comm.size(), k = 4;
+  const int C = static_cast<int>(g.codebook.size());
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  runtime::DistributedRouter router = g.make_router(comm, policy);
+  for (int m : {1, 3, C}) {
+    const runtime::RouteResult r = router.route_batch(g.tokens_of(comm.rank(), P), k, m);
+    const RouteRows got = RouteRows::of(r.routes, 0, r.routes.tokens);
+    const RouteRows want = RouteRows::of(air.route(g.data.tokens.view(), k, m), b, e);
+    const std::string where = std::string(runtime::to_string(policy)) + " P=" + std::to_string(P) +
+                              " rank " + std::to_string(comm.rank()) + " m=" + std::to_string(m);
+    EXPECT_EQ(got.experts, want.experts) << where;
+    EXPECT_EQ(got.gates, want.gates) << where;
+    if (m == C) {
+      const RouteRows exact =
+          RouteRows::of(DenseRouter(g.data.centers.view()).route(g.data.tokens.view(), k), b, e);
+      EXPECT_EQ(got.experts, exact.experts) << where << ": m = C must be exact routing";
+      EXPECT_EQ(got.gates, exact.gates) << where;
+    }
+    // The scoring ranks keep what they received, for the dispatch to come.
+    EXPECT_EQ(r.received.vectors.rows(), static_cast<int64_t>(r.received.home_rank.size()))
+        << where;
+    EXPECT_EQ(r.received.home_token.size(), r.received.home_rank.size()) << where;
+  }
+}
+
+// With a selection bias (replicated on every rank) and chosen or sigmoid
+// gates: every rank's routes equal the biased single-process AirRouter's, bit
+// for bit, at m = 1, 3 and C, whatever P and the placement.
+inline void check_biased_routes_equal_single_process(comm::Communicator& comm, const GlobalData& g,
+                                                     runtime::PlacementPolicy policy) {
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 2.0, 77);
+  AirRouter air(g.data.centers.view(), g.codebook);
+  const int P = comm.size(), k = 4;
+  const Routes unbiased = air.route(g.data.tokens.view(), k, 3);
+  air.set_bias(bias.view());
+  EXPECT_NE(air.route(g.data.tokens.view(), k, 3).experts, unbiased.experts)
+      << "the bias moved no route";
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  runtime::DistributedRouter router = g.make_router(comm, policy);
+  router.set_bias(bias.view());
+  for (GateMode mode : {GateMode::kChosen, GateMode::kSigmoid})
+    for (int m : {1, 3, static_cast<int>(g.codebook.size())}) {
+      const Routes r = router.route_batch(g.tokens_of(comm.rank(), P), k, m, mode).routes;
+      const RouteRows got = RouteRows::of(r, 0, r.tokens);
+      const RouteRows want = RouteRows::of(air.route(g.data.tokens.view(), k, m, mode), b, e);
+      const std::string where = std::string(runtime::to_string(policy)) +
+                                " P=" + std::to_string(P) + " rank " + std::to_string(comm.rank()) +
+                                " " + to_string(mode) + " m=" + std::to_string(m);
+      EXPECT_EQ(got.experts, want.experts) << where;
+      EXPECT_EQ(got.gates, want.gates) << where;
+    }
+}
+
+// Each rank routes one token at a time; the ranks the meter saw requests go
+// to must be exactly the owners of the probed lists' members (from the
+// placement's owners and the single-process router's probes), each request
+// carrying (token, n) header, n probed codewords and the vector.
+inline void check_requests_reach_exactly_the_candidate_ranks(comm::Communicator& comm,
+                                                             const GlobalData& g) {
+  const AirRouter air(g.data.centers.view(), g.codebook);
+  const InvertedLists lists = g.lists();
+  const int P = comm.size(), k = 4, m = 2;
+  const int64_t d = g.data.tokens.cols();
+  const Routes ref = air.route(g.data.tokens.view(), k, m);
+  runtime::DistributedRouter router = g.make_router(comm, runtime::PlacementPolicy::kLocality);
+  const auto& owners = router.placement().owners();
+  for (int64_t round = 0; round < 5; ++round) {
+    const int64_t t = (round * P + comm.rank()) % g.data.tokens.rows();
+    comm.meter().reset();
+    router.route_batch(MatrixView(g.data.tokens.row(t), 1, d), k, m);
+    // Expected: per peer, the probed codewords it hosts a member of.
+    std::map<int, int64_t> hosted;
+    for (int64_t p = ref.probe_offsets[t]; p < ref.probe_offsets[t + 1]; ++p) {
+      std::set<int> ranks;
+      for (int32_t e : lists.list(ref.probed_codewords[p])) ranks.insert(owners[e]);
+      for (int r : ranks) ++hosted[r];
+    }
+    for (int peer = 0; peer < P; ++peer) {
+      if (peer == comm.rank()) continue;
+      const comm::TrafficCounts sent = comm.meter().sent("requests", peer);
+      const auto it = hosted.find(peer);
+      EXPECT_EQ(sent.messages, it == hosted.end() ? 0 : 1) << "token " << t << " peer " << peer;
+      EXPECT_EQ(sent.bytes, it == hosted.end() ? 0 : 8 + 4 * it->second + 4 * d)
+          << "token " << t << " peer " << peer;
+    }
+  }
+}
+
+// Centers moved, then a distributed codebook sync: the codebook and lists on
+// every rank are the single-process router's after the same update, bit for
+// bit, and so are the routes with them.
+inline void check_codebook_sync_equals_single_process(comm::Communicator& comm,
+                                                      const GlobalData& g) {
+  // Drift: shift every center a little, deterministically.
+  Matrix moved = random_matrix(g.data.centers.rows(), g.data.centers.cols(), 0.3, 99);
+  for (int64_t e = 0; e < moved.rows(); ++e)
+    for (int64_t c = 0; c < moved.cols(); ++c) moved(e, c) += g.data.centers(e, c);
+  AirRouter air(g.data.centers.view(), g.codebook);
+  air.set_centers(moved.view());
+  air.update_codebook(1.0, 3);
+  runtime::DistributedRouter router = g.make_router(comm, runtime::PlacementPolicy::kList);
+  Matrix local(static_cast<int64_t>(router.local_experts().size()), moved.cols());
+  for (size_t i = 0; i < router.local_experts().size(); ++i)
+    std::copy_n(moved.row(router.local_experts()[i]), moved.cols(),
+                local.row(static_cast<int64_t>(i)));
+  router.set_local_centers(local.view());
+  comm.meter().reset();
+  router.sync_codebook(1.0, 3);
+  const std::string where =
+      "P=" + std::to_string(comm.size()) + " rank " + std::to_string(comm.rank());
+  const MatrixView got = router.codebook().codewords(), want = air.codebook().codewords();
+  EXPECT_EQ(std::vector<float>(got.data, got.data + got.rows * got.cols),
+            std::vector<float>(want.data, want.data + want.rows * want.cols))
+      << where;
+  EXPECT_EQ(router.lists().assignment(), air.lists().assignment()) << where;
+  if (comm.size() > 1) {
+    EXPECT_GT(comm.meter().sent("kmeans_sync").bytes, 0) << where;
+  }
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), comm.size());
+  const Routes r = router.route_batch(g.tokens_of(comm.rank(), comm.size()), 4, 2).routes;
+  const Routes want_routes = air.route(g.data.tokens.view(), 4, 2);
+  EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(want_routes, b, e).experts)
+      << where;
+  EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(want_routes, b, e).gates) << where;
+}
+
+// A NaN in one token of the last rank: every rank refuses the call together,
+// naming that rank and the row, and the router still routes afterwards
+// (nothing was left half-sent).
+inline void check_bad_token_fails_every_rank(comm::Communicator& comm, const GlobalData& g) {
+  const int bad_rank = comm.size() - 1;
+  runtime::DistributedRouter router = g.make_router(comm, runtime::PlacementPolicy::kList);
+  Matrix tokens(2, g.data.tokens.cols(), 0.5f);
+  if (comm.rank() == bad_rank) tokens(1, 0) = std::nanf("");
+  try {
+    router.route_batch(tokens.view(), 4, 2);
+    ADD_FAILURE() << "rank " << comm.rank() << ": expected every rank to refuse";
+  } catch (const std::invalid_argument& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("rank " + std::to_string(bad_rank)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("tokens row 1"), std::string::npos) << msg;
+  }
+  const MatrixView mine = g.tokens_of(comm.rank(), comm.size());
+  EXPECT_EQ(router.route_batch(mine, 4, 2).routes.tokens, mine.rows);
+}
+
+}  // namespace airmoe::test
