@@ -36,7 +36,7 @@ from . import _airmoe
 from .layer import MoELayer
 from .megatron import MegatronRouterAdapter, to_megatron
 from .metrics import exact_topk, recall_at_k
-from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_softmax
+from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_sigmoid, chosen_softmax
 
 __version__ = "0.2.0"
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "ProductKeyRouter",
     "MegatronRouterAdapter",
     "MoELayer",
+    "chosen_sigmoid",
     "chosen_softmax",
     "exact_topk",
     "recall_at_k",

@@ -34,8 +34,21 @@ never copies or converts silently.
       z_j = <h, w_j>,  g = softmax(z),  dz_j = g_j (dg_j - sum_i g_i dg_i)
       dh  = sum_j dz_j w_j,  dw_j = dz_j h
 
-Only the 'chosen' gate mode (softmax over the k chosen logits) is exposed
-here.
+Gate modes (``gate_mode=``, an attribute that may change between calls):
+'chosen' (the default: softmax over the k chosen logits) and 'sigmoid'
+(DeepSeek-V3 / GLM-4.5: sigmoid(z_j) of the k chosen, renormalized to sum 1;
+in float64 the softmax of logsigmoid(z), differentiated by autograd). The
+'shortlist' mode of the C++ routers is not offered here.
+
+Selection bias
+--------------
+``bias`` (a buffer, None by default; a float32 CPU tensor [E], float64 in
+the float64 mode, where selection runs on a float32 copy) selects the
+experts by z_e + b_e while the gates come from the unbiased z_e
+(DeepSeek-V3's auxiliary-loss-free balancing; docs/routing.md). It takes no
+gradient. Assign it or change it in place between steps: the C++ router
+takes the new values at the next forward (compared bit for bit, like the
+parameters) and rebuilds nothing else.
 """
 
 import math
@@ -47,7 +60,9 @@ from . import _airmoe
 from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, check_expert_count, check_int,
                        check_seed, check_tensor, initial_centers, view)
 
-__all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
+__all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax", "chosen_sigmoid"]
+
+GATE_MODES = ("chosen", "sigmoid")
 
 
 class _ChosenSoftmax(torch.autograd.Function):
@@ -73,6 +88,17 @@ def chosen_softmax(hidden, rows):
     """Closed-form gates of the chosen experts: hidden [T, d], rows [T, k, d]
     (the chosen experts' center rows, e.g. ``centers[indices]``)."""
     return _ChosenSoftmax.apply(hidden, rows)
+
+
+def chosen_sigmoid(hidden, rows):
+    """Sigmoid gates of the chosen experts, renormalized: softmax of
+    logsigmoid(<hidden, rows[:, j]>) (finite for any finite logit), in torch."""
+    z = torch.einsum("td,tkd->tk", hidden, rows)
+    return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)
+
+
+def _closed_form_gates(gate_mode, hidden, rows):
+    return (chosen_sigmoid if gate_mode == "sigmoid" else chosen_softmax)(hidden, rows)
 
 
 class _CppRoute(torch.autograd.Function):
@@ -114,6 +140,12 @@ class _CppRoute(torch.autograd.Function):
         return (None, d_hidden, *grads)
 
 
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {list(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
 def _check_hidden(hidden, dim, params):
     check_tensor(hidden, "hidden", dim=dim)
     for name, p in params:
@@ -147,12 +179,40 @@ class _Router(nn.Module):
         if self._index is None:  # a copy: rebuilt from its parameters
             self._index = self._new_index()
         self._index.sync(*tensors)
+        self._index.set_bias(self._bias_array())
+
+    def _init_selection(self, gate_mode, bias):
+        self.gate_mode = gate_mode
+        self._checked_gate_mode()
+        self.register_buffer("bias", None if bias is None else torch.as_tensor(bias).clone())
+        self._bias_array()
+
+    def _checked_gate_mode(self):
+        if self.gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode = {self.gate_mode!r} is not one of {GATE_MODES} (the "
+                             "C++ 'shortlist' mode is not offered by the torch routers)")
+        return self.gate_mode
+
+    def _bias_array(self):
+        """The bias as C++ takes it ([E, 1] float32: in place, or a float32 copy of
+        a float64 bias), or None."""
+        b = self.bias
+        if b is None:
+            return None
+        if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.device.type != "cpu" \
+                or b.dtype not in (torch.float32, torch.float64) or not b.is_contiguous():
+            raise ValueError(
+                f"bias must be a 1-D contiguous float32 (or float64) CPU tensor of num_experts = "
+                f"{self.num_experts} entries (or None), got {_describe(b)}")
+        if b.requires_grad:
+            raise ValueError("bias takes no gradient: give a tensor without requires_grad")
+        return view(b.view(-1, 1))
 
     def _checked_k(self):
         return check_int(self.k, "k", 1, self.num_experts)
 
     def _cpp_route(self, tokens):
-        return self._index.route(tokens, self._checked_k())
+        return self._index.route(tokens, self._checked_k(), self._checked_gate_mode())
 
     def _cpp_backward(self, tokens, handle, d_gates, params):
         return self._index.backward(tokens, handle, d_gates, *params)
@@ -161,13 +221,14 @@ class _Router(nn.Module):
 class _CenterRouter(_Router):
     """Shared parts of routers with one center per expert (AIR, dense)."""
 
-    def _init_centers(self, num_experts, dim, k, centers, seed):
+    def _init_centers(self, num_experts, dim, k, centers, seed, gate_mode, bias):
         self.num_experts = check_expert_count(num_experts, "num_experts")
         self.dim = check_int(dim, "dim", 1, INT64_MAX)
         self.seed = check_seed(seed)
         self.k = check_int(k, "k", 1, self.num_experts)
         centers = initial_centers(self.num_experts, self.dim, centers, self.seed).clone()
         self.centers = nn.Parameter(centers)
+        self._init_selection(gate_mode, bias)
 
     def _forward(self, hidden):
         _check_hidden(hidden, self.dim, [("centers", self.centers)])
@@ -178,10 +239,11 @@ class _CenterRouter(_Router):
         with torch.no_grad():
             _, experts = _CppRoute.apply(self, hidden.detach().float().contiguous(),
                                          self.centers.detach())
-        return chosen_softmax(hidden, self.centers[experts]), experts
+        return _closed_form_gates(self.gate_mode, hidden, self.centers[experts]), experts
 
     def extra_repr(self):
-        return f"num_experts={self.num_experts}, dim={self.dim}, k={self.k}"
+        return (f"num_experts={self.num_experts}, dim={self.dim}, k={self.k}, "
+                f"gate_mode={self.gate_mode!r}")
 
 
 class AIRRouter(_CenterRouter):
@@ -209,6 +271,10 @@ class AIRRouter(_CenterRouter):
         spills, spill_lambda: spilled lists: each expert also sits in
             `spills` more lists chosen by SOAR (weight spill_lambda); an
             expert is still scored once per token. Off by default.
+        gate_mode: 'chosen' or 'sigmoid' (module docstring).
+        bias: the selection bias [E] (float32), or None (module docstring).
+            AIR's codebook ranks lists without it; with every list probed
+            (m = C) biased AIR equals biased dense routing.
 
     Integer arguments outside these ranges (or outside the C++ integer
     types: 32-bit k, m, iterations and spills, 64-bit list_cap) raise
@@ -224,9 +290,9 @@ class AIRRouter(_CenterRouter):
 
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
-                 spill_lambda=1.0):
+                 spill_lambda=1.0, gate_mode="chosen", bias=None):
         super().__init__()
-        self._init_centers(num_experts, dim, k, centers, seed)
+        self._init_centers(num_experts, dim, k, centers, seed, gate_mode, bias)
         recommended_c, recommended_m = _airmoe.recommended_air(self.num_experts)
         codewords = check_int(recommended_c if codewords is None else codewords, "codewords C",
                               1, self.num_experts)
@@ -268,7 +334,8 @@ class AIRRouter(_CenterRouter):
 
     def _cpp_route(self, tokens):
         return self._index.route(tokens, self._checked_k(),
-                                 check_int(self.probes, "probes m", 1, self.num_codewords))
+                                 check_int(self.probes, "probes m", 1, self.num_codewords),
+                                 self._checked_gate_mode())
 
     @torch.no_grad()
     def update_codebook(self, step=1.0, updates=1):
@@ -306,9 +373,10 @@ class DenseRouter(_CenterRouter):
     """Exact top-k routing over all E centers (the reference). Arguments and
     parameter sync as for AIRRouter."""
 
-    def __init__(self, num_experts, dim, k, *, centers=None, seed=0):
+    def __init__(self, num_experts, dim, k, *, centers=None, seed=0, gate_mode="chosen",
+                 bias=None):
         super().__init__()
-        self._init_centers(num_experts, dim, k, centers, seed)
+        self._init_centers(num_experts, dim, k, centers, seed, gate_mode, bias)
         self._index = self._new_index()
 
     def _new_index(self):
@@ -328,9 +396,12 @@ class ProductKeyRouter(_Router):
     ``keys1`` [n, d // 2] and ``keys2`` [n, d - d // 2] (nn.Parameters);
     expert i * n + j has the logit <keys1[i], h[:d/2]> + <keys2[j], h[d/2:]>.
     1 <= n <= 46340 (expert ids are 32-bit), d >= 2, 1 <= k <= n^2,
-    0 <= seed < 2^64; parameter sync as for AIRRouter."""
+    0 <= seed < 2^64; parameter sync as for AIRRouter. gate_mode and bias as
+    for AIRRouter; the bias enters after the sub-key stage (it ranks the
+    grid of each half's top min(k, n) sub-keys, docs/routing.md)."""
 
-    def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0):
+    def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0, gate_mode="chosen",
+                 bias=None):
         super().__init__()
         self.subkeys = check_int(subkeys, "subkeys", 1, math.isqrt(MAX_EXPERTS),
                                  " (num_experts = subkeys^2: expert ids are 32-bit)")
@@ -351,6 +422,7 @@ class ProductKeyRouter(_Router):
                 given = given.detach().clone()
             init.append(given)
         self.keys1, self.keys2 = nn.Parameter(init[0]), nn.Parameter(init[1])
+        self._init_selection(gate_mode, bias)
         self._index = self._new_index()
 
     def _new_index(self):
@@ -373,7 +445,8 @@ class ProductKeyRouter(_Router):
                                          self.keys1.detach(), self.keys2.detach())
         rows = torch.cat([self.keys1[experts // self.subkeys],
                           self.keys2[experts % self.subkeys]], dim=-1)
-        return chosen_softmax(hidden, rows), experts
+        return _closed_form_gates(self.gate_mode, hidden, rows), experts
 
     def extra_repr(self):
-        return f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, k={self.k}"
+        return (f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, "
+                f"k={self.k}, gate_mode={self.gate_mode!r}")

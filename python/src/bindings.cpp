@@ -244,6 +244,35 @@ Codebook codebook_from(MatrixView codewords) {
   }
 }
 
+// The selection bias an index routes with ([E, 1] float32 as Python gives
+// it, or none): set on the router where its bits changed, and set again on a
+// router the index rebuilds. Checked by the router (length, finite), so a
+// refused bias leaves both the router and this copy as they were.
+class BiasCopy {
+ public:
+  template <typename Router>
+  void set(Router& router, const py::object& bias) {
+    if (bias.is_none()) {
+      router.clear_bias();
+      values_.reset();
+      return;
+    }
+    const py::array array = bias.cast<py::array>();
+    const MatrixView b = as_view(array, "bias");
+    const std::vector<float> values(b.data, b.data + b.rows * b.cols);
+    if (values_ && values == *values_) return;  // unchanged: nothing to copy or check
+    router.set_bias(b);
+    values_ = values;
+  }
+  template <typename Router>
+  void apply(Router& router) const {
+    if (values_) router.set_bias(bias_view(*values_));
+  }
+
+ private:
+  std::optional<std::vector<float>> values_;
+};
+
 // AirRouter with an unbuilt state: constructed from the configuration alone,
 // built by the first set_centers() (which trains the codebook) or sync().
 class AirIndex {
@@ -287,6 +316,7 @@ class AirIndex {
     if (new_codebook) {
       AirRouter fresh(centers, codebook_from(codewords),
                       ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
+      bias_.apply(fresh);
       router_ = std::move(fresh);
       given_codewords_ = copy_of(codewords);
     } else if (new_centers) {
@@ -309,8 +339,17 @@ class AirIndex {
     given_codewords_ = copy_of(router_->codebook().codewords());  // what Python copies back
   }
 
-  // gate_mode: "chosen" (softmax over the k chosen) or "shortlist" (over
-  // every expert scored); the backward follows the routes' mode.
+  // The selection bias of later routes ([E, 1] float32, or None).
+  void set_bias(const py::object& bias) {
+    std::unique_lock lock(mutex_);
+    if (!router_)
+      throw std::runtime_error(
+          "set_bias: the AIR router has no expert centers yet; call set_centers(centers) first");
+    bias_.set(*router_, bias);
+  }
+
+  // gate_mode: "chosen" (softmax over the k chosen), "shortlist" (over
+  // every expert scored) or "sigmoid"; the backward follows the routes' mode.
   py::tuple route(const py::array& tokens, int k, int probes, const std::string& gate_mode) const {
     const GateMode mode = gate_mode_from_string(gate_mode);
     return routed(tokens, mutex_, generation_,
@@ -369,6 +408,7 @@ class AirIndex {
   int64_t dim_;
   AirConfig config_;
   std::optional<AirRouter> router_;
+  BiasCopy bias_;
   Matrix given_codewords_;   // the codewords of the last sync, as given (sync compares them)
   uint64_t generation_ = 0;  // of the centers copy, see RouteHandle
   mutable std::shared_mutex mutex_;
@@ -385,13 +425,22 @@ class DenseIndex {
     py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
     if (same_bits(centers, router_.centers())) return false;
-    router_ = DenseRouter(centers);
+    DenseRouter fresh(centers);
+    bias_.apply(fresh);
+    router_ = std::move(fresh);
     ++generation_;
     return true;
   }
 
-  py::tuple route(const py::array& tokens, int k) const {
-    return routed(tokens, mutex_, generation_, [&](MatrixView t) { return router_.route(t, k); });
+  void set_bias(const py::object& bias) {
+    std::unique_lock lock(mutex_);
+    bias_.set(router_, bias);
+  }
+
+  py::tuple route(const py::array& tokens, int k, const std::string& gate_mode) const {
+    const GateMode mode = gate_mode_from_string(gate_mode);
+    return routed(tokens, mutex_, generation_,
+                  [&](MatrixView t) { return router_.route(t, k, mode); });
   }
 
   py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
@@ -411,6 +460,7 @@ class DenseIndex {
 
  private:
   DenseRouter router_;
+  BiasCopy bias_;
   uint64_t generation_ = 0;  // of the centers copy, see RouteHandle
   mutable std::shared_mutex mutex_;
 };
@@ -426,13 +476,22 @@ class ProductKeyIndex {
     py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
     if (same_bits(keys1, router_.keys1()) && same_bits(keys2, router_.keys2())) return false;
-    router_ = ProductKeyRouter(keys1, keys2);
+    ProductKeyRouter fresh(keys1, keys2);
+    bias_.apply(fresh);
+    router_ = std::move(fresh);
     ++generation_;
     return true;
   }
 
-  py::tuple route(const py::array& tokens, int k) const {
-    return routed(tokens, mutex_, generation_, [&](MatrixView t) { return router_.route(t, k); });
+  void set_bias(const py::object& bias) {
+    std::unique_lock lock(mutex_);
+    bias_.set(router_, bias);
+  }
+
+  py::tuple route(const py::array& tokens, int k, const std::string& gate_mode) const {
+    const GateMode mode = gate_mode_from_string(gate_mode);
+    return routed(tokens, mutex_, generation_,
+                  [&](MatrixView t) { return router_.route(t, k, mode); });
   }
 
   // (d_tokens, (rows1, values1), (rows2, values2))
@@ -460,6 +519,7 @@ class ProductKeyIndex {
 
  private:
   ProductKeyRouter router_;
+  BiasCopy bias_;
   uint64_t generation_ = 0;  // of the keys copy, see RouteHandle
   mutable std::shared_mutex mutex_;
 };
@@ -722,6 +782,9 @@ PYBIND11_MODULE(_airmoe, m) {
            py::arg("updates") = 1)
       .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"),
            py::arg("gate_mode") = "chosen")
+      .def("set_bias", &AirIndex::set_bias, py::arg("bias"),
+           "The selection bias [E, 1] float32 (None: none): experts selected by z + b, gates "
+           "from z.")
       .def("backward", &AirIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"))
       .def("codewords", &AirIndex::codewords)
@@ -734,7 +797,9 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("dim", &DenseIndex::dim)
       .def("sync", &DenseIndex::sync, py::arg("centers"),
            "Follows the torch centers (compared bit for bit): True when they changed.")
-      .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"))
+      .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"),
+           py::arg("gate_mode") = "chosen")
+      .def("set_bias", &DenseIndex::set_bias, py::arg("bias"))
       .def("backward", &DenseIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"));
 
@@ -746,7 +811,9 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("half_dim", &ProductKeyIndex::half_dim)
       .def("sync", &ProductKeyIndex::sync, py::arg("keys1"), py::arg("keys2"),
            "Follows the torch keys (compared bit for bit): True when they changed.")
-      .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"))
+      .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"),
+           py::arg("gate_mode") = "chosen")
+      .def("set_bias", &ProductKeyIndex::set_bias, py::arg("bias"))
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"));
 
