@@ -250,6 +250,12 @@ Codebook codebook_from(MatrixView codewords) {
 // refused bias leaves both the router and this copy as they were.
 class BiasCopy {
  public:
+  // The same under a unique lock of the router's mutex.
+  template <typename Router>
+  void set(Router& router, const py::object& bias, std::shared_mutex& mutex) {
+    std::unique_lock lock(mutex);
+    set(router, bias);
+  }
   template <typename Router>
   void set(Router& router, const py::object& bias) {
     if (bias.is_none()) {
@@ -272,6 +278,15 @@ class BiasCopy {
  private:
   std::optional<std::vector<float>> values_;
 };
+
+// route(tokens, k, gate mode) of a dense or product-key index's router.
+template <typename Router>
+py::tuple routed_in_mode(const Router& router, const py::array& tokens, int k,
+                         const std::string& gate_mode, std::shared_mutex& mutex,
+                         const uint64_t& generation) {
+  const GateMode mode = gate_mode_from_string(gate_mode);
+  return routed(tokens, mutex, generation, [&](MatrixView t) { return router.route(t, k, mode); });
+}
 
 // AirRouter with an unbuilt state: constructed from the configuration alone,
 // built by the first set_centers() (which trains the codebook) or sync().
@@ -342,9 +357,7 @@ class AirIndex {
   // The selection bias of later routes ([E, 1] float32, or None).
   void set_bias(const py::object& bias) {
     std::unique_lock lock(mutex_);
-    if (!router_)
-      throw std::runtime_error(
-          "set_bias: the AIR router has no expert centers yet; call set_centers(centers) first");
+    get("set_bias");  // built, or an error naming the call
     bias_.set(*router_, bias);
   }
 
@@ -432,15 +445,10 @@ class DenseIndex {
     return true;
   }
 
-  void set_bias(const py::object& bias) {
-    std::unique_lock lock(mutex_);
-    bias_.set(router_, bias);
-  }
+  void set_bias(const py::object& bias) { bias_.set(router_, bias, mutex_); }
 
   py::tuple route(const py::array& tokens, int k, const std::string& gate_mode) const {
-    const GateMode mode = gate_mode_from_string(gate_mode);
-    return routed(tokens, mutex_, generation_,
-                  [&](MatrixView t) { return router_.route(t, k, mode); });
+    return routed_in_mode(router_, tokens, k, gate_mode, mutex_, generation_);
   }
 
   py::tuple backward(const py::array& tokens, const RouteHandle& h, const py::array& d_gates,
@@ -483,15 +491,10 @@ class ProductKeyIndex {
     return true;
   }
 
-  void set_bias(const py::object& bias) {
-    std::unique_lock lock(mutex_);
-    bias_.set(router_, bias);
-  }
+  void set_bias(const py::object& bias) { bias_.set(router_, bias, mutex_); }
 
   py::tuple route(const py::array& tokens, int k, const std::string& gate_mode) const {
-    const GateMode mode = gate_mode_from_string(gate_mode);
-    return routed(tokens, mutex_, generation_,
-                  [&](MatrixView t) { return router_.route(t, k, mode); });
+    return routed_in_mode(router_, tokens, k, gate_mode, mutex_, generation_);
   }
 
   // (d_tokens, (rows1, values1), (rows2, values2))
