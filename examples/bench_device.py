@@ -306,19 +306,20 @@ def main(argv=None):
         print(f"bench_device: {args.device} requested but torch has no CUDA device",
               file=sys.stderr)
         return 2
-    rows = []
-    for shape in args.shapes:
-        rows += bench_shape(args, shape)
-        print_table([r for r in rows if (r["experts"], r["dim"]) == shape[:2]])
-        sys.stdout.flush()
     meta = {"device": str(args.device), "dtype": args.dtype, "k": args.k,
             "repeat": args.repeat, "kmeans_iterations": args.kmeans_iterations,
             "torch": torch.__version__, "backends": airmoe._airmoe.backends(),
             "device_name": (torch.cuda.get_device_name(args.device)
                             if args.device.type == "cuda" else "cpu")}
+    rows = []
+    for shape in args.shapes:
+        rows += bench_shape(args, shape)
+        print_table([r for r in rows if (r["experts"], r["dim"]) == shape[:2]])
+        sys.stdout.flush()
+        if args.json:  # after every shape: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
         print(f"wrote {args.json}")
     if args.check:
         check(rows)

@@ -193,15 +193,17 @@ if ((skipped > 0)); then
   reason="$("$exe" --gtest_filter='*cuda*' 2>&1 | grep -m1 -A1 "Skipped" | tail -1)"
   note "gpu_tests: $skipped skipped: $reason"
 fi
-step sanitizer 100 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
 step py_tests 60 py_tests
 grep -hE "passed|failed|not run|SKIPPED" "$out/py_tests.log" | tail -4 | tee -a "$summary"
+# The benchmark before the sanitizer: its rows are what a GPU session is
+# for; the sanitizer gets the time left (up to 100 s).
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   note "py_bench: not run (torch sees no CUDA device)"
   skipped=$((skipped + 1))
 else
   step py_bench 150 py_bench
 fi
+step sanitizer 100 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
 took=$(($(date +%s) - start))
 if ((failed)); then
   note "summary: FAILED (${took} s)"

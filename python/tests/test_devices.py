@@ -313,3 +313,13 @@ def test_cuda_parameter_changes_are_seen():
 def test_layer_absent_without_mpi():
     with pytest.raises(RuntimeError, match="MoELayer is not in this build: .* without MPI"):
         airmoe.MoELayer(None, 16, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_bad_parameters_named(kind):
+    r = make(kind).bfloat16()
+    p = next(r.parameters())
+    name = "keys1" if kind == "pk" else "centers"
+    p.data[5, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} row 5 column 3 is nan"):
+        r(torch.ones(2, 16, dtype=torch.bfloat16))
