@@ -123,7 +123,8 @@ bool same_rows(TensorView a, TensorView b, const std::vector<int32_t>& experts, 
   return true;
 }
 
-int64_t same_row(int32_t e) {
+// The row of expert e in a centers matrix: row e.
+int64_t expert_row(int32_t e) {
   return e;
 }
 
@@ -361,13 +362,13 @@ class AirIndex : public IndexState {
                      const py::object& centers, intptr_t stream) {
     std::optional<TensorArg> c;
     if (on_host()) c = import_tensor(centers, "centers");
-    DeviceRouterGradients g = backed(get("backward"), tokens, d_gates, stream,
-                                     [&](const AirRouter& r, TensorView t, TensorView dg) {
-                                       require_forward(h, "centers", [&] {
-                                         return same_rows(c->view, r.keys(), h.experts(), same_row);
-                                       });
-                                       return r.backward(t, h.routes, dg);
-                                     });
+    DeviceRouterGradients g = backed(
+        get("backward"), tokens, d_gates, stream,
+        [&](const AirRouter& r, TensorView t, TensorView dg) {
+          require_forward(h, "centers",
+                          [&] { return same_rows(c->view, r.keys(), h.experts(), expert_row); });
+          return r.backward(t, h.routes, dg);
+        });
     return py::make_tuple(export_tensor(std::move(g.d_tokens)),
                           sparse_capsules(std::move(g.d_centers)));
   }
@@ -452,7 +453,7 @@ class DenseIndex : public IndexState {
     DeviceRouterGradients g = backed(
         router_, tokens, d_gates, stream, [&](const DenseRouter& r, TensorView t, TensorView dg) {
           require_forward(h, "centers",
-                          [&] { return same_rows(c->view, r.keys(), h.experts(), same_row); });
+                          [&] { return same_rows(c->view, r.keys(), h.experts(), expert_row); });
           return r.backward(t, h.routes, dg);
         });
     return py::make_tuple(export_tensor(std::move(g.d_tokens)),
