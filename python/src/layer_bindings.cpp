@@ -219,6 +219,16 @@ py::array_t<float> shared_view(float* data, std::vector<py::ssize_t> shape, py::
   return py::array_t<float>(std::move(shape), data, owner);
 }
 
+// This rank's W1 [hosted, h, d] (which = 1) or W2 [hosted, d, h] (which =
+// 2) as a writable view kept alive by the layer object `self`.
+py::array_t<float> expert_weights_view(const py::object& self, int which) {
+  auto& ex = self.cast<MoELayerImpl&>().layer().experts();
+  const auto n = static_cast<py::ssize_t>(ex.size());
+  const py::ssize_t h = ex.config().hidden, d = ex.config().dim;
+  if (which == 1) return shared_view(ex.w1_data().data(), {n, h, d}, self);
+  return shared_view(ex.w2_data().data(), {n, d, h}, self);
+}
+
 }  // namespace
 
 void bind_layer(py::module_& m) {
@@ -303,24 +313,10 @@ void bind_layer(py::module_& m) {
       .def("local_centers",
            [](MoELayerImpl& s) { return copied(s.layer().local_centers().view()); })
       .def(
-          "w1_view",
-          [](py::object self) {
-            auto& s = self.cast<MoELayerImpl&>();
-            auto& ex = s.layer().experts();
-            return shared_view(
-                ex.w1_data().data(),
-                {static_cast<py::ssize_t>(ex.size()), ex.config().hidden, ex.config().dim}, self);
-          },
+          "w1_view", [](py::object self) { return expert_weights_view(self, 1); },
           "Writable NumPy view of this rank's W1 [hosted, h, d] (the C++ memory itself).")
       .def(
-          "w2_view",
-          [](py::object self) {
-            auto& s = self.cast<MoELayerImpl&>();
-            auto& ex = s.layer().experts();
-            return shared_view(
-                ex.w2_data().data(),
-                {static_cast<py::ssize_t>(ex.size()), ex.config().dim, ex.config().hidden}, self);
-          },
+          "w2_view", [](py::object self) { return expert_weights_view(self, 2); },
           "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).");
 }
 
