@@ -148,8 +148,12 @@ py_tests() {
     python/tests/test_devices.py python/tests/test_routers.py python/tests/test_air_gate.py
 }
 
-# The benchmark rows on the GPU (tokens/s, recall@8, mass recall).
+# The benchmark rows on the GPU (tokens/s, recall@8, mass recall), after a
+# small asserted run (--check: AIR with every list probed equals the dense
+# router, every row filled).
 py_bench() {
+  PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 2 \
+    --experts 4096 --dim 64 --tokens 1024 --probes 1,4,all --check || return 1
   PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 3 \
     --experts 65536 1048576 --dim 512 1024 --tokens 16384 4096 --probes 1,2,4,8,16,32 \
     --json "$out/bench_device.json"
