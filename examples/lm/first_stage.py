@@ -17,22 +17,29 @@ against the exact top-k of the (biased) logits z = token . center:
            largest distance from it, b the bias), probed until the next
            list's bound is below the k-th best logit found: exact top-k with
            an adaptive shortlist. `bound_aA` replaces |h| r_L by A |h| r_L
-           (A < 1: an optimistic estimate, stopping earlier);
+           (A < 1: an optimistic estimate, stopping earlier); `meankey` probes
+           a fixed m lists in the order of h.mu_L + max_L b;
   query_sN query-aware lists: a codebook trained on N tokens, each
            codeword's list the L experts its tokens' exact top-k picks most;
            refreshing them takes the exact routing of such a sample, counted
            as upkeep FLOPs per routed token (--sample-fraction of 2 E D).
 
+With --drift-steps, one query-list setting (--drift-list) learned at the
+saved biases is also scored after that many steps of moe_lm.py's load-bias
+update on the frozen router (routers with a bias only): how fast the lists
+go stale as the biases move.
+
 Every option is scored on the last --test-tokens tokens (other sequences
 than the ones before them), so the query lists never see the text they are
-measured on. The shortlist is
-every expert stage 2 scores (distinct experts: query lists overlap); stage 1
-(probe scores, bounds, sampled exact routing) is reported separately as
-FLOPs per token.
+measured on. The shortlist is every expert stage 2 scores (distinct
+experts: query lists overlap); stage 1 (probe scores, bounds, sampled exact
+routing) is reported separately as FLOPs per token. docs/routing.md has the
+commands and the results ("First-stage options on balanced and collapsed
+routers"), e.g.
 
     /usr/bin/python3 examples/lm/first_stage.py \
-        --data balanced_l0=out/lm_balanced_dense/router_data/dense_layer0 \
-        --out docs/results/first_stage
+        --data balanced_layer0=out/lm_balanced_dense16/router_data/dense_layer0 \
+        --out out/first_stage --drift-steps 0,1,5,20,100,400
 """
 import argparse
 import json
@@ -318,6 +325,43 @@ def measure(centers, tokens, k, Cs, probes, slacks, lengths, samples, sample_fra
     return rows
 
 
+def drift_biases(w, b, h, k, steps, rate, batch):
+    """The biases after `steps` of moe_lm.py's load-bias update on a frozen
+    router: each step routes the next `batch` tokens of h exactly and moves
+    every bias by `rate` against the sign of its load's excess over the mean."""
+    b = b.astype(np.float64).copy()
+    starts = np.arange(steps) * batch % max(len(h) - batch + 1, 1)
+    for start in starts:
+        z = h[start:start + batch].astype(np.float64) @ w.T.astype(np.float64) + b
+        load = np.bincount(exact_topk(z, k).ravel(), minlength=len(b))
+        b -= rate * np.sign(load - load.mean())
+    return b
+
+
+def stale_query_lists(centers, tokens, k, C, m, length, sample, test_tokens, drift_steps,
+                      rate, batch, seed=1234):
+    """How query lists learned before the biases moved hold up after: lists
+    from `sample` tokens' exact routing at the saved biases, scored against
+    the exact top-k after each number of load-bias steps in `drift_steps`."""
+    w, b, h = split_bias(centers, tokens)
+    train, test = tokens[:len(tokens) - test_tokens], tokens[len(tokens) - test_tokens:]
+    z_train = train[:sample].astype(np.float64) @ centers.T.astype(np.float64)
+    cwq, counts = query_lists(train[:sample], exact_topk(z_train, k), len(centers), C, seed)
+    member = top_members(counts, length).astype(np.float32)
+    probed = np.zeros((len(test), C), dtype=np.float32)
+    np.put_along_axis(probed, np.argsort(-(test @ cwq.T), 1, kind="stable")[:, :m], 1.0, 1)
+    mask = (probed @ member) > 0
+    rows = []
+    for steps in drift_steps:
+        moved = drift_biases(w, b, h[:len(train)], k, steps, rate, batch)
+        z = h[len(train):].astype(np.float64) @ w.T.astype(np.float64) + moved
+        row = {"drift_steps": steps, "bias_change_rms": float(np.sqrt(np.mean((moved - b) ** 2))),
+               "C": C, "m": m, "list_length": length, "sample": sample}
+        row.update(shortlist_stats(z, mask, exact_topk(z, k), softmax_rows(z), k))
+        rows.append(row)
+    return rows
+
+
 def best_at(rows, budget):
     """Each (option, C)'s best recall at a mean shortlist <= budget."""
     best = {}
@@ -353,6 +397,15 @@ def markdown(results, fractions=(64, 16, 4)):
                              f"{flops:.0f} kFLOP)")
             lines.append(f"| {option} | " + " | ".join(cells) + " |")
         lines.append("")
+        if result.get("drift"):
+            r0 = result["drift"][0]
+            lines += [f"Query lists (C={r0['C']}, m={r0['m']}, L={r0['list_length']}, "
+                      f"N={r0['sample']}) learned at the saved biases, after load-bias steps:", "",
+                      "| steps | bias moved (rms) | recall@k | mass recall | shortlist |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {r['drift_steps']} | {r['bias_change_rms']:.3f} | {r['recall']:.3f} | "
+                      f"{r['mass_recall']:.3f} | {r['shortlist']:.0f} |" for r in result["drift"]]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -409,6 +462,11 @@ def report(name, result):
               f"{r['recall']:.3f} mass {r['mass_recall']:.3f} shortlist {r['shortlist']:.0f} "
               f"(p99 {r['shortlist_p99']:.0f}) stage1 {r['stage1_flops'] / 1e3:.0f} kFLOP "
               f"upkeep {r['upkeep_flops'] / 1e3:.0f} kFLOP", flush=True)
+    for r in result.get("drift", []):
+        print(f"  query lists (C={r['C']}, m={r['m']}, L={r['list_length']}, N={r['sample']}) "
+              f"after {r['drift_steps']} load-bias steps (bias moved {r['bias_change_rms']:.3f} "
+              f"rms): recall {r['recall']:.3f} mass {r['mass_recall']:.3f} "
+              f"shortlist {r['shortlist']:.0f}", flush=True)
 
 
 def measure_data(p, args, spec):
@@ -433,9 +491,15 @@ def measure_data(p, args, spec):
                    parse_ints(args.probes), [float(s) for s in args.slacks.split(",")],
                    parse_ints(args.list_lengths), parse_ints(args.samples),
                    args.sample_fraction, args.test_tokens)
-    return name, {"stem": stem, "args": {a: v for a, v in vars(args).items() if a != "merge"},
-                  "E": len(centers), "D": centers.shape[1], "T": len(tokens),
-                  "T_test": args.test_tokens, "k": args.k, "rows": rows}
+    result = {"stem": stem, "args": {a: v for a, v in vars(args).items() if a != "merge"},
+              "E": len(centers), "D": centers.shape[1], "T": len(tokens),
+              "T_test": args.test_tokens, "k": args.k, "rows": rows}
+    if args.drift_steps and split_bias(centers, tokens)[1].any():  # routers with a bias only
+        C, m, length, sample = parse_ints(args.drift_list)
+        result["drift"] = stale_query_lists(
+            centers, tokens, args.k, C, m, length, sample, args.test_tokens,
+            parse_ints(args.drift_steps), args.drift_rate, args.drift_batch)
+    return name, result
 
 
 def main(argv=None):
@@ -466,6 +530,15 @@ def main(argv=None):
     p.add_argument("--sample-fraction", type=float, default=1 / 16,
                    help="query lists: share of routed tokens also routed exactly to refresh "
                         "them (counted as upkeep FLOPs per token)")
+    p.add_argument("--drift-steps", default="",
+                   help="also score one query-list setting (--drift-list C,m,L,N) after this "
+                        "many load-bias steps on the frozen router (comma-separated)")
+    p.add_argument("--drift-list", default="256,4,256,14336",
+                   help="the query lists --drift-steps scores: C,m,L,N")
+    p.add_argument("--drift-rate", type=float, default=0.05,
+                   help="the load-bias step (moe_lm.py --load-bias-rate)")
+    p.add_argument("--drift-batch", type=int, default=1024,
+                   help="tokens per load-bias step (moe_lm.py: batch x seq)")
     args = p.parse_args(argv)
     if not args.data and not args.merge:
         p.error("nothing to report: give --data or --merge")

@@ -158,3 +158,28 @@ def test_main_refuses_options_the_data_cannot_take(tmp_path, bad):
     np.save(stem + "_tokens.npy", tokens.astype(np.float32))
     with pytest.raises(SystemExit):
         first_stage.main(["--data", f"tiny={stem}", "--out", str(tmp_path / "o")] + bad)
+
+
+def test_load_bias_steps_lower_the_overloaded_and_raise_the_idle():
+    w = np.zeros((4, 2))
+    h = np.ones((8, 2))
+    b = np.array([1.0, 0.0, 0.0, -1.0])  # every token picks expert 0 (k = 1)
+    moved = first_stage.drift_biases(w, b, h, 1, steps=1, rate=0.25, batch=8)
+    np.testing.assert_allclose(moved, [0.75, 0.25, 0.25, -0.75])
+    np.testing.assert_allclose(first_stage.drift_biases(w, b, h, 1, 0, 0.25, 8), b)
+    # Enough steps hand the top slot to another expert.
+    moved = first_stage.drift_biases(w, b, h, 1, steps=3, rate=0.25, batch=8)
+    assert np.argmax(moved) != 0
+
+
+def test_stale_query_lists_at_zero_steps_are_the_query_option():
+    centers, tokens = biased_router(E=256, T=96)
+    kw = dict(Cs=[16], probes=[2], slacks=[1.0], lengths=[32], samples=[48],
+              sample_fraction=0.5, test_tokens=48)
+    fresh = [r for r in first_stage.measure(centers, tokens, K, **kw)
+             if r["option"] == "query_s48"][0]
+    stale = first_stage.stale_query_lists(centers, tokens, K, 16, 2, 32, 48, 48, [0, 50],
+                                          rate=0.05, batch=16)
+    assert stale[0]["recall"] == fresh["recall"] and stale[0]["shortlist"] == fresh["shortlist"]
+    assert stale[0]["bias_change_rms"] == 0.0 and stale[1]["bias_change_rms"] > 0.0
+    assert stale[1]["shortlist"] == fresh["shortlist"]  # the lists did not change
