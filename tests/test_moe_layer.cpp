@@ -195,7 +195,8 @@ TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
     for (const int32_t id : hosted_before) {
       const int to = next.placement.owner(id);
       if (to != comm.rank())
-        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.hidden, cfg.expert.dim);
+        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.w1_rows(), cfg.expert.hidden,
+                                                                cfg.expert.dim);
     }
     for (int q = 0; q < P; ++q) {
       if (want[q].bytes > 0) want[q].messages = 1;
