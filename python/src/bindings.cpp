@@ -620,8 +620,9 @@ class MoELayerImpl {
     const auto n = static_cast<py::ssize_t>(layer_->experts().size());
     const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
     const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
+    const auto rows1 = static_cast<py::ssize_t>(layer_->config().expert.w1_rows());
     return py::make_tuple(
-        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, hid, d}),
+        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, rows1, d}),
         owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
   }
 
@@ -837,9 +838,10 @@ PYBIND11_MODULE(_airmoe, m) {
             auto& ex = s.layer().experts();
             return shared_view(
                 ex.w1_data().data(),
-                {static_cast<py::ssize_t>(ex.size()), ex.config().hidden, ex.config().dim}, self);
+                {static_cast<py::ssize_t>(ex.size()), ex.config().w1_rows(), ex.config().dim}, self);
           },
-          "Writable NumPy view of this rank's W1 [hosted, h, d] (the C++ memory itself).")
+          "Writable NumPy view of this rank's W1 [hosted, h, d] ([hosted, 2h, d] for swiglu: "
+          "the gate rows, then the up rows; the C++ memory itself).")
       .def(
           "w2_view",
           [](py::object self) {
