@@ -171,7 +171,8 @@ class Ops {
   virtual ~Ops() = default;
 
   // ---- identity and memory -------------------------------------------
-  virtual std::string name() const = 0;  // "host-avx2", "host-portable", "device-emulated", "cuda:0"
+  virtual std::string name()
+      const = 0;  // "host-avx2", "host-portable", "device-emulated", "cuda:0"
   virtual Device device() const = 0;
   virtual Allocator& allocator() const = 0;
   virtual void synchronize(Stream stream) const = 0;
@@ -256,9 +257,9 @@ class Ops {
   //   coef[i] = p_i ([expert[i] chosen] dL/dg - sum_j g_j dL/dg_j),
   //   p_i = exp(z[i] - log_normalizer[token[i]])
   // where chosen ids / gates / d_gates are the routes' [T, k] rows.
-  virtual void logit_grads(TensorView token, TensorView expert, TensorView z,
-                           TensorView chosen_ids, TensorView gates, TensorView d_gates,
-                           TensorView log_normalizer, TensorView coef, Stream stream) const = 0;
+  virtual void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
+                           TensorView gates, TensorView d_gates, TensorView log_normalizer,
+                           TensorView coef, Stream stream) const = 0;
   // d_tokens (f32 [T, width], overwritten; or an empty view: the key
   // gradients alone) and the sparse key gradients of the contributions; zero
   // coefficients contribute nothing (a row only they name is not listed).
@@ -270,9 +271,8 @@ class Ops {
   // out[token] += gate * FFN(x[token]) for every pair, each token's pairs
   // added in pair order (float); the cache gets every pair's pre-activation
   // and FFN output. x, out [N, dim].
-  virtual void expert_forward(const ExpertWeightsView& weights, TensorView x,
-                              ExpertPairsView pairs, TensorView out, ExpertCacheView cache,
-                              Stream stream) const = 0;
+  virtual void expert_forward(const ExpertWeightsView& weights, TensorView x, ExpertPairsView pairs,
+                              TensorView out, ExpertCacheView cache, Stream stream) const = 0;
   // d_gate[p] = <dy[token_p], FFN(x)_p> (double, rounded once); dx[token] +=
   // the gate-weighted input gradient (pair order); returns the parameter
   // gradients of the touched experts (contracted over each expert's pairs

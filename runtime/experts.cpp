@@ -100,8 +100,8 @@ ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute 
            "] = " + std::to_string(ids_[i]) + " follows " + std::to_string(ids_[i - 1]));
   }
   if (config_.hidden > INT64_MAX / 2 / config_.dim)
-    fail("ExpertShard: d = " + std::to_string(config_.dim) + ", h = " +
-         std::to_string(config_.hidden) + " overflow");
+    fail("ExpertShard: d = " + std::to_string(config_.dim) +
+         ", h = " + std::to_string(config_.hidden) + " overflow");
   const int64_t per = config_.w1_size();  // >= w2_size
   if (per > INT64_MAX / std::max<int64_t>(1, size()))
     fail("ExpertShard: " + std::to_string(size()) + " experts of " + std::to_string(per) +
@@ -319,10 +319,11 @@ void ExpertShard::apply(const SparseExpertGrads& grads, float scale) {
 void ExpertShard::apply(const DenseExpertGrads& grads, float scale) {
   check_dense(grads, "apply");
   const int64_t h = config_.hidden, d = config_.dim, h1 = config_.w1_rows();
-  compute_.ops->add_scaled(w1_,
-                           Staged(compute_, TensorView(const_cast<float*>(grads.w1.data()),
-                                                       DType::kF32, Device::host(), size() * h1, d)),
-                           scale, compute_.stream);
+  compute_.ops->add_scaled(
+      w1_,
+      Staged(compute_, TensorView(const_cast<float*>(grads.w1.data()), DType::kF32, Device::host(),
+                                  size() * h1, d)),
+      scale, compute_.stream);
   compute_.ops->add_scaled(w2_,
                            Staged(compute_, TensorView(const_cast<float*>(grads.w2.data()),
                                                        DType::kF32, Device::host(), size() * d, h)),

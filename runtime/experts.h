@@ -1,9 +1,9 @@
 // Granular experts: each a small FFN  y = W2 act(W1 x),  W1: [h, d], W2: [d, h]
 // (h = 1 is a PEER-style single-neuron expert), or SwiGLU's
-// y = W2 (silu(G x) * (U x)) with W1 = [G; U]: [2h, d] (ops/expert_ffn.h). A shard holds the parameters
-// of the experts one rank hosts and runs them expert-centric: the (token,
-// expert) pairs it must serve are grouped by expert and each group runs as
-// two small GEMMs, not one token at a time.
+// y = W2 (silu(G x) * (U x)) with W1 = [G; U]: [2h, d] (ops/expert_ffn.h). A shard holds the
+// parameters of the experts one rank hosts and runs them expert-centric: the (token, expert) pairs
+// it must serve are grouped by expert and each group runs as two small GEMMs, not one token at a
+// time.
 #pragma once
 
 #include <cstdint>

@@ -441,7 +441,8 @@ void MoELayer::send_migrants(const Placement& next) {
   std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()), 0);
   for (const int32_t e : experts_.ids())
     if (next.owner(e) != comm_.rank())
-      bytes[next.owner(e)] += wire::migrant_record_bytes(config_.expert.w1_rows(), config_.expert.hidden, d);
+      bytes[next.owner(e)] +=
+          wire::migrant_record_bytes(config_.expert.w1_rows(), config_.expert.hidden, d);
   send_.reset(bytes);
   wire::Writer out(send_);
   for (int64_t i = 0; i < experts_.size(); ++i) {

@@ -20,8 +20,8 @@
 namespace airmoe {
 namespace {
 
-using runtime::Strategy;
 using runtime::Activation;
+using runtime::Strategy;
 
 // A fresh directory, removed at the end.
 class ScratchDir {
@@ -458,9 +458,9 @@ TEST(CheckpointFormat, ShardRecordsMustAscend) {
   reseal(bad);
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(bad, "s", Activation::kGelu), UsageError,
                           "record 1 has expert id 3 after 4");
-  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(std::span<const char>(good).first(30), "s",
-                                                       Activation::kGelu),
-                          UsageError, "shard file 's' is truncated: 30 bytes");
+  AIRMOE_EXPECT_THROW_MSG(
+      runtime::decode_shard(std::span<const char>(good).first(30), "s", Activation::kGelu),
+      UsageError, "shard file 's' is truncated: 30 bytes");
 }
 
 // A SwiGLU shard's W1 holds 2h rows per expert (the manifest's activation

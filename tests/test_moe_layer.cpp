@@ -194,8 +194,8 @@ void check_replan_migrates_parameters(const MoEConfig& cfg) {
     for (const int32_t id : hosted_before) {
       const int to = next.placement.owner(id);
       if (to != comm.rank())
-        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.w1_rows(), cfg.expert.hidden,
-                                                                cfg.expert.dim);
+        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.w1_rows(),
+                                                              cfg.expert.hidden, cfg.expert.dim);
     }
     for (int q = 0; q < P; ++q) {
       if (want[q].bytes > 0) want[q].messages = 1;
@@ -255,8 +255,7 @@ SwigluStep swiglu_step(int P, Strategy strategy) {
     MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
     const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
     runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
-    const runtime::MoEGradients grads =
-        layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d));
+    const runtime::MoEGradients grads = layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d));
     const runtime::SparseExpertGrads& t = grads.touched_experts;
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t i = b; i < e; ++i) {
@@ -300,8 +299,8 @@ TEST(MoELayer, SwigluLayerIsTheSameAtEveryP) {
     const SwigluStep one = swiglu_step(1, strategy);
     ASSERT_FALSE(one.d_w1.empty());
     for (int P = 2; P <= 3; ++P) {
-      const std::string where = std::string(runtime::to_string(strategy)) + " P=" +
-                                std::to_string(P);
+      const std::string where =
+          std::string(runtime::to_string(strategy)) + " P=" + std::to_string(P);
       const SwigluStep at_p = swiglu_step(P, strategy);
       expect_near_maps(at_p.out, one.out, where + " output of token");
       expect_near_maps(at_p.d_tokens, one.d_tokens, where + " d_tokens of token");

@@ -1,8 +1,8 @@
 // The host backends' expert FFN forward and backward, expert-centric: the
 // (token, expert) pairs are grouped by expert and each group runs as two
 // small GEMMs (SwiGLU's gate and up rows are one [2h, d] W1 block per
-// expert, so its first GEMM is one too: ops/expert_ffn.h). Every GEMM is score_f32 (lane_dot's entries), so a pair's
-// pre-activation, output, gate gradient and input gradient do not depend on
+// expert, so its first GEMM is one too: ops/expert_ffn.h). Every GEMM is score_f32 (lane_dot's
+// entries), so a pair's pre-activation, output, gate gradient and input gradient do not depend on
 // which other pairs share its group, on the thread count or on how experts
 // are sharded over ranks. Per-token sums (out, dx) are float additions in
 // pair order; parameter gradients contract over an expert's pairs in pair
@@ -111,7 +111,7 @@ struct ExpertArgs {
                    std::to_string(x_view.rows) + ", " + std::to_string(experts) + "]");
   }
   const float* w1_of(int64_t e) const { return w1.row(e * h1); }  // [h1, d]
-  const float* w2_of(int64_t e) const { return w2.row(e * d); }  // [d, h]
+  const float* w2_of(int64_t e) const { return w2.row(e * d); }   // [d, h]
 
  private:
   static const TensorView& checked(const OpArgs& check, const TensorView& v, const char* name,
@@ -272,11 +272,12 @@ TouchedExpertGrads HostOps::expert_backward(const ExpertWeightsView& weights, Te
           s.dpre[r * h1 + j] =
               s.da[r * h + j % h] * static_cast<float>(pre_grad_factor(a.act, pre, h, j));
       }
-      transpose(a.w1_of(e), a.w1.ld(), h1, d, s.w1t.data());                     // [d, h1]
+      transpose(a.w1_of(e), a.w1.ld(), h1, d, s.w1t.data());                      // [d, h1]
       score_f32(s.dpre.data(), h1, s.w1t.data(), h1, m, d, h1, s.dxs.data(), d);  // dx = dpre W1
       for (int64_t r = 0; r < m; ++r) std::copy_n(&s.dxs[r * d], d, io.dx_pair + ps[r] * d);
-      kernels_.contract(s.dpre.data(), h1, s.xs.data(), d, m, g1_all + i * h1 * d);  // dW1 = dpre^T X
-      kernels_.contract(s.u.data(), d, s.act.data(), h, m, g2_all + i * d * h);    // dW2 = U^T A
+      kernels_.contract(s.dpre.data(), h1, s.xs.data(), d, m,
+                        g1_all + i * h1 * d);                                    // dW1 = dpre^T X
+      kernels_.contract(s.u.data(), d, s.act.data(), h, m, g2_all + i * d * h);  // dW2 = U^T A
     }
   }
 

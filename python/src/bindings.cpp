@@ -838,7 +838,8 @@ PYBIND11_MODULE(_airmoe, m) {
             auto& ex = s.layer().experts();
             return shared_view(
                 ex.w1_data().data(),
-                {static_cast<py::ssize_t>(ex.size()), ex.config().w1_rows(), ex.config().dim}, self);
+                {static_cast<py::ssize_t>(ex.size()), ex.config().w1_rows(), ex.config().dim},
+                self);
           },
           "Writable NumPy view of this rank's W1 [hosted, h, d] ([hosted, 2h, d] for swiglu: "
           "the gate rows, then the up rows; the C++ memory itself).")
