@@ -438,12 +438,18 @@ TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
                           "shard 0 is listed with 1 records, its owners give it 2");
 }
 
-TEST(CheckpointFormat, ShardRecordsMustAscend) {
+// A shard file's header fields, no records yet.
+runtime::ShardRecords shard_header(int32_t rank, int32_t ranks, int64_t dim, int64_t hidden) {
   runtime::ShardRecords s;
-  s.rank = 1;
-  s.ranks = 2;
-  s.dim = 2;
-  s.hidden = 1;
+  s.rank = rank;
+  s.ranks = ranks;
+  s.dim = dim;
+  s.hidden = hidden;
+  return s;
+}
+
+TEST(CheckpointFormat, ShardRecordsMustAscend) {
+  runtime::ShardRecords s = shard_header(1, 2, 2, 1);
   s.ids = {4, 9};
   s.w1.assign(4, 0.5f);
   s.w2.assign(4, -0.5f);
@@ -466,11 +472,7 @@ TEST(CheckpointFormat, ShardRecordsMustAscend) {
 // A SwiGLU shard's W1 holds 2h rows per expert (the manifest's activation
 // says so): it round-trips, and read as a two-matrix FFN's it is refused.
 TEST(CheckpointFormat, SwigluShardHoldsGateAndUpRows) {
-  runtime::ShardRecords s;
-  s.rank = 0;
-  s.ranks = 1;
-  s.dim = 3;
-  s.hidden = 2;
+  runtime::ShardRecords s = shard_header(0, 1, 3, 2);
   s.activation = Activation::kSwiglu;
   s.ids = {1, 5};
   for (int i = 0; i < 2 * 2 * 2 * 3; ++i) s.w1.push_back(0.25f * static_cast<float>(i));

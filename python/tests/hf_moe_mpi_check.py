@@ -12,29 +12,20 @@ Run by scripts/test_hf.sh (transformers 4.49). The last line, on rank 0, is
 failure.
 """
 
-import sys
-
 import torch
 from mpi4py import MPI
 from torch import nn
 
 import airmoe
 import transformers
+from mpi_tally import Tally
 
 world = MPI.COMM_WORLD
 rank, P = world.Get_rank(), world.Get_size()
 BATCH, SEQ, STEPS, LR = 4, 12, 6, 0.5
 TOL = 1e-4
-passed, failed = 0, 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"[rank {rank}] FAIL {name} {detail}", flush=True)
+tally = Tally(world)
+check = tally.check
 
 
 class ExpertParallelBlock(nn.Module):
@@ -133,7 +124,4 @@ for strategy in ("air", "dense-replicated"):
         import traceback
         check(strategy, False, "\n" + traceback.format_exc())
 
-total_passed, total_failed = world.allreduce(passed), world.allreduce(failed)
-if rank == 0:
-    print(f"hf_moe_mpi_check: {total_passed} passed, {total_failed} failed", flush=True)
-sys.exit(1 if total_failed else 0)
+tally.finish("hf_moe_mpi_check")

@@ -12,7 +12,6 @@ Run by CTest (python_layer_mpi_1, python_layer_mpi_2). The last line, on rank
 is nonzero on any failure.
 """
 
-import sys
 import traceback
 
 import numpy as np
@@ -20,22 +19,15 @@ import torch
 from mpi4py import MPI
 
 import airmoe
+from mpi_tally import Tally
 
 E, D, T, C, K, M, H = 61, 8, 37, 7, 4, 3, 3
 TOL = 1e-5
 
 world = MPI.COMM_WORLD
 rank, P = world.Get_rank(), world.Get_size()
-passed, failed = 0, 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"[rank {rank}] FAIL {name} {detail}", flush=True)
+tally = Tally(world)
+check = tally.check
 
 
 def rel(a, b):
@@ -290,8 +282,4 @@ for strategy in ("air", "dense-replicated", "dense-broadcast"):
         guarded(f"swiglu {strategy}", lambda: compare_swiglu_with_torch(strategy, from_modules))
 guarded("swiglu errors", swiglu_errors)
 
-total_passed = world.allreduce(passed)
-total_failed = world.allreduce(failed)
-if rank == 0:
-    print(f"layer_mpi_check: {total_passed} passed, {total_failed} failed", flush=True)
-sys.exit(1 if total_failed else 0)
+tally.finish("layer_mpi_check")
