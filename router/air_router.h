@@ -52,6 +52,8 @@ class AirRouter {
   int64_t dim() const { return centers_.cols(); }
   int64_t codewords() const { return codebook_.size(); }
   const Compute& compute() const { return codebook_.compute(); }
+  // Later calls run on `stream` (the caller's CUDA stream; the host ignores it).
+  void set_stream(Stream stream) { codebook_.set_stream(stream); }
   // The centers by expert id on the ops' device; as a MatrixView only with
   // host ops.
   TensorView keys() const { return centers_; }

@@ -47,6 +47,8 @@ class Codebook {
   int64_t size() const { return codewords_.rows(); }
   int64_t dim() const { return codewords_.cols(); }
   const Compute& compute() const { return compute_; }
+  // Later calls run on `stream` (the caller's CUDA stream; the host ignores it).
+  void set_stream(Stream stream) { compute_.stream = stream; }
   // The unit codewords [C, d] on the ops' device; as a MatrixView only with
   // host ops.
   TensorView tensor() const { return codewords_; }

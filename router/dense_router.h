@@ -22,6 +22,8 @@ class DenseRouter {
   int64_t experts() const { return centers_.rows(); }
   int64_t dim() const { return centers_.cols(); }
   const Compute& compute() const { return compute_; }
+  // Later calls run on `stream` (the caller's CUDA stream; the host ignores it).
+  void set_stream(Stream stream) { compute_.stream = stream; }
   // The centers on the ops' device; as a MatrixView only with host ops.
   TensorView keys() const { return centers_; }
   MatrixView centers() const { return centers_.view().matrix(); }

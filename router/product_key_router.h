@@ -38,9 +38,14 @@ class ProductKeyRouter {
   int64_t dim() const { return keys1_.cols() + keys2_.cols(); }
   int64_t half_dim() const { return keys1_.cols(); }
   const Compute& compute() const { return compute_; }
+  // Later calls run on `stream` (the caller's CUDA stream; the host ignores it).
+  void set_stream(Stream stream) { compute_.stream = stream; }
   // The sub-keys; as MatrixViews only with host ops.
   MatrixView keys1() const { return keys1_.view().matrix(); }
   MatrixView keys2() const { return keys2_.view().matrix(); }
+  // The sub-keys on the ops' device, in their dtype.
+  TensorView keys1_tensor() const { return keys1_; }
+  TensorView keys2_tensor() const { return keys2_; }
 
   // Expert id of sub-key pair (i, j) is i * n + j. Gates: softmax over the
   // chosen k (GateMode::kChosen only).

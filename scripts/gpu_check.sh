@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check in one command: scripts/gpu_check.sh OUT_DIR
 #
-# On a machine with a GPU, the CUDA toolkit (nvcc), CMake, Ninja and no
-# network, it builds the CUDA libraries and the tests from this tree
+# On a machine with a GPU, the CUDA toolkit (nvcc), CMake, Ninja, Python with
+# PyTorch 2.x and pybind11, and no network, it builds the CUDA libraries, the
+# tests and the Python extension (routers only) from this tree
 # (-DAIRMOE_WITH_CUDA=ON, no MPI, no examples), prints the machine's GPU,
 # driver, CUDA, cuBLAS and NCCL versions, runs every `gpu`-labelled test,
 # runs the ops tests' cuda cases again under compute-sanitizer (memcheck)
-# where it exists, then the benchmark's cuda rows where the benchmark has a
-# cuda mode.
+# where it exists, runs the Python router tests (their cuda cases: routers
+# on the GPU against the CPU, bf16 and f32, torch's current stream), then
+# the benchmark rows (examples/bench_device.py --device cuda: AIR at each m,
+# dense, product keys, torch.topk(h @ W.T) in bf16 and f32, at E = 65,536,
+# d = 512, T = 16,384 and at E = 1,048,576, d = 1,024 with T = 4,096 (not
+# 16,384: the dense reference at 1M experts would not fit the time), JSON in
+# OUT_DIR/bench_device.json).
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
 # last); each step has a timeout so that the whole check ends within about
 # 8 minutes. On a machine without a GPU it still builds, the gpu tests
@@ -16,8 +22,12 @@
 # What it needs besides the tree: GoogleTest's sources, either in
 # third_party/googletest (copy Debian's: cp -r /usr/src/googletest
 # third_party/ and carry third_party/googletest, 4 MB) or named by
-# AIRMOE_GTEST_SOURCE_DIR. Optional: CUDACXX (default: nvcc on PATH, else
-# /usr/local/cuda/bin/nvcc), BUILD_DIR (default build-gpu), JOBS.
+# AIRMOE_GTEST_SOURCE_DIR. For the Python tests: pytest, from the machine or
+# carried in third_party/python (`pip install --target third_party/python
+# pytest` on any machine: pure Python, about 5 MB); without it they are
+# reported not run. Optional: CUDACXX (default: nvcc on PATH, else
+# /usr/local/cuda/bin/nvcc), PYTHON (default: python3 on PATH, the one with
+# torch), BUILD_DIR (default build-gpu), JOBS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -103,9 +113,50 @@ configure() {
     echo "no GoogleTest sources: copy them to third_party/googletest or set AIRMOE_GTEST_SOURCE_DIR"
     return 2
   fi
-  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DAIRMOE_WITH_CUDA=ON \
+  # The extension against this Python's torch and pybind11 (pip's pybind11
+  # tells CMake where its config is).
+  local pybind11_dir
+  pybind11_dir="$("$PYTHON" -m pybind11 --cmakedir 2>/dev/null || true)"
+  # Ninja, unless the build dir exists already (it keeps its generator).
+  local generator=(-G Ninja)
+  [[ -f "$build/CMakeCache.txt" ]] && generator=()
+  cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DAIRMOE_WITH_CUDA=ON \
     -DCMAKE_CUDA_COMPILER="$CUDACXX" -DAIRMOE_WITH_MPI=OFF -DAIRMOE_BUILD_EXAMPLES=OFF \
-    -DAIRMOE_BUILD_PYTHON=OFF -DAIRMOE_GTEST_SOURCE_DIR="$gtest"
+    -DAIRMOE_BUILD_PYTHON=ON -DPython3_EXECUTABLE="$PYTHON" ${pybind11_dir:+-Dpybind11_DIR="$pybind11_dir"} \
+    -DAIRMOE_GTEST_SOURCE_DIR="$gtest"
+}
+
+# PYTHONPATH for the Python steps: the built package, and pytest where it
+# was carried.
+py_path() {
+  local p="$PWD/$build/python"
+  [[ -d third_party/python ]] && p="$p:$PWD/third_party/python"
+  echo "$p"
+}
+
+# The Python router tests; their cuda cases run here (skips listed, -rs).
+py_tests() {
+  if [[ ! -f "$build/python/airmoe/__init__.py" ]] || ! ls "$build"/python/airmoe/_airmoe*.so >/dev/null 2>&1; then
+    echo "the Python extension was not built (no pybind11 or Python headers? see configure.log)"
+    return 1
+  fi
+  if ! PYTHONPATH="$(py_path)" "$PYTHON" -c "import pytest" 2>/dev/null; then
+    echo "python tests not run: no pytest (carry it: pip install --target third_party/python pytest)"
+    return 0
+  fi
+  PYTHONPATH="$(py_path)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
+    python/tests/test_devices.py python/tests/test_routers.py python/tests/test_air_gate.py
+}
+
+# The benchmark rows on the GPU (tokens/s, recall@8, mass recall), after a
+# small asserted run (--check: AIR with every list probed equals the dense
+# router, every row filled).
+py_bench() {
+  PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 2 \
+    --experts 4096 --dim 64 --tokens 1024 --probes 1,4,all --check || return 1
+  PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 3 \
+    --experts 65536 1048576 --dim 512 1024 --tokens 16384 4096 --probes 1,2,4,8,16,32 \
+    --json "$out/bench_device.json"
 }
 
 # The test executables that hold gpu-labelled ctest entries.
@@ -130,23 +181,10 @@ sanitize() {
     "$exe" --gtest_filter='*cuda*'
 }
 
-bench() {
-  local exe
-  exe="$(find "$build" -name airmoe_bench -type f -perm -u+x | head -1)"
-  if [[ -z "$exe" ]]; then
-    echo "benchmark rows skipped: this build has no airmoe_bench (examples are off without MPI)"
-    return 0
-  fi
-  if ! "$exe" router --help 2>&1 | grep -q -- "--device"; then
-    echo "benchmark rows skipped: airmoe_bench router has no --device option yet"
-    return 0
-  fi
-  "$exe" router --device cuda
-}
-
 CUDACXX="${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
-export CUDACXX build jobs
-export -f versions configure gpu_test_executables sanitize bench
+PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
+export CUDACXX PYTHON build jobs out
+export -f versions configure gpu_test_executables sanitize py_path py_tests py_bench
 note "tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), build dir $build, $jobs jobs, logs in $out"
 step versions 60 versions
 step configure 90 configure || { note "summary: FAILED (configure)"; exit 1; }
@@ -159,8 +197,17 @@ if ((skipped > 0)); then
   reason="$("$exe" --gtest_filter='*cuda*' 2>&1 | grep -m1 -A1 "Skipped" | tail -1)"
   note "gpu_tests: $skipped skipped: $reason"
 fi
-step sanitizer 150 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
-step bench 90 bench && grep -h "skipped" "$out/bench.log" | tee -a "$summary"
+step py_tests 60 py_tests
+grep -hE "passed|failed|not run|SKIPPED" "$out/py_tests.log" | tail -4 | tee -a "$summary"
+# The benchmark before the sanitizer: its rows are what a GPU session is
+# for; the sanitizer gets the time left (up to 100 s).
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  note "py_bench: not run (torch sees no CUDA device)"
+  skipped=$((skipped + 1))
+else
+  step py_bench 150 py_bench
+fi
+step sanitizer 100 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
 took=$(($(date +%s) - start))
 if ((failed)); then
   note "summary: FAILED (${took} s)"

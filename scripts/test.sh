@@ -7,8 +7,10 @@
 # between, `pip install .` into a virtualenv with transformers 4.49.0 and the
 # Hugging Face integration's tests (scripts/test_hf.sh, about 2.5 minutes).
 # Where the CUDA toolkit is installed it also compiles the CUDA build the way
-# a GPU machine does (no MPI, GoogleTest from its sources) and runs its tests:
-# the CPU tests pass, the gpu tests report themselves skipped without a GPU.
+# a GPU machine does (no MPI, GoogleTest from its sources, the routers-only
+# Python extension) and runs its tests: the CPU tests and the Python router
+# tests pass, the gpu tests (and the Python tests' cuda cases) report
+# themselves skipped without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="$(nproc)"

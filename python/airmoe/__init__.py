@@ -1,6 +1,7 @@
 """airmoe: adaptive inverted-index routing for Mixture-of-Experts, for PyTorch.
 
-Routers (torch.nn.Module, CPU, float32 in place or float64 for gradcheck):
+Routers (torch.nn.Module; CPU or CUDA, float32 or bfloat16 in place, float64
+for gradcheck):
 
 * :class:`AIRRouter` — spherical k-means codebook + inverted lists; top-k over
   the shortlist of the m probed lists; ``update_codebook()`` after each
@@ -14,7 +15,8 @@ See :mod:`airmoe.routers` for the tensor and copy rules.
 
 :class:`MoELayer` is the distributed expert-parallel layer (routing, dispatch,
 experts, combine and backward in C++ over MPI) on an mpi4py communicator; see
-:mod:`airmoe.layer`.
+:mod:`airmoe.layer`. A build without MPI has the routers only (MoELayer then
+raises RuntimeError saying so).
 
 :func:`use_air` swaps the routers of a Hugging Face transformers MoE model
 for AIR, and :func:`update_codebooks` runs their codebook updates (see

@@ -1,10 +1,12 @@
-"""Checks and zero-copy views between torch tensors and the C++ routers.
+"""Checks and zero-copy views between torch tensors and the C++ side.
 
-The C++ side reads float32, row-major memory in place. A CPU, contiguous
-float32 tensor crosses as ``tensor.detach().numpy()``, which is a view of the
-same memory (no copy). Anything else is refused with a ValueError naming the
+The routers read float32 or bfloat16 rows in place, on the CPU or a CUDA
+GPU: a tensor crosses by DLPack (``cpp_tensor``: the detached tensor itself,
+whose ``__dlpack__`` the extension calls), and the routers' results come
+back the same way (``from_cpp``). MoELayer reads CPU float32 memory through
+NumPy (``view``). Anything else is refused with a ValueError naming the
 fix; the only conversions airmoe makes are the documented float64 ones (see
-:mod:`airmoe.routers`).
+:mod:`airmoe.routers`) and AIR's float32 host copy of its centers.
 """
 
 import math
@@ -14,21 +16,28 @@ import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+# What the routers take: bfloat16 too, and CUDA tensors.
+ROUTER_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+ROUTER_DEVICES = ("cpu", "cuda")
 
 
-def check_tensor(x, name, dim=None, ndim=2, rows=None):
-    """Raise ValueError/TypeError unless x is a CPU, contiguous, float32/float64 tensor
-    with `ndim` dimensions (and `dim` columns, `rows` rows when given)."""
+def check_tensor(x, name, dim=None, ndim=2, rows=None, dtypes=_FLOAT_DTYPES, devices=("cpu",)):
+    """Raise ValueError/TypeError unless x is a contiguous tensor of one of
+    `dtypes` on one of `devices` (types), with `ndim` dimensions (and `dim`
+    columns, `rows` rows when given)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
+    if x.device.type not in devices:
+        where = " or ".join(d.upper() if d == "cuda" else "the CPU" for d in devices)
         raise ValueError(
-            f"{name} is on device {x.device}; airmoe routes on the CPU and does not move "
-            f"tensors between devices: pass {name}.cpu()")
-    if x.dtype not in _FLOAT_DTYPES:
+            f"{name} is on device {x.device}; airmoe computes this on {where} and does not "
+            f"move tensors between devices: pass {name}.cpu()")
+    if x.dtype not in dtypes:
+        accepted = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(
-            f"{name} has dtype {x.dtype}; airmoe accepts float32 (routed in place, no copy) "
-            f"or float64 (explicit float32 selection, float64 gates): convert with "
+            f"{name} has dtype {x.dtype}; airmoe accepts {accepted} (float32"
+            f"{' and bfloat16' if torch.bfloat16 in dtypes else ''} read in place, no copy; "
+            f"float64: explicit float32 selection, float64 gates): convert with "
             f"{name}.float()")
     if x.dim() != ndim:
         shape = "[T, d]" if ndim == 2 else f"{ndim}-D"
@@ -99,6 +108,56 @@ def initial_centers(num_experts, dim, centers, seed):
         raise ValueError(
             f"centers has {centers.shape[0]} rows, expected num_experts = {num_experts}")
     return centers.detach()
+
+
+def cpp_tensor(x):
+    """A checked tensor as the C++ routers read it (DLPack, zero-copy): the
+    detached tensor itself (DLPack exports no tensor that requires grad);
+    float64 becomes a float32 copy, which callers only do where documented.
+    The one place where router tensors cross to C++."""
+    x = x.detach()
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def host_float32(x):
+    """A checked tensor as a CPU float32 tensor (itself when it is one): what
+    the AIR index takes for its centers and codebook (bfloat16 converts
+    exactly)."""
+    return cpp_tensor(x).float().cpu().contiguous()
+
+
+def from_cpp(capsule):
+    """A tensor the C++ routers returned (a DLPack capsule), taken over
+    without a copy, on the device it was computed on."""
+    return torch.utils.dlpack.from_dlpack(capsule)
+
+
+def backend_name(device):
+    """The C++ backend of a torch device: "host" or "cuda:N"."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    return "host"
+
+
+def current_stream(device):
+    """torch's current CUDA stream on `device` as the int the C++ side takes
+    (0: the legacy default stream, and on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def same_bits(tensors, copies):
+    """Whether each tensor holds the bits of its copy (same dtype, shape,
+    device), compared where they live (no copy to the host)."""
+    for t, c in zip(tensors, copies):
+        if t.dtype != c.dtype or t.shape != c.shape or t.device != c.device:
+            return False
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        if not torch.equal(t.detach().view(ints), c.view(ints)):
+            return False
+    return True
 
 
 def view(x):

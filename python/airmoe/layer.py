@@ -77,7 +77,19 @@ from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, che
 __all__ = ["MoELayer"]
 
 
+def _require_layer_build():
+    """MoELayer needs the extension's MPI part, which a build without MPI (a
+    GPU machine's: routers only) lacks."""
+    if not _airmoe.has_layer:
+        raise RuntimeError(
+            "airmoe.MoELayer is not in this build: the extension was built without MPI "
+            "(AIRMOE_WITH_MPI=OFF, or no MPI found), which MoELayer needs; the routers "
+            "(AIRRouter, DenseRouter, ProductKeyRouter) work. Rebuild with MPI (Debian: "
+            "libopenmpi-dev) for the distributed layer")
+
+
 def _comm_address(comm):
+    _require_layer_build()
     try:
         from mpi4py import MPI
     except ImportError as e:  # pragma: no cover - depends on the installation

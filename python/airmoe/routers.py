@@ -11,15 +11,25 @@ differentiable in ``hidden`` and in the router's parameters; indices are not
 
 Tensors and copies
 ------------------
-Inputs must be CPU tensors, contiguous, float32 or float64, and every router
-parameter must share hidden's dtype. Anything else (float16, integers, CUDA,
+Inputs must be CPU or CUDA tensors, contiguous, float32, bfloat16 or
+float64, and every router parameter must share hidden's dtype and device.
+Anything else (float16, integers, other devices, mixed devices,
 non-contiguous views, wrong shapes) raises ValueError naming the fix: airmoe
-never copies or converts silently.
+never copies or converts silently. A router computes where its parameters
+are: on the CPU (the host backend) or on cuda:N (the cuda backend of a
+build with -DAIRMOE_WITH_CUDA=ON, on torch's current CUDA stream); move it
+with ``.to(device)`` / ``.cuda()`` / ``.cpu()``, and its dtype with
+``.bfloat16()`` / ``.float()``, like any module: the C++ copy follows.
 
-* float32 (the training path): ``hidden`` is handed to C++ in place (a NumPy
-  view of the tensor's memory, no copy); the forward and the backward are the
-  C++ router's (``RouterGradients``: d_hidden and the sparse rows of
-  d_centers, scattered here into a dense [E, d] gradient).
+* float32 and bfloat16 (the training path): ``hidden`` is handed to C++ in
+  place (DLPack, no copy); the forward and the backward are the C++
+  router's (``RouterGradients``: d_hidden and the sparse rows of d_centers,
+  scattered here into a dense [E, d] gradient). bfloat16 values are widened
+  exactly to float32 as they are read and every sum runs in float32 or
+  double (the ops' numeric contract): bfloat16 routing equals float32
+  routing of the same (bfloat16-representable) values. Gates and gradients
+  come back in the input's dtype, on its device. AIR keeps its centers and
+  codebook as a float32 host copy (its lists are built on the host).
 * float64 (for ``torch.autograd.gradcheck`` and debugging): an explicit,
   documented conversion. Selection runs in C++ on a float32 copy of hidden
   and the parameters (selection is piecewise constant, so its derivative is
@@ -44,8 +54,10 @@ import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, check_expert_count, check_int,
-                       check_seed, check_tensor, initial_centers, view)
+from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, ROUTER_DEVICES, ROUTER_DTYPES,
+                       backend_name, check_expert_count, check_int, check_seed, check_tensor,
+                       cpp_tensor, current_stream, from_cpp, host_float32, initial_centers,
+                       same_bits)
 
 __all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
 
@@ -76,52 +88,66 @@ def chosen_softmax(hidden, rows):
 
 
 class _CppRoute(torch.autograd.Function):
-    """float32 routing through a C++ router: forward and backward in C++.
+    """float32 / bfloat16 routing through a C++ router: forward and backward
+    in C++, on hidden's device (torch's current stream there).
 
-    `impl` has _cpp_route(tokens) -> (experts, gates, handle) and
-    _cpp_backward(tokens, handle, d_gates, params) -> (d_tokens, (rows, values) per param).
+    `impl` has _cpp_route(tokens, stream) -> (experts, gates, handle) and
+    _cpp_backward(tokens, handle, d_gates, params, stream) -> (d_tokens,
+    (rows, values) per param), tensors as DLPack capsules.
     """
 
     @staticmethod
     def forward(ctx, impl, hidden, *params):
-        experts, gates, handle = impl._cpp_route(view(hidden))
+        experts, gates, handle = impl._cpp_route(cpp_tensor(hidden),
+                                                 current_stream(hidden.device))
         ctx.impl, ctx.handle = impl, handle
         # Saving the parameters makes autograd refuse a backward after they
-        # were modified in place; the C++ backward also refuses changes that
+        # were modified in place; the backward also refuses changes that
         # autograd does not see (.data, NumPy views), by comparing contents.
         ctx.save_for_backward(hidden, *params)
-        indices = torch.from_numpy(experts).long()
+        indices = from_cpp(experts).long()
         ctx.mark_non_differentiable(indices)
-        return torch.from_numpy(gates), indices
+        return from_cpp(gates).to(hidden.dtype), indices
 
     @staticmethod
     def backward(ctx, d_gates, _d_indices):
         hidden, *params = ctx.saved_tensors
-        # d_gates comes from autograd (it may be an expanded view): making it
-        # contiguous here is internal, not the caller's data.
-        d_tokens, *sparse = ctx.impl._cpp_backward(view(hidden), ctx.handle,
-                                                   view(d_gates.contiguous()),
-                                                   [view(p) for p in params])
+        impl = ctx.impl
+        impl._require_synced(params)
+        # d_gates comes from autograd (it may be an expanded view, in
+        # hidden's dtype): a float32 contiguous copy here is internal.
+        d_tokens, *sparse = impl._cpp_backward(
+            cpp_tensor(hidden), ctx.handle, d_gates.float().contiguous(),
+            [impl._backward_arg(p) for p in params], current_stream(hidden.device))
         grads = []
         for p, (rows, values), needed in zip(params, sparse, ctx.needs_input_grad[2:]):
             if not needed:
                 grads.append(None)
                 continue
             g = torch.zeros_like(p)
-            g[torch.from_numpy(rows).long()] = torch.from_numpy(values)
+            g[from_cpp(rows).view(-1).long()] = from_cpp(values).to(p.dtype)
             grads.append(g)
-        d_hidden = torch.from_numpy(d_tokens) if ctx.needs_input_grad[1] else None
+        d_hidden = from_cpp(d_tokens).to(hidden.dtype) if ctx.needs_input_grad[1] else None
         return (None, d_hidden, *grads)
 
 
+def _check_router_tensor(x, name, dim=None, rows=None):
+    check_tensor(x, name, dim=dim, rows=rows, dtypes=ROUTER_DTYPES, devices=ROUTER_DEVICES)
+
+
 def _check_hidden(hidden, dim, params):
-    check_tensor(hidden, "hidden", dim=dim)
+    _check_router_tensor(hidden, "hidden", dim=dim)
     for name, p in params:
+        if p.device != hidden.device:
+            raise ValueError(
+                f"hidden is on {hidden.device} but the router's {name} is on {p.device}: "
+                f"move one of them (router.to(hidden.device), or hidden.to({str(p.device)!r}))")
         if p.dtype != hidden.dtype:
             raise ValueError(
                 f"hidden is {hidden.dtype} but the router's {name} is {p.dtype}: convert one "
-                f"of them (router.float() / router.double(), or hidden.to({p.dtype}))")
-        check_tensor(p, name, dim=None)
+                f"of them (router.float() / router.bfloat16() / router.double(), or "
+                f"hidden.to({p.dtype}))")
+        _check_router_tensor(p, name)
 
 
 class _Router(nn.Module):
@@ -137,25 +163,60 @@ class _Router(nn.Module):
     from them at first use: a copy routes exactly like the original.
     """
 
+    _index = None
+    _snapshot = None  # CUDA: the parameters the index was last synced with
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_index"] = None
+        state["_snapshot"] = None
         return state
 
     def _sync(self):
-        tensors = [view(t) for t in self._synced_tensors()]
-        if self._index is None:  # a copy: rebuilt from its parameters
+        """Brings the index up to date with the parameters: a new index when
+        they moved to another device (or for a copy), then the index's sync.
+        On a GPU the comparison runs here, on the device, against a copy of
+        the parameters (the index does not read its own back); on the CPU
+        the index compares."""
+        params = self._synced_tensors()
+        device = params[0].device
+        if self._index is None or self._index.device != backend_name(device):
             self._index = self._new_index()
-        self._index.sync(*tensors)
+            self._snapshot = None
+        if device.type == "cuda":
+            if self._snapshot is not None and same_bits(params, self._snapshot):
+                return
+            self._snapshot = [p.detach().clone() for p in params]
+        self._index.sync(*[self._index_arg(p) for p in params])
+
+    def _index_arg(self, p):
+        """A parameter as the index takes it (in place, in its dtype)."""
+        return cpp_tensor(p)
+
+    def _backward_arg(self, p):
+        """A parameter for the backward's rows check: on the CPU what the
+        index took; on a GPU nothing (_require_synced compared)."""
+        return None if p.device.type == "cuda" else self._index_arg(p)
+
+    def _require_synced(self, params):
+        """On a GPU: the parameters still hold the bits the index routed
+        with (changes through .data escape autograd's version check)."""
+        if params[0].device.type == "cuda" and (self._snapshot is None or
+                                                not same_bits(params, self._snapshot)):
+            raise RuntimeError(
+                "backward: the router's parameters changed between the forward and this "
+                "backward (in place through .data, which autograd does not track); the "
+                "forward's routes and gates came from the old values: run the forward again "
+                "after changing them")
 
     def _checked_k(self):
         return check_int(self.k, "k", 1, self.num_experts)
 
-    def _cpp_route(self, tokens):
-        return self._index.route(tokens, self._checked_k())
+    def _cpp_route(self, tokens, stream=0):
+        return self._index.route(tokens, self._checked_k(), stream=stream)
 
-    def _cpp_backward(self, tokens, handle, d_gates, params):
-        return self._index.backward(tokens, handle, d_gates, *params)
+    def _cpp_backward(self, tokens, handle, d_gates, params, stream=0):
+        return self._index.backward(tokens, handle, d_gates, *params, stream=stream)
 
 
 class _CenterRouter(_Router):
@@ -172,7 +233,7 @@ class _CenterRouter(_Router):
     def _forward(self, hidden):
         _check_hidden(hidden, self.dim, [("centers", self.centers)])
         self._sync()
-        if hidden.dtype == torch.float32:
+        if hidden.dtype != torch.float64:
             return _CppRoute.apply(self, hidden, self.centers)
         # float64: float32 selection in C++, float64 closed-form gates.
         with torch.no_grad():
@@ -209,6 +270,9 @@ class AIRRouter(_CenterRouter):
         spills, spill_lambda: spilled lists: each expert also sits in
             `spills` more lists chosen by SOAR (weight spill_lambda); an
             expert is still scored once per token. Off by default.
+        device: where the codebook is trained and the router computes
+            (None: the CPU; "cuda" / "cuda:N" with a CUDA build). Move it
+            later with ``.to(device)``, like any module.
 
     Integer arguments outside these ranges (or outside the C++ integer
     types: 32-bit k, m, iterations and spills, 64-bit list_cap) raise
@@ -224,9 +288,11 @@ class AIRRouter(_CenterRouter):
 
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
-                 spill_lambda=1.0):
+                 spill_lambda=1.0, device=None):
         super().__init__()
         self._init_centers(num_experts, dim, k, centers, seed)
+        if device is not None:  # trained and built there (a GPU's k-means)
+            self.centers = nn.Parameter(self.centers.detach().to(device))
         recommended_c, recommended_m = _airmoe.recommended_air(self.num_experts)
         codewords = check_int(recommended_c if codewords is None else codewords, "codewords C",
                               1, self.num_experts)
@@ -240,12 +306,26 @@ class AIRRouter(_CenterRouter):
         self._calls = 0
         self._index = self._new_index(codewords)
         # C++ validates the centers and the list options, and trains the codebook.
-        self._index.set_centers(view(self.centers))
-        self.register_buffer("codebook", torch.from_numpy(self._index.codewords()))
+        self._index.set_centers(host_float32(self.centers))
+        self.register_buffer("codebook",
+                             torch.from_numpy(self._index.codewords()).to(self.centers.device))
 
     def _new_index(self, codewords=None):
         return _airmoe.AirIndex(self.dim, codewords or self.num_codewords, self.kmeans_iterations,
-                                self.seed, self.list_cap, self.spills, self.spill_lambda)
+                                self.seed, self.list_cap, self.spills, self.spill_lambda,
+                                device=backend_name(self.centers.device))
+
+    def _index_arg(self, p):
+        return host_float32(p)  # the AIR index keeps float32 host copies
+
+    def _apply(self, fn, *args, **kwargs):
+        # Device moves reach the codebook; dtype conversions (.bfloat16(),
+        # .double()) do not: it stays float32 unit rows, as the index has it.
+        codebook = self.codebook
+        super()._apply(fn, *args, **kwargs)
+        if self.codebook.dtype != torch.float32:
+            self.codebook = codebook.to(self.codebook.device)
+        return self
 
     @property
     def num_codewords(self):
@@ -255,8 +335,11 @@ class AIRRouter(_CenterRouter):
         if self.centers.device.type == "meta" or self.codebook.device.type == "meta":
             raise RuntimeError("the AIR router has no expert centers or codebook yet "
                                "(meta tensors): materialize the module first")
-        check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
-        check_tensor(self.codebook, "codebook", dim=self.dim)
+        _check_router_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
+        _check_router_tensor(self.codebook, "codebook", dim=self.dim)
+        if self.codebook.device != self.centers.device:
+            raise ValueError(f"the AIR router's codebook is on {self.codebook.device} but its "
+                             f"centers on {self.centers.device}: move the module with .to()")
         return self.centers, self.codebook
 
     def forward(self, hidden):
@@ -266,9 +349,10 @@ class AIRRouter(_CenterRouter):
             self.update_codebook()
         return self._forward(hidden)
 
-    def _cpp_route(self, tokens):
+    def _cpp_route(self, tokens, stream=0):
         return self._index.route(tokens, self._checked_k(),
-                                 check_int(self.probes, "probes m", 1, self.num_codewords))
+                                 check_int(self.probes, "probes m", 1, self.num_codewords),
+                                 stream=stream)
 
     @torch.no_grad()
     def update_codebook(self, step=1.0, updates=1):
@@ -280,6 +364,8 @@ class AIRRouter(_CenterRouter):
         self._sync()
         self._index.update_codebook(float(step), updates)
         self.codebook.copy_(torch.from_numpy(self._index.codewords()))
+        if self._snapshot is not None:  # the index has these codewords already
+            self._snapshot = [p.detach().clone() for p in self._synced_tensors()]
 
     @torch.no_grad()
     def shortlist_sizes(self, hidden):
@@ -288,8 +374,8 @@ class AIRRouter(_CenterRouter):
         FLOPs count beyond the C probe scores). Gradient-free."""
         _check_hidden(hidden, self.dim, [("centers", self.centers)])
         self._sync()
-        _, _, handle = self._cpp_route(view(hidden.detach().float().contiguous()))
-        return torch.from_numpy(handle.shortlist_size).long()
+        _, _, handle = self._cpp_route(cpp_tensor(hidden), current_stream(hidden.device))
+        return torch.from_numpy(handle.shortlist_size).long().to(hidden.device)
 
     def list_sizes(self):
         """Inverted-list lengths [C] (int64) for the current centers and codebook."""
@@ -312,10 +398,10 @@ class DenseRouter(_CenterRouter):
         self._index = self._new_index()
 
     def _new_index(self):
-        return _airmoe.DenseIndex(view(self.centers))
+        return _airmoe.DenseIndex(cpp_tensor(self.centers))
 
     def _synced_tensors(self):
-        check_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
+        _check_router_tensor(self.centers, "centers", dim=self.dim, rows=self.num_experts)
         return (self.centers,)
 
     def forward(self, hidden):
@@ -354,19 +440,22 @@ class ProductKeyRouter(_Router):
         self._index = self._new_index()
 
     def _new_index(self):
-        return _airmoe.ProductKeyIndex(view(self.keys1), view(self.keys2))
+        return _airmoe.ProductKeyIndex(cpp_tensor(self.keys1), cpp_tensor(self.keys2))
 
     def _synced_tensors(self):
         d1 = self.dim // 2
-        check_tensor(self.keys1, "keys1", dim=d1, rows=self.subkeys)
-        check_tensor(self.keys2, "keys2", dim=self.dim - d1, rows=self.subkeys)
+        _check_router_tensor(self.keys1, "keys1", dim=d1, rows=self.subkeys)
+        _check_router_tensor(self.keys2, "keys2", dim=self.dim - d1, rows=self.subkeys)
+        if self.keys2.device != self.keys1.device:
+            raise ValueError(f"keys2 is on {self.keys2.device} but keys1 on {self.keys1.device}: "
+                             f"move the module with .to()")
         return self.keys1, self.keys2
 
     def forward(self, hidden):
         """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
         _check_hidden(hidden, self.dim, [("keys1", self.keys1), ("keys2", self.keys2)])
         self._sync()
-        if hidden.dtype == torch.float32:
+        if hidden.dtype != torch.float64:
             return _CppRoute.apply(self, hidden, self.keys1, self.keys2)
         with torch.no_grad():
             _, experts = _CppRoute.apply(self, hidden.detach().float().contiguous(),

@@ -9,9 +9,9 @@ It keeps what the rest of the model and its checkpoints know of the gate:
   ``use_air`` trained it;
 * the output is a stock router's: ``(router_logits, gates, indices)``.
 
-Precision: the C++ router computes in float32 (bf16 routing is a later
-step). The gate's weight and codebook stay float32 whatever the model's
-dtype (``model.to(torch.bfloat16)`` and ``model.half()`` leave them
+Precision: the gate routes in float32 (AIRRouter itself takes bfloat16
+too; the gate keeps a stock gate's float32). Its weight and codebook stay
+float32 whatever the model's dtype (``model.to(torch.bfloat16)`` and ``model.half()`` leave them
 alone), so the router keys are never converted per step; a bf16 or fp16
 model's hidden states [T, d] are converted to float32 as they enter (one
 activation-sized copy per MoE block), and the gates are handed back in the
@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .._tensors import check_int, view
+from .._tensors import check_int, host_float32
 from ..routers import AIRRouter
 
 GATE_MODES = ("chosen", "shortlist")
@@ -95,10 +95,10 @@ class AIRGate(AIRRouter):
     def forward(self, hidden_states):
         """hidden [..., d] -> (router_logits [T, E] float32, gates [T, k] in
         hidden's dtype, indices [T, k] int64)."""
-        if hidden_states.device.type != "cpu":
+        if hidden_states.device.type not in ("cpu", "cuda"):
             raise ValueError(
-                f"{self.where}: the hidden states are on {hidden_states.device}, but this airmoe "
-                f"build routes on the CPU only: run the model on the CPU (model.cpu())")
+                f"{self.where}: the hidden states are on {hidden_states.device}, but airmoe "
+                f"routes on the CPU or on CUDA: move the model (model.cpu() or model.cuda())")
         tokens = hidden_states.reshape(-1, self.dim).to(torch.float32).contiguous()
         try:
             gates, indices = super().forward(tokens)
@@ -106,15 +106,16 @@ class AIRGate(AIRRouter):
             raise type(e)(f"{self.where}: {e}") from e
         return self.router_logits(gates, indices), gates.to(hidden_states.dtype), indices
 
-    def _cpp_route(self, tokens):
+    def _cpp_route(self, tokens, stream=0):
         return self._index.route(tokens, self._checked_k(),
                                  check_int(self.probes, "probes m", 1, self.num_codewords),
-                                 self.gate_mode)
+                                 self.gate_mode, stream=stream)
 
     def router_logits(self, gates, indices):
         """[T, E]: log gates at the chosen experts, -inf elsewhere (a
         scatter; differentiable through the gates)."""
-        logits = torch.full((gates.shape[0], self.num_experts), -math.inf, dtype=torch.float32)
+        logits = torch.full((gates.shape[0], self.num_experts), -math.inf, dtype=torch.float32,
+                            device=gates.device)
         tiny = torch.finfo(torch.float32).tiny  # an underflowed gate stays finite
         return logits.scatter(1, indices, torch.log(gates.clamp_min(tiny)))
 
@@ -123,7 +124,7 @@ class AIRGate(AIRRouter):
         """Spherical k-means on the current weight, seeded as at construction:
         a fresh codebook and fresh lists (what loading a weight does)."""
         index = self._new_index()
-        index.set_centers(view(self.weight))
+        index.set_centers(host_float32(self.weight))
         self._index = index
         self.codebook.copy_(torch.from_numpy(index.codewords()))
 
@@ -139,15 +140,14 @@ class AIRGate(AIRRouter):
         # Device moves apply; dtype conversions of the model do not reach the
         # float32 router (see the module's docstring).
         # (.data: _apply converts the Parameter and its grad in place.)
-        weight, codebook = self.weight.data, self.codebook
+        # (AIRRouter._apply keeps the codebook float32.)
+        weight = self.weight.data
         grad = None if self.weight.grad is None else self.weight.grad.data
         super()._apply(fn, *args, **kwargs)
         if self.weight.dtype != torch.float32:
             self.weight.data = weight.to(self.weight.device)
             if grad is not None:
                 self.weight.grad.data = grad.to(self.weight.device)
-        if self.codebook.dtype != torch.float32:
-            self.codebook = codebook.to(self.codebook.device)
         return self
 
     def extra_repr(self):

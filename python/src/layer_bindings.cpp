@@ -1,0 +1,329 @@
+// The distributed MoE layer (runtime::MoELayer) over an MPI communicator that
+// Python hands in (mpi4py: the address of its MPI_Comm handle). Every method
+// is collective: every rank of the communicator calls it, in the same order.
+// Built only with MPI (AIRMOE_WITH_MPI); see bindings.cpp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <mpi.h>
+
+#include "arrays.h"
+#include "bindings.h"
+#include "comm/mpi_communicator.h"
+#include "core/checks.h"
+#include "core/errors.h"
+#include "core/matrix.h"
+#include "runtime/builder.h"
+#include "runtime/checkpoint.h"
+#include "runtime/moe_layer.h"
+
+namespace airmoe {
+namespace {
+
+// What forward() hands back for backward(): the C++ dispatch handle plus the
+// tokens array of its forward (kept alive with it).
+struct LayerPlanHandle {
+  runtime::DispatchHandle handle;
+  py::object tokens;
+  bool used = false;
+};
+
+// Every collective call of MoELayerImpl runs through this. Errors that every
+// rank raised together (core/errors.h: raised_together) reach Python as
+// ValueError or RuntimeError, and the ranks stay in step. Any other error
+// means this rank left a collective that the others are still inside, where
+// they would wait forever: the job is aborted, with a message naming the
+// rank, instead of hanging.
+template <typename Call>
+auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> decltype(call()) {
+  std::string message;
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    if (raised_together(e)) throw;
+    message = e.what();
+  } catch (...) {
+    message = "unknown error";
+  }
+  std::fprintf(stderr,
+               "airmoe.MoELayer.%s: rank %d: %s\nairmoe: rank %d left a collective the other "
+               "ranks are still in; aborting the job so that they do not wait forever\n",
+               what, rank, message.c_str(), rank);
+  std::fflush(stderr);
+  MPI_Abort(comm, 1);
+  std::abort();  // MPI_Abort does not return
+}
+
+// The MoELayer arguments Python passes, before they are checked.
+struct LayerArgs {
+  std::string strategy, activation, placement;
+  int k = 0, probes = 0, kmeans_iterations = 0;
+  int64_t hidden = 0, codewords = 0;
+  uint64_t kmeans_seed = 0, expert_seed = 0;
+
+  runtime::LayerSpec spec(MatrixView centers) const {
+    runtime::LayerSpec s;
+    s.experts = centers.rows;
+    s.dim = centers.cols;
+    s.strategy = runtime::strategy_from_string(strategy);
+    s.k = k;
+    s.probes = probes;
+    s.codewords = codewords;
+    s.kmeans_iterations = kmeans_iterations;
+    s.kmeans_seed = kmeans_seed;
+    s.placement = runtime::placement_policy_from_string(placement);
+    s.hidden = hidden;
+    s.activation = runtime::activation_from_string(activation);
+    s.expert_seed = expert_seed;
+    return s;
+  }
+};
+
+// The MPI_Comm that mpi4py's handle at `comm_address` holds, checked.
+MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (!initialized || finalized)
+    throw std::runtime_error(
+        "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
+  if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
+  const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
+  if (mpi_comm == MPI_COMM_NULL)
+    throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
+  return mpi_comm;
+}
+
+class MoELayerImpl {
+ public:
+  // Collective: the layer of the checkpoint in `dir` (runtime/checkpoint.h).
+  // local_error: what the Python side found wrong with this rank's path ("":
+  // nothing), raised on every rank together.
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir, const std::string& local_error)
+      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+    collective("load_checkpoint", [&] {
+      comm::raise_together(*comm_, local_error, "MoELayer.load_checkpoint");
+      layer_ = runtime::load_checkpoint(*comm_, dir);
+      const MatrixView cw = layer_->codebook().codewords();
+      codewords_ = Matrix(cw.rows, cw.cols);
+      std::copy_n(cw.data, cw.rows * cw.cols, codewords_.data());
+    });
+  }
+
+  // local_error: what the Python side found wrong with this rank's arguments
+  // ("" for nothing); it is raised on every rank together with the checks
+  // here, so a rank with bad input never leaves the others waiting.
+  MoELayerImpl(std::uintptr_t comm_address, const LayerArgs& args, const py::object& centers,
+               const py::object& sample, const std::string& local_error)
+      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+    collective("__init__", [&] {
+      runtime::LayerSpec spec;
+      MatrixView c, t;
+      comm::check_together(*comm_, "MoELayer", [&] {
+        if (!local_error.empty()) fail(local_error);
+        c = as_view(centers.cast<py::array>(), "centers");
+        if (!sample.is_none()) t = as_view(sample.cast<py::array>(), "load sample");
+        spec = args.spec(c);
+      });
+      const runtime::SharedIndex index = runtime::agree_on_index(*comm_, spec, c, t);
+      codewords_ = Matrix(index.codebook.size(), index.codebook.dim());
+      std::copy_n(index.codebook.codewords().data, codewords_.size(), codewords_.data());
+      layer_ = runtime::make_layer(*comm_, spec, index,
+                                   runtime::place_experts(*comm_, spec, index).placement, c);
+    });
+  }
+
+  // Collective: raises `local_error` ("" for none) on every rank together
+  // (ValueError naming the failing rank); the Python side's checks go here.
+  void raise_together(const std::string& local_error, const std::string& what) {
+    collective("raise_together",
+               [&] { comm::raise_together(*comm_, local_error, ("MoELayer." + what).c_str()); });
+  }
+
+  py::tuple forward(const py::array& tokens) {
+    auto h = std::make_shared<LayerPlanHandle>();
+    h->tokens = tokens;
+    runtime::ForwardResult out = collective("forward", [&] {
+      MatrixView t;
+      comm::check_together(*comm_, "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
+      py::gil_scoped_release release;
+      return layer_->forward(t);
+    });
+    h->handle = std::move(out.handle);
+    return py::make_tuple(owned(std::move(out.output)), std::move(h));
+  }
+
+  // (d_tokens [T, d], dW1 [hosted, h, d], dW2 [hosted, d, h], (center ids, rows))
+  py::tuple backward(LayerPlanHandle& h, const py::array& d_out) {
+    runtime::MoEGradients g = collective("backward", [&] {
+      MatrixView dy;
+      comm::check_together(*comm_, "MoELayer.backward", [&] {
+        if (h.used) fail("this plan was already used for a backward");
+        dy = as_view(d_out, "d_out");
+      });
+      py::gil_scoped_release release;
+      runtime::MoEGradients grads = layer_->backward(h.handle, dy);
+      // Autograd takes the hosted experts' layout, whatever the config asks.
+      grads.dense_experts = layer_->experts().to_dense(grads.touched_experts);
+      return grads;
+    });
+    h.used = true;
+    const auto n = static_cast<py::ssize_t>(layer_->experts().size());
+    const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
+    const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
+    const auto rows1 = static_cast<py::ssize_t>(layer_->config().expert.w1_rows());
+    return py::make_tuple(
+        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, rows1, d}),
+        owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
+  }
+
+  // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
+  // "" or, on rank 0, where the previous checkpoint was left undeleted.
+  std::string save_checkpoint(const std::string& dir) {
+    return collective("save_checkpoint",
+                      [&] { return runtime::save_checkpoint(*layer_, dir).leftover; });
+  }
+
+  void set_local_centers(const py::array& centers) {
+    collective("set_local_centers", [&] {
+      MatrixView v;
+      comm::check_together(*comm_, "MoELayer.set_local_centers",
+                           [&] { v = as_view(centers, "centers_local"); });
+      py::gil_scoped_release release;
+      layer_->set_local_centers(v);
+    });
+  }
+
+  runtime::MoELayer& layer() { return *layer_; }
+  const Matrix& codewords() const { return codewords_; }
+  int rank() const { return comm_->rank(); }
+  int size() const { return comm_->size(); }
+
+ private:
+  template <typename Call>
+  auto collective(const char* what, Call&& call) -> decltype(call()) {
+    return airmoe::collective(comm_->comm(), comm_->rank(), what, std::forward<Call>(call));
+  }
+
+  std::unique_ptr<comm::MpiCommunicator> comm_;  // outlives layer_ (declared first)
+  Matrix codewords_;
+  std::unique_ptr<runtime::MoELayer> layer_;
+};
+
+// A writable NumPy view of a C++ float buffer, kept alive by `owner`.
+py::array_t<float> shared_view(float* data, std::vector<py::ssize_t> shape, py::handle owner) {
+  return py::array_t<float>(std::move(shape), data, owner);
+}
+
+// This rank's W1 [hosted, h, d] (which = 1) or W2 [hosted, d, h] (which =
+// 2) as a writable view kept alive by the layer object `self`.
+py::array_t<float> expert_weights_view(const py::object& self, int which) {
+  auto& ex = self.cast<MoELayerImpl&>().layer().experts();
+  const auto n = static_cast<py::ssize_t>(ex.size());
+  const py::ssize_t h = ex.config().hidden, d = ex.config().dim;
+  if (which == 1) return shared_view(ex.w1_data().data(), {n, ex.config().w1_rows(), d}, self);
+  return shared_view(ex.w2_data().data(), {n, d, h}, self);
+}
+
+}  // namespace
+
+void bind_layer(py::module_& m) {
+  py::class_<LayerPlanHandle, std::shared_ptr<LayerPlanHandle>>(
+      m, "LayerPlan", "The C++ dispatch handle of one MoELayer forward, kept for its backward.")
+      .def_property_readonly("tokens",
+                             [](const LayerPlanHandle& h) { return h.handle.routes().tokens; })
+      .def_property_readonly("experts", [](const LayerPlanHandle& h) {
+        const Routes& r = h.handle.routes();
+        return copied(r.experts, {static_cast<py::ssize_t>(r.tokens), r.k});
+      });
+
+  py::class_<MoELayerImpl>(m, "MoELayerImpl",
+                           "runtime::MoELayer over an MPI communicator (collective methods).")
+      .def(py::init([](std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
+                       int64_t hidden, const std::string& activation, int64_t codewords,
+                       int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
+                       uint64_t expert_seed, const py::object& centers, const py::object& sample,
+                       const std::string& local_error) {
+             const LayerArgs args{strategy,    activation,        placement, k,
+                                  probes,      kmeans_iterations, hidden,    codewords,
+                                  kmeans_seed, expert_seed};
+             return new MoELayerImpl(comm_address, args, centers, sample, local_error);
+           }),
+           py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
+           py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
+           py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
+           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
+           py::arg("local_error") = "",
+           "Collective. local_error: this rank's own argument error (\"\": none), raised on "
+           "every rank together.")
+      .def_property_readonly("rank", &MoELayerImpl::rank)
+      .def_property_readonly("size", &MoELayerImpl::size)
+      .def_property_readonly(
+          "strategy",
+          [](MoELayerImpl& s) { return std::string(runtime::to_string(s.layer().strategy())); })
+      .def_property_readonly("experts",
+                             [](MoELayerImpl& s) { return s.layer().placement().experts(); })
+      .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
+      .def_property_readonly("hidden",
+                             [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
+      .def(py::init<std::uintptr_t, const std::string&, const std::string&>(),
+           py::arg("comm_address"), py::arg("checkpoint_dir"), py::arg("local_error") = "",
+           "Collective: the layer of a checkpoint, at this job's P. local_error: this rank's "
+           "own path error (\"\": none), raised on every rank together.")
+      .def(
+          "save_checkpoint",
+          [](MoELayerImpl& s, const std::string& dir) {
+            py::gil_scoped_release release;
+            return s.save_checkpoint(dir);
+          },
+          py::arg("dir"),
+          "Collective: writes the layer's checkpoint into dir; returns \"\" or, on rank 0, "
+          "where the previous checkpoint was left because it could not be removed.")
+      .def_property_readonly("config",
+                             [](MoELayerImpl& s) {
+                               const runtime::MoEConfig& c = s.layer().config();
+                               py::dict d;
+                               d["k"] = c.k;
+                               d["probes"] = c.probes;
+                               d["activation"] = runtime::to_string(c.expert.activation);
+                               d["codewords"] = s.layer().codebook().size();
+                               return d;
+                             })
+      .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
+      .def("set_local_centers", &MoELayerImpl::set_local_centers, py::arg("centers"),
+           "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
+      .def("raise_together", &MoELayerImpl::raise_together, py::arg("local_error"), py::arg("what"),
+           "Collective: this rank's error (\"\": none) raised as ValueError on every rank.")
+      .def("backward", &MoELayerImpl::backward, py::arg("plan"), py::arg("d_out"))
+      .def("hosted",
+           [](MoELayerImpl& s) {
+             const auto& ids = s.layer().hosted();
+             return copied(ids, {static_cast<py::ssize_t>(ids.size())});
+           })
+      .def("owners",
+           [](MoELayerImpl& s) {
+             const auto& o = s.layer().placement().owners();
+             return copied(o, {static_cast<py::ssize_t>(o.size())});
+           })
+      .def("codewords", [](MoELayerImpl& s) { return copied(s.codewords().view()); })
+      .def("local_centers",
+           [](MoELayerImpl& s) { return copied(s.layer().local_centers().view()); })
+      .def(
+          "w1_view", [](py::object self) { return expert_weights_view(self, 1); },
+          "Writable NumPy view of this rank's W1 [hosted, h, d] ([hosted, 2h, d] for swiglu: the "
+          "gate rows, then the up rows; the C++ memory itself).")
+      .def(
+          "w2_view", [](py::object self) { return expert_weights_view(self, 2); },
+          "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).");
+}
+
+}  // namespace airmoe
