@@ -111,8 +111,9 @@ struct TopKView {
 };
 
 // The weights of a shard's experts, local index i = 0..experts-1:
-// w1 [experts * hidden, dim] (expert i's W1 is rows i*hidden ..), w2
-// [experts * dim, hidden]; f32 or bf16.
+// w1 [experts * h1, dim] (expert i's W1 is rows i*h1 ..; h1 = w1_rows:
+// hidden, or 2 hidden for SwiGLU, its gate rows then its up rows,
+// ops/expert_ffn.h), w2 [experts * dim, hidden]; f32 or bf16.
 struct ExpertWeightsView {
   TensorView w1;
   TensorView w2;
@@ -131,7 +132,7 @@ struct ExpertPairsView {
 
 // Per-pair intermediates of expert_forward, read by expert_backward.
 struct ExpertCacheView {
-  TensorView pre;     // f32 [P, hidden]: W1 x
+  TensorView pre;     // f32 [P, h1]: W1 x (SwiGLU: gate then up)
   TensorView output;  // f32 [P, dim]: FFN(x), before the gate
 };
 
@@ -140,7 +141,7 @@ struct ExpertCacheView {
 // device, `count` on the host.
 struct TouchedExpertGrads {
   Tensor local;  // i32 [count]
-  Tensor w1;     // f32 [count * hidden, dim]
+  Tensor w1;     // f32 [count * h1, dim]
   Tensor w2;     // f32 [count * dim, hidden]
   int64_t count = 0;
 };
@@ -170,7 +171,8 @@ class Ops {
   virtual ~Ops() = default;
 
   // ---- identity and memory -------------------------------------------
-  virtual std::string name() const = 0;  // "host-avx2", "host-portable", "device-emulated", "cuda:0"
+  virtual std::string name()
+      const = 0;  // "host-avx2", "host-portable", "device-emulated", "cuda:0"
   virtual Device device() const = 0;
   virtual Allocator& allocator() const = 0;
   virtual void synchronize(Stream stream) const = 0;
@@ -255,9 +257,9 @@ class Ops {
   //   coef[i] = p_i ([expert[i] chosen] dL/dg - sum_j g_j dL/dg_j),
   //   p_i = exp(z[i] - log_normalizer[token[i]])
   // where chosen ids / gates / d_gates are the routes' [T, k] rows.
-  virtual void logit_grads(TensorView token, TensorView expert, TensorView z,
-                           TensorView chosen_ids, TensorView gates, TensorView d_gates,
-                           TensorView log_normalizer, TensorView coef, Stream stream) const = 0;
+  virtual void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
+                           TensorView gates, TensorView d_gates, TensorView log_normalizer,
+                           TensorView coef, Stream stream) const = 0;
   // d_tokens (f32 [T, width], overwritten; or an empty view: the key
   // gradients alone) and the sparse key gradients of the contributions; zero
   // coefficients contribute nothing (a row only they name is not listed).
@@ -269,9 +271,8 @@ class Ops {
   // out[token] += gate * FFN(x[token]) for every pair, each token's pairs
   // added in pair order (float); the cache gets every pair's pre-activation
   // and FFN output. x, out [N, dim].
-  virtual void expert_forward(const ExpertWeightsView& weights, TensorView x,
-                              ExpertPairsView pairs, TensorView out, ExpertCacheView cache,
-                              Stream stream) const = 0;
+  virtual void expert_forward(const ExpertWeightsView& weights, TensorView x, ExpertPairsView pairs,
+                              TensorView out, ExpertCacheView cache, Stream stream) const = 0;
   // d_gate[p] = <dy[token_p], FFN(x)_p> (double, rounded once); dx[token] +=
   // the gate-weighted input gradient (pair order); returns the parameter
   // gradients of the touched experts (contracted over each expert's pairs
