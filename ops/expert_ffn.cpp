@@ -12,6 +12,8 @@ const char* to_string(Activation a) {
       return "relu";
     case Activation::kSilu:
       return "silu";
+    case Activation::kSwiglu:
+      return "swiglu";
   }
   return "unknown";
 }
@@ -20,7 +22,8 @@ Activation activation_from_string(const std::string& name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "relu") return Activation::kRelu;
   if (name == "silu") return Activation::kSilu;
-  fail("activation '" + name + "' is unknown (expected 'gelu', 'relu' or 'silu')");
+  if (name == "swiglu") return Activation::kSwiglu;
+  fail("activation '" + name + "' is unknown (expected 'gelu', 'relu', 'silu' or 'swiglu')");
 }
 
 }  // namespace airmoe::inline ops

@@ -119,8 +119,9 @@ struct TopKView {
 };
 
 // The weights of a shard's experts, local index i = 0..experts-1:
-// w1 [experts * hidden, dim] (expert i's W1 is rows i*hidden ..), w2
-// [experts * dim, hidden]; f32 or bf16.
+// w1 [experts * h1, dim] (expert i's W1 is rows i*h1 ..; h1 = w1_rows:
+// hidden, or 2 hidden for SwiGLU, its gate rows then its up rows,
+// ops/expert_ffn.h), w2 [experts * dim, hidden]; f32 or bf16.
 struct ExpertWeightsView {
   TensorView w1;
   TensorView w2;
@@ -139,7 +140,7 @@ struct ExpertPairsView {
 
 // Per-pair intermediates of expert_forward, read by expert_backward.
 struct ExpertCacheView {
-  TensorView pre;     // f32 [P, hidden]: W1 x
+  TensorView pre;     // f32 [P, h1]: W1 x (SwiGLU: gate then up)
   TensorView output;  // f32 [P, dim]: FFN(x), before the gate
 };
 
@@ -148,7 +149,7 @@ struct ExpertCacheView {
 // device, `count` on the host.
 struct TouchedExpertGrads {
   Tensor local;  // i32 [count]
-  Tensor w1;     // f32 [count * hidden, dim]
+  Tensor w1;     // f32 [count * h1, dim]
   Tensor w2;     // f32 [count * dim, hidden]
   int64_t count = 0;
 };

@@ -90,6 +90,9 @@ void check_spec(const LayerSpec& spec) {
   require_in_range(spec.probes, 1, spec.codewords, "LayerSpec probes");
   require_in_range(spec.kmeans_iterations, 0, 1 << 20, "LayerSpec kmeans_iterations");
   require_in_range(spec.hidden, 1, INT32_MAX, "LayerSpec hidden");
+  if (is_gated(spec.activation) && spec.version < 3)
+    fail("LayerSpec activation " + std::string(to_string(spec.activation)) +
+         " needs version 3; the spec says version " + std::to_string(spec.version));
 }
 
 SharedIndex agree_on_index(comm::Communicator& comm, const LayerSpec& spec, MatrixView centers,

@@ -49,7 +49,9 @@ namespace airmoe::runtime {
 //   1: experts ... expert_seed.
 //   2: dense_expert_grads (off by default: the touched experts' gradients
 //      only; under version 1 the layer always returned the dense layout).
-inline constexpr int kLayerSpecVersion = 2;
+//   3: activation swiglu (gated experts, W1 = [gate; up]); a spec of an
+//      older version naming it is refused.
+inline constexpr int kLayerSpecVersion = 3;
 inline constexpr int kOldestLayerSpecVersion = 1;
 
 // Everything that defines a distributed router or MoE layer, the same on
@@ -68,7 +70,8 @@ struct LayerSpec {
   int kmeans_iterations = 10;
   uint64_t kmeans_seed = 1234;
   PlacementPolicy placement = PlacementPolicy::kLocality;
-  // Experts (build_layer only): FFN width, activation, and the seed of their
+  // Experts (build_layer only): FFN width, activation (swiglu from version
+  // 3), and the seed of their
   // random parameters, which depend only on (seed, expert id), not on P.
   int64_t hidden = 16;
   Activation activation = Activation::kGelu;

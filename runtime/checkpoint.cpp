@@ -41,6 +41,7 @@ ShardRecords shard_of(MoELayer& layer) {
   s.ranks = layer.communicator().size();
   s.dim = layer.config().expert.dim;
   s.hidden = layer.config().expert.hidden;
+  s.activation = layer.config().expert.activation;
   s.ids = layer.hosted();
   const auto w1 = layer.experts().w1_data(), w2 = layer.experts().w2_data();
   s.w1.assign(w1.begin(), w1.end());
@@ -176,7 +177,7 @@ Placement placement_for(comm::Communicator& comm, const CheckpointManifest& m,
 ShardRecords read_shard(const std::string& dir, const CheckpointManifest& m, int q) {
   const std::string path = shard_path(dir, q);
   const std::vector<char> bytes = read_file(path);
-  ShardRecords s = decode_shard(bytes, path);
+  ShardRecords s = decode_shard(bytes, path, m.layer.config.expert.activation);
   const ShardEntry& entry = m.shards[q];
   uint64_t checksum = 0;
   std::memcpy(&checksum, bytes.data() + bytes.size() - sizeof(checksum), sizeof(checksum));
@@ -203,10 +204,12 @@ ShardRecords read_hosted(const std::string& dir, const CheckpointManifest& m,
   out.ranks = ranks;
   out.dim = m.layer.config.expert.dim;
   out.hidden = m.layer.config.expert.hidden;
+  out.activation = m.layer.config.expert.activation;
   out.ids = hosted;
-  const auto w = static_cast<size_t>(out.dim * out.hidden);
-  out.w1.resize(hosted.size() * w);
-  out.w2.resize(hosted.size() * w);
+  const auto w1 = static_cast<size_t>(m.layer.config.expert.w1_size());
+  const auto w2 = static_cast<size_t>(m.layer.config.expert.w2_size());
+  out.w1.resize(hosted.size() * w1);
+  out.w2.resize(hosted.size() * w2);
   out.centers = Matrix(static_cast<int64_t>(hosted.size()), out.dim);
   std::map<int, std::vector<size_t>> by_shard;  // shard -> indices into hosted
   for (size_t i = 0; i < hosted.size(); ++i) by_shard[m.owners[hosted[i]]].push_back(i);
@@ -215,8 +218,8 @@ ShardRecords read_hosted(const std::string& dir, const CheckpointManifest& m,
     for (size_t i : indices) {
       const auto j = static_cast<size_t>(std::lower_bound(s.ids.begin(), s.ids.end(), hosted[i]) -
                                          s.ids.begin());
-      std::copy_n(s.w1.data() + j * w, w, out.w1.data() + i * w);
-      std::copy_n(s.w2.data() + j * w, w, out.w2.data() + i * w);
+      std::copy_n(s.w1.data() + j * w1, w1, out.w1.data() + i * w1);
+      std::copy_n(s.w2.data() + j * w2, w2, out.w2.data() + i * w2);
       std::copy_n(s.centers.row(static_cast<int64_t>(j)), out.dim,
                   out.centers.row(static_cast<int64_t>(i)));
     }

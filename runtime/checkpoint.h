@@ -55,11 +55,14 @@ struct CheckpointManifest {
   std::vector<ShardEntry> shards;   // [P]
 };
 
-// One shard file's records: expert ids ascending; per id, W1 [h, d],
-// W2 [d, h] and the center [d], in id order.
+// One shard file's records: expert ids ascending; per id, W1 [w1_rows, d]
+// (SwiGLU: gate rows, then up rows), W2 [d, h] and the center [d], in id
+// order. The activation is the manifest's (it sets W1's rows), not a field
+// of the shard file.
 struct ShardRecords {
   int32_t rank = 0, ranks = 0;
   int64_t dim = 0, hidden = 0;
+  Activation activation = Activation::kGelu;
   std::vector<int32_t> ids;
   std::vector<float> w1, w2;
   Matrix centers;
@@ -71,7 +74,9 @@ struct ShardRecords {
 std::vector<char> encode_manifest(const CheckpointManifest& manifest);
 CheckpointManifest decode_manifest(std::span<const char> bytes, const std::string& name);
 std::vector<char> encode_shard(const ShardRecords& shard);
-ShardRecords decode_shard(std::span<const char> bytes, const std::string& name);
+// `activation`: the manifest's, which says how many rows each W1 holds.
+ShardRecords decode_shard(std::span<const char> bytes, const std::string& name,
+                          Activation activation);
 
 std::string manifest_path(const std::string& dir);
 std::string shard_path(const std::string& dir, int rank);

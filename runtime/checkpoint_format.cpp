@@ -121,7 +121,7 @@ int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, const std:
   layer.config.expert.dim = in.take<int64_t>("d");
   layer.config.expert.hidden = in.take<int64_t>("h");
   layer.config.expert.activation =
-      enum_field<Activation>(in.take<uint32_t>("activation"), 3, "activation", name);
+      enum_field<Activation>(in.take<uint32_t>("activation"), 4, "activation", name);
   m.ranks = in.take<int32_t>("ranks");
   layer.experts = in.take<int64_t>("E");
   layer.codewords = in.take<int64_t>("C");
@@ -164,8 +164,8 @@ void check_manifest_body(const CheckpointManifest& m, const std::string& name) {
 
 // --------------------------------------------------------------- shard --
 
-int64_t record_floats(int64_t d, int64_t h) {
-  return 2 * h * d + d;  // W1, W2, center
+int64_t record_floats(const ShardRecords& s) {
+  return ops::w1_rows(s.activation, s.hidden) * s.dim + s.dim * s.hidden + s.dim;  // W1, W2, center
 }
 
 // The header's fields, each in its range; returns the file size they promise.
@@ -184,7 +184,7 @@ int64_t take_shard_header(wire::Reader& in, ShardRecords& s, int64_t& records,
   require_field(s.dim, 1, kMaxDim, "d", "shard file", name);
   require_field(s.hidden, 1, kMaxDim, "h", "shard file", name);
   require_field(records, 0, std::numeric_limits<int32_t>::max(), "records", "shard file", name);
-  const int64_t record_bytes = 4 + 4 * record_floats(s.dim, s.hidden);  // < 2^52
+  const int64_t record_bytes = 4 + 4 * record_floats(s);  // < 2^53
   int64_t body = 0, total = 0;
   if (__builtin_mul_overflow(records, record_bytes, &body) ||
       __builtin_add_overflow(body, static_cast<int64_t>(kShardHeader + kChecksumBytes), &total))
@@ -195,11 +195,12 @@ int64_t take_shard_header(wire::Reader& in, ShardRecords& s, int64_t& records,
 
 void take_shard_records(wire::Reader& in, ShardRecords& s, int64_t records,
                         const std::string& name) {
-  const auto w = static_cast<size_t>(s.dim * s.hidden);
+  const auto w1 = static_cast<size_t>(ops::w1_rows(s.activation, s.hidden) * s.dim);
+  const auto w2 = static_cast<size_t>(s.dim * s.hidden);
   const auto n = static_cast<size_t>(records);
   s.ids.resize(n);
-  s.w1.resize(n * w);
-  s.w2.resize(n * w);
+  s.w1.resize(n * w1);
+  s.w2.resize(n * w2);
   s.centers = Matrix(records, s.dim);
   for (size_t i = 0; i < n; ++i) {
     s.ids[i] = in.take<int32_t>("expert id");
@@ -207,8 +208,8 @@ void take_shard_records(wire::Reader& in, ShardRecords& s, int64_t records,
       fail("shard file " + quoted(name) + ": record " + std::to_string(i) + " has expert id " +
            std::to_string(s.ids[i]) + (i > 0 ? " after " + std::to_string(s.ids[i - 1]) : "") +
            " (ids must be ascending and >= 0)");
-    in.take_n(s.w1.data() + i * w, w, "W1");
-    in.take_n(s.w2.data() + i * w, w, "W2");
+    in.take_n(s.w1.data() + i * w1, w1, "W1");
+    in.take_n(s.w2.data() + i * w2, w2, "W2");
     in.take_n(s.centers.row(static_cast<int64_t>(i)), static_cast<size_t>(s.dim), "center");
   }
 }
@@ -261,20 +262,23 @@ std::vector<char> encode_shard(const ShardRecords& s) {
   put1(out, s.dim);
   put1(out, s.hidden);
   put1(out, static_cast<int64_t>(s.ids.size()));
-  const auto w = static_cast<size_t>(s.dim * s.hidden);
+  const auto w1 = static_cast<size_t>(ops::w1_rows(s.activation, s.hidden) * s.dim);
+  const auto w2 = static_cast<size_t>(s.dim * s.hidden);
   for (size_t i = 0; i < s.ids.size(); ++i) {
     put1(out, s.ids[i]);
-    wire::put(out, s.w1.data() + i * w, w);
-    wire::put(out, s.w2.data() + i * w, w);
+    wire::put(out, s.w1.data() + i * w1, w1);
+    wire::put(out, s.w2.data() + i * w2, w2);
     wire::put(out, s.centers.row(static_cast<int64_t>(i)), static_cast<size_t>(s.dim));
   }
   seal(out);
   return out;
 }
 
-ShardRecords decode_shard(std::span<const char> bytes, const std::string& name) {
+ShardRecords decode_shard(std::span<const char> bytes, const std::string& name,
+                          Activation activation) {
   check_magic_and_version(bytes, kShardMagic, kShardHeader, "shard file", name);
   ShardRecords s;
+  s.activation = activation;
   int64_t records = 0;
   wire::Reader in(bytes, 0);
   check_size_and_checksum(bytes, take_shard_header(in, s, records, name), "shard file", name);

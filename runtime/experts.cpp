@@ -99,11 +99,14 @@ ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute 
       fail("ExpertShard: expert ids must be ascending and distinct, but ids[" + std::to_string(i) +
            "] = " + std::to_string(ids_[i]) + " follows " + std::to_string(ids_[i - 1]));
   }
-  const int64_t per = config_.dim * config_.hidden;
+  if (config_.hidden > INT64_MAX / 2 / config_.dim)
+    fail("ExpertShard: d = " + std::to_string(config_.dim) +
+         ", h = " + std::to_string(config_.hidden) + " overflow");
+  const int64_t per = config_.w1_size();  // >= w2_size
   if (per > INT64_MAX / std::max<int64_t>(1, size()))
     fail("ExpertShard: " + std::to_string(size()) + " experts of " + std::to_string(per) +
          " parameters overflow");
-  w1_ = compute_.ops->empty(DType::kF32, size() * config_.hidden, config_.dim);
+  w1_ = compute_.ops->empty(DType::kF32, size() * config_.w1_rows(), config_.dim);
   w2_ = compute_.ops->empty(DType::kF32, size() * config_.dim, config_.hidden);
   compute_.ops->fill(w1_, 0.0, compute_.stream);
   compute_.ops->fill(w2_, 0.0, compute_.stream);
@@ -112,14 +115,14 @@ ExpertShard::ExpertShard(ExpertConfig config, std::vector<int32_t> ids, Compute 
 ExpertShard ExpertShard::random(ExpertConfig config, std::vector<int32_t> ids, uint64_t seed,
                                 Compute compute) {
   ExpertShard host(config, std::move(ids));  // drawn on the host, then moved to the device
-  const int64_t d = config.dim, h = config.hidden;
+  const int64_t d = config.dim, h = config.hidden, w1_size = config.w1_size();
   const double s1 = 1.0 / std::sqrt(static_cast<double>(d));
   const double s2 = 1.0 / std::sqrt(static_cast<double>(h));
 #pragma omp parallel for schedule(static)
   for (int64_t e = 0; e < host.size(); ++e) {
     SplitMix64 a = expert_sequence(seed, host.ids_[e], 1);
     float* w1 = host.w1(e);
-    for (int64_t i = 0; i < h * d; ++i) w1[i] = static_cast<float>(s1 * a.normal());
+    for (int64_t i = 0; i < w1_size; ++i) w1[i] = static_cast<float>(s1 * a.normal());
     SplitMix64 b = expert_sequence(seed, host.ids_[e], 2);
     float* w2 = host.w2(e);
     for (int64_t i = 0; i < d * h; ++i) w2[i] = static_cast<float>(s2 * b.normal());
@@ -170,8 +173,8 @@ ExpertWeightsView ExpertShard::weights() const {
 
 DenseExpertGrads ExpertShard::zero_grads() const {
   DenseExpertGrads g;
-  g.w1.assign(parameters(), 0.0f);
-  g.w2.assign(parameters(), 0.0f);
+  g.w1.assign(w1_entries(), 0.0f);
+  g.w2.assign(w2_entries(), 0.0f);
   return g;
 }
 
@@ -207,7 +210,7 @@ ExpertCache ExpertShard::forward(MatrixView x, const ExpertPairs& pairs, Matrix&
   const DeviceExpertPairs p = device_pairs(pairs, x.rows, x.cols, "forward");
   require_shape(out.rows(), out.cols(), x.rows, config_.dim, "ExpertShard::forward: out");
   const auto n = static_cast<int64_t>(pairs.size());
-  ExpertCache cache{Matrix(n, config_.hidden), Matrix(n, config_.dim)};
+  ExpertCache cache{Matrix(n, config_.w1_rows()), Matrix(n, config_.dim)};
   if (n == 0) return cache;
   StagedOut pre(compute_, cache.pre.view()), output(compute_, cache.output.view());
   StagedOut sums(compute_, out.view(), /*initialized=*/true);
@@ -223,7 +226,7 @@ DeviceExpertCache ExpertShard::forward(TensorView x, const DeviceExpertPairs& pa
                                        TensorView out) const {
   require_dim(*this, x.cols, "forward");
   const int64_t n = pairs.token.rows();
-  DeviceExpertCache cache{compute_.ops->empty(DType::kF32, n, config_.hidden),
+  DeviceExpertCache cache{compute_.ops->empty(DType::kF32, n, config_.w1_rows()),
                           compute_.ops->empty(DType::kF32, n, config_.dim)};
   compute_.ops->expert_forward(weights(), x, pairs.view(), out, cache.view(), compute_.stream);
   return cache;
@@ -233,11 +236,11 @@ SparseExpertGrads ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
                                         const ExpertCache& cache, MatrixView dy,
                                         std::vector<float>& d_gate, Matrix& dx) const {
   const DeviceExpertPairs p = device_pairs(pairs, x.rows, x.cols, "backward");
-  const int64_t d = config_.dim, h = config_.hidden;
+  const int64_t d = config_.dim, h1 = config_.w1_rows();
   const auto n = static_cast<int64_t>(pairs.size());
   require_shape(dy.rows, dy.cols, x.rows, d, "ExpertShard::backward: dy");
   require_shape(dx.rows(), dx.cols(), x.rows, d, "ExpertShard::backward: dx");
-  require_shape(cache.pre.rows(), cache.pre.cols(), n, h,
+  require_shape(cache.pre.rows(), cache.pre.cols(), n, h1,
                 "ExpertShard::backward: cache.pre (not from forward on these pairs?)");
   require_shape(cache.output.rows(), cache.output.cols(), n, d,
                 "ExpertShard::backward: cache.output (not from forward on these pairs?)");
@@ -275,39 +278,39 @@ void ExpertShard::backward(MatrixView x, const ExpertPairs& pairs, const ExpertC
   if (grads.w1.empty() && grads.w2.empty()) grads = zero_grads();
   check_dense(grads, "backward");
   const SparseExpertGrads touched = backward(x, pairs, cache, dy, d_gate, dx);
-  const int64_t w = config_.dim * config_.hidden;
+  const int64_t w1 = config_.w1_size(), w2 = config_.w2_size();
   const Ops& host = host_ops();  // the dense gradients are host vectors
   for (int64_t i = 0; i < touched.size(); ++i) {
     const int64_t e = index_of(touched.ids[i]);
-    host.add_scaled(host_vector_view(grads.w1, DType::kF32).row_range(e * w, w),
-                    host_vector_view(touched.w1, DType::kF32).row_range(i * w, w), 1.0f, {});
-    host.add_scaled(host_vector_view(grads.w2, DType::kF32).row_range(e * w, w),
-                    host_vector_view(touched.w2, DType::kF32).row_range(i * w, w), 1.0f, {});
+    host.add_scaled(host_vector_view(grads.w1, DType::kF32).row_range(e * w1, w1),
+                    host_vector_view(touched.w1, DType::kF32).row_range(i * w1, w1), 1.0f, {});
+    host.add_scaled(host_vector_view(grads.w2, DType::kF32).row_range(e * w2, w2),
+                    host_vector_view(touched.w2, DType::kF32).row_range(i * w2, w2), 1.0f, {});
   }
 }
 
 DenseExpertGrads ExpertShard::to_dense(const SparseExpertGrads& grads) const {
   const std::vector<int64_t> local = check_sparse(grads, "to_dense");
-  const int64_t w = config_.dim * config_.hidden;
+  const int64_t w1 = config_.w1_size(), w2 = config_.w2_size();
   DenseExpertGrads dense = zero_grads();
   for (size_t i = 0; i < local.size(); ++i) {
-    std::copy_n(grads.w1.data() + i * w, w, dense.w1.data() + local[i] * w);
-    std::copy_n(grads.w2.data() + i * w, w, dense.w2.data() + local[i] * w);
+    std::copy_n(grads.w1.data() + i * w1, w1, dense.w1.data() + local[i] * w1);
+    std::copy_n(grads.w2.data() + i * w2, w2, dense.w2.data() + local[i] * w2);
   }
   return dense;
 }
 
 void ExpertShard::apply(const SparseExpertGrads& grads, float scale) {
   const std::vector<int64_t> local = check_sparse(grads, "apply");
-  const int64_t h = config_.hidden, d = config_.dim;
+  const int64_t h = config_.hidden, d = config_.dim, h1 = config_.w1_rows();
   const Staged g1(compute_, TensorView(const_cast<float*>(grads.w1.data()), DType::kF32,
-                                       Device::host(), static_cast<int64_t>(local.size()) * h, d));
+                                       Device::host(), static_cast<int64_t>(local.size()) * h1, d));
   const Staged g2(compute_, TensorView(const_cast<float*>(grads.w2.data()), DType::kF32,
                                        Device::host(), static_cast<int64_t>(local.size()) * d, h));
   for (size_t i = 0; i < local.size(); ++i) {
     const auto at = static_cast<int64_t>(i);
-    compute_.ops->add_scaled(w1_.view().row_range(local[i] * h, h), g1.view().row_range(at * h, h),
-                             scale, compute_.stream);
+    compute_.ops->add_scaled(w1_.view().row_range(local[i] * h1, h1),
+                             g1.view().row_range(at * h1, h1), scale, compute_.stream);
     compute_.ops->add_scaled(w2_.view().row_range(local[i] * d, d), g2.view().row_range(at * d, d),
                              scale, compute_.stream);
   }
@@ -315,11 +318,12 @@ void ExpertShard::apply(const SparseExpertGrads& grads, float scale) {
 
 void ExpertShard::apply(const DenseExpertGrads& grads, float scale) {
   check_dense(grads, "apply");
-  const int64_t h = config_.hidden, d = config_.dim;
-  compute_.ops->add_scaled(w1_,
-                           Staged(compute_, TensorView(const_cast<float*>(grads.w1.data()),
-                                                       DType::kF32, Device::host(), size() * h, d)),
-                           scale, compute_.stream);
+  const int64_t h = config_.hidden, d = config_.dim, h1 = config_.w1_rows();
+  compute_.ops->add_scaled(
+      w1_,
+      Staged(compute_, TensorView(const_cast<float*>(grads.w1.data()), DType::kF32, Device::host(),
+                                  size() * h1, d)),
+      scale, compute_.stream);
   compute_.ops->add_scaled(w2_,
                            Staged(compute_, TensorView(const_cast<float*>(grads.w2.data()),
                                                        DType::kF32, Device::host(), size() * d, h)),
@@ -327,21 +331,23 @@ void ExpertShard::apply(const DenseExpertGrads& grads, float scale) {
 }
 
 void ExpertShard::check_dense(const DenseExpertGrads& grads, const char* fn) const {
-  if (grads.w1.size() != parameters() || grads.w2.size() != parameters())
+  if (grads.w1.size() != w1_entries() || grads.w2.size() != w2_entries())
     fail(std::string("ExpertShard::") + fn + ": grads have " + std::to_string(grads.w1.size()) +
          " and " + std::to_string(grads.w2.size()) + " entries, expected " +
-         std::to_string(parameters()) + " and " + std::to_string(parameters()) +
+         std::to_string(w1_entries()) + " and " + std::to_string(w2_entries()) +
          " (use zero_grads())");
 }
 
 std::vector<int64_t> ExpertShard::check_sparse(const SparseExpertGrads& grads,
                                                const char* fn) const {
   const std::string where = std::string("ExpertShard::") + fn + ": ";
-  const size_t want = grads.ids.size() * static_cast<size_t>(config_.dim * config_.hidden);
-  if (grads.w1.size() != want || grads.w2.size() != want)
-    fail(where + "grads of " + std::to_string(grads.ids.size()) + " experts have " +
+  const size_t n = grads.ids.size();
+  const auto want1 = n * static_cast<size_t>(config_.w1_size());
+  const auto want2 = n * static_cast<size_t>(config_.w2_size());
+  if (grads.w1.size() != want1 || grads.w2.size() != want2)
+    fail(where + "grads of " + std::to_string(n) + " experts have " +
          std::to_string(grads.w1.size()) + " and " + std::to_string(grads.w2.size()) +
-         " entries, expected " + std::to_string(want) + " each");
+         " entries, expected " + std::to_string(want1) + " and " + std::to_string(want2));
   std::vector<int64_t> local(grads.ids.size());
   for (size_t i = 0; i < grads.ids.size(); ++i) {
     if (i > 0 && grads.ids[i] <= grads.ids[i - 1])

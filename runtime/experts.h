@@ -1,8 +1,9 @@
 // Granular experts: each a small FFN  y = W2 act(W1 x),  W1: [h, d], W2: [d, h]
-// (h = 1 is a PEER-style single-neuron expert). A shard holds the parameters
-// of the experts one rank hosts and runs them expert-centric: the (token,
-// expert) pairs it must serve are grouped by expert and each group runs as
-// two small GEMMs, not one token at a time.
+// (h = 1 is a PEER-style single-neuron expert), or SwiGLU's
+// y = W2 (silu(G x) * (U x)) with W1 = [G; U]: [2h, d] (ops/expert_ffn.h). A shard holds the
+// parameters of the experts one rank hosts and runs them expert-centric: the (token, expert) pairs
+// it must serve are grouped by expert and each group runs as two small GEMMs, not one token at a
+// time.
 #pragma once
 
 #include <cstdint>
@@ -21,12 +22,18 @@ namespace airmoe::runtime {
 // The activations live with the FFN math every backend shares.
 using ops::Activation;
 using ops::activation_from_string;
+using ops::is_gated;
 using ops::to_string;
 
 struct ExpertConfig {
   int64_t dim = 0;     // d
   int64_t hidden = 1;  // h >= 1
   Activation activation = Activation::kGelu;
+  // Rows of one expert's W1 (2h for SwiGLU, else h) and the entries of one
+  // expert's W1 and W2.
+  int64_t w1_rows() const { return ops::w1_rows(activation, hidden); }
+  int64_t w1_size() const { return w1_rows() * dim; }
+  int64_t w2_size() const { return dim * hidden; }
 };
 
 // (token, expert, gate) triples: out[token] += gate * FFN_expert(x[token]).
@@ -39,14 +46,14 @@ struct ExpertPairs {
 
 // Per-pair intermediates of a forward call, kept for its backward.
 struct ExpertCache {
-  Matrix pre;     // [pairs, h]  W1 x
+  Matrix pre;     // [pairs, w1_rows]  W1 x
   Matrix output;  // [pairs, d]  FFN(x), before the gate
 };
 
 // Gradients of a shard's parameters, dense: same layout as the parameters,
 // zeros for the experts a step did not touch.
 struct DenseExpertGrads {
-  std::vector<float> w1;  // [experts, h, d]
+  std::vector<float> w1;  // [experts, w1_rows, d]
   std::vector<float> w2;  // [experts, d, h]
 };
 
@@ -86,7 +93,7 @@ class HostFloats {
 // holds the same bits as expert ids[i]'s rows of the dense form.
 struct SparseExpertGrads {
   std::vector<int32_t> ids;  // ascending global expert ids
-  HostFloats w1;             // [ids, h, d]
+  HostFloats w1;             // [ids, w1_rows, d]
   HostFloats w2;             // [ids, d, h]
   int64_t size() const { return static_cast<int64_t>(ids.size()); }
 };
@@ -100,7 +107,7 @@ struct DeviceExpertPairs {
   ExpertPairsView view() const { return {token, local, gate}; }
 };
 struct DeviceExpertCache {
-  Tensor pre;     // f32 [P, h]
+  Tensor pre;     // f32 [P, w1_rows]
   Tensor output;  // f32 [P, d]
   ExpertCacheView view() const { return {pre, output}; }
 };
@@ -126,18 +133,19 @@ class ExpertShard {
   const std::vector<int32_t>& ids() const { return ids_; }
   int64_t index_of(int32_t expert) const;  // local index, or -1 if not hosted
 
-  // The parameters on the ops' device: W1 [experts * h, d], W2 [experts * d, h].
+  // The parameters on the ops' device: W1 [experts * w1_rows, d] (SwiGLU:
+  // each expert's gate rows, then its up rows), W2 [experts * d, h].
   ExpertWeightsView weights() const;
   // The same on the host, expert by expert or whole (host ops only: a
   // UsageError otherwise).
-  float* w1(int64_t local) { return host_w1() + local * config_.hidden * config_.dim; }
-  const float* w1(int64_t local) const { return host_w1() + local * config_.hidden * config_.dim; }
-  float* w2(int64_t local) { return host_w2() + local * config_.dim * config_.hidden; }
-  const float* w2(int64_t local) const { return host_w2() + local * config_.dim * config_.hidden; }
-  std::span<float> w1_data() { return {host_w1(), parameters()}; }
-  std::span<float> w2_data() { return {host_w2(), parameters()}; }
-  std::span<const float> w1_data() const { return {host_w1(), parameters()}; }
-  std::span<const float> w2_data() const { return {host_w2(), parameters()}; }
+  float* w1(int64_t local) { return host_w1() + local * config_.w1_size(); }
+  const float* w1(int64_t local) const { return host_w1() + local * config_.w1_size(); }
+  float* w2(int64_t local) { return host_w2() + local * config_.w2_size(); }
+  const float* w2(int64_t local) const { return host_w2() + local * config_.w2_size(); }
+  std::span<float> w1_data() { return {host_w1(), w1_entries()}; }
+  std::span<float> w2_data() { return {host_w2(), w2_entries()}; }
+  std::span<const float> w1_data() const { return {host_w1(), w1_entries()}; }
+  std::span<const float> w2_data() const { return {host_w2(), w2_entries()}; }
 
   // out: [rows of x, d], zeroed by the caller or holding earlier sums; each
   // token's pairs are added in pair order (deterministic). Throws if a pair
@@ -177,22 +185,26 @@ class ExpertShard {
   void apply(const SparseExpertGrads& grads, float scale);
   void apply(const DenseExpertGrads& grads, float scale);
   void apply_sgd(const SparseExpertGrads& grads, float lr) { apply(grads, -lr); }
-  // FLOPs per (token, expert) pair: 2 GEMVs of d x h, 2 FLOPs per multiply-add.
-  double flops_per_pair() const { return 4.0 * static_cast<double>(config_.dim * config_.hidden); }
+  // FLOPs per (token, expert) pair: the GEMVs of W1 and W2, 2 FLOPs per
+  // multiply-add.
+  double flops_per_pair() const {
+    return 2.0 * static_cast<double>(config_.w1_size() + config_.w2_size());
+  }
 
  private:
   // Throws unless the gradients fit this shard; the sparse check returns each
   // expert's local index.
   void check_dense(const DenseExpertGrads& grads, const char* fn) const;
   std::vector<int64_t> check_sparse(const SparseExpertGrads& grads, const char* fn) const;
-  size_t parameters() const { return static_cast<size_t>(size() * config_.dim * config_.hidden); }
+  size_t w1_entries() const { return static_cast<size_t>(size() * config_.w1_size()); }
+  size_t w2_entries() const { return static_cast<size_t>(size() * config_.w2_size()); }
   float* host_w1() const;
   float* host_w2() const;
 
   ExpertConfig config_;
   Compute compute_ = host_compute();
   std::vector<int32_t> ids_;
-  Tensor w1_;  // [experts * h, d]
+  Tensor w1_;  // [experts * w1_rows, d]
   Tensor w2_;  // [experts * d, h]
 };
 

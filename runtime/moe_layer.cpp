@@ -434,12 +434,15 @@ void MoELayer::migrate(const Placement& next_placement) {
 // To each new rank, (id, W1, W2, center) of every expert leaving this rank
 // for it, in hosted order; nothing to a rank that gains none of them.
 void MoELayer::send_migrants(const Placement& next) {
-  const int64_t h = config_.expert.hidden, d = config_.expert.dim;
-  const auto w = static_cast<size_t>(h * d);
+  const int64_t d = config_.expert.dim;
+  const auto w1 = static_cast<size_t>(config_.expert.w1_size());
+  const auto w2 = static_cast<size_t>(config_.expert.w2_size());
   const Matrix& centers = local_centers();
   std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()), 0);
   for (const int32_t e : experts_.ids())
-    if (next.owner(e) != comm_.rank()) bytes[next.owner(e)] += wire::migrant_record_bytes(h, d);
+    if (next.owner(e) != comm_.rank())
+      bytes[next.owner(e)] +=
+          wire::migrant_record_bytes(config_.expert.w1_rows(), config_.expert.hidden, d);
   send_.reset(bytes);
   wire::Writer out(send_);
   for (int64_t i = 0; i < experts_.size(); ++i) {
@@ -447,8 +450,8 @@ void MoELayer::send_migrants(const Placement& next) {
     const int to = next.owner(e);
     if (to == comm_.rank()) continue;
     out.put(to, &e, 1);
-    out.put(to, experts_.w1(i), w);
-    out.put(to, experts_.w2(i), w);
+    out.put(to, experts_.w1(i), w1);
+    out.put(to, experts_.w2(i), w2);
     out.put(to, centers.row(i), static_cast<size_t>(d));
   }
   out.finish();
@@ -457,13 +460,13 @@ void MoELayer::send_migrants(const Placement& next) {
 }
 
 void MoELayer::receive_migrants(ExpertShard& next, Matrix& next_centers) const {
-  const size_t w = static_cast<size_t>(config_.expert.hidden * config_.expert.dim);
-  std::vector<float> w1(w), w2(w), c(static_cast<size_t>(config_.expert.dim));
+  std::vector<float> w1(static_cast<size_t>(config_.expert.w1_size())),
+      w2(static_cast<size_t>(config_.expert.w2_size())), c(static_cast<size_t>(config_.expert.dim));
   for (wire::Reader& in : wire::readers(recv_))
     while (!in.done()) {
       const auto e = in.take<int32_t>("migrating expert id");
-      in.take_n(w1.data(), w, "migrating W1");
-      in.take_n(w2.data(), w, "migrating W2");
+      in.take_n(w1.data(), w1.size(), "migrating W1");
+      in.take_n(w2.data(), w2.size(), "migrating W2");
       in.take_n(c.data(), c.size(), "migrating center");
       place_expert(e, w1.data(), w2.data(), c.data(), next, next_centers);
     }
@@ -475,9 +478,8 @@ void MoELayer::place_expert(int32_t e, const float* w1, const float* w2, const f
   if (j < 0)
     throw InternalError("migration: expert " + std::to_string(e) + " arrived at rank " +
                         std::to_string(comm_.rank()) + ", which does not host it");
-  const int64_t w = config_.expert.hidden * config_.expert.dim;
-  std::copy_n(w1, w, next.w1(j));
-  std::copy_n(w2, w, next.w2(j));
+  std::copy_n(w1, config_.expert.w1_size(), next.w1(j));
+  std::copy_n(w2, config_.expert.w2_size(), next.w2(j));
   std::copy_n(center, config_.expert.dim, next_centers.row(j));
 }
 

@@ -158,9 +158,10 @@ inline int64_t dispatch_record_bytes(int64_t experts, int64_t d, bool ship_vecto
   return 4 * (2 + 2 * experts) + (ship_vectors ? 4 * d : 0);
 }
 
-// A migrating expert: its id, W1 [h, d], W2 [d, h] and its center [d].
-inline int64_t migrant_record_bytes(int64_t h, int64_t d) {
-  return 4 * (1 + 2 * h * d + d);
+// A migrating expert: its id, W1 [w1_rows, d] (w1_rows = h, or 2h for
+// SwiGLU), W2 [d, h] and its center [d].
+inline int64_t migrant_record_bytes(int64_t w1_rows, int64_t h, int64_t d) {
+  return 4 * (1 + w1_rows * d + d * h + d);
 }
 
 // Records flowing back per (token, target) record, and the backward's.

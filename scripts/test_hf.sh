@@ -49,4 +49,16 @@ echo "== setup took $((SECONDS - start)) s"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONDONTWRITEBYTECODE=1 \
   "$py" -m pytest -q -rs -p no:cacheprovider python/tests/test_hf_integration.py \
   python/tests/test_hf_example.py
+# A tiny Mixtral trained with its MoE blocks on the expert-parallel
+# MoELayer (SwiGLU, stock weights loaded): P = 2 equals P = 1.
+if "$py" -c "import mpi4py.MPI" 2>/dev/null; then
+  for P in 1 2; do
+    echo "== hf_moe_mpi_check.py at P=$P"
+    OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1 OMPI_ALLOW_RUN_AS_ROOT=1 \
+      OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 600 \
+      mpiexec --oversubscribe -n "$P" "$py" python/tests/hf_moe_mpi_check.py
+  done
+else
+  echo "== hf_moe_mpi_check.py skipped: $venv has no mpi4py (it needs --system-site-packages)"
+fi
 echo "== test_hf.sh took $((SECONDS - start)) s"

@@ -50,21 +50,22 @@ inline std::string make_scratch_dir() {
 // (and, where the strategy syncs one, its codebook and lists with them) and
 // its FFN parameters were changed by a function of the expert id, so the
 // same layer results on any P.
-inline std::unique_ptr<runtime::MoELayer> trained_layer(comm::Communicator& comm,
-                                                        const GlobalData& g,
-                                                        runtime::Strategy strategy) {
+inline std::unique_ptr<runtime::MoELayer> trained_layer(
+    comm::Communicator& comm, const GlobalData& g, runtime::Strategy strategy,
+    runtime::Activation activation = runtime::Activation::kGelu) {
   const runtime::PlacementPlan plan = runtime::plan_and_broadcast(
       comm, runtime::PlacementPolicy::kLocality, g.codebook, g.lists(), g.load);
-  auto layer = std::make_unique<runtime::MoELayer>(
-      comm, strategy, small_layer_config(g.data.tokens.cols()), g.codebook, g.assignment,
-      plan.placement, g.data.centers.view(), 123);
+  runtime::MoEConfig config = small_layer_config(g.data.tokens.cols());
+  config.expert.activation = activation;
+  auto layer = std::make_unique<runtime::MoELayer>(comm, strategy, config, g.codebook, g.assignment,
+                                                   plan.placement, g.data.centers.view(), 123);
   Matrix centers = layer->local_centers();
   for (int64_t i = 0; i < centers.rows(); ++i)
     for (int64_t c = 0; c < centers.cols(); ++c)
       centers(i, c) += 0.2f * std::sin(static_cast<float>(layer->hosted()[i] * 7 + c));
   layer->set_local_centers(centers.view());
   if (strategy != runtime::Strategy::kDenseReplicated) layer->sync_codebook(1.0);
-  const int64_t w = layer->config().expert.dim * layer->config().expert.hidden;
+  const int64_t w = layer->config().expert.w1_size();
   for (int64_t i = 0; i < layer->experts().size(); ++i)
     for (int64_t j = 0; j < w; ++j)
       layer->experts().w1(i)[j] += 0.01f * std::cos(static_cast<float>(layer->hosted()[i] + j));
@@ -85,17 +86,17 @@ struct LayerSnapshot {
 inline LayerSnapshot snapshot(comm::Communicator& comm, runtime::MoELayer& layer,
                               const GlobalData& g) {
   LayerSnapshot s;
-  const int64_t w = layer.config().expert.dim * layer.config().expert.hidden;
+  const int64_t w1 = layer.config().expert.w1_size(), w2 = layer.config().expert.w2_size();
   const int64_t d = layer.config().expert.dim;
   std::vector<float> mine;
   for (int64_t i = 0; i < layer.experts().size(); ++i) {
-    mine.insert(mine.end(), layer.experts().w1(i), layer.experts().w1(i) + w);
-    mine.insert(mine.end(), layer.experts().w2(i), layer.experts().w2(i) + w);
+    mine.insert(mine.end(), layer.experts().w1(i), layer.experts().w1(i) + w1);
+    mine.insert(mine.end(), layer.experts().w2(i), layer.experts().w2(i) + w2);
     mine.insert(mine.end(), layer.local_centers().row(i), layer.local_centers().row(i) + d);
   }
   const auto ids = comm::allgatherv_vector<int32_t>(comm, layer.hosted());
   const auto rows = comm::allgatherv_vector<float>(comm, mine);
-  const size_t per = static_cast<size_t>(2 * w + d);
+  const size_t per = static_cast<size_t>(w1 + w2 + d);
   for (size_t i = 0; i < ids.size(); ++i)
     s.experts[ids[i]].assign(rows.begin() + i * per, rows.begin() + (i + 1) * per);
   const MatrixView cw = layer.codebook().codewords();

@@ -27,6 +27,8 @@ inline double ref_act(runtime::Activation a, double x) {
       return x > 0.0 ? x : 0.0;
     case runtime::Activation::kSilu:
       return x / (1.0 + std::exp(-x));
+    case runtime::Activation::kSwiglu:  // gated: tests/test_ops.cpp's reference
+      throw std::invalid_argument("reference_layer: no gated (swiglu) experts");
   }
   return 0.0;
 }
@@ -43,6 +45,8 @@ inline double ref_act_grad(runtime::Activation a, double x) {
       const double s = 1.0 / (1.0 + std::exp(-x));
       return s + x * s * (1.0 - s);
     }
+    case runtime::Activation::kSwiglu:
+      throw std::invalid_argument("reference_layer: no gated (swiglu) experts");
   }
   return 0.0;
 }

@@ -14,6 +14,7 @@
 #include "router/air_router.h"
 #include "runtime/builder.h"
 #include "runtime_fixture.h"
+#include "test_util.h"
 
 namespace airmoe {
 namespace {
@@ -175,10 +176,10 @@ TEST(Builder, SpecChecksNameTheField) {
   runtime::LayerSpec bad = spec;
   bad.version = runtime::kLayerSpecVersion + 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 3 is not supported (this build reads versions 1 to 2)");
+            "LayerSpec version 4 is not supported (this build reads versions 1 to 3)");
   bad.version = runtime::kOldestLayerSpecVersion - 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 0 is not supported (this build reads versions 1 to 2)");
+            "LayerSpec version 0 is not supported (this build reads versions 1 to 3)");
   bad = spec;
   bad.probes = 24;
   EXPECT_EQ(message(bad), "LayerSpec probes = 24 is outside [1, 23]");
@@ -200,13 +201,14 @@ TEST(Builder, SpecChecksNameTheField) {
 // whatever the field holds; a version-2 spec gets what the field says.
 TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
   const GlobalData& g = data();
-  EXPECT_EQ(runtime::LayerSpec{}.version, 2);
+  EXPECT_EQ(runtime::LayerSpec{}.version, 3);
   EXPECT_FALSE(runtime::LayerSpec{}.moe_config().dense_expert_grads);
   struct Case {
     int version;
     bool field, dense;
   };
-  for (const Case c : {Case{2, false, false}, Case{2, true, true}, Case{1, false, true}}) {
+  for (const Case c :
+       {Case{3, false, false}, Case{2, false, false}, Case{2, true, true}, Case{1, false, true}}) {
     runtime::LayerSpec spec = spec_for(g);
     spec.version = c.version;
     spec.dense_expert_grads = c.field;
@@ -231,6 +233,29 @@ TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
       }
     });
   }
+}
+
+// Version 3 added the swiglu activation: a version-3 spec builds a SwiGLU
+// layer (W1 of 2h rows per expert, in the configuration ranks compare); an
+// older spec naming it is refused, naming the field and the version.
+TEST(Builder, SwigluNeedsSpecVersion3) {
+  const GlobalData& g = data();
+  runtime::LayerSpec spec = spec_for(g);
+  spec.activation = runtime::Activation::kSwiglu;
+  for (const int version : {1, 2}) {
+    spec.version = version;
+    AIRMOE_EXPECT_THROW_MSG(runtime::check_spec(spec), UsageError,
+                            "LayerSpec activation swiglu needs version 3; the spec says version " +
+                                std::to_string(version));
+  }
+  spec.version = 3;
+  EXPECT_NE(spec.describe().find("activation=swiglu"), std::string::npos) << spec.describe();
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    const auto layer = runtime::build_layer(comm, spec, g.data.centers.view());
+    EXPECT_EQ(layer->config().expert.activation, runtime::Activation::kSwiglu);
+    EXPECT_EQ(layer->experts().w1_data().size(),
+              static_cast<size_t>(layer->experts().size() * 2 * spec.hidden * spec.dim));
+  });
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 namespace airmoe {
 namespace {
 
+using runtime::Activation;
 using runtime::Strategy;
 
 // A fresh directory, removed at the end.
@@ -69,6 +70,29 @@ INSTANTIATE_TEST_SUITE_P(EveryStrategy, CheckpointRoundTrip,
                            std::erase(name, '-');
                            return name;
                          });
+
+// SwiGLU experts (2h W1 rows each) saved at one P load at another bit for
+// bit, on every strategy.
+TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  for (const Strategy strategy : test::kAllStrategies) {
+    const std::string dir = scratch.path() + "/" + runtime::to_string(strategy);
+    test::LayerSnapshot saved;
+    std::mutex mu;
+    comm::run_ranks(2, [&](comm::Communicator& comm) {
+      auto layer = test::trained_layer(comm, g, strategy, Activation::kSwiglu);
+      test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
+      std::lock_guard<std::mutex> lock(mu);
+      if (comm.rank() == 0) saved = std::move(s);
+    });
+    EXPECT_EQ(runtime::read_manifest(dir).layer.config.expert.activation, Activation::kSwiglu);
+    for (const int P2 : {1, 3})
+      comm::run_ranks(P2, [&](comm::Communicator& comm) {
+        test::check_loads_equal(comm, g, dir, strategy, &saved, 2);
+      });
+  }
+}
 
 TEST(Checkpoint, ResavingReplacesThePreviousCheckpoint) {
   const test::GlobalData& g = test::checkpoint_data();
@@ -405,7 +429,7 @@ TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(20, 3), "m"), UsageError,
                           "probes m = 3 is outside [1, 2]");
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(40, -1), "m"), UsageError,
-                          "activation = 4294967295 is outside [0, 2]");
+                          "activation = 4294967295 is outside [0, 3]");
   // The owner of expert 2 (after the 4 codebook floats and 3 lists).
   const size_t owners = 64 + 16 + 12;
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 2), "m"), UsageError,
@@ -414,28 +438,53 @@ TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
                           "shard 0 is listed with 1 records, its owners give it 2");
 }
 
-TEST(CheckpointFormat, ShardRecordsMustAscend) {
+// A shard file's header fields, no records yet.
+runtime::ShardRecords shard_header(int32_t rank, int32_t ranks, int64_t dim, int64_t hidden) {
   runtime::ShardRecords s;
-  s.rank = 1;
-  s.ranks = 2;
-  s.dim = 2;
-  s.hidden = 1;
+  s.rank = rank;
+  s.ranks = ranks;
+  s.dim = dim;
+  s.hidden = hidden;
+  return s;
+}
+
+TEST(CheckpointFormat, ShardRecordsMustAscend) {
+  runtime::ShardRecords s = shard_header(1, 2, 2, 1);
   s.ids = {4, 9};
   s.w1.assign(4, 0.5f);
   s.w2.assign(4, -0.5f);
   s.centers = Matrix(2, 2, 1.0f);
   const std::vector<char> good = runtime::encode_shard(s);
-  const runtime::ShardRecords back = runtime::decode_shard(good, "s");
+  const runtime::ShardRecords back = runtime::decode_shard(good, "s", Activation::kGelu);
   EXPECT_EQ(back.ids, s.ids);
   EXPECT_EQ(back.w2, s.w2);
   std::vector<char> bad = good;
   const int32_t three = 3;
   std::memcpy(bad.data() + 44 + 4 + 4 * 6, &three, 4);  // the second record's id
   reseal(bad);
-  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(bad, "s"), UsageError,
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(bad, "s", Activation::kGelu), UsageError,
                           "record 1 has expert id 3 after 4");
-  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(std::span<const char>(good).first(30), "s"),
-                          UsageError, "shard file 's' is truncated: 30 bytes");
+  AIRMOE_EXPECT_THROW_MSG(
+      runtime::decode_shard(std::span<const char>(good).first(30), "s", Activation::kGelu),
+      UsageError, "shard file 's' is truncated: 30 bytes");
+}
+
+// A SwiGLU shard's W1 holds 2h rows per expert (the manifest's activation
+// says so): it round-trips, and read as a two-matrix FFN's it is refused.
+TEST(CheckpointFormat, SwigluShardHoldsGateAndUpRows) {
+  runtime::ShardRecords s = shard_header(0, 1, 3, 2);
+  s.activation = Activation::kSwiglu;
+  s.ids = {1, 5};
+  for (int i = 0; i < 2 * 2 * 2 * 3; ++i) s.w1.push_back(0.25f * static_cast<float>(i));
+  for (int i = 0; i < 2 * 3 * 2; ++i) s.w2.push_back(-0.5f * static_cast<float>(i));
+  s.centers = Matrix(2, 3, 1.0f);
+  const std::vector<char> bytes = runtime::encode_shard(s);
+  const runtime::ShardRecords back = runtime::decode_shard(bytes, "s", Activation::kSwiglu);
+  EXPECT_EQ(back.ids, s.ids);
+  EXPECT_EQ(back.w1, s.w1);
+  EXPECT_EQ(back.w2, s.w2);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_shard(bytes, "s", Activation::kSilu), UsageError,
+                          "more than the");
 }
 
 // Normalizing a unit row again can move its last bits (this row's do), and

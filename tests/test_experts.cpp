@@ -751,7 +751,7 @@ TEST(SparseExpertGrads, BadGradientsAreRefused) {
                           std::invalid_argument, "ids must be ascending and distinct");
   AIRMOE_EXPECT_THROW_MSG(s.to_dense(SparseExpertGrads{{2}, rows, rows}), std::invalid_argument,
                           "ExpertShard::to_dense: grads of 1 experts have 12 and 12 entries, "
-                          "expected 6 each");
+                          "expected 6 and 6");
   AIRMOE_EXPECT_THROW_MSG(s.apply(DenseExpertGrads{rows, rows}, 1.0f), std::invalid_argument,
                           "ExpertShard::apply: grads have 12 and 12 entries, expected 18");
 }

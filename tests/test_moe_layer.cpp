@@ -165,19 +165,18 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
   for (int r = 0; r < P; ++r) EXPECT_LT(air_bytes[r], dense_bytes[r]);
 }
 
-TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
+void check_replan_migrates_parameters(const MoEConfig& cfg) {
   const GlobalData& g = data();
-  const MoEConfig cfg = config();
   const int P = 3;
   std::vector<Matrix> before(P), after(P);
   std::vector<std::map<int32_t, std::vector<float>>> params_before(P), params_after(P);
   comm::run_ranks(P, [&](comm::Communicator& comm) {
     MoELayer layer = make_layer(comm, g, Strategy::kAir, PlacementPolicy::kRoundRobin, cfg);
     auto snapshot = [&](std::map<int32_t, std::vector<float>>& out) {
-      const int64_t w = cfg.expert.hidden * cfg.expert.dim;
+      const int64_t w1 = cfg.expert.w1_size(), w2 = cfg.expert.w2_size();
       for (int64_t i = 0; i < layer.experts().size(); ++i) {
-        std::vector<float> v(layer.experts().w1(i), layer.experts().w1(i) + w);
-        v.insert(v.end(), layer.experts().w2(i), layer.experts().w2(i) + w);
+        std::vector<float> v(layer.experts().w1(i), layer.experts().w1(i) + w1);
+        v.insert(v.end(), layer.experts().w2(i), layer.experts().w2(i) + w2);
         v.insert(v.end(), layer.local_centers().row(i),
                  layer.local_centers().row(i) + cfg.expert.dim);
         out[layer.experts().ids()[i]] = v;
@@ -195,7 +194,8 @@ TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
     for (const int32_t id : hosted_before) {
       const int to = next.placement.owner(id);
       if (to != comm.rank())
-        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.hidden, cfg.expert.dim);
+        want[to].bytes += runtime::wire::migrant_record_bytes(cfg.expert.w1_rows(),
+                                                              cfg.expert.hidden, cfg.expert.dim);
     }
     for (int q = 0; q < P; ++q) {
       if (want[q].bytes > 0) want[q].messages = 1;
@@ -223,6 +223,92 @@ TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
   for (int r = 0; r < P; ++r)
     EXPECT_LE(test::rel_error(after[r].data(), before[r].data(), after[r].size()), 1e-6)
         << "rank " << r;
+}
+
+TEST(MoELayer, ReplanMigratesParametersAndLosesNothing) {
+  check_replan_migrates_parameters(config());
+}
+
+// SwiGLU experts carry 2h W1 rows (gate, then up) when they migrate.
+TEST(MoELayer, ReplanMigratesSwigluParameters) {
+  MoEConfig cfg = config();
+  cfg.expert.activation = runtime::Activation::kSwiglu;
+  check_replan_migrates_parameters(cfg);
+}
+
+// One step of a SwiGLU layer at P ranks, gathered: every token's output and
+// input gradient, every touched expert's gradients and every center's.
+struct SwigluStep {
+  std::map<int64_t, std::vector<float>> out, d_tokens;  // global token row ->
+  std::map<int32_t, std::vector<float>> d_w1, d_w2, d_centers;
+};
+
+SwigluStep swiglu_step(int P, Strategy strategy) {
+  const GlobalData& g = data();
+  MoEConfig cfg = config();
+  cfg.expert.activation = runtime::Activation::kSwiglu;
+  const Matrix dy = upstream(g);
+  const int64_t d = g.data.tokens.cols();
+  SwigluStep all;
+  std::mutex mu;
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
+    const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+    runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+    const runtime::MoEGradients grads = layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d));
+    const runtime::SparseExpertGrads& t = grads.touched_experts;
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t i = b; i < e; ++i) {
+      all.out[i].assign(fwd.output.row(i - b), fwd.output.row(i - b) + d);
+      all.d_tokens[i].assign(grads.d_tokens.row(i - b), grads.d_tokens.row(i - b) + d);
+    }
+    const int64_t w1 = cfg.expert.w1_size(), w2 = cfg.expert.w2_size();
+    for (int64_t i = 0; i < t.size(); ++i) {
+      all.d_w1[t.ids[i]].assign(t.w1.data() + i * w1, t.w1.data() + (i + 1) * w1);
+      all.d_w2[t.ids[i]].assign(t.w2.data() + i * w2, t.w2.data() + (i + 1) * w2);
+    }
+    for (size_t r = 0; r < grads.d_centers.rows.size(); ++r) {
+      const float* v = grads.d_centers.values.row(static_cast<int64_t>(r));
+      all.d_centers[grads.d_centers.rows[r]].assign(v, v + d);
+    }
+  });
+  return all;
+}
+
+void expect_near_maps(const std::map<int64_t, std::vector<float>>& got,
+                      const std::map<int64_t, std::vector<float>>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (const auto& [key, v] : want) {
+    ASSERT_EQ(got.count(key), 1u) << what << " " << key;
+    EXPECT_LE(test::rel_error(got.at(key).data(), v.data(), v.size()), 1e-6) << what << " " << key;
+  }
+}
+
+void expect_near_maps(const std::map<int32_t, std::vector<float>>& got,
+                      const std::map<int32_t, std::vector<float>>& want, const std::string& what) {
+  expect_near_maps(std::map<int64_t, std::vector<float>>(got.begin(), got.end()),
+                   std::map<int64_t, std::vector<float>>(want.begin(), want.end()), what);
+}
+
+// A SwiGLU layer is the same layer at every P, on every strategy: outputs
+// and every gradient (gate, up and down rows of each touched expert, the
+// centers, the tokens) equal P = 1's up to the rounding of the combine.
+TEST(MoELayer, SwigluLayerIsTheSameAtEveryP) {
+  for (const Strategy strategy :
+       {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
+    const SwigluStep one = swiglu_step(1, strategy);
+    ASSERT_FALSE(one.d_w1.empty());
+    for (int P = 2; P <= 3; ++P) {
+      const std::string where =
+          std::string(runtime::to_string(strategy)) + " P=" + std::to_string(P);
+      const SwigluStep at_p = swiglu_step(P, strategy);
+      expect_near_maps(at_p.out, one.out, where + " output of token");
+      expect_near_maps(at_p.d_tokens, one.d_tokens, where + " d_tokens of token");
+      expect_near_maps(at_p.d_w1, one.d_w1, where + " d[gate; up] of expert");
+      expect_near_maps(at_p.d_w2, one.d_w2, where + " d_down of expert");
+      expect_near_maps(at_p.d_centers, one.d_centers, where + " d_center of expert");
+    }
+  }
 }
 
 TEST(MoELayer, AllTokensOnOneRanksExpertsAndIdleRanks) {

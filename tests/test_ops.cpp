@@ -836,7 +836,7 @@ struct ExpertInputs {
   ExpertInputs(int64_t experts, int64_t d, int64_t h, int64_t tokens, int64_t pairs, Activation act,
                uint64_t seed)
       : experts(experts), d(d), h(h), tokens(tokens), act(act) {
-    w1 = random_f32(experts * h, d, seed, 0.5);
+    w1 = random_f32(experts * w1_rows(act, h), d, seed, 0.5);
     w2 = random_f32(experts * d, h, seed + 1, 0.5);
     x = random_f32(tokens, d, seed + 2);
     dy = random_f32(tokens, d, seed + 3);
@@ -866,6 +866,8 @@ TEST_P(OpsTest, ExpertForwardAndBackward) {
   for (const Case c : {Case{6, 16, 3, 10, 25, Activation::kGelu, false},
                        Case{40, 13, 1, 30, 90, Activation::kRelu, false},
                        Case{9, 24, 11, 12, 40, Activation::kSilu, true},
+                       Case{7, 12, 5, 9, 30, Activation::kSwiglu, false},
+                       Case{40, 9, 2, 30, 100, Activation::kSwiglu, true},
                        Case{4, 8, 2, 5, 0, Activation::kGelu, false}}) {
     const ExpertInputs in(c.experts, c.d, c.h, c.tokens, c.pairs, c.act, 30 + c.d);
     const bool exact = c.act == Activation::kRelu;
@@ -882,7 +884,8 @@ TEST_P(OpsTest, ExpertForwardAndBackward) {
           const TensorView x = c.bf16 ? dev.put(to_bf16(in.x)) : dev.put(in.x);
           const ExpertPairsView pairs{dev.put(in.token), dev.put(in.local), dev.put(in.gate)};
           const TensorView out = dev.out(DType::kF32, c.tokens, c.d, 0.25);  // earlier sums
-          const ExpertCacheView cache{dev.out(DType::kF32, P, c.h), dev.out(DType::kF32, P, c.d)};
+          const ExpertCacheView cache{dev.out(DType::kF32, P, w1_rows(c.act, c.h)),
+                                      dev.out(DType::kF32, P, c.d)};
           o.expert_forward(w, x, pairs, out, cache, {});
           const TensorView d_gate = dev.out(DType::kF32, P, 1);
           const TensorView dx = dev.out(DType::kF32, c.tokens, c.d, 0.0);
@@ -922,6 +925,102 @@ TEST_P(OpsTest, ExpertForwardIsTheFfnOfEachPair) {
     }
   }
   for (int64_t i = 0; i < 6 * 11; ++i) EXPECT_NEAR(o.as<float>()[i], sum[i], 1e-5);
+}
+
+// SwiGLU in double: L = sum dy . out with out[t] = sum of gate * W2
+// (silu(G x) * (U x)) over t's pairs. The ops' output against it, and every
+// gradient (gate, up and down rows, x, the gates) against central finite
+// differences of it.
+struct SwigluReference {
+  const ExpertInputs& in;
+  std::vector<double> w1, w2, x, gate;
+  explicit SwigluReference(const ExpertInputs& inputs) : in(inputs) {
+    const auto widen = [](const Tensor& t) {
+      const float* v = t.as<float>();
+      return std::vector<double>(v, v + t.rows() * t.cols());
+    };
+    w1 = widen(in.w1);
+    w2 = widen(in.w2);
+    x = widen(in.x);
+    gate = widen(in.gate);
+  }
+  std::vector<double> out() const {
+    const int64_t d = in.d, h = in.h;
+    std::vector<double> o(static_cast<size_t>(in.tokens * d), 0.0);
+    for (int64_t p = 0; p < in.pairs(); ++p) {
+      const int64_t t = in.token.as<int32_t>()[p], e = in.local.as<int32_t>()[p];
+      std::vector<double> a(static_cast<size_t>(h));
+      for (int64_t j = 0; j < h; ++j) {
+        double g = 0.0, u = 0.0;
+        for (int64_t c = 0; c < d; ++c) {
+          g += w1[(e * 2 * h + j) * d + c] * x[t * d + c];
+          u += w1[(e * 2 * h + h + j) * d + c] * x[t * d + c];
+        }
+        a[j] = g / (1.0 + std::exp(-g)) * u;
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        double y = 0.0;
+        for (int64_t j = 0; j < h; ++j) y += w2[(e * d + c) * h + j] * a[j];
+        o[t * d + c] += gate[p] * y;
+      }
+    }
+    return o;
+  }
+  double loss() const {
+    const std::vector<double> o = out();
+    double l = 0.0;
+    for (size_t i = 0; i < o.size(); ++i) l += static_cast<double>(in.dy.as<float>()[i]) * o[i];
+    return l;
+  }
+  // dL/dv[i] by central differences.
+  double slope(std::vector<double>& v, size_t i) {
+    const double eps = 1e-5, keep = v[i];
+    v[i] = keep + eps;
+    const double up = loss();
+    v[i] = keep - eps;
+    const double down = loss();
+    v[i] = keep;
+    return (up - down) / (2 * eps);
+  }
+};
+
+TEST_P(OpsTest, SwigluMatchesADoubleReferenceAndFiniteDifferences) {
+  const int64_t E = 3, d = 5, h = 3, T = 4;
+  const ExpertInputs in(E, d, h, T, 9, Activation::kSwiglu, 77);
+  OnDevice dev(ops());
+  const ExpertWeightsView w{dev.put(in.w1), dev.put(in.w2), E, d, h, Activation::kSwiglu};
+  const ExpertPairsView pairs{dev.put(in.token), dev.put(in.local), dev.put(in.gate)};
+  const TensorView x = dev.put(in.x), out = dev.out(DType::kF32, T, d, 0.0);
+  const int64_t P = in.pairs();
+  const ExpertCacheView cache{dev.out(DType::kF32, P, 2 * h), dev.out(DType::kF32, P, d)};
+  ops().expert_forward(w, x, pairs, out, cache, {});
+  const TensorView d_gate = dev.out(DType::kF32, P, 1), dx = dev.out(DType::kF32, T, d, 0.0);
+  const TouchedExpertGrads g =
+      ops().expert_backward(w, x, pairs, cache, dev.put(in.dy), d_gate, dx, {});
+  SwigluReference ref(in);
+  const Tensor o = dev.get(out);
+  const std::vector<double> want = ref.out();
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_NEAR(o.as<float>()[i], want[i], 1e-5 * (1.0 + std::fabs(want[i]))) << "out " << i;
+  const auto near = [](double got, double slope, const std::string& what) {
+    EXPECT_NEAR(got, slope, 1e-4 * (1.0 + std::fabs(slope))) << what;
+  };
+  const Tensor gx = dev.get(dx), gg = dev.get(d_gate);
+  for (size_t i = 0; i < ref.x.size(); ++i)
+    near(gx.as<float>()[i], ref.slope(ref.x, i), "dx " + std::to_string(i));
+  for (size_t p = 0; p < ref.gate.size(); ++p)
+    near(gg.as<float>()[p], ref.slope(ref.gate, p), "d_gate " + std::to_string(p));
+  const Tensor local = dev.get(g.local), g1 = dev.get(g.w1), g2 = dev.get(g.w2);
+  ASSERT_GE(g.count, 2);
+  for (int64_t i = 0; i < g.count; ++i) {
+    const int64_t e = local.as<int32_t>()[i];
+    for (int64_t r = 0; r < 2 * h * d; ++r)  // gate rows, then up rows
+      near(g1.as<float>()[i * 2 * h * d + r], ref.slope(ref.w1, e * 2 * h * d + r),
+           "d" + std::string(r < h * d ? "gate" : "up") + " of expert " + std::to_string(e));
+    for (int64_t r = 0; r < d * h; ++r)
+      near(g2.as<float>()[i * d * h + r], ref.slope(ref.w2, e * d * h + r),
+           "ddown of expert " + std::to_string(e));
+  }
 }
 
 TEST_P(OpsTest, AddScaledIsMultiplyThenAdd) {

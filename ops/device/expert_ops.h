@@ -2,7 +2,9 @@
 // per-pair product (pre-activation, output, input gradient) is one thread per
 // entry with lane_dot, so it does not depend on the other pairs; the sums
 // over pairs (out and dx rows per token, parameter gradients per expert) run
-// over groups formed by a stable sort, in pair order.
+// over groups formed by a stable sort, in pair order. A gated FFN (SwiGLU)
+// has h1 = 2h W1 rows per expert (ops/expert_ffn.h): the pre-activations and
+// their gradients are h1 wide, the hidden units h.
 #pragma once
 
 #include <thrust/copy.h>
@@ -41,7 +43,7 @@ struct ExpertLayer {
   }
 };
 
-// a(q, j) = act(pre(p, j)) for the q-th pair p of `items` (null: p = q).
+// a(q, j) = hidden unit j of the q-th pair p of `items` (null: p = q).
 struct Activate {
   Rows<const float> pre;
   Activation activation;
@@ -50,7 +52,7 @@ struct Activate {
   int64_t hidden;
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t q = e / hidden, j = e % hidden, p = items ? items[q] : q;
-    a[e] = static_cast<float>(act_value(activation, pre(p, j)));
+    a[e] = static_cast<float>(hidden_value(activation, pre.row(p), hidden, j));
   }
 };
 
@@ -89,7 +91,7 @@ int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsVi
   args.at_least(w.experts, 0, "weights.experts");
   args.float_dtype(w.w1, "weights.w1");
   args.float_dtype(w.w2, "weights.w2");
-  args.shape(w.w1, "weights.w1", w.experts * w.hidden, w.dim);
+  args.shape(w.w1, "weights.w1", w.experts * w1_rows(w.activation, w.hidden), w.dim);
   args.shape(w.w2, "weights.w2", w.experts * w.dim, w.hidden);
   args.float_dtype(x, "x");
   args.shape(x, "x", x.rows, w.dim);
@@ -97,7 +99,7 @@ int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsVi
   const int64_t P = vector_size(pairs.token);
   args.vector(pairs.local, "pairs.local", DType::kI32, P);
   args.vector(pairs.gate, "pairs.gate", DType::kF32, P);
-  args.matrix(cache.pre, "cache.pre", DType::kF32, P, w.hidden);
+  args.matrix(cache.pre, "cache.pre", DType::kF32, P, w1_rows(w.activation, w.hidden));
   args.matrix(cache.output, "cache.output", DType::kF32, P, w.dim);
   check_indices(ex, args, "pair", "token", pairs.token, x.rows);
   check_indices(ex, args, "pair", "expert", pairs.local, w.experts);
@@ -121,14 +123,14 @@ void expert_forward(const X& x, const OpArgs& args, const ExpertWeightsView& w, 
   const int64_t P = check_expert_args(x, args, w, xin, pairs, cache);
   args.matrix(out, "out", DType::kF32, xin.rows, w.dim);
   if (P == 0) return;
-  const int64_t d = w.dim, h = w.hidden;
+  const int64_t d = w.dim, h = w.hidden, h1 = w1_rows(w.activation, h);
   const PairRefs refs = pair_refs(pairs);
   with_float_types(xin, w.w1, [&](auto tx, auto tw) {
     using XT = decltype(tx);
     using W = decltype(tw);
-    thrust::for_each(x.policy(), count_from(0), count_from(P * h),
+    thrust::for_each(x.policy(), count_from(0), count_from(P * h1),
                      ExpertLayer<XT, W>{rows_of<const XT>(xin), refs.token, rows_of<const W>(w.w1),
-                                        refs.local, rows_of<float>(cache.pre), h, d});
+                                        refs.local, rows_of<float>(cache.pre), h1, d});
   });
   Scratch<float, X> a(x, P * h);
   thrust::for_each(x.policy(), count_from(0), count_from(P * h),
@@ -166,7 +168,9 @@ struct GatherPairRows {
   }
 };
 
-// dpre(q, j) = <u_q, column j of the expert's W2> * act'(pre(p, j)).
+// dpre(q, j) = <u_q, column j mod h of the expert's W2> * pre_grad_factor
+// (j < h1; a gated unit's da is computed once for its gate and once for its
+// up entry, the same bits).
 template <typename W>
 struct PreGrad {
   const float* u;
@@ -176,15 +180,16 @@ struct PreGrad {
   const int64_t* items;
   Activation activation;
   float* dpre;
-  int64_t dim, hidden;
+  int64_t dim, hidden, h1;
   AIRMOE_HD void operator()(int64_t e) const {
-    const int64_t q = e / hidden, j = e % hidden, p = items[q];
-    const float da = lane_dot(u + q * dim, 1, w2.row(pairs.local[p] * dim) + j, w2.ld, dim);
-    dpre[e] = da * static_cast<float>(act_grad(activation, pre(p, j)));
+    const int64_t q = e / h1, j = e % h1, p = items[q];
+    const float da =
+        lane_dot(u + q * dim, 1, w2.row(pairs.local[p] * dim) + j % hidden, w2.ld, dim);
+    dpre[e] = da * static_cast<float>(pre_grad_factor(activation, pre.row(p), hidden, j));
   }
 };
 
-// dx_pair(p, c) = <dpre_q, column c of the expert's W1>.
+// dx_pair(p, c) = <dpre_q, column c of the expert's W1> (h1 deep).
 template <typename W>
 struct InputGrad {
   const float* dpre;
@@ -192,11 +197,10 @@ struct InputGrad {
   PairRefs pairs;
   const int64_t* items;
   Rows<float> dx_pair;
-  int64_t dim, hidden;
+  int64_t dim, h1;
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t q = e / dim, c = e % dim, p = items[q];
-    dx_pair(p, c) =
-        lane_dot(dpre + q * hidden, 1, w1.row(pairs.local[p] * hidden) + c, w1.ld, hidden);
+    dx_pair(p, c) = lane_dot(dpre + q * h1, 1, w1.row(pairs.local[p] * h1) + c, w1.ld, h1);
   }
 };
 
@@ -253,7 +257,7 @@ template <typename X>
 void pair_grads(const X& x, const ExpertWeightsView& w, TensorView xin, const PairRefs& refs,
                 const ExpertCacheView& cache, TensorView dy, int64_t P,
                 ExpertBackwardScratch<X>& s) {
-  const int64_t d = w.dim, h = w.hidden;
+  const int64_t d = w.dim, h = w.hidden, h1 = w1_rows(w.activation, h);
   const int64_t* items = s.by_expert.items.get();
   with_float_types(xin, dy, [&](auto tx, auto ty) {
     using XT = decltype(tx);
@@ -268,19 +272,19 @@ void pair_grads(const X& x, const ExpertWeightsView& w, TensorView xin, const Pa
     using W1 = decltype(t1);
     using W2 = decltype(t2);
     thrust::for_each(
-        x.policy(), count_from(0), count_from(P * h),
+        x.policy(), count_from(0), count_from(P * h1),
         PreGrad<W2>{s.u.get(), rows_of<const W2>(w.w2), rows_of<const float>(cache.pre), refs,
-                    items, w.activation, s.dpre.get(), d, h});
+                    items, w.activation, s.dpre.get(), d, h, h1});
     thrust::for_each(x.policy(), count_from(0), count_from(P * d),
                      InputGrad<W1>{s.dpre.get(), rows_of<const W1>(w.w1), refs, items,
-                                   Rows<float>{s.dx_pair.get(), d}, d, h});
+                                   Rows<float>{s.dx_pair.get(), d}, d, h1});
   });
 }
 
 template <typename X>
 TouchedExpertGrads touched_grads(const X& x, const ExpertWeightsView& w,
                                  const ExpertBackwardScratch<X>& s) {
-  const int64_t d = w.dim, h = w.hidden;
+  const int64_t d = w.dim, h = w.hidden, h1 = w1_rows(w.activation, h);
   const int64_t* offsets = s.by_expert.offsets.get();
   Scratch<int32_t, X> touched(x, w.experts);
   const int64_t count = w.experts == 0
@@ -291,12 +295,12 @@ TouchedExpertGrads touched_grads(const X& x, const ExpertWeightsView& w,
   TouchedExpertGrads g;
   g.count = count;
   g.local = Tensor(x.allocator(), DType::kI32, count, 1);
-  g.w1 = Tensor(x.allocator(), DType::kF32, count * h, d);
+  g.w1 = Tensor(x.allocator(), DType::kF32, count * h1, d);
   g.w2 = Tensor(x.allocator(), DType::kF32, count * d, h);
   if (count == 0) return g;
   thrust::copy_n(x.policy(), touched.get(), count, g.local.as<int32_t>());
-  thrust::for_each(x.policy(), count_from(0), count_from(count * h * d),
-                   ParamGrad{touched.get(), offsets, s.dpre.get(), h, s.xs.get(), d,
+  thrust::for_each(x.policy(), count_from(0), count_from(count * h1 * d),
+                   ParamGrad{touched.get(), offsets, s.dpre.get(), h1, s.xs.get(), d,
                              rows_of<float>(g.w1.view())});
   thrust::for_each(
       x.policy(), count_from(0), count_from(count * d * h),
@@ -319,7 +323,7 @@ TouchedExpertGrads expert_backward(const X& x, const OpArgs& args, const ExpertW
                              Scratch<float, X>(x, P * d),
                              Scratch<float, X>(x, P * d),
                              Scratch<float, X>(x, P * h),
-                             Scratch<float, X>(x, P * h),
+                             Scratch<float, X>(x, P * w1_rows(w.activation, h)),
                              Scratch<float, X>(x, P * d)};
   if (P > 0) {
     pair_grads(x, w, xin, refs, cache, dy, P, s);

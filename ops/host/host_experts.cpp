@@ -1,7 +1,8 @@
 // The host backends' expert FFN forward and backward, expert-centric: the
 // (token, expert) pairs are grouped by expert and each group runs as two
-// small GEMMs. Every GEMM is score_f32 (lane_dot's entries), so a pair's
-// pre-activation, output, gate gradient and input gradient do not depend on
+// small GEMMs (SwiGLU's gate and up rows are one [2h, d] W1 block per
+// expert, so its first GEMM is one too: ops/expert_ffn.h). Every GEMM is score_f32 (lane_dot's
+// entries), so a pair's pre-activation, output, gate gradient and input gradient do not depend on
 // which other pairs share its group, on the thread count or on how experts
 // are sharded over ranks. Per-token sums (out, dx) are float additions in
 // pair order; parameter gradients contract over an expert's pairs in pair
@@ -80,7 +81,7 @@ void transpose(const float* in, int64_t ld, int64_t rows, int64_t cols, float* o
 
 // The checked arguments both passes read.
 struct ExpertArgs {
-  int64_t experts, d, h, pairs;
+  int64_t experts, d, h, h1, pairs;  // h1: W1 rows per expert (w1_rows)
   Activation act;
   FloatRows w1, w2, x;
   Vec<const int32_t> token, local;
@@ -91,9 +92,10 @@ struct ExpertArgs {
       : experts(w.experts),
         d(w.dim),
         h(w.hidden),
+        h1(w1_rows(w.activation, w.hidden)),
         pairs(vector_size(p.token)),
         act(w.activation),
-        w1(checked(check, w.w1, "weights.w1", w.experts * w.hidden, w.dim)),
+        w1(checked(check, w.w1, "weights.w1", w.experts * h1, w.dim)),
         w2(checked(check, w.w2, "weights.w2", w.experts * w.dim, w.hidden)),
         x(checked(check, x_view, "x", x_view.rows, w.dim)) {
     check.vector(p.token, "pairs.token", DType::kI32);
@@ -108,8 +110,8 @@ struct ExpertArgs {
                    " and expert " + std::to_string(local[i]) + " of [" +
                    std::to_string(x_view.rows) + ", " + std::to_string(experts) + "]");
   }
-  const float* w1_of(int64_t e) const { return w1.row(e * h); }  // [h, d]
-  const float* w2_of(int64_t e) const { return w2.row(e * d); }  // [d, h]
+  const float* w1_of(int64_t e) const { return w1.row(e * h1); }  // [h1, d]
+  const float* w2_of(int64_t e) const { return w2.row(e * d); }   // [d, h]
 
  private:
   static const TensorView& checked(const OpArgs& check, const TensorView& v, const char* name,
@@ -126,9 +128,9 @@ void HostOps::expert_forward(const ExpertWeightsView& weights, TensorView x, Exp
                              TensorView out, ExpertCacheView cache, Stream) const {
   const OpArgs check = args("expert_forward");
   const ExpertArgs a(check, weights, x, pairs);
-  const int64_t d = a.d, h = a.h, n = a.pairs;
+  const int64_t d = a.d, h = a.h, h1 = a.h1, n = a.pairs;
   check.matrix(out, "out", DType::kF32, x.rows, d);
-  check.matrix(cache.pre, "cache.pre", DType::kF32, n, h);
+  check.matrix(cache.pre, "cache.pre", DType::kF32, n, h1);
   check.matrix(cache.output, "cache.output", DType::kF32, n, d);
   if (n == 0) return;
   const Rows<float> pre(cache.pre), output(cache.output);
@@ -138,23 +140,24 @@ void HostOps::expert_forward(const ExpertWeightsView& weights, TensorView x, Exp
   const int64_t na = static_cast<int64_t>(active.size());
 #pragma omp parallel if (parallel_over_experts(active.size()))
   {
-    std::vector<float> xb, pb, yb;
+    std::vector<float> xb, pb, ab, yb;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < na; ++i) {
       const int64_t e = active[i];
       const int64_t* ps = by_expert.of(e);
       const int64_t m = by_expert.size(e);
       xb.resize(static_cast<size_t>(m * d));
-      pb.resize(static_cast<size_t>(m * h));
+      pb.resize(static_cast<size_t>(m * h1));
+      ab.resize(static_cast<size_t>(m * h));
       yb.resize(static_cast<size_t>(m * d));
       for (int64_t r = 0; r < m; ++r) std::copy_n(a.x.row(a.token[ps[r]]), d, &xb[r * d]);
-      score_f32(xb.data(), d, a.w1_of(e), a.w1.ld(), m, h, d, pb.data(), h);  // pre = X W1^T
+      score_f32(xb.data(), d, a.w1_of(e), a.w1.ld(), m, h1, d, pb.data(), h1);  // pre = X W1^T
       for (int64_t r = 0; r < m; ++r) {
-        std::copy_n(&pb[r * h], h, pre.row(ps[r]));
+        std::copy_n(&pb[r * h1], h1, pre.row(ps[r]));
         for (int64_t j = 0; j < h; ++j)
-          pb[r * h + j] = static_cast<float>(act_value(a.act, pb[r * h + j]));
+          ab[r * h + j] = static_cast<float>(hidden_value(a.act, &pb[r * h1], h, j));
       }
-      score_f32(pb.data(), h, a.w2_of(e), a.w2.ld(), m, d, h, yb.data(), d);  // y = act(pre) W2^T
+      score_f32(ab.data(), h, a.w2_of(e), a.w2.ld(), m, d, h, yb.data(), d);  // y = act(pre) W2^T
       for (int64_t r = 0; r < m; ++r) std::copy_n(&yb[r * d], d, output.row(ps[r]));
     }
   }
@@ -167,17 +170,19 @@ void HostOps::expert_forward(const ExpertWeightsView& weights, TensorView x, Exp
 namespace {
 
 // Scratch of one expert's backward, reused by a thread across experts.
-// u = gate * dy[token] (dL/dy of each pair), xs = x[token], act = act(pre),
-// dpre = (u W2) * act'(pre), all [pairs, cols]; w1t / w2t transposed weights.
+// u = gate * dy[token] (dL/dy of each pair), xs = x[token], act = the
+// hidden units, da = u W2, dpre = da * their derivative (pre_grad_factor),
+// all [pairs, cols]; w1t / w2t transposed weights.
 struct BackwardScratch {
-  std::vector<float> u, xs, act, dpre, dxs, w1t, w2t;
-  void resize(int64_t m, int64_t d, int64_t h) {
+  std::vector<float> u, xs, act, da, dpre, dxs, w1t, w2t;
+  void resize(int64_t m, int64_t d, int64_t h, int64_t h1) {
     u.resize(static_cast<size_t>(m * d));
     xs.resize(static_cast<size_t>(m * d));
     dxs.resize(static_cast<size_t>(m * d));
     act.resize(static_cast<size_t>(m * h));
-    dpre.resize(static_cast<size_t>(m * h));
-    w1t.resize(static_cast<size_t>(d * h));
+    da.resize(static_cast<size_t>(m * h));
+    dpre.resize(static_cast<size_t>(m * h1));
+    w1t.resize(static_cast<size_t>(d * h1));
     w2t.resize(static_cast<size_t>(h * d));
   }
 };
@@ -209,7 +214,7 @@ void gather_pairs(const BackwardIo& io, const int64_t* ps, int64_t m, BackwardSc
     std::copy_n(io.a.x.row(t), d, &s.xs[r * d]);
     const float* pre = io.pre.row(p);
     for (int64_t j = 0; j < h; ++j)
-      s.act[r * h + j] = static_cast<float>(act_value(io.a.act, pre[j]));
+      s.act[r * h + j] = static_cast<float>(hidden_value(io.a.act, pre, h, j));
   }
 }
 
@@ -221,8 +226,8 @@ TouchedExpertGrads HostOps::expert_backward(const ExpertWeightsView& weights, Te
                                             Stream) const {
   const OpArgs check = args("expert_backward");
   const ExpertArgs a(check, weights, x, pairs);
-  const int64_t d = a.d, h = a.h, n = a.pairs;
-  check.matrix(cache.pre, "cache.pre", DType::kF32, n, h);
+  const int64_t d = a.d, h = a.h, h1 = a.h1, n = a.pairs;
+  check.matrix(cache.pre, "cache.pre", DType::kF32, n, h1);
   check.matrix(cache.output, "cache.output", DType::kF32, n, d);
   check.float_dtype(dy, "dy");
   check.shape(dy, "dy", x.rows, d);
@@ -235,7 +240,7 @@ TouchedExpertGrads HostOps::expert_backward(const ExpertWeightsView& weights, Te
   TouchedExpertGrads grads;
   grads.count = na;
   grads.local = empty(DType::kI32, na, 1);
-  grads.w1 = empty(DType::kF32, na * h, d);
+  grads.w1 = empty(DType::kF32, na * h1, d);
   grads.w2 = empty(DType::kF32, na * d, h);
   for (int64_t i = 0; i < na; ++i) grads.local.as<int32_t>()[i] = static_cast<int32_t>(active[i]);
   float* g1_all = grads.w1.as<float>();  // every entry written by the contractions
@@ -257,20 +262,22 @@ TouchedExpertGrads HostOps::expert_backward(const ExpertWeightsView& weights, Te
       const int64_t e = active[i];
       const int64_t* ps = by_expert.of(e);
       const int64_t m = by_expert.size(e);
-      s.resize(m, d, h);
+      s.resize(m, d, h, h1);
       gather_pairs(io, ps, m, s);
-      transpose(a.w2_of(e), a.w2.ld(), d, h, s.w2t.data());                  // [h, d]
-      score_f32(s.u.data(), d, s.w2t.data(), d, m, h, d, s.dpre.data(), h);  // da = u W2
+      transpose(a.w2_of(e), a.w2.ld(), d, h, s.w2t.data());                // [h, d]
+      score_f32(s.u.data(), d, s.w2t.data(), d, m, h, d, s.da.data(), h);  // da = u W2
       for (int64_t r = 0; r < m; ++r) {
         const float* pre = io.pre.row(ps[r]);
-        for (int64_t j = 0; j < h; ++j)
-          s.dpre[r * h + j] *= static_cast<float>(act_grad(a.act, pre[j]));
+        for (int64_t j = 0; j < h1; ++j)
+          s.dpre[r * h1 + j] =
+              s.da[r * h + j % h] * static_cast<float>(pre_grad_factor(a.act, pre, h, j));
       }
-      transpose(a.w1_of(e), a.w1.ld(), h, d, s.w1t.data());                    // [d, h]
-      score_f32(s.dpre.data(), h, s.w1t.data(), h, m, d, h, s.dxs.data(), d);  // dx = dpre W1
+      transpose(a.w1_of(e), a.w1.ld(), h1, d, s.w1t.data());                      // [d, h1]
+      score_f32(s.dpre.data(), h1, s.w1t.data(), h1, m, d, h1, s.dxs.data(), d);  // dx = dpre W1
       for (int64_t r = 0; r < m; ++r) std::copy_n(&s.dxs[r * d], d, io.dx_pair + ps[r] * d);
-      kernels_.contract(s.dpre.data(), h, s.xs.data(), d, m, g1_all + i * h * d);  // dW1 = dpre^T X
-      kernels_.contract(s.u.data(), d, s.act.data(), h, m, g2_all + i * d * h);    // dW2 = U^T A
+      kernels_.contract(s.dpre.data(), h1, s.xs.data(), d, m,
+                        g1_all + i * h1 * d);                                    // dW1 = dpre^T X
+      kernels_.contract(s.u.data(), d, s.act.data(), h, m, g2_all + i * d * h);  // dW2 = U^T A
     }
   }
 

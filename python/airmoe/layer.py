@@ -22,7 +22,9 @@ routing over sharded centers). Placement policies: ``"round-robin"``,
 
 Parameters (this rank's shard; ``state_dict()`` holds exactly these):
 
-* ``w1`` [hosted, h, d] and ``w2`` [hosted, d, h]: nn.Parameters whose memory
+* ``w1`` [hosted, h, d] and ``w2`` [hosted, d, h] (``activation="swiglu"``:
+  ``w1`` is [hosted, 2h, d], each expert's gate rows then its up rows, and
+  ``w2`` its down projection): nn.Parameters whose memory
   IS the C++ shard's (zero copy): an optimizer step or ``load_state_dict``
   changes the weights the C++ experts use, in place. Replacing them (e.g.
   ``.double()``, ``.to()``) breaks the sharing and forward() refuses to run.
@@ -43,6 +45,11 @@ loaded from a checkpoint takes the state of the layer that saved it.
 
 Checkpoints: ``save_checkpoint(path)`` and ``MoELayer.load_checkpoint(comm,
 path)`` (runtime/checkpoint.h, docs/checkpoints.md).
+
+Hugging Face experts: with ``activation="swiglu"`` each expert is
+``down(silu(gate x) * up x)``, HF's MoE MLP; ``load_hf_experts(gate, up,
+down)`` or ``load_hf_expert_modules(block.experts)`` copy stock weights into
+the experts this rank hosts (docs/hf.md).
 
 Errors: a communicator that is not an ``mpi4py.MPI.Comm`` raises TypeError;
 bad arguments raise ValueError with the C++ message; ranks that disagree on
@@ -154,6 +161,51 @@ def _placeholder_ints():
             "kmeans_iterations": 0, "seed": 0}
 
 
+class _Refused:
+    """Stands for expert weights that could not be read: their check raises
+    the error (on every rank, through load_hf_experts' collective check)."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+# HF's names of an expert MLP's (gate, up, down) projections.
+_HF_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _hf_projections(module, e):
+    """The (gate, up, down) weights of HF expert module `e`."""
+    for names in _HF_PROJECTIONS:
+        if all(hasattr(module, n) for n in names):
+            return tuple(getattr(module, n).weight for n in names)
+    raise ValueError(f"load_hf_expert_modules: experts[{e}] ({type(module).__name__}) has "
+                     f"neither gate_proj/up_proj/down_proj nor w1/w3/w2")
+
+
+def _check_hf_weights(name, weights, shape, num_experts, hosted):
+    """E experts' weights, each hosted one a finite floating [shape] tensor."""
+    if isinstance(weights, _Refused):
+        raise weights.error
+    try:
+        count = len(weights)
+    except TypeError:
+        raise TypeError(f"load_hf_experts: {name} must be a tensor or a sequence of tensors, "
+                        f"got {type(weights).__name__}") from None
+    if count != num_experts:
+        raise ValueError(f"load_hf_experts: {name} holds {count} experts, the layer has "
+                         f"{num_experts}")
+    for e in hosted:
+        w = weights[e]
+        if not torch.is_tensor(w) or not w.is_floating_point():
+            raise ValueError(f"load_hf_experts: {name}[{e}] must be a floating tensor, got "
+                             f"{getattr(w, 'dtype', type(w).__name__)}")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"load_hf_experts: {name}[{e}] has shape {list(w.shape)}, "
+                             f"expected {list(shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"load_hf_experts: {name}[{e}] holds non-finite values")
+
+
 def _message(error):
     return "" if error is None else (str(error) or type(error).__name__)
 
@@ -219,7 +271,9 @@ class MoELayer(nn.Module):
         strategy: "air", "dense-replicated" or "dense-broadcast".
         k: experts per token. probes: AIR's m (lists probed per token);
             None: the m recommended for C (``_airmoe.recommended_air``).
-        hidden: each expert's FFN width h. activation: "gelu", "relu", "silu".
+        hidden: each expert's FFN width h. activation: "gelu", "relu", "silu"
+            (y = W2 act(W1 x)) or "swiglu" (y = down(silu(gate x) * up x), HF's
+            MoE experts; see load_hf_experts).
         codewords: C, codebook size (<= E); None: C ~ sqrt(E), from the
             measured table in docs/routing.md. kmeans_iterations: codebook training.
         placement: "round-robin", "list" or "locality".
@@ -279,6 +333,54 @@ class MoELayer(nn.Module):
             "every rank of its MPI communicator, and a copy made on one rank would belong to no "
             "job. Save it with save_checkpoint(path) and rebuild it with "
             "MoELayer.load_checkpoint(comm, path) (every rank), or copy its state_dict()")
+
+    # -- Hugging Face expert weights (docs/hf.md) ---------------------------
+    def load_hf_experts(self, gate, up, down):
+        """Collective: copies Hugging Face SwiGLU expert weights into the
+        experts this rank hosts (only theirs are read). ``gate`` and ``up``:
+        every expert's gate_proj / up_proj weight ([E, h, d] tensors, or
+        sequences of E [h, d] tensors; Mixtral's w1 / w3), ``down``: every
+        expert's down_proj weight ([E, d, h] or E [d, h]; Mixtral's w2). Any
+        floating dtype (copied as float32). The layer must have
+        activation="swiglu", this h and d; a bad argument raises ValueError
+        on every rank, naming it and the expert."""
+        h, d = self.hidden_size, self.dim
+        hosted = self.hosted.tolist()
+
+        def check():
+            if self.activation != "swiglu":
+                raise ValueError(f"load_hf_experts: the layer's activation is "
+                                 f"{self.activation!r}; HF's experts need activation='swiglu'")
+            for name, weights, shape in (("gate", gate, (h, d)), ("up", up, (h, d)),
+                                         ("down", down, (d, h))):
+                _check_hf_weights(name, weights, shape, self.num_experts, hosted)
+            self._check_shared_weights()
+
+        _together(self._impl, "load_hf_experts", check)
+        with torch.no_grad():
+            for i, e in enumerate(hosted):
+                self.w1[i, :h].copy_(gate[e])
+                self.w1[i, h:].copy_(up[e])
+                self.w2[i].copy_(down[e])
+
+    def load_hf_expert_modules(self, experts):
+        """Collective: ``load_hf_experts`` from an HF MoE block's ``experts``
+        (a sequence of E modules with gate_proj / up_proj / down_proj, as
+        Qwen2-MoE, Qwen3-MoE and OLMoE have, or w1 / w3 / w2, as Mixtral
+        has); only the hosted experts' weights are read."""
+        gate, up, down = [], [], []
+        error = None
+        try:
+            for e, module in enumerate(experts):
+                g, u, dn = _hf_projections(module, e)
+                gate.append(g)
+                up.append(u)
+                down.append(dn)
+        except (TypeError, ValueError) as err:
+            error = err
+        if error is not None:  # raised on every rank by load_hf_experts' check
+            gate = up = down = _Refused(error)
+        self.load_hf_experts(gate, up, down)
 
     # -- checkpoints (runtime/checkpoint.h, docs/checkpoints.md) ----------
     def save_checkpoint(self, path):

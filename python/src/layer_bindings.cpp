@@ -180,10 +180,10 @@ class MoELayerImpl {
     const auto n = static_cast<py::ssize_t>(layer_->experts().size());
     const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
     const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
-    return py::make_tuple(owned(std::move(g.d_tokens)),
-                          owned(std::move(g.dense_experts.w1), {n, hid, d}),
-                          owned(std::move(g.dense_experts.w2), {n, d, hid}),
-                          sparse_result(std::move(g.d_centers)));
+    const auto rows1 = static_cast<py::ssize_t>(layer_->config().expert.w1_rows());
+    return py::make_tuple(
+        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, rows1, d}),
+        owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
   }
 
   // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
@@ -230,7 +230,7 @@ py::array_t<float> expert_weights_view(const py::object& self, int which) {
   auto& ex = self.cast<MoELayerImpl&>().layer().experts();
   const auto n = static_cast<py::ssize_t>(ex.size());
   const py::ssize_t h = ex.config().hidden, d = ex.config().dim;
-  if (which == 1) return shared_view(ex.w1_data().data(), {n, h, d}, self);
+  if (which == 1) return shared_view(ex.w1_data().data(), {n, ex.config().w1_rows(), d}, self);
   return shared_view(ex.w2_data().data(), {n, d, h}, self);
 }
 
@@ -319,7 +319,8 @@ void bind_layer(py::module_& m) {
            [](MoELayerImpl& s) { return copied(s.layer().local_centers().view()); })
       .def(
           "w1_view", [](py::object self) { return expert_weights_view(self, 1); },
-          "Writable NumPy view of this rank's W1 [hosted, h, d] (the C++ memory itself).")
+          "Writable NumPy view of this rank's W1 [hosted, h, d] ([hosted, 2h, d] for swiglu: the "
+          "gate rows, then the up rows; the C++ memory itself).")
       .def(
           "w2_view", [](py::object self) { return expert_weights_view(self, 2); },
           "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).");

@@ -1,8 +1,9 @@
 """airmoe.MoELayer under mpiexec: the layer on COMM_WORLD (P ranks, each with
 its block of tokens) equals the single-rank layer (COMM_SELF, every token) in
-outputs and in every gradient, for the three strategies; plus the error
-paths (wrong communicator type, a state_dict from another configuration,
-ranks that disagree).
+outputs and in every gradient, for the three strategies; a SwiGLU layer
+with Hugging Face expert weights loaded equals a plain PyTorch SwiGLU MoE on
+the same routes and gates; plus the error paths (wrong communicator type, a
+state_dict from another configuration, ranks that disagree, bad HF weights).
 
     mpiexec -n 2 python3 python/tests/layer_mpi_check.py
 
@@ -11,7 +12,6 @@ Run by CTest (python_layer_mpi_1, python_layer_mpi_2). The last line, on rank
 is nonzero on any failure.
 """
 
-import sys
 import traceback
 
 import numpy as np
@@ -19,22 +19,15 @@ import torch
 from mpi4py import MPI
 
 import airmoe
+from mpi_tally import Tally
 
 E, D, T, C, K, M, H = 61, 8, 37, 7, 4, 3, 3
 TOL = 1e-5
 
 world = MPI.COMM_WORLD
 rank, P = world.Get_rank(), world.Get_size()
-passed, failed = 0, 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-        print(f"[rank {rank}] FAIL {name} {detail}", flush=True)
+tally = Tally(world)
+check = tally.check
 
 
 def rel(a, b):
@@ -150,6 +143,106 @@ def compare_strategy(strategy):
                       str(err))
 
 
+def torch_swiglu_moe(x, centers, gate, up, down):
+    """The plain PyTorch MoE the layer computes with exact routing: the top-K
+    logits <x, center>, their softmax as gates, HF's SwiGLU experts."""
+    logits = x @ centers.t()
+    top, ids = logits.topk(K, dim=1)
+    g = torch.softmax(top, dim=1)
+    out = torch.zeros_like(x)
+    for j in range(K):
+        e = ids[:, j]
+        a = torch.nn.functional.silu(torch.einsum("thd,td->th", gate[e], x)) * \
+            torch.einsum("thd,td->th", up[e], x)
+        out = out + g[:, j:j + 1] * torch.einsum("tdh,th->td", down[e], a)
+    return out
+
+
+class HfExpert(torch.nn.Module):
+    """An HF MoE expert MLP's parameters under HF's names (Qwen2-MoE's or
+    Mixtral's), without importing transformers."""
+
+    def __init__(self, gate, up, down, mixtral):
+        super().__init__()
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        for name, w in zip(names, (gate, up, down)):
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            setattr(self, name, lin)
+
+
+def compare_swiglu_with_torch(strategy, from_modules):
+    """Exact routing (dense-replicated, or AIR probing every list)."""
+    centers, tokens, dy = data()
+    b, e = T * rank // P, T * (rank + 1) // P
+    gen = torch.Generator().manual_seed(21)
+    gate = 0.5 * torch.randn(E, H, D, generator=gen)
+    up = 0.5 * torch.randn(E, H, D, generator=gen)
+    down = 0.5 * torch.randn(E, D, H, generator=gen)
+    dist = build(world, strategy, centers, activation="swiglu", probes=C)
+    if from_modules:
+        dist.load_hf_expert_modules(torch.nn.ModuleList(
+            HfExpert(gate[i], up[i], down[i], mixtral=i % 2 == 1) for i in range(E)))
+    else:
+        dist.load_hf_experts(gate.bfloat16().float(), list(up), down)
+        gate = gate.bfloat16().float()
+    hosted = dist.hosted.numpy()
+    tag = f"swiglu {strategy} {'modules' if from_modules else 'tensors'} P={P}"
+    check(f"{tag} w1 is [hosted, 2h, d]", tuple(dist.w1.shape) == (len(hosted), 2 * H, D))
+    out, dx = run(dist, tokens[b:e], dy[b:e])
+    params = [t.clone().requires_grad_(True) for t in (centers, gate, up, down)]
+    xr = tokens.clone().requires_grad_(True)
+    ref = torch_swiglu_moe(xr, *params)
+    (ref * dy).sum().backward()
+    r = rel(out, ref.detach()[b:e])
+    check(f"{tag} output", r <= TOL, f"rel {r}")
+    r = rel(dx, xr.grad[b:e])
+    check(f"{tag} d_hidden", r <= TOL, f"rel {r}")
+    d_centers, d_gate, d_up, d_down = (p.grad[hosted] for p in params)
+    r = rel(dist.w1.grad[:, :H], d_gate)
+    check(f"{tag} d gate_proj of hosted experts", r <= TOL, f"rel {r}")
+    r = rel(dist.w1.grad[:, H:], d_up)
+    check(f"{tag} d up_proj of hosted experts", r <= TOL, f"rel {r}")
+    r = rel(dist.w2.grad, d_down)
+    check(f"{tag} d down_proj of hosted experts", r <= TOL, f"rel {r}")
+    r = rel(dist.centers_local.grad, d_centers)
+    check(f"{tag} d_centers of hosted experts", r <= TOL, f"rel {r}")
+
+
+def swiglu_errors():
+    centers, _, _ = data()
+    dist = build(world, "air", centers, activation="swiglu")
+    w = torch.zeros(E, H, D)
+
+    def refused(name, call, needle):
+        try:
+            call()
+            check(name, False, "no error")
+        except ValueError as err:
+            check(name, needle in str(err), str(err))
+
+    refused("HF weights of another h are refused on every rank",
+            lambda: dist.load_hf_experts(w, w, torch.zeros(E, D, H + 1)),
+            "has shape [8, 4], expected [8, 3]")
+    refused("HF weights of too few experts are refused",
+            lambda: dist.load_hf_experts(w[:-1], w, torch.zeros(E, D, H)), "gate holds 60 experts")
+    bad = w.clone()
+    bad[E - 1 - rank, 0, 0] = float("nan")  # a hosted expert's on some rank
+    refused("non-finite HF weights are refused on every rank",
+            lambda: dist.load_hf_experts(bad, w, torch.zeros(E, D, H)), "non-finite")
+    refused("modules without HF's projection names are refused",
+            lambda: dist.load_hf_expert_modules([torch.nn.Linear(D, H)] * E), "experts[0]")
+    gelu = build(world, "air", centers)
+    refused("a gelu layer refuses HF weights", lambda: gelu.load_hf_experts(w, w, w),
+            "activation='swiglu'")
+    try:
+        airmoe.MoELayer(world, E, D, activation="swish", codewords=C)
+        check("unknown activation raises ValueError", False, "no error")
+    except ValueError as err:
+        check("unknown activation raises ValueError", "'swiglu'" in str(err), str(err))
+
+
 def errors():
     centers, _, _ = data()
     for bad in (None, 0, "COMM_WORLD", object()):
@@ -184,9 +277,9 @@ torch.manual_seed(0)
 for strategy in ("air", "dense-replicated", "dense-broadcast"):
     guarded(strategy, lambda: compare_strategy(strategy))
 guarded("errors", errors)
+for strategy in ("air", "dense-replicated", "dense-broadcast"):
+    for from_modules in (False, True):
+        guarded(f"swiglu {strategy}", lambda: compare_swiglu_with_torch(strategy, from_modules))
+guarded("swiglu errors", swiglu_errors)
 
-total_passed = world.allreduce(passed)
-total_failed = world.allreduce(failed)
-if rank == 0:
-    print(f"layer_mpi_check: {total_passed} passed, {total_failed} failed", flush=True)
-sys.exit(1 if total_failed else 0)
+tally.finish("layer_mpi_check")

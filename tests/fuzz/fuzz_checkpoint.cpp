@@ -39,7 +39,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   try {
     if (data[0] & 1)
-      runtime::decode_shard(bytes, "fuzz shard");
+      runtime::decode_shard(
+          bytes, "fuzz shard",
+          (data[0] & 4) ? runtime::Activation::kSwiglu : runtime::Activation::kGelu);
     else
       read_manifest_bytes(bytes);
   } catch (const UsageError&) {
