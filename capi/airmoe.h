@@ -91,8 +91,9 @@ AIRMOE_API airmoe_status airmoe_router_create_dense(const float* centers, int64_
 AIRMOE_API airmoe_status airmoe_router_free(airmoe_router* router);
 
 /* Routes tokens [T, dim] to k experts each (1 <= k <= experts).
- * experts_out [T, k]: expert ids per token, best first (higher logit, then
- * lower id). gates_out [T, k]: softmax over the k chosen logits.
+ * experts_out [T, k]: expert ids per token, best first (higher logit plus
+ * bias, then lower id). gates_out [T, k]: per the router's gate mode
+ * (default: softmax over the k chosen logits).
  * probes: AIR only, 1 <= probes <= codewords (probes = codewords gives exact
  * top-k, equal bit for bit to the dense router); ignored by the dense router.
  * The handle keeps these routes for airmoe_router_backward; a failed call
@@ -120,6 +121,29 @@ AIRMOE_API airmoe_status airmoe_router_backward(const airmoe_router* router, con
 AIRMOE_API airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* centers,
                                                        int64_t experts, int64_t dim, double step,
                                                        int updates);
+
+/* Gate modes (since 0.2.0), for airmoe_router_set_gate_mode. */
+typedef enum {
+  AIRMOE_GATES_CHOSEN = 0,    /* softmax over the k chosen logits (the default) */
+  AIRMOE_GATES_SHORTLIST = 1, /* exp(z) over the sum over every expert scored (AIR: the
+                                 shortlist; dense: all experts) */
+  AIRMOE_GATES_SIGMOID = 2    /* sigmoid(z) of the k chosen, renormalized to sum 1
+                                 (DeepSeek-V3, GLM-4.5) */
+} airmoe_gate_mode;
+
+/* Since 0.2.0. The gates later airmoe_router_route calls form (and
+ * airmoe_router_backward differentiates): one of airmoe_gate_mode. Clears
+ * the routes kept for backward. */
+AIRMOE_API airmoe_status airmoe_router_set_gate_mode(airmoe_router* router, int gate_mode);
+
+/* Since 0.2.0. The selection bias b [experts] (finite; copied), or none
+ * (bias NULL and experts 0): later route calls select experts by z + b and
+ * form the gates from the unbiased logits z (DeepSeek-V3's auxiliary-loss-free
+ * load balancing); the bias takes no gradient. A copy and a check: nothing
+ * else is rebuilt, so it may change every step. A refused bias leaves the
+ * router's bias as it was. Clears the routes kept for backward. */
+AIRMOE_API airmoe_status airmoe_router_set_bias(airmoe_router* router, const float* bias,
+                                                int64_t experts);
 
 /* Shape of a router; codewords is 0 for a dense router. */
 AIRMOE_API airmoe_status airmoe_router_info(const airmoe_router* router, int64_t* experts,

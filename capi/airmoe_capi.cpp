@@ -31,6 +31,7 @@ struct airmoe_router {
   // route() on a const handle still records them (the documented contract).
   mutable airmoe::Routes last;
   mutable bool has_last = false;
+  airmoe::GateMode gate_mode = airmoe::GateMode::kChosen;
 
   int64_t experts() const { return air ? air->experts() : dense->experts(); }
   int64_t dim() const { return air ? air->dim() : dense->dim(); }
@@ -260,8 +261,8 @@ airmoe_status airmoe_router_route(const airmoe_router* router, const float* toke
     require_array(experts_out, T, k, 1, "experts_out", "T", "k");
     require_array(gates_out, T, k, 1, "gates_out", "T", "k");
     const airmoe::MatrixView view(tokens, T, dim);
-    airmoe::Routes r =
-        router->air ? router->air->route(view, k, probes) : router->dense->route(view, k);
+    airmoe::Routes r = router->air ? router->air->route(view, k, probes, router->gate_mode)
+                                   : router->dense->route(view, k, router->gate_mode);
     const size_t n = static_cast<size_t>(T * k);
     if (n > 0) {
       std::copy_n(r.experts.data(), n, experts_out);
@@ -315,6 +316,37 @@ airmoe_status airmoe_router_update_codebook(airmoe_router* router, const float* 
     router->last = airmoe::Routes();
     router->air->set_centers(airmoe::MatrixView(centers, experts, dim));
     router->air->update_codebook(step, updates);
+  });
+}
+
+airmoe_status airmoe_router_set_gate_mode(airmoe_router* router, int gate_mode) {
+  return guarded("airmoe_router_set_gate_mode", [&] {
+    require_router(router);
+    if (gate_mode < AIRMOE_GATES_CHOSEN || gate_mode > AIRMOE_GATES_SIGMOID)
+      invalid("gate_mode = " + std::to_string(gate_mode) +
+              " is not an airmoe_gate_mode (0 chosen, 1 shortlist, 2 sigmoid)");
+    router->has_last = false;
+    router->last = airmoe::Routes();
+    router->gate_mode = gate_mode == AIRMOE_GATES_CHOSEN      ? airmoe::GateMode::kChosen
+                        : gate_mode == AIRMOE_GATES_SHORTLIST ? airmoe::GateMode::kShortlist
+                                                              : airmoe::GateMode::kSigmoid;
+  });
+}
+
+airmoe_status airmoe_router_set_bias(airmoe_router* router, const float* bias, int64_t experts) {
+  return guarded("airmoe_router_set_bias", [&] {
+    require_router(router);
+    router->has_last = false;
+    router->last = airmoe::Routes();
+    if (bias == nullptr && experts == 0) {
+      if (router->air) router->air->clear_bias();
+      if (router->dense) router->dense->clear_bias();
+      return;
+    }
+    require_array(bias, experts, 1, 1, "bias", "experts", "1");
+    const airmoe::TensorView b = airmoe::bias_view({bias, static_cast<size_t>(experts)});
+    if (router->air) router->air->set_bias(b);
+    if (router->dense) router->dense->set_bias(b);
   });
 }
 

@@ -217,7 +217,8 @@ int run_router(const std::vector<std::string>& args) {
   uint64_t seed = 42;
   double shortlist_budget = 0.0;
   VariantOptions vo;
-  std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file;
+  std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file,
+              bias_file;
   std::string json_file, routes_dir, gates = "chosen", variants_text = "air";
   bool no_faiss = false, no_product_key = false;
 
@@ -237,14 +238,17 @@ int run_router(const std::vector<std::string>& args) {
       "seed", po::value(&seed)->default_value(seed), "data seed")(
       "kmeans-iters", po::value(&kmeans_iters)->default_value(kmeans_iters), "Lloyd iterations")(
       "gates", po::value(&gates)->default_value(gates),
-      "gate softmax over 'chosen' or 'shortlist'")(
+      "gates: 'chosen', 'shortlist' or 'sigmoid' (docs/routing.md)")(
       "centers", path_value(&centers_file, "--centers"),
       "expert centers [E, d] from a float32 .npy file")(
       "tokens", path_value(&tokens_file, "--tokens"), "tokens [T, d] from a float32 .npy file")(
-      "threads", po::value(&threads)->default_value(threads), kThreadsHelp)(
-      "repeats", po::value(&repeats)->default_value(repeats),
-      "timed runs per row; the best counts")("json", path_value(&json_file, "--json"),
-                                             "write every figure to this JSON file")(
+      "bias", path_value(&bias_file, "--bias"),
+      "selection bias [E, 1] from a float32 .npy file: dense and AIR select by z + b, gates "
+      "from z (FAISS rows are skipped)")("threads", po::value(&threads)->default_value(threads),
+                                         kThreadsHelp)("repeats",
+                                                       po::value(&repeats)->default_value(repeats),
+                                                       "timed runs per row; the best counts")(
+      "json", path_value(&json_file, "--json"), "write every figure to this JSON file")(
       "save-routes", path_value(&routes_dir, "--save-routes"),
       "write each router's experts/gates as .npy here")("no-faiss", po::bool_switch(&no_faiss),
                                                         "skip the FAISS IndexIVFFlat rows")(
@@ -279,7 +283,8 @@ int run_router(const std::vector<std::string>& args) {
     fail("--shortlist-budget = " + number_text(shortlist_budget) +
          " must be a finite number >= 0 (0: E/16)");
   apply_threads_option(threads);
-  const std::vector<NamedPath> inputs = {{"--centers", centers_file}, {"--tokens", tokens_file}};
+  const std::vector<NamedPath> inputs = {
+      {"--centers", centers_file}, {"--tokens", tokens_file}, {"--bias", bias_file}};
   OutputFile json_out(json_file, "--json", inputs);
   if (!routes_dir.empty()) require_writable_folder(routes_dir, "--save-routes");
 
@@ -311,6 +316,17 @@ int run_router(const std::vector<std::string>& args) {
                                 " columns but centers have " + std::to_string(dim));
   require_tokens(num_tokens, tokens_file);
 
+  Matrix bias;  // checked before any index is built
+  if (!bias_file.empty()) {
+    progress("loading the selection bias %s", bias_file.c_str());
+    bias = read_npy_matrix(bias_file);
+    try {
+      checked_bias(host_compute(), bias.view(), experts);
+    } catch (const std::invalid_argument& e) {
+      fail("--bias " + bias_file + ": " + e.what());
+    }
+  }
+
   if (codewords == 0) codewords = recommended_air(experts).codewords;
   require_in_range(codewords, 1, experts, "-C/--codewords");
   if (shortlist_budget == 0.0) shortlist_budget = static_cast<double>(experts) / 16.0;
@@ -334,9 +350,14 @@ int run_router(const std::vector<std::string>& args) {
   progress("measuring sgemm and the scoring kernel");
   const auto [sgemm_gflops, kernel_gflops] = gemm_rates(tokens, centers, repeats);
 
+  DenseRouter dense(centers);
+  if (!bias_file.empty()) {
+    dense.set_bias(bias.view());
+    for (AirRouter& layout : layouts) layout.set_bias(bias.view());
+    no_faiss = true;  // FAISS's IVF scan has no selection bias
+  }
   std::vector<Row> rows;
   progress("dense top-%d over %ld experts", k, (long)experts);
-  DenseRouter dense(centers);
   Routes exact;
   Row drow{"dense"};
   drow.seconds = best_seconds(repeats, [&] { exact = dense.route(tokens, k, gate_mode); });
@@ -459,21 +480,14 @@ int run_router(const std::vector<std::string>& args) {
   if (json_out.wanted()) {
     json j;
     j["benchmark"] = "router";
-    j["config"] = {{"experts", experts},
-                   {"dim", dim},
-                   {"tokens", num_tokens},
-                   {"k", k},
-                   {"codewords", codewords},
-                   {"data", source},
-                   {"seed", seed},
-                   {"threads", num_threads()},
-                   {"kmeans_iterations", kmeans_iters},
-                   {"gates", gates},
-                   {"variants", variants_text},
-                   {"spills", vo.spills},
-                   {"soar_lambda", vo.soar_lambda},
-                   {"list_cap", list_cap},
-                   {"scoring_kernel", host_ops().name()}};
+    j["config"] = {{"experts", experts},       {"dim", dim},
+                   {"tokens", num_tokens},     {"k", k},
+                   {"codewords", codewords},   {"data", source},
+                   {"bias", bias_file},        {"seed", seed},
+                   {"threads", num_threads()}, {"kmeans_iterations", kmeans_iters},
+                   {"gates", gates},           {"variants", variants_text},
+                   {"spills", vo.spills},      {"soar_lambda", vo.soar_lambda},
+                   {"list_cap", list_cap},     {"scoring_kernel", host_ops().name()}};
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;

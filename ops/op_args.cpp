@@ -69,6 +69,14 @@ void OpArgs::vector(const TensorView& v, const char* arg, DType dtype, int64_t n
        (n < 0 ? std::string("n") : std::to_string(n)) + ", 1]");
 }
 
+int64_t OpArgs::bias(const TensorView& v, const char* arg, int64_t experts) const {
+  if (v.empty()) return -1;
+  vector(v, arg, DType::kF32, experts);
+  if (vector_stride(v) != 1 && vector_size(v) > 1)
+    fail(std::string(arg) + " is " + describe(v) + ", expected a contiguous vector");
+  return vector_size(v);
+}
+
 void OpArgs::at_least(int64_t value, int64_t lo, const char* arg) const {
   if (value >= lo) return;
   fail(std::string(arg) + " = " + std::to_string(value) + " must be >= " + std::to_string(lo));

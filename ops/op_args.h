@@ -31,6 +31,10 @@ class OpArgs {
   // On the device, of the dtype, [n, 1] or [1, n]; n < 0 accepts any n.
   void vector(const TensorView& v, const char* arg, DType dtype, int64_t n = -1) const;
   void shape(const TensorView& v, const char* arg, int64_t rows, int64_t cols) const;
+  // A selection bias (TopKView::bias) where one is given: an f32 vector of
+  // stride 1 on the device, of `experts` entries where that is known (>= 0).
+  // Returns its size, or -1 for none.
+  int64_t bias(const TensorView& v, const char* arg, int64_t experts = -1) const;
   void at_least(int64_t value, int64_t lo, const char* arg) const;
   [[noreturn]] void fail(const std::string& what) const;
 

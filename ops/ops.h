@@ -42,6 +42,7 @@
 
 #include "core/tensor.h"
 #include "ops/expert_ffn.h"
+#include "ops/gate_function.h"
 #include "ops/kmeans_stats.h"
 
 namespace airmoe::inline ops {
@@ -104,10 +105,17 @@ struct PairSet {
 // best first, empty slots id -1 and logit -inf; with `lse` non-empty (f64
 // [rows, 2]: max, sum of exp(z - max)), the log-sum-exp over every entry
 // the row saw (ops/log_sum_exp.h), else nothing is written there.
+// With `bias` non-empty (f32 [E], contiguous, by expert id: a selection
+// bias), rows rank by the selection score z + bias[id] (one float addition,
+// ops/topk.h) while `logits` and `lse` keep the unbiased z; every id the op
+// ranks must lie in [0, E). The top-k ops read the bias of their output
+// view (merge_topk: of `out`; its candidates must have been selected with
+// the same bias).
 struct TopKView {
   TensorView logits;
   TensorView ids;
   TensorView lse;
+  TensorView bias = {};
 };
 
 // The weights of a shard's experts, local index i = 0..experts-1:
@@ -242,24 +250,27 @@ class Ops {
   // that order; with candidates.lse, out.lse is their merged log-sum-exp.
   virtual void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                           Stream stream) const = 0;
-  // gates[t, j] = exp(logits[t, j] - log_normalizer[t]) (double, rounded
-  // once), log_normalizer[t] (f64 [T]) first set from `lse` (f64 [T, 2],
+  // gates[t, j] = exp(u[t, j] - log_normalizer[t]) (double, rounded once)
+  // with u = the logit (kSoftmax) or its log-sigmoid (kSigmoid, in double);
+  // log_normalizer[t] (f64 [T]) first set from `lse` (f64 [T, 2],
   // ops/log_sum_exp.h: max + log(sum)) where it is given (the shortlist's
-  // normalizer, as dense_topk or merge_topk left it), else to the
-  // log-sum-exp of the row's k logits (the chosen experts' softmax).
+  // normalizer, as dense_topk or merge_topk left it; kSoftmax only), else
+  // to the log-sum-exp of the row's k values u (the chosen experts).
   // (Changed from a `bool chosen` flag: a shortlist normalizer exists on the
   // device only as the (max, sum) pairs of the top-k ops.)
   virtual void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
-                              TensorView gates, Stream stream) const = 0;
+                              TensorView gates, GateFunction fn, Stream stream) const = 0;
 
   // ---- router backward --------------------------------------------------
   // dL/dz for each (token, expert) of a token's normalizing set:
-  //   coef[i] = p_i ([expert[i] chosen] dL/dg - sum_j g_j dL/dg_j),
-  //   p_i = exp(z[i] - log_normalizer[token[i]])
-  // where chosen ids / gates / d_gates are the routes' [T, k] rows.
+  //   coef[i] = p_i ([expert[i] chosen] dL/dg - sum_j g_j dL/dg_j) * s_i,
+  //   p_i = exp(u_i - log_normalizer[token[i]])
+  // with u_i, s_i = z[i], 1 (kSoftmax) or log sigmoid(z[i]), sigmoid(-z[i])
+  // (kSigmoid: d log sigmoid(z) / dz), where chosen ids / gates / d_gates
+  // are the routes' [T, k] rows.
   virtual void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
                            TensorView gates, TensorView d_gates, TensorView log_normalizer,
-                           TensorView coef, Stream stream) const = 0;
+                           TensorView coef, GateFunction fn, Stream stream) const = 0;
   // d_tokens (f32 [T, width], overwritten; or an empty view: the key
   // gradients alone) and the sparse key gradients of the contributions; zero
   // coefficients contribute nothing (a row only they name is not listed).

@@ -37,6 +37,7 @@ void AirRouter::set_centers(MatrixView centers) {
   centers_ = c.ops->empty(DType::kF32, centers.rows, centers.cols);
   c.ops->copy(centers_, centers, c.stream);
   unit_centers_ = std::move(unit);
+  if (bias_.rows() != centers.rows) bias_ = Tensor();  // a bias of other experts goes
   key_norm_bound_ = std::max(1.0, require_finite_rows(c, centers_, "centers"));
   rebuild_lists();
 }
@@ -81,6 +82,10 @@ double AirRouter::flops_per_token(double mean_shortlist) const {
          2.0 * mean_shortlist * static_cast<double>(dim());
 }
 
+void AirRouter::set_bias(TensorView bias) {
+  bias_ = checked_bias(compute(), bias, experts());
+}
+
 Routes AirRouter::route(MatrixView tokens, int k, int probes, GateMode mode) const {
   return route(Staged(compute(), tokens).view(), k, probes, mode).to_host(compute());
 }
@@ -113,10 +118,12 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   }
   const Tensor cand_z = ops.empty(DType::kF32, pairs.count, k);
   const Tensor cand_id = ops.empty(DType::kI32, pairs.count, k);
-  const TopKView candidates{cand_z, cand_id, cand_lse};
+  // Stage 1 ranks lists by the unbiased probe scores; the bias re-ranks
+  // the experts of the scanned lists.
+  const TopKView candidates{cand_z, cand_id, cand_lse, bias_};
   ops.scan_blocks(blocks_.view(), tokens, pairs.query, pairs.block, k, candidates, c.stream);
-  ops.merge_topk(candidates, pairs.offsets, k, {r.logits, r.experts, lse}, c.stream);
-  ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, c.stream);
+  ops.merge_topk(candidates, pairs.offsets, k, {r.logits, r.experts, lse, bias_}, c.stream);
+  ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, gate_function(mode), c.stream);
   return r;
 }
 

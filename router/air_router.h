@@ -65,6 +65,13 @@ class AirRouter {
   const ListSegments& segments() const { return segments_; }
   const ListOptions& list_options() const { return options_; }
 
+  // The selection bias b (router/routes.h checked_bias: E finite entries):
+  // experts are selected by z + b, gates formed from the unbiased z. A copy
+  // and a check; nothing else is rebuilt, so it may change every step.
+  void set_bias(TensorView bias);
+  void clear_bias() { bias_ = Tensor(); }
+  TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
+
   // Probes the top `probes` codewords (1 <= probes <= C), and more, in score
   // order, until the shortlist holds at least k experts. `probes` is a
   // per-call knob: nothing is rebuilt when it changes.
@@ -75,7 +82,8 @@ class AirRouter {
                                  TensorView d_gates) const;
 
   // Training: the optimizer moved W. The codebook stays as it is and the
-  // lists are rebuilt against it; call update_codebook() to adapt it.
+  // lists are rebuilt against it; call update_codebook() to adapt it. The
+  // bias stays, unless the expert count changed (then it is cleared).
   void set_centers(MatrixView centers);
   // `updates` adaptive k-means steps (EMA weight `step`) on the current
   // centers, then the lists are rebuilt.
@@ -94,6 +102,7 @@ class AirRouter {
   ListOptions options_;
   InvertedLists lists_;    // primary lists
   Tensor list_sizes_;      // their sizes, for stage 1
+  Tensor bias_;            // the selection bias; empty: none
   ListSegments segments_;  // primary and spilled entries, cut for deduplication
   ListBlocks blocks_;      // centers_ rows segment after segment: one block each
   // max(1, largest center norm): bounds both the probe scores (unit

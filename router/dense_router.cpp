@@ -22,6 +22,10 @@ DenseRouter::DenseRouter(TensorView centers, Compute compute) : compute_(compute
   key_norm_bound_ = require_finite_rows(compute_, centers_, "centers");
 }
 
+void DenseRouter::set_bias(TensorView bias) {
+  bias_ = checked_bias(compute_, bias, experts());
+}
+
 Routes DenseRouter::route(MatrixView tokens, int k, GateMode mode) const {
   return route(Staged(compute_, tokens).view(), k, mode).to_host(compute_);
 }
@@ -34,8 +38,9 @@ DeviceRoutes DenseRouter::route(TensorView tokens, int k, GateMode mode) const {
   ops.fill(r.shortlist_size, static_cast<double>(experts()), compute_.stream);
   Tensor lse;  // with kShortlist, the softmax's denominator over all E
   if (mode == GateMode::kShortlist) lse = ops.empty(DType::kF64, T, 2);
-  ops.dense_topk(tokens, centers_, k, {r.logits, r.experts, lse}, compute_.stream);
-  ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, compute_.stream);
+  ops.dense_topk(tokens, centers_, k, {r.logits, r.experts, lse, bias_}, compute_.stream);
+  ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, gate_function(mode),
+                     compute_.stream);
   return r;
 }
 

@@ -28,6 +28,13 @@ class DenseRouter {
   TensorView keys() const { return centers_; }
   MatrixView centers() const { return centers_.view().matrix(); }
 
+  // The selection bias b (router/routes.h checked_bias: E finite entries):
+  // experts are selected by z + b, gates formed from the unbiased z. A copy
+  // and a check; nothing else is rebuilt, so it may change every step.
+  void set_bias(TensorView bias);
+  void clear_bias() { bias_ = Tensor(); }
+  TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
+
   // tokens: [T, d]. With GateMode::kShortlist the softmax runs over all E.
   Routes route(MatrixView tokens, int k, GateMode mode = GateMode::kChosen) const;
   DeviceRoutes route(TensorView tokens, int k, GateMode mode = GateMode::kChosen) const;
@@ -42,6 +49,7 @@ class DenseRouter {
  private:
   Compute compute_;
   Tensor centers_;
+  Tensor bias_;  // empty: none
   double key_norm_bound_ = 0.0;
 };
 

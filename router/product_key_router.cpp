@@ -37,18 +37,35 @@ double ProductKeyRouter::flops_per_token(int k) const {
   return 2.0 * static_cast<double>(subkeys() * dim()) + static_cast<double>(k) * k;
 }
 
-Routes ProductKeyRouter::route(MatrixView tokens, int k) const {
-  return route(Staged(compute_, tokens).view(), k).to_host(compute_);
+void ProductKeyRouter::set_bias(TensorView bias) {
+  bias_ = checked_bias(compute_, bias, experts());
 }
 
-DeviceRoutes ProductKeyRouter::route(TensorView tokens, int k) const {
+namespace {
+
+void require_chosen_gates(GateMode mode, const char* where) {
+  if (mode == GateMode::kShortlist)
+    fail(std::string("product keys: ") + where +
+         " supports gate modes 'chosen' and 'sigmoid', not 'shortlist' (product keys score no "
+         "shortlist)");
+}
+
+}  // namespace
+
+Routes ProductKeyRouter::route(MatrixView tokens, int k, GateMode mode) const {
+  return route(Staged(compute_, tokens).view(), k, mode).to_host(compute_);
+}
+
+DeviceRoutes ProductKeyRouter::route(TensorView tokens, int k, GateMode mode) const {
+  require_chosen_gates(mode, "route");
   check_route_args(compute_, tokens, dim(), k, experts(), key_norm_bound_);
   const Ops& ops = *compute_.ops;
   const int kh = static_cast<int>(std::min<int64_t>(k, subkeys()));
-  DeviceRoutes r = make_device_routes(compute_, tokens.rows, k, GateMode::kChosen);
+  DeviceRoutes r = make_device_routes(compute_, tokens.rows, k, mode);
   ops.fill(r.shortlist_size, static_cast<double>(kh) * kh, compute_.stream);
-  ops.product_topk(tokens, keys1_, keys2_, k, r.top_k(), compute_.stream);
-  ops.finalize_gates(r.logits, TensorView(), r.log_normalizer, r.gates, compute_.stream);
+  ops.product_topk(tokens, keys1_, keys2_, k, {r.logits, r.experts, {}, bias_}, compute_.stream);
+  ops.finalize_gates(r.logits, TensorView(), r.log_normalizer, r.gates, gate_function(mode),
+                     compute_.stream);
   return r;
 }
 
@@ -125,13 +142,14 @@ DeviceProductKeyGradients ProductKeyRouter::backward(TensorView tokens, const De
                                                      TensorView d_gates) const {
   require_rows_of(compute_, tokens, dim(), "tokens");
   check_gate_grads(compute_, routes, tokens, d_gates);
-  if (routes.gate_mode != GateMode::kChosen)
-    fail("product keys: backward supports only gate mode 'chosen'");
+  require_chosen_gates(routes.gate_mode, "backward");
+  const GateFunction fn = gate_function(routes.gate_mode);
   const int64_t T = routes.tokens, n = subkeys(), d1 = half_dim(), d2 = keys2_.cols();
   const int k = routes.k;
   // dL/dz of each chosen pair from the float gates, as the softmax over the
-  // chosen k gives it.
-  const OnHost gates(compute_, routes.gates), experts(compute_, routes.experts);
+  // chosen k gives it (times d log sigmoid(z) / dz for sigmoid gates).
+  const OnHost gates(compute_, routes.gates), experts(compute_, routes.experts),
+      logits(compute_, routes.logits);
   const Tensor dg32 = compute_.ops->empty(DType::kF32, T, k);
   compute_.ops->copy(dg32, d_gates, compute_.stream);
   const OnHost dg(compute_, dg32);
@@ -142,7 +160,8 @@ DeviceProductKeyGradients ProductKeyRouter::backward(TensorView tokens, const De
     double weighted = 0.0;
     for (int j = 0; j < k; ++j) weighted += static_cast<double>(gt[j]) * dgt[j];
     for (int j = 0; j < k; ++j) {
-      const double dz = static_cast<double>(gt[j]) * (dgt[j] - weighted);
+      const double dz = static_cast<double>(gt[j]) * (dgt[j] - weighted) *
+                        gate_input_slope(fn, logits.as<float>()[t * k + j]);
       const int32_t e = experts.as<int32_t>()[t * k + j];
       c1.add(static_cast<int32_t>(t), static_cast<int32_t>(e / n), dz);
       c2.add(static_cast<int32_t>(t), static_cast<int32_t>(e % n), dz);

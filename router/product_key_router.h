@@ -47,10 +47,21 @@ class ProductKeyRouter {
   TensorView keys1_tensor() const { return keys1_; }
   TensorView keys2_tensor() const { return keys2_; }
 
+  // The selection bias b (router/routes.h checked_bias: E = n^2 finite
+  // entries), which enters after the sub-key stage: the top min(k, n)
+  // sub-keys of each half come from the unbiased half logits, then their
+  // pairs are ranked by z + b (so an expert outside that grid is never
+  // chosen, whatever its bias); gates are formed from the unbiased z. A copy
+  // and a check; nothing else is rebuilt, so it may change every step.
+  void set_bias(TensorView bias);
+  void clear_bias() { bias_ = Tensor(); }
+  TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
+
   // Expert id of sub-key pair (i, j) is i * n + j. Gates: softmax over the
-  // chosen k (GateMode::kChosen only).
-  Routes route(MatrixView tokens, int k) const;
-  DeviceRoutes route(TensorView tokens, int k) const;
+  // chosen k (kChosen) or their renormalized sigmoids (kSigmoid); product
+  // keys score no shortlist, so kShortlist is refused.
+  Routes route(MatrixView tokens, int k, GateMode mode = GateMode::kChosen) const;
+  DeviceRoutes route(TensorView tokens, int k, GateMode mode = GateMode::kChosen) const;
   ProductKeyGradients backward(MatrixView tokens, const Routes& routes, MatrixView d_gates) const;
   DeviceProductKeyGradients backward(TensorView tokens, const DeviceRoutes& routes,
                                      TensorView d_gates) const;
@@ -61,6 +72,7 @@ class ProductKeyRouter {
   Compute compute_;
   Tensor keys1_;
   Tensor keys2_;
+  Tensor bias_;  // empty: none
   // max |K1_i| + max |K2_j|: bounds |<K1_i, h1> + <K2_j, h2>| / |h|.
   double key_norm_bound_ = 0.0;
 };

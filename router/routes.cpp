@@ -8,13 +8,55 @@
 namespace airmoe::inline router {
 
 const char* to_string(GateMode mode) {
-  return mode == GateMode::kChosen ? "chosen" : "shortlist";
+  switch (mode) {
+    case GateMode::kChosen:
+      return "chosen";
+    case GateMode::kShortlist:
+      return "shortlist";
+    case GateMode::kSigmoid:
+      return "sigmoid";
+  }
+  return "unknown";
 }
 
 GateMode gate_mode_from_string(const std::string& name) {
   if (name == "chosen") return GateMode::kChosen;
   if (name == "shortlist") return GateMode::kShortlist;
-  fail("gate mode '" + name + "' is unknown (expected 'chosen' or 'shortlist')");
+  if (name == "sigmoid") return GateMode::kSigmoid;
+  fail("gate mode '" + name + "' is unknown (expected 'chosen', 'shortlist' or 'sigmoid')");
+}
+
+GateFunction gate_function(GateMode mode) {
+  return mode == GateMode::kSigmoid ? GateFunction::kSigmoid : GateFunction::kSoftmax;
+}
+
+Tensor checked_bias(const Compute& compute, TensorView bias, int64_t experts) {
+  const bool vector = bias.cols == 1 || bias.rows == 1;
+  const int64_t n = bias.cols == 1 ? bias.rows : bias.cols;
+  if (!vector || n != experts)
+    fail("bias has " +
+         (vector ? std::to_string(n) + " entries"
+                 : "shape [" + std::to_string(bias.rows) + ", " + std::to_string(bias.cols) + "]") +
+         ", expected E = " + std::to_string(experts));
+  if (bias.dtype != DType::kF32 && bias.dtype != DType::kBF16)
+    fail(std::string("bias is ") + to_string(bias.dtype) + ", expected f32 or bf16");
+  if (bias.device != Device::host() && bias.device != compute.ops->device())
+    fail("bias is on " + to_string(bias.device) + ", the router's ops (" + compute.ops->name() +
+         ") on " + to_string(compute.ops->device()));
+  Tensor b = compute.ops->empty(DType::kF32, experts, 1);
+  const TensorView column =
+      bias.cols == 1 ? bias : TensorView(bias.data, bias.dtype, bias.device, experts, 1, /*ld=*/1);
+  compute.ops->copy(b, column, compute.stream);
+  const RowCheck c = compute.ops->check_rows(b, 0.0, compute.stream);
+  if (c.nonfinite_row >= 0)
+    fail("bias entry " + std::to_string(c.nonfinite_row) + " is " +
+         std::to_string(c.nonfinite_value));
+  return b;
+}
+
+TensorView bias_view(std::span<const float> bias) {
+  return TensorView(const_cast<float*>(bias.data()), DType::kF32, Device::host(),
+                    static_cast<int64_t>(bias.size()), 1);
 }
 
 Routes make_routes(int64_t tokens, int k, GateMode mode) {
@@ -51,8 +93,9 @@ void finalize_gates(Routes& r, const Compute& compute) {
   StagedOut norm(compute, host_view(r.log_normalizer, DType::kF64, T, 1),
                  /*initialized=*/r.gate_mode == GateMode::kShortlist);
   const Staged logits(compute, host_view(r.logits, DType::kF32, T, r.k));
-  if (r.gate_mode == GateMode::kChosen) {
-    compute.ops->finalize_gates(logits, TensorView(), norm, gates, compute.stream);
+  if (r.gate_mode != GateMode::kShortlist) {
+    compute.ops->finalize_gates(logits, TensorView(), norm, gates, gate_function(r.gate_mode),
+                                compute.stream);
   } else {
     // The normalizer is given: as (max, sum) pairs it is (value, 1) exactly
     // when max + log(1) = value, which adds +0 to it.
@@ -62,7 +105,7 @@ void finalize_gates(Routes& r, const Compute& compute) {
       lse[2 * t + 1] = 1.0;
     }
     const Staged pairs(compute, host_view(lse, DType::kF64, T, 2));
-    compute.ops->finalize_gates(logits, pairs, norm, gates, compute.stream);
+    compute.ops->finalize_gates(logits, pairs, norm, gates, GateFunction::kSoftmax, compute.stream);
   }
   gates.finish();
   norm.finish();
@@ -223,7 +266,7 @@ DeviceRouterGradients center_router_backward(const Compute& compute, TensorView 
   // its shortlist, rescored.
   Tensor token, expert, z;
   TensorView experts_of, z_of;
-  if (routes.gate_mode == GateMode::kChosen) {
+  if (routes.gate_mode != GateMode::kShortlist) {
     std::vector<int32_t> t_of(static_cast<size_t>(T * k));
     for (int64_t i = 0; i < T * k; ++i) t_of[i] = static_cast<int32_t>(i / k);
     token = device_vector(compute, t_of);
@@ -240,7 +283,7 @@ DeviceRouterGradients center_router_backward(const Compute& compute, TensorView 
   }
   const Tensor coef = ops.empty(DType::kF64, token.rows(), 1);
   ops.logit_grads(token, experts_of, z_of, routes.experts, routes.gates, d_gates,
-                  routes.log_normalizer, coef, compute.stream);
+                  routes.log_normalizer, coef, gate_function(routes.gate_mode), compute.stream);
   DeviceRouterGradients g;
   g.d_tokens = ops.empty(DType::kF32, T, tokens.cols);
   g.d_centers =

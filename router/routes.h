@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -18,10 +19,23 @@ namespace airmoe::inline router {
 enum class GateMode {
   kChosen,     // softmax over the k chosen logits (the default)
   kShortlist,  // exp(z) / sum of exp over every expert the router scored
+  kSigmoid,    // sigmoid(z) over the k chosen, renormalized to sum 1
 };
 
 const char* to_string(GateMode mode);
 GateMode gate_mode_from_string(const std::string& name);
+// What the mode's gates are a softmax of (kSigmoid: the log-sigmoids).
+GateFunction gate_function(GateMode mode);
+
+// A selection bias b (f32 [E, 1] on the ops' device) from `bias`: E
+// entries ([E], [E, 1] or [1, E]; f32 or bf16; on the host or the ops'
+// device), every one finite ("bias has 5 entries, expected E = 8", "bias
+// entry 3 is nan"). Routers select by z + b and form the gates from z
+// (DeepSeek-V3's auxiliary-loss-free balancing); the bias takes no gradient
+// and changes nothing else a router holds (set_bias is a copy and a check).
+Tensor checked_bias(const Compute& compute, TensorView bias, int64_t experts);
+// A host vector as a bias view, [n, 1].
+TensorView bias_view(std::span<const float> bias);
 
 // Routing of T tokens to k experts each; row t holds token t's experts, best
 // first (higher logit, then lower expert id).
@@ -44,9 +58,10 @@ struct Routes {
 
 Routes make_routes(int64_t tokens, int k, GateMode mode);
 
-// gates[t, j] = exp(logits[t, j] - log_normalizer[t]) for every token. With
-// kChosen, the normalizer is first computed from the k chosen logits (the
-// ops' finalize_gates on the routes' host memory).
+// gates[t, j] = exp(u[t, j] - log_normalizer[t]) for every token (u: the
+// logits, or their log-sigmoids with kSigmoid). With kChosen and kSigmoid,
+// the normalizer is first computed from the k chosen (the ops'
+// finalize_gates on the routes' host memory).
 void finalize_gates(Routes& routes, const Compute& compute = host_compute());
 
 // Routes on the ops' device: what the routers' TensorView API returns, the
@@ -121,7 +136,8 @@ void check_gate_grads(const Compute& compute, const DeviceRoutes& routes, Tensor
 // ops:
 //   dL/dz_s = p_s ([s chosen] dL/dg_s - sum_j g_j dL/dg_j) for s in the
 //   normalizing set (the chosen k, or with kShortlist the whole shortlist),
-//   p_s = exp(z_s - log_normalizer);
+//   p_s = exp(z_s - log_normalizer); with kSigmoid, p_s = g_s and the
+//   factor sigmoid(-z_s) (d log sigmoid(z) / dz);
 // then dL/dh = sum_s dz_s w_s (double, in normalizing-set order) and dL/dw_s
 // = sum_t dz_{t,s} h_t (double, token order). `keys` holds expert e's row
 // at row e; with kShortlist, `shortlist` lists each token's normalizing set,

@@ -81,12 +81,12 @@ void DistributedRouter::rebuild_blocks() {
       [&](int32_t e) { return local_centers_.row(local_row[e]); });
 }
 
-RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes) {
-  check_route_args(tokens, k, probes);
+RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes, GateMode mode) {
+  check_route_args(tokens, k, probes, mode);
   RouteResult result;
   {
     ScopedTimer timer(result.timings.shortlist);
-    result.routes = shortlist(tokens, k, probes);
+    result.routes = shortlist(tokens, k, probes, mode);
   }
   {
     ScopedTimer timer(result.timings.requests);
@@ -108,19 +108,25 @@ RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes)
   return result;
 }
 
-void DistributedRouter::check_route_args(MatrixView tokens, int k, int probes) {
+void DistributedRouter::check_route_args(MatrixView tokens, int k, int probes, GateMode mode) {
   comm::check_together(comm_, "route", [&] {
     airmoe::check_route_args(tokens, codebook_.dim(), k, lists_.experts(), key_norm_bound_);
     require_in_range(probes, 1, codebook_.size(), "probes m");
+    if (mode == GateMode::kShortlist)
+      fail(
+          "the distributed router forms gates 'chosen' or 'sigmoid', not 'shortlist' (the "
+          "shortlist's normalizer is spread over the serving ranks)");
   });
   comm::PhaseScope phase(comm_, "checks");
-  comm::require_same_config(comm_, "k=" + std::to_string(k) + " m=" + std::to_string(probes),
-                            "route arguments k and probes");
+  comm::require_same_config(
+      comm_,
+      "k=" + std::to_string(k) + " m=" + std::to_string(probes) + " gates=" + to_string(mode),
+      "route arguments k, probes and gate mode");
 }
 
 // 1. Shortlist locally against the replicated codebook.
-Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes) const {
-  Routes r = make_routes(tokens.rows, k, GateMode::kChosen);
+Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes, GateMode mode) const {
+  Routes r = make_routes(tokens.rows, k, mode);
   ProbeSelection sel = select_probes(codebook_, lists_, tokens, k, probes);
   r.probe_offsets = std::move(sel.offsets);
   r.probed_codewords = std::move(sel.codewords);
@@ -173,12 +179,13 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   const int64_t P = static_cast<int64_t>(pairs.list.size()), R = received.vectors.rows();
   const Tensor cand_z = ops.empty(DType::kF32, P, k), cand_id = ops.empty(DType::kI32, P, k);
   ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), device_vector(c, pairs.query),
-                  device_vector(c, pairs.list), k, {cand_z, cand_id, {}}, c.stream);
+                  device_vector(c, pairs.list), k, {cand_z, cand_id, {}, bias_}, c.stream);
   LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
                  std::vector<int32_t>(static_cast<size_t>(R * k))};
   StagedOut z(c, TensorView(best.z.data(), DType::kF32, Device::host(), R, k));
   StagedOut id(c, TensorView(best.id.data(), DType::kI32, Device::host(), R, k));
-  ops.merge_topk({cand_z, cand_id, {}}, device_vector(c, pairs.offsets), k, {z, id, {}}, c.stream);
+  ops.merge_topk({cand_z, cand_id, {}, {}}, device_vector(c, pairs.offsets), k, {z, id, {}, bias_},
+                 c.stream);
   z.finish();
   id.finish();
   return best;
@@ -224,8 +231,8 @@ void DistributedRouter::merge(Routes& r) {
   const Staged cand_id(c, TensorView(ids.data(), DType::kI32, Device::host(), n, k));
   StagedOut z(c, TensorView(r.logits.data(), DType::kF32, Device::host(), r.tokens, k));
   StagedOut id(c, TensorView(r.experts.data(), DType::kI32, Device::host(), r.tokens, k));
-  c.ops->merge_topk({cand_z, cand_id, {}}, device_vector(c, requests_.target_offsets), k,
-                    {z, id, {}}, c.stream);
+  c.ops->merge_topk({cand_z, cand_id, {}, {}}, device_vector(c, requests_.target_offsets), k,
+                    {z, id, {}, bias_}, c.stream);
   z.finish();
   id.finish();
   finalize_gates(r, c);
@@ -242,6 +249,27 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   keep_local_centers(local_centers, std::move(unit));
   update_key_norm_bound();
   gather_assignment();
+}
+
+void DistributedRouter::set_bias(MatrixView bias) {
+  Tensor checked;
+  comm::check_together(comm_, "set_bias", [&] {
+    checked = checked_bias(codebook_.compute(), bias, lists_.experts());
+  });
+  const OnHost values(codebook_.compute(), checked);
+  const std::string digest = std::to_string(
+      fnv1a64(values.as<float>(), static_cast<size_t>(lists_.experts()) * sizeof(float)));
+  {
+    comm::PhaseScope phase(comm_, "checks");
+    comm::require_same_config(comm_, "bias=" + digest, "selection bias");
+  }
+  bias_ = std::move(checked);
+}
+
+void DistributedRouter::clear_bias() {
+  comm::PhaseScope phase(comm_, "checks");
+  comm::require_same_config(comm_, "bias=none", "selection bias");
+  bias_ = Tensor();
 }
 
 void DistributedRouter::gather_assignment() {

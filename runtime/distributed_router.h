@@ -56,9 +56,10 @@ class DistributedRouter {
                     Placement placement, MatrixView local_centers);
 
   // Collective. tokens: this rank's [T_r, d] (T_r may be 0).
-  // Gates: GateMode::kChosen. Phases: shortlist, send_requests,
-  // score_segments, send_replies, merge.
-  RouteResult route_batch(MatrixView tokens, int k, int probes);
+  // Gates: GateMode::kChosen or kSigmoid (the same on every rank; a
+  // shortlist softmax would need every serving rank's normalizer).
+  // Phases: shortlist, send_requests, score_segments, send_replies, merge.
+  RouteResult route_batch(MatrixView tokens, int k, int probes, GateMode mode = GateMode::kChosen);
 
   // Collective spherical k-means step: each rank's stats over its own
   // experts, one all-reduce, the same update everywhere; then the lists and
@@ -66,6 +67,15 @@ class DistributedRouter {
   void sync_codebook(double step = 1.0, int updates = 1);
   // The optimizer moved this rank's centers (same rows, same order).
   void set_local_centers(MatrixView local_centers);
+  // Collective: the selection bias b of all E experts (router/routes.h
+  // checked_bias), replicated: the serving ranks rank their segments' experts
+  // by z + b and the home rank merges by it, so the routes stay the
+  // single-process AirRouter's for any P. Every rank checks its own (and all
+  // raise together), then the ranks compare a digest: the same bias
+  // everywhere, or nobody routes. Nothing else is rebuilt.
+  void set_bias(MatrixView bias);
+  void clear_bias();  // collective
+  bool has_bias() const { return bias_.rows() > 0; }
 
   const Codebook& codebook() const { return codebook_; }
   const InvertedLists& lists() const { return lists_; }
@@ -88,8 +98,8 @@ class DistributedRouter {
     std::vector<int64_t> offsets;  // [R + 1]
   };
 
-  void check_route_args(MatrixView tokens, int k, int probes);
-  Routes shortlist(MatrixView tokens, int k, int probes) const;
+  void check_route_args(MatrixView tokens, int k, int probes, GateMode mode);
+  Routes shortlist(MatrixView tokens, int k, int probes, GateMode mode) const;
   void send_requests(const Routes& routes, MatrixView tokens);
   LocalTopK score_segments(int k, ReceivedTokens& received);
   ScanRequests read_requests(ReceivedTokens& received) const;
@@ -114,6 +124,7 @@ class DistributedRouter {
   Matrix local_centers_;  // rows of local_ids_
   Matrix local_unit_;     // normalized rows, for k-means
   ListBlocks blocks_;     // this rank's segment of every list, on the codebook's ops
+  Tensor bias_;           // the selection bias of all E experts, on the same ops; empty: none
   // Exchange buffers, reused across calls (their contents are per call).
   wire::Outbox requests_;
   comm::ExchangeBuffer requests_in_, replies_, replies_in_;

@@ -63,6 +63,10 @@ def error_cases(bench, mpi, work):
     npy(zero_cols, "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000000000, 0), }")
     good = os.path.join(work, "good.npy")
     npy(good, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }", b"\0" * 32)
+    short_bias, nan_bias = os.path.join(work, "short_bias.npy"), os.path.join(work, "nan_bias.npy")
+    floats(short_bias, 3, 1, 5)
+    npy(nan_bias, "{'descr': '<f4', 'fortran_order': False, 'shape': (256, 1), }",
+        struct.pack("<256f", 0.0, float("nan"), *([0.0] * 254)))
     a_file = os.path.join(work, "a_file")
     with open(a_file, "w") as f:
         f.write("not a folder\n")
@@ -82,6 +86,10 @@ def error_cases(bench, mpi, work):
         ([bench, "router", "-E", "2147483648", "-d", "1", "-T", "64", "-C", "16", "--repeats", "1"],
          "-E/--experts = 2147483648 is too many: expert ids are 32-bit", "generating"),
         ([bench, "router", "--centers", zero_cols, "--tokens", good], "has no columns", None),
+        ([bench, "router", *SMALL, "--bias", short_bias], "--bias " + short_bias +
+         ": bias has 3 entries, expected E = 256", None),
+        ([bench, "router", *SMALL, "--bias", nan_bias], "--bias " + nan_bias +
+         ": bias entry 1 is nan", None),
         ([bench, "simulate", *SMALL, "--hidden", "0"], "--hidden = 0 is outside", None),
         ([bench, "simulate", *SMALL, "--hidden", "-5"], "--hidden = -5 is outside", None),
         ([bench, "simulate", *SMALL, "-P", "2,x"], "-P/--ranks: 'x' is not an integer", None),

@@ -77,6 +77,32 @@ def main():
     logits = tokens.astype(np.float64) @ centers.astype(np.float64).T
     want = np.argsort(-logits, axis=1, kind="stable")[:, :2]
     assert (got == want).mean() > 0.99, "dense routes of .npy data disagree with NumPy"
+
+    # A selection bias: --bias b routes like keys [w, b] and tokens [h, 1],
+    # and AIR at m = C still equals dense.
+    bias = (3.0 * rng.standard_normal((500, 1))).astype(np.float32)
+    np.save(os.path.join(work, "bias.npy"), bias)
+    np.save(os.path.join(work, "keys_wb.npy"), np.hstack([centers, bias]))
+    np.save(os.path.join(work, "tokens_h1.npy"), np.hstack([tokens, np.ones((64, 1), np.float32)]))
+    common = ["-C", "8", "--k", "2", "--probes", "8", "--repeats", "1", "--no-product-key"]
+    run(bench, "--centers", os.path.join(work, "centers.npy"), "--tokens",
+        os.path.join(work, "tokens.npy"), "--bias", os.path.join(work, "bias.npy"), *common,
+        "--gates", "sigmoid", "--save-routes", os.path.join(work, "bias_routes"))
+    run(bench, "--centers", os.path.join(work, "keys_wb.npy"), "--tokens",
+        os.path.join(work, "tokens_h1.npy"), *common, "--no-faiss", "--save-routes",
+        os.path.join(work, "wb_routes"))
+    biased = np.load(os.path.join(work, "bias_routes", "dense_experts.npy"))
+    augmented = np.load(os.path.join(work, "wb_routes", "dense_experts.npy"))
+    want = np.argsort(-(logits + bias.T.astype(np.float64)), axis=1, kind="stable")[:, :2]
+    assert (biased == want).mean() > 0.99, "biased dense routes disagree with NumPy"
+    assert (biased == augmented).mean() > 0.99, "--bias b and keys [w, b] route differently"
+    assert (biased != got).any(), "the bias moved no route"
+    air = np.load(os.path.join(work, "bias_routes", "air_m8_experts.npy"))
+    assert (air == biased).all(), "biased AIR at m = C must equal biased dense"
+    gates = np.load(os.path.join(work, "bias_routes", "dense_gates.npy"))
+    chosen = np.take_along_axis(logits, biased.astype(np.int64), axis=1)
+    sig = 1.0 / (1.0 + np.exp(-chosen))
+    assert np.allclose(gates, sig / sig.sum(axis=1, keepdims=True), atol=1e-5), "sigmoid gates"
     print("bench_router_smoke: ok")
 
 

@@ -53,6 +53,34 @@ inline void check_routes_equal_single_process(comm::Communicator& comm, const Gl
   }
 }
 
+// With a selection bias (replicated on every rank) and chosen or sigmoid
+// gates: every rank's routes equal the biased single-process AirRouter's, bit
+// for bit, at m = 1, 3 and C, whatever P and the placement.
+inline void check_biased_routes_equal_single_process(comm::Communicator& comm, const GlobalData& g,
+                                                     runtime::PlacementPolicy policy) {
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 2.0, 77);
+  AirRouter air(g.data.centers.view(), g.codebook);
+  const int P = comm.size(), k = 4;
+  const Routes unbiased = air.route(g.data.tokens.view(), k, 3);
+  air.set_bias(bias.view());
+  EXPECT_NE(air.route(g.data.tokens.view(), k, 3).experts, unbiased.experts)
+      << "the bias moved no route";
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  runtime::DistributedRouter router = g.make_router(comm, policy);
+  router.set_bias(bias.view());
+  for (GateMode mode : {GateMode::kChosen, GateMode::kSigmoid})
+    for (int m : {1, 3, static_cast<int>(g.codebook.size())}) {
+      const Routes r = router.route_batch(g.tokens_of(comm.rank(), P), k, m, mode).routes;
+      const RouteRows got = RouteRows::of(r, 0, r.tokens);
+      const RouteRows want = RouteRows::of(air.route(g.data.tokens.view(), k, m, mode), b, e);
+      const std::string where = std::string(runtime::to_string(policy)) +
+                                " P=" + std::to_string(P) + " rank " + std::to_string(comm.rank()) +
+                                " " + to_string(mode) + " m=" + std::to_string(m);
+      EXPECT_EQ(got.experts, want.experts) << where;
+      EXPECT_EQ(got.gates, want.gates) << where;
+    }
+}
+
 // Each rank routes one token at a time; the ranks the meter saw requests go
 // to must be exactly the owners of the probed lists' members (from the
 // placement's owners and the single-process router's probes), each request

@@ -47,20 +47,26 @@ std::vector<double> densify(const SparseRowGrad& g, int64_t rows, int64_t width)
 }
 
 // Loss of one token for a logit function over the normalizing set `set`
-// (which contains the chosen experts), in double.
+// (which contains the chosen experts), in double: the softmax of the logits,
+// or with `sigmoid` the renormalized sigmoids (the softmax of log sigmoid(z)).
 double token_loss(const std::vector<int32_t>& chosen, const std::vector<int32_t>& set,
-                  const std::function<double(int32_t)>& logit, const float* dgates) {
+                  const std::function<double(int32_t)>& logit, const float* dgates,
+                  bool sigmoid = false) {
+  const auto u = [&](int32_t e) {
+    const double z = logit(e);
+    return sigmoid ? -std::log1p(std::exp(-z)) : z;
+  };
   double top = -1e300;
   std::vector<double> zs;
   for (int32_t e : set) {
-    zs.push_back(logit(e));
+    zs.push_back(u(e));
     top = std::max(top, zs.back());
   }
   double den = 0.0;
   for (double z : zs) den += std::exp(z - top);
   double loss = 0.0;
   for (size_t j = 0; j < chosen.size(); ++j)
-    loss += static_cast<double>(dgates[j]) * std::exp(logit(chosen[j]) - top) / den;
+    loss += static_cast<double>(dgates[j]) * std::exp(u(chosen[j]) - top) / den;
   return loss;
 }
 
@@ -70,6 +76,7 @@ struct CenterProblem {
   std::vector<double> h;  // [T, d]
   int64_t E, d, T;
   std::vector<std::vector<int32_t>> chosen, sets;  // per token, fixed
+  bool sigmoid = false;
 
   double loss(const Matrix& dg) const {
     double total = 0.0;
@@ -79,7 +86,7 @@ struct CenterProblem {
         for (int64_t c = 0; c < d; ++c) z += w[e * d + c] * h[t * d + c];
         return z;
       };
-      total += token_loss(chosen[t], sets[t], logit, dg.row(t));
+      total += token_loss(chosen[t], sets[t], logit, dg.row(t), sigmoid);
     }
     return total;
   }
@@ -91,11 +98,12 @@ CenterProblem make_problem(const Matrix& centers, const Matrix& tokens, const Ro
   p.E = centers.rows();
   p.d = centers.cols();
   p.T = tokens.rows();
+  p.sigmoid = routes.gate_mode == GateMode::kSigmoid;
   p.w.assign(centers.data(), centers.data() + centers.size());
   p.h.assign(tokens.data(), tokens.data() + tokens.size());
   for (int64_t t = 0; t < p.T; ++t) {
     p.chosen.emplace_back(routes.experts_of(t), routes.experts_of(t) + routes.k);
-    p.sets.push_back(routes.gate_mode == GateMode::kChosen ? p.chosen.back() : set_of(t));
+    p.sets.push_back(routes.gate_mode == GateMode::kShortlist ? set_of(t) : p.chosen.back());
   }
   return p;
 }
@@ -145,24 +153,28 @@ TEST(Backward, DenseMatchesFiniteDifferences) {
   const int64_t E = 11, d = 5, T = 4;
   const Matrix centers = random_matrix(E, d, 0.8, 1);
   const Matrix tokens = random_matrix(T, d, 1.0, 2);
-  const DenseRouter dense(centers.view());
-  for (const GateMode mode : {GateMode::kChosen, GateMode::kShortlist}) {
-    for (const int k : {1, 3, static_cast<int>(E)}) {
-      SCOPED_TRACE(std::string(to_string(mode)) + " k=" + std::to_string(k));
-      const Routes r = dense.route(tokens.view(), k, mode);
-      const Matrix dg = random_matrix(T, k, 1.0, 3 + k);
-      const RouterGradients g = dense.backward(tokens.view(), r, dg.view());
-      CenterProblem p = make_problem(centers, tokens, r, [&](int64_t) {
-        std::vector<int32_t> all(static_cast<size_t>(E));
-        for (int64_t e = 0; e < E; ++e) all[e] = static_cast<int32_t>(e);
-        return all;
-      });
-      check_center_gradients(p, dg, g);
-      if (mode == GateMode::kShortlist) {
-        EXPECT_EQ(static_cast<int64_t>(g.d_centers.rows.size()), E);
+  DenseRouter dense(centers.view());
+  const Matrix bias = random_matrix(E, 1, 1.0, 9);
+  for (const bool biased : {false, true})
+    for (const GateMode mode : {GateMode::kChosen, GateMode::kShortlist, GateMode::kSigmoid}) {
+      if (biased) dense.set_bias(bias.view());  // selection moves; the gradient is still z's
+      for (const int k : {1, 3, static_cast<int>(E)}) {
+        SCOPED_TRACE(std::string(to_string(mode)) + " k=" + std::to_string(k) +
+                     (biased ? " biased" : ""));
+        const Routes r = dense.route(tokens.view(), k, mode);
+        const Matrix dg = random_matrix(T, k, 1.0, 3 + k);
+        const RouterGradients g = dense.backward(tokens.view(), r, dg.view());
+        CenterProblem p = make_problem(centers, tokens, r, [&](int64_t) {
+          std::vector<int32_t> all(static_cast<size_t>(E));
+          for (int64_t e = 0; e < E; ++e) all[e] = static_cast<int32_t>(e);
+          return all;
+        });
+        check_center_gradients(p, dg, g);
+        if (mode == GateMode::kShortlist) {
+          EXPECT_EQ(static_cast<int64_t>(g.d_centers.rows.size()), E);
+        }
       }
     }
-  }
 }
 
 TEST(Backward, AirMatchesFiniteDifferences) {
@@ -170,7 +182,7 @@ TEST(Backward, AirMatchesFiniteDifferences) {
   const Matrix centers = random_matrix(E, d, 0.8, 11);
   const Matrix tokens = random_matrix(T, d, 1.0, 12);
   const AirRouter air(centers.view(), AirConfig{C, 3, 5, 0});
-  for (const GateMode mode : {GateMode::kChosen, GateMode::kShortlist}) {
+  for (const GateMode mode : {GateMode::kChosen, GateMode::kShortlist, GateMode::kSigmoid}) {
     for (const int m : {1, 2}) {
       for (const int k : {1, 4}) {
         SCOPED_TRACE(std::string(to_string(mode)) + " m=" + std::to_string(m) +
@@ -199,44 +211,45 @@ TEST(Backward, ProductKeyMatchesFiniteDifferences) {
     const Matrix k1 = random_matrix(n, d1, 0.8, 21 + d), k2 = random_matrix(n, d2, 0.8, 22 + d);
     const Matrix tokens = random_matrix(T, d, 1.0, 23);
     const ProductKeyRouter pk(k1.view(), k2.view());
-    for (const int k : {1, 3, 6}) {
-      SCOPED_TRACE("d=" + std::to_string(d) + " k=" + std::to_string(k));
-      const Routes r = pk.route(tokens.view(), k);
-      const Matrix dg = random_matrix(T, k, 1.0, 24 + k);
-      const ProductKeyGradients g = pk.backward(tokens.view(), r, dg.view());
-      std::vector<double> p1(k1.data(), k1.data() + k1.size());
-      std::vector<double> p2(k2.data(), k2.data() + k2.size());
-      std::vector<double> h(tokens.data(), tokens.data() + tokens.size());
-      auto loss = [&] {
-        double total = 0.0;
-        for (int64_t t = 0; t < T; ++t) {
-          const std::vector<int32_t> chosen(r.experts_of(t), r.experts_of(t) + k);
-          auto logit = [&](int32_t e) {
-            const int64_t a = e / n, b = e % n;
-            double z = 0.0;
-            for (int64_t c = 0; c < d1; ++c) z += p1[a * d1 + c] * h[t * d + c];
-            for (int64_t c = 0; c < d2; ++c) z += p2[b * d2 + c] * h[t * d + d1 + c];
-            return z;
-          };
-          total += token_loss(chosen, chosen, logit, dg.row(t));
+    for (const GateMode mode : {GateMode::kChosen, GateMode::kSigmoid})
+      for (const int k : {1, 3, 6}) {
+        SCOPED_TRACE("d=" + std::to_string(d) + " k=" + std::to_string(k) + " " + to_string(mode));
+        const Routes r = pk.route(tokens.view(), k, mode);
+        const Matrix dg = random_matrix(T, k, 1.0, 24 + k);
+        const ProductKeyGradients g = pk.backward(tokens.view(), r, dg.view());
+        std::vector<double> p1(k1.data(), k1.data() + k1.size());
+        std::vector<double> p2(k2.data(), k2.data() + k2.size());
+        std::vector<double> h(tokens.data(), tokens.data() + tokens.size());
+        auto loss = [&] {
+          double total = 0.0;
+          for (int64_t t = 0; t < T; ++t) {
+            const std::vector<int32_t> chosen(r.experts_of(t), r.experts_of(t) + k);
+            auto logit = [&](int32_t e) {
+              const int64_t a = e / n, b = e % n;
+              double z = 0.0;
+              for (int64_t c = 0; c < d1; ++c) z += p1[a * d1 + c] * h[t * d + c];
+              for (int64_t c = 0; c < d2; ++c) z += p2[b * d2 + c] * h[t * d + d1 + c];
+              return z;
+            };
+            total += token_loss(chosen, chosen, logit, dg.row(t), mode == GateMode::kSigmoid);
+          }
+          return total;
+        };
+        const std::vector<double> fd_h = finite_differences(h, loss);
+        const std::vector<double> fd_1 = finite_differences(p1, loss);
+        const std::vector<double> fd_2 = finite_differences(p2, loss);
+        for (int64_t i = 0; i < T * d; ++i)
+          expect_grad_near(g.d_tokens.data()[i], fd_h[i], "d_tokens " + std::to_string(i));
+        const std::vector<double> g1 = densify(g.d_keys1, n, d1);
+        const std::vector<double> g2 = densify(g.d_keys2, n, d2);
+        for (int64_t i = 0; i < n * d1; ++i)
+          expect_grad_near(g1[i], fd_1[i], "d_keys1 " + std::to_string(i));
+        for (int64_t i = 0; i < n * d2; ++i)
+          expect_grad_near(g2[i], fd_2[i], "d_keys2 " + std::to_string(i));
+        if (k > 1) {
+          EXPECT_FALSE(g.d_keys1.rows.empty());
         }
-        return total;
-      };
-      const std::vector<double> fd_h = finite_differences(h, loss);
-      const std::vector<double> fd_1 = finite_differences(p1, loss);
-      const std::vector<double> fd_2 = finite_differences(p2, loss);
-      for (int64_t i = 0; i < T * d; ++i)
-        expect_grad_near(g.d_tokens.data()[i], fd_h[i], "d_tokens " + std::to_string(i));
-      const std::vector<double> g1 = densify(g.d_keys1, n, d1);
-      const std::vector<double> g2 = densify(g.d_keys2, n, d2);
-      for (int64_t i = 0; i < n * d1; ++i)
-        expect_grad_near(g1[i], fd_1[i], "d_keys1 " + std::to_string(i));
-      for (int64_t i = 0; i < n * d2; ++i)
-        expect_grad_near(g2[i], fd_2[i], "d_keys2 " + std::to_string(i));
-      if (k > 1) {
-        EXPECT_FALSE(g.d_keys1.rows.empty());
       }
-    }
   }
 }
 

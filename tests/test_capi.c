@@ -19,6 +19,8 @@
  *    update_codebook, bad step; each a non-OK status whose
  *    airmoe_last_error() names the problem; the message survives a later
  *    successful call;
+ *  - since 0.2.0, a selection bias and sigmoid gates: selection by z + b,
+ *    gates from z, AIR (probes = C) == dense, bad biases and modes refused;
  *  - the MPI communicator from MPI_COMM_WORLD: rank, size, an all-reduce and
  *    its metered traffic; before MPI_Init_thread, an AIRMOE_ERR_RUNTIME whose
  *    message says to call MPI_Init_thread;
@@ -217,6 +219,20 @@ static void test_version(void) {
   CHECK(strcmp(airmoe_status_name(AIRMOE_ERR_RUNTIME), "AIRMOE_ERR_RUNTIME") == 0);
 }
 
+/* An AIR router (C codewords) and a dense router over centers [E, D]; 0
+ * (and a failed check) when either is not created, both freed then. */
+static int make_routers(const float* centers, airmoe_router** air, airmoe_router** dense) {
+  *air = NULL;
+  *dense = NULL;
+  CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, air));
+  CHECK_OK(airmoe_router_create_dense(centers, E, D, dense));
+  if (*air && *dense) return 1;
+  CHECK(!"routers created");
+  airmoe_router_free(*air);
+  airmoe_router_free(*dense);
+  return 0;
+}
+
 static void test_routers(void) {
   g_lcg = 20240611u;
   float* centers = random_matrix(E, D);
@@ -225,14 +241,8 @@ static void test_routers(void) {
   printf("capi: %lld of %d tokens have tied logits among their best k + 1\n", (long long)ties, T);
   CHECK(ties > 0);
 
-  airmoe_router* air = NULL;
-  airmoe_router* dense = NULL;
-  CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, &air));
-  CHECK_OK(airmoe_router_create_dense(centers, E, D, &dense));
-  if (!air || !dense) {
-    CHECK(!"routers created");
-    airmoe_router_free(air);
-    airmoe_router_free(dense);
+  airmoe_router *air, *dense;
+  if (!make_routers(centers, &air, &dense)) {
     free(centers);
     free(tokens);
     return;
@@ -384,6 +394,96 @@ static void test_routers(void) {
   free(tokens);
 }
 
+/* Since 0.2.0: a selection bias and sigmoid gates. Experts selected by
+ * z + b (exact here: dyadic values), gates sigmoid(z) of the chosen,
+ * renormalized, from the unbiased z; AIR with probes = C equals dense bit for
+ * bit; a bad bias or gate mode is refused by name and leaves the router as
+ * it was. */
+static void test_bias_and_sigmoid(void) {
+  g_lcg = 20261203u;
+  float* centers = random_matrix(E, D);
+  float* tokens = random_matrix(T, D);
+  float* bias = random_matrix(E, 1);
+  for (int e = 0; e < E; ++e) bias[e] *= 4.0f;
+  airmoe_router *air, *dense;
+  if (!make_routers(centers, &air, &dense)) {
+    free(centers);
+    free(tokens);
+    free(bias);
+    return;
+  }
+  int32_t plain_e[T * K], air_e[T * K], dense_e[T * K];
+  float plain_g[T * K], air_g[T * K], dense_g[T * K];
+  CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, plain_e, plain_g));
+  CHECK_OK(airmoe_router_set_bias(air, bias, E));
+  CHECK_OK(airmoe_router_set_bias(dense, bias, E));
+  CHECK_OK(airmoe_router_set_gate_mode(air, AIRMOE_GATES_SIGMOID));
+  CHECK_OK(airmoe_router_set_gate_mode(dense, AIRMOE_GATES_SIGMOID));
+  CHECK_OK(airmoe_router_route(air, tokens, T, D, K, C, air_e, air_g));
+  CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, dense_e, dense_g));
+  CHECK(memcmp(air_e, dense_e, sizeof air_e) == 0);
+  CHECK(memcmp(air_g, dense_g, sizeof air_g) == 0);
+  CHECK(memcmp(plain_e, dense_e, sizeof plain_e) != 0); /* the bias moved routes */
+  for (int t = 0; t < T; ++t) {
+    double s[E], sig[K], sum = 0.0;
+    char taken[E];
+    for (int e = 0; e < E; ++e) {
+      s[e] = dot(tokens + t * D, centers + e * D, D) + bias[e];
+      taken[e] = 0;
+    }
+    for (int j = 0; j < K; ++j) {
+      int best = -1;
+      for (int e = 0; e < E; ++e)
+        if (!taken[e] && (best < 0 || s[e] > s[best])) best = e;
+      taken[best] = 1;
+      CHECK(dense_e[t * K + j] == best);
+      sig[j] = 1.0 / (1.0 + exp(-(s[best] - bias[best]))); /* from the unbiased z */
+      sum += sig[j];
+    }
+    for (int j = 0; j < K; ++j) CHECK(fabs(dense_g[t * K + j] - sig[j] / sum) < 1e-5);
+  }
+  /* Backward of the sigmoid gates: AIR == dense bit for bit. */
+  float d_gates[T * K], air_dh[T * D], dense_dh[T * D];
+  float* air_dw = (float*)malloc(sizeof(float) * E * D);
+  float* dense_dw = (float*)malloc(sizeof(float) * E * D);
+  if (!air_dw || !dense_dw) abort();
+  for (int i = 0; i < T * K; ++i) d_gates[i] = dyadic();
+  CHECK_OK(airmoe_router_backward(air, tokens, T, D, d_gates, air_dh, air_dw));
+  CHECK_OK(airmoe_router_backward(dense, tokens, T, D, d_gates, dense_dh, dense_dw));
+  CHECK(memcmp(air_dh, dense_dh, sizeof air_dh) == 0);
+  CHECK(memcmp(air_dw, dense_dw, sizeof(float) * E * D) == 0);
+  /* Bad input, each named; the bias in place stays. */
+  float nan_bias[E];
+  memcpy(nan_bias, bias, sizeof nan_bias);
+  nan_bias[3] = NAN;
+  CHECK_ERROR(airmoe_router_set_bias(dense, nan_bias, E), AIRMOE_ERR_INVALID_ARGUMENT,
+              "airmoe_router_set_bias: bias entry 3 is nan");
+  CHECK_ERROR(airmoe_router_set_bias(dense, bias, E - 1), AIRMOE_ERR_INVALID_ARGUMENT,
+              "bias has 47 entries, expected E = 48");
+  CHECK_ERROR(airmoe_router_set_bias(dense, NULL, E), AIRMOE_ERR_INVALID_ARGUMENT,
+              "argument 'bias' is NULL");
+  CHECK_ERROR(airmoe_router_set_gate_mode(dense, 3), AIRMOE_ERR_INVALID_ARGUMENT,
+              "gate_mode = 3 is not an airmoe_gate_mode");
+  CHECK_ERROR(airmoe_router_backward(dense, tokens, T, D, d_gates, dense_dh, dense_dw),
+              AIRMOE_ERR_INVALID_ARGUMENT, "no routes"); /* set_bias cleared them */
+  CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, plain_e, plain_g));
+  CHECK(memcmp(plain_e, air_e, sizeof plain_e) == 0);
+  /* No bias, chosen gates: the routes of before. */
+  CHECK_OK(airmoe_router_set_bias(dense, NULL, 0));
+  CHECK_OK(airmoe_router_set_gate_mode(dense, AIRMOE_GATES_CHOSEN));
+  int32_t again_e[T * K];
+  float again_g[T * K];
+  CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, again_e, again_g));
+  CHECK(memcmp(again_e, air_e, sizeof again_e) != 0);
+  airmoe_router_free(air);
+  airmoe_router_free(dense);
+  free(air_dw);
+  free(dense_dw);
+  free(centers);
+  free(tokens);
+  free(bias);
+}
+
 static void test_comm(void) {
   airmoe_comm* comm = NULL;
   MPI_Comm world = MPI_COMM_WORLD;
@@ -491,6 +591,7 @@ int main(int argc, char** argv) {
 
   test_version();
   test_routers();
+  test_bias_and_sigmoid();
   test_comm();
   test_handles();
 

@@ -23,6 +23,7 @@
 #include "backend_params.h"
 #include "core/errors.h"
 #include "ops/bf16.h"
+#include "ops/gate_function.h"
 #include "ops/lane_dot.h"
 #include "ops/log_sum_exp.h"
 #include "ops/ops.h"
@@ -672,9 +673,11 @@ TEST_P(OpsTest, FinalizeGates) {
         [&](const Ops& o) {
           OnDevice dev(o);
           const TensorView norm = dev.out(DType::kF64, T, 1), gates = dev.out(DType::kF32, T, k);
-          o.finalize_gates(dev.put_strided(logits, 1), TensorView(), norm, gates, {});
+          o.finalize_gates(dev.put_strided(logits, 1), TensorView(), norm, gates,
+                           GateFunction::kSoftmax, {});
           const TensorView norm2 = dev.out(DType::kF64, T, 1), gates2 = dev.out(DType::kF32, T, k);
-          o.finalize_gates(dev.put(logits), dev.put(lse_t), norm2, gates2, {});
+          o.finalize_gates(dev.put(logits), dev.put(lse_t), norm2, gates2, GateFunction::kSoftmax,
+                           {});
           return results(dev.get(norm), dev.get(gates), dev.get(norm2), dev.get(gates2));
         },
         {true, true, true, true});
@@ -683,7 +686,8 @@ TEST_P(OpsTest, FinalizeGates) {
   OnDevice dev(ops());
   const Tensor logits = host_of(DType::kF32, 1, 4, std::vector<float>{2.0f, 1.0f, 0.5f, -1.0f});
   const TensorView gates = dev.out(DType::kF32, 1, 4);
-  ops().finalize_gates(dev.put(logits), TensorView(), dev.out(DType::kF64, 1, 1), gates, {});
+  ops().finalize_gates(dev.put(logits), TensorView(), dev.out(DType::kF64, 1, 1), gates,
+                       GateFunction::kSoftmax, {});
   const std::vector<float> g = values_of<float>(dev.get(gates));
   EXPECT_NEAR(g[0] + g[1] + g[2] + g[3], 1.0, 1e-6);
   EXPECT_GT(g[0], g[1]);
@@ -720,7 +724,8 @@ TEST_P(OpsTest, LogitGradsAndRowGrads) {
         OnDevice dev(o);
         const TensorView coef = dev.out(DType::kF64, N, 1);
         o.logit_grads(dev.put(token_t), dev.put(expert_t), dev.put(z), dev.put(chosen_t),
-                      dev.put(gates), dev.put(to_bf16(d_gates)), dev.put(norm), coef, {});
+                      dev.put(gates), dev.put(to_bf16(d_gates)), dev.put(norm), coef,
+                      GateFunction::kSoftmax, {});
         return results(dev.get(coef));
       },
       {true});
@@ -1256,11 +1261,11 @@ TEST_P(OpsTest, NoTokensNoPairsNoWork) {
                    dev.put(longs({0, 0, 0})), 3, merged, {});
   EXPECT_EQ(values_of<int32_t>(dev.get(merged.ids)), std::vector<int32_t>(6, -1));
   EXPECT_NO_THROW(ops().finalize_gates(none_f, TensorView(), dev.out(DType::kF64, 0, 1),
-                                       dev.out(DType::kF32, 0, 4), {}));
+                                       dev.out(DType::kF32, 0, 4), GateFunction::kSoftmax, {}));
   EXPECT_NO_THROW(ops().logit_grads(no_pairs, no_pairs, dev.out(DType::kF32, 0, 1),
                                     dev.out(DType::kI32, 2, 3), dev.out(DType::kF32, 2, 3),
                                     dev.out(DType::kF32, 2, 3), dev.out(DType::kF64, 2, 1),
-                                    dev.out(DType::kF64, 0, 1), {}));
+                                    dev.out(DType::kF64, 0, 1), GateFunction::kSoftmax, {}));
 }
 
 TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
@@ -1291,6 +1296,279 @@ TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
                                     dev.out(DType::kF32, 4, 8),
                                     {dev.out(DType::kF32, 3, 2), dev.out(DType::kF32, 3, 8)}, {}),
                UsageError);  // expert 2 of 2
+}
+
+// ---- selection bias and sigmoid gates --------------------------------------
+
+// A bias over E experts that keeps keys_with_ties' ties (e and e - 2 for
+// e = 3, 7, ...): those experts tie in z + b too.
+Tensor bias_with_ties(int64_t E, uint64_t seed, double scale) {
+  Tensor b = random_f32(E, 1, seed, scale);
+  for (int64_t e = 3; e < E; e += 4) b.as<float>()[e] = b.as<float>()[e - 2];
+  return b;
+}
+
+// Token t's best k of `candidates` (expert ids) by z + b, then lower id.
+std::vector<int32_t> biased_reference(const std::vector<int32_t>& candidates,
+                                      const std::function<float(int32_t)>& z, const float* bias,
+                                      int k) {
+  std::vector<int32_t> order = candidates;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return ranks_before(z(a) + bias[a], a, z(b) + bias[b], b);
+  });
+  order.resize(static_cast<size_t>(k));
+  return order;
+}
+
+TEST_P(OpsTest, BiasedTopKSelectsByBiasedScoreAndKeepsLogits) {
+  const int64_t E = 57, d = 11, T = 30;
+  const Tensor keys = keys_with_ties(E, d, 9), tokens = random_f32(T, d, 10);
+  const Tensor bias = bias_with_ties(E, 110, 3.0);
+  for (int k : {1, 4, 57}) {
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                             dev.out(DType::kF64, T, 2), dev.put(bias)};
+          o.dense_topk(dev.put_strided(tokens, 1), dev.put(keys), k, out, {});
+          return results(dev.get(out.logits), dev.get(out.ids), dev.get(out.lse));
+        },
+        {false, false, true});
+  }
+  OnDevice dev(ops());
+  const int k = 8;
+  const TopKView plain{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                       dev.out(DType::kF64, T, 2)};
+  const TopKView biased{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                        dev.out(DType::kF64, T, 2), dev.put(bias)};
+  ops().dense_topk(dev.put(tokens), dev.put(keys), k, plain, {});
+  ops().dense_topk(dev.put(tokens), dev.put(keys), k, biased, {});
+  const TensorView all = dev.out(DType::kF32, T, E);
+  ops().score(dev.put(tokens), dev.put(keys), all, {});
+  const std::vector<float> z = values_of<float>(dev.get(all));
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(biased.ids));
+  const std::vector<float> logits = values_of<float>(dev.get(biased.logits));
+  std::vector<int32_t> every(E);
+  for (int32_t e = 0; e < E; ++e) every[e] = e;
+  int changed = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const auto z_of = [&](int32_t e) { return z[t * E + e]; };
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k),
+              biased_reference(every, z_of, bias.as<float>(), k))
+        << "token " << t;
+    for (int j = 0; j < k; ++j)  // the unbiased logit of each chosen expert
+      EXPECT_EQ(logits[t * k + j], z_of(ids[t * k + j])) << "token " << t;
+    changed += values_of<int32_t>(dev.get(plain.ids))[t * k] != ids[t * k];
+  }
+  EXPECT_GT(changed, 0) << "the bias changed no token's best expert: the test tests nothing";
+  // The log-sum-exp is over the unbiased logits: the same bits as without a bias.
+  expect_bits(dev.get(biased.lse), dev.get(plain.lse), "lse with a bias");
+}
+
+TEST_P(OpsTest, BiasedProductTopKRanksTheSubKeyGrid) {
+  const int64_t n = 9, d1 = 6, d2 = 7, T = 25;
+  const Tensor k1 = keys_with_ties(n, d1, 11), k2 = random_f32(n, d2, 12),
+               tokens = random_f32(T, d1 + d2, 13), bias = random_f32(n * n, 1, 111, 3.0);
+  for (int k : {1, 5, 12}) {
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}, dev.put(bias)};
+      o.product_topk(dev.put(tokens), dev.put(k1), dev.put(k2), k, out, {});
+      return results(dev.get(out.logits), dev.get(out.ids));
+    });
+  }
+  // The bias re-ranks the grid of each half's unbiased top min(k, n).
+  OnDevice dev(ops());
+  const int k = 4;
+  const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}, dev.put(bias)};
+  ops().product_topk(dev.put(tokens), dev.put(k1), dev.put(k2), k, out, {});
+  const TensorView s1 = dev.out(DType::kF32, T, n), s2 = dev.out(DType::kF32, T, n);
+  ops().score(dev.put(tokens).block(0, T, 0, d1), dev.put(k1), s1, {});
+  ops().score(dev.put(tokens).block(0, T, d1, d2), dev.put(k2), s2, {});
+  const std::vector<float> z1 = values_of<float>(dev.get(s1)), z2 = values_of<float>(dev.get(s2));
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(out.ids));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> h1(n), h2(n);
+    for (int32_t j = 0; j < n; ++j) h1[j] = h2[j] = j;
+    const auto half_top = [&](std::vector<int32_t>& h, const std::vector<float>& s) {
+      std::sort(h.begin(), h.end(), [&](int32_t a, int32_t b) {
+        return ranks_before(s[t * n + a], a, s[t * n + b], b);
+      });
+      h.resize(k);
+    };
+    half_top(h1, z1);
+    half_top(h2, z2);
+    std::vector<int32_t> grid;
+    for (int32_t a : h1)
+      for (int32_t b : h2) grid.push_back(static_cast<int32_t>(a * n + b));
+    const auto z_of = [&](int32_t e) { return z1[t * n + e / n] + z2[t * n + e % n]; };
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k),
+              biased_reference(grid, z_of, bias.as<float>(), k))
+        << "token " << t;
+  }
+}
+
+TEST_P(OpsTest, BiasedScanAndMergeSelectByBiasedScore) {
+  const int64_t d = 10, R = 3;
+  const Index index = small_index(d, 17);
+  const Tensor queries = random_f32(R, d, 18), bias = random_f32(30, 1, 112, 3.0);
+  // Primary blocks only (lists 0, 1, 3, 4), so a token's experts are distinct.
+  const Tensor query = ints({0, 0, 1, 1, 1, 2}), block = ints({0, 6, 2, 6, 8, 8});
+  const Tensor offsets = longs({0, 2, 5, 6});
+  for (int k : {1, 3, 6}) {
+    compare(
+        [&](const Ops& o) {
+          OnDevice dev(o);
+          const TensorView b = dev.put(bias);
+          const TopKView cand{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k),
+                              dev.out(DType::kF64, 6, 2), b};
+          o.scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand,
+                        {});
+          const TopKView merged{dev.out(DType::kF32, 3, k), dev.out(DType::kI32, 3, k),
+                                dev.out(DType::kF64, 3, 2), b};
+          o.merge_topk(cand, dev.put(offsets), k, merged, {});
+          return results(dev.get(cand.logits), dev.get(cand.ids), dev.get(cand.lse),
+                         dev.get(merged.logits), dev.get(merged.ids), dev.get(merged.lse));
+        },
+        {false, false, true, false, false, true});
+  }
+  OnDevice dev(ops());
+  const int k = 3;
+  const TensorView b = dev.put(bias);
+  const TopKView cand{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k), {}, b};
+  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand, {});
+  const TopKView merged{dev.out(DType::kF32, 3, k), dev.out(DType::kI32, 3, k), {}, b};
+  ops().merge_topk(cand, dev.put(offsets), k, merged, {});
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(merged.ids));
+  const std::vector<float> logits = values_of<float>(dev.get(merged.logits));
+  const int64_t* bo = index.block_offsets.as<int64_t>();
+  for (int64_t t = 0; t < 3; ++t) {
+    std::vector<int32_t> experts;
+    std::map<int32_t, float> z;
+    for (int64_t p = offsets.as<int64_t>()[t]; p < offsets.as<int64_t>()[t + 1]; ++p) {
+      const int64_t s = block.as<int32_t>()[p];
+      for (int64_t r = bo[s]; r < bo[s + 1]; ++r) {
+        const int32_t e = index.ids.as<int32_t>()[r];
+        experts.push_back(e);
+        z[e] = lane_dot(queries.as<float>() + t * d, index.keys.as<float>() + r * d, d);
+      }
+    }
+    const std::vector<int32_t> want = biased_reference(
+        experts, [&](int32_t e) { return z[e]; }, bias.as<float>(), k);
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k), want) << t;
+    for (int j = 0; j < k; ++j) EXPECT_EQ(logits[t * k + j], z[want[j]]) << t;
+  }
+}
+
+TEST_P(OpsTest, BadBiasIsRefusedByName) {
+  OnDevice dev(ops());
+  const int64_t E = 6, d = 4;
+  const TensorView tokens = dev.put(random_f32(2, d, 113)), keys = dev.put(random_f32(E, d, 114));
+  const auto expect_refused = [](const std::function<void()>& call, const std::string& part) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted: " << part;
+    } catch (const UsageError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  const auto topk = [&](TensorView bias) {
+    return TopKView{dev.out(DType::kF32, 2, 2), dev.out(DType::kI32, 2, 2), {}, bias};
+  };
+  expect_refused(
+      [&] { ops().dense_topk(tokens, keys, 2, topk(dev.out(DType::kF32, E - 1, 1)), {}); },
+      "out.bias");
+  expect_refused([&] { ops().dense_topk(tokens, keys, 2, topk(dev.out(DType::kF64, E, 1)), {}); },
+                 "out.bias");
+  expect_refused(
+      [&] {
+        ops().dense_topk(tokens, keys, 2, topk(dev.out(DType::kF32, E, 3).block(0, E, 1, 1)), {});
+      },
+      "contiguous");
+  // Scan: a list member past the bias; merge: a candidate past it.
+  const Index index = small_index(d, 99);
+  expect_refused(
+      [&] {
+        ops().scan_blocks(index.on(dev), tokens, dev.put(ints({0, 1})), dev.put(ints({0, 2})), 2,
+                          topk(dev.out(DType::kF32, 20, 1)), {});
+      },
+      "lists.ids entry");
+  const TopKView cand{dev.put(floats({1.0f, 0.5f})), dev.put(ints({3, 7})), {}};
+  expect_refused(
+      [&] {
+        ops().merge_topk(cand, dev.put(longs({0, 2})), 1,
+                         {dev.out(DType::kF32, 1, 1),
+                          dev.out(DType::kI32, 1, 1),
+                          {},
+                          dev.out(DType::kF32, 7, 1)},
+                         {});
+      },
+      "candidates.ids entry 1 names bias entry 7");
+  // Sigmoid gates normalize over the chosen experts: no shortlist lse.
+  expect_refused(
+      [&] {
+        ops().finalize_gates(dev.put(floats({1.0f, 0.5f})), dev.out(DType::kF64, 2, 2),
+                             dev.out(DType::kF64, 2, 1), dev.out(DType::kF32, 2, 1),
+                             GateFunction::kSigmoid, {});
+      },
+      "lse must be empty for sigmoid gates");
+}
+
+TEST_P(OpsTest, SigmoidGatesAndLogitGrads) {
+  const int64_t T = 300;  // above the host's parallel threshold
+  const int k = 4;
+  Tensor logits = random_f32(T, k, 115, 4.0);
+  for (int j = 0; j < k; ++j) logits.as<float>()[7 * k + j] = -800.0f - j;  // sigmoid underflows
+  for (int64_t t = 0; t < T; ++t)
+    std::sort(logits.as<float>() + t * k, logits.as<float>() + (t + 1) * k, std::greater<>());
+  std::vector<int32_t> chosen, token;
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) {
+      chosen.push_back(static_cast<int32_t>((t + j) % 50));
+      token.push_back(static_cast<int32_t>(t));
+    }
+  const Tensor chosen_t = host_of(DType::kI32, T, k, chosen), token_t = ints(token),
+               d_gates = random_f32(T, k, 116);
+  const Tensor z_flat = host_of(DType::kF32, T * k, 1, values_of<float>(logits));
+  const auto run = [&](const Ops& o) {
+    OnDevice dev(o);
+    const TensorView norm = dev.out(DType::kF64, T, 1), gates = dev.out(DType::kF32, T, k);
+    o.finalize_gates(dev.put(logits), TensorView(), norm, gates, GateFunction::kSigmoid, {});
+    const TensorView coef = dev.out(DType::kF64, T * k, 1);
+    o.logit_grads(dev.put(token_t), dev.put(ints(chosen)), dev.put(z_flat), dev.put(chosen_t),
+                  gates, dev.put(d_gates), norm, coef, GateFunction::kSigmoid, {});
+    return results(dev.get(norm), dev.get(gates), dev.get(coef));
+  };
+  compare(run, {true, true, true});
+  // Against long double: g = sigmoid(z) / sum sigmoid, dz_i = g_i (dg_i -
+  // sum_j g_j dg_j) (1 - sigmoid(z_i)), the sum over the float gates the
+  // op is given (as the routes hold them).
+  const std::vector<Tensor> got = run(ops());
+  const float* z = logits.as<float>();
+  const float* dg = d_gates.as<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    long double s[8], sum = 0.0L, weighted = 0.0L;
+    for (int j = 0; j < k; ++j)
+      sum += (s[j] = 1.0L / (1.0L + std::exp(-(long double)z[t * k + j])));
+    for (int j = 0; j < k; ++j)
+      weighted += got[1].as<float>()[t * k + j] * (long double)dg[t * k + j];
+    double total = 0.0;
+    for (int j = 0; j < k; ++j) {
+      const long double g = s[j] / sum;
+      const float got_g = got[1].as<float>()[t * k + j];
+      EXPECT_NEAR(got_g, static_cast<double>(g), 1e-6 * static_cast<double>(g) + 1e-30)
+          << "token " << t;
+      total += got_g;
+      const long double dz = g * (dg[t * k + j] - weighted) * (1.0L - s[j]);
+      EXPECT_NEAR(got[2].as<double>()[t * k + j], static_cast<double>(dz),
+                  1e-6 * std::abs(static_cast<double>(dz)) + 1e-12)
+          << "token " << t;
+    }
+    EXPECT_NEAR(total, 1.0, 1e-6) << "token " << t;
+    EXPECT_NEAR(got[0].as<double>()[t], std::log(static_cast<double>(sum)),
+                1e-9 * std::abs(std::log(static_cast<double>(sum))) + 1e-12)
+        << "token " << t;
+  }
 }
 
 TEST(Registry, NamesAndReasons) {

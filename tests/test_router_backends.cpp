@@ -66,14 +66,7 @@ class RouterOnBackend : public test::BackendTest {
 };
 
 SyntheticData data(int64_t E, int64_t d, int64_t T, uint64_t seed) {
-  SyntheticConfig cfg;
-  cfg.experts = E;
-  cfg.dim = d;
-  cfg.tokens = T;
-  cfg.clusters = 5;
-  cfg.latent_dim = 3;
-  cfg.seed = seed;
-  return make_synthetic(cfg);
+  return test::clustered_data(E, d, T, seed);
 }
 
 // A host bf16 copy of a float matrix, and its exact f32 widening.

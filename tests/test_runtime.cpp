@@ -50,6 +50,13 @@ TEST_P(DistributedRouterChecks, RoutesEqualSingleProcessForEveryPolicy) {
     });
 }
 
+TEST_P(DistributedRouterChecks, BiasedRoutesEqualSingleProcessForEveryPolicy) {
+  for (PlacementPolicy policy : kAllPolicies)
+    run([&](comm::Communicator& comm) {
+      test::check_biased_routes_equal_single_process(comm, data(), policy);
+    });
+}
+
 TEST_P(DistributedRouterChecks, RequestsReachExactlyTheCandidateRanks) {
   run([](comm::Communicator& comm) {
     test::check_requests_reach_exactly_the_candidate_ranks(comm, data());
@@ -215,6 +222,47 @@ TEST(DistributedErrors, DifferentKOnOneRankIsRefused) {
     try {
       router.route_batch(g.tokens_of(comm.rank(), 2), comm.rank() == 0 ? 4 : 5, 2);
     } catch (const std::exception&) {
+      ++failed;
+      throw;
+    }
+  }));
+  EXPECT_EQ(failed.load(), 2);
+}
+
+// A bad bias on one rank, or different biases on different ranks: every
+// rank raises together, naming the entry or the mismatch.
+TEST(DistributedErrors, BadOrMismatchedBiasFailsEveryRank) {
+  const GlobalData& g = data();
+  const int P = 3;
+  const int64_t E = g.data.centers.rows();
+  for (const bool mismatch : {false, true}) {
+    std::atomic<int> failed{0};
+    std::vector<std::string> messages(static_cast<size_t>(P));
+    EXPECT_ANY_THROW(comm::run_ranks(P, [&](comm::Communicator& comm) {
+      runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kList);
+      Matrix bias(E, 1, 0.25f);
+      if (comm.rank() == 1) bias(5, 0) = mismatch ? 0.5f : std::nanf("");
+      try {
+        router.set_bias(bias.view());
+      } catch (const std::exception& e) {
+        messages[comm.rank()] = e.what();
+        ++failed;
+        throw;
+      }
+    }));
+    EXPECT_EQ(failed.load(), P) << "every rank refuses, none hangs";
+    for (const auto& m : messages)
+      EXPECT_NE(m.find(mismatch ? "selection bias" : "bias entry 5 is nan"), std::string::npos)
+          << m;
+  }
+  // The shortlist gate mode is refused by every rank.
+  std::atomic<int> failed{0};
+  EXPECT_ANY_THROW(comm::run_ranks(2, [&](comm::Communicator& comm) {
+    runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kList);
+    try {
+      router.route_batch(g.tokens_of(comm.rank(), 2), 4, 2, GateMode::kShortlist);
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("not 'shortlist'"), std::string::npos) << e.what();
       ++failed;
       throw;
     }

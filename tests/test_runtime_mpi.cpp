@@ -27,6 +27,12 @@ TEST(MpiDistributedRouter, RoutesEqualSingleProcessForEveryPolicy) {
     test::check_routes_equal_single_process(comm, data(), policy);
 }
 
+TEST(MpiDistributedRouter, BiasedRoutesEqualSingleProcess) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  for (PlacementPolicy policy : test::kAllPolicies)
+    test::check_biased_routes_equal_single_process(comm, data(), policy);
+}
+
 TEST(MpiDistributedRouter, RequestsReachExactlyTheCandidateRanks) {
   comm::MpiCommunicator comm(MPI_COMM_WORLD);
   test::check_requests_reach_exactly_the_candidate_ranks(comm, data());

@@ -13,10 +13,24 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "core/synthetic.h"
 #include "core/threads.h"
 #include "router/routes.h"
 
 namespace airmoe::test {
+
+// Seeded clustered data (5 clusters on 3-dimensional manifolds): small
+// routers whose routes are spread over several lists.
+inline SyntheticData clustered_data(int64_t E, int64_t d, int64_t T, uint64_t seed) {
+  SyntheticConfig cfg;
+  cfg.experts = E;
+  cfg.dim = d;
+  cfg.tokens = T;
+  cfg.clusters = 5;
+  cfg.latent_dim = 3;
+  cfg.seed = seed;
+  return make_synthetic(cfg);
+}
 
 // Exact inner product in double (each float product is exact in double).
 inline double dot_double(const float* a, const float* b, int64_t k) {

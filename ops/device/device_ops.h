@@ -112,16 +112,17 @@ class DeviceOps final : public Ops {
     });
   }
   void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
-                      TensorView gates, Stream stream) const override {
+                      TensorView gates, GateFunction fn, Stream stream) const override {
     run("finalize_gates", stream, [&](const auto& x, const OpArgs& a) {
-      device::finalize_gates(x, a, logits, lse, log_normalizer, gates);
+      device::finalize_gates(x, a, logits, lse, log_normalizer, gates, fn);
     });
   }
   void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
                    TensorView gates, TensorView d_gates, TensorView log_normalizer, TensorView coef,
-                   Stream stream) const override {
+                   GateFunction fn, Stream stream) const override {
     run("logit_grads", stream, [&](const auto& x, const OpArgs& a) {
-      device::logit_grads(x, a, token, expert, z, chosen_ids, gates, d_gates, log_normalizer, coef);
+      device::logit_grads(x, a, token, expert, z, chosen_ids, gates, d_gates, log_normalizer, coef,
+                          fn);
     });
   }
   RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,

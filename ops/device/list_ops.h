@@ -379,7 +379,7 @@ struct SelectPair {
   AIRMOE_HD void operator()(int64_t q) const {
     const int64_t p = items[q0 + q];
     const int64_t first = block_offsets[block[p]];
-    TopK top(k, out.logits.row(p), out.ids.row(p));
+    TopK top = out.top(p, k);
     LogSumExp lse;
     for (int64_t j = 0; j < zoff[q + 1] - zoff[q]; ++j) {
       const float zj = z[zoff[q] + j];
@@ -403,8 +403,10 @@ void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, Te
   args.vector(query, "query", DType::kI32);
   const int64_t P = vector_size(query);
   args.vector(block, "block", DType::kI32, P);
-  check_topk_view(args, out, "out", P, k, true);
+  const int64_t bias = check_topk_view(args, out, "out", P, k, true);
   if (P == 0) return;
+  if (bias >= 0 && lists.keys.rows > 0)  // check_lists: then ids has keys.rows entries
+    check_indices(x, args, "lists.ids entry", "bias entry", lists.ids, bias);
   check_indices(x, args, "pair", "block", block, S);
   check_indices(x, args, "pair", "query", query, queries.rows);
   if (lists.keys.rows > 0 && queries.cols != lists.keys.cols)

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "ops/device/exec.h"
+#include "ops/gate_function.h"
 #include "ops/op_args.h"
 #include "ops/ops.h"
 
@@ -28,6 +29,7 @@ struct LogitGrad {
   Vec<const double> log_normalizer;
   Vec<double> coef;
   int64_t k;
+  GateFunction fn;
   AIRMOE_HD void operator()(int64_t i) const {
     const int64_t t = token[i];
     double weighted = 0.0, own = 0.0;
@@ -36,15 +38,15 @@ struct LogitGrad {
       weighted += static_cast<double>(gates(t, j)) * dg;
       if (chosen(t, j) == expert[i]) own = dg;
     }
-    const double p = std::exp(static_cast<double>(z[i]) - log_normalizer[t]);
-    coef[i] = p * (own - weighted);
+    const double p = std::exp(gate_input(fn, z[i]) - log_normalizer[t]);
+    coef[i] = p * (own - weighted) * gate_input_slope(fn, z[i]);
   }
 };
 
 template <typename X>
 void logit_grads(const X& x, const OpArgs& args, TensorView token, TensorView expert, TensorView z,
                  TensorView chosen_ids, TensorView gates, TensorView d_gates,
-                 TensorView log_normalizer, TensorView coef) {
+                 TensorView log_normalizer, TensorView coef, GateFunction fn) {
   args.vector(token, "token", DType::kI32);
   const int64_t n = vector_size(token);
   args.vector(expert, "expert", DType::kI32, n);
@@ -60,11 +62,12 @@ void logit_grads(const X& x, const OpArgs& args, TensorView token, TensorView ex
   check_indices(x, args, "entry", "token", token, T);
   with_float_type(d_gates, [&](auto td) {
     using D = decltype(td);
-    thrust::for_each(x.policy(), count_from(0), count_from(n),
-                     LogitGrad<D>{vec_of<const int32_t>(token), vec_of<const int32_t>(expert),
-                                  vec_of<const float>(z), rows_of<const int32_t>(chosen_ids),
-                                  rows_of<const float>(gates), rows_of<const D>(d_gates),
-                                  vec_of<const double>(log_normalizer), vec_of<double>(coef), k});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(n),
+        LogitGrad<D>{vec_of<const int32_t>(token), vec_of<const int32_t>(expert),
+                     vec_of<const float>(z), rows_of<const int32_t>(chosen_ids),
+                     rows_of<const float>(gates), rows_of<const D>(d_gates),
+                     vec_of<const double>(log_normalizer), vec_of<double>(coef), k, fn});
   });
 }
 

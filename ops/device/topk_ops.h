@@ -12,6 +12,7 @@
 
 #include "ops/device/exec.h"
 #include "ops/device/scoring_ops.h"
+#include "ops/gate_function.h"
 #include "ops/log_sum_exp.h"
 #include "ops/op_args.h"
 #include "ops/ops.h"
@@ -26,11 +27,14 @@ constexpr int64_t kScoreBudget = int64_t{1} << 22;
 constexpr int64_t kSelectChunk = 1024;
 
 // The rows of a TopKView as functors write them; lse.data is null when the
-// view has no log-sum-exp.
+// view has no log-sum-exp, bias null when it has no selection bias.
 struct TopKRows {
   Rows<float> logits;
   Rows<int32_t> ids;
   Rows<double> lse;
+  const float* bias = nullptr;
+
+  AIRMOE_HD TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r), bias); }
 
   AIRMOE_HD void put_lse(int64_t r, const LogSumExp& l) const {
     lse(r, 0) = l.max;
@@ -46,20 +50,36 @@ struct TopKRows {
 
 inline TopKRows topk_rows(const TopKView& v) {
   return {rows_of<float>(v.logits), rows_of<int32_t>(v.ids),
-          v.lse.empty() ? Rows<double>{} : rows_of<double>(v.lse)};
+          v.lse.empty() ? Rows<double>{} : rows_of<double>(v.lse),
+          v.bias.empty() ? nullptr : static_cast<const float*>(v.bias.data)};
 }
 
 // out's logits f32 and ids i32 [rows, cols]; its lse f64 [rows, 2] when
-// present (and `lse` allows one).
-inline void check_topk_view(const OpArgs& args, const TopKView& v, const char* name, int64_t rows,
-                            int64_t cols, bool lse) {
+// present (and `lse` allows one); its bias (`experts` entries where known).
+// Returns the bias's size, or -1 for none.
+inline int64_t check_topk_view(const OpArgs& args, const TopKView& v, const char* name,
+                               int64_t rows, int64_t cols, bool lse, int64_t experts = -1) {
   const std::string n(name);
   args.matrix(v.logits, (n + ".logits").c_str(), DType::kF32, rows, cols);
   args.matrix(v.ids, (n + ".ids").c_str(), DType::kI32, rows, cols);
-  if (v.lse.empty()) return;
+  const int64_t bias = args.bias(v.bias, (n + ".bias").c_str(), experts);
+  if (v.lse.empty()) return bias;
   if (!lse) args.fail(n + ".lse must be empty");
   args.matrix(v.lse, (n + ".lse").c_str(), DType::kF64, rows, 2);
+  return bias;
 }
+
+// Whether entry i of a [rows, cols] id matrix is no expert of a bias of
+// `limit` entries (-1, an empty slot, is allowed).
+struct BadBiasId {
+  Rows<const int32_t> ids;
+  int64_t cols;
+  int64_t limit;
+  AIRMOE_HD bool operator()(int64_t i) const {
+    const int32_t id = ids(i / cols, i % cols);
+    return id < -1 || id >= limit;
+  }
+};
 
 // Row r's top-k over candidate rows begin(r) .. end(r) (each best first,
 // id -1 past its end), in that order, and their merged log-sum-exp.
@@ -75,7 +95,7 @@ struct MergeRows {
     const int64_t begin = offsets.data ? offsets[r] : r * per_row;
     const int64_t end = offsets.data ? offsets[r + 1] : (r + 1) * per_row;
     const int64_t o = out_row0 + r;
-    TopK top(k, out.logits.row(o), out.ids.row(o));
+    TopK top = out.top(o, k);
     LogSumExp lse;
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t j = 0; j < cand_k && cand.ids(p, j) >= 0; ++j)
@@ -106,7 +126,16 @@ void merge_topk(const X& x, const OpArgs& args, TopKView candidates, TensorView 
   check_topk_view(args, candidates, "candidates", pairs, candidates.ids.cols, true);
   if (candidates.lse.empty() != out.lse.empty())
     args.fail("candidates.lse and out.lse must be given together");
-  check_topk_view(args, out, "out", T, k, true);
+  const int64_t bias = check_topk_view(args, out, "out", T, k, true);
+  if (bias >= 0 && pairs > 0 && candidates.ids.cols > 0) {
+    const Rows<const int32_t> ids = rows_of<const int32_t>(candidates.ids);
+    const int64_t cols = candidates.ids.cols;
+    const int64_t i = first_where(x, pairs * cols, BadBiasId{ids, cols, bias});
+    if (i >= 0)
+      args.fail("candidates.ids entry " + std::to_string(i) + " names bias entry " +
+                std::to_string(value_at(x, &ids(i / cols, i % cols))) + ", outside [0, " +
+                std::to_string(bias) + ")");
+  }
   const int64_t bad = first_where(x, T, BadRange{vec_of<const int64_t>(offsets), pairs});
   if (bad >= 0)
     args.fail("offsets[" + std::to_string(bad) + " .. " + std::to_string(bad + 1) +
@@ -131,7 +160,7 @@ struct ChunkTopK {
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t i = e / chunks, j0 = (e % chunks) * chunk;
     const int64_t j1 = j0 + chunk < keys ? j0 + chunk : keys;
-    TopK top(k, cand.logits.row(e), cand.ids.row(e));
+    TopK top = cand.top(e, k);
     for (int64_t j = j0; j < j1; ++j) top.push_ascending(z(i, j), static_cast<int32_t>(j));
   }
 };
@@ -159,15 +188,15 @@ void dense_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView ke
               std::to_string(keys.cols));
   args.at_least(k, 1, "k");
   const int64_t T = tokens.rows, E = keys.rows;
-  check_topk_view(args, out, "out", T, k, true);
+  check_topk_view(args, out, "out", T, k, true, E);
   if (T == 0) return;
   const int64_t block = std::max<int64_t>(1, kScoreBudget / std::max<int64_t>(E, 1));
   const int64_t chunks = (E + kSelectChunk - 1) / kSelectChunk;
   const int64_t rows = std::min(block, T);
   Scratch<float, X> z(x, rows * E), cand_z(x, rows * chunks * k);
   Scratch<int32_t, X> cand_id(x, rows * chunks * k);
-  const TopKRows cand{{cand_z.get(), k}, {cand_id.get(), k}, {}};
   TopKRows out_rows = topk_rows(out);
+  const TopKRows cand{{cand_z.get(), k}, {cand_id.get(), k}, {}, out_rows.bias};
   for (int64_t t0 = 0; t0 < T; t0 += block) {
     const int64_t n = std::min(block, T - t0);
     const Rows<float> zr{z.get(), E};
@@ -207,7 +236,7 @@ struct ProductTopK {
       top1.push_ascending(s1(i, j), static_cast<int32_t>(j));
       top2.push_ascending(s2(i, j), static_cast<int32_t>(j));
     }
-    TopK top(k, out.logits.row(out_row0 + i), out.ids.row(out_row0 + i));
+    TopK top = out.top(out_row0 + i, k);
     for (int a = 0; a < kh; ++a)
       for (int b = 0; b < kh; ++b) top.push(z1[a] + z2[b], static_cast<int32_t>(i1[a] * n + i2[b]));
   }
@@ -227,7 +256,7 @@ void product_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView 
     args.fail("tokens have " + std::to_string(tokens.cols) + " columns, expected " +
               std::to_string(d1) + " + " + std::to_string(d2));
   args.at_least(k, 1, "k");
-  check_topk_view(args, out, "out", T, k, false);
+  check_topk_view(args, out, "out", T, k, false, n * n);
   if (T == 0) return;
   const int kh = static_cast<int>(std::min<int64_t>(k, n));
   const int64_t block = std::max<int64_t>(1, kScoreBudget / (2 * n));
@@ -254,42 +283,45 @@ void product_topk(const X& x, const OpArgs& args, TensorView tokens, TensorView 
 // ---- finalize_gates ---------------------------------------------------------
 
 // log_normalizer[t] from the row's (max, sum) where lse is given (the
-// shortlist's normalizer), else the log-sum-exp of its k logits; then
-// gates = exp(z - log_normalizer) in double, rounded once.
+// shortlist's normalizer), else the log-sum-exp of its k gate inputs u (the
+// logits, or their log-sigmoids); then gates = exp(u - log_normalizer) in
+// double, rounded once.
 struct TokenGates {
   Rows<const float> logits;
   Rows<const double> lse;  // data == nullptr: the chosen k's softmax
   Vec<double> log_normalizer;
   Rows<float> gates;
   int64_t k;
+  GateFunction fn;
   AIRMOE_HD void operator()(int64_t t) const {
     LogSumExp l;
     if (lse.data) {
       l.max = lse(t, 0);
       l.sum = lse(t, 1);
     } else {
-      for (int64_t j = 0; j < k; ++j) l.add(logits(t, j));
+      for (int64_t j = 0; j < k; ++j) l.add(gate_input(fn, logits(t, j)));
     }
     log_normalizer[t] = l.value();
     for (int64_t j = 0; j < k; ++j)
-      gates(t, j) =
-          static_cast<float>(std::exp(static_cast<double>(logits(t, j)) - log_normalizer[t]));
+      gates(t, j) = static_cast<float>(std::exp(gate_input(fn, logits(t, j)) - log_normalizer[t]));
   }
 };
 
 template <typename X>
 void finalize_gates(const X& x, const OpArgs& args, TensorView logits, TensorView lse,
-                    TensorView log_normalizer, TensorView gates) {
+                    TensorView log_normalizer, TensorView gates, GateFunction fn) {
   args.dtype(logits, "logits", {DType::kF32});
   const int64_t T = logits.rows, k = logits.cols;
   args.vector(log_normalizer, "log_normalizer", DType::kF64, T);
   args.matrix(gates, "gates", DType::kF32, T, k);
   if (!lse.empty()) args.matrix(lse, "lse", DType::kF64, T, 2);
+  if (!lse.empty() && fn != GateFunction::kSoftmax)
+    args.fail("lse must be empty for sigmoid gates (they normalize over the chosen experts)");
   if (T == 0) return;
   thrust::for_each(x.policy(), count_from(0), count_from(T),
                    TokenGates{rows_of<const float>(logits),
                               lse.empty() ? Rows<const double>{} : rows_of<const double>(lse),
-                              vec_of<double>(log_normalizer), rows_of<float>(gates), k});
+                              vec_of<double>(log_normalizer), rows_of<float>(gates), k, fn});
 }
 
 }  // namespace airmoe::inline ops::device

@@ -48,11 +48,11 @@ class HostOps final : public Ops {
   void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                   Stream stream) const override;
   void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
-                      TensorView gates, Stream stream) const override;
+                      TensorView gates, GateFunction fn, Stream stream) const override;
 
   void logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
                    TensorView gates, TensorView d_gates, TensorView log_normalizer, TensorView coef,
-                   Stream stream) const override;
+                   GateFunction fn, Stream stream) const override;
   RowGrads accumulate_row_grads(TensorView tokens, TensorView keys,
                                 RowContributionsView contributions, TensorView d_tokens,
                                 Stream stream) const override;

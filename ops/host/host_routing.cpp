@@ -8,6 +8,7 @@
 #include <numeric>
 
 #include "core/parallel_errors.h"
+#include "ops/gate_function.h"
 #include "ops/host/host_ops.h"
 #include "ops/host/host_views.h"
 #include "ops/log_sum_exp.h"
@@ -16,20 +17,39 @@
 namespace airmoe::inline ops::host {
 namespace {
 
-// The [rows, k] outputs of a top-k op, and its optional (max, sum) pairs.
+// The [rows, k] outputs of a top-k op, its optional (max, sum) pairs and
+// its optional selection bias (`experts` entries where known, else -1).
 struct TopKOut {
   Rows<float> logits;
   Rows<int32_t> ids;
   Rows<double> lse;
   bool with_lse = false;
+  const float* bias = nullptr;
+  int64_t bias_size = -1;
 
-  TopKOut(const OpArgs& check, const TopKView& v, int64_t rows, int k, const char* what)
+  TopKOut(const OpArgs& check, const TopKView& v, int64_t rows, int k, const char* what,
+          int64_t experts = -1)
       : logits(checked(check, v.logits, rows, k, DType::kF32, what)),
         ids(checked(check, v.ids, rows, k, DType::kI32, what)),
         with_lse(!v.lse.empty()) {
     if (with_lse) lse = Rows<double>(checked(check, v.lse, rows, 2, DType::kF64, what));
+    bias_size = check.bias(v.bias, (std::string(what) + ".bias").c_str(), experts);
+    if (bias_size >= 0) bias = static_cast<const float*>(v.bias.data);
   }
-  TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r)); }
+  TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r), bias); }
+  // Every id id_of(0 .. n) a bias entry (id -1, an empty slot, allowed
+  // where `empty_ok`).
+  template <typename IdOf>
+  void check_bias_ids(const OpArgs& check, IdOf id_of, int64_t n, const char* what,
+                      bool empty_ok) const {
+    if (!bias) return;
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t id = id_of(i);
+      if ((id < 0 && !(empty_ok && id == -1)) || id >= bias_size)
+        check.fail(std::string(what) + " entry " + std::to_string(i) + " names bias entry " +
+                   std::to_string(id) + ", outside [0, " + std::to_string(bias_size) + ")");
+    }
+  }
   void set_lse(int64_t r, const LogSumExp& l) const {
     lse.row(r)[0] = l.max;
     lse.row(r)[1] = l.sum;
@@ -130,7 +150,7 @@ void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out
   check_same_cols(check, tokens, "tokens", keys, "keys");
   check_k(check, k);
   const int64_t T = tokens.rows, E = keys.rows, d = keys.cols;
-  const TopKOut o(check, out, T, k, "out");
+  const TopKOut o(check, out, T, k, "out", E);
   if (T == 0) return;
   const FloatRows w(keys), h(tokens);
   // Score a block of tokens against all keys, then select per row: the block
@@ -171,7 +191,7 @@ void HostOps::product_topk(TensorView tokens, TensorView keys1, TensorView keys2
                std::to_string(keys1.cols) + " + " + std::to_string(keys2.cols));
   if (!out.lse.empty()) check.fail("out.lse must be empty: product keys gate over the chosen k");
   const int64_t T = tokens.rows, n = keys1.rows, d1 = keys1.cols, d2 = keys2.cols;
-  const TopKOut o(check, out, T, k, "out");
+  const TopKOut o(check, out, T, k, "out", n * n);
   if (T == 0) return;
   const int kh = static_cast<int>(std::min<int64_t>(k, n));
   const FloatRows h(tokens), w1(keys1), w2(keys2);
@@ -354,6 +374,8 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
   const int64_t P = vector_size(query);
   check.vector(block, "block", DType::kI32, P);
   const TopKOut o(check, out, P, k, "out");
+  o.check_bias_ids(
+      check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
   const Vec<const int32_t> q_of(query), b_of(block);
   for (int64_t p = 0; p < P; ++p) {
     if (b_of[p] < 0 || b_of[p] >= l.blocks)
@@ -432,6 +454,9 @@ void HostOps::merge_topk(TopKView candidates, TensorView offsets, int k, TopKVie
   if (c.with_lse != !out.lse.empty())
     check.fail("candidates.lse and out.lse must be given together");
   const TopKOut o(check, out, T, k, "out");
+  o.check_bias_ids(
+      check, [&](int64_t i) { return c.ids.row(i / width)[i % width]; }, pairs * width,
+      "candidates.ids", true);
   for (int64_t t = 0; t < T; ++t)
     if (off[t] > off[t + 1] || off[t] < 0 || off[t + 1] > pairs)
       check.fail("offsets[" + std::to_string(t) + " .. " + std::to_string(t + 1) +
@@ -451,7 +476,7 @@ void HostOps::merge_topk(TopKView candidates, TensorView offsets, int k, TopKVie
 }
 
 void HostOps::finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,
-                             TensorView gates, Stream) const {
+                             TensorView gates, GateFunction fn, Stream) const {
   const OpArgs check = args("finalize_gates");
   check.dtype(logits, "logits", {DType::kF32});
   const int64_t T = logits.rows;
@@ -460,6 +485,8 @@ void HostOps::finalize_gates(TensorView logits, TensorView lse, TensorView log_n
   check.matrix(gates, "gates", DType::kF32, T, k);
   const bool shortlist = !lse.empty();
   if (shortlist) check.matrix(lse, "lse", DType::kF64, T, 2);
+  if (shortlist && fn != GateFunction::kSoftmax)
+    check.fail("lse must be empty for sigmoid gates (they normalize over the chosen experts)");
   const Rows<const float> z_rows(logits);
   const Rows<float> g_rows(gates);
   const Rows<const double> lse_rows(lse);
@@ -471,12 +498,11 @@ void HostOps::finalize_gates(TensorView logits, TensorView lse, TensorView log_n
     if (shortlist) {
       l = LogSumExp{lse_rows.row(t)[0], lse_rows.row(t)[1]};
     } else {
-      for (int j = 0; j < k; ++j) l.add(z[j]);
+      for (int j = 0; j < k; ++j) l.add(gate_input(fn, z[j]));
     }
     norm[t] = l.value();
     float* g = g_rows.row(t);
-    for (int j = 0; j < k; ++j)
-      g[j] = static_cast<float>(std::exp(static_cast<double>(z[j]) - norm[t]));
+    for (int j = 0; j < k; ++j) g[j] = static_cast<float>(std::exp(gate_input(fn, z[j]) - norm[t]));
   }
 }
 
@@ -484,7 +510,7 @@ void HostOps::finalize_gates(TensorView logits, TensorView lse, TensorView log_n
 
 void HostOps::logit_grads(TensorView token, TensorView expert, TensorView z, TensorView chosen_ids,
                           TensorView gates, TensorView d_gates, TensorView log_normalizer,
-                          TensorView coef, Stream) const {
+                          TensorView coef, GateFunction fn, Stream) const {
   const OpArgs check = args("logit_grads");
   check.vector(token, "token", DType::kI32);
   const int64_t N = vector_size(token);
@@ -519,8 +545,8 @@ void HostOps::logit_grads(TensorView token, TensorView expert, TensorView z, Ten
       weighted += static_cast<double>(g.row(t)[j]) * dg.row(t)[j];
       if (chosen.row(t)[j] == e) own = dg.row(t)[j];
     }
-    const double p = std::exp(static_cast<double>(zv[i]) - norm[t]);
-    out[i] = p * (own - weighted);
+    const double p = std::exp(gate_input(fn, zv[i]) - norm[t]);
+    out[i] = p * (own - weighted) * gate_input_slope(fn, zv[i]);
   }
 }
 

@@ -38,15 +38,16 @@ from . import _airmoe
 from .layer import MoELayer
 from .megatron import MegatronRouterAdapter, to_megatron
 from .metrics import exact_topk, recall_at_k
-from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_softmax
+from .routers import AIRRouter, DenseRouter, ProductKeyRouter, chosen_sigmoid, chosen_softmax
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AIRRouter",
     "DenseRouter",
     "ProductKeyRouter",
     "MegatronRouterAdapter",
     "MoELayer",
+    "chosen_sigmoid",
     "chosen_softmax",
     "exact_topk",
     "recall_at_k",

@@ -44,8 +44,26 @@ with ``.to(device)`` / ``.cuda()`` / ``.cpu()``, and its dtype with
       z_j = <h, w_j>,  g = softmax(z),  dz_j = g_j (dg_j - sum_i g_i dg_i)
       dh  = sum_j dz_j w_j,  dw_j = dz_j h
 
-Only the 'chosen' gate mode (softmax over the k chosen logits) is exposed
-here.
+Gate modes (``gate_mode=``, an attribute that may change between calls):
+'chosen' (the default: softmax over the k chosen logits) and 'sigmoid'
+(DeepSeek-V3 / GLM-4.5: sigmoid(z_j) of the k chosen, renormalized to sum 1;
+in float64 the softmax of logsigmoid(z), differentiated by autograd). The
+'shortlist' mode of the C++ routers is not offered here.
+
+Selection bias
+--------------
+``bias`` (a buffer, None by default; a float32 tensor [E] on the router's
+device) selects the experts by z_e + b_e while the gates come from the
+unbiased z_e (DeepSeek-V3's auxiliary-loss-free balancing;
+docs/routing.md). It takes no gradient. It stays float32 whatever the
+parameters' dtype: ``.to(device)`` / ``.cuda()`` move it with the module,
+``.bfloat16()`` / ``.double()`` leave its dtype (bfloat16 and float64
+routers select with the same float32 bias). A bias given to the
+constructor is copied to the parameters' device. A bias of another dtype,
+shape or device raises ValueError at the next forward; its length and
+finiteness are checked by the C++ router. Assign it or change it in place
+between steps: it reaches the C++ router (in place, by DLPack) at the next
+forward, which rebuilds nothing else.
 """
 
 import math
@@ -59,7 +77,9 @@ from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, ROUTER_DEVICES, ROUTER
                        cpp_tensor, current_stream, from_cpp, host_float32, initial_centers,
                        same_bits)
 
-__all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax"]
+__all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax", "chosen_sigmoid"]
+
+GATE_MODES = ("chosen", "sigmoid")
 
 
 class _ChosenSoftmax(torch.autograd.Function):
@@ -85,6 +105,17 @@ def chosen_softmax(hidden, rows):
     """Closed-form gates of the chosen experts: hidden [T, d], rows [T, k, d]
     (the chosen experts' center rows, e.g. ``centers[indices]``)."""
     return _ChosenSoftmax.apply(hidden, rows)
+
+
+def chosen_sigmoid(hidden, rows):
+    """Sigmoid gates of the chosen experts, renormalized: softmax of
+    logsigmoid(<hidden, rows[:, j]>) (finite for any finite logit), in torch."""
+    z = torch.einsum("td,tkd->tk", hidden, rows)
+    return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)
+
+
+def _closed_form_gates(gate_mode, hidden, rows):
+    return (chosen_sigmoid if gate_mode == "sigmoid" else chosen_softmax)(hidden, rows)
 
 
 class _CppRoute(torch.autograd.Function):
@@ -165,6 +196,7 @@ class _Router(nn.Module):
 
     _index = None
     _snapshot = None  # CUDA: the parameters the index was last synced with
+    _float32_buffers = ("bias",)  # see _apply
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -183,11 +215,12 @@ class _Router(nn.Module):
         if self._index is None or self._index.device != backend_name(device):
             self._index = self._new_index()
             self._snapshot = None
-        if device.type == "cuda":
-            if self._snapshot is not None and same_bits(params, self._snapshot):
-                return
-            self._snapshot = [p.detach().clone() for p in params]
-        self._index.sync(*[self._index_arg(p) for p in params])
+        if device.type != "cuda" or self._snapshot is None or not same_bits(params,
+                                                                            self._snapshot):
+            if device.type == "cuda":
+                self._snapshot = [p.detach().clone() for p in params]
+            self._index.sync(*[self._index_arg(p) for p in params])
+        self._index.set_bias(self._bias_arg(device), stream=current_stream(device))
 
     def _index_arg(self, p):
         """A parameter as the index takes it (in place, in its dtype)."""
@@ -209,11 +242,61 @@ class _Router(nn.Module):
                 "forward's routes and gates came from the old values: run the forward again "
                 "after changing them")
 
+    def _init_selection(self, gate_mode, bias, device):
+        """gate_mode and the bias buffer (a given bias is copied to `device`,
+        the parameters' device, in its own dtype: _bias_arg checks it)."""
+        self.gate_mode = gate_mode
+        self._checked_gate_mode()
+        if bias is not None:
+            bias = torch.as_tensor(bias).detach().to(device).clone()
+        self.register_buffer("bias", bias)
+        self._bias_arg(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Device moves reach the float32 buffers (the bias, AIR's codebook);
+        # dtype conversions (.bfloat16(), .double()) do not: the index takes
+        # them as float32 whatever the parameters' dtype.
+        kept = {name: getattr(self, name, None) for name in self._float32_buffers}
+        super()._apply(fn, *args, **kwargs)
+        for name, old in kept.items():
+            new = getattr(self, name, None)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    def _checked_gate_mode(self):
+        if self.gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode = {self.gate_mode!r} is not one of {GATE_MODES} (the "
+                             "C++ 'shortlist' mode is not offered by the torch routers)")
+        return self.gate_mode
+
+    def _bias_arg(self, device):
+        """The bias as the index takes it ([E, 1] float32 on the parameters'
+        device, in place), or None. Its length and finiteness are the C++
+        router's checks."""
+        b = self.bias
+        if b is None:
+            return None
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(b).__name__}")
+        if b.dim() != 1 or b.dtype != torch.float32 or b.device != device \
+                or not b.is_contiguous():
+            raise ValueError(
+                f"bias must be a 1-D contiguous float32 tensor of num_experts = "
+                f"{self.num_experts} entries on the router's device {device} (or None), got "
+                f"{b.dtype} {list(b.shape)} on {b.device}"
+                f"{'' if b.is_contiguous() else ' (not contiguous)'}: move the router with "
+                f".to() (the bias follows), or assign a float32 bias there")
+        if b.requires_grad:
+            raise ValueError("bias takes no gradient: give a tensor without requires_grad")
+        return cpp_tensor(b.view(-1, 1))
+
     def _checked_k(self):
         return check_int(self.k, "k", 1, self.num_experts)
 
     def _cpp_route(self, tokens, stream=0):
-        return self._index.route(tokens, self._checked_k(), stream=stream)
+        return self._index.route(tokens, self._checked_k(), self._checked_gate_mode(),
+                                 stream=stream)
 
     def _cpp_backward(self, tokens, handle, d_gates, params, stream=0):
         return self._index.backward(tokens, handle, d_gates, *params, stream=stream)
@@ -239,10 +322,11 @@ class _CenterRouter(_Router):
         with torch.no_grad():
             _, experts = _CppRoute.apply(self, hidden.detach().float().contiguous(),
                                          self.centers.detach())
-        return chosen_softmax(hidden, self.centers[experts]), experts
+        return _closed_form_gates(self.gate_mode, hidden, self.centers[experts]), experts
 
     def extra_repr(self):
-        return f"num_experts={self.num_experts}, dim={self.dim}, k={self.k}"
+        return (f"num_experts={self.num_experts}, dim={self.dim}, k={self.k}, "
+                f"gate_mode={self.gate_mode!r}")
 
 
 class AIRRouter(_CenterRouter):
@@ -270,6 +354,11 @@ class AIRRouter(_CenterRouter):
         spills, spill_lambda: spilled lists: each expert also sits in
             `spills` more lists chosen by SOAR (weight spill_lambda); an
             expert is still scored once per token. Off by default.
+        gate_mode: 'chosen' or 'sigmoid' (module docstring).
+        bias: the selection bias [E] (float32, copied to the router's
+            device), or None (module docstring).
+            AIR's codebook ranks lists without it; with every list probed
+            (m = C) biased AIR equals biased dense routing.
         device: where the codebook is trained and the router computes
             (None: the CPU; "cuda" / "cuda:N" with a CUDA build). Move it
             later with ``.to(device)``, like any module.
@@ -286,13 +375,16 @@ class AIRRouter(_CenterRouter):
     tensor) rebuilds what it affects.
     """
 
+    _float32_buffers = ("bias", "codebook")  # the codebook: float32 unit rows, as the index has it
+
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
-                 spill_lambda=1.0, device=None):
+                 spill_lambda=1.0, device=None, gate_mode="chosen", bias=None):
         super().__init__()
         self._init_centers(num_experts, dim, k, centers, seed)
         if device is not None:  # trained and built there (a GPU's k-means)
             self.centers = nn.Parameter(self.centers.detach().to(device))
+        self._init_selection(gate_mode, bias, self.centers.device)
         recommended_c, recommended_m = _airmoe.recommended_air(self.num_experts)
         codewords = check_int(recommended_c if codewords is None else codewords, "codewords C",
                               1, self.num_experts)
@@ -317,15 +409,6 @@ class AIRRouter(_CenterRouter):
 
     def _index_arg(self, p):
         return host_float32(p)  # the AIR index keeps float32 host copies
-
-    def _apply(self, fn, *args, **kwargs):
-        # Device moves reach the codebook; dtype conversions (.bfloat16(),
-        # .double()) do not: it stays float32 unit rows, as the index has it.
-        codebook = self.codebook
-        super()._apply(fn, *args, **kwargs)
-        if self.codebook.dtype != torch.float32:
-            self.codebook = codebook.to(self.codebook.device)
-        return self
 
     @property
     def num_codewords(self):
@@ -352,7 +435,7 @@ class AIRRouter(_CenterRouter):
     def _cpp_route(self, tokens, stream=0):
         return self._index.route(tokens, self._checked_k(),
                                  check_int(self.probes, "probes m", 1, self.num_codewords),
-                                 stream=stream)
+                                 self._checked_gate_mode(), stream=stream)
 
     @torch.no_grad()
     def update_codebook(self, step=1.0, updates=1):
@@ -392,9 +475,11 @@ class DenseRouter(_CenterRouter):
     """Exact top-k routing over all E centers (the reference). Arguments and
     parameter sync as for AIRRouter."""
 
-    def __init__(self, num_experts, dim, k, *, centers=None, seed=0):
+    def __init__(self, num_experts, dim, k, *, centers=None, seed=0, gate_mode="chosen",
+                 bias=None):
         super().__init__()
         self._init_centers(num_experts, dim, k, centers, seed)
+        self._init_selection(gate_mode, bias, self.centers.device)
         self._index = self._new_index()
 
     def _new_index(self):
@@ -414,9 +499,12 @@ class ProductKeyRouter(_Router):
     ``keys1`` [n, d // 2] and ``keys2`` [n, d - d // 2] (nn.Parameters);
     expert i * n + j has the logit <keys1[i], h[:d/2]> + <keys2[j], h[d/2:]>.
     1 <= n <= 46340 (expert ids are 32-bit), d >= 2, 1 <= k <= n^2,
-    0 <= seed < 2^64; parameter sync as for AIRRouter."""
+    0 <= seed < 2^64; parameter sync as for AIRRouter. gate_mode and bias as
+    for AIRRouter; the bias enters after the sub-key stage (it ranks the
+    grid of each half's top min(k, n) sub-keys, docs/routing.md)."""
 
-    def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0):
+    def __init__(self, subkeys, dim, k, *, keys1=None, keys2=None, seed=0, gate_mode="chosen",
+                 bias=None):
         super().__init__()
         self.subkeys = check_int(subkeys, "subkeys", 1, math.isqrt(MAX_EXPERTS),
                                  " (num_experts = subkeys^2: expert ids are 32-bit)")
@@ -437,6 +525,7 @@ class ProductKeyRouter(_Router):
                 given = given.detach().clone()
             init.append(given)
         self.keys1, self.keys2 = nn.Parameter(init[0]), nn.Parameter(init[1])
+        self._init_selection(gate_mode, bias, self.keys1.device)
         self._index = self._new_index()
 
     def _new_index(self):
@@ -462,7 +551,8 @@ class ProductKeyRouter(_Router):
                                          self.keys1.detach(), self.keys2.detach())
         rows = torch.cat([self.keys1[experts // self.subkeys],
                           self.keys2[experts % self.subkeys]], dim=-1)
-        return chosen_softmax(hidden, rows), experts
+        return _closed_form_gates(self.gate_mode, hidden, rows), experts
 
     def extra_repr(self):
-        return f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, k={self.k}"
+        return (f"subkeys={self.subkeys}, num_experts={self.num_experts}, dim={self.dim}, "
+                f"k={self.k}, gate_mode={self.gate_mode!r}")

@@ -17,6 +17,10 @@
 // router's message), std::runtime_error -> RuntimeError (wrong state, such as
 // a codebook update before the router has centers, or a CUDA error).
 //
+// Selection bias: set_bias(bias, stream) sets it on the C++ router under
+// the exclusive lock (None clears it); a router that sync() rebuilds keeps
+// it. Python hands the module's float32 buffer over before every forward.
+//
 // MoELayerImpl (layer_bindings.cpp, built with MPI only) keeps NumPy float32
 // arguments (arrays.h).
 //
@@ -218,9 +222,44 @@ class IndexState {
       std::shared_lock lock(mutex_);
       return call(router);
     }
+    return exclusively(router, stream, call);
+  }
+
+  // Runs call(router) under the exclusive lock, on the caller's stream.
+  template <typename Router, typename Call>
+  auto exclusively(Router& router, intptr_t stream, Call&& call) const {
     std::unique_lock lock(mutex_);
-    router.set_stream(Stream{reinterpret_cast<void*>(stream)});
+    if (!on_host()) router.set_stream(Stream{reinterpret_cast<void*>(stream)});
     return call(router);
+  }
+
+  // Sets the selection bias of the router's later routes: experts selected
+  // by z + b, gates from z (router/routes.h checked_bias: E finite entries,
+  // float32 or bfloat16, on the host or the router's device; copied to the
+  // device). None clears it. On the host a bias with the bits the router
+  // holds is skipped (Python hands it over before every forward); on a
+  // device it is copied again (E floats). A refused bias leaves the router
+  // as it was.
+  template <typename Router>
+  void set_router_bias(Router& router, const py::object& bias, intptr_t stream) {
+    std::optional<TensorArg> b;
+    if (!bias.is_none()) b = import_tensor(bias, "bias", stream);
+    py::gil_scoped_release release;
+    exclusively(router, stream, [&](Router& r) {
+      if (!b)
+        r.clear_bias();
+      else if (!on_host() || !same_bits(b->view, r.bias()))
+        r.set_bias(b->view);
+      return 0;
+    });
+  }
+
+  // A router rebuilt from new parameters keeps the selection bias of the one
+  // it replaces (when the expert count is the same: otherwise none).
+  template <typename Router>
+  static void carry_bias(const Router& from, Router& to) {
+    const TensorView b = from.bias();
+    if (!b.empty() && b.rows == to.experts()) to.set_bias(b);
   }
 
   // Runs route(router, tokens view) with the GIL released, and packs the
@@ -325,6 +364,7 @@ class AirIndex : public IndexState {
     if (new_codebook) {
       AirRouter fresh(centers, codebook_from(codewords, compute_),
                       ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
+      if (router_) carry_bias(*router_, fresh);
       router_ = std::move(fresh);
       given_codewords_ = copy_of(codewords);
     } else if (new_centers) {
@@ -347,8 +387,13 @@ class AirIndex : public IndexState {
     given_codewords_ = host_matrix(compute_, router_->codebook().tensor());  // what Python copies
   }
 
-  // gate_mode: "chosen" (softmax over the k chosen) or "shortlist" (over
-  // every expert scored); the backward follows the routes' mode.
+  // The selection bias of later routes (see IndexState::set_router_bias).
+  void set_bias(const py::object& bias, intptr_t stream) {
+    set_router_bias(get("set_bias"), bias, stream);
+  }
+
+  // gate_mode: "chosen" (softmax over the k chosen), "shortlist" (over
+  // every expert scored) or "sigmoid"; the backward follows the routes' mode.
   py::tuple route(const py::object& tokens, int k, int probes, const std::string& gate_mode,
                   intptr_t stream) {
     const GateMode mode = gate_mode_from_string(gate_mode);
@@ -436,14 +481,19 @@ class DenseIndex : public IndexState {
       throw UsageError("centers are on " + to_string(centers.view.device) + ", the index on " +
                        device() + ": build a new index");
     if (on_host() && same_bits(centers.view, router_.keys())) return false;
-    router_ = DenseRouter(centers.view, compute_);
+    DenseRouter fresh(centers.view, compute_);
+    carry_bias(router_, fresh);
+    router_ = std::move(fresh);
     ++generation_;
     return true;
   }
 
-  py::tuple route(const py::object& tokens, int k, intptr_t stream) {
+  void set_bias(const py::object& bias, intptr_t stream) { set_router_bias(router_, bias, stream); }
+
+  py::tuple route(const py::object& tokens, int k, const std::string& gate_mode, intptr_t stream) {
+    const GateMode mode = gate_mode_from_string(gate_mode);
     return routed(router_, tokens, stream,
-                  [&](const DenseRouter& r, TensorView t) { return r.route(t, k); });
+                  [&](const DenseRouter& r, TensorView t) { return r.route(t, k, mode); });
   }
 
   py::tuple backward(const py::object& tokens, const RouteHandle& h, const py::object& d_gates,
@@ -486,14 +536,19 @@ class ProductKeyIndex : public IndexState {
                        device() + ": build a new index");
     if (on_host() && same_bits(keys1.view, key_view(1)) && same_bits(keys2.view, key_view(2)))
       return false;
-    router_ = ProductKeyRouter(keys1.view, keys2.view, compute_);
+    ProductKeyRouter fresh(keys1.view, keys2.view, compute_);
+    carry_bias(router_, fresh);
+    router_ = std::move(fresh);
     ++generation_;
     return true;
   }
 
-  py::tuple route(const py::object& tokens, int k, intptr_t stream) {
+  void set_bias(const py::object& bias, intptr_t stream) { set_router_bias(router_, bias, stream); }
+
+  py::tuple route(const py::object& tokens, int k, const std::string& gate_mode, intptr_t stream) {
+    const GateMode mode = gate_mode_from_string(gate_mode);
     return routed(router_, tokens, stream,
-                  [&](const ProductKeyRouter& r, TensorView t) { return r.route(t, k); });
+                  [&](const ProductKeyRouter& r, TensorView t) { return r.route(t, k, mode); });
   }
 
   // (d_tokens, (rows1, values1), (rows2, values2))
@@ -552,6 +607,9 @@ class ProductKeyIndex : public IndexState {
 
 PYBIND11_MODULE(_airmoe, m) {
   using namespace airmoe;
+  static constexpr const char* kSetBiasDoc =
+      "The selection bias (float32 or bfloat16 [E, 1] on the CPU or the index's device; None: "
+      "none) of later routes: experts selected by z + b, gates from z.";
   m.doc() =
       "airmoe C++ routers (AIR, dense, product-key). Tensor arguments cross by DLPack (float32 "
       "or bfloat16, 2-D, on the CPU or a GPU), read in place, never copied or converted; "
@@ -622,6 +680,7 @@ PYBIND11_MODULE(_airmoe, m) {
            py::arg("updates") = 1)
       .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"),
            py::arg("gate_mode") = "chosen", py::arg("stream") = 0)
+      .def("set_bias", &AirIndex::set_bias, py::arg("bias"), py::arg("stream") = 0, kSetBiasDoc)
       .def("backward", &AirIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"), py::arg("stream") = 0)
       .def("codewords", &AirIndex::codewords)
@@ -635,7 +694,9 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("dim", &DenseIndex::dim)
       .def("sync", &DenseIndex::sync, py::arg("centers"),
            "Follows the torch centers (compared bit for bit): True when they changed.")
-      .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"), py::arg("stream") = 0)
+      .def("route", &DenseIndex::route, py::arg("tokens"), py::arg("k"),
+           py::arg("gate_mode") = "chosen", py::arg("stream") = 0)
+      .def("set_bias", &DenseIndex::set_bias, py::arg("bias"), py::arg("stream") = 0, kSetBiasDoc)
       .def("backward", &DenseIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("centers"), py::arg("stream") = 0);
 
@@ -648,7 +709,10 @@ PYBIND11_MODULE(_airmoe, m) {
       .def_property_readonly("half_dim", &ProductKeyIndex::half_dim)
       .def("sync", &ProductKeyIndex::sync, py::arg("keys1"), py::arg("keys2"),
            "Follows the torch keys (compared bit for bit): True when they changed.")
-      .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"), py::arg("stream") = 0)
+      .def("route", &ProductKeyIndex::route, py::arg("tokens"), py::arg("k"),
+           py::arg("gate_mode") = "chosen", py::arg("stream") = 0)
+      .def("set_bias", &ProductKeyIndex::set_bias, py::arg("bias"), py::arg("stream") = 0,
+           kSetBiasDoc)
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"), py::arg("stream") = 0);
 

@@ -119,6 +119,85 @@ def test_module_moves_and_converts(kind):
 
 
 # ---------------------------------------------------------------------------
+# Selection bias with bfloat16 routers: a float32 buffer on the router's device.
+
+
+@pytest.mark.parametrize("kind", ["air", "dense"])
+@pytest.mark.parametrize("gate_mode", ["chosen", "sigmoid"])
+def test_biased_bfloat16_selects_by_z_plus_b_with_gates_from_z(kind, gate_mode):
+    r = make(kind).bfloat16()
+    r.gate_mode = gate_mode
+    hidden = bf16_exact(40, 16, seed=11).bfloat16()
+    unbiased = r(hidden)[1]
+    r.bias = 0.5 * torch.randn(64, generator=torch.Generator().manual_seed(12))
+    gates, idx = r(hidden)
+    assert gates.dtype == torch.bfloat16
+    # Reference in float64 from the same (bfloat16) values: experts by
+    # z + b (ties to the lower id), gates from the unbiased z.
+    z = exact_logits(r.double(), hidden.double()).detach()
+    want = torch.sort(-(z + r.bias.double()), dim=-1, stable=True).indices[:, :4]
+    assert torch.equal(idx, want)
+    assert not torch.equal(idx, unbiased), "the bias moved no route"
+    chosen = torch.gather(z, 1, want)
+    w = torch.sigmoid(chosen) if gate_mode == "sigmoid" else torch.softmax(chosen, -1)
+    torch.testing.assert_close(gates.double(), w / w.sum(-1, keepdim=True), rtol=8e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bias_stays_float32_and_follows_the_module(kind):
+    r = make(kind)
+    r.bias = torch.linspace(-1, 1, 64)
+    hidden = bf16_exact(20, 16, seed=13)
+    i32 = r(hidden)[1]
+    r.bfloat16()
+    assert r.bias.dtype == torch.float32 and r.bias.device.type == "cpu"
+    assert torch.equal(r(hidden.bfloat16())[1], i32)
+    r.double()
+    assert r.bias.dtype == torch.float32
+    assert torch.equal(r(hidden.double())[1], i32)
+    assert "bias" in r.state_dict()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bias_of_the_wrong_device_dtype_or_length_named(kind):
+    r = make(kind).bfloat16()
+    hidden = bf16_exact(4, 16, seed=14).bfloat16()
+    for bias, message in [
+            (torch.zeros(64, dtype=torch.bfloat16),
+             r"bias must be a 1-D contiguous float32 tensor .* got torch.bfloat16 \[64\] on cpu"),
+            (torch.zeros(64, dtype=torch.float64), "got torch.float64"),
+            (torch.zeros(64, device="meta"),
+             "on the router's device cpu .* got torch.float32 \\[64\\] on meta"),
+            (torch.zeros(63), "bias has 63 entries, expected E = 64")]:
+        r.bias = bias
+        with pytest.raises(ValueError, match=message):
+            r(hidden)
+    r.bias = torch.zeros(64, requires_grad=True)
+    with pytest.raises(ValueError, match="bias takes no gradient"):
+        r(hidden)
+    r.bias = None
+    r(hidden)
+
+
+@cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_biased_matches_cpu(kind):
+    r = make(kind)
+    r.bias = torch.linspace(-0.5, 0.5, 64)
+    r.gate_mode = "sigmoid"
+    hidden = bf16_exact(30, 16, seed=15)
+    g_cpu, i_cpu = r(hidden)
+    r.cuda()
+    assert r.bias.device.type == "cuda" and r.bias.dtype == torch.float32
+    g_gpu, i_gpu = r(hidden.cuda())
+    assert torch.equal(i_gpu.cpu(), i_cpu)
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-5, atol=1e-6)
+    r.bias = torch.zeros(64)  # a CPU bias for a CUDA router
+    with pytest.raises(ValueError, match="on the router's device cuda"):
+        r(hidden.cuda())
+
+
+# ---------------------------------------------------------------------------
 # Bad input.
 
 

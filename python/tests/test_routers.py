@@ -102,15 +102,18 @@ def test_gradcheck_float64(kind):
 
 
 @pytest.mark.parametrize("kind", ["air", "dense", "pk"])
-def test_cpp_backward_equals_closed_form(kind):
+@pytest.mark.parametrize("gate_mode", ["chosen", "sigmoid"])
+def test_cpp_backward_equals_closed_form(kind, gate_mode):
     E = 64 if kind == "pk" else 100
-    r = make_router(kind, E, 12, 6, seed=11, **({"codewords": 10, "probes": 3}
-                                                  if kind == "air" else {}))
+    r = make_router(kind, E, 12, 6, seed=11, gate_mode=gate_mode,
+                    bias=None if gate_mode == "chosen" else randn(E, seed=14),
+                    **({"codewords": 10, "probes": 3} if kind == "air" else {}))
     h = randn(30, 12, seed=12).requires_grad_()
     dg = randn(30, 6, seed=13)
     gates, idx = r(h)
     grads_cpp = torch.autograd.grad(gates, [h, *r.parameters()], dg)
-    closed = airmoe.chosen_softmax(h, expert_rows(r, idx))
+    gates_of = airmoe.chosen_sigmoid if gate_mode == "sigmoid" else airmoe.chosen_softmax
+    closed = gates_of(h, expert_rows(r, idx))
     torch.testing.assert_close(gates, closed, atol=1e-6, rtol=1e-5)
     grads_closed = torch.autograd.grad(closed, [h, *r.parameters()], dg)
     for a, b in zip(grads_cpp, grads_closed):
@@ -644,3 +647,139 @@ def test_backward_checks_the_rows_it_reads(kind):
         else:
             g.sum().backward()
             assert h.grad is not None
+
+
+# ---------------------------------------------------------------------------
+# Selection bias and sigmoid gates (docs/routing.md).
+
+
+def biased_reference(router, h, bias, k, gate_mode):
+    """Experts by z + b (float64, ties to the lower id), gates from z."""
+    with torch.no_grad():
+        z = exact_logits(router, h).double()
+    order = torch.sort(-(z + bias.double()), dim=-1, stable=True).indices[:, :k]
+    chosen = torch.gather(z, 1, order)
+    if gate_mode == "sigmoid":
+        s = torch.sigmoid(chosen)
+        return order, s / s.sum(-1, keepdim=True)
+    return order, torch.softmax(chosen, -1)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+@pytest.mark.parametrize("gate_mode", ["chosen", "sigmoid"])
+def test_bias_selects_and_logits_gate(kind, gate_mode):
+    E, d, k, T = (64, 12, 4, 40)
+    kw = {"codewords": 8, "probes": 8} if kind == "air" else {}  # air: every list probed
+    r = make_router(kind, E, d, k, seed=21, gate_mode=gate_mode, **kw)
+    h = randn(T, d, seed=22)
+    unbiased = r(h)[1]
+    bias = 2.0 * randn(E, seed=23)
+    r.bias = bias
+    gates, idx = r(h)
+    if kind == "pk":  # the bias ranks the grid of the halves' top k only: check that grid
+        assert not torch.equal(idx, unbiased)
+        z = exact_logits(r, h)
+        chosen = torch.gather(z, 1, idx)
+        want = torch.sigmoid(chosen) if gate_mode == "sigmoid" else torch.exp(chosen)
+        torch.testing.assert_close(gates, want / want.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+        return
+    want_idx, want_gates = biased_reference(r, h, bias, k, gate_mode)
+    assert torch.equal(idx, want_idx)
+    assert not torch.equal(idx, unbiased), "the bias moved no route"
+    torch.testing.assert_close(gates.double(), want_gates, atol=1e-6, rtol=1e-5)
+
+
+def test_biased_air_with_every_list_probed_equals_biased_dense():
+    E, d = 96, 10
+    centers = randn(E, d, seed=24)
+    bias = 3.0 * randn(E, seed=25)
+    h = randn(50, d, seed=26)
+    for gate_mode in ("chosen", "sigmoid"):
+        air = airmoe.AIRRouter(E, d, 5, 8, 8, centers=centers, bias=bias, gate_mode=gate_mode)
+        dense = airmoe.DenseRouter(E, d, 5, centers=centers, bias=bias, gate_mode=gate_mode)
+        ga, ia = air(h)
+        gd, id_ = dense(h)
+        assert torch.equal(ia, id_) and torch.equal(ga, gd)
+
+
+def test_bias_changes_between_steps_without_a_rebuild():
+    r = airmoe.AIRRouter(128, 8, 4, 8, 8, seed=27)
+    h = randn(30, 8, seed=28)
+    r(h)
+    index, codebook = r._index, r.codebook.clone()
+    r.bias = torch.zeros(128)
+    for step in range(3):
+        r.bias += 0.5 * randn(128, seed=29 + step)  # in place, as a balancing rule does
+        _, idx = r(h)
+        want, _ = biased_reference(r, h, r.bias, 4, "chosen")
+        assert torch.equal(idx, want)
+    assert r._index is index and torch.equal(r.codebook, codebook)
+    r.bias = None
+    assert torch.equal(r(h)[1], torch.topk(exact_logits(r, h), 4, dim=-1).indices)
+
+
+@pytest.mark.parametrize("kind", ["dense", "pk"])
+def test_index_keeps_its_bias_when_sync_rebuilds(kind):
+    from airmoe._tensors import cpp_tensor, from_cpp
+    r = make_router(kind, 64, 8, 4, seed=39, bias=3.0 * randn(64, seed=40))
+    h = randn(20, 8, seed=41)
+    want = r(h)[1]
+    assert not torch.equal(want, torch.topk(exact_logits(r, h), 4, dim=-1).indices)
+    params = [p.detach().clone() for p in r._synced_tensors()]
+    assert r._index.sync(*[cpp_tensor(p + 1) for p in params])  # two rebuilds, no set_bias
+    assert r._index.sync(*[cpp_tensor(p) for p in params])
+    experts = from_cpp(r._index.route(cpp_tensor(h), 4, "chosen")[0])
+    assert torch.equal(experts.long(), want)
+
+
+def test_bias_travels_in_state_dict_and_copies():
+    import copy
+    r = airmoe.DenseRouter(32, 6, 3, seed=30, bias=randn(32, seed=31), gate_mode="sigmoid")
+    h = randn(10, 6, seed=32)
+    assert "bias" in r.state_dict()
+    twin = copy.deepcopy(r)
+    assert torch.equal(twin(h)[1], r(h)[1]) and torch.equal(twin(h)[0], r(h)[0])
+    fresh = airmoe.DenseRouter(32, 6, 3, seed=30, bias=torch.zeros(32), gate_mode="sigmoid")
+    fresh.load_state_dict(r.state_dict())
+    assert torch.equal(fresh(h)[1], r(h)[1])
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_sigmoid_gradcheck_float64(kind):
+    E = 16 if kind == "pk" else 12
+    r = make_router(kind, E, 5, 3, seed=33, gate_mode="sigmoid", bias=randn(E, seed=34)).double()
+    h = randn(4, 5, seed=35, dtype=torch.float64).requires_grad_()
+
+    def f(hidden, *ps):
+        return r(hidden)[0]
+
+    assert torch.autograd.gradcheck(f, (h, *list(r.parameters())), eps=1e-6, atol=1e-5)
+    # (test_cpp_backward_equals_closed_form checks the C++ backward against it.)
+
+
+@pytest.mark.parametrize("kind", ["air", "dense", "pk"])
+def test_bad_bias_and_gate_mode(kind):
+    E = 16
+    r = make_router(kind, E, 5, 3, seed=37)
+    h = randn(4, 5, seed=38)
+    for bias, message in [(torch.zeros(5), "bias has 5 entries, expected E = 16"),
+                          (torch.tensor([0.0] * 3 + [float("nan")] + [0.0] * 12),
+                           "bias entry 3 is nan"),
+                          (torch.tensor([0.0] * 6 + [float("-inf")] + [0.0] * 9),
+                           "bias entry 6 is -inf"),
+                          (torch.zeros(E, dtype=torch.float16), "float32"),
+                          (torch.zeros(E, 1), "1-D"),
+                          (torch.zeros(2 * E)[::2], "contiguous")]:
+        r.bias = bias
+        with pytest.raises(ValueError, match=message):
+            r(h)
+    r.bias = None
+    r(h)
+    with pytest.raises(ValueError, match="bias has 5 entries"):
+        make_router(kind, E, 5, 3, seed=37, bias=torch.zeros(5))(h)
+    for mode in ("shortlist", "softmax"):
+        r.gate_mode = mode
+        with pytest.raises(ValueError, match=f"gate_mode = '{mode}' is not one of"):
+            r(h)
+        with pytest.raises(ValueError, match="is not one of"):
+            make_router(kind, E, 5, 3, gate_mode=mode)
