@@ -3,7 +3,10 @@
 # the MoE layer N times on 3 ranks while this script samples every rank's
 # resident memory (VmRSS) and the step rank 0 has reached. Asserts the memory
 # stays flat: over the steps, the last quarter's peak is at most the first
-# quarter's peak x 1.05 + 1 MiB, on every rank.
+# half's peak x 1.05 + 1 MiB, on every rank. The baseline is a half, not a
+# quarter, because a short run's first quarter can end before the allocator
+# has reached its working set (120 steps: +3.3 MiB from the first quarter to
+# the last once in a loaded ctest, flat over 3,000 steps).
 #
 # usage: scripts/soak.sh AIRMOE_BENCH [STEPS (default 10000)] [WORKDIR]
 #   STRATEGY (default air): the strategy that loops.
@@ -57,7 +60,7 @@ if [ "$status" -ne 0 ]; then
   exit 1
 fi
 
-# Quarters by step, over samples taken inside the loop (step >= 1) while
+# Halves and quarters by step, over samples taken inside the loop (step >= 1) while
 # every rank was alive (all columns filled).
 /usr/bin/python3 - "$csv" "$steps" <<'EOF'
 import csv
@@ -68,17 +71,17 @@ rows = [r for r in csv.reader(open(path))][1:]
 rows = [[int(x) for x in r] for r in rows if all(r) and int(r[1]) >= 1]
 if len(rows) < 8:
     sys.exit(f"FAIL: {len(rows)} samples inside the loop; need 8 (more steps?)")
-first_rows = [r for r in rows if r[1] <= steps // 4]
+first_rows = [r for r in rows if r[1] <= steps // 2]
 last_rows = [r for r in rows if r[1] > steps - steps // 4]
 if not first_rows or not last_rows:
-    sys.exit(f"FAIL: no sample in the first or the last quarter of the steps ({len(rows)} "
+    sys.exit(f"FAIL: no sample in the first half or the last quarter of the steps ({len(rows)} "
              "samples); run more steps")
 ok = True
 for col in range(2, len(rows[0])):
     first = max(r[col] for r in first_rows)
     last = max(r[col] for r in last_rows)
     limit = first * 1.05 + 1024
-    print(f"rank {col - 2}: first-quarter peak {first} KiB, last-quarter peak {last} KiB "
+    print(f"rank {col - 2}: first-half peak {first} KiB, last-quarter peak {last} KiB "
           f"(limit {limit:.0f}), {len(rows)} samples over {steps} steps")
     ok &= last <= limit
 sys.exit(0 if ok else "FAIL: resident memory grew")
