@@ -262,6 +262,23 @@ class IndexState {
     if (!b.empty() && b.rows == to.experts()) to.set_bias(b);
   }
 
+  // Rebuilt parameters must stay on the index's device: moving a router to
+  // another device builds a new index.
+  void require_index_device(const TensorArg& t, const std::string& name) const {
+    if (t.view.device != compute_.ops->device())
+      throw UsageError(name + " are on " + to_string(t.view.device) + ", the index on " + device() +
+                       ": build a new index");
+  }
+
+  // Swaps in a router rebuilt from new parameters; handles of earlier
+  // forwards then see another generation.
+  template <typename Router>
+  void replace_router(Router& current, Router fresh) {
+    carry_bias(current, fresh);
+    current = std::move(fresh);
+    ++generation_;
+  }
+
   // Runs route(router, tokens view) with the GIL released, and packs the
   // result with a handle that keeps the routes, the parameters' generation
   // (for backward) and the tokens' address (for the zero-copy check).
@@ -477,14 +494,9 @@ class DenseIndex : public IndexState {
     const TensorArg centers = import_tensor(centers_arg, "centers");
     py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    if (centers.view.device != compute_.ops->device())
-      throw UsageError("centers are on " + to_string(centers.view.device) + ", the index on " +
-                       device() + ": build a new index");
+    require_index_device(centers, "centers");
     if (on_host() && same_bits(centers.view, router_.keys())) return false;
-    DenseRouter fresh(centers.view, compute_);
-    carry_bias(router_, fresh);
-    router_ = std::move(fresh);
-    ++generation_;
+    replace_router(router_, DenseRouter(centers.view, compute_));
     return true;
   }
 
@@ -531,15 +543,10 @@ class ProductKeyIndex : public IndexState {
     const auto [keys1, keys2] = imported_in_order(keys1_arg, keys2_arg);
     py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    if (keys1.view.device != compute_.ops->device())
-      throw UsageError("keys1 are on " + to_string(keys1.view.device) + ", the index on " +
-                       device() + ": build a new index");
+    require_index_device(keys1, "keys1");
     if (on_host() && same_bits(keys1.view, key_view(1)) && same_bits(keys2.view, key_view(2)))
       return false;
-    ProductKeyRouter fresh(keys1.view, keys2.view, compute_);
-    carry_bias(router_, fresh);
-    router_ = std::move(fresh);
-    ++generation_;
+    replace_router(router_, ProductKeyRouter(keys1.view, keys2.view, compute_));
     return true;
   }
 
