@@ -251,24 +251,32 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   gather_assignment();
 }
 
-void DistributedRouter::set_bias(MatrixView bias) {
+Tensor agreed_bias(comm::Communicator& comm, const Compute& compute, MatrixView bias,
+                   int64_t experts) {
   Tensor checked;
-  comm::check_together(comm_, "set_bias", [&] {
-    checked = checked_bias(codebook_.compute(), bias, lists_.experts());
-  });
-  const OnHost values(codebook_.compute(), checked);
-  const std::string digest = std::to_string(
-      fnv1a64(values.as<float>(), static_cast<size_t>(lists_.experts()) * sizeof(float)));
-  {
-    comm::PhaseScope phase(comm_, "checks");
-    comm::require_same_config(comm_, "bias=" + digest, "selection bias");
-  }
-  bias_ = std::move(checked);
+  comm::check_together(comm, "set_bias", [&] { checked = checked_bias(compute, bias, experts); });
+  const OnHost values(compute, checked);
+  const std::string digest =
+      std::to_string(fnv1a64(values.as<float>(), static_cast<size_t>(experts) * sizeof(float)));
+  comm::PhaseScope phase(comm, "checks");
+  comm::require_same_config(comm, "bias=" + digest, "selection bias");
+  return checked;
+}
+
+void agree_no_bias(comm::Communicator& comm) {
+  // agreed_bias's collectives, so a rank clearing while another sets raises
+  // on every rank instead of hanging.
+  comm::check_together(comm, "set_bias", [] {});
+  comm::PhaseScope phase(comm, "checks");
+  comm::require_same_config(comm, "bias=none", "selection bias");
+}
+
+void DistributedRouter::set_bias(MatrixView bias) {
+  bias_ = agreed_bias(comm_, codebook_.compute(), bias, lists_.experts());
 }
 
 void DistributedRouter::clear_bias() {
-  comm::PhaseScope phase(comm_, "checks");
-  comm::require_same_config(comm_, "bias=none", "selection bias");
+  agree_no_bias(comm_);
   bias_ = Tensor();
 }
 

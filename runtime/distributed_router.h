@@ -46,6 +46,16 @@ struct RouteResult {
   RouteTimings timings;
 };
 
+// Collective: `bias` checked on every rank (router/routes.h checked_bias; all
+// raise together), then the ranks compare a digest, so a bias that differs
+// between ranks fails everywhere instead of routing differently. Returns the
+// checked copy on `compute`'s device. Every router the runtime replicates
+// the bias into (distributed, dense-replicated) goes through here.
+Tensor agreed_bias(comm::Communicator& comm, const Compute& compute, MatrixView bias,
+                   int64_t experts);
+// Collective: every rank clears its bias, or all raise.
+void agree_no_bias(comm::Communicator& comm);
+
 class DistributedRouter {
  public:
   // `assignment` is every expert's list (replicated); `local_centers` holds
@@ -76,6 +86,7 @@ class DistributedRouter {
   void set_bias(MatrixView bias);
   void clear_bias();  // collective
   bool has_bias() const { return bias_.rows() > 0; }
+  TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
 
   const Codebook& codebook() const { return codebook_; }
   const InvertedLists& lists() const { return lists_; }

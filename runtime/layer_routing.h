@@ -55,6 +55,13 @@ class LayerRouting {
   // Collective, after a re-plan's migration: the new placement and this
   // rank's hosted rows under it.
   virtual void move_experts(Placement placement, MatrixView local_centers) = 0;
+  // Collective: the selection bias of all E experts (agreed_bias: checked on
+  // every rank, the same everywhere); experts are selected by z + b, gates
+  // come from z. It survives set_local_centers, sync_codebook and
+  // move_experts.
+  virtual void set_bias(MatrixView bias) = 0;
+  virtual void clear_bias() = 0;        // collective
+  virtual TensorView bias() const = 0;  // f32 [E, 1]; empty: none
 
   virtual const Codebook& codebook() const = 0;
   virtual const InvertedLists& lists() const = 0;

@@ -43,7 +43,18 @@ void DenseReplicatedRouting::set_local_centers(MatrixView local_centers) {
   std::copy_n(old.data, old.rows * old.cols, all.data());
   for (size_t i = 0; i < ids.size(); ++i)
     std::copy_n(rows.data() + i * static_cast<size_t>(d), d, all.row(ids[i]));
-  router_ = DenseRouter(all.view());
+  DenseRouter next(all.view());
+  if (router_.bias().rows > 0) next.set_bias(router_.bias());  // the bias stays
+  router_ = std::move(next);
+}
+
+void DenseReplicatedRouting::set_bias(MatrixView bias) {
+  router_.set_bias(agreed_bias(comm_, router_.compute(), bias, router_.experts()));
+}
+
+void DenseReplicatedRouting::clear_bias() {
+  agree_no_bias(comm_);
+  router_.clear_bias();
 }
 
 void DenseReplicatedRouting::sync_codebook(double) {

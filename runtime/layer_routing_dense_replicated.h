@@ -21,6 +21,9 @@ class DenseReplicatedRouting final : public LayerRouting {
   void set_local_centers(MatrixView local_centers) override;
   void sync_codebook(double step) override;
   void move_experts(Placement placement, MatrixView local_centers) override;
+  void set_bias(MatrixView bias) override;
+  void clear_bias() override;
+  TensorView bias() const override { return router_.bias(); }
 
   const Codebook& codebook() const override { return codebook_; }
   const InvertedLists& lists() const override { return lists_; }

@@ -34,10 +34,13 @@ void DistributedRouting::sync_codebook(double step) {
 }
 
 void DistributedRouting::move_experts(Placement placement, MatrixView local_centers) {
-  // The codebook and lists are the router's current ones (synced or not).
-  router_ =
+  // The codebook, lists and bias are the router's current ones (synced or
+  // not); the bias is agreed again, as every rank moves together.
+  auto next =
       std::make_unique<DistributedRouter>(comm_, router_->codebook(), router_->lists().assignment(),
                                           std::move(placement), local_centers);
+  if (router_->has_bias()) next->set_bias(router_->bias().matrix());
+  router_ = std::move(next);
 }
 
 }  // namespace airmoe::runtime

@@ -24,6 +24,9 @@ class DistributedRouting final : public LayerRouting {
   void set_local_centers(MatrixView local_centers) override;
   void sync_codebook(double step) override;
   void move_experts(Placement placement, MatrixView local_centers) override;
+  void set_bias(MatrixView bias) override { router_->set_bias(bias); }
+  void clear_bias() override { router_->clear_bias(); }
+  TensorView bias() const override { return router_->bias(); }
 
   const Codebook& codebook() const override { return router_->codebook(); }
   const InvertedLists& lists() const override { return router_->lists(); }

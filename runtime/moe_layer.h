@@ -126,6 +126,15 @@ class MoELayer {
   // to their new ranks ("migration" phase). A dispatch handle made before is
   // refused by backward.
   PlacementPlan replan(PlacementPolicy policy, const std::vector<double>& list_load);
+  // Collective: the selection bias b of all E experts (DeepSeek-V3's
+  // auxiliary-loss-free balancing): experts are selected by z + b, gates and
+  // their gradients come from the unbiased z. The same b on every rank (a
+  // digest is compared; a bad or differing bias raises on every rank). It
+  // changes nothing else, so it may move every step; it survives center
+  // updates, codebook syncs and replans.
+  void set_bias(MatrixView bias) { routing_->set_bias(bias); }
+  void clear_bias() { routing_->clear_bias(); }
+  TensorView bias() const { return routing_->bias(); }  // f32 [E, 1]; empty: none
 
   Strategy strategy() const { return routing_->strategy(); }
   const MoEConfig& config() const { return config_; }

@@ -23,11 +23,15 @@ struct ReferenceResult {
 
 inline ReferenceResult reference_layer(const GlobalData& g, runtime::Strategy strategy,
                                        const runtime::MoEConfig& cfg, uint64_t seed,
-                                       MatrixView d_out) {
+                                       MatrixView d_out, MatrixView bias = {}) {
   ReferenceResult ref;
   const MatrixView X = g.data.tokens.view();
-  const AirRouter air(g.data.centers.view(), g.codebook);
-  const DenseRouter dense(g.data.centers.view());
+  AirRouter air(g.data.centers.view(), g.codebook);
+  DenseRouter dense(g.data.centers.view());
+  if (bias.rows > 0) {  // selection by z + b, gates from z (the routers' own rule)
+    air.set_bias(bias);
+    dense.set_bias(bias);
+  }
   ref.routes =
       strategy == runtime::Strategy::kAir ? air.route(X, cfg.k, cfg.probes) : dense.route(X, cfg.k);
   std::vector<int32_t> all(static_cast<size_t>(g.data.centers.rows()));

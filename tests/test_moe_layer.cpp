@@ -117,6 +117,93 @@ INSTANTIATE_TEST_SUITE_P(RanksStrategiesPolicies, LayerEqualsReference,
                                             ::testing::Values(PlacementPolicy::kRoundRobin,
                                                               PlacementPolicy::kLocality)));
 
+// A selection bias that moves routes: N(0, 1) per expert, against logits of
+// a few tenths.
+Matrix selection_bias(int64_t experts) {
+  return random_matrix(experts, 1, 1.0, 991);
+}
+
+// Selection by z + b, gates and every gradient from z: the layer equals the
+// single-process biased routers' reference on every strategy and P, and the
+// bias survives a replan and a center update (routers are rebuilt there).
+class LayerWithBias : public ::testing::TestWithParam<std::tuple<int, Strategy>> {};
+
+TEST_P(LayerWithBias, EqualsBiasedReferenceBeforeAndAfterReplan) {
+  const auto [P, strategy] = GetParam();
+  const GlobalData& g = data();
+  const MoEConfig cfg = config();
+  const Matrix dy = upstream(g), bias = selection_bias(g.data.centers.rows());
+  const test::ReferenceResult ref =
+      test::reference_layer(g, strategy, cfg, 123, dy.view(), bias.view());
+  const test::ReferenceResult plain = test::reference_layer(g, strategy, cfg, 123, dy.view());
+  ASSERT_NE(ref.routes.experts, plain.routes.experts) << "the bias must move some route";
+  const int64_t d = g.data.tokens.cols();
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kRoundRobin, cfg);
+    layer.set_bias(bias.view());
+    ASSERT_EQ(layer.bias().rows, g.data.centers.rows());
+    const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+    const size_t n = static_cast<size_t>((e - b) * d);
+    const MatrixView my_dy(dy.row(b), e - b, d);
+    for (const char* when : {"before replan", "after replan"}) {
+      runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+      const runtime::MoEGradients grads = layer.backward(fwd.handle, my_dy);
+      EXPECT_LE(test::rel_error(fwd.output.data(), ref.out.row(b), n), 1e-5)
+          << "output, rank " << comm.rank() << ", " << when;
+      EXPECT_LE(test::rel_error(grads.d_tokens.data(), ref.d_tokens.row(b), n), 1e-5)
+          << "d_tokens, rank " << comm.rank() << ", " << when;
+      layer.replan(PlacementPolicy::kLocality, g.load);
+    }
+    // Moved centers: dense-replicated rebuilds its replica; the bias stays.
+    Matrix moved = layer.local_centers();
+    for (int64_t i = 0; i < moved.rows(); ++i) moved(i, 0) += 0.01f;
+    layer.set_local_centers(moved.view());
+    ASSERT_EQ(layer.bias().rows, g.data.centers.rows()) << "rank " << comm.rank();
+    EXPECT_EQ(0, std::memcmp(layer.bias().as<float>(), bias.data(), bias.size() * sizeof(float)));
+    layer.set_local_centers(runtime::hosted_rows(g.data.centers.view(), layer.hosted()).view());
+    layer.clear_bias();
+    EXPECT_EQ(layer.bias().rows, 0);
+    const Matrix unbiased = layer.forward(g.tokens_of(comm.rank(), P)).output;
+    EXPECT_LE(test::rel_error(unbiased.data(), plain.out.row(b), n), 1e-5)
+        << "cleared, rank " << comm.rank();
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(RanksStrategies, LayerWithBias,
+                         ::testing::Combine(::testing::Values(1, 2, 3),
+                                            ::testing::Values(Strategy::kAir,
+                                                              Strategy::kDenseReplicated,
+                                                              Strategy::kDenseBroadcast)));
+
+// A bias that is bad on one rank, differs between ranks, or is cleared on one
+// rank while set on another fails on every rank, and the layer goes on.
+TEST(MoELayer, BadOrDifferingBiasRaisesOnEveryRank) {
+  const GlobalData& g = data();
+  const int64_t E = g.data.centers.rows();
+  const Matrix bias = selection_bias(E), short_bias = selection_bias(E - 1);
+  Matrix other = selection_bias(E);
+  other(7, 0) += 1.0f;
+  const int P = 3;
+  for (const Strategy s : {Strategy::kAir, Strategy::kDenseReplicated}) {
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      MoELayer layer = make_layer(comm, g, s, PlacementPolicy::kRoundRobin, config());
+      const bool odd = comm.rank() == 1;
+      AIRMOE_EXPECT_THROW_MSG(layer.set_bias(odd ? short_bias.view() : bias.view()),
+                              std::invalid_argument, "rank 1: bias has 600 entries");
+      AIRMOE_EXPECT_THROW_MSG(layer.set_bias(odd ? other.view() : bias.view()), std::runtime_error,
+                              "selection bias");
+      if (odd)
+        AIRMOE_EXPECT_THROW_MSG(layer.clear_bias(), std::runtime_error, "selection bias");
+      else
+        AIRMOE_EXPECT_THROW_MSG(layer.set_bias(bias.view()), std::runtime_error, "selection bias");
+      EXPECT_EQ(layer.bias().rows, 0) << "a refused bias is not kept";
+      layer.set_bias(bias.view());
+      EXPECT_EQ(layer.forward(g.tokens_of(comm.rank(), P)).output.rows(),
+                g.tokens_of(comm.rank(), P).rows);
+    });
+  }
+}
+
 TEST(MoELayer, AirWithAllProbesEqualsDenseReplicated) {
   const GlobalData& g = data();
   MoEConfig cfg = config();

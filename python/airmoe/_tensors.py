@@ -160,6 +160,27 @@ def same_bits(tensors, copies):
     return True
 
 
+def checked_bias(b, num_experts, device, owner):
+    """The selection bias `b` ([E] float32, contiguous, on `device`, no
+    gradient) as an [E, 1] view, or None for None. Its length and
+    finiteness are the C++ side's checks (they name the entry)."""
+    if b is None:
+        return None
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(b).__name__}")
+    if b.dim() != 1 or b.dtype != torch.float32 or b.device != device \
+            or not b.is_contiguous():
+        raise ValueError(
+            f"bias must be a 1-D contiguous float32 tensor of num_experts = "
+            f"{num_experts} entries on the {owner}'s device {device} (or None), got "
+            f"{b.dtype} {list(b.shape)} on {b.device}"
+            f"{'' if b.is_contiguous() else ' (not contiguous)'}: move the {owner} with "
+            f".to() (the bias follows), or assign a float32 bias there")
+    if b.requires_grad:
+        raise ValueError("bias takes no gradient: give a tensor without requires_grad")
+    return b.detach().view(-1, 1)
+
+
 def view(x):
     """float32 numpy view of a checked tensor: zero-copy for float32; float64 is
     converted (a copy), which callers only do where documented."""

@@ -71,8 +71,8 @@ import torch
 from torch import nn
 
 from . import _airmoe
-from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, check_tensor,
-                       initial_centers, view)
+from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, checked_bias,
+                       check_tensor, initial_centers, view)
 
 __all__ = ["MoELayer"]
 
@@ -283,11 +283,18 @@ class MoELayer(nn.Module):
             None: seeded N(0, 1/d).
         load_sample: optional [T, d] float32 token sample for the placement's
             load estimate (rank 0's is used); None: load = list sizes.
+        bias: the selection bias [E] (float32, the same on every rank; a
+            buffer, None by default, that may change between steps): experts
+            are selected by z + bias, gates and their gradients come from the
+            unbiased logits z (DeepSeek-V3's auxiliary-loss-free balancing).
+            Each forward hands it to the C++ layer (one small collective that
+            compares a digest: a bias that differs between ranks raises on
+            every rank).
     """
 
     def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
                  activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
-                 kmeans_iterations=10, load_sample=None):
+                 kmeans_iterations=10, load_sample=None, bias=None):
         super().__init__()
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
@@ -307,6 +314,8 @@ class MoELayer(nn.Module):
                 ints["codewords"], ints["kmeans_iterations"], ints["seed"], placement,
                 ints["seed"], centers, sample, local_error=_message(error))
         self._adopt(impl, placement, ints["seed"])
+        if bias is not None:
+            self.bias = torch.as_tensor(bias).detach().clone()
 
     def _adopt(self, impl, placement, seed):
         """Takes the C++ layer: its configuration, parameters and buffers."""
@@ -325,6 +334,7 @@ class MoELayer(nn.Module):
         self.register_buffer("codebook", torch.from_numpy(self._impl.codewords()))
         self.register_buffer("hosted", torch.from_numpy(self._impl.hosted()).long())
         self.register_buffer("owners", torch.from_numpy(self._impl.owners()).long())
+        self.register_buffer("bias", None)
 
     def __reduce_ex__(self, protocol):
         # copy.copy, copy.deepcopy, pickle and torch.save all come here.
@@ -480,10 +490,13 @@ class MoELayer(nn.Module):
         # step, load_state_dict) hand them to routing; when none moved this is
         # one small all-gather.
         self._impl.set_local_centers(view(self.centers_local.detach()))
+        bias = checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
+        self._impl.set_bias(None if bias is None else view(bias))
         return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
 
     def _check_forward(self, hidden):
         check_tensor(hidden, "hidden", dim=self.dim)
+        checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
         if hidden.dtype != torch.float32:
             raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
         self._check_shared_weights()

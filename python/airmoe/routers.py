@@ -73,8 +73,8 @@ from torch import nn
 
 from . import _airmoe
 from ._tensors import (INT32_MAX, INT64_MAX, MAX_EXPERTS, ROUTER_DEVICES, ROUTER_DTYPES,
-                       backend_name, check_expert_count, check_int, check_seed, check_tensor,
-                       cpp_tensor, current_stream, from_cpp, host_float32, initial_centers,
+                       backend_name, check_expert_count, check_int, check_seed, checked_bias,
+                       check_tensor, cpp_tensor, current_stream, from_cpp, host_float32, initial_centers,
                        same_bits)
 
 __all__ = ["AIRRouter", "DenseRouter", "ProductKeyRouter", "chosen_softmax", "chosen_sigmoid"]
@@ -274,22 +274,8 @@ class _Router(nn.Module):
         """The bias as the index takes it ([E, 1] float32 on the parameters'
         device, in place), or None. Its length and finiteness are the C++
         router's checks."""
-        b = self.bias
-        if b is None:
-            return None
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(b).__name__}")
-        if b.dim() != 1 or b.dtype != torch.float32 or b.device != device \
-                or not b.is_contiguous():
-            raise ValueError(
-                f"bias must be a 1-D contiguous float32 tensor of num_experts = "
-                f"{self.num_experts} entries on the router's device {device} (or None), got "
-                f"{b.dtype} {list(b.shape)} on {b.device}"
-                f"{'' if b.is_contiguous() else ' (not contiguous)'}: move the router with "
-                f".to() (the bias follows), or assign a float32 bias there")
-        if b.requires_grad:
-            raise ValueError("bias takes no gradient: give a tensor without requires_grad")
-        return cpp_tensor(b.view(-1, 1))
+        b = checked_bias(self.bias, self.num_experts, device, "router")
+        return None if b is None else cpp_tensor(b)
 
     def _checked_k(self):
         return check_int(self.k, "k", 1, self.num_experts)

@@ -193,6 +193,22 @@ class MoELayerImpl {
                       [&] { return runtime::save_checkpoint(*layer_, dir).leftover; });
   }
 
+  // Collective: None on every rank clears the selection bias, an [E, 1]
+  // float32 array sets it (runtime::MoELayer::set_bias). Both take the same
+  // collectives, so ranks that disagree raise together instead of hanging.
+  void set_bias(const py::object& bias) {
+    collective("set_bias", [&] {
+      MatrixView v;
+      comm::check_together(*comm_, "MoELayer.set_bias", [&] {
+        if (!bias.is_none()) v = as_view(bias.cast<py::array>(), "bias");
+      });
+      if (bias.is_none())
+        layer_->clear_bias();
+      else
+        layer_->set_bias(v);
+    });
+  }
+
   void set_local_centers(const py::array& centers) {
     collective("set_local_centers", [&] {
       MatrixView v;
@@ -299,6 +315,7 @@ void bind_layer(py::module_& m) {
                                return d;
                              })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
+      .def("set_bias", &MoELayerImpl::set_bias, py::arg("bias"))
       .def("set_local_centers", &MoELayerImpl::set_local_centers, py::arg("centers"),
            "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
       .def("raise_together", &MoELayerImpl::raise_together, py::arg("local_error"), py::arg("what"),

@@ -243,6 +243,65 @@ def swiglu_errors():
         check("unknown activation raises ValueError", "'swiglu'" in str(err), str(err))
 
 
+def compare_biased(strategy):
+    """A selection bias: the P-rank layer equals the single-rank one, the bias
+    moves routes, and it is a buffer of the state_dict."""
+    centers, tokens, dy = data()
+    b, e = T * rank // P, T * (rank + 1) // P
+    bias = 3.0 * torch.randn(E, generator=torch.Generator().manual_seed(5))
+    dist = build(world, strategy, centers, load_sample=tokens, bias=bias)
+    single = build(MPI.COMM_SELF, strategy, centers, bias=bias)
+    plain = build(MPI.COMM_SELF, strategy, centers)
+    out, dx = run(dist, tokens[b:e], dy[b:e])
+    ref_out, ref_dx = run(single, tokens, dy)
+    plain_out, _ = run(plain, tokens, dy)
+    tag = f"biased {strategy} P={P}"
+    r = rel(out, ref_out[b:e])
+    check(f"{tag} output", r <= TOL, f"rel {r}")
+    r = rel(dx, ref_dx[b:e])
+    check(f"{tag} d_hidden", r <= TOL, f"rel {r}")
+    hosted = dist.hosted.numpy()
+    r = rel(dist.centers_local.grad, single.centers_local.grad[hosted])
+    check(f"{tag} d_centers of hosted experts", r <= TOL, f"rel {r}")
+    check(f"{tag} the bias moves routes", rel(ref_out, plain_out) > 1e-3)
+    check(f"{tag} bias is in the state_dict", torch.equal(dist.state_dict()["bias"], bias))
+    dist.bias = None  # cleared on every rank: the unbiased layer again
+    with torch.no_grad():
+        again = dist(tokens[b:e])
+    r = rel(again, plain_out[b:e])
+    check(f"{tag} cleared bias gives the unbiased output", r <= TOL, f"rel {r}")
+
+
+def bias_errors():
+    centers, tokens, _ = data()
+    b, e = T * rank // P, T * (rank + 1) // P
+    layer = build(world, "air", centers)
+    layer.bias = torch.zeros(E, dtype=torch.float64) if rank == P - 1 else torch.zeros(E)
+    try:
+        layer(tokens[b:e])
+        check("float64 bias on the last rank raises ValueError", False, "no error")
+    except ValueError as err:
+        check("float64 bias on the last rank raises ValueError",
+              "bias must be a 1-D contiguous float32" in str(err), str(err))
+    layer.bias = torch.zeros(E - 1)
+    try:
+        layer(tokens[b:e])
+        check("a short bias raises ValueError", False, "no error")
+    except ValueError as err:
+        check("a short bias raises ValueError", f"bias has {E - 1} entries" in str(err), str(err))
+    if P > 1:
+        layer.bias = torch.full((E,), float(rank))
+        try:
+            layer(tokens[b:e])
+            check("ranks with different biases raise RuntimeError", False, "no error")
+        except RuntimeError as err:
+            check("ranks with different biases raise RuntimeError",
+                  "selection bias" in str(err), str(err))
+    layer.bias = torch.zeros(E)
+    with torch.no_grad():
+        check("the layer routes after the refused biases", layer(tokens[b:e]).shape[0] == e - b)
+
+
 def errors():
     centers, _, _ = data()
     for bad in (None, 0, "COMM_WORLD", object()):
@@ -277,6 +336,9 @@ torch.manual_seed(0)
 for strategy in ("air", "dense-replicated", "dense-broadcast"):
     guarded(strategy, lambda: compare_strategy(strategy))
 guarded("errors", errors)
+for strategy in ("air", "dense-replicated", "dense-broadcast"):
+    guarded(f"biased {strategy}", lambda: compare_biased(strategy))
+guarded("bias errors", bias_errors)
 for strategy in ("air", "dense-replicated", "dense-broadcast"):
     for from_modules in (False, True):
         guarded(f"swiglu {strategy}", lambda: compare_swiglu_with_torch(strategy, from_modules))
