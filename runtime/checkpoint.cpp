@@ -73,6 +73,8 @@ CheckpointManifest manifest_of(const MoELayer& layer, std::vector<ShardEntry> sh
   std::copy_n(cw.data, cw.rows * cw.cols, m.codebook.data());
   m.assignment = layer.lists().assignment();
   m.owners = layer.placement().owners();
+  if (const TensorView b = layer.bias(); b.rows > 0)
+    m.bias.assign(b.as<float>(), b.as<float>() + b.rows);
   m.shards = std::move(shards);
   return m;
 }
@@ -334,6 +336,7 @@ std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::s
       std::make_unique<MoELayer>(comm, m.layer.strategy, m.layer.config, std::move(codebook),
                                  std::move(m.assignment), std::move(placement), centers.view(), 0);
   install_parameters(*layer, std::move(mine));
+  if (!m.bias.empty()) layer->set_bias(MatrixView(m.bias.data(), m.layer.experts, 1));
   return layer;
 }
 

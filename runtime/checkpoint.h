@@ -29,7 +29,11 @@
 
 namespace airmoe::runtime {
 
-inline constexpr uint32_t kCheckpointVersion = 1;
+// The manifest's newest format version (2 adds the selection bias; version 1
+// manifests, which have none, are still read) and the shard files' version.
+inline constexpr uint32_t kManifestVersion = 2;
+inline constexpr uint32_t kOldestManifestVersion = 1;
+inline constexpr uint32_t kShardVersion = 1;
 
 // The layer a checkpoint holds, as a caller may require it.
 struct CheckpointConfig {
@@ -52,6 +56,7 @@ struct CheckpointManifest {
   Matrix codebook;                  // [C, d], unit rows, bit for bit
   std::vector<int32_t> assignment;  // [E], each expert's list
   std::vector<int32_t> owners;      // [E], the rank (of P) whose shard holds it
+  std::vector<float> bias;          // [E] selection bias (MoELayer::set_bias), or empty: none
   std::vector<ShardEntry> shards;   // [P]
 };
 
@@ -69,7 +74,7 @@ struct ShardRecords {
 };
 
 // The file formats in memory, no I/O. decode_* refuse anything but a
-// well-formed file of this format version with a UsageError that names
+// well-formed file of a format version this build reads with a UsageError that names
 // `name` and what is wrong (the fuzzed readers, tests/fuzz/).
 std::vector<char> encode_manifest(const CheckpointManifest& manifest);
 CheckpointManifest decode_manifest(std::span<const char> bytes, const std::string& name);

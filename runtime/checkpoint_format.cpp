@@ -23,8 +23,12 @@ namespace {
 constexpr char kManifestMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'M', 'F'};
 constexpr char kShardMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'S', 'H'};
 constexpr size_t kChecksumBytes = 8;
-// magic, version, strategy, k, probes, d, h, activation, P, E, C
-constexpr size_t kManifestHeader = 8 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 4 + 8 + 8;
+// magic, version, strategy, k, probes, d, h, activation, P, E, C; then,
+// from version 2, whether a bias follows the owners (0 or 1)
+constexpr size_t kManifestHeaderV1 = 8 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 4 + 8 + 8;
+constexpr size_t manifest_header(uint32_t version) {
+  return kManifestHeaderV1 + (version >= 2 ? 4 : 0);
+}
 // magic, version, rank, P, d, h, records
 constexpr size_t kShardHeader = 8 + 4 + 4 + 4 + 8 + 8 + 8;
 constexpr int64_t kMaxDim = int64_t{1} << 24;    // d and h
@@ -44,21 +48,39 @@ void seal(std::vector<char>& out) {
   put1(out, fnv1a64(out.data(), out.size()));
 }
 
-// The magic says which kind of file this is; the version, which layout.
-void check_magic_and_version(std::span<const char> bytes, const char (&magic)[8], size_t header,
-                             const char* kind, const std::string& name) {
+// The magic says which kind of file this is; the version, which layout
+// (one of oldest..newest). Returns the version.
+uint32_t check_magic_and_version(std::span<const char> bytes, const char (&magic)[8],
+                                 uint32_t oldest, uint32_t newest, const char* kind,
+                                 const std::string& name) {
   if (bytes.size() < sizeof(magic) || std::memcmp(bytes.data(), magic, sizeof(magic)) != 0)
     fail(kind + (" " + quoted(name)) + " is not an airmoe checkpoint " + kind +
          " (its first bytes are not the magic '" + std::string(magic, sizeof(magic)) + "')");
+  uint32_t version = 0;
+  if (bytes.size() >= sizeof(magic) + sizeof(version))
+    std::memcpy(&version, bytes.data() + sizeof(magic), sizeof(version));
+  else
+    fail(kind + (" " + quoted(name)) + " is truncated: " + std::to_string(bytes.size()) +
+         " bytes, it ends inside its format version");
+  if (version < oldest || version > newest) {
+    // Appended: g++ 12 sees a false overlap in const char* + string here
+    // (-Wrestrict).
+    std::string message = std::string(kind) + " " + quoted(name);
+    message.append(" has format version ").append(std::to_string(version));
+    message.append(oldest == newest ? "; this build reads version "
+                                    : "; this build reads versions ");
+    if (oldest != newest) message.append(std::to_string(oldest)).append(" to ");
+    fail(message.append(std::to_string(newest)));
+  }
+  return version;
+}
+
+void check_header_fits(std::span<const char> bytes, size_t header, const char* kind,
+                       const std::string& name) {
   if (bytes.size() < header + kChecksumBytes)
     fail(kind + (" " + quoted(name)) + " is truncated: " + std::to_string(bytes.size()) +
          " bytes, less than its " + std::to_string(header + kChecksumBytes) +
          "-byte header and checksum");
-  uint32_t version = 0;
-  std::memcpy(&version, bytes.data() + sizeof(magic), sizeof(version));
-  if (version != kCheckpointVersion)
-    fail(kind + (" " + quoted(name)) + " has format version " + std::to_string(version) +
-         "; this build reads version " + std::to_string(kCheckpointVersion));
 }
 
 void check_size_and_checksum(std::span<const char> bytes, int64_t promised, const char* kind,
@@ -97,7 +119,7 @@ Enum enum_field(uint32_t value, uint32_t count, const char* field, const std::st
 void put_manifest_header(std::vector<char>& out, const CheckpointManifest& m) {
   const CheckpointConfig& layer = m.layer;
   wire::put(out, kManifestMagic, sizeof(kManifestMagic));
-  put1(out, kCheckpointVersion);
+  put1(out, kManifestVersion);
   put1(out, static_cast<uint32_t>(layer.strategy));
   put1(out, static_cast<int32_t>(layer.config.k));
   put1(out, static_cast<int32_t>(layer.config.probes));
@@ -107,14 +129,17 @@ void put_manifest_header(std::vector<char>& out, const CheckpointManifest& m) {
   put1(out, m.ranks);
   put1(out, layer.experts);
   put1(out, layer.codewords);
+  put1(out, static_cast<uint32_t>(m.bias.empty() ? 0 : 1));
 }
 
 // The header's fields, each in its range; returns the file size they promise.
-int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, const std::string& name) {
+// Sets `has_bias` (always false in version 1).
+int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, bool& has_bias,
+                             const std::string& name) {
   CheckpointConfig& layer = m.layer;
   char magic[8];  // checked already
   in.take_n(magic, sizeof(magic), "magic");
-  in.take<uint32_t>("version");
+  const auto version = in.take<uint32_t>("version");
   layer.strategy = enum_field<Strategy>(in.take<uint32_t>("strategy"), 3, "strategy", name);
   const auto k = in.take<int32_t>("k");
   const auto probes = in.take<int32_t>("probes");
@@ -125,6 +150,9 @@ int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, const std:
   m.ranks = in.take<int32_t>("ranks");
   layer.experts = in.take<int64_t>("E");
   layer.codewords = in.take<int64_t>("C");
+  const uint32_t bias = version >= 2 ? in.take<uint32_t>("bias") : 0;
+  require_field(bias, 0, 1, "bias", "manifest", name);
+  has_bias = bias == 1;
   require_field(layer.config.expert.dim, 1, kMaxDim, "d", "manifest", name);
   require_field(layer.config.expert.hidden, 1, kMaxDim, "h", "manifest", name);
   require_field(m.ranks, 1, kMaxRanks, "ranks P", "manifest", name);
@@ -135,9 +163,9 @@ int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, const std:
   layer.config.k = k;
   layer.config.probes = probes;
   // C d <= 2^55 and E, P below 2^31: no overflow.
-  return static_cast<int64_t>(kManifestHeader) + 4 * layer.codewords * layer.config.expert.dim +
-         8 * layer.experts + 24 * static_cast<int64_t>(m.ranks) +
-         static_cast<int64_t>(kChecksumBytes);
+  return static_cast<int64_t>(manifest_header(version)) +
+         4 * layer.codewords * layer.config.expert.dim + (has_bias ? 12 : 8) * layer.experts +
+         24 * static_cast<int64_t>(m.ranks) + static_cast<int64_t>(kChecksumBytes);
 }
 
 // Every list and owner in range, and each shard's record count is the number
@@ -160,6 +188,9 @@ void check_manifest_body(const CheckpointManifest& m, const std::string& name) {
            std::to_string(m.shards[q].records) + " records, its owners give it " +
            std::to_string(per_rank[q]));
   require_finite(m.codebook.view(), ("manifest " + quoted(name) + " codebook").c_str());
+  if (!m.bias.empty())
+    require_finite(MatrixView(m.bias.data(), m.layer.experts, 1),
+                   ("manifest " + quoted(name) + " bias").c_str());
 }
 
 // --------------------------------------------------------------- shard --
@@ -222,6 +253,7 @@ std::vector<char> encode_manifest(const CheckpointManifest& m) {
   wire::put(out, m.codebook.data(), m.codebook.size());
   wire::put(out, m.assignment.data(), m.assignment.size());
   wire::put(out, m.owners.data(), m.owners.size());
+  wire::put(out, m.bias.data(), m.bias.size());
   for (const ShardEntry& s : m.shards) {
     put1(out, s.bytes);
     put1(out, s.checksum);
@@ -232,10 +264,13 @@ std::vector<char> encode_manifest(const CheckpointManifest& m) {
 }
 
 CheckpointManifest decode_manifest(std::span<const char> bytes, const std::string& name) {
-  check_magic_and_version(bytes, kManifestMagic, kManifestHeader, "manifest", name);
+  const uint32_t version = check_magic_and_version(bytes, kManifestMagic, kOldestManifestVersion,
+                                                   kManifestVersion, "manifest", name);
+  check_header_fits(bytes, manifest_header(version), "manifest", name);
   CheckpointManifest m;
   wire::Reader in(bytes, 0);
-  check_size_and_checksum(bytes, take_manifest_header(in, m, name), "manifest", name);
+  bool has_bias = false;
+  check_size_and_checksum(bytes, take_manifest_header(in, m, has_bias, name), "manifest", name);
   const auto E = static_cast<size_t>(m.layer.experts);
   m.codebook = Matrix(m.layer.codewords, m.layer.config.expert.dim);
   in.take_n(m.codebook.data(), m.codebook.size(), "codebook");
@@ -243,6 +278,10 @@ CheckpointManifest decode_manifest(std::span<const char> bytes, const std::strin
   in.take_n(m.assignment.data(), E, "assignment");
   m.owners.resize(E);
   in.take_n(m.owners.data(), E, "owners");
+  if (has_bias) {
+    m.bias.resize(E);
+    in.take_n(m.bias.data(), E, "bias");
+  }
   m.shards.resize(static_cast<size_t>(m.ranks));
   for (ShardEntry& s : m.shards) {
     s.bytes = in.take<uint64_t>("shard bytes");
@@ -256,7 +295,7 @@ CheckpointManifest decode_manifest(std::span<const char> bytes, const std::strin
 std::vector<char> encode_shard(const ShardRecords& s) {
   std::vector<char> out;
   wire::put(out, kShardMagic, sizeof(kShardMagic));
-  put1(out, kCheckpointVersion);
+  put1(out, kShardVersion);
   put1(out, s.rank);
   put1(out, s.ranks);
   put1(out, s.dim);
@@ -276,7 +315,8 @@ std::vector<char> encode_shard(const ShardRecords& s) {
 
 ShardRecords decode_shard(std::span<const char> bytes, const std::string& name,
                           Activation activation) {
-  check_magic_and_version(bytes, kShardMagic, kShardHeader, "shard file", name);
+  check_magic_and_version(bytes, kShardMagic, kShardVersion, kShardVersion, "shard file", name);
+  check_header_fits(bytes, kShardHeader, "shard file", name);
   ShardRecords s;
   s.activation = activation;
   int64_t records = 0;

@@ -78,6 +78,7 @@ struct LayerSnapshot {
   std::map<int32_t, std::vector<float>> experts;  // id -> W1 | W2 | center
   std::vector<float> codebook;
   std::vector<int32_t> assignment;
+  std::vector<float> bias;              // [E] or empty
   std::vector<int32_t> routed_experts;  // [T, k]
   std::vector<float> gates;             // [T, k]
   std::vector<float> out;               // [T, d]
@@ -102,6 +103,8 @@ inline LayerSnapshot snapshot(comm::Communicator& comm, runtime::MoELayer& layer
   const MatrixView cw = layer.codebook().codewords();
   s.codebook.assign(cw.data, cw.data + cw.rows * cw.cols);
   s.assignment = layer.lists().assignment();
+  if (const TensorView b = layer.bias(); b.rows > 0)
+    s.bias.assign(b.as<float>(), b.as<float>() + b.rows);
   const runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), comm.size()));
   const Matrix& out = fwd.output;
   s.routed_experts = comm::allgatherv_vector<int32_t>(comm, fwd.handle.routes().experts);
@@ -120,6 +123,7 @@ inline void expect_same_layer(const LayerSnapshot& saved, const LayerSnapshot& l
   EXPECT_TRUE(loaded.experts == saved.experts) << where << ": parameters differ";
   EXPECT_EQ(loaded.codebook, saved.codebook) << where;
   EXPECT_EQ(loaded.assignment, saved.assignment) << where;
+  EXPECT_EQ(loaded.bias, saved.bias) << where;
   EXPECT_EQ(loaded.routed_experts, saved.routed_experts) << where;
   EXPECT_EQ(loaded.gates, saved.gates) << where;
   ASSERT_EQ(loaded.out.size(), saved.out.size()) << where;
@@ -219,8 +223,8 @@ inline std::vector<Spoiler> spoilers(const std::string& dir, const std::string& 
          std::filesystem::copy_file(runtime::shard_path(other, q), shard1,
                                     std::filesystem::copy_options::overwrite_existing);
        }},
-      {"other version", manifest, "format version 2",
-       [=] { edit(manifest, [](std::vector<char>& b) { b[8] = 2; }); }},
+      {"other version", manifest, "format version 3; this build reads versions 1 to 2",
+       [=] { edit(manifest, [](std::vector<char>& b) { b[8] = 3; }); }},
       {"missing manifest", manifest, "No such file", [=] { std::filesystem::remove(manifest); }},
   };
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -87,6 +88,32 @@ TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
       if (comm.rank() == 0) saved = std::move(s);
     });
     EXPECT_EQ(runtime::read_manifest(dir).layer.config.expert.activation, Activation::kSwiglu);
+    for (const int P2 : {1, 3})
+      comm::run_ranks(P2, [&](comm::Communicator& comm) {
+        test::check_loads_equal(comm, g, dir, strategy, &saved, 2);
+      });
+  }
+}
+
+// The selection bias is the layer's state: saved (manifest version 2) and
+// set again on load at any P, so routes and outputs are the saved layer's.
+TEST(Checkpoint, BiasedLayerRoundTripsAtAnotherP) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 1.0, 4242);
+  const ScratchDir scratch;
+  for (const Strategy strategy : test::kAllStrategies) {
+    const std::string dir = scratch.path() + "/" + runtime::to_string(strategy);
+    test::LayerSnapshot saved;
+    std::mutex mu;
+    comm::run_ranks(2, [&](comm::Communicator& comm) {
+      auto layer = test::trained_layer(comm, g, strategy);
+      layer->set_bias(bias.view());
+      test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
+      std::lock_guard<std::mutex> lock(mu);
+      if (comm.rank() == 0) saved = std::move(s);
+    });
+    ASSERT_EQ(saved.bias.size(), static_cast<size_t>(g.data.centers.rows()));
+    EXPECT_EQ(runtime::read_manifest(dir).bias, saved.bias);
     for (const int P2 : {1, 3})
       comm::run_ranks(P2, [&](comm::Communicator& comm) {
         test::check_loads_equal(comm, g, dir, strategy, &saved, 2);
@@ -411,6 +438,44 @@ TEST(CheckpointFormat, ManifestRoundTrips) {
   EXPECT_EQ(back.shards[1].checksum, 9u);
   EXPECT_EQ(std::vector<float>(back.codebook.data(), back.codebook.data() + 4),
             std::vector<float>(m.codebook.data(), m.codebook.data() + 4));
+  EXPECT_TRUE(back.bias.empty());
+  runtime::CheckpointManifest biased = small_manifest();
+  biased.bias = {0.5f, -1.0f, 2.0f};
+  EXPECT_EQ(runtime::decode_manifest(runtime::encode_manifest(biased), "m").bias, biased.bias);
+}
+
+// A version-1 manifest (no bias field in the header, no bias) still reads.
+TEST(CheckpointFormat, VersionOneManifestStillReads) {
+  std::vector<char> b = runtime::encode_manifest(small_manifest());
+  const uint32_t one = 1;
+  std::memcpy(b.data() + 8, &one, 4);
+  b.erase(b.begin() + 64, b.begin() + 68);  // the version-2 bias flag
+  reseal(b);
+  const runtime::CheckpointManifest back = runtime::decode_manifest(b, "m");
+  EXPECT_EQ(back.owners, small_manifest().owners);
+  EXPECT_EQ(back.shards[1].checksum, 9u);
+  EXPECT_TRUE(back.bias.empty());
+}
+
+TEST(CheckpointFormat, BadBiasIsRefusedByName) {
+  runtime::CheckpointManifest m = small_manifest();
+  m.bias = {0.5f, -1.0f, 2.0f};
+  std::vector<char> b = runtime::encode_manifest(m);
+  const float nan = std::nanf("");
+  std::memcpy(b.data() + b.size() - 8 - 2 * 24 - 4, &nan, 4);  // expert 2's bias
+  reseal(b);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(b, "m"), UsageError, "manifest 'm' bias");
+  std::vector<char> flag = runtime::encode_manifest(small_manifest());
+  const uint32_t two = 2;
+  std::memcpy(flag.data() + 64, &two, 4);
+  reseal(flag);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(flag, "m"), UsageError,
+                          "bias = 2 is outside [0, 1]");
+  // A bias flag without the bias: the size the header promises is not there.
+  const uint32_t yes = 1;
+  std::memcpy(flag.data() + 64, &yes, 4);
+  reseal(flag);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(flag, "m"), UsageError, "is truncated");
 }
 
 TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
@@ -430,8 +495,8 @@ TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
                           "probes m = 3 is outside [1, 2]");
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(40, -1), "m"), UsageError,
                           "activation = 4294967295 is outside [0, 3]");
-  // The owner of expert 2 (after the 4 codebook floats and 3 lists).
-  const size_t owners = 64 + 16 + 12;
+  // The owner of expert 2 (after the 68-byte header, 4 codebook floats and 3 lists).
+  const size_t owners = 68 + 16 + 12;
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 2), "m"), UsageError,
                           "expert 2 is owned by rank 2, outside [0, 2)");
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 0), "m"), UsageError,

@@ -334,7 +334,8 @@ class MoELayer(nn.Module):
         self.register_buffer("codebook", torch.from_numpy(self._impl.codewords()))
         self.register_buffer("hosted", torch.from_numpy(self._impl.hosted()).long())
         self.register_buffer("owners", torch.from_numpy(self._impl.owners()).long())
-        self.register_buffer("bias", None)
+        bias = self._impl.bias()
+        self.register_buffer("bias", None if bias is None else torch.from_numpy(bias).view(-1))
 
     def __reduce_ex__(self, protocol):
         # copy.copy, copy.deepcopy, pickle and torch.save all come here.
@@ -407,9 +408,10 @@ class MoELayer(nn.Module):
             nonlocal decoded
             decoded = _checkpoint_path(path, "save_checkpoint")
             self._check_shared_weights()
+            self._checked_bias()
 
         _together(self._impl, "save_checkpoint", check)
-        self._impl.set_local_centers(view(self.centers_local.detach()))
+        self._hand_over_routing_state()
         leftover = self._impl.save_checkpoint(decoded)
         if leftover:
             warnings.warn(f"MoELayer.save_checkpoint: the checkpoint is saved, but {leftover}",
@@ -486,17 +488,24 @@ class MoELayer(nn.Module):
     def forward(self, hidden):
         """hidden [T_r, d] float32 (this rank's tokens) -> [T_r, d]. Collective."""
         _together(self._impl, "forward", lambda: self._check_forward(hidden))
-        # Collective on every forward: ranks whose centers moved (an optimizer
-        # step, load_state_dict) hand them to routing; when none moved this is
-        # one small all-gather.
-        self._impl.set_local_centers(view(self.centers_local.detach()))
-        bias = checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
-        self._impl.set_bias(None if bias is None else view(bias))
+        self._hand_over_routing_state()
         return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
+
+    def _hand_over_routing_state(self):
+        """Collective: the centers and the bias as they are now go to the C++
+        routing (forward and save_checkpoint). Ranks whose centers moved (an
+        optimizer step, load_state_dict) hand them over; when none moved this
+        is one small all-gather. The bias is compared by digest across ranks."""
+        self._impl.set_local_centers(view(self.centers_local.detach()))
+        bias = self._checked_bias()
+        self._impl.set_bias(None if bias is None else view(bias))
+
+    def _checked_bias(self):
+        return checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
 
     def _check_forward(self, hidden):
         check_tensor(hidden, "hidden", dim=self.dim)
-        checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
+        self._checked_bias()
         if hidden.dtype != torch.float32:
             raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
         self._check_shared_weights()

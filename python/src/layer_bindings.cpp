@@ -316,6 +316,12 @@ void bind_layer(py::module_& m) {
                              })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
       .def("set_bias", &MoELayerImpl::set_bias, py::arg("bias"))
+      .def("bias",
+           [](MoELayerImpl& s) -> py::object {
+             const TensorView b = s.layer().bias();
+             if (b.rows == 0) return py::none();
+             return copied(b.matrix());
+           })
       .def("set_local_centers", &MoELayerImpl::set_local_centers, py::arg("centers"),
            "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
       .def("raise_together", &MoELayerImpl::raise_together, py::arg("local_error"), py::arg("what"),

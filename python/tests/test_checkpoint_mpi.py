@@ -83,6 +83,23 @@ def test_round_trip_at_this_p_and_at_one_rank(strategy, shared_dir):
     assert torch.allclose(alone(tokens()).detach(), out, rtol=1e-5, atol=1e-6)
 
 
+def test_bias_is_saved_and_loaded(shared_dir):
+    layer = trained("air")
+    layer.bias = torch.linspace(-2.0, 2.0, E)  # set after the last forward: save hands it over
+    layer.save_checkpoint(shared_dir)
+    with torch.no_grad():
+        out = layer(tokens())
+    for comm in (world, MPI.COMM_SELF):
+        again = airmoe.MoELayer.load_checkpoint(comm, shared_dir)
+        assert again.bias is not None and torch.equal(again.bias, layer.bias)
+        assert "bias" in again.state_dict()
+        with torch.no_grad():
+            assert torch.allclose(again(tokens()), out, rtol=1e-5, atol=1e-6)
+    layer.bias = None
+    layer.save_checkpoint(shared_dir)
+    assert airmoe.MoELayer.load_checkpoint(world, shared_dir).bias is None
+
+
 def test_damaged_checkpoint_is_refused_on_every_rank(shared_dir):
     layer = trained("air")
     layer.save_checkpoint(shared_dir)

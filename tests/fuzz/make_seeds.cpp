@@ -6,6 +6,7 @@
 //     ScriptedPeers and must give the real step's results bit for bit.
 //   <out>/checkpoint/{manifest,shard}[-resealed]: a real checkpoint's files
 //     behind the target's selector byte.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -95,12 +96,19 @@ void decoder_seeds(const fs::path& dir) {
     }
 }
 
-void checkpoint_seeds(const fs::path& dir) {
+// A real checkpoint's files, saved with a selection bias when `biased`
+// (the manifest's optional bias section); `tag` names the seeds.
+void checkpoint_seeds(const fs::path& dir, bool biased, const std::string& tag) {
   const FuzzLayer& f = FuzzLayer::get();
   const fs::path tmp = fs::temp_directory_path() / "airmoe-fuzz-seed-ckpt";
   comm::run_ranks(2, [&](comm::Communicator& comm) {
     runtime::MoELayer layer(comm, runtime::Strategy::kAir, FuzzLayer::config(), f.codebook,
                             f.assignment, f.placement(2), f.data.centers.view(), 7);
+    if (biased) {
+      Matrix bias(f.data.centers.rows(), 1);
+      for (int64_t e = 0; e < bias.rows(); ++e) bias(e, 0) = std::sin(static_cast<float>(e));
+      layer.set_bias(bias.view());
+    }
     runtime::save_checkpoint(layer, tmp.string());
   });
   const auto seed = [&](const std::string& path, uint8_t selector) {
@@ -109,10 +117,12 @@ void checkpoint_seeds(const fs::path& dir) {
     bytes.insert(bytes.end(), std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     return bytes;
   };
-  write(dir / "manifest", seed(runtime::manifest_path(tmp.string()), 0));
-  write(dir / "manifest-resealed", seed(runtime::manifest_path(tmp.string()), 2));
-  write(dir / "shard", seed(runtime::shard_path(tmp.string(), 1), 1));
-  write(dir / "shard-resealed", seed(runtime::shard_path(tmp.string(), 1), 3));
+  write(dir / ("manifest" + tag), seed(runtime::manifest_path(tmp.string()), 0));
+  write(dir / ("manifest" + tag + "-resealed"), seed(runtime::manifest_path(tmp.string()), 2));
+  if (!biased) {  // the shard files do not depend on the bias
+    write(dir / "shard", seed(runtime::shard_path(tmp.string(), 1), 1));
+    write(dir / "shard-resealed", seed(runtime::shard_path(tmp.string(), 1), 3));
+  }
   fs::remove_all(tmp);
 }
 
@@ -130,6 +140,7 @@ int main(int argc, char** argv) {
   fs::create_directories(out / "decoders");
   fs::create_directories(out / "checkpoint");
   airmoe::fuzz::decoder_seeds(out / "decoders");
-  airmoe::fuzz::checkpoint_seeds(out / "checkpoint");
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", false, "");
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", true, "-v2-biased");
   return 0;
 }
