@@ -10,6 +10,7 @@ dense top-k routing's quality, and does it beat product keys?
 usage: PYTHONPATH=build/python /usr/bin/python3 examples/lm/moe_lm.py [--steps N] [--out DIR]
 """
 import argparse
+import collections
 import glob
 import json
 import math
@@ -156,15 +157,83 @@ def balance_loss(gates, idx, num_experts):
     return num_experts * (share * mean_gate).sum()
 
 
+class SmoothedLoadBias:
+    """Auxiliary-loss-free balancing through the router's own selection bias
+    (its `bias` buffer: experts are selected by z + b, gates come from z):
+    each step the per-expert share of the routing slots enters an average
+    over about --load-window steps (an EMA of weight 1 / window), and
+    b_e -= rate * spread * (E * share_e - 1), where spread is the standard
+    deviation of the batch's chosen logits, so that the rate is relative to
+    the logits it competes with. The average replaces the sign of one
+    batch's count, which at 2 slots per expert per step is mostly noise."""
+
+    def __init__(self, router, num_experts, rate, window):
+        self.router, self.num_experts, self.rate = router, num_experts, rate
+        self.decay = 1.0 - 1.0 / window
+        self.share = torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
+        router.bias = torch.zeros(num_experts)
+
+    @torch.no_grad()
+    def update(self, q, idx):
+        share = slot_shares(idx, self.num_experts, torch.float64)
+        self.share.mul_(self.decay).add_(share, alpha=1.0 - self.decay)
+        chosen = (router_centers(self.router).detach()[idx] * q.unsqueeze(1)).sum(-1)
+        spread = chosen.float().std().item() if chosen.numel() > 1 else 1.0
+        step = self.rate * spread * (self.num_experts * self.share - 1.0)
+        self.router.bias = (self.router.bias - step.float()).contiguous()
+
+
+def full_softmax_balance_loss(router, q, idx, num_experts):
+    """The Switch loss with P_e the mean over tokens of the softmax over all
+    E logits (not only the chosen gates): E * sum_e f_e * P_e, f_e the share
+    of routing slots (no gradient). Its gradient reaches every expert's
+    logit, so it can push an over-used expert out of a token's top-k, which
+    balance_loss (chosen gates only) cannot. Dense routing only: it needs
+    every logit."""
+    probs = torch.softmax(q @ router_centers(router).t(), dim=-1)
+    share = slot_shares(idx, num_experts, probs.dtype)
+    return num_experts * (share * probs.mean(0)).sum()
+
+
+class HashRouter(nn.Module):
+    """The control that learns nothing (Roller et al., hash layers): each
+    byte value's k experts are fixed by a seeded permutation, gates 1/k.
+    Routes by MoEFFN.token_ids, the bytes of the current batch."""
+
+    def __init__(self, num_experts, k, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        table = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(256)])
+        self.register_buffer("table", table)
+        self.k = k
+        self.token_ids = None
+
+    def forward(self, q):
+        idx = self.table[self.token_ids]
+        return torch.full(idx.shape, 1.0 / self.k, dtype=q.dtype), idx
+
+
+def effective_experts(load):
+    """exp of the entropy of a load vector (counts per expert): E for a
+    uniform load, k-ish when every token picks the same experts."""
+    p = load.double() / load.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
 class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
 
     def __init__(self, router, num_experts, dim, hidden, query_norm=False, load_bias=False,
-                 balance=False, score_balance=False):
+                 balance=False, score_balance=False, bias_balance=None, full_balance=False):
         super().__init__()
         self.router = router
         self.load_bias = LoadBias(router) if load_bias else None
+        # (rate, window) of SmoothedLoadBias, or None
+        self.smoothed_bias = (SmoothedLoadBias(router, num_experts, *bias_balance)
+                              if bias_balance and not isinstance(router, HashRouter) else None)
         self.balance, self.score_balance = balance, score_balance
+        self.full_balance = full_balance and isinstance(router, airmoe.DenseRouter)
         # PEER's query batch norm: the router sees centered, unit-variance
         # queries, so no expert wins every token by lining up with the mean
         # hidden state (measured in docs/lm.md: not enough to stop the collapse)
@@ -188,6 +257,8 @@ class MoEFFN(nn.Module):
                              if self.training and self.balance else None)
         self.score_balance_loss = (score_balance_loss(self.router, q, idx, self.num_experts)
                                    if self.training and self.score_balance else None)
+        self.full_balance_loss = (full_softmax_balance_loss(self.router, q, idx, self.num_experts)
+                                  if self.training and self.full_balance else None)
         a = F.gelu(torch.einsum("nkhd,nd->nkh", self.w1[idx], x))
         y = torch.einsum("nkdh,nkh->nkd", self.w2[idx], a)
         return (gates.unsqueeze(-1) * y).sum(1)
@@ -213,9 +284,11 @@ class MoELM(nn.Module):
         self.embed = nn.Embedding(256, args.dim)
         self.pos = nn.Parameter(torch.randn(args.seq, args.dim) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(args.dim, args.heads, MoEFFN(make_router(), args.experts, args.dim, args.hidden,
-                                                args.query_norm, args.load_bias_rate > 0,
-                                                args.balance > 0, args.score_balance > 0))
+            Block(args.dim, args.heads, MoEFFN(
+                make_router(), args.experts, args.dim, args.hidden, args.query_norm,
+                args.load_bias_rate > 0, args.balance > 0, args.score_balance > 0,
+                (args.bias_balance, args.load_window) if args.bias_balance > 0 else None,
+                args.full_balance > 0))
             for _ in range(args.layers))
         self.ln = nn.LayerNorm(args.dim)
         self.head = nn.Linear(args.dim, 256)
@@ -225,6 +298,8 @@ class MoELM(nn.Module):
         mask = torch.triu(torch.full((S, S), float("-inf")), diagonal=1)
         x = self.embed(tokens) + self.pos[:S]
         for b in self.blocks:
+            if isinstance(b.ffn.router, HashRouter):
+                b.ffn.router.token_ids = tokens.reshape(-1)
             x = b(x, mask)
         return self.head(self.ln(x))
 
@@ -247,6 +322,7 @@ def routers(args):
                 2.0 * C * dim("air") + 2.0 * m * (E / C) * dim("air")),
         "product_key": (lambda: airmoe.ProductKeyRouter(n, dim("product_key"), k, seed=args.seed),
                         2.0 * n * dim("product_key") + k * k),
+        "hash": (lambda: HashRouter(E, k, args.seed), 0.0),
     }
 
 
@@ -275,7 +351,9 @@ def evaluate(model, val, args):
                 h = b.ffn.last_input
                 _, idx = r(h)
                 all_logits = h @ r.centers.t()
-                exact = torch.topk(all_logits, args.k, dim=-1).indices
+                # the exact choice is by z + b when a selection bias is set
+                chosen_by = all_logits if r.bias is None else all_logits + r.bias
+                exact = torch.topk(chosen_by, args.k, dim=-1).indices
                 recalls.append(airmoe.recall_at_k(idx, exact))
                 p = torch.softmax(all_logits, dim=-1)
                 masses.append((p.gather(1, idx).sum(1) / p.gather(1, exact).sum(1)).mean().item())
@@ -325,6 +403,8 @@ def save_router_data(model, name, val, args):
     model.train()
     os.makedirs(args.save_router_data, exist_ok=True)
     for i, b in enumerate(model.blocks):
+        if isinstance(b.ffn.router, HashRouter):
+            continue  # no keys to save
         stem = os.path.join(args.save_router_data, f"{name}_layer{i}")
         centers = router_centers(b.ffn.router).detach().float().contiguous()
         np.save(stem + "_centers.npy", centers.numpy())
@@ -351,6 +431,8 @@ def train(name, make_router, flops, data, val, args):
     gen = torch.Generator().manual_seed(args.seed)
     curve, evals = [], []
     t_train = 0.0
+    # each block's expert loads over the last --load-window steps
+    recent_load = [collections.deque(maxlen=args.load_window) for _ in model.blocks]
     for step in range(1, args.steps + 1):
         x, y = batches(data, args, gen)
         t0 = time.perf_counter()
@@ -364,6 +446,9 @@ def train(name, make_router, flops, data, val, args):
         if args.score_balance:
             loss = loss + args.score_balance * sum(
                 b.ffn.score_balance_loss for b in model.blocks) / len(model.blocks)
+        full = [b.ffn.full_balance_loss for b in model.blocks if b.ffn.full_balance_loss is not None]
+        if full:
+            loss = loss + args.full_balance * sum(full) / len(full)
         opt.zero_grad()
         loss.backward()
         biased = [b.ffn for b in model.blocks if b.ffn.load_bias is not None]
@@ -372,6 +457,11 @@ def train(name, make_router, flops, data, val, args):
         opt.step()
         for ffn in biased:
             ffn.load_bias.update(ffn.last_experts, args.experts, args.load_bias_rate)
+        for i, b in enumerate(model.blocks):
+            if b.ffn.smoothed_bias is not None:
+                b.ffn.smoothed_bias.update(b.ffn.last_input, b.ffn.last_experts)
+            recent_load[i].append(torch.bincount(b.ffn.last_experts.reshape(-1),
+                                                 minlength=args.experts))
         update_codebooks(model, step, args)
         t_train += time.perf_counter() - t0
         curve.append(ce.item())
@@ -405,6 +495,10 @@ def train(name, make_router, flops, data, val, args):
         "mass_recall": final["mass_recall"],
         "utilization": final["utilization"],
         "shortlist": final["shortlist"],
+        # exp(entropy) of the training load over the last --load-window
+        # steps, as a fraction of E, mean over blocks (>= 0.5: balanced)
+        "effective_experts": sum(effective_experts(sum(w)) for w in recent_load) / (
+            len(recent_load) * args.experts),
     }
 
 
@@ -462,6 +556,13 @@ def make_parser():
     p.add_argument("--load-bias-rate", type=float, default=0.0,
                    help="auxiliary-loss-free balancing: per-step change of the expert "
                         "selection biases (0: off)")
+    p.add_argument("--bias-balance", type=float, default=0.0,
+                   help="selection bias from the load averaged over --load-window steps, "
+                        "moved by this fraction of the logit spread per step (0: off)")
+    p.add_argument("--load-window", type=int, default=32,
+                   help="steps the --bias-balance load average spans (EMA weight 1/window)")
+    p.add_argument("--full-balance", type=float, default=0.0,
+                   help="dense: weight of the Switch loss over the softmax of all E logits")
     p.add_argument("--score-balance", type=float, default=0.0,
                    help="weight of the key-side load-balancing loss (0: none)")
     p.add_argument("--balance", type=float, default=0.0,
@@ -480,13 +581,14 @@ def make_parser():
     return p
 
 
-ROUTERS = ("dense", "air", "product_key")
+ROUTERS = ("dense", "air", "product_key", "hash")
 
 # Integer options and their least value.
 INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers": 1, "experts": 1,
                "hidden": 1, "k": 1, "codewords": 1, "probes": 1, "update_every": 1,
                "codebook_warmup": 0, "list_cap": 0, "spills": 0, "save_batches": 1,
-               "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0}
+               "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0,
+               "load_window": 1}
 
 
 def flag(option):
@@ -512,7 +614,8 @@ def option_errors(args):
         value = getattr(args, option)
         need(value >= least, f"{flag(option)} must be >= {least}, got {value}")
     need(args.seed < 2**64, f"--seed must be < 2^64, got {args.seed}")
-    for option in ("soar_lambda", "balance", "score_balance", "load_bias_rate"):
+    for option in ("soar_lambda", "balance", "score_balance", "load_bias_rate", "bias_balance",
+                   "full_balance"):
         value = getattr(args, option)
         need(math.isfinite(value) and value >= 0, f"{flag(option)} must be finite and >= 0, "
                                                   f"got {value}")
@@ -522,6 +625,8 @@ def option_errors(args):
     if errors:  # the checks below assume sane values
         return errors
     need(args.dim % args.heads == 0, f"--heads {args.heads} does not divide --dim {args.dim}")
+    need(not (args.bias_balance > 0 and args.load_bias_rate > 0),
+         "--bias-balance and --load-bias-rate are two forms of the same bias: choose one")
     need(args.k <= args.experts, f"--k {args.k} exceeds --experts {args.experts}")
     if "air" in names:
         need(args.codewords <= args.experts,

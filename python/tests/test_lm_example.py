@@ -205,3 +205,62 @@ def test_study_reuses_only_runs_made_with_the_settings_asked_for(tmp_path):
     out = shutil.copytree(out, tmp_path / "moved")
     moved = study("--steps", "2", "--dim", "16", "--report-only")
     assert moved.returncode == 0 and "| 4,096 | dense |" in moved.stdout, moved.stderr
+
+
+def test_hash_router_fixes_each_bytes_experts_and_gates():
+    router = moe_lm.HashRouter(64, 4, seed=3)
+    router.token_ids = torch.tensor([7, 200, 7])
+    gates, idx = router(torch.zeros(3, 8))
+    assert torch.equal(idx[0], idx[2]) and not torch.equal(idx[0], idx[1])
+    assert all(len(set(row.tolist())) == 4 for row in idx)  # k distinct experts
+    assert torch.equal(gates, torch.full((3, 4), 0.25))
+
+
+def test_effective_experts_is_e_when_uniform_and_k_when_collapsed():
+    assert moe_lm.effective_experts(torch.ones(32)) == pytest.approx(32)
+    collapsed = torch.zeros(32)
+    collapsed[:4] = 10
+    assert moe_lm.effective_experts(collapsed) == pytest.approx(4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "air", "product_key"])
+def test_smoothed_load_bias_lowers_over_used_experts_through_the_router_bias(kind):
+    E, d, k, T = 16, 8, 2, 40
+    router = {"dense": lambda: airmoe.DenseRouter(E, d, k, seed=1),
+              "air": lambda: airmoe.AIRRouter(E, d, k, 4, 4, seed=1),
+              "product_key": lambda: airmoe.ProductKeyRouter(4, d, k, seed=1)}[kind]()
+    balancer = moe_lm.SmoothedLoadBias(router, E, rate=0.1, window=4)
+    assert torch.equal(router.bias, torch.zeros(E))
+    q = torch.randn(T, d, generator=torch.Generator().manual_seed(2))
+    over = torch.full((T, k), 5)  # every slot to expert 5
+    balancer.update(q, over)
+    assert router.bias[5] < 0 and (router.bias[torch.arange(E) != 5] > 0).all()
+    # the average moves a quarter of the way per step (window 4)
+    assert balancer.share[5].item() == pytest.approx(1 / E + 0.25 * (1 - 1 / E))
+    # the router now selects by z + b
+    z = q @ moe_lm.router_centers(router).detach().t()
+    _, idx = router(q)
+    want = torch.topk(z + router.bias, k, dim=-1).indices
+    if kind != "product_key":  # product keys search the biased sub-key grid, not all E
+        assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+
+
+def test_full_softmax_balance_loss_reaches_unchosen_experts():
+    E, d, k, T = 16, 8, 2, 32
+    router = airmoe.DenseRouter(E, d, k, seed=1)
+    q = torch.randn(T, d, generator=torch.Generator().manual_seed(3))
+    _, idx = router(q)
+    loss = moe_lm.full_softmax_balance_loss(router, q, idx, E)
+    loss.backward()
+    chosen = torch.zeros(E, dtype=torch.bool)
+    chosen[idx.reshape(-1)] = True
+    assert (~chosen).any() and router.centers.grad[~chosen].abs().sum() > 0
+
+
+def test_moe_lm_refuses_two_forms_of_the_bias(tmp_path):
+    args = moe_lm.make_parser().parse_args(["--out", str(tmp_path / "out"), "--bias-balance",
+                                            "0.01", "--load-bias-rate", "0.05"])
+    assert "choose one" in "; ".join(moe_lm.option_errors(args))
+    args = moe_lm.make_parser().parse_args(["--out", str(tmp_path / "out"), "--load-window",
+                                            "0"])
+    assert "--load-window must be >= 1, got 0" in "; ".join(moe_lm.option_errors(args))
