@@ -137,8 +137,7 @@ def score_balance_loss(router, q, idx, num_experts):
     not: AIR's first stage cannot see it)."""
     n, k = idx.shape
     share = slot_shares(idx, num_experts, q.dtype)
-    keys = router_centers(router)[idx]  # [N, k, d]
-    scores = (keys * q.unsqueeze(1)).sum(-1)
+    scores = chosen_logits(router, q, idx)
     return ((num_experts * share[idx] - 1.0) * scores).sum() / (n * k)
 
 
@@ -177,7 +176,7 @@ class SmoothedLoadBias:
     def update(self, q, idx):
         share = slot_shares(idx, self.num_experts, torch.float64)
         self.share.mul_(self.decay).add_(share, alpha=1.0 - self.decay)
-        chosen = (router_centers(self.router).detach()[idx] * q.unsqueeze(1)).sum(-1)
+        chosen = chosen_logits(self.router, q, idx)
         spread = chosen.float().std().item() if chosen.numel() > 1 else 1.0
         step = self.rate * spread * (self.num_experts * self.share - 1.0)
         self.router.bias = (self.router.bias - step.float()).contiguous()
@@ -193,6 +192,46 @@ def full_softmax_balance_loss(router, q, idx, num_experts):
     probs = torch.softmax(q @ router_centers(router).t(), dim=-1)
     share = slot_shares(idx, num_experts, probs.dtype)
     return num_experts * (share * probs.mean(0)).sum()
+
+
+class ProductKeyHeads(nn.Module):
+    """PEER-style heads: H product-key routers with their own sub-keys, each
+    choosing k / H experts; a token's k experts are the heads' picks side by
+    side (a head may repeat another's), each head's gates scaled by 1 / H so
+    that they sum to 1. Routing FLOPs grow with H: product keys at several
+    FLOP points. The selection bias is every head's."""
+
+    def __init__(self, subkeys, dim, k, heads, seed):
+        super().__init__()
+        if k % heads:
+            raise ValueError(f"product-key heads: k = {k} is not a multiple of {heads} heads")
+        self.heads = nn.ModuleList(
+            airmoe.ProductKeyRouter(subkeys, dim, k // heads, seed=seed + i) for i in range(heads))
+        self.subkeys = subkeys
+
+    @property
+    def bias(self):
+        return self.heads[0].bias
+
+    @bias.setter
+    def bias(self, value):
+        for head in self.heads:
+            head.bias = value
+
+    def forward(self, q):
+        picks = [head(q) for head in self.heads]
+        gates = torch.cat([g for g, _ in picks], 1) / len(self.heads)
+        return gates, torch.cat([i for _, i in picks], 1)
+
+
+def chosen_logits(router, q, idx):
+    """<q, w_e> of each token's chosen experts [N, k]; with product-key
+    heads, each head's slice against its own implied centers."""
+    if isinstance(router, ProductKeyHeads):
+        per = idx.shape[1] // len(router.heads)
+        return torch.cat([chosen_logits(h, q, idx[:, i * per:(i + 1) * per])
+                          for i, h in enumerate(router.heads)], 1)
+    return (router_centers(router)[idx] * q.unsqueeze(1)).sum(-1)
 
 
 class HashRouter(nn.Module):
@@ -323,6 +362,9 @@ def routers(args):
         "product_key": (lambda: airmoe.ProductKeyRouter(n, dim("product_key"), k, seed=args.seed),
                         2.0 * n * dim("product_key") + k * k),
         "hash": (lambda: HashRouter(E, k, args.seed), 0.0),
+        **{f"product_key_h{h}": (
+            lambda h=h: ProductKeyHeads(n, dim("product_key"), k, h, args.seed),
+            h * (2.0 * n * dim("product_key") + (k // h) ** 2)) for h in (2, 4)},
     }
 
 
@@ -403,8 +445,8 @@ def save_router_data(model, name, val, args):
     model.train()
     os.makedirs(args.save_router_data, exist_ok=True)
     for i, b in enumerate(model.blocks):
-        if isinstance(b.ffn.router, HashRouter):
-            continue  # no keys to save
+        if isinstance(b.ffn.router, (HashRouter, ProductKeyHeads)):
+            continue  # no one [E, d] set of keys to save
         stem = os.path.join(args.save_router_data, f"{name}_layer{i}")
         centers = router_centers(b.ffn.router).detach().float().contiguous()
         np.save(stem + "_centers.npy", centers.numpy())
@@ -581,7 +623,7 @@ def make_parser():
     return p
 
 
-ROUTERS = ("dense", "air", "product_key", "hash")
+ROUTERS = ("dense", "air", "product_key", "product_key_h2", "product_key_h4", "hash")
 
 # Integer options and their least value.
 INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers": 1, "experts": 1,
@@ -627,13 +669,17 @@ def option_errors(args):
     need(args.dim % args.heads == 0, f"--heads {args.heads} does not divide --dim {args.dim}")
     need(not (args.bias_balance > 0 and args.load_bias_rate > 0),
          "--bias-balance and --load-bias-rate are two forms of the same bias: choose one")
+    no_column = [n for n in names if n in ("hash", "product_key_h2", "product_key_h4")]
+    need(not (args.load_bias_rate > 0 and no_column),
+         f"--load-bias-rate: its key-column bias has no form for {', '.join(no_column)}; "
+         f"use --bias-balance")
     need(args.k <= args.experts, f"--k {args.k} exceeds --experts {args.experts}")
     if "air" in names:
         need(args.codewords <= args.experts,
              f"--codewords {args.codewords} exceeds --experts {args.experts}")
         need(args.probes <= args.codewords,
              f"--probes {args.probes} exceeds --codewords {args.codewords}")
-    if "product_key" in names:
+    if any(name.startswith("product_key") for name in names):
         n = math.isqrt(args.experts)
         need(n * n == args.experts, f"--experts {args.experts} is not a square: product_key "
                                     f"needs E = n^2 (e.g. {n * n} or {(n + 1) ** 2})")

@@ -264,3 +264,28 @@ def test_moe_lm_refuses_two_forms_of_the_bias(tmp_path):
     args = moe_lm.make_parser().parse_args(["--out", str(tmp_path / "out"), "--load-window",
                                             "0"])
     assert "--load-window must be >= 1, got 0" in "; ".join(moe_lm.option_errors(args))
+
+
+def test_product_key_heads_concatenate_their_picks_with_gates_summing_to_one():
+    heads = moe_lm.ProductKeyHeads(4, 8, 4, 2, seed=1)
+    q = torch.randn(10, 8, generator=torch.Generator().manual_seed(4))
+    gates, idx = heads(q)
+    assert gates.shape == idx.shape == (10, 4)
+    torch.testing.assert_close(gates.sum(1), torch.ones(10))
+    for i, head in enumerate(heads.heads):  # each head's own top-2, side by side
+        g, j = head(q)
+        assert torch.equal(idx[:, 2 * i:2 * i + 2], j)
+        torch.testing.assert_close(gates[:, 2 * i:2 * i + 2], g / 2)
+    heads.bias = torch.linspace(-1, 1, 16)
+    assert all(torch.equal(h.bias, heads.bias) for h in heads.heads)
+    z = moe_lm.chosen_logits(heads, q, idx)
+    assert z.shape == (10, 4)
+    with pytest.raises(ValueError, match="k = 3 is not a multiple of 2 heads"):
+        moe_lm.ProductKeyHeads(4, 8, 3, 2, seed=1)
+
+
+def test_moe_lm_refuses_the_key_column_bias_for_heads_and_hash(tmp_path):
+    args = moe_lm.make_parser().parse_args(["--out", str(tmp_path / "out"), "--routers",
+                                            "hash,product_key_h2", "--load-bias-rate", "0.05"])
+    assert ("its key-column bias has no form for hash, product_key_h2"
+            in "; ".join(moe_lm.option_errors(args)))
