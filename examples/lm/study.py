@@ -53,16 +53,52 @@ GRID = {
 # The model and schedule every run shares (moe_lm.py option names).
 BASE = {"corpus": "gcide", "k": 8, "dim": 128, "heads": 4, "layers": 2, "hidden": 4, "seq": 64,
         "batch": 16, "lr": 3e-3, "lr_schedule": "cosine", "warmup": 20, "eval_every": 50,
-        "eval_batches": 4, "threads": 1, "load_bias_rate": 0.0}
+        "eval_batches": 4, "threads": 1, "load_bias_rate": 0.0, "steps": 400}
+
+# The next study (docs/lm.md, "The next study: criteria fixed before its
+# runs"): every router balanced in its own form, k * h = 128, 5M tokens per
+# run (4,883 steps of 16 x 64), 64 evaluation batches, hash routing and
+# product keys at three FLOP points as controls, one probe at E = 65,536.
+# AIR runs with key-codebook lists until query-aware lists reach the model.
+BALANCED_GRID = {
+    4096: [
+        ("dense", "dense", {"full_balance": 0.01}),
+        ("product_key", "product_key", {}),
+        ("product_key_h2", "product_key_h2", {}),
+        ("product_key_h4", "product_key_h4", {}),
+        ("hash", "hash", {}),
+        ("air_C64_m6", "air", {"codewords": 64, "probes": 6}),
+        ("air_C64_m3_spill1", "air", {"codewords": 64, "probes": 3, "spills": 1}),
+    ],
+    16384: [
+        ("dense", "dense", {"full_balance": 0.01}),
+        ("product_key", "product_key", {}),
+        ("product_key_h2", "product_key_h2", {}),
+        ("product_key_h4", "product_key_h4", {}),
+        ("hash", "hash", {}),
+        ("air_C128_m12", "air", {"codewords": 128, "probes": 12}),
+    ],
+    65536: [
+        ("dense", "dense", {"full_balance": 0.01}),
+        ("product_key", "product_key", {}),
+        ("air_C256_m16", "air", {"codewords": 256, "probes": 16}),
+    ],
+}
+BALANCED_BASE = {**BASE, "hidden": 16, "warmup": 100, "eval_every": 500, "eval_batches": 64,
+                 "bias_balance": 0.01, "load_window": 32, "steps": 4883}
+
+PLANS = {"first": (GRID, BASE), "balanced": (BALANCED_GRID, BALANCED_BASE)}
 
 
 def run_args(study, experts, router, options, seed):
     args = moe_lm.make_parser().parse_args([])
-    for key, value in {**BASE, **options}.items():
+    for key, value in {**study.base, **options}.items():
         setattr(args, key, value)
     args.experts, args.routers, args.seed = experts, router, seed
-    args.steps = study.steps
-    args.load_bias_rate = study.load_bias_rate
+    if study.steps is not None:
+        args.steps = study.steps
+    if study.load_bias_rate is not None:
+        args.load_bias_rate = study.load_bias_rate
     for key in ("dim", "layers", "batch", "seq", "eval_every", "eval_batches"):
         if getattr(study, key) is not None:
             setattr(args, key, getattr(study, key))
@@ -97,7 +133,7 @@ def grid_jobs(study, configs=()):
     read)."""
     out = []
     for experts in study.experts:
-        for name, router, options in GRID[experts]:
+        for name, router, options in study.grid[experts]:
             if configs and name not in configs:
                 continue
             for seed in study.seeds:
@@ -132,6 +168,10 @@ def setting_differences(path, args):
     with open(path) as f:
         stored = settings(json.load(f).get("args", {}))
     wanted = settings(args)
+    # An option added to moe_lm.py since the run was stored counts as its
+    # default there (the run was made without it).
+    defaults = settings(moe_lm.make_parser().parse_args([]))
+    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     return [f"{key}: stored {stored.get(key, '(none)')!r}, asked {wanted.get(key, '(none)')!r}"
             for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
 
@@ -171,7 +211,7 @@ def aggregate(study):
     """Per (E, configuration): means and spreads over seeds, and mean curves."""
     rows = []
     for experts in study.experts:
-        for name, router, options in GRID[experts]:
+        for name, router, options in study.grid[experts]:
             runs = []
             for seed in study.seeds:
                 path = run_path(study, experts, name, seed)
@@ -195,6 +235,9 @@ def aggregate(study):
                    "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
                    "steps": steps, "val_loss_curve": curve("val_loss"),
                    "utilization_curve": curve("utilization")}
+            effective = [r["effective_experts"] for r in runs if "effective_experts" in r]
+            if effective:  # runs from before the metric existed have none
+                row["effective_experts"] = statistics.mean(effective)
             used = [r["utilization"] for r in runs if r.get("utilization") is not None]
             if used:  # runs from before the metric existed have none
                 row["utilization"] = statistics.mean(used)
@@ -217,9 +260,88 @@ def aggregate(study):
                      if seed in by_seed]
             row["paired_diff_mean"] = statistics.mean(diffs) if diffs else None
             row["paired_diff_std"] = spread(diffs) if diffs else None
+            row["paired_diff_ci95"] = interval(diffs)
             row["flops_vs_dense"] = (row["router_flops_per_token"] /
                                      dense[0]["router_flops_per_token"])
     return rows
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(diffs):
+    """The 95% confidence interval [lo, hi] of the mean of paired
+    differences (Student's t), or None with fewer than two."""
+    if len(diffs) < 2:
+        return None
+    half = T95.get(len(diffs) - 1, 1.96) * spread(diffs) / math.sqrt(len(diffs))
+    mean = statistics.mean(diffs)
+    return [mean - half, mean + half]
+
+
+def paired(a, b):
+    """Per-seed differences a - b of two rows' validation losses."""
+    by_seed = dict(zip(b["seeds"], b["val_losses"]))
+    return [loss - by_seed[seed] for seed, loss in zip(a["seeds"], a["val_losses"])
+            if seed in by_seed]
+
+
+def criteria(rows):
+    """docs/lm.md's criteria, per E, from the rows there are (each answer
+    None when its rows are missing)."""
+    out = {}
+    for e in sorted({r["experts"] for r in rows}):
+        mine = [r for r in rows if r["experts"] == e]
+        learned = [r for r in mine if r["router"] != "hash"]
+        hashed = next((r for r in mine if r["router"] == "hash"), None)
+        balanced = {r["config"]: r["effective_experts"] >= 0.5 for r in mine
+                    if "effective_experts" in r}
+        verdict = {"balanced": balanced}
+        if hashed and learned:
+            best = min(learned, key=lambda r: r["val_loss_mean"])
+            d = paired(hashed, best)
+            se = spread(d) / math.sqrt(len(d)) if len(d) > 1 else None
+            verdict["can_rank"] = (None if se is None else
+                                   statistics.mean(d) > 2 * se and statistics.mean(d) > 0)
+            verdict["hash_minus_best"] = {"best": best["config"], "diffs": d}
+        air = [r for r in mine if r["router"] == "air" and "loss_vs_dense" in r]
+        if air:
+            verdict["air_within_1pct_at_1_8_flops"] = any(
+                r["loss_vs_dense"] <= 0.01 and r["flops_vs_dense"] <= 1 / 8 for r in air)
+        keys = [r for r in mine if r["router"].startswith("product_key")]
+        if air and keys:
+            wins = []
+            for pk in keys:  # AIR at the nearest FLOP point, within a factor of 2
+                near = min(air, key=lambda r: abs(math.log(r["router_flops_per_token"] /
+                                                           pk["router_flops_per_token"])))
+                ratio = near["router_flops_per_token"] / pk["router_flops_per_token"]
+                ci = interval(paired(near, pk))
+                wins.append({"product_keys": pk["config"], "air": near["config"],
+                             "flops_ratio": ratio, "ci95": ci,
+                             "air_better": bool(ci and ci[1] < 0 and 0.5 <= ratio <= 2)})
+            verdict["air_vs_product_keys"] = wins
+            verdict["air_better_at_two_points"] = sum(w["air_better"] for w in wins) >= 2
+        out[str(e)] = verdict
+    return out
+
+
+def criteria_text(verdicts):
+    """The criteria as lines of Markdown."""
+    lines = []
+    for e, v in verdicts.items():
+        lines.append(f"E = {int(e):,}:")
+        unbalanced = [c for c, ok in v["balanced"].items() if not ok]
+        lines.append(f"- balanced (effective experts >= E/2): "
+                     f"{'all' if not unbalanced else 'not ' + ', '.join(unbalanced)}")
+        for key, what in (("can_rank", "the setting can rank routers (hash > best + 2 SE)"),
+                          ("air_within_1pct_at_1_8_flops",
+                           "AIR within 1% of dense at <= 1/8 of its routing FLOPs"),
+                          ("air_better_at_two_points",
+                           "AIR better than product keys at two FLOP points")):
+            answer = v.get(key)
+            lines.append(f"- {what}: {'no data' if answer is None else 'yes' if answer else 'no'}")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows):
@@ -233,7 +355,11 @@ def table(rows):
         paired = "–"
         if r.get("paired_diff_mean") is not None:
             paired = f"{r['paired_diff_mean']:+.4f} ± {r['paired_diff_std']:.4f}"
-        share = f"1/{1 / r['flops_vs_dense']:.1f}" if "flops_vs_dense" in r else "–"
+        share = "–"
+        if r.get("flops_vs_dense"):
+            share = f"1/{1 / r['flops_vs_dense']:.1f}"
+        elif "flops_vs_dense" in r:
+            share = "0"  # hash routing scores nothing
         used = fmt("utilization", ".3f")
         if "utilization" in r and r["utilization_runs"] < len(r["seeds"]):
             used += f" ({r['utilization_runs']} of {len(r['seeds'])} seeds)"
@@ -263,6 +389,9 @@ def plot(rows, study):
     fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
     for ax, e in zip(axes[0], experts):
         for r in (r for r in rows if r["experts"] == e):
+            if r["router_flops_per_token"] == 0:  # hash routing: no routing FLOPs to plot at
+                ax.axhline(r["val_loss_mean"], ls="--", color="gray", label=r["config"])
+                continue
             ax.errorbar(r["router_flops_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"],
                         fmt=marker(r), capsize=3, color=color(r),
                         label=r["config"])
@@ -320,31 +449,37 @@ def int_list(parser, option, text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--plan", choices=sorted(PLANS), default="first",
+                   help="first: the study docs/lm.md reports (no balancing by default); "
+                        "balanced: the next study, its setting and criteria fixed in docs/lm.md")
+    p.add_argument("--steps", type=int, default=None, help="default: the plan's (400; 4,883)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--experts", default="4096,16384", help="comma-separated, from the grid")
     p.add_argument("--configs", default="", help="comma-separated subset of the grid's names")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     for key in ("dim", "layers", "batch", "seq", "eval-every", "eval-batches"):
         p.add_argument(f"--{key}", type=int, default=None, help="override the shared model")
-    p.add_argument("--load-bias-rate", type=float, default=BASE["load_bias_rate"],
+    p.add_argument("--load-bias-rate", type=float, default=None,
                    help="load balancing (moe_lm.py --load-bias-rate; 0: none, the "
                         "routers collapse onto a few experts)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: tabulate and chart the runs already done")
-    p.add_argument("--out", default="out/lm_study")
+    p.add_argument("--out", default=None, help="default: out/lm_study, out/lm_study_balanced")
     study = p.parse_args()
+    study.grid, study.base = PLANS[study.plan]
+    if study.out is None:
+        study.out = "out/lm_study" if study.plan == "first" else "out/lm_study_balanced"
     study.seeds = int_list(p, "--seeds", study.seeds)
     study.experts = int_list(p, "--experts", study.experts)
     study.configs = [c for c in study.configs.split(",") if c]
-    unknown = [e for e in study.experts if e not in GRID]
+    unknown = [e for e in study.experts if e not in study.grid]
     if unknown:
-        p.error(f"--experts: {unknown} not in the grid ({sorted(GRID)})")
-    names = {name for e in study.experts for name, _, _ in GRID[e]}
+        p.error(f"--experts: {unknown} not in the grid ({sorted(study.grid)})")
+    names = {name for e in study.experts for name, _, _ in study.grid[e]}
     unknown = [c for c in study.configs if c not in names]
     if unknown:
         p.error(f"--configs: {unknown} not in the grid for --experts ({sorted(names)})")
-    if study.load_bias_rate < 0:
+    if study.load_bias_rate is not None and study.load_bias_rate < 0:
         p.error(f"--load-bias-rate must be >= 0, got {study.load_bias_rate}")
     if study.jobs < 1:
         p.error(f"--jobs must be >= 1, got {study.jobs}")
@@ -362,9 +497,10 @@ def main():
         run_all(study)
     rows = aggregate(study)
     with open(os.path.join(study.out, "study_results.json"), "w") as f:
-        json.dump({"base": BASE, "load_bias_rate": study.load_bias_rate, "steps": study.steps,
-                   "seeds": study.seeds, "rows": rows}, f, indent=1)
-    text = table(rows)
+        json.dump({"plan": study.plan, "base": study.base,
+                   "load_bias_rate": study.load_bias_rate, "steps": study.steps,
+                   "seeds": study.seeds, "rows": rows, "criteria": criteria(rows)}, f, indent=1)
+    text = table(rows) + "\n" + criteria_text(criteria(rows))
     with open(os.path.join(study.out, "study_table.md"), "w") as f:
         f.write(text)
     plot(rows, study)
