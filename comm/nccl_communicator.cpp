@@ -127,6 +127,7 @@ void NcclCommunicator::wait(cudaStream_t stream, const std::string& call) {
 }
 
 char* NcclCommunicator::scratch(size_t bytes) {
+  bytes = std::max<size_t>(bytes, 64);  // never null, even for 0-byte calls
   if (scratch_.bytes() < bytes) {
     Buffer grown(gpu_.allocator(), std::max(bytes, scratch_.bytes() * 2));
     scratch_ = std::move(grown);
@@ -220,7 +221,7 @@ void NcclCommunicator::allreduce(void* data, size_t count, size_t element, ncclD
   OnDevice on(gpu_);
   const Stream s{stream_};
   const size_t bytes = count * element;
-  char* d = scratch(std::max<size_t>(bytes, 1));
+  char* d = scratch(bytes);
   gpu_.copy_bytes(d, gpu_.device(), data, Device::host(), bytes, s);
   check(ncclAllReduce(d, d, count, type, op, comm_, stream_), call);
   wait(stream_, call);
