@@ -97,10 +97,12 @@ template <typename X>
 void copy_bytes(const X& x, const OpArgs& args, void* dst, Device dst_device, const void* src,
                 Device src_device, size_t bytes) {
   const Device dev = x.device();
+  const std::string reach =
+      dev.is_host() ? "not the host" : "neither the host nor " + to_string(dev);
   if (!(dst_device == dev || dst_device.is_host()))
-    args.fail("dst is on " + to_string(dst_device) + ", neither the host nor " + to_string(dev));
+    args.fail("dst is on " + to_string(dst_device) + ", " + reach);
   if (!(src_device == dev || src_device.is_host()))
-    args.fail("src is on " + to_string(src_device) + ", neither the host nor " + to_string(dev));
+    args.fail("src is on " + to_string(src_device) + ", " + reach);
   if (bytes == 0) return;
   if (dst == nullptr || src == nullptr)
     args.fail("null " + std::string(dst == nullptr ? "dst" : "src") + " for " +
