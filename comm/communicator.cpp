@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -39,7 +40,7 @@ void Communicator::record_control(ExchangeKind kind) {
 }
 
 void Communicator::record_exchange(const ExchangeBuffer& send) {
-  record_control(ExchangeKind::kSparse);
+  record_control(exchange_kind());
   for (int p = 0; p < size(); ++p)
     if (is_payload_message(rank(), p, send.bytes(p))) meter_.record(phase_, p, send.bytes(p));
 }
@@ -52,6 +53,67 @@ void Communicator::check_exchange_buffers(const ExchangeBuffer& send,
                      std::to_string(size()) + " ranks");
   // recv is reset before send is read out.
   if (&send == &recv) throw UsageError(where + "send and recv are the same buffer");
+  if (send.ops() != recv.ops())
+    throw UsageError(where + "send is on " + send.where() + " but recv on " + recv.where() +
+                     " (both must live in the same memory)");
+}
+
+void Communicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv, Stream stream) {
+  std::exception_ptr own_failure;
+  std::string failure;
+  try {
+    check_exchange_buffers(send, recv);
+  } catch (const std::exception& e) {
+    own_failure = std::current_exception();
+    failure = e.what();
+  }
+  const bool staged = !own_failure && send.ops() != nullptr && !moves_device_buffers();
+  const ExchangeFailure peer = staged ? exchange_staged(send, recv, stream, own_failure)
+                                      : exchange_bytes(send, recv, stream, failure);
+  if (own_failure) std::rethrow_exception(own_failure);
+  if (peer.rank == rank()) throw UsageError(peer.message);  // found by the backend
+  if (peer.rank >= 0)
+    throw PeerError("exchange: rank " + std::to_string(rank()) + ": aborted because rank " +
+                        std::to_string(peer.rank) + " failed: " + peer.message,
+                    peer.rank);
+  record_exchange(send);
+}
+
+// Device -> host staging -> the host exchange -> device. A failed copy
+// before the exchange (an allocation, a device error) goes through the
+// exchange as this rank's failure; one after it fails this rank only (the
+// others already have their data).
+Communicator::ExchangeFailure Communicator::exchange_staged(const ExchangeBuffer& send,
+                                                            ExchangeBuffer& recv, Stream stream,
+                                                            std::exception_ptr& own_failure) {
+  const Ops& ops = *send.ops();
+  std::string failure;
+  try {
+    if (staged_for_ != &ops) {
+      staged_send_ = ExchangeBuffer::staging_for(ops);
+      staged_recv_ = ExchangeBuffer::staging_for(ops);
+      staged_for_ = &ops;
+    }
+    std::vector<int64_t> bytes(static_cast<size_t>(size()));
+    for (int p = 0; p < size(); ++p) bytes[static_cast<size_t>(p)] = send.bytes(p);
+    staged_send_.reset(bytes);
+    copy_exchange_bytes(staged_send_, staged_send_.data(), send, send.data(), send.total_bytes(),
+                        stream);  // to the host: ready on return
+  } catch (const std::exception& e) {
+    own_failure = std::current_exception();
+    failure =
+        "exchange: rank " + std::to_string(rank()) + ": staging to host memory failed: " + e.what();
+  }
+  const ExchangeFailure peer = exchange_bytes(staged_send_, staged_recv_, stream, failure);
+  if (own_failure || peer.rank >= 0) return peer;
+  std::vector<int64_t> bytes(static_cast<size_t>(size()));
+  for (int p = 0; p < size(); ++p) bytes[static_cast<size_t>(p)] = staged_recv_.bytes(p);
+  recv.reset(bytes);
+  copy_exchange_bytes(recv, recv.data(), staged_recv_, staged_recv_.data(),
+                      staged_recv_.total_bytes(), stream);
+  // The next call refills staged_recv_: this copy must have read it.
+  ops.synchronize(stream);
+  return peer;
 }
 
 bool Communicator::overlaps(const void* a, size_t na, const void* b, size_t nb) {

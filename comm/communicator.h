@@ -43,9 +43,32 @@ class Communicator {
   // The variable all-to-all on caller-owned buffers: send has size() segments,
   // segment p goes to rank p; recv is reset to size() segments, segment q
   // holding what rank q sent here (its storage is reused across calls). A
-  // rank that sends nothing to p sends p no message (a sparse exchange,
-  // metered as below).
-  virtual void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) = 0;
+  // rank that sends nothing to p sends p no message. Metered by
+  // exchange_kind()'s rule (below).
+  //
+  // send and recv live in the same memory: both host buffers, or both on
+  // one device (comm/exchange_buffer.h). A backend that moves only host
+  // memory (MPI) stages device buffers through host memory: the send bytes
+  // to a host staging buffer (pinned on cuda), its host exchange, the
+  // received bytes back to recv, each copy through the device's ops on
+  // `stream`; then recv is ready when exchange returns. Backends that move
+  // device memory themselves (in-process, NCCL) order their copies on
+  // `stream`; host backends ignore it.
+  //
+  // Errors: a bad buffer pair (a wrong segment count, send and recv the
+  // same buffer, on different memory) or a failed staging copy on one rank
+  // fails every rank, never a hang: that rank throws its own error
+  // (UsageError "exchange: rank R: ..." for bad buffers), the others a
+  // PeerError naming it. The lowest failing rank is the one named.
+  void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
+    exchange(send, recv, Stream{});
+  }
+  void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv, Stream stream);
+  // Which all-to-all exchange() performs (comm/exchange_rule.h): the
+  // nonblocking consensus (kSparse: in-process, MPI) or counts first
+  // (kCountsFirst: NCCL). Its control messages follow the kind, in the
+  // meter and in the simulator (runtime/simulator.h), which asks this.
+  virtual ExchangeKind exchange_kind() const = 0;
 
   // The phase name under which subsequent calls are metered.
   void set_phase(std::string phase) { phase_ = std::move(phase); }
@@ -62,7 +85,8 @@ class Communicator {
   //   allreduce: a ring: 2 (P - 1) messages of bytes / P (rounded up) to
   //              rank + 1, the bandwidth-optimal algorithm's traffic.
   //   exchange:  phase, one message per non-empty segment p != rank; and
-  //              phase + ":barrier", the nonblocking barrier's messages
+  //              the control messages of exchange_kind(): phase +
+  //              ":barrier" (kSparse) or phase + ":counts" (kCountsFirst)
   //              (comm/exchange_rule.h, which the simulator counts too).
   // The metering rules above live here, once; backends call these after a
   // call succeeded.
@@ -70,18 +94,44 @@ class Communicator {
   void record_allgather(size_t bytes);  // allgather and allgatherv alike
   void record_allreduce(size_t bytes);
   void record_exchange(const ExchangeBuffer& send);
-  // Throws UsageError (naming this rank) unless send has one segment per rank
-  // and recv is another buffer: what every exchange() checks first.
-  void check_exchange_buffers(const ExchangeBuffer& send, const ExchangeBuffer& recv) const;
+
+  // What exchange() learns from the backend: the lowest rank that failed
+  // before data moved (-1: none) and its message; the same on every rank.
+  struct ExchangeFailure {
+    int rank = -1;
+    std::string message;
+  };
+  // The backend's exchange, called by exchange() on every rank. `failure`
+  // empty: move send to recv (resetting recv), no metering. Otherwise this
+  // rank failed before data moved (send is not to be read): it takes part
+  // without data and without touching recv, so that every rank learns of
+  // the failure. Returns the lowest failing rank, whatever this rank's own
+  // state (this rank with its message when the backend itself refused its
+  // buffers); throws only for transport errors.
+  virtual ExchangeFailure exchange_bytes(const ExchangeBuffer& send, ExchangeBuffer& recv,
+                                         Stream stream, const std::string& failure) = 0;
+  // True when exchange_bytes moves device buffers itself; false when it
+  // moves host memory only and exchange() stages device buffers.
+  virtual bool moves_device_buffers() const = 0;
   // True when [a, a + na) and [b, b + nb) share a byte (aliased buffers).
   static bool overlaps(const void* a, size_t na, const void* b, size_t nb);
 
  private:
   // Records the control messages of one all-to-all of `kind`.
   void record_control(ExchangeKind kind);
+  // Throws UsageError (naming this rank) unless send has one segment per
+  // rank, recv is another buffer and both live in the same memory.
+  void check_exchange_buffers(const ExchangeBuffer& send, const ExchangeBuffer& recv) const;
+  // The staged exchange of device buffers over a host-only backend.
+  ExchangeFailure exchange_staged(const ExchangeBuffer& send, ExchangeBuffer& recv, Stream stream,
+                                  std::exception_ptr& own_failure);
 
   TrafficMeter meter_;
   std::string phase_ = "default";
+  // Host staging buffers of exchange_staged(), reused while the device
+  // buffers come from the same backend (staged_for_).
+  const Ops* staged_for_ = nullptr;
+  ExchangeBuffer staged_send_, staged_recv_;
 };
 
 // Sets the phase for a scope and restores the previous one.

@@ -224,24 +224,42 @@ void InProcessCommunicator::allreduce_min(double* data, size_t count) {
   allreduce("allreduce_min", data, count, [](double a, double b) { return b < a ? b : a; });
 }
 
-void InProcessCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
-  check_exchange_buffers(send, recv);
+void InProcessCommunicator::copy_arrivals(ExchangeBuffer& recv, Stream stream) {
+  std::vector<int64_t> bytes(p_size());
+  for (int q = 0; q < size(); ++q) bytes[q] = world_->slot(q).exchange->bytes(rank_);
+  recv.reset(bytes);
+  for (int q = 0; q < size(); ++q) {
+    const ExchangeBuffer& from = *world_->slot(q).exchange;
+    copy_exchange_bytes(recv, recv.begin(q), from, from.begin(rank_), bytes[q], stream);
+  }
+  if (recv.ops()) recv.ops()->synchronize(stream);
+}
+
+Communicator::ExchangeFailure InProcessCommunicator::exchange_bytes(const ExchangeBuffer& send,
+                                                                    ExchangeBuffer& recv,
+                                                                    Stream stream,
+                                                                    const std::string& failure) {
+  if (failure.empty() && send.ops()) send.ops()->synchronize(stream);
   InProcessSlot mine{"exchange"};
   mine.exchange = &send;
+  mine.failure = &failure;
   enter(mine);
   const std::string err = mismatch("exchange", false, false);
-  if (err.empty()) {
-    std::vector<int64_t> bytes(p_size());
-    for (int q = 0; q < size(); ++q) bytes[q] = world_->slot(q).exchange->bytes(rank_);
-    recv.reset(bytes);
-    for (int q = 0; q < size(); ++q)
-      if (bytes[q] > 0)
-        std::memcpy(recv.begin(q), world_->slot(q).exchange->begin(rank_),
-                    static_cast<size_t>(bytes[q]));
+  ExchangeFailure first;
+  for (int q = 0; err.empty() && q < size() && first.rank < 0; ++q)
+    if (!world_->slot(q).failure->empty()) first = {q, *world_->slot(q).failure};
+  std::exception_ptr copy_error;
+  if (err.empty() && first.rank < 0) {
+    try {
+      copy_arrivals(recv, stream);
+    } catch (...) {
+      copy_error = std::current_exception();  // after the sync: the peers must not wait
+    }
   }
   world_->sync(rank_);  // every rank has read `send`: now it may change
   if (!err.empty()) fail(err);
-  record_exchange(send);
+  if (copy_error) std::rethrow_exception(copy_error);
+  return first;
 }
 
 // --------------------------------------------------------------- runner ---

@@ -41,7 +41,8 @@ struct InProcessSlot {
   const void* data = nullptr;
   size_t bytes = 0;  // bytes for byte collectives, element count for reductions
   int root = -1;
-  const ExchangeBuffer* exchange = nullptr;  // exchange
+  const ExchangeBuffer* exchange = nullptr;  // exchange: what this rank sends
+  const std::string* failure = nullptr;      // exchange: this rank's failure, "" for none
 };
 
 // State shared by the `size` ranks of one in-process world.
@@ -100,9 +101,21 @@ class InProcessCommunicator final : public Communicator {
   void allreduce_min(double* data, size_t count) override;
   // Sparse: each rank copies the segments addressed to it straight from the
   // senders' buffers; metered as the nonblocking consensus (exchange_rule.h).
-  void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) override;
+  ExchangeKind exchange_kind() const override { return ExchangeKind::kSparse; }
+
+ protected:
+  // Host buffers by memcpy; device buffers (ranks as threads sharing one
+  // device, e.g. P ranks on one GPU) by the receiving rank's device copies
+  // on its stream, device to device. Each rank waits for its stream before
+  // publishing send and before returning, so that a peer never reads a send
+  // still being written nor a rank its send rewritten while read.
+  ExchangeFailure exchange_bytes(const ExchangeBuffer& send, ExchangeBuffer& recv, Stream stream,
+                                 const std::string& failure) override;
+  bool moves_device_buffers() const override { return true; }
 
  private:
+  // Receives every rank's segment for this rank into recv.
+  void copy_arrivals(ExchangeBuffer& recv, Stream stream);
   // Publishes this rank's slot and waits for every rank's.
   void enter(const InProcessSlot& mine);
   // Empty if every rank's slot names `op` (and, as asked, the same size and

@@ -13,8 +13,10 @@ namespace airmoe::comm {
 namespace {
 
 // The private duplicate carries only our messages, so any tag is ours;
-// kExchangeTag + 1 too: see exchange_calls_.
+// kExchangeTag + 1 too: see exchange_calls_. Failures travel under
+// kFailureTag (+ 1).
 constexpr int kExchangeTag = 0x4d70;
+constexpr int kFailureTag = kExchangeTag + 2;
 
 std::string error_string(int rc) {
   char text[MPI_MAX_ERROR_STRING];
@@ -224,9 +226,37 @@ void MpiCommunicator::post_exchange_sends(const ExchangeBuffer& send, int tag,
   }
 }
 
-bool MpiCommunicator::receive_exchange_message(int tag) {
+void MpiCommunicator::post_failure_sends(const std::string& failure, int tag,
+                                         std::vector<MPI_Request>& sends) {
+  // Cut to one message: a failure's text is short, and any part names it.
+  const int n = static_cast<int>(std::min<size_t>(failure.size(), 4096));
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    sends.emplace_back();
+    const int rc = MPI_Issend(failure.data(), n, MPI_BYTE, q, tag, comm_, &sends.back());
+    if (rc != MPI_SUCCESS) {
+      sends.pop_back();
+      MPI_Waitall(static_cast<int>(sends.size()), sends.data(), MPI_STATUSES_IGNORE);
+      check(rc, "MPI_Issend (exchange failure)");
+    }
+  }
+}
+
+bool MpiCommunicator::receive_exchange_message(int tag, int failure_tag) {
   int waiting = 0;
   MPI_Status status;
+  check(MPI_Iprobe(MPI_ANY_SOURCE, failure_tag, comm_, &waiting, &status),
+        "MPI_Iprobe (exchange failure)");
+  if (waiting) {
+    int n = 0;
+    check(MPI_Get_count(&status, MPI_BYTE, &n), "MPI_Get_count (exchange failure)");
+    std::string text(static_cast<size_t>(n), '\0');
+    check(MPI_Recv(text.data(), n, MPI_BYTE, status.MPI_SOURCE, failure_tag, comm_,
+                   MPI_STATUS_IGNORE),
+          "MPI_Recv (exchange failure)");
+    failures_.emplace_back(status.MPI_SOURCE, std::move(text));
+    return true;
+  }
   check(MPI_Iprobe(MPI_ANY_SOURCE, tag, comm_, &waiting, &status), "MPI_Iprobe (exchange)");
   if (!waiting) return false;
   int n = 0;
@@ -258,19 +288,25 @@ void MpiCommunicator::place_arrivals(const ExchangeBuffer& send, ExchangeBuffer&
     std::memcpy(recv.begin(rank_), send.begin(rank_), static_cast<size_t>(send.bytes(rank_)));
 }
 
-void MpiCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) {
-  check_exchange_buffers(send, recv);
-  const int tag = kExchangeTag + static_cast<int>(exchange_calls_++ & 1);
+Communicator::ExchangeFailure MpiCommunicator::exchange_bytes(const ExchangeBuffer& send,
+                                                              ExchangeBuffer& recv, Stream,
+                                                              const std::string& failure) {
+  const int parity = static_cast<int>(exchange_calls_++ & 1);
+  const int tag = kExchangeTag + parity, failure_tag = kFailureTag + parity;
   arrivals_.clear();
   arrival_sizes_.clear();
+  failures_.clear();
   std::vector<MPI_Request> sends;
-  post_exchange_sends(send, tag, sends);
+  if (failure.empty())
+    post_exchange_sends(send, tag, sends);
+  else
+    post_failure_sends(failure, failure_tag, sends);
   // Nonblocking consensus: an Issend completes once its receive matched, so
   // when every rank's sends completed (the barrier) nothing is left in flight.
   MPI_Request barrier = MPI_REQUEST_NULL;
   bool barrier_entered = false;
   for (;;) {
-    if (receive_exchange_message(tag)) continue;
+    if (receive_exchange_message(tag, failure_tag)) continue;
     int done = 0;
     if (!barrier_entered) {
       check(MPI_Testall(static_cast<int>(sends.size()), sends.data(), &done, MPI_STATUSES_IGNORE),
@@ -284,8 +320,12 @@ void MpiCommunicator::exchange(const ExchangeBuffer& send, ExchangeBuffer& recv)
       if (done) break;
     }
   }
-  place_arrivals(send, recv);
-  record_exchange(send);
+  ExchangeFailure first;
+  if (!failure.empty()) first = {rank_, failure};
+  for (auto& [source, text] : failures_)
+    if (first.rank < 0 || source < first.rank) first = {source, std::move(text)};
+  if (first.rank < 0) place_arrivals(send, recv);
+  return first;
 }
 
 std::unique_ptr<MpiCommunicator> world_communicator() {

@@ -70,7 +70,8 @@ class MpiCommunicator final : public Communicator {
   // of max_message_bytes()), receives of whatever arrives (MPI_Iprobe on any
   // source), and, once this rank's sends are matched, MPI_Ibarrier; done when
   // the barrier completes. No message to ranks this rank does not talk to.
-  void exchange(const ExchangeBuffer& send, ExchangeBuffer& recv) override;
+  // Device buffers are staged through host memory (Communicator::exchange).
+  ExchangeKind exchange_kind() const override { return ExchangeKind::kSparse; }
 
   // The private duplicate all calls go through.
   MPI_Comm comm() const { return comm_; }
@@ -88,11 +89,19 @@ class MpiCommunicator final : public Communicator {
   [[noreturn]] void fail(const std::string& what) const;
   template <typename T>
   void allreduce(T* data, size_t count, MPI_Datatype type, MPI_Op op);
-  // exchange()'s phases: post the synchronous sends; receive one probed
-  // message into arrivals_ (false if none is waiting); lay the arrivals out
-  // in recv in rank order.
+  // A failing rank takes part in the same consensus without payload: it
+  // sends its failure text to every other rank (under the failure tag)
+  // instead, so every rank knows of it when the barrier completes.
+  ExchangeFailure exchange_bytes(const ExchangeBuffer& send, ExchangeBuffer& recv, Stream stream,
+                                 const std::string& failure) override;
+  bool moves_device_buffers() const override { return false; }
+  // exchange_bytes()'s phases: post the synchronous sends (the payload, or
+  // the failure to every peer); receive one probed message into arrivals_
+  // or failures_ (false if none is waiting); lay the arrivals out in recv
+  // in rank order.
   void post_exchange_sends(const ExchangeBuffer& send, int tag, std::vector<MPI_Request>& sends);
-  bool receive_exchange_message(int tag);
+  void post_failure_sends(const std::string& failure, int tag, std::vector<MPI_Request>& sends);
+  bool receive_exchange_message(int tag, int failure_tag);
   void place_arrivals(const ExchangeBuffer& send, ExchangeBuffer& recv);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -107,6 +116,8 @@ class MpiCommunicator final : public Communicator {
   // (source, bytes) per message.
   std::vector<char> arrivals_;
   std::vector<std::pair<int, int64_t>> arrival_sizes_;
+  // (source, failure text) of the failed ranks heard from in this call.
+  std::vector<std::pair<int, std::string>> failures_;
 };
 
 // A communicator over MPI_COMM_WORLD (collective; MPI must be initialized).

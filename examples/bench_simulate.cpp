@@ -297,8 +297,8 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
 
 std::vector<comm::ExchangeKind> exchange_kinds(const std::string& name) {
   if (name == "sparse") return {comm::ExchangeKind::kSparse};
-  if (name == "dense") return {comm::ExchangeKind::kDense};
-  if (name == "both") return {comm::ExchangeKind::kDense, comm::ExchangeKind::kSparse};
+  if (name == "dense") return {comm::ExchangeKind::kCountsFirst};
+  if (name == "both") return {comm::ExchangeKind::kCountsFirst, comm::ExchangeKind::kSparse};
   throw std::invalid_argument("--exchange: '" + name + "' is not sparse, dense or both");
 }
 
@@ -325,7 +325,8 @@ int run_simulate(const std::vector<std::string>& args) {
       "sample-ranks", po::value(&weak.sample)->default_value(weak.sample),
       "weak scaling: ranks routed and counted (the first S, the same at every P)")(
       "exchange", po::value(&exchange_name)->default_value(exchange_name),
-      "metering rule of the layer's all-to-alls: sparse (exchange), dense (alltoallv) or both "
+      "metering rule of the layer's all-to-alls: sparse (the MPI and in-process exchange), dense "
+      "(counts first: the NCCL exchange, or an alltoallv) or both "
       "(-T tokens in all: sparse for both)");
   if (!parse(args, opts, true)) return 0;
   o.validate();

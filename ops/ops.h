@@ -191,6 +191,17 @@ class Ops {
   // dst = src, same shape; each on the host or on this device; the same
   // dtype, or f32 <-> bf16 (round to nearest even; NaN stays NaN).
   virtual void copy(TensorView dst, TensorView src, Stream stream) const = 0;
+  // `bytes` raw bytes from src to dst, each on the host or on this device
+  // (named by src_device / dst_device), no conversion: the byte form of
+  // copy(), for buffers that hold no one dtype (comm/'s exchange buffers).
+  // Like copy(), it returns with host dst ready; device dst is
+  // stream-ordered.
+  virtual void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
+                          size_t bytes, Stream stream) const = 0;
+  // Host memory for staging this device's data through host transports
+  // (comm/: the staged MPI exchange): page-locked on cuda (cudaMallocHost,
+  // so copies from and to it run as DMA), the host allocator elsewhere.
+  virtual Allocator& staging_allocator() const = 0;
   // Every entry of dst (any dtype) set to `value` converted to the dtype.
   virtual void fill(TensorView dst, double value, Stream stream) const = 0;
 

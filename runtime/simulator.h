@@ -20,11 +20,11 @@
 
 namespace airmoe::runtime {
 
-// The all-to-all the layer's phases (requests ... grad_combine) go through:
-// the sparse exchange() (runtime/moe_layer.cpp, distributed_router.cpp). The
-// default of the simulations below, so that they count what a real run
-// meters; kDense counts the old alltoallv rule, for comparison.
-inline constexpr comm::ExchangeKind kLayerExchange = comm::ExchangeKind::kSparse;
+// `exchange` is the kind of all-to-all the layer's phases (requests ...
+// grad_combine) go through: what the communicator of the run being
+// predicted performs (Communicator::exchange_kind(): kSparse on the
+// in-process and MPI backends, kCountsFirst on NCCL). Its control messages
+// (comm/exchange_rule.h) are counted with the payload.
 
 struct SimulatedTraffic {
   int ranks = 0;  // P
@@ -47,7 +47,7 @@ struct SimulatedTraffic {
 // phases are counted too.
 SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
                                   const Routes& routes, MatrixView tokens, bool backward,
-                                  comm::ExchangeKind exchange = kLayerExchange);
+                                  comm::ExchangeKind exchange);
 
 // One sampled rank's own batch of tokens, routed (with probes for kAir and
 // kDenseBroadcast). Only the routes and the model dimension matter to the
@@ -68,7 +68,7 @@ struct RankBlock {
 // every rank sampled the totals are equal exactly (a test holds them so).
 SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
                                  std::span<const RankBlock> blocks, int64_t dim, bool backward,
-                                 comm::ExchangeKind exchange = kLayerExchange);
+                                 comm::ExchangeKind exchange);
 
 // Rows [begin, end) of routes (probes rebased), for a rank's block of tokens.
 Routes slice_routes(const Routes& routes, int64_t begin, int64_t end);

@@ -5,7 +5,10 @@
 # PyTorch 2.x and pybind11, and no network, it builds the CUDA libraries, the
 # tests and the Python extension (routers only) from this tree
 # (-DAIRMOE_WITH_CUDA=ON, no MPI, no examples), prints the machine's GPU,
-# driver, CUDA, cuBLAS and NCCL versions, runs every `gpu`-labelled test,
+# driver, CUDA, cuBLAS and NCCL versions, runs every `gpu`-labelled test
+# (the ops on cuda:0; the exchange test body on cuda:0 buffers with P = 1..4
+# in-process ranks sharing the GPU, and on NCCL at P = 1 when the build
+# found NCCL: configure.log and the summary say whether it did),
 # runs the ops tests' cuda cases again under compute-sanitizer (memcheck)
 # where it exists, runs the Python router tests (their cuda cases: routers
 # on the GPU against the CPU, bf16 and f32, torch's current stream), then
@@ -188,6 +191,7 @@ export -f versions configure gpu_test_executables sanitize py_path py_tests py_b
 note "tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), build dir $build, $jobs jobs, logs in $out"
 step versions 60 versions
 step configure 90 configure || { note "summary: FAILED (configure)"; exit 1; }
+grep -h "airmoe NCCL backend" "$out/configure.log" | tee -a "$summary"
 step build 330 cmake --build "$build" -j"$jobs" || { note "summary: FAILED (build)"; exit 1; }
 step gpu_tests 120 ctest --test-dir "$build" -L gpu --output-on-failure
 grep -hE "tests passed" "$out/gpu_tests.log" | tee -a "$summary"

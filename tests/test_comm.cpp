@@ -15,7 +15,7 @@
 #include "comm/communicator.h"
 #include "comm/in_process.h"
 #include "comm/traffic_meter.h"
-#include "comm_checks.h"
+#include "exchange_checks.h"
 #include "test_util.h"
 
 namespace airmoe::test {
@@ -105,26 +105,6 @@ TEST_P(InProcessComm, PhaseScopeAndReset) {
 }
 TEST_P(InProcessComm, RequireSameConfig) {
   run(check_same_config);
-}
-TEST_P(InProcessComm, ExchangeOnCallerBuffers) {
-  run(check_exchange);
-}
-TEST_P(InProcessComm, SparseExchangeSendsOnlyToPeersWithData) {
-  run(check_sparse_exchange);
-}
-TEST_P(InProcessComm, BackToBackExchangesDoNotMix) {
-  run(check_exchanges_do_not_mix);
-}
-TEST_P(InProcessComm, ExchangeRejectsBadBuffers) {
-  run([](Communicator& c) {
-    comm::ExchangeBuffer send, recv;
-    send.reset(c.size() + 1);
-    AIRMOE_EXPECT_THROW_MSG(c.exchange(send, recv), UsageError,
-                            "exchange: rank " + std::to_string(c.rank()) + ": send has " +
-                                std::to_string(c.size() + 1) + " segments");
-    send.reset(c.size());
-    AIRMOE_EXPECT_THROW_MSG(c.exchange(send, send), UsageError, "same buffer");
-  });
 }
 TEST_P(InProcessComm, CheckTogetherTellsUsageFromPeerErrors) {
   run(check_raise_together_types);

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "comm/mpi_communicator.h"
-#include "comm_checks.h"
+#include "exchange_checks.h"
 #include "test_util.h"
 
 namespace airmoe::test {
@@ -68,15 +68,21 @@ TEST(MpiComm, PhaseScopeAndReset) {
 TEST(MpiComm, RequireSameConfig) {
   check_same_config(*comm::world_communicator());
 }
-TEST(MpiComm, ExchangeOnCallerBuffers) {
-  check_exchange(*comm::world_communicator());
+// The shared exchange body (exchange_checks.h) on host buffers, then on
+// device buffers (device-emulated's memory here; staged through host
+// memory, since MPI moves host memory only).
+TEST(MpiComm, ExchangeOnHostBuffers) {
+  auto c = comm::world_communicator();
+  EXPECT_EQ(c->exchange_kind(), comm::ExchangeKind::kSparse);
+  check_every_exchange(*c);
 }
-TEST(MpiComm, SparseExchangeSendsOnlyToPeersWithData) {
-  check_sparse_exchange(*comm::world_communicator());
+TEST(MpiComm, StagedExchangeOnDeviceBuffers) {
+  check_every_exchange(*comm::world_communicator(), &device_emulated_ops());
 }
 TEST(MpiComm, BackToBackExchangesDoNotMix) {
   auto c = comm::world_communicator();
   for (int repeat = 0; repeat < 20; ++repeat) check_exchanges_do_not_mix(*c);
+  for (int repeat = 0; repeat < 5; ++repeat) check_exchanges_do_not_mix(*c, &device_emulated_ops());
 }
 // Exchange segments above max_message_bytes travel in pieces, reassembled in
 // order; the meter still counts one message per segment.
@@ -86,6 +92,8 @@ TEST(MpiComm, ExchangeSplitsLargeSegments) {
   check_exchange(*c);
   check_sparse_exchange(*c);
   check_exchanges_do_not_mix(*c);
+  check_exchange(*c, &device_emulated_ops());
+  check_failure_on_one_rank(*c);
 }
 TEST(MpiComm, CheckTogetherTellsUsageFromPeerErrors) {
   check_raise_together_types(*comm::world_communicator());

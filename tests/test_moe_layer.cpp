@@ -530,9 +530,13 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
          {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
       std::vector<std::map<std::string, comm::TrafficCounts>> real(static_cast<size_t>(P));
       runtime::Placement placement;
+      comm::ExchangeKind kind{};
       comm::run_ranks(P, [&](comm::Communicator& comm) {
         MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
-        if (comm.rank() == 0) placement = layer.placement();
+        if (comm.rank() == 0) {
+          placement = layer.placement();
+          kind = comm.exchange_kind();  // the simulator asks the communicator
+        }
         const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
         comm.meter().reset();
         runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
@@ -546,7 +550,7 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
               ? air.route(g.data.tokens.view(), cfg.k, cfg.probes)
               : air.route(g.data.tokens.view(), cfg.k, static_cast<int>(g.codebook.size()));
       const runtime::SimulatedTraffic sim =
-          runtime::simulate_traffic(strategy, placement, routes, g.data.tokens.view(), true);
+          runtime::simulate_traffic(strategy, placement, routes, g.data.tokens.view(), true, kind);
       ASSERT_FALSE(sim.sent.empty());
       for (const auto& [phase, per_rank] : sim.sent)
         for (int r = 0; r < P; ++r) {

@@ -254,6 +254,39 @@ TEST_P(OpsTest, CopyConvertsAndFills) {
   EXPECT_THROW(ops().copy(dev.out(DType::kI32, 2, 4), random_f32(2, 4, 1), {}), UsageError);
 }
 
+// Raw bytes of any length (comm/'s exchange buffers): host -> device,
+// device -> device, device -> host, through staging memory on the host.
+TEST_P(OpsTest, CopyBytesMovesRawBytes) {
+  const Ops& o = ops();
+  std::vector<char> src(13);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<char>(i * 37 + 5);
+  Buffer a(o.allocator(), 16), b(o.allocator(), 16);
+  Buffer staging(o.staging_allocator(), 13);
+  EXPECT_TRUE(staging.device().is_host()) << "staging memory is host memory";
+  o.copy_bytes(a.data(), o.device(), src.data(), Device::host(), 13, {});
+  o.copy_bytes(static_cast<char*>(b.data()) + 3, o.device(), a.data(), o.device(), 13, {});
+  o.copy_bytes(staging.data(), Device::host(), static_cast<char*>(b.data()) + 3, o.device(), 13,
+               {});
+  std::vector<char> back(13);
+  std::memcpy(back.data(), staging.data(), 13);
+  EXPECT_EQ(back, src) << o.name();
+  EXPECT_NO_THROW(o.copy_bytes(nullptr, Device::host(), nullptr, o.device(), 0, {}));
+  const Device elsewhere = Device::cuda(o.device().is_host() ? 0 : o.device().index + 1);
+  const std::pair<std::function<void()>, std::string> refused[] = {
+      {[&] { o.copy_bytes(nullptr, o.device(), src.data(), Device::host(), 4, {}); },
+       o.name() + " copy_bytes: null dst for 4 bytes"},
+      {[&] { o.copy_bytes(back.data(), Device::host(), a.data(), elsewhere, 4, {}); },
+       o.name() + " copy_bytes: src is on " + to_string(elsewhere)}};
+  for (const auto& [call, needle] : refused) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const UsageError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST_P(OpsTest, CheckRowsFindsNonFiniteAndOverflow) {
   Tensor m = random_f32(7, 9, 2);
   const auto check = [&](const Ops& o, const Tensor& t, double bound) {

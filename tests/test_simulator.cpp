@@ -73,7 +73,7 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
   const GlobalData& g = data();
   for (int P : {1, 2, 3, 5})
     for (Strategy s : kStrategies)
-      for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kDense}) {
+      for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kCountsFirst}) {
         const Routes routes = routes_for(g, s);
         const runtime::Placement placement = placement_for(g, P);
         const SimulatedTraffic full =
@@ -104,7 +104,7 @@ TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
       const Routes routes = routes_for(g, s);
       const runtime::Placement placement = placement_for(g, P);
       const SimulatedTraffic dense = runtime::simulate_traffic(
-          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kDense);
+          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kCountsFirst);
       const SimulatedTraffic sparse = runtime::simulate_traffic(
           s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse);
       const int64_t rounds = P == 1 ? 0 : P <= 2 ? 1 : P <= 4 ? 2 : 3;  // ceil(log2 P)
@@ -138,8 +138,8 @@ TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
   const runtime::Placement placement = placement_for(g, P);
   for (Strategy s : kStrategies) {
     const Routes routes = routes_for(g, s);
-    const SimulatedTraffic sim =
-        runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), false);
+    const SimulatedTraffic sim = runtime::simulate_traffic(
+        s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse);
     for (int home = 0; home < P; ++home) {
       const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
       const Routes mine = runtime::slice_routes(routes, b, e);
@@ -191,7 +191,7 @@ TEST(TrafficSimulator, ExchangeRuleBarrierRounds) {
   EXPECT_EQ(comm::barrier_rounds(4096), 12);
   EXPECT_EQ(comm::barrier_rounds(4097), 13);
   EXPECT_EQ(comm::control_traffic(ExchangeKind::kSparse, 4096), (comm::TrafficCounts{0, 12}));
-  EXPECT_EQ(comm::control_traffic(ExchangeKind::kDense, 4096),
+  EXPECT_EQ(comm::control_traffic(ExchangeKind::kCountsFirst, 4096),
             (comm::TrafficCounts{8 * 4095, 4095}));
 }
 

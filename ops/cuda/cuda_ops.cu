@@ -32,6 +32,17 @@ void CudaAllocator::deallocate(void* p, size_t) noexcept {
   cudaSetDevice(previous);
 }
 
+void* CudaPinnedAllocator::allocate(size_t bytes) {
+  void* p = nullptr;
+  check_cuda(cudaMallocHost(&p, bytes),
+             "cudaMallocHost of " + std::to_string(bytes) + " bytes (pinned staging memory)");
+  return p;
+}
+
+void CudaPinnedAllocator::deallocate(void* p, size_t) noexcept {
+  cudaFreeHost(p);
+}
+
 CurrentDevice::CurrentDevice(int index, const std::string& where) {
   check_cuda(cudaGetDevice(&previous_), where + ": cudaGetDevice");
   if (previous_ != index) check_cuda(cudaSetDevice(index), where + ": cudaSetDevice");

@@ -36,6 +36,16 @@ class CudaAllocator final : public Allocator {
   int index_;
 };
 
+// Page-locked host memory (cudaMallocHost / cudaFreeHost) for staging a
+// GPU's data through host transports: copies from and to it are DMA and
+// truly asynchronous. Reports the host as its device.
+class CudaPinnedAllocator final : public Allocator {
+ public:
+  Device device() const override { return Device::host(); }
+  void* allocate(size_t bytes) override;
+  void deallocate(void* p, size_t bytes) noexcept override;
+};
+
 // Makes a GPU current for a scope and restores the previous one.
 class CurrentDevice {
  public:
@@ -90,10 +100,13 @@ class CudaExec {
 class CudaPlatform {
  public:
   explicit CudaPlatform(int index)
-      : index_(index), allocator_(std::make_unique<CudaAllocator>(index)) {}
+      : index_(index),
+        allocator_(std::make_unique<CudaAllocator>(index)),
+        pinned_(std::make_unique<CudaPinnedAllocator>()) {}
   std::string name() const { return "cuda:" + std::to_string(index_); }
   Device device() const { return Device::cuda(index_); }
   Allocator& allocator() const { return *allocator_; }
+  Allocator& staging_allocator() const { return *pinned_; }
   CudaExec exec(Stream stream, const char* op) const {
     return CudaExec(index_, *allocator_, static_cast<cudaStream_t>(stream.handle),
                     name() + " " + op);
@@ -102,6 +115,7 @@ class CudaPlatform {
  private:
   int index_;
   std::unique_ptr<CudaAllocator> allocator_;
+  std::unique_ptr<CudaPinnedAllocator> pinned_;
 };
 
 }  // namespace airmoe::inline ops::device

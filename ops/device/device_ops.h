@@ -41,6 +41,13 @@ class DeviceOps final : public Ops {
   void copy(TensorView dst, TensorView src, Stream stream) const override {
     run("copy", stream, [&](const auto& x, const OpArgs& a) { device::copy(x, a, dst, src); });
   }
+  void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
+                  Stream stream) const override {
+    run("copy_bytes", stream, [&](const auto& x, const OpArgs& a) {
+      device::copy_bytes(x, a, dst, dst_device, src, src_device, bytes);
+    });
+  }
+  Allocator& staging_allocator() const override { return platform_.staging_allocator(); }
   void fill(TensorView dst, double value, Stream stream) const override {
     run("fill", stream, [&](const auto& x, const OpArgs& a) { device::fill(x, a, dst, value); });
   }

@@ -31,6 +31,7 @@ struct EmulatedPlatform {
   std::string name() const { return "device-emulated"; }
   Device device() const { return Device::host(); }
   Allocator& allocator() const { return host_allocator(); }
+  Allocator& staging_allocator() const { return host_allocator(); }
   EmulatedExec exec(Stream, const char*) const { return {}; }
 };
 

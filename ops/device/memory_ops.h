@@ -93,6 +93,24 @@ void copy(const X& x, const OpArgs& args, TensorView dst, TensorView src) {
   if (!dst_dev) x.synchronize();  // host data is ready when copy returns
 }
 
+template <typename X>
+void copy_bytes(const X& x, const OpArgs& args, void* dst, Device dst_device, const void* src,
+                Device src_device, size_t bytes) {
+  const Device dev = x.device();
+  const std::string reach =
+      dev.is_host() ? "not the host" : "neither the host nor " + to_string(dev);
+  if (!(dst_device == dev || dst_device.is_host()))
+    args.fail("dst is on " + to_string(dst_device) + ", " + reach);
+  if (!(src_device == dev || src_device.is_host()))
+    args.fail("src is on " + to_string(src_device) + ", " + reach);
+  if (bytes == 0) return;
+  if (dst == nullptr || src == nullptr)
+    args.fail("null " + std::string(dst == nullptr ? "dst" : "src") + " for " +
+              std::to_string(bytes) + " bytes");
+  x.copy_bytes(dst, bytes, src, bytes, bytes, 1);
+  if (dst_device != dev) x.synchronize();  // host data is ready when copy_bytes returns
+}
+
 template <typename T>
 struct FillEntry {
   Rows<T> dst;

@@ -60,6 +60,18 @@ void fill_rows(const TensorView& dst, T value) {
 
 }  // namespace
 
+void HostOps::copy_bytes(void* dst, Device dst_device, const void* src, Device src_device,
+                         size_t bytes, Stream) const {
+  const OpArgs a = args("copy_bytes");
+  if (!dst_device.is_host()) a.fail("dst is on " + to_string(dst_device) + ", not the host");
+  if (!src_device.is_host()) a.fail("src is on " + to_string(src_device) + ", not the host");
+  if (bytes == 0) return;
+  if (dst == nullptr || src == nullptr)
+    a.fail("null " + std::string(dst == nullptr ? "dst" : "src") + " for " + std::to_string(bytes) +
+           " bytes");
+  std::memmove(dst, src, bytes);
+}
+
 void HostOps::copy(TensorView dst, TensorView src, Stream) const {
   const OpArgs a = args("copy");
   a.on_device(dst, "dst");

@@ -21,6 +21,9 @@ class HostOps final : public Ops {
   Allocator& allocator() const override { return host_allocator(); }
   void synchronize(Stream) const override {}
   void copy(TensorView dst, TensorView src, Stream stream) const override;
+  void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t bytes,
+                  Stream stream) const override;
+  Allocator& staging_allocator() const override { return host_allocator(); }
   void fill(TensorView dst, double value, Stream stream) const override;
 
   RowCheck check_rows(TensorView m, double key_norm_bound, Stream stream) const override;

@@ -46,12 +46,20 @@ class Recorder final : public comm::Communicator {
   void allreduce_sum(int64_t* data, size_t count) override { inner_.allreduce_sum(data, count); }
   void allreduce_max(double* data, size_t count) override { inner_.allreduce_max(data, count); }
   void allreduce_min(double* data, size_t count) override { inner_.allreduce_min(data, count); }
-  void exchange(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv) override {
-    inner_.exchange(send, recv);
+  comm::ExchangeKind exchange_kind() const override { return inner_.exchange_kind(); }
+  const std::vector<uint8_t>& script() const { return script_; }
+
+ protected:
+  // Seeds come from valid runs: a failure here is a bug of the seed maker.
+  ExchangeFailure exchange_bytes(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv,
+                                 Stream stream, const std::string& failure) override {
+    if (!failure.empty()) throw std::logic_error("make_seeds: " + failure);
+    inner_.exchange(send, recv, stream);
     for (int q = 0; q < size(); ++q)
       if (q != rank()) record(recv.begin(q), static_cast<size_t>(recv.bytes(q)));
+    return {};
   }
-  const std::vector<uint8_t>& script() const { return script_; }
+  bool moves_device_buffers() const override { return true; }  // the inner one stages or not
 
  private:
   void record(const char* data, size_t bytes) {

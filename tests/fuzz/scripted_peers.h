@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -49,9 +50,14 @@ class ScriptedPeers final : public comm::Communicator {
   }
   void allreduce_max(double*, size_t) override {}
   void allreduce_min(double*, size_t) override {}
+  comm::ExchangeKind exchange_kind() const override { return comm::ExchangeKind::kSparse; }
+
+ protected:
   // This rank's own segment stays; every other rank's is the next chunk.
-  void exchange(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv) override {
-    check_exchange_buffers(send, recv);
+  // The peers never fail (a failure of this rank is its own: reported back).
+  ExchangeFailure exchange_bytes(const comm::ExchangeBuffer& send, comm::ExchangeBuffer& recv,
+                                 Stream, const std::string& failure) override {
+    if (!failure.empty()) return {me_, failure};
     std::vector<std::vector<char>> from(static_cast<size_t>(ranks_));
     std::vector<int64_t> bytes(static_cast<size_t>(ranks_));
     for (int q = 0; q < ranks_; ++q) {
@@ -62,7 +68,9 @@ class ScriptedPeers final : public comm::Communicator {
     recv.reset(bytes);
     for (int q = 0; q < ranks_; ++q)
       if (!from[q].empty()) std::memcpy(recv.begin(q), from[q].data(), from[q].size());
+    return {};
   }
+  bool moves_device_buffers() const override { return false; }  // host buffers only
 
  private:
   std::vector<char> next_chunk() {
