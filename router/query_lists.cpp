@@ -40,12 +40,17 @@ void check_sample(MatrixView tokens) {
   }
 }
 
+// C codewords need as many sample tokens.
+void check_codewords(int64_t codewords, int64_t tokens) {
+  if (codewords < 1 || codewords > tokens)
+    fail("query lists: C = " + std::to_string(codewords) + " codewords need between 1 and the " +
+         std::to_string(tokens) + " sample tokens");
+}
+
 void check_options(const QueryListOptions& o, int64_t experts, int64_t tokens) {
   require_in_range(o.k, 1, experts, "query lists: k");
   require_in_range(o.list_length, 1, experts, "query lists: list length L");
-  if (o.codewords < 1 || o.codewords > tokens)
-    fail("query lists: C = " + std::to_string(o.codewords) + " codewords need between 1 and " +
-         "the " + std::to_string(tokens) + " sample tokens");
+  check_codewords(o.codewords, tokens);
   if (o.kmeans_iterations < 0) fail("query lists: k-means iterations must be >= 0");
 }
 
@@ -53,9 +58,7 @@ void check_options(const QueryListOptions& o, int64_t experts, int64_t tokens) {
 
 Codebook train_query_codebook(MatrixView tokens, const QueryListOptions& options, Compute compute) {
   check_sample(tokens);
-  if (options.codewords < 1 || options.codewords > tokens.rows)
-    fail("query lists: C = " + std::to_string(options.codewords) +
-         " codewords need between 1 and the " + std::to_string(tokens.rows) + " sample tokens");
+  check_codewords(options.codewords, tokens.rows);
   return train_codebook(tokens, {options.codewords, options.kmeans_iterations, options.seed},
                         nullptr, compute);
 }
