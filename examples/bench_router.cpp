@@ -27,6 +27,7 @@
 #include "router/dense_router.h"
 #include "router/metrics.h"
 #include "router/product_key_router.h"
+#include "router/query_lists.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -100,10 +101,11 @@ std::string number_text(double v) {
 }
 
 // An AIR list layout to compare: "air" (plain), "spill", "balanced",
-// "spill+balanced"; all share one trained codebook.
+// "spill+balanced" share one codebook trained on the centers; "query" (one
+// row name per --list-lengths entry) has its own, trained on tokens.
 struct Variant {
   std::string name, row_name;  // "spill", "air_spill"
-  bool balanced = false, spilled = false;
+  bool balanced = false, spilled = false, query = false;
 };
 
 std::vector<Variant> parse_variants(const std::string& text) {
@@ -120,9 +122,11 @@ std::vector<Variant> parse_variants(const std::string& text) {
       out.push_back({name, "air_balanced", true, false});
     else if (name == "spill+balanced")
       out.push_back({name, "air_spill_balanced", true, true});
+    else if (name == "query")
+      out.push_back({name, "air_query", false, false, true});
     else
       throw std::invalid_argument("--variants: unknown variant '" + name +
-                                  "' (air, spill, balanced, spill+balanced)");
+                                  "' (air, spill, balanced, spill+balanced, query)");
     start = end + 1;
   }
   return out;
@@ -176,6 +180,46 @@ struct VariantOptions {
   }
 };
 
+// The router of one row name ("air_spill", "air_query_L256").
+struct Layout {
+  std::string row_name;
+  AirRouter router;
+};
+
+// --variants query: the query-aware lists (router/query_lists.h) of each
+// --list-lengths entry, from one codebook trained on the sample tokens and
+// one count of their exact (biased) top-k picks.
+struct QueryBuild {
+  std::vector<Layout> layouts;
+  double flops = 0.0, seconds = 0.0;
+};
+QueryBuild build_query_layouts(MatrixView centers, TensorView bias, MatrixView sample,
+                               const QueryListOptions& options, const std::vector<int>& lengths) {
+  progress("query lists: codebook (C=%ld) on %ld sample tokens and their exact top-%d",
+           (long)options.codewords, (long)sample.rows, options.k);
+  QueryBuild out;
+  const double t0 = now_seconds();
+  const Codebook codebook = train_query_codebook(sample, options);
+  DenseRouter exact(centers);
+  if (!bias.empty()) exact.set_bias(bias);
+  const PickCounts counts = count_picks(codebook, exact, sample, options.k);
+  const std::vector<int32_t> home = codebook.assign(normalize_rows(centers, "centers").view());
+  out.flops = query_lists_build_flops(sample.rows, centers.rows, centers.cols, options);
+  for (const int length : lengths) {
+    QueryListOptions o = options;
+    o.list_length = length;
+    try {
+      QueryLists lists{o, codebook, lists_from_counts(counts, length, home), out.flops};
+      out.layouts.push_back(
+          {"air_query_L" + std::to_string(length), AirRouter(centers, std::move(lists))});
+    } catch (const std::invalid_argument& e) {
+      fail("--list-lengths " + std::to_string(length) + ": " + e.what());
+    }
+  }
+  out.seconds = now_seconds() - t0;
+  return out;
+}
+
 // Per AIR variant, the row with the highest recall whose mean shortlist fits
 // the budget: the comparison at equal stage-2 FLOPs. A shortlist holds at
 // least k experts (AIR extends it to k), so a budget below k (the default
@@ -219,7 +263,9 @@ int run_router(const std::vector<std::string>& args) {
   VariantOptions vo;
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file,
               bias_file;
-  std::string json_file, routes_dir, gates = "chosen", variants_text = "air";
+  std::string json_file, routes_dir, gates = "chosen", variants_text = "air",
+                                     list_lengths_text = "256";
+  int64_t list_sample = 0;
   bool no_faiss = false, no_product_key = false;
 
   po::options_description opts("airmoe_bench router options");
@@ -254,7 +300,12 @@ int run_router(const std::vector<std::string>& args) {
                                                         "skip the FAISS IndexIVFFlat rows")(
       "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row")(
       "variants", po::value(&variants_text)->default_value(variants_text),
-      "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced")(
+      "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced, query")(
+      "list-sample", po::value(&list_sample)->default_value(list_sample),
+      "query: the first this many tokens build the query lists (their exact top-k); every "
+      "router is measured on the tokens after them (0: no split)")(
+      "list-lengths", po::value(&list_lengths_text)->default_value(list_lengths_text),
+      "query: experts per query list, comma-separated (a row each)")(
       "spills", po::value(&vo.spills)->default_value(vo.spills),
       "extra lists per expert, >= 1 (spill)")(
       "soar-lambda", po::value(&vo.soar_lambda)->default_value(vo.soar_lambda),
@@ -279,6 +330,14 @@ int run_router(const std::vector<std::string>& args) {
   if (centers_file.empty()) require_tokens(num_tokens, "");
   const std::vector<Variant> variants = parse_variants(variants_text);
   vo.validate(variants);
+  const std::vector<int> list_lengths = parse_int_list(list_lengths_text, "--list-lengths", 1);
+  const bool any_query =
+      std::any_of(variants.begin(), variants.end(), [](const Variant& v) { return v.query; });
+  if (list_sample < 0) fail("--list-sample must be >= 0, got " + std::to_string(list_sample));
+  if (any_query && list_sample == 0)
+    fail(
+        "--variants query needs --list-sample N: the first N tokens build the lists, the rest "
+        "are measured (they must not be the same tokens)");
   if (!(shortlist_budget >= 0.0) || !std::isfinite(shortlist_budget))
     fail("--shortlist-budget = " + number_text(shortlist_budget) +
          " must be a finite number >= 0 (0: E/16)");
@@ -307,13 +366,20 @@ int run_router(const std::vector<std::string>& args) {
     data = make_synthetic(cfg);
     source = "synthetic:" + preset;
   }
-  const MatrixView centers = data.centers.view(), tokens = data.tokens.view();
+  const MatrixView centers = data.centers.view(), all_tokens = data.tokens.view();
   experts = centers.rows;
   dim = centers.cols;
-  num_tokens = tokens.rows;
-  if (tokens.cols != dim)
-    throw std::invalid_argument("tokens have " + std::to_string(tokens.cols) +
+  if (all_tokens.cols != dim)
+    throw std::invalid_argument("tokens have " + std::to_string(all_tokens.cols) +
                                 " columns but centers have " + std::to_string(dim));
+  if (list_sample >= all_tokens.rows)
+    fail("--list-sample = " + std::to_string(list_sample) + " leaves none of the " +
+         std::to_string(all_tokens.rows) + " tokens to measure");
+  // The sample that builds query lists, and the tokens every router is
+  // measured on: disjoint.
+  const MatrixView sample(all_tokens.data, list_sample, dim);
+  const MatrixView tokens(all_tokens.row(list_sample), all_tokens.rows - list_sample, dim);
+  num_tokens = tokens.rows;
   require_tokens(num_tokens, tokens_file);
 
   Matrix bias;  // checked before any index is built
@@ -337,11 +403,18 @@ int run_router(const std::vector<std::string>& args) {
   const double t_train = now_seconds();
   AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0});
   const double train_seconds = now_seconds() - t_train;
-  std::vector<AirRouter> layouts;
+  std::vector<Layout> layouts;
+  QueryBuild query;
   for (const Variant& v : variants) {
+    if (v.query) {
+      query = build_query_layouts(centers, bias.view(), sample,
+                                  {codewords, 0, k, kmeans_iters, 1234}, list_lengths);
+      for (Layout& l : query.layouts) layouts.push_back(std::move(l));
+      continue;
+    }
     progress("building %s lists", v.row_name.c_str());
     try {
-      layouts.emplace_back(centers, air.codebook(), vo.lists_of(v, list_cap));
+      layouts.push_back({v.row_name, AirRouter(centers, air.codebook(), vo.lists_of(v, list_cap))});
     } catch (const std::invalid_argument& e) {
       fail("--variants " + v.name + " (" + vo.text_of(v) + "): " + e.what());
     }
@@ -353,7 +426,7 @@ int run_router(const std::vector<std::string>& args) {
   DenseRouter dense(centers);
   if (!bias_file.empty()) {
     dense.set_bias(bias.view());
-    for (AirRouter& layout : layouts) layout.set_bias(bias.view());
+    for (Layout& layout : layouts) layout.router.set_bias(bias.view());
     no_faiss = true;  // FAISS's IVF scan has no selection bias
   }
   std::vector<Row> rows;
@@ -378,15 +451,16 @@ int run_router(const std::vector<std::string>& args) {
       continue;
     }
     Row row{"air", m};
-    for (size_t v = 0; v < variants.size(); ++v) {
-      progress("%s with m=%d probes", variants[v].row_name.c_str(), m);
+    for (const Layout& layout : layouts) {
+      progress("%s with m=%d probes", layout.row_name.c_str(), m);
       Routes r;
-      Row vrow{variants[v].row_name, m};
-      vrow.seconds = best_seconds(repeats, [&] { r = layouts[v].route(tokens, k, m, gate_mode); });
+      Row vrow{layout.row_name, m};
+      vrow.seconds =
+          best_seconds(repeats, [&] { r = layout.router.route(tokens, k, m, gate_mode); });
       vrow.recall = recall_at_k(r, exact);
       vrow.mass = mass_recall(r, exact);
       vrow.shortlist = shortlist_stats(r);
-      vrow.flops = layouts[v].flops_per_token(vrow.shortlist.mean);
+      vrow.flops = layout.router.flops_per_token(vrow.shortlist.mean);
       rows.push_back(vrow);
       if (!routes_dir.empty()) save_routes(routes_dir, route_name(vrow), r);
       if (vrow.router == "air") row = vrow;
@@ -459,10 +533,17 @@ int run_router(const std::vector<std::string>& args) {
       "codebook training %.2f s;  OpenBLAS sgemm %.1f GFLOP/s, scoring kernel %.1f GFLOP/s "
       "(%.0f%%)\n\n",
       train_seconds, sgemm_gflops, kernel_gflops, 100.0 * kernel_gflops / sgemm_gflops);
-  std::printf("%-12s %6s %12s %9s %9s %9s %10s %12s\n", "router", "m", "tokens/s", "speedup",
+  if (any_query)
+    std::printf(
+        "query lists built from the first %ld tokens (the rest are measured) in %.2f s: %.1f "
+        "MFLOP (exact top-%d of the sample and k-means on it), %.1f kFLOP per sample token; not "
+        "in MFLOP/token below\n\n",
+        (long)list_sample, query.seconds, query.flops / 1e6, k,
+        query.flops / static_cast<double>(list_sample) / 1e3);
+  std::printf("%-16s %6s %12s %9s %9s %9s %10s %12s\n", "router", "m", "tokens/s", "speedup",
               "recall@k", "mass", "shortlist", "MFLOP/token");
   for (const Row& r : rows)
-    std::printf("%-12s %6s %12.0f %8.1fx %9.4f %9.4f %10.0f %12.2f\n", r.router.c_str(),
+    std::printf("%-16s %6s %12.0f %8.1fx %9.4f %9.4f %10.0f %12.2f\n", r.router.c_str(),
                 r.probes ? std::to_string(r.probes).c_str() : "-", r.tokens_per_s,
                 r.tokens_per_s / dense_tps, r.recall, r.mass, r.shortlist.mean, r.flops / 1e6);
   if (best_air) {
@@ -480,14 +561,28 @@ int run_router(const std::vector<std::string>& args) {
   if (json_out.wanted()) {
     json j;
     j["benchmark"] = "router";
-    j["config"] = {{"experts", experts},       {"dim", dim},
-                   {"tokens", num_tokens},     {"k", k},
-                   {"codewords", codewords},   {"data", source},
-                   {"bias", bias_file},        {"seed", seed},
-                   {"threads", num_threads()}, {"kmeans_iterations", kmeans_iters},
-                   {"gates", gates},           {"variants", variants_text},
-                   {"spills", vo.spills},      {"soar_lambda", vo.soar_lambda},
-                   {"list_cap", list_cap},     {"scoring_kernel", host_ops().name()}};
+    j["config"] = {{"experts", experts},
+                   {"dim", dim},
+                   {"tokens", num_tokens},
+                   {"k", k},
+                   {"codewords", codewords},
+                   {"data", source},
+                   {"bias", bias_file},
+                   {"seed", seed},
+                   {"threads", num_threads()},
+                   {"kmeans_iterations", kmeans_iters},
+                   {"gates", gates},
+                   {"variants", variants_text},
+                   {"spills", vo.spills},
+                   {"soar_lambda", vo.soar_lambda},
+                   {"list_cap", list_cap},
+                   {"scoring_kernel", host_ops().name()},
+                   {"list_sample", list_sample},
+                   {"list_lengths", list_lengths_text}};
+    if (any_query) {
+      j["query_lists_build_flops"] = query.flops;
+      j["query_lists_build_seconds"] = query.seconds;
+    }
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;

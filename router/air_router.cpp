@@ -25,8 +25,27 @@ AirRouter::AirRouter(MatrixView centers, Codebook codebook, const ListOptions& o
   set_centers(centers);
 }
 
+AirRouter::AirRouter(MatrixView centers, TensorView bias, MatrixView sample_tokens,
+                     const QueryListOptions& options, Compute compute)
+    : AirRouter(centers, build_query_lists(centers, bias, sample_tokens, options, compute)) {
+  if (!bias.empty()) set_bias(bias);
+}
+
+AirRouter::AirRouter(MatrixView centers, QueryLists lists)
+    : codebook_(std::move(lists.codebook)),
+      query_(QueryState{lists.options, std::move(lists.membership), lists.build_flops}) {
+  if (query_->membership.list_count != codebook_.size())
+    fail("query lists: the membership has " + std::to_string(query_->membership.list_count) +
+         " lists, the codebook " + std::to_string(codebook_.size()) + " codewords");
+  set_centers(centers);
+}
+
 void AirRouter::set_centers(MatrixView centers) {
   if (centers.rows < 1) fail("centers must have at least one row");
+  if (query_ && centers.rows != query_->membership.experts())
+    fail("set_centers: the query lists hold E = " + std::to_string(query_->membership.experts()) +
+         " experts, the centers have " + std::to_string(centers.rows) +
+         " rows (build a new router for another expert count)");
   require_expert_count(centers.rows, "centers rows E");
   require_cols(centers, codebook_.dim(), "centers");
   if (codebook_.size() > centers.rows)
@@ -43,6 +62,10 @@ void AirRouter::set_centers(MatrixView centers) {
 }
 
 void AirRouter::update_codebook(double step, int updates) {
+  if (query_)
+    fail(
+        "update_codebook: the query lists' codebook is trained on tokens, not on the centers; "
+        "call refresh_lists(sample_tokens)");
   if (updates < 0) fail("update_codebook: updates must be >= 0");
   const OnHost unit(compute(), unit_centers_);
   auto lookup = [&](int32_t e, float* out) {
@@ -53,24 +76,45 @@ void AirRouter::update_codebook(double step, int updates) {
   rebuild_lists();
 }
 
-void AirRouter::rebuild_lists() {
+void AirRouter::refresh_lists(MatrixView sample_tokens) {
+  if (!query_)
+    fail("refresh_lists: the router's lists are built from the centers, not from tokens");
+  const OnHost centers(compute(), centers_);
+  QueryLists fresh =
+      build_query_lists(centers.view().matrix(), bias_, sample_tokens, query_->options, compute());
+  codebook_ = std::move(fresh.codebook);
+  query_ = QueryState{fresh.options, std::move(fresh.membership), fresh.build_flops};
+  rebuild_lists();
+}
+
+ListMembership AirRouter::center_lists() const {
   const std::vector<int32_t> primary = codebook_.assign_capped(unit_centers_, options_.list_cap);
-  lists_ = InvertedLists(primary, codebook_.size());
-  list_sizes_ = list_sizes(compute(), lists_);
   const int per_expert = 1 + options_.spills;
-  std::vector<int32_t> lists_of = primary;
+  ListMembership m{{0}, {}, codebook_.size()};
+  std::vector<int32_t> spilled;
   if (options_.spills > 0) {
     const SpillOptions spill{options_.spills, options_.spill_lambda,
                              options_.spills * options_.list_cap};
-    const std::vector<int32_t> spilled = soar_spills(codebook_, unit_centers_, primary, spill);
-    lists_of.assign(static_cast<size_t>(experts() * per_expert), 0);
-    for (int64_t e = 0; e < experts(); ++e) {
-      lists_of[e * per_expert] = primary[e];
-      std::copy_n(spilled.begin() + e * options_.spills, options_.spills,
-                  lists_of.begin() + e * per_expert + 1);
-    }
+    spilled = soar_spills(codebook_, unit_centers_, primary, spill);
   }
-  segments_ = ListSegments(lists_of, per_expert, codebook_.size());
+  for (int64_t e = 0; e < experts(); ++e) {
+    m.lists.push_back(primary[e]);
+    m.lists.insert(m.lists.end(), spilled.begin() + e * options_.spills,
+                   spilled.begin() + (e + 1) * options_.spills);
+    m.offsets.push_back((e + 1) * per_expert);
+  }
+  return m;
+}
+
+void AirRouter::rebuild_lists() {
+  const ListMembership membership = query_ ? query_->membership : center_lists();
+  std::vector<int32_t> primary(static_cast<size_t>(experts()));
+  for (int64_t e = 0; e < experts(); ++e) primary[e] = membership.lists[membership.offsets[e]];
+  // The primary lists are disjoint, so probes whose primary lists hold k
+  // experts give a shortlist of at least k distinct experts (stage 1's rule).
+  lists_ = InvertedLists(primary, codebook_.size());
+  list_sizes_ = list_sizes(compute(), lists_);
+  segments_ = ListSegments(membership.offsets, membership.lists, codebook_.size());
   const OnHost centers(compute(), centers_);
   blocks_ = segments_.blocks(compute(), dim(), [&](int32_t e) {
     return centers.as<float>() + static_cast<int64_t>(e) * dim();
@@ -102,8 +146,6 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
     r.probed_codewords = ops.empty(DType::kI32, 0, 1);
     return r;
   }
-  // The primary lists are disjoint, so probes whose primary lists hold k
-  // experts give a shortlist of at least k distinct experts.
   ProbeSet sel = ops.select_probes(tokens, codebook_.tensor(), list_sizes_, probes, k, c.stream);
   PairSet pairs = ops.probe_pairs(blocks_.view(), sel, c.stream);
   r.probe_offsets = std::move(sel.offsets);

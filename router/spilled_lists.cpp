@@ -132,6 +132,19 @@ void check_spill_options(const Codebook& codebook, int64_t n, size_t primaries,
          " spilled entries");
 }
 
+// The offsets of `entries` lists in rows of `per_expert` (1 to
+// kMaxListsPerExpert: SOAR's bound on a row's lists).
+std::vector<int64_t> fixed_offsets(size_t entries, int per_expert) {
+  if (per_expert < 1 || per_expert > kMaxListsPerExpert ||
+      entries % static_cast<size_t>(per_expert) != 0)
+    fail("list segments: " + std::to_string(entries) + " entries do not make rows of " +
+         std::to_string(per_expert) + " lists (1 to " + std::to_string(kMaxListsPerExpert) + ")");
+  const int64_t E = static_cast<int64_t>(entries) / per_expert;
+  std::vector<int64_t> offsets(static_cast<size_t>(E + 1));
+  for (int64_t e = 0; e <= E; ++e) offsets[e] = e * per_expert;
+  return offsets;
+}
+
 }  // namespace
 
 std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
@@ -161,45 +174,68 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
   return out;
 }
 
-ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists) {
+ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists)
+    : ListSegments(fixed_offsets(lists_of.size(), per_expert), lists_of, lists) {}
+
+namespace {
+
+// Expert e's lists (CSR) must be at least one, in [0, lists), all different.
+void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
+                       int64_t lists) {
   if (lists < 1) fail("list segments: need at least one list, got " + std::to_string(lists));
-  if (per_expert < 1 || per_expert > kMaxListsPerExpert ||
-      lists_of.size() % static_cast<size_t>(per_expert) != 0)
-    fail("list segments: " + std::to_string(lists_of.size()) + " entries do not make rows of " +
-         std::to_string(per_expert) + " lists (1 to " + std::to_string(kMaxListsPerExpert) + ")");
-  const int64_t E = static_cast<int64_t>(lists_of.size()) / per_expert;
-  for (int64_t e = 0; e < E; ++e)
-    for (int r = 0; r < per_expert; ++r) {
-      const int32_t c = lists_of[e * per_expert + r];
+  if (offsets.empty() || offsets.front() != 0 ||
+      offsets.back() != static_cast<int64_t>(lists_of.size()))
+    fail("list segments: the offsets must run from 0 to the " + std::to_string(lists_of.size()) +
+         " entries");
+  std::vector<int32_t> sorted;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    if (offsets[e + 1] <= offsets[e])
+      fail("list segments: expert " + std::to_string(e) + " is in no list");
+    sorted.assign(lists_of.begin() + offsets[e], lists_of.begin() + offsets[e + 1]);
+    for (int32_t c : sorted)
       if (c < 0 || c >= lists)
         fail("list segments: expert " + std::to_string(e) + " is assigned to list " +
              std::to_string(c) + ", outside [0, " + std::to_string(lists) + ")");
-      for (int q = 0; q < r; ++q)
-        if (lists_of[e * per_expert + q] == c)
-          fail("list segments: expert " + std::to_string(e) + " is in list " + std::to_string(c) +
-               " twice");
-    }
+    std::sort(sorted.begin(), sorted.end());
+    const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+    if (twice != sorted.end())
+      fail("list segments: expert " + std::to_string(e) + " is in list " + std::to_string(*twice) +
+           " twice");
+  }
+}
 
+}  // namespace
+
+ListSegments::ListSegments(const std::vector<int64_t>& offsets,
+                           const std::vector<int32_t>& lists_of, int64_t lists) {
+  check_memberships(offsets, lists_of, lists);
   // One entry per (expert, rank); its key is the sorted lists that outrank
-  // it. Entries are grouped by (list, rank, key), ids ascending within.
+  // it (key_offsets: entry i's key is keys[key_offsets[i] ..
+  // key_offsets[i + 1])). Entries are grouped by (list, rank, key), ids
+  // ascending within.
   const size_t n = lists_of.size();
-  std::vector<int32_t> list(n), rank(n), expert(n), key(n * kMaxListsPerExpert, -1);
-  for (int64_t e = 0; e < E; ++e)
-    for (int r = 0; r < per_expert; ++r) {
-      const size_t i = static_cast<size_t>(e * per_expert + r);
-      list[i] = lists_of[i];
-      rank[i] = r;
+  std::vector<int32_t> rank(n), expert(n);
+  std::vector<int64_t> key_offsets(n + 1, 0);
+  for (size_t e = 0; e + 1 < offsets.size(); ++e)
+    for (int64_t i = offsets[e]; i < offsets[e + 1]; ++i) {
+      rank[i] = static_cast<int32_t>(i - offsets[e]);
       expert[i] = static_cast<int32_t>(e);
-      int32_t* k = key.data() + i * kMaxListsPerExpert;
-      std::copy_n(lists_of.begin() + e * per_expert, r, k);
-      std::sort(k, k + r);
+      key_offsets[i + 1] = key_offsets[i] + rank[i];
     }
+  std::vector<int32_t> keys(static_cast<size_t>(key_offsets[n]));
+  for (size_t i = 0; i < n; ++i) {
+    int32_t* k = keys.data() + key_offsets[i];
+    std::copy_n(lists_of.begin() + offsets[expert[i]], rank[i], k);
+    std::sort(k, k + rank[i]);
+  }
+  const auto key_of = [&](size_t i) {
+    return std::span<const int32_t>(keys.data() + key_offsets[i], static_cast<size_t>(rank[i]));
+  };
   const auto group_less = [&](size_t a, size_t b) {
-    if (list[a] != list[b]) return list[a] < list[b];
+    if (lists_of[a] != lists_of[b]) return lists_of[a] < lists_of[b];
     if (rank[a] != rank[b]) return rank[a] < rank[b];
-    return std::lexicographical_compare(
-        key.data() + a * kMaxListsPerExpert, key.data() + (a + 1) * kMaxListsPerExpert,
-        key.data() + b * kMaxListsPerExpert, key.data() + (b + 1) * kMaxListsPerExpert);
+    const auto ka = key_of(a), kb = key_of(b);
+    return std::lexicographical_compare(ka.begin(), ka.end(), kb.begin(), kb.end());
   };
   std::vector<size_t> order(n);
   std::iota(order.begin(), order.end(), size_t{0});
@@ -214,10 +250,10 @@ ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert,
     const size_t i = order[j];
     if (j == 0 || group_less(order[j - 1], i)) {  // a new segment
       if (!ids_.empty()) segment_offsets_.push_back(static_cast<int64_t>(ids_.size()));
-      const int32_t* k = key.data() + i * kMaxListsPerExpert;
-      outranking_.insert(outranking_.end(), k, k + rank[i]);
+      const auto k = key_of(i);
+      outranking_.insert(outranking_.end(), k.begin(), k.end());
       outranking_offsets_.push_back(static_cast<int64_t>(outranking_.size()));
-      ++list_segments_[list[i] + 1];
+      ++list_segments_[lists_of[i] + 1];
     }
     ids_.push_back(expert[i]);
   }

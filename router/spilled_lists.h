@@ -44,9 +44,15 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
 class ListSegments {
  public:
   ListSegments() = default;
-  // lists_of: [E, per_expert] row-major, each expert's lists in priority
-  // order (primary first), all different, in [0, lists).
+  // lists_of: [E, per_expert] row-major (per_expert 1 to 8), each expert's
+  // lists in priority order (primary first), all different, in [0, lists).
   ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists);
+  // Any number of lists per expert (query-aware lists, router/query_lists.h):
+  // expert e's lists are lists_of[offsets[e] .. offsets[e + 1]), at least one,
+  // in priority order. An expert in n lists adds n (n - 1) / 2 outranking
+  // entries (each entry is outranked by the lists before it).
+  ListSegments(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
+               int64_t lists);
 
   int64_t lists() const { return static_cast<int64_t>(list_segments_.size()) - 1; }
   int64_t segments() const { return static_cast<int64_t>(segment_offsets_.size()) - 1; }

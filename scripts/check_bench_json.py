@@ -103,6 +103,29 @@ def main():
     chosen = np.take_along_axis(logits, biased.astype(np.int64), axis=1)
     sig = 1.0 / (1.0 + np.exp(-chosen))
     assert np.allclose(gates, sig / sig.sum(axis=1, keepdims=True), atol=1e-5), "sigmoid gates"
+
+    # Query-aware lists from the first tokens, measured on the rest: every
+    # list probed equals dense (with the bias), and the build cost is there.
+    q_tokens = rng.standard_normal((400, 16)).astype(np.float32)
+    np.save(os.path.join(work, "q_tokens.npy"), q_tokens)
+    out3 = os.path.join(work, "query.json")
+    run(bench, "--centers", os.path.join(work, "centers.npy"), "--tokens",
+        os.path.join(work, "q_tokens.npy"), "--bias", os.path.join(work, "bias.npy"), "-C", "8",
+        "--k", "2", "--probes", "1,8", "--repeats", "1", "--no-product-key", "--variants",
+        "air,query", "--list-sample", "300", "--list-lengths", "4,40", "--json", out3,
+        "--save-routes", os.path.join(work, "query_routes"))
+    with open(out3) as f:
+        j3 = json.load(f)
+    assert j3["config"]["tokens"] == 100 and j3["config"]["list_sample"] == 300, j3["config"]
+    assert j3["query_lists_build_flops"] >= 2 * 300 * 500 * 16, j3["query_lists_build_flops"]
+    rows = {(r["router"], r["probes"]): r for r in j3["results"]}
+    for length in (4, 40):
+        full = rows[(f"air_query_L{length}", 8)]
+        assert full["recall_at_k"] == 1.0 and full["shortlist_mean"] == 500, full
+        assert rows[(f"air_query_L{length}", 1)]["shortlist_mean"] < 500
+    q_dense = np.load(os.path.join(work, "query_routes", "dense_experts.npy"))
+    q_full = np.load(os.path.join(work, "query_routes", "air_query_L4_m8_experts.npy"))
+    assert q_dense.shape == (100, 2) and (q_full == q_dense).all(), "query lists at m = C"
     print("bench_router_smoke: ok")
 
 
