@@ -17,6 +17,7 @@
 
 #include "bench_common.h"
 #include "core/checks.h"
+#include "core/errors.h"
 #include "core/npy.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
@@ -60,8 +61,9 @@ json to_json(const Row& r, double dense_tokens_per_s) {
 }
 
 // GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm and by the
-// host backend's scoring op (the dense router's): its rate against BLAS's.
-std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int repeats) {
+// backend's scoring op (the dense router's): its rate against BLAS's.
+std::pair<double, double> gemm_rates(const Ops& ops, MatrixView tokens, MatrixView centers,
+                                     int repeats) {
   const int64_t rows = std::min<int64_t>(tokens.rows, 384), E = centers.rows, d = centers.cols;
   if (rows == 0) return {0.0, 0.0};
   std::vector<float> out(static_cast<size_t>(rows * E));
@@ -73,8 +75,21 @@ std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int 
   });
   const TensorView c(out.data(), DType::kF32, Device::host(), rows, E);
   const double ours = best_seconds(
-      repeats, [&] { host_ops().score(TensorView(tokens).row_range(0, rows), centers, c, {}); });
+      repeats, [&] { ops.score(TensorView(tokens).row_range(0, rows), centers, c, {}); });
   return {flops / blas / 1e9, flops / ours / 1e9};
+}
+
+// --backend: a host backend by name (the routers here read host matrices).
+const Ops& host_backend_option(const std::string& name) {
+  if (name != "host" && name.rfind("host-", 0) != 0)
+    fail("--backend " + name +
+         ": the router benchmark runs on a host backend (host, host-avx512, host-avx2, "
+         "host-portable)");
+  try {
+    return find_backend(name);
+  } catch (const UsageError& e) {
+    fail("--backend " + name + ": " + e.what());
+  }
 }
 
 // One router's routes as .npy files under --save-routes; an error names the
@@ -219,7 +234,7 @@ int run_router(const std::vector<std::string>& args) {
   VariantOptions vo;
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file,
               bias_file;
-  std::string json_file, routes_dir, gates = "chosen", variants_text = "air";
+  std::string json_file, routes_dir, gates = "chosen", variants_text = "air", backend = "host";
   bool no_faiss = false, no_product_key = false;
 
   po::options_description opts("airmoe_bench router options");
@@ -253,6 +268,9 @@ int run_router(const std::vector<std::string>& args) {
       "write each router's experts/gates as .npy here")("no-faiss", po::bool_switch(&no_faiss),
                                                         "skip the FAISS IndexIVFFlat rows")(
       "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row")(
+      "backend", po::value(&backend)->default_value(backend),
+      "host backend of every airmoe router and of the scoring kernel: host (the fastest), "
+      "host-avx512, host-avx2 or host-portable")(
       "variants", po::value(&variants_text)->default_value(variants_text),
       "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced")(
       "spills", po::value(&vo.spills)->default_value(vo.spills),
@@ -275,6 +293,8 @@ int run_router(const std::vector<std::string>& args) {
     throw std::invalid_argument("--centers and --tokens go together");
   const std::vector<int> probe_list = parse_int_list(probes_text, "-m/--probes", 1);
   const GateMode gate_mode = gate_mode_from_string(gates);
+  const Ops& ops = host_backend_option(backend);
+  const Compute compute{&ops, {}};
   require_expert_count(experts, "-E/--experts");
   if (centers_file.empty()) require_tokens(num_tokens, "");
   const std::vector<Variant> variants = parse_variants(variants_text);
@@ -321,7 +341,7 @@ int run_router(const std::vector<std::string>& args) {
     progress("loading the selection bias %s", bias_file.c_str());
     bias = read_npy_matrix(bias_file);
     try {
-      checked_bias(host_compute(), bias.view(), experts);
+      checked_bias(compute, bias.view(), experts);
     } catch (const std::invalid_argument& e) {
       fail("--bias " + bias_file + ": " + e.what());
     }
@@ -335,7 +355,7 @@ int run_router(const std::vector<std::string>& args) {
   const int64_t list_cap = any_balanced ? vo.list_cap(experts, codewords) : 0;
   progress("training the codebook: C=%ld, %d Lloyd iterations", (long)codewords, kmeans_iters);
   const double t_train = now_seconds();
-  AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0});
+  AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0}, compute);
   const double train_seconds = now_seconds() - t_train;
   std::vector<AirRouter> layouts;
   for (const Variant& v : variants) {
@@ -348,9 +368,9 @@ int run_router(const std::vector<std::string>& args) {
   }
 
   progress("measuring sgemm and the scoring kernel");
-  const auto [sgemm_gflops, kernel_gflops] = gemm_rates(tokens, centers, repeats);
+  const auto [sgemm_gflops, kernel_gflops] = gemm_rates(ops, tokens, centers, repeats);
 
-  DenseRouter dense(centers);
+  DenseRouter dense(centers, compute);
   if (!bias_file.empty()) {
     dense.set_bias(bias.view());
     for (AirRouter& layout : layouts) layout.set_bias(bias.view());
@@ -414,7 +434,7 @@ int run_router(const std::vector<std::string>& args) {
       const int64_t d1 = dim / 2;
       const ProductKeyRouter pk(
           random_matrix(n, d1, 1.0 / std::sqrt(double(d1)), seed + 1),
-          random_matrix(n, dim - d1, 1.0 / std::sqrt(double(dim - d1)), seed + 2));
+          random_matrix(n, dim - d1, 1.0 / std::sqrt(double(dim - d1)), seed + 2), compute);
       Routes r;
       Row row{"product_key"};
       row.seconds = best_seconds(repeats, [&] { r = pk.route(tokens, k); });
@@ -425,7 +445,7 @@ int run_router(const std::vector<std::string>& args) {
           std::copy_n(pk.keys1().row(i), d1, implied.row(i * n + j));
           std::copy_n(pk.keys2().row(j), dim - d1, implied.row(i * n + j) + d1);
         }
-      const Routes pk_exact = DenseRouter(implied.view()).route(tokens, k);
+      const Routes pk_exact = DenseRouter(implied.view(), compute).route(tokens, k);
       row.recall = recall_at_k(r, pk_exact);
       row.mass = mass_recall(r, pk_exact);
       row.shortlist = shortlist_stats(r);
@@ -454,7 +474,7 @@ int run_router(const std::vector<std::string>& args) {
   std::printf(
       "\nairmoe router benchmark  (%s, E=%ld d=%ld T=%ld k=%d C=%ld, %d threads, kernel %s)\n",
       source.c_str(), (long)experts, (long)dim, (long)num_tokens, k, (long)codewords, num_threads(),
-      host_ops().name().c_str());
+      ops.name().c_str());
   std::printf(
       "codebook training %.2f s;  OpenBLAS sgemm %.1f GFLOP/s, scoring kernel %.1f GFLOP/s "
       "(%.0f%%)\n\n",
@@ -487,7 +507,7 @@ int run_router(const std::vector<std::string>& args) {
                    {"threads", num_threads()}, {"kmeans_iterations", kmeans_iters},
                    {"gates", gates},           {"variants", variants_text},
                    {"spills", vo.spills},      {"soar_lambda", vo.soar_lambda},
-                   {"list_cap", list_cap},     {"scoring_kernel", host_ops().name()}};
+                   {"list_cap", list_cap},     {"scoring_kernel", ops.name()}};
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;

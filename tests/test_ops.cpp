@@ -301,9 +301,13 @@ TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
   struct Shape {
     int64_t m, n, k;
   };
-  // k a multiple of 8 and not; tiles with partial edges; k = 0; empty sides.
+  // k a multiple of 8 and not (and of 16 and not); k < 8; tiles with
+  // partial edges (AVX2 3 x 4, AVX-512 6 x 8: m = 13, 11, n = 17, 9); k = 0;
+  // empty sides; several blocks of rows and of keys, on threads (300 x 70 x
+  // 1000: the AVX-512 set's blocks are 262 rows by 32 keys there).
   for (const Shape s : {Shape{7, 13, 16}, Shape{10, 9, 37}, Shape{1, 1, 5}, Shape{4, 6, 0},
-                        Shape{0, 5, 8}, Shape{3, 0, 8}, Shape{50, 70, 200}}) {
+                        Shape{0, 5, 8}, Shape{3, 0, 8}, Shape{50, 70, 200}, Shape{13, 17, 3},
+                        Shape{11, 16, 24}, Shape{2, 8, 7}, Shape{12, 9, 1}, Shape{300, 70, 1000}}) {
     const Tensor a = random_f32(s.m, s.k, 10 + s.k), b = random_f32(s.n, s.k, 20 + s.k);
     const auto run = [&](const Ops& o, const Tensor& ha, const Tensor& hb, int64_t pad) {
       OnDevice dev(o);
@@ -856,7 +860,7 @@ struct ExpertInputs {
 };
 
 TEST_P(OpsTest, ExpertForwardAndBackward) {
-  // h = 1 and wider; d a multiple of 8 and not; enough experts to run them
+  // h = 1 and wider; d a multiple of 8 (and 16) and not; enough experts to run them
   // on threads; no pairs; bf16 weights and inputs.
   struct Case {
     int64_t experts, d, h, tokens, pairs;
@@ -868,7 +872,9 @@ TEST_P(OpsTest, ExpertForwardAndBackward) {
                        Case{9, 24, 11, 12, 40, Activation::kSilu, true},
                        Case{7, 12, 5, 9, 30, Activation::kSwiglu, false},
                        Case{40, 9, 2, 30, 100, Activation::kSwiglu, true},
-                       Case{4, 8, 2, 5, 0, Activation::kGelu, false}}) {
+                       Case{4, 8, 2, 5, 0, Activation::kGelu, false},
+                       // contractions 37 and 19 wide (16-wide registers and a rest)
+                       Case{5, 37, 19, 20, 60, Activation::kRelu, false}}) {
     const ExpertInputs in(c.experts, c.d, c.h, c.tokens, c.pairs, c.act, 30 + c.d);
     const bool exact = c.act == Activation::kRelu;
     const int64_t P = in.pairs();
@@ -1579,8 +1585,16 @@ TEST(Registry, NamesAndReasons) {
   EXPECT_EQ(all.front(), &host_ops());  // the fastest host twin first
   for (const Ops* o : all) EXPECT_EQ(&find_backend(o->name()), o);
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    EXPECT_EQ(host_ops().name(), "host-avx2");  // both twins registered on this CPU
+  // Every kernel set the CPU runs is registered, the widest first.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512) {
+    EXPECT_EQ(host_ops().name(), "host-avx512");
+    EXPECT_EQ(find_backend("host-avx2").name(), "host-avx2");
+  } else if (avx2) {
+    EXPECT_EQ(host_ops().name(), "host-avx2");
+    EXPECT_THROW(find_backend("host-avx512"), UsageError);
   }
 #endif
   try {

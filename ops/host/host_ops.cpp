@@ -148,19 +148,17 @@ RowCheck HostOps::check_rows(TensorView m, double key_norm_bound, Stream) const 
 
 // ---- scoring --------------------------------------------------------------
 
-namespace {
-constexpr int64_t kTileRows = 3;  // the AVX2 tile's shape: blocks are multiples of it
-constexpr int64_t kTileCols = 4;
-}  // namespace
-
 void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                         int64_t n, int64_t k, float* c, int64_t ldc) const {
   if (m <= 0 || n <= 0) return;
-  // Blocks sized so one block of B (the keys) stays in L2 while every A tile
-  // of the row block streams past it.
+  // Blocks in whole tiles of the kernel set, sized for its cache use.
+  const ScoreBlocks& shape = kernels_.blocks;
   const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(float));
-  const int64_t nb = std::max<int64_t>(kTileCols, (192 * 1024 / row_bytes) / kTileCols * kTileCols);
-  const int64_t mb = std::max<int64_t>(kTileRows, (96 * 1024 / row_bytes) / kTileRows * kTileRows);
+  const auto whole_tiles = [&](int64_t bytes, int64_t tile) {
+    return std::max<int64_t>(tile, bytes / row_bytes / tile * tile);
+  };
+  const int64_t nb = whole_tiles(shape.b_bytes, shape.tile_cols);
+  const int64_t mb = whole_tiles(shape.a_bytes, shape.tile_rows);
   const int64_t row_blocks = (m + mb - 1) / mb;
   const int64_t col_blocks = (n + nb - 1) / nb;
   const int64_t tasks = row_blocks * col_blocks;
