@@ -162,15 +162,13 @@ void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64
     return avx2->score_block(a, lda, b, ldb, m, n, k, c, ldc);
   }
   pack_b(b, ldb, n, k, panels);
-  // Panel-major: one panel (8 rows x k) stays in L1 while the row tiles of
-  // A stream past it from L2.
-  for (int64_t j = 0; j < n; j += kPanel) {
-    const float* panel = panels + j / kPanel * panel_floats;
-    const int64_t nr = std::min(kPanel, n - j);
-    for (int64_t i = 0; i < m; i += kTileRows) {
-      const int64_t mr = std::min<int64_t>(kTileRows, m - i);
-      pick_tile(mr)(a + i * lda, lda, panel, k, c + i * ldc + j, ldc, nr);
-    }
+  // Row-tile-major: six rows of A stay in L1 while the panels stream past
+  // them from L2.
+  for (int64_t i = 0; i < m; i += kTileRows) {
+    const TileFn run = pick_tile(std::min<int64_t>(kTileRows, m - i));
+    for (int64_t j = 0; j < n; j += kPanel)
+      run(a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
+          std::min(kPanel, n - j));
   }
 }
 
