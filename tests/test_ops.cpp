@@ -333,6 +333,47 @@ TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
   }
 }
 
+// bf16 x bf16 scores keep lane_dot's bits (of the widened rows) where a
+// bf16 dot-product instruction alone would not: a denormal entry (read as
+// zero by AVX512-BF16), products and lane sums that underflow (flushed
+// there), an Inf; and at the edge of the range host-avx512's AVX512-BF16
+// kernel scores itself (rows of +-2^-51, products 2^-102).
+TEST_P(OpsTest, Bf16ScoreKeepsLaneDotBitsForTinyAndHugeEntries) {
+  const int64_t m = 6, n = 16, k = 40;
+  for (int plant = 0; plant < 4; ++plant) {
+    Tensor a = random_f32(m, k, 7), b = random_f32(n, k, 8);
+    float* pa = a.as<float>();
+    float* pb = b.as<float>();
+    const auto tiny_row = [&](float* row, int exponent) {
+      for (int64_t i = 0; i < k; ++i) row[i] = std::ldexp(i % 3 == 0 ? -1.0f : 1.0f, exponent);
+    };
+    switch (plant) {
+      case 0:  // a denormal entry times a large one: a normal product
+        pa[1 * k + 3] = std::ldexp(1.0f, -130);
+        pb[2 * k + 3] = std::ldexp(1.0f, 100);
+        break;
+      case 1:  // products of 2^-140 and their lane sums: denormal
+        tiny_row(pa + 2 * k, -70);
+        tiny_row(pb + 5 * k, -70);
+        break;
+      case 2:
+        pb[4 * k + 7] = std::numeric_limits<float>::infinity();
+        break;
+      default:
+        tiny_row(pa, -51);
+        tiny_row(pb + 3 * k, -51);
+        break;
+    }
+    const Tensor a16 = to_bf16(a), b16 = to_bf16(b);
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const TensorView c = dev.out(DType::kF32, m, n);
+      o.score(dev.put(a16), dev.put(b16), c, {});
+      return results(dev.get(c));
+    });
+  }
+}
+
 TEST_P(OpsTest, ScorePairsEqualsScore) {
   const Tensor a = random_f32(9, 21, 3), b = random_f32(12, 21, 4);
   const Tensor ar = ints({0, 8, 3, 3, 5}), br = ints({11, 0, 3, 7, 5});

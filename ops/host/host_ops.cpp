@@ -148,12 +148,16 @@ RowCheck HostOps::check_rows(TensorView m, double key_norm_bound, Stream) const 
 
 // ---- scoring --------------------------------------------------------------
 
-void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
-                        int64_t n, int64_t k, float* c, int64_t ldc) const {
+namespace {
+
+// Every block of an m x n x k scoring call (elements of `element_bytes`),
+// in whole tiles of the kernel set, sized for its cache use; on threads
+// outside an OpenMP region when the work is large enough.
+template <typename Block>
+void for_each_block(const ScoreBlocks& shape, int64_t m, int64_t n, int64_t k,
+                    int64_t element_bytes, const Block& block) {
   if (m <= 0 || n <= 0) return;
-  // Blocks in whole tiles of the kernel set, sized for its cache use.
-  const ScoreBlocks& shape = kernels_.blocks;
-  const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(float));
+  const int64_t row_bytes = std::max<int64_t>(k, 1) * element_bytes;
   const auto whole_tiles = [&](int64_t bytes, int64_t tile) {
     return std::max<int64_t>(tile, bytes / row_bytes / tile * tile);
   };
@@ -163,15 +167,54 @@ void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb
   const int64_t col_blocks = (n + nb - 1) / nb;
   const int64_t tasks = row_blocks * col_blocks;
   const bool parallel = !omp_in_parallel() && tasks > 1 && static_cast<double>(m) * n * k > 4.0e6;
-  const auto block = kernels_.score_block;
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t t = 0; t < tasks; ++t) {
     // Column-major over tasks: consecutive tasks share a B block.
     const int64_t cb = t / row_blocks, rb = t % row_blocks;
     const int64_t i0 = rb * mb, j0 = cb * nb;
-    block(a + i0 * lda, lda, b + j0 * ldb, ldb, std::min(mb, m - i0), std::min(nb, n - j0), k,
-          c + i0 * ldc + j0, ldc);
+    block(i0, j0, std::min(mb, m - i0), std::min(nb, n - j0));
   }
+}
+
+}  // namespace
+
+void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
+                        int64_t n, int64_t k, float* c, int64_t ldc) const {
+  const auto kernel = kernels_.score_block;
+  for_each_block(kernels_.blocks, m, n, k, sizeof(float),
+                 [&](int64_t i0, int64_t j0, int64_t rows, int64_t cols) {
+                   kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, rows, cols, k, c + i0 * ldc + j0,
+                          ldc);
+                 });
+}
+
+void HostOps::score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                         int64_t n, int64_t k, float* c, int64_t ldc) const {
+  const auto kernel = kernels_.score_bf16;
+  for_each_block(kernels_.blocks, m, n, k, sizeof(uint16_t),
+                 [&](int64_t i0, int64_t j0, int64_t rows, int64_t cols) {
+                   kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, rows, cols, k, c + i0 * ldc + j0,
+                          ldc);
+                 });
+}
+
+RowScores::RowScores(const HostOps& ops, const TensorView& a, const TensorView& b)
+    : ops_(ops),
+      a_(a),
+      b_(b),
+      bf16_(a.dtype == DType::kBF16 && b.dtype == DType::kBF16 &&
+            ops.kernels().score_bf16 != nullptr) {
+  if (bf16_ || a.empty() || b.empty()) return;
+  fa_.emplace(a);
+  fb_.emplace(b);
+}
+
+void RowScores::operator()(int64_t a0, int64_t n, float* c, int64_t ldc) const {
+  if (bf16_)
+    ops_.score_bf16(a_.as<const uint16_t>() + a0 * a_.ld, a_.ld, b_.as<const uint16_t>(), b_.ld, n,
+                    b_.rows, a_.cols, c, ldc);
+  else
+    ops_.score_f32(fa_->row(a0), fa_->ld(), fb_->data(), fb_->ld(), n, b_.rows, a_.cols, c, ldc);
 }
 
 void HostOps::score(TensorView a, TensorView b, TensorView c, Stream) const {
@@ -182,8 +225,7 @@ void HostOps::score(TensorView a, TensorView b, TensorView c, Stream) const {
     check.fail("a has " + std::to_string(a.cols) + " columns, b " + std::to_string(b.cols));
   check.matrix(c, "c", DType::kF32, a.rows, b.rows);
   if (a.rows == 0 || b.rows == 0) return;
-  const FloatRows fa(a), fb(b);
-  score_f32(fa.data(), fa.ld(), fb.data(), fb.ld(), a.rows, b.rows, a.cols, c.as<float>(), c.ld);
+  RowScores(*this, a, b)(0, a.rows, c.as<float>(), c.ld);
 }
 
 void HostOps::score_pairs(TensorView a, TensorView b, TensorView a_rows, TensorView b_rows,

@@ -27,6 +27,11 @@ struct HostKernels {
   // into +0, as accumulating into zeros does).
   void (*contract)(const float* a, int64_t na, const float* b, int64_t nb, int64_t m, float* out);
   ScoreBlocks blocks;
+  // score_block on bf16 rows (a and b both bf16): the bits of score_block on
+  // their exact float32 widening; nullptr where the set has none (HostOps
+  // then widens the rows and runs score_block).
+  void (*score_bf16)(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                     int64_t n, int64_t k, float* c, int64_t ldc);
 };
 
 // The blocks of the AVX2 tiles (3 x 4; A in L1/L2, B in L2), also the
@@ -38,8 +43,9 @@ const HostKernels& portable_kernels();
 // AVX2 + FMA register tiles; nullptr where the CPU lacks AVX2 or FMA (the
 // one place the CPU is asked).
 const HostKernels* avx2_kernels();
-// AVX-512 F/VL/DQ register tiles (two entries of eight lanes per zmm);
-// nullptr where the CPU lacks them or AVX2 (its small blocks are AVX2's).
+// AVX-512 F/VL/DQ register tiles (two entries of eight lanes per zmm), with
+// an AVX512-BF16 score_bf16 where the CPU has AVX512-BW and -BF16; nullptr
+// where the CPU lacks AVX-512 F/VL/DQ or AVX2 (its small blocks are AVX2's).
 const HostKernels* avx512_kernels();
 
 }  // namespace airmoe::inline ops::host

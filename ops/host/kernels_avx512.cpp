@@ -93,6 +93,19 @@ AIRMOE_AVX512 __m512 reduce_rows(const __m512* r0, const __m512* r1) {
   return _mm512_permutexvar_ps(order, sums);
 }
 
+// A tile's accumulators (rows padded to an even count) reduced and stored:
+// c[r * ldc + j] for r < MR, j < nr.
+template <int MR>
+AIRMOE_AVX512 void store_tile(const __m512 (&acc)[MR + MR % 2][kPairs], float* c, int64_t ldc,
+                              int64_t nr) {
+  const __mmask8 cols = first_lanes(nr);
+  for (int r = 0; r < MR; r += 2) {
+    const __m512 sums = reduce_rows(acc[r], acc[r + 1]);
+    _mm256_mask_storeu_ps(c + r * ldc, cols, _mm512_castps512_ps256(sums));
+    if (r + 1 < MR) _mm256_mask_storeu_ps(c + (r + 1) * ldc, cols, _mm512_extractf32x8_ps(sums, 1));
+  }
+}
+
 // MR rows of A against one packed panel: c[r * ldc + j] for r < MR, j < nr.
 template <int MR>
 AIRMOE_AVX512 void tile(const float* a, int64_t lda, const float* panel, int64_t k, float* c,
@@ -122,30 +135,38 @@ AIRMOE_AVX512 void tile(const float* a, int64_t lda, const float* panel, int64_t
       for (int s = 0; s < kPairs; ++s) acc[r][s] = _mm512_fmadd_ps(av, bv[s], acc[r][s]);
     }
   }
-  const __mmask8 cols = first_lanes(nr);
-  for (int r = 0; r < MR; r += 2) {
-    const __m512 sums = reduce_rows(acc[r], acc[r + 1]);
-    _mm256_mask_storeu_ps(c + r * ldc, cols, _mm512_castps512_ps256(sums));
-    if (r + 1 < MR) _mm256_mask_storeu_ps(c + (r + 1) * ldc, cols, _mm512_extractf32x8_ps(sums, 1));
-  }
+  store_tile<MR>(acc, c, ldc, nr);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
-
-TileFn pick_tile(int64_t mr) {
-  static constexpr TileFn tiles[kTileRows] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
-  return tiles[mr - 1];
-}
-
-// The packed panels of one block, per thread: grown, never shrunk, so a
-// thread packs without allocating once it has seen its largest block.
-float* panel_buffer(int64_t floats) {
-  constexpr int64_t kAlign = 64 / sizeof(float);
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats + kAlign)
-    buffer.resize(static_cast<size_t>(floats + kAlign));
+// A block's packed or widened rows, per thread and per use: grown,
+// never shrunk, so a thread packs without allocating once it has seen its
+// largest block; 64-byte aligned.
+enum Scratch { kPanels, kRows, kWideA, kWideB, kScratchUses };
+template <typename T>
+T* scratch(Scratch use, int64_t count) {
+  constexpr size_t kAlign = 64;
+  thread_local std::vector<unsigned char> buffers[kScratchUses];
+  std::vector<unsigned char>& buffer = buffers[use];
+  const size_t bytes = static_cast<size_t>(count) * sizeof(T) + kAlign;
+  if (buffer.size() < bytes) buffer.resize(bytes);
   const auto at = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + (kAlign - (at / sizeof(float)) % kAlign) % kAlign;
+  return reinterpret_cast<T*>(buffer.data() + (kAlign - at % kAlign) % kAlign);
+}
+
+// Every tile of an m x n block: row tiles outer, so six rows of A stay in L1
+// while the packed panels (`panel_size` elements each) stream past them
+// from L2. The tiles are the instances for 1..6 rows.
+template <typename Tile, typename In, typename Panel>
+void run_tiles(Tile t1, Tile t2, Tile t3, Tile t4, Tile t5, Tile t6, const In* a, int64_t lda,
+               const Panel* panels, int64_t panel_size, int64_t m, int64_t n, int64_t k, float* c,
+               int64_t ldc) {
+  const Tile tiles[kTileRows] = {t1, t2, t3, t4, t5, t6};
+  for (int64_t i = 0; i < m; i += kTileRows) {
+    const Tile run = tiles[std::min<int64_t>(kTileRows, m - i) - 1];
+    for (int64_t j = 0; j < n; j += kPanel)
+      run(a + i * lda, lda, panels + j / kPanel * panel_size, k, c + i * ldc + j, ldc,
+          std::min(kPanel, n - j));
+  }
 }
 
 void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
@@ -157,19 +178,13 @@ void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64
   const int64_t panel_floats = chunks_of(k) * kChunk;
   float* panels = nullptr;
   try {
-    panels = panel_buffer((n + kPanel - 1) / kPanel * panel_floats);
+    panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
   } catch (const std::bad_alloc&) {
     return avx2->score_block(a, lda, b, ldb, m, n, k, c, ldc);
   }
   pack_b(b, ldb, n, k, panels);
-  // Row-tile-major: six rows of A stay in L1 while the panels stream past
-  // them from L2.
-  for (int64_t i = 0; i < m; i += kTileRows) {
-    const TileFn run = pick_tile(std::min<int64_t>(kTileRows, m - i));
-    for (int64_t j = 0; j < n; j += kPanel)
-      run(a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
-          std::min(kPanel, n - j));
-  }
+  run_tiles(tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, a, lda, panels, panel_floats, m,
+            n, k, c, ldc);
 }
 
 // Sixteen output entries per zmm, each with its own eight lanes (one zmm
@@ -200,6 +215,142 @@ AIRMOE_AVX512 void contract(const float* a, int64_t na, const float* b, int64_t 
   }
 }
 
+// ---- bf16 x bf16: AVX512-BF16 ----------------------------------------------
+//
+// vdpbf16ps adds to each float lane the product of the odd bf16 pair member,
+// then that of the even one, each product exact and each add rounded once
+// (two fused multiply-adds), reading denormal inputs as zero and flushing
+// denormal results. Packing x[16q + l] into the odd (high) half and
+// x[16q + 8 + l] into the even (low) half of lane l's slot keeps lane_dot's
+// order: lane l adds l, l + 8, l + 16, ... So the bits are lane_dot's of the
+// widened rows as long as no input, product or lane sum is denormal or
+// underflows. That holds when every nonzero entry has |x| >= 2^-51: entries
+// are then multiples of 2^-58, so every product and every lane sum is a
+// multiple of 2^-116, far above the denormals (and a lane, never underflowing,
+// is never -0, so the zero padding past k adds +0 without effect). Inf and
+// NaN are left out too (NaN payloads follow other rules). A block with any
+// other entry is scored on its widened rows instead: the same bits, at the
+// float32 rate.
+#define AIRMOE_BF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16")))
+
+constexpr uint16_t kSmallestFast = 76 << 7;  // |x| >= 2^-51: biased exponent >= 127 - 51
+constexpr uint16_t kInfBits = 0x7f80;
+constexpr int64_t kPairDepth = 2 * kLanes;  // depth of one packed chunk (two per lane)
+
+int64_t pair_chunks(int64_t k) {
+  return (k + kPairDepth - 1) / kPairDepth;
+}
+
+// The entries of `v` (bf16 bits) outside the fast range.
+AIRMOE_BF16 __mmask8 outside_fast(__m128i v) {
+  const __m128i mag = _mm_and_si128(v, _mm_set1_epi16(0x7fff));
+  const __mmask8 tiny =
+      _mm_cmplt_epu16_mask(mag, _mm_set1_epi16(kSmallestFast)) & _mm_test_epi16_mask(mag, mag);
+  return tiny | _mm_cmpge_epu16_mask(mag, _mm_set1_epi16(static_cast<short>(kInfBits)));
+}
+
+// One row into lane pairs: chunk q (at out + q * stride) holds, for l < 8,
+// x[16q + l] in the high half and x[16q + 8 + l] in the low half of slot l;
+// zero past k. Whether every entry is in the fast range.
+AIRMOE_BF16 bool pack_pairs(const uint16_t* x, int64_t k, uint32_t* out, int64_t stride) {
+  __mmask8 outside = 0;
+  for (int64_t q = 0, p = 0; p < k; ++q, p += kPairDepth) {
+    const __m128i first =
+        _mm_maskz_loadu_epi16(first_lanes(std::min<int64_t>(kLanes, k - p)), x + p);
+    const __m128i second = _mm_maskz_loadu_epi16(
+        first_lanes(std::clamp<int64_t>(k - p - kLanes, 0, kLanes)), x + p + kLanes);
+    outside |= outside_fast(first) | outside_fast(second);
+    auto* o = reinterpret_cast<__m128i*>(out + q * stride);
+    _mm_storeu_si128(o, _mm_unpacklo_epi16(second, first));
+    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(second, first));
+  }
+  return outside == 0;
+}
+
+// Rows [0, n) of b as panels of lane pairs, laid out as pack_b's floats
+// (chunk q of a panel: [row 2s | row 2s + 1] per 64-byte group).
+AIRMOE_BF16 bool pack_key_pairs(const uint16_t* b, int64_t ldb, int64_t n, int64_t k,
+                                uint32_t* out) {
+  const int64_t chunks = pair_chunks(k), panels = (n + kPanel - 1) / kPanel;
+  bool fast = true;
+  for (int64_t j = 0; j < panels * kPanel; ++j) {
+    uint32_t* o = out + j / kPanel * chunks * kChunk + j % kPanel * kLanes;
+    if (j < n) {
+      fast = pack_pairs(b + j * ldb, k, o, kChunk) && fast;
+    } else {
+      for (int64_t q = 0; q < chunks; ++q)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q * kChunk), _mm256_setzero_si256());
+    }
+  }
+  return fast;
+}
+
+// MR rows of packed A (row stride lda slots) against one packed panel.
+template <int MR>
+AIRMOE_BF16 void tile_bf16(const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t k,
+                           float* c, int64_t ldc, int64_t nr) {
+  __m512 acc[MR + MR % 2][kPairs];
+  for (auto& row : acc)
+    for (__m512& v : row) v = _mm512_setzero_ps();
+  const int64_t chunks = pair_chunks(k);
+  for (int64_t q = 0; q < chunks; ++q) {
+    const uint32_t* bp = panel + q * kChunk;
+    __m512bh bv[kPairs];
+    for (int s = 0; s < kPairs; ++s) bv[s] = (__m512bh)_mm512_load_si512(bp + s * 2 * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const auto* ap = reinterpret_cast<const __m256i*>(a + r * lda + q * kLanes);
+      const __m512bh av = (__m512bh)_mm512_broadcast_i32x8(_mm256_loadu_si256(ap));
+      for (int s = 0; s < kPairs; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], av, bv[s]);
+    }
+  }
+  store_tile<MR>(acc, c, ldc, nr);
+}
+
+// The block on vdpbf16ps; false (nothing written) where an entry is outside
+// the fast range, the block is too small to repay the packing, or its
+// packed rows cannot be allocated.
+bool score_pairs_block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                       int64_t n, int64_t k, float* c, int64_t ldc) {
+  if (m < 2 || n < kPanel) return false;
+  const int64_t chunks = pair_chunks(k), panel_size = chunks * kChunk, row_size = chunks * kLanes;
+  uint32_t *panels = nullptr, *rows = nullptr;
+  try {
+    panels = scratch<uint32_t>(kPanels, (n + kPanel - 1) / kPanel * panel_size);
+    rows = scratch<uint32_t>(kRows, m * row_size);
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  bool fast = pack_key_pairs(b, ldb, n, k, panels);
+  for (int64_t r = 0; r < m && fast; ++r)
+    fast = pack_pairs(a + r * lda, k, rows + r * row_size, kLanes);
+  if (!fast) return false;
+  run_tiles(tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>, tile_bf16<5>, tile_bf16<6>,
+            rows, row_size, panels, panel_size, m, n, k, c, ldc);
+  return true;
+}
+
+// `count` rows of bf16 widened into float rows of k.
+float* widen_rows(Scratch use, const uint16_t* x, int64_t ld, int64_t count, int64_t k) {
+  float* out = scratch<float>(use, count * k);
+  for (int64_t r = 0; r < count; ++r)
+    for (int64_t i = 0; i < k; ++i) out[r * k + i] = widen_bf16(x[r * ld + i]);
+  return out;
+}
+
+void score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                int64_t n, int64_t k, float* c, int64_t ldc) {
+  if (score_pairs_block(a, lda, b, ldb, m, n, k, c, ldc)) return;
+  try {
+    const float* wa = widen_rows(kWideA, a, lda, m, k);
+    const float* wb = widen_rows(kWideB, b, ldb, n, k);
+    score_block(wa, k, wb, k, m, n, k, c, ldc);
+  } catch (const std::bad_alloc&) {  // lane_dot itself needs no memory
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = lane_dot(a + i * lda, b + j * ldb, k);
+  }
+}
+
+#undef AIRMOE_BF16
 #pragma GCC diagnostic pop
 #undef AIRMOE_AVX512
 
@@ -209,11 +360,15 @@ const HostKernels* avx512_kernels() {
   static const bool supported = avx2_kernels() != nullptr && __builtin_cpu_supports("avx512f") &&
                                 __builtin_cpu_supports("avx512vl") &&
                                 __builtin_cpu_supports("avx512dq");
+  static const bool bf16 =
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
   // A blocks of about 1 MiB (half this CPU's L2) so that B is packed once
   // for many row tiles; B blocks small, for many tasks.
-  static const HostKernels kernels{
-      "host-avx512", score_block, contract, {kTileRows, kPanel, 1024 * 1024, 128 * 1024}};
-  return supported ? &kernels : nullptr;
+  constexpr ScoreBlocks blocks{kTileRows, kPanel, 1024 * 1024, 128 * 1024};
+  static const HostKernels with_bf16{"host-avx512", score_block, contract, blocks, score_bf16};
+  static const HostKernels without_bf16{"host-avx512", score_block, contract, blocks, nullptr};
+  if (!supported) return nullptr;
+  return bf16 ? &with_bf16 : &without_bf16;
 }
 
 }  // namespace airmoe::inline ops::host
