@@ -334,10 +334,9 @@ TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
 }
 
 // bf16 x bf16 scores keep lane_dot's bits (of the widened rows) where a
-// bf16 dot-product instruction alone would not: a denormal entry (read as
-// zero by AVX512-BF16), products and lane sums that underflow (flushed
-// there), an Inf; and at the edge of the range host-avx512's AVX512-BF16
-// kernel scores itself (rows of +-2^-51, products 2^-102).
+// bf16 dot-product instruction would not: a denormal entry (AVX512-BF16
+// reads it as zero), products and lane sums that underflow (flushed there),
+// an Inf; and rows of +-2^-51 (products 2^-102, still normal).
 TEST_P(OpsTest, Bf16ScoreKeepsLaneDotBitsForTinyAndHugeEntries) {
   const int64_t m = 6, n = 16, k = 40;
   for (int plant = 0; plant < 4; ++plant) {

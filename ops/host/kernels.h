@@ -43,9 +43,9 @@ const HostKernels& portable_kernels();
 // AVX2 + FMA register tiles; nullptr where the CPU lacks AVX2 or FMA (the
 // one place the CPU is asked).
 const HostKernels* avx2_kernels();
-// AVX-512 F/VL/DQ register tiles (two entries of eight lanes per zmm), with
-// an AVX512-BF16 score_bf16 where the CPU has AVX512-BW and -BF16; nullptr
-// where the CPU lacks AVX-512 F/VL/DQ or AVX2 (its small blocks are AVX2's).
+// AVX-512 F/VL/DQ/BW register tiles (two entries of eight lanes per zmm),
+// bf16 rows widened as they are packed; nullptr where the CPU lacks them or
+// AVX2 (its small blocks are AVX2's).
 const HostKernels* avx512_kernels();
 
 }  // namespace airmoe::inline ops::host

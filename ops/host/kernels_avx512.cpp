@@ -24,7 +24,7 @@
 namespace airmoe::inline ops::host {
 namespace {
 
-#define AIRMOE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq")))
+#define AIRMOE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw")))
 
 // GCC 12's _mm512_undefined_ps (inside the shuffle and broadcast
 // intrinsics) initializes a variable with itself on purpose.
@@ -45,24 +45,29 @@ __mmask8 first_lanes(int64_t count) {
   return static_cast<__mmask8>((1u << count) - 1u);
 }
 
-// Rows [0, n) of b into panels (see the file comment); `out` holds
-// ceil(n / 8) * chunks_of(k) * kChunk floats.
-AIRMOE_AVX512 void pack_b(const float* b, int64_t ldb, int64_t n, int64_t k, float* out) {
+// Eight floats of a row under a mask (zero elsewhere): f32 as they are,
+// bf16 widened exactly (its bits are the float's high half).
+AIRMOE_AVX512 __m256 load8(const float* x, __mmask8 valid) {
+  return _mm256_maskz_loadu_ps(valid, x);
+}
+AIRMOE_AVX512 __m256 load8(const uint16_t* x, __mmask8 valid) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(valid, x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+// Rows [0, n) of b (f32 or bf16) into float panels (see the file comment);
+// `out` holds ceil(n / 8) * chunks_of(k) * kChunk floats.
+template <typename T>
+AIRMOE_AVX512 void pack_b(const T* b, int64_t ldb, int64_t n, int64_t k, float* out) {
   const int64_t chunks = chunks_of(k), panels = (n + kPanel - 1) / kPanel;
-  const int64_t full = k / kLanes;
-  const __mmask8 tail = first_lanes(k % kLanes);
   for (int64_t j = 0; j < panels * kPanel; ++j) {
     const int64_t q = j / kPanel, s = (j % kPanel) / 2, h = j % 2;
     float* o = out + q * chunks * kChunk + s * 2 * kLanes + h * kLanes;
-    if (j >= n) {
-      for (int64_t c = 0; c < chunks; ++c) _mm256_storeu_ps(o + c * kChunk, _mm256_setzero_ps());
-      continue;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t p = c * kLanes;
+      const __mmask8 valid = j < n ? first_lanes(std::min<int64_t>(kLanes, k - p)) : 0;
+      _mm256_storeu_ps(o + c * kChunk, load8(b + (j < n ? j * ldb + p : 0), valid));
     }
-    const float* row = b + j * ldb;
-    for (int64_t c = 0; c < full; ++c)
-      _mm256_storeu_ps(o + c * kChunk, _mm256_loadu_ps(row + c * kLanes));
-    if (full < chunks)
-      _mm256_storeu_ps(o + full * kChunk, _mm256_maskz_loadu_ps(tail, row + full * kLanes));
   }
 }
 
@@ -141,7 +146,7 @@ AIRMOE_AVX512 void tile(const float* a, int64_t lda, const float* panel, int64_t
 // A block's packed or widened rows, per thread and per use: grown,
 // never shrunk, so a thread packs without allocating once it has seen its
 // largest block; 64-byte aligned.
-enum Scratch { kPanels, kRows, kWideA, kWideB, kScratchUses };
+enum Scratch { kPanels, kWideA, kWideB, kScratchUses };
 template <typename T>
 T* scratch(Scratch use, int64_t count) {
   constexpr size_t kAlign = 64;
@@ -215,142 +220,45 @@ AIRMOE_AVX512 void contract(const float* a, int64_t na, const float* b, int64_t 
   }
 }
 
-// ---- bf16 x bf16: AVX512-BF16 ----------------------------------------------
+// ---- bf16 rows ---------------------------------------------------------------
 //
-// vdpbf16ps adds to each float lane the product of the odd bf16 pair member,
-// then that of the even one, each product exact and each add rounded once
-// (two fused multiply-adds), reading denormal inputs as zero and flushing
-// denormal results. Packing x[16q + l] into the odd (high) half and
-// x[16q + 8 + l] into the even (low) half of lane l's slot keeps lane_dot's
-// order: lane l adds l, l + 8, l + 16, ... So the bits are lane_dot's of the
-// widened rows as long as no input, product or lane sum is denormal or
-// underflows. That holds when every nonzero entry has |x| >= 2^-51: entries
-// are then multiples of 2^-58, so every product and every lane sum is a
-// multiple of 2^-116, far above the denormals (and a lane, never underflowing,
-// is never -0, so the zero padding past k adds +0 without effect). Inf and
-// NaN are left out too (NaN payloads follow other rules). A block with any
-// other entry is scored on its widened rows instead: the same bits, at the
-// float32 rate.
-#define AIRMOE_BF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16")))
+// bf16 x bf16 runs the float32 tiles on rows widened (exactly) as they are
+// packed: no widened copy of the whole key matrix, half the memory traffic,
+// the float32 kernel's bits by construction. AVX512-BF16's vdpbf16ps can be
+// packed to keep lane_dot's order but reads denormals as zero, and on this
+// project's Xeon it ran at two thirds of these tiles' rate (docs/routing.md);
+// AMX tiles do not round lane_dot's way at all.
 
-constexpr uint16_t kSmallestFast = 76 << 7;  // |x| >= 2^-51: biased exponent >= 127 - 51
-constexpr uint16_t kInfBits = 0x7f80;
-constexpr int64_t kPairDepth = 2 * kLanes;  // depth of one packed chunk (two per lane)
-
-int64_t pair_chunks(int64_t k) {
-  return (k + kPairDepth - 1) / kPairDepth;
-}
-
-// The entries of `v` (bf16 bits) outside the fast range.
-AIRMOE_BF16 __mmask8 outside_fast(__m128i v) {
-  const __m128i mag = _mm_and_si128(v, _mm_set1_epi16(0x7fff));
-  const __mmask8 tiny =
-      _mm_cmplt_epu16_mask(mag, _mm_set1_epi16(kSmallestFast)) & _mm_test_epi16_mask(mag, mag);
-  return tiny | _mm_cmpge_epu16_mask(mag, _mm_set1_epi16(static_cast<short>(kInfBits)));
-}
-
-// One row into lane pairs: chunk q (at out + q * stride) holds, for l < 8,
-// x[16q + l] in the high half and x[16q + 8 + l] in the low half of slot l;
-// zero past k. Whether every entry is in the fast range.
-AIRMOE_BF16 bool pack_pairs(const uint16_t* x, int64_t k, uint32_t* out, int64_t stride) {
-  __mmask8 outside = 0;
-  for (int64_t q = 0, p = 0; p < k; ++q, p += kPairDepth) {
-    const __m128i first =
-        _mm_maskz_loadu_epi16(first_lanes(std::min<int64_t>(kLanes, k - p)), x + p);
-    const __m128i second = _mm_maskz_loadu_epi16(
-        first_lanes(std::clamp<int64_t>(k - p - kLanes, 0, kLanes)), x + p + kLanes);
-    outside |= outside_fast(first) | outside_fast(second);
-    auto* o = reinterpret_cast<__m128i*>(out + q * stride);
-    _mm_storeu_si128(o, _mm_unpacklo_epi16(second, first));
-    _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(second, first));
-  }
-  return outside == 0;
-}
-
-// Rows [0, n) of b as panels of lane pairs, laid out as pack_b's floats
-// (chunk q of a panel: [row 2s | row 2s + 1] per 64-byte group).
-AIRMOE_BF16 bool pack_key_pairs(const uint16_t* b, int64_t ldb, int64_t n, int64_t k,
-                                uint32_t* out) {
-  const int64_t chunks = pair_chunks(k), panels = (n + kPanel - 1) / kPanel;
-  bool fast = true;
-  for (int64_t j = 0; j < panels * kPanel; ++j) {
-    uint32_t* o = out + j / kPanel * chunks * kChunk + j % kPanel * kLanes;
-    if (j < n) {
-      fast = pack_pairs(b + j * ldb, k, o, kChunk) && fast;
-    } else {
-      for (int64_t q = 0; q < chunks; ++q)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + q * kChunk), _mm256_setzero_si256());
+// Row i of `rows` bf16 rows (stride ld) widened into out[i * k .. i * k + k).
+AIRMOE_AVX512 void widen_rows(const uint16_t* x, int64_t ld, int64_t rows, int64_t k, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t p = 0; p < k; p += kLanes) {
+      const __mmask8 valid = first_lanes(std::min<int64_t>(kLanes, k - p));
+      _mm256_mask_storeu_ps(out + r * k + p, valid, load8(x + r * ld + p, valid));
     }
-  }
-  return fast;
-}
-
-// MR rows of packed A (row stride lda slots) against one packed panel.
-template <int MR>
-AIRMOE_BF16 void tile_bf16(const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t k,
-                           float* c, int64_t ldc, int64_t nr) {
-  __m512 acc[MR + MR % 2][kPairs];
-  for (auto& row : acc)
-    for (__m512& v : row) v = _mm512_setzero_ps();
-  const int64_t chunks = pair_chunks(k);
-  for (int64_t q = 0; q < chunks; ++q) {
-    const uint32_t* bp = panel + q * kChunk;
-    __m512bh bv[kPairs];
-    for (int s = 0; s < kPairs; ++s) bv[s] = (__m512bh)_mm512_load_si512(bp + s * 2 * kLanes);
-    for (int r = 0; r < MR; ++r) {
-      const auto* ap = reinterpret_cast<const __m256i*>(a + r * lda + q * kLanes);
-      const __m512bh av = (__m512bh)_mm512_broadcast_i32x8(_mm256_loadu_si256(ap));
-      for (int s = 0; s < kPairs; ++s) acc[r][s] = _mm512_dpbf16_ps(acc[r][s], av, bv[s]);
-    }
-  }
-  store_tile<MR>(acc, c, ldc, nr);
-}
-
-// The block on vdpbf16ps; false (nothing written) where an entry is outside
-// the fast range, the block is too small to repay the packing, or its
-// packed rows cannot be allocated.
-bool score_pairs_block(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
-                       int64_t n, int64_t k, float* c, int64_t ldc) {
-  if (m < 2 || n < kPanel) return false;
-  const int64_t chunks = pair_chunks(k), panel_size = chunks * kChunk, row_size = chunks * kLanes;
-  uint32_t *panels = nullptr, *rows = nullptr;
-  try {
-    panels = scratch<uint32_t>(kPanels, (n + kPanel - 1) / kPanel * panel_size);
-    rows = scratch<uint32_t>(kRows, m * row_size);
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  bool fast = pack_key_pairs(b, ldb, n, k, panels);
-  for (int64_t r = 0; r < m && fast; ++r)
-    fast = pack_pairs(a + r * lda, k, rows + r * row_size, kLanes);
-  if (!fast) return false;
-  run_tiles(tile_bf16<1>, tile_bf16<2>, tile_bf16<3>, tile_bf16<4>, tile_bf16<5>, tile_bf16<6>,
-            rows, row_size, panels, panel_size, m, n, k, c, ldc);
-  return true;
-}
-
-// `count` rows of bf16 widened into float rows of k.
-float* widen_rows(Scratch use, const uint16_t* x, int64_t ld, int64_t count, int64_t k) {
-  float* out = scratch<float>(use, count * k);
-  for (int64_t r = 0; r < count; ++r)
-    for (int64_t i = 0; i < k; ++i) out[r * k + i] = widen_bf16(x[r * ld + i]);
-  return out;
 }
 
 void score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
                 int64_t n, int64_t k, float* c, int64_t ldc) {
-  if (score_pairs_block(a, lda, b, ldb, m, n, k, c, ldc)) return;
   try {
-    const float* wa = widen_rows(kWideA, a, lda, m, k);
-    const float* wb = widen_rows(kWideB, b, ldb, n, k);
-    score_block(wa, k, wb, k, m, n, k, c, ldc);
+    float* wide_a = scratch<float>(kWideA, m * k);
+    widen_rows(a, lda, m, k, wide_a);
+    if (m < 2 || n < kPanel) {  // too small to repay the packing, as score_block's
+      float* wide_b = scratch<float>(kWideB, n * k);
+      widen_rows(b, ldb, n, k, wide_b);
+      return avx2_kernels()->score_block(wide_a, k, wide_b, k, m, n, k, c, ldc);
+    }
+    const int64_t panel_floats = chunks_of(k) * kChunk;
+    float* panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
+    pack_b(b, ldb, n, k, panels);
+    run_tiles(tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, wide_a, k, panels, panel_floats,
+              m, n, k, c, ldc);
   } catch (const std::bad_alloc&) {  // lane_dot itself needs no memory
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = lane_dot(a + i * lda, b + j * ldb, k);
   }
 }
 
-#undef AIRMOE_BF16
 #pragma GCC diagnostic pop
 #undef AIRMOE_AVX512
 
@@ -359,16 +267,16 @@ void score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, 
 const HostKernels* avx512_kernels() {
   static const bool supported = avx2_kernels() != nullptr && __builtin_cpu_supports("avx512f") &&
                                 __builtin_cpu_supports("avx512vl") &&
-                                __builtin_cpu_supports("avx512dq");
-  static const bool bf16 =
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+                                __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512bw");
   // A blocks of about 1 MiB (half this CPU's L2) so that B is packed once
   // for many row tiles; B blocks small, for many tasks.
-  constexpr ScoreBlocks blocks{kTileRows, kPanel, 1024 * 1024, 128 * 1024};
-  static const HostKernels with_bf16{"host-avx512", score_block, contract, blocks, score_bf16};
-  static const HostKernels without_bf16{"host-avx512", score_block, contract, blocks, nullptr};
-  if (!supported) return nullptr;
-  return bf16 ? &with_bf16 : &without_bf16;
+  static const HostKernels kernels{"host-avx512",
+                                   score_block,
+                                   contract,
+                                   {kTileRows, kPanel, 1024 * 1024, 128 * 1024},
+                                   score_bf16};
+  return supported ? &kernels : nullptr;
 }
 
 }  // namespace airmoe::inline ops::host
