@@ -60,12 +60,22 @@ json to_json(const Row& r, double dense_tokens_per_s) {
           {"flops_per_token", r.flops}};
 }
 
-// GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm and by the
-// backend's scoring op (the dense router's): its rate against BLAS's.
-std::pair<double, double> gemm_rates(const Ops& ops, MatrixView tokens, MatrixView centers,
-                                     int repeats) {
+// GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm, by the
+// backend's scoring op (the dense router's) and by the same op on the
+// tokens and centers rounded to bf16.
+struct GemmRates {
+  double sgemm = 0.0, kernel = 0.0, bf16_kernel = 0.0;
+};
+
+Tensor bf16_copy(const Ops& ops, TensorView f32) {
+  Tensor out = ops.empty(DType::kBF16, f32.rows, f32.cols);
+  ops.copy(out.view(), f32, {});  // rounds to nearest even
+  return out;
+}
+
+GemmRates gemm_rates(const Ops& ops, MatrixView tokens, MatrixView centers, int repeats) {
   const int64_t rows = std::min<int64_t>(tokens.rows, 384), E = centers.rows, d = centers.cols;
-  if (rows == 0) return {0.0, 0.0};
+  if (rows == 0) return {};
   std::vector<float> out(static_cast<size_t>(rows * E));
   const double flops = 2.0 * static_cast<double>(rows) * E * d;
   const double blas = best_seconds(repeats, [&] {
@@ -74,9 +84,12 @@ std::pair<double, double> gemm_rates(const Ops& ops, MatrixView tokens, MatrixVi
                 centers.data, static_cast<int>(d), 0.0f, out.data(), static_cast<int>(E));
   });
   const TensorView c(out.data(), DType::kF32, Device::host(), rows, E);
-  const double ours = best_seconds(
-      repeats, [&] { ops.score(TensorView(tokens).row_range(0, rows), centers, c, {}); });
-  return {flops / blas / 1e9, flops / ours / 1e9};
+  const TensorView block = TensorView(tokens).row_range(0, rows);
+  const double ours = best_seconds(repeats, [&] { ops.score(block, centers, c, {}); });
+  const Tensor block16 = bf16_copy(ops, block), centers16 = bf16_copy(ops, centers);
+  const double ours16 =
+      best_seconds(repeats, [&] { ops.score(block16.view(), centers16.view(), c, {}); });
+  return {flops / blas / 1e9, flops / ours / 1e9, flops / ours16 / 1e9};
 }
 
 // --backend: a host backend by name (the routers here read host matrices).
@@ -368,7 +381,8 @@ int run_router(const std::vector<std::string>& args) {
   }
 
   progress("measuring sgemm and the scoring kernel");
-  const auto [sgemm_gflops, kernel_gflops] = gemm_rates(ops, tokens, centers, repeats);
+  const GemmRates rates = gemm_rates(ops, tokens, centers, repeats);
+  const double sgemm_gflops = rates.sgemm, kernel_gflops = rates.kernel;
 
   DenseRouter dense(centers, compute);
   if (!bias_file.empty()) {
@@ -477,8 +491,9 @@ int run_router(const std::vector<std::string>& args) {
       ops.name().c_str());
   std::printf(
       "codebook training %.2f s;  OpenBLAS sgemm %.1f GFLOP/s, scoring kernel %.1f GFLOP/s "
-      "(%.0f%%)\n\n",
-      train_seconds, sgemm_gflops, kernel_gflops, 100.0 * kernel_gflops / sgemm_gflops);
+      "(%.0f%%), on bf16 %.1f GFLOP/s\n\n",
+      train_seconds, sgemm_gflops, kernel_gflops, 100.0 * kernel_gflops / sgemm_gflops,
+      rates.bf16_kernel);
   std::printf("%-12s %6s %12s %9s %9s %9s %10s %12s\n", "router", "m", "tokens/s", "speedup",
               "recall@k", "mass", "shortlist", "MFLOP/token");
   for (const Row& r : rows)
@@ -511,6 +526,7 @@ int run_router(const std::vector<std::string>& args) {
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;
+    j["bf16_scoring_kernel_gflops"] = rates.bf16_kernel;
     j["dense_gemm_gflops"] = kernel_gflops;
     j["dense_gemm_vs_sgemm"] = kernel_gflops / sgemm_gflops;
     j["dense_router_gflops"] = dense_gemm_gflops;

@@ -1628,7 +1628,8 @@ TEST(Registry, NamesAndReasons) {
   // Every kernel set the CPU runs is registered, the widest first.
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw");
   if (avx512) {
     EXPECT_EQ(host_ops().name(), "host-avx512");
     EXPECT_EQ(find_backend("host-avx2").name(), "host-avx2");
