@@ -150,14 +150,17 @@ RowCheck HostOps::check_rows(TensorView m, double key_norm_bound, Stream) const 
 
 namespace {
 
-// Every block of an m x n x k scoring call (elements of `element_bytes`),
-// in whole tiles of the kernel set, sized for its cache use; on threads
-// outside an OpenMP region when the work is large enough.
-template <typename Block>
-void for_each_block(const ScoreBlocks& shape, int64_t m, int64_t n, int64_t k,
-                    int64_t element_bytes, const Block& block) {
+// c = a · bᵀ block by block on a kernel set's block kernel (f32 or bf16
+// rows): blocks in whole tiles of the set, sized for its cache use; on
+// threads outside an OpenMP region when the work is large enough.
+template <typename T>
+void score_blocks(const ScoreBlocks& shape,
+                  void (*kernel)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
+                                 float*, int64_t),
+                  const T* a, int64_t lda, const T* b, int64_t ldb, int64_t m, int64_t n, int64_t k,
+                  float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  const int64_t row_bytes = std::max<int64_t>(k, 1) * element_bytes;
+  const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(T));
   const auto whole_tiles = [&](int64_t bytes, int64_t tile) {
     return std::max<int64_t>(tile, bytes / row_bytes / tile * tile);
   };
@@ -172,7 +175,8 @@ void for_each_block(const ScoreBlocks& shape, int64_t m, int64_t n, int64_t k,
     // Column-major over tasks: consecutive tasks share a B block.
     const int64_t cb = t / row_blocks, rb = t % row_blocks;
     const int64_t i0 = rb * mb, j0 = cb * nb;
-    block(i0, j0, std::min(mb, m - i0), std::min(nb, n - j0));
+    kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, std::min(mb, m - i0), std::min(nb, n - j0), k,
+           c + i0 * ldc + j0, ldc);
   }
 }
 
@@ -180,22 +184,12 @@ void for_each_block(const ScoreBlocks& shape, int64_t m, int64_t n, int64_t k,
 
 void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
                         int64_t n, int64_t k, float* c, int64_t ldc) const {
-  const auto kernel = kernels_.score_block;
-  for_each_block(kernels_.blocks, m, n, k, sizeof(float),
-                 [&](int64_t i0, int64_t j0, int64_t rows, int64_t cols) {
-                   kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, rows, cols, k, c + i0 * ldc + j0,
-                          ldc);
-                 });
+  score_blocks(kernels_.blocks, kernels_.score_block, a, lda, b, ldb, m, n, k, c, ldc);
 }
 
 void HostOps::score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
                          int64_t n, int64_t k, float* c, int64_t ldc) const {
-  const auto kernel = kernels_.score_bf16;
-  for_each_block(kernels_.blocks, m, n, k, sizeof(uint16_t),
-                 [&](int64_t i0, int64_t j0, int64_t rows, int64_t cols) {
-                   kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, rows, cols, k, c + i0 * ldc + j0,
-                          ldc);
-                 });
+  score_blocks(kernels_.blocks, kernels_.score_bf16, a, lda, b, ldb, m, n, k, c, ldc);
 }
 
 RowScores::RowScores(const HostOps& ops, const TensorView& a, const TensorView& b)
