@@ -158,18 +158,21 @@ T* scratch(Scratch use, int64_t count) {
   return reinterpret_cast<T*>(buffer.data() + (kAlign - at % kAlign) % kAlign);
 }
 
-// Every tile of an m x n block: row tiles outer, so six rows of A stay in L1
-// while the packed panels (`panel_size` elements each) stream past them
-// from L2. The tiles are the instances for 1..6 rows.
-template <typename Tile, typename In, typename Panel>
-void run_tiles(Tile t1, Tile t2, Tile t3, Tile t4, Tile t5, Tile t6, const In* a, int64_t lda,
-               const Panel* panels, int64_t panel_size, int64_t m, int64_t n, int64_t k, float* c,
-               int64_t ldc) {
-  const Tile tiles[kTileRows] = {t1, t2, t3, t4, t5, t6};
+// b's rows packed into panels, then every tile of the m x n block: row
+// tiles outer, so six rows of A stay in L1 while the panels stream past
+// them from L2. Throws std::bad_alloc where the panels cannot be allocated.
+template <typename T>
+void pack_and_run(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t m, int64_t n,
+                  int64_t k, float* c, int64_t ldc) {
+  using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+  static constexpr TileFn tiles[kTileRows] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+  const int64_t panel_floats = chunks_of(k) * kChunk;
+  float* panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
+  pack_b(b, ldb, n, k, panels);
   for (int64_t i = 0; i < m; i += kTileRows) {
-    const Tile run = tiles[std::min<int64_t>(kTileRows, m - i) - 1];
+    const TileFn run = tiles[std::min<int64_t>(kTileRows, m - i) - 1];
     for (int64_t j = 0; j < n; j += kPanel)
-      run(a + i * lda, lda, panels + j / kPanel * panel_size, k, c + i * ldc + j, ldc,
+      run(a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
           std::min(kPanel, n - j));
   }
 }
@@ -180,16 +183,11 @@ void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64
   // so is a block whose panels cannot be allocated.
   const HostKernels* avx2 = avx2_kernels();
   if (m < 2 || n < kPanel) return avx2->score_block(a, lda, b, ldb, m, n, k, c, ldc);
-  const int64_t panel_floats = chunks_of(k) * kChunk;
-  float* panels = nullptr;
   try {
-    panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
+    pack_and_run(a, lda, b, ldb, m, n, k, c, ldc);
   } catch (const std::bad_alloc&) {
-    return avx2->score_block(a, lda, b, ldb, m, n, k, c, ldc);
+    avx2->score_block(a, lda, b, ldb, m, n, k, c, ldc);
   }
-  pack_b(b, ldb, n, k, panels);
-  run_tiles(tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, a, lda, panels, panel_floats, m,
-            n, k, c, ldc);
 }
 
 // Sixteen output entries per zmm, each with its own eight lanes (one zmm
@@ -248,11 +246,7 @@ void score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, 
       widen_rows(b, ldb, n, k, wide_b);
       return avx2_kernels()->score_block(wide_a, k, wide_b, k, m, n, k, c, ldc);
     }
-    const int64_t panel_floats = chunks_of(k) * kChunk;
-    float* panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
-    pack_b(b, ldb, n, k, panels);
-    run_tiles(tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, wide_a, k, panels, panel_floats,
-              m, n, k, c, ldc);
+    pack_and_run(wide_a, k, b, ldb, m, n, k, c, ldc);
   } catch (const std::bad_alloc&) {  // lane_dot itself needs no memory
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = lane_dot(a + i * lda, b + j * ldb, k);
