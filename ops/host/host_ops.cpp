@@ -198,7 +198,7 @@ RowScores::RowScores(const HostOps& ops, const TensorView& a, const TensorView& 
       b_(b),
       bf16_(a.dtype == DType::kBF16 && b.dtype == DType::kBF16 &&
             ops.kernels().score_bf16 != nullptr) {
-  if (bf16_ || a.empty() || b.empty()) return;
+  if (bf16_) return;
   fa_.emplace(a);
   fb_.emplace(b);
 }
