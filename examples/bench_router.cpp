@@ -17,6 +17,7 @@
 
 #include "bench_common.h"
 #include "core/checks.h"
+#include "core/errors.h"
 #include "core/npy.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
@@ -60,11 +61,22 @@ json to_json(const Row& r, double dense_tokens_per_s) {
           {"flops_per_token", r.flops}};
 }
 
-// GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm and by the
-// host backend's scoring op (the dense router's): its rate against BLAS's.
-std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int repeats) {
+// GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm, by the
+// backend's scoring op (the dense router's) and by the same op on the
+// tokens and centers rounded to bf16.
+struct GemmRates {
+  double sgemm = 0.0, kernel = 0.0, bf16_kernel = 0.0;
+};
+
+Tensor bf16_copy(const Ops& ops, TensorView f32) {
+  Tensor out = ops.empty(DType::kBF16, f32.rows, f32.cols);
+  ops.copy(out.view(), f32, {});  // rounds to nearest even
+  return out;
+}
+
+GemmRates gemm_rates(const Ops& ops, MatrixView tokens, MatrixView centers, int repeats) {
   const int64_t rows = std::min<int64_t>(tokens.rows, 384), E = centers.rows, d = centers.cols;
-  if (rows == 0) return {0.0, 0.0};
+  if (rows == 0) return {};
   std::vector<float> out(static_cast<size_t>(rows * E));
   const double flops = 2.0 * static_cast<double>(rows) * E * d;
   const double blas = best_seconds(repeats, [&] {
@@ -73,9 +85,25 @@ std::pair<double, double> gemm_rates(MatrixView tokens, MatrixView centers, int 
                 centers.data, static_cast<int>(d), 0.0f, out.data(), static_cast<int>(E));
   });
   const TensorView c(out.data(), DType::kF32, Device::host(), rows, E);
-  const double ours = best_seconds(
-      repeats, [&] { host_ops().score(TensorView(tokens).row_range(0, rows), centers, c, {}); });
-  return {flops / blas / 1e9, flops / ours / 1e9};
+  const TensorView block = TensorView(tokens).row_range(0, rows);
+  const double ours = best_seconds(repeats, [&] { ops.score(block, centers, c, {}); });
+  const Tensor block16 = bf16_copy(ops, block), centers16 = bf16_copy(ops, centers);
+  const double ours16 =
+      best_seconds(repeats, [&] { ops.score(block16.view(), centers16.view(), c, {}); });
+  return {flops / blas / 1e9, flops / ours / 1e9, flops / ours16 / 1e9};
+}
+
+// --backend: a host backend by name (the routers here read host matrices).
+const Ops& host_backend_option(const std::string& name) {
+  if (name != "host" && name.rfind("host-", 0) != 0)
+    fail("--backend " + name +
+         ": the router benchmark runs on a host backend (host, host-avx512, host-avx2, "
+         "host-portable)");
+  try {
+    return find_backend(name);
+  } catch (const UsageError& e) {
+    fail("--backend " + name + ": " + e.what());
+  }
 }
 
 // One router's routes as .npy files under --save-routes; an error names the
@@ -194,13 +222,14 @@ struct QueryBuild {
   double flops = 0.0, seconds = 0.0;
 };
 QueryBuild build_query_layouts(MatrixView centers, TensorView bias, MatrixView sample,
-                               const QueryListOptions& options, const std::vector<int>& lengths) {
+                               const QueryListOptions& options, const std::vector<int>& lengths,
+                               const Compute& compute) {
   progress("query lists: codebook (C=%ld) on %ld sample tokens and their exact top-%d",
            (long)options.codewords, (long)sample.rows, options.k);
   QueryBuild out;
   const double t0 = now_seconds();
-  const Codebook codebook = train_query_codebook(sample, options);
-  DenseRouter exact(centers);
+  const Codebook codebook = train_query_codebook(sample, options, compute);
+  DenseRouter exact(centers, compute);
   if (!bias.empty()) exact.set_bias(bias);
   const PickCounts counts = count_picks(codebook, exact, sample, options.k);
   const std::vector<int32_t> home = codebook.assign(normalize_rows(centers, "centers").view());
@@ -264,7 +293,7 @@ int run_router(const std::vector<std::string>& args) {
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file,
               bias_file;
   std::string json_file, routes_dir, gates = "chosen", variants_text = "air",
-                                     list_lengths_text = "256";
+                                     list_lengths_text = "256", backend = "host";
   int64_t list_sample = 0;
   bool no_faiss = false, no_product_key = false;
 
@@ -299,6 +328,9 @@ int run_router(const std::vector<std::string>& args) {
       "write each router's experts/gates as .npy here")("no-faiss", po::bool_switch(&no_faiss),
                                                         "skip the FAISS IndexIVFFlat rows")(
       "no-product-key", po::bool_switch(&no_product_key), "skip the product-key row")(
+      "backend", po::value(&backend)->default_value(backend),
+      "host backend of every airmoe router and of the scoring kernel: host (the fastest), "
+      "host-avx512, host-avx2 or host-portable")(
       "variants", po::value(&variants_text)->default_value(variants_text),
       "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced, query")(
       "list-sample", po::value(&list_sample)->default_value(list_sample),
@@ -326,6 +358,8 @@ int run_router(const std::vector<std::string>& args) {
     throw std::invalid_argument("--centers and --tokens go together");
   const std::vector<int> probe_list = parse_int_list(probes_text, "-m/--probes", 1);
   const GateMode gate_mode = gate_mode_from_string(gates);
+  const Ops& ops = host_backend_option(backend);
+  const Compute compute{&ops, {}};
   require_expert_count(experts, "-E/--experts");
   if (centers_file.empty()) require_tokens(num_tokens, "");
   const std::vector<Variant> variants = parse_variants(variants_text);
@@ -387,7 +421,7 @@ int run_router(const std::vector<std::string>& args) {
     progress("loading the selection bias %s", bias_file.c_str());
     bias = read_npy_matrix(bias_file);
     try {
-      checked_bias(host_compute(), bias.view(), experts);
+      checked_bias(compute, bias.view(), experts);
     } catch (const std::invalid_argument& e) {
       fail("--bias " + bias_file + ": " + e.what());
     }
@@ -401,14 +435,14 @@ int run_router(const std::vector<std::string>& args) {
   const int64_t list_cap = any_balanced ? vo.list_cap(experts, codewords) : 0;
   progress("training the codebook: C=%ld, %d Lloyd iterations", (long)codewords, kmeans_iters);
   const double t_train = now_seconds();
-  AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0});
+  AirRouter air(centers, AirConfig{codewords, kmeans_iters, 1234, 0}, compute);
   const double train_seconds = now_seconds() - t_train;
   std::vector<Layout> layouts;
   QueryBuild query;
   for (const Variant& v : variants) {
     if (v.query) {
       query = build_query_layouts(centers, bias.view(), sample,
-                                  {codewords, 0, k, kmeans_iters, 1234}, list_lengths);
+                                  {codewords, 0, k, kmeans_iters, 1234}, list_lengths, compute);
       for (Layout& l : query.layouts) layouts.push_back(std::move(l));
       continue;
     }
@@ -421,9 +455,10 @@ int run_router(const std::vector<std::string>& args) {
   }
 
   progress("measuring sgemm and the scoring kernel");
-  const auto [sgemm_gflops, kernel_gflops] = gemm_rates(tokens, centers, repeats);
+  const GemmRates rates = gemm_rates(ops, tokens, centers, repeats);
+  const double sgemm_gflops = rates.sgemm, kernel_gflops = rates.kernel;
 
-  DenseRouter dense(centers);
+  DenseRouter dense(centers, compute);
   if (!bias_file.empty()) {
     dense.set_bias(bias.view());
     for (Layout& layout : layouts) layout.router.set_bias(bias.view());
@@ -488,7 +523,7 @@ int run_router(const std::vector<std::string>& args) {
       const int64_t d1 = dim / 2;
       const ProductKeyRouter pk(
           random_matrix(n, d1, 1.0 / std::sqrt(double(d1)), seed + 1),
-          random_matrix(n, dim - d1, 1.0 / std::sqrt(double(dim - d1)), seed + 2));
+          random_matrix(n, dim - d1, 1.0 / std::sqrt(double(dim - d1)), seed + 2), compute);
       Routes r;
       Row row{"product_key"};
       row.seconds = best_seconds(repeats, [&] { r = pk.route(tokens, k); });
@@ -499,7 +534,7 @@ int run_router(const std::vector<std::string>& args) {
           std::copy_n(pk.keys1().row(i), d1, implied.row(i * n + j));
           std::copy_n(pk.keys2().row(j), dim - d1, implied.row(i * n + j) + d1);
         }
-      const Routes pk_exact = DenseRouter(implied.view()).route(tokens, k);
+      const Routes pk_exact = DenseRouter(implied.view(), compute).route(tokens, k);
       row.recall = recall_at_k(r, pk_exact);
       row.mass = mass_recall(r, pk_exact);
       row.shortlist = shortlist_stats(r);
@@ -528,11 +563,12 @@ int run_router(const std::vector<std::string>& args) {
   std::printf(
       "\nairmoe router benchmark  (%s, E=%ld d=%ld T=%ld k=%d C=%ld, %d threads, kernel %s)\n",
       source.c_str(), (long)experts, (long)dim, (long)num_tokens, k, (long)codewords, num_threads(),
-      host_ops().name().c_str());
+      ops.name().c_str());
   std::printf(
       "codebook training %.2f s;  OpenBLAS sgemm %.1f GFLOP/s, scoring kernel %.1f GFLOP/s "
-      "(%.0f%%)\n\n",
-      train_seconds, sgemm_gflops, kernel_gflops, 100.0 * kernel_gflops / sgemm_gflops);
+      "(%.0f%%), on bf16 %.1f GFLOP/s\n\n",
+      train_seconds, sgemm_gflops, kernel_gflops, 100.0 * kernel_gflops / sgemm_gflops,
+      rates.bf16_kernel);
   if (any_query)
     std::printf(
         "query lists built from the first %ld tokens (the rest are measured) in %.2f s: %.1f "
@@ -576,7 +612,7 @@ int run_router(const std::vector<std::string>& args) {
                    {"spills", vo.spills},
                    {"soar_lambda", vo.soar_lambda},
                    {"list_cap", list_cap},
-                   {"scoring_kernel", host_ops().name()},
+                   {"scoring_kernel", ops.name()},
                    {"list_sample", list_sample},
                    {"list_lengths", list_lengths_text}};
     if (any_query) {
@@ -586,6 +622,7 @@ int run_router(const std::vector<std::string>& args) {
     j["codebook_train_seconds"] = train_seconds;
     j["sgemm_gflops"] = sgemm_gflops;
     j["scoring_kernel_gflops"] = kernel_gflops;
+    j["bf16_scoring_kernel_gflops"] = rates.bf16_kernel;
     j["dense_gemm_gflops"] = kernel_gflops;
     j["dense_gemm_vs_sgemm"] = kernel_gflops / sgemm_gflops;
     j["dense_router_gflops"] = dense_gemm_gflops;

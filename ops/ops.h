@@ -1,8 +1,8 @@
 // The compute layer: every kernel the routers, the codebook and the experts
 // run, behind one interface, with one implementation per backend (ggml's
 // backend split; FAISS's GPU index against its CPU twin):
-//   host-avx2, host-portable  today's kernels (ops/host/), OpenMP; the two
-//                             differ only in the SIMD of the scoring and
+//   host-avx512, host-avx2,   the host kernels (ops/host/), OpenMP; they
+//   host-portable             differ only in the SIMD of the scoring and
 //                             contraction kernels and give the same bits
 //   device-emulated           the device composition (ops/device/: Thrust
 //                             algorithms and per-element functors) run on
@@ -180,7 +180,7 @@ class Ops {
 
   // ---- identity and memory -------------------------------------------
   virtual std::string name()
-      const = 0;  // "host-avx2", "host-portable", "device-emulated", "cuda:0"
+      const = 0;  // "host-avx512", "host-avx2", "host-portable", "device-emulated", "cuda:0"
   virtual Device device() const = 0;
   virtual Allocator& allocator() const = 0;
   virtual void synchronize(Stream stream) const = 0;

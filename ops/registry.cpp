@@ -7,11 +7,21 @@
 namespace airmoe::inline ops {
 namespace {
 
-const Ops* host_avx2() {
-  static const host::HostKernels* kernels = host::avx2_kernels();
+// The HostOps of a SIMD kernel set, or nullptr where the CPU lacks it.
+template <const host::HostKernels* (*kernels_of)()>
+const Ops* host_simd() {
+  static const host::HostKernels* kernels = kernels_of();
   if (kernels == nullptr) return nullptr;
   static const host::HostOps ops(*kernels);
   return &ops;
+}
+
+const Ops* host_avx512() {
+  return host_simd<host::avx512_kernels>();
+}
+
+const Ops* host_avx2() {
+  return host_simd<host::avx2_kernels>();
 }
 
 const Ops& host_portable() {
@@ -22,12 +32,14 @@ const Ops& host_portable() {
 }  // namespace
 
 const Ops& host_ops() {
-  const Ops* avx2 = host_avx2();
-  return avx2 != nullptr ? *avx2 : host_portable();
+  if (const Ops* avx512 = host_avx512()) return *avx512;
+  if (const Ops* avx2 = host_avx2()) return *avx2;
+  return host_portable();
 }
 
 std::vector<const Ops*> backends() {
   std::vector<const Ops*> out;
+  if (const Ops* avx512 = host_avx512()) out.push_back(avx512);
   if (const Ops* avx2 = host_avx2()) out.push_back(avx2);
   out.push_back(&host_portable());
   for (const Ops* ops : device_backends()) out.push_back(ops);
@@ -37,6 +49,10 @@ std::vector<const Ops*> backends() {
 const Ops& find_backend(const std::string& name) {
   if (name == "host") return host_ops();
   if (name == "host-portable") return host_portable();
+  if (name == "host-avx512") {
+    if (const Ops* avx512 = host_avx512()) return *avx512;
+    throw UsageError("backend 'host-avx512' is not available: this CPU lacks AVX-512 F/VL/DQ");
+  }
   if (name == "host-avx2") {
     if (const Ops* avx2 = host_avx2()) return *avx2;
     throw UsageError("backend 'host-avx2' is not available: this CPU lacks AVX2 or FMA");
@@ -48,7 +64,7 @@ const Ops& find_backend(const std::string& name) {
     throw UsageError("backend '" + name +
                      "' is not available: " + (why.empty() ? "no such GPU here" : why));
   }
-  std::string known = "host, host-avx2, host-portable";
+  std::string known = "host, host-avx512, host-avx2, host-portable";
   for (const Ops* ops : device_backends()) known += ", " + ops->name();
   throw UsageError("backend '" + name + "' is unknown or not built here (available: " + known +
                    "; cuda: " + (cuda_unavailable_reason().empty() ? "yes" : "no") + ")");

@@ -1,14 +1,16 @@
 // The compute backends this build and this machine have.
-//   host_ops()      the fastest host backend this CPU runs (host-avx2 where
-//                   the CPU has AVX2 and FMA, else host-portable)
-//   backends()      every backend that can run here: both host twins where
-//                   the CPU runs both, device-emulated, and cuda:N for each
-//                   GPU of a CUDA build; what tests iterate over
-//   find_backend()  one by name ("host", "host-avx2", "host-portable",
-//                   "device-emulated", "cuda", "cuda:0"); throws UsageError
-//                   naming the name, and why it is missing here (no such
-//                   backend, a CPU without AVX2, a build without CUDA, no
-//                   GPU or no driver, with the CUDA error)
+//   host_ops()      the fastest host backend this CPU runs (host-avx512
+//                   where the CPU has AVX-512 F/VL/DQ/BW, AVX2 and FMA;
+//                   host-avx2 where it has AVX2 and FMA; else host-portable)
+//   backends()      every backend that can run here: every host kernel set
+//                   the CPU runs, device-emulated, and cuda:N for each GPU
+//                   of a CUDA build; what tests iterate over
+//   find_backend()  one by name ("host", "host-avx512", "host-avx2",
+//                   "host-portable", "device-emulated", "cuda", "cuda:0");
+//                   throws UsageError naming the name, and why it is missing
+//                   here (no such backend, a CPU without AVX-512 or AVX2, a
+//                   build without CUDA, no GPU or no driver, with the CUDA
+//                   error)
 //   cuda_unavailable_reason()  empty when a cuda backend runs here
 #pragma once
 

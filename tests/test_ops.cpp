@@ -334,9 +334,13 @@ TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
   struct Shape {
     int64_t m, n, k;
   };
-  // k a multiple of 8 and not; tiles with partial edges; k = 0; empty sides.
+  // k a multiple of 8 and not (and of 16 and not); k < 8; tiles with
+  // partial edges (AVX2 3 x 4, AVX-512 6 x 8: m = 13, 11, n = 17, 9); k = 0;
+  // empty sides; several blocks of rows and of keys, on threads (300 x 70 x
+  // 1000: the AVX-512 set's blocks are 262 rows by 32 keys there).
   for (const Shape s : {Shape{7, 13, 16}, Shape{10, 9, 37}, Shape{1, 1, 5}, Shape{4, 6, 0},
-                        Shape{0, 5, 8}, Shape{3, 0, 8}, Shape{50, 70, 200}}) {
+                        Shape{0, 5, 8}, Shape{3, 0, 8}, Shape{50, 70, 200}, Shape{13, 17, 3},
+                        Shape{11, 16, 24}, Shape{2, 8, 7}, Shape{12, 9, 1}, Shape{300, 70, 1000}}) {
     const Tensor a = random_f32(s.m, s.k, 10 + s.k), b = random_f32(s.n, s.k, 20 + s.k);
     const auto run = [&](const Ops& o, const Tensor& ha, const Tensor& hb, int64_t pad) {
       OnDevice dev(o);
@@ -359,6 +363,46 @@ TEST_P(OpsTest, ScoreIsLaneDotOfEveryPair) {
         const float z = lane_dot(a.as<float>() + i * s.k, b.as<float>() + j * s.k, s.k);
         ASSERT_EQ(std::memcmp(&z, c.as<float>() + i * s.n + j, 4), 0) << i << ", " << j;
       }
+  }
+}
+
+// bf16 x bf16 scores keep lane_dot's bits (of the widened rows) where a
+// bf16 dot-product instruction would not: a denormal entry (AVX512-BF16
+// reads it as zero), products and lane sums that underflow (flushed there),
+// an Inf; and rows of +-2^-51 (products 2^-102, still normal).
+TEST_P(OpsTest, Bf16ScoreKeepsLaneDotBitsForTinyAndHugeEntries) {
+  const int64_t m = 6, n = 16, k = 40;
+  for (int plant = 0; plant < 4; ++plant) {
+    Tensor a = random_f32(m, k, 7), b = random_f32(n, k, 8);
+    float* pa = a.as<float>();
+    float* pb = b.as<float>();
+    const auto tiny_row = [&](float* row, int exponent) {
+      for (int64_t i = 0; i < k; ++i) row[i] = std::ldexp(i % 3 == 0 ? -1.0f : 1.0f, exponent);
+    };
+    switch (plant) {
+      case 0:  // a denormal entry times a large one: a normal product
+        pa[1 * k + 3] = std::ldexp(1.0f, -130);
+        pb[2 * k + 3] = std::ldexp(1.0f, 100);
+        break;
+      case 1:  // products of 2^-140 and their lane sums: denormal
+        tiny_row(pa + 2 * k, -70);
+        tiny_row(pb + 5 * k, -70);
+        break;
+      case 2:
+        pb[4 * k + 7] = std::numeric_limits<float>::infinity();
+        break;
+      default:
+        tiny_row(pa, -51);
+        tiny_row(pb + 3 * k, -51);
+        break;
+    }
+    const Tensor a16 = to_bf16(a), b16 = to_bf16(b);
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const TensorView c = dev.out(DType::kF32, m, n);
+      o.score(dev.put(a16), dev.put(b16), c, {});
+      return results(dev.get(c));
+    });
   }
 }
 
@@ -889,7 +933,7 @@ struct ExpertInputs {
 };
 
 TEST_P(OpsTest, ExpertForwardAndBackward) {
-  // h = 1 and wider; d a multiple of 8 and not; enough experts to run them
+  // h = 1 and wider; d a multiple of 8 (and 16) and not; enough experts to run them
   // on threads; no pairs; bf16 weights and inputs.
   struct Case {
     int64_t experts, d, h, tokens, pairs;
@@ -901,7 +945,9 @@ TEST_P(OpsTest, ExpertForwardAndBackward) {
                        Case{9, 24, 11, 12, 40, Activation::kSilu, true},
                        Case{7, 12, 5, 9, 30, Activation::kSwiglu, false},
                        Case{40, 9, 2, 30, 100, Activation::kSwiglu, true},
-                       Case{4, 8, 2, 5, 0, Activation::kGelu, false}}) {
+                       Case{4, 8, 2, 5, 0, Activation::kGelu, false},
+                       // contractions 37 and 19 wide (16-wide registers and a rest)
+                       Case{5, 37, 19, 20, 60, Activation::kRelu, false}}) {
     const ExpertInputs in(c.experts, c.d, c.h, c.tokens, c.pairs, c.act, 30 + c.d);
     const bool exact = c.act == Activation::kRelu;
     const int64_t P = in.pairs();
@@ -1612,8 +1658,17 @@ TEST(Registry, NamesAndReasons) {
   EXPECT_EQ(all.front(), &host_ops());  // the fastest host twin first
   for (const Ops* o : all) EXPECT_EQ(&find_backend(o->name()), o);
 #if defined(__x86_64__) || defined(__i386__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    EXPECT_EQ(host_ops().name(), "host-avx2");  // both twins registered on this CPU
+  // Every kernel set the CPU runs is registered, the widest first.
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw");
+  if (avx512) {
+    EXPECT_EQ(host_ops().name(), "host-avx512");
+    EXPECT_EQ(find_backend("host-avx2").name(), "host-avx2");
+  } else if (avx2) {
+    EXPECT_EQ(host_ops().name(), "host-avx2");
+    EXPECT_THROW(find_backend("host-avx512"), UsageError);
   }
 #endif
   try {

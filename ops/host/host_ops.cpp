@@ -161,31 +161,66 @@ RowCheck HostOps::check_rows(TensorView m, double key_norm_bound, Stream) const 
 // ---- scoring --------------------------------------------------------------
 
 namespace {
-constexpr int64_t kTileRows = 3;  // the AVX2 tile's shape: blocks are multiples of it
-constexpr int64_t kTileCols = 4;
-}  // namespace
 
-void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
-                        int64_t n, int64_t k, float* c, int64_t ldc) const {
+// c = a · bᵀ block by block on a kernel set's block kernel (f32 or bf16
+// rows): blocks in whole tiles of the set, sized for its cache use; on
+// threads outside an OpenMP region when the work is large enough.
+template <typename T>
+void score_blocks(const ScoreBlocks& shape,
+                  void (*kernel)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
+                                 float*, int64_t),
+                  const T* a, int64_t lda, const T* b, int64_t ldb, int64_t m, int64_t n, int64_t k,
+                  float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  // Blocks sized so one block of B (the keys) stays in L2 while every A tile
-  // of the row block streams past it.
-  const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(float));
-  const int64_t nb = std::max<int64_t>(kTileCols, (192 * 1024 / row_bytes) / kTileCols * kTileCols);
-  const int64_t mb = std::max<int64_t>(kTileRows, (96 * 1024 / row_bytes) / kTileRows * kTileRows);
+  const int64_t row_bytes = std::max<int64_t>(k, 1) * static_cast<int64_t>(sizeof(T));
+  const auto whole_tiles = [&](int64_t bytes, int64_t tile) {
+    return std::max<int64_t>(tile, bytes / row_bytes / tile * tile);
+  };
+  const int64_t nb = whole_tiles(shape.b_bytes, shape.tile_cols);
+  const int64_t mb = whole_tiles(shape.a_bytes, shape.tile_rows);
   const int64_t row_blocks = (m + mb - 1) / mb;
   const int64_t col_blocks = (n + nb - 1) / nb;
   const int64_t tasks = row_blocks * col_blocks;
   const bool parallel = !omp_in_parallel() && tasks > 1 && static_cast<double>(m) * n * k > 4.0e6;
-  const auto block = kernels_.score_block;
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t t = 0; t < tasks; ++t) {
     // Column-major over tasks: consecutive tasks share a B block.
     const int64_t cb = t / row_blocks, rb = t % row_blocks;
     const int64_t i0 = rb * mb, j0 = cb * nb;
-    block(a + i0 * lda, lda, b + j0 * ldb, ldb, std::min(mb, m - i0), std::min(nb, n - j0), k,
-          c + i0 * ldc + j0, ldc);
+    kernel(a + i0 * lda, lda, b + j0 * ldb, ldb, std::min(mb, m - i0), std::min(nb, n - j0), k,
+           c + i0 * ldc + j0, ldc);
   }
+}
+
+}  // namespace
+
+void HostOps::score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m,
+                        int64_t n, int64_t k, float* c, int64_t ldc) const {
+  score_blocks(kernels_.blocks, kernels_.score_block, a, lda, b, ldb, m, n, k, c, ldc);
+}
+
+void HostOps::score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                         int64_t n, int64_t k, float* c, int64_t ldc) const {
+  score_blocks(kernels_.blocks, kernels_.score_bf16, a, lda, b, ldb, m, n, k, c, ldc);
+}
+
+RowScores::RowScores(const HostOps& ops, const TensorView& a, const TensorView& b)
+    : ops_(ops),
+      a_(a),
+      b_(b),
+      bf16_(a.dtype == DType::kBF16 && b.dtype == DType::kBF16 &&
+            ops.kernels().score_bf16 != nullptr) {
+  if (bf16_) return;
+  fa_.emplace(a);
+  fb_.emplace(b);
+}
+
+void RowScores::operator()(int64_t a0, int64_t n, float* c, int64_t ldc) const {
+  if (bf16_)
+    ops_.score_bf16(a_.as<const uint16_t>() + a0 * a_.ld, a_.ld, b_.as<const uint16_t>(), b_.ld, n,
+                    b_.rows, a_.cols, c, ldc);
+  else
+    ops_.score_f32(fa_->row(a0), fa_->ld(), fb_->data(), fb_->ld(), n, b_.rows, a_.cols, c, ldc);
 }
 
 void HostOps::score(TensorView a, TensorView b, TensorView c, Stream) const {
@@ -196,8 +231,7 @@ void HostOps::score(TensorView a, TensorView b, TensorView c, Stream) const {
     check.fail("a has " + std::to_string(a.cols) + " columns, b " + std::to_string(b.cols));
   check.matrix(c, "c", DType::kF32, a.rows, b.rows);
   if (a.rows == 0 || b.rows == 0) return;
-  const FloatRows fa(a), fb(b);
-  score_f32(fa.data(), fa.ld(), fb.data(), fb.ld(), a.rows, b.rows, a.cols, c.as<float>(), c.ld);
+  RowScores(*this, a, b)(0, a.rows, c.as<float>(), c.ld);
 }
 
 void HostOps::score_pairs(TensorView a, TensorView b, TensorView a_rows, TensorView b_rows,

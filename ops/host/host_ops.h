@@ -1,11 +1,13 @@
 // The host backends: every op of ops/ops.h on host memory with OpenMP,
-// written once over a SIMD kernel set (ops/host/kernels.h). host-avx2 and
-// host-portable are two instances of this class; they differ only in their
-// kernels and give the same bits.
+// written once over a SIMD kernel set (ops/host/kernels.h). host-avx512,
+// host-avx2 and host-portable are instances of this class; they differ only
+// in their kernels and give the same bits.
 #pragma once
 
+#include <optional>
 #include <string>
 
+#include "ops/host/host_views.h"
 #include "ops/host/kernels.h"
 #include "ops/op_args.h"
 #include "ops/ops.h"
@@ -74,12 +76,32 @@ class HostOps final : public Ops {
   // thread inside one (the grouped scans call it from their own loops).
   void score_f32(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
                  int64_t k, float* c, int64_t ldc) const;
+  // The same on bf16 rows, on the kernel set's score_bf16 (not nullptr).
+  void score_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t m,
+                  int64_t n, int64_t k, float* c, int64_t ldc) const;
   const HostKernels& kernels() const { return kernels_; }
 
  private:
   OpArgs args(const char* op) const { return OpArgs(kernels_.name, op, Device::host()); }
 
   const HostKernels& kernels_;
+};
+
+// The scores of rows of `a` against every row of `b` (f32 or bf16, the same
+// columns): bf16 x bf16 on the kernel set's score_bf16 where it has one,
+// with no widened copy; otherwise on float32 rows, widened once here. The
+// same bits either way (lane_dot of the widened rows).
+class RowScores {
+ public:
+  RowScores(const HostOps& ops, const TensorView& a, const TensorView& b);
+  // c[i * ldc + j] for rows a0 .. a0 + n - 1 of a and every row of b.
+  void operator()(int64_t a0, int64_t n, float* c, int64_t ldc) const;
+
+ private:
+  const HostOps& ops_;
+  TensorView a_, b_;
+  bool bf16_;
+  std::optional<FloatRows> fa_, fb_;
 };
 
 }  // namespace airmoe::inline ops::host

@@ -149,10 +149,10 @@ void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out
   check.float_dtype(keys, "keys");
   check_same_cols(check, tokens, "tokens", keys, "keys");
   check_k(check, k);
-  const int64_t T = tokens.rows, E = keys.rows, d = keys.cols;
+  const int64_t T = tokens.rows, E = keys.rows;
   const TopKOut o(check, out, T, k, "out", E);
   if (T == 0) return;
-  const FloatRows w(keys), h(tokens);
+  const RowScores scores(*this, tokens, keys);
   // Score a block of tokens against all keys, then select per row: the block
   // is sized so its logits (about 16 MiB) stay far below T x E.
   const int64_t block =
@@ -160,7 +160,7 @@ void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out
   std::vector<float> logits(static_cast<size_t>(std::min(block, T) * E));
   for (int64_t t0 = 0; t0 < T; t0 += block) {
     const int64_t n = std::min(block, T - t0);
-    score_f32(h.row(t0), h.ld(), w.data(), w.ld(), n, E, d, logits.data(), E);
+    scores(t0, n, logits.data(), E);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t t = t0 + i;

@@ -127,7 +127,7 @@ __attribute__((target("avx2,fma"))) void contract(const float* a, int64_t na, co
 
 const HostKernels* avx2_kernels() {
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const HostKernels kernels{"host-avx2", score_block, contract};
+  static const HostKernels kernels{"host-avx2", score_block, contract, kAvx2Blocks, nullptr};
   return supported ? &kernels : nullptr;
 }
 
