@@ -63,9 +63,10 @@ json ratio_json(double tps, double base) {
 
 json to_json(const Row& r, const Yardsticks& y) {
   json j = {{"router", r.router}, {"probes", r.probes}, {"note", r.note}};
-  if (!r.measured) {
-    for (const char* key : {"seconds", "tokens_per_s", "speedup_vs_dense", "speedup_vs_torch_f32",
-                            "recall_at_k", "mass_recall"})
+  if (!r.measured) {  // every figure null: one schema for every row
+    for (const char* key :
+         {"seconds", "tokens_per_s", "speedup_vs_dense", "speedup_vs_torch_f32", "recall_at_k",
+          "mass_recall", "shortlist_mean", "shortlist_p99", "flops_per_token"})
       j[key] = nullptr;
     return j;
   }
