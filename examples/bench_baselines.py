@@ -121,9 +121,8 @@ def faiss_build_name(faiss):
     """The faiss module the loader picked (swigfaiss_avx512 / _avx2 / generic):
     faiss-cpu 1.8.0's get_compile_options() says AVX2 in its AVX-512 build
     too, so the module is the reliable name."""
-    loaded = sorted(m.split(".")[-1] for m in sys.modules
-                    if m.startswith("faiss.swigfaiss") or m == "faiss.swigfaiss")
-    return loaded[0] if loaded else "unknown"
+    loaded = [m.split(".")[-1] for m in sys.modules if m.startswith("faiss.swigfaiss")]
+    return ",".join(sorted(loaded)) or "unknown"
 
 
 def faiss_rows(rows, data, args, probes, meta):
