@@ -255,14 +255,15 @@ void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
 }
 
 // The rows to compare the recommended AIR row with: PyTorch's dense top-k
-// in float32 and bfloat16, and both FAISS builds at the same m.
+// in float32 and bfloat16, and both FAISS builds at the same m (the linked
+// one's table note says which build it is).
 std::vector<std::pair<const char*, const Row*>> peers_of(const std::vector<Row>& rows,
                                                          const Row& air) {
   std::vector<std::pair<const char*, const Row*>> out;
   const std::pair<const char*, const Row*> all[] = {
       {"torch f32", find_row(rows, "torch_f32")},
       {"torch bf16", find_row(rows, "torch_bf16")},
-      {"FAISS IVF (linked, generic)", find_row(rows, "faiss_ivf", air.probes)},
+      {"linked FAISS IVF", find_row(rows, "faiss_ivf", air.probes)},
       {"faiss-cpu IVF", find_row(rows, "faiss_cpu", air.probes)}};
   for (const auto& p : all)
     if (p.second) out.push_back(p);
