@@ -1,6 +1,8 @@
 // airmoe_bench router: routing speed and quality of AIR against exact dense
 // top-k, FAISS IndexIVFFlat on the same codebook, and product keys, all in one
-// process with one thread count.
+// process with one thread count; and against the baselines a user would pick
+// instead (PyTorch's dense top-k, faiss-cpu for this CPU), timed by a Python
+// helper on the same data (bench_baselines.h).
 #include <cblas.h>
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_baselines.h"
 #include "bench_common.h"
 #include "core/checks.h"
 #include "core/errors.h"
@@ -46,19 +49,61 @@ struct Row {
   double mass = 0.0;
   ShortlistStats shortlist;
   double flops = 0.0;
+  bool measured = true;  // false: a baseline with `note` saying why not
+  std::string note;      // the build and threads of a baseline
 };
 
-json to_json(const Row& r, double dense_tokens_per_s) {
-  return {{"router", r.router},
-          {"probes", r.probes},
-          {"seconds", r.seconds},
-          {"tokens_per_s", r.tokens_per_s},
-          {"speedup_vs_dense", r.tokens_per_s / dense_tokens_per_s},
-          {"recall_at_k", r.recall},
-          {"mass_recall", r.mass},
-          {"shortlist_mean", r.shortlist.mean},
-          {"shortlist_p99", r.shortlist.p99},
-          {"flops_per_token", r.flops}};
+// Speed-ups against dense routing by airmoe and by PyTorch in float32 (the
+// headline; 0 when PyTorch was not measured).
+struct Yardsticks {
+  double dense_tps = 0.0, torch_f32_tps = 0.0;
+};
+
+json ratio_json(double tps, double base) {
+  return base > 0.0 ? json(tps / base) : json(nullptr);
+}
+
+json to_json(const Row& r, const Yardsticks& y) {
+  json j = {{"router", r.router}, {"probes", r.probes}, {"note", r.note}};
+  if (!r.measured) {  // every figure null: one schema for every row
+    for (const char* key :
+         {"seconds", "tokens_per_s", "speedup_vs_dense", "speedup_vs_torch_f32", "recall_at_k",
+          "mass_recall", "shortlist_mean", "shortlist_p99", "flops_per_token"})
+      j[key] = nullptr;
+    return j;
+  }
+  j.update({{"seconds", r.seconds},
+            {"tokens_per_s", r.tokens_per_s},
+            {"speedup_vs_dense", r.tokens_per_s / y.dense_tps},
+            {"speedup_vs_torch_f32", ratio_json(r.tokens_per_s, y.torch_f32_tps)},
+            {"recall_at_k", r.recall},
+            {"mass_recall", r.mass},
+            {"shortlist_mean", r.shortlist.mean},
+            {"shortlist_p99", r.shortlist.p99},
+            {"flops_per_token", r.flops}});
+  return j;
+}
+
+// A baseline's row: its quality against the exact top-k from its own
+// routes; the shortlist and FLOPs of what it scans (`scanned`: every
+// expert for PyTorch, AIR's row at the same m for faiss-cpu).
+Row baseline_row(const BaselineRow& b, const Routes& exact, const Row& scanned) {
+  Row row{b.router, b.probes};
+  row.note = b.note;
+  row.measured = b.routes.has_value();
+  if (!row.measured) return row;
+  row.seconds = b.seconds;
+  row.recall = recall_at_k(*b.routes, exact);
+  row.mass = mass_recall(*b.routes, exact);
+  row.shortlist = scanned.shortlist;
+  row.flops = scanned.flops;
+  return row;
+}
+
+const Row* find_row(const std::vector<Row>& rows, const std::string& router, int probes = 0) {
+  for (const Row& r : rows)
+    if (r.router == router && r.probes == probes && r.measured) return &r;
+  return nullptr;
 }
 
 // GFLOP/s of one [rows x E] block of logits, by OpenBLAS sgemm, by the
@@ -282,6 +327,44 @@ void print_budget_summary(const std::vector<Row>& rows, double budget, int k) {
   }
 }
 
+// The rows to compare the recommended AIR row with: PyTorch's dense top-k
+// in float32 and bfloat16, and both FAISS builds at the same m (the linked
+// one's table note says which build it is).
+std::vector<std::pair<const char*, const Row*>> peers_of(const std::vector<Row>& rows,
+                                                         const Row& air) {
+  std::vector<std::pair<const char*, const Row*>> out;
+  const std::pair<const char*, const Row*> all[] = {
+      {"torch f32", find_row(rows, "torch_f32")},
+      {"torch bf16", find_row(rows, "torch_bf16")},
+      {"linked FAISS IVF", find_row(rows, "faiss_ivf", air.probes)},
+      {"faiss-cpu IVF", find_row(rows, "faiss_cpu", air.probes)}};
+  for (const auto& p : all)
+    if (p.second) out.push_back(p);
+  return out;
+}
+
+// The table: speed-ups against PyTorch's float32 dense routing (the
+// headline, "-" when not measured) and against airmoe's dense router; a
+// baseline's note (build, threads, or why no figure) ends its line.
+void print_table(const std::vector<Row>& rows, const Yardsticks& y) {
+  std::printf("%-16s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", "router", "m", "tokens/s",
+              "x torch32", "x dense", "recall@k", "mass", "shortlist", "MFLOP/token", "note");
+  for (const Row& r : rows) {
+    const std::string m = r.probes ? std::to_string(r.probes) : "-";
+    if (!r.measured) {
+      std::printf("%-16s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", r.router.c_str(), m.c_str(),
+                  "-", "-", "-", "-", "-", "-", "-", r.note.c_str());
+      continue;
+    }
+    char headline[32] = "-";
+    if (y.torch_f32_tps > 0.0)
+      std::snprintf(headline, sizeof headline, "%.1fx", r.tokens_per_s / y.torch_f32_tps);
+    std::printf("%-16s %6s %12.0f %9s %8.1fx %9.4f %9.4f %10.0f %12.2f  %s\n", r.router.c_str(),
+                m.c_str(), r.tokens_per_s, headline, r.tokens_per_s / y.dense_tps, r.recall, r.mass,
+                r.shortlist.mean, r.flops / 1e6, r.note.c_str());
+  }
+}
+
 }  // namespace
 
 int run_router(const std::vector<std::string>& args) {
@@ -295,7 +378,8 @@ int run_router(const std::vector<std::string>& args) {
   std::string json_file, routes_dir, gates = "chosen", variants_text = "air",
                                      list_lengths_text = "256", backend = "host";
   int64_t list_sample = 0;
-  bool no_faiss = false, no_product_key = false;
+  bool no_faiss = false, no_product_key = false, no_baselines = false;
+  std::string baselines_python = "/usr/bin/python3", baselines_script = AIRMOE_BASELINES_SCRIPT;
 
   po::options_description opts("airmoe_bench router options");
   opts.add_options()("help,h", "show this help")("experts,E",
@@ -331,6 +415,12 @@ int run_router(const std::vector<std::string>& args) {
       "backend", po::value(&backend)->default_value(backend),
       "host backend of every airmoe router and of the scoring kernel: host (the fastest), "
       "host-avx512, host-avx2 or host-portable")(
+      "no-baselines", po::bool_switch(&no_baselines),
+      "skip the PyTorch and faiss-cpu rows (timed by Python on the same data)")(
+      "baselines-python", po::value(&baselines_python)->default_value(baselines_python),
+      "the Python interpreter with torch and faiss-cpu for the baseline rows")(
+      "baselines-script", po::value(&baselines_script)->default_value(baselines_script),
+      "the helper that times the baselines (examples/bench_baselines.py)")(
       "variants", po::value(&variants_text)->default_value(variants_text),
       "AIR list layouts, comma-separated: air, spill, balanced, spill+balanced, query")(
       "list-sample", po::value(&list_sample)->default_value(list_sample),
@@ -478,13 +568,25 @@ int run_router(const std::vector<std::string>& args) {
   const double dense_gemm_gflops =
       drow.flops * static_cast<double>(num_tokens) / std::max(drow.seconds, 1e-12) / 1e9;
 
+  std::vector<int> probes_run;
+  for (int m : probe_list)
+    if (m >= 1 && m <= codewords)
+      probes_run.push_back(m);
+    else
+      progress("skipping m=%d: outside [1, C=%ld]", m, (long)codewords);
+  Baselines baselines;
+  if (!no_baselines) {
+    const BaselineOptions bo{baselines_python, baselines_script, k,
+                             num_threads(),    repeats,          probes_run};
+    baselines = run_baselines(bo, tokens, centers, air, bias_file.empty() ? nullptr : &bias);
+  }
+  for (const BaselineRow& b : baselines.rows)
+    if (b.probes == 0) rows.push_back(baseline_row(b, exact, drow));
+  const std::string faiss_build = FaissIvf::build();
+
   std::optional<FaissIvf> faiss;
   if (!no_faiss && FaissIvf::available()) faiss.emplace(air);
-  for (int m : probe_list) {
-    if (m < 1 || m > codewords) {
-      progress("skipping m=%d: outside [1, C=%ld]", m, (long)codewords);
-      continue;
-    }
+  for (int m : probes_run) {
     Row row{"air", m};
     for (const Layout& layout : layouts) {
       progress("%s with m=%d probes", layout.row_name.c_str(), m);
@@ -511,9 +613,12 @@ int run_router(const std::vector<std::string>& args) {
       // first m lists hold fewer than k experts.
       frow.shortlist = row.shortlist;
       frow.flops = row.flops;
+      frow.note = faiss_build;
       rows.push_back(frow);
       if (!routes_dir.empty()) save_routes(routes_dir, route_name(frow), f);
     }
+    for (const BaselineRow& b : baselines.rows)
+      if (b.probes == m) rows.push_back(baseline_row(b, exact, row));
   }
 
   if (!no_product_key && dim >= 2) {
@@ -544,12 +649,15 @@ int run_router(const std::vector<std::string>& args) {
     }
   }
 
-  for (Row& r : rows) r.tokens_per_s = static_cast<double>(num_tokens) / std::max(r.seconds, 1e-12);
+  for (Row& r : rows)
+    if (r.measured) r.tokens_per_s = static_cast<double>(num_tokens) / std::max(r.seconds, 1e-12);
   const double dense_tps = rows.front().tokens_per_s;
+  const Row* torch_f32 = find_row(rows, "torch_f32");
+  const Yardsticks yard{dense_tps, torch_f32 ? torch_f32->tokens_per_s : 0.0};
 
   // The recommendation: the fewest probes reaching recall@k >= 0.95.
   const Row* best_air = nullptr;
-  const Row* best_faiss = nullptr;
+  const Row* best_faiss = nullptr;  // Debian's, for the JSON field kept from before
   for (const Row& r : rows)
     if (r.router == "air" && r.recall >= 0.95) {
       best_air = &r;
@@ -576,17 +684,12 @@ int run_router(const std::vector<std::string>& args) {
         "in MFLOP/token below\n\n",
         (long)list_sample, query.seconds, query.flops / 1e6, k,
         query.flops / static_cast<double>(list_sample) / 1e3);
-  std::printf("%-16s %6s %12s %9s %9s %9s %10s %12s\n", "router", "m", "tokens/s", "speedup",
-              "recall@k", "mass", "shortlist", "MFLOP/token");
-  for (const Row& r : rows)
-    std::printf("%-16s %6s %12.0f %8.1fx %9.4f %9.4f %10.0f %12.2f\n", r.router.c_str(),
-                r.probes ? std::to_string(r.probes).c_str() : "-", r.tokens_per_s,
-                r.tokens_per_s / dense_tps, r.recall, r.mass, r.shortlist.mean, r.flops / 1e6);
+  print_table(rows, yard);
   if (best_air) {
     std::printf("\nsmallest m with recall@%d >= 0.95: m=%d, AIR %.1fx dense", k, best_air->probes,
                 best_air->tokens_per_s / dense_tps);
-    if (best_faiss)
-      std::printf(", %.1fx FAISS IVF", best_air->tokens_per_s / best_faiss->tokens_per_s);
+    for (const auto& [name, other] : peers_of(rows, *best_air))
+      std::printf(", %.1fx %s", best_air->tokens_per_s / other->tokens_per_s, name);
     std::printf("\n");
   } else {
     std::printf("\nno probe count reached recall@%d >= 0.95; try larger --probes\n", k);
@@ -626,12 +729,17 @@ int run_router(const std::vector<std::string>& args) {
     j["dense_gemm_gflops"] = kernel_gflops;
     j["dense_gemm_vs_sgemm"] = kernel_gflops / sgemm_gflops;
     j["dense_router_gflops"] = dense_gemm_gflops;
+    j["faiss_linked"] = faiss_build;
+    j["baselines"] = no_baselines ? json(nullptr) : json::parse(baselines.meta);
     j["results"] = json::array();
-    for (const Row& r : rows) j["results"].push_back(to_json(r, dense_tps));
+    for (const Row& r : rows) j["results"].push_back(to_json(r, yard));
     if (best_air) {
       j["recommended_probes"] = best_air->probes;
       j["air_speedup_vs_dense"] = best_air->tokens_per_s / dense_tps;
       if (best_faiss) j["air_speedup_vs_faiss"] = best_air->tokens_per_s / best_faiss->tokens_per_s;
+      for (const auto& [name, other] : peers_of(rows, *best_air))
+        if (other->router != "faiss_ivf")
+          j["air_speedup_vs_" + other->router] = best_air->tokens_per_s / other->tokens_per_s;
     }
     json_out.stream() << j.dump(2) << "\n";
     json_out.finish();

@@ -6,6 +6,7 @@
 #ifdef AIRMOE_HAVE_FAISS
 #include <faiss/IndexFlat.h>
 #include <faiss/IndexIVFFlat.h>
+#include <faiss/utils/utils.h>
 #endif
 
 namespace airmoe::bench {
@@ -28,6 +29,15 @@ struct FaissIvf::Impl {
 bool FaissIvf::available() {
   return true;
 }
+std::string FaissIvf::build() {
+  std::string options = faiss::get_compile_options();
+  while (!options.empty() && options.back() == ' ') options.pop_back();
+  const std::string version = std::to_string(FAISS_VERSION_MAJOR) + "." +
+                              std::to_string(FAISS_VERSION_MINOR) + "." +
+                              std::to_string(FAISS_VERSION_PATCH);
+  const bool generic = options.find("GENERIC") != std::string::npos;
+  return "FAISS " + version + " linked" + (generic ? ", generic build" : "") + " (" + options + ")";
+}
 FaissIvf::FaissIvf(const AirRouter& air) : impl_(std::make_unique<Impl>(air)) {}
 
 Routes FaissIvf::route(MatrixView tokens, int k, int probes) const {
@@ -49,6 +59,9 @@ Routes FaissIvf::route(MatrixView tokens, int k, int probes) const {
 struct FaissIvf::Impl {};
 bool FaissIvf::available() {
   return false;
+}
+std::string FaissIvf::build() {
+  return "built without FAISS";
 }
 FaissIvf::FaissIvf(const AirRouter&) {
   throw std::runtime_error("built without FAISS");

@@ -3,8 +3,9 @@
 
 usage: plot_router.py OUT.png RESULT.json [RESULT.json ...]
 
-One panel per JSON file: a curve per router over its probe counts, dense and
-product keys as single points, the 0.95 recall line for reference.
+One panel per JSON file: a curve per router over its probe counts, dense,
+PyTorch and product keys as single points (baselines not measured left out),
+the 0.95 recall line for reference.
 """
 import json
 import sys
@@ -15,7 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 STYLE = {"air": ("tab:blue", "o"), "faiss_ivf": ("tab:orange", "s"),
-         "dense": ("black", "*"), "product_key": ("tab:green", "^")}
+         "faiss_cpu": ("tab:red", "D"), "dense": ("black", "*"),
+         "torch_f32": ("tab:gray", "P"), "torch_bf16": ("tab:brown", "X"),
+         "product_key": ("tab:green", "^")}
 
 
 def main():
@@ -26,7 +29,7 @@ def main():
             j = json.load(f)
         cfg = j["config"]
         for router, (color, marker) in STYLE.items():
-            rows = [r for r in j["results"] if r["router"] == router]
+            rows = [r for r in j["results"] if r["router"] == router and r["tokens_per_s"]]
             if not rows:
                 continue
             xs = [r["tokens_per_s"] for r in rows]
@@ -42,7 +45,9 @@ def main():
         ax.set_xscale("log")
         ax.set_xlabel("tokens / s (log)")
         ax.set_ylabel(f"recall@{cfg['k']}")
-        ax.set_title(f"{cfg['data']}: E={cfg['experts']}, d={cfg['dim']}, C={cfg['codewords']}")
+        threads = f", {cfg['threads']} threads" if "threads" in cfg else ""
+        ax.set_title(f"{cfg['data']}: E={cfg['experts']}, d={cfg['dim']}, C={cfg['codewords']}"
+                     f"{threads}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
