@@ -72,9 +72,11 @@ INSTANTIATE_TEST_SUITE_P(EveryStrategy, CheckpointRoundTrip,
                            return name;
                          });
 
-// SwiGLU experts (2h W1 rows each) saved at one P load at another bit for
-// bit, on every strategy.
-TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
+// Saves, at P = 2 and in every strategy, the layer that `make` builds on
+// each rank, checks the manifest with `check_manifest(dir, saved)`, and
+// loads it at P' = 1 and 3: bit for bit the saved layer.
+template <typename Make, typename CheckManifest>
+void round_trip_at_other_p(Make&& make, CheckManifest&& check_manifest) {
   const test::GlobalData& g = test::checkpoint_data();
   const ScratchDir scratch;
   for (const Strategy strategy : test::kAllStrategies) {
@@ -82,12 +84,12 @@ TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
     test::LayerSnapshot saved;
     std::mutex mu;
     comm::run_ranks(2, [&](comm::Communicator& comm) {
-      auto layer = test::trained_layer(comm, g, strategy, Activation::kSwiglu);
+      auto layer = make(comm, g, strategy);
       test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
       std::lock_guard<std::mutex> lock(mu);
       if (comm.rank() == 0) saved = std::move(s);
     });
-    EXPECT_EQ(runtime::read_manifest(dir).layer.config.expert.activation, Activation::kSwiglu);
+    check_manifest(runtime::read_manifest(dir), saved);
     for (const int P2 : {1, 3})
       comm::run_ranks(P2, [&](comm::Communicator& comm) {
         test::check_loads_equal(comm, g, dir, strategy, &saved, 2);
@@ -95,30 +97,32 @@ TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
   }
 }
 
+// SwiGLU experts (2h W1 rows each) saved at one P load at another bit for
+// bit, on every strategy.
+TEST(Checkpoint, SwigluLayerRoundTripsAtAnotherP) {
+  round_trip_at_other_p(
+      [](comm::Communicator& comm, const test::GlobalData& g, Strategy strategy) {
+        return test::trained_layer(comm, g, strategy, Activation::kSwiglu);
+      },
+      [](const runtime::CheckpointManifest& m, const test::LayerSnapshot&) {
+        EXPECT_EQ(m.layer.config.expert.activation, Activation::kSwiglu);
+      });
+}
+
 // The selection bias is the layer's state: saved (manifest version 2) and
 // set again on load at any P, so routes and outputs are the saved layer's.
 TEST(Checkpoint, BiasedLayerRoundTripsAtAnotherP) {
-  const test::GlobalData& g = test::checkpoint_data();
-  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 1.0, 4242);
-  const ScratchDir scratch;
-  for (const Strategy strategy : test::kAllStrategies) {
-    const std::string dir = scratch.path() + "/" + runtime::to_string(strategy);
-    test::LayerSnapshot saved;
-    std::mutex mu;
-    comm::run_ranks(2, [&](comm::Communicator& comm) {
-      auto layer = test::trained_layer(comm, g, strategy);
-      layer->set_bias(bias.view());
-      test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
-      std::lock_guard<std::mutex> lock(mu);
-      if (comm.rank() == 0) saved = std::move(s);
-    });
-    ASSERT_EQ(saved.bias.size(), static_cast<size_t>(g.data.centers.rows()));
-    EXPECT_EQ(runtime::read_manifest(dir).bias, saved.bias);
-    for (const int P2 : {1, 3})
-      comm::run_ranks(P2, [&](comm::Communicator& comm) {
-        test::check_loads_equal(comm, g, dir, strategy, &saved, 2);
+  const Matrix bias = random_matrix(test::checkpoint_data().data.centers.rows(), 1, 1.0, 4242);
+  round_trip_at_other_p(
+      [&](comm::Communicator& comm, const test::GlobalData& g, Strategy strategy) {
+        auto layer = test::trained_layer(comm, g, strategy);
+        layer->set_bias(bias.view());
+        return layer;
+      },
+      [&](const runtime::CheckpointManifest& m, const test::LayerSnapshot& saved) {
+        ASSERT_EQ(saved.bias.size(), static_cast<size_t>(bias.rows()));
+        EXPECT_EQ(m.bias, saved.bias);
       });
-  }
 }
 
 TEST(Checkpoint, ResavingReplacesThePreviousCheckpoint) {
