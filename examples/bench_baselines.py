@@ -34,6 +34,10 @@ import time
 import numpy as np
 
 
+def threads_text(n):
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="the folder airmoe_bench router wrote")
@@ -111,7 +115,7 @@ def torch_rows(rows, data, args, meta):
 
         seconds, ids = best_seconds(route, args.repeats)
         chunks = (T + step - 1) // step
-        note = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        note = f"torch {torch.__version__}, {threads_text(torch.get_num_threads())}"
         if chunks > 1:
             note += f", {chunks} chunks of {step} tokens"
         rows.add(name, 0, seconds, note, ids.numpy())
@@ -154,7 +158,7 @@ def faiss_rows(rows, data, args, probes, meta):
         seconds, (_, ids) = best_seconds(lambda: index.search(data["tokens"], args.k),
                                          args.repeats)
         rows.add("faiss_cpu", m, seconds,
-                 f"faiss-cpu {faiss.__version__} ({build}), {faiss.omp_get_max_threads()} threads",
+                 f"faiss-cpu {faiss.__version__} ({build}), {threads_text(faiss.omp_get_max_threads())}",
                  ids)
 
 
