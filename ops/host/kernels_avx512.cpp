@@ -17,8 +17,8 @@
 
 #include <algorithm>
 #include <new>
-#include <vector>
 
+#include "ops/host/packed_tiles.h"
 #include "ops/lane_dot.h"
 
 namespace airmoe::inline ops::host {
@@ -143,21 +143,6 @@ AIRMOE_AVX512 void tile(const float* a, int64_t lda, const float* panel, int64_t
   store_tile<MR>(acc, c, ldc, nr);
 }
 
-// A block's packed or widened rows, per thread and per use: grown,
-// never shrunk, so a thread packs without allocating once it has seen its
-// largest block; 64-byte aligned.
-enum Scratch { kPanels, kWideA, kWideB, kScratchUses };
-template <typename T>
-T* scratch(Scratch use, int64_t count) {
-  constexpr size_t kAlign = 64;
-  thread_local std::vector<unsigned char> buffers[kScratchUses];
-  std::vector<unsigned char>& buffer = buffers[use];
-  const size_t bytes = static_cast<size_t>(count) * sizeof(T) + kAlign;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  const auto at = reinterpret_cast<uintptr_t>(buffer.data());
-  return reinterpret_cast<T*>(buffer.data() + (kAlign - at % kAlign) % kAlign);
-}
-
 // b's rows packed into panels, then every tile of the m x n block: row
 // tiles outer, so six rows of A stay in L1 while the panels stream past
 // them from L2. Throws std::bad_alloc where the panels cannot be allocated.
@@ -169,12 +154,10 @@ void pack_and_run(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t 
   const int64_t panel_floats = chunks_of(k) * kChunk;
   float* panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
   pack_b(b, ldb, n, k, panels);
-  for (int64_t i = 0; i < m; i += kTileRows) {
-    const TileFn run = tiles[std::min<int64_t>(kTileRows, m - i) - 1];
-    for (int64_t j = 0; j < n; j += kPanel)
-      run(a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
-          std::min(kPanel, n - j));
-  }
+  for_each_tile(m, n, kTileRows, kPanel, [&](int64_t i, int64_t j, int64_t rows, int64_t cols) {
+    tiles[rows - 1](a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
+                    cols);
+  });
 }
 
 void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,
