@@ -162,19 +162,21 @@ int64_t chunks_of(int64_t k) {
 }
 
 // Rows [0, n) of b into panels (see the file comment); `out` holds
-// ceil(n / 4) * chunks_of(k) * kChunk floats.
+// ceil(n / 4) * chunks_of(k) * kChunk floats. Written in order, chunk after
+// chunk (four rows read side by side), so every cache line of the panels is
+// filled by consecutive stores and never reread half-written.
 AIRMOE_AVX2 void pack_b(const float* b, int64_t ldb, int64_t n, int64_t k, float* out) {
-  const int64_t chunks = chunks_of(k), panels = (n + kPanel - 1) / kPanel;
-  for (int64_t j = 0; j < panels * kPanel; ++j) {
-    float* o = out + j / kPanel * chunks * kChunk + j % kPanel * kLanes;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t p = ch * kLanes;
-      __m256 v = _mm256_setzero_ps();
-      if (j < n && p + kLanes <= k)
-        v = _mm256_loadu_ps(b + j * ldb + p);
-      else if (j < n)
-        v = _mm256_maskload_ps(b + j * ldb + p, first_lanes(k - p));
-      _mm256_store_ps(o + ch * kChunk, v);
+  const int64_t chunks = chunks_of(k), full = k / kLanes;
+  const __m256i tail = first_lanes(k - full * kLanes);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t rows = std::min(kPanel, n - j0);
+    for (int64_t ch = 0; ch < chunks; ++ch, out += kChunk) {
+      const float* row = b + j0 * ldb + ch * kLanes;
+      for (int64_t s = 0; s < kPanel; ++s, row += ldb) {
+        __m256 v = _mm256_setzero_ps();
+        if (s < rows) v = ch < full ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, tail);
+        _mm256_store_ps(out + s * kLanes, v);
+      }
     }
   }
 }

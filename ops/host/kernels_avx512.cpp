@@ -56,17 +56,20 @@ AIRMOE_AVX512 __m256 load8(const uint16_t* x, __mmask8 valid) {
 }
 
 // Rows [0, n) of b (f32 or bf16) into float panels (see the file comment);
-// `out` holds ceil(n / 8) * chunks_of(k) * kChunk floats.
+// `out` holds ceil(n / 8) * chunks_of(k) * kChunk floats. Written in order,
+// chunk after chunk (eight rows read side by side), so every cache line of
+// the panels is filled by consecutive stores and never reread half-written.
 template <typename T>
 AIRMOE_AVX512 void pack_b(const T* b, int64_t ldb, int64_t n, int64_t k, float* out) {
-  const int64_t chunks = chunks_of(k), panels = (n + kPanel - 1) / kPanel;
-  for (int64_t j = 0; j < panels * kPanel; ++j) {
-    const int64_t q = j / kPanel, s = (j % kPanel) / 2, h = j % 2;
-    float* o = out + q * chunks * kChunk + s * 2 * kLanes + h * kLanes;
-    for (int64_t c = 0; c < chunks; ++c) {
+  const int64_t chunks = chunks_of(k);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t rows = std::min(kPanel, n - j0);
+    for (int64_t c = 0; c < chunks; ++c, out += kChunk) {
       const int64_t p = c * kLanes;
-      const __mmask8 valid = j < n ? first_lanes(std::min<int64_t>(kLanes, k - p)) : 0;
-      _mm256_storeu_ps(o + c * kChunk, load8(b + (j < n ? j * ldb + p : 0), valid));
+      const __mmask8 valid = first_lanes(std::min<int64_t>(kLanes, k - p));
+      for (int64_t s = 0; s < kPanel; ++s)
+        _mm256_storeu_ps(out + s * kLanes,
+                         s < rows ? load8(b + (j0 + s) * ldb + p, valid) : _mm256_setzero_ps());
     }
   }
 }
