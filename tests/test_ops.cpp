@@ -510,6 +510,28 @@ Tensor keys_with_ties(int64_t E, int64_t d, uint64_t seed) {
   return keys;
 }
 
+// dense_topk's ids on `o` equal the first k of every expert sorted by
+// ranks_before on o's own scores.
+void expect_sorted_top(const Ops& o, const Tensor& tokens, const Tensor& keys, int k) {
+  const int64_t T = tokens.rows(), E = keys.rows();
+  OnDevice dev(o);
+  const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+  o.dense_topk(dev.put(tokens), dev.put(keys), k, out, {});
+  const TensorView all = dev.out(DType::kF32, T, E);
+  o.score(dev.put(tokens), dev.put(keys), all, {});
+  const std::vector<float> z = values_of<float>(dev.get(all));
+  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(out.ids));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> order(E);
+    for (int32_t e = 0; e < E; ++e) order[e] = e;
+    std::sort(order.begin(), order.end(),
+              [&](int32_t a, int32_t b) { return ranks_before(z[t * E + a], a, z[t * E + b], b); });
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k),
+              std::vector<int32_t>(order.begin(), order.begin() + std::min<int64_t>(k, E)))
+        << "token " << t << ", k " << k;
+  }
+}
+
 TEST_P(OpsTest, DenseTopKRanksTiesByLowerId) {
   const int64_t E = 57, d = 11, T = 30;
   const Tensor keys = keys_with_ties(E, d, 9), tokens = random_f32(T, d, 10);
@@ -528,27 +550,24 @@ TEST_P(OpsTest, DenseTopKRanksTiesByLowerId) {
         {false, false, true});
   }
   // Against a plain sort of the scores; tied keys appear lower id first.
+  expect_sorted_top(ops(), tokens, keys, 8);
   OnDevice dev(ops());
-  const int k = 8;
-  const TopKView out{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
-  ops().dense_topk(dev.put(tokens), dev.put(keys), k, out, {});
-  const TensorView all = dev.out(DType::kF32, T, E);
-  ops().score(dev.put(tokens), dev.put(keys), all, {});
-  const std::vector<float> z = values_of<float>(dev.get(all));
-  const std::vector<int32_t> ids = values_of<int32_t>(dev.get(out.ids));
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int32_t> order(E);
-    for (int32_t e = 0; e < E; ++e) order[e] = e;
-    std::sort(order.begin(), order.end(),
-              [&](int32_t a, int32_t b) { return ranks_before(z[t * E + a], a, z[t * E + b], b); });
-    EXPECT_EQ(std::vector<int32_t>(ids.begin() + t * k, ids.begin() + (t + 1) * k),
-              std::vector<int32_t>(order.begin(), order.begin() + k))
-        << "token " << t;
-  }
   // No tokens: nothing to do.
   EXPECT_NO_THROW(ops().dense_topk(dev.out(DType::kF32, 0, d), dev.put(keys), 3,
                                    {dev.out(DType::kF32, 0, 3), dev.out(DType::kI32, 0, 3), {}},
                                    {}));
+}
+
+// The host top-k passes over runs of 16 logits that cannot enter it: with
+// five distinct keys repeated, every logit ties with others in its run and
+// in the runs before it, and the best ones recur in every run.
+TEST_P(OpsTest, DenseTopKOverRunsOfTiedLogits) {
+  const int64_t E = 16 * 6 + 5, d = 9, T = 12;
+  const Tensor distinct = random_f32(5, d, 31), tokens = random_f32(T, d, 32);
+  Tensor keys = random_f32(E, d, 33);
+  for (int64_t e = 0; e < E; ++e)
+    std::memcpy(keys.as<float>() + e * d, distinct.as<float>() + (e % 5) * d, d * 4);
+  for (int k : {1, 7, 16, 40, 101}) expect_sorted_top(ops(), tokens, keys, k);
 }
 
 TEST_P(OpsTest, ProductTopK) {

@@ -34,14 +34,14 @@ struct HostKernels {
                      int64_t n, int64_t k, float* c, int64_t ldc);
 };
 
-// The blocks of the AVX2 tiles (3 x 4; A in L1/L2, B in L2), also the
-// portable set's.
-constexpr ScoreBlocks kAvx2Blocks{3, 4, 96 * 1024, 192 * 1024};
+// The portable set's blocks (A in L1/L2, B in L2).
+constexpr ScoreBlocks kPortableBlocks{3, 4, 96 * 1024, 192 * 1024};
 
 // lane_dot itself, entry by entry: runs on every CPU.
 const HostKernels& portable_kernels();
-// AVX2 + FMA register tiles; nullptr where the CPU lacks AVX2 or FMA (the
-// one place the CPU is asked).
+// AVX2 + FMA register tiles (one entry of eight lanes per ymm), B packed
+// into panels; nullptr where the CPU lacks AVX2 or FMA (the one place the
+// CPU is asked).
 const HostKernels* avx2_kernels();
 // AVX-512 F/VL/DQ/BW register tiles (two entries of eight lanes per zmm),
 // bf16 rows widened as they are packed; nullptr where the CPU lacks them or

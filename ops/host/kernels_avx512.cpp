@@ -17,8 +17,8 @@
 
 #include <algorithm>
 #include <new>
-#include <vector>
 
+#include "ops/host/packed_tiles.h"
 #include "ops/lane_dot.h"
 
 namespace airmoe::inline ops::host {
@@ -56,17 +56,20 @@ AIRMOE_AVX512 __m256 load8(const uint16_t* x, __mmask8 valid) {
 }
 
 // Rows [0, n) of b (f32 or bf16) into float panels (see the file comment);
-// `out` holds ceil(n / 8) * chunks_of(k) * kChunk floats.
+// `out` holds ceil(n / 8) * chunks_of(k) * kChunk floats. Written in order,
+// chunk after chunk (eight rows read side by side), so every cache line of
+// the panels is filled by consecutive stores and never reread half-written.
 template <typename T>
 AIRMOE_AVX512 void pack_b(const T* b, int64_t ldb, int64_t n, int64_t k, float* out) {
-  const int64_t chunks = chunks_of(k), panels = (n + kPanel - 1) / kPanel;
-  for (int64_t j = 0; j < panels * kPanel; ++j) {
-    const int64_t q = j / kPanel, s = (j % kPanel) / 2, h = j % 2;
-    float* o = out + q * chunks * kChunk + s * 2 * kLanes + h * kLanes;
-    for (int64_t c = 0; c < chunks; ++c) {
+  const int64_t chunks = chunks_of(k);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t rows = std::min(kPanel, n - j0);
+    for (int64_t c = 0; c < chunks; ++c, out += kChunk) {
       const int64_t p = c * kLanes;
-      const __mmask8 valid = j < n ? first_lanes(std::min<int64_t>(kLanes, k - p)) : 0;
-      _mm256_storeu_ps(o + c * kChunk, load8(b + (j < n ? j * ldb + p : 0), valid));
+      const __mmask8 valid = first_lanes(std::min<int64_t>(kLanes, k - p));
+      for (int64_t s = 0; s < kPanel; ++s)
+        _mm256_storeu_ps(out + s * kLanes,
+                         s < rows ? load8(b + (j0 + s) * ldb + p, valid) : _mm256_setzero_ps());
     }
   }
 }
@@ -143,21 +146,6 @@ AIRMOE_AVX512 void tile(const float* a, int64_t lda, const float* panel, int64_t
   store_tile<MR>(acc, c, ldc, nr);
 }
 
-// A block's packed or widened rows, per thread and per use: grown,
-// never shrunk, so a thread packs without allocating once it has seen its
-// largest block; 64-byte aligned.
-enum Scratch { kPanels, kWideA, kWideB, kScratchUses };
-template <typename T>
-T* scratch(Scratch use, int64_t count) {
-  constexpr size_t kAlign = 64;
-  thread_local std::vector<unsigned char> buffers[kScratchUses];
-  std::vector<unsigned char>& buffer = buffers[use];
-  const size_t bytes = static_cast<size_t>(count) * sizeof(T) + kAlign;
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  const auto at = reinterpret_cast<uintptr_t>(buffer.data());
-  return reinterpret_cast<T*>(buffer.data() + (kAlign - at % kAlign) % kAlign);
-}
-
 // b's rows packed into panels, then every tile of the m x n block: row
 // tiles outer, so six rows of A stay in L1 while the panels stream past
 // them from L2. Throws std::bad_alloc where the panels cannot be allocated.
@@ -169,12 +157,10 @@ void pack_and_run(const float* a, int64_t lda, const T* b, int64_t ldb, int64_t 
   const int64_t panel_floats = chunks_of(k) * kChunk;
   float* panels = scratch<float>(kPanels, (n + kPanel - 1) / kPanel * panel_floats);
   pack_b(b, ldb, n, k, panels);
-  for (int64_t i = 0; i < m; i += kTileRows) {
-    const TileFn run = tiles[std::min<int64_t>(kTileRows, m - i) - 1];
-    for (int64_t j = 0; j < n; j += kPanel)
-      run(a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
-          std::min(kPanel, n - j));
-  }
+  for_each_tile(m, n, kTileRows, kPanel, [&](int64_t i, int64_t j, int64_t rows, int64_t cols) {
+    tiles[rows - 1](a + i * lda, lda, panels + j / kPanel * panel_floats, k, c + i * ldc + j, ldc,
+                    cols);
+  });
 }
 
 void score_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t m, int64_t n,

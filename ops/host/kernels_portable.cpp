@@ -19,7 +19,8 @@ void contract(const float* a, int64_t na, const float* b, int64_t nb, int64_t m,
 }  // namespace
 
 const HostKernels& portable_kernels() {
-  static const HostKernels kernels{"host-portable", score_block, contract, kAvx2Blocks, nullptr};
+  static const HostKernels kernels{"host-portable", score_block, contract, kPortableBlocks,
+                                   nullptr};
   return kernels;
 }
 
