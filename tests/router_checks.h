@@ -192,13 +192,7 @@ struct QuerySample {
 };
 
 inline QueryListOptions query_options() {
-  QueryListOptions o;
-  o.codewords = 9;
-  o.list_length = 40;
-  o.k = 4;
-  o.kmeans_iterations = 5;
-  o.seed = 3;
-  return o;
+  return {.codewords = 9, .list_length = 40, .k = 4, .kmeans_iterations = 5, .seed = 3};
 }
 
 // Query lists built from a sample split over the ranks: codebook, lists and
