@@ -205,7 +205,6 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   ProbeSet probes;
   probes.offsets = device_vector(c, pairs.offsets);
   probes.codewords = device_vector(c, pairs.list);
-  probes.shortlist_size = device_vector(c, std::vector<int32_t>(static_cast<size_t>(R), 0));
   probes.count = static_cast<int64_t>(pairs.list.size());
   const PairSet scans = ops.probe_pairs(blocks_.view(), probes, c.stream);
   const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
