@@ -145,6 +145,50 @@ AIRMOE_API airmoe_status airmoe_router_set_gate_mode(airmoe_router* router, int 
 AIRMOE_API airmoe_status airmoe_router_set_bias(airmoe_router* router, const float* bias,
                                                 int64_t experts);
 
+/* Since 0.2.0. Options of query-aware lists (docs/routing.md, "First-stage
+ * options"): a codebook of `codewords` codewords trained on sample tokens
+ * (1 <= codewords <= sample tokens) with `kmeans_iterations` Lloyd
+ * iterations seeded by `seed`, and each codeword's list the (at most)
+ * `list_length` experts (1 <= list_length <= experts) that its tokens' exact
+ * top-`k` (1 <= k <= experts) picks most; an expert no list took joins the
+ * list of its center's nearest codeword. */
+typedef struct {
+  int64_t codewords;
+  int64_t list_length;
+  int k;
+  int kmeans_iterations;
+  uint64_t seed;
+} airmoe_query_list_options;
+
+/* Since 0.2.0. AIR router with query-aware lists over centers [experts, dim]
+ * (finite, no zero row; copied), built from sample_tokens [sample_T, dim]
+ * (finite, no zero row; sample_T >= 1) routed exactly under the selection
+ * bias `bias` [experts] (NULL: none; it becomes the router's bias, as with
+ * airmoe_router_set_bias). The lists overlap; probing every codeword still
+ * gives exact top-k, equal bit for bit to the dense router. The sample
+ * should be tokens the router will not be measured on. */
+AIRMOE_API airmoe_status airmoe_router_create_air_query(const float* centers, int64_t experts,
+                                                        int64_t dim, const float* bias,
+                                                        const float* sample_tokens,
+                                                        int64_t sample_T,
+                                                        const airmoe_query_list_options* options,
+                                                        airmoe_router** out);
+
+/* Since 0.2.0. A query-list AIR router only (AIRMOE_ERR_INVALID_ARGUMENT
+ * otherwise): rebuilds its codebook and lists, with the same options, from
+ * sample_tokens [sample_T, dim] routed exactly under the router's current
+ * centers and bias (they go stale as those move). A refused call leaves the
+ * lists as they were. Clears the routes kept for backward. */
+AIRMOE_API airmoe_status airmoe_router_refresh_query_lists(airmoe_router* router,
+                                                           const float* sample_tokens,
+                                                           int64_t sample_T, int64_t dim);
+
+/* Since 0.2.0. FLOPs the router's query lists last cost to build (0 for a
+ * router without them): exact routing of the sample, k-means on it and the
+ * assignment of the sample to the codewords. */
+AIRMOE_API airmoe_status airmoe_router_query_lists_build_flops(const airmoe_router* router,
+                                                               double* out);
+
 /* Shape of a router; codewords is 0 for a dense router. */
 AIRMOE_API airmoe_status airmoe_router_info(const airmoe_router* router, int64_t* experts,
                                             int64_t* dim, int64_t* codewords);

@@ -230,6 +230,55 @@ airmoe_status airmoe_router_create_air(const float* centers, int64_t experts, in
   });
 }
 
+airmoe_status airmoe_router_create_air_query(const float* centers, int64_t experts, int64_t dim,
+                                             const float* bias, const float* sample_tokens,
+                                             int64_t sample_T,
+                                             const airmoe_query_list_options* options,
+                                             airmoe_router** out) {
+  return guarded("airmoe_router_create_air_query", [&] {
+    require_nonnull(out, "out");
+    *out = nullptr;
+    require_array(centers, experts, dim, 1, "centers", "experts", "dim");
+    airmoe::require_expert_count(experts, "experts");
+    require_array(sample_tokens, sample_T, dim, 1, "sample_tokens", "sample_T", "dim");
+    require_nonnull(options, "options");
+    airmoe::QueryListOptions o;
+    o.codewords = options->codewords;
+    o.list_length = options->list_length;
+    o.k = options->k;
+    o.kmeans_iterations = options->kmeans_iterations;
+    o.seed = options->seed;
+    const airmoe::TensorView b =
+        bias ? airmoe::bias_view({bias, static_cast<size_t>(experts)}) : airmoe::TensorView();
+    auto r = std::make_unique<airmoe_router>();
+    r->air =
+        std::make_unique<airmoe::AirRouter>(airmoe::MatrixView(centers, experts, dim), b,
+                                            airmoe::MatrixView(sample_tokens, sample_T, dim), o);
+    publish(std::move(r), kRouterType, out);
+  });
+}
+
+airmoe_status airmoe_router_refresh_query_lists(airmoe_router* router, const float* sample_tokens,
+                                                int64_t sample_T, int64_t dim) {
+  return guarded("airmoe_router_refresh_query_lists", [&] {
+    require_router(router);
+    if (!router->air || !router->air->has_query_lists())
+      invalid("the router has no query lists (airmoe_router_create_air_query routers only)");
+    require_array(sample_tokens, sample_T, dim, 1, "sample_tokens", "sample_T", "dim");
+    router->has_last = false;
+    router->last = airmoe::Routes();
+    router->air->refresh_lists(airmoe::MatrixView(sample_tokens, sample_T, dim));
+  });
+}
+
+airmoe_status airmoe_router_query_lists_build_flops(const airmoe_router* router, double* out) {
+  return guarded("airmoe_router_query_lists_build_flops", [&] {
+    require_router(router);
+    require_nonnull(out, "out");
+    *out = router->air ? router->air->query_lists_build_flops() : 0.0;
+  });
+}
+
 airmoe_status airmoe_router_create_dense(const float* centers, int64_t experts, int64_t dim,
                                          airmoe_router** out) {
   return guarded("airmoe_router_create_dense", [&] {

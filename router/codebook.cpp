@@ -234,6 +234,30 @@ Matrix kmeans_pp_seeds(const Compute& compute, const Matrix& pts, TensorView pts
 
 }  // namespace
 
+Matrix kmeans_seeds(const Compute& compute, int64_t n, const KMeansOptions& options,
+                    const SampleRows& rows_at) {
+  // k-means++ seeding over a seeded sample of at most 8 C points: seeding is
+  // C sequential passes, so its sample stays small.
+  std::mt19937_64 rng(options.seed);
+  const int64_t sample_size = std::min(n, 8 * options.codewords);
+  std::vector<int32_t> sample(static_cast<size_t>(n));
+  std::iota(sample.begin(), sample.end(), 0);
+  if (sample_size < n) {
+    for (int64_t i = 0; i < sample_size; ++i) {
+      std::uniform_int_distribution<int64_t> pick(i, n - 1);
+      std::swap(sample[i], sample[pick(rng)]);
+    }
+    sample.resize(static_cast<size_t>(sample_size));
+    std::sort(sample.begin(), sample.end());
+  }
+  const Matrix pts = rows_at(sample);
+  if (pts.rows() != sample_size)
+    fail("kmeans_seeds: " + std::to_string(pts.rows()) + " sampled rows for " +
+         std::to_string(sample_size) + " indices");
+  const Staged pts_dev(compute, pts.view());
+  return kmeans_pp_seeds(compute, pts, pts_dev, options.codewords, rng);
+}
+
 Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeansReport* report,
                         Compute compute) {
   const int64_t E = centers.rows, C = options.codewords;
@@ -247,26 +271,13 @@ Codebook train_codebook(MatrixView centers, const KMeansOptions& options, KMeans
   const OnHost unit_host(compute, unit);
   const int64_t d = centers.cols;
   const float* unit_rows = unit_host.as<float>();
-
-  // k-means++ seeding over a seeded sample of at most 8 C points: seeding is
-  // C sequential passes, so its sample stays small.
-  std::mt19937_64 rng(options.seed);
-  const int64_t sample_size = std::min(E, 8 * C);
-  std::vector<int32_t> sample(static_cast<size_t>(E));
-  std::iota(sample.begin(), sample.end(), 0);
-  if (sample_size < E) {
-    for (int64_t i = 0; i < sample_size; ++i) {
-      std::uniform_int_distribution<int64_t> pick(i, E - 1);
-      std::swap(sample[i], sample[pick(rng)]);
-    }
-    sample.resize(static_cast<size_t>(sample_size));
-    std::sort(sample.begin(), sample.end());
-  }
-  Matrix pts(sample_size, d);
-  for (int64_t i = 0; i < sample_size; ++i)
-    std::copy_n(unit_rows + static_cast<int64_t>(sample[i]) * d, d, pts.row(i));
-  const Staged pts_dev(compute, pts.view());
-  const Matrix seeds = kmeans_pp_seeds(compute, pts, pts_dev, C, rng);
+  const Matrix seeds = kmeans_seeds(compute, E, options, [&](const std::vector<int32_t>& rows) {
+    Matrix pts(static_cast<int64_t>(rows.size()), d);
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::copy_n(unit_rows + static_cast<int64_t>(rows[i]) * d, d,
+                  pts.row(static_cast<int64_t>(i)));
+    return pts;
+  });
 
   Codebook cb(seeds.view(), compute);
   auto lookup = [&](int32_t e, float* out) { std::copy_n(unit_rows + e * d, d, out); };

@@ -97,6 +97,15 @@ struct KMeansReport {
   int64_t repaired = 0;           // empty codewords repaired over all iterations
 };
 
+// The seeding train_codebook starts with, over n unit rows held anywhere:
+// a seeded sample of at most 8 C row indices (ascending), whose unit rows
+// rows_at(indices) returns ([indices, d] on the host), then k-means++ on
+// them. The distributed runtime gathers the sampled rows from the ranks
+// holding them, so its seeds are the single-process ones whatever P.
+using SampleRows = std::function<Matrix(const std::vector<int32_t>&)>;
+Matrix kmeans_seeds(const Compute& compute, int64_t n, const KMeansOptions& options,
+                    const SampleRows& rows_at);
+
 // Trains a codebook on the expert centers (any norms; rows are normalized),
 // on the given ops.
 Codebook train_codebook(MatrixView centers, const KMeansOptions& options,

@@ -27,10 +27,23 @@ PickCounts& PickCounts::operator+=(const PickCounts& other) {
 
 namespace {
 
+// C codewords need as many sample tokens.
+void check_codewords(int64_t codewords, int64_t tokens) {
+  if (codewords < 1 || codewords > tokens)
+    fail("query lists: C = " + std::to_string(codewords) + " codewords need between 1 and the " +
+         std::to_string(tokens) + " sample tokens");
+}
+
 // The sample checks train_codebook and the dense router would make too, but
 // worded for the sample ("query lists: sample tokens row 3 column 0 is nan").
 void check_sample(MatrixView tokens) {
   if (tokens.rows < 1) fail("query lists: the sample has no tokens");
+  check_sample_rows(tokens);
+}
+
+}  // namespace
+
+void check_sample_rows(MatrixView tokens) {
   require_finite(tokens, "query lists: sample tokens");
   for (int64_t t = 0; t < tokens.rows; ++t) {
     const float* row = tokens.row(t);
@@ -40,21 +53,12 @@ void check_sample(MatrixView tokens) {
   }
 }
 
-// C codewords need as many sample tokens.
-void check_codewords(int64_t codewords, int64_t tokens) {
-  if (codewords < 1 || codewords > tokens)
-    fail("query lists: C = " + std::to_string(codewords) + " codewords need between 1 and the " +
-         std::to_string(tokens) + " sample tokens");
-}
-
-void check_options(const QueryListOptions& o, int64_t experts, int64_t tokens) {
+void check_query_options(const QueryListOptions& o, int64_t experts, int64_t tokens) {
   require_in_range(o.k, 1, experts, "query lists: k");
   require_in_range(o.list_length, 1, experts, "query lists: list length L");
   check_codewords(o.codewords, tokens);
   if (o.kmeans_iterations < 0) fail("query lists: k-means iterations must be >= 0");
 }
-
-}  // namespace
 
 Codebook train_query_codebook(MatrixView tokens, const QueryListOptions& options, Compute compute) {
   check_sample(tokens);
@@ -65,15 +69,25 @@ Codebook train_query_codebook(MatrixView tokens, const QueryListOptions& options
 
 PickCounts count_picks(const Codebook& codebook, const DenseRouter& exact, MatrixView tokens,
                        int k) {
-  PickCounts counts(codebook.size(), exact.experts());
-  if (tokens.rows == 0) return counts;  // an empty part of a split sample counts nothing
+  if (tokens.rows == 0)  // an empty part of a split sample counts nothing
+    return PickCounts(codebook.size(), exact.experts());
   require_cols(tokens, codebook.dim(), "query lists: sample tokens");
+  return count_routed_picks(codebook, tokens, exact.route(tokens, k), exact.experts());
+}
+
+PickCounts count_routed_picks(const Codebook& codebook, MatrixView tokens, const Routes& exact,
+                              int64_t experts) {
+  PickCounts counts(codebook.size(), experts);
+  if (tokens.rows == 0) return counts;
+  require_cols(tokens, codebook.dim(), "query lists: sample tokens");
+  if (exact.tokens != tokens.rows)
+    fail("query lists: routes of " + std::to_string(exact.tokens) + " tokens for " +
+         std::to_string(tokens.rows) + " sample tokens");
   const std::vector<int32_t> nearest =
       codebook.assign(normalize_rows(codebook.compute(), tokens, "query lists: sample tokens"));
-  const Routes routes = exact.route(tokens, k);
   for (int64_t t = 0; t < tokens.rows; ++t)
-    for (int j = 0; j < k; ++j)
-      ++counts.data()[nearest[t] * counts.experts() + routes.experts_of(t)[j]];
+    for (int j = 0; j < exact.k; ++j)
+      ++counts.data()[nearest[t] * experts + exact.experts_of(t)[j]];
   return counts;
 }
 
@@ -134,7 +148,7 @@ double query_lists_build_flops(int64_t tokens, int64_t experts, int64_t dim,
 QueryLists build_query_lists(MatrixView centers, TensorView bias, MatrixView tokens,
                              const QueryListOptions& options, Compute compute) {
   check_sample(tokens);
-  check_options(options, centers.rows, tokens.rows);
+  check_query_options(options, centers.rows, tokens.rows);
   require_cols(tokens, centers.cols, "query lists: sample tokens");
   DenseRouter exact(centers, compute);
   if (!bias.empty()) exact.set_bias(bias);

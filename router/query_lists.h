@@ -54,6 +54,14 @@ class PickCounts {
   std::vector<int64_t> counts_;
 };
 
+// The checks of a (part of a) sample: finite rows of nonzero norm (an
+// empty part passes), naming the row. The distributed runtime runs them
+// on each rank's part before any data moves.
+void check_sample_rows(MatrixView tokens);
+// The options against E experts and a sample of `tokens` tokens in all:
+// k and L in [1, E], C in [1, tokens], iterations >= 0.
+void check_query_options(const QueryListOptions& options, int64_t experts, int64_t tokens);
+
 // The codebook of the query lists: spherical k-means on the sample tokens
 // (router/codebook.h train_codebook; C <= tokens). Throws, naming the row, on
 // a token that is not finite or has zero norm.
@@ -65,6 +73,12 @@ Codebook train_query_codebook(MatrixView tokens, const QueryListOptions& options
 // it has one) add one pick per chosen expert.
 PickCounts count_picks(const Codebook& codebook, const DenseRouter& exact, MatrixView tokens,
                        int k);
+
+// The same count from routes computed elsewhere: `exact` must be the exact
+// (biased) top-k of `tokens` over all `experts` (the distributed runtime
+// routes its part of the sample probing every list, which is exact).
+PickCounts count_routed_picks(const Codebook& codebook, MatrixView tokens, const Routes& exact,
+                              int64_t experts);
 
 // Each expert's lists, CSR over experts, in priority order: the list that
 // picks it most first (then lower list id). What ListSegments takes.

@@ -83,6 +83,11 @@ class ListSegments {
   // block s; center_of(e) gives expert e's (host) row.
   template <typename CenterOf>
   ListBlocks blocks(const Compute& compute, int64_t dim, CenterOf center_of) const;
+  // The same segments holding only the members keep(e) accepts (a rank's
+  // share of replicated lists; a segment may become empty): the outranking
+  // stays, so a token still scans each kept expert of its probes once.
+  template <typename Keep, typename CenterOf>
+  ListBlocks blocks(const Compute& compute, int64_t dim, Keep keep, CenterOf center_of) const;
 
  private:
   std::vector<int64_t> list_segments_{0};       // [C + 1]: list c's segments
@@ -110,6 +115,20 @@ void ListSegments::for_each_scanned(std::span<const int32_t> probes, std::vector
 template <typename CenterOf>
 ListBlocks ListSegments::blocks(const Compute& compute, int64_t dim, CenterOf center_of) const {
   return ListBlocks::make(compute, segment_offsets_, ids_, dim, center_of, list_segments_,
+                          outranking_offsets_, outranking_);
+}
+
+template <typename Keep, typename CenterOf>
+ListBlocks ListSegments::blocks(const Compute& compute, int64_t dim, Keep keep,
+                                CenterOf center_of) const {
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> ids;
+  for (int64_t s = 0; s < segments(); ++s) {
+    for (int32_t e : members(s))
+      if (keep(e)) ids.push_back(e);
+    offsets.push_back(static_cast<int64_t>(ids.size()));
+  }
+  return ListBlocks::make(compute, offsets, ids, dim, center_of, list_segments_,
                           outranking_offsets_, outranking_);
 }
 

@@ -282,6 +282,10 @@ SaveResult save_checkpoint(MoELayer& layer, const std::string& dir_arg,
   try {
     comm::check_together(comm, "save checkpoint", [&] {
       require_directory_argument(dir_arg);
+      if (layer.has_query_lists())
+        fail(
+            "the layer routes with query lists, which a checkpoint does not hold; save before "
+            "refresh_query_lists, or rebuild the lists after loading");
       if (root) staged.emplace(without_trailing_slash(dir_arg));
     });
     const std::string staging = broadcast_path(comm, root ? staged->path() : "");

@@ -10,6 +10,8 @@
 #include "core/errors.h"
 #include "core/hash.h"
 #include "router/dense_router.h"
+#include "runtime/kmeans_sync.h"
+#include "runtime/query_lists_sync.h"
 #include "runtime/wire.h"
 
 namespace airmoe::runtime {
@@ -75,10 +77,13 @@ void DistributedRouter::rebuild_blocks() {
   std::vector<int32_t> local_row(static_cast<size_t>(lists_.experts()), -1);
   for (size_t i = 0; i < local_ids_.size(); ++i) local_row[local_ids_[i]] = static_cast<int32_t>(i);
   const int me = comm_.rank();
-  blocks_ = ListBlocks::build(
-      codebook_.compute(), lists_, codebook_.dim(),
-      [&](int32_t e) { return placement_.owner(e) == me; },
-      [&](int32_t e) { return local_centers_.row(local_row[e]); });
+  const auto mine = [&](int32_t e) { return placement_.owner(e) == me; };
+  const auto center_of = [&](int32_t e) { return local_centers_.row(local_row[e]); };
+  // Query lists overlap: this rank's members of every segment, the
+  // outranking kept, so each probed expert is still scanned once.
+  blocks_ = query_
+                ? segments_.blocks(codebook_.compute(), codebook_.dim(), mine, center_of)
+                : ListBlocks::build(codebook_.compute(), lists_, codebook_.dim(), mine, center_of);
 }
 
 RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes, GateMode mode) {
@@ -131,7 +136,24 @@ Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes, GateMo
   r.probe_offsets = std::move(sel.offsets);
   r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(sel.shortlist_size);
+  if (query_) set_query_shortlist_sizes(r);
   return r;
+}
+
+// With overlapping lists the shortlist is the distinct experts of the
+// scanned segments (what AirRouter's probe_pairs counts), not the sum of the
+// primary lists' sizes.
+void DistributedRouter::set_query_shortlist_sizes(Routes& r) const {
+  std::vector<int32_t> sorted;
+  for (int64_t t = 0; t < r.tokens; ++t) {
+    const std::span<const int32_t> probed(
+        r.probed_codewords.data() + r.probe_offsets[t],
+        static_cast<size_t>(r.probe_offsets[t + 1] - r.probe_offsets[t]));
+    int64_t members = 0;
+    segments_.for_each_scanned(probed, sorted,
+                               [&](int64_t s) { members += segments_.segment_size(s); });
+    r.shortlist_size[t] = static_cast<int32_t>(members);
+  }
 }
 
 // 2. Scoring requests, only to the ranks hosting a segment of a probed list.
@@ -176,16 +198,24 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   const ScanRequests pairs = read_requests(received);
   const Compute& c = codebook_.compute();
   const Ops& ops = *c.ops;
-  const int64_t P = static_cast<int64_t>(pairs.list.size()), R = received.vectors.rows();
-  const Tensor cand_z = ops.empty(DType::kF32, P, k), cand_id = ops.empty(DType::kI32, P, k);
-  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), device_vector(c, pairs.query),
-                  device_vector(c, pairs.list), k, {cand_z, cand_id, {}, bias_}, c.stream);
+  const int64_t R = received.vectors.rows();
+  // Each request's blocks: with plain lists its probed lists themselves;
+  // with query lists the segments no other probed list outranks, so an
+  // expert sitting in several probed lists is scored once.
+  ProbeSet probes;
+  probes.offsets = device_vector(c, pairs.offsets);
+  probes.codewords = device_vector(c, pairs.list);
+  probes.count = static_cast<int64_t>(pairs.list.size());
+  const PairSet scans = ops.probe_pairs(blocks_.view(), probes, c.stream);
+  const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
+               cand_id = ops.empty(DType::kI32, scans.count, k);
+  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), scans.query, scans.block, k,
+                  {cand_z, cand_id, {}, bias_}, c.stream);
   LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
                  std::vector<int32_t>(static_cast<size_t>(R * k))};
   StagedOut z(c, TensorView(best.z.data(), DType::kF32, Device::host(), R, k));
   StagedOut id(c, TensorView(best.id.data(), DType::kI32, Device::host(), R, k));
-  ops.merge_topk({cand_z, cand_id, {}, {}}, device_vector(c, pairs.offsets), k, {z, id, {}, bias_},
-                 c.stream);
+  ops.merge_topk({cand_z, cand_id, {}, {}}, scans.offsets, k, {z, id, {}, bias_}, c.stream);
   z.finish();
   id.finish();
   return best;
@@ -248,7 +278,10 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   });
   keep_local_centers(local_centers, std::move(unit));
   update_key_norm_bound();
-  gather_assignment();
+  if (query_)
+    rebuild_blocks();  // the query lists stay; their members' rows moved
+  else
+    gather_assignment();
 }
 
 Tensor agreed_bias(comm::Communicator& comm, const Compute& compute, MatrixView bias,
@@ -280,9 +313,9 @@ void DistributedRouter::clear_bias() {
   bias_ = Tensor();
 }
 
-void DistributedRouter::gather_assignment() {
+std::vector<int32_t> DistributedRouter::gathered_assignment(const Codebook& codebook) {
   std::vector<int32_t> mine;
-  const std::vector<int32_t> lists = codebook_.assign(local_unit_.view());
+  const std::vector<int32_t> lists = codebook.assign(local_unit_.view());
   for (size_t i = 0; i < local_ids_.size(); ++i) {
     mine.push_back(local_ids_[i]);
     mine.push_back(lists[i]);
@@ -294,81 +327,118 @@ void DistributedRouter::gather_assignment() {
   }
   std::vector<int32_t> assignment(static_cast<size_t>(lists_.experts()), -1);
   for (size_t i = 0; i + 1 < all.size(); i += 2) assignment[all[i]] = all[i + 1];
-  lists_ = InvertedLists(assignment, codebook_.size());
+  return assignment;
+}
+
+void DistributedRouter::gather_assignment() {
+  lists_ = InvertedLists(gathered_assignment(codebook_), codebook_.size());
   placement_.refresh(lists_);
   rebuild_blocks();
 }
 
 void DistributedRouter::sync_codebook(double step, int updates) {
   comm::check_together(comm_, "sync_codebook", [&] {
+    if (query_)
+      fail(
+          "sync_codebook: the query lists' codebook is trained on tokens, not on the centers; "
+          "call refresh_query_lists(sample_tokens)");
     if (!(step > 0.0 && step <= 1.0))
       fail("codebook update step = " + std::to_string(step) + " is outside (0, 1]");
     if (updates < 0) fail("updates = " + std::to_string(updates) + " must be >= 0");
   });
-  for (int u = 0; u < updates; ++u) {
-    const KMeansStats local = codebook_.compute_stats(local_unit_.view(), local_ids_.data());
-    comm::PhaseScope phase(comm_, "kmeans_sync");
-    KMeansStats total = reduce_sums(local);
-    reduce_farthest(local, total);
-    const std::vector<RepairRow> rows = repair_rows(total);
-    codebook_.apply(total, step, [&](int32_t e, float* out) {
-      for (const auto& [id, row] : rows)
-        if (id == e) std::copy(row.begin(), row.end(), out);
-    });
-  }
+  const RowOwners rows{[&](int32_t e) { return placement_.owner(e); },
+                       [&](int32_t e) {
+                         const auto at = std::lower_bound(local_ids_.begin(), local_ids_.end(), e);
+                         return local_unit_.row(at - local_ids_.begin());
+                       }};
+  for (int u = 0; u < updates; ++u)
+    synced_kmeans_step(comm_, codebook_,
+                       codebook_.compute_stats(local_unit_.view(), local_ids_.data()), step, rows);
   gather_assignment();
 }
 
-// Sums, counts and objective in one integer all-reduce: exact, whatever P.
-KMeansStats DistributedRouter::reduce_sums(const KMeansStats& local) {
-  const int64_t C = codebook_.size(), d = codebook_.dim();
-  KMeansStats total(C, d);
-  std::vector<int64_t> buf(local.sums);
-  buf.insert(buf.end(), local.counts.begin(), local.counts.end());
-  buf.push_back(local.objective);
-  comm_.allreduce_sum(buf.data(), buf.size());
-  std::copy_n(buf.begin(), C * d, total.sums.begin());
-  std::copy_n(buf.begin() + C * d, C, total.counts.begin());
-  total.objective = buf.back();
-  return total;
+void DistributedRouter::refresh_query_lists(MatrixView sample_tokens,
+                                            const QueryListOptions& options) {
+  const int64_t E = lists_.experts(), d = codebook_.dim();
+  comm::check_together(comm_, "refresh_query_lists", [&] {
+    if (sample_tokens.rows > 0) require_cols(sample_tokens, d, "query lists: sample tokens");
+    check_sample_rows(sample_tokens);
+  });
+  {
+    comm::PhaseScope phase(comm_, "checks");
+    comm::require_same_config(
+        comm_,
+        "C=" + std::to_string(options.codewords) + " L=" + std::to_string(options.list_length) +
+            " k=" + std::to_string(options.k) + " iterations=" +
+            std::to_string(options.kmeans_iterations) + " seed=" + std::to_string(options.seed),
+        "query list options");
+  }
+  const SplitSample sample = split_sample(comm_, sample_tokens);
+  comm::check_together(comm_, "refresh_query_lists", [&] {
+    if (sample.total() < 1) fail("query lists: the sample has no tokens on any rank");
+    require_expert_count(sample.total(), "query lists: sample tokens T");
+    check_query_options(options, E, sample.total());
+  });
+  // Every current list probed is exact (dense) routing, with the bias.
+  const Routes exact =
+      route_batch(sample_tokens, options.k, static_cast<int>(codebook_.size())).routes;
+  Codebook codebook = train_query_codebook(comm_, sample, options, codebook_.compute());
+  PickCounts counts = count_routed_picks(codebook, sample_tokens, exact, E);
+  {
+    comm::PhaseScope phase(comm_, "query_lists");
+    comm_.allreduce_sum(counts.data().data(), counts.data().size());
+  }
+  const std::vector<int32_t> home = gathered_assignment(codebook);
+  ListMembership membership = lists_from_counts(counts, options.list_length, home);
+  codebook_ = std::move(codebook);
+  query_ = QueryState{options, std::move(membership),
+                      router::query_lists_build_flops(sample.total(), E, d, options)};
+  apply_query_lists();
 }
 
-// Each codeword's farthest member: gathered, merged by (cosine, expert id).
-void DistributedRouter::reduce_farthest(const KMeansStats& local, KMeansStats& total) {
-  const int64_t C = codebook_.size();
-  std::vector<int64_t> far(static_cast<size_t>(2 * C));
-  for (int64_t c = 0; c < C; ++c) {
-    far[2 * c] = local.farthest_cos[c];
-    far[2 * c + 1] = local.farthest_expert[c];
+void DistributedRouter::set_query_lists(QueryLists lists) {
+  comm::check_together(comm_, "set_query_lists", [&] {
+    if (lists.membership.experts() != lists_.experts())
+      fail("set_query_lists: the lists hold E = " + std::to_string(lists.membership.experts()) +
+           " experts, the router " + std::to_string(lists_.experts()));
+    if (lists.codebook.dim() != codebook_.dim())
+      fail("set_query_lists: codebook dimension " + std::to_string(lists.codebook.dim()) +
+           ", the router's " + std::to_string(codebook_.dim()));
+    if (lists.membership.list_count != lists.codebook.size())
+      fail("set_query_lists: " + std::to_string(lists.membership.list_count) + " lists for " +
+           std::to_string(lists.codebook.size()) + " codewords");
+  });
+  const auto cw = lists.codebook.codewords();
+  const auto& m = lists.membership;
+  const std::string digest =
+      "codebook=" +
+      std::to_string(fnv1a64(cw.data, static_cast<size_t>(cw.rows * cw.cols) * sizeof(float))) +
+      " offsets=" + std::to_string(fnv1a64(m.offsets.data(), m.offsets.size() * sizeof(int64_t))) +
+      " lists=" + std::to_string(fnv1a64(m.lists.data(), m.lists.size() * sizeof(int32_t)));
+  {
+    comm::PhaseScope phase(comm_, "checks");
+    comm::require_same_config(comm_, digest, "query lists");
   }
-  std::vector<int64_t> all_far(far.size() * static_cast<size_t>(comm_.size()));
-  comm_.allgather(far.data(), far.size() * sizeof(int64_t), all_far.data());
-  for (int r = 0; r < comm_.size(); ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t cos = all_far[r * 2 * C + 2 * c];
-      const auto id = static_cast<int32_t>(all_far[r * 2 * C + 2 * c + 1]);
-      if (farther_member(cos, id, total.farthest_cos[c], total.farthest_expert[c])) {
-        total.farthest_cos[c] = cos;
-        total.farthest_expert[c] = id;
-      }
-    }
+  codebook_ = std::move(lists.codebook);
+  query_ = QueryState{lists.options, std::move(lists.membership), lists.build_flops};
+  apply_query_lists();
 }
 
-// Rows for empty-codeword repair, broadcast from their owners.
-std::vector<DistributedRouter::RepairRow> DistributedRouter::repair_rows(const KMeansStats& total) {
-  const int64_t d = codebook_.dim();
-  std::vector<RepairRow> rows;
-  for (const Codebook::Repair& rep : Codebook::plan_repairs(total)) {
-    std::vector<float> row(static_cast<size_t>(d));
-    const int owner = placement_.owner(rep.expert);
-    if (owner == comm_.rank()) {
-      const auto at = std::lower_bound(local_ids_.begin(), local_ids_.end(), rep.expert);
-      std::copy_n(local_unit_.row(at - local_ids_.begin()), d, row.data());
-    }
-    comm_.broadcast(row.data(), row.size() * sizeof(float), owner);
-    rows.emplace_back(rep.expert, std::move(row));
-  }
-  return rows;
+std::optional<QueryLists> DistributedRouter::query_lists() const {
+  if (!query_) return std::nullopt;
+  return QueryLists{query_->options, codebook_, query_->membership, query_->build_flops};
+}
+
+void DistributedRouter::apply_query_lists() {
+  const ListMembership& m = query_->membership;
+  std::vector<int32_t> primary(static_cast<size_t>(m.experts()));
+  for (int64_t e = 0; e < m.experts(); ++e) primary[e] = m.lists[m.offsets[e]];
+  // The primary lists are disjoint: stage 1's rule (probes whose lists hold
+  // k experts) holds as in AirRouter.
+  lists_ = InvertedLists(primary, codebook_.size());
+  segments_ = ListSegments(m.offsets, m.lists, codebook_.size());
+  placement_.refresh(m);
+  rebuild_blocks();
 }
 
 }  // namespace airmoe::runtime

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -19,7 +20,9 @@
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
+#include "router/query_lists.h"
 #include "router/routes.h"
+#include "router/spilled_lists.h"
 #include "runtime/placement.h"
 #include "runtime/wire.h"
 
@@ -74,9 +77,40 @@ class DistributedRouter {
   // Collective spherical k-means step: each rank's stats over its own
   // experts, one all-reduce, the same update everywhere; then the lists and
   // the placement's segments are refreshed (experts stay where they are).
+  // Refused on every rank with query lists (their codebook is trained on
+  // tokens): refresh_query_lists() instead.
   void sync_codebook(double step = 1.0, int updates = 1);
-  // The optimizer moved this rank's centers (same rows, same order).
+  // The optimizer moved this rank's centers (same rows, same order). Query
+  // lists keep their membership (as AirRouter::set_centers).
   void set_local_centers(MatrixView local_centers);
+
+  // Collective: query-aware lists (router/query_lists.h) built from the
+  // sample tokens of every rank (`sample_tokens`: this rank's part, [T_r, d],
+  // T_r may be 0; the whole sample is the parts in rank order). The lists
+  // and codebook equal build_query_lists' on the whole sample, bit for bit,
+  // whatever P and however the sample is split:
+  //   - each part is routed exactly (every current list probed: dense, with
+  //     the selection bias) by route_batch;
+  //   - the codebook is trained on the tokens by k-means whose statistics
+  //     are all-reduced like sync_codebook's (runtime/kmeans_sync.h), the
+  //     seeding sample gathered from the ranks holding it;
+  //   - the pick counts are summed by one int64 all-reduce (exact);
+  //   - every rank builds the same lists from the total; the experts stay
+  //     where they are, and each list's segments are on the owners of its
+  //     members (an expert may sit in several lists).
+  // Checked on every rank before data moves (all raise together): the
+  // options equal everywhere, the parts' dimension, finite nonzero rows, a
+  // sample that is not empty on every rank, k and L in [1, E], C in [1, T].
+  void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options);
+  // Collective: lists built elsewhere (a re-plan hands the current ones to
+  // the router under the new placement); the same on every rank, or all
+  // raise.
+  void set_query_lists(QueryLists lists);
+  bool has_query_lists() const { return query_.has_value(); }
+  // The query lists in use (their codebook is codebook()); none: nullopt.
+  std::optional<QueryLists> query_lists() const;
+  // What building the query lists cost, over all ranks' sample (0: none).
+  double query_lists_build_flops() const { return query_ ? query_->build_flops : 0.0; }
   // Collective: the selection bias b of all E experts (router/routes.h
   // checked_bias), replicated: the serving ranks rank their segments' experts
   // by z + b and the home rank merges by it, so the routes stay the
@@ -89,6 +123,8 @@ class DistributedRouter {
   TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
 
   const Codebook& codebook() const { return codebook_; }
+  // Each expert's primary list (with query lists: its first); stage 1
+  // extends its probes by these lists' sizes.
   const InvertedLists& lists() const { return lists_; }
   const Placement& placement() const { return placement_; }
   const std::vector<int32_t>& local_experts() const { return local_ids_; }
@@ -117,12 +153,13 @@ class DistributedRouter {
   void send_replies(const LocalTopK& best, const ReceivedTokens& received, int k);
   void merge(Routes& routes);
   // Codebook sync phases.
-  using RepairRow = std::pair<int32_t, std::vector<float>>;
-  KMeansStats reduce_sums(const KMeansStats& local);
-  void reduce_farthest(const KMeansStats& local, KMeansStats& total);
-  std::vector<RepairRow> repair_rows(const KMeansStats& total);
   void rebuild_blocks();
+  // Collective: every expert's nearest codeword of `codebook`, from its owner.
+  std::vector<int32_t> gathered_assignment(const Codebook& codebook);
   void gather_assignment();
+  // The lists in use laid out: primary lists, segments, placement, blocks.
+  void apply_query_lists();
+  void set_query_shortlist_sizes(Routes& routes) const;
   Matrix checked_unit_rows(MatrixView local_centers) const;
   void keep_local_centers(MatrixView local_centers, Matrix unit);
   void update_key_norm_bound();  // collective
@@ -130,6 +167,13 @@ class DistributedRouter {
   comm::Communicator& comm_;
   Codebook codebook_;
   InvertedLists lists_;
+  struct QueryState {
+    QueryListOptions options;
+    ListMembership membership;
+    double build_flops = 0.0;
+  };
+  std::optional<QueryState> query_;  // set: the lists are query-aware
+  ListSegments segments_;            // with query lists: all of them, replicated
   Placement placement_;
   std::vector<int32_t> local_ids_;
   Matrix local_centers_;  // rows of local_ids_

@@ -16,6 +16,7 @@
 #include "core/matrix.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
+#include "router/query_lists.h"
 #include "router/routes.h"
 #include "runtime/distributed_router.h"
 #include "runtime/placement.h"
@@ -52,6 +53,14 @@ class LayerRouting {
   // Collective: the adaptive codebook step, or a UsageError on every rank
   // where the strategy has no codebook to sync.
   virtual void sync_codebook(double step) = 0;
+  // Collective: query-aware lists from this rank's part of a sample
+  // (DistributedRouter::refresh_query_lists), or a UsageError on every rank
+  // where the strategy has no lists. With air, C must be at least the
+  // probes m; dense-broadcast probes all C of the new codebook.
+  virtual void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) = 0;
+  virtual bool has_query_lists() const = 0;
+  // What building the query lists in use cost (0: none).
+  virtual double query_lists_build_flops() const = 0;
   // Collective, after a re-plan's migration: the new placement and this
   // rank's hosted rows under it.
   virtual void move_experts(Placement placement, MatrixView local_centers) = 0;

@@ -62,6 +62,12 @@ void DenseReplicatedRouting::sync_codebook(double) {
                        [] { fail("dense-replicated routes exactly and has no codebook to sync"); });
 }
 
+void DenseReplicatedRouting::refresh_query_lists(MatrixView, const QueryListOptions&) {
+  comm::check_together(comm_, "refresh_query_lists", [] {
+    fail("dense-replicated routes exactly and has no lists to build from a sample");
+  });
+}
+
 void DenseReplicatedRouting::move_experts(Placement placement, MatrixView local_centers) {
   // Centers only change ranks: the replica of all E stays as it is.
   placement_ = std::move(placement);

@@ -20,6 +20,9 @@ class DenseReplicatedRouting final : public LayerRouting {
   bool dispatch_ships_vectors() const override { return true; }
   void set_local_centers(MatrixView local_centers) override;
   void sync_codebook(double step) override;
+  void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) override;
+  bool has_query_lists() const override { return false; }
+  double query_lists_build_flops() const override { return 0.0; }
   void move_experts(Placement placement, MatrixView local_centers) override;
   void set_bias(MatrixView bias) override;
   void clear_bias() override;

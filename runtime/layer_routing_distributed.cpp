@@ -1,5 +1,9 @@
 #include "runtime/layer_routing_distributed.h"
 
+#include <optional>
+#include <string>
+
+#include "core/checks.h"
 #include "router/metrics.h"
 
 namespace airmoe::runtime {
@@ -33,6 +37,17 @@ void DistributedRouting::sync_codebook(double step) {
   router_->sync_codebook(step, 1);
 }
 
+void DistributedRouting::refresh_query_lists(MatrixView sample_tokens,
+                                             const QueryListOptions& options) {
+  comm::check_together(comm_, "refresh_query_lists", [&] {
+    if (strategy_ == Strategy::kAir && options.codewords < probes_)
+      fail("query lists: C = " + std::to_string(options.codewords) +
+           " codewords are fewer than the layer's probes m = " + std::to_string(probes_));
+  });
+  router_->refresh_query_lists(sample_tokens, options);
+  if (strategy_ == Strategy::kDenseBroadcast) probes_ = static_cast<int>(codebook().size());
+}
+
 void DistributedRouting::move_experts(Placement placement, MatrixView local_centers) {
   // The codebook, lists and bias are the router's current ones (synced or
   // not); the bias is agreed again, as every rank moves together.
@@ -40,6 +55,8 @@ void DistributedRouting::move_experts(Placement placement, MatrixView local_cent
       std::make_unique<DistributedRouter>(comm_, router_->codebook(), router_->lists().assignment(),
                                           std::move(placement), local_centers);
   if (router_->has_bias()) next->set_bias(router_->bias().matrix());
+  if (std::optional<QueryLists> query = router_->query_lists())
+    next->set_query_lists(std::move(*query));
   router_ = std::move(next);
 }
 

@@ -23,6 +23,9 @@ class DistributedRouting final : public LayerRouting {
   bool dispatch_ships_vectors() const override { return false; }
   void set_local_centers(MatrixView local_centers) override;
   void sync_codebook(double step) override;
+  void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) override;
+  bool has_query_lists() const override { return router_->has_query_lists(); }
+  double query_lists_build_flops() const override { return router_->query_lists_build_flops(); }
   void move_experts(Placement placement, MatrixView local_centers) override;
   void set_bias(MatrixView bias) override { router_->set_bias(bias); }
   void clear_bias() override { router_->clear_bias(); }

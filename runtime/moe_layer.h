@@ -122,6 +122,20 @@ class MoELayer {
   // Collective adaptive codebook step (air, dense-broadcast): the
   // distributed sync. dense-replicated refuses it on every rank (UsageError).
   void sync_codebook(double step = 1.0) { routing_->sync_codebook(step); }
+  // Collective (air, dense-broadcast): query-aware lists (docs/routing.md)
+  // built from `sample_tokens`, this rank's part of a sample (T_r may be 0;
+  // the sample is every rank's part in rank order), routed exactly under the
+  // current centers and bias: the same codebook, lists and routes whatever P
+  // (DistributedRouter::refresh_query_lists). dense-replicated refuses it on
+  // every rank. They survive center updates, bias changes and replans (and
+  // go stale as those move: call it again); sync_codebook and
+  // save_checkpoint refuse a layer using them. Cost:
+  // query_lists_build_flops().
+  void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) {
+    routing_->refresh_query_lists(sample_tokens, options);
+  }
+  bool has_query_lists() const { return routing_->has_query_lists(); }
+  double query_lists_build_flops() const { return routing_->query_lists_build_flops(); }
   // The coordinator plans again and expert parameters (FFN and center) move
   // to their new ranks ("migration" phase). A dispatch handle made before is
   // refused by backward.

@@ -25,14 +25,29 @@ void Placement::refresh(const InvertedLists& lists) {
   if (static_cast<int64_t>(owner_.size()) != lists.experts())
     fail("placement: the lists hold " + std::to_string(lists.experts()) +
          " experts, the placement " + std::to_string(owner_.size()));
-  list_rank_offsets_.assign(static_cast<size_t>(lists.lists() + 1), 0);
+  std::vector<char> hosts(static_cast<size_t>(lists.lists() * ranks_), 0);
+  for (int64_t c = 0; c < lists.lists(); ++c)
+    for (int32_t e : lists.list(c)) hosts[c * ranks_ + owner_[e]] = 1;
+  set_list_ranks(lists.lists(), hosts);
+}
+
+void Placement::refresh(const ListMembership& membership) {
+  if (static_cast<int64_t>(owner_.size()) != membership.experts())
+    fail("placement: the query lists hold " + std::to_string(membership.experts()) +
+         " experts, the placement " + std::to_string(owner_.size()));
+  std::vector<char> hosts(static_cast<size_t>(membership.list_count * ranks_), 0);
+  for (int64_t e = 0; e < membership.experts(); ++e)
+    for (int64_t i = membership.offsets[e]; i < membership.offsets[e + 1]; ++i)
+      hosts[membership.lists[i] * ranks_ + owner_[e]] = 1;
+  set_list_ranks(membership.list_count, hosts);
+}
+
+void Placement::set_list_ranks(int64_t lists, const std::vector<char>& hosts) {
+  list_rank_offsets_.assign(static_cast<size_t>(lists + 1), 0);
   list_ranks_.clear();
-  std::vector<char> hosts(static_cast<size_t>(ranks_));
-  for (int64_t c = 0; c < lists.lists(); ++c) {
-    std::fill(hosts.begin(), hosts.end(), 0);
-    for (int32_t e : lists.list(c)) hosts[owner_[e]] = 1;
+  for (int64_t c = 0; c < lists; ++c) {
     for (int r = 0; r < ranks_; ++r)
-      if (hosts[r]) list_ranks_.push_back(r);
+      if (hosts[c * ranks_ + r]) list_ranks_.push_back(r);
     list_rank_offsets_[c + 1] = static_cast<int64_t>(list_ranks_.size());
   }
 }

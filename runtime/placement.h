@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "router/inverted_lists.h"
+#include "router/query_lists.h"
 
 namespace airmoe::runtime {
 
@@ -36,6 +37,9 @@ class Placement {
   // The lists changed (a codebook update): recompute the segments; owners,
   // and so expert parameters, stay where they are.
   void refresh(const InvertedLists& lists);
+  // Overlapping lists (query lists): list c's segments are on the owners of
+  // every expert that sits in it, in any of its lists.
+  void refresh(const ListMembership& membership);
 
   // A digest of the owners, for checking that ranks agree.
   uint64_t digest() const;
@@ -43,6 +47,9 @@ class Placement {
  private:
   int ranks_ = 0;
   std::vector<int32_t> owner_;
+  // The ranks hosting list c: those with hosts[c * ranks + r] set.
+  void set_list_ranks(int64_t lists, const std::vector<char>& hosts);
+
   std::vector<int64_t> list_rank_offsets_;  // [C + 1]
   std::vector<int32_t> list_ranks_;
 };

@@ -174,4 +174,87 @@ inline void check_bad_token_fails_every_rank(comm::Communicator& comm, const Glo
   EXPECT_EQ(router.route_batch(mine, 4, 2).routes.tokens, mine.rows);
 }
 
+// A sample for query lists, apart from the routed tokens, and its split:
+// contiguous parts in rank order, the last rank holding none when P > 2 (a
+// rank with no sample still takes part).
+struct QuerySample {
+  static constexpr int64_t kTokens = 203;
+  Matrix tokens = random_matrix(kTokens, 16, 1.0, 4242);
+  static std::pair<int64_t, int64_t> range(int rank, int P) {
+    const int parts = P > 2 ? P - 1 : P;
+    if (rank >= parts) return {kTokens, kTokens};
+    return GlobalData::token_range(kTokens, rank, parts);
+  }
+  MatrixView part(int rank, int P) const {
+    const auto [b, e] = range(rank, P);
+    return {tokens.row(b), e - b, tokens.cols()};
+  }
+};
+
+inline QueryListOptions query_options() {
+  return {.codewords = 9, .list_length = 40, .k = 4, .kmeans_iterations = 5, .seed = 3};
+}
+
+// Query lists built from a sample split over the ranks: codebook, lists and
+// build FLOPs equal build_query_lists' on the whole sample, bit for bit; the
+// routes (ids, gates, shortlist sizes) equal the single-process AirRouter's
+// built from that sample at m = 1, 3 and C, and m = C equals dense routing;
+// all with or without a selection bias, whatever P and the placement.
+inline void check_query_lists_equal_single_process(comm::Communicator& comm, const GlobalData& g,
+                                                   runtime::PlacementPolicy policy, bool biased) {
+  const QuerySample sample;
+  const QueryListOptions options = query_options();
+  const Matrix bias = biased ? random_matrix(g.data.centers.rows(), 1, 2.0, 77) : Matrix();
+  const TensorView bias_view = biased ? TensorView(bias.view()) : TensorView();
+  const QueryLists want =
+      build_query_lists(g.data.centers.view(), bias_view, sample.tokens.view(), options);
+  const AirRouter air(g.data.centers.view(), bias_view, sample.tokens.view(), options);
+  const int P = comm.size(), k = 4, C = static_cast<int>(options.codewords);
+  const std::string where = std::string(runtime::to_string(policy)) + " P=" + std::to_string(P) +
+                            " rank " + std::to_string(comm.rank()) +
+                            (biased ? " biased" : " unbiased");
+  runtime::DistributedRouter router = g.make_router(comm, policy);
+  if (biased) router.set_bias(bias.view());
+  comm.meter().reset();
+  router.refresh_query_lists(sample.part(comm.rank(), P), options);
+  if (P > 1) {
+    EXPECT_GT(comm.meter().sent("query_lists").bytes, 0) << where;
+  }
+
+  ASSERT_TRUE(router.has_query_lists()) << where;
+  const QueryLists got = *router.query_lists();
+  const MatrixView gc = got.codebook.codewords(), wc = want.codebook.codewords();
+  EXPECT_EQ(std::vector<float>(gc.data, gc.data + gc.rows * gc.cols),
+            std::vector<float>(wc.data, wc.data + wc.rows * wc.cols))
+      << where;
+  EXPECT_EQ(got.membership.offsets, want.membership.offsets) << where;
+  EXPECT_EQ(got.membership.lists, want.membership.lists) << where;
+  EXPECT_GT(got.membership.entries(), got.membership.experts()) << where << ": lists overlap";
+  EXPECT_EQ(router.query_lists_build_flops(), want.build_flops) << where;
+  EXPECT_EQ(router.query_lists_build_flops(),
+            query_lists_build_flops(QuerySample::kTokens, g.data.centers.rows(),
+                                    g.data.centers.cols(), options))
+      << where;
+
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+  DenseRouter dense(g.data.centers.view());
+  if (biased) dense.set_bias(bias.view());
+  for (int m : {1, 3, C}) {
+    const Routes r = router.route_batch(g.tokens_of(comm.rank(), P), k, m).routes;
+    const Routes single = air.route(g.data.tokens.view(), k, m);
+    const std::string at = where + " m=" + std::to_string(m);
+    EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(single, b, e).experts) << at;
+    EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(single, b, e).gates) << at;
+    EXPECT_EQ(r.shortlist_size, std::vector<int32_t>(single.shortlist_size.begin() + b,
+                                                     single.shortlist_size.begin() + e))
+        << at;
+    if (m == C) {
+      const Routes exact = dense.route(g.data.tokens.view(), k);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(exact, b, e).experts)
+          << at << ": every list probed must be exact routing";
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(exact, b, e).gates) << at;
+    }
+  }
+}
+
 }  // namespace airmoe::test

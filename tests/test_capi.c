@@ -484,6 +484,80 @@ static void test_bias_and_sigmoid(void) {
   free(bias);
 }
 
+/* Query-aware lists: built from a sample under a bias, probing every
+ * codeword equals the dense router (with that bias) bit for bit, before and
+ * after a refresh from another sample; their build FLOPs are reported; bad
+ * input is refused by name and a refused refresh keeps the lists. */
+static void test_query_lists(void) {
+  enum { S = 30 };
+  g_lcg = 20261204u;
+  float* centers = random_matrix(E, D);
+  float* tokens = random_matrix(T, D);
+  float* sample = random_matrix(S, D);
+  float* other = random_matrix(S, D);
+  float* bias = random_matrix(E, 1);
+  const airmoe_query_list_options options = {5, 12, K, 4, 7u};
+  airmoe_router *query = NULL, *dense = NULL, *plain = NULL;
+  CHECK_OK(airmoe_router_create_air_query(centers, E, D, bias, sample, S, &options, &query));
+  CHECK_OK(airmoe_router_create_dense(centers, E, D, &dense));
+  CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, &plain));
+  if (!query || !dense || !plain) {
+    CHECK(!"routers created");
+  } else {
+    CHECK_OK(airmoe_router_set_bias(dense, bias, E));
+    int64_t e = 0, d = 0, c = 0;
+    CHECK_OK(airmoe_router_info(query, &e, &d, &c));
+    CHECK(e == E && d == D && c == options.codewords);
+    double flops = 0.0, plain_flops = -1.0;
+    CHECK_OK(airmoe_router_query_lists_build_flops(query, &flops));
+    CHECK_OK(airmoe_router_query_lists_build_flops(plain, &plain_flops));
+    CHECK(flops > 2.0 * S * E * D && plain_flops == 0.0);
+    int32_t q_e[T * K], d_e[T * K];
+    float q_g[T * K], d_g[T * K];
+    CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, d_e, d_g));
+    for (int round = 0; round < 2; ++round) {
+      CHECK_OK(airmoe_router_route(query, tokens, T, D, K, (int)options.codewords, q_e, q_g));
+      CHECK(memcmp(q_e, d_e, sizeof q_e) == 0);
+      CHECK(memcmp(q_g, d_g, sizeof q_g) == 0);
+      CHECK_OK(airmoe_router_refresh_query_lists(query, other, S, D));
+    }
+    float bad[S * D];
+    memcpy(bad, sample, sizeof bad);
+    bad[2 * D + 1] = NAN;
+    CHECK_ERROR(airmoe_router_refresh_query_lists(query, bad, S, D), AIRMOE_ERR_INVALID_ARGUMENT,
+                "sample tokens row 2 column 1 is nan");
+    float* wide = random_matrix(S, D + 1);
+    CHECK_ERROR(airmoe_router_refresh_query_lists(query, wide, S, D + 1),
+                AIRMOE_ERR_INVALID_ARGUMENT, "sample tokens has 13 columns, expected 12");
+    free(wide);
+    CHECK_ERROR(airmoe_router_refresh_query_lists(plain, sample, S, D), AIRMOE_ERR_INVALID_ARGUMENT,
+                "the router has no query lists");
+    CHECK_ERROR(airmoe_router_refresh_query_lists(dense, sample, S, D), AIRMOE_ERR_INVALID_ARGUMENT,
+                "the router has no query lists");
+    /* The refused refreshes kept the lists: still exact at every codeword. */
+    CHECK_OK(airmoe_router_route(query, tokens, T, D, K, (int)options.codewords, q_e, q_g));
+    CHECK(memcmp(q_e, d_e, sizeof q_e) == 0);
+    airmoe_router* none = NULL;
+    airmoe_query_list_options bad_k = options;
+    bad_k.k = 0;
+    CHECK_ERROR(airmoe_router_create_air_query(centers, E, D, NULL, sample, S, &bad_k, &none),
+                AIRMOE_ERR_INVALID_ARGUMENT, "query lists: k = 0 is outside [1, 48]");
+    CHECK_ERROR(airmoe_router_create_air_query(centers, E, D, NULL, sample, 0, &options, &none),
+                AIRMOE_ERR_INVALID_ARGUMENT, "the sample has no tokens");
+    CHECK_ERROR(airmoe_router_create_air_query(centers, E, D, NULL, sample, S, NULL, &none),
+                AIRMOE_ERR_INVALID_ARGUMENT, "argument 'options' is NULL");
+    CHECK(none == NULL);
+  }
+  airmoe_router_free(query);
+  airmoe_router_free(dense);
+  airmoe_router_free(plain);
+  free(centers);
+  free(tokens);
+  free(sample);
+  free(other);
+  free(bias);
+}
+
 static void test_comm(void) {
   airmoe_comm* comm = NULL;
   MPI_Comm world = MPI_COMM_WORLD;
@@ -592,6 +666,7 @@ int main(int argc, char** argv) {
   test_version();
   test_routers();
   test_bias_and_sigmoid();
+  test_query_lists();
   test_comm();
   test_handles();
 

@@ -156,6 +156,30 @@ TEST(Checkpoint, ADirectoryOfOtherFilesIsNeverReplaced) {
   EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
 }
 
+// A checkpoint holds the codebook and each expert's primary list, not query
+// lists: saving a layer that routes with them is refused on every rank
+// (loading it would route with other lists), and nothing is written.
+TEST(Checkpoint, ALayerWithQueryListsIsRefused) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt";
+  QueryListOptions options;
+  options.codewords = 4;
+  options.list_length = 8;
+  options.k = 2;
+  options.kmeans_iterations = 2;
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, g, Strategy::kAir);
+    const auto [b, e] = test::GlobalData::token_range(g.data.tokens.rows(), comm.rank(), 2);
+    layer->refresh_query_lists(MatrixView(g.data.tokens.row(b), e - b, g.data.tokens.cols()),
+                               options);
+    test::expect_refused_together([&] { runtime::save_checkpoint(*layer, dir); }, "rank 0",
+                                  "routes with query lists");
+  });
+  EXPECT_FALSE(std::filesystem::exists(dir));
+  EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+}
+
 // The names in `dir`, sorted.
 std::vector<std::string> names_in(const std::string& dir) {
   std::vector<std::string> names;

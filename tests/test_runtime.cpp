@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -11,6 +12,8 @@
 #include "comm/in_process.h"
 #include "router/dense_router.h"
 #include "router_checks.h"
+#include "runtime/coordinator.h"
+#include "runtime/moe_layer.h"
 #include "runtime_fixture.h"
 #include "test_util.h"
 
@@ -71,6 +74,14 @@ TEST_P(DistributedRouterChecks, CodebookSyncEqualsSingleProcess) {
 
 TEST_P(DistributedRouterChecks, BadTokenOnOneRankFailsEveryRank) {
   run([](comm::Communicator& comm) { test::check_bad_token_fails_every_rank(comm, data()); });
+}
+
+TEST_P(DistributedRouterChecks, QueryListsEqualSingleProcessForEveryPolicy) {
+  for (const bool biased : {false, true})
+    for (PlacementPolicy policy : kAllPolicies)
+      run([&](comm::Communicator& comm) {
+        test::check_query_lists_equal_single_process(comm, data(), policy, biased);
+      });
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, DistributedRouterChecks, ::testing::Values(1, 2, 3, 4));
@@ -334,6 +345,185 @@ TEST(Coordinator, BadInputIsRefused) {
                           "random");
   AIRMOE_EXPECT_THROW_MSG(runtime::Placement(2, std::vector<int32_t>(lists.experts(), 5), lists),
                           std::invalid_argument, "rank 5");
+}
+
+// Bad query-list input on one rank, or settings that differ between ranks:
+// every rank raises together with a message naming the argument, the row and
+// the rank; none hangs, and the router still routes with its old lists.
+TEST(DistributedQueryLists, BadInputFailsEveryRank) {
+  const GlobalData& g = data();
+  const int P = 3;
+  const int64_t d = g.data.tokens.cols();
+  struct Case {
+    const char* name;
+    std::function<Matrix(int rank)> sample;
+    std::function<QueryListOptions(int rank)> options;
+    std::vector<std::string> expect;
+  };
+  const auto some = [&](int64_t rows, int64_t cols) { return random_matrix(rows, cols, 1.0, 9); };
+  const auto same = [](int) { return test::query_options(); };
+  const std::vector<Case> cases = {
+      {"wrong dimension on rank 1",
+       [&](int r) { return r == 1 ? some(20, d + 1) : some(20, d); },
+       same,
+       {"rank 1", "sample tokens", "columns"}},
+      {"nan in rank 2's row 3",
+       [&](int r) {
+         Matrix m = some(20, d);
+         if (r == 2) m(3, 1) = std::nanf("");
+         return m;
+       },
+       same,
+       {"rank 2", "sample tokens row 3"}},
+      {"zero row on rank 0",
+       [&](int r) {
+         Matrix m = some(20, d);
+         if (r == 0) std::fill_n(m.row(5), d, 0.0f);
+         return m;
+       },
+       same,
+       {"rank 0", "row 5 has zero norm"}},
+      {"empty sample on every rank",
+       [&](int) { return Matrix(0, d); },
+       same,
+       {"no tokens on any rank"}},
+      {"C above the whole sample",
+       [&](int) { return some(2, d); },
+       [](int) {
+         QueryListOptions o = test::query_options();
+         o.codewords = 7;
+         return o;
+       },
+       {"C = 7", "6 sample tokens"}},
+      {"list length above E",
+       [&](int) { return some(20, d); },
+       [&](int) {
+         QueryListOptions o = test::query_options();
+         o.list_length = g.data.centers.rows() + 1;
+         return o;
+       },
+       {"list length L"}},
+      {"options differ on rank 2",
+       [&](int) { return some(20, d); },
+       [](int r) {
+         QueryListOptions o = test::query_options();
+         if (r == 2) o.seed = 4;
+         return o;
+       },
+       {"query list options", "rank 2"}},
+  };
+  for (const Case& c : cases) {
+    std::atomic<int> failed{0};
+    std::vector<std::string> messages(static_cast<size_t>(P));
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kList);
+      const Matrix sample = c.sample(comm.rank());
+      try {
+        router.refresh_query_lists(sample.view(), c.options(comm.rank()));
+      } catch (const std::exception& e) {
+        messages[comm.rank()] = e.what();
+        ++failed;
+      }
+      EXPECT_FALSE(router.has_query_lists()) << c.name;
+      const MatrixView mine = g.tokens_of(comm.rank(), P);
+      EXPECT_EQ(router.route_batch(mine, 4, 2).routes.tokens, mine.rows) << c.name;
+    });
+    EXPECT_EQ(failed.load(), P) << c.name << ": every rank refuses, none hangs";
+    for (const std::string& m : messages)
+      for (const std::string& part : c.expect)
+        EXPECT_NE(m.find(part), std::string::npos) << c.name << ": " << m;
+  }
+}
+
+// Query lists survive center updates (their members' rows move) and are
+// refused by the codebook sync; the MoE layer builds them on air and
+// dense-broadcast (which then probes every new list), carries them through a
+// replan, and dense-replicated refuses them on every rank.
+TEST(DistributedQueryLists, CenterUpdatesKeepThemAndSyncIsRefused) {
+  const GlobalData& g = data();
+  const test::QuerySample sample;
+  const QueryListOptions options = test::query_options();
+  for (const int P : {1, 3}) {
+    std::atomic<int> refused{0};
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      runtime::DistributedRouter router = g.make_router(comm, PlacementPolicy::kRoundRobin);
+      router.refresh_query_lists(sample.part(comm.rank(), P), options);
+      Matrix moved = random_matrix(g.data.centers.rows(), g.data.centers.cols(), 0.3, 99);
+      for (int64_t e = 0; e < moved.rows(); ++e)
+        for (int64_t c = 0; c < moved.cols(); ++c) moved(e, c) += g.data.centers(e, c);
+      AirRouter air(g.data.centers.view(), TensorView(), sample.tokens.view(), options);
+      air.set_centers(moved.view());
+      Matrix local(static_cast<int64_t>(router.local_experts().size()), moved.cols());
+      for (size_t i = 0; i < router.local_experts().size(); ++i)
+        std::copy_n(moved.row(router.local_experts()[i]), moved.cols(),
+                    local.row(static_cast<int64_t>(i)));
+      router.set_local_centers(local.view());
+      EXPECT_TRUE(router.has_query_lists());
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+      const Routes r = router.route_batch(g.tokens_of(comm.rank(), P), 4, 3).routes;
+      const Routes want = air.route(g.data.tokens.view(), 4, 3);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(want, b, e).experts);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(want, b, e).gates);
+      try {
+        router.sync_codebook(1.0, 1);
+      } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("refresh_query_lists"), std::string::npos) << e.what();
+        ++refused;
+      }
+    });
+    EXPECT_EQ(refused.load(), P);
+  }
+}
+
+TEST(DistributedQueryLists, MoELayerBuildsThemAndKeepsThemThroughAReplan) {
+  const GlobalData& g = data();
+  const test::QuerySample sample;
+  const QueryListOptions options = test::query_options();
+  const AirRouter air(g.data.centers.view(), TensorView(), sample.tokens.view(), options);
+  const int P = 3;
+  runtime::MoEConfig cfg;
+  cfg.k = 4;
+  cfg.probes = 3;
+  cfg.expert = {g.data.tokens.cols(), 3, runtime::Activation::kSilu};
+  for (runtime::Strategy s : {runtime::Strategy::kAir, runtime::Strategy::kDenseBroadcast,
+                              runtime::Strategy::kDenseReplicated}) {
+    std::atomic<int> refused{0};
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      const runtime::PlacementPlan plan =
+          runtime::plan_and_broadcast(comm, PlacementPolicy::kList, g.codebook, g.lists(), g.load);
+      runtime::MoELayer layer(comm, s, cfg, g.codebook, g.assignment, plan.placement,
+                              g.data.centers.view(), 123);
+      if (s == runtime::Strategy::kDenseReplicated) {
+        try {
+          layer.refresh_query_lists(sample.part(comm.rank(), P), options);
+        } catch (const std::invalid_argument& e) {
+          EXPECT_NE(std::string(e.what()).find("dense-replicated"), std::string::npos) << e.what();
+          ++refused;
+        }
+        return;
+      }
+      layer.refresh_query_lists(sample.part(comm.rank(), P), options);
+      EXPECT_TRUE(layer.has_query_lists());
+      EXPECT_EQ(layer.query_lists_build_flops(), air.query_lists_build_flops());
+      layer.replan(PlacementPolicy::kRoundRobin, std::vector<double>(options.codewords, 1.0));
+      EXPECT_TRUE(layer.has_query_lists()) << "a replan keeps the query lists";
+      const MatrixView got = layer.codebook().codewords(), want = air.codebook().codewords();
+      EXPECT_EQ(std::vector<float>(got.data, got.data + got.rows * got.cols),
+                std::vector<float>(want.data, want.data + want.rows * want.cols));
+      const int m = s == runtime::Strategy::kAir ? cfg.probes : static_cast<int>(options.codewords);
+      const runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+      const Routes& r = fwd.handle.routes();
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+      const Routes want_routes = air.route(g.data.tokens.view(), cfg.k, m);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(want_routes, b, e).experts)
+          << runtime::to_string(s);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(want_routes, b, e).gates)
+          << runtime::to_string(s);
+    });
+    if (s == runtime::Strategy::kDenseReplicated) {
+      EXPECT_EQ(refused.load(), P);
+    }
+  }
 }
 
 }  // namespace

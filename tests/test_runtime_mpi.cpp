@@ -43,6 +43,13 @@ TEST(MpiDistributedRouter, CodebookSyncEqualsSingleProcess) {
   test::check_codebook_sync_equals_single_process(comm, data());
 }
 
+TEST(MpiDistributedRouter, QueryListsEqualSingleProcess) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  for (const bool biased : {false, true})
+    for (PlacementPolicy policy : test::kAllPolicies)
+      test::check_query_lists_equal_single_process(comm, data(), policy, biased);
+}
+
 TEST(MpiDistributedRouter, BadTokenOnOneRankFailsEveryRank) {
   comm::MpiCommunicator comm(MPI_COMM_WORLD);
   test::check_bad_token_fails_every_rank(comm, data());
