@@ -379,9 +379,8 @@ int run_simulate(const std::vector<std::string>& args) {
     std::vector<json> group;
     auto add = [&](const char* name, runtime::Strategy s, const Routes& r, int m,
                    double router_flops) {
-      const runtime::SimulatedTraffic sim =
-          runtime::simulate_traffic(s, plan.placement, r, tokens, /*backward=*/true, exchange,
-                                    weak.wire_dtype);
+      const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
+          s, plan.placement, r, tokens, /*backward=*/true, exchange, weak.wire_dtype);
       json row = strategy_row(name, P, figures(sim), static_cast<double>(o.tokens), router_flops,
                               expert_flops);
       row["probes"] = m;

@@ -112,8 +112,8 @@ template <typename Move>
 int64_t home_traffic(Strategy strategy, const Placement& placement, int home, const Routes& mine,
                      int64_t d, bool backward, DType wire_dtype, Move&& move) {
   const auto P = static_cast<size_t>(placement.ranks());
-  HomeSegments h{std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0),
-                 std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0)};
+  HomeSegments h{std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0),
+                 std::vector<int64_t>(P, 0)};
   const bool scored = strategy != Strategy::kDenseReplicated;
   if (scored) count_requests(placement, mine, d, h);
   count_dispatch(placement, mine, h);

@@ -14,8 +14,7 @@ DType wire_dtype_from_string(const std::string& name, const std::string& argumen
 
 void check_wire_dtype(DType dtype, const std::string& argument) {
   if (dtype != DType::kF32 && dtype != DType::kBF16)
-    throw UsageError(argument + ": the wire carries f32 or bf16 vectors, not " +
-                     to_string(dtype));
+    throw UsageError(argument + ": the wire carries f32 or bf16 vectors, not " + to_string(dtype));
 }
 
 void Writer::put_vector(int rank, const float* data, size_t n, DType dtype) {

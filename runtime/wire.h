@@ -206,7 +206,7 @@ void records(std::span<const int32_t> dest, int ranks, Record&& record,
 // `dtype` elements.
 template <typename Row>
 void vector_rows(std::span<const int32_t> dest, int ranks, int64_t d, DType dtype, Row&& row,
-             comm::ExchangeBuffer& send) {
+                 comm::ExchangeBuffer& send) {
   items(
       dest, ranks, [&](size_t) { return vector_bytes(d, dtype); },
       [&](Writer& out, int rank, size_t i) {
@@ -223,10 +223,11 @@ inline int64_t request_record_bytes(int64_t codewords, int64_t d) {
 }
 // A dispatch message of `records` records holding `pairs` pairs (none: no
 // message).
-inline int64_t dispatch_message_bytes(int64_t records, int64_t pairs, int64_t d,
-                                      bool ship_vectors, DType vector_dtype) {
+inline int64_t dispatch_message_bytes(int64_t records, int64_t pairs, int64_t d, bool ship_vectors,
+                                      DType vector_dtype) {
   if (records == 0) return 0;
-  return 4 * (2 + 2 * records + 2 * pairs) + (ship_vectors ? records * vector_bytes(d, vector_dtype) : 0);
+  return 4 * (2 + 2 * records + 2 * pairs) +
+         (ship_vectors ? records * vector_bytes(d, vector_dtype) : 0);
 }
 
 // A migrating expert: its id, W1 [w1_rows, d] (w1_rows = h, or 2h for

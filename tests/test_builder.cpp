@@ -207,9 +207,8 @@ TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
     int version;
     bool field, dense;
   };
-  for (const Case c :
-       {Case{4, false, false}, Case{3, false, false}, Case{2, false, false}, Case{2, true, true},
-        Case{1, false, true}}) {
+  for (const Case c : {Case{4, false, false}, Case{3, false, false}, Case{2, false, false},
+                       Case{2, true, true}, Case{1, false, true}}) {
     runtime::LayerSpec spec = spec_for(g);
     spec.version = c.version;
     spec.dense_expert_grads = c.field;

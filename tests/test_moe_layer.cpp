@@ -524,8 +524,8 @@ Matrix bf16_wire_reference(const GlobalData& g, Strategy s, const MoEConfig& cfg
       if (pairs.size() == 0) continue;
       Matrix x(1, d), partial(1, d);
       for (int64_t c = 0; c < d; ++c)
-        x(0, c) = s == Strategy::kDenseReplicated ? bf16_round(g.data.tokens(t, c))
-                                                  : g.data.tokens(t, c);
+        x(0, c) =
+            s == Strategy::kDenseReplicated ? bf16_round(g.data.tokens(t, c)) : g.data.tokens(t, c);
       shard.forward(x.view(), pairs, partial);
       for (int64_t c = 0; c < d; ++c) out(t, c) += bf16_round(partial(0, c));
     }
@@ -554,8 +554,7 @@ TEST(MoELayer, Bf16WireRoundsTheVectorsItCarries) {
       const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
       runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
       routes[comm.rank()] = fwd.handle.routes();
-      d_tokens[comm.rank()] =
-          layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d)).d_tokens;
+      d_tokens[comm.rank()] = layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d)).d_tokens;
       out[comm.rank()] = std::move(fwd.output);
     });
     const Matrix want = bf16_wire_reference(g, s, cfg, f32.routes, placement);
@@ -687,9 +686,9 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
             const comm::TrafficCounts got =
                 real[r].count(phase) ? real[r][phase] : comm::TrafficCounts{};
             EXPECT_EQ(per_rank[r], got)
-                << runtime::to_string(strategy) << " P=" << P << " " << to_string(wire)
-                << " phase " << phase << " rank " << r << ": simulated " << per_rank[r].bytes
-                << " B, metered " << got.bytes << " B";
+                << runtime::to_string(strategy) << " P=" << P << " " << to_string(wire) << " phase "
+                << phase << " rank " << r << ": simulated " << per_rank[r].bytes << " B, metered "
+                << got.bytes << " B";
           }
         // And every metered phase of the data path is simulated.
         for (const auto& [phase, counts] : real[0])
@@ -698,7 +697,8 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
           }
       }
       const Metered &f32 = by_dtype[DType::kF32], &bf16 = by_dtype[DType::kBF16];
-      const std::string what = std::string(runtime::to_string(strategy)) + " P=" + std::to_string(P);
+      const std::string what =
+          std::string(runtime::to_string(strategy)) + " P=" + std::to_string(P);
       const comm::TrafficCounts combine = metered_total(f32, "combine");
       ASSERT_GT(combine.bytes, 0) << what;
       ASSERT_EQ(combine.bytes % (4 * d), 0) << what;
@@ -891,8 +891,8 @@ TEST(Wire, BuildersFillExactlyTheCountedBytes) {
   const Routes routes = air.route(g.data.tokens.view(), 4, 3);
   const runtime::Placement placement(
       3, std::vector<int32_t>(static_cast<size_t>(g.data.centers.rows()), 1), g.lists());
-  const runtime::wire::Outbox box = runtime::wire::expert_dispatch(
-      placement, routes, g.data.tokens.view(), true, DType::kF32, 3);
+  const runtime::wire::Outbox box =
+      runtime::wire::expert_dispatch(placement, routes, g.data.tokens.view(), true, DType::kF32, 3);
   EXPECT_EQ(box.send.bytes(0), 0);
   EXPECT_EQ(box.send.bytes(2), 0);
   EXPECT_EQ(box.send.bytes(1), 8 + g.data.tokens.rows() * (8 + 8 * 4 + 4 * g.data.tokens.cols()));
@@ -920,7 +920,8 @@ TEST(Wire, DispatchMessageIsInSections) {
     const char* m = box.send.begin(1);
     int32_t ints[10];
     std::memcpy(ints, m, sizeof(ints));
-    EXPECT_EQ(std::vector<int32_t>(ints, ints + 9), (std::vector<int32_t>{2, 3, 0, 1, 2, 1, 1, 0, 1}))
+    EXPECT_EQ(std::vector<int32_t>(ints, ints + 9),
+              (std::vector<int32_t>{2, 3, 0, 1, 2, 1, 1, 0, 1}))
         << "header, tokens, counts, expert ids";
     float gates[3];
     std::memcpy(gates, m + 4 * 9, sizeof(gates));
@@ -936,7 +937,8 @@ TEST(Wire, DispatchMessageIsInSections) {
           std::memcpy(&bits, vectors + 2 * (t * d + c), 2);
           got = widen_bf16(bits);
         }
-        const float want = wire == DType::kF32 ? tokens(t, c) : widen_bf16(narrow_bf16(tokens(t, c)));
+        const float want =
+            wire == DType::kF32 ? tokens(t, c) : widen_bf16(narrow_bf16(tokens(t, c)));
         EXPECT_EQ(got, want) << to_string(wire) << " token " << t << " element " << c;
       }
     // And the reader gives back the same records.

@@ -75,28 +75,28 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
     for (Strategy s : kStrategies)
       for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kCountsFirst})
         for (DType wire : {DType::kF32, DType::kBF16}) {
-        const Routes routes = routes_for(g, s);
-        const runtime::Placement placement = placement_for(g, P);
-        const SimulatedTraffic full =
-            runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), true, kind, wire);
-        const Blocks all = every_rank(routes, P);
-        const SimulatedTraffic sample = runtime::simulate_sample(
-            s, placement, all.blocks, g.data.tokens.cols(), true, kind, wire);
-        const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
-                                 (kind == ExchangeKind::kSparse ? " sparse " : " dense ") +
-                                 to_string(wire);
-        EXPECT_TRUE(sample.sampled) << what;
-        EXPECT_EQ(sample.rank_ids, full.rank_ids) << what;
-        EXPECT_DOUBLE_EQ(sample.mean_ranks_per_token, full.mean_ranks_per_token) << what;
-        ASSERT_EQ(sample.sent.size(), full.sent.size()) << what;
-        for (const auto& [phase, per_rank] : full.sent) {
-          ASSERT_TRUE(sample.sent.count(phase)) << what << " phase " << phase;
-          EXPECT_EQ(sample.total(phase), full.total(phase)) << what << " phase " << phase;
-          if (leaves_home(phase)) {
-            EXPECT_EQ(sample.sent.at(phase), per_rank) << what << " " << phase;
+          const Routes routes = routes_for(g, s);
+          const runtime::Placement placement = placement_for(g, P);
+          const SimulatedTraffic full = runtime::simulate_traffic(
+              s, placement, routes, g.data.tokens.view(), true, kind, wire);
+          const Blocks all = every_rank(routes, P);
+          const SimulatedTraffic sample = runtime::simulate_sample(
+              s, placement, all.blocks, g.data.tokens.cols(), true, kind, wire);
+          const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
+                                   (kind == ExchangeKind::kSparse ? " sparse " : " dense ") +
+                                   to_string(wire);
+          EXPECT_TRUE(sample.sampled) << what;
+          EXPECT_EQ(sample.rank_ids, full.rank_ids) << what;
+          EXPECT_DOUBLE_EQ(sample.mean_ranks_per_token, full.mean_ranks_per_token) << what;
+          ASSERT_EQ(sample.sent.size(), full.sent.size()) << what;
+          for (const auto& [phase, per_rank] : full.sent) {
+            ASSERT_TRUE(sample.sent.count(phase)) << what << " phase " << phase;
+            EXPECT_EQ(sample.total(phase), full.total(phase)) << what << " phase " << phase;
+            if (leaves_home(phase)) {
+              EXPECT_EQ(sample.sent.at(phase), per_rank) << what << " " << phase;
+            }
           }
         }
-      }
 }
 
 TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
@@ -105,8 +105,9 @@ TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
     for (Strategy s : kStrategies) {
       const Routes routes = routes_for(g, s);
       const runtime::Placement placement = placement_for(g, P);
-      const SimulatedTraffic dense = runtime::simulate_traffic(
-          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kCountsFirst, DType::kF32);
+      const SimulatedTraffic dense =
+          runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), true,
+                                    ExchangeKind::kCountsFirst, DType::kF32);
       const SimulatedTraffic sparse = runtime::simulate_traffic(
           s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse, DType::kF32);
       const int64_t rounds = P == 1 ? 0 : P <= 2 ? 1 : P <= 4 ? 2 : 3;  // ceil(log2 P)
@@ -141,33 +142,33 @@ TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
   const runtime::Placement placement = placement_for(g, P);
   for (Strategy s : kStrategies)
     for (DType wire : {DType::kF32, DType::kBF16}) {
-    const Routes routes = routes_for(g, s);
-    const SimulatedTraffic sim = runtime::simulate_traffic(
-        s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse, wire);
-    for (int home = 0; home < P; ++home) {
-      const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
-      const Routes mine = runtime::slice_routes(routes, b, e);
-      const MatrixView block = g.tokens_of(home, P);
-      comm::TrafficCounts requests, dispatch;
-      auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
-        for (int q = 0; q < P; ++q) {
-          const int64_t n = out.send.bytes(q);
-          if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
-        }
-      };
-      add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
-                                         wire, P),
-          dispatch);
-      EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch)
-          << runtime::to_string(s) << " " << to_string(wire);
-      if (s == Strategy::kDenseReplicated) continue;
-      add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
-                                          block, P),
-          requests);
-      EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
-      EXPECT_GT(requests.bytes, 0);
+      const Routes routes = routes_for(g, s);
+      const SimulatedTraffic sim = runtime::simulate_traffic(
+          s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse, wire);
+      for (int home = 0; home < P; ++home) {
+        const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
+        const Routes mine = runtime::slice_routes(routes, b, e);
+        const MatrixView block = g.tokens_of(home, P);
+        comm::TrafficCounts requests, dispatch;
+        auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
+          for (int q = 0; q < P; ++q) {
+            const int64_t n = out.send.bytes(q);
+            if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
+          }
+        };
+        add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
+                                           wire, P),
+            dispatch);
+        EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch)
+            << runtime::to_string(s) << " " << to_string(wire);
+        if (s == Strategy::kDenseReplicated) continue;
+        add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
+                                            block, P),
+            requests);
+        EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
+        EXPECT_GT(requests.bytes, 0);
+      }
     }
-  }
 }
 
 // bf16 on the wire halves the vector part of every phase that carries token

@@ -271,10 +271,9 @@ void bind_layer(py::module_& m) {
                        int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
                        uint64_t expert_seed, const py::object& centers, const py::object& sample,
                        const std::string& local_error, const std::string& wire_dtype) {
-             const LayerArgs args{strategy, activation,        placement, wire_dtype,
-                                  k,        probes,            kmeans_iterations,
-                                  hidden,   codewords,         kmeans_seed,
-                                  expert_seed};
+             const LayerArgs args{strategy,  activation,  placement,         wire_dtype,
+                                  k,         probes,      kmeans_iterations, hidden,
+                                  codewords, kmeans_seed, expert_seed};
              return new MoELayerImpl(comm_address, args, centers, sample, local_error);
            }),
            py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
