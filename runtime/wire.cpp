@@ -222,27 +222,31 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
 DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType vector_dtype) {
   DispatchMessage m;
   if (in.done()) return m;  // nothing served: no message
+  auto refuse = [&](const std::string& what) {
+    throw InternalError("dispatch message from rank " + std::to_string(in.source()) + " " + what);
+  };
+  const auto length = static_cast<int64_t>(in.left());
   const auto records = in.take<int32_t>("dispatch record count");
   const auto pairs = in.take<int32_t>("dispatch pair count");
   if (records <= 0 || pairs < 0)
-    throw InternalError("dispatch message from rank " + std::to_string(in.source()) +
-                        " announces " + std::to_string(records) + " records and " +
-                        std::to_string(pairs) + " pairs");
+    refuse("announces " + std::to_string(records) + " records and " + std::to_string(pairs) +
+           " pairs");
+  // Before anything is sized from the header: the message is as long as it says.
+  const int64_t expected = dispatch_message_bytes(records, pairs, d, ship_vectors, vector_dtype);
+  if (expected != length)
+    refuse("has " + std::to_string(length) + " bytes; its header (" + std::to_string(records) +
+           " records, " + std::to_string(pairs) + " pairs) says " + std::to_string(expected));
   m.tokens.resize(static_cast<size_t>(records));
   in.take_n(m.tokens.data(), m.tokens.size(), "dispatch token indices");
   std::vector<int32_t> counts(static_cast<size_t>(records));
   in.take_n(counts.data(), counts.size(), "dispatch pair counts");
   for (const int32_t n : counts) {
-    if (n < 0 || m.pair_offsets.back() + n > pairs)
-      throw InternalError("dispatch message from rank " + std::to_string(in.source()) +
-                          " has pair counts that do not add up to its " + std::to_string(pairs) +
-                          " pairs");
+    if (n < 0 || m.pair_offsets.back() + n > pairs) break;
     m.pair_offsets.push_back(m.pair_offsets.back() + n);
   }
-  if (m.pair_offsets.back() != pairs)
-    throw InternalError("dispatch message from rank " + std::to_string(in.source()) +
-                        " has pair counts that do not add up to its " + std::to_string(pairs) +
-                        " pairs");
+  if (m.records() + 1 != static_cast<int64_t>(m.pair_offsets.size()) ||
+      m.pair_offsets.back() != pairs)
+    refuse("has pair counts that do not add up to its " + std::to_string(pairs) + " pairs");
   m.experts.resize(static_cast<size_t>(pairs));
   in.take_n(m.experts.data(), m.experts.size(), "dispatch expert ids");
   m.gates.resize(static_cast<size_t>(pairs));

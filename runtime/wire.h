@@ -93,6 +93,7 @@ class Reader {
   // n `dtype` (f32 or bf16) elements, widened to floats.
   void take_vector(float* out, size_t n, DType dtype, const char* what);
   bool done() const { return at_ == bytes_.size(); }
+  size_t left() const { return bytes_.size() - at_; }
   int source() const { return source_; }
   // Nothing may be left once every record was read.
   void expect_done(const char* phase) const;

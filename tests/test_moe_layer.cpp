@@ -221,7 +221,8 @@ TEST(MoELayer, AirWithAllProbesEqualsDenseReplicated) {
 }
 
 TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
-  // Fused dispatch: decisions are (token, n, n x (expert, gate)), no vectors;
+  // Fused dispatch: decisions are a header (records, pairs) per rank served,
+  // (token, n) per record and (expert, gate) per pair, no vectors;
   // dense-replicated ships the d floats as well.
   const GlobalData& g = data();
   const MoEConfig cfg = config();
@@ -234,6 +235,7 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
     air_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
     // One record per (token, other rank serving it), one pair per expert there.
     int64_t pairs_remote = 0, records_remote = 0;
+    std::set<int32_t> served;  // remote ranks with a message
     for (int64_t t = 0; t < routes.tokens; ++t) {
       std::set<int32_t> remote;
       for (int j = 0; j < routes.k; ++j) {
@@ -243,8 +245,10 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
         ++pairs_remote;
       }
       records_remote += static_cast<int64_t>(remote.size());
+      served.insert(remote.begin(), remote.end());
     }
-    EXPECT_EQ(air_bytes[comm.rank()], 8 * records_remote + 8 * pairs_remote);
+    EXPECT_EQ(air_bytes[comm.rank()],
+              8 * static_cast<int64_t>(served.size()) + 8 * records_remote + 8 * pairs_remote);
     MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kLocality, cfg);
     comm.meter().reset();
     b.forward(g.tokens_of(comm.rank(), P));
@@ -955,22 +959,32 @@ TEST(Wire, DispatchMessageIsInSections) {
   }
 }
 
-TEST(Wire, DispatchDecoderRefusesCountsThatDoNotAddUp) {
+// A dispatch message whose header, counts or length disagree is refused,
+// naming the source rank, before anything is sized from the header.
+TEST(Wire, DispatchDecoderRefusesMessagesThatDoNotAddUp) {
+  auto read = [](std::span<const int32_t> words, int source, bool ship, DType wire) {
+    runtime::wire::Reader in(
+        std::span<const char>(reinterpret_cast<const char*>(words.data()), words.size_bytes()),
+        source);
+    return runtime::wire::read_dispatch(in, 4, ship, wire);
+  };
   // Header: 1 record, 2 pairs; the record's count says 3.
-  const int32_t message[8] = {1, 2, 0, 3, 4, 5, 0, 0};
-  runtime::wire::Reader in(
-      std::span<const char>(reinterpret_cast<const char*>(message), sizeof(message)), 2);
-  AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_dispatch(in, 4, false, DType::kF32), InternalError,
+  const int32_t counts_off[8] = {1, 2, 0, 3, 4, 5, 0, 0};
+  AIRMOE_EXPECT_THROW_MSG(read(counts_off, 2, false, DType::kF32), InternalError,
                           "dispatch message from rank 2 has pair counts that do not add up to its "
                           "2 pairs");
-  // A bf16 message read as f32 runs out of bytes: named, nothing read past.
-  const int32_t short_vectors[8] = {1, 1, 0, 1, 4, 0, 0, 0};  // then 8 bytes: 4 bf16 elements
-  runtime::wire::Reader cut(
-      std::span<const char>(reinterpret_cast<const char*>(short_vectors), sizeof(short_vectors)),
-      1);
-  AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_dispatch(cut, 4, true, DType::kF32), InternalError,
-                          "message from rank 1 truncated: needs 16 bytes for dispatched token "
-                          "vectors, 8 left");
+  // A bf16 message (4 elements: 8 bytes) read as f32 is shorter than its
+  // header says.
+  const int32_t bf16_vectors[8] = {1, 1, 0, 1, 4, 0, 0, 0};
+  EXPECT_EQ(read(bf16_vectors, 1, true, DType::kBF16).vectors.size(), 4u);
+  AIRMOE_EXPECT_THROW_MSG(read(bf16_vectors, 1, true, DType::kF32), InternalError,
+                          "dispatch message from rank 1 has 32 bytes; its header (1 records, 1 "
+                          "pairs) says 40");
+  // A header announcing a billion records in 8 bytes allocates nothing.
+  const int32_t huge[2] = {1000000000, 0};
+  AIRMOE_EXPECT_THROW_MSG(read(huge, 3, false, DType::kF32), InternalError,
+                          "dispatch message from rank 3 has 8 bytes; its header (1000000000 "
+                          "records, 0 pairs) says 8000000008");
 }
 
 TEST(Wire, UnknownWireDtypeIsRefusedNamingTheArgument) {
