@@ -22,6 +22,7 @@
 #include "router/metrics.h"
 #include "runtime/builder.h"
 #include "runtime/moe_layer.h"
+#include "runtime/wire.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -89,7 +90,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
   DataOptions o;
   int probes = 4, hidden = 16;
-  std::string activation = "gelu", placement_name = "locality", csv_file;
+  std::string activation = "gelu", placement_name = "locality", csv_file, wire_dtype_name = "f32";
   std::string strategies_text = "dense-replicated,air,dense-broadcast";
   bool dense_expert_grads = false;
   po::options_description opts("airmoe_bench layer options (run under mpiexec -n P)");
@@ -104,12 +105,15 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                                        "comma-separated strategies")(
       "csv", path_value(&csv_file, "--csv"), "rank 0 writes one CSV row per strategy here")(
       "dense-expert-grads", po::bool_switch(&dense_expert_grads),
-      "backward also fills the dense expert gradients (all hosted experts)");
+      "backward also fills the dense expert gradients (all hosted experts)")(
+      "wire-dtype", po::value(&wire_dtype_name)->default_value(wire_dtype_name),
+      "element type of the token vectors on the wire: f32 or bf16");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   // Every rank has the same options: each finds the same fault, and they
   // raise it together.
   runtime::PlacementPolicy policy{};
   runtime::Activation act{};
+  DType wire_dtype{};
   std::vector<runtime::Strategy> strategies;
   comm::check_together(comm, "command line", [&] {
     o.validate();
@@ -117,6 +121,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     require_in_range(hidden, 1, INT32_MAX, "--hidden");
     policy = runtime::placement_policy_from_string(placement_name);
     act = runtime::activation_from_string(activation);
+    wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype_name, "--wire-dtype");
     for (const std::string& s : split_list(strategies_text))
       strategies.push_back(runtime::strategy_from_string(s));
   });
@@ -139,6 +144,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   spec.activation = act;
   spec.expert_seed = 7;
   spec.dense_expert_grads = dense_expert_grads;
+  spec.wire_dtype = wire_dtype;
   // One index and one placement for every strategy: the same data, weights
   // and placement (rank 0's tokens are the load sample).
   const runtime::SharedIndex index = runtime::agree_on_index(comm, spec, centers, mine);
@@ -256,7 +262,8 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"ranks", P},
                      {"imbalance", plan.imbalance},
                      {"threads_per_rank", num_threads()},
-                     {"dense_expert_grads", dense_expert_grads}};
+                     {"dense_expert_grads", dense_expert_grads},
+                     {"wire_dtype", wire_dtype_name}};
       j["results"] = rows;
       json_out.stream() << j.dump(2) << "\n";
       json_out.finish();

@@ -23,6 +23,7 @@
 #include "router/metrics.h"
 #include "runtime/coordinator.h"
 #include "runtime/simulator.h"
+#include "runtime/wire.h"
 
 namespace po = boost::program_options;
 using nlohmann::json;
@@ -174,6 +175,7 @@ struct WeakOptions {
   int64_t tokens_per_rank = 4096;
   int sample = 8;
   std::vector<comm::ExchangeKind> kinds;
+  DType wire_dtype = DType::kF32;  // token vectors on the wire (both modes)
 };
 
 // Rows of every strategy at P over the sample.
@@ -199,7 +201,7 @@ std::vector<json> simulate_weak_at(int P, const WeakOptions& w, SampleCache& cac
     auto add = [&](const char* name, runtime::Strategy s,
                    const std::vector<runtime::RankBlock>& blocks, int m, double recall) {
       const runtime::SimulatedTraffic sim =
-          runtime::simulate_sample(s, placement, blocks, d, /*backward=*/true, kind);
+          runtime::simulate_sample(s, placement, blocks, d, /*backward=*/true, kind, w.wire_dtype);
       rows.push_back(sample_row(name, m, kind, sim, recall));
     };
     add("dense-replicated", runtime::Strategy::kDenseReplicated, exact_blocks, 0, 1.0);
@@ -286,7 +288,8 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
                    {"codewords", C},
                    {"placement", placement_name},
                    {"data", "synthetic:" + o.preset},
-                   {"seed", o.seed}};
+                   {"seed", o.seed},
+                   {"wire_dtype", to_string(w.wire_dtype)}};
     j["seconds"] = {{"total", now_seconds() - t_start}, {"sweep", sweep_seconds}};
     j["results"] = rows;
     json_out.stream() << j.dump(2) << "\n";
@@ -309,6 +312,7 @@ int run_simulate(const std::vector<std::string>& args) {
   int hidden = 16;
   std::string ranks_text = "16,32,64,128,256,512,1024,2048,4096", probes_text = "2,4,8";
   std::string placement_name = "locality", csv_file, exchange_name = "both";
+  std::string wire_dtype_name = "f32";
   WeakOptions weak;
   po::options_description opts("airmoe_bench simulate options");
   opts.add_options()("help,h", "show this help");
@@ -327,13 +331,16 @@ int run_simulate(const std::vector<std::string>& args) {
       "exchange", po::value(&exchange_name)->default_value(exchange_name),
       "metering rule of the layer's all-to-alls: sparse (the MPI and in-process exchange), dense "
       "(counts first: the NCCL exchange, or an alltoallv) or both "
-      "(-T tokens in all: sparse for both)");
+      "(-T tokens in all: sparse for both)")(
+      "wire-dtype", po::value(&wire_dtype_name)->default_value(wire_dtype_name),
+      "element type of the token vectors on the wire: f32 or bf16");
   if (!parse(args, opts, true)) return 0;
   o.validate();
   require_in_range(hidden, 1, INT32_MAX, "--hidden");
   const std::vector<int> ranks = parse_int_list(ranks_text, "-P/--ranks", 1, kMaxSimulatedRanks);
   const std::vector<int> probes = parse_int_list(probes_text, "-m/--probes", 1, probe_limit(o));
   weak.kinds = exchange_kinds(exchange_name);
+  weak.wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype_name, "--wire-dtype");
   if (weak.tokens_per_rank < 0) fail("--tokens-per-rank must be >= 0");
   std::vector<NamedPath> apart = o.inputs();
   OutputFile json_out(o.json_file, "--json", apart);
@@ -372,8 +379,8 @@ int run_simulate(const std::vector<std::string>& args) {
     std::vector<json> group;
     auto add = [&](const char* name, runtime::Strategy s, const Routes& r, int m,
                    double router_flops) {
-      const runtime::SimulatedTraffic sim =
-          runtime::simulate_traffic(s, plan.placement, r, tokens, /*backward=*/true, exchange);
+      const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
+          s, plan.placement, r, tokens, /*backward=*/true, exchange, weak.wire_dtype);
       json row = strategy_row(name, P, figures(sim), static_cast<double>(o.tokens), router_flops,
                               expert_flops);
       row["probes"] = m;
@@ -401,9 +408,10 @@ int run_simulate(const std::vector<std::string>& args) {
   }
 
   std::printf(
-      "\nairmoe traffic simulation  (%s, E=%ld d=%ld T=%ld k=%d h=%d C=%ld, %s placement)\n",
+      "\nairmoe traffic simulation  (%s, E=%ld d=%ld T=%ld k=%d h=%d C=%ld, %s placement, %s "
+      "wire)\n",
       bench.source.c_str(), (long)E, (long)d, (long)o.tokens, o.k, hidden, (long)C,
-      placement_name.c_str());
+      placement_name.c_str(), to_string(weak.wire_dtype));
   std::printf("%6s %-17s %4s %12s %10s %14s %9s %11s\n", "P", "strategy", "m", "fwd B/token",
               "vs floor", "req vs bcast", "recall", "ranks/token");
   for (const json& r : rows)
@@ -426,7 +434,8 @@ int run_simulate(const std::vector<std::string>& args) {
                    {"placement", placement_name},
                    {"data", bench.source},
                    {"seed", o.seed},
-                   {"exchange", exchange == comm::ExchangeKind::kSparse ? "sparse" : "dense"}};
+                   {"exchange", exchange == comm::ExchangeKind::kSparse ? "sparse" : "dense"},
+                   {"wire_dtype", to_string(weak.wire_dtype)}};
     j["results"] = rows;
     json_out.stream() << j.dump(2) << "\n";
     json_out.finish();

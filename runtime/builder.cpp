@@ -66,7 +66,8 @@ std::string LayerSpec::describe() const {
          " kmeans_seed=" + std::to_string(kmeans_seed) + " placement=" + to_string(placement) +
          " hidden=" + std::to_string(hidden) + " activation=" + to_string(activation) +
          " expert_seed=" + std::to_string(expert_seed) +
-         " dense_expert_grads=" + std::to_string(moe_config().dense_expert_grads);
+         " dense_expert_grads=" + std::to_string(moe_config().dense_expert_grads) +
+         " wire_dtype=" + to_string(moe_config().wire_dtype);
 }
 
 MoEConfig LayerSpec::moe_config() const {
@@ -75,6 +76,7 @@ MoEConfig LayerSpec::moe_config() const {
   config.probes = probes;
   config.expert = {dim, hidden, activation};
   config.dense_expert_grads = version >= 2 ? dense_expert_grads : true;
+  config.wire_dtype = version >= 4 ? wire_dtype : DType::kF32;
   return config;
 }
 
@@ -90,6 +92,7 @@ void check_spec(const LayerSpec& spec) {
   require_in_range(spec.probes, 1, spec.codewords, "LayerSpec probes");
   require_in_range(spec.kmeans_iterations, 0, 1 << 20, "LayerSpec kmeans_iterations");
   require_in_range(spec.hidden, 1, INT32_MAX, "LayerSpec hidden");
+  if (spec.version >= 4) wire::check_wire_dtype(spec.wire_dtype, "LayerSpec wire_dtype");
   if (is_gated(spec.activation) && spec.version < 3)
     fail("LayerSpec activation " + std::string(to_string(spec.activation)) +
          " needs version 3; the spec says version " + std::to_string(spec.version));

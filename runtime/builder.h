@@ -51,7 +51,8 @@ namespace airmoe::runtime {
 //      only; under version 1 the layer always returned the dense layout).
 //   3: activation swiglu (gated experts, W1 = [gate; up]); a spec of an
 //      older version naming it is refused.
-inline constexpr int kLayerSpecVersion = 3;
+//   4: wire_dtype (f32 by default; older versions always send f32).
+inline constexpr int kLayerSpecVersion = 4;
 inline constexpr int kOldestLayerSpecVersion = 1;
 
 // Everything that defines a distributed router or MoE layer, the same on
@@ -80,6 +81,9 @@ struct LayerSpec {
   // hosted expert (MoEConfig::dense_expert_grads); off, only the touched
   // experts' come back. Ignored under version 1, which always fills them.
   bool dense_expert_grads = false;
+  // Version 4. The element type of token vectors on the wire
+  // (MoEConfig::wire_dtype): f32 or bf16. Ignored under older versions (f32).
+  DType wire_dtype = DType::kF32;
 
   // Every field as this build reads it, one line: what ranks compare, and
   // what logs print.

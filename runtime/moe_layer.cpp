@@ -17,10 +17,6 @@ int64_t home_key(int32_t home, int32_t token) {
   return (static_cast<int64_t>(home) << 32) | static_cast<uint32_t>(token);
 }
 
-std::span<const float> row_span(MatrixView m, int64_t i) {
-  return {m.row(i), static_cast<size_t>(m.cols)};
-}
-
 }  // namespace
 
 MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config, Codebook codebook,
@@ -37,19 +33,22 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
            " differs from d = " + std::to_string(codebook.dim()));
     require_in_range(config_.k, 1, placement.experts(), "k");
     require_in_range(config_.probes, 1, codebook.size(), "probes m");
+    wire::check_wire_dtype(config_.wire_dtype);
     experts_ =
         ExpertShard::random(config_.expert, placement.local_experts(comm.rank()), expert_seed);
   });
   {
-    // Same strategy, shapes and expert configuration everywhere, or nobody
-    // dispatches (a rank with another h would misread every record).
+    // Same strategy, shapes, expert configuration and wire dtype everywhere,
+    // or nobody dispatches (a rank with another h or wire dtype would misread
+    // every message).
     comm::PhaseScope phase(comm_, "checks");
     comm::require_same_config(
         comm_,
         std::string(to_string(strategy)) + " k=" + std::to_string(config_.k) +
             " m=" + std::to_string(config_.probes) + " d=" + std::to_string(config_.expert.dim) +
             " h=" + std::to_string(config_.expert.hidden) + " act=" +
-            to_string(config_.expert.activation) + " seed=" + std::to_string(expert_seed) +
+            to_string(config_.expert.activation) + " wire_dtype=" + to_string(config_.wire_dtype) +
+            " seed=" + std::to_string(expert_seed) +
             " placement=" + std::to_string(placement.digest()),
         "MoE layer configuration");
   }
@@ -140,7 +139,7 @@ ForwardResult MoELayer::forward(MatrixView tokens) {
 // strategy says so, the token vector).
 void MoELayer::dispatch(MatrixView tokens, Step& step) {
   wire::expert_dispatch(placement(), step.routes, tokens, routing_->dispatch_ships_vectors(),
-                        comm_.size(), dispatch_out_);
+                        config_.wire_dtype, comm_.size(), dispatch_out_);
   step.target_offsets = std::move(dispatch_out_.target_offsets);
   step.targets = std::move(dispatch_out_.targets);
   step.slot_offsets = std::move(dispatch_out_.slot_offsets);
@@ -162,8 +161,9 @@ Matrix MoELayer::serve(Step& step, const ReceivedTokens& received) {
   return partial;
 }
 
-// The dispatch records: (token, n, n x (expert, gate)) and the vector, which
-// came with the record (dense-replicated) or with the scoring request (fused).
+// The dispatch messages (wire::expert_dispatch's sections) and each
+// record's vector, which came with the message (dense-replicated) or with
+// the scoring request (fused).
 void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
   const int64_t d = config_.expert.dim;
   const bool shipped = routing_->dispatch_ships_vectors();
@@ -172,28 +172,31 @@ void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
     received_row[home_key(received.home_rank[i], received.home_token[i])] = static_cast<int64_t>(i);
   std::vector<float> inputs;
   step.input_pairs.assign(1, 0);
-  wire::read_records(recv_, [&](wire::Reader& in, int32_t token, int32_t n) {
-    const auto row = static_cast<int32_t>(step.input_home.size());
-    for (int32_t i = 0; i < n; ++i) {
-      step.pairs.token.push_back(row);
-      step.pairs.expert.push_back(in.take<int32_t>("dispatch expert id"));
-      step.pairs.gate.push_back(in.take<float>("dispatch gate"));
+  for (wire::Reader& in : wire::readers(recv_)) {
+    const wire::DispatchMessage m = wire::read_dispatch(in, d, shipped, config_.wire_dtype);
+    for (int64_t r = 0; r < m.records(); ++r) {
+      const auto row = static_cast<int32_t>(step.input_home.size());
+      for (int64_t p = m.pair_offsets[r]; p < m.pair_offsets[r + 1]; ++p) {
+        step.pairs.token.push_back(row);
+        step.pairs.expert.push_back(m.experts[p]);
+        step.pairs.gate.push_back(m.gates[p]);
+      }
+      step.input_home.push_back(in.source());
+      step.input_pairs.push_back(static_cast<int64_t>(step.pairs.size()));
+      inputs.insert(inputs.end(), d, 0.0f);
+      float* x = inputs.data() + inputs.size() - d;
+      if (shipped) {
+        std::copy_n(m.vectors.data() + r * d, d, x);
+        continue;
+      }
+      const auto it = received_row.find(home_key(in.source(), m.tokens[r]));
+      if (it == received_row.end())
+        throw InternalError("MoE forward: rank " + std::to_string(comm_.rank()) +
+                            " must serve token " + std::to_string(m.tokens[r]) + " of rank " +
+                            std::to_string(in.source()) + ", which it was never sent");
+      std::copy_n(received.vectors.row(it->second), d, x);
     }
-    step.input_home.push_back(in.source());
-    step.input_pairs.push_back(static_cast<int64_t>(step.pairs.size()));
-    inputs.resize(inputs.size() + static_cast<size_t>(d));
-    float* x = inputs.data() + inputs.size() - d;
-    if (shipped) {
-      in.take_n(x, static_cast<size_t>(d), "dispatched token vector");
-      return;
-    }
-    const auto it = received_row.find(home_key(in.source(), token));
-    if (it == received_row.end())
-      throw InternalError("MoE forward: rank " + std::to_string(comm_.rank()) +
-                          " must serve token " + std::to_string(token) + " of rank " +
-                          std::to_string(in.source()) + ", which it was never sent");
-    std::copy_n(received.vectors.row(it->second), d, x);
-  });
+  }
   step.inputs = Matrix(static_cast<int64_t>(step.input_home.size()), d);
   std::copy(inputs.begin(), inputs.end(), step.inputs.data());
 }
@@ -206,8 +209,9 @@ Matrix MoELayer::combine(const Step& step, MatrixView partial) {
 // rank order.
 Matrix MoELayer::send_home_and_sum(const Step& step, MatrixView rows, const char* phase) {
   const int64_t d = config_.expert.dim, T = step.routes.tokens;
-  wire::records(
-      step.input_home, comm_.size(), [&](size_t i) { return row_span(rows, i); }, send_);
+  wire::vector_rows(
+      step.input_home, comm_.size(), d, config_.wire_dtype, [&](size_t i) { return rows.row(i); },
+      send_);
   {
     comm::PhaseScope scope(comm_, phase);
     comm_.exchange(send_, recv_);
@@ -217,7 +221,8 @@ Matrix MoELayer::send_home_and_sum(const Step& step, MatrixView rows, const char
   std::vector<float> part(static_cast<size_t>(d));
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = step.target_offsets[t]; i < step.target_offsets[t + 1]; ++i) {
-      in[step.targets[i]].take_n(part.data(), part.size(), "partial output row");
+      in[step.targets[i]].take_vector(part.data(), part.size(), config_.wire_dtype,
+                                      "partial output row");
       for (int64_t c = 0; c < d; ++c) out(t, c) += part[c];
     }
   wire::expect_all_done(in, phase);
@@ -269,9 +274,9 @@ Matrix MoELayer::grad_dispatch(const Step& step, MatrixView d_out) {
   for (int64_t t = 0; t < step.routes.tokens; ++t)
     std::fill(record_token.begin() + step.target_offsets[t],
               record_token.begin() + step.target_offsets[t + 1], static_cast<int32_t>(t));
-  wire::records(
-      step.targets, comm_.size(), [&](size_t i) { return row_span(d_out, record_token[i]); },
-      send_);
+  wire::vector_rows(
+      step.targets, comm_.size(), config_.expert.dim, config_.wire_dtype,
+      [&](size_t i) { return d_out.row(record_token[i]); }, send_);
   {
     comm::PhaseScope phase(comm_, "grad_dispatch");
     comm_.exchange(send_, recv_);
@@ -279,7 +284,8 @@ Matrix MoELayer::grad_dispatch(const Step& step, MatrixView d_out) {
   Matrix dy(step.inputs.rows(), config_.expert.dim);
   std::vector<wire::Reader> in = wire::readers(recv_);
   for (int64_t i = 0; i < dy.rows(); ++i)
-    in[step.input_home[i]].take_n(dy.row(i), static_cast<size_t>(dy.cols()), "output gradient");
+    in[step.input_home[i]].take_vector(dy.row(i), static_cast<size_t>(dy.cols()),
+                                       config_.wire_dtype, "output gradient");
   wire::expect_all_done(in, "grad_dispatch");
   return dy;
 }

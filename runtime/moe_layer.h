@@ -38,6 +38,11 @@ struct MoEConfig {
   // gradients in the shard's layout (what Python's autograd takes); off,
   // only the touched experts' (MoEGradients::touched_experts).
   bool dense_expert_grads = false;
+  // The element type of the token vectors on the wire (dispatch, combine,
+  // grad_dispatch, grad_combine): f32, or bf16, which halves their bytes
+  // (rounded to nearest even when sent, widened on receipt; the math stays
+  // f32). Scoring requests stay f32. The same on every rank.
+  DType wire_dtype = DType::kF32;
 };
 
 struct PhaseSeconds {

@@ -63,12 +63,12 @@ bool runs(Phase phase, Strategy strategy, bool backward) {
 }
 
 // What the tokens of one home put on the wire, per peer, counted from the
-// record sizes of runtime/wire.h without building the buffers (a dense
+// message sizes of runtime/wire.h without building the buffers (a dense
 // broadcast at P = 4,096 would build gigabytes).
 struct HomeSegments {
-  std::vector<int64_t> request_bytes, request_records;    // scoring requests to q
-  std::vector<int64_t> dispatch_bytes, dispatch_records;  // expert dispatch to q
-  std::vector<int64_t> dispatch_pairs;                    // (token, expert) pairs served by q
+  std::vector<int64_t> request_bytes, request_records;  // scoring requests to q
+  std::vector<int64_t> dispatch_records;                // expert dispatch to q: its records
+  std::vector<int64_t> dispatch_pairs;                  // (token, expert) pairs served by q
 };
 
 void count_requests(const Placement& placement, const Routes& mine, int64_t d, HomeSegments& h) {
@@ -88,8 +88,7 @@ void count_requests(const Placement& placement, const Routes& mine, int64_t d, H
   }
 }
 
-void count_dispatch(const Placement& placement, const Routes& mine, int64_t d, bool ship_vectors,
-                    HomeSegments& h) {
+void count_dispatch(const Placement& placement, const Routes& mine, HomeSegments& h) {
   std::vector<int32_t> owners(static_cast<size_t>(mine.k));
   for (int64_t t = 0; t < mine.tokens; ++t) {
     const int32_t* e = mine.experts_of(t);
@@ -99,7 +98,6 @@ void count_dispatch(const Placement& placement, const Routes& mine, int64_t d, b
       const int32_t rank = owners[j];
       int n = 0;
       while (j + n < mine.k && owners[j + n] == rank) ++n;
-      h.dispatch_bytes[rank] += wire::dispatch_record_bytes(n, d, ship_vectors);
       ++h.dispatch_records[rank];
       h.dispatch_pairs[rank] += n;
       j += n;
@@ -112,13 +110,13 @@ void count_dispatch(const Placement& placement, const Routes& mine, int64_t d, b
 // segments included. Returns the ranks its tokens' scoring requests reach.
 template <typename Move>
 int64_t home_traffic(Strategy strategy, const Placement& placement, int home, const Routes& mine,
-                     int64_t d, bool backward, Move&& move) {
+                     int64_t d, bool backward, DType wire_dtype, Move&& move) {
   const auto P = static_cast<size_t>(placement.ranks());
   HomeSegments h{std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0),
-                 std::vector<int64_t>(P, 0), std::vector<int64_t>(P, 0)};
+                 std::vector<int64_t>(P, 0)};
   const bool scored = strategy != Strategy::kDenseReplicated;
   if (scored) count_requests(placement, mine, d, h);
-  count_dispatch(placement, mine, d, !scored, h);
+  count_dispatch(placement, mine, h);
   int64_t reached = 0;
   for (int q = 0; q < static_cast<int>(P); ++q) {
     reached += h.request_records[q];
@@ -126,8 +124,10 @@ int64_t home_traffic(Strategy strategy, const Placement& placement, int home, co
       move(kRequests, home, q, h.request_bytes[q]);
       move(kReplies, q, home, h.request_records[q] * wire::reply_bytes(mine.k));
     }
-    const int64_t vectors = h.dispatch_records[q] * wire::vector_bytes(d);
-    move(kDispatch, home, q, h.dispatch_bytes[q]);
+    const int64_t vectors = h.dispatch_records[q] * wire::vector_bytes(d, wire_dtype);
+    move(kDispatch, home, q,
+         wire::dispatch_message_bytes(h.dispatch_records[q], h.dispatch_pairs[q], d,
+                                      /*ship_vectors=*/!scored, wire_dtype));
     move(kCombine, q, home, vectors);
     if (!backward) continue;
     move(kGradDispatch, home, q, vectors);
@@ -164,7 +164,7 @@ PhaseTables make_tables(SimulatedTraffic& sim, Strategy strategy, bool backward,
 
 SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
                                   const Routes& routes, MatrixView tokens, bool backward,
-                                  comm::ExchangeKind exchange) {
+                                  comm::ExchangeKind exchange, DType wire_dtype) {
   const int P = placement.ranks();
   const int64_t T = routes.tokens, d = tokens.cols;
   SimulatedTraffic sim;
@@ -178,8 +178,8 @@ SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
   int64_t reached = 0;
   for (int home = 0; home < P; ++home) {
     const int64_t b = T * home / P, e = T * (home + 1) / P;
-    reached +=
-        home_traffic(strategy, placement, home, slice_routes(routes, b, e), d, backward, move);
+    reached += home_traffic(strategy, placement, home, slice_routes(routes, b, e), d, backward,
+                            wire_dtype, move);
   }
   sim.mean_ranks_per_token = T > 0 ? static_cast<double>(reached) / static_cast<double>(T) : 0.0;
   return sim;
@@ -187,7 +187,7 @@ SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
 
 SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
                                  std::span<const RankBlock> blocks, int64_t dim, bool backward,
-                                 comm::ExchangeKind exchange) {
+                                 comm::ExchangeKind exchange, DType wire_dtype) {
   SimulatedTraffic sim;
   sim.ranks = placement.ranks();
   sim.sampled = true;
@@ -199,8 +199,8 @@ SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
     auto move = [&](Phase ph, int from, int to, int64_t bytes) {
       if (comm::is_payload_message(from, to, bytes)) (*tables.payload[ph])[i] += {bytes, 1};
     };
-    reached +=
-        home_traffic(strategy, placement, blocks[i].rank, *blocks[i].routes, dim, backward, move);
+    reached += home_traffic(strategy, placement, blocks[i].rank, *blocks[i].routes, dim, backward,
+                            wire_dtype, move);
     tokens += blocks[i].routes->tokens;
   }
   sim.mean_ranks_per_token =

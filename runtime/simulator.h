@@ -44,10 +44,11 @@ struct SimulatedTraffic {
 // routes: every token's routes in global token order (with probes for kAir
 // and kDenseBroadcast); tokens [T, d]: the home of token t is the rank of its
 // contiguous block, as in the real runs. With `backward`, the backward
-// phases are counted too.
+// phases are counted too. wire_dtype: the layer's (MoEConfig::wire_dtype),
+// the element type of the token vectors on the wire.
 SimulatedTraffic simulate_traffic(Strategy strategy, const Placement& placement,
                                   const Routes& routes, MatrixView tokens, bool backward,
-                                  comm::ExchangeKind exchange);
+                                  comm::ExchangeKind exchange, DType wire_dtype);
 
 // One sampled rank's own batch of tokens, routed (with probes for kAir and
 // kDenseBroadcast). Only the routes and the model dimension matter to the
@@ -68,7 +69,7 @@ struct RankBlock {
 // every rank sampled the totals are equal exactly (a test holds them so).
 SimulatedTraffic simulate_sample(Strategy strategy, const Placement& placement,
                                  std::span<const RankBlock> blocks, int64_t dim, bool backward,
-                                 comm::ExchangeKind exchange);
+                                 comm::ExchangeKind exchange, DType wire_dtype);
 
 // Rows [begin, end) of routes (probes rebased), for a rank's block of tokens.
 Routes slice_routes(const Routes& routes, int64_t begin, int64_t end);

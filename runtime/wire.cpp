@@ -2,7 +2,42 @@
 
 #include <algorithm>
 
+#include "ops/bf16.h"
+
 namespace airmoe::runtime::wire {
+
+DType wire_dtype_from_string(const std::string& name, const std::string& argument) {
+  if (name == "f32") return DType::kF32;
+  if (name == "bf16") return DType::kBF16;
+  throw UsageError(argument + ": unknown wire dtype '" + name + "' (f32 or bf16)");
+}
+
+void check_wire_dtype(DType dtype, const std::string& argument) {
+  if (dtype != DType::kF32 && dtype != DType::kBF16)
+    throw UsageError(argument + ": the wire carries f32 or bf16 vectors, not " + to_string(dtype));
+}
+
+void Writer::put_vector(int rank, const float* data, size_t n, DType dtype) {
+  if (dtype == DType::kF32) return put(rank, data, n);
+  reserve(rank, n * sizeof(uint16_t));
+  char* at = buf_.begin(rank) + written_[rank];
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t bits = narrow_bf16(data[i]);
+    std::memcpy(at + i * sizeof(bits), &bits, sizeof(bits));
+  }
+  written_[rank] += static_cast<int64_t>(n * sizeof(uint16_t));
+}
+
+void Reader::take_vector(float* out, size_t n, DType dtype, const char* what) {
+  if (dtype == DType::kF32) return take_n(out, n, what);
+  require(n * sizeof(uint16_t), what);
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, bytes_.data() + at_ + i * sizeof(bits), sizeof(bits));
+    out[i] = widen_bf16(bits);
+  }
+  at_ += n * sizeof(uint16_t);
+}
 
 Writer::Writer(comm::ExchangeBuffer& buf)
     : buf_(buf), written_(static_cast<size_t>(buf.ranks()), 0) {}
@@ -54,6 +89,16 @@ void start(Outbox& box, int64_t T) {
   box.slots.clear();
 }
 
+// Calls body(rank, token, i) for each (token, target) record i, in token
+// order: every call visits each rank's records in the same order.
+template <typename Body>
+void each_record(const Outbox& box, Body&& body) {
+  const auto T = static_cast<int64_t>(box.target_offsets.size()) - 1;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = box.target_offsets[t]; i < box.target_offsets[t + 1]; ++i)
+      body(box.targets[i], t, i);
+}
+
 // Pass 2 of a builder: lays out box.send from the counted bytes, then writes
 // each (token, target) record: its header (token, number of entries) and
 // what `body` adds.
@@ -61,16 +106,46 @@ template <typename Body>
 void write_records(Outbox& box, const std::vector<int64_t>& bytes, Body&& body) {
   box.send.reset(bytes);
   Writer out(box.send);
-  const auto T = static_cast<int64_t>(box.target_offsets.size()) - 1;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = box.target_offsets[t]; i < box.target_offsets[t + 1]; ++i) {
-      const int rank = box.targets[i];
-      const int32_t header[2] = {
-          static_cast<int32_t>(t),
-          static_cast<int32_t>(box.slot_offsets[i + 1] - box.slot_offsets[i])};
-      out.put(rank, header, 2);
-      body(out, rank, t, i);
+  each_record(box, [&](int rank, int64_t t, int64_t i) {
+    const int32_t header[2] = {static_cast<int32_t>(t),
+                               static_cast<int32_t>(box.slot_offsets[i + 1] - box.slot_offsets[i])};
+    out.put(rank, header, 2);
+    body(out, rank, t, i);
+  });
+  out.finish();
+}
+
+// Pass 2 of the dispatch builder: each rank's sections, one pass over the
+// records per section, into box.send as laid out.
+void write_dispatch(Outbox& box, const std::vector<int64_t>& records,
+                    const std::vector<int64_t>& pairs, const Routes& routes, MatrixView tokens,
+                    bool ship_vectors, DType vector_dtype) {
+  Writer out(box.send);
+  for (int p = 0; p < box.send.ranks(); ++p)
+    if (records[p] > 0) {
+      const int32_t header[2] = {static_cast<int32_t>(records[p]), static_cast<int32_t>(pairs[p])};
+      out.put(p, header, 2);
     }
+  each_record(box, [&](int rank, int64_t t, int64_t) {
+    const auto token = static_cast<int32_t>(t);
+    out.put(rank, &token, 1);
+  });
+  each_record(box, [&](int rank, int64_t, int64_t i) {
+    const auto n = static_cast<int32_t>(box.slot_offsets[i + 1] - box.slot_offsets[i]);
+    out.put(rank, &n, 1);
+  });
+  each_record(box, [&](int rank, int64_t t, int64_t i) {
+    for (int64_t s = box.slot_offsets[i]; s < box.slot_offsets[i + 1]; ++s)
+      out.put(rank, routes.experts_of(t) + box.slots[s], 1);
+  });
+  each_record(box, [&](int rank, int64_t t, int64_t i) {
+    for (int64_t s = box.slot_offsets[i]; s < box.slot_offsets[i + 1]; ++s)
+      out.put(rank, routes.gates_of(t) + box.slots[s], 1);
+  });
+  if (ship_vectors)
+    each_record(box, [&](int rank, int64_t t, int64_t) {
+      out.put_vector(rank, tokens.row(t), static_cast<size_t>(tokens.cols), vector_dtype);
+    });
   out.finish();
 }
 
@@ -111,13 +186,14 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
 }
 
 void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
-                     bool ship_vectors, int ranks, Outbox& box) {
+                     bool ship_vectors, DType vector_dtype, int ranks, Outbox& box) {
   const int64_t T = routes.tokens, d = tokens.cols;
   const int k = routes.k;
   start(box, T);
   // Pass 1: per (token, target) record, the token's slots that rank serves
-  // (by rank, then slot: prefix sums over a sorted list, no atomics).
-  std::vector<int64_t> bytes(static_cast<size_t>(ranks), 0);
+  // (by rank, then slot: prefix sums over a sorted list, no atomics), and
+  // the records and pairs per rank.
+  std::vector<int64_t> records(static_cast<size_t>(ranks), 0), pairs(records);
   std::vector<std::pair<int32_t, int32_t>> owner_slot(static_cast<size_t>(k));
   for (int64_t t = 0; t < T; ++t) {
     const int32_t* e = routes.experts_of(t);
@@ -130,18 +206,57 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
         box.slots.push_back(owner_slot[j + n].second);
       box.targets.push_back(rank);
       box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
-      bytes[rank] += dispatch_record_bytes(n, d, ship_vectors);
+      ++records[rank];
+      pairs[rank] += n;
       j += n;
     }
     box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
   }
-  write_records(box, bytes, [&](Writer& out, int rank, int64_t t, int64_t i) {
-    for (int64_t s = box.slot_offsets[i]; s < box.slot_offsets[i + 1]; ++s) {
-      out.put(rank, routes.experts_of(t) + box.slots[s], 1);
-      out.put(rank, routes.gates_of(t) + box.slots[s], 1);
-    }
-    if (ship_vectors) out.put(rank, tokens.row(t), static_cast<size_t>(d));
-  });
+  std::vector<int64_t> bytes(static_cast<size_t>(ranks));
+  for (int p = 0; p < ranks; ++p)
+    bytes[p] = dispatch_message_bytes(records[p], pairs[p], d, ship_vectors, vector_dtype);
+  box.send.reset(bytes);
+  write_dispatch(box, records, pairs, routes, tokens, ship_vectors, vector_dtype);
+}
+
+DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType vector_dtype) {
+  DispatchMessage m;
+  if (in.done()) return m;  // nothing served: no message
+  auto refuse = [&](const std::string& what) {
+    throw InternalError("dispatch message from rank " + std::to_string(in.source()) + " " + what);
+  };
+  const auto length = static_cast<int64_t>(in.left());
+  const auto records = in.take<int32_t>("dispatch record count");
+  const auto pairs = in.take<int32_t>("dispatch pair count");
+  if (records <= 0 || pairs < 0)
+    refuse("announces " + std::to_string(records) + " records and " + std::to_string(pairs) +
+           " pairs");
+  // Before anything is sized from the header: the message is as long as it says.
+  const int64_t expected = dispatch_message_bytes(records, pairs, d, ship_vectors, vector_dtype);
+  if (expected != length)
+    refuse("has " + std::to_string(length) + " bytes; its header (" + std::to_string(records) +
+           " records, " + std::to_string(pairs) + " pairs) says " + std::to_string(expected));
+  m.tokens.resize(static_cast<size_t>(records));
+  in.take_n(m.tokens.data(), m.tokens.size(), "dispatch token indices");
+  std::vector<int32_t> counts(static_cast<size_t>(records));
+  in.take_n(counts.data(), counts.size(), "dispatch pair counts");
+  for (const int32_t n : counts) {
+    if (n < 0 || m.pair_offsets.back() + n > pairs) break;
+    m.pair_offsets.push_back(m.pair_offsets.back() + n);
+  }
+  if (m.records() + 1 != static_cast<int64_t>(m.pair_offsets.size()) ||
+      m.pair_offsets.back() != pairs)
+    refuse("has pair counts that do not add up to its " + std::to_string(pairs) + " pairs");
+  m.experts.resize(static_cast<size_t>(pairs));
+  in.take_n(m.experts.data(), m.experts.size(), "dispatch expert ids");
+  m.gates.resize(static_cast<size_t>(pairs));
+  in.take_n(m.gates.data(), m.gates.size(), "dispatch gates");
+  if (ship_vectors) {
+    m.vectors.resize(static_cast<size_t>(records * d));
+    in.take_vector(m.vectors.data(), m.vectors.size(), vector_dtype, "dispatched token vectors");
+  }
+  in.expect_done("dispatch");
+  return m;
 }
 
 Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
@@ -153,9 +268,9 @@ Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& 
 }
 
 Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
-                       bool ship_vectors, int ranks) {
+                       bool ship_vectors, DType vector_dtype, int ranks) {
   Outbox box;
-  expert_dispatch(placement, routes, tokens, ship_vectors, ranks, box);
+  expert_dispatch(placement, routes, tokens, ship_vectors, vector_dtype, ranks, box);
   return box;
 }
 

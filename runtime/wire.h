@@ -1,9 +1,15 @@
 // What each phase of distributed routing and of the MoE layer puts on the
 // wire: the builders of the send buffers (written straight into a
 // comm::ExchangeBuffer: the bytes per rank are counted first, then filled),
-// the bounds-checked reader of what came back, and the sizes of the fixed
-// records. The runtime sends exactly these; the traffic simulator counts
+// the bounds-checked reader of what came back, and the sizes of the
+// messages. The runtime sends exactly these; the traffic simulator counts
 // exactly these, so the two cannot drift apart.
+//
+// Token vectors (dispatched tokens, combined partial outputs and their
+// gradients) travel in the layer's wire dtype: f32, or bf16, rounded to
+// nearest even when sent (ops/bf16.h) and widened exactly on receipt, so the
+// math on either side stays f32. Scoring requests keep f32 vectors: routing
+// is exact whatever the wire dtype.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +21,7 @@
 #include "comm/exchange_buffer.h"
 #include "core/errors.h"
 #include "core/matrix.h"
+#include "core/tensor.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
 
@@ -26,6 +33,18 @@ void put(std::vector<char>& buf, const T* data, size_t n) {
   const size_t at = buf.size();
   buf.resize(at + n * sizeof(T));
   if (n) std::memcpy(buf.data() + at, data, n * sizeof(T));
+}
+
+// The wire dtype by name ("f32" or "bf16"); anything else is a UsageError
+// naming `argument`.
+DType wire_dtype_from_string(const std::string& name, const std::string& argument = "wire_dtype");
+// Refuses (UsageError naming `argument`) a dtype the wire does not carry.
+void check_wire_dtype(DType dtype, const std::string& argument = "wire_dtype");
+
+// One token vector of d elements (combine, grad dispatch / combine, and
+// dense-replicated dispatch).
+inline int64_t vector_bytes(int64_t d, DType dtype) {
+  return d * static_cast<int64_t>(dtype_size(dtype));
 }
 
 // Fills an ExchangeBuffer whose segment sizes were counted beforehand: one
@@ -41,6 +60,8 @@ class Writer {
     if (bytes) std::memcpy(buf_.begin(rank) + written_[rank], data, bytes);
     written_[rank] += static_cast<int64_t>(bytes);
   }
+  // n floats as `dtype` (f32 or bf16) elements.
+  void put_vector(int rank, const float* data, size_t n, DType dtype);
   // Every segment exactly full.
   void finish() const;
 
@@ -69,7 +90,10 @@ class Reader {
     if (bytes) std::memcpy(out, bytes_.data() + at_, bytes);
     at_ += bytes;
   }
+  // n `dtype` (f32 or bf16) elements, widened to floats.
+  void take_vector(float* out, size_t n, DType dtype, const char* what);
   bool done() const { return at_ == bytes_.size(); }
+  size_t left() const { return bytes_.size() - at_; }
   int source() const { return source_; }
   // Nothing may be left once every record was read.
   void expect_done(const char* phase) const;
@@ -118,44 +142,93 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
                       const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks,
                       Outbox& box);
 
-// Expert dispatch: to each rank hosting a chosen expert, (token, n,
-// n x (expert id, gate)) and, when the vectors travel (dense-replicated),
-// the d floats.
+// Expert dispatch: to each rank hosting a chosen expert, one record per
+// token it serves, the records' fields in sections (so that each section is
+// one contiguous array, and the vectors one [records, d] block):
+//   header   records R, pairs N                 2 x int32
+//   tokens   each record's token index          R x int32
+//   counts   each record's pair count (sum N)   R x int32
+//   experts  the pairs' global expert ids       N x int32
+//   gates    the pairs' gates                   N x f32
+//   vectors  when they travel (dense-replicated) R x d x vector_dtype (f32, bf16)
+// Pairs are in record order, each record's in slot order. A rank served
+// nothing gets no message (no header either).
 void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
-                     bool ship_vectors, int ranks, Outbox& box);
+                     bool ship_vectors, DType vector_dtype, int ranks, Outbox& box);
+
+// One source rank's dispatch message, read and checked (the counts add up to
+// the header's pairs, the message has exactly the bytes its header says):
+// record r has counts[r] pairs from pair_offsets[r]; its vector, when they
+// travel, is vectors[r * d ..] (widened to f32).
+struct DispatchMessage {
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> pair_offsets{0};  // [R + 1]
+  std::vector<int32_t> experts;
+  std::vector<float> gates;
+  std::vector<float> vectors;
+  int64_t records() const { return static_cast<int64_t>(tokens.size()); }
+};
+DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType vector_dtype);
 
 // The same, returned (for the simulator, which only counts).
 Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
                         const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks);
 Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
-                       bool ship_vectors, int ranks);
+                       bool ship_vectors, DType vector_dtype, int ranks);
 
-// Fixed-size records: item i sends record(i) (a span of T) to rank dest[i];
-// each rank's segment holds its items' records in item order. Counts the
+// Item i sends bytes(i) bytes, written by write(out, rank, i), to rank
+// dest[i]; each rank's segment holds its items in item order. Counts the
 // bytes per rank, lays out `send`, then fills it.
+template <typename Bytes, typename Write>
+void items(std::span<const int32_t> dest, int ranks, Bytes&& bytes, Write&& write,
+           comm::ExchangeBuffer& send) {
+  std::vector<int64_t> per_rank(static_cast<size_t>(ranks), 0);
+  for (size_t i = 0; i < dest.size(); ++i) per_rank[dest[i]] += bytes(i);
+  send.reset(per_rank);
+  Writer out(send);
+  for (size_t i = 0; i < dest.size(); ++i) write(out, dest[i], i);
+  out.finish();
+}
+
+// Fixed-size records: item i sends record(i) (a span of T) to rank dest[i].
 template <typename Record>
 void records(std::span<const int32_t> dest, int ranks, Record&& record,
              comm::ExchangeBuffer& send) {
-  std::vector<int64_t> bytes(static_cast<size_t>(ranks), 0);
-  for (size_t i = 0; i < dest.size(); ++i)
-    bytes[dest[i]] += static_cast<int64_t>(record(i).size_bytes());
-  send.reset(bytes);
-  Writer out(send);
-  for (size_t i = 0; i < dest.size(); ++i) {
-    const auto r = record(i);
-    out.put(dest[i], r.data(), r.size());
-  }
-  out.finish();
+  items(
+      dest, ranks, [&](size_t i) { return static_cast<int64_t>(record(i).size_bytes()); },
+      [&](Writer& out, int rank, size_t i) {
+        const auto r = record(i);
+        out.put(rank, r.data(), r.size());
+      },
+      send);
+}
+
+// Token vectors: item i sends the d floats at row(i) to rank dest[i], as
+// `dtype` elements.
+template <typename Row>
+void vector_rows(std::span<const int32_t> dest, int ranks, int64_t d, DType dtype, Row&& row,
+                 comm::ExchangeBuffer& send) {
+  items(
+      dest, ranks, [&](size_t) { return vector_bytes(d, dtype); },
+      [&](Writer& out, int rank, size_t i) {
+        out.put_vector(rank, row(i), static_cast<size_t>(d), dtype);
+      },
+      send);
 }
 
 // The size of one record the builders above write (the simulator counts
 // these without building the buffers; a test holds them equal): a request
-// for `codewords` probed codewords, a dispatch of `experts` chosen experts.
+// for `codewords` probed codewords.
 inline int64_t request_record_bytes(int64_t codewords, int64_t d) {
   return 4 * (2 + codewords + d);
 }
-inline int64_t dispatch_record_bytes(int64_t experts, int64_t d, bool ship_vectors) {
-  return 4 * (2 + 2 * experts) + (ship_vectors ? 4 * d : 0);
+// A dispatch message of `records` records holding `pairs` pairs (none: no
+// message).
+inline int64_t dispatch_message_bytes(int64_t records, int64_t pairs, int64_t d, bool ship_vectors,
+                                      DType vector_dtype) {
+  if (records == 0) return 0;
+  return 4 * (2 + 2 * records + 2 * pairs) +
+         (ship_vectors ? records * vector_bytes(d, vector_dtype) : 0);
 }
 
 // A migrating expert: its id, W1 [w1_rows, d] (w1_rows = h, or 2h for
@@ -168,9 +241,6 @@ inline int64_t migrant_record_bytes(int64_t w1_rows, int64_t h, int64_t d) {
 inline int64_t reply_bytes(int k) {
   return 8 * static_cast<int64_t>(k);
 }  // k (id, logit)
-inline int64_t vector_bytes(int64_t d) {
-  return 4 * d;
-}  // combine, grad dispatch / combine
 inline int64_t per_pair_bytes(int64_t pairs) {
   return 4 * pairs;
 }  // grad gates, grad logits

@@ -176,10 +176,10 @@ TEST(Builder, SpecChecksNameTheField) {
   runtime::LayerSpec bad = spec;
   bad.version = runtime::kLayerSpecVersion + 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 4 is not supported (this build reads versions 1 to 3)");
+            "LayerSpec version 5 is not supported (this build reads versions 1 to 4)");
   bad.version = runtime::kOldestLayerSpecVersion - 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 0 is not supported (this build reads versions 1 to 3)");
+            "LayerSpec version 0 is not supported (this build reads versions 1 to 4)");
   bad = spec;
   bad.probes = 24;
   EXPECT_EQ(message(bad), "LayerSpec probes = 24 is outside [1, 23]");
@@ -201,14 +201,14 @@ TEST(Builder, SpecChecksNameTheField) {
 // whatever the field holds; a version-2 spec gets what the field says.
 TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
   const GlobalData& g = data();
-  EXPECT_EQ(runtime::LayerSpec{}.version, 3);
+  EXPECT_EQ(runtime::LayerSpec{}.version, 4);
   EXPECT_FALSE(runtime::LayerSpec{}.moe_config().dense_expert_grads);
   struct Case {
     int version;
     bool field, dense;
   };
-  for (const Case c :
-       {Case{3, false, false}, Case{2, false, false}, Case{2, true, true}, Case{1, false, true}}) {
+  for (const Case c : {Case{4, false, false}, Case{3, false, false}, Case{2, false, false},
+                       Case{2, true, true}, Case{1, false, true}}) {
     runtime::LayerSpec spec = spec_for(g);
     spec.version = c.version;
     spec.dense_expert_grads = c.field;
@@ -256,6 +256,41 @@ TEST(Builder, SwigluNeedsSpecVersion3) {
     EXPECT_EQ(layer->experts().w1_data().size(),
               static_cast<size_t>(layer->experts().size() * 2 * spec.hidden * spec.dim));
   });
+}
+
+// Version 4 added wire_dtype: a version-4 spec builds a layer with the
+// dtype it names (in the configuration ranks compare); an older spec sends
+// f32 whatever the field holds; a dtype the wire does not carry is refused
+// naming the field; ranks that ask for different wire dtypes fail together.
+TEST(Builder, WireDtypeNeedsSpecVersion4) {
+  const GlobalData& g = data();
+  runtime::LayerSpec spec = spec_for(g);
+  spec.wire_dtype = DType::kBF16;
+  EXPECT_EQ(runtime::LayerSpec{}.wire_dtype, DType::kF32);
+  EXPECT_EQ(spec.moe_config().wire_dtype, DType::kBF16);
+  EXPECT_NE(spec.describe().find("wire_dtype=bf16"), std::string::npos) << spec.describe();
+  spec.version = 3;
+  EXPECT_EQ(spec.moe_config().wire_dtype, DType::kF32);
+  EXPECT_NE(spec.describe().find("wire_dtype=f32"), std::string::npos) << spec.describe();
+  spec.version = 4;
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    const auto layer = runtime::build_layer(comm, spec, g.data.centers.view());
+    EXPECT_EQ(layer->config().wire_dtype, DType::kBF16);
+  });
+  runtime::LayerSpec bad = spec;
+  bad.wire_dtype = DType::kI32;
+  AIRMOE_EXPECT_THROW_MSG(runtime::check_spec(bad), UsageError,
+                          "LayerSpec wire_dtype: the wire carries f32 or bf16 vectors, not i32");
+  const auto mixed = outcomes(3, [&](comm::Communicator& comm) {
+    runtime::LayerSpec mine = spec_for(g);
+    if (comm.rank() == 1) mine.wire_dtype = DType::kBF16;
+    runtime::build_layer(comm, mine, g.data.centers.view());
+  });
+  for (const Outcome& o : mixed) {
+    EXPECT_EQ(o.type, "ConfigMismatchError");
+    EXPECT_NE(o.message.find("MoE layer configuration): rank 1 differs"), std::string::npos)
+        << o.message;
+  }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 
 #include "comm/in_process.h"
 #include "moe_fixture.h"
+#include "ops/bf16.h"
 #include "runtime/simulator.h"
 #include "runtime/wire.h"
 #include "test_util.h"
@@ -220,7 +221,8 @@ TEST(MoELayer, AirWithAllProbesEqualsDenseReplicated) {
 }
 
 TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
-  // Fused dispatch: decisions are (token, n, n x (expert, gate)), no vectors;
+  // Fused dispatch: decisions are a header (records, pairs) per rank served,
+  // (token, n) per record and (expert, gate) per pair, no vectors;
   // dense-replicated ships the d floats as well.
   const GlobalData& g = data();
   const MoEConfig cfg = config();
@@ -233,6 +235,7 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
     air_bytes[comm.rank()] = comm.meter().sent("dispatch").bytes;
     // One record per (token, other rank serving it), one pair per expert there.
     int64_t pairs_remote = 0, records_remote = 0;
+    std::set<int32_t> served;  // remote ranks with a message
     for (int64_t t = 0; t < routes.tokens; ++t) {
       std::set<int32_t> remote;
       for (int j = 0; j < routes.k; ++j) {
@@ -242,8 +245,10 @@ TEST(MoELayer, AirDispatchSendsNoTokenVectors) {
         ++pairs_remote;
       }
       records_remote += static_cast<int64_t>(remote.size());
+      served.insert(remote.begin(), remote.end());
     }
-    EXPECT_EQ(air_bytes[comm.rank()], 8 * records_remote + 8 * pairs_remote);
+    EXPECT_EQ(air_bytes[comm.rank()],
+              8 * static_cast<int64_t>(served.size()) + 8 * records_remote + 8 * pairs_remote);
     MoELayer b = make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kLocality, cfg);
     comm.meter().reset();
     b.forward(g.tokens_of(comm.rank(), P));
@@ -495,6 +500,117 @@ TEST(MoELayer, EmptyDispatchHandleIsRefusedOnEveryRank) {
         << "rank " << r << ": " << messages[r];
 }
 
+float bf16_round(float x) {
+  return widen_bf16(narrow_bf16(x));
+}
+
+// The forward of a bf16 wire, built from the single-process routes: each
+// token's pairs grouped by serving rank (ascending), each group's partial
+// output sum computed by one shard of every expert on the token vector the
+// serving rank holds (rounded to bf16 when dispatch ships it), rounded to
+// bf16 on its way home, and summed there in rank order.
+Matrix bf16_wire_reference(const GlobalData& g, Strategy s, const MoEConfig& cfg,
+                           const Routes& routes, const runtime::Placement& placement) {
+  const int64_t T = routes.tokens, d = g.data.tokens.cols();
+  std::vector<int32_t> all(static_cast<size_t>(g.data.centers.rows()));
+  for (size_t e = 0; e < all.size(); ++e) all[e] = static_cast<int32_t>(e);
+  const runtime::ExpertShard shard = runtime::ExpertShard::random(cfg.expert, all, 123);
+  Matrix out(T, d);
+  for (int64_t t = 0; t < T; ++t)
+    for (int q = 0; q < placement.ranks(); ++q) {
+      runtime::ExpertPairs pairs;
+      for (int j = 0; j < routes.k; ++j)
+        if (placement.owner(routes.experts_of(t)[j]) == q) {
+          pairs.token.push_back(0);
+          pairs.expert.push_back(routes.experts_of(t)[j]);
+          pairs.gate.push_back(routes.gates_of(t)[j]);
+        }
+      if (pairs.size() == 0) continue;
+      Matrix x(1, d), partial(1, d);
+      for (int64_t c = 0; c < d; ++c)
+        x(0, c) =
+            s == Strategy::kDenseReplicated ? bf16_round(g.data.tokens(t, c)) : g.data.tokens(t, c);
+      shard.forward(x.view(), pairs, partial);
+      for (int64_t c = 0; c < d; ++c) out(t, c) += bf16_round(partial(0, c));
+    }
+  return out;
+}
+
+// A bf16 wire rounds the vectors it carries and nothing else: the forward
+// equals the reference that rounds the same vectors; forward and gradients
+// stay within bf16 rounding of the f32 wire's (and differ from them: the
+// rounding happened). Routes do not depend on the wire dtype.
+TEST(MoELayer, Bf16WireRoundsTheVectorsItCarries) {
+  const GlobalData& g = data();
+  MoEConfig cfg = config();
+  cfg.wire_dtype = DType::kBF16;
+  const Matrix dy = upstream(g);
+  const int P = 3;
+  const int64_t d = g.data.tokens.cols();
+  for (Strategy s : {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
+    const test::ReferenceResult f32 = test::reference_layer(g, s, config(), 123, dy.view());
+    std::vector<Matrix> out(P), d_tokens(P);
+    std::vector<Routes> routes(P);
+    runtime::Placement placement;
+    comm::run_ranks(P, [&](comm::Communicator& comm) {
+      MoELayer layer = make_layer(comm, g, s, PlacementPolicy::kLocality, cfg);
+      if (comm.rank() == 0) placement = layer.placement();
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+      runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+      routes[comm.rank()] = fwd.handle.routes();
+      d_tokens[comm.rank()] = layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, d)).d_tokens;
+      out[comm.rank()] = std::move(fwd.output);
+    });
+    const Matrix want = bf16_wire_reference(g, s, cfg, f32.routes, placement);
+    const std::string what = runtime::to_string(s);
+    double out_change = 0.0, grad_change = 0.0;
+    for (int r = 0; r < P; ++r) {
+      const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), r, P);
+      const size_t n = static_cast<size_t>((e - b) * d);
+      EXPECT_EQ(routes[r].experts, runtime::slice_routes(f32.routes, b, e).experts) << what;
+      EXPECT_LE(test::rel_error(out[r].data(), want.row(b), n), 1e-6) << what << " rank " << r;
+      const double o = test::rel_error(out[r].data(), f32.out.row(b), n);
+      const double dt = test::rel_error(d_tokens[r].data(), f32.d_tokens.row(b), n);
+      EXPECT_LE(o, 1e-2) << what << " output, rank " << r;
+      EXPECT_LE(dt, 1e-2) << what << " d_tokens, rank " << r;
+      out_change = std::max(out_change, o);
+      grad_change = std::max(grad_change, dt);
+    }
+    EXPECT_GT(out_change, 1e-5) << what << ": the output shows no bf16 rounding";
+    EXPECT_GT(grad_change, 1e-5) << what << ": d_tokens shows no bf16 rounding";
+  }
+}
+
+// A wire dtype the wire does not carry fails every rank, naming the field;
+// ranks with different wire dtypes fail together before any data moves.
+TEST(MoELayer, BadOrMismatchedWireDtypeFailsEveryRank) {
+  const GlobalData& g = data();
+  const int P = 3;
+  std::vector<std::string> bad(P), mixed(P);
+  comm::run_ranks(P, [&](comm::Communicator& comm) {
+    MoEConfig cfg = config();
+    cfg.wire_dtype = comm.rank() == 2 ? DType::kF64 : DType::kF32;
+    try {
+      make_layer(comm, g, Strategy::kAir, PlacementPolicy::kList, cfg);
+    } catch (const std::invalid_argument& e) {
+      bad[comm.rank()] = e.what();
+    }
+    cfg.wire_dtype = comm.rank() == 1 ? DType::kBF16 : DType::kF32;
+    try {
+      make_layer(comm, g, Strategy::kDenseReplicated, PlacementPolicy::kList, cfg);
+    } catch (const ConfigMismatchError& e) {
+      mixed[comm.rank()] = e.what();
+    }
+  });
+  for (int r = 0; r < P; ++r) {
+    EXPECT_NE(bad[r].find("rank 2: wire_dtype: the wire carries f32 or bf16 vectors, not f64"),
+              std::string::npos)
+        << "rank " << r << ": " << bad[r];
+    EXPECT_NE(mixed[r].find("MoE layer configuration): rank 1 differs"), std::string::npos)
+        << "rank " << r << ": " << mixed[r];
+  }
+}
+
 TEST(MoELayer, BadInputFailsEveryRank) {
   const GlobalData& g = data();
   const MoEConfig cfg = config();
@@ -520,51 +636,90 @@ TEST(MoELayer, BadInputFailsEveryRank) {
 namespace airmoe {
 namespace {
 
-// The simulator's per-rank, per-phase counts equal the meter of real runs.
+// What each rank's meter counted per phase in one forward and backward.
+using Metered = std::vector<std::map<std::string, comm::TrafficCounts>>;
+
+comm::TrafficCounts metered_total(const Metered& real, const std::string& phase) {
+  comm::TrafficCounts sum;
+  for (const auto& rank : real)
+    if (rank.count(phase)) sum += rank.at(phase);
+  return sum;
+}
+
+// The simulator's per-rank, per-phase counts equal the meter of real runs,
+// for either wire dtype; and on the meter, bf16 halves the vector bytes of
+// dispatch (where vectors travel), combine, grad_dispatch and grad_combine.
 TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
   const GlobalData& g = data();
-  const MoEConfig cfg = config();
   const Matrix dy = upstream(g);
+  const int64_t d = g.data.tokens.cols();
   for (int P : {2, 4}) {
     for (Strategy strategy :
          {Strategy::kAir, Strategy::kDenseReplicated, Strategy::kDenseBroadcast}) {
-      std::vector<std::map<std::string, comm::TrafficCounts>> real(static_cast<size_t>(P));
-      runtime::Placement placement;
-      comm::ExchangeKind kind{};
-      comm::run_ranks(P, [&](comm::Communicator& comm) {
-        MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
-        if (comm.rank() == 0) {
-          placement = layer.placement();
-          kind = comm.exchange_kind();  // the simulator asks the communicator
-        }
-        const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
-        comm.meter().reset();
-        runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
-        layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, dy.cols()));
-        for (const auto& phase : comm.meter().phases())
-          real[comm.rank()][phase] = comm.meter().sent(phase);
-      });
-      const AirRouter air(g.data.centers.view(), g.codebook);
-      const Routes routes =
-          strategy == Strategy::kAir
-              ? air.route(g.data.tokens.view(), cfg.k, cfg.probes)
-              : air.route(g.data.tokens.view(), cfg.k, static_cast<int>(g.codebook.size()));
-      const runtime::SimulatedTraffic sim =
-          runtime::simulate_traffic(strategy, placement, routes, g.data.tokens.view(), true, kind);
-      ASSERT_FALSE(sim.sent.empty());
-      for (const auto& [phase, per_rank] : sim.sent)
-        for (int r = 0; r < P; ++r) {
-          const comm::TrafficCounts got =
-              real[r].count(phase) ? real[r][phase] : comm::TrafficCounts{};
-          EXPECT_EQ(per_rank[r], got)
-              << runtime::to_string(strategy) << " P=" << P << " phase " << phase << " rank " << r
-              << ": simulated " << per_rank[r].bytes << " B, metered " << got.bytes << " B";
-        }
-      // And every metered phase of the data path is simulated.
-      for (const auto& [phase, counts] : real[0])
-        if (phase.rfind("checks", 0) != 0 && phase.rfind("placement", 0) != 0) {
-          EXPECT_TRUE(sim.sent.count(phase)) << "phase " << phase << " is not simulated";
-        }
+      std::map<DType, Metered> by_dtype;
+      for (DType wire : {DType::kF32, DType::kBF16}) {
+        MoEConfig cfg = config();
+        cfg.wire_dtype = wire;
+        Metered& real = by_dtype[wire];
+        real.resize(static_cast<size_t>(P));
+        runtime::Placement placement;
+        comm::ExchangeKind kind{};
+        comm::run_ranks(P, [&](comm::Communicator& comm) {
+          MoELayer layer = make_layer(comm, g, strategy, PlacementPolicy::kLocality, cfg);
+          if (comm.rank() == 0) {
+            placement = layer.placement();
+            kind = comm.exchange_kind();  // the simulator asks the communicator
+          }
+          const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), comm.rank(), P);
+          comm.meter().reset();
+          runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), P));
+          layer.backward(fwd.handle, MatrixView(dy.row(b), e - b, dy.cols()));
+          for (const auto& phase : comm.meter().phases())
+            real[comm.rank()][phase] = comm.meter().sent(phase);
+        });
+        const AirRouter air(g.data.centers.view(), g.codebook);
+        const Routes routes =
+            strategy == Strategy::kAir
+                ? air.route(g.data.tokens.view(), cfg.k, cfg.probes)
+                : air.route(g.data.tokens.view(), cfg.k, static_cast<int>(g.codebook.size()));
+        const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
+            strategy, placement, routes, g.data.tokens.view(), true, kind, wire);
+        ASSERT_FALSE(sim.sent.empty());
+        for (const auto& [phase, per_rank] : sim.sent)
+          for (int r = 0; r < P; ++r) {
+            const comm::TrafficCounts got =
+                real[r].count(phase) ? real[r][phase] : comm::TrafficCounts{};
+            EXPECT_EQ(per_rank[r], got)
+                << runtime::to_string(strategy) << " P=" << P << " " << to_string(wire) << " phase "
+                << phase << " rank " << r << ": simulated " << per_rank[r].bytes << " B, metered "
+                << got.bytes << " B";
+          }
+        // And every metered phase of the data path is simulated.
+        for (const auto& [phase, counts] : real[0])
+          if (phase.rfind("checks", 0) != 0 && phase.rfind("placement", 0) != 0) {
+            EXPECT_TRUE(sim.sent.count(phase)) << "phase " << phase << " is not simulated";
+          }
+      }
+      const Metered &f32 = by_dtype[DType::kF32], &bf16 = by_dtype[DType::kBF16];
+      const std::string what =
+          std::string(runtime::to_string(strategy)) + " P=" + std::to_string(P);
+      const comm::TrafficCounts combine = metered_total(f32, "combine");
+      ASSERT_GT(combine.bytes, 0) << what;
+      ASSERT_EQ(combine.bytes % (4 * d), 0) << what;
+      for (const char* phase : {"combine", "grad_dispatch", "grad_combine"}) {
+        EXPECT_EQ(metered_total(bf16, phase).bytes * 2, metered_total(f32, phase).bytes)
+            << what << " " << phase;
+        EXPECT_EQ(metered_total(bf16, phase).messages, metered_total(f32, phase).messages)
+            << what << " " << phase;
+      }
+      // Dispatch: one vector per record where they travel, as many records
+      // as combine rows.
+      const int64_t vectors = strategy == Strategy::kDenseReplicated ? combine.bytes : 0;
+      EXPECT_EQ(metered_total(f32, "dispatch").bytes - metered_total(bf16, "dispatch").bytes,
+                vectors / 2)
+          << what;
+      for (const char* phase : {"requests", "replies", "grad_gates", "grad_logits"})
+        EXPECT_EQ(metered_total(bf16, phase), metered_total(f32, phase)) << what << " " << phase;
     }
   }
 }
@@ -741,10 +896,104 @@ TEST(Wire, BuildersFillExactlyTheCountedBytes) {
   const runtime::Placement placement(
       3, std::vector<int32_t>(static_cast<size_t>(g.data.centers.rows()), 1), g.lists());
   const runtime::wire::Outbox box =
-      runtime::wire::expert_dispatch(placement, routes, g.data.tokens.view(), true, 3);
+      runtime::wire::expert_dispatch(placement, routes, g.data.tokens.view(), true, DType::kF32, 3);
   EXPECT_EQ(box.send.bytes(0), 0);
   EXPECT_EQ(box.send.bytes(2), 0);
-  EXPECT_EQ(box.send.bytes(1), g.data.tokens.rows() * (8 + 8 * 4 + 4 * g.data.tokens.cols()));
+  EXPECT_EQ(box.send.bytes(1), 8 + g.data.tokens.rows() * (8 + 8 * 4 + 4 * g.data.tokens.cols()));
+}
+
+// The dispatch message to one rank, in sections: header (records, pairs),
+// token indices, pair counts, expert ids, gates, then the vectors as one
+// [records, d] block in the wire dtype (bf16: rounded to nearest even).
+TEST(Wire, DispatchMessageIsInSections) {
+  const int64_t d = 3;
+  Routes routes = make_routes(2, 2, GateMode::kChosen);
+  routes.experts = {1, 0, 2, 1};  // token 0: experts 1, 0; token 1: experts 2, 1
+  routes.gates = {0.75f, 0.25f, 0.5f, 0.5f};
+  const Matrix tokens = random_matrix(2, d, 1.0, 9);
+  // Experts 0 and 1 on rank 1, expert 2 on rank 0.
+  const InvertedLists lists(std::vector<int32_t>{0, 0, 0}, 1);
+  const runtime::Placement placement(2, {1, 1, 0}, lists);
+  for (DType wire : {DType::kF32, DType::kBF16}) {
+    const runtime::wire::Outbox box =
+        runtime::wire::expert_dispatch(placement, routes, tokens.view(), true, wire, 2);
+    const int64_t e = static_cast<int64_t>(dtype_size(wire));
+    ASSERT_EQ(box.send.bytes(0), 4 * (2 + 2 * 1 + 2 * 1) + 1 * d * e) << to_string(wire);
+    ASSERT_EQ(box.send.bytes(1), 4 * (2 + 2 * 2 + 2 * 3) + 2 * d * e) << to_string(wire);
+    // Rank 1: records for tokens 0 (slots 0, 1: experts 1, 0) and 1 (slot 1: expert 1).
+    const char* m = box.send.begin(1);
+    int32_t ints[10];
+    std::memcpy(ints, m, sizeof(ints));
+    EXPECT_EQ(std::vector<int32_t>(ints, ints + 9),
+              (std::vector<int32_t>{2, 3, 0, 1, 2, 1, 1, 0, 1}))
+        << "header, tokens, counts, expert ids";
+    float gates[3];
+    std::memcpy(gates, m + 4 * 9, sizeof(gates));
+    EXPECT_EQ(std::vector<float>(gates, gates + 3), (std::vector<float>{0.75f, 0.25f, 0.5f}));
+    const char* vectors = m + 4 * 12;
+    for (int64_t t = 0; t < 2; ++t)
+      for (int64_t c = 0; c < d; ++c) {
+        float got;
+        if (wire == DType::kF32) {
+          std::memcpy(&got, vectors + 4 * (t * d + c), 4);
+        } else {
+          uint16_t bits;
+          std::memcpy(&bits, vectors + 2 * (t * d + c), 2);
+          got = widen_bf16(bits);
+        }
+        const float want =
+            wire == DType::kF32 ? tokens(t, c) : widen_bf16(narrow_bf16(tokens(t, c)));
+        EXPECT_EQ(got, want) << to_string(wire) << " token " << t << " element " << c;
+      }
+    // And the reader gives back the same records.
+    runtime::wire::Reader in(box.send.segment(1), 1);
+    const runtime::wire::DispatchMessage back = runtime::wire::read_dispatch(in, d, true, wire);
+    EXPECT_EQ(back.tokens, (std::vector<int32_t>{0, 1}));
+    EXPECT_EQ(back.pair_offsets, (std::vector<int64_t>{0, 2, 3}));
+    EXPECT_EQ(back.experts, (std::vector<int32_t>{1, 0, 1}));
+    EXPECT_EQ(back.gates, (std::vector<float>{0.75f, 0.25f, 0.5f}));
+    ASSERT_EQ(back.vectors.size(), static_cast<size_t>(2 * d));
+    for (int64_t c = 0; c < d; ++c)
+      EXPECT_EQ(back.vectors[d + c],
+                wire == DType::kF32 ? tokens(1, c) : widen_bf16(narrow_bf16(tokens(1, c))));
+  }
+}
+
+// A dispatch message whose header, counts or length disagree is refused,
+// naming the source rank, before anything is sized from the header.
+TEST(Wire, DispatchDecoderRefusesMessagesThatDoNotAddUp) {
+  auto read = [](std::span<const int32_t> words, int source, bool ship, DType wire) {
+    runtime::wire::Reader in(
+        std::span<const char>(reinterpret_cast<const char*>(words.data()), words.size_bytes()),
+        source);
+    return runtime::wire::read_dispatch(in, 4, ship, wire);
+  };
+  // Header: 1 record, 2 pairs; the record's count says 3.
+  const int32_t counts_off[8] = {1, 2, 0, 3, 4, 5, 0, 0};
+  AIRMOE_EXPECT_THROW_MSG(read(counts_off, 2, false, DType::kF32), InternalError,
+                          "dispatch message from rank 2 has pair counts that do not add up to its "
+                          "2 pairs");
+  // A bf16 message (4 elements: 8 bytes) read as f32 is shorter than its
+  // header says.
+  const int32_t bf16_vectors[8] = {1, 1, 0, 1, 4, 0, 0, 0};
+  EXPECT_EQ(read(bf16_vectors, 1, true, DType::kBF16).vectors.size(), 4u);
+  AIRMOE_EXPECT_THROW_MSG(read(bf16_vectors, 1, true, DType::kF32), InternalError,
+                          "dispatch message from rank 1 has 32 bytes; its header (1 records, 1 "
+                          "pairs) says 40");
+  // A header announcing a billion records in 8 bytes allocates nothing.
+  const int32_t huge[2] = {1000000000, 0};
+  AIRMOE_EXPECT_THROW_MSG(read(huge, 3, false, DType::kF32), InternalError,
+                          "dispatch message from rank 3 has 8 bytes; its header (1000000000 "
+                          "records, 0 pairs) says 8000000008");
+}
+
+TEST(Wire, UnknownWireDtypeIsRefusedNamingTheArgument) {
+  EXPECT_EQ(runtime::wire::wire_dtype_from_string("f32"), DType::kF32);
+  EXPECT_EQ(runtime::wire::wire_dtype_from_string("bf16"), DType::kBF16);
+  AIRMOE_EXPECT_THROW_MSG(runtime::wire::wire_dtype_from_string("fp8", "--wire-dtype"), UsageError,
+                          "--wire-dtype: unknown wire dtype 'fp8' (f32 or bf16)");
+  AIRMOE_EXPECT_THROW_MSG(runtime::wire::check_wire_dtype(DType::kI32), UsageError,
+                          "wire_dtype: the wire carries f32 or bf16 vectors, not i32");
 }
 
 }  // namespace

@@ -97,7 +97,7 @@ TEST(MpiMoELayer, EqualsReferenceAndTheSimulatorPredictsTheMeter) {
     const int m = s == runtime::Strategy::kAir ? cfg.probes : static_cast<int>(g.codebook.size());
     const runtime::SimulatedTraffic sim =
         runtime::simulate_traffic(s, layer.placement(), air.route(g.data.tokens.view(), cfg.k, m),
-                                  g.data.tokens.view(), true, comm.exchange_kind());
+                                  g.data.tokens.view(), true, comm.exchange_kind(), cfg.wire_dtype);
     for (const auto& [phase, per_rank] : sim.sent)
       EXPECT_EQ(per_rank[comm.rank()], comm.meter().sent(phase))
           << runtime::to_string(s) << " phase " << phase << " P=" << P;

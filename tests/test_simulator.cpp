@@ -73,28 +73,30 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
   const GlobalData& g = data();
   for (int P : {1, 2, 3, 5})
     for (Strategy s : kStrategies)
-      for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kCountsFirst}) {
-        const Routes routes = routes_for(g, s);
-        const runtime::Placement placement = placement_for(g, P);
-        const SimulatedTraffic full =
-            runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), true, kind);
-        const Blocks all = every_rank(routes, P);
-        const SimulatedTraffic sample =
-            runtime::simulate_sample(s, placement, all.blocks, g.data.tokens.cols(), true, kind);
-        const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
-                                 (kind == ExchangeKind::kSparse ? " sparse" : " dense");
-        EXPECT_TRUE(sample.sampled) << what;
-        EXPECT_EQ(sample.rank_ids, full.rank_ids) << what;
-        EXPECT_DOUBLE_EQ(sample.mean_ranks_per_token, full.mean_ranks_per_token) << what;
-        ASSERT_EQ(sample.sent.size(), full.sent.size()) << what;
-        for (const auto& [phase, per_rank] : full.sent) {
-          ASSERT_TRUE(sample.sent.count(phase)) << what << " phase " << phase;
-          EXPECT_EQ(sample.total(phase), full.total(phase)) << what << " phase " << phase;
-          if (leaves_home(phase)) {
-            EXPECT_EQ(sample.sent.at(phase), per_rank) << what << " " << phase;
+      for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kCountsFirst})
+        for (DType wire : {DType::kF32, DType::kBF16}) {
+          const Routes routes = routes_for(g, s);
+          const runtime::Placement placement = placement_for(g, P);
+          const SimulatedTraffic full = runtime::simulate_traffic(
+              s, placement, routes, g.data.tokens.view(), true, kind, wire);
+          const Blocks all = every_rank(routes, P);
+          const SimulatedTraffic sample = runtime::simulate_sample(
+              s, placement, all.blocks, g.data.tokens.cols(), true, kind, wire);
+          const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
+                                   (kind == ExchangeKind::kSparse ? " sparse " : " dense ") +
+                                   to_string(wire);
+          EXPECT_TRUE(sample.sampled) << what;
+          EXPECT_EQ(sample.rank_ids, full.rank_ids) << what;
+          EXPECT_DOUBLE_EQ(sample.mean_ranks_per_token, full.mean_ranks_per_token) << what;
+          ASSERT_EQ(sample.sent.size(), full.sent.size()) << what;
+          for (const auto& [phase, per_rank] : full.sent) {
+            ASSERT_TRUE(sample.sent.count(phase)) << what << " phase " << phase;
+            EXPECT_EQ(sample.total(phase), full.total(phase)) << what << " phase " << phase;
+            if (leaves_home(phase)) {
+              EXPECT_EQ(sample.sent.at(phase), per_rank) << what << " " << phase;
+            }
           }
         }
-      }
 }
 
 TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
@@ -103,10 +105,11 @@ TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
     for (Strategy s : kStrategies) {
       const Routes routes = routes_for(g, s);
       const runtime::Placement placement = placement_for(g, P);
-      const SimulatedTraffic dense = runtime::simulate_traffic(
-          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kCountsFirst);
+      const SimulatedTraffic dense =
+          runtime::simulate_traffic(s, placement, routes, g.data.tokens.view(), true,
+                                    ExchangeKind::kCountsFirst, DType::kF32);
       const SimulatedTraffic sparse = runtime::simulate_traffic(
-          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse);
+          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse, DType::kF32);
       const int64_t rounds = P == 1 ? 0 : P <= 2 ? 1 : P <= 4 ? 2 : 3;  // ceil(log2 P)
       int phases = 0;
       for (const auto& [phase, per_rank] : dense.sent) {
@@ -130,39 +133,79 @@ TEST(TrafficSimulator, SparseRuleCountsRealPeersAndTheBarrier) {
     }
 }
 
-// The simulator counts record sizes instead of building the buffers: its
-// requests and dispatch equal the sizes of the buffers wire.h builds.
+// The simulator counts message sizes instead of building the buffers: its
+// requests and dispatch equal the sizes of the buffers wire.h builds, for
+// either wire dtype.
 TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
   const GlobalData& g = data();
   const int P = 3;
   const runtime::Placement placement = placement_for(g, P);
-  for (Strategy s : kStrategies) {
-    const Routes routes = routes_for(g, s);
-    const SimulatedTraffic sim = runtime::simulate_traffic(
-        s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse);
-    for (int home = 0; home < P; ++home) {
-      const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
-      const Routes mine = runtime::slice_routes(routes, b, e);
-      const MatrixView block = g.tokens_of(home, P);
-      comm::TrafficCounts requests, dispatch;
-      auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
-        for (int q = 0; q < P; ++q) {
-          const int64_t n = out.send.bytes(q);
-          if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
-        }
-      };
-      add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
-                                         P),
-          dispatch);
-      EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch) << runtime::to_string(s);
-      if (s == Strategy::kDenseReplicated) continue;
-      add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
-                                          block, P),
-          requests);
-      EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
-      EXPECT_GT(requests.bytes, 0);
+  for (Strategy s : kStrategies)
+    for (DType wire : {DType::kF32, DType::kBF16}) {
+      const Routes routes = routes_for(g, s);
+      const SimulatedTraffic sim = runtime::simulate_traffic(
+          s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse, wire);
+      for (int home = 0; home < P; ++home) {
+        const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
+        const Routes mine = runtime::slice_routes(routes, b, e);
+        const MatrixView block = g.tokens_of(home, P);
+        comm::TrafficCounts requests, dispatch;
+        auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
+          for (int q = 0; q < P; ++q) {
+            const int64_t n = out.send.bytes(q);
+            if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
+          }
+        };
+        add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
+                                           wire, P),
+            dispatch);
+        EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch)
+            << runtime::to_string(s) << " " << to_string(wire);
+        if (s == Strategy::kDenseReplicated) continue;
+        add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
+                                            block, P),
+            requests);
+        EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
+        EXPECT_GT(requests.bytes, 0);
+      }
     }
-  }
+}
+
+// bf16 on the wire halves the vector part of every phase that carries token
+// vectors (dispatch's only where vectors travel: dense-replicated) and
+// changes nothing else: the same messages, the same headers, ids and gates.
+TEST(TrafficSimulator, Bf16HalvesTheVectorBytes) {
+  const GlobalData& g = data();
+  const int64_t d = g.data.tokens.cols();
+  for (int P : {1, 3, 4})
+    for (Strategy s : kStrategies) {
+      const Routes routes = routes_for(g, s);
+      const runtime::Placement placement = placement_for(g, P);
+      const SimulatedTraffic f32 = runtime::simulate_traffic(
+          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse, DType::kF32);
+      const SimulatedTraffic bf16 = runtime::simulate_traffic(
+          s, placement, routes, g.data.tokens.view(), true, ExchangeKind::kSparse, DType::kBF16);
+      const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P);
+      ASSERT_EQ(f32.sent.size(), bf16.sent.size()) << what;
+      // One combine row per dispatch record: its vector part in f32.
+      const comm::TrafficCounts combine = f32.total("combine");
+      if (P > 1) {
+        EXPECT_GT(combine.bytes, 0) << what;
+      }
+      EXPECT_EQ(combine.bytes % (4 * d), 0) << what;
+      const int64_t dispatched_vectors = s == Strategy::kDenseReplicated ? combine.bytes : 0;
+      for (const auto& [phase, per_rank] : f32.sent) {
+        const comm::TrafficCounts a = f32.total(phase), b = bf16.total(phase);
+        EXPECT_EQ(a.messages, b.messages) << what << " " << phase;
+        if (phase == "combine" || phase == "grad_dispatch" || phase == "grad_combine") {
+          EXPECT_EQ(b.bytes * 2, a.bytes) << what << " " << phase;
+        } else if (phase == "dispatch") {
+          EXPECT_EQ(a.bytes - b.bytes, dispatched_vectors / 2) << what << " " << phase;
+        } else {
+          EXPECT_EQ(a.bytes, b.bytes) << what << " " << phase;
+        }
+      }
+    }
 }
 
 // A rank's batch drawn on its own equals its rows of the whole data set.

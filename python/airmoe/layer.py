@@ -290,17 +290,26 @@ class MoELayer(nn.Module):
             Each forward hands it to the C++ layer (one small collective that
             compares a digest: a bias that differs between ranks raises on
             every rank).
+        wire_dtype: "f32" (default) or "bf16": the element type of the token
+            vectors the layer's all-to-alls carry (dispatch, combine and their
+            gradients). bf16 halves their bytes; vectors are rounded to
+            nearest even when sent and widened on receipt, the math stays
+            float32. The same on every rank (compared; a layer loaded from a
+            checkpoint sends f32).
     """
 
     def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
                  activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
-                 kmeans_iterations=10, load_sample=None, bias=None):
+                 kmeans_iterations=10, load_sample=None, bias=None, wire_dtype="f32"):
         super().__init__()
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
         # the C++ constructor (its first collective), not here.
         error, sample, ints = None, None, _placeholder_ints()
         try:
+            if not isinstance(wire_dtype, str):
+                raise TypeError(f"wire_dtype must be a str ('f32' or 'bf16'), got "
+                                f"{type(wire_dtype).__name__}")
             ints = _checked_ints(num_experts, k, probes, hidden, codewords, kmeans_iterations, seed)
             centers = view(_checked_centers(ints["num_experts"], dim, centers, seed))
             if load_sample is not None:
@@ -312,7 +321,8 @@ class MoELayer(nn.Module):
             impl = _airmoe.MoELayerImpl(
                 address, strategy, ints["k"], ints["probes"], ints["hidden"], activation,
                 ints["codewords"], ints["kmeans_iterations"], ints["seed"], placement,
-                ints["seed"], centers, sample, local_error=_message(error))
+                ints["seed"], centers, sample, local_error=_message(error),
+                wire_dtype=wire_dtype if isinstance(wire_dtype, str) else "f32")
         self._adopt(impl, placement, ints["seed"])
         if bias is not None:
             self.bias = torch.as_tensor(bias).detach().clone()
@@ -324,6 +334,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.dim, self.k, self.probes = impl.experts, impl.dim, config["k"], \
             config["probes"]
         self.hidden_size, self.activation = impl.hidden, config["activation"]
+        self.wire_dtype = config["wire_dtype"]
         self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
         # Zero-copy: these parameters are the C++ shard's buffers.

@@ -25,6 +25,7 @@
 #include "runtime/builder.h"
 #include "runtime/checkpoint.h"
 #include "runtime/moe_layer.h"
+#include "runtime/wire.h"
 
 namespace airmoe {
 namespace {
@@ -65,7 +66,7 @@ auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> declt
 
 // The MoELayer arguments Python passes, before they are checked.
 struct LayerArgs {
-  std::string strategy, activation, placement;
+  std::string strategy, activation, placement, wire_dtype;
   int k = 0, probes = 0, kmeans_iterations = 0;
   int64_t hidden = 0, codewords = 0;
   uint64_t kmeans_seed = 0, expert_seed = 0;
@@ -84,6 +85,7 @@ struct LayerArgs {
     s.hidden = hidden;
     s.activation = runtime::activation_from_string(activation);
     s.expert_seed = expert_seed;
+    s.wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype);
     return s;
   }
 };
@@ -268,18 +270,19 @@ void bind_layer(py::module_& m) {
                        int64_t hidden, const std::string& activation, int64_t codewords,
                        int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
                        uint64_t expert_seed, const py::object& centers, const py::object& sample,
-                       const std::string& local_error) {
-             const LayerArgs args{strategy,    activation,        placement, k,
-                                  probes,      kmeans_iterations, hidden,    codewords,
-                                  kmeans_seed, expert_seed};
+                       const std::string& local_error, const std::string& wire_dtype) {
+             const LayerArgs args{strategy,  activation,  placement,         wire_dtype,
+                                  k,         probes,      kmeans_iterations, hidden,
+                                  codewords, kmeans_seed, expert_seed};
              return new MoELayerImpl(comm_address, args, centers, sample, local_error);
            }),
            py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
            py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
            py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
            py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
-           py::arg("local_error") = "",
-           "Collective. local_error: this rank's own argument error (\"\": none), raised on "
+           py::arg("local_error") = "", py::arg("wire_dtype") = "f32",
+           "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
+           "local_error: this rank's own argument error (\"\": none), raised on "
            "every rank together.")
       .def_property_readonly("rank", &MoELayerImpl::rank)
       .def_property_readonly("size", &MoELayerImpl::size)
@@ -311,6 +314,7 @@ void bind_layer(py::module_& m) {
                                d["k"] = c.k;
                                d["probes"] = c.probes;
                                d["activation"] = runtime::to_string(c.expert.activation);
+                               d["wire_dtype"] = to_string(c.wire_dtype);
                                d["codewords"] = s.layer().codebook().size();
                                return d;
                              })

@@ -104,6 +104,29 @@ def test_bad_arguments_carry_cpp_message():
         layer(torch.zeros(3, D + 1))
 
 
+@pytest.mark.parametrize("strategy", ["air", "dense-replicated"])
+def test_bf16_wire_rounds_the_vectors_only(strategy):
+    f32, bf16 = make(strategy=strategy), make(strategy=strategy, wire_dtype="bf16")
+    assert f32.wire_dtype == "f32" and f32._impl.config["wire_dtype"] == "f32"
+    assert bf16.wire_dtype == "bf16" and bf16._impl.config["wire_dtype"] == "bf16"
+    x = tokens()
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = f32(xa), bf16(xb)
+    scale = a.abs().max()
+    assert 0 < (a - b).abs().max() <= 1e-2 * scale, "bf16 rounding, and only that"
+    a.sum().backward()
+    b.sum().backward()
+    gscale = xa.grad.abs().max()
+    assert 0 < (xa.grad - xb.grad).abs().max() <= 1e-2 * gscale
+
+
+def test_unknown_wire_dtype_names_the_argument():
+    with pytest.raises(ValueError, match="wire_dtype: unknown wire dtype 'fp8' \\(f32 or bf16\\)"):
+        make(wire_dtype="fp8")
+    with pytest.raises(TypeError, match="wire_dtype must be a str"):
+        make(wire_dtype=16)
+
+
 @pytest.mark.parametrize("name,value,error", [
     ("num_experts", 2**64, "num_experts"), ("num_experts", 0, "num_experts"),
     ("k", 2**31, "k = 2147483648 is outside"), ("probes", 2**31, "probes = "),
