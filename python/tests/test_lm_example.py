@@ -289,3 +289,46 @@ def test_moe_lm_refuses_the_key_column_bias_for_heads_and_hash(tmp_path):
                                             "hash,product_key_h2", "--load-bias-rate", "0.05"])
     assert ("its key-column bias has no form for hash, product_key_h2"
             in "; ".join(moe_lm.option_errors(args)))
+
+
+def test_air_query_trains_with_its_refreshes_counted(tmp_path):
+    """air_query: query lists built from the initial centers, rebuilt every
+    --list-refresh steps from the last --list-sample training inputs, each
+    build's C++ FLOP count amortized over the training tokens, recall
+    measured as for AIR."""
+    argv = ["--routers", "air_query", "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--experts", "256", "--codewords", "16", "--probes", "2", "--list-length", "32",
+            "--list-refresh", "2", "--list-sample", "96", "--dim", "16", "--heads", "2",
+            "--layers", "1", "--seq", "16", "--batch", "4", "--k", "4", "--bias-balance", "0.05",
+            "--threads", "1", "--out", str(tmp_path)]
+    args = moe_lm.make_parser().parse_args(argv)
+    assert moe_lm.option_errors(args) == []
+    data = moe_lm.byte_tensor(bytes(torch.randint(0, 256, (3000,), generator=torch.Generator()
+                                                  .manual_seed(0)).tolist()))
+    make_router, flops = moe_lm.routers(args)["air_query"]
+    result = moe_lm.train("air_query", make_router, flops, data[:2000], data[2000:], args)
+    build = lambda tokens: airmoe._airmoe.query_lists_build_flops(  # noqa: E731
+        tokens, 256, 16, 16, 32, 4, 10)
+    # the initial build from the 256 centers, then steps 2 and 4 from 96 tokens
+    assert result["list_builds"] == 3
+    assert result["list_build_flops"] == pytest.approx(build(256) + 2 * build(96))
+    per_token = result["list_refresh_flops_per_token"]
+    assert per_token == pytest.approx(result["list_build_flops"] / (4 * 4 * 16))
+    shortlists = [e["shortlist"] for e in result["evals"]]
+    assert len(shortlists) == 2 and min(shortlists) >= 4
+    # probe scores + the measured shortlist + the refreshes, per token
+    assert result["router_flops_per_token"] == pytest.approx(
+        2.0 * 16 * 16 + 2.0 * 16 * sum(shortlists) / 2 + per_token)
+    assert per_token > 0 and 0.0 <= result["recall_at_k"] <= 1.0
+
+
+def test_air_query_option_errors(tmp_path):
+    for argv, message in (
+            (["--routers", "air_query", "--list-length", "5000"],
+             "--list-length 5000 exceeds --experts 4096"),
+            (["--routers", "air_query", "--list-sample", "32"],
+             "air_query: a refresh samples min(--list-sample, --list-refresh x --batch x --seq)"
+             " = 32 tokens, fewer than --codewords 64"),
+            (["--list-refresh", "0"], "--list-refresh must be >= 1, got 0")):
+        args = moe_lm.make_parser().parse_args(["--out", str(tmp_path), *argv])
+        assert message in "; ".join(moe_lm.option_errors(args))
