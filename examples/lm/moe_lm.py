@@ -650,12 +650,11 @@ def make_parser():
     p.add_argument("--list-cap", type=int, default=0, help="AIR inverted-list cap (0: none)")
     p.add_argument("--spills", type=int, default=0, help="AIR: extra (SOAR) lists per expert")
     p.add_argument("--soar-lambda", type=float, default=1.0, help="AIR: SOAR spill weight")
-    p.add_argument("--list-length", type=int, default=256,
-                   help="air_query: experts per query list (L)")
-    p.add_argument("--list-refresh", type=int, default=64,
-                   help="air_query: rebuild the query lists every N training steps")
-    p.add_argument("--list-sample", type=int, default=4096,
-                   help="air_query: from the last S tokens the router saw in training")
+    for option, default, what in (
+            ("--list-length", 256, "experts per query list (L)"),
+            ("--list-refresh", 64, "rebuild the query lists every N training steps"),
+            ("--list-sample", 4096, "from the last S tokens the router saw in training")):
+        p.add_argument(option, type=int, default=default, help="air_query: " + what)
     p.add_argument("--save-router-data", default="",
                    help="directory: save each router's trained centers and a batch of its "
                         "inputs as <router>_layer<i>_{centers,tokens}.npy")
@@ -692,8 +691,8 @@ def make_parser():
     return p
 
 
-ROUTERS = ("dense", "air", "air_query", "product_key", "product_key_h2", "product_key_h4",
-           "hash")
+ROUTERS = ("dense", "air", "product_key", "product_key_h2", "product_key_h4", "hash",
+           "air_query")
 
 # Integer options and their least value.
 INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers": 1, "experts": 1,

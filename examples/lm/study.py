@@ -61,8 +61,8 @@ BASE = {"corpus": "gcide", "k": 8, "dim": 128, "heads": 4, "layers": 2, "hidden"
 # product keys at three FLOP points as controls, one probe at E = 65,536.
 # AIR runs with key-codebook lists and, as the plan asks, with query-aware
 # lists (air_query: refreshed every 128 steps from the last 4,096 training
-# tokens, whose builds count in the routing FLOPs); their probes keep the
-# mean shortlist <= E/16, measured on short runs (docs/lm.md).
+# tokens, whose builds count in the routing FLOPs); m probes of lists of L
+# keep the shortlist near m * L <= E/16 (measured on short runs, docs/lm.md).
 QUERY_UPKEEP = {"list_refresh": 128, "list_sample": 4096}
 BALANCED_GRID = {
     4096: [
@@ -73,8 +73,8 @@ BALANCED_GRID = {
         ("hash", "hash", {}),
         ("air_C64_m6", "air", {"codewords": 64, "probes": 6}),
         ("air_C64_m3_spill1", "air", {"codewords": 64, "probes": 3, "spills": 1}),
-        ("air_query_C64_L128_m1", "air_query",
-         {"codewords": 64, "probes": 1, "list_length": 128, **QUERY_UPKEEP}),
+        ("air_query_C64_L256_m1", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP}),
         ("air_query_C64_L128_m2", "air_query",
          {"codewords": 64, "probes": 2, "list_length": 128, **QUERY_UPKEEP}),
     ],

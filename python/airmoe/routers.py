@@ -391,7 +391,7 @@ class AIRRouter(_CenterRouter):
 
     _float32_buffers = ("bias", "codebook")  # the codebook: float32 unit rows, as the index has it
     LIST_KINDS = ("centers", "query")
-    lists, list_length = "centers", 0  # routers pickled before query lists had center lists
+    lists, list_length, list_k = "centers", 0, 1  # routers pickled before query lists: center lists
     _QUERY_BUFFERS = ("list_offsets", "list_members", "list_sample_size")
 
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
@@ -430,6 +430,7 @@ class AIRRouter(_CenterRouter):
             raise ValueError(f"lists = {lists!r} is not one of {self.LIST_KINDS}")
         self.lists = lists
         self.list_length = 0
+        self.list_k = self.k  # query lists count the sample's top-k for k at construction
         if lists != "query":
             if list_length is not None:
                 raise ValueError("list_length is for query lists: pass lists='query'")
@@ -478,13 +479,10 @@ class AIRRouter(_CenterRouter):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _new_index(self, codewords=None):
-        # query lists count the exact top-k of the router's k at construction
-        if not hasattr(self, "_list_k"):
-            self._list_k = self.k
         return _airmoe.AirIndex(self.dim, codewords or self.num_codewords, self.kmeans_iterations,
                                 self.seed, self.list_cap, self.spills, self.spill_lambda,
                                 device=backend_name(self.centers.device),
-                                list_length=self.list_length, query_k=self._list_k)
+                                list_length=self.list_length, query_k=self.list_k)
 
     def _index_arg(self, p):
         if not p.is_floating_point():  # query lists' int64 buffers

@@ -333,14 +333,22 @@ Codebook codebook_from(MatrixView codewords, const Compute& compute) {
 }
 
 // A query-list membership as Python keeps it (int64 buffers: offsets
-// [E + 1], lists [entries]) in the C++ form. Its consistency is checked by
-// the router that takes it (ListSegments: every expert in at least one list,
-// lists in [0, C), none twice).
+// [E + 1], lists [entries]) in the C++ form. It may come from a saved state,
+// so the CSR itself is checked here (the router reads each expert's first
+// entry before ListSegments checks the rest: no list twice per expert).
 ListMembership membership_from(const py::array_t<int64_t, py::array::c_style>& offsets,
                                const py::array_t<int64_t, py::array::c_style>& lists,
                                int64_t list_count) {
   if (offsets.ndim() != 1 || lists.ndim() != 1)
     throw std::invalid_argument("list_offsets and list_members must be 1-D");
+  const int64_t entries = lists.size();
+  if (offsets.size() < 2 || offsets.data()[0] != 0 || offsets.data()[offsets.size() - 1] != entries)
+    throw std::invalid_argument("list_offsets must run from 0 to the " + std::to_string(entries) +
+                                " list_members entries over at least one expert");
+  for (py::ssize_t e = 0; e + 1 < offsets.size(); ++e)
+    if (offsets.data()[e + 1] <= offsets.data()[e])
+      throw std::invalid_argument("list_offsets: expert " + std::to_string(e) +
+                                  " is in no list (offsets must increase)");
   ListMembership m;
   m.list_count = list_count;
   m.offsets.assign(offsets.data(), offsets.data() + offsets.size());

@@ -202,4 +202,14 @@ def test_bad_input_names_the_argument():
     twin.load_state_dict(state)
     with pytest.raises(ValueError, match="list_members entry 0 is list 11"):
         twin(randn(4, d, seed=23))
+    state = r.state_dict()
+    state["list_offsets"] = state["list_offsets"].clone()
+    state["list_offsets"][5] = state["list_offsets"][4]
+    twin.load_state_dict(state)
+    with pytest.raises(ValueError, match="list_offsets: expert 4 is in no list"):
+        twin(randn(4, d, seed=23))
+    state["list_offsets"][5] += 10**6  # past the entries: refused, never read
+    twin.load_state_dict(state)
+    with pytest.raises(ValueError, match="list_offsets"):
+        twin(randn(4, d, seed=23))
     assert r(randn(4, d, seed=23))[1].shape == (4, k)  # the original is untouched
