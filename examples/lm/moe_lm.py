@@ -281,6 +281,13 @@ class QueryListRefresh:
             self.builds += 1
             self.build_flops += self.router.list_build_flops
 
+    def state(self):  # for a checkpoint (the lists themselves are router buffers)
+        return {"recent": self.recent, "builds": self.builds, "build_flops": self.build_flops}
+
+    def load_state(self, state):
+        self.recent, self.builds, self.build_flops = (state["recent"], state["builds"],
+                                                      state["build_flops"])
+
 
 class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
@@ -526,16 +533,97 @@ def learning_rate(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
+# Where a run's outputs go and how often it saves its progress: not part of
+# what it computes (a resumed run computes the same bits).
+OUTPUT_ARGS = ("out", "save_router_data", "checkpoint_dir", "checkpoint_every")
+
+
+def run_settings(args):
+    """A run's arguments as JSON values, less OUTPUT_ARGS."""
+    stored = json.loads(json.dumps(args if isinstance(args, dict) else vars(args)))
+    return {key: value for key, value in stored.items() if key not in OUTPUT_ARGS}
+
+
+class Progress:
+    """What a run has done so far: its last step, the training curve, the
+    evaluations, the training seconds and each block's recent expert loads
+    (over the last --load-window steps)."""
+
+    def __init__(self, blocks, window):
+        self.step, self.curve, self.evals, self.t_train = 0, [], [], 0.0
+        self.recent_load = [collections.deque(maxlen=window) for _ in range(blocks)]
+
+
+def checkpoint_path(name, args):
+    return os.path.join(args.checkpoint_dir, f"{name}.ckpt") if args.checkpoint_dir else None
+
+
+def save_checkpoint(path, model, opt, gen, progress, args):
+    """Everything the next steps read (parameters, buffers, optimizer moments,
+    the batch and global random states, the balancing averages, air_query's
+    recent tokens and build counts, the curves),
+    written atomically: a run killed at any moment resumes from its last
+    checkpoint and computes the same bits as one never stopped."""
+    state = {"settings": run_settings(args), "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "batches": gen.get_state(),
+             "torch_rng": torch.get_rng_state(), "step": progress.step, "curve": progress.curve,
+             "evals": progress.evals, "t_train": progress.t_train,
+             "recent_load": [list(w) for w in progress.recent_load],
+             "smoothed_share": [b.ffn.smoothed_bias.share if b.ffn.smoothed_bias else None
+                                for b in model.blocks],
+             "query_lists": [b.ffn.list_refresh.state() if b.ffn.list_refresh else None
+                             for b in model.blocks]}
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, opt, gen, progress, args):
+    """Restores what save_checkpoint wrote; refuses one made with other
+    settings, naming each difference."""
+    state = torch.load(path)
+    wanted = run_settings(args)
+    diff = [f"{key}: saved {state['settings'].get(key)!r}, asked {wanted.get(key)!r}"
+            for key in sorted(set(state["settings"]) | set(wanted))
+            if state["settings"].get(key) != wanted.get(key)]
+    if diff:
+        raise ValueError(f"checkpoint {path} was made with other settings ({'; '.join(diff)}): "
+                         f"delete it to start the run over")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["batches"])
+    torch.set_rng_state(state["torch_rng"])
+    progress.step, progress.curve, progress.evals = state["step"], state["curve"], state["evals"]
+    progress.t_train = state["t_train"]
+    for window, saved in zip(progress.recent_load, state["recent_load"]):
+        window.extend(saved)
+    for b, share in zip(model.blocks, state["smoothed_share"]):
+        if share is not None:
+            b.ffn.smoothed_bias.share = share
+    for b, saved in zip(model.blocks, state["query_lists"]):
+        if saved is not None:
+            b.ffn.list_refresh.load_state(saved)
+
+
+def discard_checkpoint(name, args):
+    """Called once the run's result is stored: the result supersedes it."""
+    path = checkpoint_path(name, args)
+    if path and os.path.exists(path):
+        os.remove(path)
+
+
 def train(name, make_router, flops, data, val, args):
     torch.manual_seed(args.seed)
     model = MoELM(make_router, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    curve, evals = [], []
-    t_train = 0.0
-    # each block's expert loads over the last --load-window steps
-    recent_load = [collections.deque(maxlen=args.load_window) for _ in model.blocks]
-    for step in range(1, args.steps + 1):
+    progress = Progress(len(model.blocks), args.load_window)
+    ckpt = checkpoint_path(name, args)
+    if ckpt and os.path.exists(ckpt):
+        load_checkpoint(ckpt, model, opt, gen, progress, args)
+        print(f"[{name}] resumed from {ckpt} after step {progress.step}", flush=True)
+    curve, evals, recent_load = progress.curve, progress.evals, progress.recent_load
+    for step in range(progress.step + 1, args.steps + 1):
         x, y = batches(data, args, gen)
         t0 = time.perf_counter()
         for group in opt.param_groups:
@@ -565,7 +653,7 @@ def train(name, make_router, flops, data, val, args):
             recent_load[i].append(torch.bincount(b.ffn.last_experts.reshape(-1),
                                                  minlength=args.experts))
         update_codebooks(model, step, args)
-        t_train += time.perf_counter() - t0
+        progress.t_train += time.perf_counter() - t0
         curve.append(ce.item())
         if step % args.eval_every == 0 or step == args.steps:
             ev = {"step": step, **evaluate(model, val, args)}
@@ -577,6 +665,9 @@ def train(name, make_router, flops, data, val, args):
             print(f"[{name}] step {step}/{args.steps} train {ce.item():.3f} "
                   f"val {ev['val_loss']:.3f} experts used {ev['utilization']:.3f}{extra}",
                   flush=True)
+        progress.step = step
+        if ckpt and step % args.checkpoint_every == 0 and step < args.steps:
+            save_checkpoint(ckpt, model, opt, gen, progress, args)
     if args.save_router_data:
         save_router_data(model, name, val, args)
     final = evals[-1]
@@ -595,7 +686,7 @@ def train(name, make_router, flops, data, val, args):
         "val_perplexity": math.exp(final["val_loss"]),
         "val_bits_per_byte": final["val_loss"] / math.log(2),
         "router_flops_per_token": flops,
-        "tokens_per_s": args.steps * args.batch * args.seq / t_train,
+        "tokens_per_s": args.steps * args.batch * args.seq / progress.t_train,
         "recall_at_k": final["recall_at_k"],
         "mass_recall": final["mass_recall"],
         "utilization": final["utilization"],
@@ -688,6 +779,12 @@ def make_parser():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/lm")
+    p.add_argument("--checkpoint-dir", default="",
+                   help="directory: save each run's progress there as <router>.ckpt every "
+                        "--checkpoint-every steps; a run finds its checkpoint and resumes "
+                        "(deleted once the run's results are written)")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints (with --checkpoint-dir)")
     return p
 
 
@@ -699,7 +796,8 @@ INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers":
                "hidden": 1, "k": 1, "codewords": 1, "probes": 1, "update_every": 1,
                "codebook_warmup": 0, "list_cap": 0, "spills": 0, "save_batches": 1,
                "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0,
-               "load_window": 1, "list_length": 1, "list_refresh": 1, "list_sample": 1}
+               "load_window": 1, "checkpoint_every": 1, "list_length": 1, "list_refresh": 1,
+               "list_sample": 1}
 
 
 def flag(option):
@@ -782,7 +880,7 @@ def writable_directory_errors(args):
     """Creates --out and --save-router-data now, so that a bad path fails
     before training rather than after it."""
     errors = []
-    for option in ("out", "save_router_data"):
+    for option in ("out", "save_router_data", "checkpoint_dir"):
         path = getattr(args, option)
         if not path:
             continue
@@ -817,6 +915,8 @@ def main():
 
     with open(os.path.join(args.out, "lm_results.json"), "w") as f:
         json.dump({"config": vars(args), "results": results}, f, indent=2)
+    for name in args.routers.split(","):
+        discard_checkpoint(name, args)
     lines = ["| router | val loss (nats/byte) | perplexity | bits/byte | routing MFLOP/token "
              "| tokens/s (train) | recall@k | mass recall |", "|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -8,7 +8,9 @@ draws the validation loss against routing FLOPs, the loss curves and AIR's
 recall curves.
 
 Runs go to <out>/runs/<E>_<config>_s<seed>.json, one file each, written
-when the run ends: an interrupted study resumes where it stopped. A stored
+when the run ends; a run in progress saves a checkpoint under <out>/partial
+every CHECKPOINT_EVERY steps: an interrupted study resumes where it
+stopped, a run in the middle from its last checkpoint. A stored
 run counts only if it was made with the settings asked for now (its stored
 moe_lm arguments, all but where outputs go); if any was made with others,
 the study refuses before training, naming the differences: use another
@@ -101,6 +103,10 @@ AIR_ROUTERS = ("air", "air_query")
 BALANCED_BASE = {**BASE, "hidden": 16, "warmup": 100, "eval_every": 500, "eval_batches": 64,
                  "bias_balance": 0.01, "load_window": 32, "steps": 4883}
 
+# Steps between a run's checkpoints (about 4 minutes of one thread at the
+# balanced plan's rate).
+CHECKPOINT_EVERY = 250
+
 PLANS = {"first": (GRID, BASE), "balanced": (BALANCED_GRID, BALANCED_BASE)}
 
 
@@ -134,6 +140,7 @@ def run_one(job):
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, path)
+    moe_lm.discard_checkpoint(name, args)
     return path
 
 
@@ -155,6 +162,9 @@ def grid_jobs(study, configs=()):
                 args = run_args(study, experts, router, options, seed)
                 if seed == study.seeds[0]:  # learned centers for airmoe_bench router
                     args.save_router_data = os.path.join(study.out, "router_data")
+                # a killed run resumes from its last checkpoint (a few minutes back)
+                args.checkpoint_dir = os.path.join(study.out, "partial")
+                args.checkpoint_every = CHECKPOINT_EVERY
                 out.append((path, args, f"E{experts}_{name}_s{seed}"))
     return out
 
@@ -164,14 +174,7 @@ def jobs(study):
     return grid_jobs(study, study.configs)
 
 
-# Where a run's outputs go: not part of what it computed.
-OUTPUT_ARGS = ("out", "save_router_data")
-
-
-def settings(args):
-    """A run's arguments as stored in its JSON, less where its outputs went."""
-    stored = json.loads(json.dumps(args if isinstance(args, dict) else vars(args)))
-    return {key: value for key, value in stored.items() if key not in OUTPUT_ARGS}
+settings = moe_lm.run_settings  # a stored run's arguments that decide what it computed
 
 
 def setting_differences(path, args):
@@ -509,6 +512,7 @@ def main():
                 f"than asked for; use another --out, or delete them to redo them:\n  " +
                 "\n  ".join(stale))
     os.makedirs(os.path.join(study.out, "runs"), exist_ok=True)
+    os.makedirs(os.path.join(study.out, "partial"), exist_ok=True)
     if not study.report_only:
         run_all(study)
     rows = aggregate(study)

@@ -291,6 +291,68 @@ def test_moe_lm_refuses_the_key_column_bias_for_heads_and_hash(tmp_path):
             in "; ".join(moe_lm.option_errors(args)))
 
 
+def _tiny_args(tmp_path, **options):
+    args = moe_lm.make_parser().parse_args([])
+    # bias_balance 0.5: large enough that the balancing state changes routes
+    # within six steps, so a resume that lost it would show
+    settings = dict(experts=64, k=2, dim=16, heads=2, layers=1, hidden=4, seq=8, batch=4,
+                    steps=6, eval_every=3, eval_batches=1, threads=1, bias_balance=0.5,
+                    load_window=4, out=str(tmp_path))
+    for key, value in {**settings, **options}.items():
+        setattr(args, key, value)
+    return args
+
+
+def _tiny_train(args, name="dense"):
+    data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(7))
+    make_router, flops = moe_lm.routers(args)[name]
+    return moe_lm.train(name, make_router, flops, data, data[:512], args)
+
+
+# air_query: lists refreshed at steps 3 and 6 from the last 3 steps' tokens,
+# so the refresh after the resume reads tokens of a step before the checkpoint
+@pytest.mark.parametrize("name,options", [
+    ("dense", {}),
+    ("air_query", dict(codewords=8, probes=2, list_length=16, list_refresh=3, list_sample=96))])
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, monkeypatch, name,
+                                                                     options):
+    whole = _tiny_train(_tiny_args(tmp_path, **options), name)
+    args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path / "partial"), checkpoint_every=2,
+                      **options)
+    os.makedirs(args.checkpoint_dir)
+    real_update = moe_lm.update_codebooks
+
+    def killed_at_step_5(model, step, a):
+        if step == 5:
+            raise KeyboardInterrupt
+        real_update(model, step, a)
+
+    monkeypatch.setattr(moe_lm, "update_codebooks", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_train(args, name)
+    saved = torch.load(moe_lm.checkpoint_path(name, args))
+    assert saved["step"] == 4  # the last checkpoint before the kill
+    monkeypatch.setattr(moe_lm, "update_codebooks", real_update)
+    resumed = _tiny_train(args, name)
+    assert resumed["train_curve"] == whole["train_curve"]
+    assert resumed["evals"] == whole["evals"]
+    assert resumed["effective_experts"] == whole["effective_experts"]
+    for key in ("list_builds", "list_build_flops", "router_flops_per_token"):
+        assert resumed.get(key) == whole.get(key)
+    moe_lm.discard_checkpoint(name, args)
+    assert not os.listdir(args.checkpoint_dir)
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused_by_name(tmp_path, monkeypatch):
+    args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path), checkpoint_every=2, steps=3)
+    monkeypatch.setattr(moe_lm, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
+        _tiny_train(args)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"lr: saved 0.003, asked 0.001"):
+        _tiny_train(_tiny_args(tmp_path, checkpoint_dir=str(tmp_path), steps=3, lr=1e-3))
+
+
 def test_air_query_trains_with_its_refreshes_counted(tmp_path):
     """air_query: query lists built from the initial centers, rebuilt every
     --list-refresh steps from the last --list-sample training inputs, each
