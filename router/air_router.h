@@ -79,6 +79,9 @@ class AirRouter {
   // Whether the lists are query-aware, and what building them last cost.
   bool has_query_lists() const { return query_.has_value(); }
   double query_lists_build_flops() const { return query_ ? query_->build_flops : 0.0; }
+  // The query lists' membership (each expert's lists, CSR, in priority
+  // order), what a saved router restores them from; null for plain lists.
+  const ListMembership* query_membership() const { return query_ ? &query_->membership : nullptr; }
 
   // The selection bias b (router/routes.h checked_bias: E finite entries):
   // experts are selected by z + b, gates formed from the unbiased z. A copy

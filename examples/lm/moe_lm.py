@@ -260,13 +260,47 @@ def effective_experts(load):
     return math.exp(-(p * p.log()).sum().item())
 
 
+class QueryListRefresh:
+    """air_query's list upkeep: the router's query lists rebuilt (in C++,
+    AIRRouter.refresh_lists) every `every` training steps from the last
+    `sample` tokens it routed in training, under its current centers and
+    selection bias; the FLOPs of every build, the one at construction (from
+    the initial centers) included, are summed for the routing FLOPs."""
+
+    def __init__(self, router, sample, every):
+        self.router, self.sample, self.every = router, sample, every
+        self.recent = None  # the last `sample` training inputs of the router
+        self.builds = 1
+        self.build_flops = router.list_build_flops
+
+    def after_step(self, q, step):
+        q = q.detach()
+        self.recent = (q if self.recent is None else torch.cat([self.recent, q]))[-self.sample:]
+        if step % self.every == 0:
+            self.router.refresh_lists(self.recent)
+            self.builds += 1
+            self.build_flops += self.router.list_build_flops
+
+    def state(self):  # for a checkpoint (the lists themselves are router buffers)
+        return {"recent": self.recent, "builds": self.builds, "build_flops": self.build_flops}
+
+    def load_state(self, state):
+        self.recent, self.builds, self.build_flops = (state["recent"], state["builds"],
+                                                      state["build_flops"])
+
+
 class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
 
     def __init__(self, router, num_experts, dim, hidden, query_norm=False, load_bias=False,
-                 balance=False, score_balance=False, bias_balance=None, full_balance=False):
+                 balance=False, score_balance=False, bias_balance=None, full_balance=False,
+                 list_refresh=None):
         super().__init__()
         self.router = router
+        # (sample tokens, every N steps) of QueryListRefresh, for query lists
+        self.list_refresh = (QueryListRefresh(router, *list_refresh)
+                             if list_refresh and getattr(router, "lists", None) == "query"
+                             else None)
         self.load_bias = LoadBias(router) if load_bias else None
         # (rate, window) of SmoothedLoadBias, or None
         self.smoothed_bias = (SmoothedLoadBias(router, num_experts, *bias_balance)
@@ -327,7 +361,7 @@ class MoELM(nn.Module):
                 make_router(), args.experts, args.dim, args.hidden, args.query_norm,
                 args.load_bias_rate > 0, args.balance > 0, args.score_balance > 0,
                 (args.bias_balance, args.load_window) if args.bias_balance > 0 else None,
-                args.full_balance > 0))
+                args.full_balance > 0, (args.list_sample, args.list_refresh)))
             for _ in range(args.layers))
         self.ln = nn.LayerNorm(args.dim)
         self.head = nn.Linear(args.dim, 256)
@@ -359,6 +393,14 @@ def routers(args):
                 # probe scores + exact scores on m lists of E / C experts on average;
                 # train() replaces it with the measured shortlist
                 2.0 * C * dim("air") + 2.0 * m * (E / C) * dim("air")),
+        # query-aware lists (first built from the initial centers, then from
+        # recent training tokens every --list-refresh steps: QueryListRefresh)
+        "air_query": (lambda: airmoe.AIRRouter(E, dim("air_query"), k, C, m, seed=args.seed,
+                                               lists="query", list_length=args.list_length),
+                      # probe scores + at most m lists of L experts, plus the
+                      # refreshes; train() replaces it with the measured cost
+                      2.0 * C * dim("air_query") + 2.0 * min(E, m * args.list_length) *
+                      dim("air_query") + refresh_flops_per_token(args, dim("air_query"))),
         "product_key": (lambda: airmoe.ProductKeyRouter(n, dim("product_key"), k, seed=args.seed),
                         2.0 * n * dim("product_key") + k * k),
         "hash": (lambda: HashRouter(E, k, args.seed), 0.0),
@@ -412,13 +454,38 @@ def update_codebooks(model, step, args):
     """The AIR codebook's schedule: during the first --codebook-warmup steps
     every step is a full Lloyd step (step size 1), so the codebook catches up
     with centers that move fast early on; after that, one EMA step of size
-    --codebook-step every --update-every steps."""
+    --codebook-step every --update-every steps. Query lists (air_query)
+    follow their own: QueryListRefresh, every --list-refresh steps."""
     warm = step <= args.codebook_warmup
-    if not warm and step % args.update_every != 0:
-        return
+    update = warm or step % args.update_every == 0
     for b in model.blocks:
-        if isinstance(b.ffn.router, airmoe.AIRRouter):
+        if b.ffn.list_refresh is not None:
+            b.ffn.list_refresh.after_step(b.ffn.last_input, step)
+        elif update and isinstance(b.ffn.router, airmoe.AIRRouter):
             b.ffn.router.update_codebook(step=1.0 if warm else args.codebook_step)
+
+
+def refresh_flops_per_token(args, width):
+    """Query lists' upkeep per routed training token, before a run measures
+    it: one build from --list-sample tokens (airmoe.query_lists_build_flops,
+    the C++ count) per --list-refresh steps of --batch x --seq tokens."""
+    build = airmoe._airmoe.query_lists_build_flops(args.list_sample, args.experts, width,
+                                                   args.codewords, args.list_length, args.k, 10)
+    return build / (args.list_refresh * args.batch * args.seq)
+
+
+def list_upkeep(model, args):
+    """Query lists' measured upkeep: the FLOPs of every build of a block's
+    lists (the initial one and each refresh), mean over blocks, amortized
+    over the training tokens the run routed (each refresh serves the
+    --list-refresh x --batch x --seq tokens until the next). Empty for
+    other routers."""
+    refreshes = [b.ffn.list_refresh for b in model.blocks if b.ffn.list_refresh is not None]
+    if not refreshes:
+        return {}
+    build_flops = sum(r.build_flops for r in refreshes) / len(refreshes)
+    return {"list_builds": refreshes[0].builds, "list_build_flops": build_flops,
+            "list_refresh_flops_per_token": build_flops / (args.steps * args.batch * args.seq)}
 
 
 def router_centers(router):
@@ -493,7 +560,8 @@ def checkpoint_path(name, args):
 
 def save_checkpoint(path, model, opt, gen, progress, args):
     """Everything the next steps read (parameters, buffers, optimizer moments,
-    the batch and global random states, the balancing averages, the curves),
+    the batch and global random states, the balancing averages, air_query's
+    recent tokens and build counts, the curves),
     written atomically: a run killed at any moment resumes from its last
     checkpoint and computes the same bits as one never stopped."""
     state = {"settings": run_settings(args), "model": model.state_dict(),
@@ -502,7 +570,9 @@ def save_checkpoint(path, model, opt, gen, progress, args):
              "evals": progress.evals, "t_train": progress.t_train,
              "recent_load": [list(w) for w in progress.recent_load],
              "smoothed_share": [b.ffn.smoothed_bias.share if b.ffn.smoothed_bias else None
-                                for b in model.blocks]}
+                                for b in model.blocks],
+             "query_lists": [b.ffn.list_refresh.state() if b.ffn.list_refresh else None
+                             for b in model.blocks]}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -530,6 +600,9 @@ def load_checkpoint(path, model, opt, gen, progress, args):
     for b, share in zip(model.blocks, state["smoothed_share"]):
         if share is not None:
             b.ffn.smoothed_bias.share = share
+    for b, saved in zip(model.blocks, state["query_lists"]):
+        if saved is not None:
+            b.ffn.list_refresh.load_state(saved)
 
 
 def discard_checkpoint(name, args):
@@ -599,10 +672,13 @@ def train(name, make_router, flops, data, val, args):
         save_router_data(model, name, val, args)
     final = evals[-1]
     shortlists = [e["shortlist"] for e in evals if e["shortlist"] is not None]
+    upkeep = list_upkeep(model, args)
     if shortlists:  # AIR: the measured shortlist, averaged over the evaluations
         width = args.dim + (1 if args.load_bias_rate > 0 else 0)
         flops = 2.0 * args.codewords * width + 2.0 * width * sum(shortlists) / len(shortlists)
+        flops += upkeep.get("list_refresh_flops_per_token", 0.0)  # air_query's refreshes
     return {
+        **upkeep,
         "router": name,
         "train_curve": curve,
         "evals": evals,
@@ -665,6 +741,11 @@ def make_parser():
     p.add_argument("--list-cap", type=int, default=0, help="AIR inverted-list cap (0: none)")
     p.add_argument("--spills", type=int, default=0, help="AIR: extra (SOAR) lists per expert")
     p.add_argument("--soar-lambda", type=float, default=1.0, help="AIR: SOAR spill weight")
+    for option, default, what in (
+            ("--list-length", 256, "experts per query list (L)"),
+            ("--list-refresh", 64, "rebuild the query lists every N training steps"),
+            ("--list-sample", 4096, "from the last S tokens the router saw in training")):
+        p.add_argument(option, type=int, default=default, help="air_query: " + what)
     p.add_argument("--save-router-data", default="",
                    help="directory: save each router's trained centers and a batch of its "
                         "inputs as <router>_layer<i>_{centers,tokens}.npy")
@@ -707,14 +788,16 @@ def make_parser():
     return p
 
 
-ROUTERS = ("dense", "air", "product_key", "product_key_h2", "product_key_h4", "hash")
+ROUTERS = ("dense", "air", "product_key", "product_key_h2", "product_key_h4", "hash",
+           "air_query")
 
 # Integer options and their least value.
 INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers": 1, "experts": 1,
                "hidden": 1, "k": 1, "codewords": 1, "probes": 1, "update_every": 1,
                "codebook_warmup": 0, "list_cap": 0, "spills": 0, "save_batches": 1,
                "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0,
-               "load_window": 1, "checkpoint_every": 1}
+               "load_window": 1, "checkpoint_every": 1, "list_length": 1, "list_refresh": 1,
+               "list_sample": 1}
 
 
 def flag(option):
@@ -758,11 +841,19 @@ def option_errors(args):
          f"--load-bias-rate: its key-column bias has no form for {', '.join(no_column)}; "
          f"use --bias-balance")
     need(args.k <= args.experts, f"--k {args.k} exceeds --experts {args.experts}")
-    if "air" in names:
+    if "air" in names or "air_query" in names:
         need(args.codewords <= args.experts,
              f"--codewords {args.codewords} exceeds --experts {args.experts}")
         need(args.probes <= args.codewords,
              f"--probes {args.probes} exceeds --codewords {args.codewords}")
+    if "air_query" in names:
+        need(args.list_length <= args.experts,
+             f"--list-length {args.list_length} exceeds --experts {args.experts}")
+        # a refresh's k-means needs C sample tokens
+        need(min(args.list_sample, args.list_refresh * args.batch * args.seq) >= args.codewords,
+             f"air_query: a refresh samples min(--list-sample, --list-refresh x --batch x --seq)"
+             f" = {min(args.list_sample, args.list_refresh * args.batch * args.seq)} tokens, "
+             f"fewer than --codewords {args.codewords}")
     if any(name.startswith("product_key") for name in names):
         n = math.isqrt(args.experts)
         need(n * n == args.experts, f"--experts {args.experts} is not a square: product_key "

@@ -219,8 +219,12 @@ class _Router(nn.Module):
                                                                             self._snapshot):
             if device.type == "cuda":
                 self._snapshot = [p.detach().clone() for p in params]
-            self._index.sync(*[self._index_arg(p) for p in params])
+            self._sync_index(params)
         self._index.set_bias(self._bias_arg(device), stream=current_stream(device))
+
+    def _sync_index(self, params):
+        """Hands the index the tensors _synced_tensors() gave."""
+        self._index.sync(*[self._index_arg(p) for p in params])
 
     def _index_arg(self, p):
         """A parameter as the index takes it (in place, in its dtype)."""
@@ -340,6 +344,24 @@ class AIRRouter(_CenterRouter):
         spills, spill_lambda: spilled lists: each expert also sits in
             `spills` more lists chosen by SOAR (weight spill_lambda); an
             expert is still scored once per token. Off by default.
+        lists: 'centers' (the default: the codebook is trained on the
+            expert centers and each expert sits in its nearest codeword's
+            list) or 'query' (query-aware lists, router/query_lists.h: the
+            codebook is trained on sample tokens and each codeword's list
+            holds the `list_length` experts that its tokens' exact top-k,
+            biased by ``bias`` when set, picks most; every expert sits in at
+            least one list, so m = C still equals exact top-k). Query lists
+            are what a balanced, learned router needs (docs/routing.md,
+            "Query-aware lists"); they go stale as the centers and the bias
+            move: call ``refresh_lists(sample_hidden)`` to rebuild them.
+            With 'query', update_every, list_cap and spills must stay 0 and
+            update_codebook() raises.
+        list_sample: query lists: the tokens [S, d] (C <= S) the first lists
+            are built from; None: the centers themselves (each expert's
+            exact top-k among the experts), until refresh_lists(). Read as
+            a float32 CPU copy.
+        list_length: query lists: L, the most-picked experts each list keeps
+            (1 <= L <= E; None: min(E, 256)).
         gate_mode: 'chosen' or 'sigmoid' (module docstring).
         bias: the selection bias [E] (float32, copied to the router's
             device), or None (module docstring).
@@ -354,7 +376,13 @@ class AIRRouter(_CenterRouter):
     ValueError naming the argument; non-integers raise TypeError.
 
     Parameters and buffers: ``centers`` (nn.Parameter [E, d]) and ``codebook``
-    (buffer [C, d], float32, unit rows), both in state_dict. The C++ router
+    (buffer [C, d], float32, unit rows), both in state_dict. Query lists
+    add the lists themselves, saved and restored exactly (not recounted:
+    the sample is gone): ``list_offsets`` (int64 [E + 1]) and
+    ``list_members`` (int64, each expert's lists in priority order, CSR),
+    and ``list_sample_size`` (int64 scalar: the size of the sample they
+    were built from, for ``list_build_flops``). A restored or copied
+    router routes exactly like the original. The C++ router
     keeps its own copy of the centers and codebook and compares them bit for
     bit with the module's before every use: any change (an optimizer step,
     load_state_dict, a write through ``.data`` or a NumPy view, a replaced
@@ -362,10 +390,14 @@ class AIRRouter(_CenterRouter):
     """
 
     _float32_buffers = ("bias", "codebook")  # the codebook: float32 unit rows, as the index has it
+    LIST_KINDS = ("centers", "query")
+    lists, list_length, list_k = "centers", 0, 1  # routers pickled before query lists: center lists
+    _QUERY_BUFFERS = ("list_offsets", "list_members", "list_sample_size")
 
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
-                 spill_lambda=1.0, device=None, gate_mode="chosen", bias=None):
+                 spill_lambda=1.0, device=None, gate_mode="chosen", bias=None, lists="centers",
+                 list_sample=None, list_length=None):
         super().__init__()
         self._init_centers(num_experts, dim, k, centers, seed)
         if device is not None:  # trained and built there (a GPU's k-means)
@@ -381,20 +413,88 @@ class AIRRouter(_CenterRouter):
         self.list_cap = check_int(list_cap, "list_cap", 0, INT64_MAX)
         self.spills = check_int(spills, "spills", 0, INT32_MAX)
         self.spill_lambda = float(spill_lambda)
+        self._init_list_kind(lists, list_length)
         self._calls = 0
         self._index = self._new_index(codewords)
+        if self.lists == "query":
+            sample = self.centers if list_sample is None else list_sample
+            self._build_query_lists(self._checked_sample(sample, "list_sample"))
+            return
         # C++ validates the centers and the list options, and trains the codebook.
         self._index.set_centers(host_float32(self.centers))
         self.register_buffer("codebook",
                              torch.from_numpy(self._index.codewords()).to(self.centers.device))
 
+    def _init_list_kind(self, lists, list_length):
+        if lists not in self.LIST_KINDS:
+            raise ValueError(f"lists = {lists!r} is not one of {self.LIST_KINDS}")
+        self.lists = lists
+        self.list_length = 0
+        self.list_k = self.k  # query lists count the sample's top-k for k at construction
+        if lists != "query":
+            if list_length is not None:
+                raise ValueError("list_length is for query lists: pass lists='query'")
+            return
+        for name in ("update_every", "list_cap", "spills"):
+            if getattr(self, name):
+                raise ValueError(f"{name} = {getattr(self, name)} does not apply to query lists "
+                                 f"(lists='query'): leave it 0 and call refresh_lists()")
+        self.list_length = check_int(min(self.num_experts, 256) if list_length is None
+                                     else list_length, "list_length L", 1, self.num_experts)
+
+    def _checked_sample(self, sample, name):
+        """Sample tokens as the index takes them: [S >= 1, d], a float32 CPU
+        copy (C++ names their non-finite or zero rows)."""
+        _check_router_tensor(sample, name, dim=self.dim)
+        if sample.shape[0] < 1:
+            raise ValueError(f"{name} has no tokens (shape {tuple(sample.shape)}): query lists "
+                             f"need at least C = {self._index.codeword_count} sample tokens")
+        return host_float32(sample)
+
+    def _build_query_lists(self, sample):
+        """The first query lists (C++ build_query_lists), and their buffers."""
+        self._index.build_query_lists(host_float32(self.centers),
+                                      self._bias_arg(self.centers.device), sample)
+        device = self.centers.device
+        self.register_buffer("codebook", torch.from_numpy(self._index.codewords()).to(device))
+        self.register_buffer("list_sample_size", torch.tensor(sample.shape[0], device=device))
+        offsets, members = self._index.query_membership()
+        self.register_buffer("list_offsets", torch.from_numpy(offsets).to(device))
+        self.register_buffer("list_members", torch.from_numpy(members).to(device))
+
+    def _take_query_lists(self, sample_size):
+        """Copies the index's rebuilt query lists into the buffers."""
+        self.codebook.copy_(torch.from_numpy(self._index.codewords()))
+        self.list_sample_size.fill_(sample_size)
+        offsets, members = self._index.query_membership()
+        self.list_offsets.copy_(torch.from_numpy(offsets))
+        self.list_members = torch.from_numpy(members).to(self.list_members.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Query lists: the members' count changes with every rebuild, so the
+        # buffer takes the saved one's shape before the copy.
+        saved = state_dict.get(prefix + "list_members")
+        if self.lists == "query" and isinstance(saved, torch.Tensor):
+            self.list_members = torch.empty_like(saved, device=self.list_members.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _new_index(self, codewords=None):
         return _airmoe.AirIndex(self.dim, codewords or self.num_codewords, self.kmeans_iterations,
                                 self.seed, self.list_cap, self.spills, self.spill_lambda,
-                                device=backend_name(self.centers.device))
+                                device=backend_name(self.centers.device),
+                                list_length=self.list_length, query_k=self.list_k)
 
     def _index_arg(self, p):
+        if not p.is_floating_point():  # query lists' int64 buffers
+            return p.cpu().numpy()
         return host_float32(p)  # the AIR index keeps float32 host copies
+
+    def _sync_index(self, params):
+        if self.lists != "query":
+            return super()._sync_index(params)
+        centers, codebook, offsets, members, sample_size = params
+        self._index.sync(self._index_arg(centers), self._index_arg(codebook),
+                         self._index_arg(offsets), self._index_arg(members), int(sample_size))
 
     @property
     def num_codewords(self):
@@ -409,7 +509,10 @@ class AIRRouter(_CenterRouter):
         if self.codebook.device != self.centers.device:
             raise ValueError(f"the AIR router's codebook is on {self.codebook.device} but its "
                              f"centers on {self.centers.device}: move the module with .to()")
-        return self.centers, self.codebook
+        if self.lists != "query":
+            return self.centers, self.codebook
+        return (self.centers, self.codebook,
+                *(getattr(self, name) for name in self._QUERY_BUFFERS))
 
     def forward(self, hidden):
         """hidden [T, d] -> (gates [T, k] hidden.dtype, indices [T, k] int64)."""
@@ -430,11 +533,41 @@ class AIRRouter(_CenterRouter):
         codewords repaired; then the inverted lists are rebuilt. Call after
         optimizer.step(). Gradient-free: the loss does not change."""
         updates = check_int(updates, "updates", 0, INT32_MAX)
+        if self.lists == "query":
+            raise RuntimeError("update_codebook: query lists' codebook is trained on tokens, not "
+                               "on the centers; call refresh_lists(sample_hidden)")
         self._sync()
         self._index.update_codebook(float(step), updates)
         self.codebook.copy_(torch.from_numpy(self._index.codewords()))
         if self._snapshot is not None:  # the index has these codewords already
             self._snapshot = [p.detach().clone() for p in self._synced_tensors()]
+
+    @torch.no_grad()
+    def refresh_lists(self, sample_hidden):
+        """Query lists: rebuilds the codebook (spherical k-means on the
+        sample) and the lists (the sample's exact top-k under the current
+        centers and bias) in C++ (router/query_lists.h). sample_hidden:
+        [S, d] router inputs, C <= S, finite and nonzero rows, read as a
+        float32 CPU copy. Gradient-free; costs ``list_build_flops``."""
+        if self.lists != "query":
+            raise RuntimeError("refresh_lists: this AIR router has center lists (lists="
+                               "'centers'); build it with lists='query' for query lists")
+        sample = self._checked_sample(sample_hidden, "sample_hidden")
+        self._sync()
+        self._index.refresh_lists(sample)
+        self._take_query_lists(sample.shape[0])
+        if self._snapshot is not None:  # the index has these lists already
+            self._snapshot = [p.detach().clone() for p in self._synced_tensors()]
+
+    @property
+    def list_build_flops(self):
+        """FLOPs of building the current query lists (C++
+        query_lists_build_flops: the sample's exact routing, the k-means on
+        it and its assignment); 0.0 for center lists."""
+        if self.lists != "query":
+            return 0.0
+        self._sync()
+        return self._index.query_build_flops()
 
     @torch.no_grad()
     def shortlist_sizes(self, hidden):
@@ -452,9 +585,11 @@ class AIRRouter(_CenterRouter):
         return torch.from_numpy(self._index.list_sizes())
 
     def extra_repr(self):
+        lists = (f", lists='query', list_length={self.list_length}" if self.lists == "query"
+                 else "")
         return (super().extra_repr() +
                 f", codewords={self.num_codewords}, probes={self.probes}"
-                f", update_every={self.update_every}")
+                f", update_every={self.update_every}{lists}")
 
 
 class DenseRouter(_CenterRouter):

@@ -68,6 +68,7 @@
 #include "router/dense_router.h"
 #include "router/inverted_lists.h"
 #include "router/product_key_router.h"
+#include "router/query_lists.h"
 #include "router/routes.h"
 
 namespace airmoe {
@@ -331,13 +332,102 @@ Codebook codebook_from(MatrixView codewords, const Compute& compute) {
   }
 }
 
+// A query-list membership as Python keeps it (int64 buffers: offsets
+// [E + 1], lists [entries]) in the C++ form. It may come from a saved state,
+// so the CSR itself is checked here (the router reads each expert's first
+// entry before ListSegments checks the rest: no list twice per expert).
+ListMembership membership_from(const py::array_t<int64_t, py::array::c_style>& offsets,
+                               const py::array_t<int64_t, py::array::c_style>& lists,
+                               int64_t list_count) {
+  if (offsets.ndim() != 1 || lists.ndim() != 1)
+    throw std::invalid_argument("list_offsets and list_members must be 1-D");
+  const int64_t entries = lists.size();
+  if (offsets.size() < 2 || offsets.data()[0] != 0 || offsets.data()[offsets.size() - 1] != entries)
+    throw std::invalid_argument("list_offsets must run from 0 to the " + std::to_string(entries) +
+                                " list_members entries over at least one expert");
+  for (py::ssize_t e = 0; e + 1 < offsets.size(); ++e)
+    if (offsets.data()[e + 1] <= offsets.data()[e])
+      throw std::invalid_argument("list_offsets: expert " + std::to_string(e) +
+                                  " is in no list (offsets must increase)");
+  ListMembership m;
+  m.list_count = list_count;
+  m.offsets.assign(offsets.data(), offsets.data() + offsets.size());
+  m.lists.reserve(static_cast<size_t>(lists.size()));
+  for (py::ssize_t i = 0; i < lists.size(); ++i) {
+    const int64_t c = lists.data()[i];
+    if (c < 0 || c >= list_count)
+      throw std::invalid_argument("list_members entry " + std::to_string(i) + " is list " +
+                                  std::to_string(c) + ", outside [0, " +
+                                  std::to_string(list_count) + ")");
+    m.lists.push_back(static_cast<int32_t>(c));
+  }
+  return m;
+}
+
+bool same_membership(const ListMembership& a, const ListMembership& b) {
+  return a.list_count == b.list_count && a.offsets == b.offsets && a.lists == b.lists;
+}
+
 // AirRouter with an unbuilt state: constructed from the configuration alone,
-// built by the first set_centers() (which trains the codebook) or sync().
+// built by the first set_centers() (which trains the codebook), by
+// build_query_lists() (query lists: the codebook trained on sample tokens)
+// or by sync().
 class AirIndex : public IndexState {
  public:
-  AirIndex(int64_t dim, const AirConfig& config, const std::string& device)
-      : IndexState(Compute{&find_backend(device), {}}), dim_(dim), config_(config) {
+  AirIndex(int64_t dim, const AirConfig& config, const std::string& device,
+           std::optional<QueryListOptions> query = std::nullopt)
+      : IndexState(Compute{&find_backend(device), {}}), dim_(dim), config_(config), query_(query) {
     if (dim < 1) throw std::invalid_argument("dim must be >= 1, got " + std::to_string(dim));
+  }
+
+  bool query_lists() const { return query_.has_value(); }
+
+  // Query lists, first build: the codebook trained on `sample`, the lists
+  // counted from its exact top-k under `bias` (None: no bias).
+  void build_query_lists(const py::object& centers_arg, const py::object& bias_arg,
+                         const py::object& sample_arg) {
+    require_query("build_query_lists");
+    const TensorArg c_arg = import_tensor(centers_arg, "centers");
+    const TensorArg s_arg = import_tensor(sample_arg, "sample tokens");
+    std::optional<TensorArg> b;
+    if (!bias_arg.is_none()) b = import_tensor(bias_arg, "bias");
+    const MatrixView centers = host_f32(c_arg, "centers");
+    const MatrixView sample = host_f32(s_arg, "sample tokens");
+    require_dim(centers, "centers");
+    require_dim(sample, "sample tokens");
+    py::gil_scoped_release release;
+    std::unique_lock lock(mutex_);
+    router_.emplace(centers, b ? b->view : TensorView(), sample, *query_, compute_);
+    remember_query_lists();
+  }
+
+  // Query lists: rebuilt from `sample` under the router's current centers
+  // and bias (what sync() and set_bias() last gave it).
+  void refresh_lists(const py::object& sample_arg) {
+    require_query("refresh_lists");
+    const TensorArg s_arg = import_tensor(sample_arg, "sample tokens");
+    const MatrixView sample = host_f32(s_arg, "sample tokens");
+    require_dim(sample, "sample tokens");
+    py::gil_scoped_release release;
+    std::unique_lock lock(mutex_);
+    get("refresh_lists").refresh_lists(sample);
+    remember_query_lists();
+  }
+
+  // The query lists' membership as (offsets [E + 1], lists) int64 arrays.
+  py::tuple query_membership() const {
+    std::shared_lock lock(mutex_);
+    const ListMembership* m = get("query_membership").query_membership();
+    if (!m) throw std::runtime_error("query_membership: the AIR router has plain lists");
+    std::vector<int64_t> lists(m->lists.begin(), m->lists.end());
+    return py::make_tuple(copied(m->offsets, {static_cast<py::ssize_t>(m->offsets.size())}),
+                          owned(std::move(lists), {static_cast<py::ssize_t>(m->lists.size())}));
+  }
+
+  // What building the current query lists cost (0 for plain lists).
+  double query_build_flops() const {
+    std::shared_lock lock(mutex_);
+    return get("query_build_flops").query_lists_build_flops();
   }
 
   bool built() const {
@@ -362,28 +452,44 @@ class AirIndex : public IndexState {
   }
 
   // Brings the router up to date with the torch centers and codebook (host
-  // float32): rebuilt on other codewords, lists rebuilt on other centers,
-  // nothing when both hold the bits of the last sync (on a device, where the
-  // caller compared, the centers always count as changed). An unbuilt router
-  // (a copy being restored) is built from them. True when anything changed.
-  bool sync(const py::object& centers_arg, const py::object& codewords_arg) {
+  // float32) and, for query lists, their membership (list_offsets,
+  // list_members) and sample size: rebuilt on other codewords or lists,
+  // lists rebuilt on other centers, nothing when all hold the bits of the
+  // last sync (on a device, where the caller compared, the centers always
+  // count as changed). An unbuilt router (a copy being restored) is built
+  // from them. True when anything changed.
+  bool sync(const py::object& centers_arg, const py::object& codewords_arg,
+            const std::optional<py::array_t<int64_t, py::array::c_style>>& list_offsets,
+            const std::optional<py::array_t<int64_t, py::array::c_style>>& list_members,
+            int64_t sample_tokens) {
     const TensorArg c_arg = import_tensor(centers_arg, "centers");
     const TensorArg w_arg = import_tensor(codewords_arg, "codewords");
     const MatrixView centers = host_f32(c_arg, "centers");
     const MatrixView codewords = host_f32(w_arg, "codewords");
     require_dim(centers, "centers");
     require_dim(codewords, "codewords");
+    std::optional<ListMembership> membership;
+    if (query_) {
+      if (!list_offsets || !list_members)
+        throw std::invalid_argument("sync: query lists need list_offsets and list_members");
+      membership = membership_from(*list_offsets, *list_members, codewords.rows);
+    }
     py::gil_scoped_release release;
     std::unique_lock lock(mutex_);
-    const bool new_codebook = !router_ || !same_bits(codewords, given_codewords_.view());
+    const bool new_codebook = !router_ || !same_bits(codewords, given_codewords_.view()) ||
+                              (membership && !same_membership(*membership, given_membership_));
     const bool new_centers =
         !router_ || !on_host() || !same_bits(centers, TensorView(router_->keys()));
     if (new_codebook) {
-      AirRouter fresh(centers, codebook_from(codewords, compute_),
-                      ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
+      AirRouter fresh =
+          membership
+              ? query_router(centers, codewords, std::move(*membership), sample_tokens)
+              : AirRouter(centers, codebook_from(codewords, compute_),
+                          ListOptions{config_.list_cap, config_.spills, config_.spill_lambda});
       if (router_) carry_bias(*router_, fresh);
       router_ = std::move(fresh);
       given_codewords_ = copy_of(codewords);
+      if (query_) given_membership_ = *router_->query_membership();
     } else if (new_centers) {
       router_->set_centers(centers);
     }
@@ -465,6 +571,26 @@ class AirIndex : public IndexState {
     std::copy_n(m.data, m.rows * m.cols, out.data());
     return out;
   }
+  void require_query(const char* op) const {
+    if (!query_)
+      throw std::runtime_error(std::string(op) +
+                               ": the AIR router was built with plain (center) lists");
+  }
+  // A router over saved query lists (a copy or a loaded state): the build
+  // cost is that of a build from `sample_tokens` tokens.
+  AirRouter query_router(MatrixView centers, MatrixView codewords, ListMembership membership,
+                         int64_t sample_tokens) const {
+    const double flops = sample_tokens > 0 ? query_lists_build_flops(sample_tokens, centers.rows,
+                                                                     centers.cols, *query_)
+                                           : 0.0;
+    return AirRouter(centers, QueryLists{*query_, codebook_from(codewords, compute_),
+                                         std::move(membership), flops});
+  }
+  // The codewords and membership sync() compares against (the router's own).
+  void remember_query_lists() {
+    given_codewords_ = host_matrix(compute_, router_->codebook().tensor());
+    given_membership_ = *router_->query_membership();
+  }
   void require_dim(MatrixView m, const char* what) const {
     if (m.cols != dim_)
       throw std::invalid_argument(std::string(what) + " has " + std::to_string(m.cols) +
@@ -480,8 +606,10 @@ class AirIndex : public IndexState {
 
   int64_t dim_;
   AirConfig config_;
+  std::optional<QueryListOptions> query_;    // set: query lists (router/query_lists.h)
   mutable std::optional<AirRouter> router_;  // mutable: calls set its stream
   Matrix given_codewords_;  // the codewords of the last sync, as given (sync compares them)
+  ListMembership given_membership_;  // query lists: the membership of the last sync or build
 };
 
 class DenseIndex : public IndexState {
@@ -664,25 +792,44 @@ PYBIND11_MODULE(_airmoe, m) {
 
   py::class_<AirIndex>(m, "AirIndex",
                        "Adaptive inverted-index router. Unbuilt until the first set_centers(), "
-                       "which trains the codebook.")
+                       "which trains the codebook, or, with list_length > 0 (query lists), "
+                       "build_query_lists(), which trains it on sample tokens.")
       .def(py::init([](int64_t dim, int64_t codewords, int kmeans_iterations, uint64_t seed,
-                       int64_t list_cap, int spills, double spill_lambda,
-                       const std::string& device) {
+                       int64_t list_cap, int spills, double spill_lambda, const std::string& device,
+                       int64_t list_length, int query_k) {
+             std::optional<QueryListOptions> query;
+             if (list_length > 0)
+               query = QueryListOptions{codewords, list_length, query_k, kmeans_iterations, seed};
              return new AirIndex(
                  dim, AirConfig{codewords, kmeans_iterations, seed, list_cap, spills, spill_lambda},
-                 device);
+                 device, query);
            }),
            py::arg("dim"), py::arg("codewords"), py::arg("kmeans_iterations") = 10,
            py::arg("seed") = 1234, py::arg("list_cap") = 0, py::arg("spills") = 0,
-           py::arg("spill_lambda") = 1.0, py::arg("device") = "host")
+           py::arg("spill_lambda") = 1.0, py::arg("device") = "host", py::arg("list_length") = 0,
+           py::arg("query_k") = 8)
       .def_property_readonly("built", &AirIndex::built)
+      .def_property_readonly("query_lists", &AirIndex::query_lists)
+      .def("build_query_lists", &AirIndex::build_query_lists, py::arg("centers"), py::arg("bias"),
+           py::arg("sample"),
+           "Query lists: codebook trained on the sample tokens, lists from their exact (biased) "
+           "top-k picks (router/query_lists.h).")
+      .def("refresh_lists", &AirIndex::refresh_lists, py::arg("sample"),
+           "Query lists rebuilt from the sample under the current centers and bias.")
+      .def("query_membership", &AirIndex::query_membership,
+           "(offsets int64 [E + 1], lists int64): each expert's query lists, CSR.")
+      .def("query_build_flops", &AirIndex::query_build_flops,
+           "FLOPs of building the current query lists (0 for plain lists).")
       .def_property_readonly("device", &AirIndex::device)
       .def_property_readonly("dim", &AirIndex::dim)
       .def_property_readonly("codeword_count", &AirIndex::codeword_count)
       .def_property_readonly("experts", &AirIndex::experts)
       .def("set_centers", &AirIndex::set_centers, py::arg("centers"))
       .def("sync", &AirIndex::sync, py::arg("centers"), py::arg("codewords"),
-           "Follows the torch centers and codebook (compared bit for bit): True when it changed.")
+           py::arg("list_offsets") = py::none(), py::arg("list_members") = py::none(),
+           py::arg("sample_tokens") = 0,
+           "Follows the torch centers and codebook (and query lists' membership; compared bit "
+           "for bit): True when it changed.")
       .def("update_codebook", &AirIndex::update_codebook, py::arg("step") = 1.0,
            py::arg("updates") = 1)
       .def("route", &AirIndex::route, py::arg("tokens"), py::arg("k"), py::arg("probes"),
@@ -740,6 +887,17 @@ PYBIND11_MODULE(_airmoe, m) {
       },
       py::arg("centers"), py::arg("codewords"), py::arg("iterations") = 20, py::arg("seed") = 1234,
       "Spherical k-means codebook [C, d] (unit rows) over the normalized centers.");
+
+  m.def(
+      "query_lists_build_flops",
+      [](int64_t tokens, int64_t experts, int64_t dim, int64_t codewords, int64_t list_length,
+         int k, int kmeans_iterations) {
+        return query_lists_build_flops(
+            tokens, experts, dim, QueryListOptions{codewords, list_length, k, kmeans_iterations});
+      },
+      py::arg("tokens"), py::arg("experts"), py::arg("dim"), py::arg("codewords"),
+      py::arg("list_length"), py::arg("k"), py::arg("kmeans_iterations"),
+      "FLOPs of building query lists from `tokens` sample tokens (router/query_lists.h).");
 
   m.def(
       "view_address",

@@ -309,9 +309,16 @@ def _tiny_train(args, name="dense"):
     return moe_lm.train(name, make_router, flops, data, data[:512], args)
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, monkeypatch):
-    whole = _tiny_train(_tiny_args(tmp_path))
-    args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path / "partial"), checkpoint_every=2)
+# air_query: lists refreshed at steps 3 and 6 from the last 3 steps' tokens,
+# so the refresh after the resume reads tokens of a step before the checkpoint
+@pytest.mark.parametrize("name,options", [
+    ("dense", {}),
+    ("air_query", dict(codewords=8, probes=2, list_length=16, list_refresh=3, list_sample=96))])
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, monkeypatch, name,
+                                                                     options):
+    whole = _tiny_train(_tiny_args(tmp_path, **options), name)
+    args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path / "partial"), checkpoint_every=2,
+                      **options)
     os.makedirs(args.checkpoint_dir)
     real_update = moe_lm.update_codebooks
 
@@ -322,15 +329,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, m
 
     monkeypatch.setattr(moe_lm, "update_codebooks", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        _tiny_train(args)
-    saved = torch.load(moe_lm.checkpoint_path("dense", args))
+        _tiny_train(args, name)
+    saved = torch.load(moe_lm.checkpoint_path(name, args))
     assert saved["step"] == 4  # the last checkpoint before the kill
     monkeypatch.setattr(moe_lm, "update_codebooks", real_update)
-    resumed = _tiny_train(args)
+    resumed = _tiny_train(args, name)
     assert resumed["train_curve"] == whole["train_curve"]
     assert resumed["evals"] == whole["evals"]
     assert resumed["effective_experts"] == whole["effective_experts"]
-    moe_lm.discard_checkpoint("dense", args)
+    for key in ("list_builds", "list_build_flops", "router_flops_per_token"):
+        assert resumed.get(key) == whole.get(key)
+    moe_lm.discard_checkpoint(name, args)
     assert not os.listdir(args.checkpoint_dir)
 
 
@@ -342,3 +351,46 @@ def test_a_checkpoint_made_with_other_settings_is_refused_by_name(tmp_path, monk
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"lr: saved 0.003, asked 0.001"):
         _tiny_train(_tiny_args(tmp_path, checkpoint_dir=str(tmp_path), steps=3, lr=1e-3))
+
+
+def test_air_query_trains_with_its_refreshes_counted(tmp_path):
+    """air_query: query lists built from the initial centers, rebuilt every
+    --list-refresh steps from the last --list-sample training inputs, each
+    build's C++ FLOP count amortized over the training tokens, recall
+    measured as for AIR."""
+    argv = ["--routers", "air_query", "--steps", "4", "--eval-every", "2", "--eval-batches", "1",
+            "--experts", "256", "--codewords", "16", "--probes", "2", "--list-length", "32",
+            "--list-refresh", "2", "--list-sample", "96", "--dim", "16", "--heads", "2",
+            "--layers", "1", "--seq", "16", "--batch", "4", "--k", "4", "--bias-balance", "0.05",
+            "--threads", "1", "--out", str(tmp_path)]
+    args = moe_lm.make_parser().parse_args(argv)
+    assert moe_lm.option_errors(args) == []
+    data = moe_lm.byte_tensor(bytes(torch.randint(0, 256, (3000,), generator=torch.Generator()
+                                                  .manual_seed(0)).tolist()))
+    make_router, flops = moe_lm.routers(args)["air_query"]
+    result = moe_lm.train("air_query", make_router, flops, data[:2000], data[2000:], args)
+    build = lambda tokens: airmoe._airmoe.query_lists_build_flops(  # noqa: E731
+        tokens, 256, 16, 16, 32, 4, 10)
+    # the initial build from the 256 centers, then steps 2 and 4 from 96 tokens
+    assert result["list_builds"] == 3
+    assert result["list_build_flops"] == pytest.approx(build(256) + 2 * build(96))
+    per_token = result["list_refresh_flops_per_token"]
+    assert per_token == pytest.approx(result["list_build_flops"] / (4 * 4 * 16))
+    shortlists = [e["shortlist"] for e in result["evals"]]
+    assert len(shortlists) == 2 and min(shortlists) >= 4
+    # probe scores + the measured shortlist + the refreshes, per token
+    assert result["router_flops_per_token"] == pytest.approx(
+        2.0 * 16 * 16 + 2.0 * 16 * sum(shortlists) / 2 + per_token)
+    assert per_token > 0 and 0.0 <= result["recall_at_k"] <= 1.0
+
+
+def test_air_query_option_errors(tmp_path):
+    for argv, message in (
+            (["--routers", "air_query", "--list-length", "5000"],
+             "--list-length 5000 exceeds --experts 4096"),
+            (["--routers", "air_query", "--list-sample", "32"],
+             "air_query: a refresh samples min(--list-sample, --list-refresh x --batch x --seq)"
+             " = 32 tokens, fewer than --codewords 64"),
+            (["--list-refresh", "0"], "--list-refresh must be >= 1, got 0")):
+        args = moe_lm.make_parser().parse_args(["--out", str(tmp_path), *argv])
+        assert message in "; ".join(moe_lm.option_errors(args))
