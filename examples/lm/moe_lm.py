@@ -544,6 +544,17 @@ def run_settings(args):
     return {key: value for key, value in stored.items() if key not in OUTPUT_ARGS}
 
 
+def settings_differences(saved, args, verb):
+    """How `saved` (run_settings of an earlier run) differs from `args`, one
+    line per option ([] when they match). An option added to moe_lm.py since
+    then counts as its default there (the earlier run was made without it)."""
+    wanted = run_settings(args)
+    defaults = run_settings(make_parser().parse_args([]))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    return [f"{key}: {verb} {saved.get(key, '(none)')!r}, asked {wanted.get(key, '(none)')!r}"
+            for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key)]
+
+
 class Progress:
     """What a run has done so far: its last step, the training curve, the
     evaluations, the training seconds and each block's recent expert loads
@@ -582,10 +593,7 @@ def load_checkpoint(path, model, opt, gen, progress, args):
     """Restores what save_checkpoint wrote; refuses one made with other
     settings, naming each difference."""
     state = torch.load(path)
-    wanted = run_settings(args)
-    diff = [f"{key}: saved {state['settings'].get(key)!r}, asked {wanted.get(key)!r}"
-            for key in sorted(set(state["settings"]) | set(wanted))
-            if state["settings"].get(key) != wanted.get(key)]
+    diff = settings_differences(state["settings"], args, "saved")
     if diff:
         raise ValueError(f"checkpoint {path} was made with other settings ({'; '.join(diff)}): "
                          f"delete it to start the run over")
@@ -600,7 +608,8 @@ def load_checkpoint(path, model, opt, gen, progress, args):
     for b, share in zip(model.blocks, state["smoothed_share"]):
         if share is not None:
             b.ffn.smoothed_bias.share = share
-    for b, saved in zip(model.blocks, state["query_lists"]):
+    # (a checkpoint from before air_query existed has no query_lists)
+    for b, saved in zip(model.blocks, state.get("query_lists", [None] * len(model.blocks))):
         if saved is not None:
             b.ffn.list_refresh.load_state(saved)
 

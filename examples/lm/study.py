@@ -184,13 +184,7 @@ def setting_differences(path, args):
         return []
     with open(path) as f:
         stored = settings(json.load(f).get("args", {}))
-    wanted = settings(args)
-    # An option added to moe_lm.py since the run was stored counts as its
-    # default there (the run was made without it).
-    defaults = settings(moe_lm.make_parser().parse_args([]))
-    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
-    return [f"{key}: stored {stored.get(key, '(none)')!r}, asked {wanted.get(key, '(none)')!r}"
-            for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    return moe_lm.settings_differences(stored, args, "stored")
 
 
 def stale_runs(study):

@@ -353,6 +353,27 @@ def test_a_checkpoint_made_with_other_settings_is_refused_by_name(tmp_path, monk
         _tiny_train(_tiny_args(tmp_path, checkpoint_dir=str(tmp_path), steps=3, lr=1e-3))
 
 
+def test_a_checkpoint_from_before_newer_options_resumes(tmp_path, monkeypatch):
+    """A run checkpointed by an older moe_lm.py (no list_refresh option, no
+    air_query state) resumes under today's with the options at their
+    defaults, and computes what a run never stopped computes."""
+    whole = _tiny_train(_tiny_args(tmp_path))
+    args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path / "partial"), checkpoint_every=2)
+    os.makedirs(args.checkpoint_dir)
+    monkeypatch.setattr(moe_lm, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed at step 3, after the step-2 checkpoint
+        _tiny_train(args)
+    monkeypatch.undo()
+    path = moe_lm.checkpoint_path("dense", args)
+    state = torch.load(path)
+    del state["settings"]["list_refresh"], state["query_lists"]
+    torch.save(state, path)
+    assert _tiny_train(args)["train_curve"] == whole["train_curve"]
+    with pytest.raises(ValueError, match=r"list_refresh: saved 64, asked 65"):
+        torch.save(state, path)
+        _tiny_train(_tiny_args(tmp_path, checkpoint_dir=args.checkpoint_dir, list_refresh=65))
+
+
 def test_air_query_trains_with_its_refreshes_counted(tmp_path):
     """air_query: query lists built from the initial centers, rebuilt every
     --list-refresh steps from the last --list-sample training inputs, each
