@@ -49,16 +49,6 @@ struct RouteResult {
   RouteTimings timings;
 };
 
-// Collective: `bias` checked on every rank (router/routes.h checked_bias; all
-// raise together), then the ranks compare a digest, so a bias that differs
-// between ranks fails everywhere instead of routing differently. Returns the
-// checked copy on `compute`'s device. Every router the runtime replicates
-// the bias into (distributed, dense-replicated) goes through here.
-Tensor agreed_bias(comm::Communicator& comm, const Compute& compute, MatrixView bias,
-                   int64_t experts);
-// Collective: every rank clears its bias, or all raise.
-void agree_no_bias(comm::Communicator& comm);
-
 class DistributedRouter {
  public:
   // `assignment` is every expert's list (replicated); `local_centers` holds

@@ -64,7 +64,7 @@ class LayerRouting {
   // Collective, after a re-plan's migration: the new placement and this
   // rank's hosted rows under it.
   virtual void move_experts(Placement placement, MatrixView local_centers) = 0;
-  // Collective: the selection bias of all E experts (agreed_bias: checked on
+  // Collective: the selection bias of all E experts (runtime/selection_bias.h: checked on
   // every rank, the same everywhere); experts are selected by z + b, gates
   // come from z. It survives set_local_centers, sync_codebook and
   // move_experts.

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/checks.h"
+#include "runtime/selection_bias.h"
 
 namespace airmoe::runtime {
 
