@@ -307,6 +307,29 @@ class Ops {
   // (no fma), so a descent step leaves untouched (zero-gradient) entries as
   // they were.
   virtual void add_scaled(TensorView dst, TensorView src, float scale, Stream stream) const = 0;
+
+  // ---- rows (the layer's gathers and per-token sums) -----------------------
+  // dst[i] = src[rows[i]] for every i < rows.rows (rows i32 [n], each in
+  // [0, src.rows)); src and dst f32 or bf16 with equal cols, dst [n, cols];
+  // a dtype change rounds as copy() does. The layer packs dispatched token
+  // vectors and gradient rows into wire order with it.
+  virtual void gather_rows(TensorView src, TensorView rows, TensorView dst,
+                           Stream stream) const = 0;
+  // dst[g] (f32 [G, cols], overwritten) = +0.0f plus, in order, the rows
+  // src[rows[j]] for j in offsets[g] .. offsets[g + 1] (src f32 or bf16,
+  // widened exactly; float additions; rows i32, offsets i64 [G + 1]). The
+  // explicit +0.0f start is a zeroed accumulator's: a group of one -0.0
+  // row sums to +0.0, and an empty group to zeros. The combine sums each
+  // token's partial outputs in ascending rank order with it.
+  virtual void sum_rows(TensorView src, TensorView rows, TensorView offsets, TensorView dst,
+                        Stream stream) const = 0;
+  // For p = 0, 1, ... in order: dst[dst_rows[p]] += scale[p] * src[src_rows[p]],
+  // each entry one rounded multiply, then one rounded add (no fma); dst f32,
+  // src f32 or bf16 (widened exactly), scale f32 [n], row ids i32 [n]. Pairs
+  // naming the same dst row add in pair order (a device backend may run
+  // distinct dst rows in parallel, never one row's pairs out of order).
+  virtual void add_scaled_rows(TensorView dst, TensorView dst_rows, TensorView src,
+                               TensorView src_rows, TensorView scale, Stream stream) const = 0;
 };
 
 // What the routers, the codebook and the expert shard are built with.
