@@ -194,6 +194,16 @@ void expect_close(const Tensor& got, const Tensor& want, double rel, const std::
   EXPECT_LE(diff / scale, rel) << what;
 }
 
+// A UsageError whose message holds `part`.
+void expect_refused(const std::function<void()>& call, const std::string& part) {
+  try {
+    call();
+    ADD_FAILURE() << "accepted: " << part;
+  } catch (const UsageError& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+}
+
 // ---- the fixture ----------------------------------------------------------
 
 class OpsTest : public BackendTest {
@@ -1141,6 +1151,225 @@ TEST_P(OpsTest, AddScaledIsMultiplyThenAdd) {
   }
 }
 
+// ---- rows (gather_rows, sum_rows, add_scaled_rows) --------------------------
+//
+// Each op against a plain loop in ops/ops.h's order, bit for bit on every
+// backend. The entries' magnitudes spread over 2^-10 .. 2^10 so that another
+// summation order, or an fma, changes bits; some are -0.0. Each body runs a
+// small case and one large enough for the host's threads (worth_threads in
+// ops/host/host_rows.cpp).
+
+// Gaussian entries times 2^k, k uniform in [-10, 10]; every seventh -0.0.
+Tensor spread_f32(int64_t rows, int64_t cols, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_int_distribution<int> exponent(-10, 10);
+  std::vector<float> v(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < v.size(); ++i)
+    v[i] = i % 7 == 3 ? -0.0f : std::ldexp(static_cast<float>(normal(rng)), exponent(rng));
+  return host_of(DType::kF32, rows, cols, v);
+}
+
+// n ids uniform in [0, limit), seeded.
+std::vector<int32_t> random_ids(int64_t n, int32_t limit, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> id(0, limit - 1);
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (int32_t& x : v) x = id(rng);
+  return v;
+}
+
+// A host tensor's copy (Tensors are move-only).
+Tensor copy_of(const Tensor& t) {
+  Tensor out = host_tensor(t.dtype(), t.rows(), t.cols());
+  const size_t bytes = static_cast<size_t>(t.rows() * t.cols()) * dtype_size(t.dtype());
+  if (bytes > 0) std::memcpy(out.view().data, t.view().data, bytes);
+  return out;
+}
+
+// Entry (r, c) of a contiguous f32 or bf16 host tensor, widened exactly.
+float entry_of(const Tensor& t, int64_t r, int64_t c) {
+  const int64_t i = r * t.cols() + c;
+  return t.dtype() == DType::kBF16 ? widen_bf16(t.as<uint16_t>()[i]) : t.as<float>()[i];
+}
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// The small and the large case: (rows of src, cols, ids).
+struct RowCase {
+  int64_t src_rows, cols, n;
+};
+const RowCase kRowCases[] = {{9, 13, 23}, {300, 40, 2000}};
+
+TEST_P(OpsTest, GatherRowsCopiesOrRoundsAsCopy) {
+  for (const RowCase& rc : kRowCases) {
+    Tensor f32 = spread_f32(rc.src_rows, rc.cols, 200 + rc.n);
+    // Ties of bf16 rounding: 1 + 2^-8 to even (1), 1 + 3 * 2^-8 up (1 + 2^-6).
+    f32.as<float>()[0] = 1.0f + 0x1p-8f;
+    f32.as<float>()[1] = 1.0f + 0x3p-8f;
+    std::vector<int32_t> rows = random_ids(rc.n, static_cast<int32_t>(rc.src_rows), 300 + rc.n);
+    rows[0] = rows[2] = 0;  // repeated, and the row with the ties
+    for (DType sd : {DType::kF32, DType::kBF16})
+      for (DType dd : {DType::kF32, DType::kBF16}) {
+        const Tensor src = sd == DType::kBF16 ? to_bf16(f32) : copy_of(f32);
+        // The reference: the rows themselves, then copy()'s conversion.
+        Tensor same = host_tensor(sd, rc.n, rc.cols);
+        const size_t row_bytes = static_cast<size_t>(rc.cols) * dtype_size(sd);
+        for (int64_t i = 0; i < rc.n; ++i)
+          std::memcpy(static_cast<char*>(same.view().data) + i * row_bytes,
+                      static_cast<const char*>(src.view().data) + rows[i] * row_bytes, row_bytes);
+        const Tensor want = sd == dd ? std::move(same)
+                            : dd == DType::kBF16 ? to_bf16(same)
+                                                 : widened(same);
+        OnDevice dev(ops());
+        const TensorView dst = dev.out(dd, rc.n, rc.cols + 2).block(0, rc.n, 1, rc.cols);
+        ops().gather_rows(dev.put_strided(src, 1), dev.put(ints(rows)), dst, {});
+        const std::string what = "gather_rows " + std::string(to_string(sd)) + " -> " +
+                                 to_string(dd) + ", " + std::to_string(rc.n) + " rows";
+        const Tensor got = dev.get(dst);
+        expect_same(got, want, what);
+      }
+    // f32 -> bf16 rounds to nearest even (checked without the helpers above).
+    OnDevice dev(ops());
+    const TensorView dst = dev.out(DType::kBF16, rc.n, rc.cols);
+    ops().gather_rows(dev.put(f32), dev.put(ints(rows)), dst, {});
+    const Tensor got = dev.get(dst);
+    EXPECT_EQ(got.as<uint16_t>()[0], 0x3F80u) << "1 + 2^-8 on " << ops().name();
+    EXPECT_EQ(got.as<uint16_t>()[1], 0x3F82u) << "1 + 3 * 2^-8 on " << ops().name();
+  }
+}
+
+TEST_P(OpsTest, SumRowsAddsEachGroupInOrderFromPlusZero) {
+  for (const RowCase& rc : kRowCases) {
+    Tensor f32 = spread_f32(rc.src_rows, rc.cols, 400 + rc.n);
+    for (int64_t c = 0; c < rc.cols; ++c) f32.as<float>()[5 * rc.cols + c] = -0.0f;
+    std::vector<int32_t> rows = random_ids(rc.n, static_cast<int32_t>(rc.src_rows), 500 + rc.n);
+    rows[4] = 5;  // group 2 below: the -0.0 row alone
+    // Groups from offset 1 on: [1, 4), empty, [4, 5), [5, 10), empty, then
+    // groups of 1 .. 7 rows up to the last id.
+    std::vector<int64_t> offsets{1, 4, 4, 5, 10, 10};
+    for (int64_t size = 1; offsets.back() + size <= rc.n; size = size % 7 + 1)
+      offsets.push_back(offsets.back() + size);
+    const int64_t G = static_cast<int64_t>(offsets.size()) - 1;
+    for (DType sd : {DType::kF32, DType::kBF16}) {
+      const Tensor src = sd == DType::kBF16 ? to_bf16(f32) : copy_of(f32);
+      Tensor want = host_tensor(DType::kF32, G, rc.cols);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < rc.cols; ++c) {
+          float sum = 0.0f;
+          for (int64_t j = offsets[g]; j < offsets[g + 1]; ++j)
+            sum = sum + entry_of(src, rows[j], c);
+          want.as<float>()[g * rc.cols + c] = sum;
+        }
+      OnDevice dev(ops());
+      const TensorView dst = dev.out(DType::kF32, G, rc.cols);
+      ops().sum_rows(dev.put_strided(src, 2), dev.put(ints(rows)), dev.put(longs(offsets)), dst,
+                     {});
+      const Tensor got = dev.get(dst);
+      expect_same(got, want, "sum_rows of " + std::string(to_string(sd)) + ", " +
+                                 std::to_string(G) + " groups");
+      for (int64_t g : {1, 2, 4})  // empty, the lone -0.0 row, empty: +0.0
+        for (int64_t c = 0; c < rc.cols; ++c)
+          EXPECT_EQ(bits_of(got.as<float>()[g * rc.cols + c]), 0u) << "group " << g;
+    }
+  }
+}
+
+TEST_P(OpsTest, AddScaledRowsAddsEachDstRowsPairsInOrder) {
+  for (const RowCase& rc : kRowCases) {
+    const int64_t dst_rows_n = rc.n / 8 + 3;  // the last one no pair names
+    const Tensor dst0 = spread_f32(dst_rows_n, rc.cols, 600 + rc.n);
+    const Tensor f32 = spread_f32(rc.src_rows, rc.cols, 700 + rc.n);
+    const Tensor scale = spread_f32(rc.n, 1, 800 + rc.n);  // -0.0 among them
+    const std::vector<int32_t> dst_rows =
+        random_ids(rc.n, static_cast<int32_t>(dst_rows_n - 1), 900 + rc.n);
+    const std::vector<int32_t> src_rows =
+        random_ids(rc.n, static_cast<int32_t>(rc.src_rows), 1000 + rc.n);
+    for (DType sd : {DType::kF32, DType::kBF16}) {
+      const Tensor src = sd == DType::kBF16 ? to_bf16(f32) : copy_of(f32);
+      Tensor want = host_tensor(DType::kF32, dst_rows_n, rc.cols);
+      std::memcpy(want.as<float>(), dst0.as<float>(), sizeof(float) * dst_rows_n * rc.cols);
+      for (int64_t p = 0; p < rc.n; ++p)
+        for (int64_t c = 0; c < rc.cols; ++c) {
+          const float product = scale.as<float>()[p] * entry_of(src, src_rows[p], c);
+          float& d = want.as<float>()[dst_rows[p] * rc.cols + c];
+          d = d + product;
+        }
+      OnDevice dev(ops());
+      const TensorView dst = dev.put_strided(dst0, 1);
+      ops().add_scaled_rows(dst, dev.put(ints(dst_rows)), dev.put_strided(src, 3),
+                            dev.put(ints(src_rows)), dev.put(scale), {});
+      expect_same(dev.get(dst), want,
+                  "add_scaled_rows of " + std::string(to_string(sd)) + ", " +
+                      std::to_string(rc.n) + " pairs");
+    }
+  }
+}
+
+TEST_P(OpsTest, RowOpsRefuseBadArgumentsByName) {
+  OnDevice dev(ops());
+  const TensorView src = dev.put(random_f32(5, 4, 1100));
+  const TensorView dst = dev.put(random_f32(3, 4, 1101));
+  const std::string name = ops().name();
+  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 5, 1})), dst, {}); },
+                 name + " gather_rows: rows[1] = 5 is outside [0, 5)");
+  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 1, -1})), dst, {}); },
+                 "gather_rows: rows[2] = -1");
+  expect_refused([&] { ops().gather_rows(src, dev.put(longs({0, 1, 2})), dst, {}); },
+                 "gather_rows: rows is");
+  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 1})), dst, {}); },
+                 "gather_rows: dst is [3, 4]");
+  expect_refused(
+      [&] { ops().gather_rows(dev.put(ints({1, 2})), dev.put(ints({0})), dst, {}); },
+      "gather_rows: src is");
+
+  const TensorView rows = dev.put(ints({4, 0, 1, 2}));
+  const auto sum = [&](const std::vector<int64_t>& offsets) {
+    ops().sum_rows(src, rows, dev.put(longs(offsets)),
+                   dev.out(DType::kF32, std::max<int64_t>(0, std::ssize(offsets) - 1), 4), {});
+  };
+  expect_refused([&] { sum({0, 3, 2, 4}); },
+                 name + " sum_rows: offsets[1] .. offsets[2] = 3 .. 2 is not a range");
+  expect_refused([&] { sum({0, 5}); }, "sum_rows: offsets[0] .. offsets[1] = 0 .. 5");
+  expect_refused([&] { sum({-1, 2}); }, "sum_rows: offsets[0] .. offsets[1] = -1 .. 2");
+  expect_refused([&] { sum({}); }, "sum_rows: offsets");
+  expect_refused(
+      [&] {
+        ops().sum_rows(src, dev.put(ints({0, 7})), dev.put(longs({0, 1})),
+                       dev.out(DType::kF32, 1, 4), {});
+      },
+      "sum_rows: rows[1] = 7 is outside [0, 5)");
+  expect_refused(
+      [&] { ops().sum_rows(src, rows, dev.put(longs({0, 4})), dev.out(DType::kBF16, 1, 4), {}); },
+      "sum_rows: dst is");
+
+  // Refused before anything is written: dst keeps its values.
+  const Tensor before = dev.get(dst);
+  const auto add = [&](const std::vector<int32_t>& d, const std::vector<int32_t>& s, TensorView x,
+                       const std::vector<float>& scale) {
+    ops().add_scaled_rows(dst, dev.put(ints(d)), x, dev.put(ints(s)), dev.put(floats(scale)), {});
+  };
+  expect_refused([&] { add({0, 2, 3}, {0, 1, 2}, src, {1, 1, 1}); },
+                 name + " add_scaled_rows: dst_rows[2] = 3 is outside [0, 3)");
+  expect_refused([&] { add({0, 2, 1}, {-3, 1, 2}, src, {1, 1, 1}); },
+                 "add_scaled_rows: src_rows[0] = -3 is outside [0, 5)");
+  expect_refused([&] { add({0, 2, 1}, {0, 1}, src, {1, 1, 1}); }, "add_scaled_rows: src_rows is");
+  expect_refused([&] { add({0, 2, 1}, {0, 1, 2}, src, {1, 1}); }, "add_scaled_rows: scale is");
+  expect_refused([&] { add({0}, {0}, dev.put(random_f32(5, 3, 1102)), {1}); },
+                 "add_scaled_rows: src has 3 columns, dst 4");
+  expect_refused(
+      [&] {
+        ops().add_scaled_rows(dev.out(DType::kBF16, 3, 4), dev.put(ints({0})), src,
+                              dev.put(ints({0})), dev.put(floats({1})), {});
+      },
+      "add_scaled_rows: dst is");
+  expect_bits(dev.get(dst), before, "dst after refused add_scaled_rows");
+}
+
 // ---- bad arguments ----------------------------------------------------------
 
 TEST_P(OpsTest, WrongShapesAndDtypesAreNamed) {
@@ -1562,14 +1791,6 @@ TEST_P(OpsTest, BadBiasIsRefusedByName) {
   OnDevice dev(ops());
   const int64_t E = 6, d = 4;
   const TensorView tokens = dev.put(random_f32(2, d, 113)), keys = dev.put(random_f32(E, d, 114));
-  const auto expect_refused = [](const std::function<void()>& call, const std::string& part) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted: " << part;
-    } catch (const UsageError& e) {
-      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
-    }
-  };
   const auto topk = [&](TensorView bias) {
     return TopKView{dev.out(DType::kF32, 2, 2), dev.out(DType::kI32, 2, 2), {}, bias};
   };

@@ -16,7 +16,7 @@
 namespace airmoe::inline ops::device {
 
 // bf16 as stored: the high half of a float32 (widen_bf16 in lane_dot.h,
-// narrow_bf16 and store_float in bf16.h).
+// narrow_bf16, store_float and with_float_type in bf16.h).
 using bf16 = uint16_t;
 
 // Rows of a 2-D tensor: element (r, c) at data[r * ld + c].
@@ -60,18 +60,22 @@ AIRMOE_HD inline uint32_t descending_key(float f) {
   return ~ascending_key(f);
 }
 
-// Calls fn(T{}) with T the storage type of a float tensor (f32 or bf16).
-template <typename Fn>
-decltype(auto) with_float_type(const TensorView& v, Fn&& fn) {
-  if (v.dtype == DType::kBF16) return fn(bf16{});
-  return fn(float{});
+// One rounded float product and one rounded sum, never contracted into an
+// fma, whatever the compiler's flags: the intrinsics under nvcc's device
+// pass, plain operators elsewhere (the host builds use -ffp-contract=off).
+AIRMOE_HD inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
 }
-
-// The same over two float tensors: fn(A{}, B{}).
-template <typename Fn>
-decltype(auto) with_float_types(const TensorView& a, const TensorView& b, Fn&& fn) {
-  return with_float_type(
-      a, [&](auto ta) { return with_float_type(b, [&](auto tb) { return fn(ta, tb); }); });
+AIRMOE_HD inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
 }
 
 }  // namespace airmoe::inline ops::device

@@ -20,6 +20,7 @@
 #include "ops/device/list_ops.h"
 #include "ops/device/memory_ops.h"
 #include "ops/device/router_grad_ops.h"
+#include "ops/device/row_ops.h"
 #include "ops/device/scoring_ops.h"
 #include "ops/device/topk_ops.h"
 #include "ops/op_args.h"
@@ -156,6 +157,22 @@ class DeviceOps final : public Ops {
   void add_scaled(TensorView dst, TensorView src, float scale, Stream stream) const override {
     run("add_scaled", stream,
         [&](const auto& x, const OpArgs& a) { device::add_scaled(x, a, dst, src, scale); });
+  }
+  void gather_rows(TensorView src, TensorView rows, TensorView dst, Stream stream) const override {
+    run("gather_rows", stream,
+        [&](const auto& x, const OpArgs& a) { device::gather_rows(x, a, src, rows, dst); });
+  }
+  void sum_rows(TensorView src, TensorView rows, TensorView offsets, TensorView dst,
+                Stream stream) const override {
+    run("sum_rows", stream, [&](const auto& x, const OpArgs& a) {
+      device::sum_rows(x, a, src, rows, offsets, dst);
+    });
+  }
+  void add_scaled_rows(TensorView dst, TensorView dst_rows, TensorView src, TensorView src_rows,
+                       TensorView scale, Stream stream) const override {
+    run("add_scaled_rows", stream, [&](const auto& x, const OpArgs& a) {
+      device::add_scaled_rows(x, a, dst, dst_rows, src, src_rows, scale);
+    });
   }
 
  private:

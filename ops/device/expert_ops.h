@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "ops/device/exec.h"
+#include "ops/device/row_ops.h"
 #include "ops/expert_ffn.h"
 #include "ops/op_args.h"
 #include "ops/ops.h"
@@ -56,27 +57,6 @@ struct Activate {
   }
 };
 
-// dst(t, c) += scale(p) * src(p, c) over token t's pairs in pair order
-// (float; scale 1 without gates).
-struct AccumulateRows {
-  const int64_t* items;
-  const int64_t* offsets;  // [tokens + 1]
-  Vec<const float> gate;   // data == nullptr: scale 1
-  Rows<const float> src;
-  Rows<float> dst;
-  int64_t dim;
-  AIRMOE_HD void operator()(int64_t e) const {
-    const int64_t t = e / dim, c = e % dim;
-    float o = dst(t, c);
-    for (int64_t q = offsets[t]; q < offsets[t + 1]; ++q) {
-      const int64_t p = items[q];
-      const float g = gate.data ? gate[p] : 1.0f;
-      o += g * src(p, c);
-    }
-    dst(t, c) = o;
-  }
-};
-
 inline PairRefs pair_refs(const ExpertPairsView& pairs) {
   return {vec_of<const int32_t>(pairs.token), vec_of<const int32_t>(pairs.local),
           vec_of<const float>(pairs.gate)};
@@ -106,15 +86,12 @@ int64_t check_expert_args(const X& ex, const OpArgs& args, const ExpertWeightsVi
   return P;
 }
 
-// out(t) += the rows of src of token t's pairs (times their gates).
+// out(t) += the rows of src of token t's pairs (times their gates), in pair
+// order (row_ops.h).
 template <typename X>
 void accumulate_by_token(const X& x, TensorView out, const ExpertPairsView& pairs, int64_t P,
                          Rows<const float> src, Vec<const float> gate) {
-  const Grouping<X> by_token =
-      group_by(x, P, out.rows, ReadKey{vec_of<const int32_t>(pairs.token)});
-  thrust::for_each(x.policy(), count_from(0), count_from(out.rows * out.cols),
-                   AccumulateRows{by_token.items.get(), by_token.offsets.get(), gate, src,
-                                  rows_of<float>(out), out.cols});
+  add_rows_in_pair_order(x, out, pairs.token, P, Vec<const int32_t>{}, src, gate);
 }
 
 template <typename X>

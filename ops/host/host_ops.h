@@ -70,6 +70,12 @@ class HostOps final : public Ops {
                                      Stream stream) const override;
   void add_scaled(TensorView dst, TensorView src, float scale, Stream stream) const override;
 
+  void gather_rows(TensorView src, TensorView rows, TensorView dst, Stream stream) const override;
+  void sum_rows(TensorView src, TensorView rows, TensorView offsets, TensorView dst,
+                Stream stream) const override;
+  void add_scaled_rows(TensorView dst, TensorView dst_rows, TensorView src, TensorView src_rows,
+                       TensorView scale, Stream stream) const override;
+
   // C = A · Bᵀ on float32 rows (c[i * ldc + j] = lane_dot(a row i, b row j)
   // over k): the scoring loop every op above runs. Multi-threaded over
   // blocks outside an OpenMP region when the work is large enough; in one

@@ -13,6 +13,7 @@
 
 #include "core/parallel_errors.h"
 #include "ops/gate_function.h"
+#include "ops/host/grouping.h"
 #include "ops/host/host_ops.h"
 #include "ops/host/host_views.h"
 #include "ops/log_sum_exp.h"
@@ -125,26 +126,6 @@ void check_same_cols(const OpArgs& check, const TensorView& a, const char* an, c
   if (a.cols != b.cols)
     check.fail(std::string(an) + " has " + std::to_string(a.cols) + " columns, " + bn + " " +
                std::to_string(b.cols));
-}
-
-// Stable counting sort of items 0..n-1 by key in [0, buckets): CSR offsets
-// [buckets + 1] and the items, each bucket in item order (no atomics: the
-// same grouping whatever the thread count).
-struct Csr {
-  std::vector<int64_t> offsets;
-  std::vector<int64_t> items;
-};
-
-template <typename Key>
-Csr bucket(int64_t buckets, int64_t n, Key key) {
-  Csr c;
-  c.offsets.assign(static_cast<size_t>(buckets) + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++c.offsets[key(i) + 1];
-  for (int64_t b = 0; b < buckets; ++b) c.offsets[b + 1] += c.offsets[b];
-  std::vector<int64_t> fill(c.offsets.begin(), c.offsets.end() - 1);
-  c.items.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) c.items[fill[key(i)]++] = i;
-  return c;
 }
 
 // A token's probes: the best `probes` codewords by score s (then lower

@@ -61,4 +61,18 @@ class FloatRows {
 // Row r of an f32 or bf16 tensor into `out` (v.cols floats).
 void load_row(const TensorView& v, int64_t r, float* out);
 
+// The `find` of the shared value checks (ops/row_args.h) on host memory.
+struct HostFind {
+  template <typename Pred>
+  int64_t first(int64_t n, Pred pred) const {
+    for (int64_t i = 0; i < n; ++i)
+      if (pred(i)) return i;
+    return -1;
+  }
+  template <typename T>
+  T value(const T* p) const {
+    return *p;
+  }
+};
+
 }  // namespace airmoe::inline ops::host
