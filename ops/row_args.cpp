@@ -52,9 +52,9 @@ void fail_row_id(const OpArgs& args, const char* arg, int64_t i, int64_t value, 
 }
 
 void fail_offsets(const OpArgs& args, int64_t g, int64_t begin, int64_t end, int64_t items) {
-  args.fail("offsets[" + std::to_string(g) + "] .. offsets[" + std::to_string(g + 1) + "] = " +
-            std::to_string(begin) + " .. " + std::to_string(end) + " is not a range of the " +
-            std::to_string(items) + " rows entries");
+  args.fail("offsets[" + std::to_string(g) + "] .. offsets[" + std::to_string(g + 1) +
+            "] = " + std::to_string(begin) + " .. " + std::to_string(end) +
+            " is not a range of the " + std::to_string(items) + " rows entries");
 }
 
 }  // namespace airmoe::inline ops

@@ -70,8 +70,7 @@ void check_row_ids(const OpArgs& args, const Find& find, const TensorView& ids, 
 
 // offsets (i64 [G + 1]) rising, within [0, items].
 template <typename Find>
-void check_offsets(const OpArgs& args, const Find& find, const TensorView& offsets,
-                   int64_t items) {
+void check_offsets(const OpArgs& args, const Find& find, const TensorView& offsets, int64_t items) {
   const int64_t groups = vector_size(offsets) - 1, stride = vector_stride(offsets);
   const auto* p = static_cast<const int64_t*>(offsets.data);
   const int64_t g = find.first(groups, OffsetsNotARange{p, stride, items});

@@ -1222,7 +1222,7 @@ TEST_P(OpsTest, GatherRowsCopiesOrRoundsAsCopy) {
         for (int64_t i = 0; i < rc.n; ++i)
           std::memcpy(static_cast<char*>(same.view().data) + i * row_bytes,
                       static_cast<const char*>(src.view().data) + rows[i] * row_bytes, row_bytes);
-        const Tensor want = sd == dd ? std::move(same)
+        const Tensor want = sd == dd             ? std::move(same)
                             : dd == DType::kBF16 ? to_bf16(same)
                                                  : widened(same);
         OnDevice dev(ops());
@@ -1270,8 +1270,9 @@ TEST_P(OpsTest, SumRowsAddsEachGroupInOrderFromPlusZero) {
       ops().sum_rows(dev.put_strided(src, 2), dev.put(ints(rows)), dev.put(longs(offsets)), dst,
                      {});
       const Tensor got = dev.get(dst);
-      expect_same(got, want, "sum_rows of " + std::string(to_string(sd)) + ", " +
-                                 std::to_string(G) + " groups");
+      expect_same(
+          got, want,
+          "sum_rows of " + std::string(to_string(sd)) + ", " + std::to_string(G) + " groups");
       for (int64_t g : {1, 2, 4})  // empty, the lone -0.0 row, empty: +0.0
         for (int64_t c = 0; c < rc.cols; ++c)
           EXPECT_EQ(bits_of(got.as<float>()[g * rc.cols + c]), 0u) << "group " << g;
@@ -1304,8 +1305,8 @@ TEST_P(OpsTest, AddScaledRowsAddsEachDstRowsPairsInOrder) {
       ops().add_scaled_rows(dst, dev.put(ints(dst_rows)), dev.put_strided(src, 3),
                             dev.put(ints(src_rows)), dev.put(scale), {});
       expect_same(dev.get(dst), want,
-                  "add_scaled_rows of " + std::string(to_string(sd)) + ", " +
-                      std::to_string(rc.n) + " pairs");
+                  "add_scaled_rows of " + std::string(to_string(sd)) + ", " + std::to_string(rc.n) +
+                      " pairs");
     }
   }
 }
@@ -1315,16 +1316,30 @@ TEST_P(OpsTest, RowOpsRefuseBadArgumentsByName) {
   const TensorView src = dev.put(random_f32(5, 4, 1100));
   const TensorView dst = dev.put(random_f32(3, 4, 1101));
   const std::string name = ops().name();
-  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 5, 1})), dst, {}); },
-                 name + " gather_rows: rows[1] = 5 is outside [0, 5)");
-  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 1, -1})), dst, {}); },
-                 "gather_rows: rows[2] = -1");
-  expect_refused([&] { ops().gather_rows(src, dev.put(longs({0, 1, 2})), dst, {}); },
-                 "gather_rows: rows is");
-  expect_refused([&] { ops().gather_rows(src, dev.put(ints({0, 1})), dst, {}); },
-                 "gather_rows: dst is [3, 4]");
   expect_refused(
-      [&] { ops().gather_rows(dev.put(ints({1, 2})), dev.put(ints({0})), dst, {}); },
+      [&] {
+        ops().gather_rows(src, dev.put(ints({0, 5, 1})), dst, {});
+      },
+      name + " gather_rows: rows[1] = 5 is outside [0, 5)");
+  expect_refused(
+      [&] {
+        ops().gather_rows(src, dev.put(ints({0, 1, -1})), dst, {});
+      },
+      "gather_rows: rows[2] = -1");
+  expect_refused(
+      [&] {
+        ops().gather_rows(src, dev.put(longs({0, 1, 2})), dst, {});
+      },
+      "gather_rows: rows is");
+  expect_refused(
+      [&] {
+        ops().gather_rows(src, dev.put(ints({0, 1})), dst, {});
+      },
+      "gather_rows: dst is [3, 4]");
+  expect_refused(
+      [&] {
+        ops().gather_rows(dev.put(ints({1, 2})), dev.put(ints({0})), dst, {});
+      },
       "gather_rows: src is");
 
   const TensorView rows = dev.put(ints({4, 0, 1, 2}));
@@ -1332,8 +1347,11 @@ TEST_P(OpsTest, RowOpsRefuseBadArgumentsByName) {
     ops().sum_rows(src, rows, dev.put(longs(offsets)),
                    dev.out(DType::kF32, std::max<int64_t>(0, std::ssize(offsets) - 1), 4), {});
   };
-  expect_refused([&] { sum({0, 3, 2, 4}); },
-                 name + " sum_rows: offsets[1] .. offsets[2] = 3 .. 2 is not a range");
+  expect_refused(
+      [&] {
+        sum({0, 3, 2, 4});
+      },
+      name + " sum_rows: offsets[1] .. offsets[2] = 3 .. 2 is not a range");
   expect_refused([&] { sum({0, 5}); }, "sum_rows: offsets[0] .. offsets[1] = 0 .. 5");
   expect_refused([&] { sum({-1, 2}); }, "sum_rows: offsets[0] .. offsets[1] = -1 .. 2");
   expect_refused([&] { sum({}); }, "sum_rows: offsets");
@@ -1344,7 +1362,9 @@ TEST_P(OpsTest, RowOpsRefuseBadArgumentsByName) {
       },
       "sum_rows: rows[1] = 7 is outside [0, 5)");
   expect_refused(
-      [&] { ops().sum_rows(src, rows, dev.put(longs({0, 4})), dev.out(DType::kBF16, 1, 4), {}); },
+      [&] {
+        ops().sum_rows(src, rows, dev.put(longs({0, 4})), dev.out(DType::kBF16, 1, 4), {});
+      },
       "sum_rows: dst is");
 
   // Refused before anything is written: dst keeps its values.
@@ -1353,10 +1373,16 @@ TEST_P(OpsTest, RowOpsRefuseBadArgumentsByName) {
                        const std::vector<float>& scale) {
     ops().add_scaled_rows(dst, dev.put(ints(d)), x, dev.put(ints(s)), dev.put(floats(scale)), {});
   };
-  expect_refused([&] { add({0, 2, 3}, {0, 1, 2}, src, {1, 1, 1}); },
-                 name + " add_scaled_rows: dst_rows[2] = 3 is outside [0, 3)");
-  expect_refused([&] { add({0, 2, 1}, {-3, 1, 2}, src, {1, 1, 1}); },
-                 "add_scaled_rows: src_rows[0] = -3 is outside [0, 5)");
+  expect_refused(
+      [&] {
+        add({0, 2, 3}, {0, 1, 2}, src, {1, 1, 1});
+      },
+      name + " add_scaled_rows: dst_rows[2] = 3 is outside [0, 3)");
+  expect_refused(
+      [&] {
+        add({0, 2, 1}, {-3, 1, 2}, src, {1, 1, 1});
+      },
+      "add_scaled_rows: src_rows[0] = -3 is outside [0, 5)");
   expect_refused([&] { add({0, 2, 1}, {0, 1}, src, {1, 1, 1}); }, "add_scaled_rows: src_rows is");
   expect_refused([&] { add({0, 2, 1}, {0, 1, 2}, src, {1, 1}); }, "add_scaled_rows: scale is");
   expect_refused([&] { add({0}, {0}, dev.put(random_f32(5, 3, 1102)), {1}); },

@@ -164,9 +164,8 @@ class DeviceOps final : public Ops {
   }
   void sum_rows(TensorView src, TensorView rows, TensorView offsets, TensorView dst,
                 Stream stream) const override {
-    run("sum_rows", stream, [&](const auto& x, const OpArgs& a) {
-      device::sum_rows(x, a, src, rows, offsets, dst);
-    });
+    run("sum_rows", stream,
+        [&](const auto& x, const OpArgs& a) { device::sum_rows(x, a, src, rows, offsets, dst); });
   }
   void add_scaled_rows(TensorView dst, TensorView dst_rows, TensorView src, TensorView src_rows,
                        TensorView scale, Stream stream) const override {

@@ -89,8 +89,7 @@ struct AddRowsInOrder {
 // per-pair rows into tokens with it too.
 template <typename X, typename S>
 void add_rows_in_pair_order(const X& x, TensorView dst, TensorView dst_rows, int64_t n,
-                            Vec<const int32_t> src_row, Rows<const S> src,
-                            Vec<const float> scale) {
+                            Vec<const int32_t> src_row, Rows<const S> src, Vec<const float> scale) {
   if (n == 0 || dst.empty()) return;
   const Grouping<X> by_dst = group_by(x, n, dst.rows, ReadKey{vec_of<const int32_t>(dst_rows)});
   thrust::for_each(x.policy(), count_from(0), count_from(dst.numel()),
@@ -118,10 +117,10 @@ void sum_rows(const X& x, const OpArgs& args, TensorView src, TensorView rows, T
   if (dst.empty()) return;
   with_float_type(src, [&](auto ts) {
     using S = decltype(ts);
-    thrust::for_each(x.policy(), count_from(0), count_from(dst.numel()),
-                     SumEntry<S>{rows_of<float>(dst), rows_of<const S>(src),
-                                 vec_of<const int32_t>(rows), vec_of<const int64_t>(offsets),
-                                 dst.cols});
+    thrust::for_each(
+        x.policy(), count_from(0), count_from(dst.numel()),
+        SumEntry<S>{rows_of<float>(dst), rows_of<const S>(src), vec_of<const int32_t>(rows),
+                    vec_of<const int64_t>(offsets), dst.cols});
   });
 }
 

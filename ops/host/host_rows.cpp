@@ -53,8 +53,7 @@ void sum_groups(const Vec<const int32_t>& rows, const Vec<const int64_t>& offset
 // in parallel: dst(r) += scale[p] * src(src_rows[p]), multiply then add.
 template <typename S>
 void add_scaled_pairs(const Vec<const int32_t>& dst_rows, const Vec<const int32_t>& src_rows,
-                      const Vec<const float>& scale, const TensorView& src,
-                      const TensorView& dst) {
+                      const Vec<const float>& scale, const TensorView& src, const TensorView& dst) {
   const int64_t n = dst_rows.size, cols = dst.cols;
   const Csr by_dst = bucket(dst.rows, n, [&](int64_t p) { return dst_rows[p]; });
   const Rows<const S> s(src);
@@ -95,8 +94,8 @@ void HostOps::sum_rows(TensorView src, TensorView rows, TensorView offsets, Tens
 
 void HostOps::add_scaled_rows(TensorView dst, TensorView dst_rows, TensorView src,
                               TensorView src_rows, TensorView scale, Stream) const {
-  const int64_t n =
-      check_add_scaled_rows(args("add_scaled_rows"), HostFind{}, dst, dst_rows, src, src_rows, scale);
+  const int64_t n = check_add_scaled_rows(args("add_scaled_rows"), HostFind{}, dst, dst_rows, src,
+                                          src_rows, scale);
   if (n == 0 || dst.cols == 0) return;
   with_float_type(src, [&](auto ts) {
     add_scaled_pairs<decltype(ts)>(Vec<const int32_t>(dst_rows), Vec<const int32_t>(src_rows),
