@@ -1211,11 +1211,16 @@ TEST_P(OpsTest, GatherRowsCopiesOrRoundsAsCopy) {
     // Ties of bf16 rounding: 1 + 2^-8 to even (1), 1 + 3 * 2^-8 up (1 + 2^-6).
     f32.as<float>()[0] = 1.0f + 0x1p-8f;
     f32.as<float>()[1] = 1.0f + 0x3p-8f;
+    // A signalling NaN: an f32 or a bf16 one keeps its bits where the dtype
+    // stays; f32 -> bf16 makes it quiet, as copy() does.
+    const uint32_t snan32 = 0x7F800001u;
+    std::memcpy(f32.as<float>() + 2, &snan32, sizeof snan32);
     std::vector<int32_t> rows = random_ids(rc.n, static_cast<int32_t>(rc.src_rows), 300 + rc.n);
     rows[0] = rows[2] = 0;  // repeated, and the row with the ties
     for (DType sd : {DType::kF32, DType::kBF16})
       for (DType dd : {DType::kF32, DType::kBF16}) {
-        const Tensor src = sd == DType::kBF16 ? to_bf16(f32) : copy_of(f32);
+        Tensor src = sd == DType::kBF16 ? to_bf16(f32) : copy_of(f32);
+        if (sd == DType::kBF16) src.as<uint16_t>()[2] = 0x7F81u;  // signalling
         // The reference: the rows themselves, then copy()'s conversion.
         Tensor same = host_tensor(sd, rc.n, rc.cols);
         const size_t row_bytes = static_cast<size_t>(rc.cols) * dtype_size(sd);
