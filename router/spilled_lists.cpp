@@ -177,9 +177,6 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
 ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists)
     : ListSegments(fixed_offsets(lists_of.size(), per_expert), lists_of, lists) {}
 
-namespace {
-
-// Expert e's lists (CSR) must be at least one, in [0, lists), all different.
 void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
                        int64_t lists) {
   if (lists < 1) fail("list segments: need at least one list, got " + std::to_string(lists));
@@ -203,8 +200,6 @@ void check_memberships(const std::vector<int64_t>& offsets, const std::vector<in
            " twice");
   }
 }
-
-}  // namespace
 
 ListSegments::ListSegments(const std::vector<int64_t>& offsets,
                            const std::vector<int32_t>& lists_of, int64_t lists) {
