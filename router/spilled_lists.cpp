@@ -188,6 +188,11 @@ void check_memberships(const std::vector<int64_t>& offsets, const std::vector<in
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     if (offsets[e + 1] <= offsets[e])
       fail("list segments: expert " + std::to_string(e) + " is in no list");
+    // Before any entry is read: a later offset may not fall back into range.
+    if (offsets[e + 1] > offsets.back())
+      fail("list segments: expert " + std::to_string(e) + "'s lists end at entry " +
+           std::to_string(offsets[e + 1]) + ", past the " + std::to_string(lists_of.size()) +
+           " entries");
     sorted.assign(lists_of.begin() + offsets[e], lists_of.begin() + offsets[e + 1]);
     for (int32_t c : sorted)
       if (c < 0 || c >= lists)
