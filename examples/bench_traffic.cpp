@@ -160,6 +160,7 @@ int traffic_main(comm::Communicator& comm, const std::vector<std::string>& args)
     json seconds = {{"shortlist", max_over_ranks(comm, best.shortlist)},
                     {"requests", max_over_ranks(comm, best.requests)},
                     {"scoring", max_over_ranks(comm, best.scoring)},
+                    {"scoring_pairs", max_over_ranks(comm, best.scoring_pairs)},
                     {"replies", max_over_ranks(comm, best.replies)},
                     {"merge", max_over_ranks(comm, best.merge)},
                     {"route_total", best_total},

@@ -177,9 +177,6 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
 ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists)
     : ListSegments(fixed_offsets(lists_of.size(), per_expert), lists_of, lists) {}
 
-namespace {
-
-// Expert e's lists (CSR) must be at least one, in [0, lists), all different.
 void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
                        int64_t lists) {
   if (lists < 1) fail("list segments: need at least one list, got " + std::to_string(lists));
@@ -191,6 +188,11 @@ void check_memberships(const std::vector<int64_t>& offsets, const std::vector<in
   for (size_t e = 0; e + 1 < offsets.size(); ++e) {
     if (offsets[e + 1] <= offsets[e])
       fail("list segments: expert " + std::to_string(e) + " is in no list");
+    // Before any entry is read: a later offset may not fall back into range.
+    if (offsets[e + 1] > offsets.back())
+      fail("list segments: expert " + std::to_string(e) + "'s lists end at entry " +
+           std::to_string(offsets[e + 1]) + ", past the " + std::to_string(lists_of.size()) +
+           " entries");
     sorted.assign(lists_of.begin() + offsets[e], lists_of.begin() + offsets[e + 1]);
     for (int32_t c : sorted)
       if (c < 0 || c >= lists)
@@ -203,8 +205,6 @@ void check_memberships(const std::vector<int64_t>& offsets, const std::vector<in
            " twice");
   }
 }
-
-}  // namespace
 
 ListSegments::ListSegments(const std::vector<int64_t>& offsets,
                            const std::vector<int32_t>& lists_of, int64_t lists) {

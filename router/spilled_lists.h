@@ -41,6 +41,13 @@ struct SpillOptions {
 std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
                                  const std::vector<int32_t>& primary, const SpillOptions& options);
 
+// Each expert's lists (CSR: expert e's are lists_of[offsets[e] ..
+// offsets[e + 1])) are at least one, in [0, lists) and all different, or a
+// UsageError names the expert (what ListSegments requires; a checkpoint's
+// reader checks the same).
+void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
+                       int64_t lists);
+
 class ListSegments {
  public:
   ListSegments() = default;

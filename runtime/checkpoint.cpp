@@ -75,6 +75,8 @@ CheckpointManifest manifest_of(const MoELayer& layer, std::vector<ShardEntry> sh
   m.owners = layer.placement().owners();
   if (const TensorView b = layer.bias(); b.rows > 0)
     m.bias.assign(b.as<float>(), b.as<float>() + b.rows);
+  m.query = layer.query_lists();
+  if (m.query) m.query->codebook = Codebook();  // it is m.codebook
   m.shards = std::move(shards);
   return m;
 }
@@ -282,10 +284,6 @@ SaveResult save_checkpoint(MoELayer& layer, const std::string& dir_arg,
   try {
     comm::check_together(comm, "save checkpoint", [&] {
       require_directory_argument(dir_arg);
-      if (layer.has_query_lists())
-        fail(
-            "the layer routes with query lists, which a checkpoint does not hold; save before "
-            "refresh_query_lists, or rebuild the lists after loading");
       if (root) staged.emplace(without_trailing_slash(dir_arg));
     });
     const std::string staging = broadcast_path(comm, root ? staged->path() : "");
@@ -341,6 +339,11 @@ std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::s
                                  std::move(m.assignment), std::move(placement), centers.view(), 0);
   install_parameters(*layer, std::move(mine));
   if (!m.bias.empty()) layer->set_bias(MatrixView(m.bias.data(), m.layer.experts, 1));
+  if (m.query) {
+    // The layer was built on the primary lists; it routes with all of them.
+    m.query->codebook = layer->codebook();
+    layer->set_query_lists(std::move(*m.query));
+  }
   return layer;
 }
 

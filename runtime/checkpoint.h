@@ -1,6 +1,7 @@
-// Checkpoints of an MoE layer: its configuration, codebook, lists and
-// placement, and every expert's FFN parameters and router center, keyed by
-// global expert id, so that a checkpoint written at P ranks loads at any P'.
+// Checkpoints of an MoE layer: its configuration, codebook, lists (query-aware
+// ones too), selection bias and placement, and every expert's FFN parameters
+// and router center, keyed by global expert id, so that a checkpoint written
+// at P ranks loads at any P'.
 // The format (docs/checkpoints.md): a directory holding a manifest and one
 // shard file per writing rank, little-endian, each file with a magic, a format
 // version and a trailing FNV-1a 64 checksum (core/hash.h).
@@ -24,14 +25,16 @@
 
 #include "comm/communicator.h"
 #include "core/matrix.h"
+#include "router/query_lists.h"
 #include "runtime/coordinator.h"
 #include "runtime/moe_layer.h"
 
 namespace airmoe::runtime {
 
-// The manifest's newest format version (2 adds the selection bias; version 1
-// manifests, which have none, are still read) and the shard files' version.
-inline constexpr uint32_t kManifestVersion = 2;
+// The manifest's newest format version (2 adds the selection bias, 3 the
+// query-aware lists; manifests of versions 1 and 2, which have none, are
+// still read) and the shard files' version.
+inline constexpr uint32_t kManifestVersion = 3;
 inline constexpr uint32_t kOldestManifestVersion = 1;
 inline constexpr uint32_t kShardVersion = 1;
 
@@ -57,7 +60,12 @@ struct CheckpointManifest {
   std::vector<int32_t> assignment;  // [E], each expert's list
   std::vector<int32_t> owners;      // [E], the rank (of P) whose shard holds it
   std::vector<float> bias;          // [E] selection bias (MoELayer::set_bias), or empty: none
-  std::vector<ShardEntry> shards;   // [P]
+  // The query-aware lists the layer routes with (MoELayer::refresh_query_lists),
+  // or none. Their codebook is `codebook` (the layer routes with the
+  // token-trained one in place of the centers'), each expert's first list is
+  // its `assignment`; query->codebook is left empty here.
+  std::optional<QueryLists> query;
+  std::vector<ShardEntry> shards;  // [P]
 };
 
 // One shard file's records: expert ids ascending; per id, W1 [w1_rows, d]

@@ -10,6 +10,7 @@
 
 #include "core/checks.h"
 #include "core/hash.h"
+#include "router/spilled_lists.h"
 #include "runtime/checkpoint.h"
 #include "runtime/wire.h"
 
@@ -24,11 +25,15 @@ constexpr char kManifestMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'M', 'F'};
 constexpr char kShardMagic[8] = {'A', 'I', 'R', 'M', 'O', 'E', 'S', 'H'};
 constexpr size_t kChecksumBytes = 8;
 // magic, version, strategy, k, probes, d, h, activation, P, E, C; then,
-// from version 2, whether a bias follows the owners (0 or 1)
+// from version 2, whether a bias follows the owners (0 or 1); from version 3,
+// whether query lists follow (0 or 1) and their entries (0 without)
 constexpr size_t kManifestHeaderV1 = 8 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 4 + 8 + 8;
 constexpr size_t manifest_header(uint32_t version) {
-  return kManifestHeaderV1 + (version >= 2 ? 4 : 0);
+  return kManifestHeaderV1 + (version >= 2 ? 4 : 0) + (version >= 3 ? 4 + 8 : 0);
 }
+// The query-list section before its lists: L, k, k-means iterations, seed,
+// build FLOPs; then a count per expert and the entries.
+constexpr int64_t kQueryOptionsBytes = 8 + 4 + 4 + 8 + 8;
 // magic, version, rank, P, d, h, records
 constexpr size_t kShardHeader = 8 + 4 + 4 + 4 + 8 + 8 + 8;
 constexpr int64_t kMaxDim = int64_t{1} << 24;    // d and h
@@ -130,11 +135,31 @@ void put_manifest_header(std::vector<char>& out, const CheckpointManifest& m) {
   put1(out, layer.experts);
   put1(out, layer.codewords);
   put1(out, static_cast<uint32_t>(m.bias.empty() ? 0 : 1));
+  put1(out, static_cast<uint32_t>(m.query ? 1 : 0));
+  put1(out, m.query ? m.query->membership.entries() : int64_t{0});
+}
+
+// What follows the owners, as the header says.
+struct ManifestSections {
+  bool bias = false;
+  bool query = false;
+  int64_t query_entries = 0;
+};
+
+// The bytes of the query-list section of `entries` entries over E experts,
+// or a refusal where they overflow a file size.
+int64_t query_section_bytes(int64_t entries, int64_t experts, const std::string& name) {
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(entries + experts, int64_t{4}, &bytes) ||
+      __builtin_add_overflow(bytes, kQueryOptionsBytes, &bytes))
+    fail("manifest " + quoted(name) + ": query entries = " + std::to_string(entries) +
+         " overflow a file size");
+  return bytes;
 }
 
 // The header's fields, each in its range; returns the file size they promise.
-// Sets `has_bias` (always false in version 1).
-int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, bool& has_bias,
+// Sets `sections` (no bias before version 2, no query lists before 3).
+int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, ManifestSections& sections,
                              const std::string& name) {
   CheckpointConfig& layer = m.layer;
   char magic[8];  // checked already
@@ -151,8 +176,13 @@ int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, bool& has_
   layer.experts = in.take<int64_t>("E");
   layer.codewords = in.take<int64_t>("C");
   const uint32_t bias = version >= 2 ? in.take<uint32_t>("bias") : 0;
+  const uint32_t query = version >= 3 ? in.take<uint32_t>("query lists") : 0;
+  const int64_t entries = version >= 3 ? in.take<int64_t>("query entries") : 0;
   require_field(bias, 0, 1, "bias", "manifest", name);
-  has_bias = bias == 1;
+  require_field(query, 0, 1, "query lists", "manifest", name);
+  sections.bias = bias == 1;
+  sections.query = query == 1;
+  sections.query_entries = entries;
   require_field(layer.config.expert.dim, 1, kMaxDim, "d", "manifest", name);
   require_field(layer.config.expert.hidden, 1, kMaxDim, "h", "manifest", name);
   require_field(m.ranks, 1, kMaxRanks, "ranks P", "manifest", name);
@@ -162,10 +192,88 @@ int64_t take_manifest_header(wire::Reader& in, CheckpointManifest& m, bool& has_
   require_field(probes, 1, layer.codewords, "probes m", "manifest", name);
   layer.config.k = k;
   layer.config.probes = probes;
-  // C d <= 2^55 and E, P below 2^31: no overflow.
-  return static_cast<int64_t>(manifest_header(version)) +
-         4 * layer.codewords * layer.config.expert.dim + (has_bias ? 12 : 8) * layer.experts +
-         24 * static_cast<int64_t>(m.ranks) + static_cast<int64_t>(kChecksumBytes);
+  // Each expert in 1 to C lists; none without query lists.
+  if (sections.query)
+    require_field(entries, layer.experts, layer.experts * layer.codewords, "query entries",
+                  "manifest", name);
+  else
+    require_field(entries, 0, 0, "query entries", "manifest", name);
+  // C d <= 2^55 and E, P below 2^31: no overflow before the query section.
+  const int64_t promised =
+      static_cast<int64_t>(manifest_header(version)) +
+      4 * layer.codewords * layer.config.expert.dim + (sections.bias ? 12 : 8) * layer.experts +
+      24 * static_cast<int64_t>(m.ranks) + static_cast<int64_t>(kChecksumBytes);
+  if (!sections.query) return promised;
+  return promised + query_section_bytes(entries, layer.experts, name);
+}
+
+// The query-list section: the build options (C is the manifest's), each
+// expert's number of lists, then its lists, first (primary) list first.
+void put_query_section(std::vector<char>& out, const QueryLists& q) {
+  put1(out, q.options.list_length);
+  put1(out, static_cast<int32_t>(q.options.k));
+  put1(out, static_cast<int32_t>(q.options.kmeans_iterations));
+  put1(out, q.options.seed);
+  put1(out, q.build_flops);
+  const ListMembership& lists = q.membership;
+  for (int64_t e = 0; e < lists.experts(); ++e)
+    put1(out, static_cast<int32_t>(lists.offsets[e + 1] - lists.offsets[e]));
+  wire::put(out, lists.lists.data(), lists.lists.size());
+}
+
+// Sizes were checked against the file: the reads stay in bounds. The
+// values are checked by check_query_section.
+QueryLists take_query_section(wire::Reader& in, const CheckpointManifest& m, int64_t entries,
+                              const std::string& name) {
+  QueryLists q;
+  q.options.codewords = m.layer.codewords;
+  q.options.list_length = in.take<int64_t>("query list length");
+  q.options.k = in.take<int32_t>("query k");
+  q.options.kmeans_iterations = in.take<int32_t>("query k-means iterations");
+  q.options.seed = in.take<uint64_t>("query seed");
+  q.build_flops = in.take<double>("query build flops");
+  ListMembership& lists = q.membership;
+  lists.list_count = m.layer.codewords;
+  lists.offsets.assign(static_cast<size_t>(m.layer.experts) + 1, 0);
+  for (int64_t e = 0; e < m.layer.experts; ++e) {
+    const auto count = in.take<int32_t>("query list count");
+    if (count < 1)
+      fail("manifest " + quoted(name) + ": query list count of expert " + std::to_string(e) +
+           " = " + std::to_string(count) + " (every expert is in at least one list)");
+    lists.offsets[e + 1] = lists.offsets[e] + count;
+  }
+  if (lists.offsets.back() != entries)
+    fail("manifest " + quoted(name) + ": the query list counts add up to " +
+         std::to_string(lists.offsets.back()) +
+         ", the header says query entries = " + std::to_string(entries));
+  lists.lists.resize(static_cast<size_t>(entries));
+  in.take_n(lists.lists.data(), lists.lists.size(), "query lists");
+  return q;
+}
+
+// The options in range, each expert's lists distinct and in [0, C), and its
+// first one the list `assignment` gives it (the router's primary lists).
+void check_query_section(const CheckpointManifest& m, const std::string& name) {
+  const QueryLists& q = *m.query;
+  const int64_t E = m.layer.experts;
+  require_field(q.options.list_length, 1, E, "query list length L", "manifest", name);
+  require_field(q.options.k, 1, E, "query k", "manifest", name);
+  require_field(q.options.kmeans_iterations, 0, std::numeric_limits<int32_t>::max(),
+                "query k-means iterations", "manifest", name);
+  if (!std::isfinite(q.build_flops) || q.build_flops < 0.0)
+    fail("manifest " + quoted(name) + ": query build flops = " + std::to_string(q.build_flops) +
+         " is not a finite count");
+  try {
+    check_memberships(q.membership.offsets, q.membership.lists, q.membership.list_count);
+  } catch (const UsageError& e) {
+    fail("manifest " + quoted(name) + ": query lists: " + e.what());
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const int32_t first = q.membership.lists[q.membership.offsets[e]];
+    if (first != m.assignment[e])
+      fail("manifest " + quoted(name) + ": expert " + std::to_string(e) + " is in list " +
+           std::to_string(m.assignment[e]) + ", its first query list is " + std::to_string(first));
+  }
 }
 
 // Every list and owner in range, and each shard's record count is the number
@@ -191,6 +299,7 @@ void check_manifest_body(const CheckpointManifest& m, const std::string& name) {
   if (!m.bias.empty())
     require_finite(MatrixView(m.bias.data(), m.layer.experts, 1),
                    ("manifest " + quoted(name) + " bias").c_str());
+  if (m.query) check_query_section(m, name);
 }
 
 // --------------------------------------------------------------- shard --
@@ -254,6 +363,7 @@ std::vector<char> encode_manifest(const CheckpointManifest& m) {
   wire::put(out, m.assignment.data(), m.assignment.size());
   wire::put(out, m.owners.data(), m.owners.size());
   wire::put(out, m.bias.data(), m.bias.size());
+  if (m.query) put_query_section(out, *m.query);
   for (const ShardEntry& s : m.shards) {
     put1(out, s.bytes);
     put1(out, s.checksum);
@@ -269,8 +379,8 @@ CheckpointManifest decode_manifest(std::span<const char> bytes, const std::strin
   check_header_fits(bytes, manifest_header(version), "manifest", name);
   CheckpointManifest m;
   wire::Reader in(bytes, 0);
-  bool has_bias = false;
-  check_size_and_checksum(bytes, take_manifest_header(in, m, has_bias, name), "manifest", name);
+  ManifestSections sections;
+  check_size_and_checksum(bytes, take_manifest_header(in, m, sections, name), "manifest", name);
   const auto E = static_cast<size_t>(m.layer.experts);
   m.codebook = Matrix(m.layer.codewords, m.layer.config.expert.dim);
   in.take_n(m.codebook.data(), m.codebook.size(), "codebook");
@@ -278,10 +388,11 @@ CheckpointManifest decode_manifest(std::span<const char> bytes, const std::strin
   in.take_n(m.assignment.data(), E, "assignment");
   m.owners.resize(E);
   in.take_n(m.owners.data(), E, "owners");
-  if (has_bias) {
+  if (sections.bias) {
     m.bias.resize(E);
     in.take_n(m.bias.data(), E, "bias");
   }
+  if (sections.query) m.query = take_query_section(in, m, sections.query_entries, name);
   m.shards.resize(static_cast<size_t>(m.ranks));
   for (ShardEntry& s : m.shards) {
     s.bytes = in.take<uint64_t>("shard bytes");

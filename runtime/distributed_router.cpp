@@ -101,7 +101,7 @@ RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes,
   LocalTopK best;
   {
     ScopedTimer timer(result.timings.scoring);
-    best = score_segments(k, result.received);
+    best = score_segments(k, result.received, result.timings.scoring_pairs);
   }
   {
     ScopedTimer timer(result.timings.replies);
@@ -195,7 +195,8 @@ DistributedRouter::ScanRequests DistributedRouter::read_requests(ReceivedTokens&
 }
 
 // 3. Scan this rank's segments for every request received; local top-k.
-DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTokens& received) {
+DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTokens& received,
+                                                               double& pairs_seconds) {
   const ScanRequests pairs = read_requests(received);
   const Compute& c = codebook_.compute();
   const Ops& ops = *c.ops;
@@ -207,7 +208,11 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   probes.offsets = device_vector(c, pairs.offsets);
   probes.codewords = device_vector(c, pairs.list);
   probes.count = static_cast<int64_t>(pairs.list.size());
-  const PairSet scans = ops.probe_pairs(blocks_.view(), probes, c.stream);
+  PairSet scans;
+  {
+    ScopedTimer timer(pairs_seconds);
+    scans = ops.probe_pairs(blocks_.view(), probes, c.stream);
+  }
   const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
                cand_id = ops.empty(DType::kI32, scans.count, k);
   ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), scans.query, scans.block, k,

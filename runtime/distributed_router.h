@@ -39,6 +39,10 @@ struct ReceivedTokens {
 
 struct RouteTimings {
   double shortlist = 0.0, requests = 0.0, scoring = 0.0, replies = 0.0, merge = 0.0;
+  // Of scoring: expanding the requests' (token, list) pairs into the blocks
+  // to scan (ops probe_pairs). Host seconds: on an asynchronous device it
+  // times the launch, not the kernel.
+  double scoring_pairs = 0.0;
 };
 
 // Everything one route call produced, handed back (the router keeps no
@@ -138,7 +142,8 @@ class DistributedRouter {
   void check_route_args(MatrixView tokens, int k, int probes, GateMode mode);
   Routes shortlist(MatrixView tokens, int k, int probes, GateMode mode) const;
   void send_requests(const Routes& routes, MatrixView tokens);
-  LocalTopK score_segments(int k, ReceivedTokens& received);
+  // `pairs_seconds`: what the probe_pairs expansion took.
+  LocalTopK score_segments(int k, ReceivedTokens& received, double& pairs_seconds);
   ScanRequests read_requests(ReceivedTokens& received) const;
   void send_replies(const LocalTopK& best, const ReceivedTokens& received, int k);
   void merge(Routes& routes);

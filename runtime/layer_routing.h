@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "comm/communicator.h"
@@ -59,6 +60,12 @@ class LayerRouting {
   // probes m; dense-broadcast probes all C of the new codebook.
   virtual void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) = 0;
   virtual bool has_query_lists() const = 0;
+  // The query lists in use (their codebook is codebook()), or none.
+  virtual std::optional<QueryLists> query_lists() const = 0;
+  // Collective: query lists built elsewhere (a checkpoint's), the same on
+  // every rank: routes as the layer that built them did. Refused on every
+  // rank where the strategy has no lists.
+  virtual void set_query_lists(QueryLists lists) = 0;
   // What building the query lists in use cost (0: none).
   virtual double query_lists_build_flops() const = 0;
   // Collective, after a re-plan's migration: the new placement and this

@@ -64,8 +64,16 @@ void DenseReplicatedRouting::sync_codebook(double) {
 }
 
 void DenseReplicatedRouting::refresh_query_lists(MatrixView, const QueryListOptions&) {
-  comm::check_together(comm_, "refresh_query_lists", [] {
-    fail("dense-replicated routes exactly and has no lists to build from a sample");
+  refuse_query_lists("refresh_query_lists");
+}
+
+void DenseReplicatedRouting::set_query_lists(QueryLists) {
+  refuse_query_lists("set_query_lists");
+}
+
+void DenseReplicatedRouting::refuse_query_lists(const char* call) {
+  comm::check_together(comm_, call, [] {
+    fail("dense-replicated routes exactly and has no lists to replace with query lists");
   });
 }
 

@@ -22,6 +22,8 @@ class DenseReplicatedRouting final : public LayerRouting {
   void sync_codebook(double step) override;
   void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) override;
   bool has_query_lists() const override { return false; }
+  std::optional<QueryLists> query_lists() const override { return std::nullopt; }
+  void set_query_lists(QueryLists lists) override;
   double query_lists_build_flops() const override { return 0.0; }
   void move_experts(Placement placement, MatrixView local_centers) override;
   void set_bias(MatrixView bias) override;
@@ -34,6 +36,8 @@ class DenseReplicatedRouting final : public LayerRouting {
   const Matrix& local_centers() const override { return local_centers_; }
 
  private:
+  void refuse_query_lists(const char* call);  // collective: on every rank
+
   comm::Communicator& comm_;
   Codebook codebook_;
   InvertedLists lists_;

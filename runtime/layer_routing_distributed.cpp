@@ -37,14 +37,25 @@ void DistributedRouting::sync_codebook(double step) {
   router_->sync_codebook(step, 1);
 }
 
-void DistributedRouting::refresh_query_lists(MatrixView sample_tokens,
-                                             const QueryListOptions& options) {
-  comm::check_together(comm_, "refresh_query_lists", [&] {
-    if (strategy_ == Strategy::kAir && options.codewords < probes_)
-      fail("query lists: C = " + std::to_string(options.codewords) +
+// Collective: air probes m of the query lists' C codewords.
+void DistributedRouting::require_probes_fit(int64_t codewords, const char* call) {
+  comm::check_together(comm_, call, [&] {
+    if (strategy_ == Strategy::kAir && codewords < probes_)
+      fail("query lists: C = " + std::to_string(codewords) +
            " codewords are fewer than the layer's probes m = " + std::to_string(probes_));
   });
+}
+
+void DistributedRouting::refresh_query_lists(MatrixView sample_tokens,
+                                             const QueryListOptions& options) {
+  require_probes_fit(options.codewords, "refresh_query_lists");
   router_->refresh_query_lists(sample_tokens, options);
+  if (strategy_ == Strategy::kDenseBroadcast) probes_ = static_cast<int>(codebook().size());
+}
+
+void DistributedRouting::set_query_lists(QueryLists lists) {
+  require_probes_fit(lists.codebook.size(), "set_query_lists");
+  router_->set_query_lists(std::move(lists));
   if (strategy_ == Strategy::kDenseBroadcast) probes_ = static_cast<int>(codebook().size());
 }
 

@@ -25,6 +25,8 @@ class DistributedRouting final : public LayerRouting {
   void sync_codebook(double step) override;
   void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) override;
   bool has_query_lists() const override { return router_->has_query_lists(); }
+  std::optional<QueryLists> query_lists() const override { return router_->query_lists(); }
+  void set_query_lists(QueryLists lists) override;
   double query_lists_build_flops() const override { return router_->query_lists_build_flops(); }
   void move_experts(Placement placement, MatrixView local_centers) override;
   void set_bias(MatrixView bias) override { router_->set_bias(bias); }
@@ -37,6 +39,8 @@ class DistributedRouting final : public LayerRouting {
   const Matrix& local_centers() const override { return router_->local_centers(); }
 
  private:
+  void require_probes_fit(int64_t codewords, const char* call);
+
   comm::Communicator& comm_;
   Strategy strategy_;
   int probes_;

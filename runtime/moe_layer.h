@@ -133,13 +133,17 @@ class MoELayer {
   // current centers and bias: the same codebook, lists and routes whatever P
   // (DistributedRouter::refresh_query_lists). dense-replicated refuses it on
   // every rank. They survive center updates, bias changes and replans (and
-  // go stale as those move: call it again); sync_codebook and
-  // save_checkpoint refuse a layer using them. Cost:
+  // go stale as those move: call it again); sync_codebook refuses a layer
+  // using them, checkpoints keep them. Cost:
   // query_lists_build_flops().
   void refresh_query_lists(MatrixView sample_tokens, const QueryListOptions& options) {
     routing_->refresh_query_lists(sample_tokens, options);
   }
   bool has_query_lists() const { return routing_->has_query_lists(); }
+  // The query lists in use, or none; set_query_lists: collective, a
+  // checkpoint's lists back (LayerRouting::set_query_lists).
+  std::optional<QueryLists> query_lists() const { return routing_->query_lists(); }
+  void set_query_lists(QueryLists lists) { routing_->set_query_lists(std::move(lists)); }
   double query_lists_build_flops() const { return routing_->query_lists_build_flops(); }
   // The coordinator plans again and expert parameters (FFN and center) move
   // to their new ranks ("migration" phase). A dispatch handle made before is

@@ -16,6 +16,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,24 @@ inline std::unique_ptr<runtime::MoELayer> trained_layer(
   return layer;
 }
 
+// A trained_layer (air or dense-broadcast) that routes with query-aware lists
+// built from every rank's part of the tokens, under a selection bias: its
+// lists overlap, its codebook is trained on the tokens.
+inline std::unique_ptr<runtime::MoELayer> query_listed_layer(comm::Communicator& comm,
+                                                             const GlobalData& g,
+                                                             runtime::Strategy strategy) {
+  auto layer = trained_layer(comm, g, strategy);
+  const Matrix bias = random_matrix(g.data.centers.rows(), 1, 0.5, 4243);
+  layer->set_bias(bias.view());
+  QueryListOptions options;
+  options.codewords = 6;
+  options.list_length = 40;
+  options.k = layer->config().k;
+  options.kmeans_iterations = 3;
+  layer->refresh_query_lists(g.tokens_of(comm.rank(), comm.size()), options);
+  return layer;
+}
+
 // A layer's whole state and its forward on every token, gathered to every
 // rank, keyed by global expert id.
 struct LayerSnapshot {
@@ -79,7 +98,10 @@ struct LayerSnapshot {
   std::vector<float> codebook;
   std::vector<int32_t> assignment;
   std::vector<float> bias;              // [E] or empty
+  std::vector<int64_t> query_offsets;   // [E + 1] or empty: no query lists
+  std::vector<int32_t> query_lists;     // each expert's query lists
   std::vector<int32_t> routed_experts;  // [T, k]
+  std::vector<int32_t> shortlist;       // [T], each token's shortlist size
   std::vector<float> gates;             // [T, k]
   std::vector<float> out;               // [T, d]
 };
@@ -105,10 +127,15 @@ inline LayerSnapshot snapshot(comm::Communicator& comm, runtime::MoELayer& layer
   s.assignment = layer.lists().assignment();
   if (const TensorView b = layer.bias(); b.rows > 0)
     s.bias.assign(b.as<float>(), b.as<float>() + b.rows);
+  if (const std::optional<QueryLists> q = layer.query_lists()) {
+    s.query_offsets = q->membership.offsets;
+    s.query_lists = q->membership.lists;
+  }
   const runtime::ForwardResult fwd = layer.forward(g.tokens_of(comm.rank(), comm.size()));
   const Matrix& out = fwd.output;
   s.routed_experts = comm::allgatherv_vector<int32_t>(comm, fwd.handle.routes().experts);
   s.gates = comm::allgatherv_vector<float>(comm, fwd.handle.routes().gates);
+  s.shortlist = comm::allgatherv_vector<int32_t>(comm, fwd.handle.routes().shortlist_size);
   s.out = comm::allgatherv_vector<float>(comm, std::span<const float>(out.data(), out.size()));
   return s;
 }
@@ -124,8 +151,11 @@ inline void expect_same_layer(const LayerSnapshot& saved, const LayerSnapshot& l
   EXPECT_EQ(loaded.codebook, saved.codebook) << where;
   EXPECT_EQ(loaded.assignment, saved.assignment) << where;
   EXPECT_EQ(loaded.bias, saved.bias) << where;
+  EXPECT_EQ(loaded.query_offsets, saved.query_offsets) << where;
+  EXPECT_EQ(loaded.query_lists, saved.query_lists) << where;
   EXPECT_EQ(loaded.routed_experts, saved.routed_experts) << where;
   EXPECT_EQ(loaded.gates, saved.gates) << where;
+  EXPECT_EQ(loaded.shortlist, saved.shortlist) << where;
   ASSERT_EQ(loaded.out.size(), saved.out.size()) << where;
   if (same_placement) {
     EXPECT_EQ(loaded.out, saved.out) << where;
@@ -223,8 +253,8 @@ inline std::vector<Spoiler> spoilers(const std::string& dir, const std::string& 
          std::filesystem::copy_file(runtime::shard_path(other, q), shard1,
                                     std::filesystem::copy_options::overwrite_existing);
        }},
-      {"other version", manifest, "format version 3; this build reads versions 1 to 2",
-       [=] { edit(manifest, [](std::vector<char>& b) { b[8] = 3; }); }},
+      {"other version", manifest, "format version 4; this build reads versions 1 to 3",
+       [=] { edit(manifest, [](std::vector<char>& b) { b[8] = 4; }); }},
       {"missing manifest", manifest, "No such file", [=] { std::filesystem::remove(manifest); }},
   };
 }

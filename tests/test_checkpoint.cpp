@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -156,28 +157,50 @@ TEST(Checkpoint, ADirectoryOfOtherFilesIsNeverReplaced) {
   EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
 }
 
-// A checkpoint holds the codebook and each expert's primary list, not query
-// lists: saving a layer that routes with them is refused on every rank
-// (loading it would route with other lists), and nothing is written.
-TEST(Checkpoint, ALayerWithQueryListsIsRefused) {
+// Query-aware lists are the layer's state (manifest version 3): their
+// token-trained codebook, overlapping lists and build options are saved, and
+// the layer loaded at another P routes as the saved one, bit for bit (ids,
+// gates, shortlist sizes). dense-replicated has no lists and saves none.
+TEST(Checkpoint, QueryListedLayerRoundTripsAtAnotherP) {
+  round_trip_at_other_p(
+      [](comm::Communicator& comm, const test::GlobalData& g, Strategy strategy) {
+        return strategy == Strategy::kDenseReplicated ? test::trained_layer(comm, g, strategy)
+                                                      : test::query_listed_layer(comm, g, strategy);
+      },
+      [](const runtime::CheckpointManifest& m, const test::LayerSnapshot& saved) {
+        ASSERT_EQ(m.query.has_value(), !saved.query_offsets.empty());
+        if (!m.query) return;
+        EXPECT_EQ(m.query->membership.offsets, saved.query_offsets);
+        EXPECT_EQ(m.query->membership.lists, saved.query_lists);
+        EXPECT_GT(m.query->membership.entries(), m.layer.experts);  // they overlap
+        EXPECT_EQ(m.query->options.codewords, 6);
+        EXPECT_EQ(m.query->options.list_length, 40);
+        EXPECT_GT(m.query->build_flops, 0.0);
+      });
+}
+
+// A query-listed layer loaded again keeps its build options and cost, and
+// refuses a codebook sync as the saved one does.
+TEST(Checkpoint, LoadedQueryListsKeepTheirOptions) {
   const test::GlobalData& g = test::checkpoint_data();
   const ScratchDir scratch;
   const std::string dir = scratch.path() + "/ckpt";
-  QueryListOptions options;
-  options.codewords = 4;
-  options.list_length = 8;
-  options.k = 2;
-  options.kmeans_iterations = 2;
+  double flops = 0.0;
   comm::run_ranks(2, [&](comm::Communicator& comm) {
-    auto layer = test::trained_layer(comm, g, Strategy::kAir);
-    const auto [b, e] = test::GlobalData::token_range(g.data.tokens.rows(), comm.rank(), 2);
-    layer->refresh_query_lists(MatrixView(g.data.tokens.row(b), e - b, g.data.tokens.cols()),
-                               options);
-    test::expect_refused_together([&] { runtime::save_checkpoint(*layer, dir); }, "rank 0",
-                                  "routes with query lists");
+    auto layer = test::query_listed_layer(comm, g, Strategy::kAir);
+    runtime::save_checkpoint(*layer, dir);
+    if (comm.rank() == 0) flops = layer->query_lists_build_flops();
   });
-  EXPECT_FALSE(std::filesystem::exists(dir));
-  EXPECT_FALSE(std::filesystem::exists(dir + ".saving"));
+  comm::run_ranks(3, [&](comm::Communicator& comm) {
+    auto layer = runtime::load_checkpoint(comm, dir);
+    ASSERT_TRUE(layer->has_query_lists());
+    const std::optional<QueryLists> q = layer->query_lists();
+    EXPECT_EQ(q->options.k, 4);
+    EXPECT_EQ(q->options.kmeans_iterations, 3);
+    EXPECT_EQ(layer->query_lists_build_flops(), flops);
+    test::expect_refused_together([&] { layer->sync_codebook(1.0); }, "rank 0",
+                                  "call refresh_query_lists");
+  });
 }
 
 // The names in `dir`, sorted.
@@ -454,6 +477,12 @@ void reseal(std::vector<char>& bytes) {
   std::memcpy(bytes.data() + bytes.size() - 8, &h, 8);
 }
 
+// Rewrites a manifest's format version (and its checksum).
+void set_version(std::vector<char>& bytes, uint32_t version) {
+  std::memcpy(bytes.data() + 8, &version, 4);
+  reseal(bytes);
+}
+
 TEST(CheckpointFormat, ManifestRoundTrips) {
   const runtime::CheckpointManifest m = small_manifest();
   const runtime::CheckpointManifest back =
@@ -472,17 +501,130 @@ TEST(CheckpointFormat, ManifestRoundTrips) {
   EXPECT_EQ(runtime::decode_manifest(runtime::encode_manifest(biased), "m").bias, biased.bias);
 }
 
+// small_manifest with query lists: expert 0 in lists 0 then 1, expert 1 in
+// 1, expert 2 in 1 then 0 (each one's first list its assignment).
+runtime::CheckpointManifest query_manifest() {
+  runtime::CheckpointManifest m = small_manifest();
+  QueryLists q;
+  q.options.codewords = 2;
+  q.options.list_length = 2;
+  q.options.k = 2;
+  q.options.kmeans_iterations = 5;
+  q.options.seed = 99;
+  q.build_flops = 1234.5;
+  q.membership.offsets = {0, 2, 3, 5};
+  q.membership.lists = {0, 1, 1, 1, 0};
+  q.membership.list_count = 2;
+  m.query = std::move(q);
+  return m;
+}
+
+// Byte offsets of query_manifest's file: the 80-byte header, 4 codebook
+// floats, 3 lists, 3 owners, then the query section.
+constexpr size_t kQueryFlag = 68, kQueryEntries = 72, kQuerySection = 80 + 16 + 12 + 12;
+constexpr size_t kQueryK = kQuerySection + 8, kQueryFlops = kQuerySection + 24,
+                 kQueryCounts = kQuerySection + 32, kQueryLists = kQueryCounts + 12;
+
+TEST(CheckpointFormat, QueryListsRoundTrip) {
+  const runtime::CheckpointManifest m = query_manifest();
+  const runtime::CheckpointManifest back =
+      runtime::decode_manifest(runtime::encode_manifest(m), "m");
+  ASSERT_TRUE(back.query.has_value());
+  EXPECT_EQ(back.query->options.codewords, 2);
+  EXPECT_EQ(back.query->options.list_length, 2);
+  EXPECT_EQ(back.query->options.k, 2);
+  EXPECT_EQ(back.query->options.kmeans_iterations, 5);
+  EXPECT_EQ(back.query->options.seed, 99u);
+  EXPECT_EQ(back.query->build_flops, 1234.5);
+  EXPECT_EQ(back.query->membership.offsets, m.query->membership.offsets);
+  EXPECT_EQ(back.query->membership.lists, m.query->membership.lists);
+  EXPECT_EQ(back.query->membership.list_count, 2);
+  EXPECT_EQ(back.owners, m.owners);
+  EXPECT_EQ(back.shards[1].checksum, 9u);
+  EXPECT_EQ(runtime::encode_manifest(m).size(), kQueryLists + 20 + 2 * 24 + 8);
+}
+
+// A manifest of an older version: `fields` bytes of the newer header at
+// `from` taken out, the version set to `version`.
+std::vector<char> older_manifest(uint32_t version, size_t from, size_t fields) {
+  std::vector<char> b = runtime::encode_manifest(small_manifest());
+  b.erase(b.begin() + static_cast<std::ptrdiff_t>(from),
+          b.begin() + static_cast<std::ptrdiff_t>(from + fields));
+  set_version(b, version);
+  return b;
+}
+
 // A version-1 manifest (no bias field in the header, no bias) still reads.
 TEST(CheckpointFormat, VersionOneManifestStillReads) {
-  std::vector<char> b = runtime::encode_manifest(small_manifest());
-  const uint32_t one = 1;
-  std::memcpy(b.data() + 8, &one, 4);
-  b.erase(b.begin() + 64, b.begin() + 68);  // the version-2 bias flag
-  reseal(b);
-  const runtime::CheckpointManifest back = runtime::decode_manifest(b, "m");
+  // Without the version-2 bias flag and the version-3 query fields.
+  const runtime::CheckpointManifest back = runtime::decode_manifest(older_manifest(1, 64, 16), "m");
   EXPECT_EQ(back.owners, small_manifest().owners);
   EXPECT_EQ(back.shards[1].checksum, 9u);
   EXPECT_TRUE(back.bias.empty());
+  EXPECT_FALSE(back.query.has_value());
+}
+
+// A version-2 manifest (a bias flag, no query-list fields) still reads.
+TEST(CheckpointFormat, VersionTwoManifestStillReads) {
+  const runtime::CheckpointManifest back =
+      runtime::decode_manifest(older_manifest(2, kQueryFlag, 12), "m");
+  EXPECT_EQ(back.assignment, small_manifest().assignment);
+  EXPECT_EQ(back.owners, small_manifest().owners);
+  EXPECT_EQ(back.shards[1].checksum, 9u);
+  EXPECT_TRUE(back.bias.empty());
+  EXPECT_FALSE(back.query.has_value());
+  // With a bias: the bias follows the owners, as in version 3.
+  std::vector<char> biased = runtime::encode_manifest([] {
+    runtime::CheckpointManifest m = small_manifest();
+    m.bias = {0.5f, -1.0f, 2.0f};
+    return m;
+  }());
+  biased.erase(biased.begin() + kQueryFlag, biased.begin() + kQueryFlag + 12);
+  set_version(biased, 2);
+  EXPECT_EQ(runtime::decode_manifest(biased, "m").bias, (std::vector<float>{0.5f, -1.0f, 2.0f}));
+}
+
+// A manifest of a version this build does not know is refused, naming it.
+TEST(CheckpointFormat, AFutureVersionIsRefusedByNumber) {
+  std::vector<char> b = runtime::encode_manifest(query_manifest());
+  set_version(b, 4);
+  AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(b, "m"), UsageError,
+                          "manifest 'm' has format version 4; this build reads versions 1 to 3");
+}
+
+// Every field of a malformed query-list section is refused by name.
+TEST(CheckpointFormat, MalformedQueryListsAreRefusedByName) {
+  const std::vector<char> good = runtime::encode_manifest(query_manifest());
+  const auto with = [&](size_t at, auto value) {
+    std::vector<char> b = good;
+    std::memcpy(b.data() + at, &value, sizeof(value));
+    reseal(b);
+    return b;
+  };
+  const auto refused = [](const std::vector<char>& b, const std::string& message) {
+    AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(b, "m"), UsageError, message);
+  };
+  refused(with(kQueryFlag, uint32_t{2}), "manifest 'm': query lists = 2 is outside [0, 1]");
+  refused(with(kQueryEntries, int64_t{2}), "query entries = 2 is outside [3, 6]");
+  refused(with(kQueryEntries, int64_t{6}), "is truncated: its header promises");
+  refused(with(kQueryFlag, uint32_t{0}), "query entries = 5 is outside [0, 0]");
+  refused(with(kQuerySection, int64_t{0}), "query list length L = 0 is outside [1, 3]");
+  refused(with(kQueryK, int32_t{4}), "query k = 4 is outside [1, 3]");
+  refused(with(kQueryK + 4, int32_t{-1}), "query k-means iterations = -1 is outside");
+  refused(with(kQueryFlops, std::nan("")), "query build flops = nan is not a finite count");
+  refused(with(kQueryCounts + 4, int32_t{0}), "query list count of expert 1 = 0");
+  refused(with(kQueryCounts + 4, int32_t{2}),
+          "the query list counts add up to 6, the header says query entries = 5");
+  refused(with(kQueryLists + 4, int32_t{2}),
+          "manifest 'm': query lists: list segments: expert 0 is assigned to list 2, outside "
+          "[0, 2)");
+  refused(with(kQueryLists + 4, int32_t{0}),
+          "query lists: list segments: expert 0 is in list 0 twice");
+  refused(with(kQueryLists + 8, int32_t{0}), "expert 1 is in list 1, its first query list is 0");
+  // Without a query flag a version-2 layout of the same bytes is too long.
+  std::vector<char> v2 = good;
+  set_version(v2, 2);
+  refused(v2, "more than the");
 }
 
 TEST(CheckpointFormat, BadBiasIsRefusedByName) {
@@ -523,8 +665,8 @@ TEST(CheckpointFormat, ManifestFieldsOutOfRangeAreRefusedByName) {
                           "probes m = 3 is outside [1, 2]");
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(40, -1), "m"), UsageError,
                           "activation = 4294967295 is outside [0, 3]");
-  // The owner of expert 2 (after the 68-byte header, 4 codebook floats and 3 lists).
-  const size_t owners = 68 + 16 + 12;
+  // The owner of expert 2 (after the 80-byte header, 4 codebook floats and 3 lists).
+  const size_t owners = 80 + 16 + 12;
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 2), "m"), UsageError,
                           "expert 2 is owned by rank 2, outside [0, 2)");
   AIRMOE_EXPECT_THROW_MSG(runtime::decode_manifest(with(owners + 8, 0), "m"), UsageError,

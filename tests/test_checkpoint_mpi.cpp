@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <span>
 
 #include "checkpoint_checks.h"
 #include "comm/mpi_communicator.h"
@@ -55,12 +56,15 @@ std::unique_ptr<comm::MpiCommunicator> first_ranks(int n) {
   return out;
 }
 
-// Saves on the first P ranks; returns the snapshot on those ranks.
+// Saves on the first P ranks (a layer with query lists when `query_lists`);
+// returns the snapshot on those ranks.
 std::optional<test::LayerSnapshot> save_on(int P, Strategy strategy, const std::string& dir,
-                                           const test::GlobalData& g = test::checkpoint_data()) {
+                                           const test::GlobalData& g = test::checkpoint_data(),
+                                           bool query_lists = false) {
   std::unique_ptr<comm::MpiCommunicator> comm = first_ranks(P);
   if (!comm) return std::nullopt;
-  auto layer = test::trained_layer(*comm, g, strategy);
+  auto layer = query_lists ? test::query_listed_layer(*comm, g, strategy)
+                           : test::trained_layer(*comm, g, strategy);
   return test::save_and_snapshot(*comm, *layer, g, dir);
 }
 
@@ -72,21 +76,35 @@ void load_on(int P, Strategy strategy, const std::string& dir,
                           saved_ranks);
 }
 
-TEST(MpiCheckpoint, RoundTripsBetweenThisJobsSizeAndEverySmallerOne) {
+// Saves at this job's size N and loads at every P <= N, then saves at every
+// P < N and loads at N.
+void round_trips(std::span<const Strategy> strategies, bool query_lists) {
   comm::MpiCommunicator world(MPI_COMM_WORLD);
   const SharedScratchDir scratch(world);
   const int N = world.size();
-  for (Strategy strategy : test::kAllStrategies) {
+  const test::GlobalData& g = test::checkpoint_data();
+  for (Strategy strategy : strategies) {
     const std::string full = scratch.path() + "/" + runtime::to_string(strategy) + "-N";
-    const std::optional<test::LayerSnapshot> at_n = save_on(N, strategy, full);
+    const std::optional<test::LayerSnapshot> at_n = save_on(N, strategy, full, g, query_lists);
     for (int P = 1; P <= N; ++P) load_on(P, strategy, full, at_n, N);
     for (int P = 1; P < N; ++P) {
       const std::string dir =
           scratch.path() + "/" + runtime::to_string(strategy) + "-" + std::to_string(P);
-      const std::optional<test::LayerSnapshot> saved = save_on(P, strategy, dir);
+      const std::optional<test::LayerSnapshot> saved = save_on(P, strategy, dir, g, query_lists);
       load_on(N, strategy, dir, saved, P);
     }
   }
+}
+
+TEST(MpiCheckpoint, RoundTripsBetweenThisJobsSizeAndEverySmallerOne) {
+  round_trips(test::kAllStrategies, false);
+}
+
+// Query-aware lists (air, dense-broadcast) route bit for bit after a load
+// at any P.
+TEST(MpiCheckpoint, QueryListsRoundTripBetweenThisJobsSizeAndEverySmallerOne) {
+  const Strategy with_lists[] = {Strategy::kAir, Strategy::kDenseBroadcast};
+  round_trips(with_lists, true);
 }
 
 TEST(MpiCheckpoint, SpoiledOrMismatchedCheckpointsAreRefusedOnEveryRank) {

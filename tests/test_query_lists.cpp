@@ -281,6 +281,13 @@ TEST(ListSegmentsCsr, EachProbedExpertIsScannedOnce) {
   expect_error([&] { ListSegments(Offsets{0, 2}, Lists{3, 3}, C); }, "expert 0 is in list 3 twice");
   expect_error([&] { ListSegments(Offsets{0, 1}, Lists{C}, C); }, "outside [0, 20)");
   expect_error([&] { ListSegments(Offsets{0, 2}, Lists{1}, C); }, "offsets must run from 0");
+  // Offsets that overshoot and come back (a hostile saved state): refused
+  // before the entries past the end are read.
+  expect_error(
+      [&] {
+        ListSegments(Offsets{0, 5, 2}, Lists{1, 2}, C);
+      },
+      "expert 0's lists end at entry 5, past the 2 entries");
 }
 
 }  // namespace

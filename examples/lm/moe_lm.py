@@ -181,6 +181,12 @@ class SmoothedLoadBias:
         step = self.rate * spread * (self.num_experts * self.share - 1.0)
         self.router.bias = (self.router.bias - step.float()).contiguous()
 
+    def state(self):  # for a checkpoint (the bias itself is a router buffer)
+        return {"share": self.share}
+
+    def load_state(self, state):
+        self.share = state["share"]
+
 
 def full_softmax_balance_loss(router, q, idx, num_experts):
     """The Switch loss with P_e the mean over tokens of the softmax over all
@@ -335,6 +341,19 @@ class MoEFFN(nn.Module):
         a = F.gelu(torch.einsum("nkhd,nd->nkh", self.w1[idx], x))
         y = torch.einsum("nkdh,nkh->nkd", self.w2[idx], a)
         return (gates.unsqueeze(-1) * y).sum(1)
+
+    # The balancing helpers whose state lives outside the module's buffers
+    # (a checkpoint's per-block entry holds each one's state(), or None).
+    HELPERS = ("smoothed_bias", "list_refresh")
+
+    def helper_states(self):
+        return {name: getattr(self, name).state() if getattr(self, name) else None
+                for name in self.HELPERS}
+
+    def load_helper_states(self, states):
+        for name in self.HELPERS:
+            if states.get(name) is not None:
+                getattr(self, name).load_state(states[name])
 
 
 class Block(nn.Module):
@@ -557,12 +576,19 @@ def settings_differences(saved, args, verb):
 
 class Progress:
     """What a run has done so far: its last step, the training curve, the
-    evaluations, the training seconds and each block's recent expert loads
-    (over the last --load-window steps)."""
+    evaluations, the training seconds, the wall seconds and each block's
+    recent expert loads (over the last --load-window steps). A resumed run
+    carries both times over: each is the total over the run's segments (a
+    killed segment counts up to its last checkpoint)."""
 
-    def __init__(self, blocks, window):
+    def __init__(self, blocks, window, start):
         self.step, self.curve, self.evals, self.t_train = 0, [], [], 0.0
         self.recent_load = [collections.deque(maxlen=window) for _ in range(blocks)]
+        self.wall_before = 0.0  # wall seconds of the earlier segments
+        self.start = start  # this segment's perf_counter() at its start
+
+    def wall_s(self):
+        return self.wall_before + time.perf_counter() - self.start
 
 
 def checkpoint_path(name, args):
@@ -571,22 +597,31 @@ def checkpoint_path(name, args):
 
 def save_checkpoint(path, model, opt, gen, progress, args):
     """Everything the next steps read (parameters, buffers, optimizer moments,
-    the batch and global random states, the balancing averages, air_query's
-    recent tokens and build counts, the curves),
-    written atomically: a run killed at any moment resumes from its last
-    checkpoint and computes the same bits as one never stopped."""
+    the batch and global random states, the curves and times, and per block
+    its recent loads and its balancing helpers' states: the smoothed load
+    shares, air_query's recent tokens and build counts), written atomically:
+    a run killed at any moment resumes from its last checkpoint and computes
+    the same bits as one never stopped."""
     state = {"settings": run_settings(args), "model": model.state_dict(),
              "optimizer": opt.state_dict(), "batches": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "step": progress.step, "curve": progress.curve,
-             "evals": progress.evals, "t_train": progress.t_train,
-             "recent_load": [list(w) for w in progress.recent_load],
-             "smoothed_share": [b.ffn.smoothed_bias.share if b.ffn.smoothed_bias else None
-                                for b in model.blocks],
-             "query_lists": [b.ffn.list_refresh.state() if b.ffn.list_refresh else None
-                             for b in model.blocks]}
+             "evals": progress.evals, "t_train": progress.t_train, "wall_s": progress.wall_s(),
+             "blocks": [{"recent_load": list(window), **b.ffn.helper_states()}
+                        for b, window in zip(model.blocks, progress.recent_load)]}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def blocks_of_parallel_lists(state):
+    """The "blocks" entry of a checkpoint written before it existed, from its
+    parallel per-block lists ("recent_load", "smoothed_share" and, from
+    air_query on, "query_lists")."""
+    n = len(state["recent_load"])
+    return [{"recent_load": load, "smoothed_bias": None if share is None else {"share": share},
+             "list_refresh": lists}
+            for load, share, lists in zip(state["recent_load"], state["smoothed_share"],
+                                          state.get("query_lists", [None] * n))]
 
 
 def load_checkpoint(path, model, opt, gen, progress, args):
@@ -603,15 +638,12 @@ def load_checkpoint(path, model, opt, gen, progress, args):
     torch.set_rng_state(state["torch_rng"])
     progress.step, progress.curve, progress.evals = state["step"], state["curve"], state["evals"]
     progress.t_train = state["t_train"]
-    for window, saved in zip(progress.recent_load, state["recent_load"]):
-        window.extend(saved)
-    for b, share in zip(model.blocks, state["smoothed_share"]):
-        if share is not None:
-            b.ffn.smoothed_bias.share = share
-    # (a checkpoint from before air_query existed has no query_lists)
-    for b, saved in zip(model.blocks, state.get("query_lists", [None] * len(model.blocks))):
-        if saved is not None:
-            b.ffn.list_refresh.load_state(saved)
+    # (a checkpoint from before wall_s: its training seconds, a lower bound)
+    progress.wall_before = state.get("wall_s", state["t_train"])
+    blocks = state["blocks"] if "blocks" in state else blocks_of_parallel_lists(state)
+    for b, window, saved in zip(model.blocks, progress.recent_load, blocks):
+        window.extend(saved["recent_load"])
+        b.ffn.load_helper_states(saved)
 
 
 def discard_checkpoint(name, args):
@@ -622,11 +654,12 @@ def discard_checkpoint(name, args):
 
 
 def train(name, make_router, flops, data, val, args):
+    start = time.perf_counter()
     torch.manual_seed(args.seed)
     model = MoELM(make_router, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    progress = Progress(len(model.blocks), args.load_window)
+    progress = Progress(len(model.blocks), args.load_window, start)
     ckpt = checkpoint_path(name, args)
     if ckpt and os.path.exists(ckpt):
         load_checkpoint(ckpt, model, opt, gen, progress, args)
@@ -696,6 +729,7 @@ def train(name, make_router, flops, data, val, args):
         "val_bits_per_byte": final["val_loss"] / math.log(2),
         "router_flops_per_token": flops,
         "tokens_per_s": args.steps * args.batch * args.seq / progress.t_train,
+        "wall_s": progress.wall_s(),  # over every segment of a resumed run
         "recall_at_k": final["recall_at_k"],
         "mass_recall": final["mass_recall"],
         "utilization": final["utilization"],

@@ -309,13 +309,26 @@ def _tiny_train(args, name="dense"):
     return moe_lm.train(name, make_router, flops, data, data[:512], args)
 
 
+def _parallel_lists_layout(state):
+    """A checkpoint as moe_lm.py wrote it before its "blocks" entry: one list
+    per per-block quantity."""
+    blocks = state.pop("blocks")
+    state["recent_load"] = [b["recent_load"] for b in blocks]
+    state["smoothed_share"] = [b["smoothed_bias"]["share"] if b["smoothed_bias"] else None
+                               for b in blocks]
+    state["query_lists"] = [b["list_refresh"] for b in blocks]
+    return state
+
+
 # air_query: lists refreshed at steps 3 and 6 from the last 3 steps' tokens,
-# so the refresh after the resume reads tokens of a step before the checkpoint
+# so the refresh after the resume reads tokens of a step before the checkpoint.
+# "parallel lists": the checkpoint rewritten in the layout before "blocks".
+@pytest.mark.parametrize("layout", ["blocks", "parallel lists"])
 @pytest.mark.parametrize("name,options", [
     ("dense", {}),
     ("air_query", dict(codewords=8, probes=2, list_length=16, list_refresh=3, list_sample=96))])
 def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, monkeypatch, name,
-                                                                     options):
+                                                                     options, layout):
     whole = _tiny_train(_tiny_args(tmp_path, **options), name)
     args = _tiny_args(tmp_path, checkpoint_dir=str(tmp_path / "partial"), checkpoint_every=2,
                       **options)
@@ -330,10 +343,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, m
     monkeypatch.setattr(moe_lm, "update_codebooks", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         _tiny_train(args, name)
-    saved = torch.load(moe_lm.checkpoint_path(name, args))
+    path = moe_lm.checkpoint_path(name, args)
+    saved = torch.load(path)
     assert saved["step"] == 4  # the last checkpoint before the kill
+    assert len(saved["blocks"]) == args.layers
+    assert (saved["blocks"][0]["list_refresh"] is not None) == (name == "air_query")
+    # the wall seconds before the kill count in the resumed run's
+    saved["wall_s"] = 1000.0
+    torch.save(_parallel_lists_layout(saved) if layout == "parallel lists" else saved, path)
     monkeypatch.setattr(moe_lm, "update_codebooks", real_update)
     resumed = _tiny_train(args, name)
+    assert 1000.0 < resumed["wall_s"] < 1000.0 + whole["wall_s"] + 60.0
     assert resumed["train_curve"] == whole["train_curve"]
     assert resumed["evals"] == whole["evals"]
     assert resumed["effective_experts"] == whole["effective_experts"]
@@ -365,8 +385,8 @@ def test_a_checkpoint_from_before_newer_options_resumes(tmp_path, monkeypatch):
         _tiny_train(args)
     monkeypatch.undo()
     path = moe_lm.checkpoint_path("dense", args)
-    state = torch.load(path)
-    del state["settings"]["list_refresh"], state["query_lists"]
+    state = _parallel_lists_layout(torch.load(path))
+    del state["settings"]["list_refresh"], state["query_lists"], state["wall_s"]
     torch.save(state, path)
     assert _tiny_train(args)["train_curve"] == whole["train_curve"]
     with pytest.raises(ValueError, match=r"list_refresh: saved 64, asked 65"):

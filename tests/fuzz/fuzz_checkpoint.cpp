@@ -3,7 +3,8 @@
 // rewrites the file's trailing checksum to match its bytes, so that the
 // fuzzer reaches the checks behind the checksum. A manifest that decodes
 // goes on through what load_checkpoint builds from it (codebook, lists,
-// placement). A refusal with one of airmoe's error types is a pass.
+// placement, and the segments of its query lists). A refusal with one of airmoe's error types is a
+// pass.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -13,6 +14,7 @@
 #include "core/hash.h"
 #include "router/codebook.h"
 #include "router/inverted_lists.h"
+#include "router/spilled_lists.h"
 #include "runtime/checkpoint.h"
 #include "runtime/placement.h"
 
@@ -23,8 +25,14 @@ void read_manifest_bytes(const std::vector<char>& bytes) {
   const runtime::CheckpointManifest m = runtime::decode_manifest(bytes, "fuzz manifest");
   const Codebook codebook = Codebook::from_unit_rows(m.codebook.view());
   const InvertedLists lists(m.assignment, codebook.size());
-  const runtime::Placement placement(m.ranks, m.owners, lists);
+  runtime::Placement placement(m.ranks, m.owners, lists);
   (void)placement.local_experts(0);
+  if (m.query) {
+    const ListSegments segments(m.query->membership.offsets, m.query->membership.lists,
+                                codebook.size());
+    (void)segments.entries();
+    placement.refresh(m.query->membership);
+  }
 }
 
 }  // namespace

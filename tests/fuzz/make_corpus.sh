@@ -11,6 +11,9 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DAIRMOE_BUILD_PYTHON=OFF -DAIRMOE_BUILD_EXAMPLES=OFF
 fi
 cmake --build "$build" -j2 --target airmoe_fuzz_seeds
-rm -rf tests/fuzz/corpus/decoders tests/fuzz/corpus/checkpoint
+# Older format versions' manifest seeds (manifest[-resealed]: version 1,
+# manifest-v2-*: version 2) are kept: this build writes only the newest.
+rm -rf tests/fuzz/corpus/decoders
+rm -f tests/fuzz/corpus/checkpoint/manifest-v3* tests/fuzz/corpus/checkpoint/shard*
 "$build/tests/airmoe_fuzz_seeds" tests/fuzz/corpus
 ls tests/fuzz/corpus/decoders tests/fuzz/corpus/checkpoint | wc -l

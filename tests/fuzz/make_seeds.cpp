@@ -5,7 +5,10 @@
 //     real step, as a ScriptedPeers script. Each seed is replayed through
 //     ScriptedPeers and must give the real step's results bit for bit.
 //   <out>/checkpoint/{manifest,shard}[-resealed]: a real checkpoint's files
-//     behind the target's selector byte.
+//     behind the target's selector byte; manifest-v3-biased and
+//     manifest-v3-query: with a selection bias, and with query-aware lists.
+//     The corpus keeps older builds' seeds too: manifest[-resealed] of
+//     version 1, manifest-v2-biased[-resealed] of version 2.
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -104,18 +107,29 @@ void decoder_seeds(const fs::path& dir) {
     }
 }
 
-// A real checkpoint's files, saved with a selection bias when `biased`
-// (the manifest's optional bias section); `tag` names the seeds.
-void checkpoint_seeds(const fs::path& dir, bool biased, const std::string& tag) {
+// What a checkpoint seed's layer holds beside its parameters: the
+// manifest's optional sections.
+enum class Extra { kNone, kBias, kQueryLists };
+
+// A real checkpoint's files, saved with `extra`; `tag` names the seeds.
+void checkpoint_seeds(const fs::path& dir, Extra extra, const std::string& tag) {
   const FuzzLayer& f = FuzzLayer::get();
   const fs::path tmp = fs::temp_directory_path() / "airmoe-fuzz-seed-ckpt";
   comm::run_ranks(2, [&](comm::Communicator& comm) {
     runtime::MoELayer layer(comm, runtime::Strategy::kAir, FuzzLayer::config(), f.codebook,
                             f.assignment, f.placement(2), f.data.centers.view(), 7);
-    if (biased) {
+    if (extra == Extra::kBias) {
       Matrix bias(f.data.centers.rows(), 1);
       for (int64_t e = 0; e < bias.rows(); ++e) bias(e, 0) = std::sin(static_cast<float>(e));
       layer.set_bias(bias.view());
+    }
+    if (extra == Extra::kQueryLists) {
+      QueryListOptions options;
+      options.codewords = 4;
+      options.list_length = 6;
+      options.k = FuzzLayer::config().k;
+      options.kmeans_iterations = 2;
+      layer.refresh_query_lists(f.tokens_of(comm.rank(), comm.size()), options);
     }
     runtime::save_checkpoint(layer, tmp.string());
   });
@@ -127,7 +141,7 @@ void checkpoint_seeds(const fs::path& dir, bool biased, const std::string& tag) 
   };
   write(dir / ("manifest" + tag), seed(runtime::manifest_path(tmp.string()), 0));
   write(dir / ("manifest" + tag + "-resealed"), seed(runtime::manifest_path(tmp.string()), 2));
-  if (!biased) {  // the shard files do not depend on the bias
+  if (extra == Extra::kNone) {  // the shard files do not depend on the extras
     write(dir / "shard", seed(runtime::shard_path(tmp.string(), 1), 1));
     write(dir / "shard-resealed", seed(runtime::shard_path(tmp.string(), 1), 3));
   }
@@ -148,7 +162,9 @@ int main(int argc, char** argv) {
   fs::create_directories(out / "decoders");
   fs::create_directories(out / "checkpoint");
   airmoe::fuzz::decoder_seeds(out / "decoders");
-  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", false, "");
-  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", true, "-v2-biased");
+  using airmoe::fuzz::Extra;
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", Extra::kNone, "-v3");
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", Extra::kBias, "-v3-biased");
+  airmoe::fuzz::checkpoint_seeds(out / "checkpoint", Extra::kQueryLists, "-v3-query");
   return 0;
 }
