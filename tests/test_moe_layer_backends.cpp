@@ -23,7 +23,6 @@
 namespace airmoe {
 namespace {
 
-using runtime::MoEConfig;
 using runtime::MoELayer;
 using runtime::PlacementPolicy;
 using runtime::Strategy;
@@ -36,8 +35,8 @@ const GlobalData& data() {
   return g;
 }
 
-MoEConfig config(DType wire) {
-  MoEConfig cfg;
+runtime::MoEConfig config(DType wire) {
+  runtime::MoEConfig cfg;
   cfg.k = 4;
   cfg.probes = 3;
   cfg.expert = {16, 3, runtime::Activation::kGelu};
@@ -107,15 +106,7 @@ class LayerOnBackend : public test::BackendTest {
   template <typename T>
   void expect_same(const std::vector<T>& got, const std::vector<T>& want,
                    const std::string& what) const {
-    ASSERT_EQ(got.size(), want.size()) << what;
-    if (got.empty()) return;
-    if (libm_bits()) {
-      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)), 0) << what;
-      return;
-    }
-    for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_NEAR(got[i], want[i], kTol * (1.0 + std::fabs(static_cast<double>(want[i]))))
-          << what << " entry " << i;
+    test::expect_same_values(got, want, what, libm_bits(), kTol);
   }
   void expect_same(const StepResult& got, const StepResult& want, const std::string& what) const {
     expect_same(got.output, want.output, what + ": output");
