@@ -137,7 +137,8 @@ TEST_P(LayerOnBackend, EqualsTheHostLayer) {
 }
 
 // The device API's results are tensors of the compute's device, and it
-// refuses tokens of another dtype on every rank.
+// refuses tokens or output gradients of another dtype or width on every
+// rank.
 TEST_P(LayerOnBackend, DeviceApiResultsLiveOnTheComputesDevice) {
   const GlobalData& g = data();
   const Compute c = compute();
@@ -159,8 +160,13 @@ TEST_P(LayerOnBackend, DeviceApiResultsLiveOnTheComputesDevice) {
     EXPECT_EQ(grads.d_centers.values.device(), ops().device());
     EXPECT_EQ(static_cast<size_t>(grads.touched_experts.count), grads.touched_expert_ids.size());
     const Tensor bf16 = ops().empty(DType::kBF16, x.view().rows, x.view().cols);
+    ops().fill(bf16, 1.0, {});
     AIRMOE_EXPECT_THROW_MSG(layer.forward(bf16.view()), UsageError,
                             "tokens are bf16, the layer takes f32");
+    AIRMOE_EXPECT_THROW_MSG(layer.forward(x.view().block(0, x.view().rows, 0, 8)), UsageError,
+                            "tokens has 8 columns, expected 16");
+    AIRMOE_EXPECT_THROW_MSG(layer.backward(fwd.handle, bf16.view()), UsageError,
+                            "d_out is bf16, the layer takes f32");
   });
 }
 
