@@ -24,8 +24,8 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
                    uint64_t expert_seed, Compute compute)
     : comm_(comm),
       config_(config),
-      vector_send_(comm::ExchangeBuffer::for_compute(*compute.ops)),
-      vector_recv_(comm::ExchangeBuffer::for_compute(*compute.ops)) {
+      compute_send_(comm::ExchangeBuffer::for_compute(*compute.ops)),
+      compute_recv_(comm::ExchangeBuffer::for_compute(*compute.ops)) {
   comm::check_together(comm_, "MoE layer set-up", [&] {
     if (centers.rows != placement.experts())
       fail("centers have " + std::to_string(centers.rows) + " rows for " +
@@ -195,7 +195,7 @@ void MoELayer::send_dispatch(TensorView tokens, const Step& step) {
   const comm::ExchangeBuffer& host = dispatch_out_.send;
   std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()));
   for (int p = 0; p < comm_.size(); ++p) bytes[p] = host.bytes(p);
-  vector_send_.reset(bytes);
+  compute_send_.reset(bytes);
   const bool shipped = routing_->dispatch_ships_vectors();
   const int64_t d = config_.expert.dim, row_bytes = wire::vector_bytes(d, config_.wire_dtype);
   std::vector<int32_t> rows;
@@ -206,16 +206,16 @@ void MoELayer::send_dispatch(TensorView tokens, const Step& step) {
   for (int p = 0; p < comm_.size(); ++p) {
     const int64_t n = shipped ? step.record_order.count(p) : 0;
     const int64_t sections = host.bytes(p) - n * row_bytes;
-    c.ops->copy_bytes(vector_send_.begin(p), vector_send_.device(), host.begin(p), Device::host(),
+    c.ops->copy_bytes(compute_send_.begin(p), compute_send_.device(), host.begin(p), Device::host(),
                       static_cast<size_t>(sections), c.stream);
     if (n > 0)
       c.ops->gather_rows(src, device_rows.view().row_range(step.record_order.offsets[p], n),
-                         TensorView(vector_send_.begin(p) + sections, config_.wire_dtype,
-                                    vector_send_.device(), n, d),
+                         TensorView(compute_send_.begin(p) + sections, config_.wire_dtype,
+                                    compute_send_.device(), n, d),
                          c.stream);
   }
   comm::PhaseScope phase(comm_, "dispatch");
-  comm_.exchange(vector_send_, vector_recv_, c.stream);
+  comm_.exchange(compute_send_, compute_recv_, c.stream);
 }
 
 // One input row per (home, token) served and the experts on them. Whatever
@@ -240,8 +240,6 @@ Tensor MoELayer::serve(Step& step, const ReceivedTokens& received) {
 // host) and each record's vector, which came with the message (its vector
 // block, dense-replicated) or with the scoring request (fused).
 void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
-  const Compute& c = compute();
-  const int64_t d = config_.expert.dim;
   const bool shipped = routing_->dispatch_ships_vectors();
   std::unordered_map<int64_t, int64_t> received_row;
   for (size_t i = 0; i < received.home_rank.size(); ++i)
@@ -249,24 +247,10 @@ void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
   std::vector<int32_t> source_row;  // fused: each input row's row of received.vectors
   std::vector<std::pair<int64_t, const char*>> blocks;  // shipped: each source's vector block
   step.input_pairs.assign(1, 0);
-  std::vector<char> sections;
   for (int q = 0; q < comm_.size(); ++q) {
-    const int64_t length = vector_recv_.bytes(q);
-    if (length == 0) continue;  // nothing served: no message
-    int32_t header[2] = {0, 0};
-    if (length < static_cast<int64_t>(sizeof(header)))
-      throw InternalError("dispatch message from rank " + std::to_string(q) + " has " +
-                          std::to_string(length) + " bytes, less than its header");
-    c.ops->copy_bytes(header, Device::host(), vector_recv_.begin(q), vector_recv_.device(),
-                      sizeof(header), c.stream);
-    const int64_t n =
-        wire::dispatch_sections_bytes(header, length, q, d, shipped, config_.wire_dtype);
-    sections.resize(static_cast<size_t>(n));
-    c.ops->copy_bytes(sections.data(), Device::host(), vector_recv_.begin(q), vector_recv_.device(),
-                      sections.size(), c.stream);
-    wire::Reader in(sections, q);
-    const wire::DispatchMessage m = wire::read_dispatch(in, d, false, config_.wire_dtype);
-    if (shipped) blocks.emplace_back(m.records(), vector_recv_.begin(q) + n);
+    const char* vectors = nullptr;
+    const wire::DispatchMessage m = received_dispatch(q, vectors);
+    if (shipped && m.records() > 0) blocks.emplace_back(m.records(), vectors);
     for (int64_t r = 0; r < m.records(); ++r) {
       const auto row = static_cast<int32_t>(step.input_home.size());
       for (int64_t p = m.pair_offsets[r]; p < m.pair_offsets[r + 1]; ++p) {
@@ -286,19 +270,52 @@ void MoELayer::read_dispatch(Step& step, const ReceivedTokens& received) {
     }
   }
   step.input_order = wire::wire_order(step.input_home, comm_.size());
-  const auto rows = static_cast<int64_t>(step.input_home.size());
-  step.inputs = c.ops->empty(DType::kF32, rows, d);
+  gather_inputs(step, blocks, received.vectors.view(), source_row);
+}
+
+// Rank q's dispatch message in compute_recv_: its header, checked against
+// the message's length, then its sections, read back to the host; `vectors`
+// points at its vector block there (where vectors travel). No message: no
+// records.
+wire::DispatchMessage MoELayer::received_dispatch(int q, const char*& vectors) const {
+  const Compute& c = compute();
+  const int64_t length = compute_recv_.bytes(q);
+  if (length == 0) return {};  // nothing served: no message
+  int32_t header[2] = {0, 0};
+  if (length < static_cast<int64_t>(sizeof(header)))
+    throw InternalError("dispatch message from rank " + std::to_string(q) + " has " +
+                        std::to_string(length) + " bytes, less than its header");
+  c.ops->copy_bytes(header, Device::host(), compute_recv_.begin(q), compute_recv_.device(),
+                    sizeof(header), c.stream);
+  const int64_t n =
+      wire::dispatch_sections_bytes(header, length, q, config_.expert.dim,
+                                    routing_->dispatch_ships_vectors(), config_.wire_dtype);
+  std::vector<char> sections(static_cast<size_t>(n));
+  c.ops->copy_bytes(sections.data(), Device::host(), compute_recv_.begin(q), compute_recv_.device(),
+                    sections.size(), c.stream);
+  wire::Reader in(sections, q);
+  vectors = compute_recv_.begin(q) + n;
+  return wire::read_dispatch(in, config_.expert.dim, false, config_.wire_dtype);
+}
+
+// The input rows in the compute's memory: the shipped vector blocks
+// (widened from the wire dtype) in order, or the received scoring vectors'
+// rows `source_row`.
+void MoELayer::gather_inputs(Step& step, const std::vector<std::pair<int64_t, const char*>>& blocks,
+                             MatrixView received, const std::vector<int32_t>& source_row) const {
+  const Compute& c = compute();
+  const int64_t d = config_.expert.dim;
+  step.inputs = c.ops->empty(DType::kF32, static_cast<int64_t>(step.input_home.size()), d);
   int64_t at = 0;
-  for (const auto& [n, block] : blocks) {  // widened from the wire dtype
+  for (const auto& [n, block] : blocks) {
     c.ops->copy(
         step.inputs.view().row_range(at, n),
-        TensorView(const_cast<char*>(block), config_.wire_dtype, vector_recv_.device(), n, d),
+        TensorView(const_cast<char*>(block), config_.wire_dtype, compute_recv_.device(), n, d),
         c.stream);
     at += n;
   }
   if (!source_row.empty())
-    c.ops->gather_rows(Staged(c, received.vectors.view()), device_vector(c, source_row),
-                       step.inputs, c.stream);
+    c.ops->gather_rows(Staged(c, received), device_vector(c, source_row), step.inputs, c.stream);
 }
 
 void MoELayer::combine(const Step& step, TensorView partial, TensorView out) {
@@ -323,28 +340,28 @@ void MoELayer::send_vectors(const wire::WireOrder& order, const std::vector<int3
   const int64_t d = config_.expert.dim, row_bytes = wire::vector_bytes(d, config_.wire_dtype);
   std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()));
   for (int p = 0; p < comm_.size(); ++p) bytes[p] = order.count(p) * row_bytes;
-  vector_send_.reset(bytes);
+  compute_send_.reset(bytes);
   std::vector<int32_t> wire_rows(order.item.size());
   for (size_t j = 0; j < wire_rows.size(); ++j) wire_rows[j] = rows[order.item[j]];
   if (!wire_rows.empty())
     c.ops->gather_rows(src, device_vector(c, wire_rows),
-                       TensorView(vector_send_.data(), config_.wire_dtype, vector_send_.device(),
+                       TensorView(compute_send_.data(), config_.wire_dtype, compute_send_.device(),
                                   static_cast<int64_t>(wire_rows.size()), d),
                        c.stream);
   comm::PhaseScope scope(comm_, phase);
-  comm_.exchange(vector_send_, vector_recv_, c.stream);
+  comm_.exchange(compute_send_, compute_recv_, c.stream);
 }
 
 TensorView MoELayer::received_vectors(const wire::WireOrder& expected, const char* phase) const {
   const int64_t d = config_.expert.dim, row_bytes = wire::vector_bytes(d, config_.wire_dtype);
   for (int q = 0; q < comm_.size(); ++q)
-    if (vector_recv_.bytes(q) != expected.count(q) * row_bytes)
+    if (compute_recv_.bytes(q) != expected.count(q) * row_bytes)
       throw InternalError("message from rank " + std::to_string(q) + " has " +
-                          std::to_string(vector_recv_.bytes(q)) + " bytes in " + phase +
+                          std::to_string(compute_recv_.bytes(q)) + " bytes in " + phase +
                           ", expected " + std::to_string(expected.count(q)) + " vectors of " +
                           std::to_string(row_bytes) + " bytes");
-  return TensorView(const_cast<char*>(vector_recv_.data()), config_.wire_dtype,
-                    vector_recv_.device(), vector_recv_.total_bytes() / row_bytes, d);
+  return TensorView(const_cast<char*>(compute_recv_.data()), config_.wire_dtype,
+                    compute_recv_.device(), compute_recv_.total_bytes() / row_bytes, d);
 }
 
 // --------------------------------------------------------------- backward --
@@ -601,14 +618,14 @@ void MoELayer::send_migrants(const Placement& next) {
   std::vector<int64_t> bytes(static_cast<size_t>(comm_.size()), 0);
   for (const int32_t e : experts_.ids())
     if (next.owner(e) != comm_.rank()) bytes[next.owner(e)] += record;
-  vector_send_.reset(bytes);
-  std::vector<int64_t> at(vector_send_.offsets().begin(), vector_send_.offsets().end() - 1);
-  const Device dev = vector_send_.device(), host = Device::host();
+  compute_send_.reset(bytes);
+  std::vector<int64_t> at(compute_send_.offsets().begin(), compute_send_.offsets().end() - 1);
+  const Device dev = compute_send_.device(), host = Device::host();
   for (int64_t i = 0; i < experts_.size(); ++i) {
     const int32_t e = experts_.ids()[i];
     const int to = next.owner(e);
     if (to == comm_.rank()) continue;
-    char* out = vector_send_.data() + at[to];
+    char* out = compute_send_.data() + at[to];
     const auto [rows1, rows2] = expert_rows(experts_, i);
     c.ops->copy_bytes(out, dev, &e, host, sizeof(e), c.stream);
     c.ops->copy_bytes(out + sizeof(e), dev, rows1, dev, w1, c.stream);
@@ -618,7 +635,7 @@ void MoELayer::send_migrants(const Placement& next) {
     at[to] += record;
   }
   comm::PhaseScope phase(comm_, "migration");
-  comm_.exchange(vector_send_, vector_recv_, c.stream);
+  comm_.exchange(compute_send_, compute_recv_, c.stream);
 }
 
 void MoELayer::receive_migrants(ExpertShard& next, Matrix& next_centers) const {
@@ -628,16 +645,16 @@ void MoELayer::receive_migrants(ExpertShard& next, Matrix& next_centers) const {
   const int64_t record = wire::migrant_record_bytes(config_.expert.w1_rows(), config_.expert.hidden,
                                                     config_.expert.dim);
   for (int q = 0; q < comm_.size(); ++q) {
-    if (vector_recv_.bytes(q) % record != 0)
+    if (compute_recv_.bytes(q) % record != 0)
       throw InternalError("migration message from rank " + std::to_string(q) + " has " +
-                          std::to_string(vector_recv_.bytes(q)) +
+                          std::to_string(compute_recv_.bytes(q)) +
                           " bytes, not whole expert records of " + std::to_string(record));
-    for (int64_t at = 0; at < vector_recv_.bytes(q); at += record) {
-      const char* in = vector_recv_.begin(q) + at;
+    for (int64_t at = 0; at < compute_recv_.bytes(q); at += record) {
+      const char* in = compute_recv_.begin(q) + at;
       int32_t e = -1;
-      c.ops->copy_bytes(&e, Device::host(), in, vector_recv_.device(), sizeof(e), c.stream);
+      c.ops->copy_bytes(&e, Device::host(), in, compute_recv_.device(), sizeof(e), c.stream);
       place_expert(e, in + sizeof(e), in + sizeof(e) + w1, in + sizeof(e) + w1 + w2,
-                   vector_recv_.device(), next, next_centers);
+                   compute_recv_.device(), next, next_centers);
     }
   }
 }

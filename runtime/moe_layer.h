@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -146,7 +147,8 @@ class MoELayer {
   // A handle from before a replan is refused on every rank.
   MoEGradients backward(DispatchHandle& handle, MatrixView d_out);
   // The same on the compute's device: tokens and d_out f32 there, output
-  // and gradients there too.
+  // and gradients there too. The tokens' device, dtype and width are checked
+  // on every rank together first (one more small collective, "checks").
   DeviceForwardResult forward(TensorView tokens);
   DeviceMoEGradients backward(DispatchHandle& handle, TensorView d_out);
   const Compute& compute() const { return experts_.compute(); }
@@ -217,6 +219,9 @@ class MoELayer {
   void send_dispatch(TensorView tokens, const Step& step);
   Tensor serve(Step& step, const ReceivedTokens& received);
   void read_dispatch(Step& step, const ReceivedTokens& received);
+  wire::DispatchMessage received_dispatch(int source, const char*& vectors) const;
+  void gather_inputs(Step& step, const std::vector<std::pair<int64_t, const char*>>& blocks,
+                     MatrixView received, const std::vector<int32_t>& source_row) const;
   void combine(const Step& step, TensorView partial, TensorView out);
   // Backward phases.
   void check_backward_args(const DispatchHandle& handle, TensorView d_out);
@@ -229,10 +234,10 @@ class MoELayer {
   // there, each token's rows summed in ascending rank order into out.
   void send_home_and_sum(const Step& step, TensorView rows, const char* phase, TensorView out);
   // Item i of `order` gets row rows[i] of src, packed in wire order into
-  // vector_send_, and exchanged under `phase`.
+  // compute_send_ (rounded to the wire dtype), and exchanged under `phase`.
   void send_vectors(const wire::WireOrder& order, const std::vector<int32_t>& rows, TensorView src,
                     const char* phase);
-  // What came back in vector_recv_: `expected` rows from each rank (else
+  // What came back in compute_recv_: `expected` rows from each rank (else
   // an InternalError naming the phase), as one [rows, d] wire-dtype view.
   TensorView received_vectors(const wire::WireOrder& expected, const char* phase) const;
   // Re-plan phases.
@@ -253,7 +258,7 @@ class MoELayer {
   // message, migrating experts).
   wire::Outbox dispatch_out_;
   comm::ExchangeBuffer send_, recv_;
-  comm::ExchangeBuffer vector_send_, vector_recv_;
+  comm::ExchangeBuffer compute_send_, compute_recv_;
 };
 
 }  // namespace airmoe::runtime
