@@ -9,7 +9,10 @@
 // gradients) travel in the layer's wire dtype: f32, or bf16, rounded to
 // nearest even when sent (ops/bf16.h) and widened exactly on receipt, so the
 // math on either side stays f32. Scoring requests keep f32 vectors: routing
-// is exact whatever the wire dtype.
+// is exact whatever the wire dtype. The layer's vectors live in its
+// compute's memory: it lays them out in WireOrder and packs them there with
+// the ops (gather_rows rounds as put_vector does); the records around them
+// are built here, on the host.
 #pragma once
 
 #include <cstdint>
