@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/errors.h"
+#include "ops/registry.h"
 
 namespace airmoe::comm {
 
@@ -36,6 +37,10 @@ ExchangeBuffer ExchangeBuffer::staging_for(const Ops& device_ops) {
   ExchangeBuffer staging;
   staging.allocator_ = &device_ops.staging_allocator();
   return staging;
+}
+
+ExchangeBuffer ExchangeBuffer::for_compute(const Ops& ops) {
+  return is_host_backend(ops) ? ExchangeBuffer() : ExchangeBuffer(ops);
 }
 
 std::string ExchangeBuffer::where() const {

@@ -31,6 +31,9 @@ class ExchangeBuffer {
   // A host buffer for staging `device_ops`' data: storage from its
   // staging_allocator() (pinned on cuda), copies by memcpy on the host side.
   static ExchangeBuffer staging_for(const Ops& device_ops);
+  // A buffer for `ops`' data: a host buffer for a host backend (memcpy, and
+  // nothing to stage), else one in its device's memory (ExchangeBuffer(ops)).
+  static ExchangeBuffer for_compute(const Ops& ops);
   ExchangeBuffer(ExchangeBuffer&&) noexcept = default;
   ExchangeBuffer& operator=(ExchangeBuffer&&) noexcept = default;
   ExchangeBuffer(const ExchangeBuffer&) = delete;

@@ -18,6 +18,7 @@
 #include "core/checks.h"
 #include "core/threads.h"
 #include "layer_report.h"
+#include "ops/registry.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
 #include "runtime/builder.h"
@@ -91,6 +92,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   DataOptions o;
   int probes = 4, hidden = 16;
   std::string activation = "gelu", placement_name = "locality", csv_file, wire_dtype_name = "f32";
+  std::string backend_name = "host";
   std::string strategies_text = "dense-replicated,air,dense-broadcast";
   bool dense_expert_grads = false;
   po::options_description opts("airmoe_bench layer options (run under mpiexec -n P)");
@@ -107,7 +109,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       "dense-expert-grads", po::bool_switch(&dense_expert_grads),
       "backward also fills the dense expert gradients (all hosted experts)")(
       "wire-dtype", po::value(&wire_dtype_name)->default_value(wire_dtype_name),
-      "element type of the token vectors on the wire: f32 or bf16");
+      "element type of the token vectors on the wire: f32 or bf16")(
+      "backend", po::value(&backend_name)->default_value(backend_name),
+      "compute backend of the experts and the step's vectors (host, host-avx512, host-avx2, "
+      "host-portable, device-emulated, cuda, cuda:N); routing stays on the host");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   // Every rank has the same options: each finds the same fault, and they
   // raise it together.
@@ -115,7 +120,9 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   runtime::Activation act{};
   DType wire_dtype{};
   std::vector<runtime::Strategy> strategies;
+  const Ops* backend = nullptr;
   comm::check_together(comm, "command line", [&] {
+    backend = &find_backend(backend_name);
     o.validate();
     require_in_range(probes, 1, probe_limit(o), "-m/--probes");
     require_in_range(hidden, 1, INT32_MAX, "--hidden");
@@ -160,7 +167,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     if (me == 0) progress("strategy %s: building the layer (experts on their ranks)", name);
     spec.strategy = strategy;
     const std::unique_ptr<runtime::MoELayer> built =
-        runtime::make_layer(comm, spec, index, plan.placement, centers);
+        runtime::make_layer(comm, spec, index, plan.placement, centers, Compute{backend, {}});
     runtime::MoELayer& layer = *built;
     runtime::PhaseSeconds best;
     double best_total = 1e300;
@@ -216,9 +223,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     // run before this one.
     row["setup_peak_rss_bytes"] = setup_peak;
     row["peak_rss_bytes"] = per_rank(comm, peak_resident_bytes());
+    const runtime::ExpertShard& shard = layer.experts();
     row["ffn_weight_bytes"] =
-        per_rank(comm, static_cast<double>(sizeof(float) * (layer.experts().w1_data().size() +
-                                                            layer.experts().w2_data().size())));
+        per_rank(comm, static_cast<double>(sizeof(float) * shard.size() *
+                                           (shard.config().w1_size() + shard.config().w2_size())));
     rows.push_back(row);
   }
   finish_rows(rows);
@@ -226,9 +234,9 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   if (me == 0) {
     std::printf(
         "\nairmoe layer benchmark  (%s, E=%ld d=%ld T=%ld k=%d h=%d C=%ld m=%d, %s placement, %d "
-        "ranks)\n",
+        "ranks, %s)\n",
         bench.source.c_str(), (long)o.experts, (long)d, (long)T, o.k, hidden, (long)o.codewords,
-        probes, placement_name.c_str(), P);
+        probes, placement_name.c_str(), P, backend->name().c_str());
     std::printf("%-17s %11s %11s %8s %9s %12s %12s %8s %9s %9s\n", "strategy", "fwd MB", "bwd MB",
                 "vs floor", "recall", "router MF/t", "expert MF/t", "route s", "fwd s", "bwd s");
     for (const json& r : rows) {
@@ -263,7 +271,8 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"imbalance", plan.imbalance},
                      {"threads_per_rank", num_threads()},
                      {"dense_expert_grads", dense_expert_grads},
-                     {"wire_dtype", wire_dtype_name}};
+                     {"wire_dtype", wire_dtype_name},
+                     {"backend", backend->name()}};
       j["results"] = rows;
       json_out.stream() << j.dump(2) << "\n";
       json_out.finish();

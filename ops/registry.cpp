@@ -70,4 +70,8 @@ const Ops& find_backend(const std::string& name) {
                    "; cuda: " + (cuda_unavailable_reason().empty() ? "yes" : "no") + ")");
 }
 
+bool is_host_backend(const Ops& ops) {
+  return &ops == host_avx512() || &ops == host_avx2() || &ops == &host_portable();
+}
+
 }  // namespace airmoe::inline ops

@@ -12,6 +12,10 @@
 //                   build without CUDA, no GPU or no driver, with the CUDA
 //                   error)
 //   cuda_unavailable_reason()  empty when a cuda backend runs here
+//   is_host_backend()  true for the host kernel sets (ops/host/), whose
+//                   memory is the host's and whose copies are memcpy; false
+//                   for device-emulated (host memory, but the device's code
+//                   path, copies included) and cuda
 #pragma once
 
 #include <string>
@@ -25,5 +29,6 @@ const Ops& host_ops();
 std::vector<const Ops*> backends();
 const Ops& find_backend(const std::string& name);
 std::string cuda_unavailable_reason();
+bool is_host_backend(const Ops& ops);
 
 }  // namespace airmoe::inline ops

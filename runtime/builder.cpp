@@ -134,9 +134,10 @@ std::unique_ptr<DistributedRouter> make_router(comm::Communicator& comm, const S
 
 std::unique_ptr<MoELayer> make_layer(comm::Communicator& comm, const LayerSpec& spec,
                                      const SharedIndex& index, const Placement& placement,
-                                     MatrixView centers) {
+                                     MatrixView centers, Compute compute) {
   return std::make_unique<MoELayer>(comm, spec.strategy, spec.moe_config(), index.codebook,
-                                    index.assignment, placement, centers, spec.expert_seed);
+                                    index.assignment, placement, centers, spec.expert_seed,
+                                    compute);
 }
 
 std::unique_ptr<DistributedRouter> build_router(comm::Communicator& comm, const LayerSpec& spec,
@@ -146,9 +147,10 @@ std::unique_ptr<DistributedRouter> build_router(comm::Communicator& comm, const 
 }
 
 std::unique_ptr<MoELayer> build_layer(comm::Communicator& comm, const LayerSpec& spec,
-                                      MatrixView centers, MatrixView load_sample) {
+                                      MatrixView centers, MatrixView load_sample, Compute compute) {
   const SharedIndex index = agree_on_index(comm, spec, centers, load_sample);
-  return make_layer(comm, spec, index, place_experts(comm, spec, index).placement, centers);
+  return make_layer(comm, spec, index, place_experts(comm, spec, index).placement, centers,
+                    compute);
 }
 
 }  // namespace airmoe::runtime

@@ -117,15 +117,17 @@ PlacementPlan place_experts(comm::Communicator& comm, const LayerSpec& spec,
 std::unique_ptr<DistributedRouter> make_router(comm::Communicator& comm, const SharedIndex& index,
                                                const Placement& placement, MatrixView centers);
 
-// Collective: this rank's MoE layer (MoELayer's constructor).
+// Collective: this rank's MoE layer (MoELayer's constructor), its experts
+// and vectors on `compute`.
 std::unique_ptr<MoELayer> make_layer(comm::Communicator& comm, const LayerSpec& spec,
                                      const SharedIndex& index, const Placement& placement,
-                                     MatrixView centers);
+                                     MatrixView centers, Compute compute = host_compute());
 
 // Collective: the whole set-up in one call.
 std::unique_ptr<DistributedRouter> build_router(comm::Communicator& comm, const LayerSpec& spec,
                                                 MatrixView centers, MatrixView load_sample = {});
 std::unique_ptr<MoELayer> build_layer(comm::Communicator& comm, const LayerSpec& spec,
-                                      MatrixView centers, MatrixView load_sample = {});
+                                      MatrixView centers, MatrixView load_sample = {},
+                                      Compute compute = host_compute());
 
 }  // namespace airmoe::runtime

@@ -171,6 +171,14 @@ ExpertWeightsView ExpertShard::weights() const {
   return {w1_, w2_, size(), config_.dim, config_.hidden, config_.activation};
 }
 
+std::vector<int32_t> ExpertShard::global_ids(const TouchedExpertGrads& touched) const {
+  std::vector<int32_t> ids;
+  if (touched.count == 0) return ids;
+  const OnHost local(compute_, touched.local);
+  for (int64_t i = 0; i < touched.count; ++i) ids.push_back(ids_[local.as<int32_t>()[i]]);
+  return ids;
+}
+
 DenseExpertGrads ExpertShard::zero_grads() const {
   DenseExpertGrads g;
   g.w1.assign(w1_entries(), 0.0f);
@@ -256,8 +264,7 @@ SparseExpertGrads ExpertShard::backward(MatrixView x, const ExpertPairs& pairs,
       Staged(compute_, dy), gate_grads, input_grads, compute_.stream);
   gate_grads.finish();
   input_grads.finish();
-  const OnHost local(compute_, touched.local);
-  for (int64_t i = 0; i < touched.count; ++i) grads.ids.push_back(ids_[local.as<int32_t>()[i]]);
+  grads.ids = global_ids(touched);
   // The touched experts' rows as the ops left them (no copy on the host).
   grads.w1 = HostFloats(to_host_tensor(compute_, std::move(touched.w1)));
   grads.w2 = HostFloats(to_host_tensor(compute_, std::move(touched.w2)));

@@ -173,6 +173,9 @@ class ExpertShard {
   void backward(MatrixView x, const ExpertPairs& pairs, const ExpertCache& cache, MatrixView dy,
                 std::vector<float>& d_gate, Matrix& dx, DenseExpertGrads& grads) const;
 
+  // The global ids of a backward's touched experts (read back to the host).
+  std::vector<int32_t> global_ids(const TouchedExpertGrads& touched) const;
+
   DenseExpertGrads zero_grads() const;
   // The hosted layout of sparse gradients, zeros for the experts not in it.
   DenseExpertGrads to_dense(const SparseExpertGrads& grads) const;

@@ -11,11 +11,24 @@
 //                    every rank for scoring (the distributed router probing
 //                    all C lists), then fused dispatch as in kAir.
 // Every rank calls every method together (they are collectives).
+//
+// The layer runs on a Compute (ops/ops.h): its experts live on that
+// compute's device, and so do the vectors of a step (token rows, partial
+// outputs, output gradients, input gradients), which travel in exchange
+// buffers of the compute's memory, packed into wire order by the ops
+// (DeepEP's split). What the step decided -- targets, slots, input rows'
+// homes, the pairs' expert ids and gates, the gate and logit gradients --
+// is small and computed on the host, once, and kept in the dispatch
+// handle; the records carrying it stay host-side sections of the
+// messages. Routing itself still runs on the host (tokens on a device are
+// copied to the host for it). The host API (MatrixView in, Matrix out) is
+// the same code with copies at the boundary (none on a host backend).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -91,6 +104,21 @@ struct ForwardResult {
   DispatchHandle handle;
 };
 
+// The device API's forward result: the output on the compute's device.
+struct DeviceForwardResult {
+  Tensor output;  // f32 [T_r, d]
+  DispatchHandle handle;
+};
+
+// The device API's gradients, on the compute's device (the host API's
+// MoEGradients, less the dense expert layout).
+struct DeviceMoEGradients {
+  Tensor d_tokens;                          // f32 [T_r, d]
+  std::vector<int32_t> touched_expert_ids;  // global ids, ascending (host)
+  TouchedExpertGrads touched_experts;       // their FFN gradients, rows in that order
+  RowGrads d_centers;                       // rows = global expert ids hosted here
+};
+
 struct MoEGradients {
   Matrix d_tokens;  // [T_r, d]
   SparseExpertGrads
@@ -105,9 +133,10 @@ class MoELayer {
   // only the rows this rank hosts are kept, except with kDenseReplicated,
   // which keeps all (that is the strategy). Experts' FFN parameters are
   // created by ExpertShard::random(config.expert, hosted ids, seed).
+  // The experts and the step's vectors live on `compute`'s device.
   MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config, Codebook codebook,
            std::vector<int32_t> assignment, Placement placement, MatrixView centers,
-           uint64_t expert_seed);
+           uint64_t expert_seed, Compute compute = host_compute());
 
   // tokens: this rank's [T_r, d] (T_r may be 0). Returns the output
   // [T_r, d] and the step's dispatch handle. Phases: route, dispatch,
@@ -117,6 +146,12 @@ class MoELayer {
   // grad_dispatch, expert_backward, grad_gates, grad_logits, grad_combine.
   // A handle from before a replan is refused on every rank.
   MoEGradients backward(DispatchHandle& handle, MatrixView d_out);
+  // The same on the compute's device: tokens and d_out f32 there, output
+  // and gradients there too. The tokens' device, dtype and width are checked
+  // on every rank together first (one more small collective, "checks").
+  DeviceForwardResult forward(TensorView tokens);
+  DeviceMoEGradients backward(DispatchHandle& handle, TensorView d_out);
+  const Compute& compute() const { return experts_.compute(); }
 
   // Collective: the optimizer moved this rank's centers (rows in hosted()
   // order). Every rank calls it, changed or not; when no rank's centers
@@ -178,36 +213,56 @@ class MoELayer {
 
  private:
   using Step = DispatchHandle::State;
+  // The phases, once for both APIs: routing reads `routing_tokens` (host),
+  // the dispatch `tokens` (the compute's device); out [T_r, d] and d_tokens
+  // are the compute's memory.
+  DispatchHandle run_forward(MatrixView routing_tokens, TensorView tokens, TensorView out);
+  DeviceMoEGradients run_backward(DispatchHandle& handle, TensorView d_out, TensorView d_tokens);
   // Forward phases.
-  void dispatch(MatrixView tokens, Step& step);
-  Matrix serve(Step& step, const ReceivedTokens& received);
+  void dispatch(TensorView tokens, Step& step);
+  void send_dispatch(TensorView tokens, const Step& step);
+  Tensor serve(Step& step, const ReceivedTokens& received);
   void read_dispatch(Step& step, const ReceivedTokens& received);
-  Matrix combine(const Step& step, MatrixView partial);
+  wire::DispatchMessage received_dispatch(int source, const char*& vectors) const;
+  void gather_inputs(Step& step, const std::vector<std::pair<int64_t, const char*>>& blocks,
+                     MatrixView received, const std::vector<int32_t>& source_row) const;
+  void combine(const Step& step, TensorView partial, TensorView out);
   // Backward phases.
-  void check_backward_args(const DispatchHandle& handle, MatrixView d_out);
-  Matrix grad_dispatch(const Step& step, MatrixView d_out);
-  void expert_backward(Step& step, MatrixView dy, MoEGradients& grads);
+  void check_backward_args(const DispatchHandle& handle, TensorView d_out);
+  Tensor grad_dispatch(const Step& step, TensorView d_out);
+  void expert_backward(Step& step, TensorView dy, DeviceMoEGradients& grads);
   Matrix grad_gates(const Step& step);
-  void grad_logits(Step& step, MatrixView dz, MoEGradients& grads);
+  void grad_logits(Step& step, MatrixView dz, DeviceMoEGradients& grads);
   void send_logit_grads(const Step& step, MatrixView dz);
-  Matrix grad_combine(const Step& step);
   // Serving side -> home: row i of `rows` (one per input row) to its home;
-  // returns the home's sum per token, in (token, target) order.
-  Matrix send_home_and_sum(const Step& step, MatrixView rows, const char* phase);
+  // there, each token's rows summed in ascending rank order into out.
+  void send_home_and_sum(const Step& step, TensorView rows, const char* phase, TensorView out);
+  // Item i of `order` gets row rows[i] of src, packed in wire order into
+  // compute_send_ (rounded to the wire dtype), and exchanged under `phase`.
+  void send_vectors(const wire::WireOrder& order, const std::vector<int32_t>& rows, TensorView src,
+                    const char* phase);
+  // What came back in compute_recv_: `expected` rows from each rank (else
+  // an InternalError naming the phase), as one [rows, d] wire-dtype view.
+  TensorView received_vectors(const wire::WireOrder& expected, const char* phase) const;
   // Re-plan phases.
   void migrate(const Placement& next);
   void send_migrants(const Placement& next);
   void receive_migrants(ExpertShard& next, Matrix& next_centers) const;
-  void place_expert(int32_t e, const float* w1, const float* w2, const float* center,
-                    ExpertShard& next, Matrix& next_centers) const;
+  // Expert e's W1, W2 (the compute's memory) and center (at `center`, on
+  // center_device) into its rows of `next`.
+  void place_expert(int32_t e, const char* w1, const char* w2, const char* center,
+                    Device center_device, ExpertShard& next, Matrix& next_centers) const;
 
   comm::Communicator& comm_;
   MoEConfig config_;
   ExpertShard experts_;
   std::unique_ptr<LayerRouting> routing_;
-  // Exchange buffers reused across steps (contents are per phase).
+  // Exchange buffers reused across steps (contents are per phase): host
+  // records, and buffers in the compute's memory (vectors, the dispatch
+  // message, migrating experts).
   wire::Outbox dispatch_out_;
   comm::ExchangeBuffer send_, recv_;
+  comm::ExchangeBuffer compute_send_, compute_recv_;
 };
 
 }  // namespace airmoe::runtime

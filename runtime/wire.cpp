@@ -39,6 +39,11 @@ void Reader::take_vector(float* out, size_t n, DType dtype, const char* what) {
   at_ += n * sizeof(uint16_t);
 }
 
+void Writer::skip(int rank, size_t bytes) {
+  reserve(rank, bytes);
+  written_[rank] += static_cast<int64_t>(bytes);
+}
+
 Writer::Writer(comm::ExchangeBuffer& buf)
     : buf_(buf), written_(static_cast<size_t>(buf.ranks()), 0) {}
 
@@ -116,10 +121,11 @@ void write_records(Outbox& box, const std::vector<int64_t>& bytes, Body&& body) 
 }
 
 // Pass 2 of the dispatch builder: each rank's sections, one pass over the
-// records per section, into box.send as laid out.
+// records per section, into box.send as laid out; then vectors(out) writes
+// (or leaves room for) the vector blocks.
+template <typename Vectors>
 void write_dispatch(Outbox& box, const std::vector<int64_t>& records,
-                    const std::vector<int64_t>& pairs, const Routes& routes, MatrixView tokens,
-                    bool ship_vectors, DType vector_dtype) {
+                    const std::vector<int64_t>& pairs, const Routes& routes, Vectors&& vectors) {
   Writer out(box.send);
   for (int p = 0; p < box.send.ranks(); ++p)
     if (records[p] > 0) {
@@ -142,10 +148,7 @@ void write_dispatch(Outbox& box, const std::vector<int64_t>& records,
     for (int64_t s = box.slot_offsets[i]; s < box.slot_offsets[i + 1]; ++s)
       out.put(rank, routes.gates_of(t) + box.slots[s], 1);
   });
-  if (ship_vectors)
-    each_record(box, [&](int rank, int64_t t, int64_t) {
-      out.put_vector(rank, tokens.row(t), static_cast<size_t>(tokens.cols), vector_dtype);
-    });
+  vectors(out);
   out.finish();
 }
 
@@ -185,14 +188,18 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
   });
 }
 
-void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
-                     bool ship_vectors, DType vector_dtype, int ranks, Outbox& box) {
-  const int64_t T = routes.tokens, d = tokens.cols;
+namespace {
+
+// Pass 1 of the dispatch builder: per (token, target) record, the token's
+// slots that rank serves (by rank, then slot: prefix sums over a sorted
+// list, no atomics); box.send laid out from the records and pairs per rank;
+// then pass 2, vectors(out) writing each segment's vector block.
+template <typename Vectors>
+void build_dispatch(const Placement& placement, const Routes& routes, int64_t d, bool ship_vectors,
+                    DType vector_dtype, int ranks, Outbox& box, Vectors&& vectors) {
+  const int64_t T = routes.tokens;
   const int k = routes.k;
   start(box, T);
-  // Pass 1: per (token, target) record, the token's slots that rank serves
-  // (by rank, then slot: prefix sums over a sorted list, no atomics), and
-  // the records and pairs per rank.
   std::vector<int64_t> records(static_cast<size_t>(ranks), 0), pairs(records);
   std::vector<std::pair<int32_t, int32_t>> owner_slot(static_cast<size_t>(k));
   for (int64_t t = 0; t < T; ++t) {
@@ -216,7 +223,64 @@ void expert_dispatch(const Placement& placement, const Routes& routes, MatrixVie
   for (int p = 0; p < ranks; ++p)
     bytes[p] = dispatch_message_bytes(records[p], pairs[p], d, ship_vectors, vector_dtype);
   box.send.reset(bytes);
-  write_dispatch(box, records, pairs, routes, tokens, ship_vectors, vector_dtype);
+  write_dispatch(box, records, pairs, routes, [&](Writer& out) { vectors(out, records); });
+}
+
+}  // namespace
+
+void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
+                     bool ship_vectors, DType vector_dtype, int ranks, Outbox& box) {
+  build_dispatch(placement, routes, tokens.cols, ship_vectors, vector_dtype, ranks, box,
+                 [&](Writer& out, const std::vector<int64_t>&) {
+                   if (ship_vectors)
+                     each_record(box, [&](int rank, int64_t t, int64_t) {
+                       out.put_vector(rank, tokens.row(t), static_cast<size_t>(tokens.cols),
+                                      vector_dtype);
+                     });
+                 });
+}
+
+void expert_dispatch_sections(const Placement& placement, const Routes& routes, int64_t d,
+                              bool ship_vectors, DType vector_dtype, int ranks, Outbox& box) {
+  build_dispatch(placement, routes, d, ship_vectors, vector_dtype, ranks, box,
+                 [&](Writer& out, const std::vector<int64_t>& records) {
+                   if (ship_vectors)
+                     for (int p = 0; p < ranks; ++p)
+                       out.skip(p, static_cast<size_t>(records[p] * vector_bytes(d, vector_dtype)));
+                 });
+}
+
+int64_t dispatch_sections_bytes(const int32_t header[2], int64_t length, int source, int64_t d,
+                                bool ship_vectors, DType vector_dtype) {
+  const int32_t records = header[0], pairs = header[1];
+  auto refuse = [&](const std::string& what) {
+    throw InternalError("dispatch message from rank " + std::to_string(source) + " " + what);
+  };
+  if (records <= 0 || pairs < 0)
+    refuse("announces " + std::to_string(records) + " records and " + std::to_string(pairs) +
+           " pairs");
+  // Before anything is sized from the header: the message is as long as it says.
+  const int64_t expected = dispatch_message_bytes(records, pairs, d, ship_vectors, vector_dtype);
+  if (expected != length)
+    refuse("has " + std::to_string(length) + " bytes; its header (" + std::to_string(records) +
+           " records, " + std::to_string(pairs) + " pairs) says " + std::to_string(expected));
+  return dispatch_message_bytes(records, pairs, d, false, vector_dtype);
+}
+
+WireOrder wire_order(std::span<const int32_t> dest, int ranks) {
+  WireOrder w;
+  w.offsets.assign(static_cast<size_t>(ranks) + 1, 0);
+  for (const int32_t p : dest) ++w.offsets[p + 1];
+  for (int p = 0; p < ranks; ++p) w.offsets[p + 1] += w.offsets[p];
+  std::vector<int64_t> next(w.offsets.begin(), w.offsets.end() - 1);
+  w.item.resize(dest.size());
+  w.position.resize(dest.size());
+  for (size_t i = 0; i < dest.size(); ++i) {
+    const int64_t at = next[dest[i]]++;
+    w.item[at] = static_cast<int32_t>(i);
+    w.position[i] = static_cast<int32_t>(at);
+  }
+  return w;
 }
 
 DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType vector_dtype) {
@@ -226,16 +290,10 @@ DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType ve
     throw InternalError("dispatch message from rank " + std::to_string(in.source()) + " " + what);
   };
   const auto length = static_cast<int64_t>(in.left());
-  const auto records = in.take<int32_t>("dispatch record count");
-  const auto pairs = in.take<int32_t>("dispatch pair count");
-  if (records <= 0 || pairs < 0)
-    refuse("announces " + std::to_string(records) + " records and " + std::to_string(pairs) +
-           " pairs");
-  // Before anything is sized from the header: the message is as long as it says.
-  const int64_t expected = dispatch_message_bytes(records, pairs, d, ship_vectors, vector_dtype);
-  if (expected != length)
-    refuse("has " + std::to_string(length) + " bytes; its header (" + std::to_string(records) +
-           " records, " + std::to_string(pairs) + " pairs) says " + std::to_string(expected));
+  int32_t header[2];
+  in.take_n(header, 2, "dispatch header");
+  dispatch_sections_bytes(header, length, in.source(), d, ship_vectors, vector_dtype);
+  const int32_t records = header[0], pairs = header[1];
   m.tokens.resize(static_cast<size_t>(records));
   in.take_n(m.tokens.data(), m.tokens.size(), "dispatch token indices");
   std::vector<int32_t> counts(static_cast<size_t>(records));

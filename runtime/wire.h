@@ -9,7 +9,10 @@
 // gradients) travel in the layer's wire dtype: f32, or bf16, rounded to
 // nearest even when sent (ops/bf16.h) and widened exactly on receipt, so the
 // math on either side stays f32. Scoring requests keep f32 vectors: routing
-// is exact whatever the wire dtype.
+// is exact whatever the wire dtype. The layer's vectors live in its
+// compute's memory: it lays them out in WireOrder and packs them there with
+// the ops (gather_rows rounds as put_vector does); the records around them
+// are built here, on the host.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +65,9 @@ class Writer {
   }
   // n floats as `dtype` (f32 or bf16) elements.
   void put_vector(int rank, const float* data, size_t n, DType dtype);
+  // Leaves `bytes` bytes of rank's segment for someone else to fill (the
+  // layer's vector blocks, packed on the compute's device).
+  void skip(int rank, size_t bytes);
   // Every segment exactly full.
   void finish() const;
 
@@ -155,6 +161,12 @@ void scoring_requests(const Placement& placement, const std::vector<int64_t>& pr
 // nothing gets no message (no header either).
 void expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
                      bool ship_vectors, DType vector_dtype, int ranks, Outbox& box);
+// The same message without the vectors' values: the sections are written and
+// each segment ends in room for its vector block (when they travel), which
+// the caller fills (the layer, from the compute's memory, in the wire order
+// of box.targets).
+void expert_dispatch_sections(const Placement& placement, const Routes& routes, int64_t d,
+                              bool ship_vectors, DType vector_dtype, int ranks, Outbox& box);
 
 // One source rank's dispatch message, read and checked (the counts add up to
 // the header's pairs, the message has exactly the bytes its header says):
@@ -169,6 +181,12 @@ struct DispatchMessage {
   int64_t records() const { return static_cast<int64_t>(tokens.size()); }
 };
 DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType vector_dtype);
+// The bytes of a message's sections (all but its vector block), from its
+// header (records, pairs), once the header agrees with the message's
+// `length` in bytes (else the InternalError read_dispatch raises, naming
+// `source`): what a reader of a message in device memory copies to the host.
+int64_t dispatch_sections_bytes(const int32_t header[2], int64_t length, int source, int64_t d,
+                                bool ship_vectors, DType vector_dtype);
 
 // The same, returned (for the simulator, which only counts).
 Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
@@ -203,18 +221,17 @@ void records(std::span<const int32_t> dest, int ranks, Record&& record,
       send);
 }
 
-// Token vectors: item i sends the d floats at row(i) to rank dest[i], as
-// `dtype` elements.
-template <typename Row>
-void vector_rows(std::span<const int32_t> dest, int ranks, int64_t d, DType dtype, Row&& row,
-                 comm::ExchangeBuffer& send) {
-  items(
-      dest, ranks, [&](size_t) { return vector_bytes(d, dtype); },
-      [&](Writer& out, int rank, size_t i) {
-        out.put_vector(rank, row(i), static_cast<size_t>(d), dtype);
-      },
-      send);
-}
+// Items sent to ranks dest[i] (token vectors: combine, grad_dispatch,
+// grad_combine, dispatch's vector blocks), in the order the wire carries
+// them: grouped by destination rank, in item order within a rank. The layer
+// packs its vectors into this order with the ops' gather_rows.
+struct WireOrder {
+  std::vector<int64_t> offsets;   // [ranks + 1]: rank p's items at positions offsets[p] ..
+  std::vector<int32_t> item;      // the item at each wire position
+  std::vector<int32_t> position;  // the wire position of each item (the inverse)
+  int64_t count(int rank) const { return offsets[rank + 1] - offsets[rank]; }
+};
+WireOrder wire_order(std::span<const int32_t> dest, int ranks);
 
 // The size of one record the builders above write (the simulator counts
 // these without building the buffers; a test holds them equal): a request

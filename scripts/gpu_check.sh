@@ -16,7 +16,9 @@
 # dense, product keys, torch.topk(h @ W.T) in bf16 and f32, at E = 65,536,
 # d = 512, T = 16,384 and at E = 1,048,576, d = 1,024 with T = 4,096 (not
 # 16,384: the dense reference at 1M experts would not fit the time), JSON in
-# OUT_DIR/bench_device.json).
+# OUT_DIR/bench_device.json), and the MoE layer row (airmoe_bench layer
+# --backend cuda:0 at E = 65,536, P = 1, capped at 90 s; "not run" with the
+# reason where the build has no airmoe_bench, as the gpu build has not).
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
 # last); each step has a timeout so that the whole check ends within about
 # 8 minutes. On a machine without a GPU it still builds, the gpu tests
@@ -162,6 +164,21 @@ py_bench() {
     --json "$out/bench_device.json"
 }
 
+# The MoE layer on cuda:0 (airmoe_bench layer --backend cuda:0: experts and
+# vectors on the GPU, routing on the host; E = 65,536, P = 1), where the
+# build has airmoe_bench. It needs MPI and Boost, which the gpu build leaves
+# out (-DAIRMOE_WITH_MPI=OFF -DAIRMOE_BUILD_EXAMPLES=OFF): then the row says
+# so and the layer's cuda cases (LayerOnBackend.*/cuda_0, among the gpu
+# tests above) are what ran it on the GPU.
+layer_bench_exe() {
+  local exe="$build/examples/airmoe_bench"
+  [[ -x "$exe" ]] && echo "$exe"
+}
+layer_bench() {
+  "$(layer_bench_exe)" layer --backend cuda:0 --experts 65536 --dim 512 --num-tokens 16384 \
+    --codewords 256 --repeats 2 --json "$out/bench_layer.json"
+}
+
 # The test executables that hold gpu-labelled ctest entries.
 gpu_test_executables() {
   ctest --test-dir "$build" -L gpu --show-only=json-v1 |
@@ -187,7 +204,8 @@ sanitize() {
 CUDACXX="${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 PYTHON="${PYTHON:-$(command -v python3 || echo python3)}"
 export CUDACXX PYTHON build jobs out
-export -f versions configure gpu_test_executables sanitize py_path py_tests py_bench
+export -f versions configure gpu_test_executables sanitize py_path py_tests py_bench layer_bench_exe \
+  layer_bench
 note "tree $(git rev-parse --short HEAD 2>/dev/null || echo '?'), build dir $build, $jobs jobs, logs in $out"
 step versions 60 versions
 step configure 90 configure || { note "summary: FAILED (configure)"; exit 1; }
@@ -210,6 +228,13 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   skipped=$((skipped + 1))
 else
   step py_bench 150 py_bench
+fi
+if [[ -z "$(layer_bench_exe)" ]]; then
+  note "layer_bench: not run (airmoe_bench is not built: the gpu build has no MPI and Boost; the layer ran on cuda:0 in the gpu tests, LayerOnBackend.*/cuda_0)"
+elif ((skipped > 0)); then
+  note "layer_bench: not run (no GPU ran the gpu tests)"
+else
+  step layer_bench 90 layer_bench
 fi
 step sanitizer 100 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
 took=$(($(date +%s) - start))

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -57,6 +59,22 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
  private:
   const Ops* ops_ = nullptr;
 };
+
+// got equals want bit for bit where `bits`, else entry by entry within
+// `tol` relative to 1 + |want| (cuda's exp, log and erf).
+template <typename T>
+void expect_same_values(const std::vector<T>& got, const std::vector<T>& want,
+                        const std::string& what, bool bits, double tol) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  if (got.empty()) return;
+  if (bits) {
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)), 0) << what;
+    return;
+  }
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_NEAR(got[i], want[i], tol * (1.0 + std::fabs(static_cast<double>(want[i]))))
+        << what << " entry " << i;
+}
 
 #define AIRMOE_INSTANTIATE_BACKENDS(Suite)                                                        \
   INSTANTIATE_TEST_SUITE_P(Backends, Suite, ::testing::ValuesIn(::airmoe::test::backend_names()), \

@@ -31,15 +31,7 @@ class RouterOnBackend : public test::BackendTest {
   template <typename T>
   void expect_same(const std::vector<T>& got, const std::vector<T>& want, const std::string& what,
                    bool transcendental) const {
-    ASSERT_EQ(got.size(), want.size()) << what;
-    if (got.empty()) return;
-    if (!transcendental || libm_bits()) {
-      EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(T)), 0) << what;
-      return;
-    }
-    for (size_t i = 0; i < got.size(); ++i)
-      EXPECT_NEAR(got[i], want[i], kTol * (1.0 + std::fabs(static_cast<double>(want[i]))))
-          << what << " entry " << i;
+    test::expect_same_values(got, want, what, !transcendental || libm_bits(), kTol);
   }
   void expect_routes(const Routes& got, const Routes& want, const std::string& what) const {
     ASSERT_EQ(got.tokens, want.tokens) << what;
