@@ -709,6 +709,17 @@ def discard_checkpoint(name, args):
         os.remove(path)
 
 
+def zero_missing_grads(opt):
+    """A zero grad for each parameter AdamW has stepped before that got none
+    this step: what zeroing the grads in place gives, so every such parameter's
+    moments still decay, without a zeroing pass and an accumulating add over
+    the dense expert grads each step."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            if param.grad is None and param in opt.state:
+                param.grad = torch.zeros_like(param)
+
+
 def train(name, make_router, flops, data, val, args):
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -737,8 +748,9 @@ def train(name, make_router, flops, data, val, args):
         full = [b.ffn.full_balance_loss for b in model.blocks if b.ffn.full_balance_loss is not None]
         if full:
             loss = loss + args.full_balance * sum(full) / len(full)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
+        zero_missing_grads(opt)
         biased = [b.ffn for b in model.blocks if b.ffn.load_bias is not None]
         for ffn in biased:
             ffn.load_bias.zero_grads()

@@ -463,3 +463,16 @@ def test_expert_ffn_equals_the_per_pair_weight_gather_in_value_and_every_gradien
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
     assert (got_grads[1][6:] == 0).all() and (got_grads[2][6:] == 0).all()
+
+
+def test_zero_missing_grads_gives_stepped_parameters_a_zero_grad_and_leaves_new_ones_alone():
+    stepped, new = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([stepped, new], lr=0.1, weight_decay=0.0)
+    stepped.grad = torch.ones(3)
+    opt.step()  # only `stepped` has AdamW state
+    opt.zero_grad(set_to_none=True)
+    moe_lm.zero_missing_grads(opt)
+    assert torch.equal(stepped.grad, torch.zeros(3)) and new.grad is None
+    moved = stepped.detach().clone()
+    opt.step()  # its moments decay: it keeps moving with a zero grad
+    assert not torch.equal(stepped.detach(), moved)
