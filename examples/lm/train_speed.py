@@ -19,14 +19,18 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--moe-lm-dir", default=HERE)
     cli = parser.parse_args()
+    if cli.steps < 1:
+        parser.error(f"--steps must be >= 1, got {cli.steps}")
+    if not os.path.isfile(os.path.join(cli.moe_lm_dir, "moe_lm.py")):
+        parser.error(f"--moe-lm-dir: no moe_lm.py in {cli.moe_lm_dir}")
     sys.path[:0] = [os.path.abspath(cli.moe_lm_dir), HERE]
-    import torch
-    import moe_lm
     import study
-    torch.set_num_threads(1)
     configs = {name: (router, options) for name, router, options in study.BALANCED_GRID[4096]}
     if cli.config not in configs:
         parser.error(f"config: {cli.config!r} is not one of {sorted(configs)}")
+    import torch
+    import moe_lm
+    torch.set_num_threads(1)
     router, options = configs[cli.config]
     args = moe_lm.make_parser().parse_args([])
     for key, value in {**study.BALANCED_BASE, **options}.items():

@@ -476,3 +476,17 @@ def test_zero_missing_grads_gives_stepped_parameters_a_zero_grad_and_leaves_new_
     moved = stepped.detach().clone()
     opt.step()  # its moments decay: it keeps moving with a zero grad
     assert not torch.equal(stepped.detach(), moved)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["dense_s0"], "config: 'dense_s0' is not one of"),
+    (["dense", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["dense", "--moe-lm-dir", "{tmp}"], "--moe-lm-dir: no moe_lm.py in"),
+])
+def test_train_speed_refuses_bad_options_before_training(argv, message, tmp_path):
+    import subprocess
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, os.path.join(LM_DIR, "train_speed.py"), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "bytes train" not in done.stdout  # refused before the corpus was read
