@@ -24,13 +24,13 @@ def main():
     if not os.path.isfile(os.path.join(cli.moe_lm_dir, "moe_lm.py")):
         parser.error(f"--moe-lm-dir: no moe_lm.py in {cli.moe_lm_dir}")
     sys.path[:0] = [os.path.abspath(cli.moe_lm_dir), HERE]
+    import torch
+    import moe_lm  # before study.py, which puts its own folder first on the path
     import study
+    torch.set_num_threads(1)
     configs = {name: (router, options) for name, router, options in study.BALANCED_GRID[4096]}
     if cli.config not in configs:
         parser.error(f"config: {cli.config!r} is not one of {sorted(configs)}")
-    import torch
-    import moe_lm
-    torch.set_num_threads(1)
     router, options = configs[cli.config]
     args = moe_lm.make_parser().parse_args([])
     for key, value in {**study.BALANCED_BASE, **options}.items():
