@@ -295,6 +295,63 @@ class QueryListRefresh:
                                                       state["build_flops"])
 
 
+def expert_groups(idx, num_experts):
+    """The (token, slot) pairs of idx [N, k] grouped by expert, experts with
+    the same number of pairs together: a list of (experts [U], pairs [U, c])
+    per distinct count c, pairs as flat indices into idx. Lets the expert FFN
+    run one bmm per count over the experts' own weights instead of gathering
+    a weight copy per pair."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    groups = []
+    for c in torch.unique(counts).tolist():
+        chosen = counts == c
+        slots = starts[chosen].unsqueeze(1) + torch.arange(c)
+        groups.append((experts[chosen], order[slots]))
+    return groups
+
+
+class ExpertFFN(torch.autograd.Function):
+    """y[n, j] = w2[e] @ gelu(w1[e] @ x[n]) for e = idx[n, j]: what
+    einsum over w1[idx], w2[idx] computes, without their [N, k, h, d] copies;
+    the weight gradients are written for the touched experts only (the rest
+    of the dense grads stay zero, so AdamW still decays every expert)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, idx):
+        N, k = idx.shape
+        groups = expert_groups(idx, w1.shape[0])
+        y = x.new_empty(N * k, w2.shape[1])
+        saved = []
+        for experts, pairs in groups:
+            xs = x[torch.div(pairs, k, rounding_mode="floor")]  # [U, c, d]
+            pre = torch.bmm(xs, w1[experts].transpose(1, 2))  # [U, c, h]
+            act = F.gelu(pre)
+            y[pairs.reshape(-1)] = torch.bmm(act, w2[experts].transpose(1, 2)).reshape(
+                -1, y.shape[1])
+            saved.append((xs, pre, act))
+        ctx.groups, ctx.saved, ctx.k = groups, saved, k
+        ctx.save_for_backward(x, w1, w2)
+        return y.reshape(N, k, -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2 = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        dx, dw1, dw2 = torch.zeros_like(x), torch.zeros_like(w1), torch.zeros_like(w2)
+        for (experts, pairs), (xs, pre, act) in zip(ctx.groups, ctx.saved):
+            dys = dy[pairs.reshape(-1)].reshape(*pairs.shape, -1)  # [U, c, d]
+            w1e, w2e = w1[experts], w2[experts]
+            dw2[experts] = torch.bmm(dys.transpose(1, 2), act)
+            dpre = torch.ops.aten.gelu_backward(torch.bmm(dys, w2e), pre)
+            dw1[experts] = torch.bmm(dpre.transpose(1, 2), xs)
+            dx.index_add_(0, torch.div(pairs, ctx.k, rounding_mode="floor").reshape(-1),
+                          torch.bmm(dpre, w1e).reshape(-1, x.shape[1]))
+        return dx, dw1, dw2, None
+
+
 class MoEFFN(nn.Module):
     """E small experts (d -> h -> d, GELU) behind a pluggable router."""
 
@@ -338,8 +395,7 @@ class MoEFFN(nn.Module):
                                    if self.training and self.score_balance else None)
         self.full_balance_loss = (full_softmax_balance_loss(self.router, q, idx, self.num_experts)
                                   if self.training and self.full_balance else None)
-        a = F.gelu(torch.einsum("nkhd,nd->nkh", self.w1[idx], x))
-        y = torch.einsum("nkdh,nkh->nkd", self.w2[idx], a)
+        y = ExpertFFN.apply(x, self.w1, self.w2, idx)
         return (gates.unsqueeze(-1) * y).sum(1)
 
     # The balancing helpers whose state lives outside the module's buffers
@@ -653,6 +709,17 @@ def discard_checkpoint(name, args):
         os.remove(path)
 
 
+def zero_missing_grads(opt):
+    """A zero grad for each parameter AdamW has stepped before that got none
+    this step: what zeroing the grads in place gives, so every such parameter's
+    moments still decay, without a zeroing pass and an accumulating add over
+    the dense expert grads each step."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            if param.grad is None and param in opt.state:
+                param.grad = torch.zeros_like(param)
+
+
 def train(name, make_router, flops, data, val, args):
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -681,8 +748,9 @@ def train(name, make_router, flops, data, val, args):
         full = [b.ffn.full_balance_loss for b in model.blocks if b.ffn.full_balance_loss is not None]
         if full:
             loss = loss + args.full_balance * sum(full) / len(full)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
+        zero_missing_grads(opt)
         biased = [b.ffn for b in model.blocks if b.ffn.load_bias is not None]
         for ffn in biased:
             ffn.load_bias.zero_grads()

@@ -435,3 +435,58 @@ def test_air_query_option_errors(tmp_path):
             (["--list-refresh", "0"], "--list-refresh must be >= 1, got 0")):
         args = moe_lm.make_parser().parse_args(["--out", str(tmp_path), *argv])
         assert message in "; ".join(moe_lm.option_errors(args))
+
+
+def test_expert_ffn_equals_the_per_pair_weight_gather_in_value_and_every_gradient():
+    E, d, h, N, k = 9, 6, 5, 14, 3
+    gen = torch.Generator().manual_seed(3)
+    # expert 0 takes one slot of every token (many pairs), experts 1..5 share
+    # the rest unevenly, experts 6, 7, 8 take no pair at all
+    idx = torch.stack([torch.zeros(N, dtype=torch.long),
+                       1 + torch.arange(N) % 5,
+                       1 + (torch.arange(N) % 5 + 1 + (torch.arange(N) % 3 == 0).long()) % 5], 1)
+    assert (idx[:, 1] != idx[:, 2]).all()
+    x = torch.randn(N, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(E, h, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E, d, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(N, k, d, generator=gen, dtype=torch.float64)
+
+    def reference(x, w1, w2):
+        a = torch.nn.functional.gelu(torch.einsum("nkhd,nd->nkh", w1[idx], x))
+        return torch.einsum("nkdh,nkh->nkd", w2[idx], a)
+
+    want = reference(x, w1, w2)
+    want_grads = torch.autograd.grad(want, (x, w1, w2), dy)
+    got = moe_lm.ExpertFFN.apply(x, w1, w2, idx)
+    got_grads = torch.autograd.grad(got, (x, w1, w2), dy)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    assert (got_grads[1][6:] == 0).all() and (got_grads[2][6:] == 0).all()
+
+
+def test_zero_missing_grads_gives_stepped_parameters_a_zero_grad_and_leaves_new_ones_alone():
+    stepped, new = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([stepped, new], lr=0.1, weight_decay=0.0)
+    stepped.grad = torch.ones(3)
+    opt.step()  # only `stepped` has AdamW state
+    opt.zero_grad(set_to_none=True)
+    moe_lm.zero_missing_grads(opt)
+    assert torch.equal(stepped.grad, torch.zeros(3)) and new.grad is None
+    moved = stepped.detach().clone()
+    opt.step()  # its moments decay: it keeps moving with a zero grad
+    assert not torch.equal(stepped.detach(), moved)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["dense_s0"], "config: 'dense_s0' is not one of"),
+    (["dense", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["dense", "--moe-lm-dir", "{tmp}"], "--moe-lm-dir: no moe_lm.py in"),
+])
+def test_train_speed_refuses_bad_options_before_training(argv, message, tmp_path):
+    import subprocess
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, os.path.join(LM_DIR, "train_speed.py"), *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "bytes train" not in done.stdout  # refused before the corpus was read
