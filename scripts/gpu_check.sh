@@ -14,9 +14,10 @@
 # on the GPU against the CPU, bf16 and f32, torch's current stream), then
 # the benchmark rows (examples/bench_device.py --device cuda: AIR at each m,
 # dense, product keys, torch.topk(h @ W.T) in bf16 and f32, at E = 65,536,
-# d = 512, T = 16,384 and at E = 1,048,576, d = 1,024 with T = 4,096 (not
-# 16,384: the dense reference at 1M experts would not fit the time), JSON in
-# OUT_DIR/bench_device.json), and the MoE layer row (airmoe_bench layer
+# d = 512, T = 16,384, and at E = 1,048,576, d = 1,024, T = 4,096 without
+# the project's dense router (it alone would outrun the step), JSON in
+# OUT_DIR/bench_device.json and bench_device_1m.json), and the MoE layer
+# row (airmoe_bench layer
 # --backend cuda:0 at E = 65,536, P = 1, capped at 90 s; "not run" with the
 # reason where the build has no airmoe_bench, as the gpu build has not).
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
@@ -160,8 +161,14 @@ py_bench() {
   PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 2 \
     --experts 4096 --dim 64 --tokens 1024 --probes 1,4,all --check || return 1
   PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 3 \
-    --experts 65536 1048576 --dim 512 1024 --tokens 16384 4096 --probes 1,2,4,8,16,32 \
-    --json "$out/bench_device.json"
+    --experts 65536 --dim 512 --tokens 16384 --probes 1,2,4,8,16,32 \
+    --json "$out/bench_device.json" || return 1
+  # At a million experts without the project's dense router (about 3 s per
+  # 16,384 tokens already at 65,536 experts on an H200, so minutes here):
+  # recall is then against torch's float32 top-k.
+  PYTHONPATH="$(py_path)" "$PYTHON" examples/bench_device.py --device cuda --repeat 3 \
+    --experts 1048576 --dim 1024 --tokens 4096 --probes 1,2,4,8,16,32 --skip dense \
+    --json "$out/bench_device_1m.json"
 }
 
 # The MoE layer on cuda:0 (airmoe_bench layer --backend cuda:0: experts and

@@ -53,7 +53,9 @@ def run(router, hidden, weights):
     router.zero_grad()
     gates, idx = router(h)
     (gates * weights.to(gates.dtype)).sum().backward()
-    return gates, idx, h.grad, [p.grad for p in router.parameters()]
+    # Copies: Module.cuda() moves a parameter's .grad in place, which would
+    # move gradients kept from an earlier run too.
+    return gates, idx, h.grad, [p.grad.detach().clone() for p in router.parameters()]
 
 
 # ---------------------------------------------------------------------------
