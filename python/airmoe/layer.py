@@ -12,7 +12,8 @@ collectives: every rank of the communicator must call them, in the same
 order (a rank whose loss does not use the output must still backward, e.g.
 ``(out * 0).sum().backward()``), or the job hangs. One backward per forward
 (the C++ dispatch handle is consumed; ``retain_graph=True`` double backward is
-refused). float32 CPU tensors only.
+refused). ``hidden`` is float32 or bfloat16 (widened to float32, the
+layer's math; the output and hidden's gradient come back in hidden's dtype).
 
 Strategies (see runtime/moe_layer.h): ``"air"`` (distributed inverted-index
 routing, fused dispatch), ``"dense-replicated"`` (every rank holds all
@@ -75,6 +76,9 @@ from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, che
                        check_tensor, initial_centers, view)
 
 __all__ = ["MoELayer"]
+
+# What forward() takes; bfloat16 is widened to float32, the layer's math.
+_HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _require_layer_build():
@@ -497,10 +501,15 @@ class MoELayer(nn.Module):
 
     # -- forward ---------------------------------------------------------
     def forward(self, hidden):
-        """hidden [T_r, d] float32 (this rank's tokens) -> [T_r, d]. Collective."""
+        """hidden [T_r, d] float32 or bfloat16 (this rank's tokens) -> [T_r, d]
+        in hidden's dtype. Collective. The math is float32: bfloat16 is
+        widened first (exactly) and the output rounded to nearest even, so
+        autograd hands hidden a bfloat16 gradient (the float32 one, rounded)."""
         _together(self._impl, "forward", lambda: self._check_forward(hidden))
         self._hand_over_routing_state()
-        return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
+        x = hidden.float() if hidden.dtype == torch.bfloat16 else hidden
+        out = _LayerFunction.apply(self._impl, x, self.w1, self.w2, self.centers_local)
+        return out.to(hidden.dtype)
 
     def _hand_over_routing_state(self):
         """Collective: the centers and the bias as they are now go to the C++
@@ -515,10 +524,11 @@ class MoELayer(nn.Module):
         return checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
 
     def _check_forward(self, hidden):
-        check_tensor(hidden, "hidden", dim=self.dim)
+        if torch.is_tensor(hidden) and hidden.dtype not in _HIDDEN_DTYPES:
+            raise ValueError(f"hidden must be float32 or bfloat16 for MoELayer (the math is "
+                             f"float32), got {hidden.dtype}")
+        check_tensor(hidden, "hidden", dim=self.dim, dtypes=_HIDDEN_DTYPES)
         self._checked_bias()
-        if hidden.dtype != torch.float32:
-            raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
         self._check_shared_weights()
 
     def _check_shared_weights(self):
