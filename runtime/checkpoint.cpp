@@ -43,9 +43,10 @@ ShardRecords shard_of(MoELayer& layer) {
   s.hidden = layer.config().expert.hidden;
   s.activation = layer.config().expert.activation;
   s.ids = layer.hosted();
-  const auto w1 = layer.experts().w1_data(), w2 = layer.experts().w2_data();
-  s.w1.assign(w1.begin(), w1.end());
-  s.w2.assign(w2.begin(), w2.end());
+  // Read back from the experts' device (a copy on the host, as before).
+  const ExpertWeightsView w = layer.experts().weights();
+  s.w1 = host_vector<float>(layer.compute(), w.w1);
+  s.w2 = host_vector<float>(layer.compute(), w.w2);
   s.centers = layer.local_centers();
   return s;
 }
@@ -247,16 +248,28 @@ Matrix gather_centers(comm::Communicator& comm, const ShardRecords& mine, int64_
   return all;
 }
 
+// dst = the host values `src` (as many), onto dst's device: a plain copy on
+// the host backends.
+void upload(const Compute& c, TensorView dst, const std::vector<float>& src) {
+  if (src.empty()) return;
+  c.ops->copy(
+      dst,
+      TensorView(const_cast<float*>(src.data()), DType::kF32, Device::host(), dst.rows, dst.cols),
+      c.stream);
+  c.ops->synchronize(c.stream);  // src may be freed on return
+}
+
 void install_parameters(MoELayer& layer, ShardRecords mine) {
   if (layer.hosted() != mine.ids)
     throw InternalError("load checkpoint: rank " + std::to_string(mine.rank) +
                         " read other experts than the layer hosts");
-  const auto w1 = layer.experts().w1_data(), w2 = layer.experts().w2_data();
-  if (mine.w1.size() != w1.size() || mine.w2.size() != w2.size())
+  const ExpertWeightsView w = layer.experts().weights();
+  if (mine.w1.size() != static_cast<size_t>(w.w1.numel()) ||
+      mine.w2.size() != static_cast<size_t>(w.w2.numel()))
     throw InternalError("load checkpoint: rank " + std::to_string(mine.rank) +
                         " read parameters of another shape than the layer's");
-  std::copy(mine.w1.begin(), mine.w1.end(), w1.begin());
-  std::copy(mine.w2.begin(), mine.w2.end(), w2.begin());
+  upload(layer.compute(), w.w1, mine.w1);
+  upload(layer.compute(), w.w2, mine.w2);
 }
 
 }  // namespace
@@ -334,9 +347,9 @@ std::unique_ptr<MoELayer> load_checkpoint(comm::Communicator& comm, const std::s
     mine = read_hosted(dir, m, placement.local_experts(comm.rank()), comm.rank(), comm.size());
   });
   const Matrix centers = gather_centers(comm, mine, m.layer.experts);
-  auto layer =
-      std::make_unique<MoELayer>(comm, m.layer.strategy, m.layer.config, std::move(codebook),
-                                 std::move(m.assignment), std::move(placement), centers.view(), 0);
+  auto layer = std::make_unique<MoELayer>(comm, m.layer.strategy, m.layer.config,
+                                          std::move(codebook), std::move(m.assignment),
+                                          std::move(placement), centers.view(), 0, options.compute);
   install_parameters(*layer, std::move(mine));
   if (!m.bias.empty()) layer->set_bias(MatrixView(m.bias.data(), m.layer.experts, 1));
   if (m.query) {

@@ -128,6 +128,9 @@ struct LoadOptions {
   // and at another P the coordinator plans by lists (PlacementPolicy::kList)
   // with a load of one token per list.
   std::optional<PlacementPolicy> policy;
+  // Where the loaded layer's experts and vectors live (MoELayer's compute);
+  // the checkpoint's parameters are copied there.
+  Compute compute = host_compute();
 };
 
 // Collective: the layer the checkpoint in `dir` holds, on this

@@ -18,6 +18,7 @@
 #include "checkpoint_checks.h"
 #include "comm/in_process.h"
 #include "core/hash.h"
+#include "ops/registry.h"
 
 namespace airmoe {
 namespace {
@@ -430,6 +431,34 @@ TEST(Checkpoint, AnExplicitPolicyReplansAtTheSameP) {
     for (int32_t e : layer->hosted()) EXPECT_EQ(e % 3, comm.rank());
     const test::LayerSnapshot loaded = test::snapshot(comm, *layer, g);
     test::expect_same_layer(saved, loaded, false, "round-robin at P=3");
+  });
+}
+
+// A checkpoint loads onto another compute (LoadOptions::compute) and saves
+// from it again, the same layer bit for bit both ways.
+TEST(Checkpoint, LoadsOntoAndSavesFromAnotherCompute) {
+  const test::GlobalData& g = test::checkpoint_data();
+  const ScratchDir scratch;
+  const std::string dir = scratch.path() + "/ckpt", again = scratch.path() + "/again";
+  test::LayerSnapshot saved;
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = test::trained_layer(comm, g, Strategy::kDenseReplicated);
+    test::LayerSnapshot s = test::save_and_snapshot(comm, *layer, g, dir);
+    if (comm.rank() == 0) saved = std::move(s);
+  });
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    runtime::LoadOptions options;
+    options.compute = Compute{&find_backend("device-emulated"), {}};
+    auto layer = runtime::load_checkpoint(comm, dir, options);
+    EXPECT_EQ(layer->compute().ops->name(), "device-emulated");
+    test::expect_same_layer(saved, test::save_and_snapshot(comm, *layer, g, again), true,
+                            "loaded onto device-emulated");
+  });
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    auto layer = runtime::load_checkpoint(comm, again);
+    EXPECT_TRUE(is_host_backend(*layer->compute().ops));
+    test::expect_same_layer(saved, test::snapshot(comm, *layer, g), true,
+                            "saved from device-emulated");
   });
 }
 

@@ -12,7 +12,21 @@ collectives: every rank of the communicator must call them, in the same
 order (a rank whose loss does not use the output must still backward, e.g.
 ``(out * 0).sum().backward()``), or the job hangs. One backward per forward
 (the C++ dispatch handle is consumed; ``retain_graph=True`` double backward is
-refused). float32 CPU tensors only.
+refused). ``hidden`` is float32 or bfloat16 (widened to float32, the
+layer's math; the output and hidden's gradient come back in hidden's dtype).
+
+Backends: ``backend=None`` (the default) runs the layer on the fastest host
+kernel set; ``backend="host-portable"``, ``"device-emulated"`` (host memory,
+but every device rule and the device code path, on the CPU) or ``"cuda:0"``
+(a CUDA build) runs it there (``_airmoe.backends()`` lists what runs here;
+another name raises ValueError naming ``backend`` on every rank).
+``layer.backend`` names it. Every backend gives the host's bits. ``hidden``
+must be on the backend's device (CPU for the host backends and
+device-emulated, the GPU for cuda:N), and the output and every gradient but
+the centers' come back there; ``w1``/``w2`` are then DLPack views of the
+backend's own memory (zero copy, on its device). Routing runs on the host,
+so ``centers_local``, the codebook and the bias stay CPU tensors. A cuda
+layer runs on the device's default stream.
 
 Strategies (see runtime/moe_layer.h): ``"air"`` (distributed inverted-index
 routing, fused dispatch), ``"dense-replicated"`` (every rank holds all
@@ -44,7 +58,8 @@ the difference; the placement policy's name is not compared, so a layer
 loaded from a checkpoint takes the state of the layer that saved it.
 
 Checkpoints: ``save_checkpoint(path)`` and ``MoELayer.load_checkpoint(comm,
-path)`` (runtime/checkpoint.h, docs/checkpoints.md).
+path, backend=None)`` (runtime/checkpoint.h, docs/checkpoints.md), from and
+onto any backend.
 
 Hugging Face experts: with ``activation="swiglu"`` each expert is
 ``down(silu(gate x) * up x)``, HF's MoE MLP; ``load_hf_experts(gate, up,
@@ -72,9 +87,12 @@ from torch import nn
 
 from . import _airmoe
 from ._tensors import (INT32_MAX, check_expert_count, check_int, check_seed, checked_bias,
-                       check_tensor, initial_centers, view)
+                       check_tensor, from_cpp, initial_centers, view)
 
 __all__ = ["MoELayer"]
+
+# What forward() takes; bfloat16 is widened to float32, the layer's math.
+_HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _require_layer_build():
@@ -223,21 +241,71 @@ def _checkpoint_path(path, what):
     return decoded
 
 
+def _checked_backend(backend):
+    """The backend argument as the C++ side takes it ("" for the default);
+    its name is checked there, on every rank together."""
+    if backend is None:
+        return ""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be None or a backend name (str, e.g. 'device-emulated', "
+                        f"'cuda:0'), got {type(backend).__name__}")
+    return backend
+
+
+def _torch_device(impl):
+    """The torch device of the C++ layer's backend ("host" is the CPU)."""
+    name = impl.device
+    return torch.device("cpu" if name == "host" else name)
+
+
+def _host_backward(impl, plan, d_out):
+    """The host backends' backward through NumPy: d_tokens, dW1 and dW2 in
+    the hosted layout, the center rows' ids (numpy) and gradients."""
+    d_tokens, dw1, dw2, (rows, values) = impl.backward(plan, view(d_out))
+    return (torch.from_numpy(d_tokens), torch.from_numpy(dw1), torch.from_numpy(dw2), rows,
+            torch.from_numpy(values))
+
+
+def _device_backward(impl, plan, d_out, w1, w2):
+    """The same through the C++ device API, on the backend's device: the
+    touched experts' gradients are scattered into the hosted layout (zeros
+    elsewhere, as the host path's), a copy, so the bits are the C++ ones."""
+    if d_out.numel() == 0:  # autograd's empty gradients may carry any strides
+        d_out = torch.empty(d_out.shape, dtype=d_out.dtype, device=d_out.device)
+    d_tokens, local, tw1, tw2, rows, values = impl.backward_device(plan, d_out.detach())
+    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+    if local is not None:
+        local = from_cpp(local).view(-1).long()
+        dw1[local] = from_cpp(tw1).view(-1, *w1.shape[1:])
+        dw2[local] = from_cpp(tw2).view(-1, *w2.shape[1:])
+    d_tokens = torch.zeros_like(d_out) if d_tokens is None else from_cpp(d_tokens)
+    if rows is None:
+        return d_tokens, dw1, dw2, np.zeros(0, np.int32), None
+    return d_tokens, dw1, dw2, from_cpp(rows).view(-1).cpu().numpy(), from_cpp(values)
+
+
 class _LayerFunction(torch.autograd.Function):
-    """out = MoE(hidden); backward in C++ along the forward's dispatch handle."""
+    """out = MoE(hidden); backward in C++ along the forward's dispatch handle
+    (the host API through NumPy on the host backends, the device API through
+    DLPack on the others)."""
 
     @staticmethod
     def forward(ctx, impl, hidden, w1, w2, centers_local):
-        out, plan = impl.forward(view(hidden))
+        if impl.on_device:
+            out, plan = impl.forward_device(hidden.detach())
+            out = from_cpp(out)
+        else:
+            out, plan = impl.forward(view(hidden))
+            out = torch.from_numpy(out)
         ctx.impl, ctx.plan = impl, plan
         # Saving the parameters makes autograd refuse a backward after they
         # were changed in place (the C++ backward reads the same memory).
         ctx.save_for_backward(hidden, w1, w2, centers_local)
-        return torch.from_numpy(out)
+        return out
 
     @staticmethod
     def backward(ctx, d_out):
-        _hidden, _w1, _w2, centers_local = ctx.saved_tensors
+        _hidden, w1, w2, centers_local = ctx.saved_tensors
 
         def check():
             if ctx.plan is None:
@@ -246,19 +314,23 @@ class _LayerFunction(torch.autograd.Function):
                                    "supported")
 
         _together(ctx.impl, "backward", check)
-        d_tokens, dw1, dw2, (rows, values) = ctx.impl.backward(
-            ctx.plan, view(d_out.contiguous()))
+        d_out = d_out.contiguous()
+        if ctx.impl.on_device:
+            d_tokens, dw1, dw2, rows, values = _device_backward(ctx.impl, ctx.plan, d_out, w1, w2)
+        else:
+            d_tokens, dw1, dw2, rows, values = _host_backward(ctx.impl, ctx.plan, d_out)
         ctx.plan = None
         d_centers = None
         if ctx.needs_input_grad[4]:
+            # The centers stay on the host, where routing runs.
             d_centers = torch.zeros_like(centers_local)
             if len(rows):
                 hosted = ctx.impl.hosted()
                 local = np.searchsorted(hosted, rows)
-                d_centers[torch.from_numpy(local).long()] = torch.from_numpy(values)
-        return (None, torch.from_numpy(d_tokens) if ctx.needs_input_grad[1] else None,
-                torch.from_numpy(dw1) if ctx.needs_input_grad[2] else None,
-                torch.from_numpy(dw2) if ctx.needs_input_grad[3] else None, d_centers)
+                d_centers[torch.from_numpy(local).long()] = values.to(d_centers.device)
+        return (None, d_tokens if ctx.needs_input_grad[1] else None,
+                dw1 if ctx.needs_input_grad[2] else None,
+                dw2 if ctx.needs_input_grad[3] else None, d_centers)
 
 
 class MoELayer(nn.Module):
@@ -290,6 +362,9 @@ class MoELayer(nn.Module):
             Each forward hands it to the C++ layer (one small collective that
             compares a digest: a bias that differs between ranks raises on
             every rank).
+        backend: None (the host default) or a backend's name
+            ("host-portable", "device-emulated", "cuda:0", ...; see the
+            module doc): where the experts live and the layer computes.
         wire_dtype: "f32" (default) or "bf16": the element type of the token
             vectors the layer's all-to-alls carry (dispatch, combine and their
             gradients). bf16 halves their bytes; vectors are rounded to
@@ -300,13 +375,15 @@ class MoELayer(nn.Module):
 
     def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
                  activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
-                 kmeans_iterations=10, load_sample=None, bias=None, wire_dtype="f32"):
+                 kmeans_iterations=10, load_sample=None, bias=None, wire_dtype="f32",
+                 backend=None):
         super().__init__()
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
         # the C++ constructor (its first collective), not here.
-        error, sample, ints = None, None, _placeholder_ints()
+        error, sample, ints, backend_arg = None, None, _placeholder_ints(), ""
         try:
+            backend_arg = _checked_backend(backend)
             if not isinstance(wire_dtype, str):
                 raise TypeError(f"wire_dtype must be a str ('f32' or 'bf16'), got "
                                 f"{type(wire_dtype).__name__}")
@@ -322,7 +399,8 @@ class MoELayer(nn.Module):
                 address, strategy, ints["k"], ints["probes"], ints["hidden"], activation,
                 ints["codewords"], ints["kmeans_iterations"], ints["seed"], placement,
                 ints["seed"], centers, sample, local_error=_message(error),
-                wire_dtype=wire_dtype if isinstance(wire_dtype, str) else "f32")
+                wire_dtype=wire_dtype if isinstance(wire_dtype, str) else "f32",
+                backend=backend_arg)
         self._adopt(impl, placement, ints["seed"])
         if bias is not None:
             self.bias = torch.as_tensor(bias).detach().clone()
@@ -337,9 +415,16 @@ class MoELayer(nn.Module):
         self.wire_dtype = config["wire_dtype"]
         self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
-        # Zero-copy: these parameters are the C++ shard's buffers.
-        self.w1 = nn.Parameter(torch.from_numpy(self._impl.w1_view()))
-        self.w2 = nn.Parameter(torch.from_numpy(self._impl.w2_view()))
+        self.backend, self._device = impl.backend, _torch_device(impl)
+        # Zero-copy: these parameters are the C++ shard's buffers (NumPy views
+        # on the host backends, DLPack views of the backend's memory else).
+        if impl.on_device:
+            n, d, h = impl.hosted().size, impl.dim, impl.hidden
+            w1 = from_cpp(impl.w1_capsule()).view(n, impl.w1_rows, d)
+            w2 = from_cpp(impl.w2_capsule()).view(n, d, h)
+        else:
+            w1, w2 = torch.from_numpy(impl.w1_view()), torch.from_numpy(impl.w2_view())
+        self.w1, self.w2 = nn.Parameter(w1), nn.Parameter(w2)
         self._w_ptrs = (self.w1.data_ptr(), self.w2.data_ptr())
         self.centers_local = nn.Parameter(torch.from_numpy(self._impl.local_centers()))
         self.register_buffer("codebook", torch.from_numpy(self._impl.codewords()))
@@ -429,20 +514,23 @@ class MoELayer(nn.Module):
                           RuntimeWarning, stacklevel=2)
 
     @classmethod
-    def load_checkpoint(cls, comm, path):
+    def load_checkpoint(cls, comm, path, backend=None):
         """Collective: the layer saved in ``path`` (str, bytes or
         os.PathLike), on ``comm`` (any number of ranks: the experts are placed
-        anew when it differs from the saved one). A damaged or foreign
-        checkpoint, or ranks that read different checkpoints, raise ValueError
-        on every rank."""
+        anew when it differs from the saved one), on ``backend`` (as the
+        constructor's; None: the host's). A damaged or foreign checkpoint,
+        ranks that read different checkpoints, or a bad backend raise
+        ValueError on every rank."""
         address = _comm_address(comm)
-        error, decoded = None, ""
+        error, decoded, backend_arg = None, "", ""
         try:
             decoded = _checkpoint_path(path, "load_checkpoint")
+            backend_arg = _checked_backend(backend)
         except (TypeError, ValueError) as e:
             error = e
         with _own_error_first(error):
-            impl = _airmoe.MoELayerImpl(address, decoded, local_error=_message(error))
+            impl = _airmoe.MoELayerImpl(address, decoded, local_error=_message(error),
+                                        backend=backend_arg)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._adopt(impl, "checkpoint", None)
@@ -497,10 +585,15 @@ class MoELayer(nn.Module):
 
     # -- forward ---------------------------------------------------------
     def forward(self, hidden):
-        """hidden [T_r, d] float32 (this rank's tokens) -> [T_r, d]. Collective."""
+        """hidden [T_r, d] float32 or bfloat16 (this rank's tokens) -> [T_r, d]
+        in hidden's dtype. Collective. The math is float32: bfloat16 is
+        widened first (exactly) and the output rounded to nearest even, so
+        autograd hands hidden a bfloat16 gradient (the float32 one, rounded)."""
         _together(self._impl, "forward", lambda: self._check_forward(hidden))
         self._hand_over_routing_state()
-        return _LayerFunction.apply(self._impl, hidden, self.w1, self.w2, self.centers_local)
+        x = hidden.float() if hidden.dtype == torch.bfloat16 else hidden
+        out = _LayerFunction.apply(self._impl, x, self.w1, self.w2, self.centers_local)
+        return out.to(hidden.dtype)
 
     def _hand_over_routing_state(self):
         """Collective: the centers and the bias as they are now go to the C++
@@ -515,10 +608,16 @@ class MoELayer(nn.Module):
         return checked_bias(self.bias, self.num_experts, torch.device("cpu"), "layer")
 
     def _check_forward(self, hidden):
-        check_tensor(hidden, "hidden", dim=self.dim)
+        if torch.is_tensor(hidden) and hidden.device != self._device:
+            raise ValueError(f"hidden is on {hidden.device}, but the layer's backend "
+                             f"{self.backend!r} computes on {self._device}: pass "
+                             f"hidden.to('{self._device}')")
+        if torch.is_tensor(hidden) and hidden.dtype not in _HIDDEN_DTYPES:
+            raise ValueError(f"hidden must be float32 or bfloat16 for MoELayer (the math is "
+                             f"float32), got {hidden.dtype}")
+        check_tensor(hidden, "hidden", dim=self.dim, dtypes=_HIDDEN_DTYPES,
+                     devices=(self._device.type,))
         self._checked_bias()
-        if hidden.dtype != torch.float32:
-            raise ValueError(f"hidden must be float32 for MoELayer, got {hidden.dtype}")
         self._check_shared_weights()
 
     def _check_shared_weights(self):
@@ -535,5 +634,6 @@ class MoELayer(nn.Module):
     def extra_repr(self):
         return (f"strategy={self.strategy!r}, num_experts={self.num_experts}, dim={self.dim}, "
                 f"k={self.k}, probes={self.probes}, hidden={self.hidden_size}, "
-                f"placement={self.placement_policy!r}, rank={self.rank}/{self.world_size}, "
+                f"placement={self.placement_policy!r}, backend={self.backend!r}, "
+                f"rank={self.rank}/{self.world_size}, "
                 f"hosted={self.hosted.numel()}")

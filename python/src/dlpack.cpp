@@ -179,16 +179,24 @@ DLDataType dl_dtype(DType t) {
   throw UsageError("export_tensor: unknown dtype");
 }
 
-// What the capsule owns: the tensor and the shape and strides DLPack points to.
+// What the capsule owns: the tensor (or the Python object that keeps a
+// view's memory alive) and the shape and strides DLPack points to.
 struct Exported {
   Tensor tensor;
-  int64_t shape[2];
-  int64_t strides[2];
-  DLManagedTensor managed;
+  PyObject* owner = nullptr;  // a strong reference, or null
+  int64_t shape[2] = {0, 0};
+  int64_t strides[2] = {0, 1};
+  DLManagedTensor managed{};
 };
 
 void delete_exported(DLManagedTensor* m) {
-  delete static_cast<Exported*>(m->manager_ctx);
+  auto* e = static_cast<Exported*>(m->manager_ctx);
+  if (e->owner != nullptr) {
+    // The consumer may free its tensor without holding the GIL.
+    py::gil_scoped_acquire gil;
+    Py_DECREF(e->owner);
+  }
+  delete e;
 }
 
 // The capsule's own destructor: frees the tensor unless a consumer took it
@@ -200,14 +208,11 @@ void destroy_capsule(PyObject* capsule) {
   m->deleter(m);
 }
 
-}  // namespace
-
-py::capsule export_tensor(Tensor&& t) {
-  auto* e = new Exported{std::move(t), {0, 0}, {0, 1}, {}};
-  const TensorView v = e->tensor.view();
+// The capsule of `e` (taken over: freed here on failure), describing `v`.
+py::capsule capsule_of(Exported* e, TensorView v) {
   e->shape[0] = v.rows;
   e->shape[1] = v.cols;
-  e->strides[0] = v.cols;
+  e->strides[0] = v.ld;
   const Device d = v.device;
   e->managed.dl_tensor = DLTensor{v.data,   DLDevice{d.is_host() ? kDLCPU : kDLCUDA, d.index},
                                   2,        dl_dtype(v.dtype),
@@ -217,10 +222,24 @@ py::capsule export_tensor(Tensor&& t) {
   e->managed.deleter = delete_exported;
   PyObject* capsule = PyCapsule_New(&e->managed, kCapsule, destroy_capsule);
   if (capsule == nullptr) {
-    delete e;
+    delete_exported(&e->managed);
     throw py::error_already_set();
   }
   return py::reinterpret_steal<py::capsule>(capsule);
+}
+
+}  // namespace
+
+py::capsule export_tensor(Tensor&& t) {
+  auto* e = new Exported{};
+  e->tensor = std::move(t);
+  return capsule_of(e, e->tensor.view());
+}
+
+py::capsule export_view(TensorView v, py::object owner) {
+  auto* e = new Exported{};
+  e->owner = owner.release().ptr();
+  return capsule_of(e, v);
 }
 
 }  // namespace airmoe::dlpack

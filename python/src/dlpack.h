@@ -49,4 +49,9 @@ std::string backend_name(Device device);
 // A capsule that hands `t` (moved in) to its consumer without a copy.
 py::capsule export_tensor(Tensor&& t);
 
+// A capsule of `v`'s memory itself (no copy), which `owner` keeps alive: the
+// consumer's tensor holds a reference to `owner` until it is freed. How
+// MoELayer's parameters share the expert shard's memory on any device.
+py::capsule export_view(TensorView v, py::object owner);
+
 }  // namespace airmoe::dlpack

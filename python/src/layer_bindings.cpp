@@ -22,6 +22,8 @@
 #include "core/checks.h"
 #include "core/errors.h"
 #include "core/matrix.h"
+#include "dlpack.h"
+#include "ops/registry.h"
 #include "runtime/builder.h"
 #include "runtime/checkpoint.h"
 #include "runtime/moe_layer.h"
@@ -31,7 +33,7 @@ namespace airmoe {
 namespace {
 
 // What forward() hands back for backward(): the C++ dispatch handle plus the
-// tokens array of its forward (kept alive with it).
+// tokens (array or DLPack capsule) of its forward (kept alive with it).
 struct LayerPlanHandle {
   runtime::DispatchHandle handle;
   py::object tokens;
@@ -66,7 +68,7 @@ auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> declt
 
 // The MoELayer arguments Python passes, before they are checked.
 struct LayerArgs {
-  std::string strategy, activation, placement, wire_dtype;
+  std::string strategy, activation, placement, wire_dtype, backend;
   int k = 0, probes = 0, kmeans_iterations = 0;
   int64_t hidden = 0, codewords = 0;
   uint64_t kmeans_seed = 0, expert_seed = 0;
@@ -105,16 +107,40 @@ MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
   return mpi_comm;
 }
 
+// The compute a layer's `backend` argument names ("": the host default),
+// or a UsageError naming the argument (find_backend's message says why and
+// lists the backends it knows).
+Compute layer_compute(const std::string& backend) {
+  if (backend.empty()) return host_compute();
+  try {
+    return Compute{&find_backend(backend), Stream{}};
+  } catch (const UsageError& e) {
+    throw UsageError(std::string("backend: ") + e.what());
+  }
+}
+
+// A capsule of `t`, or None for an empty tensor (nothing touched).
+py::object exported(Tensor&& t) {
+  if (t.rows() * t.cols() == 0) return py::none();
+  return dlpack::export_tensor(std::move(t));
+}
+
 class MoELayerImpl {
  public:
   // Collective: the layer of the checkpoint in `dir` (runtime/checkpoint.h).
   // local_error: what the Python side found wrong with this rank's path ("":
   // nothing), raised on every rank together.
-  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir, const std::string& local_error)
+  // backend: the compute backend's name ("": the host default).
+  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir, const std::string& local_error,
+               const std::string& backend)
       : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
     collective("load_checkpoint", [&] {
-      comm::raise_together(*comm_, local_error, "MoELayer.load_checkpoint");
-      layer_ = runtime::load_checkpoint(*comm_, dir);
+      runtime::LoadOptions options;
+      comm::check_together(*comm_, "MoELayer.load_checkpoint", [&] {
+        if (!local_error.empty()) fail(local_error);
+        options.compute = layer_compute(backend);
+      });
+      layer_ = runtime::load_checkpoint(*comm_, dir, options);
       const MatrixView cw = layer_->codebook().codewords();
       codewords_ = Matrix(cw.rows, cw.cols);
       std::copy_n(cw.data, cw.rows * cw.cols, codewords_.data());
@@ -130,17 +156,19 @@ class MoELayerImpl {
     collective("__init__", [&] {
       runtime::LayerSpec spec;
       MatrixView c, t;
+      Compute compute;
       comm::check_together(*comm_, "MoELayer", [&] {
         if (!local_error.empty()) fail(local_error);
         c = as_view(centers.cast<py::array>(), "centers");
         if (!sample.is_none()) t = as_view(sample.cast<py::array>(), "load sample");
         spec = args.spec(c);
+        compute = layer_compute(args.backend);
       });
       const runtime::SharedIndex index = runtime::agree_on_index(*comm_, spec, c, t);
       codewords_ = Matrix(index.codebook.size(), index.codebook.dim());
       std::copy_n(index.codebook.codewords().data, codewords_.size(), codewords_.data());
-      layer_ = runtime::make_layer(*comm_, spec, index,
-                                   runtime::place_experts(*comm_, spec, index).placement, c);
+      layer_ = runtime::make_layer(
+          *comm_, spec, index, runtime::place_experts(*comm_, spec, index).placement, c, compute);
     });
   }
 
@@ -187,6 +215,48 @@ class MoELayerImpl {
         owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, rows1, d}),
         owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
   }
+
+  // The device API (a backend other than the host's): tokens by DLPack (f32
+  // on the backend's device), the output as a capsule of a tensor there.
+  py::tuple forward_device(const py::object& tokens) {
+    auto h = std::make_shared<LayerPlanHandle>();
+    runtime::DeviceForwardResult out = collective("forward", [&] {
+      dlpack::TensorArg t;
+      comm::check_together(*comm_, "MoELayer.forward",
+                           [&] { t = dlpack::import_tensor(tokens, "hidden"); });
+      h->tokens = t.owner;
+      py::gil_scoped_release release;
+      return layer_->forward(t.view);
+    });
+    h->handle = std::move(out.handle);
+    return py::make_tuple(dlpack::export_tensor(std::move(out.output)), std::move(h));
+  }
+
+  // (d_tokens [T, d], the touched experts' local indices [n, 1] (int32),
+  // their dW1 [n * w1_rows, d] and dW2 [n * d, h], center ids [m, 1]
+  // (int32) and their gradient rows [m, d]), as capsules of tensors on the
+  // backend's device; None where nothing was touched.
+  py::tuple backward_device(LayerPlanHandle& h, const py::object& d_out) {
+    runtime::DeviceMoEGradients g = collective("backward", [&] {
+      dlpack::TensorArg dy;
+      comm::check_together(*comm_, "MoELayer.backward", [&] {
+        if (h.used) fail("this plan was already used for a backward");
+        dy = dlpack::import_tensor(d_out, "d_out");
+      });
+      py::gil_scoped_release release;
+      return layer_->backward(h.handle, dy.view);
+    });
+    h.used = true;
+    TouchedExpertGrads& touched = g.touched_experts;
+    return py::make_tuple(exported(std::move(g.d_tokens)), exported(std::move(touched.local)),
+                          exported(std::move(touched.w1)), exported(std::move(touched.w2)),
+                          exported(std::move(g.d_centers.rows)),
+                          exported(std::move(g.d_centers.values)));
+  }
+
+  // Whether the layer runs on a backend other than the host kernel sets
+  // (device-emulated, cuda), whose tensors cross by DLPack, not NumPy.
+  bool on_device() const { return !is_host_backend(*layer_->compute().ops); }
 
   // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
   // "" or, on rank 0, where the previous checkpoint was left undeleted.
@@ -237,6 +307,14 @@ class MoELayerImpl {
   std::unique_ptr<runtime::MoELayer> layer_;
 };
 
+// This rank's W1 [hosted * w1_rows, d] (which = 1) or W2 [hosted * d, h]
+// (which = 2) on the backend's device: a capsule of the shard's memory
+// itself, kept alive by the layer object `self`.
+py::capsule expert_weights_capsule(const py::object& self, int which) {
+  const ExpertWeightsView w = self.cast<MoELayerImpl&>().layer().experts().weights();
+  return dlpack::export_view(which == 1 ? w.w1 : w.w2, self);
+}
+
 // A writable NumPy view of a C++ float buffer, kept alive by `owner`.
 py::array_t<float> shared_view(float* data, std::vector<py::ssize_t> shape, py::handle owner) {
   return py::array_t<float>(std::move(shape), data, owner);
@@ -270,18 +348,20 @@ void bind_layer(py::module_& m) {
                        int64_t hidden, const std::string& activation, int64_t codewords,
                        int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
                        uint64_t expert_seed, const py::object& centers, const py::object& sample,
-                       const std::string& local_error, const std::string& wire_dtype) {
-             const LayerArgs args{strategy,  activation,  placement,         wire_dtype,
-                                  k,         probes,      kmeans_iterations, hidden,
-                                  codewords, kmeans_seed, expert_seed};
+                       const std::string& local_error, const std::string& wire_dtype,
+                       const std::string& backend) {
+             const LayerArgs args{strategy, activation, placement,   wire_dtype,
+                                  backend,  k,          probes,      kmeans_iterations,
+                                  hidden,   codewords,  kmeans_seed, expert_seed};
              return new MoELayerImpl(comm_address, args, centers, sample, local_error);
            }),
            py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
            py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
            py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
            py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
-           py::arg("local_error") = "", py::arg("wire_dtype") = "f32",
+           py::arg("local_error") = "", py::arg("wire_dtype") = "f32", py::arg("backend") = "",
            "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
+           "backend: the compute backend's name (\"\": the host default). "
            "local_error: this rank's own argument error (\"\": none), raised on "
            "every rank together.")
       .def_property_readonly("rank", &MoELayerImpl::rank)
@@ -294,10 +374,20 @@ void bind_layer(py::module_& m) {
       .def_property_readonly("dim", [](MoELayerImpl& s) { return s.layer().config().expert.dim; })
       .def_property_readonly("hidden",
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
-      .def(py::init<std::uintptr_t, const std::string&, const std::string&>(),
+      .def_property_readonly("w1_rows",
+                             [](MoELayerImpl& s) { return s.layer().config().expert.w1_rows(); })
+      .def(py::init<std::uintptr_t, const std::string&, const std::string&, const std::string&>(),
            py::arg("comm_address"), py::arg("checkpoint_dir"), py::arg("local_error") = "",
-           "Collective: the layer of a checkpoint, at this job's P. local_error: this rank's "
-           "own path error (\"\": none), raised on every rank together.")
+           py::arg("backend") = "",
+           "Collective: the layer of a checkpoint, at this job's P, on `backend` (\"\": the "
+           "host default). local_error: this rank's own path error (\"\": none), raised on "
+           "every rank together.")
+      .def_property_readonly("backend",
+                             [](MoELayerImpl& s) { return s.layer().compute().ops->name(); })
+      .def_property_readonly(
+          "device",
+          [](MoELayerImpl& s) { return dlpack::backend_name(s.layer().compute().ops->device()); })
+      .def_property_readonly("on_device", &MoELayerImpl::on_device)
       .def(
           "save_checkpoint",
           [](MoELayerImpl& s, const std::string& dir) {
@@ -319,6 +409,11 @@ void bind_layer(py::module_& m) {
                                return d;
                              })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
+      .def("forward_device", &MoELayerImpl::forward_device, py::arg("tokens"),
+           "Collective, on_device layers: tokens by DLPack; (output capsule, plan).")
+      .def("backward_device", &MoELayerImpl::backward_device, py::arg("plan"), py::arg("d_out"),
+           "Collective, on_device layers: (d_tokens, touched local ids, their dW1, dW2, center "
+           "ids, their gradients), capsules on the backend's device or None.")
       .def("set_bias", &MoELayerImpl::set_bias, py::arg("bias"))
       .def("bias",
            [](MoELayerImpl& s) -> py::object {
@@ -350,7 +445,14 @@ void bind_layer(py::module_& m) {
           "gate rows, then the up rows; the C++ memory itself).")
       .def(
           "w2_view", [](py::object self) { return expert_weights_view(self, 2); },
-          "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).");
+          "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).")
+      .def(
+          "w1_capsule", [](py::object self) { return expert_weights_capsule(self, 1); },
+          "DLPack capsule of this rank's W1 [hosted * w1_rows, d] on the backend's device (the "
+          "C++ memory itself, keeping the layer alive).")
+      .def(
+          "w2_capsule", [](py::object self) { return expert_weights_capsule(self, 2); },
+          "DLPack capsule of this rank's W2 [hosted * d, h] on the backend's device.");
 }
 
 }  // namespace airmoe
