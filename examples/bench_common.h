@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/progress.h"
 #include "bench_output.h"
 #include "core/clock.h"
 
@@ -25,15 +26,6 @@ double best_seconds(int repeats, Fn&& fn) {
     best = std::min(best, now_seconds() - t0);
   }
   return best;
-}
-
-// Progress on stderr, so stdout stays the result.
-template <typename... Args>
-void progress(const char* fmt, Args... args) {
-  std::fprintf(stderr, "[airmoe] ");
-  std::fprintf(stderr, fmt, args...);
-  std::fprintf(stderr, "\n");
-  std::fflush(stderr);
 }
 
 // "1,2,4" -> {1, 2, 4}; each item must be an integer in [lo, hi], else

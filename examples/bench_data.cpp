@@ -237,19 +237,6 @@ bool parse_on_every_rank(comm::Communicator& comm, const char* subcommand,
   return true;
 }
 
-double sum_over_ranks(comm::Communicator& comm, double v) {
-  std::vector<double> all(static_cast<size_t>(comm.size()));
-  comm.allgather(&v, sizeof(v), all.data());
-  double s = 0.0;
-  for (double x : all) s += x;
-  return s;
-}
-
-double max_over_ranks(comm::Communicator& comm, double v) {
-  comm.allreduce_max(&v, 1);
-  return v;
-}
-
 int run_on_mpi_world(const char* name, const std::vector<std::string>& args, MpiBody body) {
   comm::MpiSession session;
   auto world = comm::world_communicator();

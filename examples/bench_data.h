@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/layer_measure.h"  // sum_over_ranks, max_over_ranks
 #include "bench_common.h"
 #include "comm/communicator.h"
 #include "core/synthetic.h"
@@ -74,11 +75,6 @@ bool parse(const std::vector<std::string>& args, boost::program_options::options
 bool parse_on_every_rank(comm::Communicator& comm, const char* subcommand,
                          const std::vector<std::string>& args,
                          boost::program_options::options_description& opts);
-
-// Reductions of one figure over ranks: a sum (added in rank order, so every
-// rank gets the same bits) and a max.
-double sum_over_ranks(comm::Communicator& comm, double v);
-double max_over_ranks(comm::Communicator& comm, double v);
 
 // Runs body(world, args) under MPI. An error every rank raised together
 // (core/errors.h: raised_together) is reported by each rank, which exits 1;

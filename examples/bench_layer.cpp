@@ -1,17 +1,16 @@
 // airmoe_bench layer, under mpiexec -n P: forward and backward of the MoE
 // layer for each strategy on the same data, weights and placement, with the
-// bytes and messages of every phase from the communicator's meter.
+// bytes and messages of every phase from the communicator's meter. The
+// measuring is bench/layer_measure.h's (shared with airmoe_layer_bench, the
+// in-process front end); this is the MPI front end: options, JSON, CSV.
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <cstdio>
-#include <fstream>
-#include <memory>
 #include <nlohmann/json.hpp>
-#include <set>
-#include <span>
 #include <string>
 #include <vector>
 
+#include "bench/layer_measure.h"
 #include "bench_common.h"
 #include "bench_data.h"
 #include "comm/mpi_communicator.h"
@@ -19,10 +18,6 @@
 #include "core/threads.h"
 #include "layer_report.h"
 #include "ops/registry.h"
-#include "router/dense_router.h"
-#include "router/metrics.h"
-#include "runtime/builder.h"
-#include "runtime/moe_layer.h"
 #include "runtime/wire.h"
 
 namespace po = boost::program_options;
@@ -30,46 +25,6 @@ using nlohmann::json;
 
 namespace airmoe::bench {
 namespace {
-
-// The union of every rank's metered phases. A rank with no tokens, or no
-// experts, sends nothing in some phases and so has no entry for them; the
-// per-phase sums below are collectives, so every rank must loop over the same
-// names (looping over its own names hung: ranks met in different
-// collectives).
-std::vector<std::string> phases_of_every_rank(comm::Communicator& comm,
-                                              const comm::TrafficMeter& meter) {
-  std::string mine;
-  for (const std::string& phase : meter.phases()) mine += phase + '\n';
-  const std::vector<char> all =
-      comm::allgatherv_vector<char>(comm, std::span<const char>(mine.data(), mine.size()));
-  std::set<std::string> names;
-  std::string name;
-  for (char c : all) {
-    if (c != '\n') {
-      name += c;
-      continue;
-    }
-    names.insert(name);
-    name.clear();
-  }
-  return {names.begin(), names.end()};
-}
-
-// This process's peak resident memory so far (VmHWM), in bytes; 0 where
-// /proc/self/status is not there.
-double peak_resident_bytes() {
-  std::ifstream status("/proc/self/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) * 1024.0;  // in kB
-  return 0.0;
-}
-
-std::vector<double> per_rank(comm::Communicator& comm, double mine) {
-  std::vector<double> all(static_cast<size_t>(comm.size()));
-  comm.allgather(&mine, sizeof mine, all.data());
-  return all;
-}
 
 void print_memory(const std::vector<json>& rows) {
   std::printf("\n%-17s %5s %13s %13s %13s %10s\n", "strategy", "rank", "FFN MiB", "set-up MiB",
@@ -85,6 +40,22 @@ void print_memory(const std::vector<json>& rows) {
                   setup[i] / 1048576.0, peak[i] / 1048576.0,
                   cell(ratio_or_null(peak[i], ffn[i]), "%.2f").c_str());
   }
+}
+
+// The JSON row of one strategy (layer_report.h's fields, then the layer's).
+json layer_row(const StrategyFigures& f, int P, int64_t T, const std::vector<double>& setup_peak) {
+  json row = strategy_row(f.strategy, P, f.traffic, static_cast<double>(T),
+                          f.router_flops_per_token, f.expert_flops_per_token);
+  row["probes"] = f.probes;
+  row["recall_at_k"] = f.recall_at_k;
+  row["mass_recall"] = f.mass_recall;
+  json& seconds = row["seconds"];
+  for (const auto& [name, value] : named_seconds(f.seconds)) seconds[name] = value;
+  seconds["total"] = f.total_seconds;
+  row["setup_peak_rss_bytes"] = setup_peak;
+  row["peak_rss_bytes"] = f.peak_rss_bytes;
+  row["ffn_weight_bytes"] = f.ffn_weight_bytes;
+  return row;
 }
 
 int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
@@ -140,95 +111,27 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   if (me == 0) progress("preparing data on %d ranks", P);
   BenchData bench;
   comm::check_together(comm, "data", [&] { bench = load_data(o); });
-  const MatrixView centers = bench.data.centers.view();
   const int64_t d = o.dim, T = o.tokens;
-  const int64_t b = T * me / P, e = T * (me + 1) / P;
-  const MatrixView mine(bench.data.tokens.row(b), e - b, d);
-  if (me == 0) progress("training the codebook on rank 0: C=%ld", (long)o.codewords);
-  runtime::LayerSpec spec = routing_spec(o, probes);
-  spec.placement = policy;
-  spec.hidden = hidden;
-  spec.activation = act;
-  spec.expert_seed = 7;
-  spec.dense_expert_grads = dense_expert_grads;
-  spec.wire_dtype = wire_dtype;
-  // One index and one placement for every strategy: the same data, weights
-  // and placement (rank 0's tokens are the load sample).
-  const runtime::SharedIndex index = runtime::agree_on_index(comm, spec, centers, mine);
-  const runtime::PlacementPlan plan = runtime::place_experts(comm, spec, index);
-  if (me == 0) progress("exact routing for recall");
-  const Routes exact = DenseRouter(centers).route(mine, o.k);
-  const Matrix d_out = random_matrix(e - b, d, 1.0, o.seed + 1000 + static_cast<uint64_t>(me));
-  const std::vector<double> setup_peak = per_rank(comm, peak_resident_bytes());
+  LayerBenchInputs in;
+  in.spec = routing_spec(o, probes);
+  in.spec.placement = policy;
+  in.spec.hidden = hidden;
+  in.spec.activation = act;
+  in.spec.expert_seed = 7;
+  in.spec.dense_expert_grads = dense_expert_grads;
+  in.spec.wire_dtype = wire_dtype;
+  in.strategies = strategies;
+  in.centers = bench.data.centers.view();
+  in.tokens = bench.data.tokens.view();
+  in.d_out_seed = o.seed + 1000;
+  in.compute = Compute{backend, {}};
+  in.repeats = o.repeats;
+  in.progress = true;
+  const LayerFigures figures = measure_layer(comm, in);
 
   std::vector<json> rows;
-  for (runtime::Strategy strategy : strategies) {
-    const char* name = runtime::to_string(strategy);
-    if (me == 0) progress("strategy %s: building the layer (experts on their ranks)", name);
-    spec.strategy = strategy;
-    const std::unique_ptr<runtime::MoELayer> built =
-        runtime::make_layer(comm, spec, index, plan.placement, centers, Compute{backend, {}});
-    runtime::MoELayer& layer = *built;
-    runtime::PhaseSeconds best;
-    double best_total = 1e300;
-    comm::TrafficMeter meter;
-    Routes routes;
-    double router_flops_per_token = 0.0;
-    for (int rep = 0; rep < o.repeats; ++rep) {
-      if (me == 0) progress("strategy %s: forward + backward %d/%d", name, rep + 1, o.repeats);
-      comm.barrier();
-      comm.meter().reset();
-      runtime::DispatchHandle step = layer.forward(mine).handle;
-      layer.backward(step, d_out.view());
-      const runtime::PhaseSeconds& s = step.stats().seconds;
-      router_flops_per_token = step.stats().router_flops_per_token;
-      const double total =
-          max_over_ranks(comm, s.route + s.dispatch + s.experts + s.combine + s.backward_dispatch +
-                                   s.backward_experts + s.backward_combine);
-      if (total < best_total) {
-        best_total = total;
-        best = s;
-        meter = comm.meter();
-        routes = step.routes();
-      }
-    }
-    PhaseFigures f;
-    for (const std::string& phase : phases_of_every_rank(comm, meter)) {
-      f.bytes[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).bytes));
-      f.messages[phase] = sum_over_ranks(comm, static_cast<double>(meter.sent(phase).messages));
-    }
-    const double router_flops =
-        sum_over_ranks(comm, router_flops_per_token * static_cast<double>(e - b)) /
-        static_cast<double>(T);
-    json row = strategy_row(name, P, f, static_cast<double>(T), router_flops,
-                            layer.expert_flops_per_token());
-    row["probes"] = strategy == runtime::Strategy::kAir              ? probes
-                    : strategy == runtime::Strategy::kDenseBroadcast ? static_cast<int>(o.codewords)
-                                                                     : 0;
-    row["recall_at_k"] =
-        sum_over_ranks(comm, recall_at_k(routes, exact) * static_cast<double>(e - b)) /
-        static_cast<double>(T);
-    row["mass_recall"] =
-        sum_over_ranks(comm, mass_recall(routes, exact) * static_cast<double>(e - b)) /
-        static_cast<double>(T);
-    row["seconds"] = {{"route", max_over_ranks(comm, best.route)},
-                      {"dispatch", max_over_ranks(comm, best.dispatch)},
-                      {"experts", max_over_ranks(comm, best.experts)},
-                      {"combine", max_over_ranks(comm, best.combine)},
-                      {"backward_dispatch", max_over_ranks(comm, best.backward_dispatch)},
-                      {"backward_experts", max_over_ranks(comm, best.backward_experts)},
-                      {"backward_combine", max_over_ranks(comm, best.backward_combine)},
-                      {"total", best_total}};
-    // The process's high-water mark: it includes the set-up and the strategies
-    // run before this one.
-    row["setup_peak_rss_bytes"] = setup_peak;
-    row["peak_rss_bytes"] = per_rank(comm, peak_resident_bytes());
-    const runtime::ExpertShard& shard = layer.experts();
-    row["ffn_weight_bytes"] =
-        per_rank(comm, static_cast<double>(sizeof(float) * shard.size() *
-                                           (shard.config().w1_size() + shard.config().w2_size())));
-    rows.push_back(row);
-  }
+  for (const StrategyFigures& f : figures.strategies)
+    rows.push_back(layer_row(f, P, T, figures.setup_peak_rss_bytes));
   finish_rows(rows);
 
   if (me == 0) {
@@ -268,7 +171,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"data", bench.source},
                      {"seed", o.seed},
                      {"ranks", P},
-                     {"imbalance", plan.imbalance},
+                     {"imbalance", figures.imbalance},
                      {"threads_per_rank", num_threads()},
                      {"dense_expert_grads", dense_expert_grads},
                      {"wire_dtype", wire_dtype_name},

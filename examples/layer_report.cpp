@@ -11,24 +11,13 @@ using nlohmann::json;
 json strategy_row(const std::string& strategy, int ranks, const PhaseFigures& f, double tokens,
                   double router_flops, double expert_flops) {
   json bytes = json::object(), messages = json::object();
-  double forward = 0.0, backward = 0.0, msgs = 0.0;
-  auto add = [&](const std::vector<std::string>& phases, double& sum) {
-    for (const std::string& p : phases)
-      for (const std::string& name : {p, p + ":counts", p + ":barrier"}) {
-        const auto b = f.bytes.find(name);
-        const auto m = f.messages.find(name);
-        // A sparse exchange's barrier: listed only where it ran.
-        if (name.ends_with(":barrier") && b == f.bytes.end()) continue;
-        const double vb = b == f.bytes.end() ? 0.0 : b->second;
-        const double vm = m == f.messages.end() ? 0.0 : m->second;
-        bytes[name] = vb;
-        messages[name] = vm;
-        sum += vb;
-        msgs += vm;
-      }
-  };
-  add(kForwardPhases, forward);
-  add(kBackwardPhases, backward);
+  const std::vector<PhaseEntry> entries = reported_phases(f);
+  for (const PhaseEntry& p : entries) {
+    bytes[p.name] = p.bytes;
+    messages[p.name] = p.messages;
+  }
+  const PhaseTotals t = phase_totals(entries);
+  const double forward = t.forward, backward = t.backward, msgs = t.messages;
   return {{"strategy", strategy},
           {"ranks", ranks},
           {"bytes", bytes},

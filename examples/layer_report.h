@@ -2,22 +2,14 @@
 // whether the bytes were metered in a real run or simulated.
 #pragma once
 
-#include <map>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <string>
 #include <vector>
 
+#include "bench/layer_measure.h"
+
 namespace airmoe::bench {
-
-inline const std::vector<std::string> kForwardPhases = {"requests", "replies", "dispatch",
-                                                        "combine"};
-inline const std::vector<std::string> kBackwardPhases = {"grad_dispatch", "grad_gates",
-                                                         "grad_logits", "grad_combine"};
-
-struct PhaseFigures {
-  std::map<std::string, double> bytes, messages;  // phase (with ":counts" phases) -> total
-};
 
 // bytes_forward / bytes_backward / bytes_total include each phase's control
 // messages (":counts" of alltoallv, ":barrier" of a sparse exchange);

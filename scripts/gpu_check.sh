@@ -17,9 +17,12 @@
 # d = 512, T = 16,384, and at E = 1,048,576, d = 1,024, T = 4,096 without
 # the project's dense router (it alone would outrun the step), JSON in
 # OUT_DIR/bench_device.json and bench_device_1m.json), and the MoE layer
-# row (airmoe_bench layer
-# --backend cuda:0 at E = 65,536, P = 1, capped at 90 s; "not run" with the
-# reason where the build has no airmoe_bench, as the gpu build has not).
+# rows (airmoe_layer_bench --backend cuda:0: P = 1 and P = 4 ranks as
+# threads of one process sharing the GPU through the in-process exchange on
+# device buffers, air against dense-replicated, forward and backward, at
+# E = 65,536, d = 512, 4,096 tokens per rank; capped at 40 s and 50 s; JSON
+# in OUT_DIR/bench_layer_P1.json and bench_layer_P4.json; "not run" with
+# the reason where the build has no airmoe_layer_bench).
 # Everything it prints also lands in OUT_DIR (one log per step, summary.txt
 # last); each step has a timeout so that the whole check ends within about
 # 8 minutes. On a machine without a GPU it still builds, the gpu tests
@@ -171,19 +174,23 @@ py_bench() {
     --json "$out/bench_device_1m.json"
 }
 
-# The MoE layer on cuda:0 (airmoe_bench layer --backend cuda:0: experts and
-# vectors on the GPU, routing on the host; E = 65,536, P = 1), where the
-# build has airmoe_bench. It needs MPI and Boost, which the gpu build leaves
-# out (-DAIRMOE_WITH_MPI=OFF -DAIRMOE_BUILD_EXAMPLES=OFF): then the row says
-# so and the layer's cuda cases (LayerOnBackend.*/cuda_0, among the gpu
-# tests above) are what ran it on the GPU.
+# The MoE layer on cuda:0 (bench/airmoe_layer_bench: experts, token vectors
+# and the exchange's buffers on the GPU, routing on the host), P ranks as
+# threads of this process sharing the one GPU. It needs no MPI or Boost, so
+# the gpu build has it. Each rank gets an equal share of the cores for the
+# host routing (OpenMP teams are per rank thread). One GPU cannot show
+# NCCL across ranks, NVLink or network bandwidth: the exchange here is
+# device-to-device copies within one GPU.
 layer_bench_exe() {
-  local exe="$build/examples/airmoe_bench"
+  local exe="$build/bench/airmoe_layer_bench"
   [[ -x "$exe" ]] && echo "$exe"
 }
 layer_bench() {
-  "$(layer_bench_exe)" layer --backend cuda:0 --experts 65536 --dim 512 --num-tokens 16384 \
-    --codewords 256 --repeats 2 --json "$out/bench_layer.json"
+  local P="$1"
+  OMP_NUM_THREADS=$(($(nproc) / P > 0 ? $(nproc) / P : 1)) "$(layer_bench_exe)" \
+    --backend cuda:0 --ranks "$P" --experts 65536 --dim 512 --num-tokens 4096 --codewords 256 \
+    --probes 4 --strategies air,dense-replicated --warmup 1 --repeats 2 \
+    --json "$out/bench_layer_P$P.json"
 }
 
 # The test executables that hold gpu-labelled ctest entries.
@@ -237,11 +244,14 @@ else
   step py_bench 150 py_bench
 fi
 if [[ -z "$(layer_bench_exe)" ]]; then
-  note "layer_bench: not run (airmoe_bench is not built: the gpu build has no MPI and Boost; the layer ran on cuda:0 in the gpu tests, LayerOnBackend.*/cuda_0)"
+  note "layer_bench: not run ($build/bench/airmoe_layer_bench was not built; see build.log)"
 elif ((skipped > 0)); then
   note "layer_bench: not run (no GPU ran the gpu tests)"
 else
-  step layer_bench 90 layer_bench
+  # P = 1 first: its row survives a P = 4 that runs out of time.
+  step layer_bench_P1 40 layer_bench 1
+  step layer_bench_P4 50 layer_bench 4
+  grep -h "air / dense-replicated" "$out"/layer_bench_P*.log | tee -a "$summary"
 fi
 step sanitizer 100 sanitize && grep -h "skipped" "$out/sanitizer.log" | tee -a "$summary"
 took=$(($(date +%s) - start))
