@@ -154,7 +154,8 @@ py_tests() {
     return 0
   fi
   PYTHONPATH="$(py_path)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider \
-    python/tests/test_devices.py python/tests/test_routers.py python/tests/test_air_gate.py
+    python/tests/test_devices.py python/tests/test_routers.py python/tests/test_air_gate.py \
+    python/tests/test_layer_backends.py
 }
 
 # The benchmark rows on the GPU (tokens/s, recall@8, mass recall), after a

@@ -15,8 +15,9 @@ See :mod:`airmoe.routers` for the tensor and copy rules.
 
 :class:`MoELayer` is the distributed expert-parallel layer (routing, dispatch,
 experts, combine and backward in C++ over MPI) on an mpi4py communicator; see
-:mod:`airmoe.layer`. A build without MPI has the routers only (MoELayer then
-raises RuntimeError saying so).
+:mod:`airmoe.layer`, or on one rank in this process with ``comm=None``, which a
+build without MPI also has (an mpi4py communicator then raises RuntimeError
+saying the build has no MPI).
 
 :func:`use_air` swaps the routers of a Hugging Face transformers MoE model
 for AIR, and :func:`update_codebooks` runs their codebook updates (see

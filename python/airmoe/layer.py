@@ -1,5 +1,6 @@
 """The distributed expert-parallel MoE layer (C++ ``runtime::MoELayer``) as a
-torch.nn.Module over an mpi4py communicator.
+torch.nn.Module over an mpi4py communicator, or on one rank in this process
+without MPI (``comm=None``).
 
     layer = airmoe.MoELayer(MPI.COMM_WORLD, num_experts=4096, dim=512,
                             strategy="air", k=8, probes=4, hidden=16)
@@ -15,6 +16,14 @@ order (a rank whose loss does not use the output must still backward, e.g.
 refused). ``hidden`` is float32 or bfloat16 (widened to float32, the
 layer's math; the output and hidden's gradient come back in hidden's dtype).
 
+Without MPI: ``comm=None`` runs the layer on one rank in this process (the
+C++ layer on a single-rank in-process communicator), in every build,
+including one without MPI (a GPU machine's, ``-DAIRMOE_WITH_MPI=OFF``): for
+one GPU, for tests, for scripts/gpu_check.sh. It is the P = 1 layer, bit for
+bit the one over an MPI communicator of one rank; an error inside a
+collective simply raises (no other rank waits). A build without MPI refuses
+an mpi4py communicator with RuntimeError saying so.
+
 Backends: ``backend=None`` (the default) runs the layer on the fastest host
 kernel set; ``backend="host-portable"``, ``"device-emulated"`` (host memory,
 but every device rule and the device code path, on the CPU) or ``"cuda:0"``
@@ -26,7 +35,10 @@ device-emulated, the GPU for cuda:N), and the output and every gradient but
 the centers' come back there; ``w1``/``w2`` are then DLPack views of the
 backend's own memory (zero copy, on its device). Routing runs on the host,
 so ``centers_local``, the codebook and the bias stay CPU tensors. A cuda
-layer runs on the device's default stream.
+layer computes on the device's default stream: forward() and the backward
+first wait for torch's current stream (``synchronize()``) and return once the
+layer's work is done, so torch may run on any stream (at the price of those
+two waits per call).
 
 Strategies (see runtime/moe_layer.h): ``"air"`` (distributed inverted-index
 routing, fused dispatch), ``"dense-replicated"`` (every rank holds all
@@ -66,7 +78,8 @@ Hugging Face experts: with ``activation="swiglu"`` each expert is
 down)`` or ``load_hf_expert_modules(block.experts)`` copy stock weights into
 the experts this rank hosts (docs/hf.md).
 
-Errors: a communicator that is not an ``mpi4py.MPI.Comm`` raises TypeError;
+Errors: a communicator that is neither None nor an ``mpi4py.MPI.Comm``
+raises TypeError naming its type;
 bad arguments raise ValueError with the C++ message; ranks that disagree on
 the configuration raise RuntimeError on every rank. Errors are raised on
 every rank together: the rank whose argument was bad (a wrong shape, dtype or
@@ -96,25 +109,39 @@ _HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _require_layer_build():
-    """MoELayer needs the extension's MPI part, which a build without MPI (a
-    GPU machine's: routers only) lacks."""
+    """MoELayer needs the extension's MoELayerImpl, which every build since
+    the layer ran without MPI has; an older extension without MPI lacks it."""
     if not _airmoe.has_layer:
         raise RuntimeError(
-            "airmoe.MoELayer is not in this build: the extension was built without MPI "
-            "(AIRMOE_WITH_MPI=OFF, or no MPI found), which MoELayer needs; the routers "
-            "(AIRRouter, DenseRouter, ProductKeyRouter) work. Rebuild with MPI (Debian: "
-            "libopenmpi-dev) for the distributed layer")
+            "airmoe.MoELayer is not in this build: the extension predates MoELayer without MPI; "
+            "rebuild it (the routers work)")
+
+
+def _is_mpi4py_object(comm):
+    # By the type's module, so that a build without MPI names an mpi4py
+    # communicator without importing mpi4py (which would start MPI).
+    return any(t.__module__.startswith("mpi4py") for t in type(comm).__mro__)
 
 
 def _comm_address(comm):
+    """What MoELayerImpl takes for ``comm``: None (one rank in this process)
+    or the address of an mpi4py communicator's MPI_Comm."""
     _require_layer_build()
-    try:
-        from mpi4py import MPI
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise ImportError("airmoe.MoELayer needs mpi4py (Debian: python3-mpi4py)") from e
+    if comm is None:
+        return None
+    if not _is_mpi4py_object(comm):
+        raise TypeError(f"comm must be None (one rank in this process) or an mpi4py.MPI.Comm "
+                        f"(e.g. MPI.COMM_WORLD), got {type(comm).__name__}")
+    if not _airmoe.has_mpi:
+        raise RuntimeError(
+            f"MoELayer: comm is an mpi4py {type(comm).__name__}, but this build of airmoe has no "
+            f"MPI (AIRMOE_WITH_MPI=OFF, or no MPI found): pass comm=None for one rank in this "
+            f"process, or rebuild with MPI (Debian: libopenmpi-dev) for the distributed layer")
+    from mpi4py import MPI
     if not isinstance(comm, MPI.Comm):
         raise TypeError(
-            f"comm must be an mpi4py.MPI.Comm (e.g. MPI.COMM_WORLD), got {type(comm).__name__}")
+            f"comm must be None (one rank in this process) or an mpi4py.MPI.Comm (e.g. "
+            f"MPI.COMM_WORLD), got {type(comm).__name__}")
     if comm == MPI.COMM_NULL:
         raise ValueError("comm is MPI.COMM_NULL")
     if comm.Is_inter():
@@ -272,6 +299,7 @@ def _device_backward(impl, plan, d_out, w1, w2):
     elsewhere, as the host path's), a copy, so the bits are the C++ ones."""
     if d_out.numel() == 0:  # autograd's empty gradients may carry any strides
         d_out = torch.empty(d_out.shape, dtype=d_out.dtype, device=d_out.device)
+    _wait_for_torch(d_out.device)
     d_tokens, local, tw1, tw2, rows, values = impl.backward_device(plan, d_out.detach())
     dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
     if local is not None:
@@ -284,6 +312,15 @@ def _device_backward(impl, plan, d_out, w1, w2):
     return d_tokens, dw1, dw2, from_cpp(rows).view(-1).cpu().numpy(), from_cpp(values)
 
 
+def _wait_for_torch(device):
+    """A cuda layer computes on the device's default stream: torch's pending
+    work on its current stream (writing hidden, d_out, or w1/w2 in an
+    optimizer step) must be done first. The C++ side in turn waits for the
+    layer's stream before it returns."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class _LayerFunction(torch.autograd.Function):
     """out = MoE(hidden); backward in C++ along the forward's dispatch handle
     (the host API through NumPy on the host backends, the device API through
@@ -292,6 +329,7 @@ class _LayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, hidden, w1, w2, centers_local):
         if impl.on_device:
+            _wait_for_torch(hidden.device)
             out, plan = impl.forward_device(hidden.detach())
             out = from_cpp(out)
         else:
@@ -334,11 +372,13 @@ class _LayerFunction(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
-    """Distributed MoE layer over an mpi4py communicator (see the module doc).
+    """Distributed MoE layer over an mpi4py communicator, or one rank in this
+    process (see the module doc).
 
     Args:
         comm: an ``mpi4py.MPI.Comm`` (the job's communicator; the layer
-            duplicates it, so its messages never mix with the job's).
+            duplicates it, so its messages never mix with the job's; builds
+            with MPI), or None: one rank in this process, no MPI (every build).
         num_experts: E. dim: d.
         strategy: "air", "dense-replicated" or "dense-broadcast".
         k: experts per token. probes: AIR's m (lists probed per token);
@@ -517,7 +557,8 @@ class MoELayer(nn.Module):
     def load_checkpoint(cls, comm, path, backend=None):
         """Collective: the layer saved in ``path`` (str, bytes or
         os.PathLike), on ``comm`` (any number of ranks: the experts are placed
-        anew when it differs from the saved one), on ``backend`` (as the
+        anew when it differs from the saved one; None: one rank in this
+        process, as the constructor's), on ``backend`` (as the
         constructor's; None: the host's). A damaged or foreign checkpoint,
         ranks that read different checkpoints, or a bad backend raise
         ValueError on every rank."""

@@ -21,7 +21,7 @@
 // the exclusive lock (None clears it); a router that sync() rebuilds keeps
 // it. Python hands the module's float32 buffer over before every forward.
 //
-// MoELayerImpl (layer_bindings.cpp, built with MPI only) keeps NumPy float32
+// MoELayerImpl (layer_bindings.cpp, in every build) keeps NumPy float32
 // arguments (arrays.h).
 //
 // Threads: route() and backward() release the GIL. Each router object guards
@@ -767,10 +767,12 @@ PYBIND11_MODULE(_airmoe, m) {
       "The compute backends that run here (host twins, device-emulated, cuda:N).");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason,
         "Why no cuda backend runs here (\"\" when one does).");
-#ifdef AIRMOE_PYTHON_WITH_MPI
+  // MoELayer is in every build; with MPI it also takes mpi4py communicators.
   m.attr("has_layer") = true;
+#ifdef AIRMOE_PYTHON_WITH_MPI
+  m.attr("has_mpi") = true;
 #else
-  m.attr("has_layer") = false;
+  m.attr("has_mpi") = false;
 #endif
 
   py::class_<RouteHandle, std::shared_ptr<RouteHandle>>(
@@ -870,9 +872,7 @@ PYBIND11_MODULE(_airmoe, m) {
       .def("backward", &ProductKeyIndex::backward, py::arg("tokens"), py::arg("handle"),
            py::arg("d_gates"), py::arg("keys1"), py::arg("keys2"), py::arg("stream") = 0);
 
-#ifdef AIRMOE_PYTHON_WITH_MPI
   bind_layer(m);
-#endif
 
   m.def(
       "train_codebook",

@@ -5,7 +5,8 @@
 
 namespace airmoe {
 
-// MoELayerImpl and LayerPlan (layer_bindings.cpp): built with MPI only.
+// MoELayerImpl and LayerPlan (layer_bindings.cpp): in every build; mpi4py
+// communicators with MPI only (layer_comm.h).
 void bind_layer(pybind11::module_& m);
 
 }  // namespace airmoe

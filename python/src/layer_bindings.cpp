@@ -1,28 +1,31 @@
-// The distributed MoE layer (runtime::MoELayer) over an MPI communicator that
-// Python hands in (mpi4py: the address of its MPI_Comm handle). Every method
-// is collective: every rank of the communicator calls it, in the same order.
-// Built only with MPI (AIRMOE_WITH_MPI); see bindings.cpp.
+// The distributed MoE layer (runtime::MoELayer) over the communicator Python
+// names (layer_comm.h): None, one rank in this process (every build), or
+// mpi4py's (the address of its MPI_Comm handle; builds with MPI). Every
+// method is collective: every rank of the communicator calls it, in the same
+// order.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include <mpi.h>
-
 #include "arrays.h"
 #include "bindings.h"
-#include "comm/mpi_communicator.h"
+#include "comm/in_process.h"
 #include "core/checks.h"
 #include "core/errors.h"
 #include "core/matrix.h"
 #include "dlpack.h"
+#include "layer_comm.h"
 #include "ops/registry.h"
 #include "runtime/builder.h"
 #include "runtime/checkpoint.h"
@@ -45,9 +48,12 @@ struct LayerPlanHandle {
 // ValueError or RuntimeError, and the ranks stay in step. Any other error
 // means this rank left a collective that the others are still inside, where
 // they would wait forever: the job is aborted, with a message naming the
-// rank, instead of hanging.
+// rank, instead of hanging. One rank (no abort_job) has no one waiting: every
+// error is raised.
 template <typename Call>
-auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> decltype(call()) {
+auto collective(const LayerComm& comm, const char* what, Call&& call) -> decltype(call()) {
+  if (!comm.abort_job) return call();
+  const int rank = comm.comm->rank();
   std::string message;
   try {
     return call();
@@ -62,8 +68,8 @@ auto collective(MPI_Comm comm, int rank, const char* what, Call&& call) -> declt
                "ranks are still in; aborting the job so that they do not wait forever\n",
                what, rank, message.c_str(), rank);
   std::fflush(stderr);
-  MPI_Abort(comm, 1);
-  std::abort();  // MPI_Abort does not return
+  comm.abort_job();
+  std::abort();  // abort_job does not return
 }
 
 // The MoELayer arguments Python passes, before they are checked.
@@ -92,21 +98,6 @@ struct LayerArgs {
   }
 };
 
-// The MPI_Comm that mpi4py's handle at `comm_address` holds, checked.
-MPI_Comm mpi_comm_at(std::uintptr_t comm_address) {
-  int initialized = 0, finalized = 0;
-  MPI_Initialized(&initialized);
-  MPI_Finalized(&finalized);
-  if (!initialized || finalized)
-    throw std::runtime_error(
-        "MoELayer: MPI is not initialized (or already finalized); import mpi4py.MPI first");
-  if (comm_address == 0) throw std::invalid_argument("MoELayer: null MPI communicator address");
-  const MPI_Comm mpi_comm = *reinterpret_cast<const MPI_Comm*>(comm_address);
-  if (mpi_comm == MPI_COMM_NULL)
-    throw std::invalid_argument("MoELayer: the communicator is MPI_COMM_NULL");
-  return mpi_comm;
-}
-
 // The compute a layer's `backend` argument names ("": the host default),
 // or a UsageError naming the argument (find_backend's message says why and
 // lists the backends it knows).
@@ -118,6 +109,24 @@ Compute layer_compute(const std::string& backend) {
     throw UsageError(std::string("backend: ") + e.what());
   }
 }
+
+}  // namespace
+
+LayerComm layer_comm(std::optional<std::uintptr_t> mpi_comm_address) {
+  if (!mpi_comm_address)
+    return LayerComm{
+        std::make_unique<comm::InProcessCommunicator>(std::make_shared<comm::InProcessWorld>(1), 0),
+        {}};
+#ifdef AIRMOE_PYTHON_WITH_MPI
+  return mpi_layer_comm(*mpi_comm_address);
+#else
+  throw std::invalid_argument(
+      "MoELayer: this build of airmoe has no MPI (AIRMOE_WITH_MPI=OFF), so it takes no MPI "
+      "communicator; pass comm=None for one rank in this process");
+#endif
+}
+
+namespace {
 
 // A capsule of `t`, or None for an empty tensor (nothing touched).
 py::object exported(Tensor&& t) {
@@ -131,16 +140,16 @@ class MoELayerImpl {
   // local_error: what the Python side found wrong with this rank's path ("":
   // nothing), raised on every rank together.
   // backend: the compute backend's name ("": the host default).
-  MoELayerImpl(std::uintptr_t comm_address, const std::string& dir, const std::string& local_error,
-               const std::string& backend)
-      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+  MoELayerImpl(std::optional<std::uintptr_t> comm_address, const std::string& dir,
+               const std::string& local_error, const std::string& backend)
+      : comm_(layer_comm(comm_address)) {
     collective("load_checkpoint", [&] {
       runtime::LoadOptions options;
-      comm::check_together(*comm_, "MoELayer.load_checkpoint", [&] {
+      comm::check_together(world(), "MoELayer.load_checkpoint", [&] {
         if (!local_error.empty()) fail(local_error);
         options.compute = layer_compute(backend);
       });
-      layer_ = runtime::load_checkpoint(*comm_, dir, options);
+      layer_ = runtime::load_checkpoint(world(), dir, options);
       const MatrixView cw = layer_->codebook().codewords();
       codewords_ = Matrix(cw.rows, cw.cols);
       std::copy_n(cw.data, cw.rows * cw.cols, codewords_.data());
@@ -150,25 +159,25 @@ class MoELayerImpl {
   // local_error: what the Python side found wrong with this rank's arguments
   // ("" for nothing); it is raised on every rank together with the checks
   // here, so a rank with bad input never leaves the others waiting.
-  MoELayerImpl(std::uintptr_t comm_address, const LayerArgs& args, const py::object& centers,
-               const py::object& sample, const std::string& local_error)
-      : comm_(std::make_unique<comm::MpiCommunicator>(mpi_comm_at(comm_address))) {
+  MoELayerImpl(std::optional<std::uintptr_t> comm_address, const LayerArgs& args,
+               const py::object& centers, const py::object& sample, const std::string& local_error)
+      : comm_(layer_comm(comm_address)) {
     collective("__init__", [&] {
       runtime::LayerSpec spec;
       MatrixView c, t;
       Compute compute;
-      comm::check_together(*comm_, "MoELayer", [&] {
+      comm::check_together(world(), "MoELayer", [&] {
         if (!local_error.empty()) fail(local_error);
         c = as_view(centers.cast<py::array>(), "centers");
         if (!sample.is_none()) t = as_view(sample.cast<py::array>(), "load sample");
         spec = args.spec(c);
         compute = layer_compute(args.backend);
       });
-      const runtime::SharedIndex index = runtime::agree_on_index(*comm_, spec, c, t);
+      const runtime::SharedIndex index = runtime::agree_on_index(world(), spec, c, t);
       codewords_ = Matrix(index.codebook.size(), index.codebook.dim());
       std::copy_n(index.codebook.codewords().data, codewords_.size(), codewords_.data());
       layer_ = runtime::make_layer(
-          *comm_, spec, index, runtime::place_experts(*comm_, spec, index).placement, c, compute);
+          world(), spec, index, runtime::place_experts(world(), spec, index).placement, c, compute);
     });
   }
 
@@ -176,7 +185,7 @@ class MoELayerImpl {
   // (ValueError naming the failing rank); the Python side's checks go here.
   void raise_together(const std::string& local_error, const std::string& what) {
     collective("raise_together",
-               [&] { comm::raise_together(*comm_, local_error, ("MoELayer." + what).c_str()); });
+               [&] { comm::raise_together(world(), local_error, ("MoELayer." + what).c_str()); });
   }
 
   py::tuple forward(const py::array& tokens) {
@@ -184,7 +193,7 @@ class MoELayerImpl {
     h->tokens = tokens;
     runtime::ForwardResult out = collective("forward", [&] {
       MatrixView t;
-      comm::check_together(*comm_, "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
+      comm::check_together(world(), "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
       py::gil_scoped_release release;
       return layer_->forward(t);
     });
@@ -196,7 +205,7 @@ class MoELayerImpl {
   py::tuple backward(LayerPlanHandle& h, const py::array& d_out) {
     runtime::MoEGradients g = collective("backward", [&] {
       MatrixView dy;
-      comm::check_together(*comm_, "MoELayer.backward", [&] {
+      comm::check_together(world(), "MoELayer.backward", [&] {
         if (h.used) fail("this plan was already used for a backward");
         dy = as_view(d_out, "d_out");
       });
@@ -222,11 +231,11 @@ class MoELayerImpl {
     auto h = std::make_shared<LayerPlanHandle>();
     runtime::DeviceForwardResult out = collective("forward", [&] {
       dlpack::TensorArg t;
-      comm::check_together(*comm_, "MoELayer.forward",
+      comm::check_together(world(), "MoELayer.forward",
                            [&] { t = dlpack::import_tensor(tokens, "hidden"); });
       h->tokens = t.owner;
       py::gil_scoped_release release;
-      return layer_->forward(t.view);
+      return on_device_stream([&] { return layer_->forward(t.view); });
     });
     h->handle = std::move(out.handle);
     return py::make_tuple(dlpack::export_tensor(std::move(out.output)), std::move(h));
@@ -239,12 +248,12 @@ class MoELayerImpl {
   py::tuple backward_device(LayerPlanHandle& h, const py::object& d_out) {
     runtime::DeviceMoEGradients g = collective("backward", [&] {
       dlpack::TensorArg dy;
-      comm::check_together(*comm_, "MoELayer.backward", [&] {
+      comm::check_together(world(), "MoELayer.backward", [&] {
         if (h.used) fail("this plan was already used for a backward");
         dy = dlpack::import_tensor(d_out, "d_out");
       });
       py::gil_scoped_release release;
-      return layer_->backward(h.handle, dy.view);
+      return on_device_stream([&] { return layer_->backward(h.handle, dy.view); });
     });
     h.used = true;
     TouchedExpertGrads& touched = g.touched_experts;
@@ -271,7 +280,7 @@ class MoELayerImpl {
   void set_bias(const py::object& bias) {
     collective("set_bias", [&] {
       MatrixView v;
-      comm::check_together(*comm_, "MoELayer.set_bias", [&] {
+      comm::check_together(world(), "MoELayer.set_bias", [&] {
         if (!bias.is_none()) v = as_view(bias.cast<py::array>(), "bias");
       });
       if (bias.is_none())
@@ -284,7 +293,7 @@ class MoELayerImpl {
   void set_local_centers(const py::array& centers) {
     collective("set_local_centers", [&] {
       MatrixView v;
-      comm::check_together(*comm_, "MoELayer.set_local_centers",
+      comm::check_together(world(), "MoELayer.set_local_centers",
                            [&] { v = as_view(centers, "centers_local"); });
       py::gil_scoped_release release;
       layer_->set_local_centers(v);
@@ -293,16 +302,29 @@ class MoELayerImpl {
 
   runtime::MoELayer& layer() { return *layer_; }
   const Matrix& codewords() const { return codewords_; }
-  int rank() const { return comm_->rank(); }
-  int size() const { return comm_->size(); }
+  int rank() const { return comm_.comm->rank(); }
+  int size() const { return comm_.comm->size(); }
 
  private:
+  comm::Communicator& world() { return *comm_.comm; }
+
+  // Runs the device API's `call` and waits for the layer's stream (the
+  // device's default stream), whose results torch then reads on whichever
+  // stream is current there. The caller has waited for torch's stream
+  // (layer.py), so the layer never reads what torch has not yet written.
   template <typename Call>
-  auto collective(const char* what, Call&& call) -> decltype(call()) {
-    return airmoe::collective(comm_->comm(), comm_->rank(), what, std::forward<Call>(call));
+  auto on_device_stream(Call&& call) -> decltype(call()) {
+    auto result = call();
+    layer_->compute().ops->synchronize(layer_->compute().stream);
+    return result;
   }
 
-  std::unique_ptr<comm::MpiCommunicator> comm_;  // outlives layer_ (declared first)
+  template <typename Call>
+  auto collective(const char* what, Call&& call) -> decltype(call()) {
+    return airmoe::collective(comm_, what, std::forward<Call>(call));
+  }
+
+  LayerComm comm_;  // outlives layer_ (declared first)
   Matrix codewords_;
   std::unique_ptr<runtime::MoELayer> layer_;
 };
@@ -343,27 +365,29 @@ void bind_layer(py::module_& m) {
       });
 
   py::class_<MoELayerImpl>(m, "MoELayerImpl",
-                           "runtime::MoELayer over an MPI communicator (collective methods).")
-      .def(py::init([](std::uintptr_t comm_address, const std::string& strategy, int k, int probes,
-                       int64_t hidden, const std::string& activation, int64_t codewords,
-                       int kmeans_iterations, uint64_t kmeans_seed, const std::string& placement,
-                       uint64_t expert_seed, const py::object& centers, const py::object& sample,
-                       const std::string& local_error, const std::string& wire_dtype,
-                       const std::string& backend) {
-             const LayerArgs args{strategy, activation, placement,   wire_dtype,
-                                  backend,  k,          probes,      kmeans_iterations,
-                                  hidden,   codewords,  kmeans_seed, expert_seed};
-             return new MoELayerImpl(comm_address, args, centers, sample, local_error);
-           }),
-           py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
-           py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
-           py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
-           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
-           py::arg("local_error") = "", py::arg("wire_dtype") = "f32", py::arg("backend") = "",
-           "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
-           "backend: the compute backend's name (\"\": the host default). "
-           "local_error: this rank's own argument error (\"\": none), raised on "
-           "every rank together.")
+                           "runtime::MoELayer over one rank in this process (comm_address None) or "
+                           "an MPI communicator (collective methods).")
+      .def(
+          py::init([](std::optional<std::uintptr_t> comm_address, const std::string& strategy,
+                      int k, int probes, int64_t hidden, const std::string& activation,
+                      int64_t codewords, int kmeans_iterations, uint64_t kmeans_seed,
+                      const std::string& placement, uint64_t expert_seed, const py::object& centers,
+                      const py::object& sample, const std::string& local_error,
+                      const std::string& wire_dtype, const std::string& backend) {
+            const LayerArgs args{strategy, activation, placement,   wire_dtype,
+                                 backend,  k,          probes,      kmeans_iterations,
+                                 hidden,   codewords,  kmeans_seed, expert_seed};
+            return new MoELayerImpl(comm_address, args, centers, sample, local_error);
+          }),
+          py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
+          py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
+          py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
+          py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
+          py::arg("local_error") = "", py::arg("wire_dtype") = "f32", py::arg("backend") = "",
+          "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
+          "backend: the compute backend's name (\"\": the host default). "
+          "local_error: this rank's own argument error (\"\": none), raised on "
+          "every rank together.")
       .def_property_readonly("rank", &MoELayerImpl::rank)
       .def_property_readonly("size", &MoELayerImpl::size)
       .def_property_readonly(
@@ -376,7 +400,8 @@ void bind_layer(py::module_& m) {
                              [](MoELayerImpl& s) { return s.layer().config().expert.hidden; })
       .def_property_readonly("w1_rows",
                              [](MoELayerImpl& s) { return s.layer().config().expert.w1_rows(); })
-      .def(py::init<std::uintptr_t, const std::string&, const std::string&, const std::string&>(),
+      .def(py::init<std::optional<std::uintptr_t>, const std::string&, const std::string&,
+                    const std::string&>(),
            py::arg("comm_address"), py::arg("checkpoint_dir"), py::arg("local_error") = "",
            py::arg("backend") = "",
            "Collective: the layer of a checkpoint, at this job's P, on `backend` (\"\": the "

@@ -390,12 +390,6 @@ def test_cuda_parameter_changes_are_seen():
     assert cpp_tensor(r.centers).is_cuda
 
 
-@pytest.mark.skipif(_airmoe.has_layer, reason="this build has MoELayer (built with MPI)")
-def test_layer_absent_without_mpi():
-    with pytest.raises(RuntimeError, match="MoELayer is not in this build: .* without MPI"):
-        airmoe.MoELayer(None, 16, 4)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_bad_parameters_named(kind):
     r = make(kind).bfloat16()

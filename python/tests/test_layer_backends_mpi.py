@@ -1,7 +1,9 @@
 """airmoe.MoELayer over COMM_WORLD on a chosen compute backend and with
 bfloat16 tokens: run by plain pytest (one rank) and under mpiexec (CTest
 python_layer_backends_mpi_2/3: ``mpiexec -n 2 python3 -m pytest
-python/tests/test_layer_backends_mpi.py``).
+python/tests/test_layer_backends_mpi.py``). test_layer_backends.py runs
+every case again with comm=None (one rank in this process, no MPI: every
+build, the GPU check's too).
 
 * ``backend=``: the layer on device-emulated (the device code path on the
   CPU) or host-portable equals the default host layer bit for bit through a
@@ -13,21 +15,33 @@ python/tests/test_layer_backends_mpi.py``).
   layer's on the same (bfloat16-exact) values, rounded to bfloat16.
 * A bad backend name and hidden on another device than the backend's are
   refused on every rank, each with the named message.
+* At P = 1 the layer over COMM_WORLD is the comm=None layer bit for bit.
 """
 
 import pytest
 import torch
 
-MPI = pytest.importorskip("mpi4py.MPI")
-
-import airmoe  # noqa: E402
-from airmoe import _airmoe  # noqa: E402
-from test_checkpoint_mpi import shared_dir  # noqa: E402,F401 - a fixture
+import airmoe
+from airmoe import _airmoe
 
 E, D, C, K, M, H = 29, 6, 5, 3, 2, 2
 STRATEGIES = ["air", "dense-replicated", "dense-broadcast"]
-world = MPI.COMM_WORLD
-rank, P = world.Get_rank(), world.Get_size()
+# test_layer_backends.py executes this file as a module of its own with
+# ONE_RANK set: comm=None, one rank in this process, without MPI.
+if globals().get("ONE_RANK"):
+    world, rank, P = None, 0, 1
+
+    @pytest.fixture
+    def shared_dir(tmp_path):
+        return str(tmp_path)
+else:
+    if not _airmoe.has_mpi:
+        pytest.skip("this build has no MPI (test_layer_backends.py runs these cases with "
+                    "comm=None)", allow_module_level=True)
+    MPI = pytest.importorskip("mpi4py.MPI")
+    from test_checkpoint_mpi import shared_dir  # noqa: F401 - a fixture
+    world = MPI.COMM_WORLD
+    rank, P = world.Get_rank(), world.Get_size()
 BAD_RANK = P - 1  # the rank that passes a bad argument in the error tests
 
 
@@ -43,8 +57,8 @@ def backend_here(name):
 BACKENDS = ["device-emulated", "host-portable", "cuda:0"]
 
 
-def build(strategy, **kw):
-    return airmoe.MoELayer(world, E, D, strategy=strategy, k=K, probes=M, hidden=H, codewords=C,
+def build(strategy, comm=world, **kw):
+    return airmoe.MoELayer(comm, E, D, strategy=strategy, k=K, probes=M, hidden=H, codewords=C,
                            seed=7, **kw)
 
 
@@ -81,6 +95,17 @@ def expect_same_steps(layer, host, x, dy, where):
     # The step moved the backend's own weights (zero copy), as the host's.
     assert torch.equal(layer.w1.detach().cpu(), host.w1.detach())
     assert torch.equal(layer.w2.detach().cpu(), host.w2.detach())
+
+
+@pytest.mark.skipif(world is None or P != 1, reason="compares COMM_WORLD of one rank with "
+                    "comm=None (an MPI build, run without mpiexec or with one rank)")
+@pytest.mark.parametrize("backend", [None, "device-emulated"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_mpi_rank_equals_comm_none(strategy, backend):
+    layer = build(strategy, comm=None, backend=backend)
+    assert (layer.rank, layer.world_size) == (0, 1)
+    expect_same_steps(layer, build(strategy, backend=backend), tokens(), tokens(seed=4),
+                      f"comm=None {backend} {strategy}")
 
 
 def test_a_rank_without_tokens_equals_host():
