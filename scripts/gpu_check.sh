@@ -3,15 +3,17 @@
 #
 # On a machine with a GPU, the CUDA toolkit (nvcc), CMake, Ninja, Python with
 # PyTorch 2.x and pybind11, and no network, it builds the CUDA libraries, the
-# tests and the Python extension (routers only) from this tree
+# tests and the Python extension (routers, and the MoE layer on one rank:
+# comm=None) from this tree
 # (-DAIRMOE_WITH_CUDA=ON, no MPI, no examples), prints the machine's GPU,
 # driver, CUDA, cuBLAS and NCCL versions, runs every `gpu`-labelled test
 # (the ops on cuda:0; the exchange test body on cuda:0 buffers with P = 1..4
 # in-process ranks sharing the GPU, and on NCCL at P = 1 when the build
 # found NCCL: configure.log and the summary say whether it did),
 # runs the ops tests' cuda cases again under compute-sanitizer (memcheck)
-# where it exists, runs the Python router tests (their cuda cases: routers
-# on the GPU against the CPU, bf16 and f32, torch's current stream), then
+# where it exists, runs the Python tests (their cuda cases: routers on the
+# GPU against the CPU, bf16 and f32, torch's current stream; the MoE layer
+# on cuda:0 with comm=None against the host layer), then
 # the benchmark rows (examples/bench_device.py --device cuda: AIR at each m,
 # dense, product keys, torch.topk(h @ W.T) in bf16 and f32, at E = 65,536,
 # d = 512, T = 16,384, and at E = 1,048,576, d = 1,024, T = 4,096 without
@@ -143,7 +145,8 @@ py_path() {
   echo "$p"
 }
 
-# The Python router tests; their cuda cases run here (skips listed, -rs).
+# The Python router and layer tests; their cuda cases run here (skips
+# listed, -rs).
 py_tests() {
   if [[ ! -f "$build/python/airmoe/__init__.py" ]] || ! ls "$build"/python/airmoe/_airmoe*.so >/dev/null 2>&1; then
     echo "the Python extension was not built (no pybind11 or Python headers? see configure.log)"
