@@ -8,7 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
-#include <fstream>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -16,8 +15,10 @@
 
 #include "bench/json_writer.h"
 #include "bench/layer_measure.h"
+#include "bench/output_file.h"
 #include "bench/progress.h"
 #include "comm/in_process.h"
+#include "core/errors.h"
 #include "core/synthetic.h"
 #include "core/threads.h"
 #include "ops/registry.h"
@@ -292,12 +293,14 @@ LayerBenchInputs inputs_of(const Options& o, const Ops& ops, const SyntheticData
   return in;
 }
 
-// The result file is written whole at the end; this only checks, before
-// the run and without truncating it, that it can be.
-void require_writable(const std::string& path) {
-  if (path.empty()) return;
-  std::ofstream probe(path, std::ios::app);
-  if (!probe) throw ArgumentError("--json " + path + ": cannot open for writing");
+// --json: checked now, touching no file there; written whole when the run
+// has ended (bench/output_file.h). A bad path is a bad argument.
+OutputFile json_output(const std::string& path) {
+  try {
+    return OutputFile(path, "--json");
+  } catch (const UsageError& e) {
+    throw ArgumentError(e.what());
+  }
 }
 
 int run(int argc, char** argv) {
@@ -308,7 +311,7 @@ int run(int argc, char** argv) {
   }
   const Ops& ops = parse_backend(o.backend);
   parse_strategies(o.strategies);  // a bad list fails before the data is made
-  require_writable(o.json);
+  OutputFile json = json_output(o.json);
   const SyntheticData data = generate(o);
   const LayerBenchInputs in = inputs_of(o, ops, data);
   LayerFigures figures;
@@ -317,12 +320,9 @@ int run(int argc, char** argv) {
     if (comm.rank() == 0) figures = std::move(mine);
   });
   print_table(o, ops.name(), figures);
-  if (!o.json.empty()) {
-    std::ofstream json_file(o.json, std::ios::trunc);
-    write_json(json_file, o, ops.name(), figures);
-    json_file.close();
-    if (!json_file) throw std::runtime_error("--json " + o.json + ": write failed");
-    std::printf("wrote %s\n", o.json.c_str());
+  if (json.wanted()) {
+    write_json(json.stream(), o, ops.name(), figures);
+    json.finish();
   }
   return 0;
 }

@@ -10,7 +10,8 @@ dense-replicated's; the metered bytes and messages are the same on both
 backends (the layer sends the same messages whatever its compute). With
 airmoe_bench and mpiexec, `airmoe_bench layer` at P = 3 on the same data
 meters the same bytes in every phase both report. Bad arguments fail with
-exit status 2 and a message naming the argument.
+exit status 2 and a message naming the argument; a run that fails later
+leaves the --json path as it was.
 """
 import json
 import os
@@ -115,11 +116,31 @@ def check_errors(exe):
     assert r.returncode == 0 and "--ranks P" in r.stdout, r
 
 
+def check_failed_run_keeps_files(exe, work):
+    """A run that fails after its --json path was accepted (here the layer
+    refuses k > E) makes no file where there was none and leaves an earlier
+    result as it was."""
+    failing = ["--experts", "4", "--dim", "8", "--num-tokens", "4", "--codewords", "2",
+               "--k", "8", "--probes", "1", "--quiet", "--json"]
+    fresh, earlier = os.path.join(work, "never_written.json"), os.path.join(work, "earlier.json")
+    if os.path.exists(fresh):
+        os.remove(fresh)
+    with open(earlier, "w") as f:
+        f.write('{"earlier": true}')
+    for path in (fresh, earlier):
+        r = run([exe, *failing, path])
+        assert r.returncode == 1 and "k = 8 is outside [1, 4]" in r.stderr, r
+    assert not os.path.exists(fresh), "a failed run left a file at --json"
+    with open(earlier) as f:
+        assert f.read() == '{"earlier": true}', "a failed run changed the earlier --json file"
+
+
 def main():
     exe, work = sys.argv[1], sys.argv[2]
     extra = dict(zip(sys.argv[3::2], sys.argv[4::2]))
     os.makedirs(work, exist_ok=True)
     check_errors(exe)
+    check_failed_run_keeps_files(exe, work)
     for P in (1, 3):
         by_backend = {b: check_fields(bench_json(exe, work, b, P), b, P)
                       for b in ("host", "device-emulated")}
