@@ -127,7 +127,8 @@ TEST(NcclExchange, OneRank_cuda) {
 #else
   const std::string why = cuda_unavailable_reason();
   if (!why.empty()) GTEST_SKIP() << "no cuda backend here: " << why;
-  const Ops& gpu = find_backend("cuda:0");
+  const std::string name = "cuda:0";  // a name, not a temporary: GCC 13's -Wdangling-reference
+  const Ops& gpu = find_backend(name);
   comm::run_ranks(1, [&](Communicator& host) {
     comm::NcclCommunicator nccl(host, gpu);
     EXPECT_STREQ(nccl.backend(), "nccl");

@@ -126,7 +126,9 @@ std::string backend_name(Device device) {
 
 Compute compute_for(Device device, const std::string& what, intptr_t stream) {
   try {
-    const Ops& ops = find_backend(backend_name(device));
+    // A name, not a temporary: GCC 13's -Wdangling-reference.
+    const std::string name = backend_name(device);
+    const Ops& ops = find_backend(name);
     if (device.is_host()) return Compute{&ops, Stream{}};
     return Compute{&ops, Stream{reinterpret_cast<void*>(stream)}};
   } catch (const UsageError& e) {
