@@ -108,15 +108,6 @@ __all__ = ["MoELayer"]
 _HIDDEN_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _require_layer_build():
-    """MoELayer needs the extension's MoELayerImpl, which every build since
-    the layer ran without MPI has; an older extension without MPI lacks it."""
-    if not _airmoe.has_layer:
-        raise RuntimeError(
-            "airmoe.MoELayer is not in this build: the extension predates MoELayer without MPI; "
-            "rebuild it (the routers work)")
-
-
 def _is_mpi4py_object(comm):
     # By the type's module, so that a build without MPI names an mpi4py
     # communicator without importing mpi4py (which would start MPI).
@@ -126,7 +117,6 @@ def _is_mpi4py_object(comm):
 def _comm_address(comm):
     """What MoELayerImpl takes for ``comm``: None (one rank in this process)
     or the address of an mpi4py communicator's MPI_Comm."""
-    _require_layer_build()
     if comm is None:
         return None
     if not _is_mpi4py_object(comm):
