@@ -82,4 +82,18 @@ void OpArgs::at_least(int64_t value, int64_t lo, const char* arg) const {
   fail(std::string(arg) + " = " + std::to_string(value) + " must be >= " + std::to_string(lo));
 }
 
+void OpArgs::offsets(const char* arg, int64_t first_bad, int64_t value, const char* what) const {
+  if (first_bad < 0) return;
+  if (first_bad == 0) fail(std::string(arg) + "[0] = " + std::to_string(value) + " must be 0");
+  fail(std::string(arg) + "[" + std::to_string(first_bad) + "] = " + std::to_string(value) +
+       " is below entry " + std::to_string(first_bad - 1) + ": each entry starts a range of " +
+       what);
+}
+
+void OpArgs::list_blocks_end(int64_t end, int64_t blocks) const {
+  if (end == blocks) return;
+  fail("lists.list_blocks ends at " + std::to_string(end) + ", not at the " +
+       std::to_string(blocks) + " blocks: every block belongs to one list");
+}
+
 }  // namespace airmoe::inline ops

@@ -36,6 +36,12 @@ class OpArgs {
   // Returns its size, or -1 for none.
   int64_t bias(const TensorView& v, const char* arg, int64_t experts = -1) const;
   void at_least(int64_t value, int64_t lo, const char* arg) const;
+  // Offsets of n ranges of `what` (n + 1 entries): entry 0 is 0 and none is
+  // below the one before. `first_bad` is the first entry that breaks it (-1:
+  // none), as the backend found it, and `value` that entry.
+  void offsets(const char* arg, int64_t first_bad, int64_t value, const char* what) const;
+  // ListBlocksView's list_blocks ends at `end`: it must be the blocks' count.
+  void list_blocks_end(int64_t end, int64_t blocks) const;
   [[noreturn]] void fail(const std::string& what) const;
 
  private:

@@ -1656,6 +1656,37 @@ TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
                UsageError);  // expert 2 of 2
 }
 
+TEST_P(OpsTest, MalformedListsAreRefusedByName) {
+  // The lists' own structure is checked before any read, on every backend:
+  // ranges that start at 0 and never go back, blocks that all belong to a
+  // list, outranking entries that name lists (small_index: 5 lists, 10 blocks).
+  const auto refused = [&](Tensor Index::*field, Tensor value, const std::string& part) {
+    Index index = small_index(4, 102);
+    index.*field = std::move(value);
+    OnDevice dev(ops());
+    const TopKView out{dev.out(DType::kF32, 2, 3), dev.out(DType::kI32, 2, 3), {}};
+    expect_refused(
+        [&] {
+          ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 103)), dev.put(ints({0, 1})),
+                            dev.put(ints({0, 3})), 3, out, {});
+        },
+        part);
+    ProbeSet probes;
+    probes.offsets = ops().empty(DType::kI64, 2, 1);
+    probes.codewords = ops().empty(DType::kI32, 1, 1);
+    probes.count = 1;
+    ops().copy(probes.offsets, longs({0, 1}), {});
+    ops().copy(probes.codewords, ints({1}), {});
+    expect_refused([&] { ops().probe_pairs(index.on(dev), probes, {}); }, part);
+  };
+  refused(&Index::list_blocks, longs({0, 2, 1, 6, 8, 10}),
+          "lists.list_blocks[2] = 1 is below entry 1");
+  refused(&Index::list_blocks, longs({0, 2, 4, 6, 8, 8}), "lists.list_blocks ends at 8");
+  refused(&Index::block_offsets, longs({1, 6, 8, 14, 16, 16, 18, 24, 26, 32, 34}),
+          "lists.block_offsets[0] = 1 must be 0");
+  refused(&Index::outranking, ints({1, 2, 7, 4, 0}), "lists.outranking entry 2 names list 7");
+}
+
 // ---- selection bias and sigmoid gates --------------------------------------
 
 // A bias over E experts that keeps keys_with_ties' ties (e and e - 2 for

@@ -246,6 +246,23 @@ struct PairWrite {
   }
 };
 
+// Entry i of offsets [n + 1] breaks the ranges: entry 0 is not 0, or an
+// entry is below the one before.
+struct BadOffset {
+  Vec<const int64_t> offsets;
+  AIRMOE_HD bool operator()(int64_t i) const {
+    return i == 0 ? offsets[0] != 0 : offsets[i] < offsets[i - 1];
+  }
+};
+
+template <typename X>
+void check_offsets(const X& x, const OpArgs& args, const TensorView& v, int64_t n, const char* name,
+                   const char* what) {
+  const Vec<const int64_t> offsets = vec_of<const int64_t>(v);
+  const int64_t bad = first_where(x, n + 1, BadOffset{offsets});
+  args.offsets(name, bad, bad < 0 ? 0 : value_at(x, &offsets[bad]), what);
+}
+
 // The lists' structure: S blocks over C lists, after the checks every
 // backend makes (the row count is read from the device).
 struct ListShape {
@@ -260,7 +277,18 @@ ListShape check_lists(const X& x, const OpArgs& args, const ListBlocksView& list
   if (shape.blocks < 0 || shape.lists < 0)
     args.fail("lists.block_offsets and lists.list_blocks need a row");
   args.vector(lists.outranking_offsets, "lists.outranking_offsets", DType::kI64, shape.blocks + 1);
-  if (!lists.outranking.empty()) args.vector(lists.outranking, "lists.outranking", DType::kI32);
+  check_offsets(x, args, lists.block_offsets, shape.blocks, "lists.block_offsets", "rows");
+  check_offsets(x, args, lists.list_blocks, shape.lists, "lists.list_blocks", "blocks");
+  args.list_blocks_end(value_at(x, &vec_of<const int64_t>(lists.list_blocks)[shape.lists]),
+                       shape.blocks);
+  check_offsets(x, args, lists.outranking_offsets, shape.blocks, "lists.outranking_offsets",
+                "outranking lists");
+  const int64_t outranked =
+      value_at(x, &vec_of<const int64_t>(lists.outranking_offsets)[shape.blocks]);
+  if (outranked > 0) {
+    args.vector(lists.outranking, "lists.outranking", DType::kI32, outranked);
+    check_indices(x, args, "lists.outranking entry", "list", lists.outranking, shape.lists);
+  }
   const int64_t rows = value_at(x, &vec_of<const int64_t>(lists.block_offsets)[shape.blocks]);
   if (rows > 0) {
     args.vector(lists.ids, "lists.ids", DType::kI32, rows);

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "core/parallel_errors.h"
@@ -308,6 +309,15 @@ ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorV
 
 namespace {
 
+// offsets[0 .. n] start at 0 and never decrease (OpArgs::offsets).
+void require_ranges(const OpArgs& check, const Vec<const int64_t>& offsets, int64_t n,
+                    const char* name, const char* what) {
+  int64_t bad = offsets[0] != 0 ? 0 : -1;
+  for (int64_t i = 1; i <= n && bad < 0; ++i)
+    if (offsets[i] < offsets[i - 1]) bad = i;
+  check.offsets(name, bad, bad < 0 ? 0 : offsets[bad], what);
+}
+
 // The list blocks as host vectors.
 struct HostLists {
   Vec<const int64_t> block_offsets, list_blocks, outranking_offsets;
@@ -326,6 +336,17 @@ struct HostLists {
     list_blocks = Vec<const int64_t>(v.list_blocks);
     outranking_offsets = Vec<const int64_t>(v.outranking_offsets);
     outranking = Vec<const int32_t>(v.outranking);
+    require_ranges(check, block_offsets, blocks, "lists.block_offsets", "rows");
+    require_ranges(check, list_blocks, lists, "lists.list_blocks", "blocks");
+    check.list_blocks_end(list_blocks[lists], blocks);
+    require_ranges(check, outranking_offsets, blocks, "lists.outranking_offsets",
+                   "outranking lists");
+    const int64_t outranked = outranking_offsets[blocks];
+    if (outranked > 0) check.vector(v.outranking, "lists.outranking", DType::kI32, outranked);
+    for (int64_t i = 0; i < outranked; ++i)
+      if (outranking[i] < 0 || outranking[i] >= lists)
+        check.fail("lists.outranking entry " + std::to_string(i) + " names list " +
+                   std::to_string(outranking[i]) + ", outside [0, " + std::to_string(lists) + ")");
     const int64_t rows = block_offsets[blocks];
     if (rows > 0) {
       check.vector(v.ids, "lists.ids", DType::kI32, rows);
@@ -357,28 +378,35 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
   ParallelErrors errors;  // allocations may throw
 #pragma omp parallel
   {
-    std::vector<int32_t> sorted;
+    // The token's probed lists as bits (set, used, cleared per token): a
+    // query-aware list's blocks have a handful of outranking lists each.
+    std::vector<uint64_t> probed;
+    const bool ready = errors.run([&] { probed.assign(static_cast<size_t>(l.lists / 64 + 1), 0); });
+    const auto is_probed = [&](int32_t c) { return (probed[c >> 6] >> (c & 63)) & 1; };
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = 0; t < T; ++t) {
+      if (!ready) continue;
       errors.run([&] {
+        for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i)
+          probed[codewords[i] >> 6] |= uint64_t{1} << (codewords[i] & 63);
         // A block is scanned unless the token probes a list that outranks it
         // (that list scores the block's experts already).
-        sorted.assign(codewords + offsets[t], codewords + offsets[t + 1]);
-        std::sort(sorted.begin(), sorted.end());
         int64_t members = 0;
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
           const int32_t c = codewords[i];
           for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
             bool seen = false;
             for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
-              seen = std::binary_search(sorted.begin(), sorted.end(), l.outranking[j]);
+              seen = is_probed(l.outranking[j]);
             if (seen) continue;
             scanned[t].push_back(static_cast<int32_t>(s));
             members += l.block_size(s);
           }
         }
         shortlist[t] = static_cast<int32_t>(members);
+        for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) probed[codewords[i] >> 6] = 0;
       });
+    }
   }
   errors.rethrow();
   flatten(scanned, out.offsets, out.block, out.count, *this);
@@ -391,8 +419,71 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
 }
 
 namespace {
+
 constexpr int64_t kQueriesPerTask = 64;
+
+// scan_blocks' work, grouped so that one GEMM serves many pairs: the pairs by
+// list and, inside a list, by query (pair order breaks ties); a run is one
+// query's pairs of one list, and a task up to kQueriesPerTask runs of a list
+// against the rows their blocks span (a list's blocks are consecutive rows).
+// Lists cut into many small blocks (spilled and query-aware lists) thus cost
+// one GEMM per task rather than one per block; rows a query's pairs skip
+// inside the span are scored and unused. Every logit is lane_dot of its two
+// rows, so the grouping changes no bit.
+struct ScanPlan {
+  struct Task {
+    int64_t first_run, end_run;  // runs[first_run .. end_run)
+    int64_t begin, end;          // key rows
+  };
+  std::vector<int64_t> pairs;  // pair ids, run after run (pairs on empty blocks left out)
+  std::vector<int64_t> runs;   // [R + 1]: run r is pairs[runs[r] .. runs[r + 1])
+  std::vector<Task> tasks;
+  std::vector<int64_t> on_empty_blocks;  // pair ids
+};
+
+ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
+                   const Vec<const int32_t>& b_of, int64_t P) {
+  std::vector<int64_t> list_of(static_cast<size_t>(l.blocks));
+  for (int64_t c = 0; c < l.lists; ++c)
+    std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
+  const int64_t none = l.lists;  // the bucket of pairs on empty blocks
+  Csr by_list = bucket(l.lists + 1, P, [&](int64_t p) {
+    return l.block_size(b_of[p]) == 0 ? none : list_of[b_of[p]];
+  });
+  ScanPlan plan;
+  for (int64_t c = 0; c < l.lists; ++c) {
+    const auto first = by_list.items.begin() + by_list.offsets[c];
+    const auto last = by_list.items.begin() + by_list.offsets[c + 1];
+    std::stable_sort(first, last, [&](int64_t a, int64_t b) { return q_of[a] < q_of[b]; });
+    ScanPlan::Task task{};
+    int64_t task_runs = 0;
+    for (auto it = first; it != last; ++it) {
+      const int64_t p = *it;
+      if (it == first || q_of[p] != q_of[*(it - 1)]) {  // a new run
+        if (task_runs == kQueriesPerTask) {
+          plan.tasks.push_back(task);
+          task_runs = 0;
+        }
+        const auto run = static_cast<int64_t>(plan.runs.size());
+        if (task_runs == 0)
+          task = {run, run, std::numeric_limits<int64_t>::max(),
+                  std::numeric_limits<int64_t>::min()};
+        plan.runs.push_back(static_cast<int64_t>(plan.pairs.size()));
+        task.end_run = run + 1;
+        ++task_runs;
+      }
+      task.begin = std::min(task.begin, l.block_offsets[b_of[p]]);
+      task.end = std::max(task.end, l.block_offsets[b_of[p] + 1]);
+      plan.pairs.push_back(p);
+    }
+    if (task_runs > 0) plan.tasks.push_back(task);
+  }
+  plan.runs.push_back(static_cast<int64_t>(plan.pairs.size()));
+  plan.on_empty_blocks.assign(by_list.items.begin() + by_list.offsets[none], by_list.items.end());
+  return plan;
 }
+
+}  // namespace
 
 void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
                           TensorView block, int k, TopKView out, Stream) const {
@@ -415,28 +506,15 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
       check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q_of[p]) +
                  ", outside [0, " + std::to_string(queries.rows) + ")");
   }
-  for (int64_t p = 0; p < P; ++p) {  // pairs on empty blocks keep empty slots
+  const ScanPlan plan = plan_scan(l, q_of, b_of, P);
+  for (int64_t p : plan.on_empty_blocks) {  // they keep empty slots
     o.top(p, k);
     if (o.with_lse) o.set_lse(p, LogSumExp{});
   }
-  if (P == 0 || l.block_offsets[l.blocks] == 0) return;
+  if (l.block_offsets[l.blocks] == 0) return;
   check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
   const int64_t d = queries.cols;
   const FloatRows keys(lists.keys);
-
-  // Group pairs by block, in pair order; tasks of up to 64 queries each.
-  const Csr group = bucket(l.blocks, P, [&](int64_t p) { return b_of[p]; });
-  struct Task {
-    int32_t block;
-    int64_t begin, end;  // into group.items
-  };
-  std::vector<Task> tasks;
-  for (int64_t s = 0; s < l.blocks; ++s) {
-    if (l.block_size(s) == 0) continue;
-    for (int64_t b = group.offsets[s]; b < group.offsets[s + 1]; b += kQueriesPerTask)
-      tasks.push_back(
-          {static_cast<int32_t>(s), b, std::min(b + kQueriesPerTask, group.offsets[s + 1])});
-  }
 
   ParallelErrors errors;  // buffer allocations may throw
 #pragma omp parallel
@@ -444,27 +522,29 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
     std::vector<float> xbuf, zbuf;
     const bool ready = errors.run([&] { xbuf.resize(static_cast<size_t>(kQueriesPerTask * d)); });
 #pragma omp for schedule(dynamic, 1)
-    for (size_t ti = 0; ti < tasks.size(); ++ti) {
+    for (size_t ti = 0; ti < plan.tasks.size(); ++ti) {
       if (!ready) continue;
       errors.run([&] {
-        const Task& task = tasks[ti];
-        const int64_t n = task.end - task.begin;
-        const int64_t first = l.block_offsets[task.block], L = l.block_size(task.block);
+        const ScanPlan::Task& task = plan.tasks[ti];
+        const int64_t n = task.end_run - task.first_run, width = task.end - task.begin;
         for (int64_t i = 0; i < n; ++i)
-          load_row(queries, q_of[group.items[task.begin + i]], xbuf.data() + i * d);
-        zbuf.resize(static_cast<size_t>(n * L));
-        score_f32(xbuf.data(), d, keys.row(first), keys.ld(), n, L, d, zbuf.data(), L);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t p = group.items[task.begin + i];
-          const float* z = zbuf.data() + i * L;
-          TopK top = o.top(p, k);
-          o.push_ascending(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
-          if (o.with_lse) {
-            LogSumExp lse;
-            for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
-            o.set_lse(p, lse);
+          load_row(queries, q_of[plan.pairs[plan.runs[task.first_run + i]]], xbuf.data() + i * d);
+        zbuf.resize(static_cast<size_t>(n * width));
+        score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(), width);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t x = plan.runs[task.first_run + i]; x < plan.runs[task.first_run + i + 1];
+               ++x) {
+            const int64_t p = plan.pairs[x];
+            const int64_t first = l.block_offsets[b_of[p]], L = l.block_size(b_of[p]);
+            const float* z = zbuf.data() + i * width + (first - task.begin);
+            TopK top = o.top(p, k);
+            o.push_ascending(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
+            if (o.with_lse) {
+              LogSumExp lse;
+              for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
+              o.set_lse(p, lse);
+            }
           }
-        }
       });
     }
   }
