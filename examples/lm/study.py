@@ -79,6 +79,11 @@ BALANCED_GRID = {
          {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP}),
         ("air_query_C64_L128_m2", "air_query",
          {"codewords": 64, "probes": 2, "list_length": 128, **QUERY_UPKEEP}),
+        # A diagnostic, not a FLOP point of the plan: the same lists rebuilt
+        # 4x as often (4x their upkeep), to see how much of air_query's gap
+        # is the lists' lag behind the moving bias.
+        ("air_query_C64_L256_m1_r32", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "list_refresh": 32}),
     ],
     16384: [
         ("dense", "dense", {"full_balance": 0.01}),
