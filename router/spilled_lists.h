@@ -9,8 +9,10 @@
 // list is cut into segments by the lists that outrank it for the segment's
 // members (an expert's primary list outranks its first spill, which outranks
 // its second): a token scans a segment only if it probes none of the lists
-// that outrank it. The segments are the blocks of stage 2's GEMM, so the
-// exclusion costs no FLOPs and every probed expert is scored exactly once.
+// that outrank it. The segments are stage 2's blocks, so every probed expert
+// enters the token's top-k and shortlist exactly once. (The host backend
+// scores a list's segments in one GEMM over the rows they span: the logits
+// of segments a token skips inside that span are computed and dropped.)
 #pragma once
 
 #include <algorithm>

@@ -435,10 +435,12 @@ struct ScanPlan {
     int64_t first_run, end_run;  // runs[first_run .. end_run)
     int64_t begin, end;          // key rows
   };
-  std::vector<int64_t> pairs;  // pair ids, run after run (pairs on empty blocks left out)
-  std::vector<int64_t> runs;   // [R + 1]: run r is pairs[runs[r] .. runs[r + 1])
+  // Pair ids, run after run, then those on empty blocks (from runs.back()),
+  // with each one's query and block in the same order (read in sequence).
+  std::vector<int64_t> pairs;
+  std::vector<int32_t> query, block;
+  std::vector<int64_t> runs;  // [R + 1]: run r is pairs[runs[r] .. runs[r + 1])
   std::vector<Task> tasks;
-  std::vector<int64_t> on_empty_blocks;  // pair ids
 };
 
 ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
@@ -451,15 +453,28 @@ ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
     return l.block_size(b_of[p]) == 0 ? none : list_of[b_of[p]];
   });
   ScanPlan plan;
+  plan.pairs = std::move(by_list.items);
+  plan.query.resize(static_cast<size_t>(P));
+  plan.block.resize(static_cast<size_t>(P));
+  const auto gather = [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      plan.query[x] = q_of[plan.pairs[x]];
+      plan.block[x] = b_of[plan.pairs[x]];
+    }
+  };
+  gather(0, P);
+  for (int64_t c = 0; c < l.lists; ++c) {  // pairs come token by token: mostly sorted already
+    const int64_t begin = by_list.offsets[c], end = by_list.offsets[c + 1];
+    if (std::is_sorted(plan.query.begin() + begin, plan.query.begin() + end)) continue;
+    std::stable_sort(plan.pairs.begin() + begin, plan.pairs.begin() + end,
+                     [&](int64_t a, int64_t b) { return q_of[a] < q_of[b]; });
+    gather(begin, end);
+  }
   for (int64_t c = 0; c < l.lists; ++c) {
-    const auto first = by_list.items.begin() + by_list.offsets[c];
-    const auto last = by_list.items.begin() + by_list.offsets[c + 1];
-    std::stable_sort(first, last, [&](int64_t a, int64_t b) { return q_of[a] < q_of[b]; });
     ScanPlan::Task task{};
     int64_t task_runs = 0;
-    for (auto it = first; it != last; ++it) {
-      const int64_t p = *it;
-      if (it == first || q_of[p] != q_of[*(it - 1)]) {  // a new run
+    for (int64_t x = by_list.offsets[c]; x < by_list.offsets[c + 1]; ++x) {
+      if (x == by_list.offsets[c] || plan.query[x] != plan.query[x - 1]) {  // a new run
         if (task_runs == kQueriesPerTask) {
           plan.tasks.push_back(task);
           task_runs = 0;
@@ -468,18 +483,16 @@ ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
         if (task_runs == 0)
           task = {run, run, std::numeric_limits<int64_t>::max(),
                   std::numeric_limits<int64_t>::min()};
-        plan.runs.push_back(static_cast<int64_t>(plan.pairs.size()));
+        plan.runs.push_back(x);
         task.end_run = run + 1;
         ++task_runs;
       }
-      task.begin = std::min(task.begin, l.block_offsets[b_of[p]]);
-      task.end = std::max(task.end, l.block_offsets[b_of[p] + 1]);
-      plan.pairs.push_back(p);
+      task.begin = std::min(task.begin, l.block_offsets[plan.block[x]]);
+      task.end = std::max(task.end, l.block_offsets[plan.block[x] + 1]);
     }
     if (task_runs > 0) plan.tasks.push_back(task);
   }
-  plan.runs.push_back(static_cast<int64_t>(plan.pairs.size()));
-  plan.on_empty_blocks.assign(by_list.items.begin() + by_list.offsets[none], by_list.items.end());
+  plan.runs.push_back(by_list.offsets[none]);
   return plan;
 }
 
@@ -507,7 +520,9 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
                  ", outside [0, " + std::to_string(queries.rows) + ")");
   }
   const ScanPlan plan = plan_scan(l, q_of, b_of, P);
-  for (int64_t p : plan.on_empty_blocks) {  // they keep empty slots
+  for (auto x = static_cast<size_t>(plan.runs.back()); x < plan.pairs.size();
+       ++x) {  // empty blocks
+    const int64_t p = plan.pairs[x];
     o.top(p, k);
     if (o.with_lse) o.set_lse(p, LogSumExp{});
   }
@@ -528,14 +543,14 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
         const ScanPlan::Task& task = plan.tasks[ti];
         const int64_t n = task.end_run - task.first_run, width = task.end - task.begin;
         for (int64_t i = 0; i < n; ++i)
-          load_row(queries, q_of[plan.pairs[plan.runs[task.first_run + i]]], xbuf.data() + i * d);
+          load_row(queries, plan.query[plan.runs[task.first_run + i]], xbuf.data() + i * d);
         zbuf.resize(static_cast<size_t>(n * width));
         score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(), width);
         for (int64_t i = 0; i < n; ++i)
           for (int64_t x = plan.runs[task.first_run + i]; x < plan.runs[task.first_run + i + 1];
                ++x) {
             const int64_t p = plan.pairs[x];
-            const int64_t first = l.block_offsets[b_of[p]], L = l.block_size(b_of[p]);
+            const int64_t first = l.block_offsets[plan.block[x]], L = l.block_size(plan.block[x]);
             const float* z = zbuf.data() + i * width + (first - task.begin);
             TopK top = o.top(p, k);
             o.push_ascending(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
