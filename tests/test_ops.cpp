@@ -1477,7 +1477,8 @@ TEST_P(OpsTest, SelectProbesAcrossBlocks) {
 }
 
 TEST_P(OpsTest, ScanBlocksAcrossChunksAndMerge) {
-  // 60 blocks of 0 to 4,400 keys (every fifth empty), pairs in random order;
+  // 60 blocks of 0 to 4,400 keys (every fifth empty) in 20 lists, pairs in
+  // random order;
   // k = 12 exceeds the smallest blocks. The widest block holds 4,400 keys,
   // so about 950 pairs fit a chunk of 2^22 logits: 3 chunks.
   const int64_t S = 60, d = 4, R = 300, P = small_sizes() ? 200 : 2500, T = 400;
@@ -1489,7 +1490,9 @@ TEST_P(OpsTest, ScanBlocksAcrossChunksAndMerge) {
     const int64_t size = s % 5 == 0 ? 0 : s == 7 ? widest : static_cast<int64_t>(rng() % 40);
     for (int64_t j = 0; j < size; ++j) ids.push_back(static_cast<int32_t>(3 * ids.size() + s % 3));
     block_offsets.push_back(static_cast<int64_t>(ids.size()));
-    list_blocks.push_back(s + 1);  // one block per list
+    // Three blocks per list: the host scans a list's blocks in one GEMM over
+    // the rows its pairs span, each pair taking its own block's slice.
+    if ((s + 1) % 3 == 0) list_blocks.push_back(s + 1);
   }
   const Tensor keys = keys_with_ties(static_cast<int64_t>(ids.size()), d, 86);
   const Tensor queries = random_f32(R, d, 87);
