@@ -443,6 +443,33 @@ struct ScanPlan {
   std::vector<Task> tasks;
 };
 
+// Cuts each list's pairs (list c's are plan.pairs[list_offsets[c] ..
+// list_offsets[c + 1]), by query) into runs and tasks.
+void cut_tasks(const HostLists& l, const std::vector<int64_t>& list_offsets, ScanPlan& plan) {
+  for (int64_t c = 0; c < l.lists; ++c) {
+    ScanPlan::Task task{};
+    int64_t task_runs = 0;
+    for (int64_t x = list_offsets[c]; x < list_offsets[c + 1]; ++x) {
+      if (x == list_offsets[c] || plan.query[x] != plan.query[x - 1]) {  // a new run
+        if (task_runs == kQueriesPerTask) {
+          plan.tasks.push_back(task);
+          task_runs = 0;
+        }
+        const auto run = static_cast<int64_t>(plan.runs.size());
+        if (task_runs == 0)
+          task = {run, run, std::numeric_limits<int64_t>::max(),
+                  std::numeric_limits<int64_t>::min()};
+        plan.runs.push_back(x);
+        task.end_run = run + 1;
+        ++task_runs;
+      }
+      task.begin = std::min(task.begin, l.block_offsets[plan.block[x]]);
+      task.end = std::max(task.end, l.block_offsets[plan.block[x] + 1]);
+    }
+    if (task_runs > 0) plan.tasks.push_back(task);
+  }
+}
+
 ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
                    const Vec<const int32_t>& b_of, int64_t P) {
   std::vector<int64_t> list_of(static_cast<size_t>(l.blocks));
@@ -470,28 +497,7 @@ ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
                      [&](int64_t a, int64_t b) { return q_of[a] < q_of[b]; });
     gather(begin, end);
   }
-  for (int64_t c = 0; c < l.lists; ++c) {
-    ScanPlan::Task task{};
-    int64_t task_runs = 0;
-    for (int64_t x = by_list.offsets[c]; x < by_list.offsets[c + 1]; ++x) {
-      if (x == by_list.offsets[c] || plan.query[x] != plan.query[x - 1]) {  // a new run
-        if (task_runs == kQueriesPerTask) {
-          plan.tasks.push_back(task);
-          task_runs = 0;
-        }
-        const auto run = static_cast<int64_t>(plan.runs.size());
-        if (task_runs == 0)
-          task = {run, run, std::numeric_limits<int64_t>::max(),
-                  std::numeric_limits<int64_t>::min()};
-        plan.runs.push_back(x);
-        task.end_run = run + 1;
-        ++task_runs;
-      }
-      task.begin = std::min(task.begin, l.block_offsets[plan.block[x]]);
-      task.end = std::max(task.end, l.block_offsets[plan.block[x] + 1]);
-    }
-    if (task_runs > 0) plan.tasks.push_back(task);
-  }
+  cut_tasks(l, by_list.offsets, plan);
   plan.runs.push_back(by_list.offsets[none]);
   return plan;
 }
@@ -519,12 +525,12 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
       check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q_of[p]) +
                  ", outside [0, " + std::to_string(queries.rows) + ")");
   }
+  if (P == 0) return;
   const ScanPlan plan = plan_scan(l, q_of, b_of, P);
-  for (auto x = static_cast<size_t>(plan.runs.back()); x < plan.pairs.size();
-       ++x) {  // empty blocks
-    const int64_t p = plan.pairs[x];
-    o.top(p, k);
-    if (o.with_lse) o.set_lse(p, LogSumExp{});
+  // Pairs on empty blocks keep empty slots.
+  for (auto x = static_cast<size_t>(plan.runs.back()); x < plan.pairs.size(); ++x) {
+    o.top(plan.pairs[x], k);
+    if (o.with_lse) o.set_lse(plan.pairs[x], LogSumExp{});
   }
   if (l.block_offsets[l.blocks] == 0) return;
   check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
