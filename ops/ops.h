@@ -252,8 +252,10 @@ class Ops {
                               Stream stream) const = 0;
   // Stage 2: for each pair p, the top-k of query `query[p]` against block
   // `block[p]`, into row p of out ([pairs, k]); with out.lse, the block's
-  // log-sum-exp. Pairs are grouped by block (a stable counting sort, so
-  // the grouping does not depend on threads) and scored block by block.
+  // log-sum-exp. Pairs are grouped (by block, or on the host by list and
+  // token; stable, so the grouping does not depend on threads) and scored
+  // group by group; every logit is lane_dot of its two rows, so the result
+  // does not depend on the grouping.
   virtual void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
                            TensorView block, int k, TopKView out, Stream stream) const = 0;
   // Per token t, the top-k over its candidates, rows offsets[t] ..
