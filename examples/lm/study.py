@@ -84,6 +84,11 @@ BALANCED_GRID = {
         # is the lists' lag behind the moving bias.
         ("air_query_C64_L256_m1_r32", "air_query",
          {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "list_refresh": 32}),
+        # ... and at the plan's upkeep: rebuilt every 32 steps from the last
+        # 1,024 tokens (the same build FLOPs per routed token as 4,096 every 128).
+        ("air_query_C64_L256_m1_r32_s1024", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, "list_refresh": 32,
+          "list_sample": 1024}),
     ],
     16384: [
         ("dense", "dense", {"full_balance": 0.01}),
