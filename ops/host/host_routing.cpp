@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <span>
 
 #include "core/parallel_errors.h"
 #include "ops/gate_function.h"
@@ -131,44 +132,82 @@ void check_same_cols(const OpArgs& check, const TensorView& a, const char* an, c
 
 // A token's probes: the best `probes` codewords by score s (then lower
 // index), extended in score order until their lists hold k experts.
+// `order` and `z` are scratch.
 void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<const int64_t>& sizes,
-                      std::vector<int32_t>& order, std::vector<int32_t>& out) {
+                      std::vector<int32_t>& order, std::vector<float>& z,
+                      std::vector<int32_t>& out) {
   out.clear();
   int64_t members = 0;
   if (static_cast<int64_t>(probes) * 8 < C) {
-    std::vector<float> z(static_cast<size_t>(probes));
+    z.resize(static_cast<size_t>(probes));
     out.resize(static_cast<size_t>(probes));
     TopK top(probes, z.data(), out.data());
     push_ascending_run(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
     for (int32_t c : out) members += sizes[c];
     if (members >= k) return;
   }
-  // Many probes, or the shortlist came up short: rank every codeword.
-  order.resize(static_cast<size_t>(C));
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [s](int32_t a, int32_t b) { return ranks_before(s[a], a, s[b], b); });
+  // Many probes, or the shortlist came up short (small lists): rank the
+  // codewords in order, only as far as needed. ranks_before is a total
+  // order, so a sorted prefix is the full ranking's prefix; it doubles until
+  // it reaches the probes and k experts (a short list rarely needs more
+  // than a few extra probes, and a full sort of C was most of the op).
+  const auto before = [s](int32_t a, int32_t b) { return ranks_before(s[a], a, s[b], b); };
+  const auto more = [&](int64_t i) { return i < probes || members < k; };
   out.clear();
   members = 0;
-  for (int64_t i = 0; i < C && (i < probes || members < k); ++i) {
-    out.push_back(order[i]);
-    members += sizes[order[i]];
+  order.resize(static_cast<size_t>(C));
+  for (int64_t i = 0, want = std::min(C, 2 * int64_t{probes});; want = std::min(C, 2 * want)) {
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + want, order.end(), before);
+    for (; i < want && more(i); ++i) {
+      out.push_back(order[i]);
+      members += sizes[order[i]];
+    }
+    if (i < want || want == C || !more(i)) return;
   }
 }
 
-// A CSR of per-row vectors as i64 offsets [rows + 1] and i32 values.
-void flatten(const std::vector<std::vector<int32_t>>& per_row, Tensor& offsets, Tensor& values,
-             int64_t& count, const Ops& ops) {
-  const int64_t rows = static_cast<int64_t>(per_row.size());
-  offsets = ops.empty(DType::kI64, rows + 1, 1);
-  int64_t* off = offsets.as<int64_t>();
-  off[0] = 0;
-  for (int64_t r = 0; r < rows; ++r) off[r + 1] = off[r] + static_cast<int64_t>(per_row[r].size());
-  count = off[rows];
-  values = ops.empty(DType::kI32, count, 1);
-  int32_t* v = values.as<int32_t>();
-  for (int64_t r = 0; r < rows; ++r) std::copy(per_row[r].begin(), per_row[r].end(), v + off[r]);
-}
+// Rows of i32 values of varying length, filled in parallel: each row is
+// appended to the buffer of the thread that writes it, and flatten() lays the
+// rows out in row order as a CSR (i64 offsets [rows + 1], i32 values). This
+// replaced a vector per row, whose allocations cost more than the work on
+// lists cut into many blocks.
+class RaggedRows {
+ public:
+  // Construct outside the parallel region that fills it.
+  explicit RaggedRows(int64_t rows)
+      : where_(static_cast<size_t>(rows)), buffers_(static_cast<size_t>(omp_get_max_threads())) {}
+  // Row r is `values` (called once per row, by the thread that owns it).
+  void set(int64_t r, const std::vector<int32_t>& values) {
+    const int thread = omp_get_thread_num();
+    std::vector<int32_t>& buffer = buffers_[static_cast<size_t>(thread)];
+    where_[r] = {thread, static_cast<int64_t>(buffer.size()), static_cast<int64_t>(values.size())};
+    buffer.insert(buffer.end(), values.begin(), values.end());
+  }
+  std::span<const int32_t> row(int64_t r) const {
+    const Where& w = where_[r];
+    return {buffers_[static_cast<size_t>(w.thread)].data() + w.begin, static_cast<size_t>(w.size)};
+  }
+  void flatten(Tensor& offsets, Tensor& values, int64_t& count, const Ops& ops) const {
+    const auto rows = static_cast<int64_t>(where_.size());
+    offsets = ops.empty(DType::kI64, rows + 1, 1);
+    int64_t* off = offsets.as<int64_t>();
+    off[0] = 0;
+    for (int64_t r = 0; r < rows; ++r) off[r + 1] = off[r] + where_[r].size;
+    count = off[rows];
+    values = ops.empty(DType::kI32, count, 1);
+    int32_t* v = values.as<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) std::copy(row(r).begin(), row(r).end(), v + off[r]);
+  }
+
+ private:
+  struct Where {
+    int thread = 0;
+    int64_t begin = 0, size = 0;
+  };
+  std::vector<Where> where_;
+  std::vector<std::vector<int32_t>> buffers_;
+};
 
 }  // namespace
 
@@ -277,7 +316,7 @@ ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorV
   const int64_t T = tokens.rows, C = codewords.rows, d = codewords.cols;
   const Vec<const int64_t> sizes(list_sizes);
   const FloatRows h(tokens), cw(codewords);
-  std::vector<std::vector<int32_t>> chosen(static_cast<size_t>(T));
+  RaggedRows chosen(T);
   const int64_t block = std::max<int64_t>(3, (int64_t{4} << 20) / C);
   std::vector<float> scores(static_cast<size_t>(std::min(block, T) * C));
   for (int64_t t0 = 0; t0 < T; t0 += block) {
@@ -286,22 +325,25 @@ ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorV
     ParallelErrors errors;  // allocations may throw
 #pragma omp parallel
     {
-      std::vector<int32_t> order;
+      std::vector<int32_t> order, picked;
+      std::vector<float> picked_scores;
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < n; ++i)
         errors.run([&] {
-          probes_for_token(scores.data() + i * C, C, probes, k, sizes, order, chosen[t0 + i]);
+          probes_for_token(scores.data() + i * C, C, probes, k, sizes, order, picked_scores,
+                           picked);
+          chosen.set(t0 + i, picked);
         });
     }
     errors.rethrow();
   }
   ProbeSet out;
-  flatten(chosen, out.offsets, out.codewords, out.count, *this);
+  chosen.flatten(out.offsets, out.codewords, out.count, *this);
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
   for (int64_t t = 0; t < T; ++t) {
     int64_t members = 0;
-    for (int32_t c : chosen[t]) members += sizes[c];
+    for (int32_t c : chosen.row(t)) members += sizes[c];
     shortlist[t] = static_cast<int32_t>(members);
   }
   return out;
@@ -371,7 +413,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     if (codewords[i] < 0 || codewords[i] >= l.lists)
       check.fail("probe " + std::to_string(i) + " names list " + std::to_string(codewords[i]) +
                  ", outside [0, " + std::to_string(l.lists) + ")");
-  std::vector<std::vector<int32_t>> scanned(static_cast<size_t>(T));
+  RaggedRows scanned(T);
   PairSet out;
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
@@ -381,6 +423,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     // The token's probed lists as bits (set, used, cleared per token): a
     // query-aware list's blocks have a handful of outranking lists each.
     std::vector<uint64_t> probed;
+    std::vector<int32_t> blocks;  // the token's scanned blocks
     const bool ready = errors.run([&] { probed.assign(static_cast<size_t>(l.lists / 64 + 1), 0); });
     const auto is_probed = [&](int32_t c) { return (probed[c >> 6] >> (c & 63)) & 1; };
 #pragma omp for schedule(static)
@@ -392,6 +435,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
         // A block is scanned unless the token probes a list that outranks it
         // (that list scores the block's experts already).
         int64_t members = 0;
+        blocks.clear();
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
           const int32_t c = codewords[i];
           for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
@@ -399,17 +443,18 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
             for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
               seen = is_probed(l.outranking[j]);
             if (seen) continue;
-            scanned[t].push_back(static_cast<int32_t>(s));
+            blocks.push_back(static_cast<int32_t>(s));
             members += l.block_size(s);
           }
         }
+        scanned.set(t, blocks);
         shortlist[t] = static_cast<int32_t>(members);
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) probed[codewords[i] >> 6] = 0;
       });
     }
   }
   errors.rethrow();
-  flatten(scanned, out.offsets, out.block, out.count, *this);
+  scanned.flatten(out.offsets, out.block, out.count, *this);
   out.query = empty(DType::kI32, out.count, 1);
   int32_t* query = out.query.as<int32_t>();
   const int64_t* pair_offsets = out.offsets.as<int64_t>();
@@ -422,83 +467,97 @@ namespace {
 
 constexpr int64_t kQueriesPerTask = 64;
 
-// scan_blocks' work, grouped so that one GEMM serves many pairs: the pairs by
-// list and, inside a list, by query (pair order breaks ties); a run is one
-// query's pairs of one list, and a task up to kQueriesPerTask runs of a list
-// against the rows their blocks span (a list's blocks are consecutive rows).
-// Lists cut into many small blocks (spilled and query-aware lists) thus cost
-// one GEMM per task rather than one per block; rows a query's pairs skip
-// inside the span are scored and unused. Every logit is lane_dot of its two
-// rows, so the grouping changes no bit.
+// scan_blocks' work, grouped so that one GEMM serves many pairs. A run is a
+// stretch of consecutive pairs of one query in one list (probe_pairs writes
+// each token's blocks list by list, so a run is one probed list); runs are
+// grouped by list and, inside a list, by query (run order breaks ties), and
+// a task is up to kQueriesPerTask queries of a list against the rows their
+// blocks span (a list's blocks are consecutive rows). Lists cut into many
+// small blocks (spilled and query-aware lists) thus cost one GEMM per task
+// rather than one per block, and only runs are reordered: a run's pairs are
+// read and written in place, in sequence. Rows a query's pairs skip inside
+// the span are scored and unused. Every logit is lane_dot of its two rows, so
+// the grouping changes no bit.
 struct ScanPlan {
+  struct Run {
+    int64_t begin, end;  // pairs
+    int32_t query, list;
+  };
   struct Task {
     int64_t first_run, end_run;  // runs[first_run .. end_run)
     int64_t begin, end;          // key rows
   };
-  // Pair ids, run after run, then those on empty blocks (from runs.back()),
-  // with each one's query and block in the same order (read in sequence).
-  std::vector<int64_t> pairs;
-  std::vector<int32_t> query, block;
-  std::vector<int64_t> runs;  // [R + 1]: run r is pairs[runs[r] .. runs[r + 1])
+  std::vector<Run> runs;
   std::vector<Task> tasks;
 };
 
-// Cuts each list's pairs (list c's are plan.pairs[list_offsets[c] ..
-// list_offsets[c + 1]), by query) into runs and tasks.
-void cut_tasks(const HostLists& l, const std::vector<int64_t>& list_offsets, ScanPlan& plan) {
-  for (int64_t c = 0; c < l.lists; ++c) {
-    ScanPlan::Task task{};
-    int64_t task_runs = 0;
-    for (int64_t x = list_offsets[c]; x < list_offsets[c + 1]; ++x) {
-      if (x == list_offsets[c] || plan.query[x] != plan.query[x - 1]) {  // a new run
-        if (task_runs == kQueriesPerTask) {
-          plan.tasks.push_back(task);
-          task_runs = 0;
-        }
-        const auto run = static_cast<int64_t>(plan.runs.size());
-        if (task_runs == 0)
-          task = {run, run, std::numeric_limits<int64_t>::max(),
-                  std::numeric_limits<int64_t>::min()};
-        plan.runs.push_back(x);
-        task.end_run = run + 1;
-        ++task_runs;
-      }
-      task.begin = std::min(task.begin, l.block_offsets[plan.block[x]]);
-      task.end = std::max(task.end, l.block_offsets[plan.block[x] + 1]);
-    }
-    if (task_runs > 0) plan.tasks.push_back(task);
-  }
-}
-
-ScanPlan plan_scan(const HostLists& l, const Vec<const int32_t>& q_of,
-                   const Vec<const int32_t>& b_of, int64_t P) {
-  std::vector<int64_t> list_of(static_cast<size_t>(l.blocks));
+// The pairs' runs in pair order; a pair naming a block or a query out of
+// range is refused by name, the first one first.
+std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l,
+                                     const Vec<const int32_t>& q_of, const Vec<const int32_t>& b_of,
+                                     int64_t P, int64_t query_rows) {
+  std::vector<int32_t> list_of(static_cast<size_t>(l.blocks));
   for (int64_t c = 0; c < l.lists; ++c)
     std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
-  const int64_t none = l.lists;  // the bucket of pairs on empty blocks
-  Csr by_list = bucket(l.lists + 1, P, [&](int64_t p) {
-    return l.block_size(b_of[p]) == 0 ? none : list_of[b_of[p]];
-  });
-  ScanPlan plan;
-  plan.pairs = std::move(by_list.items);
-  plan.query.resize(static_cast<size_t>(P));
-  plan.block.resize(static_cast<size_t>(P));
-  const auto gather = [&](int64_t begin, int64_t end) {
-    for (int64_t x = begin; x < end; ++x) {
-      plan.query[x] = q_of[plan.pairs[x]];
-      plan.block[x] = b_of[plan.pairs[x]];
-    }
-  };
-  gather(0, P);
-  for (int64_t c = 0; c < l.lists; ++c) {  // pairs come token by token: mostly sorted already
-    const int64_t begin = by_list.offsets[c], end = by_list.offsets[c + 1];
-    if (std::is_sorted(plan.query.begin() + begin, plan.query.begin() + end)) continue;
-    std::stable_sort(plan.pairs.begin() + begin, plan.pairs.begin() + end,
-                     [&](int64_t a, int64_t b) { return q_of[a] < q_of[b]; });
-    gather(begin, end);
+  std::vector<ScanPlan::Run> runs;
+  for (int64_t p = 0; p < P; ++p) {
+    const int32_t b = b_of[p], q = q_of[p];
+    if (b < 0 || b >= l.blocks)
+      check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b) +
+                 ", outside [0, " + std::to_string(l.blocks) + ")");
+    if (q < 0 || q >= query_rows)
+      check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q) +
+                 ", outside [0, " + std::to_string(query_rows) + ")");
+    if (!runs.empty() && runs.back().query == q && runs.back().list == list_of[b])
+      runs.back().end = p + 1;
+    else
+      runs.push_back({p, p + 1, q, list_of[b]});
   }
-  cut_tasks(l, by_list.offsets, plan);
-  plan.runs.push_back(by_list.offsets[none]);
+  return runs;
+}
+
+// Cuts each list's runs (by query) into tasks of up to kQueriesPerTask
+// queries, each spanning the rows of its runs' blocks.
+void cut_tasks(const HostLists& l, const Vec<const int32_t>& b_of, ScanPlan& plan) {
+  ScanPlan::Task task{};
+  int64_t queries = 0;
+  const auto runs = static_cast<int64_t>(plan.runs.size());
+  for (int64_t r = 0; r < runs; ++r) {
+    const ScanPlan::Run& run = plan.runs[r];
+    const bool new_list = r == 0 || run.list != plan.runs[r - 1].list;
+    const bool new_query = new_list || run.query != plan.runs[r - 1].query;
+    if (new_list || (new_query && queries == kQueriesPerTask)) {
+      if (r > 0) plan.tasks.push_back(task);
+      task = {r, r, std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()};
+      queries = 0;
+    }
+    queries += new_query;
+    task.end_run = r + 1;
+    for (int64_t p = run.begin; p < run.end; ++p) {
+      task.begin = std::min(task.begin, l.block_offsets[b_of[p]]);
+      task.end = std::max(task.end, l.block_offsets[b_of[p] + 1]);
+    }
+  }
+  if (runs > 0) plan.tasks.push_back(task);
+}
+
+ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const Vec<const int32_t>& q_of,
+                   const Vec<const int32_t>& b_of, int64_t P, int64_t query_rows) {
+  const std::vector<ScanPlan::Run> runs = find_runs(check, l, q_of, b_of, P, query_rows);
+  const Csr by_list =
+      bucket(l.lists, static_cast<int64_t>(runs.size()), [&](int64_t r) { return runs[r].list; });
+  ScanPlan plan;
+  plan.runs.reserve(runs.size());
+  for (int64_t r : by_list.items) plan.runs.push_back(runs[r]);
+  const auto by_query = [](const ScanPlan::Run& a, const ScanPlan::Run& b) {
+    return a.query < b.query;
+  };
+  for (int64_t c = 0; c < l.lists; ++c) {  // runs come token by token: mostly sorted already
+    const auto begin = plan.runs.begin() + by_list.offsets[c];
+    const auto end = plan.runs.begin() + by_list.offsets[c + 1];
+    if (!std::is_sorted(begin, end, by_query)) std::stable_sort(begin, end, by_query);
+  }
+  cut_tasks(l, b_of, plan);
   return plan;
 }
 
@@ -517,25 +576,12 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
   o.check_bias_ids(
       check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
   const Vec<const int32_t> q_of(query), b_of(block);
-  for (int64_t p = 0; p < P; ++p) {
-    if (b_of[p] < 0 || b_of[p] >= l.blocks)
-      check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b_of[p]) +
-                 ", outside [0, " + std::to_string(l.blocks) + ")");
-    if (q_of[p] < 0 || q_of[p] >= queries.rows)
-      check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q_of[p]) +
-                 ", outside [0, " + std::to_string(queries.rows) + ")");
-  }
+  const ScanPlan plan = plan_scan(check, l, q_of, b_of, P, queries.rows);
   if (P == 0) return;
-  const ScanPlan plan = plan_scan(l, q_of, b_of, P);
-  // Pairs on empty blocks keep empty slots.
-  for (auto x = static_cast<size_t>(plan.runs.back()); x < plan.pairs.size(); ++x) {
-    o.top(plan.pairs[x], k);
-    if (o.with_lse) o.set_lse(plan.pairs[x], LogSumExp{});
-  }
-  if (l.block_offsets[l.blocks] == 0) return;
-  check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
+  const int64_t rows = l.block_offsets[l.blocks];
+  if (rows > 0) check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
   const int64_t d = queries.cols;
-  const FloatRows keys(lists.keys);
+  const FloatRows keys(rows > 0 ? lists.keys : TensorView{});
 
   ParallelErrors errors;  // buffer allocations may throw
 #pragma omp parallel
@@ -547,16 +593,20 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
       if (!ready) continue;
       errors.run([&] {
         const ScanPlan::Task& task = plan.tasks[ti];
-        const int64_t n = task.end_run - task.first_run, width = task.end - task.begin;
-        for (int64_t i = 0; i < n; ++i)
-          load_row(queries, plan.query[plan.runs[task.first_run + i]], xbuf.data() + i * d);
+        const int64_t width = task.end - task.begin;
+        // The task's queries, one GEMM row each (consecutive runs may share one).
+        int64_t n = 0;
+        for (int64_t r = task.first_run; r < task.end_run; ++r)
+          if (r == task.first_run || plan.runs[r].query != plan.runs[r - 1].query)
+            load_row(queries, plan.runs[r].query, xbuf.data() + n++ * d);
         zbuf.resize(static_cast<size_t>(n * width));
-        score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(), width);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t x = plan.runs[task.first_run + i]; x < plan.runs[task.first_run + i + 1];
-               ++x) {
-            const int64_t p = plan.pairs[x];
-            const int64_t first = l.block_offsets[plan.block[x]], L = l.block_size(plan.block[x]);
+        if (width > 0)
+          score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(),
+                    width);
+        for (int64_t r = task.first_run, i = -1; r < task.end_run; ++r) {
+          if (r == task.first_run || plan.runs[r].query != plan.runs[r - 1].query) ++i;
+          for (int64_t p = plan.runs[r].begin; p < plan.runs[r].end; ++p) {
+            const int64_t first = l.block_offsets[b_of[p]], L = l.block_size(b_of[p]);
             const float* z = zbuf.data() + i * width + (first - task.begin);
             TopK top = o.top(p, k);
             o.push_ascending(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
@@ -566,6 +616,7 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
               o.set_lse(p, lse);
             }
           }
+        }
       });
     }
   }
