@@ -185,11 +185,11 @@ DeviceRouterGradients AirRouter::backward(TensorView tokens, const DeviceRoutes&
       fail("backward: shortlist gates need the routes' probes, which these routes lack");
     const std::vector<int64_t> offsets = host_vector<int64_t>(compute(), routes.probe_offsets);
     const std::vector<int32_t> codewords = host_vector<int32_t>(compute(), routes.probed_codewords);
-    std::vector<int32_t> sorted;
+    ProbedLists probed_lists;
     for (int64_t t = 0; t < routes.tokens; ++t) {
       const std::span<const int32_t> probed(codewords.data() + offsets[t],
                                             static_cast<size_t>(offsets[t + 1] - offsets[t]));
-      segments_.for_each_scanned(probed, sorted, [&](int64_t s) {
+      segments_.for_each_scanned(probed, probed_lists, [&](int64_t s) {
         for (int32_t e : segments_.members(s)) {
           entries.token.push_back(static_cast<int32_t>(t));
           entries.expert.push_back(e);

@@ -177,6 +177,24 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
 ListSegments::ListSegments(const std::vector<int32_t>& lists_of, int per_expert, int64_t lists)
     : ListSegments(fixed_offsets(lists_of.size(), per_expert), lists_of, lists) {}
 
+void ProbedLists::mark(std::span<const int32_t> probes, int64_t lists) {
+  if (bits_.size() < static_cast<size_t>(lists / 64 + 1))
+    bits_.resize(static_cast<size_t>(lists / 64 + 1));
+  for (size_t i = 0; i < probes.size(); ++i) {
+    const int32_t c = probes[i];
+    if (c < 0 || c >= lists) {
+      clear(probes.first(i));
+      fail("probe " + std::to_string(i) + " names list " + std::to_string(c) + ", outside [0, " +
+           std::to_string(lists) + ")");
+    }
+    bits_[static_cast<size_t>(c) >> 6] |= uint64_t{1} << (c & 63);
+  }
+}
+
+void ProbedLists::clear(std::span<const int32_t> probes) {
+  for (int32_t c : probes) bits_[static_cast<size_t>(c) >> 6] = 0;
+}
+
 void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
                        int64_t lists) {
   if (lists < 1) fail("list segments: need at least one list, got " + std::to_string(lists));

@@ -50,6 +50,23 @@ std::vector<int32_t> soar_spills(const Codebook& codebook, TensorView unit_rows,
 void check_memberships(const std::vector<int64_t>& offsets, const std::vector<int32_t>& lists_of,
                        int64_t lists);
 
+class ListSegments;
+
+// A token's probed lists as bits: for_each_scanned's scratch. It marks the
+// probes and clears them again on the way out (an exception included), so
+// one scratch serves token after token.
+class ProbedLists {
+ public:
+  bool has(int32_t c) const { return (bits_[static_cast<size_t>(c) >> 6] >> (c & 63)) & 1; }
+
+ private:
+  friend class ListSegments;
+  // Marks `probes`, each in [0, lists) or a UsageError names it.
+  void mark(std::span<const int32_t> probes, int64_t lists);
+  void clear(std::span<const int32_t> probes);
+  std::vector<uint64_t> bits_;
+};
+
 class ListSegments {
  public:
   ListSegments() = default;
@@ -83,10 +100,8 @@ class ListSegments {
 
   // visit(s) for every segment a token probing `probes` scans, in probe
   // order: each expert of the probed lists lies in exactly one of them.
-  // `sorted` is scratch (a sorted copy of the probes).
   template <typename Visit>
-  void for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
-                        Visit visit) const;
+  void for_each_scanned(std::span<const int32_t> probes, ProbedLists& scratch, Visit visit) const;
 
   // The segments as stage 2's blocks on the ops' device: segment s is
   // block s; center_of(e) gives expert e's (host) row.
@@ -107,17 +122,19 @@ class ListSegments {
 };
 
 template <typename Visit>
-void ListSegments::for_each_scanned(std::span<const int32_t> probes, std::vector<int32_t>& sorted,
+void ListSegments::for_each_scanned(std::span<const int32_t> probes, ProbedLists& scratch,
                                     Visit visit) const {
-  sorted.assign(probes.begin(), probes.end());
-  std::sort(sorted.begin(), sorted.end());
+  scratch.mark(probes, lists());
+  struct Clear {
+    ProbedLists& scratch;
+    std::span<const int32_t> probes;
+    ~Clear() { scratch.clear(probes); }
+  } clear{scratch, probes};
   for (int32_t c : probes)
     for (int64_t s = list_segments_[c]; s < list_segments_[c + 1]; ++s) {
       const auto above = outranked_by(s);
-      const bool seen = std::any_of(above.begin(), above.end(), [&](int32_t a) {
-        return std::binary_search(sorted.begin(), sorted.end(), a);
-      });
-      if (!seen) visit(s);
+      if (std::none_of(above.begin(), above.end(), [&](int32_t a) { return scratch.has(a); }))
+        visit(s);
     }
 }
 

@@ -145,13 +145,13 @@ Routes DistributedRouter::shortlist(MatrixView tokens, int k, int probes, GateMo
 // scanned segments (what AirRouter's probe_pairs counts), not the sum of the
 // primary lists' sizes.
 void DistributedRouter::set_query_shortlist_sizes(Routes& r) const {
-  std::vector<int32_t> sorted;
+  ProbedLists probed_lists;
   for (int64_t t = 0; t < r.tokens; ++t) {
     const std::span<const int32_t> probed(
         r.probed_codewords.data() + r.probe_offsets[t],
         static_cast<size_t>(r.probe_offsets[t + 1] - r.probe_offsets[t]));
     int64_t members = 0;
-    segments_.for_each_scanned(probed, sorted,
+    segments_.for_each_scanned(probed, probed_lists,
                                [&](int64_t s) { members += segments_.segment_size(s); });
     r.shortlist_size[t] = static_cast<int32_t>(members);
   }

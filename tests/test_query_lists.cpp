@@ -257,14 +257,14 @@ TEST(ListSegmentsCsr, EachProbedExpertIsScannedOnce) {
   }
   const ListSegments seg(offsets, lists, C);
   EXPECT_EQ(seg.entries(), static_cast<int64_t>(lists.size()));
-  std::vector<int32_t> sorted;
+  ProbedLists scratch;  // one for every trial: it must come back clear
   for (int trial = 0; trial < 200; ++trial) {
     std::vector<int32_t> probes(C);
     for (int32_t c = 0; c < C; ++c) probes[c] = c;
     std::shuffle(probes.begin(), probes.end(), rng);
     probes.resize(1 + rng() % C);
     std::vector<int32_t> scanned;
-    seg.for_each_scanned(probes, sorted, [&](int64_t s) {
+    seg.for_each_scanned(probes, scratch, [&](int64_t s) {
       for (int32_t e : seg.members(s)) scanned.push_back(e);
     });
     std::set<int32_t> want;
@@ -275,6 +275,18 @@ TEST(ListSegmentsCsr, EachProbedExpertIsScannedOnce) {
     std::sort(scanned.begin(), scanned.end());
     EXPECT_EQ(scanned, std::vector<int32_t>(want.begin(), want.end())) << "trial " << trial;
   }
+  // A probe outside the lists is refused by name, and leaves the scratch
+  // clear: the next token scans as if it were fresh.
+  const std::vector<int32_t> bad{0, 1, static_cast<int32_t>(C)};
+  expect_error([&] { seg.for_each_scanned(bad, scratch, [](int64_t) {}); },
+               "probe 2 names list " + std::to_string(C) + ", outside [0, " + std::to_string(C));
+  const std::vector<int32_t> last{static_cast<int32_t>(C - 1)};
+  int64_t members = 0, fresh_members = 0;
+  seg.for_each_scanned(last, scratch, [&](int64_t s) { members += seg.segment_size(s); });
+  ProbedLists fresh;
+  seg.for_each_scanned(last, fresh, [&](int64_t s) { fresh_members += seg.segment_size(s); });
+  EXPECT_EQ(members, fresh_members);
+  EXPECT_EQ(members, seg.list_size(C - 1));  // alone, a list scans all of its members
   using Offsets = std::vector<int64_t>;
   using Lists = std::vector<int32_t>;
   expect_error([&] { ListSegments(Offsets{0, 0}, Lists{}, C); }, "expert 0 is in no list");

@@ -157,8 +157,9 @@ TEST(ListSegments, ProbedExpertsAreScannedExactlyOnce) {
       for (int32_t c = 0; c < C; ++c)
         if (next() % 3 == 0) probes.push_back(c);
       std::shuffle(probes.begin(), probes.end(), std::mt19937(trial));
-      std::vector<int32_t> scanned, sorted;
-      seg.for_each_scanned(probes, sorted, [&](int64_t s) {
+      std::vector<int32_t> scanned;
+      ProbedLists scratch;
+      seg.for_each_scanned(probes, scratch, [&](int64_t s) {
         for (int32_t e : seg.members(s)) scanned.push_back(e);
       });
       std::vector<int32_t> expect;
