@@ -96,4 +96,10 @@ void OpArgs::list_blocks_end(int64_t end, int64_t blocks) const {
        std::to_string(blocks) + " blocks: every block belongs to one list");
 }
 
+void OpArgs::bad_run(int64_t p, int64_t block, int64_t block_end, int64_t blocks) const {
+  fail("pair " + std::to_string(p) + " names blocks " + std::to_string(block) + " .. " +
+       std::to_string(block_end) + " (block .. block_end): not a run of one list's blocks in [0, " +
+       std::to_string(blocks) + ")");
+}
+
 }  // namespace airmoe::inline ops

@@ -42,6 +42,9 @@ class OpArgs {
   void offsets(const char* arg, int64_t first_bad, int64_t value, const char* what) const;
   // ListBlocksView's list_blocks ends at `end`: it must be the blocks' count.
   void list_blocks_end(int64_t end, int64_t blocks) const;
+  // scan_blocks' pair p names blocks block .. block_end - 1, which are not a
+  // run of consecutive blocks of one list among the S blocks.
+  [[noreturn]] void bad_run(int64_t p, int64_t block, int64_t block_end, int64_t blocks) const;
   [[noreturn]] void fail(const std::string& what) const;
 
  private:

@@ -91,11 +91,14 @@ struct ListBlocksView {
   TensorView outranking;          // i32 [.]
 };
 
-// Stage 2's work: the (token, block) pairs to scan, token after token, each
-// token's range of pairs, and its shortlist size (distinct experts scored).
+// Stage 2's work: the pairs to scan, token after token, each token's range
+// of pairs, and its shortlist size (distinct experts scored). A pair is a
+// token and a run of consecutive blocks of one list, blocks block ..
+// block_end - 1: their rows are consecutive too.
 struct PairSet {
   Tensor query;           // i32 [count]: token row
-  Tensor block;           // i32 [count]: block id
+  Tensor block;           // i32 [count]: the run's first block
+  Tensor block_end;       // i32 [count]: one past its last block
   Tensor offsets;         // i64 [T + 1]
   Tensor shortlist_size;  // i32 [T]
   int64_t count = 0;
@@ -247,17 +250,22 @@ class Ops {
   virtual ProbeSet select_probes(TensorView tokens, TensorView codewords, TensorView list_sizes,
                                  int probes, int k, Stream stream) const = 0;
   // The blocks each token scans for its probes (each probed expert in
-  // exactly one of them), in probe order.
+  // exactly one of them), in probe order, as runs: one pair for each
+  // stretch of consecutive scanned blocks of a probed list (a plain list is
+  // one block, so one pair; a token probing one query-aware list scans all
+  // of its segments in one pair).
   virtual PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
                               Stream stream) const = 0;
-  // Stage 2: for each pair p, the top-k of query `query[p]` against block
-  // `block[p]`, into row p of out ([pairs, k]); with out.lse, the block's
-  // log-sum-exp. Pairs are grouped (by block, or on the host by list and
-  // token; stable, so the grouping does not depend on threads) and scored
-  // group by group; every logit is lane_dot of its two rows, so the result
-  // does not depend on the grouping.
+  // Stage 2: for each pair p, the top-k of query `query[p]` against the rows
+  // of blocks block[p] .. block_end[p] - 1 (consecutive blocks of one list),
+  // into row p of out ([pairs, k]); with out.lse, their log-sum-exp, added
+  // row by row in order. Pairs are grouped (by first block, or on the host
+  // by list and token; stable, so the grouping does not depend on threads)
+  // and scored group by group; every logit is lane_dot of its two rows, so
+  // the result does not depend on the grouping.
   virtual void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
-                           TensorView block, int k, TopKView out, Stream stream) const = 0;
+                           TensorView block, TensorView block_end, int k, TopKView out,
+                           Stream stream) const = 0;
   // Per token t, the top-k over its candidates, rows offsets[t] ..
   // offsets[t+1] of `candidates` ([pairs, k] with id -1 past the end), in
   // that order; with candidates.lse, out.lse is their merged log-sum-exp.

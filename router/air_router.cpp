@@ -151,7 +151,8 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   r.probe_offsets = std::move(sel.offsets);
   r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(pairs.shortlist_size);
-  // Each (token, block) pair's top-k, then each token's merge in probe order.
+  // Each pair's top-k (a token and a run of a list's blocks), then each token's merge in
+  // probe order.
   const bool shortlist = mode == GateMode::kShortlist;
   Tensor cand_lse, lse;
   if (shortlist) {
@@ -163,7 +164,8 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   // Stage 1 ranks lists by the unbiased probe scores; the bias re-ranks
   // the experts of the scanned lists.
   const TopKView candidates{cand_z, cand_id, cand_lse, bias_};
-  ops.scan_blocks(blocks_.view(), tokens, pairs.query, pairs.block, k, candidates, c.stream);
+  ops.scan_blocks(blocks_.view(), tokens, pairs.query, pairs.block, pairs.block_end, k, candidates,
+                  c.stream);
   ops.merge_topk(candidates, pairs.offsets, k, {r.logits, r.experts, lse, bias_}, c.stream);
   ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, gate_function(mode), c.stream);
   return r;

@@ -215,8 +215,8 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   }
   const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
                cand_id = ops.empty(DType::kI32, scans.count, k);
-  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), scans.query, scans.block, k,
-                  {cand_z, cand_id, {}, bias_}, c.stream);
+  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), scans.query, scans.block,
+                  scans.block_end, k, {cand_z, cand_id, {}, bias_}, c.stream);
   LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
                  std::vector<int32_t>(static_cast<size_t>(R * k))};
   StagedOut z(c, TensorView(best.z.data(), DType::kF32, Device::host(), R, k));

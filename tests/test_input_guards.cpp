@@ -61,6 +61,7 @@ TEST(InputGuards, SelectProbesRefusesNonPositiveProbesAndK) {
 
 // The list scan (Ops::scan_blocks) refuses pairs outside its blocks or
 // queries, k < 1 and mismatched pair vectors, naming the op and the pair.
+// (Plain lists: list c is block c, so a pair's run is one block.)
 TEST(InputGuards, ScanBlocksRefusesBadPairsAndK) {
   const SyntheticData data = small_data();
   const AirRouter air(data.centers.view(), AirConfig{8, 3, 1, 0});
@@ -72,8 +73,11 @@ TEST(InputGuards, ScanBlocksRefusesBadPairsAndK) {
     const Tensor z = c.ops->empty(DType::kF32, static_cast<int64_t>(query.size()), std::max(k, 1));
     const Tensor ids =
         c.ops->empty(DType::kI32, static_cast<int64_t>(query.size()), std::max(k, 1));
+    std::vector<int32_t> block_end(block.size());
+    for (size_t p = 0; p < block.size(); ++p) block_end[p] = block[p] + 1;
     c.ops->scan_blocks(blocks.view(), data.tokens.view(), device_vector(c, query),
-                       device_vector(c, block), k, {z, ids, {}}, c.stream);
+                       device_vector(c, block), device_vector(c, block_end), k, {z, ids, {}},
+                       c.stream);
   };
   AIRMOE_EXPECT_THROW_MSG(scan({0, 1}, {0, 8}, 2), UsageError,
                           "scan_blocks: pair 1 names block 8, outside [0, 8)");

@@ -693,23 +693,29 @@ TEST_P(OpsTest, ProbePairsSkipOutrankedBlocks) {
     o.copy(probes.offsets, offsets, {});
     o.copy(probes.codewords, codewords, {});
     const PairSet p = o.probe_pairs(index.on(dev), probes, {});
-    return results(dev.get(p.query), dev.get(p.block), dev.get(p.offsets),
+    return results(dev.get(p.query), dev.get(p.block), dev.get(p.block_end), dev.get(p.offsets),
                    dev.get(p.shortlist_size), longs({p.count}));
   };
   compare(run);
+  // Consecutive scanned blocks of a list make one pair: token 0 scans list
+  // 1's blocks 2 and 3 as one run; token 3 probes every list, so each list's
+  // spill block is outranked and its own block is a run alone.
   const std::vector<Tensor> got = run(ops());
-  EXPECT_EQ(values_of<int32_t>(got[1]), (std::vector<int32_t>{2, 3, 0, 8, 9, 6, 2, 0, 4, 8}));
-  EXPECT_EQ(values_of<int32_t>(got[0]), (std::vector<int32_t>{0, 0, 0, 1, 1, 3, 3, 3, 3, 3}));
-  EXPECT_EQ(values_of<int64_t>(got[2]), (std::vector<int64_t>{0, 3, 5, 5, 10}));
+  EXPECT_EQ(values_of<int32_t>(got[1]), (std::vector<int32_t>{2, 0, 8, 6, 2, 0, 4, 8}));
+  EXPECT_EQ(values_of<int32_t>(got[2]), (std::vector<int32_t>{4, 1, 10, 7, 3, 1, 5, 9}));
+  EXPECT_EQ(values_of<int32_t>(got[0]), (std::vector<int32_t>{0, 0, 1, 3, 3, 3, 3, 3}));
+  EXPECT_EQ(values_of<int64_t>(got[3]), (std::vector<int64_t>{0, 2, 3, 3, 8}));
 }
 
 TEST_P(OpsTest, ScanBlocksAndMerge) {
   const int64_t d = 10, R = 7;
   const Index index = small_index(d, 17);
   const Tensor queries = random_f32(R, d, 18);
-  // Pairs in no block order, every block at least once (block 4 is empty).
+  // Pairs in no block order, every block at least once (block 4 is empty);
+  // five pairs are runs of both blocks of their list.
   const Tensor query = ints({3, 0, 6, 0, 1, 2, 4, 5, 3, 6, 0, 2});
   const Tensor block = ints({1, 0, 9, 2, 4, 5, 6, 7, 8, 3, 9, 1});
+  const Tensor block_end = ints({2, 2, 10, 4, 5, 6, 8, 8, 10, 4, 10, 2});
   const Tensor offsets = longs({0, 3, 3, 5, 7, 9, 12});  // 6 tokens over the 12 pairs
   for (int k : {1, 3, 8}) {
     compare(
@@ -718,38 +724,40 @@ TEST_P(OpsTest, ScanBlocksAndMerge) {
           const ListBlocksView lists = index.on(dev);
           const TopKView cand{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k),
                               dev.out(DType::kF64, 12, 2)};
-          o.scan_blocks(lists, dev.put_strided(queries, 1), dev.put(query), dev.put(block), k, cand,
-                        {});
+          o.scan_blocks(lists, dev.put_strided(queries, 1), dev.put(query), dev.put(block),
+                        dev.put(block_end), k, cand, {});
           const TopKView merged{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k),
                                 dev.out(DType::kF64, 6, 2)};
           o.merge_topk(cand, dev.put(offsets), k, merged, {});
           const TopKView plain{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k), {}};
-          o.scan_blocks(lists, dev.put(to_bf16(queries)), dev.put(query), dev.put(block), k, plain,
-                        {});
+          o.scan_blocks(lists, dev.put(to_bf16(queries)), dev.put(query), dev.put(block),
+                        dev.put(block_end), k, plain, {});
           return results(dev.get(cand.logits), dev.get(cand.ids), dev.get(cand.lse),
                          dev.get(merged.logits), dev.get(merged.ids), dev.get(merged.lse),
                          dev.get(plain.logits), dev.get(plain.ids));
         },
         {false, false, true, false, false, true});
   }
-  // A pair's top-k is the top-k of its query against its block alone; the
-  // lse covers every row of the block.
+  // A pair's top-k is the top-k of its query against its blocks alone; the
+  // lse covers every row of them, added in order.
   OnDevice dev(ops());
   const int k = 3;
   const TopKView cand{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k),
                       dev.out(DType::kF64, 12, 2)};
-  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand, {});
+  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block),
+                    dev.put(block_end), k, cand, {});
   const std::vector<int32_t> ids = values_of<int32_t>(dev.get(cand.ids));
   const std::vector<float> z = values_of<float>(dev.get(cand.logits));
   const std::vector<double> lse = values_of<double>(dev.get(cand.lse));
   const int64_t* bo = index.block_offsets.as<int64_t>();
   for (int64_t p = 0; p < 12; ++p) {
-    const int64_t q = query.as<int32_t>()[p], b = block.as<int32_t>()[p];
+    const int64_t q = query.as<int32_t>()[p], b = block.as<int32_t>()[p],
+                  e = block_end.as<int32_t>()[p];
     std::vector<float> zs(k);
     std::vector<int32_t> is(k);
     TopK top(k, zs.data(), is.data());
     LogSumExp l;
-    for (int64_t r = bo[b]; r < bo[b + 1]; ++r) {
+    for (int64_t r = bo[b]; r < bo[e]; ++r) {
       const float s = lane_dot(queries.as<float>() + q * d, index.keys.as<float>() + r * d, d);
       top.push(s, index.ids.as<int32_t>()[r]);
       l.add(s);
@@ -1496,17 +1504,20 @@ TEST_P(OpsTest, ScanBlocksAcrossChunksAndMerge) {
   }
   const Tensor keys = keys_with_ties(static_cast<int64_t>(ids.size()), d, 86);
   const Tensor queries = random_f32(R, d, 87);
-  std::vector<int32_t> query(P), block(P);
+  std::vector<int32_t> query(P), block(P), block_end(P);
   for (int64_t p = 0; p < P; ++p) {
     query[p] = static_cast<int32_t>(rng() % R);
     block[p] = static_cast<int32_t>(p % 3 == 0 ? 7 : rng() % S);
+    // Every fourth pair runs to its list's last block.
+    block_end[p] = p % 4 == 1 ? (block[p] / 3 + 1) * 3 : block[p] + 1;
   }
   // Tokens own consecutive pairs; every tenth token owns none.
   std::vector<int64_t> offsets{0};
   for (int64_t t = 0; t < T; ++t)
     offsets.push_back(t == T - 1 ? P : std::min<int64_t>(P, offsets.back() + (t % 10 ? 7 : 0)));
   const Tensor bo = longs(block_offsets), lb = longs(list_blocks), oo = longs(no_outranking),
-               id_t = ints(ids), q_t = ints(query), b_t = ints(block), off_t = longs(offsets);
+               id_t = ints(ids), q_t = ints(query), b_t = ints(block), e_t = ints(block_end),
+               off_t = longs(offsets);
   const int k = 12;
   compare(
       [&](const Ops& o) {
@@ -1515,7 +1526,8 @@ TEST_P(OpsTest, ScanBlocksAcrossChunksAndMerge) {
                                    dev.put(lb), dev.put(oo),   TensorView()};
         const TopKView cand{dev.out(DType::kF32, P, k), dev.out(DType::kI32, P, k),
                             dev.out(DType::kF64, P, 2)};
-        o.scan_blocks(lists, dev.put(queries), dev.put(q_t), dev.put(b_t), k, cand, {});
+        o.scan_blocks(lists, dev.put(queries), dev.put(q_t), dev.put(b_t), dev.put(e_t), k, cand,
+                      {});
         const TopKView merged{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
                               dev.out(DType::kF64, T, 2)};
         o.merge_topk(cand, dev.put(off_t), k, merged, {});
@@ -1613,7 +1625,7 @@ TEST_P(OpsTest, NoTokensNoPairsNoWork) {
   EXPECT_EQ(pairs.count, 0);
   EXPECT_EQ(values_of<int64_t>(dev.get(pairs.offsets)), std::vector<int64_t>{0});
   const TensorView no_pairs = dev.out(DType::kI32, 0, 1);
-  EXPECT_NO_THROW(ops().scan_blocks(index.on(dev), none_f, no_pairs, no_pairs, 3,
+  EXPECT_NO_THROW(ops().scan_blocks(index.on(dev), none_f, no_pairs, no_pairs, no_pairs, 3,
                                     {dev.out(DType::kF32, 0, 3), dev.out(DType::kI32, 0, 3), {}},
                                     {}));
   // Tokens whose offsets hold no pair get empty rows: id -1, logit -inf.
@@ -1643,12 +1655,25 @@ TEST_P(OpsTest, BadIndicesAreRefusedBeforeAnyRead) {
   }
   const Index index = small_index(4, 99);
   const TopKView out{dev.out(DType::kF32, 2, 3), dev.out(DType::kI32, 2, 3), {}};
-  EXPECT_THROW(ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)),
-                                 dev.put(ints({0, 1})), dev.put(ints({3, 10})), 3, out, {}),
-               UsageError);  // block 10 of 10
-  EXPECT_THROW(ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)),
-                                 dev.put(ints({0, 2})), dev.put(ints({3, 1})), 3, out, {}),
-               UsageError);  // query 2 of 2
+  EXPECT_THROW(
+      ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)), dev.put(ints({0, 1})),
+                        dev.put(ints({3, 10})), dev.put(ints({4, 11})), 3, out, {}),
+      UsageError);  // block 10 of 10
+  EXPECT_THROW(
+      ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)), dev.put(ints({0, 2})),
+                        dev.put(ints({3, 1})), dev.put(ints({4, 2})), 3, out, {}),
+      UsageError);  // query 2 of 2
+  // A pair's blocks must be a run of one list's (list c holds blocks 2c and
+  // 2c + 1): none, past the last block, or across two lists.
+  for (auto [end, part] :
+       {std::pair{1, "pair 1 names blocks 1 .. 1"}, std::pair{11, "pair 1 names blocks 1 .. 11"},
+        std::pair{3, "pair 1 names blocks 1 .. 3 (block .. block_end)"}})
+    expect_refused(
+        [&] {
+          ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 100)), dev.put(ints({0, 1})),
+                            dev.put(ints({0, 1})), dev.put(ints({2, end})), 3, out, {});
+        },
+        part);
   EXPECT_THROW(ops().merge_topk(out, dev.put(longs({0, 3})), 3, out, {}), UsageError);
   const ExpertInputs in(2, 8, 2, 4, 3, Activation::kRelu, 101);
   EXPECT_THROW(ops().expert_forward({dev.put(in.w1), dev.put(in.w2), 2, 8, 2, Activation::kRelu},
@@ -1671,7 +1696,7 @@ TEST_P(OpsTest, MalformedListsAreRefusedByName) {
     expect_refused(
         [&] {
           ops().scan_blocks(index.on(dev), dev.put(random_f32(2, 4, 103)), dev.put(ints({0, 1})),
-                            dev.put(ints({0, 3})), 3, out, {});
+                            dev.put(ints({0, 3})), dev.put(ints({1, 4})), 3, out, {});
         },
         part);
     ProbeSet probes;
@@ -1804,8 +1829,11 @@ TEST_P(OpsTest, BiasedScanAndMergeSelectByBiasedScore) {
   const int64_t d = 10, R = 3;
   const Index index = small_index(d, 17);
   const Tensor queries = random_f32(R, d, 18), bias = random_f32(30, 1, 112, 3.0);
-  // Primary blocks only (lists 0, 1, 3, 4), so a token's experts are distinct.
+  // Primary blocks of lists 0, 1, 3, 4, and token 1's run over list 1's
+  // primary and spill blocks (experts 1, 6, .., 26 then 2, 7: ids that do
+  // not ascend across the run), so a token's experts are distinct.
   const Tensor query = ints({0, 0, 1, 1, 1, 2}), block = ints({0, 6, 2, 6, 8, 8});
+  const Tensor block_end = ints({1, 7, 4, 7, 9, 9});
   const Tensor offsets = longs({0, 2, 5, 6});
   for (int k : {1, 3, 6}) {
     compare(
@@ -1814,8 +1842,8 @@ TEST_P(OpsTest, BiasedScanAndMergeSelectByBiasedScore) {
           const TensorView b = dev.put(bias);
           const TopKView cand{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k),
                               dev.out(DType::kF64, 6, 2), b};
-          o.scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand,
-                        {});
+          o.scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block),
+                        dev.put(block_end), k, cand, {});
           const TopKView merged{dev.out(DType::kF32, 3, k), dev.out(DType::kI32, 3, k),
                                 dev.out(DType::kF64, 3, 2), b};
           o.merge_topk(cand, dev.put(offsets), k, merged, {});
@@ -1828,7 +1856,8 @@ TEST_P(OpsTest, BiasedScanAndMergeSelectByBiasedScore) {
   const int k = 3;
   const TensorView b = dev.put(bias);
   const TopKView cand{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k), {}, b};
-  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block), k, cand, {});
+  ops().scan_blocks(index.on(dev), dev.put(queries), dev.put(query), dev.put(block),
+                    dev.put(block_end), k, cand, {});
   const TopKView merged{dev.out(DType::kF32, 3, k), dev.out(DType::kI32, 3, k), {}, b};
   ops().merge_topk(cand, dev.put(offsets), k, merged, {});
   const std::vector<int32_t> ids = values_of<int32_t>(dev.get(merged.ids));
@@ -1838,8 +1867,8 @@ TEST_P(OpsTest, BiasedScanAndMergeSelectByBiasedScore) {
     std::vector<int32_t> experts;
     std::map<int32_t, float> z;
     for (int64_t p = offsets.as<int64_t>()[t]; p < offsets.as<int64_t>()[t + 1]; ++p) {
-      const int64_t s = block.as<int32_t>()[p];
-      for (int64_t r = bo[s]; r < bo[s + 1]; ++r) {
+      const int64_t s = block.as<int32_t>()[p], s_end = block_end.as<int32_t>()[p];
+      for (int64_t r = bo[s]; r < bo[s_end]; ++r) {
         const int32_t e = index.ids.as<int32_t>()[r];
         experts.push_back(e);
         z[e] = lane_dot(queries.as<float>() + t * d, index.keys.as<float>() + r * d, d);
@@ -1873,8 +1902,8 @@ TEST_P(OpsTest, BadBiasIsRefusedByName) {
   const Index index = small_index(d, 99);
   expect_refused(
       [&] {
-        ops().scan_blocks(index.on(dev), tokens, dev.put(ints({0, 1})), dev.put(ints({0, 2})), 2,
-                          topk(dev.out(DType::kF32, 20, 1)), {});
+        ops().scan_blocks(index.on(dev), tokens, dev.put(ints({0, 1})), dev.put(ints({0, 2})),
+                          dev.put(ints({1, 3})), 2, topk(dev.out(DType::kF32, 20, 1)), {});
       },
       "lists.ids entry");
   const TopKView cand{dev.put(floats({1.0f, 0.5f})), dev.put(ints({3, 7})), {}};

@@ -108,9 +108,10 @@ class DeviceOps final : public Ops {
     });
   }
   void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
-                   TensorView block, int k, TopKView out, Stream stream) const override {
+                   TensorView block, TensorView block_end, int k, TopKView out,
+                   Stream stream) const override {
     run("scan_blocks", stream, [&](const auto& x, const OpArgs& a) {
-      device::scan_blocks(x, a, lists, queries, query, block, k, out);
+      device::scan_blocks(x, a, lists, queries, query, block, block_end, k, out);
     });
   }
   void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,

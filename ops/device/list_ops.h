@@ -205,12 +205,21 @@ struct ScannedBlocks {
       if (probed(t, outranking[a])) return true;
     return false;
   }
+  // v(first, end, rows) for each run of consecutive scanned blocks of a
+  // probed list (blocks first .. end - 1, `rows` experts).
   template <typename Visit>
   AIRMOE_HD void visit(int64_t t, Visit& v) const {
     for (int64_t q = probe_offsets[t]; q < probe_offsets[t + 1]; ++q) {
       const int32_t c = probed_codewords[q];
-      for (int64_t s = list_blocks[c]; s < list_blocks[c + 1]; ++s)
-        if (!outranked(t, s)) v(s, block_offsets[s + 1] - block_offsets[s]);
+      int64_t first = -1;  // the open run's first block
+      for (int64_t s = list_blocks[c]; s <= list_blocks[c + 1]; ++s) {
+        const bool scanned = s < list_blocks[c + 1] && !outranked(t, s);
+        if (scanned && first < 0) first = s;
+        if (!scanned && first >= 0) {
+          v(first, s, block_offsets[s] - block_offsets[first]);
+          first = -1;
+        }
+      }
     }
   }
 };
@@ -221,9 +230,9 @@ struct PairCount {
   int32_t* shortlist_size;
   AIRMOE_HD void operator()(int64_t t) const {
     int64_t n = 0, members = 0;
-    auto count = [&](int64_t, int64_t size) {
+    auto count = [&](int64_t, int64_t, int64_t rows) {
       ++n;
-      members += size;
+      members += rows;
     };
     blocks.visit(t, count);
     counts[t] = n;
@@ -236,11 +245,13 @@ struct PairWrite {
   const int64_t* offsets;
   int32_t* query;
   int32_t* block;
+  int32_t* block_end;
   AIRMOE_HD void operator()(int64_t t) const {
     int64_t at = offsets[t];
-    auto write = [&](int64_t s, int64_t) {
+    auto write = [&](int64_t first, int64_t end, int64_t) {
       query[at] = static_cast<int32_t>(t);
-      block[at++] = static_cast<int32_t>(s);
+      block[at] = static_cast<int32_t>(first);
+      block_end[at++] = static_cast<int32_t>(end);
     };
     blocks.visit(t, write);
   }
@@ -332,30 +343,56 @@ PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
   out.count = exclusive_offsets(x, offsets, T);
   out.query = Tensor(x.allocator(), DType::kI32, out.count, 1);
   out.block = Tensor(x.allocator(), DType::kI32, out.count, 1);
+  out.block_end = Tensor(x.allocator(), DType::kI32, out.count, 1);
   thrust::for_each(x.policy(), count_from(0), count_from(T),
-                   PairWrite{scanned, offsets, out.query.as<int32_t>(), out.block.as<int32_t>()});
+                   PairWrite{scanned, offsets, out.query.as<int32_t>(), out.block.as<int32_t>(),
+                             out.block_end.as<int32_t>()});
   return out;
 }
 
 // ---- scan_blocks ------------------------------------------------------------
 
-struct BlockSize {
+// Pair p's rows: its blocks block[p] .. block_end[p] - 1 are consecutive, so
+// their rows are too.
+struct PairRows {
+  Vec<const int32_t> block, block_end;
   Vec<const int64_t> block_offsets;
-  AIRMOE_HD int64_t operator()(int64_t s) const { return block_offsets[s + 1] - block_offsets[s]; }
+  AIRMOE_HD int64_t first(int64_t p) const { return block_offsets[block[p]]; }
+  AIRMOE_HD int64_t size(int64_t p) const { return block_offsets[block_end[p]] - first(p); }
+  AIRMOE_HD int64_t operator()(int64_t p) const { return size(p); }
+};
+
+// Pair p is refused when its blocks are not a run of one list: block_end
+// outside (block, S], or the last block in another list than the first.
+struct BadRun {
+  Vec<const int32_t> block, block_end;
+  Vec<const int64_t> list_blocks;
+  int64_t blocks, lists;
+  AIRMOE_HD int64_t list_of(int64_t s) const {  // the list whose blocks hold s
+    int64_t lo = 0, hi = lists;                 // list_blocks[lo] <= s < list_blocks[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (list_blocks[mid] <= s)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    return lo;
+  }
+  AIRMOE_HD bool operator()(int64_t p) const {
+    if (block_end[p] <= block[p] || block_end[p] > blocks) return true;
+    return list_of(block[p]) != list_of(block_end[p] - 1);
+  }
 };
 
 // Pairs q0 .. q0 + nq of the grouped order: where each one's logits start in
-// the chunk's logit buffer (their block's size, before the scan).
+// the chunk's logit buffer (its rows, before the scan).
 struct PairLength {
   const int64_t* items;
   int64_t q0;
-  Vec<const int32_t> block;
-  Vec<const int64_t> block_offsets;
+  PairRows rows;
   int64_t* zoff;
-  AIRMOE_HD void operator()(int64_t q) const {
-    const int32_t s = block[items[q0 + q]];
-    zoff[q] = block_offsets[s + 1] - block_offsets[s];
-  }
+  AIRMOE_HD void operator()(int64_t q) const { zoff[q] = rows.size(items[q0 + q]); }
 };
 
 // The pair whose logits hold entry e: the last q with zoff[q] <= e.
@@ -376,8 +413,8 @@ template <typename Q, typename K>
 struct MemberScore {
   Rows<const Q> queries;
   Rows<const K> keys;
-  Vec<const int32_t> query, block;
-  Vec<const int64_t> block_offsets;
+  Vec<const int32_t> query;
+  PairRows rows;
   const int64_t* items;
   int64_t q0;
   const int64_t* zoff;
@@ -387,64 +424,69 @@ struct MemberScore {
   AIRMOE_HD void operator()(int64_t e) const {
     const int64_t q = pair_of_entry(zoff, nq, e);
     const int64_t p = items[q0 + q];
-    const int64_t row = block_offsets[block[p]] + (e - zoff[q]);
+    const int64_t row = rows.first(p) + (e - zoff[q]);
     z[e] = lane_dot(queries.row(query[p]), keys.row(row), depth);
   }
 };
 
-// A pair's top-k over its block's logits (ids ascending within a block) and
-// the block's log-sum-exp, into the pair's own output row.
+// A pair's top-k over its rows' logits (ids ascend within a block, not
+// across a run's blocks) and their log-sum-exp, into the pair's own row.
 struct SelectPair {
   const float* z;
   const int64_t* zoff;
   const int64_t* items;
   int64_t q0;
-  Vec<const int32_t> block;
-  Vec<const int64_t> block_offsets;
+  PairRows rows;
   Vec<const int32_t> ids;
   TopKRows out;
   int k;
   AIRMOE_HD void operator()(int64_t q) const {
     const int64_t p = items[q0 + q];
-    const int64_t first = block_offsets[block[p]];
+    const int64_t first = rows.first(p);
     TopK top = out.top(p, k);
     LogSumExp lse;
     for (int64_t j = 0; j < zoff[q + 1] - zoff[q]; ++j) {
       const float zj = z[zoff[q] + j];
-      top.push_ascending(zj, ids[first + j]);
+      top.push(zj, ids[first + j]);
       if (out.lse.data) lse.add(zj);
     }
     if (out.lse.data) out.put_lse(p, lse);
   }
 };
 
-// Pairs are taken in block order (a stable sort by block, so the grouping
+// Pairs are taken in order of first block (a stable sort, so the grouping
 // never depends on timing) and in chunks whose logits fit kScoreBudget:
 // every (pair, member) logit of a chunk in parallel, then one thread per
 // pair selects.
 template <typename X>
 void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, TensorView queries,
-                 TensorView query, TensorView block, int k, TopKView out) {
-  const int64_t S = check_lists(x, args, lists).blocks;
+                 TensorView query, TensorView block, TensorView block_end, int k, TopKView out) {
+  const ListShape shape = check_lists(x, args, lists);
+  const int64_t S = shape.blocks;
   args.float_dtype(queries, "queries");
   args.at_least(k, 1, "k");
   args.vector(query, "query", DType::kI32);
   const int64_t P = vector_size(query);
   args.vector(block, "block", DType::kI32, P);
+  args.vector(block_end, "block_end", DType::kI32, P);
   const int64_t bias = check_topk_view(args, out, "out", P, k, true);
   if (P == 0) return;
   if (bias >= 0 && lists.keys.rows > 0)  // check_lists: then ids has keys.rows entries
     check_indices(x, args, "lists.ids entry", "bias entry", lists.ids, bias);
   check_indices(x, args, "pair", "block", block, S);
+  const Vec<const int32_t> blk = vec_of<const int32_t>(block),
+                           blk_end = vec_of<const int32_t>(block_end);
+  const int64_t bad = first_where(
+      x, P, BadRun{blk, blk_end, vec_of<const int64_t>(lists.list_blocks), S, shape.lists});
+  if (bad >= 0) args.bad_run(bad, value_at(x, &blk[bad]), value_at(x, &blk_end[bad]), S);
   check_indices(x, args, "pair", "query", query, queries.rows);
   if (lists.keys.rows > 0 && queries.cols != lists.keys.cols)
     args.fail("queries have " + std::to_string(queries.cols) + " columns and lists.keys " +
               std::to_string(lists.keys.cols));
-  const Vec<const int32_t> blk = vec_of<const int32_t>(block);
-  const Vec<const int64_t> bo = vec_of<const int64_t>(lists.block_offsets);
+  const PairRows rows{blk, blk_end, vec_of<const int64_t>(lists.block_offsets)};
   const Grouping<X> g = group_by(x, P, S, ReadKey{blk});
-  const int64_t widest = thrust::transform_reduce(x.policy(), count_from(0), count_from(S),
-                                                  BlockSize{bo}, int64_t{0}, Max64{});
+  const int64_t widest =
+      thrust::transform_reduce(x.policy(), count_from(0), count_from(P), rows, int64_t{0}, Max64{});
   const int64_t per_chunk = std::max<int64_t>(1, kScoreBudget / std::max<int64_t>(widest, 1));
   const int64_t chunk = std::min(per_chunk, P);
   Scratch<float, X> z(x, chunk * widest);
@@ -452,18 +494,18 @@ void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, Te
   for (int64_t q0 = 0; q0 < P; q0 += chunk) {
     const int64_t nq = std::min(chunk, P - q0);
     thrust::for_each(x.policy(), count_from(0), count_from(nq),
-                     PairLength{g.items.get(), q0, blk, bo, zoff.get()});
+                     PairLength{g.items.get(), q0, rows, zoff.get()});
     const int64_t entries = exclusive_offsets(x, zoff.get(), nq);
     with_float_types(queries, lists.keys, [&](auto tq, auto tk) {
       using Q = decltype(tq);
       using K = decltype(tk);
       thrust::for_each(x.policy(), count_from(0), count_from(entries),
                        MemberScore<Q, K>{rows_of<const Q>(queries), rows_of<const K>(lists.keys),
-                                         vec_of<const int32_t>(query), blk, bo, g.items.get(), q0,
+                                         vec_of<const int32_t>(query), rows, g.items.get(), q0,
                                          zoff.get(), nq, z.get(), queries.cols});
     });
     thrust::for_each(x.policy(), count_from(0), count_from(nq),
-                     SelectPair{z.get(), zoff.get(), g.items.get(), q0, blk, bo,
+                     SelectPair{z.get(), zoff.get(), g.items.get(), q0, rows,
                                 vec_of<const int32_t>(lists.ids), topk_rows(out), k});
   }
 }

@@ -49,7 +49,8 @@ class HostOps final : public Ops {
   PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
                       Stream stream) const override;
   void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
-                   TensorView block, int k, TopKView out, Stream stream) const override;
+                   TensorView block, TensorView block_end, int k, TopKView out,
+                   Stream stream) const override;
   void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                   Stream stream) const override;
   void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,

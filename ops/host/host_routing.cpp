@@ -62,6 +62,38 @@ void push_ascending_run(TopK& top, int k, const float* z, int64_t n, IdOf id_of)
   for (; j < n; ++j) top.push_ascending(z[j], id_of(j));
 }
 
+// Bit r set where z[r] >= worst, for r < kRun (false for a NaN either side).
+uint32_t reaches_worst(const float* z, float worst) {
+#if defined(__SSE2__)
+  const __m128 w = _mm_set1_ps(worst);
+  uint32_t bits = 0;
+  for (int q = 0; q < kRun / 4; ++q)
+    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(z + 4 * q), w)))
+            << (4 * q);
+  return bits;
+#else
+  uint32_t bits = 0;
+  for (int r = 0; r < kRun; ++r) bits |= static_cast<uint32_t>(z[r] >= worst) << r;
+  return bits;
+#endif
+}
+
+// top.push(z[j], id_of(j)) for j < n, ids in any order, with the same result,
+// for a top-k ranked by z itself (no bias): as push_ascending_run, but a
+// logit equal to the worst slot's is pushed too (a lower id outranks it).
+template <typename IdOf>
+void push_run(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
+  int64_t j = 0;
+  for (; j < n && top.size() < k; ++j) top.push(z[j], id_of(j));
+  for (; j + kRun <= n; j += kRun) {
+    for (uint32_t reach = reaches_worst(z + j, top.worst()); reach != 0; reach &= reach - 1) {
+      const int64_t r = j + __builtin_ctz(reach);
+      top.push(z[r], id_of(r));
+    }
+  }
+  for (; j < n; ++j) top.push(z[j], id_of(j));
+}
+
 // The [rows, k] outputs of a top-k op, its optional (max, sum) pairs and
 // its optional selection bias (`experts` entries where known, else -1).
 struct TopKOut {
@@ -88,6 +120,12 @@ struct TopKOut {
   void push_ascending(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
     if (bias == nullptr) return push_ascending_run(top, k, z, n, id_of);
     for (int64_t j = 0; j < n; ++j) top.push_ascending(z[j], id_of(j));
+  }
+  // The same for ids in any order (push_run).
+  template <typename IdOf>
+  void push(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
+    if (bias == nullptr) return push_run(top, k, z, n, id_of);
+    for (int64_t j = 0; j < n; ++j) top.push(z[j], id_of(j));
   }
   // Every id id_of(0 .. n) a bias entry (id -1, an empty slot, allowed
   // where `empty_ok`).
@@ -167,37 +205,36 @@ void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<co
   }
 }
 
-// Rows of i32 values of varying length, filled in parallel: each row is
-// appended to the buffer of the thread that writes it, and flatten() lays the
-// rows out in row order as a CSR (i64 offsets [rows + 1], i32 values). This
-// replaced a vector per row, whose allocations cost more than the work on
-// lists cut into many blocks.
+// Rows of values of varying length, filled in parallel: each row is
+// appended to the buffer of the thread that writes it, then read back in
+// row order. This replaced a vector per row, whose allocations cost more
+// than the work on lists cut into many blocks.
+template <typename T>
 class RaggedRows {
  public:
   // Construct outside the parallel region that fills it.
   explicit RaggedRows(int64_t rows)
       : where_(static_cast<size_t>(rows)), buffers_(static_cast<size_t>(omp_get_max_threads())) {}
   // Row r is `values` (called once per row, by the thread that owns it).
-  void set(int64_t r, const std::vector<int32_t>& values) {
+  void set(int64_t r, const std::vector<T>& values) {
     const int thread = omp_get_thread_num();
-    std::vector<int32_t>& buffer = buffers_[static_cast<size_t>(thread)];
+    std::vector<T>& buffer = buffers_[static_cast<size_t>(thread)];
     where_[r] = {thread, static_cast<int64_t>(buffer.size()), static_cast<int64_t>(values.size())};
     buffer.insert(buffer.end(), values.begin(), values.end());
   }
-  std::span<const int32_t> row(int64_t r) const {
+  std::span<const T> row(int64_t r) const {
     const Where& w = where_[r];
     return {buffers_[static_cast<size_t>(w.thread)].data() + w.begin, static_cast<size_t>(w.size)};
   }
-  void flatten(Tensor& offsets, Tensor& values, int64_t& count, const Ops& ops) const {
+  // The rows' CSR offsets, i64 [rows + 1]; `count` gets the last.
+  Tensor offsets(const Ops& ops, int64_t& count) const {
     const auto rows = static_cast<int64_t>(where_.size());
-    offsets = ops.empty(DType::kI64, rows + 1, 1);
+    Tensor offsets = ops.empty(DType::kI64, rows + 1, 1);
     int64_t* off = offsets.as<int64_t>();
     off[0] = 0;
     for (int64_t r = 0; r < rows; ++r) off[r + 1] = off[r] + where_[r].size;
     count = off[rows];
-    values = ops.empty(DType::kI32, count, 1);
-    int32_t* v = values.as<int32_t>();
-    for (int64_t r = 0; r < rows; ++r) std::copy(row(r).begin(), row(r).end(), v + off[r]);
+    return offsets;
   }
 
  private:
@@ -206,7 +243,7 @@ class RaggedRows {
     int64_t begin = 0, size = 0;
   };
   std::vector<Where> where_;
-  std::vector<std::vector<int32_t>> buffers_;
+  std::vector<std::vector<T>> buffers_;
 };
 
 }  // namespace
@@ -316,7 +353,7 @@ ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorV
   const int64_t T = tokens.rows, C = codewords.rows, d = codewords.cols;
   const Vec<const int64_t> sizes(list_sizes);
   const FloatRows h(tokens), cw(codewords);
-  RaggedRows chosen(T);
+  RaggedRows<int32_t> chosen(T);
   const int64_t block = std::max<int64_t>(3, (int64_t{4} << 20) / C);
   std::vector<float> scores(static_cast<size_t>(std::min(block, T) * C));
   for (int64_t t0 = 0; t0 < T; t0 += block) {
@@ -338,7 +375,11 @@ ProbeSet HostOps::select_probes(TensorView tokens, TensorView codewords, TensorV
     errors.rethrow();
   }
   ProbeSet out;
-  chosen.flatten(out.offsets, out.codewords, out.count, *this);
+  out.offsets = chosen.offsets(*this, out.count);
+  out.codewords = empty(DType::kI32, out.count, 1);
+  int32_t* codes = out.codewords.as<int32_t>();
+  for (int64_t t = 0; t < T; ++t)
+    codes = std::copy(chosen.row(t).begin(), chosen.row(t).end(), codes);
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
   for (int64_t t = 0; t < T; ++t) {
@@ -413,7 +454,10 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     if (codewords[i] < 0 || codewords[i] >= l.lists)
       check.fail("probe " + std::to_string(i) + " names list " + std::to_string(codewords[i]) +
                  ", outside [0, " + std::to_string(l.lists) + ")");
-  RaggedRows scanned(T);
+  struct BlockRun {
+    int32_t begin, end;
+  };
+  RaggedRows<BlockRun> scanned(T);
   PairSet out;
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
@@ -423,7 +467,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     // The token's probed lists as bits (set, used, cleared per token): a
     // query-aware list's blocks have a handful of outranking lists each.
     std::vector<uint64_t> probed;
-    std::vector<int32_t> blocks;  // the token's scanned blocks
+    std::vector<BlockRun> runs;  // the token's runs of scanned blocks
     const bool ready = errors.run([&] { probed.assign(static_cast<size_t>(l.lists / 64 + 1), 0); });
     const auto is_probed = [&](int32_t c) { return (probed[c >> 6] >> (c & 63)) & 1; };
 #pragma omp for schedule(static)
@@ -433,33 +477,48 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i)
           probed[codewords[i] >> 6] |= uint64_t{1} << (codewords[i] & 63);
         // A block is scanned unless the token probes a list that outranks it
-        // (that list scores the block's experts already).
-        int64_t members = 0;
-        blocks.clear();
+        // (that list scores the block's experts already); consecutive
+        // scanned blocks of a list make one run.
+        runs.clear();
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
           const int32_t c = codewords[i];
+          bool open = false;  // the last block extended a run of this list
           for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
             bool seen = false;
             for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
               seen = is_probed(l.outranking[j]);
-            if (seen) continue;
-            blocks.push_back(static_cast<int32_t>(s));
-            members += l.block_size(s);
+            if (seen)
+              open = false;
+            else if (open)
+              runs.back().end = static_cast<int32_t>(s + 1);
+            else
+              runs.push_back({static_cast<int32_t>(s), static_cast<int32_t>(s + 1)});
+            open = !seen;
           }
         }
-        scanned.set(t, blocks);
+        int64_t members = 0;
+        for (const BlockRun& run : runs)
+          members += l.block_offsets[run.end] - l.block_offsets[run.begin];
+        scanned.set(t, runs);
         shortlist[t] = static_cast<int32_t>(members);
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) probed[codewords[i] >> 6] = 0;
       });
     }
   }
   errors.rethrow();
-  scanned.flatten(out.offsets, out.block, out.count, *this);
+  out.offsets = scanned.offsets(*this, out.count);
   out.query = empty(DType::kI32, out.count, 1);
-  int32_t* query = out.query.as<int32_t>();
-  const int64_t* pair_offsets = out.offsets.as<int64_t>();
+  out.block = empty(DType::kI32, out.count, 1);
+  out.block_end = empty(DType::kI32, out.count, 1);
+  int32_t *query = out.query.as<int32_t>(), *block = out.block.as<int32_t>(),
+          *block_end = out.block_end.as<int32_t>();
+  int64_t p = 0;
   for (int64_t t = 0; t < T; ++t)
-    std::fill(query + pair_offsets[t], query + pair_offsets[t + 1], static_cast<int32_t>(t));
+    for (const BlockRun& run : scanned.row(t)) {
+      query[p] = static_cast<int32_t>(t);
+      block[p] = run.begin;
+      block_end[p++] = run.end;
+    }
   return out;
 }
 
@@ -478,6 +537,15 @@ constexpr int64_t kQueriesPerTask = 64;
 // read and written in place, in sequence. Rows a query's pairs skip inside
 // the span are scored and unused. Every logit is lane_dot of its two rows, so
 // the grouping changes no bit.
+// scan_blocks' pairs as host vectors.
+struct PairArgs {
+  Vec<const int32_t> query, block, block_end;
+  int64_t size = 0;
+  // The rows of pair p's blocks: [first_row(p), end_row(p)).
+  int64_t first_row(const HostLists& l, int64_t p) const { return l.block_offsets[block[p]]; }
+  int64_t end_row(const HostLists& l, int64_t p) const { return l.block_offsets[block_end[p]]; }
+};
+
 struct ScanPlan {
   struct Run {
     int64_t begin, end;  // pairs
@@ -492,19 +560,19 @@ struct ScanPlan {
 };
 
 // The pairs' runs in pair order; a pair naming a block or a query out of
-// range is refused by name, the first one first.
-std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l,
-                                     const Vec<const int32_t>& q_of, const Vec<const int32_t>& b_of,
-                                     int64_t P, int64_t query_rows) {
+// range, or blocks that are not a run of one list, is refused by name.
+std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l, const PairArgs& pairs,
+                                     int64_t query_rows) {
   std::vector<int32_t> list_of(static_cast<size_t>(l.blocks));
   for (int64_t c = 0; c < l.lists; ++c)
     std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
   std::vector<ScanPlan::Run> runs;
-  for (int64_t p = 0; p < P; ++p) {
-    const int32_t b = b_of[p], q = q_of[p];
+  for (int64_t p = 0; p < pairs.size; ++p) {
+    const int32_t b = pairs.block[p], e = pairs.block_end[p], q = pairs.query[p];
     if (b < 0 || b >= l.blocks)
       check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b) +
                  ", outside [0, " + std::to_string(l.blocks) + ")");
+    if (e <= b || e > l.blocks || list_of[e - 1] != list_of[b]) check.bad_run(p, b, e, l.blocks);
     if (q < 0 || q >= query_rows)
       check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q) +
                  ", outside [0, " + std::to_string(query_rows) + ")");
@@ -518,7 +586,7 @@ std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l,
 
 // Cuts each list's runs (by query) into tasks of up to kQueriesPerTask
 // queries, each spanning the rows of its runs' blocks.
-void cut_tasks(const HostLists& l, const Vec<const int32_t>& b_of, ScanPlan& plan) {
+void cut_tasks(const HostLists& l, const PairArgs& pairs, ScanPlan& plan) {
   ScanPlan::Task task{};
   int64_t queries = 0;
   const auto runs = static_cast<int64_t>(plan.runs.size());
@@ -534,16 +602,16 @@ void cut_tasks(const HostLists& l, const Vec<const int32_t>& b_of, ScanPlan& pla
     queries += new_query;
     task.end_run = r + 1;
     for (int64_t p = run.begin; p < run.end; ++p) {
-      task.begin = std::min(task.begin, l.block_offsets[b_of[p]]);
-      task.end = std::max(task.end, l.block_offsets[b_of[p] + 1]);
+      task.begin = std::min(task.begin, pairs.first_row(l, p));
+      task.end = std::max(task.end, pairs.end_row(l, p));
     }
   }
   if (runs > 0) plan.tasks.push_back(task);
 }
 
-ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const Vec<const int32_t>& q_of,
-                   const Vec<const int32_t>& b_of, int64_t P, int64_t query_rows) {
-  const std::vector<ScanPlan::Run> runs = find_runs(check, l, q_of, b_of, P, query_rows);
+ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const PairArgs& pairs,
+                   int64_t query_rows) {
+  const std::vector<ScanPlan::Run> runs = find_runs(check, l, pairs, query_rows);
   const Csr by_list =
       bucket(l.lists, static_cast<int64_t>(runs.size()), [&](int64_t r) { return runs[r].list; });
   ScanPlan plan;
@@ -557,14 +625,15 @@ ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const Vec<const int3
     const auto end = plan.runs.begin() + by_list.offsets[c + 1];
     if (!std::is_sorted(begin, end, by_query)) std::stable_sort(begin, end, by_query);
   }
-  cut_tasks(l, b_of, plan);
+  cut_tasks(l, pairs, plan);
   return plan;
 }
 
 }  // namespace
 
 void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
-                          TensorView block, int k, TopKView out, Stream) const {
+                          TensorView block, TensorView block_end, int k, TopKView out,
+                          Stream) const {
   const OpArgs check = args("scan_blocks");
   const HostLists l(check, lists);
   check.float_dtype(queries, "queries");
@@ -572,11 +641,13 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
   check.vector(query, "query", DType::kI32);
   const int64_t P = vector_size(query);
   check.vector(block, "block", DType::kI32, P);
+  check.vector(block_end, "block_end", DType::kI32, P);
   const TopKOut o(check, out, P, k, "out");
   o.check_bias_ids(
       check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
-  const Vec<const int32_t> q_of(query), b_of(block);
-  const ScanPlan plan = plan_scan(check, l, q_of, b_of, P, queries.rows);
+  const PairArgs pairs{Vec<const int32_t>(query), Vec<const int32_t>(block),
+                       Vec<const int32_t>(block_end), P};
+  const ScanPlan plan = plan_scan(check, l, pairs, queries.rows);
   if (P == 0) return;
   const int64_t rows = l.block_offsets[l.blocks];
   if (rows > 0) check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
@@ -606,10 +677,11 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
         for (int64_t r = task.first_run, i = -1; r < task.end_run; ++r) {
           if (r == task.first_run || plan.runs[r].query != plan.runs[r - 1].query) ++i;
           for (int64_t p = plan.runs[r].begin; p < plan.runs[r].end; ++p) {
-            const int64_t first = l.block_offsets[b_of[p]], L = l.block_size(b_of[p]);
+            const int64_t first = pairs.first_row(l, p), L = pairs.end_row(l, p) - first;
             const float* z = zbuf.data() + i * width + (first - task.begin);
             TopK top = o.top(p, k);
-            o.push_ascending(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
+            // Ids ascend within a block, not across a run's blocks.
+            o.push(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
             if (o.with_lse) {
               LogSumExp lse;
               for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
