@@ -362,26 +362,32 @@ struct PairRows {
   AIRMOE_HD int64_t operator()(int64_t p) const { return size(p); }
 };
 
+// The last i in [0, n) with offsets[i] <= x, for ascending offsets with
+// offsets[0] <= x < offsets[n] (a range's index from one of its entries).
+template <typename Offsets>
+AIRMOE_HD int64_t last_at_most(const Offsets& offsets, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;  // offsets[lo] <= x < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= x)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 // Pair p is refused when its blocks are not a run of one list: block_end
 // outside (block, S], or the last block in another list than the first.
 struct BadRun {
   Vec<const int32_t> block, block_end;
   Vec<const int64_t> list_blocks;
   int64_t blocks, lists;
-  AIRMOE_HD int64_t list_of(int64_t s) const {  // the list whose blocks hold s
-    int64_t lo = 0, hi = lists;                 // list_blocks[lo] <= s < list_blocks[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (list_blocks[mid] <= s)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    return lo;
-  }
   AIRMOE_HD bool operator()(int64_t p) const {
     if (block_end[p] <= block[p] || block_end[p] > blocks) return true;
-    return list_of(block[p]) != list_of(block_end[p] - 1);
+    // The lists whose blocks hold the first and the last block.
+    return last_at_most(list_blocks, lists, block[p]) !=
+           last_at_most(list_blocks, lists, block_end[p] - 1);
   }
 };
 
@@ -397,15 +403,7 @@ struct PairLength {
 
 // The pair whose logits hold entry e: the last q with zoff[q] <= e.
 AIRMOE_HD inline int64_t pair_of_entry(const int64_t* zoff, int64_t nq, int64_t e) {
-  int64_t lo = 0, hi = nq;  // zoff[lo] <= e < zoff[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (zoff[mid] <= e)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
+  return last_at_most(zoff, nq, e);
 }
 
 // One logit of a chunk: (pair, member) -> lane_dot(query, member's key).

@@ -24,74 +24,52 @@
 namespace airmoe::inline ops::host {
 namespace {
 
-// Logits compared at once by push_ascending_run.
+// Logits compared at once by push_by_runs.
 constexpr int64_t kRun = 16;
 
-// Bit r set where z[r] > worst, for r < kRun (false for a NaN either side).
-uint32_t beats_worst(const float* z, float worst) {
+// Bit r set where z[r] > worst (with `ties`: z[r] >= worst), for r < kRun;
+// false for a NaN either side.
+uint32_t reaching_worst(const float* z, float worst, bool ties) {
 #if defined(__SSE2__)
   const __m128 w = _mm_set1_ps(worst);
   uint32_t bits = 0;
-  for (int q = 0; q < kRun / 4; ++q)
-    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(z + 4 * q), w)))
-            << (4 * q);
+  for (int q = 0; q < kRun / 4; ++q) {
+    const __m128 x = _mm_loadu_ps(z + 4 * q);
+    const __m128 hit = ties ? _mm_cmpge_ps(x, w) : _mm_cmpgt_ps(x, w);
+    bits |= static_cast<uint32_t>(_mm_movemask_ps(hit)) << (4 * q);
+  }
   return bits;
 #else
   uint32_t bits = 0;
-  for (int r = 0; r < kRun; ++r) bits |= static_cast<uint32_t>(z[r] > worst) << r;
+  for (int r = 0; r < kRun; ++r)
+    bits |= static_cast<uint32_t>(ties ? z[r] >= worst : z[r] > worst) << r;
   return bits;
 #endif
 }
 
-// top.push_ascending(z[j], id_of(j)) for j < n (ids increasing), with the
-// same result, for a top-k of `k` slots ranked by z itself (no bias). Once
-// the slots are full, each run of 16 logits is compared with the worst slot
-// at once (a vectorized compare into a bit mask), and only those that beat
-// it are pushed: the worst slot only rises while the run is pushed, so
-// push_ascending would have turned every other one away (a NaN included).
-template <typename IdOf>
-void push_ascending_run(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
+// top.push_ascending(z[j], id_of(j)) (kAscending: ids increasing) or
+// top.push(z[j], id_of(j)) (ids in any order) for j < n, with the same
+// result, for a top-k of `k` slots ranked by z itself (no bias). Once the
+// slots are full, each run of 16 logits is compared with the worst slot at
+// once (a vectorized compare into a bit mask), and only those that reach it
+// are pushed: the worst slot only rises while the run is pushed, so the
+// push would have turned every other one away (a NaN included). With ids in
+// any order a logit equal to the worst slot's is pushed too: a lower id
+// outranks it.
+template <bool kAscending, typename IdOf>
+void push_by_runs(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
+  const auto push = [&](int64_t j) {
+    if constexpr (kAscending)
+      top.push_ascending(z[j], id_of(j));
+    else
+      top.push(z[j], id_of(j));
+  };
   int64_t j = 0;
-  for (; j < n && top.size() < k; ++j) top.push_ascending(z[j], id_of(j));
-  for (; j + kRun <= n; j += kRun) {
-    for (uint32_t beats = beats_worst(z + j, top.worst()); beats != 0; beats &= beats - 1) {
-      const int64_t r = j + __builtin_ctz(beats);
-      top.push_ascending(z[r], id_of(r));
-    }
-  }
-  for (; j < n; ++j) top.push_ascending(z[j], id_of(j));
-}
-
-// Bit r set where z[r] >= worst, for r < kRun (false for a NaN either side).
-uint32_t reaches_worst(const float* z, float worst) {
-#if defined(__SSE2__)
-  const __m128 w = _mm_set1_ps(worst);
-  uint32_t bits = 0;
-  for (int q = 0; q < kRun / 4; ++q)
-    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(z + 4 * q), w)))
-            << (4 * q);
-  return bits;
-#else
-  uint32_t bits = 0;
-  for (int r = 0; r < kRun; ++r) bits |= static_cast<uint32_t>(z[r] >= worst) << r;
-  return bits;
-#endif
-}
-
-// top.push(z[j], id_of(j)) for j < n, ids in any order, with the same result,
-// for a top-k ranked by z itself (no bias): as push_ascending_run, but a
-// logit equal to the worst slot's is pushed too (a lower id outranks it).
-template <typename IdOf>
-void push_run(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
-  int64_t j = 0;
-  for (; j < n && top.size() < k; ++j) top.push(z[j], id_of(j));
-  for (; j + kRun <= n; j += kRun) {
-    for (uint32_t reach = reaches_worst(z + j, top.worst()); reach != 0; reach &= reach - 1) {
-      const int64_t r = j + __builtin_ctz(reach);
-      top.push(z[r], id_of(r));
-    }
-  }
-  for (; j < n; ++j) top.push(z[j], id_of(j));
+  for (; j < n && top.size() < k; ++j) push(j);
+  for (; j + kRun <= n; j += kRun)
+    for (uint32_t hit = reaching_worst(z + j, top.worst(), !kAscending); hit != 0; hit &= hit - 1)
+      push(j + __builtin_ctz(hit));
+  for (; j < n; ++j) push(j);
 }
 
 // The [rows, k] outputs of a top-k op, its optional (max, sum) pairs and
@@ -114,18 +92,16 @@ struct TopKOut {
     if (bias_size >= 0) bias = static_cast<const float*>(v.bias.data);
   }
   TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r), bias); }
-  // top.push_ascending(z[j], id_of(j)) for j < n: with a bias entry by
-  // entry, else by runs (push_ascending_run).
-  template <typename IdOf>
-  void push_ascending(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
-    if (bias == nullptr) return push_ascending_run(top, k, z, n, id_of);
-    for (int64_t j = 0; j < n; ++j) top.push_ascending(z[j], id_of(j));
-  }
-  // The same for ids in any order (push_run).
-  template <typename IdOf>
+  // push_by_runs<kAscending>'s pushes: with a bias entry by entry, else by
+  // runs.
+  template <bool kAscending, typename IdOf>
   void push(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
-    if (bias == nullptr) return push_run(top, k, z, n, id_of);
-    for (int64_t j = 0; j < n; ++j) top.push(z[j], id_of(j));
+    if (bias == nullptr) return push_by_runs<kAscending>(top, k, z, n, id_of);
+    for (int64_t j = 0; j < n; ++j)
+      if constexpr (kAscending)
+        top.push_ascending(z[j], id_of(j));
+      else
+        top.push(z[j], id_of(j));
   }
   // Every id id_of(0 .. n) a bias entry (id -1, an empty slot, allowed
   // where `empty_ok`).
@@ -180,7 +156,7 @@ void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<co
     z.resize(static_cast<size_t>(probes));
     out.resize(static_cast<size_t>(probes));
     TopK top(probes, z.data(), out.data());
-    push_ascending_run(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
+    push_by_runs<true>(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
     for (int32_t c : out) members += sizes[c];
     if (members >= k) return;
   }
@@ -273,7 +249,7 @@ void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out
       const int64_t t = t0 + i;
       const float* z = logits.data() + i * E;
       TopK top = o.top(t, k);
-      o.push_ascending(top, k, z, E, [](int64_t e) { return static_cast<int32_t>(e); });
+      o.push<true>(top, k, z, E, [](int64_t e) { return static_cast<int32_t>(e); });
       if (o.with_lse) {
         LogSumExp lse;
         for (int64_t e = 0; e < E; ++e) lse.add(z[e]);
@@ -681,7 +657,7 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
             const float* z = zbuf.data() + i * width + (first - task.begin);
             TopK top = o.top(p, k);
             // Ids ascend within a block, not across a run's blocks.
-            o.push(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
+            o.push<false>(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
             if (o.with_lse) {
               LogSumExp lse;
               for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
