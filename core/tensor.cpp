@@ -1,7 +1,5 @@
 #include "core/tensor.h"
 
-#include <sys/mman.h>
-
 #include <cstdlib>
 #include <new>
 #include <type_traits>
@@ -128,24 +126,12 @@ class HostAllocator final : public Allocator {
   Device device() const override { return Device::host(); }
   void* allocate(size_t bytes) override {
     if (bytes == 0) return nullptr;
-    // Large buffers (a list scan's per-pair candidates run to tens of MiB)
-    // start at a huge-page boundary and ask for transparent huge pages: they
-    // are written once per call, and faulting them in 4 KiB at a time was a
-    // sixth of a query-list route's time.
-    const size_t align = bytes >= kHugePage ? kHugePage : 64;
-    void* p = nullptr;
-    if (posix_memalign(&p, align, bytes) != 0) throw std::bad_alloc();
-#if defined(MADV_HUGEPAGE)
-    if (align == kHugePage) madvise(p, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
-#endif
+    constexpr size_t kAlign = 64;
+    void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+    if (p == nullptr) throw std::bad_alloc();
     return p;
   }
-  void deallocate(void* p, size_t) noexcept override {
-    std::free(p);
-  }
-
- private:
-  static constexpr size_t kHugePage = size_t{2} << 20;
+  void deallocate(void* p, size_t) noexcept override { std::free(p); }
 };
 
 }  // namespace
