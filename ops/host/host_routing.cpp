@@ -24,16 +24,16 @@
 namespace airmoe::inline ops::host {
 namespace {
 
-// Logits compared at once by push_by_runs.
-constexpr int64_t kRun = 16;
+// Logits compared at once by push_prefiltered (a batch).
+constexpr int64_t kBatch = 16;
 
-// Bit r set where z[r] > worst (with `ties`: z[r] >= worst), for r < kRun;
+// Bit r set where z[r] > worst (with `ties`: z[r] >= worst), for r < kBatch;
 // false for a NaN either side.
 uint32_t reaching_worst(const float* z, float worst, bool ties) {
 #if defined(__SSE2__)
   const __m128 w = _mm_set1_ps(worst);
   uint32_t bits = 0;
-  for (int q = 0; q < kRun / 4; ++q) {
+  for (int q = 0; q < kBatch / 4; ++q) {
     const __m128 x = _mm_loadu_ps(z + 4 * q);
     const __m128 hit = ties ? _mm_cmpge_ps(x, w) : _mm_cmpgt_ps(x, w);
     bits |= static_cast<uint32_t>(_mm_movemask_ps(hit)) << (4 * q);
@@ -41,7 +41,7 @@ uint32_t reaching_worst(const float* z, float worst, bool ties) {
   return bits;
 #else
   uint32_t bits = 0;
-  for (int r = 0; r < kRun; ++r)
+  for (int r = 0; r < kBatch; ++r)
     bits |= static_cast<uint32_t>(ties ? z[r] >= worst : z[r] > worst) << r;
   return bits;
 #endif
@@ -50,14 +50,14 @@ uint32_t reaching_worst(const float* z, float worst, bool ties) {
 // top.push_ascending(z[j], id_of(j)) (kAscending: ids increasing) or
 // top.push(z[j], id_of(j)) (ids in any order) for j < n, with the same
 // result, for a top-k of `k` slots ranked by z itself (no bias). Once the
-// slots are full, each run of 16 logits is compared with the worst slot at
+// slots are full, each batch of 16 logits is compared with the worst slot at
 // once (a vectorized compare into a bit mask), and only those that reach it
-// are pushed: the worst slot only rises while the run is pushed, so the
+// are pushed: the worst slot only rises while the batch is pushed, so the
 // push would have turned every other one away (a NaN included). With ids in
 // any order a logit equal to the worst slot's is pushed too: a lower id
 // outranks it.
 template <bool kAscending, typename IdOf>
-void push_by_runs(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
+void push_prefiltered(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
   const auto push = [&](int64_t j) {
     if constexpr (kAscending)
       top.push_ascending(z[j], id_of(j));
@@ -66,7 +66,7 @@ void push_by_runs(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
   };
   int64_t j = 0;
   for (; j < n && top.size() < k; ++j) push(j);
-  for (; j + kRun <= n; j += kRun)
+  for (; j + kBatch <= n; j += kBatch)
     for (uint32_t hit = reaching_worst(z + j, top.worst(), !kAscending); hit != 0; hit &= hit - 1)
       push(j + __builtin_ctz(hit));
   for (; j < n; ++j) push(j);
@@ -92,11 +92,11 @@ struct TopKOut {
     if (bias_size >= 0) bias = static_cast<const float*>(v.bias.data);
   }
   TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r), bias); }
-  // push_by_runs<kAscending>'s pushes: with a bias entry by entry, else by
-  // runs.
+  // push_prefiltered<kAscending>'s pushes: with a bias entry by entry, else
+  // prefiltered by batches.
   template <bool kAscending, typename IdOf>
   void push(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
-    if (bias == nullptr) return push_by_runs<kAscending>(top, k, z, n, id_of);
+    if (bias == nullptr) return push_prefiltered<kAscending>(top, k, z, n, id_of);
     for (int64_t j = 0; j < n; ++j)
       if constexpr (kAscending)
         top.push_ascending(z[j], id_of(j));
@@ -156,7 +156,7 @@ void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<co
     z.resize(static_cast<size_t>(probes));
     out.resize(static_cast<size_t>(probes));
     TopK top(probes, z.data(), out.data());
-    push_by_runs<true>(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
+    push_prefiltered<true>(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
     for (int32_t c : out) members += sizes[c];
     if (members >= k) return;
   }
@@ -430,10 +430,10 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     if (codewords[i] < 0 || codewords[i] >= l.lists)
       check.fail("probe " + std::to_string(i) + " names list " + std::to_string(codewords[i]) +
                  ", outside [0, " + std::to_string(l.lists) + ")");
-  struct BlockRun {
+  struct BlockBatch {
     int32_t begin, end;
   };
-  RaggedRows<BlockRun> scanned(T);
+  RaggedRows<BlockBatch> scanned(T);
   PairSet out;
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
@@ -443,7 +443,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     // The token's probed lists as bits (set, used, cleared per token): a
     // query-aware list's blocks have a handful of outranking lists each.
     std::vector<uint64_t> probed;
-    std::vector<BlockRun> runs;  // the token's runs of scanned blocks
+    std::vector<BlockBatch> runs;  // the token's runs of scanned blocks
     const bool ready = errors.run([&] { probed.assign(static_cast<size_t>(l.lists / 64 + 1), 0); });
     const auto is_probed = [&](int32_t c) { return (probed[c >> 6] >> (c & 63)) & 1; };
 #pragma omp for schedule(static)
@@ -458,22 +458,19 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
         runs.clear();
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
           const int32_t c = codewords[i];
-          bool open = false;  // the last block extended a run of this list
+          bool open = false;  // the block before was scanned: extend its run
           for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
             bool seen = false;
             for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
               seen = is_probed(l.outranking[j]);
-            if (seen)
-              open = false;
-            else if (open)
-              runs.back().end = static_cast<int32_t>(s + 1);
-            else
+            if (!seen && open) runs.back().end = static_cast<int32_t>(s + 1);
+            if (!seen && !open)
               runs.push_back({static_cast<int32_t>(s), static_cast<int32_t>(s + 1)});
             open = !seen;
           }
         }
         int64_t members = 0;
-        for (const BlockRun& run : runs)
+        for (const BlockBatch& run : runs)
           members += l.block_offsets[run.end] - l.block_offsets[run.begin];
         scanned.set(t, runs);
         shortlist[t] = static_cast<int32_t>(members);
@@ -490,7 +487,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
           *block_end = out.block_end.as<int32_t>();
   int64_t p = 0;
   for (int64_t t = 0; t < T; ++t)
-    for (const BlockRun& run : scanned.row(t)) {
+    for (const BlockBatch& run : scanned.row(t)) {
       query[p] = static_cast<int32_t>(t);
       block[p] = run.begin;
       block_end[p++] = run.end;
@@ -502,17 +499,6 @@ namespace {
 
 constexpr int64_t kQueriesPerTask = 64;
 
-// scan_blocks' work, grouped so that one GEMM serves many pairs. A run is a
-// stretch of consecutive pairs of one query in one list (probe_pairs writes
-// each token's blocks list by list, so a run is one probed list); runs are
-// grouped by list and, inside a list, by query (run order breaks ties), and
-// a task is up to kQueriesPerTask queries of a list against the rows their
-// blocks span (a list's blocks are consecutive rows). Lists cut into many
-// small blocks (spilled and query-aware lists) thus cost one GEMM per task
-// rather than one per block, and only runs are reordered: a run's pairs are
-// read and written in place, in sequence. Rows a query's pairs skip inside
-// the span are scored and unused. Every logit is lane_dot of its two rows, so
-// the grouping changes no bit.
 // scan_blocks' pairs as host vectors.
 struct PairArgs {
   Vec<const int32_t> query, block, block_end;
@@ -522,27 +508,38 @@ struct PairArgs {
   int64_t end_row(const HostLists& l, int64_t p) const { return l.block_offsets[block_end[p]]; }
 };
 
+// scan_blocks' work, grouped so that one GEMM serves many pairs. A group is
+// a stretch of consecutive pairs of one query in one list (probe_pairs
+// writes each token's pairs list by list, so a group is one probed list);
+// groups are ordered by list and, inside a list, by query (group order
+// breaks ties), and a task is up to kQueriesPerTask queries of a list
+// against the rows their pairs span (a list's blocks are consecutive rows).
+// Lists cut into many small blocks (spilled and query-aware lists) thus cost
+// one GEMM per task rather than one per block, and only groups are
+// reordered: a group's pairs are read and written in place, in sequence.
+// Rows a query's pairs skip inside the span are scored and unused. Every
+// logit is lane_dot of its two rows, so the grouping changes no bit.
 struct ScanPlan {
-  struct Run {
+  struct Group {
     int64_t begin, end;  // pairs
     int32_t query, list;
   };
   struct Task {
-    int64_t first_run, end_run;  // runs[first_run .. end_run)
-    int64_t begin, end;          // key rows
+    int64_t first_group, end_group;  // groups[first_group .. end_group)
+    int64_t begin, end;              // key rows
   };
-  std::vector<Run> runs;
+  std::vector<Group> groups;
   std::vector<Task> tasks;
 };
 
-// The pairs' runs in pair order; a pair naming a block or a query out of
-// range, or blocks that are not a run of one list, is refused by name.
-std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l, const PairArgs& pairs,
-                                     int64_t query_rows) {
+// The pairs' groups in pair order; a pair naming a block or a query out of
+// range, or blocks that are not a run of one list's, is refused by name.
+std::vector<ScanPlan::Group> find_groups(const OpArgs& check, const HostLists& l,
+                                         const PairArgs& pairs, int64_t query_rows) {
   std::vector<int32_t> list_of(static_cast<size_t>(l.blocks));
   for (int64_t c = 0; c < l.lists; ++c)
     std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
-  std::vector<ScanPlan::Run> runs;
+  std::vector<ScanPlan::Group> groups;
   for (int64_t p = 0; p < pairs.size; ++p) {
     const int32_t b = pairs.block[p], e = pairs.block_end[p], q = pairs.query[p];
     if (b < 0 || b >= l.blocks)
@@ -552,53 +549,53 @@ std::vector<ScanPlan::Run> find_runs(const OpArgs& check, const HostLists& l, co
     if (q < 0 || q >= query_rows)
       check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q) +
                  ", outside [0, " + std::to_string(query_rows) + ")");
-    if (!runs.empty() && runs.back().query == q && runs.back().list == list_of[b])
-      runs.back().end = p + 1;
+    if (!groups.empty() && groups.back().query == q && groups.back().list == list_of[b])
+      groups.back().end = p + 1;
     else
-      runs.push_back({p, p + 1, q, list_of[b]});
+      groups.push_back({p, p + 1, q, list_of[b]});
   }
-  return runs;
+  return groups;
 }
 
-// Cuts each list's runs (by query) into tasks of up to kQueriesPerTask
-// queries, each spanning the rows of its runs' blocks.
+// Cuts each list's groups (by query) into tasks of up to kQueriesPerTask
+// queries, each spanning the rows of its groups' pairs.
 void cut_tasks(const HostLists& l, const PairArgs& pairs, ScanPlan& plan) {
   ScanPlan::Task task{};
   int64_t queries = 0;
-  const auto runs = static_cast<int64_t>(plan.runs.size());
-  for (int64_t r = 0; r < runs; ++r) {
-    const ScanPlan::Run& run = plan.runs[r];
-    const bool new_list = r == 0 || run.list != plan.runs[r - 1].list;
-    const bool new_query = new_list || run.query != plan.runs[r - 1].query;
+  const auto groups = static_cast<int64_t>(plan.groups.size());
+  for (int64_t r = 0; r < groups; ++r) {
+    const ScanPlan::Group& group = plan.groups[r];
+    const bool new_list = r == 0 || group.list != plan.groups[r - 1].list;
+    const bool new_query = new_list || group.query != plan.groups[r - 1].query;
     if (new_list || (new_query && queries == kQueriesPerTask)) {
       if (r > 0) plan.tasks.push_back(task);
       task = {r, r, std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()};
       queries = 0;
     }
     queries += new_query;
-    task.end_run = r + 1;
-    for (int64_t p = run.begin; p < run.end; ++p) {
+    task.end_group = r + 1;
+    for (int64_t p = group.begin; p < group.end; ++p) {
       task.begin = std::min(task.begin, pairs.first_row(l, p));
       task.end = std::max(task.end, pairs.end_row(l, p));
     }
   }
-  if (runs > 0) plan.tasks.push_back(task);
+  if (groups > 0) plan.tasks.push_back(task);
 }
 
 ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const PairArgs& pairs,
                    int64_t query_rows) {
-  const std::vector<ScanPlan::Run> runs = find_runs(check, l, pairs, query_rows);
-  const Csr by_list =
-      bucket(l.lists, static_cast<int64_t>(runs.size()), [&](int64_t r) { return runs[r].list; });
+  const std::vector<ScanPlan::Group> groups = find_groups(check, l, pairs, query_rows);
+  const Csr by_list = bucket(l.lists, static_cast<int64_t>(groups.size()),
+                             [&](int64_t r) { return groups[r].list; });
   ScanPlan plan;
-  plan.runs.reserve(runs.size());
-  for (int64_t r : by_list.items) plan.runs.push_back(runs[r]);
-  const auto by_query = [](const ScanPlan::Run& a, const ScanPlan::Run& b) {
+  plan.groups.reserve(groups.size());
+  for (int64_t r : by_list.items) plan.groups.push_back(groups[r]);
+  const auto by_query = [](const ScanPlan::Group& a, const ScanPlan::Group& b) {
     return a.query < b.query;
   };
-  for (int64_t c = 0; c < l.lists; ++c) {  // runs come token by token: mostly sorted already
-    const auto begin = plan.runs.begin() + by_list.offsets[c];
-    const auto end = plan.runs.begin() + by_list.offsets[c + 1];
+  for (int64_t c = 0; c < l.lists; ++c) {  // groups come token by token: mostly sorted already
+    const auto begin = plan.groups.begin() + by_list.offsets[c];
+    const auto end = plan.groups.begin() + by_list.offsets[c + 1];
     if (!std::is_sorted(begin, end, by_query)) std::stable_sort(begin, end, by_query);
   }
   cut_tasks(l, pairs, plan);
@@ -623,8 +620,8 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
       check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
   const PairArgs pairs{Vec<const int32_t>(query), Vec<const int32_t>(block),
                        Vec<const int32_t>(block_end), P};
-  const ScanPlan plan = plan_scan(check, l, pairs, queries.rows);
   if (P == 0) return;
+  const ScanPlan plan = plan_scan(check, l, pairs, queries.rows);
   const int64_t rows = l.block_offsets[l.blocks];
   if (rows > 0) check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
   const int64_t d = queries.cols;
@@ -641,18 +638,18 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
       errors.run([&] {
         const ScanPlan::Task& task = plan.tasks[ti];
         const int64_t width = task.end - task.begin;
-        // The task's queries, one GEMM row each (consecutive runs may share one).
+        // The task's queries, one GEMM row each (consecutive groups may share one).
         int64_t n = 0;
-        for (int64_t r = task.first_run; r < task.end_run; ++r)
-          if (r == task.first_run || plan.runs[r].query != plan.runs[r - 1].query)
-            load_row(queries, plan.runs[r].query, xbuf.data() + n++ * d);
+        for (int64_t r = task.first_group; r < task.end_group; ++r)
+          if (r == task.first_group || plan.groups[r].query != plan.groups[r - 1].query)
+            load_row(queries, plan.groups[r].query, xbuf.data() + n++ * d);
         zbuf.resize(static_cast<size_t>(n * width));
         if (width > 0)
           score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(),
                     width);
-        for (int64_t r = task.first_run, i = -1; r < task.end_run; ++r) {
-          if (r == task.first_run || plan.runs[r].query != plan.runs[r - 1].query) ++i;
-          for (int64_t p = plan.runs[r].begin; p < plan.runs[r].end; ++p) {
+        for (int64_t r = task.first_group, i = -1; r < task.end_group; ++r) {
+          if (r == task.first_group || plan.groups[r].query != plan.groups[r - 1].query) ++i;
+          for (int64_t p = plan.groups[r].begin; p < plan.groups[r].end; ++p) {
             const int64_t first = pairs.first_row(l, p), L = pairs.end_row(l, p) - first;
             const float* z = zbuf.data() + i * width + (first - task.begin);
             TopK top = o.top(p, k);
