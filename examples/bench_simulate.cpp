@@ -2,11 +2,14 @@
 // for P up to thousands of ranks, in one process, from the same placement,
 // routing and wire-format code as a real run (runtime/simulator.h). Weak
 // scaling (the default): a fixed batch per rank, a sample of ranks routed;
-// --tokens-per-rank 0: -T tokens in all, split over the ranks.
+// --tokens-per-rank 0: -T tokens in all, split over the ranks. --save-data
+// writes what the weak sweep routed and placed, for analyses outside it
+// (scripts/certified_requests.py).
 #include <algorithm>
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -16,6 +19,7 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "core/checks.h"
+#include "core/npy.h"
 #include "core/synthetic.h"
 #include "layer_report.h"
 #include "router/air_router.h"
@@ -176,7 +180,36 @@ struct WeakOptions {
   int sample = 8;
   std::vector<comm::ExchangeKind> kinds;
   DType wire_dtype = DType::kF32;  // token vectors on the wire (both modes)
+  std::string data_dir;            // --save-data (none: "")
 };
+
+// --save-data: the data of the weak sweep as .npy files, an error naming the
+// option (the folder was checked when the run started). The experts, AIR's
+// codewords and lists, and the sampled ranks' batches one after another
+// (rank r's are rows [r T, (r + 1) T) of tokens.npy) are written first;
+// owners_P<P>.npy (each expert's rank) as each P is placed.
+template <typename T>
+void save_npy(const std::string& dir, const std::string& file, const T* data, int64_t rows,
+              int64_t cols) {
+  try {
+    std::filesystem::create_directories(dir);
+    write_npy(dir + "/" + file, data, rows, cols);
+  } catch (const std::exception& e) {
+    fail("--save-data " + dir + ": " + e.what());
+  }
+}
+
+void save_sweep_data(const std::string& dir, const SyntheticGenerator& gen, const AirRouter& air,
+                     const WeakOptions& w) {
+  const Matrix& centers = gen.centers();
+  save_npy(dir, "centers.npy", centers.data(), centers.rows(), centers.cols());
+  const MatrixView codewords = air.codebook().codewords();
+  save_npy(dir, "codewords.npy", codewords.data, codewords.rows, codewords.cols);
+  const std::vector<int32_t>& lists = air.lists().assignment();
+  save_npy(dir, "assignment.npy", lists.data(), static_cast<int64_t>(lists.size()), 1);
+  const Matrix tokens = gen.tokens(0, static_cast<int64_t>(w.sample) * w.tokens_per_rank);
+  save_npy(dir, "tokens.npy", tokens.data(), tokens.rows(), tokens.cols());
+}
 
 // Rows of every strategy at P over the sample.
 std::vector<json> simulate_weak_at(int P, const WeakOptions& w, SampleCache& cache,
@@ -246,6 +279,7 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
   const Matrix calibration = gen.tokens(0, o.tokens);
   const std::vector<double> load = runtime::list_load(
       air.lists(), air.route(calibration.view(), o.k, probes.front()).probed_codewords);
+  if (!w.data_dir.empty()) save_sweep_data(w.data_dir, gen, air, w);
   SampleCache cache(gen, air, w.tokens_per_rank, o.k, probes);
   const double t_sweep = now_seconds();
   std::vector<json> rows;
@@ -253,6 +287,9 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
     const double t0 = now_seconds();
     const runtime::PlacementPlan plan =
         runtime::plan_placement(policy, P, air.codebook(), air.lists(), load);
+    if (!w.data_dir.empty())
+      save_npy(w.data_dir, "owners_P" + std::to_string(P) + ".npy", plan.placement.owners().data(),
+               plan.placement.experts(), 1);
     std::vector<json> group =
         simulate_weak_at(P, w, cache, plan.placement, d, probes, static_cast<int>(C));
     finish_sample_rows(group);
@@ -333,7 +370,10 @@ int run_simulate(const std::vector<std::string>& args) {
       "(counts first: the NCCL exchange, or an alltoallv) or both "
       "(-T tokens in all: sparse for both)")(
       "wire-dtype", po::value(&wire_dtype_name)->default_value(wire_dtype_name),
-      "element type of the token vectors on the wire: f32 or bf16");
+      "element type of the token vectors on the wire: f32 or bf16")(
+      "save-data", path_value(&weak.data_dir, "--save-data"),
+      "weak scaling: write the experts, codewords, lists, sampled batches and each P's owners "
+      "as .npy files to this folder");
   if (!parse(args, opts, true)) return 0;
   o.validate();
   require_in_range(hidden, 1, INT32_MAX, "--hidden");
@@ -346,6 +386,10 @@ int run_simulate(const std::vector<std::string>& args) {
   OutputFile json_out(o.json_file, "--json", apart);
   apart.push_back({"--json", o.json_file});
   OutputFile csv_out(csv_file, "--csv", apart);
+  if (!weak.data_dir.empty()) {
+    if (weak.tokens_per_rank == 0) fail("--save-data: needs --tokens-per-rank > 0 (weak scaling)");
+    require_writable_folder(weak.data_dir, "--save-data");
+  }
   if (weak.tokens_per_rank > 0) {
     if (csv_out.wanted()) fail("--csv: needs --tokens-per-rank 0 (-T tokens in all)");
     return run_weak(o, weak, ranks, probes, placement_name, hidden, json_out);

@@ -161,6 +161,12 @@ def error_cases(bench, mpi, work):
          f"--save-routes {a_file}/sub: '{a_file}' is not a folder", "generating"),
         ([*mpi, "traffic", *SMALL, "--save-routes", a_file],
          f"--save-routes {a_file}: exists and is not a folder", "preparing"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--save-data", a_file],
+         f"--save-data {a_file}: exists and is not a folder", "generating"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--save-data", ""],
+         "--save-data: the path is empty", "generating"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--tokens-per-rank", "0", "--save-data",
+          os.path.join(work, "sd")], "--save-data: needs --tokens-per-rank > 0", "preparing"),
         # No tokens, no figures: every subcommand refuses -T 0 alike.
         ([*mpi, "layer", "-E", "64", "-d", "16", "-T", "0", "-C", "4", "--repeats", "1"],
          "-T/--num-tokens = 0: the benchmark needs >= 1 token", "preparing"),
