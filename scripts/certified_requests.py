@@ -131,6 +131,9 @@ def main():
     v.add_argument("tokens_file")
     v.add_argument("out_json")
     v.add_argument("--exact-columns", type=int, default=0)
+    v.add_argument("--experts", default="0",
+                   help="comma-separated expert counts: each a random subset of the keys "
+                        "(seed 0), to see how the survivors grow with E (0: all)")
     for p in (t, v):
         p.add_argument("--bits", default="8,4")
         p.add_argument("--tokens", type=int, default=0,
@@ -150,21 +153,31 @@ def survivors_main(a):
     if not 0 <= a.exact_columns < centers.shape[1]:
         sys.exit(f"--exact-columns {a.exact_columns}: outside [0, {centers.shape[1]})")
     k, cut = 8, centers.shape[1] - a.exact_columns
-    norms = np.linalg.norm(centers.astype(np.float64), axis=1)
-    rows = np.arange(centers.shape[0])
     n = tokens.shape[0] if a.tokens <= 0 else min(a.tokens, tokens.shape[0])
     out = {"analysis": "certified_survivors", "centers": a.centers, "tokens": a.tokens_file,
            "k": k, "exact_columns": a.exact_columns, "tokens_analysed": n, "bits": {}}
-    for bits in (int(b) for b in a.bits.split(",")):
-        keys = quantize(centers[:, :cut], bits)
-        counts = np.array([survivors(tokens[t].astype(np.float64), centers, norms, keys, rows, k,
-                                     a.exact_columns, f"token {t}").sum() for t in range(n)])
-        out["bits"][str(bits)] = {"mean": float(counts.mean()), "median": float(np.median(counts)),
-                                  "p90": float(np.percentile(counts, 90)),
-                                  "max": int(counts.max())}
-        print(f"{bits}-bit keys: survivors of E = {centers.shape[0]} per token: mean "
-              f"{counts.mean():.2f}, median {np.median(counts):.0f}, p90 "
-              f"{np.percentile(counts, 90):.0f}, max {counts.max()}", flush=True)
+    all_experts = centers.shape[0]
+    for E in (int(e) for e in a.experts.split(",")):
+        if not 0 <= E <= all_experts or 0 < E < k:
+            sys.exit(f"--experts {E}: outside [{k}, {all_experts}] (0: all)")
+        subset = (np.sort(np.random.default_rng(0).choice(all_experts, E, replace=False))
+                  if 0 < E < all_experts else np.arange(all_experts))
+        keys_f32 = centers[subset]
+        norms = np.linalg.norm(keys_f32.astype(np.float64), axis=1)
+        rows = np.arange(len(subset))
+        for bits in (int(b) for b in a.bits.split(",")):
+            keys = quantize(keys_f32[:, :cut], bits)
+            counts = np.array([survivors(tokens[t].astype(np.float64), keys_f32, norms, keys, rows,
+                                         k, a.exact_columns, f"token {t}").sum()
+                               for t in range(n)])
+            name = str(bits) if E in (0, all_experts) else f"{bits}@E{E}"
+            out["bits"][name] = {"experts": int(len(subset)), "mean": float(counts.mean()),
+                                 "median": float(np.median(counts)),
+                                 "p90": float(np.percentile(counts, 90)),
+                                 "max": int(counts.max())}
+            print(f"{bits}-bit keys: survivors of E = {len(subset)} per token: mean "
+                  f"{counts.mean():.2f}, median {np.median(counts):.0f}, p90 "
+                  f"{np.percentile(counts, 90):.0f}, max {counts.max()}", flush=True)
     with open(a.out_json, "w") as f:
         json.dump(out, f, indent=1)
 

@@ -65,11 +65,16 @@ def main():
     mean = json.load(open(surv))["bits"]["8"]["mean"]
     if not 8 <= mean <= E:
         sys.exit(f"{surv}: {mean} survivors per token, outside [k, E]")
-    p = run(script + ["survivors", os.path.join(data, "centers.npy"),
-                      os.path.join(data, "tokens.npy"), surv, "--exact-columns", str(d)],
-            expect_ok=False)
-    if f"--exact-columns {d}: outside [0, {d})" not in p.stderr:
-        sys.exit(f"--exact-columns {d}: unexpected message {p.stderr!r}")
+    run(script + ["survivors", os.path.join(data, "centers.npy"), os.path.join(data, "tokens.npy"),
+                  surv, "--bits", "8", "--tokens", "16", "--experts", "512,0"])
+    if set(json.load(open(surv))["bits"]) != {"8@E512", "8"}:
+        sys.exit(f"{surv}: expected the entries 8@E512 and 8")
+    for bad, message in ((["--exact-columns", str(d)], f"--exact-columns {d}: outside [0, {d})"),
+                         (["--experts", "4"], f"--experts 4: outside [8, {E}]")):
+        p = run(script + ["survivors", os.path.join(data, "centers.npy"),
+                          os.path.join(data, "tokens.npy"), surv, *bad], expect_ok=False)
+        if message not in p.stderr:
+            sys.exit(f"{' '.join(bad)}: unexpected message {p.stderr!r}")
 
     j = json.load(open(sim))
     j["results"][-1]["mean_bytes_by_phase"]["requests"] += 4
