@@ -100,14 +100,14 @@ def survivors(h, centers, norms, keys, rows, k, exact_columns, what):
     return survive
 
 
-def per_token(h, home, probes, members, slists, place, centers, norms, quant, k, d):
+def per_token(h, home, probes, members, lists_of, place, centers, norms, quant, k, d):
     """(today's ranks, requests, replies) and per bit width the pruned ones."""
     sl = np.concatenate([members[c] for c in probes])
     owners = place[sl]
     # Today: each rank hosting a probed list gets the token with the probed
     # codewords it hosts.
     C = len(members)
-    hosted = np.unique(owners.astype(np.int64) * C + slists(probes))  # (rank, list) pairs
+    hosted = np.unique(owners.astype(np.int64) * C + lists_of(probes))  # (rank, list) pairs
     ranks, n_codewords = np.unique(hosted // C, return_counts=True)
     today = request_bytes(ranks, n_codewords, home, d, k)
     out = {}
@@ -182,92 +182,126 @@ def survivors_main(a):
         json.dump(out, f, indent=1)
 
 
+class SavedRun:
+    """A simulate --save-data folder: the experts, AIR's lists and the
+    sampled ranks' batches."""
+
+    def __init__(self, data_dir):
+        self.dir = data_dir
+        self.centers = load(data_dir, "centers.npy")
+        self.codewords = load(data_dir, "codewords.npy")
+        self.tokens = load(data_dir, "tokens.npy")
+        assignment = load(data_dir, "assignment.npy")[:, 0]
+        order = np.argsort(assignment, kind="stable")
+        starts = np.searchsorted(assignment[order], np.arange(self.codewords.shape[0] + 1))
+        self.members = [order[starts[c]:starts[c + 1]] for c in range(self.codewords.shape[0])]
+        self.sizes = np.diff(starts)
+        self.norms = np.linalg.norm(self.centers.astype(np.float64), axis=1)
+        self._probes = {}
+
+    def lists_of(self, probes):
+        """The list of each shortlisted expert, in shortlist order."""
+        return np.repeat(probes, self.sizes[probes])
+
+    def probes(self, m):
+        if m not in self._probes:
+            self._probes[m] = probes_of(self.tokens, self.codewords, m)
+        return self._probes[m]
+
+
+def count_row(run, r, quant, k, tpr, n):
+    """Sums over the row's sampled ranks' first n tokens: today's (ranks,
+    requests, replies) and per bit width the pruned ones and survivors."""
+    place = load(run.dir, f"owners_P{r['ranks']}.npy")[:, 0]
+    probes = run.probes(r["probes"])
+    today = np.zeros(3)
+    pruned = {b: np.zeros(4) for b in quant}
+    for i, home in enumerate(r["sampled_ranks"]):
+        for t in range(i * tpr, i * tpr + n):
+            td, pr = per_token(run.tokens[t].astype(np.float64), home, probes[t], run.members,
+                               run.lists_of, place, run.centers, run.norms, quant, k,
+                               run.centers.shape[1])
+            today += td
+            for b in quant:
+                pruned[b] += pr[b]
+        print(f"P={r['ranks']} m={r['probes']}: rank {home} analysed", file=sys.stderr, flush=True)
+    return today, pruned
+
+
+def check_recount(r, today, count):
+    """Today's requests and replies, recounted, against the simulator's."""
+    homes = len(r["sampled_ranks"])
+    by_phase = r["mean_bytes_by_phase"]
+    want = (by_phase.get("requests", 0.0), by_phase.get("replies", 0.0))
+    got = (today[1] / homes, today[2] / homes)
+    where = f"P={r['ranks']} m={r['probes']}"
+    if abs(got[0] - want[0]) > 0.5 or abs(got[1] - want[1]) > 0.5:
+        sys.exit(f"{where}: recounted requests/replies {got} differ from the simulator's {want}")
+    if abs(today[0] / count - r["mean_ranks_per_token"]) > 1e-9:
+        sys.exit(f"{where}: recounted ranks per token {today[0] / count} differ from the "
+                 f"simulator's {r['mean_ranks_per_token']}")
+
+
+def forward_bytes(row):
+    phases = ("requests", "replies", "dispatch", "combine")
+    return sum(v for p, v in row["mean_bytes_by_phase"].items() if p.split(":")[0] in phases)
+
+
+def figures(r, floor_row, today, pruned, count, tpr, experts, d):
+    """The output row: per rank per step, today and pruned, against the floor."""
+    total, floor = r["bytes_per_rank"]["mean"], floor_row["bytes_per_rank"]["mean"]
+    fwd, floor_fwd = forward_bytes(r), forward_bytes(floor_row)
+    today_rr = (today[1] + today[2]) / count * tpr
+    row = {"ranks": r["ranks"], "probes": r["probes"], "recall_at_k": r["recall_at_k"],
+           "tokens_analysed": count,
+           "today": {"ranks_per_token": today[0] / count, "requests_replies_per_rank": today_rr,
+                     "bytes_vs_floor": total / floor, "forward_bytes_vs_floor": fwd / floor_fwd},
+           "pruned": {}}
+    for b, p in pruned.items():
+        rr = (p[1] + p[2]) / count * tpr
+        row["pruned"][str(b)] = {
+            "ranks_per_token": p[0] / count, "survivors_per_token": p[3] / count,
+            "requests_replies_per_rank": rr,
+            "bytes_vs_floor": (total - today_rr + rr) / floor,
+            "forward_bytes_vs_floor": (fwd - today_rr + rr) / floor_fwd,
+            "replicated_key_bytes_per_rank": int(experts * (d * b // 8 + 8))}
+    return row
+
+
+def describe(row):
+    pruned = " ".join(f"{b}-bit: {p['ranks_per_token']:.2f} ranks, {p['bytes_vs_floor']:.3f}x "
+                      f"floor ({p['forward_bytes_vs_floor']:.3f}x fwd)"
+                      for b, p in row["pruned"].items())
+    t = row["today"]
+    return (f"P={row['ranks']} m={row['probes']} recall {row['recall_at_k']:.3f}: today "
+            f"{t['ranks_per_token']:.2f} ranks, {t['bytes_vs_floor']:.3f}x floor "
+            f"({t['forward_bytes_vs_floor']:.3f}x fwd); {pruned}")
+
+
 def traffic_main(a):
     sim = json.load(open(a.simulate_json))
     if sim.get("mode") != "weak":
         sys.exit(f"{a.simulate_json}: not a weak-scaling run (simulate --tokens-per-rank > 0)")
     cfg = sim["config"]
-    k, d, tpr, S = cfg["k"], cfg["dim"], cfg["tokens_per_rank"], cfg["sample_ranks"]
-    centers = load(a.data_dir, "centers.npy")
-    codewords = load(a.data_dir, "codewords.npy")
-    assignment = load(a.data_dir, "assignment.npy")[:, 0]
-    tokens = load(a.data_dir, "tokens.npy")
-    order = np.argsort(assignment, kind="stable")
-    starts = np.searchsorted(assignment[order], np.arange(codewords.shape[0] + 1))
-    members = [order[starts[c]:starts[c + 1]] for c in range(codewords.shape[0])]
-    sizes = np.diff(starts)
-
-    def slists(probes):
-        return np.repeat(probes, sizes[probes])
-
+    k, d, tpr = cfg["k"], cfg["dim"], cfg["tokens_per_rank"]
+    run = SavedRun(a.data_dir)
     bits_list = [int(b) for b in a.bits.split(",")]
-    quant = {b: quantize(centers, b) for b in bits_list}
-    norms = np.linalg.norm(centers.astype(np.float64), axis=1)
+    quant = {b: quantize(run.centers, b) for b in bits_list}
     n = tpr if a.tokens <= 0 else min(a.tokens, tpr)
-    rows = [r for r in sim["results"] if r["strategy"] == "air" and r["exchange"] == "sparse"]
-    floors = {r["ranks"]: r for r in sim["results"]
-              if r["strategy"] == "dense-replicated" and r["exchange"] == "sparse"}
+    sparse = [r for r in sim["results"] if r["exchange"] == "sparse"]
+    rows = [r for r in sparse if r["strategy"] == "air"]
+    floors = {r["ranks"]: r for r in sparse if r["strategy"] == "dense-replicated"}
     if not rows:
         sys.exit(f"{a.simulate_json}: no air row with the sparse exchange (--exchange sparse or both)")
-    probes_cache = {}
     out = []
     for r in rows:
-        P, m = r["ranks"], r["probes"]
-        place = load(a.data_dir, f"owners_P{P}.npy")[:, 0]
-        if m not in probes_cache:
-            probes_cache[m] = probes_of(tokens, codewords, m)
-        homes = r["sampled_ranks"]
-        today = np.zeros(3)
-        pruned = {b: np.zeros(4) for b in bits_list}
-        for i, home in enumerate(homes):
-            for t in range(i * tpr, i * tpr + n):
-                td, pr = per_token(tokens[t].astype(np.float64), home, probes_cache[m][t], members,
-                                   slists, place, centers, norms, quant, k, d)
-                today += td
-                for b in bits_list:
-                    pruned[b] += pr[b]
-            print(f"P={P} m={m}: rank {home} analysed", file=sys.stderr, flush=True)
-        count = n * len(homes)
-        by_phase = r["mean_bytes_by_phase"]
+        today, pruned = count_row(run, r, quant, k, tpr, n)
+        count = n * len(r["sampled_ranks"])
         if n == tpr:
-            want = (by_phase.get("requests", 0.0), by_phase.get("replies", 0.0))
-            got = (today[1] / len(homes), today[2] / len(homes))
-            if abs(got[0] - want[0]) > 0.5 or abs(got[1] - want[1]) > 0.5:
-                sys.exit(f"P={P} m={m}: recounted requests/replies {got} differ from the "
-                         f"simulator's {want}")
-            if abs(today[0] / count - r["mean_ranks_per_token"]) > 1e-9:
-                sys.exit(f"P={P} m={m}: recounted ranks per token {today[0] / count} differ "
-                         f"from the simulator's {r['mean_ranks_per_token']}")
-        total = r["bytes_per_rank"]["mean"]
-        floor = floors[P]["bytes_per_rank"]["mean"]
-        fwd_phases = ("requests", "replies", "dispatch", "combine")
-        fwd = sum(v for p, v in by_phase.items() if p.split(":")[0] in fwd_phases)
-        floor_fwd = sum(v for p, v in floors[P]["mean_bytes_by_phase"].items()
-                        if p.split(":")[0] in fwd_phases)
-        today_rr = (today[1] + today[2]) / count * tpr
-        row = {"ranks": P, "probes": m, "recall_at_k": r["recall_at_k"], "tokens_analysed": count,
-               "today": {"ranks_per_token": today[0] / count,
-                         "requests_replies_per_rank": today_rr,
-                         "bytes_vs_floor": total / floor,
-                         "forward_bytes_vs_floor": fwd / floor_fwd},
-               "pruned": {}}
-        for b in bits_list:
-            p = pruned[b]
-            rr = (p[1] + p[2]) / count * tpr
-            row["pruned"][str(b)] = {
-                "ranks_per_token": p[0] / count, "survivors_per_token": p[3] / count,
-                "requests_replies_per_rank": rr,
-                "bytes_vs_floor": (total - today_rr + rr) / floor,
-                "forward_bytes_vs_floor": (fwd - today_rr + rr) / floor_fwd,
-                "replicated_key_bytes_per_rank": int(centers.shape[0] * (d * b // 8 + 8))}
-        out.append(row)
-        pr8 = " ".join(f"{b}-bit: {row['pruned'][str(b)]['ranks_per_token']:.2f} ranks, "
-                       f"{row['pruned'][str(b)]['bytes_vs_floor']:.3f}x floor "
-                       f"({row['pruned'][str(b)]['forward_bytes_vs_floor']:.3f}x fwd)"
-                       for b in bits_list)
-        print(f"P={P} m={m} recall {r['recall_at_k']:.3f}: today {row['today']['ranks_per_token']:.2f} "
-              f"ranks, {row['today']['bytes_vs_floor']:.3f}x floor "
-              f"({row['today']['forward_bytes_vs_floor']:.3f}x fwd); {pr8}", flush=True)
+            check_recount(r, today, count)
+        out.append(figures(r, floors[r["ranks"]], today, pruned, count, tpr,
+                           run.centers.shape[0], d))
+        print(describe(out[-1]), flush=True)
     result = {"analysis": "certified_requests", "simulate": cfg, "bits": bits_list,
               "tokens_per_rank_analysed": n, "rows": out}
     with open(a.out_json, "w") as f:
