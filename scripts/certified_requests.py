@@ -292,7 +292,8 @@ def traffic_main(a):
     rows = [r for r in sparse if r["strategy"] == "air"]
     floors = {r["ranks"]: r for r in sparse if r["strategy"] == "dense-replicated"}
     if not rows:
-        sys.exit(f"{a.simulate_json}: no air row with the sparse exchange (--exchange sparse or both)")
+        sys.exit(f"{a.simulate_json}: no air row with the sparse exchange "
+                 "(simulate --exchange sparse or both)")
     out = []
     for r in rows:
         today, pruned = count_row(run, r, quant, k, tpr, n)
