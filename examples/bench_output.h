@@ -5,6 +5,7 @@
 #pragma once
 
 #include <boost/program_options.hpp>
+#include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -17,6 +18,14 @@ namespace airmoe::bench {
 // not taken for "no file".
 boost::program_options::typed_value<std::string>* path_value(std::string* target,
                                                              const std::string& option);
+
+// Writes a matrix as DIR/FILE (.npy) into the folder an option names
+// (--save-routes, --save-data; checked when the run started), making the
+// folder first; an error names the option: "--save-data d: ...".
+void save_npy_in(const std::string& option, const std::string& dir, const std::string& file,
+                 const float* data, int64_t rows, int64_t cols);
+void save_npy_in(const std::string& option, const std::string& dir, const std::string& file,
+                 const int32_t* data, int64_t rows, int64_t cols);
 
 // a / b, or null where b is 0: a ratio to nothing (no dense-replicated row,
 // no bytes at P = 1) is no figure, and the JSON says so.

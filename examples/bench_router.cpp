@@ -9,7 +9,6 @@
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -151,16 +150,10 @@ const Ops& host_backend_option(const std::string& name) {
   }
 }
 
-// One router's routes as .npy files under --save-routes; an error names the
-// option (the folder was checked when the run started).
+// One router's routes as .npy files under --save-routes.
 void save_routes(const std::string& dir, const std::string& name, const Routes& r) {
-  try {
-    std::filesystem::create_directories(dir);
-    write_npy(dir + "/" + name + "_experts.npy", r.experts.data(), r.tokens, r.k);
-    write_npy(dir + "/" + name + "_gates.npy", r.gates.data(), r.tokens, r.k);
-  } catch (const std::exception& e) {
-    fail("--save-routes " + dir + ": " + e.what());
-  }
+  save_npy_in("--save-routes", dir, name + "_experts.npy", r.experts.data(), r.tokens, r.k);
+  save_npy_in("--save-routes", dir, name + "_gates.npy", r.gates.data(), r.tokens, r.k);
 }
 
 std::string route_name(const Row& r) {

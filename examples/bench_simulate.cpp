@@ -9,7 +9,6 @@
 #include <boost/program_options.hpp>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -19,7 +18,6 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "core/checks.h"
-#include "core/npy.h"
 #include "core/synthetic.h"
 #include "layer_report.h"
 #include "router/air_router.h"
@@ -183,32 +181,21 @@ struct WeakOptions {
   std::string data_dir;            // --save-data (none: "")
 };
 
-// --save-data: the data of the weak sweep as .npy files, an error naming the
-// option (the folder was checked when the run started). The experts, AIR's
+// --save-data: the data of the weak sweep as .npy files. The experts, AIR's
 // codewords and lists, and the sampled ranks' batches one after another
 // (rank r's are rows [r T, (r + 1) T) of tokens.npy) are written first;
 // owners_P<P>.npy (each expert's rank) as each P is placed.
-template <typename T>
-void save_npy(const std::string& dir, const std::string& file, const T* data, int64_t rows,
-              int64_t cols) {
-  try {
-    std::filesystem::create_directories(dir);
-    write_npy(dir + "/" + file, data, rows, cols);
-  } catch (const std::exception& e) {
-    fail("--save-data " + dir + ": " + e.what());
-  }
-}
-
 void save_sweep_data(const std::string& dir, const SyntheticGenerator& gen, const AirRouter& air,
                      const WeakOptions& w) {
   const Matrix& centers = gen.centers();
-  save_npy(dir, "centers.npy", centers.data(), centers.rows(), centers.cols());
+  save_npy_in("--save-data", dir, "centers.npy", centers.data(), centers.rows(), centers.cols());
   const MatrixView codewords = air.codebook().codewords();
-  save_npy(dir, "codewords.npy", codewords.data, codewords.rows, codewords.cols);
+  save_npy_in("--save-data", dir, "codewords.npy", codewords.data, codewords.rows, codewords.cols);
   const std::vector<int32_t>& lists = air.lists().assignment();
-  save_npy(dir, "assignment.npy", lists.data(), static_cast<int64_t>(lists.size()), 1);
+  save_npy_in("--save-data", dir, "assignment.npy", lists.data(),
+              static_cast<int64_t>(lists.size()), 1);
   const Matrix tokens = gen.tokens(0, static_cast<int64_t>(w.sample) * w.tokens_per_rank);
-  save_npy(dir, "tokens.npy", tokens.data(), tokens.rows(), tokens.cols());
+  save_npy_in("--save-data", dir, "tokens.npy", tokens.data(), tokens.rows(), tokens.cols());
 }
 
 // Rows of every strategy at P over the sample.
@@ -288,8 +275,8 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
     const runtime::PlacementPlan plan =
         runtime::plan_placement(policy, P, air.codebook(), air.lists(), load);
     if (!w.data_dir.empty())
-      save_npy(w.data_dir, "owners_P" + std::to_string(P) + ".npy", plan.placement.owners().data(),
-               plan.placement.experts(), 1);
+      save_npy_in("--save-data", w.data_dir, "owners_P" + std::to_string(P) + ".npy",
+                  plan.placement.owners().data(), plan.placement.experts(), 1);
     std::vector<json> group =
         simulate_weak_at(P, w, cache, plan.placement, d, probes, static_cast<int>(C));
     finish_sample_rows(group);
