@@ -18,6 +18,7 @@
 #include "core/threads.h"
 #include "layer_report.h"
 #include "ops/registry.h"
+#include "router/request_keys.h"
 #include "runtime/wire.h"
 
 namespace po = boost::program_options;
@@ -61,7 +62,7 @@ json layer_row(const StrategyFigures& f, int P, int64_t T, const std::vector<dou
 int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   const int P = comm.size(), me = comm.rank();
   DataOptions o;
-  int probes = 4, hidden = 16;
+  int probes = 4, hidden = 16, request_key_bits = 0;
   std::string activation = "gelu", placement_name = "locality", csv_file, wire_dtype_name = "f32";
   std::string backend_name = "host";
   std::string strategies_text = "dense-replicated,air,dense-broadcast";
@@ -83,7 +84,10 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
       "element type of the token vectors on the wire: f32 or bf16")(
       "backend", po::value(&backend_name)->default_value(backend_name),
       "compute backend of the experts and the step's vectors (host, host-avx512, host-avx2, "
-      "host-portable, device-emulated, cuda, cuda:N); routing stays on the host");
+      "host-portable, device-emulated, cuda, cuda:N); routing stays on the host")(
+      "request-key-bits", po::value(&request_key_bits)->default_value(request_key_bits),
+      "air and dense-broadcast: scoring requests pruned with replicated keys of these bits (2 "
+      "to 16; 0: off)");
   if (!parse_on_every_rank(comm, "layer", args, opts)) return 0;
   // Every rank has the same options: each finds the same fault, and they
   // raise it together.
@@ -100,6 +104,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
     policy = runtime::placement_policy_from_string(placement_name);
     act = runtime::activation_from_string(activation);
     wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype_name, "--wire-dtype");
+    if (request_key_bits != 0) check_request_key_bits(request_key_bits, "--request-key-bits");
     for (const std::string& s : split_list(strategies_text))
       strategies.push_back(runtime::strategy_from_string(s));
   });
@@ -120,6 +125,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
   in.spec.expert_seed = 7;
   in.spec.dense_expert_grads = dense_expert_grads;
   in.spec.wire_dtype = wire_dtype;
+  in.spec.request_key_bits = request_key_bits;
   in.strategies = strategies;
   in.centers = bench.data.centers.view();
   in.tokens = bench.data.tokens.view();
@@ -175,6 +181,7 @@ int layer_main(comm::Communicator& comm, const std::vector<std::string>& args) {
                      {"threads_per_rank", num_threads()},
                      {"dense_expert_grads", dense_expert_grads},
                      {"wire_dtype", wire_dtype_name},
+                     {"request_key_bits", request_key_bits},
                      {"backend", backend->name()}};
       j["results"] = rows;
       json_out.stream() << j.dump(2) << "\n";

@@ -23,6 +23,7 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/metrics.h"
+#include "router/request_keys.h"
 #include "runtime/coordinator.h"
 #include "runtime/simulator.h"
 #include "runtime/wire.h"
@@ -77,14 +78,39 @@ json to_json(const Stat& s) {
 struct SampleRoutes {
   Routes exact;             // AIR probing every list: exact top-k (and dense-broadcast's probes)
   std::vector<Routes> air;  // per --probes
+  // per --request-key-bits, per --probes: air's routes with their contenders
+  std::vector<std::vector<Routes>> keyed;
 };
+
+// AIR's routes with the contenders of `keys` (what the distributed router
+// with set_request_keys sends requests to).
+Routes with_contenders(Routes routes, MatrixView tokens, const RequestKeys& keys,
+                       const InvertedLists& lists) {
+  set_contenders(routes, tokens, keys, lists);
+  return routes;
+}
+
+// --request-key-bits: every expert's keys at each of the bits.
+std::vector<RequestKeys> request_keys(MatrixView centers, const std::vector<int>& bits) {
+  std::vector<RequestKeys> out;
+  for (int b : bits) {
+    progress("quantizing the request keys: %d bits", b);
+    out.emplace_back(centers, b);
+  }
+  return out;
+}
 
 // Routes of each sampled rank's batch, drawn and routed once per rank.
 class SampleCache {
  public:
   SampleCache(const SyntheticGenerator& gen, const AirRouter& air, int64_t tokens_per_rank, int k,
-              const std::vector<int>& probes)
-      : gen_(gen), air_(air), tokens_per_rank_(tokens_per_rank), k_(k), probes_(probes) {}
+              const std::vector<int>& probes, const std::vector<RequestKeys>& keys)
+      : gen_(gen),
+        air_(air),
+        tokens_per_rank_(tokens_per_rank),
+        k_(k),
+        probes_(probes),
+        keys_(keys) {}
 
   const SampleRoutes& of(int rank) {
     auto it = cache_.find(rank);
@@ -94,6 +120,11 @@ class SampleCache {
     SampleRoutes r;
     r.exact = air_.route(tokens.view(), k_, static_cast<int>(air_.codebook().size()));
     for (int m : probes_) r.air.push_back(air_.route(tokens.view(), k_, m));
+    for (const RequestKeys& keys : keys_) {
+      r.keyed.emplace_back();
+      for (const Routes& air : r.air)
+        r.keyed.back().push_back(with_contenders(air, tokens.view(), keys, air_.lists()));
+    }
     return cache_.emplace(rank, std::move(r)).first->second;
   }
   size_t routed() const { return cache_.size(); }
@@ -104,6 +135,7 @@ class SampleCache {
   int64_t tokens_per_rank_;
   int k_;
   std::vector<int> probes_;
+  const std::vector<RequestKeys>& keys_;
   std::map<int, SampleRoutes> cache_;
 };
 
@@ -139,6 +171,10 @@ json sample_row(const std::string& strategy, int m, comm::ExchangeKind kind,
     by_phase_messages[phase] = msg;
   }
   const Stat b = stat_of(bytes), msg = stat_of(messages), peers = stat_of(data_messages);
+  PhaseFigures means;
+  for (const auto& [phase, value] : by_phase_bytes.items())
+    means.bytes[phase] = value.get<double>();
+  const double forward = phase_totals(reported_phases(means)).forward;
   return {{"strategy", strategy},
           {"probes", m},
           {"ranks", sim.ranks},
@@ -149,22 +185,36 @@ json sample_row(const std::string& strategy, int m, comm::ExchangeKind kind,
           {"data_messages_per_rank", to_json(peers)},
           {"messages_per_data_message", ratio_or_null(msg.mean, peers.mean)},
           {"mean_bytes_by_phase", by_phase_bytes},
+          {"forward_bytes_per_rank", forward},
           {"mean_messages_by_phase", by_phase_messages},
           {"mean_ranks_per_token", sim.mean_ranks_per_token},
           {"recall_at_k", recall}};
 }
 
 // bytes_vs_floor: mean bytes per rank over dense-replicated's at the same P
-// and exchange (null at P = 1, where nothing is sent).
+// and exchange (null at P = 1, where nothing is sent); forward_vs_floor the
+// same of the forward phases alone.
 void finish_sample_rows(std::vector<json>& rows) {
   for (json& row : rows) {
-    double floor = 0.0;
+    double floor = 0.0, forward_floor = 0.0;
     for (const json& o : rows)
       if (o["strategy"] == "dense-replicated" && o["ranks"] == row["ranks"] &&
-          o["exchange"] == row["exchange"])
+          o["exchange"] == row["exchange"]) {
         floor = o["bytes_per_rank"]["mean"].get<double>();
+        forward_floor = o["forward_bytes_per_rank"].get<double>();
+      }
     row["bytes_vs_floor"] = ratio_or_null(row["bytes_per_rank"]["mean"].get<double>(), floor);
+    row["forward_vs_floor"] =
+        ratio_or_null(row["forward_bytes_per_rank"].get<double>(), forward_floor);
+    if (!row.contains("request_key_bits")) row["request_key_bits"] = 0;
   }
+}
+
+// A row's strategy as printed: air with request keys as "air+keys8".
+std::string row_label(const json& row) {
+  const int bits = row.value("request_key_bits", 0);
+  const std::string name = row["strategy"].get<std::string>();
+  return bits > 0 ? name + "+keys" + std::to_string(bits) : name;
 }
 
 double mean_recall(const std::vector<const Routes*>& got, const std::vector<const Routes*>& exact) {
@@ -179,6 +229,7 @@ struct WeakOptions {
   std::vector<comm::ExchangeKind> kinds;
   DType wire_dtype = DType::kF32;  // token vectors on the wire (both modes)
   std::string data_dir;            // --save-data (none: "")
+  std::vector<int> key_bits;       // --request-key-bits (none: empty)
 };
 
 // --save-data: the data of the weak sweep as .npy files. The experts, AIR's
@@ -207,6 +258,9 @@ std::vector<json> simulate_weak_at(int P, const WeakOptions& w, SampleCache& cac
   std::vector<const Routes*> exact;
   std::vector<std::vector<runtime::RankBlock>> air_blocks(probes.size());
   std::vector<std::vector<const Routes*>> air(probes.size());
+  // [bits][m]: the same routes with their contenders.
+  std::vector<std::vector<std::vector<runtime::RankBlock>>> keyed_blocks(
+      w.key_bits.size(), std::vector<std::vector<runtime::RankBlock>>(probes.size()));
   for (int r : ranks) {
     const SampleRoutes& s = cache.of(r);
     exact_blocks.push_back({r, &s.exact});
@@ -214,6 +268,8 @@ std::vector<json> simulate_weak_at(int P, const WeakOptions& w, SampleCache& cac
     for (size_t i = 0; i < probes.size(); ++i) {
       air_blocks[i].push_back({r, &s.air[i]});
       air[i].push_back(&s.air[i]);
+      for (size_t b = 0; b < w.key_bits.size(); ++b)
+        keyed_blocks[b][i].push_back({r, &s.keyed[b][i]});
     }
   }
   std::vector<json> rows;
@@ -226,25 +282,32 @@ std::vector<json> simulate_weak_at(int P, const WeakOptions& w, SampleCache& cac
     };
     add("dense-replicated", runtime::Strategy::kDenseReplicated, exact_blocks, 0, 1.0);
     add("dense-broadcast", runtime::Strategy::kDenseBroadcast, exact_blocks, C, 1.0);
-    for (size_t i = 0; i < probes.size(); ++i)
-      add("air", runtime::Strategy::kAir, air_blocks[i], probes[i], mean_recall(air[i], exact));
+    for (size_t i = 0; i < probes.size(); ++i) {
+      const double recall = mean_recall(air[i], exact);
+      add("air", runtime::Strategy::kAir, air_blocks[i], probes[i], recall);
+      for (size_t b = 0; b < w.key_bits.size(); ++b) {
+        add("air", runtime::Strategy::kAir, keyed_blocks[b][i], probes[i], recall);
+        rows.back()["request_key_bits"] = w.key_bits[b];
+      }
+    }
   }
   return rows;
 }
 
 void print_weak(const std::vector<json>& rows) {
-  std::printf("%6s %-17s %4s %-7s %14s %10s %14s %11s %11s %9s %8s %8s\n", "P", "strategy", "m",
-              "xchg", "bytes/rank", "+-stderr", "max bytes", "msgs/rank", "max msgs", "msg/peer",
-              "vs floor", "recall");
+  std::printf("%6s %-17s %4s %-7s %14s %10s %14s %11s %11s %9s %8s %8s %8s %8s\n", "P", "strategy",
+              "m", "xchg", "bytes/rank", "+-stderr", "max bytes", "msgs/rank", "max msgs",
+              "msg/peer", "vs floor", "fwd only", "recall", "ranks/t");
   for (const json& r : rows)
     std::printf(
-        "%6d %-17s %4d %-7s %14.0f %10.0f %14.0f %11.1f %11.0f %9s %8s %8.4f\n",
-        r["ranks"].get<int>(), r["strategy"].get<std::string>().c_str(), r["probes"].get<int>(),
+        "%6d %-17s %4d %-7s %14.0f %10.0f %14.0f %11.1f %11.0f %9s %8s %8s %8.4f %8.2f\n",
+        r["ranks"].get<int>(), row_label(r).c_str(), r["probes"].get<int>(),
         r["exchange"].get<std::string>().c_str(), r["bytes_per_rank"]["mean"].get<double>(),
         r["bytes_per_rank"]["stderr"].get<double>(), r["bytes_per_rank"]["max"].get<double>(),
         r["messages_per_rank"]["mean"].get<double>(), r["messages_per_rank"]["max"].get<double>(),
         cell(r["messages_per_data_message"], "%.2f").c_str(),
-        cell(r["bytes_vs_floor"], "%.3f").c_str(), r["recall_at_k"].get<double>());
+        cell(r["bytes_vs_floor"], "%.3f").c_str(), cell(r["forward_vs_floor"], "%.3f").c_str(),
+        r["recall_at_k"].get<double>(), r["mean_ranks_per_token"].get<double>());
 }
 
 int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks,
@@ -267,7 +330,8 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
   const std::vector<double> load = runtime::list_load(
       air.lists(), air.route(calibration.view(), o.k, probes.front()).probed_codewords);
   if (!w.data_dir.empty()) save_sweep_data(w.data_dir, gen, air, w);
-  SampleCache cache(gen, air, w.tokens_per_rank, o.k, probes);
+  const std::vector<RequestKeys> keys = request_keys(gen.centers().view(), w.key_bits);
+  SampleCache cache(gen, air, w.tokens_per_rank, o.k, probes, keys);
   const double t_sweep = now_seconds();
   std::vector<json> rows;
   for (int P : ranks) {
@@ -313,7 +377,8 @@ int run_weak(DataOptions& o, const WeakOptions& w, const std::vector<int>& ranks
                    {"placement", placement_name},
                    {"data", "synthetic:" + o.preset},
                    {"seed", o.seed},
-                   {"wire_dtype", to_string(w.wire_dtype)}};
+                   {"wire_dtype", to_string(w.wire_dtype)},
+                   {"request_key_bits", w.key_bits}};
     j["seconds"] = {{"total", now_seconds() - t_start}, {"sweep", sweep_seconds}};
     j["results"] = rows;
     json_out.stream() << j.dump(2) << "\n";
@@ -336,7 +401,7 @@ int run_simulate(const std::vector<std::string>& args) {
   int hidden = 16;
   std::string ranks_text = "16,32,64,128,256,512,1024,2048,4096", probes_text = "2,4,8";
   std::string placement_name = "locality", csv_file, exchange_name = "both";
-  std::string wire_dtype_name = "f32";
+  std::string wire_dtype_name = "f32", key_bits_text;
   WeakOptions weak;
   po::options_description opts("airmoe_bench simulate options");
   opts.add_options()("help,h", "show this help");
@@ -360,13 +425,18 @@ int run_simulate(const std::vector<std::string>& args) {
       "element type of the token vectors on the wire: f32 or bf16")(
       "save-data", path_value(&weak.data_dir, "--save-data"),
       "weak scaling: write the experts, codewords, lists, sampled batches and each P's owners "
-      "as .npy files to this folder");
+      "as .npy files to this folder")(
+      "request-key-bits", po::value(&key_bits_text)->default_value(key_bits_text),
+      "comma-separated bits (2 to 16) of replicated request keys: air rows with each, their "
+      "requests sent only to the owners of a token's contenders (none: \"\")");
   if (!parse(args, opts, true)) return 0;
   o.validate();
   require_in_range(hidden, 1, INT32_MAX, "--hidden");
   const std::vector<int> ranks = parse_int_list(ranks_text, "-P/--ranks", 1, kMaxSimulatedRanks);
   const std::vector<int> probes = parse_int_list(probes_text, "-m/--probes", 1, probe_limit(o));
   weak.kinds = exchange_kinds(exchange_name);
+  if (!key_bits_text.empty())
+    weak.key_bits = parse_int_list(key_bits_text, "--request-key-bits", 2, 16);
   weak.wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype_name, "--wire-dtype");
   if (weak.tokens_per_rank < 0) fail("--tokens-per-rank must be >= 0");
   std::vector<NamedPath> apart = o.inputs();
@@ -399,6 +469,12 @@ int run_simulate(const std::vector<std::string>& args) {
   for (int m : probes) air_routes.push_back(air.route(tokens, o.k, m));
   const std::vector<double> load =
       runtime::list_load(lists, air.route(tokens, o.k, probes.front()).probed_codewords);
+  std::vector<std::vector<Routes>> keyed;  // [bits][m]
+  for (const RequestKeys& keys : request_keys(centers, weak.key_bits)) {
+    keyed.emplace_back();
+    for (const Routes& r : air_routes)
+      keyed.back().push_back(with_contenders(r, tokens, keys, lists));
+  }
   const double expert_flops = static_cast<double>(o.k) * 4.0 * static_cast<double>(d * hidden);
   const double dense_flops = 2.0 * static_cast<double>(E * d);
 
@@ -425,9 +501,15 @@ int run_simulate(const std::vector<std::string>& args) {
     add("dense-replicated", runtime::Strategy::kDenseReplicated, exact, 0, dense_flops);
     add("dense-broadcast", runtime::Strategy::kDenseBroadcast, broadcast, static_cast<int>(C),
         2.0 * static_cast<double>(C * d) + dense_flops);
-    for (size_t i = 0; i < probes.size(); ++i)
-      add("air", runtime::Strategy::kAir, air_routes[i], probes[i],
-          air.flops_per_token(shortlist_stats(air_routes[i]).mean));
+    for (size_t i = 0; i < probes.size(); ++i) {
+      const double flops = air.flops_per_token(shortlist_stats(air_routes[i]).mean);
+      add("air", runtime::Strategy::kAir, air_routes[i], probes[i], flops);
+      group.back()["request_key_bits"] = 0;
+      for (size_t b = 0; b < keyed.size(); ++b) {
+        add("air", runtime::Strategy::kAir, keyed[b][i], probes[i], flops);
+        group.back()["request_key_bits"] = weak.key_bits[b];
+      }
+    }
     finish_rows(group);
     const double bcast_requests = group[1]["bytes"]["requests"].get<double>();
     for (json& row : group) {
@@ -447,7 +529,7 @@ int run_simulate(const std::vector<std::string>& args) {
               "vs floor", "req vs bcast", "recall", "ranks/token");
   for (const json& r : rows)
     std::printf("%6d %-17s %4d %12.0f %10s %14s %9.4f %11.2f\n", r["ranks"].get<int>(),
-                r["strategy"].get<std::string>().c_str(), r["probes"].get<int>(),
+                row_label(r).c_str(), r["probes"].get<int>(),
                 r["bytes_per_token_forward"].get<double>(),
                 cell(r["bytes_vs_floor"], "%.3f").c_str(),
                 cell(r["requests_vs_dense_broadcast"], "%.3f").c_str(),
@@ -466,7 +548,8 @@ int run_simulate(const std::vector<std::string>& args) {
                    {"data", bench.source},
                    {"seed", o.seed},
                    {"exchange", exchange == comm::ExchangeKind::kSparse ? "sparse" : "dense"},
-                   {"wire_dtype", to_string(weak.wire_dtype)}};
+                   {"wire_dtype", to_string(weak.wire_dtype)},
+                   {"request_key_bits", weak.key_bits}};
     j["results"] = rows;
     json_out.stream() << j.dump(2) << "\n";
     json_out.finish();

@@ -51,6 +51,12 @@ struct Routes {
   // AIR only: the codewords each token probed, CSR over tokens.
   std::vector<int64_t> probe_offsets;  // [T + 1]
   std::vector<int32_t> probed_codewords;
+  // The distributed router with request keys only (router/request_keys.h):
+  // each token's shortlisted experts that may be in its top-k, ascending,
+  // CSR over tokens; its scoring requests go only to their owners. Empty:
+  // to every rank hosting a segment of a probed list.
+  std::vector<int64_t> contender_offsets;  // [T + 1]
+  std::vector<int32_t> contenders;
 
   const int32_t* experts_of(int64_t t) const { return experts.data() + t * k; }
   const float* gates_of(int64_t t) const { return gates.data() + t * k; }

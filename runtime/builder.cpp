@@ -67,7 +67,8 @@ std::string LayerSpec::describe() const {
          " hidden=" + std::to_string(hidden) + " activation=" + to_string(activation) +
          " expert_seed=" + std::to_string(expert_seed) +
          " dense_expert_grads=" + std::to_string(moe_config().dense_expert_grads) +
-         " wire_dtype=" + to_string(moe_config().wire_dtype);
+         " wire_dtype=" + to_string(moe_config().wire_dtype) +
+         " request_key_bits=" + std::to_string(moe_config().request_key_bits);
 }
 
 MoEConfig LayerSpec::moe_config() const {
@@ -77,6 +78,7 @@ MoEConfig LayerSpec::moe_config() const {
   config.expert = {dim, hidden, activation};
   config.dense_expert_grads = version >= 2 ? dense_expert_grads : true;
   config.wire_dtype = version >= 4 ? wire_dtype : DType::kF32;
+  config.request_key_bits = version >= 5 ? request_key_bits : 0;
   return config;
 }
 
@@ -93,6 +95,8 @@ void check_spec(const LayerSpec& spec) {
   require_in_range(spec.kmeans_iterations, 0, 1 << 20, "LayerSpec kmeans_iterations");
   require_in_range(spec.hidden, 1, INT32_MAX, "LayerSpec hidden");
   if (spec.version >= 4) wire::check_wire_dtype(spec.wire_dtype, "LayerSpec wire_dtype");
+  if (spec.version >= 5 && spec.request_key_bits != 0)
+    check_request_key_bits(spec.request_key_bits, "LayerSpec request_key_bits");
   if (is_gated(spec.activation) && spec.version < 3)
     fail("LayerSpec activation " + std::string(to_string(spec.activation)) +
          " needs version 3; the spec says version " + std::to_string(spec.version));
@@ -143,7 +147,10 @@ std::unique_ptr<MoELayer> make_layer(comm::Communicator& comm, const LayerSpec& 
 std::unique_ptr<DistributedRouter> build_router(comm::Communicator& comm, const LayerSpec& spec,
                                                 MatrixView centers, MatrixView load_sample) {
   const SharedIndex index = agree_on_index(comm, spec, centers, load_sample);
-  return make_router(comm, index, place_experts(comm, spec, index).placement, centers);
+  std::unique_ptr<DistributedRouter> router =
+      make_router(comm, index, place_experts(comm, spec, index).placement, centers);
+  if (const int bits = spec.moe_config().request_key_bits) router->set_request_keys(bits);
+  return router;
 }
 
 std::unique_ptr<MoELayer> build_layer(comm::Communicator& comm, const LayerSpec& spec,

@@ -52,7 +52,9 @@ namespace airmoe::runtime {
 //   3: activation swiglu (gated experts, W1 = [gate; up]); a spec of an
 //      older version naming it is refused.
 //   4: wire_dtype (f32 by default; older versions always send f32).
-inline constexpr int kLayerSpecVersion = 4;
+//   5: request_key_bits (0, off, by default; older versions send every
+//      scoring request).
+inline constexpr int kLayerSpecVersion = 5;
 inline constexpr int kOldestLayerSpecVersion = 1;
 
 // Everything that defines a distributed router or MoE layer, the same on
@@ -84,6 +86,10 @@ struct LayerSpec {
   // Version 4. The element type of token vectors on the wire
   // (MoEConfig::wire_dtype): f32 or bf16. Ignored under older versions (f32).
   DType wire_dtype = DType::kF32;
+  // Version 5. Scoring requests pruned with replicated keys of this many
+  // bits (MoEConfig::request_key_bits, DistributedRouter::set_request_keys;
+  // build_router sets them too); 0: off. Ignored under older versions (off).
+  int request_key_bits = 0;
 
   // Every field as this build reads it, one line: what ranks compare, and
   // what logs print.

@@ -96,6 +96,10 @@ RouteResult DistributedRouter::route_batch(MatrixView tokens, int k, int probes,
   }
   {
     ScopedTimer timer(result.timings.requests);
+    if (!request_keys_.empty()) {
+      ScopedTimer pruning(result.timings.contenders);
+      find_contenders(result.routes, tokens);
+    }
     send_requests(result.routes, tokens);
   }
   LocalTopK best;
@@ -157,10 +161,37 @@ void DistributedRouter::set_query_shortlist_sizes(Routes& r) const {
   }
 }
 
-// 2. Scoring requests, only to the ranks hosting a segment of a probed list.
+// 1b. With request keys: every token's shortlist (the members of its probed
+// lists, each once) bounded with the keys; what may still win is kept.
+void DistributedRouter::find_contenders(Routes& r, MatrixView tokens) const {
+  std::optional<OnHost> bias;
+  if (has_bias()) bias.emplace(codebook_.compute(), bias_);
+  const std::span<const float> b =
+      bias ? std::span<const float>(bias->as<float>(), static_cast<size_t>(lists_.experts()))
+           : std::span<const float>();
+  if (!query_) {
+    set_contenders(r, tokens, request_keys_, lists_, b);
+    return;
+  }
+  // Query lists overlap: a token's groups are the segments it scans.
+  TokenGroups scanned;
+  ProbedLists scratch;
+  for (int64_t t = 0; t < r.tokens; ++t) {
+    segments_.for_each_scanned(probed_of(r, t), scratch, [&](int64_t s) {
+      scanned.groups.push_back(static_cast<int32_t>(s));
+    });
+    scanned.offsets.push_back(static_cast<int64_t>(scanned.groups.size()));
+  }
+  Contenders found = request_keys_.contenders(tokens, r.k, b, scanned,
+                                              [&](int32_t s) { return segments_.members(s); });
+  r.contender_offsets = std::move(found.offsets);
+  r.contenders = std::move(found.experts);
+}
+
+// 2. Scoring requests, only to the ranks hosting a segment of a probed list
+// (with request keys: of those, the owners of a contender).
 void DistributedRouter::send_requests(const Routes& routes, MatrixView tokens) {
-  wire::scoring_requests(placement_, routes.probe_offsets, routes.probed_codewords, tokens,
-                         comm_.size(), requests_);
+  wire::scoring_requests(placement_, routes, tokens, comm_.size(), requests_);
   comm::PhaseScope phase(comm_, "requests");
   comm_.exchange(requests_.send, requests_in_);
 }
@@ -284,10 +315,110 @@ void DistributedRouter::set_local_centers(MatrixView local_centers) {
   });
   keep_local_centers(local_centers, std::move(unit));
   update_key_norm_bound();
+  update_request_keys();
   if (query_)
     rebuild_blocks();  // the query lists stay; their members' rows moved
   else
     gather_assignment();
+}
+
+void DistributedRouter::set_request_keys(int bits) {
+  comm::check_together(comm_, "set_request_keys", [&] {
+    if (bits != 0) check_request_key_bits(bits, "set_request_keys: bits");
+  });
+  {
+    comm::PhaseScope phase(comm_, "checks");
+    comm::require_same_config(comm_, "request_key_bits=" + std::to_string(bits),
+                              "request key bits");
+  }
+  request_key_bits_ = bits;
+  gather_request_keys();
+}
+
+// Each rank quantizes its own experts (a row's keys depend on nothing else,
+// so they are the same bits for any placement) and every rank gathers all:
+// per expert its id, scale, error, largest error, norm, then d codes.
+void DistributedRouter::gather_request_keys() {
+  if (request_key_bits_ == 0) {
+    request_keys_ = RequestKeys();
+    return;
+  }
+  const int64_t d = codebook_.dim(), E = lists_.experts();
+  const int64_t codes = d * (request_key_bits_ <= 8 ? 1 : 2), record = 5 * 4 + codes;
+  const QuantizedKeys mine = quantize_keys(local_centers_.view(), request_key_bits_);
+  std::vector<char> out(static_cast<size_t>(mine.rows() * record));
+  for (int64_t i = 0; i < mine.rows(); ++i) {
+    char* at = out.data() + i * record;
+    const float fields[4] = {mine.scale[i], mine.error[i], mine.error_max[i], mine.norm[i]};
+    std::memcpy(at, &local_ids_[i], 4);
+    std::memcpy(at + 4, fields, 16);
+    std::memcpy(at + 20, mine.codes_of(i), static_cast<size_t>(codes));
+  }
+  std::vector<char> all;
+  {
+    comm::PhaseScope phase(comm_, "request_keys");
+    all = comm::allgatherv_vector<char>(comm_, out);
+  }
+  if (static_cast<int64_t>(all.size()) != E * record)
+    throw InternalError("request keys: gathered " + std::to_string(all.size()) +
+                        " bytes, expected E = " + std::to_string(E) + " records of " +
+                        std::to_string(record));
+  QuantizedKeys keys(request_key_bits_, d, E);
+  std::vector<char> seen(static_cast<size_t>(E), 0);
+  for (int64_t i = 0; i < E; ++i) {
+    const char* at = all.data() + i * record;
+    int32_t e = 0;
+    std::memcpy(&e, at, 4);
+    if (e < 0 || e >= E || seen[e]++)
+      throw InternalError("request keys: expert " + std::to_string(e) +
+                          " out of range or gathered twice");
+    float fields[4];
+    std::memcpy(fields, at + 4, 16);
+    keys.scale[e] = fields[0];
+    keys.error[e] = fields[1];
+    keys.error_max[e] = fields[2];
+    keys.norm[e] = fields[3];
+    std::memcpy(keys.codes_of(e), at + 20, static_cast<size_t>(codes));
+  }
+  request_keys_ = RequestKeys(std::move(keys));
+  keyed_centers_ = local_centers_;
+}
+
+// Each local expert's drift since its key was made; all of them gathered in
+// rank order (every rank knows each rank's experts from the placement), or,
+// once one exceeds its key's rounding error, new keys.
+void DistributedRouter::update_request_keys() {
+  if (request_key_bits_ == 0) return;
+  const int64_t d = codebook_.dim(), E = lists_.experts();
+  const QuantizedKeys& keys = request_keys_.keys();
+  std::vector<float> mine(local_ids_.size());
+  double stale = 0.0;  // 1: some expert drifted past its key's error
+  for (size_t i = 0; i < local_ids_.size(); ++i) {
+    const auto row = static_cast<int64_t>(i);
+    mine[i] = drift_norm(local_centers_.row(row), keyed_centers_.row(row), d);
+    if (mine[i] > keys.error[local_ids_[i]]) stale = 1.0;
+  }
+  {
+    comm::PhaseScope phase(comm_, "request_keys:drift");
+    comm_.allreduce_max(&stale, 1);
+  }
+  if (stale > 0.0) {
+    gather_request_keys();
+    return;
+  }
+  std::vector<float> all;
+  {
+    comm::PhaseScope phase(comm_, "request_keys:drift");
+    all = comm::allgatherv_vector<float>(comm_, mine);
+  }
+  if (static_cast<int64_t>(all.size()) != E)
+    throw InternalError("request keys: gathered " + std::to_string(all.size()) +
+                        " drifts, expected E = " + std::to_string(E));
+  std::vector<float> drift(static_cast<size_t>(E));
+  size_t at = 0;
+  for (int r = 0; r < comm_.size(); ++r)
+    for (int32_t e : placement_.local_experts(r)) drift[e] = all[at++];
+  request_keys_.set_drift(std::move(drift));
 }
 
 void DistributedRouter::set_bias(MatrixView bias) {

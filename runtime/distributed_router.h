@@ -21,6 +21,7 @@
 #include "router/inverted_lists.h"
 #include "router/list_scan.h"
 #include "router/query_lists.h"
+#include "router/request_keys.h"
 #include "router/routes.h"
 #include "router/spilled_lists.h"
 #include "runtime/placement.h"
@@ -39,6 +40,8 @@ struct ReceivedTokens {
 
 struct RouteTimings {
   double shortlist = 0.0, requests = 0.0, scoring = 0.0, replies = 0.0, merge = 0.0;
+  // Of requests: finding the contenders with the request keys (none: 0).
+  double contenders = 0.0;
   // Of scoring: expanding the requests' (token, list) pairs into the blocks
   // to scan (ops probe_pairs). Host seconds: on an asynchronous device it
   // times the launch, not the kernel.
@@ -116,6 +119,21 @@ class DistributedRouter {
   bool has_bias() const { return bias_.rows() > 0; }
   TensorView bias() const { return bias_; }  // f32 [E, 1] on the ops' device; empty: none
 
+  // Collective: prune the scoring requests with `bits`-bit copies of every
+  // expert's key (router/request_keys.h; 2 to 16 bits, 0 turns it off),
+  // gathered from their owners onto every rank (request_keys().bytes():
+  // E (d + 20) bytes each, 2 d + 20 above 8 bits). A token's requests then go only to the owners
+  // of its contenders, the shortlisted experts that may still be in its
+  // top-k; the routes stay the same, bit for bit, for any P and bits. The
+  // same bits on every rank, or all raise.
+  // set_local_centers keeps the keys and gathers each expert's drift since
+  // they were made instead (4 bytes per expert, the phase
+  // "request_keys:drift"), which widens the bound; once some expert's drift
+  // exceeds its key's own rounding error, the keys are made and gathered
+  // again (E (d + 20) bytes, the phase "request_keys").
+  void set_request_keys(int bits);
+  const RequestKeys& request_keys() const { return request_keys_; }
+
   const Codebook& codebook() const { return codebook_; }
   // Each expert's primary list (with query lists: its first); stage 1
   // extends its probes by these lists' sizes.
@@ -141,6 +159,10 @@ class DistributedRouter {
 
   void check_route_args(MatrixView tokens, int k, int probes, GateMode mode);
   Routes shortlist(MatrixView tokens, int k, int probes, GateMode mode) const;
+  // Sets the routes' contenders from the request keys.
+  void find_contenders(Routes& routes, MatrixView tokens) const;
+  void gather_request_keys();  // collective
+  void update_request_keys();  // collective: the centers moved
   void send_requests(const Routes& routes, MatrixView tokens);
   // `pairs_seconds`: what the probe_pairs expansion took.
   LocalTopK score_segments(int k, ReceivedTokens& received, double& pairs_seconds);
@@ -175,6 +197,9 @@ class DistributedRouter {
   Matrix local_unit_;     // normalized rows, for k-means
   ListBlocks blocks_;     // this rank's segment of every list, on the codebook's ops
   Tensor bias_;           // the selection bias of all E experts, on the same ops; empty: none
+  int request_key_bits_ = 0;
+  RequestKeys request_keys_;  // all E experts' (with request_key_bits_ > 0)
+  Matrix keyed_centers_;      // this rank's centers when the keys were made
   // Exchange buffers, reused across calls (their contents are per call).
   wire::Outbox requests_;
   comm::ExchangeBuffer requests_in_, replies_, replies_in_;

@@ -37,7 +37,8 @@ Matrix hosted_rows(MatrixView centers, const std::vector<int32_t>& ids) {
 std::unique_ptr<LayerRouting> make_layer_routing(comm::Communicator& comm, Strategy strategy,
                                                  int probes, Codebook codebook,
                                                  std::vector<int32_t> assignment,
-                                                 Placement placement, MatrixView centers) {
+                                                 Placement placement, MatrixView centers,
+                                                 int request_key_bits) {
   if (strategy == Strategy::kDenseReplicated)
     return std::make_unique<DenseReplicatedRouting>(
         comm, std::move(codebook), std::move(assignment), std::move(placement), centers);
@@ -45,7 +46,7 @@ std::unique_ptr<LayerRouting> make_layer_routing(comm::Communicator& comm, Strat
   const int m = strategy == Strategy::kAir ? probes : static_cast<int>(codebook.size());
   return std::make_unique<DistributedRouting>(comm, strategy, m, std::move(codebook),
                                               std::move(assignment), std::move(placement),
-                                              local.view());
+                                              local.view(), request_key_bits);
 }
 
 }  // namespace airmoe::runtime

@@ -87,11 +87,14 @@ class LayerRouting {
 };
 
 // centers: every expert's center [E, d] as this rank knows it (checked by
-// the caller). Collective.
+// the caller). request_key_bits: air and dense-broadcast prune their scoring
+// requests with keys of that many bits (DistributedRouter::set_request_keys;
+// 0: off); dense-replicated sends none and ignores it. Collective.
 std::unique_ptr<LayerRouting> make_layer_routing(comm::Communicator& comm, Strategy strategy,
                                                  int probes, Codebook codebook,
                                                  std::vector<int32_t> assignment,
-                                                 Placement placement, MatrixView centers);
+                                                 Placement placement, MatrixView centers,
+                                                 int request_key_bits = 0);
 
 // The rows of `centers` a rank hosts, in local_experts order.
 Matrix hosted_rows(MatrixView centers, const std::vector<int32_t>& ids);

@@ -10,20 +10,28 @@ namespace airmoe::runtime {
 
 DistributedRouting::DistributedRouting(comm::Communicator& comm, Strategy strategy, int probes,
                                        Codebook codebook, std::vector<int32_t> assignment,
-                                       Placement placement, MatrixView local_centers)
+                                       Placement placement, MatrixView local_centers,
+                                       int request_key_bits)
     : comm_(comm),
       strategy_(strategy),
       probes_(probes),
+      request_key_bits_(request_key_bits),
       router_(std::make_unique<DistributedRouter>(comm, std::move(codebook), std::move(assignment),
-                                                  std::move(placement), local_centers)) {}
+                                                  std::move(placement), local_centers)) {
+  if (request_key_bits_ != 0) router_->set_request_keys(request_key_bits_);
+}
 
 RoutedBatch DistributedRouting::route(MatrixView tokens, int k) {
   RouteResult result = router_->route_batch(tokens, k, probes_);
   RoutedBatch batch;
-  // Stage 1 against all C codewords, stage 2 against the shortlist.
+  // Stage 1 against all C codewords, stage 2 against the shortlist. With
+  // request keys the home rank first bounds the whole shortlist with them
+  // (as many multiply-adds again); the owners then scan only the kept
+  // ranks' share, counted here as the whole shortlist (an upper bound).
   const auto d = static_cast<double>(codebook().dim());
-  batch.router_flops_per_token = 2.0 * static_cast<double>(codebook().size()) * d +
-                                 2.0 * shortlist_stats(result.routes).mean * d;
+  const double stage2 = 2.0 * shortlist_stats(result.routes).mean * d;
+  batch.router_flops_per_token = 2.0 * static_cast<double>(codebook().size()) * d + stage2 +
+                                 (request_key_bits_ != 0 ? stage2 : 0.0);
   batch.routes = std::move(result.routes);
   batch.received = std::move(result.received);
   return batch;
@@ -68,6 +76,7 @@ void DistributedRouting::move_experts(Placement placement, MatrixView local_cent
   if (router_->has_bias()) next->set_bias(router_->bias().matrix());
   if (std::optional<QueryLists> query = router_->query_lists())
     next->set_query_lists(std::move(*query));
+  if (request_key_bits_ != 0) next->set_request_keys(request_key_bits_);
   router_ = std::move(next);
 }
 

@@ -15,8 +15,8 @@ class DistributedRouting final : public LayerRouting {
  public:
   // probes: m for air, or the codebook size for dense-broadcast.
   DistributedRouting(comm::Communicator& comm, Strategy strategy, int probes, Codebook codebook,
-                     std::vector<int32_t> assignment, Placement placement,
-                     MatrixView local_centers);
+                     std::vector<int32_t> assignment, Placement placement, MatrixView local_centers,
+                     int request_key_bits = 0);
 
   Strategy strategy() const override { return strategy_; }
   RoutedBatch route(MatrixView tokens, int k) override;
@@ -44,6 +44,7 @@ class DistributedRouting final : public LayerRouting {
   comm::Communicator& comm_;
   Strategy strategy_;
   int probes_;
+  int request_key_bits_;
   std::unique_ptr<DistributedRouter> router_;
 };
 

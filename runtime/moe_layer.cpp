@@ -37,6 +37,8 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
     require_in_range(config_.k, 1, placement.experts(), "k");
     require_in_range(config_.probes, 1, codebook.size(), "probes m");
     wire::check_wire_dtype(config_.wire_dtype);
+    if (config_.request_key_bits != 0)
+      check_request_key_bits(config_.request_key_bits, "request_key_bits");
     experts_ = ExpertShard::random(config_.expert, placement.local_experts(comm.rank()),
                                    expert_seed, compute);
   });
@@ -51,12 +53,13 @@ MoELayer::MoELayer(comm::Communicator& comm, Strategy strategy, MoEConfig config
             " m=" + std::to_string(config_.probes) + " d=" + std::to_string(config_.expert.dim) +
             " h=" + std::to_string(config_.expert.hidden) + " act=" +
             to_string(config_.expert.activation) + " wire_dtype=" + to_string(config_.wire_dtype) +
-            " seed=" + std::to_string(expert_seed) +
-            " placement=" + std::to_string(placement.digest()),
+            " request_key_bits=" + std::to_string(config_.request_key_bits) + " seed=" +
+            std::to_string(expert_seed) + " placement=" + std::to_string(placement.digest()),
         "MoE layer configuration");
   }
   routing_ = make_layer_routing(comm_, strategy, config_.probes, std::move(codebook),
-                                std::move(assignment), std::move(placement), centers);
+                                std::move(assignment), std::move(placement), centers,
+                                config_.request_key_bits);
 }
 
 // ---------------------------------------------------------- the handle --

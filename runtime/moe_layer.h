@@ -56,6 +56,12 @@ struct MoEConfig {
   // (rounded to nearest even when sent, widened on receipt; the math stays
   // f32). Scoring requests stay f32. The same on every rank.
   DType wire_dtype = DType::kF32;
+  // air and dense-broadcast: prune the scoring requests with replicated
+  // keys of this many bits, 2 to 16 (DistributedRouter::set_request_keys:
+  // a token's requests reach only the ranks owning an expert that may still
+  // be in its top-k; the routes stay the same bit for bit); 0: off.
+  // dense-replicated sends no requests and ignores it. The same on every rank.
+  int request_key_bits = 0;
 };
 
 struct PhaseSeconds {

@@ -36,6 +36,13 @@ Routes slice_routes(const Routes& r, int64_t begin, int64_t end) {
     s.probed_codewords.assign(r.probed_codewords.begin() + base,
                               r.probed_codewords.begin() + r.probe_offsets[end]);
   }
+  if (!r.contender_offsets.empty()) {
+    const int64_t base = r.contender_offsets[begin];
+    for (int64_t t = begin; t <= end; ++t)
+      s.contender_offsets.push_back(r.contender_offsets[t] - base);
+    s.contenders.assign(r.contenders.begin() + base,
+                        r.contenders.begin() + r.contender_offsets[end]);
+  }
   return s;
 }
 
@@ -72,20 +79,13 @@ struct HomeSegments {
 };
 
 void count_requests(const Placement& placement, const Routes& mine, int64_t d, HomeSegments& h) {
-  const int P = placement.ranks();
-  std::vector<int64_t> codewords_at(static_cast<size_t>(P), 0);
-  std::vector<int32_t> touched;
-  for (int64_t t = 0; t < mine.tokens; ++t) {
-    touched.clear();
-    for (int64_t p = mine.probe_offsets[t]; p < mine.probe_offsets[t + 1]; ++p)
-      for (int32_t rank : placement.list_ranks(mine.probed_codewords[p]))
-        if (codewords_at[rank]++ == 0) touched.push_back(rank);
-    for (int32_t rank : touched) {
-      h.request_bytes[rank] += wire::request_record_bytes(codewords_at[rank], d);
+  wire::RequestTargets targets(placement, mine);
+  for (int64_t t = 0; t < mine.tokens; ++t)
+    for (int32_t rank : targets.of(t)) {
+      const auto codewords = static_cast<int64_t>(targets.codewords(rank).size());
+      h.request_bytes[rank] += wire::request_record_bytes(codewords, d);
       ++h.request_records[rank];
-      codewords_at[rank] = 0;
     }
-  }
 }
 
 void count_dispatch(const Placement& placement, const Routes& mine, HomeSegments& h) {

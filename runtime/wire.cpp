@@ -154,30 +154,47 @@ void write_dispatch(Outbox& box, const std::vector<int64_t>& records,
 
 }  // namespace
 
-void scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                      const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks,
-                      Outbox& box) {
+RequestTargets::RequestTargets(const Placement& placement, const Routes& routes)
+    : placement_(placement),
+      routes_(routes),
+      codewords_(static_cast<size_t>(placement.ranks())),
+      allowed_(routes.contender_offsets.empty() ? 0 : static_cast<size_t>(placement.ranks()), 0) {}
+
+const std::vector<int32_t>& RequestTargets::of(int64_t t) {
+  for (int32_t rank : targets_) codewords_[rank].clear();
+  targets_.clear();
+  const bool pruned = !allowed_.empty();
+  if (pruned)
+    for (int64_t i = routes_.contender_offsets[t]; i < routes_.contender_offsets[t + 1]; ++i)
+      allowed_[placement_.owner(routes_.contenders[i])] = 1;
+  for (int64_t p = routes_.probe_offsets[t]; p < routes_.probe_offsets[t + 1]; ++p)
+    for (int32_t rank : placement_.list_ranks(routes_.probed_codewords[p])) {
+      if (pruned && !allowed_[rank]) continue;
+      if (codewords_[rank].empty()) targets_.push_back(rank);
+      codewords_[rank].push_back(routes_.probed_codewords[p]);
+    }
+  if (pruned)
+    for (int64_t i = routes_.contender_offsets[t]; i < routes_.contender_offsets[t + 1]; ++i)
+      allowed_[placement_.owner(routes_.contenders[i])] = 0;
+  std::sort(targets_.begin(), targets_.end());
+  return targets_;
+}
+
+void scoring_requests(const Placement& placement, const Routes& routes, MatrixView tokens,
+                      int ranks, Outbox& box) {
   const int64_t T = tokens.rows, d = tokens.cols;
   start(box, T);
   // Pass 1: per (token, target) record, the probed codewords that rank hosts
   // (its entries), and the bytes per rank.
   std::vector<int64_t> bytes(static_cast<size_t>(ranks), 0);
-  std::vector<std::vector<int32_t>> per_rank(static_cast<size_t>(ranks));
-  std::vector<int32_t> touched;
+  RequestTargets targets(placement, routes);
   for (int64_t t = 0; t < T; ++t) {
-    touched.clear();
-    for (int64_t p = probe_offsets[t]; p < probe_offsets[t + 1]; ++p)
-      for (int32_t rank : placement.list_ranks(probed_codewords[p])) {
-        if (per_rank[rank].empty()) touched.push_back(rank);
-        per_rank[rank].push_back(probed_codewords[p]);
-      }
-    std::sort(touched.begin(), touched.end());
-    for (int32_t rank : touched) {
+    for (int32_t rank : targets.of(t)) {
+      const std::span<const int32_t> codewords = targets.codewords(rank);
       box.targets.push_back(rank);
-      box.slots.insert(box.slots.end(), per_rank[rank].begin(), per_rank[rank].end());
+      box.slots.insert(box.slots.end(), codewords.begin(), codewords.end());
       box.slot_offsets.push_back(static_cast<int64_t>(box.slots.size()));
-      bytes[rank] += request_record_bytes(static_cast<int64_t>(per_rank[rank].size()), d);
-      per_rank[rank].clear();
+      bytes[rank] += request_record_bytes(static_cast<int64_t>(codewords.size()), d);
     }
     box.target_offsets[t + 1] = static_cast<int64_t>(box.targets.size());
   }
@@ -317,11 +334,10 @@ DispatchMessage read_dispatch(Reader& in, int64_t d, bool ship_vectors, DType ve
   return m;
 }
 
-Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                        const std::vector<int32_t>& probed_codewords, MatrixView tokens,
+Outbox scoring_requests(const Placement& placement, const Routes& routes, MatrixView tokens,
                         int ranks) {
   Outbox box;
-  scoring_requests(placement, probe_offsets, probed_codewords, tokens, ranks, box);
+  scoring_requests(placement, routes, tokens, ranks, box);
   return box;
 }
 

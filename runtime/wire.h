@@ -141,12 +141,31 @@ struct Outbox {
   std::vector<int32_t> slots;
 };
 
-// Scoring requests: to each rank hosting a segment of a probed list,
-// (token, n, n probed codewords it hosts, d floats). Fills `box`, reusing
-// its buffer's storage.
-void scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                      const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks,
-                      Outbox& box);
+// Where each token's scoring requests go: the ranks hosting a segment of a
+// probed list, ascending, each with the probed codewords it hosts (probe
+// order); with the routes' contenders, only the ranks owning one of them
+// (the others hold no expert that can be in the token's top-k). The runtime's
+// builder and the simulator's count both read it.
+class RequestTargets {
+ public:
+  RequestTargets(const Placement& placement, const Routes& routes);
+  // Token t's target ranks (valid until the next call).
+  const std::vector<int32_t>& of(int64_t t);
+  std::span<const int32_t> codewords(int32_t rank) const { return codewords_[rank]; }
+
+ private:
+  const Placement& placement_;
+  const Routes& routes_;
+  std::vector<std::vector<int32_t>> codewords_;  // per rank, this token's
+  std::vector<char> allowed_;                    // per rank: owns a contender
+  std::vector<int32_t> targets_;
+};
+
+// Scoring requests: to each of a token's RequestTargets, (token, n, the n
+// probed codewords it hosts, d floats). Fills `box`, reusing its buffer's
+// storage.
+void scoring_requests(const Placement& placement, const Routes& routes, MatrixView tokens,
+                      int ranks, Outbox& box);
 
 // Expert dispatch: to each rank hosting a chosen expert, one record per
 // token it serves, the records' fields in sections (so that each section is
@@ -189,8 +208,8 @@ int64_t dispatch_sections_bytes(const int32_t header[2], int64_t length, int sou
                                 bool ship_vectors, DType vector_dtype);
 
 // The same, returned (for the simulator, which only counts).
-Outbox scoring_requests(const Placement& placement, const std::vector<int64_t>& probe_offsets,
-                        const std::vector<int32_t>& probed_codewords, MatrixView tokens, int ranks);
+Outbox scoring_requests(const Placement& placement, const Routes& routes, MatrixView tokens,
+                        int ranks);
 Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixView tokens,
                        bool ship_vectors, DType vector_dtype, int ranks);
 

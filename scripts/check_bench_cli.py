@@ -167,6 +167,10 @@ def error_cases(bench, mpi, work):
          "--save-data: the path is empty", "generating"),
         ([bench, "simulate", *SMALL, "-P", "2", "--tokens-per-rank", "0", "--save-data",
           os.path.join(work, "sd")], "--save-data: needs --tokens-per-rank > 0", "preparing"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--request-key-bits", "17"],
+         "--request-key-bits: 17 is outside [2, 16]", "generating"),
+        ([*mpi, "layer", *SMALL, "--request-key-bits", "1"],
+         "--request-key-bits = 1: request keys take 2 to 16 bits per entry", "preparing"),
         # No tokens, no figures: every subcommand refuses -T 0 alike.
         ([*mpi, "layer", "-E", "64", "-d", "16", "-T", "0", "-C", "4", "--repeats", "1"],
          "-T/--num-tokens = 0: the benchmark needs >= 1 token", "preparing"),

@@ -5,6 +5,11 @@ recount of today's requests matches the simulator's JSON to the byte (it
 exits non-zero when the JSON says otherwise, shown with a tampered copy),
 pruning never reaches more ranks than today's requests do, and the
 survivors mode runs on the saved keys and refuses a bad --exact-columns.
+The runtime's request keys (`simulate --request-key-bits 8` on the same
+run) keep AIR's recall, never reach more ranks than without keys, and reach
+about as many as the offline analysis's 8-bit pruning (two implementations
+of one bound: the analysis scores in double, the runtime in float32 with
+its rounding added to the bound).
 
 usage: check_certified_requests.py AIRMOE_BENCH WORK_DIR
 """
@@ -83,7 +88,30 @@ def main():
     p = run(script + ["traffic", data, tampered, os.path.join(work, "t.json")], expect_ok=False)
     if "differ from the simulator" not in p.stderr:
         sys.exit(f"tampered JSON: unexpected message {p.stderr!r}")
-    print("certified_requests: saved data and recount checked")
+    keyed_json = os.path.join(work, "simulate_keys.json")
+    run([bench, "simulate", "-E", str(E), "-d", str(d), "-C", str(C), "-P", "16,64",
+         "--sample-ranks", str(S), "--tokens-per-rank", str(tpr), "-m", "2,4",
+         "--exchange", "sparse", "--threads", "1", "--request-key-bits", "8",
+         "--json", keyed_json])
+    results = json.load(open(keyed_json))["results"]
+    offline = {(r["ranks"], r["probes"]): r["pruned"]["8"]["ranks_per_token"] for r in rows}
+    for r in results:
+        if r["strategy"] != "air" or r["request_key_bits"] != 8:
+            continue
+        plain = next(o for o in results if o["strategy"] == "air" and o["request_key_bits"] == 0
+                     and o["ranks"] == r["ranks"] and o["probes"] == r["probes"])
+        at = f"P={r['ranks']} m={r['probes']}"
+        if r["recall_at_k"] != plain["recall_at_k"]:
+            sys.exit(f"{at}: request keys changed the recall")
+        if r["mean_ranks_per_token"] > plain["mean_ranks_per_token"]:
+            sys.exit(f"{at}: request keys reached more ranks than without")
+        if r["forward_vs_floor"] > plain["forward_vs_floor"]:
+            sys.exit(f"{at}: request keys sent more forward bytes than without")
+        want = offline[(r["ranks"], r["probes"])]
+        if abs(r["mean_ranks_per_token"] - want) > 0.1 * want:
+            sys.exit(f"{at}: the runtime's keys reach {r['mean_ranks_per_token']} ranks per "
+                     f"token, the offline analysis {want}")
+    print("certified_requests: saved data, recount and the runtime's request keys checked")
 
 
 if __name__ == "__main__":

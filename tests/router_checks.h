@@ -257,4 +257,126 @@ inline void check_query_lists_equal_single_process(comm::Communicator& comm, con
   }
 }
 
+// Token t's request bytes to peers other than this rank, counted from the
+// placement's segments and the contenders: (token, n) header, n probed
+// codewords the peer hosts and the vector, for every peer hosting a probed
+// list that owns a contender.
+inline int64_t expected_pruned_request_bytes(const runtime::Placement& placement, const Routes& r,
+                                             int64_t t, int me, int64_t d) {
+  std::map<int, int64_t> hosted;
+  for (int64_t p = r.probe_offsets[t]; p < r.probe_offsets[t + 1]; ++p)
+    for (int32_t rank : placement.list_ranks(r.probed_codewords[p])) ++hosted[rank];
+  std::set<int> owners;
+  for (int64_t i = r.contender_offsets[t]; i < r.contender_offsets[t + 1]; ++i)
+    owners.insert(placement.owner(r.contenders[i]));
+  int64_t bytes = 0;
+  for (const auto& [rank, n] : hosted)
+    if (rank != me && owners.count(rank)) bytes += 8 + 4 * n + 4 * d;
+  return bytes;
+}
+
+// With request keys (8 bits, and 3 and 12 at m = C): every rank's routes equal the
+// single-process AirRouter's bit for bit (ids, gates, logits), plain or
+// query lists, with or without a selection bias, at m = 1, 3 and C; each
+// token's contenders hold its experts; its requests carry exactly what the
+// contenders' owners among the probed lists' ranks should get; and with
+// every list probed at P > 1 the keys send fewer request bytes in all.
+inline void check_request_keys_keep_routes(comm::Communicator& comm, const GlobalData& g,
+                                           runtime::PlacementPolicy policy, bool biased,
+                                           bool query) {
+  const QuerySample sample;
+  const QueryListOptions options = query_options();
+  const Matrix bias = biased ? random_matrix(g.data.centers.rows(), 1, 2.0, 77) : Matrix();
+  const TensorView bias_view = biased ? TensorView(bias.view()) : TensorView();
+  AirRouter air = query ? AirRouter(g.data.centers.view(), bias_view, sample.tokens.view(), options)
+                        : AirRouter(g.data.centers.view(), g.codebook);
+  if (biased && !query) air.set_bias(bias.view());
+  const int P = comm.size(), k = 4, me = comm.rank();
+  const int64_t d = g.data.centers.cols();
+  runtime::DistributedRouter router = g.make_router(comm, policy);
+  if (biased) router.set_bias(bias.view());
+  if (query) router.refresh_query_lists(sample.part(me, P), options);
+  const int C = static_cast<int>(router.codebook().size());
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), me, P);
+  const std::string where = std::string(runtime::to_string(policy)) + " P=" + std::to_string(P) +
+                            " rank " + std::to_string(me) + (biased ? " biased" : "") +
+                            (query ? " query lists" : " plain lists");
+  int64_t bytes[2] = {0, 0};  // at m = C: without keys, with
+  for (int bits : {8, 3, 12}) {
+    for (int m : {1, 3, C}) {
+      if (bits != 8 && m != C) continue;
+      const std::string at = where + " " + std::to_string(bits) + " bits m=" + std::to_string(m);
+      router.set_request_keys(0);
+      comm.meter().reset();
+      const Routes plain = router.route_batch(g.tokens_of(me, P), k, m).routes;
+      if (m == C && bits == 8) bytes[0] = comm.meter().sent("requests").bytes;
+      router.set_request_keys(bits);
+      EXPECT_EQ(router.request_keys().experts(), g.data.centers.rows()) << at;
+      comm.meter().reset();
+      const Routes r = router.route_batch(g.tokens_of(me, P), k, m).routes;
+      if (m == C && bits == 8) bytes[1] = comm.meter().sent("requests").bytes;
+      const Routes single = air.route(g.data.tokens.view(), k, m);
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(single, b, e).experts) << at;
+      EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(single, b, e).gates) << at;
+      EXPECT_EQ(r.logits, plain.logits) << at;
+      EXPECT_EQ(r.shortlist_size, plain.shortlist_size) << at;
+      ASSERT_EQ(r.contender_offsets.size(), static_cast<size_t>(r.tokens + 1)) << at;
+      int64_t want = 0;
+      for (int64_t t = 0; t < r.tokens; ++t) {
+        const std::span<const int32_t> c(r.contenders.data() + r.contender_offsets[t],
+                                         r.contender_offsets[t + 1] - r.contender_offsets[t]);
+        for (const int32_t* x = r.experts_of(t); x != r.experts_of(t) + k; ++x)
+          EXPECT_TRUE(std::binary_search(c.begin(), c.end(), *x)) << at << " token " << t;
+        want += expected_pruned_request_bytes(router.placement(), r, t, me, d);
+      }
+      EXPECT_EQ(comm.meter().sent("requests").bytes, want) << at;
+    }
+  }
+  int64_t totals[2] = {bytes[0], bytes[1]};
+  comm.allreduce_sum(totals, 2);
+  if (P > 1) {
+    EXPECT_LT(totals[1], totals[0]) << where << ": the keys pruned no request at m = C";
+  }
+  router.set_request_keys(0);
+  EXPECT_TRUE(router.request_keys().empty()) << where;
+}
+
+// With request keys, the centers move: a small move gathers only each
+// expert's drift ("request_keys:drift"), a large one new keys
+// ("request_keys"); either way the routes stay the single-process
+// AirRouter's after the same move, bit for bit.
+inline void check_request_keys_follow_center_updates(comm::Communicator& comm,
+                                                     const GlobalData& g) {
+  const int P = comm.size(), k = 4, m = 3, me = comm.rank();
+  AirRouter air(g.data.centers.view(), g.codebook);
+  runtime::DistributedRouter router = g.make_router(comm, runtime::PlacementPolicy::kList);
+  router.set_request_keys(8);
+  const auto [b, e] = GlobalData::token_range(g.data.tokens.rows(), me, P);
+  Matrix moved(g.data.centers.rows(), g.data.centers.cols());
+  for (const double scale : {1e-5, 0.3}) {
+    const Matrix noise = random_matrix(moved.rows(), moved.cols(), scale, 31);
+    for (int64_t x = 0; x < moved.rows(); ++x)
+      for (int64_t c = 0; c < moved.cols(); ++c) moved(x, c) = g.data.centers(x, c) + noise(x, c);
+    air.set_centers(moved.view());
+    Matrix local(static_cast<int64_t>(router.local_experts().size()), moved.cols());
+    for (size_t i = 0; i < router.local_experts().size(); ++i)
+      std::copy_n(moved.row(router.local_experts()[i]), moved.cols(),
+                  local.row(static_cast<int64_t>(i)));
+    comm.meter().reset();
+    router.set_local_centers(local.view());
+    const std::string where =
+        "P=" + std::to_string(P) + " rank " + std::to_string(me) + " move " + std::to_string(scale);
+    if (P > 1) {
+      const bool small = scale < 1e-3;
+      EXPECT_EQ(comm.meter().sent("request_keys").bytes > 0, !small) << where;
+      EXPECT_GT(comm.meter().sent("request_keys:drift").bytes, 0) << where;
+    }
+    EXPECT_EQ(router.request_keys().drift().empty(), scale > 1e-3) << where;
+    const Routes r = router.route_batch(g.tokens_of(me, P), k, m).routes;
+    const Routes single = air.route(g.data.tokens.view(), k, m);
+    EXPECT_EQ(RouteRows::of(r, 0, r.tokens).experts, RouteRows::of(single, b, e).experts) << where;
+    EXPECT_EQ(RouteRows::of(r, 0, r.tokens).gates, RouteRows::of(single, b, e).gates) << where;
+  }
+}
+
 }  // namespace airmoe::test

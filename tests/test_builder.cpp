@@ -176,10 +176,10 @@ TEST(Builder, SpecChecksNameTheField) {
   runtime::LayerSpec bad = spec;
   bad.version = runtime::kLayerSpecVersion + 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 5 is not supported (this build reads versions 1 to 4)");
+            "LayerSpec version 6 is not supported (this build reads versions 1 to 5)");
   bad.version = runtime::kOldestLayerSpecVersion - 1;
   EXPECT_EQ(message(bad),
-            "LayerSpec version 0 is not supported (this build reads versions 1 to 4)");
+            "LayerSpec version 0 is not supported (this build reads versions 1 to 5)");
   bad = spec;
   bad.probes = 24;
   EXPECT_EQ(message(bad), "LayerSpec probes = 24 is outside [1, 23]");
@@ -201,14 +201,14 @@ TEST(Builder, SpecChecksNameTheField) {
 // whatever the field holds; a version-2 spec gets what the field says.
 TEST(Builder, OlderSpecVersionsKeepTheirMeaning) {
   const GlobalData& g = data();
-  EXPECT_EQ(runtime::LayerSpec{}.version, 4);
+  EXPECT_EQ(runtime::LayerSpec{}.version, 5);
   EXPECT_FALSE(runtime::LayerSpec{}.moe_config().dense_expert_grads);
   struct Case {
     int version;
     bool field, dense;
   };
-  for (const Case c : {Case{4, false, false}, Case{3, false, false}, Case{2, false, false},
-                       Case{2, true, true}, Case{1, false, true}}) {
+  for (const Case c : {Case{5, false, false}, Case{4, false, false}, Case{3, false, false},
+                       Case{2, false, false}, Case{2, true, true}, Case{1, false, true}}) {
     runtime::LayerSpec spec = spec_for(g);
     spec.version = c.version;
     spec.dense_expert_grads = c.field;
@@ -289,6 +289,54 @@ TEST(Builder, WireDtypeNeedsSpecVersion4) {
   for (const Outcome& o : mixed) {
     EXPECT_EQ(o.type, "ConfigMismatchError");
     EXPECT_NE(o.message.find("MoE layer configuration): rank 1 differs"), std::string::npos)
+        << o.message;
+  }
+}
+
+// Version 5 added request_key_bits: a version-5 spec builds a router and a
+// layer that prune their requests with keys of those bits, routing exactly
+// as without; an older spec sends every request whatever the field holds;
+// bits outside 2 to 16 are refused naming the field; ranks that ask for
+// different bits fail together.
+TEST(Builder, RequestKeyBitsNeedSpecVersion5) {
+  const GlobalData& g = data();
+  runtime::LayerSpec spec = spec_for(g);
+  spec.request_key_bits = 8;
+  EXPECT_EQ(runtime::LayerSpec{}.request_key_bits, 0);
+  EXPECT_EQ(spec.moe_config().request_key_bits, 8);
+  EXPECT_NE(spec.describe().find("request_key_bits=8"), std::string::npos) << spec.describe();
+  spec.version = 4;
+  EXPECT_EQ(spec.moe_config().request_key_bits, 0);
+  spec.version = 5;
+  comm::run_ranks(2, [&](comm::Communicator& comm) {
+    const auto router = runtime::build_router(comm, spec, g.data.centers.view());
+    EXPECT_EQ(router->request_keys().bits(), 8);
+    EXPECT_EQ(router->request_keys().experts(), g.data.centers.rows());
+    const auto layer = runtime::build_layer(comm, spec, g.data.centers.view());
+    EXPECT_EQ(layer->config().request_key_bits, 8);
+    runtime::LayerSpec off = spec;
+    off.request_key_bits = 0;
+    const auto plain = runtime::build_layer(comm, off, g.data.centers.view());
+    const MatrixView mine = g.tokens_of(comm.rank(), 2);
+    const runtime::ForwardResult a = layer->forward(mine), b = plain->forward(mine);
+    EXPECT_EQ(a.handle.routes().experts, b.handle.routes().experts);
+    EXPECT_EQ(a.handle.routes().gates, b.handle.routes().gates);
+    EXPECT_EQ(std::vector<float>(a.output.data(), a.output.data() + a.output.size()),
+              std::vector<float>(b.output.data(), b.output.data() + b.output.size()));
+    EXPECT_FALSE(a.handle.routes().contender_offsets.empty());
+  });
+  runtime::LayerSpec bad = spec;
+  bad.request_key_bits = 17;
+  AIRMOE_EXPECT_THROW_MSG(runtime::check_spec(bad), UsageError,
+                          "LayerSpec request_key_bits = 17: request keys take 2 to 16 bits");
+  const auto mixed = outcomes(3, [&](comm::Communicator& comm) {
+    runtime::LayerSpec mine = spec;
+    if (comm.rank() == 2) mine.request_key_bits = 4;
+    runtime::build_layer(comm, mine, g.data.centers.view());
+  });
+  for (const Outcome& o : mixed) {
+    EXPECT_EQ(o.type, "ConfigMismatchError");
+    EXPECT_NE(o.message.find("MoE layer configuration): rank 2 differs"), std::string::npos)
         << o.message;
   }
 }

@@ -11,6 +11,7 @@
 #include "comm/in_process.h"
 #include "moe_fixture.h"
 #include "ops/bf16.h"
+#include "router/request_keys.h"
 #include "runtime/simulator.h"
 #include "runtime/wire.h"
 #include "test_util.h"
@@ -647,7 +648,8 @@ comm::TrafficCounts metered_total(const Metered& real, const std::string& phase)
 }
 
 // The simulator's per-rank, per-phase counts equal the meter of real runs,
-// for either wire dtype; and on the meter, bf16 halves the vector bytes of
+// for either wire dtype, and at P = 4 with 8-bit request keys (the
+// simulated routes carry the same contenders); and on the meter, bf16 halves the vector bytes of
 // dispatch (where vectors travel), combine, grad_dispatch and grad_combine.
 TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
   const GlobalData& g = data();
@@ -660,6 +662,7 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
       for (DType wire : {DType::kF32, DType::kBF16}) {
         MoEConfig cfg = config();
         cfg.wire_dtype = wire;
+        cfg.request_key_bits = P == 4 ? 8 : 0;
         Metered& real = by_dtype[wire];
         real.resize(static_cast<size_t>(P));
         runtime::Placement placement;
@@ -678,10 +681,13 @@ TEST(TrafficSimulator, EqualsTheMeterOfRealRuns) {
             real[comm.rank()][phase] = comm.meter().sent(phase);
         });
         const AirRouter air(g.data.centers.view(), g.codebook);
-        const Routes routes =
+        Routes routes =
             strategy == Strategy::kAir
                 ? air.route(g.data.tokens.view(), cfg.k, cfg.probes)
                 : air.route(g.data.tokens.view(), cfg.k, static_cast<int>(g.codebook.size()));
+        if (cfg.request_key_bits != 0)
+          set_contenders(routes, g.data.tokens.view(),
+                         RequestKeys(g.data.centers.view(), cfg.request_key_bits), g.lists());
         const runtime::SimulatedTraffic sim = runtime::simulate_traffic(
             strategy, placement, routes, g.data.tokens.view(), true, kind, wire);
         ASSERT_FALSE(sim.sent.empty());

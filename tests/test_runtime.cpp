@@ -84,6 +84,21 @@ TEST_P(DistributedRouterChecks, QueryListsEqualSingleProcessForEveryPolicy) {
       });
 }
 
+TEST_P(DistributedRouterChecks, RequestKeysKeepRoutesAndPruneRequests) {
+  for (const bool query : {false, true})
+    for (const bool biased : {false, true})
+      for (PlacementPolicy policy : kAllPolicies)
+        run([&](comm::Communicator& comm) {
+          test::check_request_keys_keep_routes(comm, data(), policy, biased, query);
+        });
+}
+
+TEST_P(DistributedRouterChecks, RequestKeysFollowCenterUpdates) {
+  run([](comm::Communicator& comm) {
+    test::check_request_keys_follow_center_updates(comm, data());
+  });
+}
+
 INSTANTIATE_TEST_SUITE_P(Ranks, DistributedRouterChecks, ::testing::Values(1, 2, 3, 4));
 
 TEST(DistributedTraffic, RepliesAreKPairsPerRequest) {

@@ -50,6 +50,18 @@ TEST(MpiDistributedRouter, QueryListsEqualSingleProcess) {
       test::check_query_lists_equal_single_process(comm, data(), policy, biased);
 }
 
+TEST(MpiDistributedRouter, RequestKeysKeepRoutesAndPruneRequests) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  for (const bool query : {false, true})
+    for (const bool biased : {false, true})
+      test::check_request_keys_keep_routes(comm, data(), PlacementPolicy::kLocality, biased, query);
+}
+
+TEST(MpiDistributedRouter, RequestKeysFollowCenterUpdates) {
+  comm::MpiCommunicator comm(MPI_COMM_WORLD);
+  test::check_request_keys_follow_center_updates(comm, data());
+}
+
 TEST(MpiDistributedRouter, BadTokenOnOneRankFailsEveryRank) {
   comm::MpiCommunicator comm(MPI_COMM_WORLD);
   test::check_bad_token_fails_every_rank(comm, data());

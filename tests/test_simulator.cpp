@@ -11,6 +11,7 @@
 #include "comm/exchange_rule.h"
 #include "core/synthetic.h"
 #include "router/air_router.h"
+#include "router/request_keys.h"
 #include "runtime/coordinator.h"
 #include "runtime/simulator.h"
 #include "runtime/wire.h"
@@ -32,10 +33,15 @@ const GlobalData& data() {
 const Strategy kStrategies[] = {Strategy::kAir, Strategy::kDenseReplicated,
                                 Strategy::kDenseBroadcast};
 
-Routes routes_for(const GlobalData& g, Strategy s) {
+// With `pruned`, the routes' contenders from 8-bit request keys (the
+// requests of the distributed router with set_request_keys(8)).
+Routes routes_for(const GlobalData& g, Strategy s, bool pruned = false) {
   const AirRouter air(g.data.centers.view(), g.codebook);
   const int m = s == Strategy::kAir ? 3 : static_cast<int>(g.codebook.size());
-  return air.route(g.data.tokens.view(), 4, m);
+  Routes r = air.route(g.data.tokens.view(), 4, m);
+  if (pruned)
+    set_contenders(r, g.data.tokens.view(), RequestKeys(g.data.centers.view(), 8), g.lists());
+  return r;
 }
 
 runtime::Placement placement_for(const GlobalData& g, int P) {
@@ -75,7 +81,7 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
     for (Strategy s : kStrategies)
       for (ExchangeKind kind : {ExchangeKind::kSparse, ExchangeKind::kCountsFirst})
         for (DType wire : {DType::kF32, DType::kBF16}) {
-          const Routes routes = routes_for(g, s);
+          const Routes routes = routes_for(g, s, /*pruned=*/P == 3);
           const runtime::Placement placement = placement_for(g, P);
           const SimulatedTraffic full = runtime::simulate_traffic(
               s, placement, routes, g.data.tokens.view(), true, kind, wire);
@@ -84,7 +90,7 @@ TEST(TrafficSimulator, SampleOfEveryRankEqualsTheFullSimulation) {
               s, placement, all.blocks, g.data.tokens.cols(), true, kind, wire);
           const std::string what = std::string(runtime::to_string(s)) + " P=" + std::to_string(P) +
                                    (kind == ExchangeKind::kSparse ? " sparse " : " dense ") +
-                                   to_string(wire);
+                                   to_string(wire) + (P == 3 ? " with request keys" : "");
           EXPECT_TRUE(sample.sampled) << what;
           EXPECT_EQ(sample.rank_ids, full.rank_ids) << what;
           EXPECT_DOUBLE_EQ(sample.mean_ranks_per_token, full.mean_ranks_per_token) << what;
@@ -140,35 +146,55 @@ TEST(TrafficSimulator, CountsWhatTheWireBuildersBuild) {
   const GlobalData& g = data();
   const int P = 3;
   const runtime::Placement placement = placement_for(g, P);
-  for (Strategy s : kStrategies)
-    for (DType wire : {DType::kF32, DType::kBF16}) {
-      const Routes routes = routes_for(g, s);
-      const SimulatedTraffic sim = runtime::simulate_traffic(
-          s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse, wire);
-      for (int home = 0; home < P; ++home) {
-        const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
-        const Routes mine = runtime::slice_routes(routes, b, e);
-        const MatrixView block = g.tokens_of(home, P);
-        comm::TrafficCounts requests, dispatch;
-        auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
-          for (int q = 0; q < P; ++q) {
-            const int64_t n = out.send.bytes(q);
-            if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
-          }
-        };
-        add(runtime::wire::expert_dispatch(placement, mine, block, s == Strategy::kDenseReplicated,
-                                           wire, P),
-            dispatch);
-        EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch)
-            << runtime::to_string(s) << " " << to_string(wire);
-        if (s == Strategy::kDenseReplicated) continue;
-        add(runtime::wire::scoring_requests(placement, mine.probe_offsets, mine.probed_codewords,
-                                            block, P),
-            requests);
-        EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
-        EXPECT_GT(requests.bytes, 0);
+  for (const bool pruned : {false, true})
+    for (Strategy s : kStrategies)
+      for (DType wire : {DType::kF32, DType::kBF16}) {
+        const Routes routes = routes_for(g, s, pruned);
+        const SimulatedTraffic sim = runtime::simulate_traffic(
+            s, placement, routes, g.data.tokens.view(), false, ExchangeKind::kSparse, wire);
+        for (int home = 0; home < P; ++home) {
+          const auto [b, e] = GlobalData::token_range(routes.tokens, home, P);
+          const Routes mine = runtime::slice_routes(routes, b, e);
+          const MatrixView block = g.tokens_of(home, P);
+          comm::TrafficCounts requests, dispatch;
+          auto add = [&](const runtime::wire::Outbox& out, comm::TrafficCounts& c) {
+            for (int q = 0; q < P; ++q) {
+              const int64_t n = out.send.bytes(q);
+              if (comm::is_payload_message(home, q, n)) c += comm::TrafficCounts{n, 1};
+            }
+          };
+          add(runtime::wire::expert_dispatch(placement, mine, block,
+                                             s == Strategy::kDenseReplicated, wire, P),
+              dispatch);
+          EXPECT_EQ(sim.sent.at("dispatch")[home], dispatch)
+              << runtime::to_string(s) << " " << to_string(wire);
+          if (s == Strategy::kDenseReplicated) continue;
+          add(runtime::wire::scoring_requests(placement, mine, block, P), requests);
+          EXPECT_EQ(sim.sent.at("requests")[home], requests) << runtime::to_string(s);
+          EXPECT_GT(requests.bytes, 0);
+        }
       }
-    }
+}
+
+// Request keys send a token's requests only to its contenders' owners: fewer
+// request and reply bytes (the routes, so the dispatch, are the same).
+TEST(TrafficSimulator, RequestKeysCutRequestsAndRepliesOnly) {
+  const GlobalData& g = data();
+  const runtime::Placement placement = placement_for(g, 5);
+  for (Strategy s : {Strategy::kAir, Strategy::kDenseBroadcast}) {
+    const SimulatedTraffic plain =
+        runtime::simulate_traffic(s, placement, routes_for(g, s), g.data.tokens.view(), true,
+                                  ExchangeKind::kSparse, DType::kF32);
+    const SimulatedTraffic pruned =
+        runtime::simulate_traffic(s, placement, routes_for(g, s, true), g.data.tokens.view(), true,
+                                  ExchangeKind::kSparse, DType::kF32);
+    const std::string what = runtime::to_string(s);
+    EXPECT_LT(pruned.total("requests").bytes, plain.total("requests").bytes) << what;
+    EXPECT_LT(pruned.total("replies").bytes, plain.total("replies").bytes) << what;
+    EXPECT_LT(pruned.mean_ranks_per_token, plain.mean_ranks_per_token) << what;
+    EXPECT_EQ(pruned.total("dispatch"), plain.total("dispatch")) << what;
+    EXPECT_EQ(pruned.total("combine"), plain.total("combine")) << what;
+  }
 }
 
 // bf16 on the wire halves the vector part of every phase that carries token

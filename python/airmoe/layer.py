@@ -401,12 +401,20 @@ class MoELayer(nn.Module):
             nearest even when sent and widened on receipt, the math stays
             float32. The same on every rank (compared; a layer loaded from a
             checkpoint sends f32).
+        request_key_bits: 0 (default, off) or 2 to 16: air and dense-broadcast
+            keep every expert's key in that many bits on every rank
+            (E (d + 20) bytes; E (2 d + 20) above 8 bits) and send a token's
+            scoring requests only to the ranks owning an expert that may
+            still be in its top-k; the
+            routes, outputs and gradients are the same bit for bit
+            (docs/layer.md). The same on every rank (compared; a layer
+            loaded from a checkpoint sends every request).
     """
 
     def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
                  activation="gelu", codewords=None, placement="locality", seed=0, centers=None,
                  kmeans_iterations=10, load_sample=None, bias=None, wire_dtype="f32",
-                 backend=None):
+                 backend=None, request_key_bits=0):
         super().__init__()
         address = _comm_address(comm)
         # This rank's argument errors are raised on every rank together, by
@@ -417,6 +425,12 @@ class MoELayer(nn.Module):
             if not isinstance(wire_dtype, str):
                 raise TypeError(f"wire_dtype must be a str ('f32' or 'bf16'), got "
                                 f"{type(wire_dtype).__name__}")
+            if isinstance(request_key_bits, bool) or not isinstance(request_key_bits, int):
+                raise TypeError(f"request_key_bits must be an int (0, or 2 to 16), got "
+                                f"{type(request_key_bits).__name__}")
+            if request_key_bits != 0 and not 2 <= request_key_bits <= 16:
+                raise ValueError(f"request_key_bits = {request_key_bits}: request keys take 2 to "
+                                 f"16 bits per entry (0: off)")
             ints = _checked_ints(num_experts, k, probes, hidden, codewords, kmeans_iterations, seed)
             centers = view(_checked_centers(ints["num_experts"], dim, centers, seed))
             if load_sample is not None:
@@ -430,7 +444,8 @@ class MoELayer(nn.Module):
                 ints["codewords"], ints["kmeans_iterations"], ints["seed"], placement,
                 ints["seed"], centers, sample, local_error=_message(error),
                 wire_dtype=wire_dtype if isinstance(wire_dtype, str) else "f32",
-                backend=backend_arg)
+                backend=backend_arg,
+                request_key_bits=request_key_bits if error is None else 0)
         self._adopt(impl, placement, ints["seed"])
         if bias is not None:
             self.bias = torch.as_tensor(bias).detach().clone()
@@ -443,6 +458,7 @@ class MoELayer(nn.Module):
             config["probes"]
         self.hidden_size, self.activation = impl.hidden, config["activation"]
         self.wire_dtype = config["wire_dtype"]
+        self.request_key_bits = config["request_key_bits"]
         self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
         self.backend, self._device = impl.backend, _torch_device(impl)

@@ -78,6 +78,7 @@ struct LayerArgs {
   int k = 0, probes = 0, kmeans_iterations = 0;
   int64_t hidden = 0, codewords = 0;
   uint64_t kmeans_seed = 0, expert_seed = 0;
+  int request_key_bits = 0;
 
   runtime::LayerSpec spec(MatrixView centers) const {
     runtime::LayerSpec s;
@@ -94,6 +95,8 @@ struct LayerArgs {
     s.activation = runtime::activation_from_string(activation);
     s.expert_seed = expert_seed;
     s.wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype);
+    if (request_key_bits != 0) check_request_key_bits(request_key_bits, "request_key_bits");
+    s.request_key_bits = request_key_bits;
     return s;
   }
 };
@@ -367,27 +370,31 @@ void bind_layer(py::module_& m) {
   py::class_<MoELayerImpl>(m, "MoELayerImpl",
                            "runtime::MoELayer over one rank in this process (comm_address None) or "
                            "an MPI communicator (collective methods).")
-      .def(
-          py::init([](std::optional<std::uintptr_t> comm_address, const std::string& strategy,
-                      int k, int probes, int64_t hidden, const std::string& activation,
-                      int64_t codewords, int kmeans_iterations, uint64_t kmeans_seed,
-                      const std::string& placement, uint64_t expert_seed, const py::object& centers,
-                      const py::object& sample, const std::string& local_error,
-                      const std::string& wire_dtype, const std::string& backend) {
-            const LayerArgs args{strategy, activation, placement,   wire_dtype,
-                                 backend,  k,          probes,      kmeans_iterations,
-                                 hidden,   codewords,  kmeans_seed, expert_seed};
-            return new MoELayerImpl(comm_address, args, centers, sample, local_error);
-          }),
-          py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
-          py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
-          py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
-          py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
-          py::arg("local_error") = "", py::arg("wire_dtype") = "f32", py::arg("backend") = "",
-          "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
-          "backend: the compute backend's name (\"\": the host default). "
-          "local_error: this rank's own argument error (\"\": none), raised on "
-          "every rank together.")
+      .def(py::init([](std::optional<std::uintptr_t> comm_address, const std::string& strategy,
+                       int k, int probes, int64_t hidden, const std::string& activation,
+                       int64_t codewords, int kmeans_iterations, uint64_t kmeans_seed,
+                       const std::string& placement, uint64_t expert_seed,
+                       const py::object& centers, const py::object& sample,
+                       const std::string& local_error, const std::string& wire_dtype,
+                       const std::string& backend, int request_key_bits) {
+             const LayerArgs args{strategy,        activation, placement,   wire_dtype,
+                                  backend,         k,          probes,      kmeans_iterations,
+                                  hidden,          codewords,  kmeans_seed, expert_seed,
+                                  request_key_bits};
+             return new MoELayerImpl(comm_address, args, centers, sample, local_error);
+           }),
+           py::arg("comm_address"), py::arg("strategy"), py::arg("k"), py::arg("probes"),
+           py::arg("hidden"), py::arg("activation"), py::arg("codewords"),
+           py::arg("kmeans_iterations"), py::arg("kmeans_seed"), py::arg("placement"),
+           py::arg("expert_seed"), py::arg("centers"), py::arg("sample") = py::none(),
+           py::arg("local_error") = "", py::arg("wire_dtype") = "f32", py::arg("backend") = "",
+           py::arg("request_key_bits") = 0,
+           "Collective. wire_dtype: the token vectors' element type on the wire (f32 or bf16). "
+           "request_key_bits: scoring requests pruned with replicated keys of these bits (2 to "
+           "8; 0: off). "
+           "backend: the compute backend's name (\"\": the host default). "
+           "local_error: this rank's own argument error (\"\": none), raised on "
+           "every rank together.")
       .def_property_readonly("rank", &MoELayerImpl::rank)
       .def_property_readonly("size", &MoELayerImpl::size)
       .def_property_readonly(
@@ -430,6 +437,7 @@ void bind_layer(py::module_& m) {
                                d["probes"] = c.probes;
                                d["activation"] = runtime::to_string(c.expert.activation);
                                d["wire_dtype"] = to_string(c.wire_dtype);
+                               d["request_key_bits"] = c.request_key_bits;
                                d["codewords"] = s.layer().codebook().size();
                                return d;
                              })

@@ -127,6 +127,31 @@ def test_unknown_wire_dtype_names_the_argument():
         make(wire_dtype=16)
 
 
+@pytest.mark.parametrize("strategy", ["air", "dense-broadcast"])
+def test_request_keys_change_no_bit(strategy):
+    plain, keyed = make(strategy=strategy), make(strategy=strategy, request_key_bits=8)
+    assert plain.request_key_bits == 0 and keyed.request_key_bits == 8
+    assert keyed._impl.config["request_key_bits"] == 8
+    x = tokens(n=17)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = plain(xa), keyed(xb)
+    assert torch.equal(a, b)
+    a.pow(2).sum().backward()
+    b.pow(2).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(plain.w1.grad, keyed.w1.grad)
+    assert torch.equal(plain.centers_local.grad, keyed.centers_local.grad)
+
+
+def test_bad_request_key_bits_name_the_argument():
+    with pytest.raises(ValueError, match="request_key_bits = 17: request keys take 2 to 16 bits"):
+        make(request_key_bits=17)
+    with pytest.raises(TypeError, match="request_key_bits must be an int"):
+        make(request_key_bits="8")
+    with pytest.raises(TypeError, match="request_key_bits must be an int"):
+        make(request_key_bits=True)
+
+
 @pytest.mark.parametrize("name,value,error", [
     ("num_experts", 2**64, "num_experts"), ("num_experts", 0, "num_experts"),
     ("k", 2**31, "k = 2147483648 is outside"), ("probes", 2**31, "probes = "),
