@@ -46,6 +46,13 @@ struct Contenders {
   }
 };
 
+// How a holder of request keys kept them current: full gathers (the first
+// one included) and drift-only updates since the keys were turned on.
+struct RequestKeyCounts {
+  int64_t gathers = 0;
+  int64_t drift_updates = 0;
+};
+
 // A token's shortlist as groups of experts, CSR over tokens.
 struct TokenGroups {
   std::vector<int64_t> offsets{0};  // [T + 1]

@@ -332,6 +332,7 @@ void DistributedRouter::set_request_keys(int bits) {
                               "request key bits");
   }
   request_key_bits_ = bits;
+  request_key_counts_ = RequestKeyCounts();
   gather_request_keys();
 }
 
@@ -382,6 +383,7 @@ void DistributedRouter::gather_request_keys() {
   }
   request_keys_ = RequestKeys(std::move(keys));
   keyed_centers_ = local_centers_;
+  ++request_key_counts_.gathers;
 }
 
 // Each local expert's drift since its key was made; all of them gathered in
@@ -419,6 +421,7 @@ void DistributedRouter::update_request_keys() {
   for (int r = 0; r < comm_.size(); ++r)
     for (int32_t e : placement_.local_experts(r)) drift[e] = all[at++];
   request_keys_.set_drift(std::move(drift));
+  ++request_key_counts_.drift_updates;
 }
 
 void DistributedRouter::set_bias(MatrixView bias) {

@@ -133,6 +133,7 @@ class DistributedRouter {
   // again (E (d + 20) bytes, the phase "request_keys").
   void set_request_keys(int bits);
   const RequestKeys& request_keys() const { return request_keys_; }
+  const RequestKeyCounts& request_key_counts() const { return request_key_counts_; }
 
   const Codebook& codebook() const { return codebook_; }
   // Each expert's primary list (with query lists: its first); stage 1
@@ -200,6 +201,7 @@ class DistributedRouter {
   int request_key_bits_ = 0;
   RequestKeys request_keys_;  // all E experts' (with request_key_bits_ > 0)
   Matrix keyed_centers_;      // this rank's centers when the keys were made
+  RequestKeyCounts request_key_counts_;
   // Exchange buffers, reused across calls (their contents are per call).
   wire::Outbox requests_;
   comm::ExchangeBuffer requests_in_, replies_, replies_in_;

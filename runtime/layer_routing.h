@@ -78,6 +78,8 @@ class LayerRouting {
   virtual void set_bias(MatrixView bias) = 0;
   virtual void clear_bias() = 0;        // collective
   virtual TensorView bias() const = 0;  // f32 [E, 1]; empty: none
+  // How the request keys were kept current (none: zeros).
+  virtual RequestKeyCounts request_key_counts() const = 0;
 
   virtual const Codebook& codebook() const = 0;
   virtual const InvertedLists& lists() const = 0;

@@ -32,6 +32,7 @@ class DistributedRouting final : public LayerRouting {
   void set_bias(MatrixView bias) override { router_->set_bias(bias); }
   void clear_bias() override { router_->clear_bias(); }
   TensorView bias() const override { return router_->bias(); }
+  RequestKeyCounts request_key_counts() const override { return router_->request_key_counts(); }
 
   const Codebook& codebook() const override { return router_->codebook(); }
   const InvertedLists& lists() const override { return router_->lists(); }

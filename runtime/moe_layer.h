@@ -199,6 +199,8 @@ class MoELayer {
   void set_bias(MatrixView bias) { routing_->set_bias(bias); }
   void clear_bias() { routing_->clear_bias(); }
   TensorView bias() const { return routing_->bias(); }  // f32 [E, 1]; empty: none
+  // With request keys: how they were kept current (gathers, drift updates).
+  RequestKeyCounts request_key_counts() const { return routing_->request_key_counts(); }
 
   Strategy strategy() const { return routing_->strategy(); }
   const MoEConfig& config() const { return config_; }

@@ -450,6 +450,14 @@ class MoELayer(nn.Module):
         if bias is not None:
             self.bias = torch.as_tensor(bias).detach().clone()
 
+    @property
+    def request_key_counts(self):
+        """With request keys: {"gathers": n, "drift_updates": n}, how this
+        rank's router kept them current since they were made (every forward
+        hands the centers over: a drift update, or a new gather once some
+        expert drifted past its key's rounding error). Zeros without keys."""
+        return dict(self._impl.request_key_counts)
+
     def _adopt(self, impl, placement, seed):
         """Takes the C++ layer: its configuration, parameters and buffers."""
         self._impl = impl

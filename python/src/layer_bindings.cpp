@@ -441,6 +441,14 @@ void bind_layer(py::module_& m) {
                                d["codewords"] = s.layer().codebook().size();
                                return d;
                              })
+      .def_property_readonly("request_key_counts",
+                             [](MoELayerImpl& s) {
+                               const RequestKeyCounts c = s.layer().request_key_counts();
+                               py::dict d;
+                               d["gathers"] = c.gathers;
+                               d["drift_updates"] = c.drift_updates;
+                               return d;
+                             })
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
       .def("forward_device", &MoELayerImpl::forward_device, py::arg("tokens"),
            "Collective, on_device layers: tokens by DLPack; (output capsule, plan).")

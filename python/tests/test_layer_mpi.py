@@ -141,6 +141,17 @@ def test_request_keys_change_no_bit(strategy):
     assert torch.equal(xa.grad, xb.grad)
     assert torch.equal(plain.w1.grad, keyed.w1.grad)
     assert torch.equal(plain.centers_local.grad, keyed.centers_local.grad)
+    assert plain.request_key_counts == {"gathers": 0, "drift_updates": 0}
+    assert keyed.request_key_counts == {"gathers": 1, "drift_updates": 0}
+    # Moved centers reach the router at the next forward: a tiny move is a
+    # drift update, a large one a new gather; the outputs stay equal.
+    for scale, counts in ((1e-7, {"gathers": 1, "drift_updates": 1}),
+                          (0.5, {"gathers": 2, "drift_updates": 1})):
+        with torch.no_grad():
+            for layer in (plain, keyed):
+                layer.centers_local += scale * torch.ones_like(layer.centers_local)
+        assert torch.equal(plain(x), keyed(x))
+        assert keyed.request_key_counts == counts, (scale, keyed.request_key_counts)
 
 
 def test_bad_request_key_bits_name_the_argument():
