@@ -24,11 +24,10 @@ import airmoe
 
 def communicator():
     """MPI.COMM_SELF where airmoe was built with MPI, else None."""
-    try:
-        from mpi4py import MPI
-        return MPI.COMM_SELF
-    except ImportError:
+    if not airmoe._airmoe.has_mpi:
         return None
+    from mpi4py import MPI
+    return MPI.COMM_SELF
 
 
 def train(args, lr):
