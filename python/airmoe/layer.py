@@ -450,6 +450,19 @@ class MoELayer(nn.Module):
         if bias is not None:
             self.bias = torch.as_tensor(bias).detach().clone()
 
+    def traffic(self):
+        """What this rank sent since the last reset_traffic() (or since the
+        layer was made), per phase: {"requests": {"bytes": n, "messages": n},
+        ...} over all peers, from the communicator's meter. Phases are the
+        layer's all-to-alls (requests, replies, dispatch, combine and the
+        backward's), their control messages (":counts", ":barrier") and its
+        collectives (checks, request_keys, ...)."""
+        return {phase: dict(c) for phase, c in self._impl.traffic().items()}
+
+    def reset_traffic(self):
+        """Zeroes this rank's meter (not collective)."""
+        self._impl.reset_traffic()
+
     @property
     def request_key_counts(self):
         """With request keys: {"gathers": n, "drift_updates": n}, how this

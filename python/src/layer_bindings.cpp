@@ -305,6 +305,21 @@ class MoELayerImpl {
 
   runtime::MoELayer& layer() { return *layer_; }
   const Matrix& codewords() const { return codewords_; }
+  // What this rank sent since the last reset, per phase (all peers).
+  py::dict traffic() {
+    py::dict out;
+    const comm::TrafficMeter& meter = world().meter();
+    for (const std::string& phase : meter.phases()) {
+      const comm::TrafficCounts c = meter.sent(phase);
+      py::dict d;
+      d["bytes"] = c.bytes;
+      d["messages"] = c.messages;
+      out[py::str(phase)] = d;
+    }
+    return out;
+  }
+  void reset_traffic() { world().meter().reset(); }
+
   int rank() const { return comm_.comm->rank(); }
   int size() const { return comm_.comm->size(); }
 
@@ -449,6 +464,10 @@ void bind_layer(py::module_& m) {
                                d["drift_updates"] = c.drift_updates;
                                return d;
                              })
+      .def("traffic", &MoELayerImpl::traffic,
+           "What this rank sent since the last reset_traffic, per phase: {phase: {bytes, "
+           "messages}} over all peers (the communicator's meter).")
+      .def("reset_traffic", &MoELayerImpl::reset_traffic)
       .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
       .def("forward_device", &MoELayerImpl::forward_device, py::arg("tokens"),
            "Collective, on_device layers: tokens by DLPack; (output capsule, plan).")

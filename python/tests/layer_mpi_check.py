@@ -272,6 +272,37 @@ def compare_biased(strategy):
     check(f"{tag} cleared bias gives the unbiased output", r <= TOL, f"rel {r}")
 
 
+def compare_request_keys(strategy):
+    """Request keys: the P-rank layer with keys gives the outputs and
+    gradients of the one without, bit for bit; its meter (traffic()) shows
+    fewer request bytes where P > 1, and reset_traffic() zeroes it."""
+    centers, tokens, dy = data()
+    b, e = T * rank // P, T * (rank + 1) // P
+    plain = build(world, strategy, centers, load_sample=tokens)
+    keyed = build(world, strategy, centers, load_sample=tokens, request_key_bits=8)
+    tag = f"request keys {strategy} P={P}"
+    sent = {}
+    for name, layer in (("plain", plain), ("keyed", keyed)):
+        layer.reset_traffic()
+        sent[name] = run(layer, tokens[b:e], dy[b:e]), layer.traffic()
+    (out, dx), traffic = sent["keyed"]
+    (ref_out, ref_dx), ref_traffic = sent["plain"]
+    check(f"{tag} output", torch.equal(out, ref_out))
+    check(f"{tag} d_hidden", torch.equal(dx, ref_dx))
+    check(f"{tag} d_centers", torch.equal(keyed.centers_local.grad, plain.centers_local.grad))
+    requests = world.allreduce(traffic.get("requests", {}).get("bytes", 0))
+    ref_requests = world.allreduce(ref_traffic.get("requests", {}).get("bytes", 0))
+    if P > 1:
+        check(f"{tag} the meter saw requests", ref_requests > 0, f"{ref_requests}")
+        check(f"{tag} keys send fewer request bytes", requests < ref_requests,
+              f"{requests} >= {ref_requests}")
+    check(f"{tag} the dispatch is the same",
+          traffic.get("dispatch") == ref_traffic.get("dispatch"))
+    keyed.reset_traffic()
+    check(f"{tag} reset_traffic zeroes the meter",
+          all(c["bytes"] == 0 and c["messages"] == 0 for c in keyed.traffic().values()))
+
+
 def bias_errors():
     centers, tokens, _ = data()
     b, e = T * rank // P, T * (rank + 1) // P
@@ -339,6 +370,8 @@ guarded("errors", errors)
 for strategy in ("air", "dense-replicated", "dense-broadcast"):
     guarded(f"biased {strategy}", lambda: compare_biased(strategy))
 guarded("bias errors", bias_errors)
+for strategy in ("air", "dense-broadcast"):
+    guarded(f"request keys {strategy}", lambda: compare_request_keys(strategy))
 for strategy in ("air", "dense-replicated", "dense-broadcast"):
     for from_modules in (False, True):
         guarded(f"swiglu {strategy}", lambda: compare_swiglu_with_torch(strategy, from_modules))

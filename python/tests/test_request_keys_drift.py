@@ -23,10 +23,13 @@ def test_counts_add_up_and_follow_the_learning_rate(tmp_path):
     assert done.returncode == 0, done.stderr
     runs = json.loads(out.read_text())["runs"]
     assert [r["lr"] for r in runs] == [1e-7, 1e-1]
+    assert [r["bits"] for r in runs] == [8, 8]
     for r in runs:
         assert r["center_updates"] == 5
         assert r["regathers"] + r["drift_updates"] == 5
         assert len(r["gathers_by_step"]) == 6
+        # One rank: nothing leaves it.
+        assert r["bytes_per_step_per_rank"]["scoring"] == 0
     assert runs[0]["regathers"] == 0
     assert runs[1]["regathers"] == 5
     with pytest.raises(subprocess.CalledProcessError):
