@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "core/errors.h"
+#include "core/parallel_errors.h"
 #include "ops/boundary.h"
 
 namespace airmoe::inline router {
@@ -128,87 +129,118 @@ void token_norms(MatrixView tokens, std::vector<double>& h1, std::vector<double>
   }
 }
 
+// The (token, group) pairs laid out twice: where each pair's candidates go
+// in token order, and the pairs of each group together (one GEMM each).
+struct PairPlan {
+  std::vector<int64_t> candidate_offsets;  // [T + 1]
+  std::vector<int64_t> base;               // per pair: its first candidate
+  std::vector<int32_t> token;              // per pair
+  std::vector<int64_t> group_offsets;      // [G + 1] into by_group
+  std::vector<int64_t> by_group;           // pairs, group after group
+  int32_t groups() const { return static_cast<int32_t>(group_offsets.size()) - 1; }
+};
+
+PairPlan plan_pairs(int64_t T, const TokenGroups& groups,
+                    const std::function<std::span<const int32_t>(int32_t)>& members) {
+  const auto pairs = groups.groups.size();
+  PairPlan plan{std::vector<int64_t>(static_cast<size_t>(T + 1), 0),
+                std::vector<int64_t>(pairs),
+                std::vector<int32_t>(pairs),
+                {},
+                std::vector<int64_t>(pairs)};
+  int32_t group_count = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t at = plan.candidate_offsets[t];
+    for (int64_t p = groups.offsets[t]; p < groups.offsets[t + 1]; ++p) {
+      plan.base[p] = at;
+      plan.token[p] = static_cast<int32_t>(t);
+      at += static_cast<int64_t>(members(groups.groups[p]).size());
+      group_count = std::max(group_count, groups.groups[p] + 1);
+    }
+    plan.candidate_offsets[t + 1] = at;
+  }
+  plan.group_offsets.assign(static_cast<size_t>(group_count) + 1, 0);
+  for (int32_t g : groups.groups) ++plan.group_offsets[g + 1];
+  for (int32_t g = 0; g < group_count; ++g) plan.group_offsets[g + 1] += plan.group_offsets[g];
+  std::vector<int64_t> fill(plan.group_offsets);
+  for (size_t p = 0; p < pairs; ++p)
+    plan.by_group[fill[groups.groups[p]]++] = static_cast<int64_t>(p);
+  return plan;
+}
+
+// Rows `ids` of the keys widened to float32, s_e q_e, into w [ids, dim].
+void widen_keys(const QuantizedKeys& keys, std::span<const int32_t> ids, std::vector<float>& w) {
+  const int64_t d = keys.dim;
+  w.resize(ids.size() * static_cast<size_t>(d));
+  for (size_t j = 0; j < ids.size(); ++j)
+    for (int64_t i = 0; i < d; ++i)
+      w[j * d + i] = keys.scale[ids[j]] * static_cast<float>(keys.code(ids[j], i));
+}
+
 }  // namespace
+
+// β_e (with the drift) plus the float32 slack, around z + b.
+void RequestKeys::bound(double z, double h1, double h2, int32_t e, std::span<const float> bias,
+                        double& upper, double& lower) const {
+  const double u = std::ldexp(1.0, -24);
+  // γ of float32 sums of d + 2 terms: the exact scan's rounding and the
+  // approximate score's (its keys widened to s_e q_e in float32 first),
+  // each at most γ |h|₂ |key|₂ whatever the order.
+  const double n = static_cast<double>(keys_.dim + 2), gamma = n * u / (1.0 - n * u);
+  const double b = bias.empty() ? 0.0 : bias[e];
+  // The center moved by at most δ_e since its key was made: |h|₂ δ_e more,
+  // and the scan's rounding is of the moved center's norm.
+  const double drift = drift_.empty() ? 0.0 : drift_[e];
+  const double beta = std::min(h1 * keys_.error_max[e], h2 * keys_.error[e]) + h2 * drift;
+  const double norm = static_cast<double>(keys_.norm[e]) + drift;
+  const double w_hat = static_cast<double>(keys_.norm[e]) + keys_.error[e];
+  const double slack =
+      2.0 * gamma * h2 * (norm + w_hat) + 4.0 * u * (std::fabs(z) + std::fabs(b) + beta);
+  upper = z + b + beta + slack;
+  lower = z + b - beta - slack;
+}
 
 RequestKeys::Bounds RequestKeys::bound_groups(
     MatrixView tokens, std::span<const float> bias, const TokenGroups& groups,
     const std::function<std::span<const int32_t>(int32_t)>& members) const {
-  const int64_t T = tokens.rows, d = keys_.dim;
-  const auto pairs = static_cast<int64_t>(groups.groups.size());
-  Bounds b;
-  // Where each (token, group) pair's candidates go, and the pairs by group.
-  std::vector<int64_t> base(static_cast<size_t>(pairs));
-  std::vector<int32_t> token_of(static_cast<size_t>(pairs));
-  b.offsets.assign(static_cast<size_t>(T + 1), 0);
-  int32_t group_count = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t at = b.offsets[t];
-    for (int64_t p = groups.offsets[t]; p < groups.offsets[t + 1]; ++p) {
-      base[p] = at;
-      token_of[p] = static_cast<int32_t>(t);
-      at += static_cast<int64_t>(members(groups.groups[p]).size());
-      group_count = std::max(group_count, groups.groups[p] + 1);
-    }
-    b.offsets[t + 1] = at;
-  }
-  std::vector<int64_t> by_group_offsets(static_cast<size_t>(group_count) + 1, 0);
-  for (int32_t g : groups.groups) ++by_group_offsets[g + 1];
-  for (int32_t g = 0; g < group_count; ++g) by_group_offsets[g + 1] += by_group_offsets[g];
-  std::vector<int64_t> by_group(static_cast<size_t>(pairs)), fill(by_group_offsets);
-  for (int64_t p = 0; p < pairs; ++p) by_group[fill[groups.groups[p]]++] = p;
-  const auto n = static_cast<size_t>(b.offsets[T]);
-  b.ids.resize(n);
-  b.upper.resize(n);
-  b.lower.resize(n);
+  const int64_t d = keys_.dim;
+  const PairPlan plan = plan_pairs(tokens.rows, groups, members);
+  const auto n = static_cast<size_t>(plan.candidate_offsets.back());
+  Bounds b{plan.candidate_offsets, std::vector<int32_t>(n), std::vector<double>(n),
+           std::vector<double>(n)};
   std::vector<double> h1, h2;
   token_norms(tokens, h1, h2);
-  // γ of float32 sums of d + 2 terms: the exact scan's rounding and the
-  // approximate score's (its keys widened to s_e q_e in float32 first),
-  // each at most γ |h|₂ |key|₂ whatever the order.
-  const double u = std::ldexp(1.0, -24), gamma = (d + 2) * u / (1.0 - (d + 2) * u);
+  ParallelErrors errors;  // allocations and the callback may throw
   // Each group once: its keys widened, scored against its tokens at once.
 #pragma omp parallel
   {
     std::vector<float> w, h, z;
 #pragma omp for schedule(dynamic)
-    for (int32_t g = 0; g < group_count; ++g) {
-      const std::span<const int32_t> mem = members(g);
-      const auto m = static_cast<int64_t>(mem.size());
-      const int64_t first = by_group_offsets[g], rows = by_group_offsets[g + 1] - first;
-      if (m == 0 || rows == 0) continue;
-      w.resize(static_cast<size_t>(m * d));
-      for (int64_t j = 0; j < m; ++j)
-        for (int64_t i = 0; i < d; ++i)
-          w[j * d + i] = keys_.scale[mem[j]] * static_cast<float>(keys_.code(mem[j], i));
-      h.resize(static_cast<size_t>(rows * d));
-      for (int64_t r = 0; r < rows; ++r)
-        std::copy_n(tokens.row(token_of[by_group[first + r]]), d, h.data() + r * d);
-      z.resize(static_cast<size_t>(rows * m));
-      score_to_host(host_compute(), TensorView(h.data(), DType::kF32, Device::host(), rows, d),
-                    TensorView(w.data(), DType::kF32, Device::host(), m, d), z.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t p = by_group[first + r], t = token_of[p];
-        for (int64_t j = 0; j < m; ++j) {
-          const int32_t e = mem[j];
-          const double zj = z[r * m + j];
-          const double bj = bias.empty() ? 0.0 : bias[e];
-          // The centers moved by at most δ_e since the keys were made:
-          // |h|₂ δ_e more, and the scan's rounding is of the moved norm.
-          const double drift = drift_.empty() ? 0.0 : drift_[e];
-          const double beta =
-              std::min(h1[t] * keys_.error_max[e], h2[t] * keys_.error[e]) + h2[t] * drift;
-          const double norm = static_cast<double>(keys_.norm[e]) + drift;
-          const double w_hat = static_cast<double>(keys_.norm[e]) + keys_.error[e];
-          const double slack = 2.0 * gamma * h2[t] * (norm + w_hat) +
-                               4.0 * u * (std::fabs(zj) + std::fabs(bj) + beta);
-          const auto at = static_cast<size_t>(base[p] + j);
-          b.ids[at] = e;
-          b.upper[at] = zj + bj + beta + slack;
-          b.lower[at] = zj + bj - beta - slack;
+    for (int32_t g = 0; g < plan.groups(); ++g) {
+      errors.run([&] {
+        const int64_t first = plan.group_offsets[g], rows = plan.group_offsets[g + 1] - first;
+        const std::span<const int32_t> ids = rows > 0 ? members(g) : std::span<const int32_t>();
+        const auto m = static_cast<int64_t>(ids.size());
+        if (m == 0) return;
+        widen_keys(keys_, ids, w);
+        h.resize(static_cast<size_t>(rows * d));
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy_n(tokens.row(plan.token[plan.by_group[first + r]]), d, h.data() + r * d);
+        z.resize(static_cast<size_t>(rows * m));
+        score_to_host(host_compute(), TensorView(h.data(), DType::kF32, Device::host(), rows, d),
+                      TensorView(w.data(), DType::kF32, Device::host(), m, d), z.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = plan.by_group[first + r], t = plan.token[p];
+          for (int64_t j = 0; j < m; ++j) {
+            const auto at = static_cast<size_t>(plan.base[p] + j);
+            b.ids[at] = ids[j];
+            bound(z[r * m + j], h1[t], h2[t], ids[j], bias, b.upper[at], b.lower[at]);
+          }
         }
-      }
+      });
     }
   }
+  errors.rethrow();
   return b;
 }
 

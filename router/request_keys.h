@@ -129,6 +129,8 @@ class RequestKeys {
  private:
   // Bounds of every (token, candidate) in token order; see request_keys.cpp.
   struct Bounds;
+  void bound(double z, double h1, double h2, int32_t e, std::span<const float> bias, double& upper,
+             double& lower) const;
   Bounds bound_groups(MatrixView tokens, std::span<const float> bias, const TokenGroups& groups,
                       const std::function<std::span<const int32_t>(int32_t)>& members) const;
   QuantizedKeys keys_;

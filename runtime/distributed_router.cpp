@@ -337,50 +337,21 @@ void DistributedRouter::set_request_keys(int bits) {
 }
 
 // Each rank quantizes its own experts (a row's keys depend on nothing else,
-// so they are the same bits for any placement) and every rank gathers all:
-// per expert its id, scale, error, largest error, norm, then d codes.
+// so they are the same bits for any placement) and every rank gathers all
+// (wire::key_records).
 void DistributedRouter::gather_request_keys() {
   if (request_key_bits_ == 0) {
     request_keys_ = RequestKeys();
     return;
   }
-  const int64_t d = codebook_.dim(), E = lists_.experts();
-  const int64_t codes = d * (request_key_bits_ <= 8 ? 1 : 2), record = 5 * 4 + codes;
   const QuantizedKeys mine = quantize_keys(local_centers_.view(), request_key_bits_);
-  std::vector<char> out(static_cast<size_t>(mine.rows() * record));
-  for (int64_t i = 0; i < mine.rows(); ++i) {
-    char* at = out.data() + i * record;
-    const float fields[4] = {mine.scale[i], mine.error[i], mine.error_max[i], mine.norm[i]};
-    std::memcpy(at, &local_ids_[i], 4);
-    std::memcpy(at + 4, fields, 16);
-    std::memcpy(at + 20, mine.codes_of(i), static_cast<size_t>(codes));
-  }
   std::vector<char> all;
   {
     comm::PhaseScope phase(comm_, "request_keys");
-    all = comm::allgatherv_vector<char>(comm_, out);
+    all = comm::allgatherv_vector<char>(comm_, wire::key_records(mine, local_ids_));
   }
-  if (static_cast<int64_t>(all.size()) != E * record)
-    throw InternalError("request keys: gathered " + std::to_string(all.size()) +
-                        " bytes, expected E = " + std::to_string(E) + " records of " +
-                        std::to_string(record));
-  QuantizedKeys keys(request_key_bits_, d, E);
-  std::vector<char> seen(static_cast<size_t>(E), 0);
-  for (int64_t i = 0; i < E; ++i) {
-    const char* at = all.data() + i * record;
-    int32_t e = 0;
-    std::memcpy(&e, at, 4);
-    if (e < 0 || e >= E || seen[e]++)
-      throw InternalError("request keys: expert " + std::to_string(e) +
-                          " out of range or gathered twice");
-    float fields[4];
-    std::memcpy(fields, at + 4, 16);
-    keys.scale[e] = fields[0];
-    keys.error[e] = fields[1];
-    keys.error_max[e] = fields[2];
-    keys.norm[e] = fields[3];
-    std::memcpy(keys.codes_of(e), at + 20, static_cast<size_t>(codes));
-  }
+  QuantizedKeys keys =
+      wire::read_key_records(all, lists_.experts(), codebook_.dim(), request_key_bits_);
   request_keys_ = RequestKeys(std::move(keys));
   keyed_centers_ = local_centers_;
   ++request_key_counts_.gathers;

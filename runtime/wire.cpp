@@ -348,4 +348,46 @@ Outbox expert_dispatch(const Placement& placement, const Routes& routes, MatrixV
   return box;
 }
 
+std::vector<char> key_records(const QuantizedKeys& keys, const std::vector<int32_t>& ids) {
+  const int64_t record = key_record_bytes(keys.dim, keys.bits);
+  const auto codes = static_cast<size_t>(keys.dim * keys.code_bytes());
+  std::vector<char> out(static_cast<size_t>(keys.rows() * record));
+  for (int64_t i = 0; i < keys.rows(); ++i) {
+    char* at = out.data() + i * record;
+    const float fields[4] = {keys.scale[i], keys.error[i], keys.error_max[i], keys.norm[i]};
+    std::memcpy(at, &ids[i], 4);
+    std::memcpy(at + 4, fields, sizeof(fields));
+    std::memcpy(at + 20, keys.codes_of(i), codes);
+  }
+  return out;
+}
+
+QuantizedKeys read_key_records(std::span<const char> records, int64_t experts, int64_t d,
+                               int bits) {
+  const int64_t record = key_record_bytes(d, bits);
+  if (static_cast<int64_t>(records.size()) != experts * record)
+    throw InternalError("request keys: gathered " + std::to_string(records.size()) +
+                        " bytes, expected E = " + std::to_string(experts) + " records of " +
+                        std::to_string(record));
+  QuantizedKeys keys(bits, d, experts);
+  const auto codes = static_cast<size_t>(d * keys.code_bytes());
+  std::vector<char> seen(static_cast<size_t>(experts), 0);
+  for (int64_t i = 0; i < experts; ++i) {
+    const char* at = records.data() + i * record;
+    int32_t e = 0;
+    std::memcpy(&e, at, 4);
+    if (e < 0 || e >= experts || seen[e]++)
+      throw InternalError("request keys: expert " + std::to_string(e) +
+                          " out of range or gathered twice");
+    float fields[4];
+    std::memcpy(fields, at + 4, sizeof(fields));
+    keys.scale[e] = fields[0];
+    keys.error[e] = fields[1];
+    keys.error_max[e] = fields[2];
+    keys.norm[e] = fields[3];
+    std::memcpy(keys.codes_of(e), at + 20, codes);
+  }
+  return keys;
+}
+
 }  // namespace airmoe::runtime::wire

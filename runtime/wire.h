@@ -25,6 +25,7 @@
 #include "core/errors.h"
 #include "core/matrix.h"
 #include "core/tensor.h"
+#include "router/request_keys.h"
 #include "router/routes.h"
 #include "runtime/placement.h"
 
@@ -251,6 +252,18 @@ struct WireOrder {
   int64_t count(int rank) const { return offsets[rank + 1] - offsets[rank]; }
 };
 WireOrder wire_order(std::span<const int32_t> dest, int ranks);
+
+// Request keys (router/request_keys.h), gathered by every rank: one record
+// per expert, its id (int32), scale, error, largest error and norm (4 x f32)
+// and its d codes (1 byte each up to 8 bits, 2 above). `ids`: the experts
+// of the rows of `keys`.
+inline int64_t key_record_bytes(int64_t d, int bits) {
+  return 20 + d * (bits <= 8 ? 1 : 2);
+}
+std::vector<char> key_records(const QuantizedKeys& keys, const std::vector<int32_t>& ids);
+// All E experts' keys from the gathered records, each expert exactly once
+// (else an InternalError: a peer's bug or corruption).
+QuantizedKeys read_key_records(std::span<const char> records, int64_t experts, int64_t d, int bits);
 
 // The size of one record the builders above write (the simulator counts
 // these without building the buffers; a test holds them equal): a request

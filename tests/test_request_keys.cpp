@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -14,6 +15,7 @@
 #include "core/errors.h"
 #include "core/synthetic.h"
 #include "router/request_keys.h"
+#include "runtime/wire.h"
 #include "test_util.h"
 
 namespace airmoe {
@@ -213,6 +215,44 @@ TEST(RequestKeys, DriftKeepsStaleKeysCertain) {
   EXPECT_THROW(keys.set_drift(drift), InternalError);
   drift[3] = std::numeric_limits<float>::infinity();
   EXPECT_THROW(keys.set_drift(drift), InternalError);
+}
+
+// The gathered records (runtime/wire.h): every expert's keys back, in any
+// order of the records, at 1- and 2-byte codes; a record short, an expert
+// out of range or twice is an InternalError, never a read past the end.
+TEST(RequestKeyRecords, RoundTripAndRefusals) {
+  const Matrix centers = random_matrix(9, 5, 1.0, 3);
+  for (int bits : {8, 12}) {
+    const QuantizedKeys all = quantize_keys(centers.view(), bits);
+    // Two "ranks": rows 0..3 as experts 5..8, rows 4..8 as experts 0..4.
+    std::vector<char> records = runtime::wire::key_records(
+        quantize_keys(MatrixView(centers.row(5), 4, 5), bits), std::vector<int32_t>{5, 6, 7, 8});
+    const std::vector<char> second = runtime::wire::key_records(
+        quantize_keys(MatrixView(centers.row(0), 5, 5), bits), std::vector<int32_t>{0, 1, 2, 3, 4});
+    records.insert(records.end(), second.begin(), second.end());
+    ASSERT_EQ(static_cast<int64_t>(records.size()), 9 * runtime::wire::key_record_bytes(5, bits));
+    const QuantizedKeys back = runtime::wire::read_key_records(records, 9, 5, bits);
+    for (int64_t e = 0; e < 9; ++e) {
+      EXPECT_EQ(back.scale[e], all.scale[e]) << bits << " bits, expert " << e;
+      EXPECT_EQ(back.error[e], all.error[e]);
+      EXPECT_EQ(back.error_max[e], all.error_max[e]);
+      EXPECT_EQ(back.norm[e], all.norm[e]);
+      for (int64_t c = 0; c < 5; ++c) EXPECT_EQ(back.code(e, c), all.code(e, c));
+    }
+    std::vector<char> short_by_one(records.begin(), records.end() - 1);
+    AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(short_by_one, 9, 5, bits),
+                            InternalError, "expected E = 9 records");
+    std::vector<char> twice = records;
+    const int32_t again = 5;  // record 1 (expert 6) claims expert 5
+    std::memcpy(twice.data() + runtime::wire::key_record_bytes(5, bits), &again, 4);
+    AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(twice, 9, 5, bits), InternalError,
+                            "expert 5 out of range or gathered twice");
+    std::vector<char> outside = records;
+    const int32_t nine = 9;
+    std::memcpy(outside.data(), &nine, 4);
+    AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(outside, 9, 5, bits), InternalError,
+                            "expert 9 out of range");
+  }
 }
 
 }  // namespace
