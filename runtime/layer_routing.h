@@ -80,6 +80,9 @@ class LayerRouting {
   virtual TensorView bias() const = 0;  // f32 [E, 1]; empty: none
   // How the request keys were kept current (none: zeros).
   virtual RequestKeyCounts request_key_counts() const = 0;
+  // Collective: request keys of `bits` bits from now on (0: off); checked
+  // by the caller. dense-replicated sends no requests and ignores them.
+  virtual void set_request_keys(int bits) = 0;
 
   virtual const Codebook& codebook() const = 0;
   virtual const InvertedLists& lists() const = 0;

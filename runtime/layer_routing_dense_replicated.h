@@ -26,6 +26,7 @@ class DenseReplicatedRouting final : public LayerRouting {
   void set_query_lists(QueryLists lists) override;
   double query_lists_build_flops() const override { return 0.0; }
   RequestKeyCounts request_key_counts() const override { return {}; }
+  void set_request_keys(int) override {}
   void move_experts(Placement placement, MatrixView local_centers) override;
   void set_bias(MatrixView bias) override;
   void clear_bias() override;

@@ -37,6 +37,11 @@ RoutedBatch DistributedRouting::route(MatrixView tokens, int k) {
   return batch;
 }
 
+void DistributedRouting::set_request_keys(int bits) {
+  router_->set_request_keys(bits);
+  request_key_bits_ = bits;
+}
+
 void DistributedRouting::set_local_centers(MatrixView local_centers) {
   router_->set_local_centers(local_centers);
 }

@@ -33,6 +33,7 @@ class DistributedRouting final : public LayerRouting {
   void clear_bias() override { router_->clear_bias(); }
   TensorView bias() const override { return router_->bias(); }
   RequestKeyCounts request_key_counts() const override { return router_->request_key_counts(); }
+  void set_request_keys(int bits) override;
 
   const Codebook& codebook() const override { return router_->codebook(); }
   const InvertedLists& lists() const override { return router_->lists(); }

@@ -568,6 +568,14 @@ void MoELayer::set_local_centers(MatrixView centers) {
   routing_->set_local_centers(MatrixView(centers.data, mine.rows(), d));
 }
 
+void MoELayer::set_request_keys(int bits) {
+  comm::check_together(comm_, "MoE layer", [&] {
+    if (bits != 0) check_request_key_bits(bits, "set_request_keys: bits");
+  });
+  routing_->set_request_keys(bits);
+  config_.request_key_bits = bits;
+}
+
 // -------------------------------------------------------------- re-plan --
 
 PlacementPlan MoELayer::replan(PlacementPolicy policy, const std::vector<double>& list_load) {

@@ -201,6 +201,10 @@ class MoELayer {
   TensorView bias() const { return routing_->bias(); }  // f32 [E, 1]; empty: none
   // With request keys: how they were kept current (gathers, drift updates).
   RequestKeyCounts request_key_counts() const { return routing_->request_key_counts(); }
+  // Collective: request keys of `bits` bits from now on, 2 to 16, or 0 to
+  // turn them off (MoEConfig::request_key_bits; e.g. on for inference after
+  // training without them). The same bits on every rank, or all raise.
+  void set_request_keys(int bits);
 
   Strategy strategy() const { return routing_->strategy(); }
   const MoEConfig& config() const { return config_; }

@@ -324,6 +324,17 @@ TEST(Builder, RequestKeyBitsNeedSpecVersion5) {
     EXPECT_EQ(std::vector<float>(a.output.data(), a.output.data() + a.output.size()),
               std::vector<float>(b.output.data(), b.output.data() + b.output.size()));
     EXPECT_FALSE(a.handle.routes().contender_offsets.empty());
+    // Keys turned on later (after training without them, say): the same.
+    plain->set_request_keys(8);
+    EXPECT_EQ(plain->config().request_key_bits, 8);
+    const runtime::ForwardResult c = plain->forward(mine);
+    EXPECT_EQ(std::vector<float>(c.output.data(), c.output.data() + c.output.size()),
+              std::vector<float>(a.output.data(), a.output.data() + a.output.size()));
+    EXPECT_FALSE(c.handle.routes().contender_offsets.empty());
+    AIRMOE_EXPECT_THROW_MSG(plain->set_request_keys(1), UsageError,
+                            "set_request_keys: bits = 1: request keys take 2 to 16 bits");
+    plain->set_request_keys(0);
+    EXPECT_TRUE(plain->forward(mine).handle.routes().contender_offsets.empty());
   });
   runtime::LayerSpec bad = spec;
   bad.request_key_bits = 17;

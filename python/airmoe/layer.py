@@ -139,6 +139,15 @@ def _comm_address(comm):
     return MPI._addressof(comm)
 
 
+def _check_request_key_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"request_key_bits must be an int (0, or 2 to 16), got "
+                        f"{type(bits).__name__}")
+    if bits != 0 and not 2 <= bits <= 16:
+        raise ValueError(f"request_key_bits = {bits}: request keys take 2 to 16 bits per entry "
+                         f"(0: off)")
+
+
 def _together(impl, what, check):
     """Collective: runs this rank's check() and raises on every rank if any
     rank's check failed: this rank's own exception where it failed, a
@@ -425,12 +434,7 @@ class MoELayer(nn.Module):
             if not isinstance(wire_dtype, str):
                 raise TypeError(f"wire_dtype must be a str ('f32' or 'bf16'), got "
                                 f"{type(wire_dtype).__name__}")
-            if isinstance(request_key_bits, bool) or not isinstance(request_key_bits, int):
-                raise TypeError(f"request_key_bits must be an int (0, or 2 to 16), got "
-                                f"{type(request_key_bits).__name__}")
-            if request_key_bits != 0 and not 2 <= request_key_bits <= 16:
-                raise ValueError(f"request_key_bits = {request_key_bits}: request keys take 2 to "
-                                 f"16 bits per entry (0: off)")
+            _check_request_key_bits(request_key_bits)
             ints = _checked_ints(num_experts, k, probes, hidden, codewords, kmeans_iterations, seed)
             centers = view(_checked_centers(ints["num_experts"], dim, centers, seed))
             if load_sample is not None:
@@ -464,6 +468,20 @@ class MoELayer(nn.Module):
         self._impl.reset_traffic()
 
     @property
+    def request_key_bits(self):
+        """The request keys' bits (0: off). Setting it is collective: every
+        rank sets the same value (a value that differs, or one outside 0 and
+        2 to 16, raises on every rank), the keys are made and gathered (or
+        dropped), and the outputs stay the same bit for bit. E.g. train
+        without keys, then turn them on for inference."""
+        return self._impl.config["request_key_bits"]
+
+    @request_key_bits.setter
+    def request_key_bits(self, bits):
+        _together(self._impl, "request_key_bits", lambda: _check_request_key_bits(bits))
+        self._impl.set_request_keys(bits)
+
+    @property
     def request_key_counts(self):
         """With request keys: {"gathers": n, "drift_updates": n}, how this
         rank's router kept them current since they were made (every forward
@@ -479,7 +497,6 @@ class MoELayer(nn.Module):
             config["probes"]
         self.hidden_size, self.activation = impl.hidden, config["activation"]
         self.wire_dtype = config["wire_dtype"]
-        self.request_key_bits = config["request_key_bits"]
         self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
         self.backend, self._device = impl.backend, _torch_device(impl)

@@ -293,6 +293,13 @@ class MoELayerImpl {
     });
   }
 
+  void set_request_keys(int bits) {
+    collective("set_request_keys", [&] {
+      py::gil_scoped_release release;
+      layer_->set_request_keys(bits);
+    });
+  }
+
   void set_local_centers(const py::array& centers) {
     collective("set_local_centers", [&] {
       MatrixView v;
@@ -464,6 +471,8 @@ void bind_layer(py::module_& m) {
                                d["drift_updates"] = c.drift_updates;
                                return d;
                              })
+      .def("set_request_keys", &MoELayerImpl::set_request_keys, py::arg("bits"),
+           "Collective: request keys of these bits from now on (0: off).")
       .def("traffic", &MoELayerImpl::traffic,
            "What this rank sent since the last reset_traffic, per phase: {phase: {bytes, "
            "messages}} over all peers (the communicator's meter).")

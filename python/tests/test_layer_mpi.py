@@ -154,6 +154,23 @@ def test_request_keys_change_no_bit(strategy):
         assert keyed.request_key_counts == counts, (scale, keyed.request_key_counts)
 
 
+def test_request_keys_can_be_turned_on_and_off():
+    layer, plain = make(), make()
+    x = tokens(n=13)
+    want = plain(x)
+    layer.request_key_bits = 12
+    assert layer.request_key_bits == 12 and layer.request_key_counts["gathers"] == 1
+    assert torch.equal(layer(x), want)
+    layer.request_key_bits = 0
+    assert layer.request_key_bits == 0 and layer.request_key_counts["gathers"] == 0
+    assert torch.equal(layer(x), want)
+    with pytest.raises(ValueError, match="request_key_bits = 1: request keys take 2 to 16"):
+        layer.request_key_bits = 1
+    with pytest.raises(TypeError, match="request_key_bits must be an int"):
+        layer.request_key_bits = 8.0
+    assert layer.request_key_bits == 0
+
+
 def test_bad_request_key_bits_name_the_argument():
     with pytest.raises(ValueError, match="request_key_bits = 17: request keys take 2 to 16 bits"):
         make(request_key_bits=17)
