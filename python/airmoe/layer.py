@@ -414,10 +414,10 @@ class MoELayer(nn.Module):
             keep every expert's key in that many bits on every rank
             (E (d + 20) bytes; E (2 d + 20) above 8 bits) and send a token's
             scoring requests only to the ranks owning an expert that may
-            still be in its top-k; the
-            routes, outputs and gradients are the same bit for bit
-            (docs/layer.md). The same on every rank (compared; a layer
-            loaded from a checkpoint sends every request).
+            still be in its top-k; the routes, outputs and gradients are the
+            same bit for bit (docs/layer.md). The same on every rank (compared; a layer
+            loaded from a checkpoint starts without keys: set the
+            request_key_bits property).
     """
 
     def __init__(self, comm, num_experts, dim, *, strategy="air", k=8, probes=None, hidden=16,
