@@ -111,6 +111,10 @@ def main():
         if abs(r["mean_ranks_per_token"] - want) > 0.1 * want:
             sys.exit(f"{at}: the runtime's keys reach {r['mean_ranks_per_token']} ranks per "
                      f"token, the offline analysis {want}")
+    png = os.path.join(work, "keys.png")
+    run([sys.executable, os.path.join(HERE, "plot_request_keys.py"), keyed_json, png])
+    if os.path.getsize(png) < 1000:
+        sys.exit(f"{png}: no chart")
     print("certified_requests: saved data, recount and the runtime's request keys checked")
 
 

@@ -19,10 +19,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def air_name(r):
+    """air rows by m, and by their request keys where they have them."""
+    bits = r.get("request_key_bits", 0)
+    return f"air{f'+keys{bits}' if bits else ''} m={r['probes']}"
+
+
 def series(rows):
     out = {}
     for r in rows:
-        name = r["strategy"] if r["strategy"] != "air" else f"air m={r['probes']} (recall {r['recall_at_k']:.3f})"
+        name = r["strategy"] if r["strategy"] != "air" else \
+            f"{air_name(r)} (recall {r['recall_at_k']:.3f})"
         out.setdefault(name, []).append(r)
     for v in out.values():
         v.sort(key=lambda r: r["ranks"])
@@ -36,7 +43,7 @@ def plot_weak(j, out_bytes, out_messages):
              f"{cfg['sample_ranks']} ranks")
     groups = {}
     for r in j["results"]:
-        name = r["strategy"] if r["strategy"] != "air" else f"air m={r['probes']}"
+        name = r["strategy"] if r["strategy"] != "air" else air_name(r)
         groups.setdefault((name, r["exchange"]), []).append(r)
     for figure, key, label in ((out_bytes, "bytes_per_rank", "bytes sent per rank per step"),
                                (out_messages, "messages_per_rank",
