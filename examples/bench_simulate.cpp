@@ -18,6 +18,7 @@
 #include "bench_common.h"
 #include "bench_data.h"
 #include "core/checks.h"
+#include "core/npy.h"
 #include "core/synthetic.h"
 #include "layer_report.h"
 #include "router/air_router.h"
@@ -85,9 +86,22 @@ struct SampleRoutes {
 // AIR's routes with the contenders of `keys` (what the distributed router
 // with set_request_keys sends requests to).
 Routes with_contenders(Routes routes, MatrixView tokens, const RequestKeys& keys,
-                       const InvertedLists& lists) {
-  set_contenders(routes, tokens, keys, lists);
+                       const InvertedLists& lists, std::span<const float> bias = {}) {
+  set_contenders(routes, tokens, keys, lists, bias);
   return routes;
+}
+
+// --bias: a selection bias of E entries (none: an empty matrix), checked.
+Matrix read_bias(const std::string& file, int64_t experts) {
+  if (file.empty()) return Matrix();
+  progress("loading the selection bias %s", file.c_str());
+  Matrix bias = read_npy_matrix(file);
+  try {
+    checked_bias(host_compute(), bias.view(), experts);
+  } catch (const std::invalid_argument& e) {
+    fail("--bias " + file + ": " + e.what());
+  }
+  return bias;
 }
 
 // --request-key-bits: every expert's keys at each of the bits.
@@ -401,7 +415,7 @@ int run_simulate(const std::vector<std::string>& args) {
   int hidden = 16;
   std::string ranks_text = "16,32,64,128,256,512,1024,2048,4096", probes_text = "2,4,8";
   std::string placement_name = "locality", csv_file, exchange_name = "both";
-  std::string wire_dtype_name = "f32", key_bits_text;
+  std::string wire_dtype_name = "f32", key_bits_text, bias_file;
   WeakOptions weak;
   po::options_description opts("airmoe_bench simulate options");
   opts.add_options()("help,h", "show this help");
@@ -428,7 +442,10 @@ int run_simulate(const std::vector<std::string>& args) {
       "as .npy files to this folder")(
       "request-key-bits", po::value(&key_bits_text)->default_value(key_bits_text),
       "comma-separated bits (2 to 16) of replicated request keys: air rows with each, their "
-      "requests sent only to the owners of a token's contenders (none: \"\")");
+      "requests sent only to the owners of a token's contenders (none: \"\")")(
+      "bias", path_value(&bias_file, "--bias"),
+      "with --centers, --tokens and --tokens-per-rank 0: a selection bias [E, 1] from a float32 "
+      ".npy file (AIR and exact routing select by z + b; request keys keep it exact)");
   if (!parse(args, opts, true)) return 0;
   o.validate();
   require_in_range(hidden, 1, INT32_MAX, "--hidden");
@@ -440,6 +457,7 @@ int run_simulate(const std::vector<std::string>& args) {
   weak.wire_dtype = runtime::wire::wire_dtype_from_string(wire_dtype_name, "--wire-dtype");
   if (weak.tokens_per_rank < 0) fail("--tokens-per-rank must be >= 0");
   std::vector<NamedPath> apart = o.inputs();
+  apart.push_back({"--bias", bias_file});
   OutputFile json_out(o.json_file, "--json", apart);
   apart.push_back({"--json", o.json_file});
   OutputFile csv_out(csv_file, "--csv", apart);
@@ -449,6 +467,7 @@ int run_simulate(const std::vector<std::string>& args) {
   }
   if (weak.tokens_per_rank > 0) {
     if (csv_out.wanted()) fail("--csv: needs --tokens-per-rank 0 (-T tokens in all)");
+    if (!bias_file.empty()) fail("--bias: needs --tokens-per-rank 0 with --centers and --tokens");
     return run_weak(o, weak, ranks, probes, placement_name, hidden, json_out);
   }
   const comm::ExchangeKind exchange = weak.kinds.back();
@@ -459,11 +478,18 @@ int run_simulate(const std::vector<std::string>& args) {
   const BenchData bench = load_data(o);
   const MatrixView centers = bench.data.centers.view(), tokens = bench.data.tokens.view();
   const int64_t d = o.dim, E = o.experts, C = o.codewords;
+  const Matrix bias = read_bias(bias_file, E);  // refused before any work
   progress("training the codebook: C=%ld", (long)C);
-  const AirRouter air(centers, AirConfig{C, o.kmeans_iters, 1234, 0});
+  AirRouter air(centers, AirConfig{C, o.kmeans_iters, 1234, 0});
   const InvertedLists& lists = air.lists();
+  DenseRouter dense(centers);
+  if (!bias_file.empty()) {
+    air.set_bias(bias.view());
+    dense.set_bias(bias.view());
+  }
+  const std::span<const float> bias_values(bias.data(), static_cast<size_t>(bias.size()));
   progress("routing: exact, and AIR for each m");
-  const Routes exact = DenseRouter(centers).route(tokens, o.k);
+  const Routes exact = dense.route(tokens, o.k);
   const Routes broadcast = air.route(tokens, o.k, static_cast<int>(C));  // probes every list
   std::vector<Routes> air_routes;
   for (int m : probes) air_routes.push_back(air.route(tokens, o.k, m));
@@ -473,7 +499,7 @@ int run_simulate(const std::vector<std::string>& args) {
   for (const RequestKeys& keys : request_keys(centers, weak.key_bits)) {
     keyed.emplace_back();
     for (const Routes& r : air_routes)
-      keyed.back().push_back(with_contenders(r, tokens, keys, lists));
+      keyed.back().push_back(with_contenders(r, tokens, keys, lists, bias_values));
   }
   const double expert_flops = static_cast<double>(o.k) * 4.0 * static_cast<double>(d * hidden);
   const double dense_flops = 2.0 * static_cast<double>(E * d);
@@ -549,7 +575,8 @@ int run_simulate(const std::vector<std::string>& args) {
                    {"seed", o.seed},
                    {"exchange", exchange == comm::ExchangeKind::kSparse ? "sparse" : "dense"},
                    {"wire_dtype", to_string(weak.wire_dtype)},
-                   {"request_key_bits", weak.key_bits}};
+                   {"request_key_bits", weak.key_bits},
+                   {"bias", bias_file}};
     j["results"] = rows;
     json_out.stream() << j.dump(2) << "\n";
     json_out.finish();

@@ -67,6 +67,9 @@ def error_cases(bench, mpi, work):
     floats(short_bias, 3, 1, 5)
     npy(nan_bias, "{'descr': '<f4', 'fortran_order': False, 'shape': (256, 1), }",
         struct.pack("<256f", 0.0, float("nan"), *([0.0] * 254)))
+    sim_centers, sim_tokens = os.path.join(work, "sim_c.npy"), os.path.join(work, "sim_t.npy")
+    floats(sim_centers, 64, 8, 1)
+    floats(sim_tokens, 32, 8, 2)
     a_file = os.path.join(work, "a_file")
     with open(a_file, "w") as f:
         f.write("not a folder\n")
@@ -167,6 +170,11 @@ def error_cases(bench, mpi, work):
          "--save-data: the path is empty", "generating"),
         ([bench, "simulate", *SMALL, "-P", "2", "--tokens-per-rank", "0", "--save-data",
           os.path.join(work, "sd")], "--save-data: needs --tokens-per-rank > 0", "preparing"),
+        ([bench, "simulate", *SMALL, "-P", "2", "--bias", short_bias],
+         "--bias: needs --tokens-per-rank 0 with --centers and --tokens", "generating"),
+        ([bench, "simulate", "--centers", sim_centers, "--tokens", sim_tokens, "-C", "4", "-P",
+          "2", "-m", "2", "--tokens-per-rank", "0", "--bias", short_bias],
+         "--bias " + short_bias + ": bias has 3 entries, expected E = 64", "training"),
         ([bench, "simulate", *SMALL, "-P", "2", "--request-key-bits", "17"],
          "--request-key-bits: 17 is outside [2, 16]", "generating"),
         ([*mpi, "layer", *SMALL, "--request-key-bits", "1"],
