@@ -1,6 +1,7 @@
 #include "runtime/wire.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "ops/bf16.h"
 
@@ -381,11 +382,21 @@ QuantizedKeys read_key_records(std::span<const char> records, int64_t experts, i
                           " out of range or gathered twice");
     float fields[4];
     std::memcpy(fields, at + 4, sizeof(fields));
+    for (float f : fields)
+      if (!(f >= 0.0f) || !std::isfinite(f))  // a NaN would silently drop experts
+        throw InternalError("request keys: expert " + std::to_string(e) +
+                            " has a scale, error or norm of " + std::to_string(f));
     keys.scale[e] = fields[0];
     keys.error[e] = fields[1];
     keys.error_max[e] = fields[2];
     keys.norm[e] = fields[3];
     std::memcpy(keys.codes_of(e), at + 20, codes);
+    const int32_t levels = (1 << (bits - 1)) - 1;
+    for (int64_t i = 0; i < d; ++i)
+      if (std::abs(keys.code(e, i)) > levels)
+        throw InternalError("request keys: expert " + std::to_string(e) + " has code " +
+                            std::to_string(keys.code(e, i)) + " beyond " + std::to_string(bits) +
+                            " bits");
   }
   return keys;
 }

@@ -261,8 +261,9 @@ inline int64_t key_record_bytes(int64_t d, int bits) {
   return 20 + d * (bits <= 8 ? 1 : 2);
 }
 std::vector<char> key_records(const QuantizedKeys& keys, const std::vector<int32_t>& ids);
-// All E experts' keys from the gathered records, each expert exactly once
-// (else an InternalError: a peer's bug or corruption).
+// All E experts' keys from the gathered records: each expert exactly once,
+// scale, errors and norm finite and >= 0, codes within the bits (else an
+// InternalError: a peer's bug or corruption).
 QuantizedKeys read_key_records(std::span<const char> records, int64_t experts, int64_t d, int bits);
 
 // The size of one record the builders above write (the simulator counts

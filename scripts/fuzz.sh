@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes each reader for N seconds (default 30): the .npy reader followed by
 # routing (airmoe_fuzz_npy), the runtime's received-message decoders
-# (airmoe_fuzz_decoders) and the checkpoint reader (airmoe_fuzz_checkpoint).
+# (airmoe_fuzz_decoders), the checkpoint reader (airmoe_fuzz_checkpoint) and
+# the gathered request-key records (airmoe_fuzz_key_records).
 # Configures build-fuzz with clang (libFuzzer + ASan + UBSan over the whole
 # library), builds the targets, and runs each on a copy of its seed corpus
 # (tests/fuzz/corpus). A finding is written to build-fuzz/findings/ and the
@@ -21,7 +22,8 @@ flags="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
   "${launcher[@]}" -DCMAKE_CXX_FLAGS="$flags" -DAIRMOE_FUZZ=ON -DAIRMOE_WITH_MPI=OFF \
   -DAIRMOE_BUILD_TESTS=OFF -DAIRMOE_BUILD_EXAMPLES=OFF -DAIRMOE_BUILD_PYTHON=OFF >/dev/null
-cmake --build "$build" -j2 --target airmoe_fuzz_npy airmoe_fuzz_decoders airmoe_fuzz_checkpoint
+cmake --build "$build" -j2 --target airmoe_fuzz_npy airmoe_fuzz_decoders airmoe_fuzz_checkpoint \
+  airmoe_fuzz_key_records
 
 # Work on a copy: libFuzzer adds what it finds to its corpus directory.
 findings="$build/findings"
@@ -41,3 +43,4 @@ cp -n tests/fuzz/corpus/*.npy "$npy_seeds"/
 run npy "$npy_seeds" 4096
 run decoders tests/fuzz/corpus/decoders 65536
 run checkpoint tests/fuzz/corpus/checkpoint 65536
+run key_records tests/fuzz/corpus/key_records 4096

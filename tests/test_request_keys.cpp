@@ -219,7 +219,8 @@ TEST(RequestKeys, DriftKeepsStaleKeysCertain) {
 
 // The gathered records (runtime/wire.h): every expert's keys back, in any
 // order of the records, at 1- and 2-byte codes; a record short, an expert
-// out of range or twice is an InternalError, never a read past the end.
+// out of range or twice, a NaN field or a code beyond the bits is an
+// InternalError, never a read past the end or a silently dropped expert.
 TEST(RequestKeyRecords, RoundTripAndRefusals) {
   const Matrix centers = random_matrix(9, 5, 1.0, 3);
   for (int bits : {8, 12}) {
@@ -247,6 +248,20 @@ TEST(RequestKeyRecords, RoundTripAndRefusals) {
     std::memcpy(twice.data() + runtime::wire::key_record_bytes(5, bits), &again, 4);
     AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(twice, 9, 5, bits), InternalError,
                             "expert 5 out of range or gathered twice");
+    std::vector<char> nan_scale = records;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(nan_scale.data() + 4, &nan, 4);
+    AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(nan_scale, 9, 5, bits), InternalError,
+                            "expert 5 has a scale, error or norm of nan");
+    std::vector<char> wide = records;
+    const int16_t too_big = bits <= 8 ? 0 : 32767;
+    if (bits <= 8) {
+      wide[20] = static_cast<char>(-128);  // beyond +-127
+    } else {
+      std::memcpy(wide.data() + 20, &too_big, 2);  // beyond +-2047 at 12 bits
+    }
+    AIRMOE_EXPECT_THROW_MSG(runtime::wire::read_key_records(wide, 9, 5, bits), InternalError,
+                            "beyond " + std::to_string(bits) + " bits");
     std::vector<char> outside = records;
     const int32_t nine = 9;
     std::memcpy(outside.data(), &nine, 4);
