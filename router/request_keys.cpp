@@ -142,7 +142,7 @@ struct PairPlan {
 
 PairPlan plan_pairs(int64_t T, const TokenGroups& groups,
                     const std::function<std::span<const int32_t>(int32_t)>& members) {
-  const auto pairs = groups.groups.size();
+  const auto pairs = groups.ids.size();
   PairPlan plan{std::vector<int64_t>(static_cast<size_t>(T + 1), 0),
                 std::vector<int64_t>(pairs),
                 std::vector<int32_t>(pairs),
@@ -154,17 +154,16 @@ PairPlan plan_pairs(int64_t T, const TokenGroups& groups,
     for (int64_t p = groups.offsets[t]; p < groups.offsets[t + 1]; ++p) {
       plan.base[p] = at;
       plan.token[p] = static_cast<int32_t>(t);
-      at += static_cast<int64_t>(members(groups.groups[p]).size());
-      group_count = std::max(group_count, groups.groups[p] + 1);
+      at += static_cast<int64_t>(members(groups.ids[p]).size());
+      group_count = std::max(group_count, groups.ids[p] + 1);
     }
     plan.candidate_offsets[t + 1] = at;
   }
   plan.group_offsets.assign(static_cast<size_t>(group_count) + 1, 0);
-  for (int32_t g : groups.groups) ++plan.group_offsets[g + 1];
+  for (int32_t g : groups.ids) ++plan.group_offsets[g + 1];
   for (int32_t g = 0; g < group_count; ++g) plan.group_offsets[g + 1] += plan.group_offsets[g];
   std::vector<int64_t> fill(plan.group_offsets);
-  for (size_t p = 0; p < pairs; ++p)
-    plan.by_group[fill[groups.groups[p]]++] = static_cast<int64_t>(p);
+  for (size_t p = 0; p < pairs; ++p) plan.by_group[fill[groups.ids[p]]++] = static_cast<int64_t>(p);
   return plan;
 }
 
@@ -266,13 +265,13 @@ Contenders RequestKeys::contenders(
       std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.end(), std::greater<>());
       kth = lower[static_cast<size_t>(k - 1)];
     }
-    const size_t first = out.experts.size();
+    const size_t first = out.ids.size();
     for (int64_t i : distinct) {
       seen[b.ids[i]] = 0;
-      if (b.upper[i] >= kth) out.experts.push_back(b.ids[i]);
+      if (b.upper[i] >= kth) out.ids.push_back(b.ids[i]);
     }
-    std::sort(out.experts.begin() + static_cast<std::ptrdiff_t>(first), out.experts.end());
-    out.offsets.push_back(static_cast<int64_t>(out.experts.size()));
+    std::sort(out.ids.begin() + static_cast<std::ptrdiff_t>(first), out.ids.end());
+    out.offsets.push_back(static_cast<int64_t>(out.ids.size()));
   }
   return out;
 }
@@ -283,7 +282,7 @@ void set_contenders(Routes& routes, MatrixView tokens, const RequestKeys& keys,
   Contenders found =
       keys.contenders(tokens, routes.k, bias, probed, [&](int32_t c) { return lists.list(c); });
   routes.contender_offsets = std::move(found.offsets);
-  routes.contenders = std::move(found.experts);
+  routes.contenders = std::move(found.ids);
 }
 
 }  // namespace airmoe::inline router

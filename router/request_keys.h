@@ -36,30 +36,26 @@
 
 namespace airmoe::inline router {
 
-// For every token, the shortlisted experts that may be in its exact top-k,
-// ascending, CSR over tokens.
-struct Contenders {
+// Int32 ids per token, CSR over tokens.
+struct IdsPerToken {
   std::vector<int64_t> offsets{0};  // [T + 1]
-  std::vector<int32_t> experts;
+  std::vector<int32_t> ids;
   std::span<const int32_t> of(int64_t t) const {
-    return {experts.data() + offsets[t], static_cast<size_t>(offsets[t + 1] - offsets[t])};
+    return {ids.data() + offsets[t], static_cast<size_t>(offsets[t + 1] - offsets[t])};
   }
 };
+// For every token, the shortlisted experts that may be in its exact top-k,
+// ascending.
+using Contenders = IdsPerToken;
+// A token's shortlist as groups of experts (its probed lists, or the
+// segments of query lists it scans).
+using TokenGroups = IdsPerToken;
 
 // How a holder of request keys kept them current: full gathers (the first
 // one included) and drift-only updates since the keys were turned on.
 struct RequestKeyCounts {
   int64_t gathers = 0;
   int64_t drift_updates = 0;
-};
-
-// A token's shortlist as groups of experts, CSR over tokens.
-struct TokenGroups {
-  std::vector<int64_t> offsets{0};  // [T + 1]
-  std::vector<int32_t> groups;
-  std::span<const int32_t> of(int64_t t) const {
-    return {groups.data() + offsets[t], static_cast<size_t>(offsets[t + 1] - offsets[t])};
-  }
 };
 
 // Rows of quantized keys: what one rank contributes and what every rank

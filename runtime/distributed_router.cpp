@@ -177,15 +177,14 @@ void DistributedRouter::find_contenders(Routes& r, MatrixView tokens) const {
   TokenGroups scanned;
   ProbedLists scratch;
   for (int64_t t = 0; t < r.tokens; ++t) {
-    segments_.for_each_scanned(probed_of(r, t), scratch, [&](int64_t s) {
-      scanned.groups.push_back(static_cast<int32_t>(s));
-    });
-    scanned.offsets.push_back(static_cast<int64_t>(scanned.groups.size()));
+    segments_.for_each_scanned(probed_of(r, t), scratch,
+                               [&](int64_t s) { scanned.ids.push_back(static_cast<int32_t>(s)); });
+    scanned.offsets.push_back(static_cast<int64_t>(scanned.ids.size()));
   }
   Contenders found = request_keys_.contenders(tokens, r.k, b, scanned,
                                               [&](int32_t s) { return segments_.members(s); });
   r.contender_offsets = std::move(found.offsets);
-  r.contenders = std::move(found.experts);
+  r.contenders = std::move(found.ids);
 }
 
 // 2. Scoring requests, only to the ranks hosting a segment of a probed list

@@ -32,7 +32,7 @@ struct AllExperts {
                 std::span<const float> bias = {}) const {
     TokenGroups groups;
     for (int64_t t = 0; t < tokens.rows; ++t) {
-      groups.groups.push_back(0);
+      groups.ids.push_back(0);
       groups.offsets.push_back(t + 1);
     }
     return keys.contenders(tokens, k, bias, groups,
@@ -94,13 +94,13 @@ TEST(RequestKeys, EightBitsRuleOutMostOfASeparatedShortlist) {
   const SyntheticData data = clustered_data(400, 32, 100, 3);
   const RequestKeys keys(data.centers.view(), 8);
   const Contenders got = AllExperts(400).of(keys, data.tokens.view(), 4);
-  const double mean = static_cast<double>(got.experts.size()) / 100.0;
+  const double mean = static_cast<double>(got.ids.size()) / 100.0;
   EXPECT_LT(mean, 40.0) << "8-bit keys kept " << mean << " of 400 experts per token";
   EXPECT_GE(mean, 4.0);
   // Coarser keys bound less tightly: never fewer contenders on average.
   const Contenders coarse =
       AllExperts(400).of(RequestKeys(data.centers.view(), 2), data.tokens.view(), 4);
-  EXPECT_GE(coarse.experts.size(), got.experts.size());
+  EXPECT_GE(coarse.ids.size(), got.ids.size());
 }
 
 // Every center twice: exact ties everywhere, the k-th's twin included.
@@ -131,7 +131,7 @@ TEST(RequestKeys, FewerThanKCandidatesAreAllKeptAndRepeatsCountOnce) {
   for (int32_t t = 0; t < 5; ++t) {
     members.push_back({7 + t, 3 + t});
     members.push_back({7 + t, 30 + t, 3 + t});
-    groups.groups.insert(groups.groups.end(), {2 * t, 2 * t + 1});
+    groups.ids.insert(groups.ids.end(), {2 * t, 2 * t + 1});
     groups.offsets.push_back(2 * (t + 1));
   }
   const Contenders got = keys.contenders(data.tokens.view(), 4, {}, groups, [&](int32_t g) {
