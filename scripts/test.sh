@@ -48,5 +48,5 @@ else
   echo "no nvcc (CUDA toolkit): the CUDA build is skipped"
 fi
 
-echo "== libFuzzer: the .npy reader, the message decoders and the checkpoint reader, 20 s each"
+echo "== libFuzzer: the .npy reader, the message decoders, the checkpoint reader and the request-key records, 20 s each"
 bash scripts/fuzz.sh 20
