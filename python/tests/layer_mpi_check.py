@@ -228,7 +228,8 @@ def swiglu_errors():
     refused("HF weights of too few experts are refused",
             lambda: dist.load_hf_experts(w[:-1], w, torch.zeros(E, D, H)), "gate holds 60 experts")
     bad = w.clone()
-    bad[E - 1 - rank, 0, 0] = float("nan")  # a hosted expert's on some rank
+    if rank == 0:  # one of rank 0's own experts: the others' weights are fine
+        bad[int(dist.hosted[0]), 0, 0] = float("nan")
     refused("non-finite HF weights are refused on every rank",
             lambda: dist.load_hf_experts(bad, w, torch.zeros(E, D, H)), "non-finite")
     refused("modules without HF's projection names are refused",
