@@ -14,6 +14,8 @@
 #include "core/hash.h"
 #include "core/npy.h"
 #include "core/threads.h"
+#include "ops/boundary.h"
+#include "router/routes.h"
 
 namespace po = boost::program_options;
 
@@ -94,6 +96,18 @@ BenchData load_data(DataOptions& o) {
   o.dim = b.data.centers.cols();
   o.tokens = b.data.tokens.rows();
   return b;
+}
+
+Matrix read_bias_option(const std::string& file, int64_t experts) {
+  if (file.empty()) return Matrix();
+  progress("loading the selection bias %s", file.c_str());
+  Matrix bias = read_npy_matrix(file);
+  try {
+    checked_bias(host_compute(), bias.view(), experts);
+  } catch (const std::invalid_argument& e) {
+    fail("--bias " + file + ": " + e.what());
+  }
+  return bias;
 }
 
 std::vector<std::string> split_list(const std::string& text) {

@@ -55,6 +55,11 @@ BenchData load_data(DataOptions& options);
 
 std::vector<std::string> split_list(const std::string& text);
 
+// --bias FILE: a selection bias of `experts` entries from a float32 .npy
+// file, checked ("--bias F: bias has 3 entries, expected E = 256"); no
+// file: an empty matrix.
+Matrix read_bias_option(const std::string& file, int64_t experts);
+
 // The routing part of the layer spec these options describe (shape, k, C,
 // k-means iterations; the k-means seed every subcommand uses), with m = probes.
 runtime::LayerSpec routing_spec(const DataOptions& o, int probes);

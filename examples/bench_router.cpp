@@ -18,6 +18,7 @@
 
 #include "bench_baselines.h"
 #include "bench_common.h"
+#include "bench_data.h"
 #include "core/checks.h"
 #include "core/errors.h"
 #include "core/npy.h"
@@ -499,16 +500,7 @@ int run_router(const std::vector<std::string>& args) {
   num_tokens = tokens.rows;
   require_tokens(num_tokens, tokens_file);
 
-  Matrix bias;  // checked before any index is built
-  if (!bias_file.empty()) {
-    progress("loading the selection bias %s", bias_file.c_str());
-    bias = read_npy_matrix(bias_file);
-    try {
-      checked_bias(compute, bias.view(), experts);
-    } catch (const std::invalid_argument& e) {
-      fail("--bias " + bias_file + ": " + e.what());
-    }
-  }
+  const Matrix bias = read_bias_option(bias_file, experts);  // before any index is built
 
   if (codewords == 0) codewords = recommended_air(experts).codewords;
   require_in_range(codewords, 1, experts, "-C/--codewords");

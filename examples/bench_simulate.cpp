@@ -91,19 +91,6 @@ Routes with_contenders(Routes routes, MatrixView tokens, const RequestKeys& keys
   return routes;
 }
 
-// --bias: a selection bias of E entries (none: an empty matrix), checked.
-Matrix read_bias(const std::string& file, int64_t experts) {
-  if (file.empty()) return Matrix();
-  progress("loading the selection bias %s", file.c_str());
-  Matrix bias = read_npy_matrix(file);
-  try {
-    checked_bias(host_compute(), bias.view(), experts);
-  } catch (const std::invalid_argument& e) {
-    fail("--bias " + file + ": " + e.what());
-  }
-  return bias;
-}
-
 // --request-key-bits: every expert's keys at each of the bits.
 std::vector<RequestKeys> request_keys(MatrixView centers, const std::vector<int>& bits) {
   std::vector<RequestKeys> out;
@@ -478,7 +465,7 @@ int run_simulate(const std::vector<std::string>& args) {
   const BenchData bench = load_data(o);
   const MatrixView centers = bench.data.centers.view(), tokens = bench.data.tokens.view();
   const int64_t d = o.dim, E = o.experts, C = o.codewords;
-  const Matrix bias = read_bias(bias_file, E);  // refused before any work
+  const Matrix bias = read_bias_option(bias_file, E);  // refused before any work
   progress("training the codebook: C=%ld", (long)C);
   AirRouter air(centers, AirConfig{C, o.kmeans_iters, 1234, 0});
   const InvertedLists& lists = air.lists();

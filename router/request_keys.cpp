@@ -181,7 +181,7 @@ void widen_keys(const QuantizedKeys& keys, std::span<const int32_t> ids, std::ve
 // β_e (with the drift) plus the float32 slack, around z + b.
 void RequestKeys::bound(double z, double h1, double h2, int32_t e, std::span<const float> bias,
                         double& upper, double& lower) const {
-  const double u = std::ldexp(1.0, -24);
+  constexpr double u = 0x1p-24;  // float32's unit roundoff
   // γ of float32 sums of d + 2 terms: the exact scan's rounding and the
   // approximate score's (its keys widened to s_e q_e in float32 first),
   // each at most γ |h|₂ |key|₂ whatever the order.

@@ -387,9 +387,8 @@ void DistributedRouter::update_request_keys() {
     throw InternalError("request keys: gathered " + std::to_string(all.size()) +
                         " drifts, expected E = " + std::to_string(E));
   std::vector<float> drift(static_cast<size_t>(E));
-  size_t at = 0;
-  for (int r = 0; r < comm_.size(); ++r)
-    for (int32_t e : placement_.local_experts(r)) drift[e] = all[at++];
+  const std::vector<int32_t> order = placement_.experts_in_rank_order();
+  for (size_t i = 0; i < order.size(); ++i) drift[order[i]] = all[i];
   request_keys_.set_drift(std::move(drift));
   ++request_key_counts_.drift_updates;
 }

@@ -15,10 +15,9 @@ DistributedRouting::DistributedRouting(comm::Communicator& comm, Strategy strate
     : comm_(comm),
       strategy_(strategy),
       probes_(probes),
-      request_key_bits_(request_key_bits),
       router_(std::make_unique<DistributedRouter>(comm, std::move(codebook), std::move(assignment),
                                                   std::move(placement), local_centers)) {
-  if (request_key_bits_ != 0) router_->set_request_keys(request_key_bits_);
+  if (request_key_bits != 0) router_->set_request_keys(request_key_bits);
 }
 
 RoutedBatch DistributedRouting::route(MatrixView tokens, int k) {
@@ -31,15 +30,10 @@ RoutedBatch DistributedRouting::route(MatrixView tokens, int k) {
   const auto d = static_cast<double>(codebook().dim());
   const double stage2 = 2.0 * shortlist_stats(result.routes).mean * d;
   batch.router_flops_per_token = 2.0 * static_cast<double>(codebook().size()) * d + stage2 +
-                                 (request_key_bits_ != 0 ? stage2 : 0.0);
+                                 (router_->request_keys().empty() ? 0.0 : stage2);
   batch.routes = std::move(result.routes);
   batch.received = std::move(result.received);
   return batch;
-}
-
-void DistributedRouting::set_request_keys(int bits) {
-  router_->set_request_keys(bits);
-  request_key_bits_ = bits;
 }
 
 void DistributedRouting::set_local_centers(MatrixView local_centers) {
@@ -81,7 +75,7 @@ void DistributedRouting::move_experts(Placement placement, MatrixView local_cent
   if (router_->has_bias()) next->set_bias(router_->bias().matrix());
   if (std::optional<QueryLists> query = router_->query_lists())
     next->set_query_lists(std::move(*query));
-  if (request_key_bits_ != 0) next->set_request_keys(request_key_bits_);
+  if (const int bits = router_->request_keys().bits()) next->set_request_keys(bits);
   router_ = std::move(next);
 }
 

@@ -33,7 +33,7 @@ class DistributedRouting final : public LayerRouting {
   void clear_bias() override { router_->clear_bias(); }
   TensorView bias() const override { return router_->bias(); }
   RequestKeyCounts request_key_counts() const override { return router_->request_key_counts(); }
-  void set_request_keys(int bits) override;
+  void set_request_keys(int bits) override { router_->set_request_keys(bits); }
 
   const Codebook& codebook() const override { return router_->codebook(); }
   const InvertedLists& lists() const override { return router_->lists(); }
@@ -46,7 +46,6 @@ class DistributedRouting final : public LayerRouting {
   comm::Communicator& comm_;
   Strategy strategy_;
   int probes_;
-  int request_key_bits_;
   std::unique_ptr<DistributedRouter> router_;
 };
 

@@ -65,6 +65,15 @@ std::vector<int64_t> Placement::experts_per_rank() const {
   return n;
 }
 
+std::vector<int32_t> Placement::experts_in_rank_order() const {
+  std::vector<int64_t> at(static_cast<size_t>(ranks_) + 1, 0);
+  for (int32_t r : owner_) ++at[r + 1];
+  for (int r = 0; r < ranks_; ++r) at[r + 1] += at[r];
+  std::vector<int32_t> out(owner_.size());
+  for (size_t e = 0; e < owner_.size(); ++e) out[at[owner_[e]]++] = static_cast<int32_t>(e);
+  return out;
+}
+
 uint64_t Placement::digest() const {
   return fnv1a64(owner_.data(), owner_.size() * sizeof(int32_t), fnv1a64(&ranks_, sizeof(ranks_)));
 }

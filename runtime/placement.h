@@ -33,6 +33,10 @@ class Placement {
   // Experts hosted by `rank`, ascending.
   std::vector<int32_t> local_experts(int rank) const;
   std::vector<int64_t> experts_per_rank() const;
+  // Every expert, rank after rank, each rank's ascending: local_experts(0),
+  // local_experts(1), ... in one O(E + P) pass (what an all-gather of
+  // per-expert values in local order concatenates).
+  std::vector<int32_t> experts_in_rank_order() const;
 
   // The lists changed (a codebook update): recompute the segments; owners,
   // and so expert parameters, stay where they are.

@@ -324,6 +324,13 @@ TEST(Builder, RequestKeyBitsNeedSpecVersion5) {
     EXPECT_EQ(std::vector<float>(a.output.data(), a.output.data() + a.output.size()),
               std::vector<float>(b.output.data(), b.output.data() + b.output.size()));
     EXPECT_FALSE(a.handle.routes().contender_offsets.empty());
+    // A re-plan keeps the keys (the new router gathers them again).
+    layer->replan(runtime::PlacementPolicy::kRoundRobin,
+                  std::vector<double>(static_cast<size_t>(spec.codewords), 1.0));
+    EXPECT_EQ(layer->request_key_counts().gathers, 1);
+    const runtime::ForwardResult moved = layer->forward(mine);
+    EXPECT_FALSE(moved.handle.routes().contender_offsets.empty());
+    EXPECT_EQ(moved.handle.routes().experts, b.handle.routes().experts);
     // Keys turned on later (after training without them, say): the same.
     plain->set_request_keys(8);
     EXPECT_EQ(plain->config().request_key_bits, 8);

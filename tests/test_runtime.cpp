@@ -296,6 +296,23 @@ TEST(DistributedErrors, BadOrMismatchedBiasFailsEveryRank) {
   EXPECT_EQ(failed.load(), 2);
 }
 
+// experts_in_rank_order is local_experts(0), local_experts(1), ... joined.
+TEST(Coordinator, ExpertsInRankOrderJoinEachRanksExperts) {
+  const GlobalData& g = data();
+  for (int P : {1, 3, 7})
+    for (PlacementPolicy policy : kAllPolicies) {
+      const runtime::Placement placement =
+          runtime::plan_placement(policy, P, g.codebook, g.lists(), g.load).placement;
+      std::vector<int32_t> joined;
+      for (int r = 0; r < P; ++r) {
+        const std::vector<int32_t> mine = placement.local_experts(r);
+        joined.insert(joined.end(), mine.begin(), mine.end());
+      }
+      EXPECT_EQ(placement.experts_in_rank_order(), joined)
+          << "P=" << P << " " << runtime::to_string(policy);
+    }
+}
+
 TEST(Coordinator, PlansAreBalancedAndDeterministic) {
   const GlobalData g = GlobalData::make(2000, 16, 500, 40, 3);
   const InvertedLists lists = g.lists();
