@@ -91,6 +91,20 @@ struct ListBlocksView {
   TensorView outranking;          // i32 [.]
 };
 
+// What one pair of stage 2 covers where a token probes lists that share
+// experts (spilled and query-aware lists; plain lists give the same pairs
+// either way).
+enum class ScanUnit {
+  // Runs of the segments no other probed list outranks: each probed expert
+  // is scored in exactly one pair, as a shortlist's log-sum-exp needs.
+  kSegments,
+  // Every block of a probed list in one pair: an expert in several probed
+  // lists is scored in each of them (merge_topk keeps it once). A token's
+  // lists then cost one top-k each, not one per run of segments, which on
+  // the host is faster than scoring the distinct experts alone.
+  kLists,
+};
+
 // Stage 2's work: the pairs to scan, token after token, each token's range
 // of pairs, and its shortlist size (distinct experts scored). A pair is a
 // token and a run of consecutive blocks of one list, blocks block ..
@@ -249,12 +263,14 @@ class Ops {
   // [C]) hold at least k experts; probes > C probes every list.
   virtual ProbeSet select_probes(TensorView tokens, TensorView codewords, TensorView list_sizes,
                                  int probes, int k, Stream stream) const = 0;
-  // The blocks each token scans for its probes (each probed expert in
-  // exactly one of them), in probe order, as runs: one pair for each
+  // The blocks each token scans for its probes, in probe order, as runs.
+  // kSegments: each probed expert in exactly one of them, one pair for each
   // stretch of consecutive scanned blocks of a probed list (a plain list is
   // one block, so one pair; a token probing one query-aware list scans all
-  // of its segments in one pair).
-  virtual PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
+  // of its segments in one pair). kLists: one pair per probed list that has
+  // blocks, all of them. The shortlist size is the distinct experts either
+  // way.
+  virtual PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, ScanUnit unit,
                               Stream stream) const = 0;
   // Stage 2: for each pair p, the top-k of query `query[p]` against the rows
   // of blocks block[p] .. block_end[p] - 1 (consecutive blocks of one list),
@@ -268,7 +284,9 @@ class Ops {
                            Stream stream) const = 0;
   // Per token t, the top-k over its candidates, rows offsets[t] ..
   // offsets[t+1] of `candidates` ([pairs, k] with id -1 past the end), in
-  // that order; with candidates.lse, out.lse is their merged log-sum-exp.
+  // that order, each id once (a later entry of an id already held is
+  // skipped: ScanUnit::kLists scores an expert once per probed list); with
+  // candidates.lse, out.lse is their merged log-sum-exp.
   virtual void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                           Stream stream) const = 0;
   // gates[t, j] = exp(u[t, j] - log_normalizer[t]) (double, rounded once)

@@ -39,6 +39,16 @@ class TopK {
     insert(z, id);
   }
 
+  // push, but an id the slots already hold is not taken again (the same
+  // expert scored in two lists: the same logit, so which copy stays does
+  // not matter). Only an entry that would be inserted looks for its id.
+  AIRMOE_HD void push_unique(float z, int32_t id) {
+    if (size_ == k_ && !ranks_before(score(z, id), id, worst(), ids_[k_ - 1])) return;
+    for (int i = 0; i < size_; ++i)
+      if (ids_[i] == id) return;
+    insert(z, id);
+  }
+
   // Ids must arrive in increasing order: then an equal score never displaces
   // an earlier entry, and the common case is a single compare.
   AIRMOE_HD void push_ascending(float z, int32_t id) {

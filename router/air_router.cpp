@@ -147,13 +147,17 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
     return r;
   }
   ProbeSet sel = ops.select_probes(tokens, codebook_.tensor(), list_sizes_, probes, k, c.stream);
-  PairSet pairs = ops.probe_pairs(blocks_.view(), sel, c.stream);
+  // An expert in several probed lists (spilled, query-aware) is scored in
+  // each and kept once by the merge, except where the shortlist's softmax
+  // needs each expert once in its log-sum-exp.
+  const bool shortlist = mode == GateMode::kShortlist;
+  const ScanUnit unit = shortlist ? ScanUnit::kSegments : ScanUnit::kLists;
+  PairSet pairs = ops.probe_pairs(blocks_.view(), sel, unit, c.stream);
   r.probe_offsets = std::move(sel.offsets);
   r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(pairs.shortlist_size);
   // Each pair's top-k (a token and a run of a list's blocks), then each token's merge in
   // probe order.
-  const bool shortlist = mode == GateMode::kShortlist;
   Tensor cand_lse, lse;
   if (shortlist) {
     cand_lse = ops.empty(DType::kF64, pairs.count, 2);

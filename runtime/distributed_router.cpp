@@ -231,9 +231,10 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   const Compute& c = codebook_.compute();
   const Ops& ops = *c.ops;
   const int64_t R = received.vectors.rows();
-  // Each request's blocks: with plain lists its probed lists themselves;
-  // with query lists the segments no other probed list outranks, so an
-  // expert sitting in several probed lists is scored once.
+  // Each request's blocks: its probed lists, whole; an expert sitting in
+  // several of them (query lists) is scored in each and kept once by the
+  // merge (the distributed router has no shortlist softmax, which would
+  // need it scored once).
   ProbeSet probes;
   probes.offsets = device_vector(c, pairs.offsets);
   probes.codewords = device_vector(c, pairs.list);
@@ -241,7 +242,7 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   PairSet scans;
   {
     ScopedTimer timer(pairs_seconds);
-    scans = ops.probe_pairs(blocks_.view(), probes, c.stream);
+    scans = ops.probe_pairs(blocks_.view(), probes, ScanUnit::kLists, c.stream);
   }
   const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
                cand_id = ops.empty(DType::kI32, scans.count, k);

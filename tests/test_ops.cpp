@@ -613,17 +613,19 @@ struct Index {
 };
 
 // 5 lists over 30 experts of width d: list c holds experts e with e % 5 ==
-// c (block 2c; list 2 has none, so block 4 is empty) and a spill of the
-// experts below 10 of list (c + 1) % 5 (block 2c + 1, outranked by that
-// list, the spilled experts' primary).
-Index small_index(int64_t d, uint64_t seed) {
+// c (block 2c; list 2 has none, so block 4 is empty, unless `list_2_holds`)
+// and a spill of the experts below 10 of list (c + 1) % 5 (block 2c + 1,
+// outranked by that list, the spilled experts' primary). With list 2 empty,
+// experts 2 and 7 sit only in list 1's spill, outranked by a list that
+// lacks them: a malformed layout the ops must still scan as told.
+Index small_index(int64_t d, uint64_t seed, bool list_2_holds = false) {
   const int64_t C = 5;
   const Tensor centers = keys_with_ties(30, d, seed);
   std::vector<int64_t> block_offsets{0}, list_blocks{0}, outranking_offsets{0};
   std::vector<int32_t> ids, outranking;
   for (int64_t c = 0; c < C; ++c) {
     for (int32_t e = 0; e < 30; ++e)
-      if (e % C == c && c != 2) ids.push_back(e);
+      if (e % C == c && (c != 2 || list_2_holds)) ids.push_back(e);
     block_offsets.push_back(static_cast<int64_t>(ids.size()));
     outranking_offsets.push_back(static_cast<int64_t>(outranking.size()));
     for (int32_t e = 0; e < 10; ++e)
@@ -683,7 +685,7 @@ TEST_P(OpsTest, ProbePairsSkipOutrankedBlocks) {
   // Token 0 probes list 1 then 0: list 0's spill block (experts of list 1)
   // is skipped; token 1 probes 4 alone; token 2 nothing; token 3 all.
   const Tensor offsets = longs({0, 2, 3, 3, 8}), codewords = ints({1, 0, 4, 3, 1, 0, 2, 4});
-  const auto run = [&](const Ops& o) {
+  const auto run_unit = [&](const Ops& o, ScanUnit unit) {
     OnDevice dev(o);
     ProbeSet probes;
     probes.offsets = o.empty(DType::kI64, 5, 1);
@@ -692,19 +694,87 @@ TEST_P(OpsTest, ProbePairsSkipOutrankedBlocks) {
     probes.count = 8;
     o.copy(probes.offsets, offsets, {});
     o.copy(probes.codewords, codewords, {});
-    const PairSet p = o.probe_pairs(index.on(dev), probes, {});
+    const PairSet p = o.probe_pairs(index.on(dev), probes, unit, {});
     return results(dev.get(p.query), dev.get(p.block), dev.get(p.block_end), dev.get(p.offsets),
                    dev.get(p.shortlist_size), longs({p.count}));
   };
-  compare(run);
+  for (ScanUnit unit : {ScanUnit::kSegments, ScanUnit::kLists})
+    compare([&](const Ops& o) { return run_unit(o, unit); });
   // Consecutive scanned blocks of a list make one pair: token 0 scans list
   // 1's blocks 2 and 3 as one run; token 3 probes every list, so each list's
   // spill block is outranked and its own block is a run alone.
-  const std::vector<Tensor> got = run(ops());
+  const std::vector<Tensor> got = run_unit(ops(), ScanUnit::kSegments);
   EXPECT_EQ(values_of<int32_t>(got[1]), (std::vector<int32_t>{2, 0, 8, 6, 2, 0, 4, 8}));
   EXPECT_EQ(values_of<int32_t>(got[2]), (std::vector<int32_t>{4, 1, 10, 7, 3, 1, 5, 9}));
   EXPECT_EQ(values_of<int32_t>(got[0]), (std::vector<int32_t>{0, 0, 1, 3, 3, 3, 3, 3}));
   EXPECT_EQ(values_of<int64_t>(got[3]), (std::vector<int64_t>{0, 2, 3, 3, 8}));
+  // kLists: one pair per probed list, both its blocks; the shortlist still
+  // counts each expert once (token 0: list 1's 8 + list 0's 6 without the
+  // spill of list 1's experts, which list 1 scores).
+  const std::vector<Tensor> whole = run_unit(ops(), ScanUnit::kLists);
+  EXPECT_EQ(values_of<int32_t>(whole[1]), (std::vector<int32_t>{2, 0, 8, 6, 2, 0, 4, 8}));
+  EXPECT_EQ(values_of<int32_t>(whole[2]), (std::vector<int32_t>{4, 2, 10, 8, 4, 2, 6, 10}));
+  EXPECT_EQ(values_of<int32_t>(whole[0]), (std::vector<int32_t>{0, 0, 1, 3, 3, 3, 3, 3}));
+  EXPECT_EQ(values_of<int64_t>(whole[3]), (std::vector<int64_t>{0, 2, 3, 3, 8}));
+  EXPECT_EQ(values_of<int32_t>(whole[4]), values_of<int32_t>(got[4]));
+  EXPECT_EQ(values_of<int32_t>(whole[4]), (std::vector<int32_t>{14, 8, 0, 24}));
+}
+
+// Scanning whole lists scores an expert of two probed lists twice; the
+// merge keeps it once, so the routes equal those of the segment runs, in
+// which each expert is scored once (on a well-formed layout: every expert
+// in the list that outranks its spill).
+TEST_P(OpsTest, ScanningWholeListsEqualsScanningSegments) {
+  const int64_t d = 9, T = 40;
+  const Index index = small_index(d, 21, true);
+  const Tensor tokens = random_f32(T, d, 22);
+  for (int k : {1, 4, 8})
+    for (int probes : {1, 2, 5}) {
+      const auto route = [&](const Ops& o, ScanUnit unit) {
+        OnDevice dev(o);
+        const ListBlocksView lists = index.on(dev);
+        const TensorView x = dev.put(tokens);
+        const ProbeSet sel =
+            o.select_probes(x, dev.put(index.codewords), dev.put(index.list_sizes), probes, k, {});
+        const PairSet p = o.probe_pairs(lists, sel, unit, {});
+        const TopKView cand{dev.out(DType::kF32, p.count, k), dev.out(DType::kI32, p.count, k), {}};
+        o.scan_blocks(lists, x, p.query, p.block, p.block_end, k, cand, {});
+        const TopKView merged{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+        o.merge_topk(cand, p.offsets, k, merged, {});
+        return results(dev.get(merged.logits), dev.get(merged.ids), dev.get(p.shortlist_size));
+      };
+      const std::vector<Tensor> segments = route(ops(), ScanUnit::kSegments);
+      const std::vector<Tensor> lists = route(ops(), ScanUnit::kLists);
+      for (size_t i = 0; i < segments.size(); ++i)
+        expect_bits(lists[i], segments[i],
+                    "result " + std::to_string(i) + ", k " + std::to_string(k) + ", probes " +
+                        std::to_string(probes) + " on " + ops().name());
+      compare([&](const Ops& o) { return route(o, ScanUnit::kLists); });
+    }
+}
+
+// merge_topk takes an id once: a later copy is skipped, whether it would
+// enter ahead of the held one, tie with it or fill an empty slot.
+TEST_P(OpsTest, MergeKeepsEachIdOnce) {
+  // Three candidate rows of three: (5, 7) (3, 4) (2, 9) | (5, 7) (3, 4) empty
+  // | (4, 1) (2, 9) (1, 8).
+  const Tensor z =
+      host_of(DType::kF32, 3, 3, std::vector<float>{5, 3, 2, 5, 3, -INFINITY, 4, 2, 1});
+  const Tensor id = host_of(DType::kI32, 3, 3, std::vector<int32_t>{7, 4, 9, 7, 4, -1, 1, 9, 8});
+  for (int k : {2, 3, 5})
+    compare([&](const Ops& o) {
+      OnDevice dev(o);
+      const TopKView cand{dev.put(z), dev.put(id), {}};
+      const TopKView merged{dev.out(DType::kF32, 1, k), dev.out(DType::kI32, 1, k), {}};
+      o.merge_topk(cand, dev.put(longs({0, 3})), k, merged, {});
+      return results(dev.get(merged.logits), dev.get(merged.ids));
+    });
+  OnDevice dev(ops());
+  const TopKView cand{dev.put(z), dev.put(id), {}};
+  const TopKView merged{dev.out(DType::kF32, 1, 5), dev.out(DType::kI32, 1, 5), {}};
+  ops().merge_topk(cand, dev.put(longs({0, 3})), 5, merged, {});
+  EXPECT_EQ(values_of<int32_t>(dev.get(merged.ids)), (std::vector<int32_t>{7, 1, 4, 9, 8}));
+  EXPECT_EQ(values_of<float>(dev.get(merged.logits)), (std::vector<float>{5, 4, 3, 2, 1}));
 }
 
 TEST_P(OpsTest, ScanBlocksAndMerge) {
@@ -1621,7 +1691,7 @@ TEST_P(OpsTest, NoTokensNoPairsNoWork) {
   ops().fill(probes.offsets, 0.0, {});
   probes.codewords = ops().empty(DType::kI32, 0, 1);
   probes.shortlist_size = ops().empty(DType::kI32, 0, 1);
-  const PairSet pairs = ops().probe_pairs(index.on(dev), probes, {});
+  const PairSet pairs = ops().probe_pairs(index.on(dev), probes, ScanUnit::kLists, {});
   EXPECT_EQ(pairs.count, 0);
   EXPECT_EQ(values_of<int64_t>(dev.get(pairs.offsets)), std::vector<int64_t>{0});
   const TensorView no_pairs = dev.out(DType::kI32, 0, 1);
@@ -1705,7 +1775,8 @@ TEST_P(OpsTest, MalformedListsAreRefusedByName) {
     probes.count = 1;
     ops().copy(probes.offsets, longs({0, 1}), {});
     ops().copy(probes.codewords, ints({1}), {});
-    expect_refused([&] { ops().probe_pairs(index.on(dev), probes, {}); }, part);
+    expect_refused([&] { ops().probe_pairs(index.on(dev), probes, ScanUnit::kSegments, {}); },
+                   part);
   };
   refused(&Index::list_blocks, longs({0, 2, 1, 6, 8, 10}),
           "lists.list_blocks[2] = 1 is below entry 1");

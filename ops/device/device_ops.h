@@ -101,10 +101,10 @@ class DeviceOps final : public Ops {
       return device::select_probes(x, a, tokens, codewords, list_sizes, probes, k);
     });
   }
-  PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
+  PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, ScanUnit unit,
                       Stream stream) const override {
     return run("probe_pairs", stream, [&](const auto& x, const OpArgs& a) {
-      return device::probe_pairs(x, a, lists, probes);
+      return device::probe_pairs(x, a, lists, probes, unit);
     });
   }
   void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,

@@ -177,7 +177,8 @@ struct ProbeKeys {
 
 // The blocks token t scans, in probe order: every block of each probed
 // list, but a segment of a spilled list only if the token probes none of
-// the lists that outrank it (router/spilled_lists.h).
+// the lists that outrank it (router/spilled_lists.h); with `whole_lists`
+// (ScanUnit::kLists), each probed list's blocks in one run.
 struct ScannedBlocks {
   const int64_t* probe_offsets;
   const int32_t* probed_codewords;
@@ -186,6 +187,7 @@ struct ScannedBlocks {
   Vec<const int64_t> outranking_offsets;
   Vec<const int32_t> outranking;
   const uint64_t* sorted_probes;  // null: no block is outranked
+  bool whole_lists;
 
   AIRMOE_HD bool probed(int64_t t, int32_t c) const {
     const uint64_t key = (static_cast<uint64_t>(t) << 32) | static_cast<uint32_t>(c);
@@ -205,21 +207,28 @@ struct ScannedBlocks {
       if (probed(t, outranking[a])) return true;
     return false;
   }
-  // v(first, end, rows) for each run of consecutive scanned blocks of a
-  // probed list (blocks first .. end - 1, `rows` experts).
+  // v(first, end, rows) for each run (blocks first .. end - 1) with the
+  // `rows` experts of it that no other probed list outranks.
   template <typename Visit>
   AIRMOE_HD void visit(int64_t t, Visit& v) const {
     for (int64_t q = probe_offsets[t]; q < probe_offsets[t + 1]; ++q) {
       const int32_t c = probed_codewords[q];
-      int64_t first = -1;  // the open run's first block
+      int64_t first = -1;   // the open run's first block
+      int64_t members = 0;  // with whole_lists, the list's
       for (int64_t s = list_blocks[c]; s <= list_blocks[c + 1]; ++s) {
         const bool scanned = s < list_blocks[c + 1] && !outranked(t, s);
         if (scanned && first < 0) first = s;
         if (!scanned && first >= 0) {
-          v(first, s, block_offsets[s] - block_offsets[first]);
+          const int64_t rows = block_offsets[s] - block_offsets[first];
+          if (whole_lists)
+            members += rows;
+          else
+            v(first, s, rows);
           first = -1;
         }
       }
+      if (whole_lists && list_blocks[c + 1] > list_blocks[c])
+        v(list_blocks[c], list_blocks[c + 1], members);
     }
   }
 };
@@ -311,7 +320,7 @@ ListShape check_lists(const X& x, const OpArgs& args, const ListBlocksView& list
 
 template <typename X>
 PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
-                    const ProbeSet& probes) {
+                    const ProbeSet& probes, ScanUnit unit) {
   const ListShape shape = check_lists(x, args, lists);
   const int64_t T = probes.offsets.rows() - 1;
   if (T < 0) args.fail("probes.offsets needs T + 1 rows");
@@ -333,7 +342,8 @@ PairSet probe_pairs(const X& x, const OpArgs& args, const ListBlocksView& lists,
       vec_of<const int64_t>(lists.block_offsets),
       spilled ? vec_of<const int64_t>(lists.outranking_offsets) : Vec<const int64_t>{},
       spilled ? vec_of<const int32_t>(lists.outranking) : Vec<const int32_t>{},
-      spilled ? sorted.get() : nullptr};
+      spilled ? sorted.get() : nullptr,
+      unit == ScanUnit::kLists};
   PairSet out;
   out.offsets = Tensor(x.allocator(), DType::kI64, T + 1, 1);
   out.shortlist_size = Tensor(x.allocator(), DType::kI32, T, 1);

@@ -99,7 +99,7 @@ struct MergeRows {
     LogSumExp lse;
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t j = 0; j < cand_k && cand.ids(p, j) >= 0; ++j)
-        top.push(cand.logits(p, j), cand.ids(p, j));
+        top.push_unique(cand.logits(p, j), cand.ids(p, j));
       if (out.lse.data) lse.merge(cand.get_lse(p));
     }
     if (out.lse.data) out.put_lse(o, lse);

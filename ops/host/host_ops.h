@@ -46,7 +46,7 @@ class HostOps final : public Ops {
                     Stream stream) const override;
   ProbeSet select_probes(TensorView tokens, TensorView codewords, TensorView list_sizes, int probes,
                          int k, Stream stream) const override;
-  PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes,
+  PairSet probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, ScanUnit unit,
                       Stream stream) const override;
   void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
                    TensorView block, TensorView block_end, int k, TopKView out,

@@ -419,7 +419,75 @@ struct HostLists {
 
 }  // namespace
 
-PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, Stream) const {
+namespace {
+
+// A run of consecutive blocks of one list: blocks begin .. end - 1.
+struct BlockRun {
+  int32_t begin, end;
+};
+
+// One token's pairs (as runs, in probe order) and its shortlist size, from
+// its probes marked in `probed` (bits by list).
+struct TokenRuns {
+  const HostLists& l;
+  ScanUnit unit;
+  const std::vector<uint64_t>& probed;
+
+  bool is_probed(int32_t c) const { return (probed[c >> 6] >> (c & 63)) & 1; }
+  // A block is scanned unless the token probes a list that outranks it
+  // (that list scores the block's experts already).
+  bool outranked(int64_t s) const {
+    for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1]; ++j)
+      if (is_probed(l.outranking[j])) return true;
+    return false;
+  }
+  int64_t rows(int64_t first, int64_t end) const {
+    return l.block_offsets[end] - l.block_offsets[first];
+  }
+  // List c's experts no other probed list outranks. Without branches on the
+  // probes (which blocks they skip is as good as random).
+  int64_t distinct_rows(int64_t first, int64_t end) const {
+    const uint64_t* bits = probed.data();
+    int64_t members = 0;
+    int64_t j = l.outranking_offsets[first], row = l.block_offsets[first];
+    for (int64_t s = first; s < end; ++s) {
+      const int64_t j_end = l.outranking_offsets[s + 1], row_end = l.block_offsets[s + 1];
+      uint64_t seen = 0;
+      for (; j < j_end; ++j) {
+        const int32_t a = l.outranking[j];
+        seen |= bits[a >> 6] >> (a & 63);
+      }
+      members += (row_end - row) & ((seen & 1) - 1);
+      row = row_end;
+    }
+    return members;
+  }
+  // List c's runs appended to `runs`; returns its experts no other probed
+  // list outranks.
+  int64_t add_list(int32_t c, std::vector<BlockRun>& runs) const {
+    const int64_t first = l.list_blocks[c], end = l.list_blocks[c + 1];
+    if (unit == ScanUnit::kLists) {
+      if (end > first) runs.push_back({static_cast<int32_t>(first), static_cast<int32_t>(end)});
+      return distinct_rows(first, end);
+    }
+    int64_t members = 0;
+    int64_t open = -1;  // the first block of the run being extended
+    for (int64_t s = first; s <= end; ++s) {
+      const bool scanned = s < end && !outranked(s);
+      if (scanned && open < 0) open = s;
+      if (scanned || open < 0) continue;
+      members += rows(open, s);
+      runs.push_back({static_cast<int32_t>(open), static_cast<int32_t>(s)});
+      open = -1;
+    }
+    return members;
+  }
+};
+
+}  // namespace
+
+PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes, ScanUnit unit,
+                             Stream) const {
   const OpArgs check = args("probe_pairs");
   const HostLists l(check, lists);
   const int64_t T = probes.offsets.rows() - 1;
@@ -430,10 +498,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     if (codewords[i] < 0 || codewords[i] >= l.lists)
       check.fail("probe " + std::to_string(i) + " names list " + std::to_string(codewords[i]) +
                  ", outside [0, " + std::to_string(l.lists) + ")");
-  struct BlockBatch {
-    int32_t begin, end;
-  };
-  RaggedRows<BlockBatch> scanned(T);
+  RaggedRows<BlockRun> scanned(T);
   PairSet out;
   out.shortlist_size = empty(DType::kI32, T, 1);
   int32_t* shortlist = out.shortlist_size.as<int32_t>();
@@ -443,35 +508,19 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
     // The token's probed lists as bits (set, used, cleared per token): a
     // query-aware list's blocks have a handful of outranking lists each.
     std::vector<uint64_t> probed;
-    std::vector<BlockBatch> runs;  // the token's runs of scanned blocks
+    std::vector<BlockRun> runs;
     const bool ready = errors.run([&] { probed.assign(static_cast<size_t>(l.lists / 64 + 1), 0); });
-    const auto is_probed = [&](int32_t c) { return (probed[c >> 6] >> (c & 63)) & 1; };
+    const TokenRuns token_runs{l, unit, probed};
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
       if (!ready) continue;
       errors.run([&] {
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i)
           probed[codewords[i] >> 6] |= uint64_t{1} << (codewords[i] & 63);
-        // A block is scanned unless the token probes a list that outranks it
-        // (that list scores the block's experts already); consecutive
-        // scanned blocks of a list make one run.
         runs.clear();
-        for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) {
-          const int32_t c = codewords[i];
-          bool open = false;  // the block before was scanned: extend its run
-          for (int64_t s = l.list_blocks[c]; s < l.list_blocks[c + 1]; ++s) {
-            bool seen = false;
-            for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1] && !seen; ++j)
-              seen = is_probed(l.outranking[j]);
-            if (!seen && open) runs.back().end = static_cast<int32_t>(s + 1);
-            if (!seen && !open)
-              runs.push_back({static_cast<int32_t>(s), static_cast<int32_t>(s + 1)});
-            open = !seen;
-          }
-        }
         int64_t members = 0;
-        for (const BlockBatch& run : runs)
-          members += l.block_offsets[run.end] - l.block_offsets[run.begin];
+        for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i)
+          members += token_runs.add_list(codewords[i], runs);
         scanned.set(t, runs);
         shortlist[t] = static_cast<int32_t>(members);
         for (int64_t i = offsets[t]; i < offsets[t + 1]; ++i) probed[codewords[i] >> 6] = 0;
@@ -487,7 +536,7 @@ PairSet HostOps::probe_pairs(const ListBlocksView& lists, const ProbeSet& probes
           *block_end = out.block_end.as<int32_t>();
   int64_t p = 0;
   for (int64_t t = 0; t < T; ++t)
-    for (const BlockBatch& run : scanned.row(t)) {
+    for (const BlockRun& run : scanned.row(t)) {
       query[p] = static_cast<int32_t>(t);
       block[p] = run.begin;
       block_end[p++] = run.end;
@@ -695,7 +744,7 @@ void HostOps::merge_topk(TopKView candidates, TensorView offsets, int k, TopKVie
     for (int64_t p = off[t]; p < off[t + 1]; ++p) {
       const float* z = c.logits.row(p);
       const int32_t* id = c.ids.row(p);
-      for (int64_t j = 0; j < width && id[j] >= 0; ++j) top.push(z[j], id[j]);
+      for (int64_t j = 0; j < width && id[j] >= 0; ++j) top.push_unique(z[j], id[j]);
       if (o.with_lse) lse.merge(c.get_lse(p));
     }
     if (o.with_lse) o.set_lse(t, lse);
