@@ -2,9 +2,12 @@
 // its two rows (shape-invariant, bit for bit), is symmetric in them, and
 // agrees with a double-precision dot product.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
@@ -168,6 +171,61 @@ TEST_P(Scoring, ZeroDepthIsZero) {
   std::vector<float> c(6, 5.0f);
   score_into(a.view(), b.view(), c.data());
   for (float v : c) EXPECT_EQ(v, 0.0f);
+}
+
+// Floats that end where an unreadable page begins: a store that touches
+// anything past the last one faults.
+class GuardedFloats {
+ public:
+  explicit GuardedFloats(int64_t n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+    length_ = ((bytes + page - 1) / page + 1) * page;
+    void* p = mmap(nullptr, length_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    base_ = static_cast<char*>(p);
+    mprotect(base_ + length_ - page, page, PROT_NONE);
+    data_ = reinterpret_cast<float*>(base_ + length_ - page - bytes);
+  }
+  ~GuardedFloats() { munmap(base_, length_); }
+  GuardedFloats(const GuardedFloats&) = delete;
+  GuardedFloats& operator=(const GuardedFloats&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  char* base_ = nullptr;
+  size_t length_ = 0;
+  float* data_ = nullptr;
+};
+
+// Every tile shape's last row, its columns a part of a tile's, stores nothing
+// past the output's end, for float32 and bf16 rows: an output whose last row
+// ended just before an unmapped page made the AVX-512 kernel fault (its
+// masked store of the odd rows did not suppress faults on masked lanes).
+TEST_P(Scoring, StoresNothingPastTheOutput) {
+  const auto bf16_of = [](const Matrix& m) {
+    std::vector<uint16_t> out(static_cast<size_t>(m.rows() * m.cols()));
+    for (size_t i = 0; i < out.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, m.view().data + i, sizeof u);
+      out[i] = static_cast<uint16_t>(u >> 16);  // truncation: any bf16 values do
+    }
+    return out;
+  };
+  for (int64_t m = 1; m <= 13; ++m)
+    for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 33})
+      for (int64_t k : {1, 9, 130}) {
+        SCOPED_TRACE("m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                     " k=" + std::to_string(k));
+        const Matrix a = random_matrix(m, k, 1.0, 5), b = random_matrix(n, k, 1.0, 6);
+        const std::vector<float> want = score(a.view(), b.view());
+        const GuardedFloats c(m * n);
+        score_into(a.view(), b.view(), c.data());
+        EXPECT_EQ(0, std::memcmp(c.data(), want.data(), want.size() * sizeof(float)));
+        std::vector<uint16_t> a16 = bf16_of(a), b16 = bf16_of(b);
+        score_into(TensorView(a16.data(), DType::kBF16, Device::host(), m, k),
+                   TensorView(b16.data(), DType::kBF16, Device::host(), n, k), c.data());
+      }
 }
 
 AIRMOE_INSTANTIATE_BACKENDS(Scoring);

@@ -110,7 +110,14 @@ AIRMOE_AVX512 void store_tile(const __m512 (&acc)[MR + MR % 2][kPairs], float* c
   for (int r = 0; r < MR; r += 2) {
     const __m512 sums = reduce_rows(acc[r], acc[r + 1]);
     _mm256_mask_storeu_ps(c + r * ldc, cols, _mm512_castps512_ps256(sums));
-    if (r + 1 < MR) _mm256_mask_storeu_ps(c + (r + 1) * ldc, cols, _mm512_extractf32x8_ps(sums, 1));
+    // The odd row's lanes shuffled down in a register, then a masked vmovups:
+    // an extract of them stored under the mask (vextractf32x8 to memory,
+    // which compilers fuse the two into) does not suppress faults on its
+    // masked lanes (Intel SDM exception class E6NF), so a tile's last row
+    // ending within 32 bytes of an unmapped page faulted.
+    const __m256 odd =
+        _mm512_castps512_ps256(_mm512_shuffle_f32x4(sums, sums, _MM_SHUFFLE(3, 2, 3, 2)));
+    if (r + 1 < MR) _mm256_mask_storeu_ps(c + (r + 1) * ldc, cols, odd);
   }
 }
 
