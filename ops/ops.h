@@ -99,9 +99,10 @@ enum class ScanUnit {
   // is scored in exactly one pair, as a shortlist's log-sum-exp needs.
   kSegments,
   // Every block of a probed list in one pair: an expert in several probed
-  // lists is scored in each of them (merge_topk keeps it once). A token's
-  // lists then cost one top-k each, not one per run of segments, which on
-  // the host is faster than scoring the distinct experts alone.
+  // lists is scored in each of them (merge_topk and scan_topk keep it
+  // once). A token then has one pair per list, not one per run of
+  // segments, which on the host costs less than the experts it scores twice
+  // (docs/routing.md, the third pass).
   kLists,
 };
 
@@ -282,6 +283,21 @@ class Ops {
   virtual void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
                            TensorView block, TensorView block_end, int k, TopKView out,
                            Stream stream) const = 0;
+  // scan_blocks then merge_topk as one op, with the same result bits: per
+  // token t, the top-k over the rows of its pairs pairs.offsets[t] ..
+  // pairs.offsets[t + 1], each scored against its pair's query, each id
+  // once, into row t of out ([T, k], T = pairs.offsets rows - 1); with
+  // out.lse, each pair's log-sum-exp added row by row along it and merged
+  // in pair order. (An id met twice must have the same logit both times,
+  // as it has where a token's pairs share its query: otherwise which copy
+  // stays may differ from the two ops'.) The
+  // host scores each list once for many tokens, as scan_blocks does, and
+  // then selects token by token with one threshold across all its pairs
+  // instead of one top-k per pair (a pair of a spilled or query-aware list
+  // rarely fills k slots before its rows run out); the device backends
+  // compose the two ops.
+  virtual void scan_topk(const ListBlocksView& lists, TensorView queries, const PairSet& pairs,
+                         int k, TopKView out, Stream stream) const = 0;
   // Per token t, the top-k over its candidates, rows offsets[t] ..
   // offsets[t+1] of `candidates` ([pairs, k] with id -1 past the end), in
   // that order, each id once (a later entry of an id already held is

@@ -148,7 +148,7 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   }
   ProbeSet sel = ops.select_probes(tokens, codebook_.tensor(), list_sizes_, probes, k, c.stream);
   // An expert in several probed lists (spilled, query-aware) is scored in
-  // each and kept once by the merge, except where the shortlist's softmax
+  // each and kept once by scan_topk, except where the shortlist's softmax
   // needs each expert once in its log-sum-exp.
   const bool shortlist = mode == GateMode::kShortlist;
   const ScanUnit unit = shortlist ? ScanUnit::kSegments : ScanUnit::kLists;
@@ -156,21 +156,11 @@ DeviceRoutes AirRouter::route(TensorView tokens, int k, int probes, GateMode mod
   r.probe_offsets = std::move(sel.offsets);
   r.probed_codewords = std::move(sel.codewords);
   r.shortlist_size = std::move(pairs.shortlist_size);
-  // Each pair's top-k (a token and a run of a list's blocks), then each token's merge in
-  // probe order.
-  Tensor cand_lse, lse;
-  if (shortlist) {
-    cand_lse = ops.empty(DType::kF64, pairs.count, 2);
-    lse = ops.empty(DType::kF64, T, 2);
-  }
-  const Tensor cand_z = ops.empty(DType::kF32, pairs.count, k);
-  const Tensor cand_id = ops.empty(DType::kI32, pairs.count, k);
-  // Stage 1 ranks lists by the unbiased probe scores; the bias re-ranks
-  // the experts of the scanned lists.
-  const TopKView candidates{cand_z, cand_id, cand_lse, bias_};
-  ops.scan_blocks(blocks_.view(), tokens, pairs.query, pairs.block, pairs.block_end, k, candidates,
-                  c.stream);
-  ops.merge_topk(candidates, pairs.offsets, k, {r.logits, r.experts, lse, bias_}, c.stream);
+  // Each token's top-k over its pairs (a pair: a token and a run of a list's blocks). Stage 1
+  // ranks lists by the unbiased probe scores; the bias re-ranks the experts of the scanned
+  // lists.
+  const Tensor lse = shortlist ? ops.empty(DType::kF64, T, 2) : Tensor();
+  ops.scan_topk(blocks_.view(), tokens, pairs, k, {r.logits, r.experts, lse, bias_}, c.stream);
   ops.finalize_gates(r.logits, lse, r.log_normalizer, r.gates, gate_function(mode), c.stream);
   return r;
 }

@@ -232,8 +232,8 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
   const Ops& ops = *c.ops;
   const int64_t R = received.vectors.rows();
   // Each request's blocks: its probed lists, whole; an expert sitting in
-  // several of them (query lists) is scored in each and kept once by the
-  // merge (the distributed router has no shortlist softmax, which would
+  // several of them (query lists) is scored in each and kept once by
+  // scan_topk (the distributed router has no shortlist softmax, which would
   // need it scored once).
   ProbeSet probes;
   probes.offsets = device_vector(c, pairs.offsets);
@@ -244,15 +244,12 @@ DistributedRouter::LocalTopK DistributedRouter::score_segments(int k, ReceivedTo
     ScopedTimer timer(pairs_seconds);
     scans = ops.probe_pairs(blocks_.view(), probes, ScanUnit::kLists, c.stream);
   }
-  const Tensor cand_z = ops.empty(DType::kF32, scans.count, k),
-               cand_id = ops.empty(DType::kI32, scans.count, k);
-  ops.scan_blocks(blocks_.view(), Staged(c, received.vectors.view()), scans.query, scans.block,
-                  scans.block_end, k, {cand_z, cand_id, {}, bias_}, c.stream);
   LocalTopK best{std::vector<float>(static_cast<size_t>(R * k)),
                  std::vector<int32_t>(static_cast<size_t>(R * k))};
   StagedOut z(c, TensorView(best.z.data(), DType::kF32, Device::host(), R, k));
   StagedOut id(c, TensorView(best.id.data(), DType::kI32, Device::host(), R, k));
-  ops.merge_topk({cand_z, cand_id, {}, {}}, scans.offsets, k, {z, id, {}, bias_}, c.stream);
+  ops.scan_topk(blocks_.view(), Staged(c, received.vectors.view()), scans, k, {z, id, {}, bias_},
+                c.stream);
   z.finish();
   id.finish();
   return best;

@@ -15,6 +15,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 #include <string>
 #include <utility>
@@ -741,16 +742,128 @@ TEST_P(OpsTest, ScanningWholeListsEqualsScanningSegments) {
         o.scan_blocks(lists, x, p.query, p.block, p.block_end, k, cand, {});
         const TopKView merged{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
         o.merge_topk(cand, p.offsets, k, merged, {});
-        return results(dev.get(merged.logits), dev.get(merged.ids), dev.get(p.shortlist_size));
+        const TopKView fused{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k), {}};
+        o.scan_topk(lists, x, p, k, fused, {});
+        return results(dev.get(merged.logits), dev.get(merged.ids), dev.get(p.shortlist_size),
+                       dev.get(fused.logits), dev.get(fused.ids));
       };
       const std::vector<Tensor> segments = route(ops(), ScanUnit::kSegments);
       const std::vector<Tensor> lists = route(ops(), ScanUnit::kLists);
-      for (size_t i = 0; i < segments.size(); ++i)
-        expect_bits(lists[i], segments[i],
-                    "result " + std::to_string(i) + ", k " + std::to_string(k) + ", probes " +
-                        std::to_string(probes) + " on " + ops().name());
+      const auto what = [&](size_t i) {
+        return "result " + std::to_string(i) + ", k " + std::to_string(k) + ", probes " +
+               std::to_string(probes) + " on " + ops().name();
+      };
+      for (size_t i = 0; i < segments.size(); ++i) expect_bits(lists[i], segments[i], what(i));
+      for (size_t i = 0; i < 2; ++i) expect_bits(lists[3 + i], segments[i], what(3 + i));
       compare([&](const Ops& o) { return route(o, ScanUnit::kLists); });
     }
+}
+
+// Pairs on the ops' device: the hand-made runs of ScanBlocksAndMerge.
+PairSet pair_set(const Ops& o, const Tensor& query, const Tensor& block, const Tensor& block_end,
+                 const Tensor& offsets) {
+  PairSet p;
+  p.count = query.rows();
+  p.query = o.empty(DType::kI32, p.count, 1);
+  p.block = o.empty(DType::kI32, p.count, 1);
+  p.block_end = o.empty(DType::kI32, p.count, 1);
+  p.offsets = o.empty(DType::kI64, offsets.rows(), 1);
+  o.copy(p.query, query, {});
+  o.copy(p.block, block, {});
+  o.copy(p.block_end, block_end, {});
+  o.copy(p.offsets, offsets, {});
+  return p;
+}
+
+// scan_topk is scan_blocks then merge_topk, bit for bit, on every backend:
+// runs of blocks, an empty block, a token without pairs, an expert met
+// twice (token 0: block 1 in two pairs; tokens 3 and 4: an expert in a
+// spill and in its own list), pairs of one token scored against other
+// queries where their experts differ (tokens 2 and 5); with and without the
+// log-sum-exp and a bias. Bad pairs and offsets are refused by name.
+TEST_P(OpsTest, ScanTopKEqualsScanThenMerge) {
+  const int64_t d = 10, R = 7;
+  const Index index = small_index(d, 17);
+  const Tensor queries = random_f32(R, d, 18), bias = random_f32(30, 1, 112, 3.0);
+  const Tensor query = ints({0, 0, 0, 0, 1, 4, 4, 3, 3, 6, 0, 2});
+  const Tensor block = ints({1, 0, 9, 2, 4, 5, 6, 7, 8, 3, 9, 1});
+  const Tensor block_end = ints({2, 2, 10, 4, 5, 6, 8, 8, 10, 4, 10, 2});
+  const Tensor offsets = longs({0, 3, 3, 5, 7, 9, 12});
+  for (int k : {1, 3, 8})
+    for (bool with_lse : {false, true})
+      for (bool with_bias : {false, true}) {
+        const auto run = [&](const Ops& o) {
+          OnDevice dev(o);
+          const ListBlocksView lists = index.on(dev);
+          const TensorView x = dev.put(queries), b = with_bias ? dev.put(bias) : TensorView{};
+          const auto lse = [&](int64_t rows) {
+            return with_lse ? dev.out(DType::kF64, rows, 2) : TensorView{};
+          };
+          const TopKView cand{dev.out(DType::kF32, 12, k), dev.out(DType::kI32, 12, k), lse(12), b};
+          o.scan_blocks(lists, x, dev.put(query), dev.put(block), dev.put(block_end), k, cand, {});
+          const TopKView merged{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k), lse(6), b};
+          o.merge_topk(cand, dev.put(offsets), k, merged, {});
+          const TopKView fused{dev.out(DType::kF32, 6, k), dev.out(DType::kI32, 6, k), lse(6), b};
+          o.scan_topk(lists, x, pair_set(o, query, block, block_end, offsets), k, fused, {});
+          std::vector<Tensor> out = results(dev.get(merged.logits), dev.get(merged.ids),
+                                            dev.get(fused.logits), dev.get(fused.ids));
+          if (with_lse) {
+            out.push_back(dev.get(merged.lse));
+            out.push_back(dev.get(fused.lse));
+          }
+          return out;
+        };
+        compare(run, {false, false, false, false, true, true});
+        const std::vector<Tensor> got = run(ops());
+        const std::string what = "k " + std::to_string(k) + (with_lse ? ", lse" : "") +
+                                 (with_bias ? ", bias" : "") + " on " + ops().name();
+        expect_bits(got[2], got[0], "logits, " + what);
+        expect_bits(got[3], got[1], "ids, " + what);
+        if (with_lse) expect_bits(got[5], got[4], "lse, " + what);
+      }
+  OnDevice dev(ops());
+  const TopKView out{dev.out(DType::kF32, 6, 3), dev.out(DType::kI32, 6, 3), {}};
+  const auto refused = [&](const Tensor& blk, const Tensor& off, const std::string& part) {
+    expect_refused(
+        [&] {
+          ops().scan_topk(index.on(dev), dev.put(queries),
+                          pair_set(ops(), query, blk, block_end, off), 3, out, {});
+        },
+        part);
+  };
+  refused(block, longs({0, 3, 3, 5, 7, 13, 12}), "pairs.offsets[4 .. 5]");
+  refused(ints({1, 0, 9, 2, 4, 5, 6, 7, 8, 3, 10, 1}), offsets, "pair 10 names block 10");
+  refused(block, longs({0, 3, 3, 5}), "out");
+}
+
+// The host holds up to 1M logits of scan_topk at once and takes the tokens
+// in chunks beyond that: 150,000 tokens probing every list (40 rows each)
+// take six chunks, with the bits of the two ops.
+TEST_P(OpsTest, ScanTopKAcrossChunks) {
+  const int64_t d = 4, T = 150000;
+  const int k = 4;
+  const Index index = small_index(d, 31, true);
+  const Tensor tokens = random_f32(T, d, 32);
+  OnDevice dev(ops());
+  const ListBlocksView lists = index.on(dev);
+  const TensorView x = dev.put(tokens);
+  const ProbeSet sel =
+      ops().select_probes(x, dev.put(index.codewords), dev.put(index.list_sizes), 5, k, {});
+  const PairSet p = ops().probe_pairs(lists, sel, ScanUnit::kLists, {});
+  const std::vector<int64_t> sizes = values_of<int64_t>(index.list_sizes);
+  ASSERT_GT(T * std::accumulate(sizes.begin(), sizes.end(), int64_t{0}), int64_t{5} << 20);
+  const TopKView cand{dev.out(DType::kF32, p.count, k), dev.out(DType::kI32, p.count, k),
+                      dev.out(DType::kF64, p.count, 2)};
+  ops().scan_blocks(lists, x, p.query, p.block, p.block_end, k, cand, {});
+  const TopKView merged{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                        dev.out(DType::kF64, T, 2)};
+  ops().merge_topk(cand, p.offsets, k, merged, {});
+  const TopKView fused{dev.out(DType::kF32, T, k), dev.out(DType::kI32, T, k),
+                       dev.out(DType::kF64, T, 2)};
+  ops().scan_topk(lists, x, p, k, fused, {});
+  expect_bits(dev.get(fused.logits), dev.get(merged.logits), "logits on " + ops().name());
+  expect_bits(dev.get(fused.ids), dev.get(merged.ids), "ids on " + ops().name());
+  expect_bits(dev.get(fused.lse), dev.get(merged.lse), "lse on " + ops().name());
 }
 
 // merge_topk takes an id once: a later copy is skipped, whether it would

@@ -114,6 +114,12 @@ class DeviceOps final : public Ops {
       device::scan_blocks(x, a, lists, queries, query, block, block_end, k, out);
     });
   }
+  void scan_topk(const ListBlocksView& lists, TensorView queries, const PairSet& pairs, int k,
+                 TopKView out, Stream stream) const override {
+    run("scan_topk", stream, [&](const auto& x, const OpArgs& a) {
+      device::scan_topk(x, a, lists, queries, pairs, k, out);
+    });
+  }
   void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                   Stream stream) const override {
     run("merge_topk", stream, [&](const auto& x, const OpArgs& a) {

@@ -518,4 +518,31 @@ void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, Te
   }
 }
 
+// ---- scan_topk --------------------------------------------------------------
+
+// scan_blocks into one candidate row per pair, then merge_topk (a thread per
+// pair and a thread per token already: a shared threshold would serialize
+// a token's pairs).
+template <typename X>
+void scan_topk(const X& x, const OpArgs& args, const ListBlocksView& lists, TensorView queries,
+               const PairSet& pairs, int k, TopKView out) {
+  args.at_least(k, 1, "k");
+  args.vector(pairs.query.view(), "query", DType::kI32);
+  const int64_t P = vector_size(pairs.query.view());
+  args.vector(pairs.offsets.view(), "pairs.offsets", DType::kI64);
+  const int64_t T = vector_size(pairs.offsets.view()) - 1;
+  if (T < 0) args.fail("pairs.offsets needs T + 1 entries");
+  const int64_t bad = first_where(x, T, BadRange{vec_of<const int64_t>(pairs.offsets.view()), P});
+  if (bad >= 0)
+    args.fail("pairs.offsets[" + std::to_string(bad) + " .. " + std::to_string(bad + 1) +
+              "] is not a range of the " + std::to_string(P) + " pairs");
+  const bool lse = !out.lse.empty();
+  const Tensor z(x.allocator(), DType::kF32, P, k);
+  const Tensor id(x.allocator(), DType::kI32, P, k);
+  const Tensor pair_lse = lse ? Tensor(x.allocator(), DType::kF64, P, 2) : Tensor();
+  scan_blocks(x, args, lists, queries, pairs.query, pairs.block, pairs.block_end, k,
+              {z, id, pair_lse, out.bias});
+  merge_topk(x, args, {z, id, pair_lse, {}}, pairs.offsets, k, out);
+}
+
 }  // namespace airmoe::inline ops::device

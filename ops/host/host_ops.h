@@ -51,6 +51,8 @@ class HostOps final : public Ops {
   void scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
                    TensorView block, TensorView block_end, int k, TopKView out,
                    Stream stream) const override;
+  void scan_topk(const ListBlocksView& lists, TensorView queries, const PairSet& pairs, int k,
+                 TopKView out, Stream stream) const override;
   void merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
                   Stream stream) const override;
   void finalize_gates(TensorView logits, TensorView lse, TensorView log_normalizer,

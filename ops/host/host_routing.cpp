@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <span>
 
@@ -47,27 +48,34 @@ uint32_t reaching_worst(const float* z, float worst, bool ties) {
 #endif
 }
 
-// top.push_ascending(z[j], id_of(j)) (kAscending: ids increasing) or
-// top.push(z[j], id_of(j)) (ids in any order) for j < n, with the same
-// result, for a top-k of `k` slots ranked by z itself (no bias). Once the
-// slots are full, each batch of 16 logits is compared with the worst slot at
-// once (a vectorized compare into a bit mask), and only those that reach it
-// are pushed: the worst slot only rises while the batch is pushed, so the
-// push would have turned every other one away (a NaN included). With ids in
-// any order a logit equal to the worst slot's is pushed too: a lower id
+// How a run of logits is pushed: ids increasing (TopK::push_ascending), in
+// any order (push), or in any order with an id possibly pushed before
+// (push_unique: an expert scored in two probed lists).
+enum class Ids { kAscending, kAnyOrder, kRepeated };
+
+// The pushes of kIds for z[j], id_of(j), j < n, with the same result, for a
+// top-k of `k` slots ranked by z itself (no bias). Once the slots are full,
+// each batch of 16 logits is compared with the worst slot at once (a
+// vectorized compare into a bit mask), and only those that reach it are
+// pushed: the worst slot only rises while the batch is pushed, so the push
+// would have turned every other one away (a NaN included). With ids in any
+// order a logit equal to the worst slot's is pushed too: a lower id
 // outranks it.
-template <bool kAscending, typename IdOf>
+template <Ids kIds, typename IdOf>
 void push_prefiltered(TopK& top, int k, const float* z, int64_t n, IdOf id_of) {
   const auto push = [&](int64_t j) {
-    if constexpr (kAscending)
+    if constexpr (kIds == Ids::kAscending)
       top.push_ascending(z[j], id_of(j));
-    else
+    else if constexpr (kIds == Ids::kAnyOrder)
       top.push(z[j], id_of(j));
+    else
+      top.push_unique(z[j], id_of(j));
   };
   int64_t j = 0;
   for (; j < n && top.size() < k; ++j) push(j);
   for (; j + kBatch <= n; j += kBatch)
-    for (uint32_t hit = reaching_worst(z + j, top.worst(), !kAscending); hit != 0; hit &= hit - 1)
+    for (uint32_t hit = reaching_worst(z + j, top.worst(), kIds != Ids::kAscending); hit != 0;
+         hit &= hit - 1)
       push(j + __builtin_ctz(hit));
   for (; j < n; ++j) push(j);
 }
@@ -92,16 +100,18 @@ struct TopKOut {
     if (bias_size >= 0) bias = static_cast<const float*>(v.bias.data);
   }
   TopK top(int64_t r, int k) const { return TopK(k, logits.row(r), ids.row(r), bias); }
-  // push_prefiltered<kAscending>'s pushes: with a bias entry by entry, else
+  // push_prefiltered<kIds>'s pushes: with a bias entry by entry, else
   // prefiltered by batches.
-  template <bool kAscending, typename IdOf>
+  template <Ids kIds, typename IdOf>
   void push(TopK& top, int k, const float* z, int64_t n, IdOf id_of) const {
-    if (bias == nullptr) return push_prefiltered<kAscending>(top, k, z, n, id_of);
+    if (bias == nullptr) return push_prefiltered<kIds>(top, k, z, n, id_of);
     for (int64_t j = 0; j < n; ++j)
-      if constexpr (kAscending)
+      if constexpr (kIds == Ids::kAscending)
         top.push_ascending(z[j], id_of(j));
-      else
+      else if constexpr (kIds == Ids::kAnyOrder)
         top.push(z[j], id_of(j));
+      else
+        top.push_unique(z[j], id_of(j));
   }
   // Every id id_of(0 .. n) a bias entry (id -1, an empty slot, allowed
   // where `empty_ok`).
@@ -156,7 +166,8 @@ void probes_for_token(const float* s, int64_t C, int probes, int k, const Vec<co
     z.resize(static_cast<size_t>(probes));
     out.resize(static_cast<size_t>(probes));
     TopK top(probes, z.data(), out.data());
-    push_prefiltered<true>(top, probes, s, C, [](int64_t c) { return static_cast<int32_t>(c); });
+    push_prefiltered<Ids::kAscending>(top, probes, s, C,
+                                      [](int64_t c) { return static_cast<int32_t>(c); });
     for (int32_t c : out) members += sizes[c];
     if (members >= k) return;
   }
@@ -249,7 +260,7 @@ void HostOps::dense_topk(TensorView tokens, TensorView keys, int k, TopKView out
       const int64_t t = t0 + i;
       const float* z = logits.data() + i * E;
       TopK top = o.top(t, k);
-      o.push<true>(top, k, z, E, [](int64_t e) { return static_cast<int32_t>(e); });
+      o.push<Ids::kAscending>(top, k, z, E, [](int64_t e) { return static_cast<int32_t>(e); });
       if (o.with_lse) {
         LogSumExp lse;
         for (int64_t e = 0; e < E; ++e) lse.add(z[e]);
@@ -555,7 +566,40 @@ struct PairArgs {
   // The rows of pair p's blocks: [first_row(p), end_row(p)).
   int64_t first_row(const HostLists& l, int64_t p) const { return l.block_offsets[block[p]]; }
   int64_t end_row(const HostLists& l, int64_t p) const { return l.block_offsets[block_end[p]]; }
+  // Pairs p0 .. p1 - 1, as pairs 0 .. p1 - p0 - 1.
+  PairArgs range(int64_t p0, int64_t p1) const {
+    const auto from = [&](Vec<const int32_t> v) {
+      v.data += p0 * v.stride;
+      v.size = p1 - p0;
+      return v;
+    };
+    return {from(query), from(block), from(block_end), p1 - p0};
+  }
 };
+
+// The list of each block.
+std::vector<int32_t> list_of_blocks(const HostLists& l) {
+  std::vector<int32_t> list_of(static_cast<size_t>(l.blocks));
+  for (int64_t c = 0; c < l.lists; ++c)
+    std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
+  return list_of;
+}
+
+// A pair naming a block or a query out of range, or blocks that are not a
+// run of one list's, is refused by name.
+void check_pairs(const OpArgs& check, const HostLists& l, const std::vector<int32_t>& list_of,
+                 const PairArgs& pairs, int64_t query_rows) {
+  for (int64_t p = 0; p < pairs.size; ++p) {
+    const int32_t b = pairs.block[p], e = pairs.block_end[p], q = pairs.query[p];
+    if (b < 0 || b >= l.blocks)
+      check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b) +
+                 ", outside [0, " + std::to_string(l.blocks) + ")");
+    if (e <= b || e > l.blocks || list_of[e - 1] != list_of[b]) check.bad_run(p, b, e, l.blocks);
+    if (q < 0 || q >= query_rows)
+      check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q) +
+                 ", outside [0, " + std::to_string(query_rows) + ")");
+  }
+}
 
 // scan_blocks' work, grouped so that one GEMM serves many pairs. A group is
 // a stretch of consecutive pairs of one query in one list (probe_pairs
@@ -581,27 +625,16 @@ struct ScanPlan {
   std::vector<Task> tasks;
 };
 
-// The pairs' groups in pair order; a pair naming a block or a query out of
-// range, or blocks that are not a run of one list's, is refused by name.
-std::vector<ScanPlan::Group> find_groups(const OpArgs& check, const HostLists& l,
-                                         const PairArgs& pairs, int64_t query_rows) {
-  std::vector<int32_t> list_of(static_cast<size_t>(l.blocks));
-  for (int64_t c = 0; c < l.lists; ++c)
-    std::fill(list_of.begin() + l.list_blocks[c], list_of.begin() + l.list_blocks[c + 1], c);
+// The pairs' groups in pair order (pairs check_pairs accepted).
+std::vector<ScanPlan::Group> find_groups(const std::vector<int32_t>& list_of,
+                                         const PairArgs& pairs) {
   std::vector<ScanPlan::Group> groups;
   for (int64_t p = 0; p < pairs.size; ++p) {
-    const int32_t b = pairs.block[p], e = pairs.block_end[p], q = pairs.query[p];
-    if (b < 0 || b >= l.blocks)
-      check.fail("pair " + std::to_string(p) + " names block " + std::to_string(b) +
-                 ", outside [0, " + std::to_string(l.blocks) + ")");
-    if (e <= b || e > l.blocks || list_of[e - 1] != list_of[b]) check.bad_run(p, b, e, l.blocks);
-    if (q < 0 || q >= query_rows)
-      check.fail("pair " + std::to_string(p) + " names query " + std::to_string(q) +
-                 ", outside [0, " + std::to_string(query_rows) + ")");
-    if (!groups.empty() && groups.back().query == q && groups.back().list == list_of[b])
+    const int32_t q = pairs.query[p], c = list_of[pairs.block[p]];
+    if (!groups.empty() && groups.back().query == q && groups.back().list == c)
       groups.back().end = p + 1;
     else
-      groups.push_back({p, p + 1, q, list_of[b]});
+      groups.push_back({p, p + 1, q, c});
   }
   return groups;
 }
@@ -631,9 +664,8 @@ void cut_tasks(const HostLists& l, const PairArgs& pairs, ScanPlan& plan) {
   if (groups > 0) plan.tasks.push_back(task);
 }
 
-ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const PairArgs& pairs,
-                   int64_t query_rows) {
-  const std::vector<ScanPlan::Group> groups = find_groups(check, l, pairs, query_rows);
+ScanPlan plan_scan(const HostLists& l, const std::vector<int32_t>& list_of, const PairArgs& pairs) {
+  const std::vector<ScanPlan::Group> groups = find_groups(list_of, pairs);
   const Csr by_list = bucket(l.lists, static_cast<int64_t>(groups.size()),
                              [&](int64_t r) { return groups[r].list; });
   ScanPlan plan;
@@ -651,31 +683,12 @@ ScanPlan plan_scan(const OpArgs& check, const HostLists& l, const PairArgs& pair
   return plan;
 }
 
-}  // namespace
-
-void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
-                          TensorView block, TensorView block_end, int k, TopKView out,
-                          Stream) const {
-  const OpArgs check = args("scan_blocks");
-  const HostLists l(check, lists);
-  check.float_dtype(queries, "queries");
-  check_k(check, k);
-  check.vector(query, "query", DType::kI32);
-  const int64_t P = vector_size(query);
-  check.vector(block, "block", DType::kI32, P);
-  check.vector(block_end, "block_end", DType::kI32, P);
-  const TopKOut o(check, out, P, k, "out");
-  o.check_bias_ids(
-      check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
-  const PairArgs pairs{Vec<const int32_t>(query), Vec<const int32_t>(block),
-                       Vec<const int32_t>(block_end), P};
-  if (P == 0) return;
-  const ScanPlan plan = plan_scan(check, l, pairs, queries.rows);
-  const int64_t rows = l.block_offsets[l.blocks];
-  if (rows > 0) check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
+// Every pair's logits, list by list: visit(p, z, L) gets pair p's L
+// logits (valid during the call), on the thread that scored them.
+template <typename Visit>
+void score_runs(const HostOps& ops, const ScanPlan& plan, const HostLists& l, const PairArgs& pairs,
+                TensorView queries, const FloatRows& keys, Visit visit) {
   const int64_t d = queries.cols;
-  const FloatRows keys(rows > 0 ? lists.keys : TensorView{});
-
   ParallelErrors errors;  // buffer allocations may throw
 #pragma omp parallel
   {
@@ -694,27 +707,159 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
             load_row(queries, plan.groups[r].query, xbuf.data() + n++ * d);
         zbuf.resize(static_cast<size_t>(n * width));
         if (width > 0)
-          score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(),
-                    width);
+          ops.score_f32(xbuf.data(), d, keys.row(task.begin), keys.ld(), n, width, d, zbuf.data(),
+                        width);
         for (int64_t r = task.first_group, i = -1; r < task.end_group; ++r) {
           if (r == task.first_group || plan.groups[r].query != plan.groups[r - 1].query) ++i;
           for (int64_t p = plan.groups[r].begin; p < plan.groups[r].end; ++p) {
-            const int64_t first = pairs.first_row(l, p), L = pairs.end_row(l, p) - first;
-            const float* z = zbuf.data() + i * width + (first - task.begin);
-            TopK top = o.top(p, k);
-            // Ids ascend within a block, not across a run's blocks.
-            o.push<false>(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
-            if (o.with_lse) {
-              LogSumExp lse;
-              for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
-              o.set_lse(p, lse);
-            }
+            const int64_t first = pairs.first_row(l, p);
+            visit(p, zbuf.data() + i * width + (first - task.begin), pairs.end_row(l, p) - first);
           }
         }
       });
     }
   }
   errors.rethrow();
+}
+
+// The arguments scan_blocks and scan_topk share, checked.
+struct ScanArgs {
+  HostLists l;
+  PairArgs pairs;
+  std::vector<int32_t> list_of;
+
+  ScanArgs(const OpArgs& check, const ListBlocksView& lists, TensorView queries, TensorView query,
+           TensorView block, TensorView block_end, int k)
+      : l(check, lists) {
+    check.float_dtype(queries, "queries");
+    check_k(check, k);
+    check.vector(query, "query", DType::kI32);
+    const int64_t P = vector_size(query);
+    check.vector(block, "block", DType::kI32, P);
+    check.vector(block_end, "block_end", DType::kI32, P);
+    pairs = {Vec<const int32_t>(query), Vec<const int32_t>(block), Vec<const int32_t>(block_end),
+             P};
+    list_of = list_of_blocks(l);
+    check_pairs(check, l, list_of, pairs, queries.rows);
+    if (rows() > 0) check_same_cols(check, queries, "queries", lists.keys, "lists.keys");
+  }
+  int64_t rows() const { return l.block_offsets[l.blocks]; }
+};
+
+}  // namespace
+
+void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, TensorView query,
+                          TensorView block, TensorView block_end, int k, TopKView out,
+                          Stream) const {
+  const OpArgs check = args("scan_blocks");
+  const ScanArgs a(check, lists, queries, query, block, block_end, k);
+  const HostLists& l = a.l;
+  const TopKOut o(check, out, a.pairs.size, k, "out");
+  o.check_bias_ids(
+      check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
+  if (a.pairs.size == 0) return;
+  const FloatRows keys(a.rows() > 0 ? lists.keys : TensorView{});
+  const ScanPlan plan = plan_scan(l, a.list_of, a.pairs);
+  score_runs(*this, plan, l, a.pairs, queries, keys, [&](int64_t p, const float* z, int64_t L) {
+    const int64_t first = a.pairs.first_row(l, p);
+    TopK top = o.top(p, k);
+    // Ids ascend within a block, not across a run's blocks.
+    o.push<Ids::kAnyOrder>(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
+    if (o.with_lse) {
+      LogSumExp lse;
+      for (int64_t j = 0; j < L; ++j) lse.add(z[j]);
+      o.set_lse(p, lse);
+    }
+  });
+}
+
+namespace {
+
+// Logits scan_topk holds at once (4 MiB, about twice a core's L2 on the
+// machines measured: 16 MiB ran 1.1-1.2x slower, 1 MiB about even): tokens
+// are taken in chunks whose pairs fit, each chunk scored list by list, then
+// selected token by token.
+constexpr int64_t kScanTopKLogits = int64_t{1} << 20;
+
+// The end t1 of the chunk of tokens that starts at t0: as many as the rows
+// of their pairs (pairs off[t] .. off[t + 1] of token t) fit
+// kScanTopKLogits, and at least one.
+int64_t chunk_end(const Vec<const int64_t>& off, const HostLists& l, const PairArgs& pairs,
+                  int64_t t0, int64_t T) {
+  int64_t rows = 0, t1 = t0;
+  for (; t1 < T; ++t1) {
+    int64_t token_rows = 0;
+    for (int64_t p = off[t1]; p < off[t1 + 1]; ++p)
+      token_rows += pairs.end_row(l, p) - pairs.first_row(l, p);
+    if (t1 > t0 && rows + token_rows > kScanTopKLogits) break;
+    rows += token_rows;
+  }
+  return t1;
+}
+
+// Token t's top-k over the rows of its pairs, each id once (pair p's
+// logits at z_of(p)), and with o.lse each pair's log-sum-exp merged in
+// pair order.
+template <typename ZOf>
+void select_token(const TopKOut& o, const HostLists& l, const PairArgs& pairs,
+                  const Vec<const int64_t>& off, int64_t t, int k, ZOf z_of) {
+  TopK top = o.top(t, k);
+  LogSumExp lse;
+  for (int64_t p = off[t]; p < off[t + 1]; ++p) {
+    const float* z = z_of(p);
+    const int64_t first = pairs.first_row(l, p), L = pairs.end_row(l, p) - first;
+    o.push<Ids::kRepeated>(top, k, z, L, [&](int64_t j) { return l.ids[first + j]; });
+    if (o.with_lse) {
+      LogSumExp pair;
+      for (int64_t j = 0; j < L; ++j) pair.add(z[j]);
+      lse.merge(pair);
+    }
+  }
+  if (o.with_lse) o.set_lse(t, lse);
+}
+
+}  // namespace
+
+void HostOps::scan_topk(const ListBlocksView& lists, TensorView queries, const PairSet& ps, int k,
+                        TopKView out, Stream) const {
+  const OpArgs check = args("scan_topk");
+  const ScanArgs a(check, lists, queries, ps.query, ps.block, ps.block_end, k);
+  const HostLists& l = a.l;
+  check.vector(ps.offsets, "pairs.offsets", DType::kI64);
+  const int64_t T = vector_size(ps.offsets) - 1;
+  if (T < 0) check.fail("pairs.offsets needs T + 1 entries");
+  const Vec<const int64_t> off(ps.offsets);
+  for (int64_t t = 0; t < T; ++t)
+    if (off[t] > off[t + 1] || off[t] < 0 || off[t + 1] > a.pairs.size)
+      check.fail("pairs.offsets[" + std::to_string(t) + " .. " + std::to_string(t + 1) +
+                 "] is not a range of the " + std::to_string(a.pairs.size) + " pairs");
+  const TopKOut o(check, out, T, k, "out");
+  o.check_bias_ids(
+      check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
+  const FloatRows keys(a.rows() > 0 ? lists.keys : TensorView{});
+  std::unique_ptr<float[]> logits;  // not zeroed: every entry is written before it is read
+  int64_t capacity = 0;
+  std::vector<int64_t> at;  // pair p0 + i's logits start at logits[at[i]]
+  for (int64_t t0 = 0, t1; t0 < T; t0 = t1) {
+    t1 = chunk_end(off, l, a.pairs, t0, T);
+    const int64_t p0 = off[t0], p1 = off[t1];
+    const PairArgs chunk = a.pairs.range(p0, p1);
+    at.assign(1, 0);
+    for (int64_t i = 0; i < chunk.size; ++i)
+      at.push_back(at.back() + chunk.end_row(l, i) - chunk.first_row(l, i));
+    if (at.back() > capacity) {
+      capacity = at.back();
+      logits = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(capacity));
+    }
+    score_runs(*this, plan_scan(l, a.list_of, chunk), l, chunk, queries, keys,
+               [&](int64_t i, const float* z, int64_t L) {
+                 float* to = logits.get() + at[i];
+                 for (int64_t j = 0; j < L; ++j) to[j] = z[j];
+               });
+#pragma omp parallel for schedule(static)
+    for (int64_t t = t0; t < t1; ++t)
+      select_token(o, l, a.pairs, off, t, k, [&](int64_t p) { return logits.get() + at[p - p0]; });
+  }
 }
 
 void HostOps::merge_topk(TopKView candidates, TensorView offsets, int k, TopKView out,
