@@ -836,9 +836,10 @@ TEST_P(OpsTest, ScanTopKEqualsScanThenMerge) {
   refused(block, longs({0, 3, 3, 5}), "out");
 }
 
-// The host holds up to 1M logits of scan_topk at once and takes the tokens
-// in chunks beyond that: 150,000 tokens probing every list (40 rows each)
-// take six chunks, with the bits of the two ops.
+// The host holds 1M logits of scan_topk at once where that gives every list
+// 64 tokens (five lists here) and takes the tokens in chunks beyond that:
+// 150,000 tokens probing every list (40 rows each) take six chunks, with the
+// bits of the two ops.
 TEST_P(OpsTest, ScanTopKAcrossChunks) {
   const int64_t d = 4, T = 150000;
   const int k = 4;

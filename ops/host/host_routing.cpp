@@ -775,23 +775,44 @@ void HostOps::scan_blocks(const ListBlocksView& lists, TensorView queries, Tenso
 
 namespace {
 
-// Logits scan_topk holds at once (4 MiB, about twice a core's L2 on the
-// machines measured: 16 MiB ran 1.1-1.2x slower, 1 MiB about even): tokens
-// are taken in chunks whose pairs fit, each chunk scored list by list, then
-// selected token by token.
+// Logits scan_topk holds at once: tokens are taken in chunks whose pairs
+// fit, each chunk scored list by list, then selected token by token. A
+// chunk holds kScanTopKLogits (4 MiB, about twice a core's L2 on the
+// machines measured: on query lists 16 MiB ran 1.1-1.2x slower), or more
+// where a list would otherwise get fewer than kQueriesPerTask tokens on
+// average (the GEMM's batch: on wide keys, d = 512 with 1,065 rows per
+// token, 1M-logit chunks ran 0.65x as fast), up to kScanTopKMaxLogits
+// (64 MiB).
 constexpr int64_t kScanTopKLogits = int64_t{1} << 20;
+constexpr int64_t kScanTopKMaxLogits = int64_t{1} << 24;
+
+// The logits of pair p: its rows.
+int64_t pair_rows(const HostLists& l, const PairArgs& pairs, int64_t p) {
+  return pairs.end_row(l, p) - pairs.first_row(l, p);
+}
+
+// A chunk's logits (above) for T tokens over `lists` lists.
+int64_t chunk_logits(const HostLists& l, const PairArgs& pairs, int64_t T) {
+  if (pairs.size == 0) return kScanTopKLogits;
+  int64_t rows = 0;
+  for (int64_t p = 0; p < pairs.size; ++p) rows += pair_rows(l, pairs, p);
+  // Tokens for kQueriesPerTask per list, at the mean pairs per token.
+  const double tokens = static_cast<double>(kQueriesPerTask) * static_cast<double>(l.lists) *
+                        static_cast<double>(T) / static_cast<double>(pairs.size);
+  const double logits = tokens * static_cast<double>(rows) / static_cast<double>(T);
+  return std::clamp(static_cast<int64_t>(logits), kScanTopKLogits, kScanTopKMaxLogits);
+}
 
 // The end t1 of the chunk of tokens that starts at t0: as many as the rows
-// of their pairs (pairs off[t] .. off[t + 1] of token t) fit
-// kScanTopKLogits, and at least one.
+// of their pairs (pairs off[t] .. off[t + 1] of token t) fit `budget`, and
+// at least one.
 int64_t chunk_end(const Vec<const int64_t>& off, const HostLists& l, const PairArgs& pairs,
-                  int64_t t0, int64_t T) {
+                  int64_t budget, int64_t t0, int64_t T) {
   int64_t rows = 0, t1 = t0;
   for (; t1 < T; ++t1) {
     int64_t token_rows = 0;
-    for (int64_t p = off[t1]; p < off[t1 + 1]; ++p)
-      token_rows += pairs.end_row(l, p) - pairs.first_row(l, p);
-    if (t1 > t0 && rows + token_rows > kScanTopKLogits) break;
+    for (int64_t p = off[t1]; p < off[t1 + 1]; ++p) token_rows += pair_rows(l, pairs, p);
+    if (t1 > t0 && rows + token_rows > budget) break;
     rows += token_rows;
   }
   return t1;
@@ -840,13 +861,13 @@ void HostOps::scan_topk(const ListBlocksView& lists, TensorView queries, const P
   std::unique_ptr<float[]> logits;  // not zeroed: every entry is written before it is read
   int64_t capacity = 0;
   std::vector<int64_t> at;  // pair p0 + i's logits start at logits[at[i]]
+  const int64_t budget = chunk_logits(l, a.pairs, T);
   for (int64_t t0 = 0, t1; t0 < T; t0 = t1) {
-    t1 = chunk_end(off, l, a.pairs, t0, T);
+    t1 = chunk_end(off, l, a.pairs, budget, t0, T);
     const int64_t p0 = off[t0], p1 = off[t1];
     const PairArgs chunk = a.pairs.range(p0, p1);
     at.assign(1, 0);
-    for (int64_t i = 0; i < chunk.size; ++i)
-      at.push_back(at.back() + chunk.end_row(l, i) - chunk.first_row(l, i));
+    for (int64_t i = 0; i < chunk.size; ++i) at.push_back(at.back() + pair_rows(l, chunk, i));
     if (at.back() > capacity) {
       capacity = at.back();
       logits = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(capacity));
