@@ -8,6 +8,7 @@
 #endif
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -791,7 +792,7 @@ int64_t pair_rows(const HostLists& l, const PairArgs& pairs, int64_t p) {
   return pairs.end_row(l, p) - pairs.first_row(l, p);
 }
 
-// A chunk's logits (above) for T tokens over `lists` lists.
+// A chunk's logits (above) for the T tokens of `pairs`.
 int64_t chunk_logits(const HostLists& l, const PairArgs& pairs, int64_t T) {
   if (pairs.size == 0) return kScanTopKLogits;
   int64_t rows = 0;
@@ -801,6 +802,21 @@ int64_t chunk_logits(const HostLists& l, const PairArgs& pairs, int64_t T) {
                         static_cast<double>(T) / static_cast<double>(pairs.size);
   const double logits = tokens * static_cast<double>(rows) / static_cast<double>(T);
   return std::clamp(static_cast<int64_t>(logits), kScanTopKLogits, kScanTopKMaxLogits);
+}
+
+// `count` floats of the calling thread's buffer for scan_topk's logits,
+// kept between calls and grown to powers of two, so that a call pays no
+// allocation and its pages fault in once. Not zeroed: only the pages a call
+// writes become resident.
+float* logits_buffer(int64_t count) {
+  thread_local std::unique_ptr<float[]> data;
+  thread_local int64_t capacity = 0;
+  if (count > capacity) {
+    capacity = static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(count)));
+    data.reset();
+    data = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(capacity));
+  }
+  return data.get();
 }
 
 // The end t1 of the chunk of tokens that starts at t0: as many as the rows
@@ -858,8 +874,6 @@ void HostOps::scan_topk(const ListBlocksView& lists, TensorView queries, const P
   o.check_bias_ids(
       check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
   const FloatRows keys(a.rows() > 0 ? lists.keys : TensorView{});
-  std::unique_ptr<float[]> logits;  // not zeroed: every entry is written before it is read
-  int64_t capacity = 0;
   std::vector<int64_t> at;  // pair p0 + i's logits start at logits[at[i]]
   const int64_t budget = chunk_logits(l, a.pairs, T);
   for (int64_t t0 = 0, t1; t0 < T; t0 = t1) {
@@ -868,18 +882,12 @@ void HostOps::scan_topk(const ListBlocksView& lists, TensorView queries, const P
     const PairArgs chunk = a.pairs.range(p0, p1);
     at.assign(1, 0);
     for (int64_t i = 0; i < chunk.size; ++i) at.push_back(at.back() + pair_rows(l, chunk, i));
-    if (at.back() > capacity) {
-      capacity = at.back();
-      logits = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(capacity));
-    }
+    float* logits = logits_buffer(std::max(budget, at.back()));
     score_runs(*this, plan_scan(l, a.list_of, chunk), l, chunk, queries, keys,
-               [&](int64_t i, const float* z, int64_t L) {
-                 float* to = logits.get() + at[i];
-                 for (int64_t j = 0; j < L; ++j) to[j] = z[j];
-               });
+               [&](int64_t i, const float* z, int64_t L) { std::copy_n(z, L, logits + at[i]); });
 #pragma omp parallel for schedule(static)
     for (int64_t t = t0; t < t1; ++t)
-      select_token(o, l, a.pairs, off, t, k, [&](int64_t p) { return logits.get() + at[p - p0]; });
+      select_token(o, l, a.pairs, off, t, k, [&](int64_t p) { return logits + at[p - p0]; });
   }
 }
 
