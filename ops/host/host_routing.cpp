@@ -445,33 +445,24 @@ struct TokenRuns {
   ScanUnit unit;
   const std::vector<uint64_t>& probed;
 
-  bool is_probed(int32_t c) const { return (probed[c >> 6] >> (c & 63)) & 1; }
   // A block is scanned unless the token probes a list that outranks it
-  // (that list scores the block's experts already).
+  // (that list scores the block's experts already). Without branches on the
+  // probes: which blocks they skip is as good as random.
   bool outranked(int64_t s) const {
-    for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1]; ++j)
-      if (is_probed(l.outranking[j])) return true;
-    return false;
+    uint64_t seen = 0;
+    for (int64_t j = l.outranking_offsets[s]; j < l.outranking_offsets[s + 1]; ++j) {
+      const int32_t a = l.outranking[j];
+      seen |= probed[a >> 6] >> (a & 63);
+    }
+    return (seen & 1) != 0;
   }
   int64_t rows(int64_t first, int64_t end) const {
     return l.block_offsets[end] - l.block_offsets[first];
   }
-  // List c's experts no other probed list outranks. Without branches on the
-  // probes (which blocks they skip is as good as random).
+  // The experts of blocks first .. end - 1 no other probed list outranks.
   int64_t distinct_rows(int64_t first, int64_t end) const {
-    const uint64_t* bits = probed.data();
     int64_t members = 0;
-    int64_t j = l.outranking_offsets[first], row = l.block_offsets[first];
-    for (int64_t s = first; s < end; ++s) {
-      const int64_t j_end = l.outranking_offsets[s + 1], row_end = l.block_offsets[s + 1];
-      uint64_t seen = 0;
-      for (; j < j_end; ++j) {
-        const int32_t a = l.outranking[j];
-        seen |= bits[a >> 6] >> (a & 63);
-      }
-      members += (row_end - row) & ((seen & 1) - 1);
-      row = row_end;
-    }
+    for (int64_t s = first; s < end; ++s) members += outranked(s) ? 0 : l.block_size(s);
     return members;
   }
   // List c's runs appended to `runs`; returns its experts no other probed
