@@ -284,22 +284,15 @@ def _torch_device(impl):
     return torch.device("cpu" if name == "host" else name)
 
 
-def _host_backward(impl, plan, d_out):
-    """The host backends' backward through NumPy: d_tokens, dW1 and dW2 in
-    the hosted layout, the center rows' ids (numpy) and gradients."""
-    d_tokens, dw1, dw2, (rows, values) = impl.backward(plan, view(d_out))
-    return (torch.from_numpy(d_tokens), torch.from_numpy(dw1), torch.from_numpy(dw2), rows,
-            torch.from_numpy(values))
-
-
-def _device_backward(impl, plan, d_out, w1, w2):
-    """The same through the C++ device API, on the backend's device: the
-    touched experts' gradients are scattered into the hosted layout (zeros
-    elsewhere, as the host path's), a copy, so the bits are the C++ ones."""
+def _backward(impl, plan, d_out, w1, w2):
+    """The C++ backward on the backend's device: d_tokens, dW1 and dW2 in
+    the hosted layout (the touched experts' gradients scattered into zeros,
+    a copy, so the bits are the C++ ones), the center rows' ids (numpy) and
+    their gradients."""
     if d_out.numel() == 0:  # autograd's empty gradients may carry any strides
         d_out = torch.empty(d_out.shape, dtype=d_out.dtype, device=d_out.device)
     _wait_for_torch(d_out.device)
-    d_tokens, local, tw1, tw2, rows, values = impl.backward_device(plan, d_out.detach())
+    d_tokens, local, tw1, tw2, rows, values = impl.backward(plan, d_out.detach())
     dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
     if local is not None:
         local = from_cpp(local).view(-1).long()
@@ -321,19 +314,15 @@ def _wait_for_torch(device):
 
 
 class _LayerFunction(torch.autograd.Function):
-    """out = MoE(hidden); backward in C++ along the forward's dispatch handle
-    (the host API through NumPy on the host backends, the device API through
-    DLPack on the others)."""
+    """out = MoE(hidden); backward in C++ along the forward's dispatch handle.
+    Tensors cross by DLPack on every backend (the host's too), so one path
+    serves them all."""
 
     @staticmethod
     def forward(ctx, impl, hidden, w1, w2, centers_local):
-        if impl.on_device:
-            _wait_for_torch(hidden.device)
-            out, plan = impl.forward_device(hidden.detach())
-            out = from_cpp(out)
-        else:
-            out, plan = impl.forward(view(hidden))
-            out = torch.from_numpy(out)
+        _wait_for_torch(hidden.device)
+        out, plan = impl.forward(hidden.detach())
+        out = from_cpp(out)
         ctx.impl, ctx.plan = impl, plan
         # Saving the parameters makes autograd refuse a backward after they
         # were changed in place (the C++ backward reads the same memory).
@@ -352,10 +341,7 @@ class _LayerFunction(torch.autograd.Function):
 
         _together(ctx.impl, "backward", check)
         d_out = d_out.contiguous()
-        if ctx.impl.on_device:
-            d_tokens, dw1, dw2, rows, values = _device_backward(ctx.impl, ctx.plan, d_out, w1, w2)
-        else:
-            d_tokens, dw1, dw2, rows, values = _host_backward(ctx.impl, ctx.plan, d_out)
+        d_tokens, dw1, dw2, rows, values = _backward(ctx.impl, ctx.plan, d_out, w1, w2)
         ctx.plan = None
         d_centers = None
         if ctx.needs_input_grad[4]:
@@ -500,14 +486,11 @@ class MoELayer(nn.Module):
         self.strategy, self.placement_policy, self.seed = impl.strategy, placement, seed
         self.rank, self.world_size = self._impl.rank, self._impl.size
         self.backend, self._device = impl.backend, _torch_device(impl)
-        # Zero-copy: these parameters are the C++ shard's buffers (NumPy views
-        # on the host backends, DLPack views of the backend's memory else).
-        if impl.on_device:
-            n, d, h = impl.hosted().size, impl.dim, impl.hidden
-            w1 = from_cpp(impl.w1_capsule()).view(n, impl.w1_rows, d)
-            w2 = from_cpp(impl.w2_capsule()).view(n, d, h)
-        else:
-            w1, w2 = torch.from_numpy(impl.w1_view()), torch.from_numpy(impl.w2_view())
+        # Zero-copy: these parameters are the C++ shard's buffers (DLPack
+        # views of the backend's memory).
+        n, d, h = impl.hosted().size, impl.dim, impl.hidden
+        w1 = from_cpp(impl.w1_capsule()).view(n, impl.w1_rows, d)
+        w2 = from_cpp(impl.w2_capsule()).view(n, d, h)
         self.w1, self.w2 = nn.Parameter(w1), nn.Parameter(w2)
         self._w_ptrs = (self.w1.data_ptr(), self.w2.data_ptr())
         self.centers_local = nn.Parameter(torch.from_numpy(self._impl.local_centers()))

@@ -60,9 +60,4 @@ inline py::array_t<float> copied(MatrixView m) {
   return out;
 }
 
-inline py::tuple sparse_result(SparseRowGrad&& g) {
-  const auto n = static_cast<py::ssize_t>(g.rows.size());
-  return py::make_tuple(owned(std::move(g.rows), {n}), owned(std::move(g.values)));
-}
-
 }  // namespace airmoe

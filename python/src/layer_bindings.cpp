@@ -36,7 +36,7 @@ namespace airmoe {
 namespace {
 
 // What forward() hands back for backward(): the C++ dispatch handle plus the
-// tokens (array or DLPack capsule) of its forward (kept alive with it).
+// tokens of its forward (their DLPack owner, kept alive with it).
 struct LayerPlanHandle {
   runtime::DispatchHandle handle;
   py::object tokens;
@@ -191,46 +191,11 @@ class MoELayerImpl {
                [&] { comm::raise_together(world(), local_error, ("MoELayer." + what).c_str()); });
   }
 
-  py::tuple forward(const py::array& tokens) {
-    auto h = std::make_shared<LayerPlanHandle>();
-    h->tokens = tokens;
-    runtime::ForwardResult out = collective("forward", [&] {
-      MatrixView t;
-      comm::check_together(world(), "MoELayer.forward", [&] { t = as_view(tokens, "tokens"); });
-      py::gil_scoped_release release;
-      return layer_->forward(t);
-    });
-    h->handle = std::move(out.handle);
-    return py::make_tuple(owned(std::move(out.output)), std::move(h));
-  }
-
-  // (d_tokens [T, d], dW1 [hosted, h, d], dW2 [hosted, d, h], (center ids, rows))
-  py::tuple backward(LayerPlanHandle& h, const py::array& d_out) {
-    runtime::MoEGradients g = collective("backward", [&] {
-      MatrixView dy;
-      comm::check_together(world(), "MoELayer.backward", [&] {
-        if (h.used) fail("this plan was already used for a backward");
-        dy = as_view(d_out, "d_out");
-      });
-      py::gil_scoped_release release;
-      runtime::MoEGradients grads = layer_->backward(h.handle, dy);
-      // Autograd takes the hosted experts' layout, whatever the config asks.
-      grads.dense_experts = layer_->experts().to_dense(grads.touched_experts);
-      return grads;
-    });
-    h.used = true;
-    const auto n = static_cast<py::ssize_t>(layer_->experts().size());
-    const auto d = static_cast<py::ssize_t>(layer_->config().expert.dim);
-    const auto hid = static_cast<py::ssize_t>(layer_->config().expert.hidden);
-    const auto rows1 = static_cast<py::ssize_t>(layer_->config().expert.w1_rows());
-    return py::make_tuple(
-        owned(std::move(g.d_tokens)), owned(std::move(g.dense_experts.w1), {n, rows1, d}),
-        owned(std::move(g.dense_experts.w2), {n, d, hid}), sparse_result(std::move(g.d_centers)));
-  }
-
-  // The device API (a backend other than the host's): tokens by DLPack (f32
-  // on the backend's device), the output as a capsule of a tensor there.
-  py::tuple forward_device(const py::object& tokens) {
+  // The layer's device API on every backend: tokens by DLPack (f32 on the
+  // backend's device, the CPU for the host backends), the output as a
+  // capsule of a tensor there. One path for every backend, so a host layer
+  // and a device layer differ only in where their memory is.
+  py::tuple forward(const py::object& tokens) {
     auto h = std::make_shared<LayerPlanHandle>();
     runtime::DeviceForwardResult out = collective("forward", [&] {
       dlpack::TensorArg t;
@@ -248,7 +213,7 @@ class MoELayerImpl {
   // their dW1 [n * w1_rows, d] and dW2 [n * d, h], center ids [m, 1]
   // (int32) and their gradient rows [m, d]), as capsules of tensors on the
   // backend's device; None where nothing was touched.
-  py::tuple backward_device(LayerPlanHandle& h, const py::object& d_out) {
+  py::tuple backward(LayerPlanHandle& h, const py::object& d_out) {
     runtime::DeviceMoEGradients g = collective("backward", [&] {
       dlpack::TensorArg dy;
       comm::check_together(world(), "MoELayer.backward", [&] {
@@ -265,10 +230,6 @@ class MoELayerImpl {
                           exported(std::move(g.d_centers.rows)),
                           exported(std::move(g.d_centers.values)));
   }
-
-  // Whether the layer runs on a backend other than the host kernel sets
-  // (device-emulated, cuda), whose tensors cross by DLPack, not NumPy.
-  bool on_device() const { return !is_host_backend(*layer_->compute().ops); }
 
   // Collective: the layer's checkpoint into `dir` (runtime/checkpoint.h);
   // "" or, on rank 0, where the previous checkpoint was left undeleted.
@@ -362,21 +323,6 @@ py::capsule expert_weights_capsule(const py::object& self, int which) {
   return dlpack::export_view(which == 1 ? w.w1 : w.w2, self);
 }
 
-// A writable NumPy view of a C++ float buffer, kept alive by `owner`.
-py::array_t<float> shared_view(float* data, std::vector<py::ssize_t> shape, py::handle owner) {
-  return py::array_t<float>(std::move(shape), data, owner);
-}
-
-// This rank's W1 [hosted, h, d] (which = 1) or W2 [hosted, d, h] (which =
-// 2) as a writable view kept alive by the layer object `self`.
-py::array_t<float> expert_weights_view(const py::object& self, int which) {
-  auto& ex = self.cast<MoELayerImpl&>().layer().experts();
-  const auto n = static_cast<py::ssize_t>(ex.size());
-  const py::ssize_t h = ex.config().hidden, d = ex.config().dim;
-  if (which == 1) return shared_view(ex.w1_data().data(), {n, ex.config().w1_rows(), d}, self);
-  return shared_view(ex.w2_data().data(), {n, d, h}, self);
-}
-
 }  // namespace
 
 void bind_layer(py::module_& m) {
@@ -441,7 +387,6 @@ void bind_layer(py::module_& m) {
       .def_property_readonly(
           "device",
           [](MoELayerImpl& s) { return dlpack::backend_name(s.layer().compute().ops->device()); })
-      .def_property_readonly("on_device", &MoELayerImpl::on_device)
       .def(
           "save_checkpoint",
           [](MoELayerImpl& s, const std::string& dir) {
@@ -477,12 +422,11 @@ void bind_layer(py::module_& m) {
            "What this rank sent since the last reset_traffic, per phase: {phase: {bytes, "
            "messages}} over all peers (the communicator's meter).")
       .def("reset_traffic", &MoELayerImpl::reset_traffic)
-      .def("forward", &MoELayerImpl::forward, py::arg("tokens"))
-      .def("forward_device", &MoELayerImpl::forward_device, py::arg("tokens"),
-           "Collective, on_device layers: tokens by DLPack; (output capsule, plan).")
-      .def("backward_device", &MoELayerImpl::backward_device, py::arg("plan"), py::arg("d_out"),
-           "Collective, on_device layers: (d_tokens, touched local ids, their dW1, dW2, center "
-           "ids, their gradients), capsules on the backend's device or None.")
+      .def("forward", &MoELayerImpl::forward, py::arg("tokens"),
+           "Collective: tokens by DLPack on the backend's device; (output capsule, plan).")
+      .def("backward", &MoELayerImpl::backward, py::arg("plan"), py::arg("d_out"),
+           "Collective: (d_tokens, touched local ids, their dW1, dW2, center ids, their "
+           "gradients), capsules on the backend's device or None.")
       .def("set_bias", &MoELayerImpl::set_bias, py::arg("bias"))
       .def("bias",
            [](MoELayerImpl& s) -> py::object {
@@ -494,7 +438,6 @@ void bind_layer(py::module_& m) {
            "Collective: this rank's (possibly moved) centers, hosted order; every rank calls it.")
       .def("raise_together", &MoELayerImpl::raise_together, py::arg("local_error"), py::arg("what"),
            "Collective: this rank's error (\"\": none) raised as ValueError on every rank.")
-      .def("backward", &MoELayerImpl::backward, py::arg("plan"), py::arg("d_out"))
       .def("hosted",
            [](MoELayerImpl& s) {
              const auto& ids = s.layer().hosted();
@@ -508,13 +451,6 @@ void bind_layer(py::module_& m) {
       .def("codewords", [](MoELayerImpl& s) { return copied(s.codewords().view()); })
       .def("local_centers",
            [](MoELayerImpl& s) { return copied(s.layer().local_centers().view()); })
-      .def(
-          "w1_view", [](py::object self) { return expert_weights_view(self, 1); },
-          "Writable NumPy view of this rank's W1 [hosted, h, d] ([hosted, 2h, d] for swiglu: the "
-          "gate rows, then the up rows; the C++ memory itself).")
-      .def(
-          "w2_view", [](py::object self) { return expert_weights_view(self, 2); },
-          "Writable NumPy view of this rank's W2 [hosted, d, h] (the C++ memory itself).")
       .def(
           "w1_capsule", [](py::object self) { return expert_weights_capsule(self, 1); },
           "DLPack capsule of this rank's W1 [hosted * w1_rows, d] on the backend's device (the "

@@ -42,8 +42,10 @@ def test_forward_shapes_and_backward(strategy):
 
 def test_parameters_share_cpp_memory():
     layer = make()
-    assert layer.w1.data_ptr() == layer._impl.w1_view().ctypes.data
-    assert layer.w2.data_ptr() == layer._impl.w2_view().ctypes.data
+    capsules = [torch.utils.dlpack.from_dlpack(c()) for c in
+                (layer._impl.w1_capsule, layer._impl.w2_capsule)]
+    assert layer.w1.data_ptr() == capsules[0].data_ptr()
+    assert layer.w2.data_ptr() == capsules[1].data_ptr()
     x = tokens()
     before = layer(x).detach()
     opt = torch.optim.SGD([layer.w2], lr=0.5)
