@@ -164,10 +164,15 @@ class SmoothedLoadBias:
     b_e -= rate * spread * (E * share_e - 1), where spread is the standard
     deviation of the batch's chosen logits, so that the rate is relative to
     the logits it competes with. The average replaces the sign of one
-    batch's count, which at 2 slots per expert per step is mostly noise."""
+    batch's count, which at 2 slots per expert per step is mostly noise.
 
-    def __init__(self, router, num_experts, rate, window):
-        self.router, self.num_experts, self.rate = router, num_experts, rate
+    cap > 0 keeps every |b_e| <= cap * spread. Without it an expert that
+    no token can reach (AIR: in no probed list) gains rate * spread every
+    step without bound, until the bias alone decides the exact top-k
+    (docs/lm.md, "The bias race")."""
+
+    def __init__(self, router, num_experts, rate, window, cap=0.0):
+        self.router, self.num_experts, self.rate, self.cap = router, num_experts, rate, cap
         self.decay = 1.0 - 1.0 / window
         self.share = torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
         router.bias = torch.zeros(num_experts)
@@ -179,7 +184,10 @@ class SmoothedLoadBias:
         chosen = chosen_logits(self.router, q, idx)
         spread = chosen.float().std().item() if chosen.numel() > 1 else 1.0
         step = self.rate * spread * (self.num_experts * self.share - 1.0)
-        self.router.bias = (self.router.bias - step.float()).contiguous()
+        bias = self.router.bias - step.float()
+        if self.cap > 0:
+            bias = bias.clamp(-self.cap * spread, self.cap * spread)
+        self.router.bias = bias.contiguous()
 
     def state(self):  # for a checkpoint (the bias itself is a router buffer)
         return {"share": self.share}
@@ -365,7 +373,7 @@ class MoEFFN(nn.Module):
                              if list_refresh and getattr(router, "lists", None) == "query"
                              else None)
         self.load_bias = LoadBias(router) if load_bias else None
-        # (rate, window) of SmoothedLoadBias, or None
+        # (rate, window, cap) of SmoothedLoadBias, or None
         self.smoothed_bias = (SmoothedLoadBias(router, num_experts, *bias_balance)
                               if bias_balance and not isinstance(router, HashRouter) else None)
         self.balance, self.score_balance = balance, score_balance
@@ -435,7 +443,8 @@ class MoELM(nn.Module):
             Block(args.dim, args.heads, MoEFFN(
                 make_router(), args.experts, args.dim, args.hidden, args.query_norm,
                 args.load_bias_rate > 0, args.balance > 0, args.score_balance > 0,
-                (args.bias_balance, args.load_window) if args.bias_balance > 0 else None,
+                (args.bias_balance, args.load_window, args.bias_cap) if args.bias_balance > 0
+                else None,
                 args.full_balance > 0, (args.list_sample, args.list_refresh)))
             for _ in range(args.layers))
         self.ln = nn.LayerNorm(args.dim)
@@ -590,9 +599,14 @@ def save_router_data(model, name, val, args):
         if isinstance(b.ffn.router, (HashRouter, ProductKeyHeads)):
             continue  # no one [E, d] set of keys to save
         stem = os.path.join(args.save_router_data, f"{name}_layer{i}")
-        centers = router_centers(b.ffn.router).detach().float().contiguous()
-        np.save(stem + "_centers.npy", centers.numpy())
-        np.save(stem + "_tokens.npy", torch.cat(inputs[i]).float().contiguous().numpy())
+        centers = router_centers(b.ffn.router).detach().float()
+        tokens = torch.cat(inputs[i]).float()
+        bias = getattr(b.ffn.router, "bias", None)
+        if bias is not None:  # keys [w_e, b_e], tokens [h, 1]: z + b is one inner product
+            centers = torch.cat([centers, bias.detach().float().view(-1, 1)], 1)
+            tokens = torch.cat([tokens, torch.ones(len(tokens), 1)], 1)
+        np.save(stem + "_centers.npy", centers.contiguous().numpy())
+        np.save(stem + "_tokens.npy", tokens.contiguous().numpy())
     print(f"[{name}] saved router centers and inputs under {args.save_router_data}", flush=True)
 
 
@@ -871,6 +885,9 @@ def make_parser():
     p.add_argument("--bias-balance", type=float, default=0.0,
                    help="selection bias from the load averaged over --load-window steps, "
                         "moved by this fraction of the logit spread per step (0: off)")
+    p.add_argument("--bias-cap", type=float, default=0.0,
+                   help="--bias-balance: keep every |bias| within this many logit spreads "
+                        "(0: no cap)")
     p.add_argument("--load-window", type=int, default=32,
                    help="steps the --bias-balance load average spans (EMA weight 1/window)")
     p.add_argument("--full-balance", type=float, default=0.0,
@@ -935,7 +952,7 @@ def option_errors(args):
         need(value >= least, f"{flag(option)} must be >= {least}, got {value}")
     need(args.seed < 2**64, f"--seed must be < 2^64, got {args.seed}")
     for option in ("soar_lambda", "balance", "score_balance", "load_bias_rate", "bias_balance",
-                   "full_balance"):
+                   "bias_cap", "full_balance"):
         value = getattr(args, option)
         need(math.isfinite(value) and value >= 0, f"{flag(option)} must be finite and >= 0, "
                                                   f"got {value}")

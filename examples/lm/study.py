@@ -89,6 +89,11 @@ BALANCED_GRID = {
         ("air_query_C64_L256_m1_r32_s1024", "air_query",
          {"codewords": 64, "probes": 1, "list_length": 256, "list_refresh": 32,
           "list_sample": 1024}),
+        # ... and the plan's row with every bias kept within one logit spread:
+        # without a cap, experts in no probed list gain bias every step until
+        # it alone decides the exact top-k the lists are built from.
+        ("air_query_C64_L256_m1_cap1", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "bias_cap": 1.0}),
     ],
     16384: [
         ("dense", "dense", {"full_balance": 0.01}),

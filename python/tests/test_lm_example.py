@@ -245,6 +245,45 @@ def test_smoothed_load_bias_lowers_over_used_experts_through_the_router_bias(kin
         assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
 
 
+def test_a_bias_cap_bounds_the_bias_of_experts_no_token_reaches():
+    E, d, k, T = 16, 8, 2, 40
+    q = torch.randn(T, d, generator=torch.Generator().manual_seed(2))
+    over = torch.full((T, k), 5)  # every slot to expert 5: the others are never reached
+    biases = {}
+    for cap in (0.0, 0.5):
+        router = airmoe.DenseRouter(E, d, k, seed=1)
+        balancer = moe_lm.SmoothedLoadBias(router, E, rate=0.1, window=4, cap=cap)
+        for _ in range(30):
+            balancer.update(q, over)
+        biases[cap] = router.bias.clone()
+    spread = moe_lm.chosen_logits(router, q, over).float().std().item()
+    # uncapped, 30 steps of +0.1 spread: three spreads for an unreached expert
+    assert biases[0.0][0] > 2.5 * spread and biases[0.0][5] < -0.5 * spread
+    capped = biases[0.5]
+    assert capped.abs().max() == pytest.approx(0.5 * spread, rel=1e-6)
+    assert capped[0] > 0 and capped[5] < 0
+
+
+def test_saved_router_data_carries_the_bias_as_a_key_column(tmp_path, monkeypatch):
+    import numpy as np
+    args = _tiny_args(tmp_path, save_router_data=str(tmp_path / "data"), save_batches=1,
+                      steps=3, eval_every=3)
+    model_bias = {}
+    real_save = moe_lm.save_router_data
+
+    def save(model, name, val, args):
+        model_bias[0] = model.blocks[0].ffn.router.bias.clone()
+        real_save(model, name, val, args)
+
+    monkeypatch.setattr(moe_lm, "save_router_data", save)
+    _tiny_train(args)
+    centers = np.load(tmp_path / "data" / "dense_layer0_centers.npy")
+    tokens = np.load(tmp_path / "data" / "dense_layer0_tokens.npy")
+    assert centers.shape == (64, 17) and tokens.shape[1] == 17
+    assert np.array_equal(centers[:, -1], model_bias[0].numpy()) and (model_bias[0] != 0).any()
+    assert (tokens[:, -1] == 1).all()
+
+
 def test_full_softmax_balance_loss_reaches_unchosen_experts():
     E, d, k, T = 16, 8, 2, 32
     router = airmoe.DenseRouter(E, d, k, seed=1)
