@@ -529,3 +529,15 @@ def test_train_speed_refuses_bad_options_before_training(argv, message, tmp_path
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "bytes train" not in done.stdout  # refused before the corpus was read
+
+
+def test_a_study_row_is_balanced_only_when_each_of_its_runs_is():
+    study = pytest.importorskip("study")
+    row = dict(experts=4096, config="air_x", router="air_query", seeds=[0, 1],
+               val_losses=[1.40, 1.41], val_loss_mean=1.405, val_loss_std=0.007,
+               router_flops_per_token=9e4, tokens_per_s=1e3)
+    one_short = dict(row, effective_experts_runs=[0.53, 0.49], effective_experts=0.51)
+    both = dict(row, config="air_y", effective_experts_runs=[0.53, 0.51], effective_experts=0.52)
+    verdict = study.criteria([one_short, both])["4096"]["balanced"]
+    assert verdict == {"air_x": False, "air_y": True}
+    assert "0.530 / 0.490" in study.table([one_short])
