@@ -464,6 +464,8 @@ def plot(rows, study):
         ax.set_ylabel(f"AIR {what} (validation, mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    # mass recall spans 1 (the exact top-k's mass) to 100s (a bias-made top-k)
+    axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(os.path.join(study.out, "lm_study_recall.png"), dpi=110)
 
