@@ -1,4 +1,5 @@
-/* airmoe C API: plain C99 over the C++ routers and the MPI communicator.
+/* airmoe C API: plain C99 over the C++ routers, the distributed router and
+ * the MPI communicator.
  *
  * This is how JAX custom calls, other frameworks and other languages embed
  * airmoe. Objects are opaque handles created by airmoe_*_create* and released
@@ -61,6 +62,7 @@ typedef enum {
 
 typedef struct airmoe_router airmoe_router;
 typedef struct airmoe_comm airmoe_comm;
+typedef struct airmoe_dist_router airmoe_dist_router;
 
 /* Message of the last failed call on this thread ("" if none has failed). */
 AIRMOE_API const char* airmoe_last_error(void);
@@ -204,7 +206,8 @@ AIRMOE_API airmoe_status airmoe_router_info(const airmoe_router* router, int64_t
 AIRMOE_API airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out);
 
 /* Releases a communicator (collective: frees the duplicate); NULL is a no-op
- * (AIRMOE_OK). A handle that is not live gives AIRMOE_ERR_INVALID_ARGUMENT. */
+ * (AIRMOE_OK). A handle that is not live, or one that live distributed
+ * routers still use, gives AIRMOE_ERR_INVALID_ARGUMENT and is left alone. */
 AIRMOE_API airmoe_status airmoe_comm_free(airmoe_comm* comm);
 
 AIRMOE_API airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out);
@@ -225,6 +228,64 @@ AIRMOE_API airmoe_status airmoe_comm_allreduce_sum_i64(airmoe_comm* comm, int64_
  * used gives 0 and 0. */
 AIRMOE_API airmoe_status airmoe_comm_bytes_sent(const airmoe_comm* comm, const char* phase,
                                                 int64_t* bytes, int64_t* messages);
+
+/* -------------------------------------------------- distributed router --- */
+
+/* Since 0.2.0. An AIR router whose experts and inverted lists are sharded
+ * over the ranks of `comm` (docs/architecture.md): each rank shortlists its
+ * own tokens and sends scoring requests only to the ranks hosting candidate
+ * experts. Collective over comm: every rank calls each function below except
+ * airmoe_dist_router_free and airmoe_dist_router_info, in the same order.
+ * A bad argument on any rank fails the call on every rank together, with the
+ * same message naming that rank ("... rank 1: ..."), so no rank is left
+ * waiting; a handle that is not live, though, is that rank's own error and
+ * the other ranks then wait in the collective, as with any MPI call one rank
+ * skips. The router uses comm until it is freed: airmoe_comm_free refuses a
+ * communicator with live routers. */
+
+/* Collective: rank 0 trains the codebook of `codewords` codewords on centers
+ * [experts, dim] (finite, no zero row) with `kmeans_iterations` Lloyd
+ * iterations seeded by `seed`, as airmoe_router_create_air does, and
+ * broadcasts it; the experts are placed by list locality, and each rank
+ * keeps its own experts' centers. centers must be the same on every rank (a
+ * digest is compared). Routes then equal those of airmoe_router_create_air's
+ * router with the same arguments, bit for bit, whatever the number of
+ * ranks. */
+AIRMOE_API airmoe_status airmoe_dist_router_create(airmoe_comm* comm, const float* centers,
+                                                   int64_t experts, int64_t dim, int64_t codewords,
+                                                   int kmeans_iterations, uint64_t seed,
+                                                   airmoe_dist_router** out);
+
+/* Releases this rank's router (local, not collective); NULL is a no-op. */
+AIRMOE_API airmoe_status airmoe_dist_router_free(airmoe_dist_router* router);
+
+/* Collective: routes this rank's tokens [T, dim] (T may be 0 and may differ
+ * between ranks) as airmoe_router_route does: experts_out [T, k] best first,
+ * gates_out [T, k] in the router's gate mode, 1 <= probes <= codewords. */
+AIRMOE_API airmoe_status airmoe_dist_router_route(airmoe_dist_router* router, const float* tokens,
+                                                  int64_t T, int64_t dim, int k, int probes,
+                                                  int32_t* experts_out, float* gates_out);
+
+/* Collective: the gates later route calls form, AIRMOE_GATES_CHOSEN (the
+ * default) or AIRMOE_GATES_SIGMOID (the shortlist softmax would need every
+ * serving rank's normalizer: refused). The same on every rank. */
+AIRMOE_API airmoe_status airmoe_dist_router_set_gate_mode(airmoe_dist_router* router,
+                                                          int gate_mode);
+
+/* Collective: the selection bias, as airmoe_router_set_bias (bias NULL and
+ * experts 0 clears it), the same on every rank (a digest is compared). */
+AIRMOE_API airmoe_status airmoe_dist_router_set_bias(airmoe_dist_router* router, const float* bias,
+                                                     int64_t experts);
+
+/* Collective: scoring requests pruned with replicated `bits`-bit copies of
+ * the expert keys (2 to 16; 0 turns it off): requests go only to the ranks
+ * of experts that may still be in a token's top-k, the routes stay the same
+ * bit for bit (docs/layer.md, "Request keys"). The same on every rank. */
+AIRMOE_API airmoe_status airmoe_dist_router_set_request_keys(airmoe_dist_router* router, int bits);
+
+/* Shape of the router, and how many experts this rank hosts. */
+AIRMOE_API airmoe_status airmoe_dist_router_info(const airmoe_dist_router* router, int64_t* experts,
+                                                 int64_t* dim, int64_t* codewords, int64_t* hosted);
 
 #ifdef __cplusplus
 } /* extern "C" */

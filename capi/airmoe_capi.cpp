@@ -23,6 +23,8 @@
 #include "router/air_router.h"
 #include "router/dense_router.h"
 #include "router/routes.h"
+#include "runtime/builder.h"
+#include "runtime/distributed_router.h"
 
 struct airmoe_router {
   std::unique_ptr<airmoe::AirRouter> air;      // exactly one of air / dense is set
@@ -39,6 +41,18 @@ struct airmoe_router {
 
 struct airmoe_comm {
   std::unique_ptr<airmoe::comm::MpiCommunicator> mpi;
+  int live_routers = 0;  // distributed routers over it: it may not be freed before them
+};
+
+struct airmoe_dist_router {
+  airmoe_comm* comm = nullptr;  // not owned; outlives the router (live_routers)
+  std::unique_ptr<airmoe::runtime::DistributedRouter> router;
+  airmoe::GateMode gate_mode = airmoe::GateMode::kChosen;
+  int64_t experts = 0, dim = 0;
+
+  ~airmoe_dist_router() {
+    if (comm) --comm->live_routers;
+  }
 };
 
 namespace {
@@ -131,12 +145,24 @@ HandleRegistry& handles() {
 
 constexpr const char* kRouterType = "airmoe_router";
 constexpr const char* kCommType = "airmoe_comm";
+constexpr const char* kDistRouterType = "airmoe_dist_router";
 
 void require_router(const airmoe_router* router) {
   handles().require(router, kRouterType, "router");
 }
 void require_comm(const airmoe_comm* comm) {
   handles().require(comm, kCommType, "comm");
+}
+void require_dist_router(const airmoe_dist_router* router) {
+  handles().require(router, kDistRouterType, "router");
+}
+
+// Collective: `local_checks` of this rank's arguments, failing on every rank
+// together before any data moves: "<function>: arguments: rank R: <what>",
+// R the lowest failing rank.
+template <typename Checks>
+void check_on_every_rank(airmoe_comm* comm, Checks&& local_checks) {
+  airmoe::comm::check_together(*comm->mpi, "arguments", std::forward<Checks>(local_checks));
 }
 
 // Frees a live handle; NULL is a no-op, anything else not live an error.
@@ -427,6 +453,15 @@ airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out) {
 }
 
 airmoe_status airmoe_comm_free(airmoe_comm* comm) {
+  if (comm != nullptr) {
+    const airmoe_status status = guarded("airmoe_comm_free", [&] {
+      require_comm(comm);
+      if (comm->live_routers > 0)
+        invalid(std::to_string(comm->live_routers) +
+                " distributed router(s) still use this communicator: free them first");
+    });
+    if (status != AIRMOE_OK) return status;
+  }
   return free_handle("airmoe_comm_free", comm, kCommType, "comm");
 }
 
@@ -479,6 +514,125 @@ airmoe_status airmoe_comm_bytes_sent(const airmoe_comm* comm, const char* phase,
     const airmoe::comm::TrafficCounts c = phase ? meter.sent(phase) : meter.total();
     *bytes = c.bytes;
     *messages = c.messages;
+  });
+}
+
+// ------------------------------------------------------ distributed router --
+
+airmoe_status airmoe_dist_router_create(airmoe_comm* comm, const float* centers, int64_t experts,
+                                        int64_t dim, int64_t codewords, int kmeans_iterations,
+                                        uint64_t seed, airmoe_dist_router** out) {
+  return guarded("airmoe_dist_router_create", [&] {
+    if (out != nullptr) *out = nullptr;
+    require_comm(comm);
+    check_on_every_rank(comm, [&] {
+      require_nonnull(out, "out");
+      require_array(centers, experts, dim, 1, "centers", "experts", "dim");
+      airmoe::require_expert_count(experts, "experts");
+    });
+    airmoe::runtime::LayerSpec spec;
+    spec.experts = experts;
+    spec.dim = dim;
+    spec.codewords = codewords;
+    spec.kmeans_iterations = kmeans_iterations;
+    spec.kmeans_seed = seed;
+    spec.k = spec.probes = 1;  // the spec's k and m only route a load sample; there is none
+    auto r = std::make_unique<airmoe_dist_router>();
+    r->router =
+        airmoe::runtime::build_router(*comm->mpi, spec, airmoe::MatrixView(centers, experts, dim));
+    r->experts = experts;
+    r->dim = dim;
+    r->comm = comm;
+    ++comm->live_routers;
+    publish(std::move(r), kDistRouterType, out);
+  });
+}
+
+airmoe_status airmoe_dist_router_free(airmoe_dist_router* router) {
+  return free_handle("airmoe_dist_router_free", router, kDistRouterType, "router");
+}
+
+airmoe_status airmoe_dist_router_route(airmoe_dist_router* router, const float* tokens, int64_t T,
+                                       int64_t dim, int k, int probes, int32_t* experts_out,
+                                       float* gates_out) {
+  return guarded("airmoe_dist_router_route", [&] {
+    require_dist_router(router);
+    check_on_every_rank(router->comm, [&] {
+      require_array(tokens, T, dim, 1, "tokens", "T", "dim");
+      if (dim != router->dim)
+        invalid("dim = " + std::to_string(dim) +
+                " but the router has dim = " + std::to_string(router->dim));
+      if (k < 1 || k > router->experts)
+        invalid("k = " + std::to_string(k) + " is outside [1, " + std::to_string(router->experts) +
+                "]");
+      require_array(experts_out, T, k, 1, "experts_out", "T", "k");
+      require_array(gates_out, T, k, 1, "gates_out", "T", "k");
+    });
+    const airmoe::Routes r =
+        router->router
+            ->route_batch(airmoe::MatrixView(tokens, T, dim), k, probes, router->gate_mode)
+            .routes;
+    const size_t n = static_cast<size_t>(T * k);
+    if (n > 0) {
+      std::copy_n(r.experts.data(), n, experts_out);
+      std::copy_n(r.gates.data(), n, gates_out);
+    }
+  });
+}
+
+airmoe_status airmoe_dist_router_set_gate_mode(airmoe_dist_router* router, int gate_mode) {
+  return guarded("airmoe_dist_router_set_gate_mode", [&] {
+    require_dist_router(router);
+    check_on_every_rank(router->comm, [&] {
+      if (gate_mode != AIRMOE_GATES_CHOSEN && gate_mode != AIRMOE_GATES_SIGMOID)
+        invalid("gate_mode = " + std::to_string(gate_mode) +
+                " is not one the distributed router forms (0 chosen, 2 sigmoid)");
+    });
+    airmoe::comm::require_same_config(*router->comm->mpi, std::to_string(gate_mode),
+                                      "airmoe_dist_router_set_gate_mode gate_mode");
+    router->gate_mode =
+        gate_mode == AIRMOE_GATES_CHOSEN ? airmoe::GateMode::kChosen : airmoe::GateMode::kSigmoid;
+  });
+}
+
+airmoe_status airmoe_dist_router_set_bias(airmoe_dist_router* router, const float* bias,
+                                          int64_t experts) {
+  return guarded("airmoe_dist_router_set_bias", [&] {
+    require_dist_router(router);
+    const bool clear = bias == nullptr && experts == 0;
+    check_on_every_rank(router->comm, [&] {
+      if (!clear) require_array(bias, experts, 1, 1, "bias", "experts", "1");
+    });
+    airmoe::comm::require_same_config(*router->comm->mpi, clear ? "clear" : "set",
+                                      "airmoe_dist_router_set_bias (a bias on some ranks, none "
+                                      "on others)");
+    if (clear) {
+      router->router->clear_bias();
+      return;
+    }
+    router->router->set_bias(airmoe::bias_view({bias, static_cast<size_t>(experts)}).matrix());
+  });
+}
+
+airmoe_status airmoe_dist_router_set_request_keys(airmoe_dist_router* router, int bits) {
+  return guarded("airmoe_dist_router_set_request_keys", [&] {
+    require_dist_router(router);
+    router->router->set_request_keys(bits);
+  });
+}
+
+airmoe_status airmoe_dist_router_info(const airmoe_dist_router* router, int64_t* experts,
+                                      int64_t* dim, int64_t* codewords, int64_t* hosted) {
+  return guarded("airmoe_dist_router_info", [&] {
+    require_dist_router(router);
+    require_nonnull(experts, "experts");
+    require_nonnull(dim, "dim");
+    require_nonnull(codewords, "codewords");
+    require_nonnull(hosted, "hosted");
+    *experts = router->experts;
+    *dim = router->dim;
+    *codewords = router->router->codebook().size();
+    *hosted = static_cast<int64_t>(router->router->local_experts().size());
   });
 }
 

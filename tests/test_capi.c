@@ -643,6 +643,110 @@ static void test_handles(void) {
               AIRMOE_ERR_INVALID_ARGUMENT, "expert ids are 32-bit");
 }
 
+/* The distributed router: each rank routes its own slice of a token
+ * matrix, and gets what the single-process AIR router gets for those rows,
+ * bit for bit, whatever the number of ranks; bad arguments on the last rank
+ * fail on every rank, naming it. */
+static int same_routes(airmoe_dist_router* dist, airmoe_router* single, const float* tokens,
+                       int64_t rows, int k, int probes) {
+  int32_t e1[64 * K], e2[64 * K];
+  float g1[64 * K], g2[64 * K];
+  if (airmoe_dist_router_route(dist, tokens, rows, D, k, probes, e1, g1) != AIRMOE_OK ||
+      airmoe_router_route(single, tokens, rows, D, k, probes, e2, g2) != AIRMOE_OK)
+    return 0;
+  return memcmp(e1, e2, (size_t)(rows * k) * sizeof(int32_t)) == 0 &&
+         memcmp(g1, g2, (size_t)(rows * k) * sizeof(float)) == 0;
+}
+
+static void test_dist_router(void) {
+  enum { ALL = 64 };
+  g_lcg = 20261205u;
+  float* centers = random_matrix(E, D);
+  float* tokens = random_matrix(ALL, D);
+  float bias[E];
+  for (int e = 0; e < E; ++e) bias[e] = dyadic() / 2.0f;
+  airmoe_comm* comm = NULL;
+  MPI_Comm world = MPI_COMM_WORLD;
+  int rank = 0, size = 1;
+  CHECK_OK(airmoe_comm_create_mpi(&world, &comm));
+  airmoe_router* single = NULL;
+  airmoe_dist_router* dist = NULL;
+  CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, &single));
+  if (!comm || !single) goto done;
+  airmoe_comm_rank(comm, &rank);
+  airmoe_comm_size(comm, &size);
+
+  /* the last rank's centers are refused (a zero row): every rank fails, naming it */
+  float* bad = random_matrix(E, D);
+  memcpy(bad, centers, sizeof(float) * E * D);
+  if (rank == size - 1) memset(bad + 5 * D, 0, sizeof(float) * D);
+  char needle[32];
+  snprintf(needle, sizeof needle, "rank %d", size - 1);
+  CHECK_ERROR(airmoe_dist_router_create(comm, bad, E, D, C, 10, 7u, &dist),
+              AIRMOE_ERR_INVALID_ARGUMENT, needle);
+  CHECK(dist == NULL);
+  free(bad);
+
+  CHECK_OK(airmoe_dist_router_create(comm, centers, E, D, C, 10, 7u, &dist));
+  if (!dist) goto done;
+  int64_t experts = 0, dim = 0, codewords = 0, hosted = 0;
+  CHECK_OK(airmoe_dist_router_info(dist, &experts, &dim, &codewords, &hosted));
+  int64_t all_hosted = hosted;
+  MPI_Allreduce(&hosted, &all_hosted, 1, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  CHECK(experts == E && dim == D && codewords == C && all_hosted == E);
+  CHECK_ERROR(airmoe_comm_free(comm), AIRMOE_ERR_INVALID_ARGUMENT, "free them first");
+
+  /* each rank its own rows: 3 + 5 rank of them from row 7 rank; rank 0 also none */
+  const float* mine = tokens + (int64_t)(7 * rank % (ALL - 20)) * D;
+  const int64_t rows = 3 + 5 * (rank % 4);
+  int equal = 1;
+  for (int probes = 1; probes <= C; ++probes)
+    equal &= same_routes(dist, single, mine, rows, K, probes);
+  CHECK(equal);
+  CHECK(same_routes(dist, single, mine, rank == 0 ? 0 : rows, K, 2));
+  CHECK_OK(airmoe_dist_router_set_bias(dist, bias, E));
+  CHECK_OK(airmoe_router_set_bias(single, bias, E));
+  CHECK_OK(airmoe_dist_router_set_gate_mode(dist, AIRMOE_GATES_SIGMOID));
+  CHECK_OK(airmoe_router_set_gate_mode(single, AIRMOE_GATES_SIGMOID));
+  CHECK(same_routes(dist, single, mine, rows, K, 3));
+  CHECK_OK(airmoe_dist_router_set_request_keys(dist, 8));
+  CHECK(same_routes(dist, single, mine, rows, K, 3));
+  CHECK_OK(airmoe_dist_router_set_bias(dist, NULL, 0));
+  CHECK_OK(airmoe_router_set_bias(single, NULL, 0));
+  CHECK(same_routes(dist, single, mine, rows, K, C));
+
+  /* refusals, on every rank together */
+  int32_t e_out[64 * K];
+  float g_out[64 * K];
+  CHECK_ERROR(
+      airmoe_dist_router_route(dist, mine, rows, rank == size - 1 ? D + 1 : D, K, 2, e_out, g_out),
+      AIRMOE_ERR_INVALID_ARGUMENT, needle);
+  CHECK_ERROR(airmoe_dist_router_route(dist, mine, rows, D, K, C + 1, e_out, g_out),
+              AIRMOE_ERR_INVALID_ARGUMENT, "probes");
+  CHECK_ERROR(
+      airmoe_dist_router_route(dist, mine, rows, D, K, 2, e_out, rank == size - 1 ? NULL : g_out),
+      AIRMOE_ERR_INVALID_ARGUMENT, "gates_out");
+  CHECK_ERROR(airmoe_dist_router_set_gate_mode(dist, AIRMOE_GATES_SHORTLIST),
+              AIRMOE_ERR_INVALID_ARGUMENT, "0 chosen, 2 sigmoid");
+  bias[3] = NAN;
+  CHECK_ERROR(airmoe_dist_router_set_bias(dist, bias, E), AIRMOE_ERR_INVALID_ARGUMENT,
+              "bias entry 3 is nan");
+  CHECK_ERROR(airmoe_dist_router_set_request_keys(dist, 1), AIRMOE_ERR_INVALID_ARGUMENT, "bits");
+  /* still routing as before */
+  CHECK(same_routes(dist, single, mine, rows, K, C));
+  CHECK_ERROR(airmoe_dist_router_info(dist, NULL, &dim, &codewords, &hosted),
+              AIRMOE_ERR_INVALID_ARGUMENT, "experts");
+
+done:
+  CHECK_OK(airmoe_dist_router_free(dist));
+  CHECK_ERROR(airmoe_dist_router_free(dist), AIRMOE_ERR_INVALID_ARGUMENT, "not a live");
+  CHECK_OK(airmoe_dist_router_free(NULL));
+  airmoe_router_free(single);
+  CHECK_OK(airmoe_comm_free(comm));
+  free(centers);
+  free(tokens);
+}
+
 /* Before MPI_Init_thread: a communicator is refused, and the message tells a
  * C program what to call (not a C++ class of the library's). */
 static void test_comm_before_mpi_init(void) {
@@ -668,6 +772,7 @@ int main(int argc, char** argv) {
   test_bias_and_sigmoid();
   test_query_lists();
   test_comm();
+  test_dist_router();
   test_handles();
 
   int local[2] = {g_passed, g_failed}, total[2] = {0, 0};
