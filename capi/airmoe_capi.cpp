@@ -196,6 +196,25 @@ void require_array(const void* p, int64_t rows, int64_t cols, int64_t min_cols, 
   if (rows * cols > 0) require_nonnull(p, name);
 }
 
+// The arrays of a route call: tokens [T, dim], k in [1, experts], and the
+// outputs experts_out and gates_out [T, k].
+void require_route_arrays(const float* tokens, int64_t T, int64_t dim, int k, int64_t experts,
+                          const int32_t* experts_out, const float* gates_out) {
+  require_array(tokens, T, dim, 1, "tokens", "T", "dim");
+  if (k < 1 || k > experts)
+    invalid("k = " + std::to_string(k) + " is outside [1, " + std::to_string(experts) + "]");
+  require_array(experts_out, T, k, 1, "experts_out", "T", "k");
+  require_array(gates_out, T, k, 1, "gates_out", "T", "k");
+}
+
+// Copies the routes' experts and gates into the caller's [T, k] arrays.
+void write_routes(const airmoe::Routes& r, int32_t* experts_out, float* gates_out) {
+  const auto n = static_cast<size_t>(r.tokens * r.k);
+  if (n == 0) return;
+  std::copy_n(r.experts.data(), n, experts_out);
+  std::copy_n(r.gates.data(), n, gates_out);
+}
+
 }  // namespace
 
 extern "C" {
@@ -329,20 +348,11 @@ airmoe_status airmoe_router_route(const airmoe_router* router, const float* toke
     require_router(router);
     router->has_last = false;
     router->last = airmoe::Routes();
-    require_array(tokens, T, dim, 1, "tokens", "T", "dim");
-    if (k < 1 || k > router->experts())
-      invalid("k = " + std::to_string(k) + " is outside [1, " + std::to_string(router->experts()) +
-              "]");
-    require_array(experts_out, T, k, 1, "experts_out", "T", "k");
-    require_array(gates_out, T, k, 1, "gates_out", "T", "k");
+    require_route_arrays(tokens, T, dim, k, router->experts(), experts_out, gates_out);
     const airmoe::MatrixView view(tokens, T, dim);
     airmoe::Routes r = router->air ? router->air->route(view, k, probes, router->gate_mode)
                                    : router->dense->route(view, k, router->gate_mode);
-    const size_t n = static_cast<size_t>(T * k);
-    if (n > 0) {
-      std::copy_n(r.experts.data(), n, experts_out);
-      std::copy_n(r.gates.data(), n, gates_out);
-    }
+    write_routes(r, experts_out, gates_out);
     router->last = std::move(r);
     router->has_last = true;
   });
@@ -558,25 +568,16 @@ airmoe_status airmoe_dist_router_route(airmoe_dist_router* router, const float* 
   return guarded("airmoe_dist_router_route", [&] {
     require_dist_router(router);
     check_on_every_rank(router->comm, [&] {
-      require_array(tokens, T, dim, 1, "tokens", "T", "dim");
+      require_route_arrays(tokens, T, dim, k, router->experts, experts_out, gates_out);
       if (dim != router->dim)
         invalid("dim = " + std::to_string(dim) +
                 " but the router has dim = " + std::to_string(router->dim));
-      if (k < 1 || k > router->experts)
-        invalid("k = " + std::to_string(k) + " is outside [1, " + std::to_string(router->experts) +
-                "]");
-      require_array(experts_out, T, k, 1, "experts_out", "T", "k");
-      require_array(gates_out, T, k, 1, "gates_out", "T", "k");
     });
     const airmoe::Routes r =
         router->router
             ->route_batch(airmoe::MatrixView(tokens, T, dim), k, probes, router->gate_mode)
             .routes;
-    const size_t n = static_cast<size_t>(T * k);
-    if (n > 0) {
-      std::copy_n(r.experts.data(), n, experts_out);
-      std::copy_n(r.gates.data(), n, gates_out);
-    }
+    write_routes(r, experts_out, gates_out);
   });
 }
 
