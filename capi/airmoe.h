@@ -153,7 +153,9 @@ AIRMOE_API airmoe_status airmoe_router_set_bias(airmoe_router* router, const flo
  * iterations seeded by `seed`, and each codeword's list the (at most)
  * `list_length` experts (1 <= list_length <= experts) that its tokens' exact
  * top-`k` (1 <= k <= experts) picks most; an expert no list took joins the
- * list of its center's nearest codeword. */
+ * list of its center's nearest codeword. `k` need not be the k the router
+ * routes with: counting twice as deep fills what a small sample leaves of
+ * each list (docs/routing.md, "How deep the lists count"). */
 typedef struct {
   int64_t codewords;
   int64_t list_length;

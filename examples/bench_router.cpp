@@ -254,37 +254,43 @@ struct Layout {
 };
 
 // --variants query: the query-aware lists (router/query_lists.h) of each
-// --list-lengths entry, from one codebook trained on the sample tokens and
-// one count of their exact (biased) top-k picks.
+// --list-lengths entry and each --list-k depth, from one codebook trained on
+// the sample tokens and one count of their exact (biased) top-k picks per
+// depth. The row of depth k is "air_query_L<L>", of a deeper one
+// "air_query_L<L>_k<depth>". `seconds` times the builds of the first depth.
 struct QueryBuild {
   std::vector<Layout> layouts;
   double flops = 0.0, seconds = 0.0;
 };
 QueryBuild build_query_layouts(MatrixView centers, TensorView bias, MatrixView sample,
                                const QueryListOptions& options, const std::vector<int>& lengths,
-                               const Compute& compute) {
+                               const std::vector<int>& depths, const Compute& compute) {
   progress("query lists: codebook (C=%ld) on %ld sample tokens and their exact top-%d",
-           (long)options.codewords, (long)sample.rows, options.k);
+           (long)options.codewords, (long)sample.rows, depths.front());
   QueryBuild out;
   const double t0 = now_seconds();
   const Codebook codebook = train_query_codebook(sample, options, compute);
   DenseRouter exact(centers, compute);
   if (!bias.empty()) exact.set_bias(bias);
-  const PickCounts counts = count_picks(codebook, exact, sample, options.k);
   const std::vector<int32_t> home = codebook.assign(normalize_rows(centers, "centers").view());
   out.flops = query_lists_build_flops(sample.rows, centers.rows, centers.cols, options);
-  for (const int length : lengths) {
-    QueryListOptions o = options;
-    o.list_length = length;
-    try {
-      QueryLists lists{o, codebook, lists_from_counts(counts, length, home), out.flops};
-      out.layouts.push_back(
-          {"air_query_L" + std::to_string(length), AirRouter(centers, std::move(lists))});
-    } catch (const std::invalid_argument& e) {
-      fail("--list-lengths " + std::to_string(length) + ": " + e.what());
+  for (const int depth : depths) {
+    const PickCounts counts = count_picks(codebook, exact, sample, depth);
+    const std::string suffix = depth == options.k ? "" : "_k" + std::to_string(depth);
+    for (const int length : lengths) {
+      QueryListOptions o = options;
+      o.list_length = length;
+      o.k = depth;
+      try {
+        QueryLists lists{o, codebook, lists_from_counts(counts, length, home), out.flops};
+        out.layouts.push_back({"air_query_L" + std::to_string(length) + suffix,
+                               AirRouter(centers, std::move(lists))});
+      } catch (const std::invalid_argument& e) {
+        fail("--list-lengths " + std::to_string(length) + ": " + e.what());
+      }
     }
+    if (depth == depths.front()) out.seconds = now_seconds() - t0;
   }
-  out.seconds = now_seconds() - t0;
   return out;
 }
 
@@ -341,21 +347,23 @@ std::vector<std::pair<const char*, const Row*>> peers_of(const std::vector<Row>&
 // headline, "-" when not measured) and against airmoe's dense router; a
 // baseline's note (build, threads, or why no figure) ends its line.
 void print_table(const std::vector<Row>& rows, const Yardsticks& y) {
-  std::printf("%-16s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", "router", "m", "tokens/s",
+  int width = 16;  // the router column fits the longest name ("air_query_L256_k32")
+  for (const Row& r : rows) width = std::max(width, static_cast<int>(r.router.size()));
+  std::printf("%-*s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", width, "router", "m", "tokens/s",
               "x torch32", "x dense", "recall@k", "mass", "shortlist", "MFLOP/token", "note");
   for (const Row& r : rows) {
     const std::string m = r.probes ? std::to_string(r.probes) : "-";
     if (!r.measured) {
-      std::printf("%-16s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", r.router.c_str(), m.c_str(),
-                  "-", "-", "-", "-", "-", "-", "-", r.note.c_str());
+      std::printf("%-*s %6s %12s %9s %9s %9s %9s %10s %12s  %s\n", width, r.router.c_str(),
+                  m.c_str(), "-", "-", "-", "-", "-", "-", "-", r.note.c_str());
       continue;
     }
     char headline[32] = "-";
     if (y.torch_f32_tps > 0.0)
       std::snprintf(headline, sizeof headline, "%.1fx", r.tokens_per_s / y.torch_f32_tps);
-    std::printf("%-16s %6s %12.0f %9s %8.1fx %9.4f %9.4f %10.0f %12.2f  %s\n", r.router.c_str(),
-                m.c_str(), r.tokens_per_s, headline, r.tokens_per_s / y.dense_tps, r.recall, r.mass,
-                r.shortlist.mean, r.flops / 1e6, r.note.c_str());
+    std::printf("%-*s %6s %12.0f %9s %8.1fx %9.4f %9.4f %10.0f %12.2f  %s\n", width,
+                r.router.c_str(), m.c_str(), r.tokens_per_s, headline, r.tokens_per_s / y.dense_tps,
+                r.recall, r.mass, r.shortlist.mean, r.flops / 1e6, r.note.c_str());
   }
 }
 
@@ -370,7 +378,7 @@ int run_router(const std::vector<std::string>& args) {
   std::string probes_text = "1,2,4,8,16,32", preset = "default", centers_file, tokens_file,
               bias_file;
   std::string json_file, routes_dir, gates = "chosen", variants_text = "air",
-                                     list_lengths_text = "256", backend = "host";
+                                     list_lengths_text = "256", list_k_text, backend = "host";
   int64_t list_sample = 0;
   bool no_faiss = false, no_product_key = false, no_baselines = false;
   std::string baselines_python = "/usr/bin/python3", baselines_script = AIRMOE_BASELINES_SCRIPT;
@@ -422,8 +430,11 @@ int run_router(const std::vector<std::string>& args) {
       "router is measured on the tokens after them (0: no split)")(
       "list-lengths", po::value(&list_lengths_text)->default_value(list_lengths_text),
       "query: experts per query list, comma-separated (a row each)")(
-      "spills", po::value(&vo.spills)->default_value(vo.spills),
-      "extra lists per expert, >= 1 (spill)")(
+      "list-k", po::value(&list_k_text),
+      "query: how deep the lists count each sample token's exact top-k, comma-separated "
+      "depths in [k, E] (a row each; default: k)")("spills",
+                                                   po::value(&vo.spills)->default_value(vo.spills),
+                                                   "extra lists per expert, >= 1 (spill)")(
       "soar-lambda", po::value(&vo.soar_lambda)->default_value(vo.soar_lambda),
       "SOAR weight of the residual alignment penalty, >= 0 (spill)")(
       "balance", po::value(&vo.balance)->default_value(vo.balance),
@@ -449,6 +460,8 @@ int run_router(const std::vector<std::string>& args) {
   const std::vector<Variant> variants = parse_variants(variants_text);
   vo.validate(variants);
   const std::vector<int> list_lengths = parse_int_list(list_lengths_text, "--list-lengths", 1);
+  const std::vector<int> list_depths =
+      list_k_text.empty() ? std::vector<int>{k} : parse_int_list(list_k_text, "--list-k", k);
   const bool any_query =
       std::any_of(variants.begin(), variants.end(), [](const Variant& v) { return v.query; });
   if (list_sample < 0) fail("--list-sample must be >= 0, got " + std::to_string(list_sample));
@@ -504,6 +517,7 @@ int run_router(const std::vector<std::string>& args) {
 
   if (codewords == 0) codewords = recommended_air(experts).codewords;
   require_in_range(codewords, 1, experts, "-C/--codewords");
+  for (const int depth : list_depths) require_in_range(depth, k, experts, "--list-k");
   if (shortlist_budget == 0.0) shortlist_budget = static_cast<double>(experts) / 16.0;
   const bool any_balanced =
       std::any_of(variants.begin(), variants.end(), [](const Variant& v) { return v.balanced; });
@@ -516,8 +530,9 @@ int run_router(const std::vector<std::string>& args) {
   QueryBuild query;
   for (const Variant& v : variants) {
     if (v.query) {
-      query = build_query_layouts(centers, bias.view(), sample,
-                                  {codewords, 0, k, kmeans_iters, 1234}, list_lengths, compute);
+      query =
+          build_query_layouts(centers, bias.view(), sample, {codewords, 0, k, kmeans_iters, 1234},
+                              list_lengths, list_depths, compute);
       for (Layout& l : query.layouts) layouts.push_back(std::move(l));
       continue;
     }
@@ -702,7 +717,8 @@ int run_router(const std::vector<std::string>& args) {
                    {"list_cap", list_cap},
                    {"scoring_kernel", ops.name()},
                    {"list_sample", list_sample},
-                   {"list_lengths", list_lengths_text}};
+                   {"list_lengths", list_lengths_text},
+                   {"list_k", list_k_text.empty() ? std::to_string(k) : list_k_text}};
     if (any_query) {
       j["query_lists_build_flops"] = query.flops;
       j["query_lists_build_seconds"] = query.seconds;

@@ -112,17 +112,22 @@ def main():
     run(bench, "--centers", os.path.join(work, "centers.npy"), "--tokens",
         os.path.join(work, "q_tokens.npy"), "--bias", os.path.join(work, "bias.npy"), "-C", "8",
         "--k", "2", "--probes", "1,8", "--repeats", "1", "--no-product-key", "--variants",
-        "air,query", "--list-sample", "300", "--list-lengths", "4,40", "--json", out3,
+        "air,query", "--list-sample", "300", "--list-lengths", "4,40", "--list-k", "2,6",
+        "--json", out3,
         "--save-routes", os.path.join(work, "query_routes"))
     with open(out3) as f:
         j3 = json.load(f)
     assert j3["config"]["tokens"] == 100 and j3["config"]["list_sample"] == 300, j3["config"]
     assert j3["query_lists_build_flops"] >= 2 * 300 * 500 * 16, j3["query_lists_build_flops"]
+    assert j3["config"]["list_k"] == "2,6", j3["config"]
     rows = {(r["router"], r["probes"]): r for r in j3["results"]}
-    for length in (4, 40):
-        full = rows[(f"air_query_L{length}", 8)]
+    for name in ("air_query_L4", "air_query_L40", "air_query_L4_k6", "air_query_L40_k6"):
+        full = rows[(name, 8)]
         assert full["recall_at_k"] == 1.0 and full["shortlist_mean"] == 500, full
-        assert rows[(f"air_query_L{length}", 1)]["shortlist_mean"] < 500
+        assert rows[(name, 1)]["shortlist_mean"] < 500
+    # counted 3x as deep, a list of L = 40 holds more of the experts
+    assert rows[("air_query_L40_k6", 1)]["shortlist_mean"] > rows[("air_query_L40", 1)][
+        "shortlist_mean"]
     q_dense = np.load(os.path.join(work, "query_routes", "dense_experts.npy"))
     q_full = np.load(os.path.join(work, "query_routes", "air_query_L4_m8_experts.npy"))
     assert q_dense.shape == (100, 2) and (q_full == q_dense).all(), "query lists at m = C"

@@ -199,11 +199,15 @@ inline QueryListOptions query_options() {
 // build FLOPs equal build_query_lists' on the whole sample, bit for bit; the
 // routes (ids, gates, shortlist sizes) equal the single-process AirRouter's
 // built from that sample at m = 1, 3 and C, and m = C equals dense routing;
-// all with or without a selection bias, whatever P and the placement.
+// all with or without a selection bias, whatever P and the placement, and
+// for lists that count the sample's top-k deeper than the routes' k
+// (`list_k`; 0: query_options().k, the routes' k).
 inline void check_query_lists_equal_single_process(comm::Communicator& comm, const GlobalData& g,
-                                                   runtime::PlacementPolicy policy, bool biased) {
+                                                   runtime::PlacementPolicy policy, bool biased,
+                                                   int list_k = 0) {
   const QuerySample sample;
-  const QueryListOptions options = query_options();
+  QueryListOptions options = query_options();
+  if (list_k > 0) options.k = list_k;
   const Matrix bias = biased ? random_matrix(g.data.centers.rows(), 1, 2.0, 77) : Matrix();
   const TensorView bias_view = biased ? TensorView(bias.view()) : TensorView();
   const QueryLists want =
@@ -212,7 +216,8 @@ inline void check_query_lists_equal_single_process(comm::Communicator& comm, con
   const int P = comm.size(), k = 4, C = static_cast<int>(options.codewords);
   const std::string where = std::string(runtime::to_string(policy)) + " P=" + std::to_string(P) +
                             " rank " + std::to_string(comm.rank()) +
-                            (biased ? " biased" : " unbiased");
+                            (biased ? " biased" : " unbiased") + " list_k " +
+                            std::to_string(options.k);
   runtime::DistributedRouter router = g.make_router(comm, policy);
   if (biased) router.set_bias(bias.view());
   comm.meter().reset();

@@ -486,8 +486,9 @@ static void test_bias_and_sigmoid(void) {
 
 /* Query-aware lists: built from a sample under a bias, probing every
  * codeword equals the dense router (with that bias) bit for bit, before and
- * after a refresh from another sample; their build FLOPs are reported; bad
- * input is refused by name and a refused refresh keeps the lists. */
+ * after a refresh from another sample, also when the lists count the
+ * sample's top-2k; their build FLOPs are reported; bad input is refused by
+ * name and a refused refresh keeps the lists. */
 static void test_query_lists(void) {
   enum { S = 30 };
   g_lcg = 20261204u;
@@ -497,11 +498,14 @@ static void test_query_lists(void) {
   float* other = random_matrix(S, D);
   float* bias = random_matrix(E, 1);
   const airmoe_query_list_options options = {5, 12, K, 4, 7u};
-  airmoe_router *query = NULL, *dense = NULL, *plain = NULL;
+  airmoe_query_list_options deep_options = options;
+  deep_options.k = 2 * K;
+  airmoe_router *query = NULL, *dense = NULL, *plain = NULL, *deep = NULL;
   CHECK_OK(airmoe_router_create_air_query(centers, E, D, bias, sample, S, &options, &query));
+  CHECK_OK(airmoe_router_create_air_query(centers, E, D, bias, sample, S, &deep_options, &deep));
   CHECK_OK(airmoe_router_create_dense(centers, E, D, &dense));
   CHECK_OK(airmoe_router_create_air(centers, E, D, C, 10, 7u, &plain));
-  if (!query || !dense || !plain) {
+  if (!query || !dense || !plain || !deep) {
     CHECK(!"routers created");
   } else {
     CHECK_OK(airmoe_router_set_bias(dense, bias, E));
@@ -515,6 +519,9 @@ static void test_query_lists(void) {
     int32_t q_e[T * K], d_e[T * K];
     float q_g[T * K], d_g[T * K];
     CHECK_OK(airmoe_router_route(dense, tokens, T, D, K, 0, d_e, d_g));
+    CHECK_OK(airmoe_router_route(deep, tokens, T, D, K, (int)options.codewords, q_e, q_g));
+    CHECK(memcmp(q_e, d_e, sizeof q_e) == 0);
+    CHECK(memcmp(q_g, d_g, sizeof q_g) == 0);
     for (int round = 0; round < 2; ++round) {
       CHECK_OK(airmoe_router_route(query, tokens, T, D, K, (int)options.codewords, q_e, q_g));
       CHECK(memcmp(q_e, d_e, sizeof q_e) == 0);
@@ -551,6 +558,7 @@ static void test_query_lists(void) {
   airmoe_router_free(query);
   airmoe_router_free(dense);
   airmoe_router_free(plain);
+  airmoe_router_free(deep);
   free(centers);
   free(tokens);
   free(sample);

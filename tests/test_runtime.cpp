@@ -84,6 +84,13 @@ TEST_P(DistributedRouterChecks, QueryListsEqualSingleProcessForEveryPolicy) {
       });
 }
 
+TEST_P(DistributedRouterChecks, DeeperCountedQueryListsEqualSingleProcess) {
+  for (PlacementPolicy policy : kAllPolicies)
+    run([&](comm::Communicator& comm) {
+      test::check_query_lists_equal_single_process(comm, data(), policy, true, 12);
+    });
+}
+
 TEST_P(DistributedRouterChecks, RequestKeysKeepRoutesAndPruneRequests) {
   for (const bool query : {false, true})
     for (const bool biased : {false, true})

@@ -48,6 +48,7 @@ TEST(MpiDistributedRouter, QueryListsEqualSingleProcess) {
   for (const bool biased : {false, true})
     for (PlacementPolicy policy : test::kAllPolicies)
       test::check_query_lists_equal_single_process(comm, data(), policy, biased);
+  test::check_query_lists_equal_single_process(comm, data(), PlacementPolicy::kLocality, true, 12);
 }
 
 TEST(MpiDistributedRouter, RequestKeysKeepRoutesAndPruneRequests) {

@@ -480,7 +480,8 @@ def routers(args):
         # query-aware lists (first built from the initial centers, then from
         # recent training tokens every --list-refresh steps: QueryListRefresh)
         "air_query": (lambda: airmoe.AIRRouter(E, dim("air_query"), k, C, m, seed=args.seed,
-                                               lists="query", list_length=args.list_length),
+                                               lists="query", list_length=args.list_length,
+                                               list_k=list_k(args)),
                       # probe scores + at most m lists of L experts, plus the
                       # refreshes; train() replaces it with the measured cost
                       2.0 * C * dim("air_query") + 2.0 * min(E, m * args.list_length) *
@@ -549,12 +550,18 @@ def update_codebooks(model, step, args):
             b.ffn.router.update_codebook(step=1.0 if warm else args.codebook_step)
 
 
+def list_k(args):
+    """How deep query lists count the sample's exact top-k (--list-k; 0: --k)."""
+    return args.list_k or args.k
+
+
 def refresh_flops_per_token(args, width):
     """Query lists' upkeep per routed training token, before a run measures
     it: one build from --list-sample tokens (airmoe.query_lists_build_flops,
     the C++ count) per --list-refresh steps of --batch x --seq tokens."""
     build = airmoe._airmoe.query_lists_build_flops(args.list_sample, args.experts, width,
-                                                   args.codewords, args.list_length, args.k, 10)
+                                                   args.codewords, args.list_length,
+                                                   list_k(args), 10)
     return build / (args.list_refresh * args.batch * args.seq)
 
 
@@ -622,9 +629,10 @@ def learning_rate(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-# Where a run's outputs go and how often it saves its progress: not part of
-# what it computes (a resumed run computes the same bits).
-OUTPUT_ARGS = ("out", "save_router_data", "checkpoint_dir", "checkpoint_every")
+# Where a run's outputs go, how often it saves its progress and how much
+# router data it saves at the end: not part of what it computes (a resumed
+# run computes the same bits).
+OUTPUT_ARGS = ("out", "save_router_data", "save_batches", "checkpoint_dir", "checkpoint_every")
 
 
 def run_settings(args):
@@ -868,6 +876,7 @@ def make_parser():
     p.add_argument("--soar-lambda", type=float, default=1.0, help="AIR: SOAR spill weight")
     for option, default, what in (
             ("--list-length", 256, "experts per query list (L)"),
+            ("--list-k", 0, "count each sample token's exact top-N picks (0: --k)"),
             ("--list-refresh", 64, "rebuild the query lists every N training steps"),
             ("--list-sample", 4096, "from the last S tokens the router saw in training")):
         p.add_argument(option, type=int, default=default, help="air_query: " + what)
@@ -925,7 +934,7 @@ INT_MINIMUM = {"steps": 1, "batch": 1, "seq": 1, "dim": 1, "heads": 1, "layers":
                "codebook_warmup": 0, "list_cap": 0, "spills": 0, "save_batches": 1,
                "warmup": 0, "eval_every": 1, "eval_batches": 1, "threads": 1, "seed": 0,
                "load_window": 1, "checkpoint_every": 1, "list_length": 1, "list_refresh": 1,
-               "list_sample": 1}
+               "list_sample": 1, "list_k": 0}
 
 
 def flag(option):
@@ -977,6 +986,9 @@ def option_errors(args):
     if "air_query" in names:
         need(args.list_length <= args.experts,
              f"--list-length {args.list_length} exceeds --experts {args.experts}")
+        need(args.list_k == 0 or args.k <= args.list_k <= args.experts,
+             f"--list-k {args.list_k} is outside [--k {args.k}, --experts {args.experts}] "
+             f"(0: --k)")
         # a refresh's k-means needs C sample tokens
         need(min(args.list_sample, args.list_refresh * args.batch * args.seq) >= args.codewords,
              f"air_query: a refresh samples min(--list-sample, --list-refresh x --batch x --seq)"

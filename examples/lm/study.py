@@ -94,6 +94,12 @@ BALANCED_GRID = {
         # it alone decides the exact top-k the lists are built from.
         ("air_query_C64_L256_m1_cap1", "air_query",
          {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "bias_cap": 1.0}),
+        # ... and the plan's row with lists that count each sample token's
+        # top-32, not only its top-8: lists filled toward L reach the experts
+        # a 4,096-token sample's top-8 leaves out (docs/routing.md, "How deep
+        # the lists count"), with no cap on the bias
+        ("air_query_C64_L256_m1_k32", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "list_k": 32}),
     ],
     16384: [
         ("dense", "dense", {"full_balance": 0.01}),
@@ -177,6 +183,9 @@ def grid_jobs(study, configs=()):
                 args = run_args(study, experts, router, options, seed)
                 if seed == study.seeds[0]:  # learned centers for airmoe_bench router
                     args.save_router_data = os.path.join(study.out, "router_data")
+                    # 16,384 inputs: query lists built from a sample as large
+                    # as training's (4,096) leave the rest to measure on
+                    args.save_batches = 16
                 # a killed run resumes from its last checkpoint (a few minutes back)
                 args.checkpoint_dir = os.path.join(study.out, "partial")
                 args.checkpoint_every = CHECKPOINT_EVERY

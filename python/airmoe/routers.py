@@ -362,6 +362,12 @@ class AIRRouter(_CenterRouter):
             a float32 CPU copy.
         list_length: query lists: L, the most-picked experts each list keeps
             (1 <= L <= E; None: min(E, 256)).
+        list_k: query lists: how deep each sample token's exact top-k is
+            counted (k <= list_k <= E; None: min(2k, E), which found more
+            of the exact experts than k at equal shortlists on every
+            measured router, docs/routing.md, "How deep the lists count").
+            Deeper counts fill the places of a list that the sample's top-k
+            picks leave empty with the experts its tokens rank next.
         gate_mode: 'chosen' or 'sigmoid' (module docstring).
         bias: the selection bias [E] (float32, copied to the router's
             device), or None (module docstring).
@@ -397,7 +403,7 @@ class AIRRouter(_CenterRouter):
     def __init__(self, num_experts, dim, k, codewords=None, probes=None, *, centers=None,
                  kmeans_iterations=10, seed=0, update_every=0, list_cap=0, spills=0,
                  spill_lambda=1.0, device=None, gate_mode="chosen", bias=None, lists="centers",
-                 list_sample=None, list_length=None):
+                 list_sample=None, list_length=None, list_k=None):
         super().__init__()
         self._init_centers(num_experts, dim, k, centers, seed)
         if device is not None:  # trained and built there (a GPU's k-means)
@@ -413,7 +419,7 @@ class AIRRouter(_CenterRouter):
         self.list_cap = check_int(list_cap, "list_cap", 0, INT64_MAX)
         self.spills = check_int(spills, "spills", 0, INT32_MAX)
         self.spill_lambda = float(spill_lambda)
-        self._init_list_kind(lists, list_length)
+        self._init_list_kind(lists, list_length, list_k)
         self._calls = 0
         self._index = self._new_index(codewords)
         if self.lists == "query":
@@ -425,15 +431,16 @@ class AIRRouter(_CenterRouter):
         self.register_buffer("codebook",
                              torch.from_numpy(self._index.codewords()).to(self.centers.device))
 
-    def _init_list_kind(self, lists, list_length):
+    def _init_list_kind(self, lists, list_length, list_k):
         if lists not in self.LIST_KINDS:
             raise ValueError(f"lists = {lists!r} is not one of {self.LIST_KINDS}")
         self.lists = lists
         self.list_length = 0
-        self.list_k = self.k  # query lists count the sample's top-k for k at construction
+        self.list_k = self.k  # center lists: unused
         if lists != "query":
-            if list_length is not None:
-                raise ValueError("list_length is for query lists: pass lists='query'")
+            for name, value in (("list_length", list_length), ("list_k", list_k)):
+                if value is not None:
+                    raise ValueError(f"{name} is for query lists: pass lists='query'")
             return
         for name in ("update_every", "list_cap", "spills"):
             if getattr(self, name):
@@ -441,6 +448,8 @@ class AIRRouter(_CenterRouter):
                                  f"(lists='query'): leave it 0 and call refresh_lists()")
         self.list_length = check_int(min(self.num_experts, 256) if list_length is None
                                      else list_length, "list_length L", 1, self.num_experts)
+        self.list_k = check_int(min(2 * self.k, self.num_experts) if list_k is None else list_k,
+                                "list_k", self.k, self.num_experts)
 
     def _checked_sample(self, sample, name):
         """Sample tokens as the index takes them: [S >= 1, d], a float32 CPU
@@ -585,8 +594,8 @@ class AIRRouter(_CenterRouter):
         return torch.from_numpy(self._index.list_sizes())
 
     def extra_repr(self):
-        lists = (f", lists='query', list_length={self.list_length}" if self.lists == "query"
-                 else "")
+        lists = (f", lists='query', list_length={self.list_length}, list_k={self.list_k}"
+                 if self.lists == "query" else "")
         return (super().extra_repr() +
                 f", codewords={self.num_codewords}, probes={self.probes}"
                 f", update_every={self.update_every}{lists}")

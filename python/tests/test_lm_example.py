@@ -462,6 +462,10 @@ def test_air_query_trains_with_its_refreshes_counted(tmp_path):
     assert result["router_flops_per_token"] == pytest.approx(
         2.0 * 16 * 16 + 2.0 * 16 * sum(shortlists) / 2 + per_token)
     assert per_token > 0 and 0.0 <= result["recall_at_k"] <= 1.0
+    # --list-k: how deep the builds count each sample token's exact top-k
+    assert make_router().list_k == 4
+    args.list_k = 12
+    assert moe_lm.routers(args)["air_query"][0]().list_k == 12
 
 
 def test_air_query_option_errors(tmp_path):
@@ -471,6 +475,8 @@ def test_air_query_option_errors(tmp_path):
             (["--routers", "air_query", "--list-sample", "32"],
              "air_query: a refresh samples min(--list-sample, --list-refresh x --batch x --seq)"
              " = 32 tokens, fewer than --codewords 64"),
+            (["--routers", "air_query", "--list-k", "2"],
+             "--list-k 2 is outside [--k 4, --experts 4096] (0: --k)"),
             (["--list-refresh", "0"], "--list-refresh must be >= 1, got 0")):
         args = moe_lm.make_parser().parse_args(["--out", str(tmp_path), *argv])
         assert message in "; ".join(moe_lm.option_errors(args))
