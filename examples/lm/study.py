@@ -10,7 +10,10 @@ recall curves.
 Runs go to <out>/runs/<E>_<config>_s<seed>.json, one file each, written
 when the run ends; a run in progress saves a checkpoint under <out>/partial
 every CHECKPOINT_EVERY steps: an interrupted study resumes where it
-stopped, a run in the middle from its last checkpoint. A stored
+stopped, a run in the middle from its last checkpoint. The workers end
+with the study (killed or stopped, they do not train on unseen), and a run
+another process is training (partial/<run>.lock) is refused, not trained
+twice into one checkpoint. A stored
 run counts only if it was made with the settings asked for now (its stored
 moe_lm arguments, all but where outputs go); if any was made with others,
 the study refuses before training, naming the differences: use another
@@ -19,10 +22,13 @@ the study refuses before training, naming the differences: use another
 usage: PYTHONPATH=build/python /usr/bin/python3 examples/lm/study.py [--jobs 2] [--out DIR]
 """
 import argparse
+import ctypes
+import fcntl
 import json
 import math
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
@@ -146,9 +152,41 @@ def run_args(study, experts, router, options, seed):
     return args
 
 
+def die_with_parent():
+    """Pool initializer: the worker gets SIGTERM when the study's process
+    ends, however it ends (Linux prctl PR_SET_PDEATHSIG). A worker that
+    outlived a killed study would go on writing its checkpoint after a
+    resumed run had finished and removed it."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() == 1:  # the study ended before the call
+        os._exit(1)
+
+
+def hold_run_lock(name, args):
+    """An exclusive lock on partial/<name>.lock for as long as the returned
+    file stays open; raises, naming the run, when another process holds it."""
+    path = os.path.join(args.checkpoint_dir, f"{name}.lock")
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"{name}: another process is training this run now (it holds {path}); "
+                           f"stop it, or wait for it to finish") from None
+    return lock
+
+
 def run_one(job):
     """One training run in a worker process; returns its result path."""
     path, args, name = job
+    with hold_run_lock(name, args):
+        return train_and_store(path, args, name)
+
+
+def train_and_store(path, args, name):
     import torch
     torch.set_num_threads(args.threads)
     train_data, val_data = moe_lm.load_splits(args.corpus)
@@ -230,7 +268,7 @@ def run_all(study):
     if not todo:
         return
     start = time.time()
-    with multiprocessing.get_context("spawn").Pool(study.jobs) as pool:
+    with multiprocessing.get_context("spawn").Pool(study.jobs, die_with_parent) as pool:
         for done, path in enumerate(pool.imap_unordered(run_one, todo), 1):
             elapsed = time.time() - start
             eta = elapsed / done * (len(todo) - done)

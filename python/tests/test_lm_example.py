@@ -547,3 +547,52 @@ def test_a_study_row_is_balanced_only_when_each_of_its_runs_is():
     verdict = study.criteria([one_short, both])["4096"]["balanced"]
     assert verdict == {"air_x": False, "air_y": True}
     assert "0.530 / 0.490" in study.table([one_short])
+
+
+def test_a_run_another_process_trains_is_refused(tmp_path):
+    """Two studies on one --out (or a worker a killed study left behind)
+    would train one run twice into one checkpoint: the second is refused,
+    naming the run, until the first lets go."""
+    study = pytest.importorskip("study")
+    args = moe_lm.make_parser().parse_args(["--out", str(tmp_path)])
+    args.checkpoint_dir = str(tmp_path)
+    with study.hold_run_lock("E4096_dense_s0", args):
+        with pytest.raises(RuntimeError, match="E4096_dense_s0: another process is training"):
+            study.run_one((str(tmp_path / "run.json"), args, "E4096_dense_s0"))
+        assert not (tmp_path / "run.json").exists()
+    with study.hold_run_lock("E4096_dense_s0", args):  # released: taken again
+        pass
+
+
+def test_study_workers_end_with_the_study(tmp_path):
+    """A study killed outright (SIGKILL: no cleanup runs) takes its pool's
+    workers with it: they get SIGTERM from the kernel (die_with_parent)."""
+    import signal
+    import subprocess
+    import time
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        f"sys.path.insert(0, {LM_DIR!r})\n"
+        "import study\n"
+        "def work(_):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    with multiprocessing.get_context('spawn').Pool(1, study.die_with_parent) as pool:\n"
+        "        pool.map(work, [0])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    for _ in range(100):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail(f"worker {worker} outlived its killed study")
