@@ -106,6 +106,11 @@ BALANCED_GRID = {
         # the lists count"), with no cap on the bias
         ("air_query_C64_L256_m1_k32", "air_query",
          {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "list_k": 32}),
+        # ... and with both: the cap on the unreachable experts' biases and
+        # the deeper count that leaves fewer experts unreachable
+        ("air_query_C64_L256_m1_cap1_k32", "air_query",
+         {"codewords": 64, "probes": 1, "list_length": 256, **QUERY_UPKEEP, "bias_cap": 1.0,
+          "list_k": 32}),
     ],
     16384: [
         ("dense", "dense", {"full_balance": 0.01}),
