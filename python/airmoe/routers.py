@@ -364,7 +364,7 @@ class AIRRouter(_CenterRouter):
             (1 <= L <= E; None: min(E, 256)).
         list_k: query lists: how deep each sample token's exact top-k is
             counted (k <= list_k <= E; None: min(2k, E), which found more
-            of the exact experts than k at equal shortlists on every
+            of the exact experts than k within a shortlist of E/16 on every
             measured router, docs/routing.md, "How deep the lists count").
             Deeper counts fill the places of a list that the sample's top-k
             picks leave empty with the experts its tokens rank next.
