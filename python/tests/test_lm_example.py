@@ -1,4 +1,5 @@
 """The language-model example's balancing pieces (examples/lm/moe_lm.py)."""
+import copy
 import os
 import sys
 
@@ -365,6 +366,7 @@ def _parallel_lists_layout(state):
 @pytest.mark.parametrize("layout", ["blocks", "parallel lists"])
 @pytest.mark.parametrize("name,options", [
     ("dense", {}),
+    ("dense", dict(expert_updates="sparse")),
     ("air_query", dict(codewords=8, probes=2, list_length=16, list_refresh=3, list_sample=96))])
 def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path, monkeypatch, name,
                                                                      options, layout):
@@ -502,12 +504,70 @@ def test_expert_ffn_equals_the_per_pair_weight_gather_in_value_and_every_gradien
 
     want = reference(x, w1, w2)
     want_grads = torch.autograd.grad(want, (x, w1, w2), dy)
-    got = moe_lm.ExpertFFN.apply(x, w1, w2, idx)
+    got = moe_lm.ExpertFFN.apply(x, w1, w2, idx, False)
     got_grads = torch.autograd.grad(got, (x, w1, w2), dy)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
     assert (got_grads[1][6:] == 0).all() and (got_grads[2][6:] == 0).all()
+    # sparse grads: the touched experts' rows alone, the same bits
+    sparse_grads = torch.autograd.grad(moe_lm.ExpertFFN.apply(x, w1, w2, idx, True),
+                                       (x, w1, w2), dy)
+    assert torch.equal(sparse_grads[0], got_grads[0])
+    for g, dense in zip(sparse_grads[1:], got_grads[1:]):
+        assert g.is_sparse
+        assert sorted(g.coalesce().indices()[0].tolist()) == [0, 1, 2, 3, 4, 5]
+        assert torch.equal(g.to_dense(), dense)
+
+
+def test_sparse_expert_updates_move_only_the_experts_a_step_routed_to(tmp_path):
+    """--expert-updates sparse: the first step equals AdamW's on every
+    parameter (no expert has moments yet) but for where eps sits, and a later step leaves an expert
+    it did not route to where it was, where AdamW's decaying moments move it."""
+    args = _tiny_args(tmp_path, experts=64, k=2, steps=2)
+    torch.manual_seed(0)
+    dense_model = moe_lm.MoELM(moe_lm.routers(args)["dense"][0], args)
+    sparse_model = copy.deepcopy(dense_model)
+    args.expert_updates = "sparse"
+    for block in sparse_model.blocks:
+        block.ffn.sparse_grads = True
+    dense_opt = moe_lm.make_optimizer(dense_model, _tiny_args(tmp_path))
+    sparse_opt = moe_lm.make_optimizer(sparse_model, args)
+    assert isinstance(sparse_opt, moe_lm.LazyExpertOptimizer)
+    x = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    start = [p.detach().clone() for p in dense_model.parameters()]
+    for model, opt in ((dense_model, dense_opt), (sparse_model, sparse_opt)):
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        moe_lm.zero_missing_grads(opt)
+        opt.step()
+    # SparseAdam adds eps to sqrt(v) before the bias correction, AdamW after:
+    # a first step is lr * g / (|g| + 32 eps) against lr * g / (|g| + eps), so
+    # the steps agree within 1e-3 where |g| > 1e-3
+    for p, q, p0 in zip(dense_model.parameters(), sparse_model.parameters(), start):
+        clear = p.grad.abs() > 1e-3
+        assert clear.any()
+        torch.testing.assert_close((q - p0)[clear], (p - p0)[clear], rtol=1e-3, atol=0)
+    # a second step on one token: every expert it did not route to stays put
+    for model, opt in ((dense_model, dense_opt), (sparse_model, sparse_opt)):
+        before = [b.ffn.w1.detach().clone() for b in model.blocks]
+        opt.zero_grad(set_to_none=True)
+        model(x[:1, :1]).square().mean().backward()
+        moe_lm.zero_missing_grads(opt)
+        opt.step()
+        for b, w in zip(model.blocks, before):
+            untouched = torch.ones(args.experts, dtype=torch.bool)
+            untouched[b.ffn.last_experts.reshape(-1)] = False
+            moved = (b.ffn.w1.detach() != w).flatten(1).any(1)
+            if opt is sparse_opt:
+                assert not moved[untouched].any() and moved[~untouched].all()
+            else:
+                assert moved[untouched].any()
+    # and its state round-trips through state_dict (a checkpoint)
+    again = moe_lm.make_optimizer(sparse_model, args)
+    again.load_state_dict(sparse_opt.state_dict())
+    assert again.state_dict()["sparse"]["state"].keys() == sparse_opt.state_dict()[
+        "sparse"]["state"].keys()
 
 
 def test_zero_missing_grads_gives_stepped_parameters_a_zero_grad_and_leaves_new_ones_alone():
@@ -549,6 +609,26 @@ def test_a_study_row_is_balanced_only_when_each_of_its_runs_is():
     assert "0.530 / 0.490" in study.table([one_short])
 
 
+def test_the_probe_size_gets_no_verdict_on_criteria_2_to_4():
+    """E = 65,536 is a probe (criterion 5): one seed, no ranking read from it,
+    even where its numbers would answer criterion 3."""
+    study = pytest.importorskip("study")
+    base = dict(seeds=[0], val_losses=[1.5], val_loss_std=0.0, tokens_per_s=1e3,
+                effective_experts_runs=[0.6], effective_experts=0.6)
+    rows = [dict(base, experts=e, config=c, router=r, val_loss_mean=loss,
+                 router_flops_per_token=f, **extra)
+            for e in (4096, 65536)
+            for c, r, loss, f, extra in (
+                ("dense", "dense", 1.5, 1e6, {}),
+                ("air_x", "air_query", 1.501, 1e5, dict(loss_vs_dense=0.001, flops_vs_dense=0.1)))]
+    verdicts = study.criteria(rows)
+    assert verdicts["4096"]["air_within_1pct_at_1_8_flops"] is True
+    assert verdicts["65536"] == {"balanced": {"dense": True, "air_x": True}, "probe": True}
+    text = study.criteria_text(verdicts)
+    probe_part = text.split("E = 65,536:")[1]
+    assert "without a verdict" in probe_part and "1/8" not in probe_part
+
+
 def test_a_run_another_process_trains_is_refused(tmp_path):
     """Two studies on one --out (or a worker a killed study left behind)
     would train one run twice into one checkpoint: the second is refused,
@@ -562,6 +642,29 @@ def test_a_run_another_process_trains_is_refused(tmp_path):
         assert not (tmp_path / "run.json").exists()
     with study.hold_run_lock("E4096_dense_s0", args):  # released: taken again
         pass
+
+
+WORKERS_MODULE = """
+import os, signal
+def pid_of(job):
+    return os.getpid()
+def die_on_b(job):
+    if job[2] == "b":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job[2]
+"""
+
+
+def test_study_runs_each_job_in_a_fresh_worker_and_stops_when_one_dies(tmp_path, monkeypatch):
+    study = pytest.importorskip("study")
+    (tmp_path / "workers_module.py").write_text(WORKERS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import workers_module
+    jobs = [(None, None, name) for name in "abcd"]
+    pids = list(study.run_in_workers(workers_module.pid_of, jobs, 2))
+    assert len(set(pids)) == 4 and os.getpid() not in pids  # one process per run
+    with pytest.raises(RuntimeError, match=r"worker process died.*unfinished runs: .*\bb\b"):
+        list(study.run_in_workers(workers_module.die_on_b, jobs, 1))
 
 
 def test_study_workers_end_with_the_study(tmp_path):
