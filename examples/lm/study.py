@@ -130,6 +130,7 @@ BALANCED_GRID = {
     65536: [
         ("dense", "dense", {"full_balance": 0.01, "expert_updates": "sparse"}),
         ("product_key", "product_key", {"expert_updates": "sparse"}),
+        ("hash", "hash", {"expert_updates": "sparse"}),
         ("air_C256_m16", "air", {"codewords": 256, "probes": 16, "expert_updates": "sparse"}),
         ("air_query_C256_L256_m16", "air_query",
          {"codewords": 256, "probes": 16, "list_length": 256, **QUERY_UPKEEP,
@@ -477,8 +478,10 @@ def table(rows):
         fmt = lambda key, spec: format(r[key], spec) if key in r else "–"  # noqa: E731
         vs_dense = f"{100 * r['loss_vs_dense']:+.2f}%" if "loss_vs_dense" in r else "–"
         paired = "–"
+        one_seed = len(r["seeds"]) == 1  # no spread to show
         if r.get("paired_diff_mean") is not None:
-            paired = f"{r['paired_diff_mean']:+.4f} ± {r['paired_diff_std']:.4f}"
+            paired = f"{r['paired_diff_mean']:+.4f}" + (
+                "" if one_seed else f" ± {r['paired_diff_std']:.4f}")
         share = "–"
         if r.get("flops_vs_dense"):
             share = f"1/{1 / r['flops_vs_dense']:.1f}"
@@ -488,9 +491,9 @@ def table(rows):
         if "utilization" in r and r["utilization_runs"] < len(r["seeds"]):
             used += f" ({r['utilization_runs']} of {len(r['seeds'])} seeds)"
         effective = " / ".join(f"{e:.3f}" for e in r.get("effective_experts_runs", [])) or "–"
+        loss = f"{r['val_loss_mean']:.4f}" + ("" if one_seed else f" ± {r['val_loss_std']:.4f}")
         lines.append(
-            f"| {r['experts']:,} | {r['config']} | {r['val_loss_mean']:.4f} ± "
-            f"{r['val_loss_std']:.4f} | {vs_dense} | {paired} | "
+            f"| {r['experts']:,} | {r['config']} | {loss} | {vs_dense} | {paired} | "
             f"{r['router_flops_per_token'] / 1e3:,.0f} | {share} | "
             f"{r['tokens_per_s']:,.0f} | {used} | {effective} | "
             f"{fmt('recall_at_k', '.3f')} | "

@@ -627,6 +627,9 @@ def test_the_probe_size_gets_no_verdict_on_criteria_2_to_4():
     text = study.criteria_text(verdicts)
     probe_part = text.split("E = 65,536:")[1]
     assert "without a verdict" in probe_part and "1/8" not in probe_part
+    # one seed has no spread: the table shows none (not "± 0.0000")
+    body = study.table(rows).split("\n", 2)[2]  # below the header
+    assert "| 65,536 | dense | 1.5000 |" in body and "±" not in body
 
 
 def test_a_run_another_process_trains_is_refused(tmp_path):
