@@ -506,7 +506,8 @@ def plot(rows, study):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     experts = sorted({r["experts"] for r in rows})
-    colors = {"dense": "black", "product_key": "tab:red"}
+    colors = {"dense": "black", "product_key": "tab:red", "product_key_h2": "tab:pink",
+              "product_key_h4": "tab:olive", "hash": "gray"}
     air_palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan"]
     for e in experts:  # AIR configurations: the same color for the same place in each grid
         for i, r in enumerate(r for r in rows
