@@ -297,9 +297,9 @@ def run_all(study):
 def run_in_workers(work, todo, workers):
     """work(job) for each (path, args, name) job, yielded as each finishes,
     each job in a fresh spawned process: a finished run's memory goes back to
-    the machine before the next starts (at E = 65,536 a worker kept 3.5 GB of
-    its finished run, and the next two runs beside it met the out-of-memory
-    killer). A worker that dies mid-run stops the study with the names of
+    the machine before the next starts (at E = 65,536 an idle worker kept
+    3.5 GB of its finished run, and a run started beside another met the
+    out-of-memory killer). A worker that dies mid-run stops the study with the names of
     the runs left unfinished, where multiprocessing.Pool waited forever."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
