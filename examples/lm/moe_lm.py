@@ -768,8 +768,8 @@ class LazyExpertOptimizer:
     correction only on the steps that route a token to it (the lazy Adam of
     product-key memory layers), everything else by AdamW as in dense mode.
     Dense AdamW touches all 2 x 2 x E*h*d expert weights every step however
-    few experts the step used: at E = 65,536 that was 3.5 s of a 4.7 s
-    product-key step on one thread."""
+    few experts the step used: at E = 65,536 that update alone took 3.5 s on
+    one thread, and a product-key step 4.7 s with it, 0.45 s without."""
 
     def __init__(self, model, lr):
         experts = [w for b in model.blocks for w in (b.ffn.w1, b.ffn.w2)]
