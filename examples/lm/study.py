@@ -73,6 +73,8 @@ BASE = {"corpus": "gcide", "k": 8, "dim": 128, "heads": 4, "layers": 2, "hidden"
 # tokens, whose builds count in the routing FLOPs); m probes of lists of L
 # keep the shortlist near m * L <= E/16 (measured on short runs, docs/lm.md).
 QUERY_UPKEEP = {"list_refresh": 128, "list_sample": 4096}
+# moe_lm.py --expert-updates sparse: only the experts a step routed to move
+LAZY_EXPERTS = {"expert_updates": "sparse"}
 BALANCED_GRID = {
     4096: [
         ("dense", "dense", {"full_balance": 0.01}),
@@ -123,23 +125,22 @@ BALANCED_GRID = {
         ("air_query_C128_L256_m4", "air_query",
          {"codewords": 128, "probes": 4, "list_length": 256, **QUERY_UPKEEP}),
     ],
-    # The probe: lazy Adam on the experts (moe_lm.py --expert-updates sparse),
-    # for every router alike. Dense AdamW over 65,536 experts' weights is most
-    # of a step whatever the router (product keys: 217 tokens/s with it, 2,299
+    # The probe: lazy Adam on the experts (LAZY_EXPERTS), for every router
+    # alike. Dense AdamW over 65,536 experts' weights is most of a step
+    # whatever the router (product keys: 217 tokens/s with it, 2,299
     # without, one thread); this way the probe fits the machine.
     65536: [
-        ("dense", "dense", {"full_balance": 0.01, "expert_updates": "sparse"}),
-        ("product_key", "product_key", {"expert_updates": "sparse"}),
-        ("hash", "hash", {"expert_updates": "sparse"}),
-        ("air_C256_m16", "air", {"codewords": 256, "probes": 16, "expert_updates": "sparse"}),
+        ("dense", "dense", {"full_balance": 0.01, **LAZY_EXPERTS}),
+        ("product_key", "product_key", LAZY_EXPERTS),
+        ("hash", "hash", LAZY_EXPERTS),
+        ("air_C256_m16", "air", {"codewords": 256, "probes": 16, **LAZY_EXPERTS}),
         ("air_query_C256_L256_m16", "air_query",
-         {"codewords": 256, "probes": 16, "list_length": 256, **QUERY_UPKEEP,
-          "expert_updates": "sparse"}),
+         {"codewords": 256, "probes": 16, "list_length": 256, **QUERY_UPKEEP, **LAZY_EXPERTS}),
         # diagnostic: E = 4,096's best AIR row's two changes (the bias cap and
         # lists counting the top-32), chosen after its runs
         ("air_query_C256_L256_m16_cap1_k32", "air_query",
-         {"codewords": 256, "probes": 16, "list_length": 256, **QUERY_UPKEEP,
-          "expert_updates": "sparse", "bias_cap": 1.0, "list_k": 32}),
+         {"codewords": 256, "probes": 16, "list_length": 256, **QUERY_UPKEEP, **LAZY_EXPERTS,
+          "bias_cap": 1.0, "list_k": 32}),
     ],
 }
 # The sizes run as a probe only: criteria 2-4 are not read there.
