@@ -778,16 +778,20 @@ namespace {
 constexpr int64_t kScanTopKLogits = int64_t{1} << 20;
 constexpr int64_t kScanTopKMaxLogits = int64_t{1} << 24;
 
-// The logits of pair p: its rows.
-int64_t pair_rows(const HostLists& l, const PairArgs& pairs, int64_t p) {
-  return pairs.end_row(l, p) - pairs.first_row(l, p);
+// Where each pair's logits start when all are held at once: pair p's rows
+// are logits [at[p], at[p + 1]), and at[size] is all of them. Computed once
+// per call; a chunk's pairs p0 .. p1 then start at at[p] - at[p0].
+std::vector<int64_t> pair_logit_offsets(const HostLists& l, const PairArgs& pairs) {
+  std::vector<int64_t> at(static_cast<size_t>(pairs.size) + 1, 0);
+  for (int64_t p = 0; p < pairs.size; ++p)
+    at[p + 1] = at[p] + pairs.end_row(l, p) - pairs.first_row(l, p);
+  return at;
 }
 
-// A chunk's logits (above) for the T tokens of `pairs`.
-int64_t chunk_logits(const HostLists& l, const PairArgs& pairs, int64_t T) {
+// A chunk's logits (above) for the T tokens of `pairs`, whose rows are
+// `rows` in all.
+int64_t chunk_logits(const HostLists& l, const PairArgs& pairs, int64_t rows, int64_t T) {
   if (pairs.size == 0) return kScanTopKLogits;
-  int64_t rows = 0;
-  for (int64_t p = 0; p < pairs.size; ++p) rows += pair_rows(l, pairs, p);
   // Tokens for kQueriesPerTask per list, at the mean pairs per token.
   const double tokens = static_cast<double>(kQueriesPerTask) * static_cast<double>(l.lists) *
                         static_cast<double>(T) / static_cast<double>(pairs.size);
@@ -811,17 +815,13 @@ float* logits_buffer(int64_t count) {
 }
 
 // The end t1 of the chunk of tokens that starts at t0: as many as the rows
-// of their pairs (pairs off[t] .. off[t + 1] of token t) fit `budget`, and
-// at least one.
-int64_t chunk_end(const Vec<const int64_t>& off, const HostLists& l, const PairArgs& pairs,
-                  int64_t budget, int64_t t0, int64_t T) {
-  int64_t rows = 0, t1 = t0;
-  for (; t1 < T; ++t1) {
-    int64_t token_rows = 0;
-    for (int64_t p = off[t1]; p < off[t1 + 1]; ++p) token_rows += pair_rows(l, pairs, p);
-    if (t1 > t0 && rows + token_rows > budget) break;
-    rows += token_rows;
-  }
+// of their pairs (pairs off[t] .. off[t + 1] of token t, logits at `at`)
+// fit `budget`, and at least one.
+int64_t chunk_end(const Vec<const int64_t>& off, const std::vector<int64_t>& at, int64_t budget,
+                  int64_t t0, int64_t T) {
+  const int64_t start = at[off[t0]];
+  int64_t t1 = t0 + 1;
+  while (t1 < T && at[off[t1 + 1]] - start <= budget) ++t1;
   return t1;
 }
 
@@ -865,20 +865,20 @@ void HostOps::scan_topk(const ListBlocksView& lists, TensorView queries, const P
   o.check_bias_ids(
       check, [&](int64_t i) { return l.ids[i]; }, l.block_offsets[l.blocks], "lists.ids", false);
   const FloatRows keys(a.rows() > 0 ? lists.keys : TensorView{});
-  std::vector<int64_t> at;  // pair p0 + i's logits start at logits[at[i]]
-  const int64_t budget = chunk_logits(l, a.pairs, T);
+  const std::vector<int64_t> at = pair_logit_offsets(l, a.pairs);
+  const int64_t budget = chunk_logits(l, a.pairs, at.back(), T);
   for (int64_t t0 = 0, t1; t0 < T; t0 = t1) {
-    t1 = chunk_end(off, l, a.pairs, budget, t0, T);
-    const int64_t p0 = off[t0], p1 = off[t1];
+    t1 = chunk_end(off, at, budget, t0, T);
+    const int64_t p0 = off[t0], p1 = off[t1], start = at[p0];
     const PairArgs chunk = a.pairs.range(p0, p1);
-    at.assign(1, 0);
-    for (int64_t i = 0; i < chunk.size; ++i) at.push_back(at.back() + pair_rows(l, chunk, i));
-    float* logits = logits_buffer(std::max(budget, at.back()));
+    float* logits = logits_buffer(std::max(budget, at[p1] - start));
     score_runs(*this, plan_scan(l, a.list_of, chunk), l, chunk, queries, keys,
-               [&](int64_t i, const float* z, int64_t L) { std::copy_n(z, L, logits + at[i]); });
+               [&](int64_t i, const float* z, int64_t L) {
+                 std::copy_n(z, L, logits + (at[p0 + i] - start));
+               });
 #pragma omp parallel for schedule(static)
     for (int64_t t = t0; t < t1; ++t)
-      select_token(o, l, a.pairs, off, t, k, [&](int64_t p) { return logits + at[p - p0]; });
+      select_token(o, l, a.pairs, off, t, k, [&](int64_t p) { return logits + (at[p] - start); });
   }
 }
 
