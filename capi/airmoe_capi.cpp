@@ -116,12 +116,16 @@ class HandleRegistry {
     std::lock_guard<std::mutex> lock(mutex_);
     find_live(handle, type, name);
   }
-  // Removes a live handle, under one lock (two threads freeing the same
-  // handle: one succeeds); throws as require() does otherwise.
-  void remove(const void* handle, const char* type, const char* name) {
+  // Removes a live handle once `may_free()` (run on it while it is live)
+  // returns without throwing, under one lock: two threads freeing the same
+  // handle, one succeeds. Throws as require() does otherwise.
+  template <typename MayFree>
+  void remove(const void* handle, const char* type, const char* name, MayFree&& may_free) {
     require_nonnull(handle, name);
     std::lock_guard<std::mutex> lock(mutex_);
-    live_.erase(find_live(handle, type, name));
+    const auto it = find_live(handle, type, name);
+    may_free();
+    live_.erase(it);
   }
 
  private:
@@ -165,12 +169,15 @@ void check_on_every_rank(airmoe_comm* comm, Checks&& local_checks) {
   airmoe::comm::check_together(*comm->mpi, "arguments", std::forward<Checks>(local_checks));
 }
 
-// Frees a live handle; NULL is a no-op, anything else not live an error.
-template <typename Handle>
-airmoe_status free_handle(const char* fn, Handle* handle, const char* type, const char* name) {
+// Frees a live handle once `may_free(handle)` has not thrown; NULL is a
+// no-op, anything else not live an error.
+template <typename Handle, typename MayFree = void (*)(const Handle*)>
+airmoe_status free_handle(
+    const char* fn, Handle* handle, const char* type, const char* name,
+    MayFree may_free = [](const Handle*) {}) {
   if (handle == nullptr) return AIRMOE_OK;
   return guarded(fn, [&] {
-    handles().remove(handle, type, name);
+    handles().remove(handle, type, name, [&] { may_free(handle); });
     delete handle;
   });
 }
@@ -463,16 +470,11 @@ airmoe_status airmoe_comm_create_mpi(const void* mpi_comm, airmoe_comm** out) {
 }
 
 airmoe_status airmoe_comm_free(airmoe_comm* comm) {
-  if (comm != nullptr) {
-    const airmoe_status status = guarded("airmoe_comm_free", [&] {
-      require_comm(comm);
-      if (comm->live_routers > 0)
-        invalid(std::to_string(comm->live_routers) +
-                " distributed router(s) still use this communicator: free them first");
-    });
-    if (status != AIRMOE_OK) return status;
-  }
-  return free_handle("airmoe_comm_free", comm, kCommType, "comm");
+  return free_handle("airmoe_comm_free", comm, kCommType, "comm", [](const airmoe_comm* c) {
+    if (c->live_routers > 0)
+      invalid(std::to_string(c->live_routers) +
+              " distributed router(s) still use this communicator: free them first");
+  });
 }
 
 airmoe_status airmoe_comm_rank(const airmoe_comm* comm, int* out) {

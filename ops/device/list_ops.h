@@ -520,9 +520,10 @@ void scan_blocks(const X& x, const OpArgs& args, const ListBlocksView& lists, Te
 
 // ---- scan_topk --------------------------------------------------------------
 
-// scan_blocks into one candidate row per pair, then merge_topk (a thread per
-// pair and a thread per token already: a shared threshold would serialize
-// a token's pairs).
+// scan_blocks into one candidate row per pair, then merge_topk's selection
+// (a thread per pair and a thread per token already: a shared threshold
+// would serialize a token's pairs). The offsets and `out` are checked here,
+// once, before the scan.
 template <typename X>
 void scan_topk(const X& x, const OpArgs& args, const ListBlocksView& lists, TensorView queries,
                const PairSet& pairs, int k, TopKView out) {
@@ -536,13 +537,14 @@ void scan_topk(const X& x, const OpArgs& args, const ListBlocksView& lists, Tens
   if (bad >= 0)
     args.fail("pairs.offsets[" + std::to_string(bad) + " .. " + std::to_string(bad + 1) +
               "] is not a range of the " + std::to_string(P) + " pairs");
+  check_topk_view(args, out, "out", T, k, true);
   const bool lse = !out.lse.empty();
   const Tensor z(x.allocator(), DType::kF32, P, k);
   const Tensor id(x.allocator(), DType::kI32, P, k);
   const Tensor pair_lse = lse ? Tensor(x.allocator(), DType::kF64, P, 2) : Tensor();
   scan_blocks(x, args, lists, queries, pairs.query, pairs.block, pairs.block_end, k,
               {z, id, pair_lse, out.bias});
-  merge_topk(x, args, {z, id, pair_lse, {}}, pairs.offsets, k, out);
+  merge_checked_topk(x, {z, id, pair_lse, {}}, pairs.offsets, T, k, out);
 }
 
 }  // namespace airmoe::inline ops::device

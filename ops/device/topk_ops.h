@@ -115,6 +115,17 @@ struct BadRange {
   }
 };
 
+// merge_topk's selection, on views and T + 1 offsets its caller has
+// checked (scan_topk checks its own before it scans).
+template <typename X>
+void merge_checked_topk(const X& x, TopKView candidates, TensorView offsets, int64_t T, int k,
+                        TopKView out) {
+  if (T == 0) return;
+  thrust::for_each(x.policy(), count_from(0), count_from(T),
+                   MergeRows{topk_rows(candidates), candidates.ids.cols,
+                             vec_of<const int64_t>(offsets), 0, topk_rows(out), 0, k});
+}
+
 template <typename X>
 void merge_topk(const X& x, const OpArgs& args, TopKView candidates, TensorView offsets, int k,
                 TopKView out) {
@@ -140,10 +151,7 @@ void merge_topk(const X& x, const OpArgs& args, TopKView candidates, TensorView 
   if (bad >= 0)
     args.fail("offsets[" + std::to_string(bad) + " .. " + std::to_string(bad + 1) +
               "] is not a range of the " + std::to_string(pairs) + " candidate rows");
-  if (T == 0) return;
-  thrust::for_each(x.policy(), count_from(0), count_from(T),
-                   MergeRows{topk_rows(candidates), candidates.ids.cols,
-                             vec_of<const int64_t>(offsets), 0, topk_rows(out), 0, k});
+  merge_checked_topk(x, candidates, offsets, T, k, out);
 }
 
 // ---- dense_topk -------------------------------------------------------------
