@@ -145,6 +145,12 @@ BALANCED_GRID = {
 }
 # The sizes run as a probe only: criteria 2-4 are not read there.
 PROBES = (65536,)
+# Rows added after the plan's runs were seen, to explain them: reported and
+# marked, but not read by the criteria (they were chosen knowing the results).
+DIAGNOSTICS = frozenset({
+    "air_query_C64_L256_m1_r32", "air_query_C64_L256_m1_r32_s1024", "air_query_C64_L256_m1_cap1",
+    "air_query_C64_L256_m1_k32", "air_query_C64_L256_m1_cap1_k32",
+    "air_query_C256_L256_m16_cap1_k32"})
 # The routers the criteria read as AIR: key-codebook and query-aware lists.
 AIR_ROUTERS = ("air", "air_query")
 BALANCED_BASE = {**BASE, "hidden": 16, "warmup": 100, "eval_every": 500, "eval_batches": 64,
@@ -346,6 +352,7 @@ def aggregate(study):
 
             losses = [r["val_loss"] for r in runs]
             row = {"experts": experts, "config": name, "router": router, "options": options,
+                   "diagnostic": name in DIAGNOSTICS,
                    "seeds": [r["seed"] for r in runs], "val_loss_mean": statistics.mean(losses),
                    "val_loss_std": spread(losses), "val_losses": losses,
                    "router_flops_per_token": statistics.mean(r["router_flops_per_token"]
@@ -407,12 +414,14 @@ def paired(a, b):
 
 
 def criteria(rows):
-    """docs/lm.md's criteria, per E, from the rows there are (each answer
-    None when its rows are missing)."""
+    """docs/lm.md's criteria, per E, from the plan's rows there are (each
+    answer None when its rows are missing; DIAGNOSTICS rows are not read,
+    except for criterion 1, which is per run)."""
     out = {}
     for e in sorted({r["experts"] for r in rows}):
         mine = [r for r in rows if r["experts"] == e]
-        learned = [r for r in mine if r["router"] != "hash"]
+        planned = [r for r in mine if not r.get("diagnostic")]
+        learned = [r for r in planned if r["router"] != "hash"]
         hashed = next((r for r in mine if r["router"] == "hash"), None)
         # criterion 1 is per run: a row is balanced when each of its runs is
         balanced = {r["config"]: min(r["effective_experts_runs"]) >= 0.5 for r in mine
@@ -428,11 +437,11 @@ def criteria(rows):
             verdict["can_rank"] = (None if se is None else
                                    statistics.mean(d) > 2 * se and statistics.mean(d) > 0)
             verdict["hash_minus_best"] = {"best": best["config"], "diffs": d}
-        air = [r for r in mine if r["router"] in AIR_ROUTERS and "loss_vs_dense" in r]
+        air = [r for r in planned if r["router"] in AIR_ROUTERS and "loss_vs_dense" in r]
         if air:
             verdict["air_within_1pct_at_1_8_flops"] = any(
                 r["loss_vs_dense"] <= 0.01 and r["flops_vs_dense"] <= 1 / 8 for r in air)
-        keys = [r for r in mine if r["router"].startswith("product_key")]
+        keys = [r for r in planned if r["router"].startswith("product_key")]
         if air and keys:
             wins = []
             for pk in keys:  # AIR at the nearest FLOP point, within a factor of 2
@@ -494,7 +503,8 @@ def table(rows):
         effective = " / ".join(f"{e:.3f}" for e in r.get("effective_experts_runs", [])) or "–"
         loss = f"{r['val_loss_mean']:.4f}" + ("" if one_seed else f" ± {r['val_loss_std']:.4f}")
         lines.append(
-            f"| {r['experts']:,} | {r['config']} | {loss} | {vs_dense} | {paired} | "
+            f"| {r['experts']:,} | {r['config']}{' (diagnostic)' if r.get('diagnostic') else ''} "
+            f"| {loss} | {vs_dense} | {paired} | "
             f"{r['router_flops_per_token'] / 1e3:,.0f} | {share} | "
             f"{r['tokens_per_s']:,.0f} | {used} | {effective} | "
             f"{fmt('recall_at_k', '.3f')} | "
@@ -518,15 +528,17 @@ def plot(rows, study):
     def marker(r):  # spilled lists: squares; query lists: triangles
         return "s" if "spill" in r["config"] else "^" if r["router"] == "air_query" else "o"
 
+    def label(r):
+        return r["config"] + (" (diagnostic)" if r.get("diagnostic") else "")
+
     fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
     for ax, e in zip(axes[0], experts):
         for r in (r for r in rows if r["experts"] == e):
             if r["router_flops_per_token"] == 0:  # hash routing: no routing FLOPs to plot at
-                ax.axhline(r["val_loss_mean"], ls="--", color="gray", label=r["config"])
+                ax.axhline(r["val_loss_mean"], ls="--", color="gray", label=label(r))
                 continue
             ax.errorbar(r["router_flops_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"],
-                        fmt=marker(r), capsize=3, color=color(r),
-                        label=r["config"])
+                        fmt=marker(r), capsize=3, color=color(r), label=label(r))
         ax.set_xscale("log")
         ax.set_xlabel("routing FLOPs per token per layer (log)")
         ax.set_ylabel("validation loss (nats/byte), mean ± sd over seeds")
@@ -539,7 +551,7 @@ def plot(rows, study):
     fig, axes = plt.subplots(2, len(experts), figsize=(6 * len(experts), 8), squeeze=False)
     for col, e in enumerate(experts):
         for r in (r for r in rows if r["experts"] == e):
-            style = dict(ms=3, color=color(r), label=r["config"])
+            style = dict(ms=3, color=color(r), label=label(r))
             axes[0][col].plot(r["steps"], r["val_loss_curve"], marker(r) + "-", **style)
             if None not in r["utilization_curve"]:
                 axes[1][col].plot(r["steps"], r["utilization_curve"], marker(r) + "-", **style)
@@ -556,10 +568,10 @@ def plot(rows, study):
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in (r for r in rows if "recall_curve" in r):
-        label = f"E={r['experts']} {r['config']}"
         style = marker(r) + ("-" if r["experts"] == experts[0] else "--")  # E: solid, dashed
         for ax, key in zip(axes, ("recall_curve", "mass_curve")):
-            ax.plot(r["steps"], r[key], style, ms=3, label=label, color=color(r))
+            ax.plot(r["steps"], r[key], style, ms=3, label=f"E={r['experts']} {label(r)}",
+                    color=color(r))
     for ax, what in zip(axes, ("recall@8", "mass recall")):
         ax.set_xlabel("step")
         ax.set_ylabel(f"AIR {what} (validation, mean over seeds)")

@@ -632,6 +632,29 @@ def test_the_probe_size_gets_no_verdict_on_criteria_2_to_4():
     assert "| 65,536 | dense | 1.5000 |" in body and "±" not in body
 
 
+def test_a_diagnostic_row_is_reported_and_marked_but_not_read_by_criteria_2_to_4():
+    """Rows chosen after the plan's runs were seen explain them; a verdict
+    from them would be a post hoc one."""
+    study = pytest.importorskip("study")
+    grid = {name for rows in study.BALANCED_GRID.values() for name, _, _ in rows}
+    assert study.DIAGNOSTICS <= grid  # a renamed grid row cannot slip out
+    base = dict(experts=4096, seeds=[0, 1], val_loss_std=0.0, tokens_per_s=1e3,
+                effective_experts_runs=[0.6, 0.6], effective_experts=0.6)
+    diagnostic = "air_query_C64_L256_m1_cap1_k32"
+    rows = [dict(base, config="dense", router="dense", val_losses=[1.5, 1.6],
+                 val_loss_mean=1.55, router_flops_per_token=1e6),
+            dict(base, config="air_query_C64_L256_m1", router="air_query",
+                 val_losses=[1.6, 1.7], val_loss_mean=1.65, router_flops_per_token=1e5,
+                 loss_vs_dense=0.065, flops_vs_dense=0.1),
+            dict(base, config=diagnostic, router="air_query", val_losses=[1.5, 1.6],
+                 val_loss_mean=1.55, router_flops_per_token=1e5, loss_vs_dense=0.0,
+                 flops_vs_dense=0.1, diagnostic=True)]
+    verdicts = study.criteria(rows)["4096"]
+    assert verdicts["air_within_1pct_at_1_8_flops"] is False  # the diagnostic would say yes
+    assert verdicts["balanced"][diagnostic] is True  # criterion 1 is per run: still read
+    assert f"| {diagnostic} (diagnostic) |" in study.table(rows)
+
+
 def test_a_run_another_process_trains_is_refused(tmp_path):
     """Two studies on one --out (or a worker a killed study left behind)
     would train one run twice into one checkpoint: the second is refused,
