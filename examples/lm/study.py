@@ -531,7 +531,7 @@ def plot(rows, study):
     def label(r):
         return r["config"] + (" (diagnostic)" if r.get("diagnostic") else "")
 
-    fig, axes = plt.subplots(1, len(experts), figsize=(6 * len(experts), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(experts), figsize=(9 * len(experts), 4.5), squeeze=False)
     for ax, e in zip(axes[0], experts):
         for r in (r for r in rows if r["experts"] == e):
             if r["router_flops_per_token"] == 0:  # hash routing: no routing FLOPs to plot at
@@ -544,7 +544,7 @@ def plot(rows, study):
         ax.set_ylabel("validation loss (nats/byte), mean ± sd over seeds")
         ax.set_title(f"E = {e:,}, k = 8", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # off the points
     fig.tight_layout()
     fig.savefig(os.path.join(study.out, "lm_study_loss_vs_flops.png"), dpi=110)
 
