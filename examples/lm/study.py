@@ -479,6 +479,11 @@ def criteria_text(verdicts):
     return "\n".join(lines) + "\n"
 
 
+def row_label(r):
+    """A row's configuration name, as the table and charts show it."""
+    return r["config"] + (" (diagnostic)" if r.get("diagnostic") else "")
+
+
 def table(rows):
     lines = ["| E | router | val loss (mean ± sd) | vs dense | − dense, per seed (mean ± sd) | "
              "routing kFLOP/token | ÷ dense FLOPs | tokens/s | experts used | "
@@ -503,8 +508,7 @@ def table(rows):
         effective = " / ".join(f"{e:.3f}" for e in r.get("effective_experts_runs", [])) or "–"
         loss = f"{r['val_loss_mean']:.4f}" + ("" if one_seed else f" ± {r['val_loss_std']:.4f}")
         lines.append(
-            f"| {r['experts']:,} | {r['config']}{' (diagnostic)' if r.get('diagnostic') else ''} "
-            f"| {loss} | {vs_dense} | {paired} | "
+            f"| {r['experts']:,} | {row_label(r)} | {loss} | {vs_dense} | {paired} | "
             f"{r['router_flops_per_token'] / 1e3:,.0f} | {share} | "
             f"{r['tokens_per_s']:,.0f} | {used} | {effective} | "
             f"{fmt('recall_at_k', '.3f')} | "
@@ -528,17 +532,14 @@ def plot(rows, study):
     def marker(r):  # spilled lists: squares; query lists: triangles
         return "s" if "spill" in r["config"] else "^" if r["router"] == "air_query" else "o"
 
-    def label(r):
-        return r["config"] + (" (diagnostic)" if r.get("diagnostic") else "")
-
     fig, axes = plt.subplots(1, len(experts), figsize=(9 * len(experts), 4.5), squeeze=False)
     for ax, e in zip(axes[0], experts):
         for r in (r for r in rows if r["experts"] == e):
             if r["router_flops_per_token"] == 0:  # hash routing: no routing FLOPs to plot at
-                ax.axhline(r["val_loss_mean"], ls="--", color="gray", label=label(r))
+                ax.axhline(r["val_loss_mean"], ls="--", color="gray", label=row_label(r))
                 continue
             ax.errorbar(r["router_flops_per_token"], r["val_loss_mean"], yerr=r["val_loss_std"],
-                        fmt=marker(r), capsize=3, color=color(r), label=label(r))
+                        fmt=marker(r), capsize=3, color=color(r), label=row_label(r))
         ax.set_xscale("log")
         ax.set_xlabel("routing FLOPs per token per layer (log)")
         ax.set_ylabel("validation loss (nats/byte), mean ± sd over seeds")
@@ -551,7 +552,7 @@ def plot(rows, study):
     fig, axes = plt.subplots(2, len(experts), figsize=(6 * len(experts), 8), squeeze=False)
     for col, e in enumerate(experts):
         for r in (r for r in rows if r["experts"] == e):
-            style = dict(ms=3, color=color(r), label=label(r))
+            style = dict(ms=3, color=color(r), label=row_label(r))
             axes[0][col].plot(r["steps"], r["val_loss_curve"], marker(r) + "-", **style)
             if None not in r["utilization_curve"]:
                 axes[1][col].plot(r["steps"], r["utilization_curve"], marker(r) + "-", **style)
@@ -570,7 +571,7 @@ def plot(rows, study):
     for r in (r for r in rows if "recall_curve" in r):
         style = marker(r) + ("-" if r["experts"] == experts[0] else "--")  # E: solid, dashed
         for ax, key in zip(axes, ("recall_curve", "mass_curve")):
-            ax.plot(r["steps"], r[key], style, ms=3, label=f"E={r['experts']} {label(r)}",
+            ax.plot(r["steps"], r[key], style, ms=3, label=f"E={r['experts']} {row_label(r)}",
                     color=color(r))
     for ax, what in zip(axes, ("recall@8", "mass recall")):
         ax.set_xlabel("step")
